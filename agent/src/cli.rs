@@ -1,0 +1,481 @@
+//! The `lockstep-agent` command line: offline commands for one shard, usable on a bare
+//! machine with no coordinator (`backup`, `list`, `verify`, `restore`), plus `load` and
+//! `digest`, which generate and fingerprint shard data for demos, tests and benchmarks.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lockstep_repository::codec::Compression;
+use lockstep_repository::transfer::{Progress, TransferOptions};
+use lockstep_repository::verify::{VerifyLevel, verify};
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, ShardId};
+use sha2::{Digest, Sha256};
+
+use crate::backup::{BackupOptions, backup_offline};
+use crate::engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
+use crate::restore::{restore_shard, select_shard};
+
+#[derive(Debug, Parser)]
+#[command(name = "lockstep-agent", version, about = "Lockstep agent: owns one RocksDB shard; offline backup, verify and restore")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take a full backup of a shard directory (the shard must not be open elsewhere).
+    Backup(BackupArgs),
+    /// List the backups in a repository.
+    List(ListArgs),
+    /// Verify backups: quick by default, `--full` re-hashes every object.
+    Verify(VerifyArgs),
+    /// Restore a shard of a backup into a new directory.
+    Restore(RestoreArgs),
+    /// Write deterministic generated data into a shard (for demos, tests and benchmarks).
+    Load(LoadArgs),
+    /// Print a shard's sequence number and a SHA-256 over all its column families.
+    Digest(DigestArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EngineKind {
+    Rocksdb,
+    Memory,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Chunks transferred in parallel.
+    #[arg(long, default_value_t = 4)]
+    pub parallelism: usize,
+    /// Chunk size in MiB.
+    #[arg(long, default_value_t = 8)]
+    pub chunk_mib: usize,
+    /// zstd level for new objects; 0 turns compression off.
+    #[arg(long, default_value_t = 3)]
+    pub zstd_level: i32,
+}
+
+impl TransferArgs {
+    fn options(&self) -> TransferOptions {
+        TransferOptions {
+            parallelism: self.parallelism,
+            chunk_size: self.chunk_mib.saturating_mul(1024 * 1024),
+            compression: Compression { zstd_level: self.zstd_level },
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The shard's directory.
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Repository URL or local path.
+    #[arg(long, env = "LOCKSTEP_REPO")]
+    pub repo: String,
+    /// The shard's id in the repository.
+    #[arg(long, default_value = "shard-0")]
+    pub shard: String,
+    #[arg(long, value_enum, default_value = "rocksdb")]
+    pub engine: EngineKind,
+    /// Where captures are staged; must be on the shard's filesystem. Default: `<db>.lockstep-captures`.
+    #[arg(long)]
+    pub capture_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long, env = "LOCKSTEP_REPO")]
+    pub repo: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[arg(long, env = "LOCKSTEP_REPO")]
+    pub repo: String,
+    /// Backup to verify (`latest` works); all backups when omitted.
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// Download, decompress and re-hash every object.
+    #[arg(long)]
+    pub full: bool,
+    #[arg(long, default_value_t = 8)]
+    pub parallelism: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[arg(long, env = "LOCKSTEP_REPO")]
+    pub repo: String,
+    /// Backup id, or `latest`.
+    #[arg(long)]
+    pub backup: String,
+    /// Shard to restore; may be omitted when the backup has one shard.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// New or empty directory to restore into.
+    #[arg(long)]
+    pub to: PathBuf,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Keys to write per column family.
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+    /// Column families to write (comma separated).
+    #[arg(long, default_value = "default", value_delimiter = ',')]
+    pub cfs: Vec<String>,
+    /// Fraction of each value that is random (the rest compresses well), 0.0 to 1.0.
+    #[arg(long, default_value_t = 0.5)]
+    pub random_fraction: f64,
+    /// Seed for the generated data; the same seed writes the same bytes.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Prefix for generated keys, so repeated loads can add or overwrite.
+    #[arg(long, default_value = "key")]
+    pub prefix: String,
+    #[arg(long, value_enum, default_value = "rocksdb")]
+    pub engine: EngineKind,
+}
+
+#[derive(Debug, Args)]
+pub struct DigestArgs {
+    #[arg(long)]
+    pub db: PathBuf,
+    #[arg(long, value_enum, default_value = "rocksdb")]
+    pub engine: EngineKind,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn progress_bar(progress: Arc<Progress>, what: &'static str) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what);
+    let ticker = bar.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (done, total) = progress.snapshot();
+            ticker.set_length(total);
+            ticker.set_position(done);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (bar, task)
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn human_bytes(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
+
+fn rate(bytes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    format!("{}/s", human_bytes((bytes as f64 / secs) as u64))
+}
+
+async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
+    if name == "latest" {
+        return repo.backup_ids().await?.pop().ok_or_else(|| {
+            Error::new(ErrorCode::BackupNotFound, format!("repository {} holds no backup", repo.url()))
+        });
+    }
+    BackupId::new(name)
+}
+
+fn default_capture_root(db: &Path) -> PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".lockstep-captures");
+    db.with_file_name(name)
+}
+
+async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
+    let shard = ShardId::new(&args.shard)?;
+    let repo = Repository::open(&args.repo).await?;
+    let db = args.db.clone();
+    if matches!(args.engine, EngineKind::Rocksdb) && !db.join("CURRENT").exists() {
+        return Err(Error::new(ErrorCode::InvalidArgument, format!("{} is not a RocksDB directory (no CURRENT file)", db.display())));
+    }
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || E::open(&db, &[]))
+            .await
+            .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
+    );
+    let options = BackupOptions {
+        capture_root: args.capture_dir.clone().unwrap_or_else(|| default_capture_root(&args.db)),
+        transfer: args.transfer.options(),
+    };
+    let progress = Arc::new(Progress::default());
+    let (bar, ticker) = progress_bar(progress.clone(), "backup");
+    let started = Instant::now();
+    let result = backup_offline(&engine, &repo, &shard, &options, &progress).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let manifest = result?;
+    let elapsed = started.elapsed();
+    if args.json {
+        print_json(&manifest);
+    } else {
+        let stats = &manifest.stats;
+        println!("Backup {} created: shard {} at seq {}", manifest.backup_id, shard, manifest.cut.get(&shard).copied().unwrap_or_default());
+        println!(
+            "  {} in {} files; read {}, uploaded {} new ({} stored, {} objects), {} objects already present, {} files reused unread",
+            human_bytes(stats.bytes_total),
+            manifest.shards.iter().map(|s| s.n_files).sum::<u64>(),
+            human_bytes(stats.bytes_read),
+            human_bytes(stats.bytes_uploaded),
+            human_bytes(stats.stored_bytes_uploaded),
+            stats.objects_uploaded,
+            stats.objects_already_present,
+            stats.files_reused,
+        );
+        println!(
+            "  took {:.2}s ({}); writes paused {:.3} ms",
+            elapsed.as_secs_f64(),
+            rate(stats.bytes_total, elapsed),
+            manifest.max_gate_closed_us as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+async fn run_list(args: &ListArgs) -> Result<()> {
+    let repo = Repository::open(&args.repo).await?;
+    let backups = repo.backups().await?;
+    if args.json {
+        let rows: Vec<serde_json::Value> = backups
+            .iter()
+            .map(|(id, manifest)| match manifest {
+                Ok(m) => serde_json::to_value(m).unwrap_or_default(),
+                Err(err) => serde_json::json!({ "backup_id": id, "error": err.code, "message": err.message }),
+            })
+            .collect();
+        print_json(&rows);
+        return Ok(());
+    }
+    if backups.is_empty() {
+        println!("No backups in {}", repo.url());
+        return Ok(());
+    }
+    println!("{:<26} {:<8} {:<20} {:>6} {:>12} {:>12} {:>10}", "BACKUP", "KIND", "COMPLETED (UTC)", "SHARDS", "SIZE", "UPLOADED", "PAUSE ms");
+    for (id, manifest) in &backups {
+        match manifest {
+            Ok(m) => println!(
+                "{:<26} {:<8} {:<20} {:>6} {:>12} {:>12} {:>10.3}",
+                id.as_str(),
+                m.kind.to_string(),
+                m.completed_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                m.shards.len(),
+                human_bytes(m.stats.bytes_total),
+                human_bytes(m.stats.stored_bytes_uploaded),
+                m.max_gate_closed_us as f64 / 1000.0
+            ),
+            Err(err) => println!("{:<26} {}", id.as_str(), err.code),
+        }
+    }
+    Ok(())
+}
+
+async fn run_verify(args: &VerifyArgs) -> Result<bool> {
+    let repo = Repository::open(&args.repo).await?;
+    let backups = match &args.backup {
+        Some(name) => vec![resolve_backup(&repo, name).await?],
+        None => repo.backup_ids().await?,
+    };
+    if backups.is_empty() {
+        return Err(Error::new(ErrorCode::BackupNotFound, format!("repository {} holds no backup", repo.url())));
+    }
+    let level = if args.full { VerifyLevel::Full } else { VerifyLevel::Quick };
+    let report = verify(&repo, &backups, level, args.parallelism).await?;
+    if args.json {
+        print_json(&report);
+    } else {
+        println!("{report}");
+    }
+    Ok(report.passed)
+}
+
+async fn run_restore(args: &RestoreArgs) -> Result<()> {
+    let repo = Repository::open(&args.repo).await?;
+    let backup = resolve_backup(&repo, &args.backup).await?;
+    let shard = args.shard.as_deref().map(ShardId::new).transpose()?;
+    let shard = select_shard(&repo, &backup, shard.as_ref()).await?;
+    let progress = Arc::new(Progress::default());
+    let (bar, ticker) = progress_bar(progress.clone(), "restore");
+    let started = Instant::now();
+    let result = restore_shard(&repo, &backup, &shard, &args.to, args.transfer.options(), &progress).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let outcome = result?;
+    let elapsed = started.elapsed();
+    if args.json {
+        print_json(&serde_json::json!({
+            "backup_id": backup, "shard_id": outcome.shard, "seq": outcome.seq,
+            "files": outcome.n_files, "bytes": outcome.bytes, "target": outcome.target,
+            "seconds": elapsed.as_secs_f64(),
+        }));
+    } else {
+        println!(
+            "Restored shard {} of backup {} to {}: seq {} verified, {} in {} files, {:.2}s ({})",
+            outcome.shard,
+            backup,
+            outcome.target.display(),
+            outcome.seq,
+            human_bytes(outcome.bytes),
+            outcome.n_files,
+            elapsed.as_secs_f64(),
+            rate(outcome.bytes, elapsed)
+        );
+    }
+    Ok(())
+}
+
+/// A splitmix64 stream: fast, seedable, and the same on every machine.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+fn run_load<E: ShardEngine>(args: &LoadArgs) -> Result<()> {
+    let engine = E::open(&args.db, &args.cfs)?;
+    let mut rng = SplitMix(args.seed);
+    let random_len = ((args.value_size as f64) * args.random_fraction.clamp(0.0, 1.0)) as usize;
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    const BATCH: u64 = 1000;
+    for cf in &args.cfs {
+        let mut i = 0;
+        while i < args.keys {
+            let mut batch = WriteBatch::new();
+            for key in i..(i + BATCH).min(args.keys) {
+                let mut value = vec![b'a' + (key % 26) as u8; args.value_size];
+                for chunk in value[..random_len].chunks_mut(8) {
+                    let word = rng.next().to_le_bytes();
+                    chunk.copy_from_slice(&word[..chunk.len()]);
+                }
+                bytes += value.len() as u64;
+                batch.put(cf, format!("{}{key:012}", args.prefix), value);
+            }
+            engine.write(&batch)?;
+            i += BATCH;
+        }
+    }
+    println!(
+        "Loaded {} keys x {} column families ({}) in {:.2}s; shard at seq {}",
+        args.keys,
+        args.cfs.len(),
+        human_bytes(bytes),
+        started.elapsed().as_secs_f64(),
+        engine.latest_seq()
+    );
+    Ok(())
+}
+
+fn run_digest<E: ShardEngine>(args: &DigestArgs) -> Result<()> {
+    if !args.db.exists() {
+        return Err(Error::new(ErrorCode::InvalidArgument, format!("{} does not exist", args.db.display())));
+    }
+    let engine = E::open(&args.db, &[])?;
+    let mut hasher = Sha256::new();
+    let mut n_keys = 0u64;
+    let mut families = engine.column_families();
+    families.sort();
+    for cf in &families {
+        hasher.update((cf.len() as u64).to_le_bytes());
+        hasher.update(cf.as_bytes());
+        let mut start: Vec<u8> = Vec::new();
+        loop {
+            let page = engine.scan(cf, &start, None, 10_000)?;
+            let Some((last, _)) = page.last() else { break };
+            start = last.clone();
+            start.push(0);
+            for (key, value) in &page {
+                n_keys += 1;
+                hasher.update((key.len() as u64).to_le_bytes());
+                hasher.update(key);
+                hasher.update((value.len() as u64).to_le_bytes());
+                hasher.update(value);
+            }
+        }
+    }
+    let digest = hex::encode(hasher.finalize());
+    if args.json {
+        print_json(&serde_json::json!({ "seq": engine.latest_seq(), "keys": n_keys, "column_families": families, "sha256": digest }));
+    } else {
+        println!("seq={} keys={} cfs={} sha256={digest}", engine.latest_seq(), n_keys, families.join(","));
+    }
+    Ok(())
+}
+
+/// Prints an error the way operators of the seed systems expect, and returns the exit code.
+pub fn report_error(err: &Error) -> i32 {
+    eprintln!("Error: {}", err.chain());
+    eprintln!("Severity: {}", err.severity());
+    eprintln!("Solution: {}", err.hint());
+    err.code.exit_code()
+}
+
+/// Runs one command; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    let result = match &cli.command {
+        Command::Backup(args) => match args.engine {
+            EngineKind::Rocksdb => run_backup::<RocksEngine>(args).await,
+            EngineKind::Memory => run_backup::<MemEngine>(args).await,
+        },
+        Command::List(args) => run_list(args).await,
+        Command::Verify(args) => match run_verify(args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return ErrorCode::BackupVerificationFailed.exit_code(),
+            Err(err) => Err(err),
+        },
+        Command::Restore(args) => run_restore(args).await,
+        Command::Load(args) => match args.engine {
+            EngineKind::Rocksdb => run_load::<RocksEngine>(args),
+            EngineKind::Memory => run_load::<MemEngine>(args),
+        },
+        Command::Digest(args) => match args.engine {
+            EngineKind::Rocksdb => run_digest::<RocksEngine>(args),
+            EngineKind::Memory => run_digest::<MemEngine>(args),
+        },
+    };
+    match result {
+        Ok(()) => 0,
+        Err(err) => report_error(&err),
+    }
+}

@@ -1,0 +1,259 @@
+//! The `ShardEngine` conformance suite, run against every engine by `conformance_suite!`.
+//!
+//! Each case takes a fresh directory and the engine type; the model (`Model`) is a plain
+//! `BTreeMap` per column family that every engine must agree with key by key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use lockstep_repository::Seq;
+use rand::{Rng, SeedableRng};
+
+use super::{Op, ShardEngine, WriteBatch};
+
+type Model = BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+fn cfs() -> Vec<String> {
+    vec!["default".into(), "meta".into(), "events".into()]
+}
+
+fn apply(model: &mut Model, batch: &WriteBatch) {
+    for op in &batch.ops {
+        match op {
+            Op::Put { cf, key, value } => {
+                model.entry(cf.clone()).or_default().insert(key.clone(), value.clone());
+            }
+            Op::Delete { cf, key } => {
+                model.entry(cf.clone()).or_default().remove(key);
+            }
+            Op::DeleteRange { cf, start, end } => {
+                if start < end {
+                    model.entry(cf.clone()).or_default().retain(|k, _| k < start || k >= end);
+                }
+            }
+        }
+    }
+}
+
+fn assert_matches<E: ShardEngine>(engine: &E, model: &Model) {
+    for cf in cfs() {
+        let actual: BTreeMap<Vec<u8>, Vec<u8>> =
+            engine.scan(&cf, b"", None, usize::MAX).expect("scan").into_iter().collect();
+        let expected = model.get(&cf).cloned().unwrap_or_default();
+        assert_eq!(actual.len(), expected.len(), "key count differs in {cf}");
+        assert!(actual == expected, "contents differ in {cf}");
+    }
+}
+
+fn random_batch(rng: &mut rand::rngs::StdRng, n_ops: usize) -> WriteBatch {
+    let mut batch = WriteBatch::new();
+    let families = cfs();
+    for _ in 0..n_ops {
+        let cf = &families[rng.random_range(0..families.len())];
+        let key = format!("k{:05}", rng.random_range(0..2000u32)).into_bytes();
+        match rng.random_range(0..20) {
+            0 => {
+                let end = format!("k{:05}", rng.random_range(0..2000u32)).into_bytes();
+                batch.delete_range(cf, key, end);
+            }
+            1..=4 => {
+                batch.delete(cf, key);
+            }
+            _ => {
+                let value = vec![rng.random::<u8>(); rng.random_range(0..64)];
+                batch.put(cf, key, value);
+            }
+        }
+    }
+    batch
+}
+
+pub fn sequence_ranges_are_exact<E: ShardEngine>(dir: &Path) {
+    let engine = E::open(dir, &cfs()).expect("open");
+    let start = engine.latest_seq();
+    let mut batch = WriteBatch::new();
+    batch.put("default", "a", "1").put("meta", "b", "2").delete("events", "c");
+    let range = engine.write(&batch).expect("write");
+    assert_eq!(range.first, Seq(start.0 + 1));
+    assert_eq!(range.last, Seq(start.0 + 3));
+    assert_eq!(engine.latest_seq(), range.last);
+    let mut single = WriteBatch::new();
+    single.delete_range("default", "a", "z");
+    let next = engine.write(&single).expect("write");
+    assert_eq!((next.first, next.last), (Seq(range.last.0 + 1), Seq(range.last.0 + 1)));
+    let empty = engine.write(&WriteBatch::new()).expect("empty write");
+    assert!(empty.first > empty.last, "an empty batch consumes no sequence number");
+    assert_eq!(engine.latest_seq(), next.last);
+}
+
+pub fn reads_scans_and_column_families<E: ShardEngine>(dir: &Path) {
+    let engine = E::open(dir, &cfs()).expect("open");
+    for cf in cfs() {
+        assert!(engine.column_families().contains(&cf), "missing {cf}");
+    }
+    let mut batch = WriteBatch::new();
+    for i in 0..10u8 {
+        batch.put("default", vec![b'k', i], vec![i]);
+        batch.put("meta", vec![b'k', i], vec![100 + i]);
+    }
+    engine.write(&batch).expect("write");
+    assert_eq!(engine.get("default", &[b'k', 3]).expect("get"), Some(vec![3]));
+    assert_eq!(engine.get("meta", &[b'k', 3]).expect("get"), Some(vec![103]));
+    assert_eq!(engine.get("events", &[b'k', 3]).expect("get"), None);
+    let scan = engine.scan("default", &[b'k', 2], Some(&[b'k', 6]), 100).expect("scan");
+    assert_eq!(scan.iter().map(|(k, _)| k[1]).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+    let limited = engine.scan("meta", b"", None, 3).expect("scan");
+    assert_eq!(limited.len(), 3);
+    assert!(engine.get("nope", b"k").is_err());
+    let mut bad = WriteBatch::new();
+    bad.put("default", "x", "1").put("nope", "x", "1");
+    let before = engine.latest_seq();
+    assert!(engine.write(&bad).is_err());
+    assert_eq!(engine.latest_seq(), before, "a failed batch applies nothing");
+    assert_eq!(engine.get("default", b"x").expect("get"), None);
+}
+
+pub fn deletes_and_range_deletes<E: ShardEngine>(dir: &Path) {
+    let engine = E::open(dir, &cfs()).expect("open");
+    let mut model = Model::new();
+    let mut batch = WriteBatch::new();
+    for i in 0..100u32 {
+        batch.put("events", format!("e{i:03}"), format!("v{i}"));
+    }
+    apply(&mut model, &batch);
+    engine.write(&batch).expect("write");
+    let mut deletes = WriteBatch::new();
+    deletes.delete("events", "e005").delete_range("events", "e010", "e020").delete_range("events", "e090", "e050");
+    apply(&mut model, &deletes);
+    engine.write(&deletes).expect("write");
+    assert_eq!(engine.get("events", b"e005").expect("get"), None);
+    assert_eq!(engine.get("events", b"e015").expect("get"), None);
+    assert_eq!(engine.get("events", b"e020").expect("get"), Some(b"v20".to_vec()));
+    assert_matches(&engine, &model);
+}
+
+pub fn random_operations_agree_with_the_model<E: ShardEngine>(dir: &Path) {
+    let seed = 0x5eed_0001;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let engine = E::open(dir, &cfs()).expect("open");
+    let mut model = Model::new();
+    for _ in 0..300 {
+        let batch = random_batch(&mut rng, rng.random_range(1..20));
+        apply(&mut model, &batch);
+        engine.write(&batch).expect("write");
+    }
+    assert_matches(&engine, &model);
+}
+
+/// Copies a capture's files into `to`, as a restore would.
+fn materialize(capture: &super::Capture, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for file in &capture.files {
+        let bytes = std::fs::read(capture.dir.join(&file.name)).expect("read captured file");
+        assert_eq!(bytes.len() as u64, file.size, "{} changed size", file.name);
+        std::fs::write(to.join(&file.name), bytes).expect("write");
+    }
+}
+
+pub fn capture_is_exact_at_its_sequence_number<E: ShardEngine>(dir: &Path) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let engine = E::open(&dir.join("live"), &cfs()).expect("open");
+    let mut model = Model::new();
+    for _ in 0..200 {
+        let batch = random_batch(&mut rng, 10);
+        apply(&mut model, &batch);
+        engine.write(&batch).expect("write");
+    }
+    engine.prepare_capture().expect("prepare");
+    // Writes after the preparation and before the capture must be in it.
+    for _ in 0..50 {
+        let batch = random_batch(&mut rng, 10);
+        apply(&mut model, &batch);
+        engine.write(&batch).expect("write");
+    }
+    let capture = engine.capture(&dir.join("capture")).expect("capture");
+    assert_eq!(capture.seq, engine.latest_seq());
+    let model_at_capture = model.clone();
+    // Writes after the capture must not be in it.
+    for _ in 0..100 {
+        let batch = random_batch(&mut rng, 10);
+        apply(&mut model, &batch);
+        engine.write(&batch).expect("write");
+    }
+    materialize(&capture, &dir.join("restored"));
+    let restored = E::open(&dir.join("restored"), &cfs()).expect("open restored");
+    assert_eq!(restored.latest_seq(), capture.seq, "restored shard reports the captured sequence");
+    assert_matches(&restored, &model_at_capture);
+    let capture_dir = capture.dir.clone();
+    drop(capture);
+    assert!(!capture_dir.exists(), "dropping a capture removes its directory");
+    assert_matches(&engine, &model);
+}
+
+pub fn reopen_keeps_data_and_sequence<E: ShardEngine>(dir: &Path) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut model = Model::new();
+    let capture_dir = dir.join("capture");
+    let seq = {
+        let engine = E::open(&dir.join("live"), &cfs()).expect("open");
+        for _ in 0..50 {
+            let batch = random_batch(&mut rng, 5);
+            apply(&mut model, &batch);
+            engine.write(&batch).expect("write");
+        }
+        let capture = engine.capture(&capture_dir).expect("capture");
+        materialize(&capture, &dir.join("restored"));
+        capture.seq
+    };
+    let restored = E::open(&dir.join("restored"), &[]).expect("open restored without naming families");
+    assert_eq!(restored.latest_seq(), seq);
+    for cf in cfs() {
+        assert!(restored.column_families().contains(&cf));
+    }
+    assert_matches(&restored, &model);
+    let mut more = WriteBatch::new();
+    more.put("default", "after-restore", "1");
+    let range = restored.write(&more).expect("write after restore");
+    assert_eq!(range.first, Seq(seq.0 + 1), "a restored shard continues its sequence");
+}
+
+macro_rules! conformance_suite {
+    ($module:ident, $engine:ty) => {
+        mod $module {
+            use super::*;
+
+            fn run(case: fn(&Path)) {
+                let dir = tempfile::tempdir().expect("tempdir");
+                case(dir.path());
+            }
+
+            #[test]
+            fn sequence_ranges_are_exact() {
+                run(super::sequence_ranges_are_exact::<$engine>);
+            }
+            #[test]
+            fn reads_scans_and_column_families() {
+                run(super::reads_scans_and_column_families::<$engine>);
+            }
+            #[test]
+            fn deletes_and_range_deletes() {
+                run(super::deletes_and_range_deletes::<$engine>);
+            }
+            #[test]
+            fn random_operations_agree_with_the_model() {
+                run(super::random_operations_agree_with_the_model::<$engine>);
+            }
+            #[test]
+            fn capture_is_exact_at_its_sequence_number() {
+                run(super::capture_is_exact_at_its_sequence_number::<$engine>);
+            }
+            #[test]
+            fn reopen_keeps_data_and_sequence() {
+                run(super::reopen_keeps_data_and_sequence::<$engine>);
+            }
+        }
+    };
+}
+
+conformance_suite!(rocks, super::super::RocksEngine);
+conformance_suite!(mem, super::super::MemEngine);

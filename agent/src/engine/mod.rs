@@ -1,0 +1,194 @@
+//! The `ShardEngine` trait: the narrow interface the rest of the agent uses to reach a shard.
+//!
+//! Two implementations: `RocksEngine` on RocksDB, and `MemEngine`, an in-memory model for
+//! simulations and fast tests. One conformance suite (`conformance.rs`) runs against both;
+//! the model is trusted only because that suite passes on both.
+//!
+//! Every method blocks: call them from `spawn_blocking` or a dedicated thread.
+
+mod mem;
+mod rocks;
+
+#[cfg(test)]
+mod conformance;
+
+use std::path::{Path, PathBuf};
+
+pub use lockstep_repository::manifest::FileKind;
+use lockstep_repository::{Error, ErrorCode, Result, Seq};
+pub use mem::MemEngine;
+pub use rocks::RocksEngine;
+
+/// The column family every shard has.
+pub const DEFAULT_CF: &str = "default";
+
+/// One mutation in a write batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put { cf: String, key: Vec<u8>, value: Vec<u8> },
+    Delete { cf: String, key: Vec<u8> },
+    /// Deletes every key in `[start, end)`.
+    DeleteRange { cf: String, start: Vec<u8>, end: Vec<u8> },
+}
+
+/// An ordered group of mutations applied atomically; each consumes one sequence number.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    pub ops: Vec<Op>,
+}
+
+impl WriteBatch {
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    pub fn put(&mut self, cf: &str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(Op::Put { cf: cf.into(), key: key.into(), value: value.into() });
+        self
+    }
+
+    pub fn delete(&mut self, cf: &str, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(Op::Delete { cf: cf.into(), key: key.into() });
+        self
+    }
+
+    pub fn delete_range(&mut self, cf: &str, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(Op::DeleteRange { cf: cf.into(), start: start.into(), end: end.into() });
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// The sequence numbers a write batch consumed: `first..=last`; empty when `first > last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRange {
+    pub first: Seq,
+    pub last: Seq,
+}
+
+/// One file of a capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedFile {
+    pub name: String,
+    pub size: u64,
+    pub kind: FileKind,
+    /// Set for immutable files: equal identities mean equal contents.
+    pub identity: Option<String>,
+}
+
+/// A consistent file set of a shard at an exact sequence number, held on local disk.
+///
+/// Dropping it deletes the capture directory and releases whatever the engine holds for it
+/// (for RocksDB: re-enables file deletions), so a failed upload cleans up like a good one.
+pub struct Capture {
+    pub seq: Seq,
+    pub dir: PathBuf,
+    pub files: Vec<CapturedFile>,
+    pub column_families: Vec<String>,
+    hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture").field("seq", &self.seq).field("dir", &self.dir).field("files", &self.files.len()).finish()
+    }
+}
+
+impl Capture {
+    pub(crate) fn new(
+        seq: Seq,
+        dir: PathBuf,
+        files: Vec<CapturedFile>,
+        column_families: Vec<String>,
+        hold: Option<Box<dyn Send + Sync>>,
+    ) -> Capture {
+        Capture { seq, dir, files, column_families, hold }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_dir_all(&self.dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.dir.display(), error = %err, "could not remove capture directory");
+            }
+        }
+        drop(self.hold.take());
+    }
+}
+
+/// A shard's storage engine.
+pub trait ShardEngine: Send + Sync + 'static {
+    /// Opens (creating if needed) the shard in `dir` with at least the given column families.
+    fn open(dir: &Path, column_families: &[String]) -> Result<Self>
+    where
+        Self: Sized;
+
+    /// `rocksdb` or `memory`, as recorded in manifests.
+    fn kind(&self) -> &'static str;
+
+    fn column_families(&self) -> Vec<String>;
+
+    /// Applies a batch atomically and returns the exact sequence numbers it consumed.
+    fn write(&self, batch: &WriteBatch) -> Result<SeqRange>;
+
+    fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Up to `limit` pairs with `start <= key < end` (no upper bound when `end` is `None`).
+    fn scan(&self, cf: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// The sequence number of the last applied write.
+    fn latest_seq(&self) -> Seq;
+
+    /// Work that makes the next `capture` cheaper, done while writes still flow (RocksDB
+    /// flushes its memtables so the WAL tail copied under the closed gate is small).
+    fn prepare_capture(&self) -> Result<()>;
+
+    /// Captures a consistent file set into `dir` (which must not exist). The caller must hold
+    /// the write gate closed, so the capture holds exactly the writes up to `latest_seq()`.
+    fn capture(&self, dir: &Path) -> Result<Capture>;
+}
+
+pub(crate) fn engine_error(what: impl Into<String>, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::with_source(ErrorCode::ShardEngineFailed, what, err)
+}
+
+pub(crate) fn unknown_cf(cf: &str) -> Error {
+    Error::new(ErrorCode::InvalidArgument, format!("column family {cf:?} does not exist in this shard"))
+}
+
+/// Lists a capture directory: every regular file with its size and kind. Immutable table
+/// files get an identity made of `incarnation`, name and size.
+pub(crate) fn list_capture(dir: &Path, incarnation: Option<&str>) -> Result<Vec<CapturedFile>> {
+    let io = |err| Error::io(ErrorCode::BackupCreationFailed, format!("list capture {}", dir.display()), err);
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let meta = entry.metadata().map_err(io)?;
+        if !meta.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kind = if name.ends_with(".sst") {
+            FileKind::Sst
+        } else if name.ends_with(".log") {
+            FileKind::Wal
+        } else {
+            FileKind::Meta
+        };
+        let identity = match (kind, incarnation) {
+            (FileKind::Sst, Some(incarnation)) => Some(format!("{incarnation}/{name}/{}", meta.len())),
+            _ => None,
+        };
+        files.push(CapturedFile { name, size: meta.len(), kind, identity });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}

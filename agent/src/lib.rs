@@ -1,0 +1,18 @@
+//! The Lockstep agent: owns one shard.
+//!
+//! - `engine`: the `ShardEngine` trait, `RocksEngine` and the `MemEngine` model;
+//! - `gate`: the write gate every client write passes through;
+//! - `backup`: capture under the closed gate, upload with it open;
+//! - `restore`: verified, atomic restore of a shard into a new directory.
+//!
+//! An application that embeds RocksDB can use this crate as a library: it must route its
+//! writes through a `WriteGate` for backups to be consistent.
+
+pub mod backup;
+pub mod cli;
+pub mod engine;
+pub mod gate;
+pub mod restore;
+
+pub use engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
+pub use gate::WriteGate;

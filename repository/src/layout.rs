@@ -1,0 +1,103 @@
+//! The object-key layout of a repository: the one place that builds keys.
+//!
+//! ```text
+//! <prefix>/lockstep-repository.json             format marker, written at init
+//! <prefix>/objects/<aa>/<sha256-hex>            content-addressed data objects (codec.rs framing)
+//! <prefix>/shards/<shard-id>/<backup-id>.json   shard manifests
+//! <prefix>/backups/<backup-id>.json             backup manifests, written last
+//! ```
+//!
+//! Architecture invariant: a key is derived only from validated ids (`ids.rs`) and object
+//! hashes, so no caller-supplied string can escape the prefix. Anything not reachable from a
+//! backup manifest is garbage.
+
+use object_store::path::Path;
+
+use crate::ids::{BackupId, ObjectId, ShardId};
+
+pub const REPOSITORY_MARKER: &str = "lockstep-repository.json";
+const OBJECTS: &str = "objects";
+const SHARDS: &str = "shards";
+const BACKUPS: &str = "backups";
+
+/// Builds every key of one repository under its prefix.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    prefix: Path,
+}
+
+impl Layout {
+    pub fn new(prefix: Path) -> Layout {
+        Layout { prefix }
+    }
+
+    fn join(&self, parts: &[&str]) -> Path {
+        let mut path = self.prefix.clone();
+        for part in parts {
+            path = path.join(*part);
+        }
+        path
+    }
+
+    pub fn marker(&self) -> Path {
+        self.join(&[REPOSITORY_MARKER])
+    }
+
+    pub fn object(&self, id: &ObjectId) -> Path {
+        let hex = id.to_hex();
+        self.join(&[OBJECTS, &hex[..2], &hex])
+    }
+
+    pub fn objects_dir(&self) -> Path {
+        self.join(&[OBJECTS])
+    }
+
+    pub fn shard_manifest(&self, shard: &ShardId, backup: &BackupId) -> Path {
+        self.join(&[SHARDS, shard.as_str(), &format!("{backup}.json")])
+    }
+
+    pub fn shards_dir(&self) -> Path {
+        self.join(&[SHARDS])
+    }
+
+    pub fn backup_manifest(&self, backup: &BackupId) -> Path {
+        self.join(&[BACKUPS, &format!("{backup}.json")])
+    }
+
+    pub fn backups_dir(&self) -> Path {
+        self.join(&[BACKUPS])
+    }
+
+    /// The backup id named by a key under `backups/`, if it is one.
+    pub fn backup_id_of(&self, key: &Path) -> Option<BackupId> {
+        key.filename()?.strip_suffix(".json").and_then(|id| BackupId::new(id).ok())
+    }
+
+    /// The object id named by a key under `objects/`, if it is one.
+    pub fn object_id_of(&self, key: &Path) -> Option<ObjectId> {
+        key.filename()?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_documented_layout() {
+        let layout = Layout::new(Path::from("repo"));
+        let id = ObjectId::of(b"x");
+        let hex = id.to_hex();
+        assert_eq!(layout.object(&id).as_ref(), format!("repo/objects/{}/{hex}", &hex[..2]));
+        let shard = ShardId::new("shard-0").ok();
+        let backup = BackupId::new("bk-1").ok();
+        if let (Some(shard), Some(backup)) = (shard, backup) {
+            assert_eq!(layout.shard_manifest(&shard, &backup).as_ref(), "repo/shards/shard-0/bk-1.json");
+            assert_eq!(layout.backup_manifest(&backup).as_ref(), "repo/backups/bk-1.json");
+            assert_eq!(layout.backup_id_of(&layout.backup_manifest(&backup)), Some(backup));
+        } else {
+            panic!("valid ids refused");
+        }
+        assert_eq!(layout.object_id_of(&layout.object(&id)), Some(id));
+    }
+}

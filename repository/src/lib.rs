@@ -1,0 +1,23 @@
+//! The Lockstep backup repository.
+//!
+//! A repository lives on any `object_store` URL and holds content-addressed data objects
+//! (`codec`), versioned JSON manifests (`manifest`) under one documented key layout
+//! (`layout`). `transfer` moves files in and out chunk by chunk in bounded memory, and
+//! `verify` checks what is stored. `error` defines the seed error codes used everywhere.
+//!
+//! Architecture invariant: this crate never links RocksDB; the coordinator depends on it.
+//! Architecture invariant: publish order is objects, then shard manifests, then the backup
+//! manifest; anything not reachable from a backup manifest is garbage.
+
+pub mod codec;
+pub mod error;
+pub mod ids;
+pub mod layout;
+pub mod manifest;
+pub mod repository;
+pub mod transfer;
+pub mod verify;
+
+pub use error::{Error, ErrorCode, Result, Severity};
+pub use ids::{BackupId, ObjectId, Seq, ShardId};
+pub use repository::Repository;

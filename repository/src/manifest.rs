@@ -1,0 +1,341 @@
+//! Versioned JSON manifests: one per shard per backup, and one per backup.
+//!
+//! A shard manifest lists every file of the captured shard as an ordered list of
+//! content-addressed chunks, with the exact sequence number of the cut. A backup manifest
+//! names its shard manifests and the cut vector; it is written last, so its presence is the
+//! commit point of a backup.
+//!
+//! Architecture invariant: manifests are parsed strictly (unknown format versions, file names
+//! that could escape a directory, and chunk lists that do not add up to the file size are
+//! all `ERR_BACKUP_MANIFEST_CORRUPT`), so restore can trust what it reads.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::ids::{BackupId, ObjectId, Seq, ShardId};
+
+/// The manifest format this build writes and the newest it reads.
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+
+/// The tool version recorded in every manifest.
+pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// One content-addressed piece of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub id: ObjectId,
+    /// Plaintext length.
+    pub len: u64,
+    /// Length of the stored (framed, maybe compressed) object.
+    pub stored_len: u64,
+}
+
+/// What a captured file is, which decides how it may be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    /// Immutable table file: reusable by identity without re-reading.
+    Sst,
+    /// Write-ahead log, copied up to its size at the cut.
+    Wal,
+    /// Engine metadata (MANIFEST, CURRENT, OPTIONS, snapshots of the in-memory engine).
+    Meta,
+}
+
+/// One file of a captured shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// File name relative to the shard directory; never contains a path separator.
+    pub name: String,
+    pub size: u64,
+    pub kind: FileKind,
+    /// Identity of an immutable file (engine instance id, file name and size), used to reuse
+    /// its chunks in the next backup without reading it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// Numbers about how one shard's backup went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStats {
+    /// Plaintext bytes of all files in the backup.
+    pub bytes_total: u64,
+    /// Plaintext bytes read from disk and hashed (reused immutable files are not read).
+    pub bytes_read: u64,
+    /// Plaintext bytes of chunks that were not in the repository yet.
+    pub bytes_uploaded: u64,
+    /// Stored bytes written to the repository.
+    pub stored_bytes_uploaded: u64,
+    pub objects_uploaded: u64,
+    pub objects_already_present: u64,
+    /// Files whose chunks were taken from the previous manifest by identity.
+    pub files_reused: u64,
+}
+
+impl TransferStats {
+    pub fn add(&mut self, other: &TransferStats) {
+        self.bytes_total += other.bytes_total;
+        self.bytes_read += other.bytes_read;
+        self.bytes_uploaded += other.bytes_uploaded;
+        self.stored_bytes_uploaded += other.stored_bytes_uploaded;
+        self.objects_uploaded += other.objects_uploaded;
+        self.objects_already_present += other.objects_already_present;
+        self.files_reused += other.files_reused;
+    }
+}
+
+/// Timings of one shard's backup, in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardTimings {
+    /// How long client writes were held at the write gate.
+    pub gate_closed_us: u64,
+    pub capture_us: u64,
+    pub upload_us: u64,
+}
+
+/// The manifest of one shard in one backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardManifest {
+    pub format_version: u32,
+    pub backup_id: BackupId,
+    pub shard_id: ShardId,
+    /// `rocksdb` or `memory`.
+    pub engine: String,
+    /// The exact latest sequence number contained in the backup.
+    pub seq: Seq,
+    pub captured_at: DateTime<Utc>,
+    pub column_families: Vec<String>,
+    pub files: Vec<FileEntry>,
+    pub stats: TransferStats,
+    pub timings: ShardTimings,
+    pub tool_version: String,
+}
+
+/// The kind of a backup (DESIGN.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    Full,
+    Incremental,
+    Differential,
+}
+
+impl std::fmt::Display for BackupKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackupKind::Full => "full",
+            BackupKind::Incremental => "incremental",
+            BackupKind::Differential => "differential",
+        })
+    }
+}
+
+impl std::str::FromStr for BackupKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(BackupKind::Full),
+            "incremental" => Ok(BackupKind::Incremental),
+            "differential" => Ok(BackupKind::Differential),
+            other => Err(Error::new(
+                ErrorCode::BackupInvalidType,
+                format!("unsupported backup type {other:?}"),
+            )),
+        }
+    }
+}
+
+/// A shard as the backup manifest names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRef {
+    pub shard_id: ShardId,
+    pub seq: Seq,
+    pub n_files: u64,
+    pub bytes: u64,
+}
+
+/// The manifest of a backup; its presence is the backup's commit point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupManifest {
+    pub format_version: u32,
+    pub backup_id: BackupId,
+    pub kind: BackupKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<BackupId>,
+    pub started_at: DateTime<Utc>,
+    pub completed_at: DateTime<Utc>,
+    pub shards: Vec<ShardRef>,
+    /// The cut vector: the exact sequence number of every shard.
+    pub cut: BTreeMap<ShardId, Seq>,
+    pub stats: TransferStats,
+    /// The longest time any shard's write gate stayed closed, in microseconds.
+    pub max_gate_closed_us: u64,
+    pub tool_version: String,
+}
+
+fn corrupt(what: &str, why: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::BackupManifestCorrupt, format!("{what}: {why}"))
+}
+
+fn check_version(what: &str, version: u32) -> Result<()> {
+    if version == 0 || version > MANIFEST_FORMAT_VERSION {
+        return Err(corrupt(
+            what,
+            format!(
+                "format version {version} is not supported by this build (reads up to {MANIFEST_FORMAT_VERSION})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A file name that stays inside the directory it is written to.
+pub fn is_safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
+}
+
+impl ShardManifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses and checks a shard manifest; `what` names it in errors.
+    pub fn parse(what: &str, bytes: &[u8]) -> Result<ShardManifest> {
+        let manifest: ShardManifest =
+            serde_json::from_slice(bytes).map_err(|err| corrupt(what, err))?;
+        check_version(what, manifest.format_version)?;
+        for file in &manifest.files {
+            if !is_safe_file_name(&file.name) {
+                return Err(corrupt(what, format!("unsafe file name {:?}", file.name)));
+            }
+            let sum: u64 = file.chunks.iter().map(|c| c.len).sum();
+            if sum != file.size {
+                return Err(corrupt(
+                    what,
+                    format!("file {} has {} bytes of chunks for size {}", file.name, sum, file.size),
+                ));
+            }
+        }
+        Ok(manifest)
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+impl BackupManifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    pub fn parse(what: &str, bytes: &[u8]) -> Result<BackupManifest> {
+        let manifest: BackupManifest =
+            serde_json::from_slice(bytes).map_err(|err| corrupt(what, err))?;
+        check_version(what, manifest.format_version)?;
+        Ok(manifest)
+    }
+
+    /// Builds the backup manifest that commits the given shard manifests.
+    pub fn commit(
+        backup_id: BackupId,
+        kind: BackupKind,
+        parent: Option<BackupId>,
+        started_at: DateTime<Utc>,
+        shards: &[ShardManifest],
+    ) -> BackupManifest {
+        let mut stats = TransferStats::default();
+        for shard in shards {
+            stats.add(&shard.stats);
+        }
+        BackupManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            backup_id,
+            kind,
+            parent,
+            started_at,
+            completed_at: Utc::now(),
+            shards: shards
+                .iter()
+                .map(|s| ShardRef {
+                    shard_id: s.shard_id.clone(),
+                    seq: s.seq,
+                    n_files: s.files.len() as u64,
+                    bytes: s.total_bytes(),
+                })
+                .collect(),
+            cut: shards.iter().map(|s| (s.shard_id.clone(), s.seq)).collect(),
+            stats,
+            max_gate_closed_us: shards.iter().map(|s| s.timings.gate_closed_us).max().unwrap_or(0),
+            tool_version: TOOL_VERSION.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Result<ShardManifest> {
+        Ok(ShardManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            backup_id: BackupId::new("bk-1")?,
+            shard_id: ShardId::new("shard-0")?,
+            engine: "memory".into(),
+            seq: Seq(42),
+            captured_at: Utc::now(),
+            column_families: vec!["default".into()],
+            files: vec![FileEntry {
+                name: "000007.sst".into(),
+                size: 3,
+                kind: FileKind::Sst,
+                identity: Some("db/000007.sst/3".into()),
+                chunks: vec![Chunk { id: ObjectId::of(b"abc"), len: 3, stored_len: 19 }],
+            }],
+            stats: TransferStats::default(),
+            timings: ShardTimings::default(),
+            tool_version: TOOL_VERSION.into(),
+        })
+    }
+
+    #[test]
+    fn shard_manifests_round_trip() -> Result<()> {
+        let manifest = sample()?;
+        assert_eq!(ShardManifest::parse("m", &manifest.to_json())?, manifest);
+        Ok(())
+    }
+
+    #[test]
+    fn truncated_or_hostile_manifests_are_corrupt() -> Result<()> {
+        let json = sample()?.to_json();
+        let truncated = ShardManifest::parse("m", &json[..json.len() / 2]);
+        assert_eq!(truncated.err().map(|e| e.code), Some(ErrorCode::BackupManifestCorrupt));
+
+        let mut hostile = sample()?;
+        hostile.files[0].name = "../../etc/passwd".into();
+        let err = ShardManifest::parse("m", &hostile.to_json()).err().map(|e| e.code);
+        assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
+
+        let mut short = sample()?;
+        short.files[0].size = 4;
+        let err = ShardManifest::parse("m", &short.to_json()).err().map(|e| e.code);
+        assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
+
+        let mut future = sample()?;
+        future.format_version = MANIFEST_FORMAT_VERSION + 1;
+        let err = ShardManifest::parse("m", &future.to_json()).err().map(|e| e.code);
+        assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! A handle on one repository: opening it from a URL, and reading and writing its objects
+//! and manifests through `object_store`.
+//!
+//! Architecture invariant: this is the only module that calls `object_store`; every key comes
+//! from `layout.rs`, and every object read goes through `codec::decode`, which verifies it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use url::Url;
+
+use crate::codec::{self, Encoded};
+use crate::error::{Error, ErrorCode, Result};
+use crate::ids::{BackupId, ObjectId, ShardId};
+use crate::layout::Layout;
+use crate::manifest::{BackupManifest, ShardManifest};
+
+/// A repository on any object store.
+#[derive(Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    layout: Layout,
+    url: String,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("url", &self.url).finish()
+    }
+}
+
+fn storage_error(what: impl Into<String>, err: object_store::Error) -> Error {
+    Error::with_source(ErrorCode::StorageUnavailable, what, err)
+}
+
+/// In-process `memory://NAME` stores, so two opens of the same URL see the same data.
+fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    let stores = STORES.get_or_init(Default::default);
+    let mut stores = stores.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    stores.entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
+}
+
+/// Parses what an operator typed as a repository location: a URL, or a plain local path.
+fn parse_location(location: &str) -> Result<Url> {
+    let invalid = |why: String| {
+        Error::new(ErrorCode::InvalidArgument, format!("repository {location:?}: {why}"))
+    };
+    if location.contains("://") {
+        return Url::parse(location).map_err(|err| invalid(err.to_string()));
+    }
+    let path = std::path::absolute(location).map_err(|err| invalid(err.to_string()))?;
+    Url::from_directory_path(&path).map_err(|()| invalid("not an absolute path".into()))
+}
+
+impl Repository {
+    /// Opens the repository at `location`: `file:///dir` or a plain path (the default),
+    /// `memory://name`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`.
+    /// Cloud credentials and endpoints come from the standard environment variables
+    /// (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_ALLOW_HTTP`, ...).
+    pub async fn open(location: &str) -> Result<Repository> {
+        Repository::open_with(location, &[]).await
+    }
+
+    /// `open` with explicit store options that override the environment, named like the
+    /// environment variables (`("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")`).
+    pub async fn open_with(location: &str, options: &[(String, String)]) -> Result<Repository> {
+        let url = parse_location(location)?;
+        let unknown_option = |key: &str| {
+            Error::new(ErrorCode::InvalidArgument, format!("unknown repository option {key:?}"))
+        };
+        let invalid = |why: String| {
+            Error::new(ErrorCode::InvalidArgument, format!("repository {location:?}: {why}"))
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
+            "file" => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|()| invalid("file URL must be an absolute local path".into()))?;
+                tokio::fs::create_dir_all(&dir).await.map_err(|err| {
+                    Error::io(
+                        ErrorCode::StorageUnavailable,
+                        format!("create repository directory {}", dir.display()),
+                        err,
+                    )
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|err| storage_error(format!("open {}", dir.display()), err))?
+                    .with_automatic_cleanup(true);
+                (Arc::new(fs), Path::default())
+            }
+            "memory" => {
+                let name = url.host_str().unwrap_or_default();
+                (memory_store(name), Path::from(url.path()))
+            }
+            "s3" | "s3a" => {
+                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
+                for (key, value) in options {
+                    let key_name = key.to_ascii_lowercase();
+                    let parsed = key_name.parse().map_err(|_| unknown_option(key))?;
+                    builder = builder.with_config(parsed, value);
+                }
+                let store = builder
+                    .build()
+                    .map_err(|err| storage_error(format!("configure {url}"), err))?;
+                (Arc::new(store), Path::from(url.path()))
+            }
+            "gs" => {
+                let mut builder =
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str());
+                for (key, value) in options {
+                    let parsed = key.to_ascii_lowercase().parse().map_err(|_| unknown_option(key))?;
+                    builder = builder.with_config(parsed, value);
+                }
+                let store = builder
+                    .build()
+                    .map_err(|err| storage_error(format!("configure {url}"), err))?;
+                (Arc::new(store), Path::from(url.path()))
+            }
+            "az" | "azure" | "abfs" | "abfss" => {
+                let mut builder =
+                    object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str());
+                for (key, value) in options {
+                    let parsed = key.to_ascii_lowercase().parse().map_err(|_| unknown_option(key))?;
+                    builder = builder.with_config(parsed, value);
+                }
+                let store = builder
+                    .build()
+                    .map_err(|err| storage_error(format!("configure {url}"), err))?;
+                (Arc::new(store), Path::from(url.path()))
+            }
+            other => {
+                return Err(invalid(format!(
+                    "unsupported scheme {other:?}; use file://, s3://, gs://, az:// or memory://"
+                )));
+            }
+        };
+        Ok(Repository::from_store(store, prefix, url.to_string()))
+    }
+
+    /// Wraps an already-built store, e.g. a fault-injecting one in tests.
+    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: Path, url: String) -> Repository {
+        Repository { store, layout: Layout::new(prefix), url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The stored size of an object, or `None` if it is absent.
+    pub async fn object_size(&self, id: &ObjectId) -> Result<Option<u64>> {
+        match self.store.head(&self.layout.object(id)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(format!("look up object {id}"), err)),
+        }
+    }
+
+    /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
+    pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
+        let key = self.layout.object(&encoded.id);
+        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&key, PutPayload::from(encoded.bytes), options).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            // Some stores do not implement create-only puts; content addressing makes a plain
+            // overwrite harmless, since the bytes are the same.
+            Err(object_store::Error::NotImplemented { .. }) => {
+                let bytes = self.get_raw(&key).await.ok();
+                if bytes.is_some() {
+                    return Ok(());
+                }
+                Err(Error::new(
+                    ErrorCode::StorageUnavailable,
+                    format!("store {} supports no create-only put", self.url),
+                ))
+            }
+            Err(err) => Err(storage_error(format!("upload object {}", encoded.id), err)),
+        }
+    }
+
+    async fn get_raw(&self, key: &Path) -> Result<Option<Bytes>> {
+        match self.store.get(key).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|err| storage_error(format!("download {key}"), err)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(storage_error(format!("download {key}"), err)),
+        }
+    }
+
+    /// Downloads an object and returns its verified plaintext.
+    pub async fn get_object(&self, id: &ObjectId) -> Result<Vec<u8>> {
+        let stored = self.get_raw(&self.layout.object(id)).await?.ok_or_else(|| {
+            Error::new(ErrorCode::BackupIncomplete, format!("object {id} is missing"))
+        })?;
+        let id = *id;
+        tokio::task::spawn_blocking(move || codec::decode(&id, &stored))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::BackupDecompressionFailed, "decode task failed", err)
+            })?
+    }
+
+    async fn put_manifest(&self, key: &Path, json: Vec<u8>) -> Result<()> {
+        self.store
+            .put(key, PutPayload::from(json))
+            .await
+            .map(|_| ())
+            .map_err(|err| storage_error(format!("write manifest {key}"), err))
+    }
+
+    /// Publishes a shard manifest. Call only after every object it names is stored.
+    pub async fn put_shard_manifest(&self, manifest: &ShardManifest) -> Result<()> {
+        let key = self.layout.shard_manifest(&manifest.shard_id, &manifest.backup_id);
+        self.put_manifest(&key, manifest.to_json()).await
+    }
+
+    /// Publishes a backup manifest, the commit point of a backup. Call only after every
+    /// shard manifest it names is stored.
+    pub async fn put_backup_manifest(&self, manifest: &BackupManifest) -> Result<()> {
+        let key = self.layout.backup_manifest(&manifest.backup_id);
+        self.put_manifest(&key, manifest.to_json()).await
+    }
+
+    pub async fn shard_manifest(&self, shard: &ShardId, backup: &BackupId) -> Result<ShardManifest> {
+        let key = self.layout.shard_manifest(shard, backup);
+        let bytes = self.get_raw(&key).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupIncomplete,
+                format!("shard manifest of {shard} in backup {backup} is missing"),
+            )
+        })?;
+        ShardManifest::parse(&format!("shard manifest {key}"), &bytes)
+    }
+
+    pub async fn backup_manifest(&self, backup: &BackupId) -> Result<BackupManifest> {
+        let key = self.layout.backup_manifest(backup);
+        let bytes = self.get_raw(&key).await?.ok_or_else(|| {
+            Error::new(ErrorCode::BackupNotFound, format!("backup {backup} does not exist"))
+        })?;
+        BackupManifest::parse(&format!("backup manifest {key}"), &bytes)
+    }
+
+    /// Ids of every committed backup, oldest first.
+    pub async fn backup_ids(&self) -> Result<Vec<BackupId>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.layout.backups_dir()))
+            .try_collect()
+            .await
+            .map_err(|err| storage_error("list backups", err))?;
+        let mut ids: Vec<BackupId> =
+            metas.iter().filter_map(|m| self.layout.backup_id_of(&m.location)).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every committed backup manifest, oldest first. A manifest that does not parse is
+    /// returned as its error, so a listing still shows the rest.
+    pub async fn backups(&self) -> Result<Vec<(BackupId, Result<BackupManifest>)>> {
+        let mut out = Vec::new();
+        for id in self.backup_ids().await? {
+            let manifest = self.backup_manifest(&id).await;
+            out.push((id, manifest));
+        }
+        Ok(out)
+    }
+
+    /// The newest committed backup that contains `shard`, with its shard manifest.
+    pub async fn latest_shard_manifest(&self, shard: &ShardId) -> Result<Option<ShardManifest>> {
+        for id in self.backup_ids().await?.into_iter().rev() {
+            let Ok(backup) = self.backup_manifest(&id).await else { continue };
+            if backup.shards.iter().any(|s| &s.shard_id == shard) {
+                return self.shard_manifest(shard, &id).await.map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes a backup manifest (and so the backup); its objects become garbage.
+    pub async fn delete_backup(&self, backup: &BackupId) -> Result<()> {
+        let manifest = self.backup_manifest(backup).await?;
+        self.store
+            .delete(&self.layout.backup_manifest(backup))
+            .await
+            .map_err(|err| storage_error(format!("delete backup {backup}"), err))?;
+        for shard in &manifest.shards {
+            let key = self.layout.shard_manifest(&shard.shard_id, backup);
+            match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(err) => return Err(storage_error(format!("delete {key}"), err)),
+            }
+        }
+        Ok(())
+    }
+}

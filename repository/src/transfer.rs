@@ -1,0 +1,277 @@
+//! Moving files between a local directory and the repository, chunk by chunk.
+//!
+//! Files are cut into fixed-size chunks; each chunk is an object named by the SHA-256 of its
+//! plaintext. Upload reads a chunk, hashes it, asks the repository whether it already has it,
+//! and only then compresses and stores it. Download fetches, verifies and writes each chunk at
+//! its offset. Both run up to `parallelism` chunks at once, across and within files.
+//!
+//! Memory stays bounded whatever the shard size: at most `parallelism` chunks are in flight,
+//! each holding its plaintext and at most one encoded copy (about
+//! `2 * parallelism * chunk_size` bytes in total). Fixed-size content-addressed chunks are the
+//! streaming unit instead of multipart uploads, because the object key (the hash) must be known
+//! before the upload starts; no object is larger than one chunk, so none needs multipart.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::codec::{self, Compression};
+use crate::error::{Error, ErrorCode, Result};
+use crate::ids::ObjectId;
+use crate::manifest::{Chunk, FileEntry, FileKind, TransferStats};
+use crate::repository::Repository;
+
+/// Knobs for transfers.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferOptions {
+    /// Chunks in flight at once.
+    pub parallelism: usize,
+    /// Plaintext bytes per chunk.
+    pub chunk_size: usize,
+    pub compression: Compression,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            parallelism: 4,
+            chunk_size: 8 * 1024 * 1024,
+            compression: Compression::default(),
+        }
+    }
+}
+
+impl TransferOptions {
+    fn checked(self) -> Result<TransferOptions> {
+        if self.parallelism == 0 || self.parallelism > 256 {
+            return Err(Error::new(ErrorCode::InvalidArgument, "parallelism must be 1..=256"));
+        }
+        if self.chunk_size < 4096 || self.chunk_size > 256 * 1024 * 1024 {
+            return Err(Error::new(ErrorCode::InvalidArgument, "chunk size must be 4 KiB..=256 MiB"));
+        }
+        Ok(self)
+    }
+}
+
+/// Bytes done out of bytes to do, readable while a transfer runs (for progress bars).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total_bytes: AtomicU64,
+    pub done_bytes: AtomicU64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> (u64, u64) {
+        (self.done_bytes.load(Ordering::Relaxed), self.total_bytes.load(Ordering::Relaxed))
+    }
+}
+
+/// A local file to back up, as the capture described it.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub name: String,
+    /// Bytes to back up; a WAL or MANIFEST may have grown since the capture, and only this
+    /// prefix belongs to the backup.
+    pub size: u64,
+    pub kind: FileKind,
+    pub identity: Option<String>,
+}
+
+struct ChunkJob {
+    file: usize,
+    index: usize,
+    path: Arc<PathBuf>,
+    offset: u64,
+    len: usize,
+}
+
+fn spawn_blocking_err(err: tokio::task::JoinError) -> Error {
+    Error::with_source(ErrorCode::BackupCreationFailed, "worker task failed", err)
+}
+
+fn read_chunk(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let io = |what: &str, err| {
+        Error::io(ErrorCode::BackupCreationFailed, format!("{what} {}", path.display()), err)
+    };
+    let file = File::open(path).map_err(|err| io("open", err))?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset).map_err(|err| io("read", err))?;
+    Ok(buf)
+}
+
+/// Uploads `files`, reusing the chunks of any immutable file whose identity appears in
+/// `reusable` without reading it, and returns the manifest entries in the order given.
+pub async fn upload_files(
+    repo: &Repository,
+    files: &[SourceFile],
+    reusable: &HashMap<String, FileEntry>,
+    options: TransferOptions,
+    progress: &Progress,
+) -> Result<(Vec<FileEntry>, TransferStats)> {
+    let options = options.checked()?;
+    let mut stats = TransferStats::default();
+    let mut entries: Vec<FileEntry> = Vec::with_capacity(files.len());
+    // Per file: `None` if its chunks were reused, else a slot per chunk to fill.
+    let mut slots: Vec<Option<Vec<Option<Chunk>>>> = Vec::with_capacity(files.len());
+    let mut jobs = Vec::new();
+    for (file_index, file) in files.iter().enumerate() {
+        stats.bytes_total += file.size;
+        progress.total_bytes.fetch_add(file.size, Ordering::Relaxed);
+        let reused = file
+            .identity
+            .as_ref()
+            .and_then(|identity| reusable.get(identity))
+            .filter(|prev| prev.size == file.size && prev.kind == FileKind::Sst);
+        if let Some(prev) = reused {
+            stats.files_reused += 1;
+            progress.done_bytes.fetch_add(file.size, Ordering::Relaxed);
+            entries.push(FileEntry { name: file.name.clone(), ..prev.clone() });
+            slots.push(None);
+            continue;
+        }
+        let path = Arc::new(file.path.clone());
+        let n_chunks = file.size.div_ceil(options.chunk_size as u64) as usize;
+        for index in 0..n_chunks {
+            let offset = index as u64 * options.chunk_size as u64;
+            let len = (file.size - offset).min(options.chunk_size as u64) as usize;
+            jobs.push(ChunkJob { file: file_index, index, path: path.clone(), offset, len });
+        }
+        entries.push(FileEntry {
+            name: file.name.clone(),
+            size: file.size,
+            kind: file.kind,
+            identity: file.identity.clone(),
+            chunks: Vec::new(),
+        });
+        slots.push(Some(vec![None; n_chunks]));
+    }
+
+    let results: Vec<(usize, usize, Chunk, TransferStats)> = futures::stream::iter(jobs)
+        .map(|job| upload_chunk(repo, job, options, progress))
+        .buffer_unordered(options.parallelism)
+        .try_collect()
+        .await?;
+
+    for (file, index, chunk, delta) in results {
+        stats.add(&delta);
+        if let Some(Some(chunks)) = slots.get_mut(file) {
+            chunks[index] = Some(chunk);
+        }
+    }
+    for (entry, chunks) in entries.iter_mut().zip(slots) {
+        if let Some(chunks) = chunks {
+            entry.chunks = chunks.into_iter().flatten().collect();
+        }
+    }
+    Ok((entries, stats))
+}
+
+async fn upload_chunk(
+    repo: &Repository,
+    job: ChunkJob,
+    options: TransferOptions,
+    progress: &Progress,
+) -> Result<(usize, usize, Chunk, TransferStats)> {
+    let mut delta = TransferStats { bytes_read: job.len as u64, ..Default::default() };
+    let (path, offset, len) = (job.path.clone(), job.offset, job.len);
+    let (plaintext, id) = tokio::task::spawn_blocking(move || {
+        let plaintext = read_chunk(&path, offset, len)?;
+        let id = ObjectId::of(&plaintext);
+        Ok::<_, Error>((plaintext, id))
+    })
+    .await
+    .map_err(spawn_blocking_err)??;
+
+    let stored_len = match repo.object_size(&id).await? {
+        Some(size) => {
+            delta.objects_already_present += 1;
+            size
+        }
+        None => {
+            let encoded = tokio::task::spawn_blocking(move || {
+                codec::encode_with_id(id, &plaintext, options.compression)
+            })
+            .await
+            .map_err(spawn_blocking_err)??;
+            let stored_len = encoded.bytes.len() as u64;
+            repo.put_object(encoded).await?;
+            delta.objects_uploaded += 1;
+            delta.bytes_uploaded += job.len as u64;
+            delta.stored_bytes_uploaded += stored_len;
+            stored_len
+        }
+    };
+    progress.done_bytes.fetch_add(job.len as u64, Ordering::Relaxed);
+    Ok((job.file, job.index, Chunk { id, len: job.len as u64, stored_len }, delta))
+}
+
+/// Downloads `files` into `dir` (which must exist), verifying every chunk, then syncs them.
+pub async fn download_files(
+    repo: &Repository,
+    files: &[FileEntry],
+    dir: &Path,
+    options: TransferOptions,
+    progress: &Progress,
+) -> Result<()> {
+    let options = options.checked()?;
+    let io = |what: String, err| Error::io(ErrorCode::BackupRestorationFailed, what, err);
+    let mut handles = Vec::with_capacity(files.len());
+    let mut jobs = Vec::new();
+    for file in files {
+        let path = dir.join(&file.name);
+        let handle = File::create_new(&path)
+            .map_err(|err| io(format!("create {}", path.display()), err))?;
+        let handle = Arc::new(handle);
+        progress.total_bytes.fetch_add(file.size, Ordering::Relaxed);
+        let mut offset = 0u64;
+        for chunk in &file.chunks {
+            jobs.push((handle.clone(), path.clone(), offset, chunk.clone()));
+            offset += chunk.len;
+        }
+        handles.push((handle, path));
+    }
+
+    futures::stream::iter(jobs)
+        .map(|(handle, path, offset, chunk)| async move {
+            let plaintext = repo.get_object(&chunk.id).await.map_err(|err| {
+                err.context(format!("restore {}", path.file_name().unwrap_or_default().display()))
+            })?;
+            if plaintext.len() as u64 != chunk.len {
+                return Err(Error::new(
+                    ErrorCode::BackupChecksumMismatch,
+                    format!("object {} has {} bytes, manifest says {}", chunk.id, plaintext.len(), chunk.len),
+                ));
+            }
+            let len = chunk.len;
+            tokio::task::spawn_blocking(move || {
+                handle
+                    .write_all_at(&plaintext, offset)
+                    .map_err(|err| io(format!("write {}", path.display()), err))
+            })
+            .await
+            .map_err(spawn_blocking_err)??;
+            progress.done_bytes.fetch_add(len, Ordering::Relaxed);
+            Ok(())
+        })
+        .buffer_unordered(options.parallelism)
+        .try_collect::<Vec<()>>()
+        .await?;
+
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        for (handle, path) in &handles {
+            handle.sync_all().map_err(|err| io(format!("sync {}", path.display()), err))?;
+        }
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|err| io(format!("sync {}", dir.display()), err))
+    })
+    .await
+    .map_err(spawn_blocking_err)?
+}

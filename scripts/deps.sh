@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what `make` needs on a fresh Debian machine, and only what is missing.
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+# The rocksdb crate's bindgen needs libclang; its bundled build needs a C++ compiler.
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+[ -x /usr/bin/time ] || missing+=(time)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The S3 round-trip test runs against moto's S3 server on 127.0.0.1.
+if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import boto3' >/dev/null 2>&1; then
+  echo "deps: installing moto[server] from PyPI"
+  python3 -m pip install --quiet 'moto[server]'
+fi
+
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done

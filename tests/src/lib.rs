@@ -1,0 +1,122 @@
+//! Helpers shared by the end-to-end tests in `e2e/`: locating the built binaries, running
+//! them, and starting an S3-compatible server (moto) on 127.0.0.1.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The path of a built binary: `$LOCKSTEP_BIN_DIR/NAME` (set by `make test`), else the
+/// release or debug build under `$CARGO_TARGET_DIR` or `target/`.
+pub fn binary(name: &str) -> PathBuf {
+    let mut candidates = Vec::new();
+    if let Ok(dir) = std::env::var("LOCKSTEP_BIN_DIR") {
+        candidates.push(PathBuf::from(dir).join(name));
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    candidates.push(target.join("release").join(name));
+    candidates.push(target.join("debug").join(name));
+    candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| {
+        panic!("binary {name} not found: run `make test`, or `cargo build --release -p lockstep-agent` first")
+    })
+}
+
+/// Runs `lockstep-agent` with `args` and returns its output.
+pub fn agent(args: &[&str]) -> Output {
+    Command::new(binary("lockstep-agent"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run lockstep-agent")
+}
+
+/// Everything a command printed, for assertions and failure messages.
+pub fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// Runs `lockstep-agent` and fails the test with its output unless it succeeded.
+pub fn agent_ok(args: &[&str]) -> String {
+    let output = agent(args);
+    assert!(output.status.success(), "lockstep-agent {args:?} failed:\n{}", text(&output));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A moto S3 server on 127.0.0.1, killed when dropped.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Starts moto (installing `moto[server]` from PyPI if missing) and creates `bucket`.
+    pub fn start(bucket: &str) -> Moto {
+        if Command::new("moto_server").arg("--help").output().is_err() {
+            let status = Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "moto[server]"])
+                .status()
+                .expect("run pip");
+            assert!(status.success(), "could not install moto[server]");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start moto_server");
+        let stderr = child.stderr.take().expect("moto stderr");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready_tx = Some(ready_tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Running on") {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut moto = Moto { child, endpoint };
+        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = moto.child.kill();
+            panic!("moto_server did not start within 60s");
+        }
+        let script = format!(
+            "import boto3; boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='{bucket}')",
+            moto.endpoint
+        );
+        let output = Command::new("python3").args(["-c", &script]).output().expect("create bucket");
+        assert!(output.status.success(), "create bucket: {}", text(&output));
+        moto
+    }
+
+    /// The environment that points object_store's S3 client at this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
