@@ -19,8 +19,8 @@ build: deps
 test: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo build --release -p lockstep-agent --bins
-	LOCKSTEP_BIN_DIR=$(BIN) cargo test --workspace -- --test-threads=2
+	cargo build --workspace --bins
+	LOCKSTEP_BIN_DIR=$(CARGO_TARGET_DIR)/debug cargo test --workspace -- --test-threads=2
 
 ## demo: a shard with data, a backup, a disaster, a verified restore
 demo: build

@@ -60,10 +60,16 @@ pub async fn capture_shard<E: ShardEngine>(
     let started = Instant::now();
     let captured_at = Utc::now();
     let prepare = engine.clone();
-    tokio::task::spawn_blocking(move || prepare.prepare_capture()).await.map_err(join_error)??;
+    tokio::task::spawn_blocking(move || prepare.prepare_capture())
+        .await
+        .map_err(join_error)??;
     if let Some(parent) = capture_dir.parent() {
         tokio::fs::create_dir_all(parent).await.map_err(|err| {
-            Error::io(ErrorCode::BackupCreationFailed, format!("create {}", parent.display()), err)
+            Error::io(
+                ErrorCode::BackupCreationFailed,
+                format!("create {}", parent.display()),
+                err,
+            )
         })?;
     }
     let closed = gate.close().await;
@@ -158,13 +164,22 @@ pub async fn backup_shard<E: ShardEngine>(
     options: &BackupOptions,
     progress: &Progress,
 ) -> Result<ShardManifest> {
-    let captured = capture_shard(engine, gate, options.capture_root.join(backup_id.as_str())).await?;
+    let captured =
+        capture_shard(engine, gate, options.capture_root.join(backup_id.as_str())).await?;
     tracing::info!(
         shard = %shard_id, backup = %backup_id, seq = %captured.capture.seq,
         gate_closed_us = captured.paused.as_micros() as u64, files = captured.capture.files.len(),
         "captured shard"
     );
-    upload_capture(captured, repo, shard_id, backup_id, options.transfer, progress).await
+    upload_capture(
+        captured,
+        repo,
+        shard_id,
+        backup_id,
+        options.transfer,
+        progress,
+    )
+    .await
 }
 
 /// Backs up a single shard with no coordinator and commits it as a one-shard backup.
@@ -180,7 +195,10 @@ pub async fn backup_offline<E: ShardEngine>(
     let gate = WriteGate::new();
     let shard = backup_shard(engine, &gate, repo, shard_id, &backup_id, options, progress)
         .await
-        .map_err(|err| Error { code: creation_code(err.code), ..err })?;
+        .map_err(|err| Error {
+            code: creation_code(err.code),
+            ..err
+        })?;
     let manifest = BackupManifest::commit(backup_id, BackupKind::Full, None, started_at, &[shard]);
     repo.put_backup_manifest(&manifest).await?;
     Ok(manifest)
@@ -189,7 +207,9 @@ pub async fn backup_offline<E: ShardEngine>(
 /// Keeps specific codes (disk full, storage down) and folds the rest into creation failure.
 fn creation_code(code: ErrorCode) -> ErrorCode {
     match code {
-        ErrorCode::StorageDiskFull | ErrorCode::StorageUnavailable | ErrorCode::InvalidArgument => code,
+        ErrorCode::StorageDiskFull | ErrorCode::StorageUnavailable | ErrorCode::InvalidArgument => {
+            code
+        }
         _ => ErrorCode::BackupCreationFailed,
     }
 }

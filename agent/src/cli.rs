@@ -18,7 +18,11 @@ use crate::engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
 use crate::restore::{restore_shard, select_shard};
 
 #[derive(Debug, Parser)]
-#[command(name = "lockstep-agent", version, about = "Lockstep agent: owns one RocksDB shard; offline backup, verify and restore")]
+#[command(
+    name = "lockstep-agent",
+    version,
+    about = "Lockstep agent: owns one RocksDB shard; offline backup, verify and restore"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -64,7 +68,9 @@ impl TransferArgs {
         TransferOptions {
             parallelism: self.parallelism,
             chunk_size: self.chunk_mib.saturating_mul(1024 * 1024),
-            compression: Compression { zstd_level: self.zstd_level },
+            compression: Compression {
+                zstd_level: self.zstd_level,
+            },
         }
     }
 }
@@ -170,28 +176,38 @@ pub struct DigestArgs {
     pub json: bool,
 }
 
-fn progress_bar(progress: Arc<Progress>, what: &'static str) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
-    let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+fn progress_bar(
+    progress: Arc<Progress>,
+    what: &'static str,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_message(what);
     let ticker = bar.clone();
     let task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
         loop {
+            every.tick().await;
             let (done, total) = progress.snapshot();
             ticker.set_length(total);
             ticker.set_position(done);
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
     (bar, task)
 }
 
 fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 fn human_bytes(bytes: u64) -> String {
@@ -206,7 +222,10 @@ fn rate(bytes: u64, elapsed: Duration) -> String {
 async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
     if name == "latest" {
         return repo.backup_ids().await?.pop().ok_or_else(|| {
-            Error::new(ErrorCode::BackupNotFound, format!("repository {} holds no backup", repo.url()))
+            Error::new(
+                ErrorCode::BackupNotFound,
+                format!("repository {} holds no backup", repo.url()),
+            )
         });
     }
     BackupId::new(name)
@@ -223,7 +242,13 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
     let repo = Repository::open(&args.repo).await?;
     let db = args.db.clone();
     if matches!(args.engine, EngineKind::Rocksdb) && !db.join("CURRENT").exists() {
-        return Err(Error::new(ErrorCode::InvalidArgument, format!("{} is not a RocksDB directory (no CURRENT file)", db.display())));
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} is not a RocksDB directory (no CURRENT file)",
+                db.display()
+            ),
+        ));
     }
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || E::open(&db, &[]))
@@ -231,7 +256,10 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
             .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
     let options = BackupOptions {
-        capture_root: args.capture_dir.clone().unwrap_or_else(|| default_capture_root(&args.db)),
+        capture_root: args
+            .capture_dir
+            .clone()
+            .unwrap_or_else(|| default_capture_root(&args.db)),
         transfer: args.transfer.options(),
     };
     let progress = Arc::new(Progress::default());
@@ -246,7 +274,12 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
         print_json(&manifest);
     } else {
         let stats = &manifest.stats;
-        println!("Backup {} created: shard {} at seq {}", manifest.backup_id, shard, manifest.cut.get(&shard).copied().unwrap_or_default());
+        println!(
+            "Backup {} created: shard {} at seq {}",
+            manifest.backup_id,
+            shard,
+            manifest.cut.get(&shard).copied().unwrap_or_default()
+        );
         println!(
             "  {} in {} files; read {}, uploaded {} new ({} stored, {} objects), {} objects already present, {} files reused unread",
             human_bytes(stats.bytes_total),
@@ -286,7 +319,10 @@ async fn run_list(args: &ListArgs) -> Result<()> {
         println!("No backups in {}", repo.url());
         return Ok(());
     }
-    println!("{:<26} {:<8} {:<20} {:>6} {:>12} {:>12} {:>10}", "BACKUP", "KIND", "COMPLETED (UTC)", "SHARDS", "SIZE", "UPLOADED", "PAUSE ms");
+    println!(
+        "{:<26} {:<8} {:<20} {:>6} {:>12} {:>12} {:>10}",
+        "BACKUP", "KIND", "COMPLETED (UTC)", "SHARDS", "SIZE", "UPLOADED", "PAUSE ms"
+    );
     for (id, manifest) in &backups {
         match manifest {
             Ok(m) => println!(
@@ -312,9 +348,16 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
         None => repo.backup_ids().await?,
     };
     if backups.is_empty() {
-        return Err(Error::new(ErrorCode::BackupNotFound, format!("repository {} holds no backup", repo.url())));
+        return Err(Error::new(
+            ErrorCode::BackupNotFound,
+            format!("repository {} holds no backup", repo.url()),
+        ));
     }
-    let level = if args.full { VerifyLevel::Full } else { VerifyLevel::Quick };
+    let level = if args.full {
+        VerifyLevel::Full
+    } else {
+        VerifyLevel::Quick
+    };
     let report = verify(&repo, &backups, level, args.parallelism).await?;
     if args.json {
         print_json(&report);
@@ -332,7 +375,15 @@ async fn run_restore(args: &RestoreArgs) -> Result<()> {
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "restore");
     let started = Instant::now();
-    let result = restore_shard(&repo, &backup, &shard, &args.to, args.transfer.options(), &progress).await;
+    let result = restore_shard(
+        &repo,
+        &backup,
+        &shard,
+        &args.to,
+        args.transfer.options(),
+        &progress,
+    )
+    .await;
     ticker.abort();
     bar.finish_and_clear();
     let outcome = result?;
@@ -409,7 +460,10 @@ fn run_load<E: ShardEngine>(args: &LoadArgs) -> Result<()> {
 
 fn run_digest<E: ShardEngine>(args: &DigestArgs) -> Result<()> {
     if !args.db.exists() {
-        return Err(Error::new(ErrorCode::InvalidArgument, format!("{} does not exist", args.db.display())));
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("{} does not exist", args.db.display()),
+        ));
     }
     let engine = E::open(&args.db, &[])?;
     let mut hasher = Sha256::new();
@@ -436,9 +490,16 @@ fn run_digest<E: ShardEngine>(args: &DigestArgs) -> Result<()> {
     }
     let digest = hex::encode(hasher.finalize());
     if args.json {
-        print_json(&serde_json::json!({ "seq": engine.latest_seq(), "keys": n_keys, "column_families": families, "sha256": digest }));
+        print_json(
+            &serde_json::json!({ "seq": engine.latest_seq(), "keys": n_keys, "column_families": families, "sha256": digest }),
+        );
     } else {
-        println!("seq={} keys={} cfs={} sha256={digest}", engine.latest_seq(), n_keys, families.join(","));
+        println!(
+            "seq={} keys={} cfs={} sha256={digest}",
+            engine.latest_seq(),
+            n_keys,
+            families.join(",")
+        );
     }
     Ok(())
 }

@@ -51,18 +51,25 @@ impl WriteGate {
 
     /// Waits until the gate is open and returns a permit for one write.
     pub async fn enter(&self) -> WritePermit {
-        WritePermit { _guard: self.lock.clone().read_owned().await }
+        WritePermit {
+            _guard: self.lock.clone().read_owned().await,
+        }
     }
 
     /// `enter` for callers outside an async runtime (an application embedding the agent).
     pub fn blocking_enter(&self) -> WritePermit {
-        WritePermit { _guard: self.lock.clone().blocking_read_owned() }
+        WritePermit {
+            _guard: futures::executor::block_on(self.lock.clone().read_owned()),
+        }
     }
 
     /// Closes the gate: new writes wait, and this returns once in-flight writes finished.
     pub async fn close(&self) -> GateClosed {
         let requested_at = Instant::now();
-        GateClosed { _guard: self.lock.clone().write_owned().await, requested_at }
+        GateClosed {
+            _guard: self.lock.clone().write_owned().await,
+            requested_at,
+        }
     }
 
     /// True while the gate is closed or closing.
@@ -97,8 +104,10 @@ mod tests {
 
         let mut writers = Vec::new();
         for writer in 0..4u64 {
-            let (engine, gate, acked, stop) = (engine.clone(), gate.clone(), acked.clone(), stop.clone());
-            let (closed_flag, applied_while_closed) = (closed_flag.clone(), applied_while_closed.clone());
+            let (engine, gate, acked, stop) =
+                (engine.clone(), gate.clone(), acked.clone(), stop.clone());
+            let (closed_flag, applied_while_closed) =
+                (closed_flag.clone(), applied_while_closed.clone());
             writers.push(tokio::spawn(async move {
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
@@ -124,7 +133,11 @@ mod tests {
             assert!(gate.is_closed());
             let seq_at_close = engine.latest_seq();
             settle().await;
-            assert_eq!(engine.latest_seq(), seq_at_close, "a write was applied while the gate was closed");
+            assert_eq!(
+                engine.latest_seq(),
+                seq_at_close,
+                "a write was applied while the gate was closed"
+            );
             closed_flag.store(false, Ordering::SeqCst);
             let paused = closed.open();
             assert!(paused > Duration::ZERO);

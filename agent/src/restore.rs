@@ -45,7 +45,10 @@ fn check_target(target: &Path) -> Result<()> {
             if entries.next().is_some() {
                 return Err(Error::new(
                     ErrorCode::RestoreTargetNotEmpty,
-                    format!("restore target {} exists and is not empty", target.display()),
+                    format!(
+                        "restore target {} exists and is not empty",
+                        target.display()
+                    ),
                 ));
             }
             Ok(())
@@ -55,7 +58,11 @@ fn check_target(target: &Path) -> Result<()> {
             ErrorCode::RestoreTargetNotEmpty,
             format!("restore target {} is a file", target.display()),
         )),
-        Err(err) => Err(Error::io(ErrorCode::BackupRestorationFailed, format!("inspect {}", target.display()), err)),
+        Err(err) => Err(Error::io(
+            ErrorCode::BackupRestorationFailed,
+            format!("inspect {}", target.display()),
+            err,
+        )),
     }
 }
 
@@ -64,23 +71,38 @@ fn open_and_read_seq(manifest: &ShardManifest, dir: &Path) -> Result<Seq> {
     match manifest.engine.as_str() {
         "rocksdb" => RocksEngine::open(dir, &manifest.column_families).map(|e| e.latest_seq()),
         "memory" => MemEngine::open(dir, &manifest.column_families).map(|e| e.latest_seq()),
-        other => Err(Error::new(ErrorCode::BackupManifestCorrupt, format!("unknown engine {other:?}"))),
+        other => Err(Error::new(
+            ErrorCode::BackupManifestCorrupt,
+            format!("unknown engine {other:?}"),
+        )),
     }
 }
 
 /// Picks the shard to restore: the one named, or the only one in the backup.
-pub async fn select_shard(repo: &Repository, backup: &BackupId, shard: Option<&ShardId>) -> Result<ShardId> {
+pub async fn select_shard(
+    repo: &Repository,
+    backup: &BackupId,
+    shard: Option<&ShardId>,
+) -> Result<ShardId> {
     let manifest = repo.backup_manifest(backup).await?;
     match shard {
         Some(shard) if manifest.shards.iter().any(|s| &s.shard_id == shard) => Ok(shard.clone()),
-        Some(shard) => Err(Error::new(ErrorCode::BackupNotFound, format!("backup {backup} has no shard {shard}"))),
+        Some(shard) => Err(Error::new(
+            ErrorCode::BackupNotFound,
+            format!("backup {backup} has no shard {shard}"),
+        )),
         None if manifest.shards.len() == 1 => Ok(manifest.shards[0].shard_id.clone()),
         None => Err(Error::new(
             ErrorCode::InvalidArgument,
             format!(
                 "backup {backup} has {} shards; name one with --shard ({})",
                 manifest.shards.len(),
-                manifest.shards.iter().map(|s| s.shard_id.to_string()).collect::<Vec<_>>().join(", ")
+                manifest
+                    .shards
+                    .iter()
+                    .map(|s| s.shard_id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -111,37 +133,78 @@ pub async fn restore_shard(
     };
     let manifest = repo.shard_manifest(shard, backup).await.map_err(fail)?;
     check_target(target)?;
-    let target = std::path::absolute(target)
-        .map_err(|err| Error::io(ErrorCode::InvalidArgument, format!("resolve {}", target.display()), err))?;
+    let target = std::path::absolute(target).map_err(|err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            format!("resolve {}", target.display()),
+            err,
+        )
+    })?;
     let parent = target.parent().map(Path::to_path_buf).ok_or_else(|| {
-        Error::new(ErrorCode::InvalidArgument, format!("restore target {} has no parent", target.display()))
+        Error::new(
+            ErrorCode::InvalidArgument,
+            format!("restore target {} has no parent", target.display()),
+        )
     })?;
-    std::fs::create_dir_all(&parent)
-        .map_err(|err| fail(Error::io(ErrorCode::BackupRestorationFailed, format!("create {}", parent.display()), err)))?;
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let staging_path = parent.join(format!(".{name}.lockstep-restore-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&parent).map_err(|err| {
+        fail(Error::io(
+            ErrorCode::BackupRestorationFailed,
+            format!("create {}", parent.display()),
+            err,
+        ))
+    })?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging_path = parent.join(format!(
+        ".{name}.lockstep-restore-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir(&staging_path).map_err(|err| {
-        fail(Error::io(ErrorCode::BackupRestorationFailed, format!("create {}", staging_path.display()), err))
+        fail(Error::io(
+            ErrorCode::BackupRestorationFailed,
+            format!("create {}", staging_path.display()),
+            err,
+        ))
     })?;
-    let staging = Staging { path: staging_path, armed: true };
+    let staging = Staging {
+        path: staging_path,
+        armed: true,
+    };
 
-    download_files(repo, &manifest.files, &staging.path, transfer, progress).await.map_err(fail)?;
+    download_files(repo, &manifest.files, &staging.path, transfer, progress)
+        .await
+        .map_err(fail)?;
 
     let (check_manifest, check_dir) = (manifest.clone(), staging.path.clone());
     let seq = tokio::task::spawn_blocking(move || open_and_read_seq(&check_manifest, &check_dir))
         .await
-        .map_err(|err| Error::with_source(ErrorCode::BackupRestorationFailed, "open restored shard", err))?
+        .map_err(|err| {
+            Error::with_source(
+                ErrorCode::BackupRestorationFailed,
+                "open restored shard",
+                err,
+            )
+        })?
         .map_err(|err| fail(err.context("open restored shard")))?;
     if seq != manifest.seq {
         return Err(Error::new(
             ErrorCode::BackupRestorationFailed,
-            format!("restored shard opened at sequence {seq}, manifest says {}", manifest.seq),
+            format!(
+                "restored shard opened at sequence {seq}, manifest says {}",
+                manifest.seq
+            ),
         ));
     }
 
     // An empty target directory may exist; rename(2) replaces an empty directory atomically.
     std::fs::rename(&staging.path, &target).map_err(|err| {
-        fail(Error::io(ErrorCode::BackupRestorationFailed, format!("move restored shard to {}", target.display()), err))
+        fail(Error::io(
+            ErrorCode::BackupRestorationFailed,
+            format!("move restored shard to {}", target.display()),
+            err,
+        ))
     })?;
     let mut staging = staging;
     staging.armed = false;

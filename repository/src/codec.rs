@@ -76,37 +76,56 @@ pub fn encode_with_id(id: ObjectId, plaintext: &[u8], compression: Compression) 
     if compression.zstd_level > 0 && plaintext.len() >= 512 {
         let probe = &plaintext[..plaintext.len().min(PROBE_LEN)];
         let probe_pays = plaintext.len() <= PROBE_LEN
-            || zstd::bulk::compress(probe, 1).map(|c| pays(probe.len(), c.len())).unwrap_or(true);
+            || zstd::bulk::compress(probe, 1)
+                .map(|c| pays(probe.len(), c.len()))
+                .unwrap_or(true);
         if probe_pays {
-            let payload = zstd::bulk::compress(plaintext, compression.zstd_level).map_err(|err| {
-                Error::with_source(
-                    ErrorCode::BackupCompressionFailed,
-                    format!("compress object {id}"),
-                    err,
-                )
-            })?;
+            let payload =
+                zstd::bulk::compress(plaintext, compression.zstd_level).map_err(|err| {
+                    Error::with_source(
+                        ErrorCode::BackupCompressionFailed,
+                        format!("compress object {id}"),
+                        err,
+                    )
+                })?;
             if pays(plaintext.len(), payload.len()) {
                 let mut bytes = frame(CODEC_ZSTD, plaintext_len, payload.len());
                 bytes.extend_from_slice(&payload);
-                return Ok(Encoded { id, plaintext_len, bytes, compressed: true });
+                return Ok(Encoded {
+                    id,
+                    plaintext_len,
+                    bytes,
+                    compressed: true,
+                });
             }
         }
     }
     let mut bytes = frame(CODEC_STORED, plaintext_len, plaintext.len());
     bytes.extend_from_slice(plaintext);
-    Ok(Encoded { id, plaintext_len, bytes, compressed: false })
+    Ok(Encoded {
+        id,
+        plaintext_len,
+        bytes,
+        compressed: false,
+    })
 }
 
 /// Decodes a stored object and checks that its plaintext hashes to `expected`.
 pub fn decode(expected: &ObjectId, stored: &[u8]) -> Result<Vec<u8>> {
     let corrupt = |why: &str| {
-        Error::new(ErrorCode::BackupChecksumMismatch, format!("object {expected}: {why}"))
+        Error::new(
+            ErrorCode::BackupChecksumMismatch,
+            format!("object {expected}: {why}"),
+        )
     };
     if stored.len() < HEADER_LEN || &stored[..4] != MAGIC {
         return Err(corrupt("bad object header"));
     }
     if stored[4] != FORMAT_VERSION {
-        return Err(corrupt(&format!("unknown object format version {}", stored[4])));
+        return Err(corrupt(&format!(
+            "unknown object format version {}",
+            stored[4]
+        )));
     }
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&stored[8..16]);

@@ -179,7 +179,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Error { code, message: message.into(), source: None }
+        Error {
+            code,
+            message: message.into(),
+            source: None,
+        }
     }
 
     pub fn with_source(
@@ -187,12 +191,20 @@ impl Error {
         message: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        Error { code, message: message.into(), source: Some(Box::new(source)) }
+        Error {
+            code,
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
     }
 
     /// Maps a local I/O error, turning "no space left" into `ERR_STORAGE_DISK_FULL`.
     pub fn io(code: ErrorCode, what: impl Into<String>, err: std::io::Error) -> Self {
-        let code = if is_disk_full(&err) { ErrorCode::StorageDiskFull } else { code };
+        let code = if is_disk_full(&err) {
+            ErrorCode::StorageDiskFull
+        } else {
+            code
+        };
         Error::with_source(code, what, err)
     }
 
@@ -225,8 +237,10 @@ impl Error {
 
 /// True for ENOSPC and EDQUOT, which an operator fixes by freeing space.
 pub fn is_disk_full(err: &std::io::Error) -> bool {
-    matches!(err.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
-        || matches!(err.raw_os_error(), Some(28) | Some(122))
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(err.raw_os_error(), Some(28) | Some(122))
 }
 
 /// Attaches an error code and context to foreign results.
@@ -263,9 +277,14 @@ mod tests {
 
     #[test]
     fn codes_render_as_the_seed_spells_them() {
-        assert_eq!(ErrorCode::BackupChecksumMismatch.to_string(), "ERR_BACKUP_CHECKSUM_MISMATCH");
         assert_eq!(
-            serde_json::to_string(&ErrorCode::BackupManifestCorrupt).ok().as_deref(),
+            ErrorCode::BackupChecksumMismatch.to_string(),
+            "ERR_BACKUP_CHECKSUM_MISMATCH"
+        );
+        assert_eq!(
+            serde_json::to_string(&ErrorCode::BackupManifestCorrupt)
+                .ok()
+                .as_deref(),
             Some("\"BACKUP_MANIFEST_CORRUPT\"")
         );
     }

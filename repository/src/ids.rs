@@ -17,7 +17,9 @@ fn validate_component(kind: &str, value: &str) -> Result<(), Error> {
         && value != "."
         && value != ".."
         && !value.starts_with('.')
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
@@ -145,7 +147,11 @@ impl FromStr for ObjectId {
     fn from_str(s: &str) -> Result<Self, Error> {
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out).map_err(|err| {
-            Error::with_source(ErrorCode::InvalidArgument, format!("invalid object id {s:?}"), err)
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                format!("invalid object id {s:?}"),
+                err,
+            )
         })?;
         Ok(ObjectId(out))
     }

@@ -70,7 +70,9 @@ impl Layout {
 
     /// The backup id named by a key under `backups/`, if it is one.
     pub fn backup_id_of(&self, key: &Path) -> Option<BackupId> {
-        key.filename()?.strip_suffix(".json").and_then(|id| BackupId::new(id).ok())
+        key.filename()?
+            .strip_suffix(".json")
+            .and_then(|id| BackupId::new(id).ok())
     }
 
     /// The object id named by a key under `objects/`, if it is one.
@@ -88,13 +90,25 @@ mod tests {
         let layout = Layout::new(Path::from("repo"));
         let id = ObjectId::of(b"x");
         let hex = id.to_hex();
-        assert_eq!(layout.object(&id).as_ref(), format!("repo/objects/{}/{hex}", &hex[..2]));
+        assert_eq!(
+            layout.object(&id).as_ref(),
+            format!("repo/objects/{}/{hex}", &hex[..2])
+        );
         let shard = ShardId::new("shard-0").ok();
         let backup = BackupId::new("bk-1").ok();
         if let (Some(shard), Some(backup)) = (shard, backup) {
-            assert_eq!(layout.shard_manifest(&shard, &backup).as_ref(), "repo/shards/shard-0/bk-1.json");
-            assert_eq!(layout.backup_manifest(&backup).as_ref(), "repo/backups/bk-1.json");
-            assert_eq!(layout.backup_id_of(&layout.backup_manifest(&backup)), Some(backup));
+            assert_eq!(
+                layout.shard_manifest(&shard, &backup).as_ref(),
+                "repo/shards/shard-0/bk-1.json"
+            );
+            assert_eq!(
+                layout.backup_manifest(&backup).as_ref(),
+                "repo/backups/bk-1.json"
+            );
+            assert_eq!(
+                layout.backup_id_of(&layout.backup_manifest(&backup)),
+                Some(backup)
+            );
         } else {
             panic!("valid ids refused");
         }

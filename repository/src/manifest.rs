@@ -223,7 +223,10 @@ impl ShardManifest {
             if sum != file.size {
                 return Err(corrupt(
                     what,
-                    format!("file {} has {} bytes of chunks for size {}", file.name, sum, file.size),
+                    format!(
+                        "file {} has {} bytes of chunks for size {}",
+                        file.name, sum, file.size
+                    ),
                 ));
             }
         }
@@ -277,7 +280,11 @@ impl BackupManifest {
                 .collect(),
             cut: shards.iter().map(|s| (s.shard_id.clone(), s.seq)).collect(),
             stats,
-            max_gate_closed_us: shards.iter().map(|s| s.timings.gate_closed_us).max().unwrap_or(0),
+            max_gate_closed_us: shards
+                .iter()
+                .map(|s| s.timings.gate_closed_us)
+                .max()
+                .unwrap_or(0),
             tool_version: TOOL_VERSION.to_string(),
         }
     }
@@ -301,7 +308,11 @@ mod tests {
                 size: 3,
                 kind: FileKind::Sst,
                 identity: Some("db/000007.sst/3".into()),
-                chunks: vec![Chunk { id: ObjectId::of(b"abc"), len: 3, stored_len: 19 }],
+                chunks: vec![Chunk {
+                    id: ObjectId::of(b"abc"),
+                    len: 3,
+                    stored_len: 19,
+                }],
             }],
             stats: TransferStats::default(),
             timings: ShardTimings::default(),
@@ -320,21 +331,30 @@ mod tests {
     fn truncated_or_hostile_manifests_are_corrupt() -> Result<()> {
         let json = sample()?.to_json();
         let truncated = ShardManifest::parse("m", &json[..json.len() / 2]);
-        assert_eq!(truncated.err().map(|e| e.code), Some(ErrorCode::BackupManifestCorrupt));
+        assert_eq!(
+            truncated.err().map(|e| e.code),
+            Some(ErrorCode::BackupManifestCorrupt)
+        );
 
         let mut hostile = sample()?;
         hostile.files[0].name = "../../etc/passwd".into();
-        let err = ShardManifest::parse("m", &hostile.to_json()).err().map(|e| e.code);
+        let err = ShardManifest::parse("m", &hostile.to_json())
+            .err()
+            .map(|e| e.code);
         assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
 
         let mut short = sample()?;
         short.files[0].size = 4;
-        let err = ShardManifest::parse("m", &short.to_json()).err().map(|e| e.code);
+        let err = ShardManifest::parse("m", &short.to_json())
+            .err()
+            .map(|e| e.code);
         assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
 
         let mut future = sample()?;
         future.format_version = MANIFEST_FORMAT_VERSION + 1;
-        let err = ShardManifest::parse("m", &future.to_json()).err().map(|e| e.code);
+        let err = ShardManifest::parse("m", &future.to_json())
+            .err()
+            .map(|e| e.code);
         assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
         Ok(())
     }

@@ -31,7 +31,9 @@ pub struct Repository {
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Repository").field("url", &self.url).finish()
+        f.debug_struct("Repository")
+            .field("url", &self.url)
+            .finish()
     }
 }
 
@@ -43,14 +45,22 @@ fn storage_error(what: impl Into<String>, err: object_store::Error) -> Error {
 fn memory_store(name: &str) -> Arc<dyn ObjectStore> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
     let stores = STORES.get_or_init(Default::default);
-    let mut stores = stores.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    stores.entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
+    let mut stores = stores
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    stores
+        .entry(name.to_string())
+        .or_insert_with(|| Arc::new(InMemory::new()))
+        .clone()
 }
 
 /// Parses what an operator typed as a repository location: a URL, or a plain local path.
 fn parse_location(location: &str) -> Result<Url> {
     let invalid = |why: String| {
-        Error::new(ErrorCode::InvalidArgument, format!("repository {location:?}: {why}"))
+        Error::new(
+            ErrorCode::InvalidArgument,
+            format!("repository {location:?}: {why}"),
+        )
     };
     if location.contains("://") {
         return Url::parse(location).map_err(|err| invalid(err.to_string()));
@@ -73,10 +83,16 @@ impl Repository {
     pub async fn open_with(location: &str, options: &[(String, String)]) -> Result<Repository> {
         let url = parse_location(location)?;
         let unknown_option = |key: &str| {
-            Error::new(ErrorCode::InvalidArgument, format!("unknown repository option {key:?}"))
+            Error::new(
+                ErrorCode::InvalidArgument,
+                format!("unknown repository option {key:?}"),
+            )
         };
         let invalid = |why: String| {
-            Error::new(ErrorCode::InvalidArgument, format!("repository {location:?}: {why}"))
+            Error::new(
+                ErrorCode::InvalidArgument,
+                format!("repository {location:?}: {why}"),
+            )
         };
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
             "file" => {
@@ -100,7 +116,8 @@ impl Repository {
                 (memory_store(name), Path::from(url.path()))
             }
             "s3" | "s3a" => {
-                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
+                let mut builder =
+                    object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str());
                 for (key, value) in options {
                     let key_name = key.to_ascii_lowercase();
                     let parsed = key_name.parse().map_err(|_| unknown_option(key))?;
@@ -115,7 +132,10 @@ impl Repository {
                 let mut builder =
                     object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url.as_str());
                 for (key, value) in options {
-                    let parsed = key.to_ascii_lowercase().parse().map_err(|_| unknown_option(key))?;
+                    let parsed = key
+                        .to_ascii_lowercase()
+                        .parse()
+                        .map_err(|_| unknown_option(key))?;
                     builder = builder.with_config(parsed, value);
                 }
                 let store = builder
@@ -127,7 +147,10 @@ impl Repository {
                 let mut builder =
                     object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url.as_str());
                 for (key, value) in options {
-                    let parsed = key.to_ascii_lowercase().parse().map_err(|_| unknown_option(key))?;
+                    let parsed = key
+                        .to_ascii_lowercase()
+                        .parse()
+                        .map_err(|_| unknown_option(key))?;
                     builder = builder.with_config(parsed, value);
                 }
                 let store = builder
@@ -146,7 +169,11 @@ impl Repository {
 
     /// Wraps an already-built store, e.g. a fault-injecting one in tests.
     pub fn from_store(store: Arc<dyn ObjectStore>, prefix: Path, url: String) -> Repository {
-        Repository { store, layout: Layout::new(prefix), url }
+        Repository {
+            store,
+            layout: Layout::new(prefix),
+            url,
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -169,20 +196,22 @@ impl Repository {
     /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
     pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
         let key = self.layout.object(&encoded.id);
-        let options = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&key, PutPayload::from(encoded.bytes), options).await {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let payload = PutPayload::from(Bytes::from(encoded.bytes));
+        match self.store.put_opts(&key, payload.clone(), options).await {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
             // Some stores do not implement create-only puts; content addressing makes a plain
             // overwrite harmless, since the bytes are the same.
             Err(object_store::Error::NotImplemented { .. }) => {
-                let bytes = self.get_raw(&key).await.ok();
-                if bytes.is_some() {
-                    return Ok(());
-                }
-                Err(Error::new(
-                    ErrorCode::StorageUnavailable,
-                    format!("store {} supports no create-only put", self.url),
-                ))
+                let id = encoded.id;
+                self.store
+                    .put(&key, payload)
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| storage_error(format!("upload object {id}"), err))
             }
             Err(err) => Err(storage_error(format!("upload object {}", encoded.id), err)),
         }
@@ -202,14 +231,24 @@ impl Repository {
 
     /// Downloads an object and returns its verified plaintext.
     pub async fn get_object(&self, id: &ObjectId) -> Result<Vec<u8>> {
-        let stored = self.get_raw(&self.layout.object(id)).await?.ok_or_else(|| {
-            Error::new(ErrorCode::BackupIncomplete, format!("object {id} is missing"))
-        })?;
+        let stored = self
+            .get_raw(&self.layout.object(id))
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupIncomplete,
+                    format!("object {id} is missing"),
+                )
+            })?;
         let id = *id;
         tokio::task::spawn_blocking(move || codec::decode(&id, &stored))
             .await
             .map_err(|err| {
-                Error::with_source(ErrorCode::BackupDecompressionFailed, "decode task failed", err)
+                Error::with_source(
+                    ErrorCode::BackupDecompressionFailed,
+                    "decode task failed",
+                    err,
+                )
             })?
     }
 
@@ -223,7 +262,9 @@ impl Repository {
 
     /// Publishes a shard manifest. Call only after every object it names is stored.
     pub async fn put_shard_manifest(&self, manifest: &ShardManifest) -> Result<()> {
-        let key = self.layout.shard_manifest(&manifest.shard_id, &manifest.backup_id);
+        let key = self
+            .layout
+            .shard_manifest(&manifest.shard_id, &manifest.backup_id);
         self.put_manifest(&key, manifest.to_json()).await
     }
 
@@ -234,7 +275,11 @@ impl Repository {
         self.put_manifest(&key, manifest.to_json()).await
     }
 
-    pub async fn shard_manifest(&self, shard: &ShardId, backup: &BackupId) -> Result<ShardManifest> {
+    pub async fn shard_manifest(
+        &self,
+        shard: &ShardId,
+        backup: &BackupId,
+    ) -> Result<ShardManifest> {
         let key = self.layout.shard_manifest(shard, backup);
         let bytes = self.get_raw(&key).await?.ok_or_else(|| {
             Error::new(
@@ -248,7 +293,10 @@ impl Repository {
     pub async fn backup_manifest(&self, backup: &BackupId) -> Result<BackupManifest> {
         let key = self.layout.backup_manifest(backup);
         let bytes = self.get_raw(&key).await?.ok_or_else(|| {
-            Error::new(ErrorCode::BackupNotFound, format!("backup {backup} does not exist"))
+            Error::new(
+                ErrorCode::BackupNotFound,
+                format!("backup {backup} does not exist"),
+            )
         })?;
         BackupManifest::parse(&format!("backup manifest {key}"), &bytes)
     }
@@ -261,8 +309,10 @@ impl Repository {
             .try_collect()
             .await
             .map_err(|err| storage_error("list backups", err))?;
-        let mut ids: Vec<BackupId> =
-            metas.iter().filter_map(|m| self.layout.backup_id_of(&m.location)).collect();
+        let mut ids: Vec<BackupId> = metas
+            .iter()
+            .filter_map(|m| self.layout.backup_id_of(&m.location))
+            .collect();
         ids.sort();
         Ok(ids)
     }
@@ -281,7 +331,9 @@ impl Repository {
     /// The newest committed backup that contains `shard`, with its shard manifest.
     pub async fn latest_shard_manifest(&self, shard: &ShardId) -> Result<Option<ShardManifest>> {
         for id in self.backup_ids().await?.into_iter().rev() {
-            let Ok(backup) = self.backup_manifest(&id).await else { continue };
+            let Ok(backup) = self.backup_manifest(&id).await else {
+                continue;
+            };
             if backup.shards.iter().any(|s| &s.shard_id == shard) {
                 return self.shard_manifest(shard, &id).await.map(Some);
             }

@@ -49,10 +49,16 @@ impl Default for TransferOptions {
 impl TransferOptions {
     fn checked(self) -> Result<TransferOptions> {
         if self.parallelism == 0 || self.parallelism > 256 {
-            return Err(Error::new(ErrorCode::InvalidArgument, "parallelism must be 1..=256"));
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "parallelism must be 1..=256",
+            ));
         }
         if self.chunk_size < 4096 || self.chunk_size > 256 * 1024 * 1024 {
-            return Err(Error::new(ErrorCode::InvalidArgument, "chunk size must be 4 KiB..=256 MiB"));
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "chunk size must be 4 KiB..=256 MiB",
+            ));
         }
         Ok(self)
     }
@@ -67,7 +73,10 @@ pub struct Progress {
 
 impl Progress {
     pub fn snapshot(&self) -> (u64, u64) {
-        (self.done_bytes.load(Ordering::Relaxed), self.total_bytes.load(Ordering::Relaxed))
+        (
+            self.done_bytes.load(Ordering::Relaxed),
+            self.total_bytes.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -97,11 +106,16 @@ fn spawn_blocking_err(err: tokio::task::JoinError) -> Error {
 
 fn read_chunk(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     let io = |what: &str, err| {
-        Error::io(ErrorCode::BackupCreationFailed, format!("{what} {}", path.display()), err)
+        Error::io(
+            ErrorCode::BackupCreationFailed,
+            format!("{what} {}", path.display()),
+            err,
+        )
     };
     let file = File::open(path).map_err(|err| io("open", err))?;
     let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset).map_err(|err| io("read", err))?;
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|err| io("read", err))?;
     Ok(buf)
 }
 
@@ -131,7 +145,10 @@ pub async fn upload_files(
         if let Some(prev) = reused {
             stats.files_reused += 1;
             progress.done_bytes.fetch_add(file.size, Ordering::Relaxed);
-            entries.push(FileEntry { name: file.name.clone(), ..prev.clone() });
+            entries.push(FileEntry {
+                name: file.name.clone(),
+                ..prev.clone()
+            });
             slots.push(None);
             continue;
         }
@@ -140,7 +157,13 @@ pub async fn upload_files(
         for index in 0..n_chunks {
             let offset = index as u64 * options.chunk_size as u64;
             let len = (file.size - offset).min(options.chunk_size as u64) as usize;
-            jobs.push(ChunkJob { file: file_index, index, path: path.clone(), offset, len });
+            jobs.push(ChunkJob {
+                file: file_index,
+                index,
+                path: path.clone(),
+                offset,
+                len,
+            });
         }
         entries.push(FileEntry {
             name: file.name.clone(),
@@ -178,7 +201,10 @@ async fn upload_chunk(
     options: TransferOptions,
     progress: &Progress,
 ) -> Result<(usize, usize, Chunk, TransferStats)> {
-    let mut delta = TransferStats { bytes_read: job.len as u64, ..Default::default() };
+    let mut delta = TransferStats {
+        bytes_read: job.len as u64,
+        ..Default::default()
+    };
     let (path, offset, len) = (job.path.clone(), job.offset, job.len);
     let (plaintext, id) = tokio::task::spawn_blocking(move || {
         let plaintext = read_chunk(&path, offset, len)?;
@@ -207,8 +233,19 @@ async fn upload_chunk(
             stored_len
         }
     };
-    progress.done_bytes.fetch_add(job.len as u64, Ordering::Relaxed);
-    Ok((job.file, job.index, Chunk { id, len: job.len as u64, stored_len }, delta))
+    progress
+        .done_bytes
+        .fetch_add(job.len as u64, Ordering::Relaxed);
+    Ok((
+        job.file,
+        job.index,
+        Chunk {
+            id,
+            len: job.len as u64,
+            stored_len,
+        },
+        delta,
+    ))
 }
 
 /// Downloads `files` into `dir` (which must exist), verifying every chunk, then syncs them.
@@ -225,8 +262,8 @@ pub async fn download_files(
     let mut jobs = Vec::new();
     for file in files {
         let path = dir.join(&file.name);
-        let handle = File::create_new(&path)
-            .map_err(|err| io(format!("create {}", path.display()), err))?;
+        let handle =
+            File::create_new(&path).map_err(|err| io(format!("create {}", path.display()), err))?;
         let handle = Arc::new(handle);
         progress.total_bytes.fetch_add(file.size, Ordering::Relaxed);
         let mut offset = 0u64;
@@ -240,12 +277,20 @@ pub async fn download_files(
     futures::stream::iter(jobs)
         .map(|(handle, path, offset, chunk)| async move {
             let plaintext = repo.get_object(&chunk.id).await.map_err(|err| {
-                err.context(format!("restore {}", path.file_name().unwrap_or_default().display()))
+                err.context(format!(
+                    "restore {}",
+                    path.file_name().unwrap_or_default().display()
+                ))
             })?;
             if plaintext.len() as u64 != chunk.len {
                 return Err(Error::new(
                     ErrorCode::BackupChecksumMismatch,
-                    format!("object {} has {} bytes, manifest says {}", chunk.id, plaintext.len(), chunk.len),
+                    format!(
+                        "object {} has {} bytes, manifest says {}",
+                        chunk.id,
+                        plaintext.len(),
+                        chunk.len
+                    ),
                 ));
             }
             let len = chunk.len;
@@ -266,7 +311,9 @@ pub async fn download_files(
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
         for (handle, path) in &handles {
-            handle.sync_all().map_err(|err| io(format!("sync {}", path.display()), err))?;
+            handle
+                .sync_all()
+                .map_err(|err| io(format!("sync {}", path.display()), err))?;
         }
         File::open(&dir)
             .and_then(|d| d.sync_all())

@@ -88,7 +88,12 @@ impl fmt::Display for VerifyReport {
         if self.passed {
             write!(f, "Backup verification: PASSED")
         } else {
-            write!(f, "Backup verification: FAILED ({} problem(s): {})", self.problems.len(), self.codes().join(", "))
+            write!(
+                f,
+                "Backup verification: FAILED ({} problem(s): {})",
+                self.problems.len(),
+                self.codes().join(", ")
+            )
         }
     }
 }
@@ -117,7 +122,11 @@ pub async fn verify(
         problems: Vec::new(),
         passed: false,
     };
-    let problem = |backup: &BackupId, shard: Option<&ShardId>, file: Option<&str>, code: ErrorCode, message: String| Problem {
+    let problem = |backup: &BackupId,
+                   shard: Option<&ShardId>,
+                   file: Option<&str>,
+                   code: ErrorCode,
+                   message: String| Problem {
         backup: backup.clone(),
         shard: shard.cloned(),
         file: file.map(str::to_string),
@@ -142,7 +151,13 @@ pub async fn verify(
             let shard = match repo.shard_manifest(&shard_ref.shard_id, backup).await {
                 Ok(shard) => shard,
                 Err(err) => {
-                    problems.push(problem(backup, Some(&shard_ref.shard_id), None, err.code, err.message));
+                    problems.push(problem(
+                        backup,
+                        Some(&shard_ref.shard_id),
+                        None,
+                        err.code,
+                        err.message,
+                    ));
                     continue;
                 }
             };
@@ -163,7 +178,14 @@ pub async fn verify(
                 report.files_checked += 1;
                 for chunk in &file.chunks {
                     objects.entry(chunk.id).or_insert_with(|| {
-                        (chunk.clone(), Use { backup: backup.clone(), shard: shard.shard_id.clone(), file: file.name.clone() })
+                        (
+                            chunk.clone(),
+                            Use {
+                                backup: backup.clone(),
+                                shard: shard.shard_id.clone(),
+                                file: file.name.clone(),
+                            },
+                        )
                     });
                 }
             }
@@ -181,7 +203,7 @@ pub async fn verify(
         }
     }
 
-    let checks = futures::stream::iter(objects.into_iter())
+    let checks = futures::stream::iter(objects)
         .map(|(id, (chunk, usage))| async move {
             let outcome: std::result::Result<(), (ErrorCode, String)> = match level {
                 VerifyLevel::Quick => match repo.object_size(&id).await {
@@ -190,14 +212,21 @@ pub async fn verify(
                         ErrorCode::BackupChecksumMismatch,
                         format!("object {id} is {size} bytes, expected {}", chunk.stored_len),
                     )),
-                    Ok(None) => Err((ErrorCode::BackupIncomplete, format!("object {id} is missing"))),
+                    Ok(None) => Err((
+                        ErrorCode::BackupIncomplete,
+                        format!("object {id} is missing"),
+                    )),
                     Err(err) => Err((err.code, err.chain())),
                 },
                 VerifyLevel::Full => match repo.get_object(&id).await {
                     Ok(plain) if plain.len() as u64 == chunk.len => Ok(()),
                     Ok(plain) => Err((
                         ErrorCode::BackupChecksumMismatch,
-                        format!("object {id} has {} bytes, expected {}", plain.len(), chunk.len),
+                        format!(
+                            "object {id} has {} bytes, expected {}",
+                            plain.len(),
+                            chunk.len
+                        ),
                     )),
                     Err(err) => Err((err.code, err.message)),
                 },
@@ -213,7 +242,13 @@ pub async fn verify(
             VerifyLevel::Full => chunk.len,
         };
         if let Err((code, message)) = outcome {
-            problems.push(problem(&usage.backup, Some(&usage.shard), Some(&usage.file), code, message));
+            problems.push(problem(
+                &usage.backup,
+                Some(&usage.shard),
+                Some(&usage.file),
+                code,
+                message,
+            ));
         }
     }
     problems.sort_by(|a, b| (&a.backup, &a.shard, &a.file).cmp(&(&b.backup, &b.shard, &b.file)));

@@ -18,7 +18,9 @@ use crate::model::{Shard, assert_same};
 async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db_dir = dir.path().join("db");
-    let repo = Repository::open(&format!("file://{}", dir.path().join("repo").display())).await.expect("repo");
+    let repo = Repository::open(&format!("file://{}", dir.path().join("repo").display()))
+        .await
+        .expect("repo");
     let shard_id = ShardId::new("shard-0").expect("id");
     let backup_id = BackupId::generate();
     let mut shard = Shard::open(&db_dir, 7);
@@ -30,23 +32,43 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
     let gate = WriteGate::new();
     let started_at = Utc::now();
 
-    let captured = capture_shard(&shard.engine, &gate, dir.path().join("captures").join(backup_id.as_str()))
-        .await
-        .expect("capture");
+    let captured = capture_shard(
+        &shard.engine,
+        &gate,
+        dir.path().join("captures").join(backup_id.as_str()),
+    )
+    .await
+    .expect("capture");
     let model_at_capture = shard.model.clone();
     let seq_at_capture = captured.capture.seq;
-    let live_before: HashSet<String> = shard.engine.live_sst_files().expect("live").into_iter().collect();
+    let live_before: HashSet<String> = shard
+        .engine
+        .live_sst_files()
+        .expect("live")
+        .into_iter()
+        .collect();
 
     // Between capture and upload: more writes, a flush and a full compaction, which make
     // every SST file of the capture obsolete in the live shard.
     shard.workload(20_000, 40_000);
     shard.engine.flush().expect("flush");
     shard.engine.compact().expect("compact");
-    let live_after: HashSet<String> = shard.engine.live_sst_files().expect("live").into_iter().collect();
+    let live_after: HashSet<String> = shard
+        .engine
+        .live_sst_files()
+        .expect("live")
+        .into_iter()
+        .collect();
     let obsolete: Vec<&String> = live_before.difference(&live_after).collect();
-    assert!(!obsolete.is_empty(), "the compaction replaced captured SST files");
+    assert!(
+        !obsolete.is_empty(),
+        "the compaction replaced captured SST files"
+    );
     for name in &obsolete {
-        assert!(db_dir.join(name).exists(), "{name} was deleted while file deletions were frozen");
+        assert!(
+            db_dir.join(name).exists(),
+            "{name} was deleted while file deletions were frozen"
+        );
     }
 
     // During the upload: writes, flushes and compactions keep running on another thread.
@@ -55,32 +77,63 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
         for round in 0..5u32 {
             let mut batch = WriteBatch::new();
             for i in 0..2_000u32 {
-                batch.put("events", format!("bg{round}-{i:06}"), vec![round as u8; 100]);
+                batch.put(
+                    "events",
+                    format!("bg{round}-{i:06}"),
+                    vec![round as u8; 100],
+                );
             }
             engine.write(&batch).expect("background write");
             engine.flush().expect("background flush");
             engine.compact().expect("background compaction");
         }
     });
-    let manifest = upload_capture(captured, &repo, &shard_id, &backup_id, TransferOptions::default(), &Progress::default())
-        .await
-        .expect("upload");
+    let manifest = upload_capture(
+        captured,
+        &repo,
+        &shard_id,
+        &backup_id,
+        TransferOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .expect("upload");
     background.await.expect("background work");
-    let backup = BackupManifest::commit(backup_id.clone(), BackupKind::Full, None, started_at, &[manifest]);
+    let backup = BackupManifest::commit(
+        backup_id.clone(),
+        BackupKind::Full,
+        None,
+        started_at,
+        &[manifest],
+    );
     repo.put_backup_manifest(&backup).await.expect("commit");
 
     // The capture is released: deletions resume and the obsolete files are purged.
     shard.engine.flush().expect("flush");
     shard.engine.compact().expect("compact");
     for name in &obsolete {
-        assert!(!db_dir.join(name).exists(), "{name} is still there after the capture was released");
+        assert!(
+            !db_dir.join(name).exists(),
+            "{name} is still there after the capture was released"
+        );
     }
 
     let target = dir.path().join("restored");
-    let outcome = restore_shard(&repo, &backup_id, &shard_id, &target, TransferOptions::default(), &Progress::default())
-        .await
-        .expect("restore");
+    let outcome = restore_shard(
+        &repo,
+        &backup_id,
+        &shard_id,
+        &target,
+        TransferOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .expect("restore");
     assert_eq!(outcome.seq, seq_at_capture);
     let restored = RocksEngine::open(&target, &[]).expect("open restored");
-    assert_same(&restored, &model_at_capture, "backup taken across compactions");
+    assert_same(
+        &restored,
+        &model_at_capture,
+        "backup taken across compactions",
+    );
 }

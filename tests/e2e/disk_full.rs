@@ -12,9 +12,23 @@ fn restore_onto_a_full_disk_fails_cleanly() {
     let repo = dir.path().join("repo");
     let mount = dir.path().join("small-disk");
     std::fs::create_dir(&mount).expect("mkdir");
-    let (db, repo, mount) = (db.to_str().expect("utf-8"), repo.to_str().expect("utf-8"), mount.to_str().expect("utf-8"));
+    let (db, repo, mount) = (
+        db.to_str().expect("utf-8"),
+        repo.to_str().expect("utf-8"),
+        mount.to_str().expect("utf-8"),
+    );
     // About 8 MiB of incompressible data: four times the size of the disk.
-    agent_ok(&["load", "--db", db, "--keys", "8000", "--value-size", "1024", "--random-fraction", "1.0"]);
+    agent_ok(&[
+        "load",
+        "--db",
+        db,
+        "--keys",
+        "8000",
+        "--value-size",
+        "1024",
+        "--random-fraction",
+        "1.0",
+    ]);
     agent_ok(&["backup", "--db", db, "--repo", repo]);
 
     let script = format!(
@@ -23,12 +37,32 @@ fn restore_onto_a_full_disk_fails_cleanly() {
          echo \"left:$(ls -A {mount} | tr '\\n' ' ')\"; exit $rc",
         agent = binary("lockstep-agent").display(),
     );
-    let output = Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().expect("run unshare");
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
     let out = text(&output);
-    assert_ne!(output.status.code(), Some(97), "could not mount a tmpfs (this test needs root):\n{out}");
-    assert!(!output.status.success(), "restore onto a 2 MiB disk succeeded:\n{out}");
+    assert_ne!(
+        output.status.code(),
+        Some(97),
+        "could not mount a tmpfs (this test needs root):\n{out}"
+    );
+    assert!(
+        !output.status.success(),
+        "restore onto a 2 MiB disk succeeded:\n{out}"
+    );
     assert!(out.contains("ERR_STORAGE_DISK_FULL"), "{out}");
-    assert_eq!(output.status.code(), Some(5), "disk full has its own exit code:\n{out}");
-    let left = out.lines().find_map(|l| l.strip_prefix("left:")).expect("listing");
-    assert!(left.trim().is_empty(), "restore left files on the full disk: {left:?}");
+    assert_eq!(
+        output.status.code(),
+        Some(5),
+        "disk full has its own exit code:\n{out}"
+    );
+    let left = out
+        .lines()
+        .find_map(|l| l.strip_prefix("left:"))
+        .expect("listing");
+    assert!(
+        left.trim().is_empty(),
+        "restore left files on the full disk: {left:?}"
+    );
 }

@@ -28,7 +28,11 @@ pub struct Shard {
 impl Shard {
     pub fn open(dir: &Path, seed: u64) -> Shard {
         let engine = Arc::new(RocksEngine::open(dir, &cfs()).expect("open shard"));
-        Shard { engine, model: Model::new(), rng: StdRng::seed_from_u64(seed) }
+        Shard {
+            engine,
+            model: Model::new(),
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     pub fn write(&mut self, batch: &WriteBatch) {
@@ -36,13 +40,19 @@ impl Shard {
         for op in &batch.ops {
             match op {
                 Op::Put { cf, key, value } => {
-                    self.model.entry(cf.clone()).or_default().insert(key.clone(), value.clone());
+                    self.model
+                        .entry(cf.clone())
+                        .or_default()
+                        .insert(key.clone(), value.clone());
                 }
                 Op::Delete { cf, key } => {
                     self.model.entry(cf.clone()).or_default().remove(key);
                 }
                 Op::DeleteRange { cf, start, end } => {
-                    self.model.entry(cf.clone()).or_default().retain(|k, _| k < start || k >= end);
+                    self.model
+                        .entry(cf.clone())
+                        .or_default()
+                        .retain(|k, _| k < start || k >= end);
                 }
             }
         }
@@ -61,7 +71,11 @@ impl Shard {
                     0 => {
                         let len = self.rng.random_range(1..50u64);
                         let start = self.rng.random_range(0..key_space);
-                        batch.delete_range(cf, format!("k{start:08}"), format!("k{:08}", start + len));
+                        batch.delete_range(
+                            cf,
+                            format!("k{start:08}"),
+                            format!("k{:08}", start + len),
+                        );
                     }
                     1..=5 => {
                         batch.delete(cf, key);
@@ -81,7 +95,10 @@ impl Shard {
     pub fn options(&self, capture_root: &Path) -> BackupOptions {
         BackupOptions {
             capture_root: capture_root.to_path_buf(),
-            transfer: TransferOptions { chunk_size: 256 * 1024, ..Default::default() },
+            transfer: TransferOptions {
+                chunk_size: 256 * 1024,
+                ..Default::default()
+            },
         }
     }
 }
@@ -90,8 +107,10 @@ impl Shard {
 pub fn assert_same(engine: &impl ShardEngine, model: &Model, what: &str) {
     for cf in CFS {
         let actual = engine.scan(cf, b"", None, usize::MAX).expect("scan");
-        let expected: Vec<(Vec<u8>, Vec<u8>)> =
-            model.get(cf).map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = model
+            .get(cf)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
         for (i, (a, e)) in actual.iter().zip(expected.iter()).enumerate() {
             assert!(
                 a == e,
@@ -100,6 +119,10 @@ pub fn assert_same(engine: &impl ShardEngine, model: &Model, what: &str) {
                 String::from_utf8_lossy(&e.0)
             );
         }
-        assert_eq!(actual.len(), expected.len(), "{what}: column family {cf} has a different number of keys");
+        assert_eq!(
+            actual.len(),
+            expected.len(),
+            "{what}: column family {cf} has a different number of keys"
+        );
     }
 }

@@ -27,17 +27,39 @@ async fn round_trip(repo: Repository) {
     shard.engine.flush().expect("flush");
     shard.engine.compact().expect("compact");
     shard.workload(10_000, 60_000);
-    let first = backup_offline(&shard.engine, &repo, &shard_id, &options, &Progress::default()).await.expect("first backup");
+    let first = backup_offline(
+        &shard.engine,
+        &repo,
+        &shard_id,
+        &options,
+        &Progress::default(),
+    )
+    .await
+    .expect("first backup");
     let model_first = shard.model.clone();
     assert_eq!(first.cut[&shard_id], shard.engine.latest_seq());
 
     // More writes, flushed into new SST files; the old ones stay as they are.
     shard.workload(20_000, 80_000);
-    let second = backup_offline(&shard.engine, &repo, &shard_id, &options, &Progress::default()).await.expect("second backup");
+    let second = backup_offline(
+        &shard.engine,
+        &repo,
+        &shard_id,
+        &options,
+        &Progress::default(),
+    )
+    .await
+    .expect("second backup");
     let model_second = shard.model.clone();
 
-    let m1 = repo.shard_manifest(&shard_id, &first.backup_id).await.expect("manifest 1");
-    let m2 = repo.shard_manifest(&shard_id, &second.backup_id).await.expect("manifest 2");
+    let m1 = repo
+        .shard_manifest(&shard_id, &first.backup_id)
+        .await
+        .expect("manifest 1");
+    let m2 = repo
+        .shard_manifest(&shard_id, &second.backup_id)
+        .await
+        .expect("manifest 2");
     let old_ssts: HashSet<_> = m1.files.iter().filter_map(|f| f.identity.clone()).collect();
     let (mut reused, mut reused_bytes, mut new_sst_bytes, mut other_bytes) = (0, 0, 0, 0);
     for file in &m2.files {
@@ -50,10 +72,17 @@ async fn round_trip(repo: Repository) {
             _ => other_bytes += file.size,
         }
     }
-    assert!(reused > 0, "the second backup shares SST files with the first");
+    assert!(
+        reused > 0,
+        "the second backup shares SST files with the first"
+    );
     assert!(new_sst_bytes > 0, "the second backup has new SST files");
     assert_eq!(m2.stats.files_reused, reused);
-    assert_eq!(m2.stats.bytes_read, m2.stats.bytes_total - reused_bytes, "unchanged SST files are not re-read");
+    assert_eq!(
+        m2.stats.bytes_read,
+        m2.stats.bytes_total - reused_bytes,
+        "unchanged SST files are not re-read"
+    );
     assert!(
         m2.stats.bytes_uploaded <= new_sst_bytes + other_bytes,
         "second backup uploaded {} bytes; new SSTs are {} bytes and metadata/WAL {} bytes",
@@ -61,25 +90,40 @@ async fn round_trip(repo: Repository) {
         new_sst_bytes,
         other_bytes
     );
-    assert!(m2.stats.bytes_uploaded < m1.stats.bytes_uploaded / 2, "the second backup is mostly shared");
+    assert!(
+        m2.stats.bytes_uploaded < m1.stats.bytes_uploaded / 2,
+        "the second backup is mostly shared"
+    );
 
     for (backup, model, seq) in [
         (&first.backup_id, &model_first, first.cut[&shard_id]),
         (&second.backup_id, &model_second, second.cut[&shard_id]),
     ] {
         let target = dir.path().join(format!("restored-{backup}"));
-        let outcome = restore_shard(&repo, backup, &shard_id, &target, TransferOptions::default(), &Progress::default())
-            .await
-            .expect("restore");
+        let outcome = restore_shard(
+            &repo,
+            backup,
+            &shard_id,
+            &target,
+            TransferOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .expect("restore");
         assert_eq!(outcome.seq, seq);
         let restored = RocksEngine::open(&target, &[]).expect("open restored");
         assert_eq!(restored.latest_seq(), seq);
         assert_same(&restored, model, &format!("restore of {backup}"));
     }
 
-    let report = verify(&repo, &[first.backup_id.clone(), second.backup_id.clone()], VerifyLevel::Full, 4)
-        .await
-        .expect("verify");
+    let report = verify(
+        &repo,
+        &[first.backup_id.clone(), second.backup_id.clone()],
+        VerifyLevel::Full,
+        4,
+    )
+    .await
+    .expect("verify");
     assert!(report.passed, "{report}");
 }
 
@@ -92,12 +136,19 @@ async fn round_trip_on_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_on_memory() {
-    round_trip(Repository::open("memory://round-trip").await.expect("open repo")).await;
+    round_trip(
+        Repository::open("memory://round-trip")
+            .await
+            .expect("open repo"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_on_s3_moto() {
     let moto = Moto::start("lockstep-test");
-    let repo = Repository::open_with("s3://lockstep-test/backups", &moto.env()).await.expect("open repo");
+    let repo = Repository::open_with("s3://lockstep-test/backups", &moto.env())
+        .await
+        .expect("open repo");
     round_trip(repo).await;
 }

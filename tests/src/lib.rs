@@ -35,13 +35,21 @@ pub fn agent(args: &[&str]) -> Output {
 
 /// Everything a command printed, for assertions and failure messages.
 pub fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// Runs `lockstep-agent` and fails the test with its output unless it succeeded.
 pub fn agent_ok(args: &[&str]) -> String {
     let output = agent(args);
-    assert!(output.status.success(), "lockstep-agent {args:?} failed:\n{}", text(&output));
+    assert!(
+        output.status.success(),
+        "lockstep-agent {args:?} failed:\n{}",
+        text(&output)
+    );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -76,10 +84,10 @@ impl Moto {
         std::thread::spawn(move || {
             let mut ready_tx = Some(ready_tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("Running on") {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(());
-                    }
+                if line.contains("Running on")
+                    && let Some(tx) = ready_tx.take()
+                {
+                    let _ = tx.send(());
                 }
             }
         });
@@ -94,7 +102,10 @@ impl Moto {
              aws_secret_access_key='test', region_name='us-east-1').create_bucket(Bucket='{bucket}')",
             moto.endpoint
         );
-        let output = Command::new("python3").args(["-c", &script]).output().expect("create bucket");
+        let output = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("create bucket");
         assert!(output.status.success(), "create bucket: {}", text(&output));
         moto
     }

@@ -21,14 +21,20 @@ fn apply(model: &mut Model, batch: &WriteBatch) {
     for op in &batch.ops {
         match op {
             Op::Put { cf, key, value } => {
-                model.entry(cf.clone()).or_default().insert(key.clone(), value.clone());
+                model
+                    .entry(cf.clone())
+                    .or_default()
+                    .insert(key.clone(), value.clone());
             }
             Op::Delete { cf, key } => {
                 model.entry(cf.clone()).or_default().remove(key);
             }
             Op::DeleteRange { cf, start, end } => {
                 if start < end {
-                    model.entry(cf.clone()).or_default().retain(|k, _| k < start || k >= end);
+                    model
+                        .entry(cf.clone())
+                        .or_default()
+                        .retain(|k, _| k < start || k >= end);
                 }
             }
         }
@@ -37,8 +43,11 @@ fn apply(model: &mut Model, batch: &WriteBatch) {
 
 fn assert_matches<E: ShardEngine>(engine: &E, model: &Model) {
     for cf in cfs() {
-        let actual: BTreeMap<Vec<u8>, Vec<u8>> =
-            engine.scan(&cf, b"", None, usize::MAX).expect("scan").into_iter().collect();
+        let actual: BTreeMap<Vec<u8>, Vec<u8>> = engine
+            .scan(&cf, b"", None, usize::MAX)
+            .expect("scan")
+            .into_iter()
+            .collect();
         let expected = model.get(&cf).cloned().unwrap_or_default();
         assert_eq!(actual.len(), expected.len(), "key count differs in {cf}");
         assert!(actual == expected, "contents differ in {cf}");
@@ -53,8 +62,9 @@ fn random_batch(rng: &mut rand::rngs::StdRng, n_ops: usize) -> WriteBatch {
         let key = format!("k{:05}", rng.random_range(0..2000u32)).into_bytes();
         match rng.random_range(0..20) {
             0 => {
-                let end = format!("k{:05}", rng.random_range(0..2000u32)).into_bytes();
-                batch.delete_range(cf, key, end);
+                let start = rng.random_range(0..2000u32);
+                let end = start + rng.random_range(0..40u32);
+                batch.delete_range(cf, format!("k{start:05}"), format!("k{end:05}"));
             }
             1..=4 => {
                 batch.delete(cf, key);
@@ -72,7 +82,10 @@ pub fn sequence_ranges_are_exact<E: ShardEngine>(dir: &Path) {
     let engine = E::open(dir, &cfs()).expect("open");
     let start = engine.latest_seq();
     let mut batch = WriteBatch::new();
-    batch.put("default", "a", "1").put("meta", "b", "2").delete("events", "c");
+    batch
+        .put("default", "a", "1")
+        .put("meta", "b", "2")
+        .delete("events", "c");
     let range = engine.write(&batch).expect("write");
     assert_eq!(range.first, Seq(start.0 + 1));
     assert_eq!(range.last, Seq(start.0 + 3));
@@ -80,9 +93,15 @@ pub fn sequence_ranges_are_exact<E: ShardEngine>(dir: &Path) {
     let mut single = WriteBatch::new();
     single.delete_range("default", "a", "z");
     let next = engine.write(&single).expect("write");
-    assert_eq!((next.first, next.last), (Seq(range.last.0 + 1), Seq(range.last.0 + 1)));
+    assert_eq!(
+        (next.first, next.last),
+        (Seq(range.last.0 + 1), Seq(range.last.0 + 1))
+    );
     let empty = engine.write(&WriteBatch::new()).expect("empty write");
-    assert!(empty.first > empty.last, "an empty batch consumes no sequence number");
+    assert!(
+        empty.first > empty.last,
+        "an empty batch consumes no sequence number"
+    );
     assert_eq!(engine.latest_seq(), next.last);
 }
 
@@ -97,11 +116,22 @@ pub fn reads_scans_and_column_families<E: ShardEngine>(dir: &Path) {
         batch.put("meta", vec![b'k', i], vec![100 + i]);
     }
     engine.write(&batch).expect("write");
-    assert_eq!(engine.get("default", &[b'k', 3]).expect("get"), Some(vec![3]));
-    assert_eq!(engine.get("meta", &[b'k', 3]).expect("get"), Some(vec![103]));
+    assert_eq!(
+        engine.get("default", &[b'k', 3]).expect("get"),
+        Some(vec![3])
+    );
+    assert_eq!(
+        engine.get("meta", &[b'k', 3]).expect("get"),
+        Some(vec![103])
+    );
     assert_eq!(engine.get("events", &[b'k', 3]).expect("get"), None);
-    let scan = engine.scan("default", &[b'k', 2], Some(&[b'k', 6]), 100).expect("scan");
-    assert_eq!(scan.iter().map(|(k, _)| k[1]).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+    let scan = engine
+        .scan("default", &[b'k', 2], Some(&[b'k', 6]), 100)
+        .expect("scan");
+    assert_eq!(
+        scan.iter().map(|(k, _)| k[1]).collect::<Vec<_>>(),
+        vec![2, 3, 4, 5]
+    );
     let limited = engine.scan("meta", b"", None, 3).expect("scan");
     assert_eq!(limited.len(), 3);
     assert!(engine.get("nope", b"k").is_err());
@@ -109,7 +139,11 @@ pub fn reads_scans_and_column_families<E: ShardEngine>(dir: &Path) {
     bad.put("default", "x", "1").put("nope", "x", "1");
     let before = engine.latest_seq();
     assert!(engine.write(&bad).is_err());
-    assert_eq!(engine.latest_seq(), before, "a failed batch applies nothing");
+    assert_eq!(
+        engine.latest_seq(),
+        before,
+        "a failed batch applies nothing"
+    );
     assert_eq!(engine.get("default", b"x").expect("get"), None);
 }
 
@@ -123,12 +157,33 @@ pub fn deletes_and_range_deletes<E: ShardEngine>(dir: &Path) {
     apply(&mut model, &batch);
     engine.write(&batch).expect("write");
     let mut deletes = WriteBatch::new();
-    deletes.delete("events", "e005").delete_range("events", "e010", "e020").delete_range("events", "e090", "e050");
+    deletes
+        .delete("events", "e005")
+        .delete_range("events", "e010", "e020")
+        .delete_range("events", "e030", "e030");
     apply(&mut model, &deletes);
     engine.write(&deletes).expect("write");
+    let mut reversed = WriteBatch::new();
+    reversed
+        .put("events", "r", "1")
+        .delete_range("events", "e090", "e050");
+    let before = engine.latest_seq();
+    assert!(
+        engine.write(&reversed).is_err(),
+        "a range delete with start after end is refused"
+    );
+    assert_eq!(engine.latest_seq(), before);
+    assert_eq!(
+        engine.get("events", b"r").expect("get"),
+        None,
+        "a refused batch applies nothing"
+    );
     assert_eq!(engine.get("events", b"e005").expect("get"), None);
     assert_eq!(engine.get("events", b"e015").expect("get"), None);
-    assert_eq!(engine.get("events", b"e020").expect("get"), Some(b"v20".to_vec()));
+    assert_eq!(
+        engine.get("events", b"e020").expect("get"),
+        Some(b"v20".to_vec())
+    );
     assert_matches(&engine, &model);
 }
 
@@ -138,7 +193,8 @@ pub fn random_operations_agree_with_the_model<E: ShardEngine>(dir: &Path) {
     let engine = E::open(dir, &cfs()).expect("open");
     let mut model = Model::new();
     for _ in 0..300 {
-        let batch = random_batch(&mut rng, rng.random_range(1..20));
+        let n_ops = rng.random_range(1..20);
+        let batch = random_batch(&mut rng, n_ops);
         apply(&mut model, &batch);
         engine.write(&batch).expect("write");
     }
@@ -182,11 +238,18 @@ pub fn capture_is_exact_at_its_sequence_number<E: ShardEngine>(dir: &Path) {
     }
     materialize(&capture, &dir.join("restored"));
     let restored = E::open(&dir.join("restored"), &cfs()).expect("open restored");
-    assert_eq!(restored.latest_seq(), capture.seq, "restored shard reports the captured sequence");
+    assert_eq!(
+        restored.latest_seq(),
+        capture.seq,
+        "restored shard reports the captured sequence"
+    );
     assert_matches(&restored, &model_at_capture);
     let capture_dir = capture.dir.clone();
     drop(capture);
-    assert!(!capture_dir.exists(), "dropping a capture removes its directory");
+    assert!(
+        !capture_dir.exists(),
+        "dropping a capture removes its directory"
+    );
     assert_matches(&engine, &model);
 }
 
@@ -205,7 +268,8 @@ pub fn reopen_keeps_data_and_sequence<E: ShardEngine>(dir: &Path) {
         materialize(&capture, &dir.join("restored"));
         capture.seq
     };
-    let restored = E::open(&dir.join("restored"), &[]).expect("open restored without naming families");
+    let restored =
+        E::open(&dir.join("restored"), &[]).expect("open restored without naming families");
     assert_eq!(restored.latest_seq(), seq);
     for cf in cfs() {
         assert!(restored.column_families().contains(&cf));
@@ -214,7 +278,11 @@ pub fn reopen_keeps_data_and_sequence<E: ShardEngine>(dir: &Path) {
     let mut more = WriteBatch::new();
     more.put("default", "after-restore", "1");
     let range = restored.write(&more).expect("write after restore");
-    assert_eq!(range.first, Seq(seq.0 + 1), "a restored shard continues its sequence");
+    assert_eq!(
+        range.first,
+        Seq(seq.0 + 1),
+        "a restored shard continues its sequence"
+    );
 }
 
 macro_rules! conformance_suite {

@@ -33,7 +33,9 @@ pub struct MemEngine {
 
 impl MemEngine {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -75,11 +77,15 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes)
+        self.take(4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
     }
 
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes)
+        self.take(8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
     }
 
     fn bytes(&mut self) -> Option<Vec<u8>> {
@@ -122,17 +128,28 @@ impl ShardEngine for MemEngine {
         let path = dir.join(SNAPSHOT_FILE);
         let mut state = match std::fs::read(&path) {
             Ok(bytes) => decode_snapshot(&bytes).ok_or_else(|| {
-                Error::new(ErrorCode::ShardEngineFailed, format!("snapshot {} is corrupt", path.display()))
+                Error::new(
+                    ErrorCode::ShardEngineFailed,
+                    format!("snapshot {} is corrupt", path.display()),
+                )
             })?,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(err) => {
-                return Err(Error::io(ErrorCode::ShardEngineFailed, format!("read {}", path.display()), err));
+                return Err(Error::io(
+                    ErrorCode::ShardEngineFailed,
+                    format!("read {}", path.display()),
+                    err,
+                ));
             }
         };
-        for cf in std::iter::once(super::DEFAULT_CF).chain(column_families.iter().map(String::as_str)) {
+        for cf in
+            std::iter::once(super::DEFAULT_CF).chain(column_families.iter().map(String::as_str))
+        {
             state.families.entry(cf.to_string()).or_default();
         }
-        Ok(MemEngine { state: Mutex::new(state) })
+        Ok(MemEngine {
+            state: Mutex::new(state),
+        })
     }
 
     fn kind(&self) -> &'static str {
@@ -144,6 +161,7 @@ impl ShardEngine for MemEngine {
     }
 
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange> {
+        batch.validate()?;
         let mut state = self.state();
         // Check every family first, so a failing batch applies nothing.
         for op in &batch.ops {
@@ -157,7 +175,11 @@ impl ShardEngine for MemEngine {
             state.seq += 1;
             match op {
                 Op::Put { cf, key, value } => {
-                    state.families.entry(cf.clone()).or_default().insert(key.clone(), value.clone());
+                    state
+                        .families
+                        .entry(cf.clone())
+                        .or_default()
+                        .insert(key.clone(), value.clone());
                 }
                 Op::Delete { cf, key } => {
                     state.families.entry(cf.clone()).or_default().remove(key);
@@ -165,7 +187,10 @@ impl ShardEngine for MemEngine {
                 Op::DeleteRange { cf, start, end } => {
                     if start < end {
                         let family = state.families.entry(cf.clone()).or_default();
-                        let doomed: Vec<Vec<u8>> = family.range(start.clone()..end.clone()).map(|(k, _)| k.clone()).collect();
+                        let doomed: Vec<Vec<u8>> = family
+                            .range(start.clone()..end.clone())
+                            .map(|(k, _)| k.clone())
+                            .collect();
                         for key in doomed {
                             family.remove(&key);
                         }
@@ -173,7 +198,10 @@ impl ShardEngine for MemEngine {
                 }
             }
         }
-        Ok(SeqRange { first: Seq(first), last: Seq(state.seq) })
+        Ok(SeqRange {
+            first: Seq(first),
+            last: Seq(state.seq),
+        })
     }
 
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -182,7 +210,13 @@ impl ShardEngine for MemEngine {
         Ok(family.get(key).cloned())
     }
 
-    fn scan(&self, cf: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan(
+        &self,
+        cf: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let state = self.state();
         let family = state.families.get(cf).ok_or_else(|| unknown_cf(cf))?;
         Ok(family
@@ -204,9 +238,19 @@ impl ShardEngine for MemEngine {
     fn capture(&self, dir: &Path) -> Result<Capture> {
         let (seq, snapshot, families) = {
             let state = self.state();
-            (Seq(state.seq), encode_snapshot(&state), state.families.keys().cloned().collect())
+            (
+                Seq(state.seq),
+                encode_snapshot(&state),
+                state.families.keys().cloned().collect(),
+            )
         };
-        let io = |err| Error::io(ErrorCode::BackupCreationFailed, format!("write capture {}", dir.display()), err);
+        let io = |err| {
+            Error::io(
+                ErrorCode::BackupCreationFailed,
+                format!("write capture {}", dir.display()),
+                err,
+            )
+        };
         std::fs::create_dir(dir).map_err(io)?;
         std::fs::write(dir.join(SNAPSHOT_FILE), snapshot).map_err(io)?;
         let files = list_capture(dir, None)?;

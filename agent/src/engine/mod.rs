@@ -25,10 +25,21 @@ pub const DEFAULT_CF: &str = "default";
 /// One mutation in a write batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Put { cf: String, key: Vec<u8>, value: Vec<u8> },
-    Delete { cf: String, key: Vec<u8> },
+    Put {
+        cf: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: String,
+        key: Vec<u8>,
+    },
     /// Deletes every key in `[start, end)`.
-    DeleteRange { cf: String, start: Vec<u8>, end: Vec<u8> },
+    DeleteRange {
+        cf: String,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 /// An ordered group of mutations applied atomically; each consumes one sequence number.
@@ -42,23 +53,60 @@ impl WriteBatch {
         WriteBatch::default()
     }
 
-    pub fn put(&mut self, cf: &str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
-        self.ops.push(Op::Put { cf: cf.into(), key: key.into(), value: value.into() });
+    pub fn put(
+        &mut self,
+        cf: &str,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> &mut Self {
+        self.ops.push(Op::Put {
+            cf: cf.into(),
+            key: key.into(),
+            value: value.into(),
+        });
         self
     }
 
     pub fn delete(&mut self, cf: &str, key: impl Into<Vec<u8>>) -> &mut Self {
-        self.ops.push(Op::Delete { cf: cf.into(), key: key.into() });
+        self.ops.push(Op::Delete {
+            cf: cf.into(),
+            key: key.into(),
+        });
         self
     }
 
-    pub fn delete_range(&mut self, cf: &str, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> &mut Self {
-        self.ops.push(Op::DeleteRange { cf: cf.into(), start: start.into(), end: end.into() });
+    pub fn delete_range(
+        &mut self,
+        cf: &str,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) -> &mut Self {
+        self.ops.push(Op::DeleteRange {
+            cf: cf.into(),
+            start: start.into(),
+            end: end.into(),
+        });
         self
     }
 
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+
+    /// Refuses a batch that no engine applies the same way: a range delete whose start is
+    /// after its end. (An empty range, `start == end`, is a valid no-op.)
+    pub fn validate(&self) -> Result<()> {
+        for op in &self.ops {
+            if let Op::DeleteRange { cf, start, end } = op {
+                if start > end {
+                    return Err(Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!("range delete in {cf:?} has its start after its end"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -97,7 +145,11 @@ pub struct Capture {
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture").field("seq", &self.seq).field("dir", &self.dir).field("files", &self.files.len()).finish()
+        f.debug_struct("Capture")
+            .field("seq", &self.seq)
+            .field("dir", &self.dir)
+            .field("files", &self.files.len())
+            .finish()
     }
 }
 
@@ -109,7 +161,13 @@ impl Capture {
         column_families: Vec<String>,
         hold: Option<Box<dyn Send + Sync>>,
     ) -> Capture {
-        Capture { seq, dir, files, column_families, hold }
+        Capture {
+            seq,
+            dir,
+            files,
+            column_families,
+            hold,
+        }
     }
 }
 
@@ -142,7 +200,13 @@ pub trait ShardEngine: Send + Sync + 'static {
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
     /// Up to `limit` pairs with `start <= key < end` (no upper bound when `end` is `None`).
-    fn scan(&self, cf: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    fn scan(
+        &self,
+        cf: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
 
     /// The sequence number of the last applied write.
     fn latest_seq(&self) -> Seq;
@@ -156,18 +220,30 @@ pub trait ShardEngine: Send + Sync + 'static {
     fn capture(&self, dir: &Path) -> Result<Capture>;
 }
 
-pub(crate) fn engine_error(what: impl Into<String>, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+pub(crate) fn engine_error(
+    what: impl Into<String>,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
     Error::with_source(ErrorCode::ShardEngineFailed, what, err)
 }
 
 pub(crate) fn unknown_cf(cf: &str) -> Error {
-    Error::new(ErrorCode::InvalidArgument, format!("column family {cf:?} does not exist in this shard"))
+    Error::new(
+        ErrorCode::InvalidArgument,
+        format!("column family {cf:?} does not exist in this shard"),
+    )
 }
 
 /// Lists a capture directory: every regular file with its size and kind. Immutable table
 /// files get an identity made of `incarnation`, name and size.
 pub(crate) fn list_capture(dir: &Path, incarnation: Option<&str>) -> Result<Vec<CapturedFile>> {
-    let io = |err| Error::io(ErrorCode::BackupCreationFailed, format!("list capture {}", dir.display()), err);
+    let io = |err| {
+        Error::io(
+            ErrorCode::BackupCreationFailed,
+            format!("list capture {}", dir.display()),
+            err,
+        )
+    };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
@@ -184,10 +260,17 @@ pub(crate) fn list_capture(dir: &Path, incarnation: Option<&str>) -> Result<Vec<
             FileKind::Meta
         };
         let identity = match (kind, incarnation) {
-            (FileKind::Sst, Some(incarnation)) => Some(format!("{incarnation}/{name}/{}", meta.len())),
+            (FileKind::Sst, Some(incarnation)) => {
+                Some(format!("{incarnation}/{name}/{}", meta.len()))
+            }
             _ => None,
         };
-        files.push(CapturedFile { name, size: meta.len(), kind, identity });
+        files.push(CapturedFile {
+            name,
+            size: meta.len(),
+            kind,
+            identity,
+        });
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)

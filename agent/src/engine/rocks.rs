@@ -21,7 +21,9 @@ use lockstep_repository::{Error, ErrorCode, Result, Seq};
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
 
-use super::{Capture, Op, SeqRange, ShardEngine, WriteBatch, engine_error, list_capture, unknown_cf};
+use super::{
+    Capture, Op, SeqRange, ShardEngine, WriteBatch, engine_error, list_capture, unknown_cf,
+};
 
 const INCARNATION_FILE: &str = "LOCKSTEP-INCARNATION";
 
@@ -52,7 +54,11 @@ fn read_or_create_incarnation(dir: &Path) -> Result<String> {
         Ok(_) | Err(_) => {
             let incarnation = uuid::Uuid::new_v4().to_string();
             std::fs::write(&path, &incarnation).map_err(|err| {
-                Error::io(ErrorCode::ShardEngineFailed, format!("write {}", path.display()), err)
+                Error::io(
+                    ErrorCode::ShardEngineFailed,
+                    format!("write {}", path.display()),
+                    err,
+                )
             })?;
             Ok(incarnation)
         }
@@ -80,7 +86,9 @@ impl RocksEngine {
     pub fn flush(&self) -> Result<()> {
         for cf in &self.column_families {
             let handle = self.db.cf_handle(cf).ok_or_else(|| unknown_cf(cf))?;
-            self.db.flush_cf(&handle).map_err(|err| engine_error(format!("flush {cf}"), err))?;
+            self.db
+                .flush_cf(&handle)
+                .map_err(|err| engine_error(format!("flush {cf}"), err))?;
         }
         Ok(())
     }
@@ -89,31 +97,46 @@ impl RocksEngine {
     pub fn compact(&self) -> Result<()> {
         for cf in &self.column_families {
             let handle = self.db.cf_handle(cf).ok_or_else(|| unknown_cf(cf))?;
-            self.db.compact_range_cf(&handle, None::<&[u8]>, None::<&[u8]>);
+            self.db
+                .compact_range_cf(&handle, None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
     }
 
     /// Names of the live SST files.
     pub fn live_sst_files(&self) -> Result<Vec<String>> {
-        let files = self.db.live_files().map_err(|err| engine_error("list live files", err))?;
-        Ok(files.into_iter().map(|f| f.name.trim_start_matches('/').to_string()).collect())
+        let files = self
+            .db
+            .live_files()
+            .map_err(|err| engine_error("list live files", err))?;
+        Ok(files
+            .into_iter()
+            .map(|f| f.name.trim_start_matches('/').to_string())
+            .collect())
     }
 }
 
 impl ShardEngine for RocksEngine {
     fn open(dir: &Path, column_families: &[String]) -> Result<RocksEngine> {
         std::fs::create_dir_all(dir).map_err(|err| {
-            Error::io(ErrorCode::ShardEngineFailed, format!("create {}", dir.display()), err)
+            Error::io(
+                ErrorCode::ShardEngineFailed,
+                format!("create {}", dir.display()),
+                err,
+            )
         })?;
         let options = db_options();
         let mut names: Vec<String> = DB::list_cf(&options, dir).unwrap_or_default();
-        for cf in std::iter::once(super::DEFAULT_CF.to_string()).chain(column_families.iter().cloned()) {
+        for cf in
+            std::iter::once(super::DEFAULT_CF.to_string()).chain(column_families.iter().cloned())
+        {
             if !names.contains(&cf) {
                 names.push(cf);
             }
         }
-        let descriptors = names.iter().map(|name| ColumnFamilyDescriptor::new(name, db_options()));
+        let descriptors = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, db_options()));
         let db = DB::open_cf_descriptors(&options, dir, descriptors)
             .map_err(|err| engine_error(format!("open RocksDB at {}", dir.display()), err))?;
         let incarnation = read_or_create_incarnation(dir)?;
@@ -135,6 +158,7 @@ impl ShardEngine for RocksEngine {
     }
 
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange> {
+        batch.validate()?;
         let mut rocks_batch = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
@@ -152,28 +176,51 @@ impl ShardEngine for RocksEngine {
                 }
             }
         }
-        let _serial = self.write_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _serial = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if batch.is_empty() {
             let last = self.db.latest_sequence_number();
-            return Ok(SeqRange { first: Seq(last + 1), last: Seq(last) });
+            return Ok(SeqRange {
+                first: Seq(last + 1),
+                last: Seq(last),
+            });
         }
-        self.db.write(rocks_batch).map_err(|err| engine_error("write batch", err))?;
+        self.db
+            .write(rocks_batch)
+            .map_err(|err| engine_error("write batch", err))?;
         let last = self.db.latest_sequence_number();
-        Ok(SeqRange { first: Seq(last + 1 - batch.len() as u64), last: Seq(last) })
+        Ok(SeqRange {
+            first: Seq(last + 1 - batch.len() as u64),
+            last: Seq(last),
+        })
     }
 
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let handle = self.db.cf_handle(cf).ok_or_else(|| unknown_cf(cf))?;
-        self.db.get_cf(&handle, key).map_err(|err| engine_error("get", err))
+        self.db
+            .get_cf(&handle, key)
+            .map_err(|err| engine_error("get", err))
     }
 
-    fn scan(&self, cf: &str, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan(
+        &self,
+        cf: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let handle = self.db.cf_handle(cf).ok_or_else(|| unknown_cf(cf))?;
         let mut read_options = ReadOptions::default();
         if let Some(end) = end {
             read_options.set_iterate_upper_bound(end.to_vec());
         }
-        let iter = self.db.iterator_cf_opt(&handle, read_options, IteratorMode::From(start, Direction::Forward));
+        let iter = self.db.iterator_cf_opt(
+            &handle,
+            read_options,
+            IteratorMode::From(start, Direction::Forward),
+        );
         let mut out = Vec::new();
         for item in iter.take(limit) {
             let (key, value) = item.map_err(|err| engine_error("scan", err))?;
@@ -191,10 +238,13 @@ impl ShardEngine for RocksEngine {
     }
 
     fn capture(&self, dir: &Path) -> Result<Capture> {
-        self.db.disable_file_deletions().map_err(|err| engine_error("disable file deletions", err))?;
+        self.db
+            .disable_file_deletions()
+            .map_err(|err| engine_error("disable file deletions", err))?;
         let freeze = DeletionFreeze(self.db.clone());
         let seq = self.latest_seq();
-        let checkpoint = Checkpoint::new(&self.db).map_err(|err| engine_error("start checkpoint", err))?;
+        let checkpoint =
+            Checkpoint::new(&*self.db).map_err(|err| engine_error("start checkpoint", err))?;
         // A log size threshold of u64::MAX means "never flush": the WAL tail is copied
         // instead, so capture time does not include a memtable flush.
         checkpoint
@@ -204,10 +254,18 @@ impl ShardEngine for RocksEngine {
         if after != seq {
             return Err(Error::new(
                 ErrorCode::BackupCreationFailed,
-                format!("writes were not fenced during capture: sequence moved from {seq} to {after}"),
+                format!(
+                    "writes were not fenced during capture: sequence moved from {seq} to {after}"
+                ),
             ));
         }
         let files = list_capture(dir, Some(&self.incarnation))?;
-        Ok(Capture::new(seq, dir.to_path_buf(), files, self.column_families.clone(), Some(Box::new(freeze))))
+        Ok(Capture::new(
+            seq,
+            dir.to_path_buf(),
+            files,
+            self.column_families.clone(),
+            Some(Box::new(freeze)),
+        ))
     }
 }
