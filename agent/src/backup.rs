@@ -24,7 +24,7 @@ use lockstep_repository::transfer::{Progress, SourceFile, TransferOptions, uploa
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, ShardId};
 
 use crate::engine::{Capture, ShardEngine};
-use crate::gate::WriteGate;
+use crate::gate::{GateClosed, WriteGate};
 
 /// Where and how a shard is backed up.
 #[derive(Debug, Clone)]
@@ -51,12 +51,14 @@ pub struct CapturedShard {
     pub capture_us: u64,
 }
 
-/// Steps 1-4: prepares, closes the gate, captures the shard and reopens the gate.
-pub async fn capture_shard<E: ShardEngine>(
+/// Steps 1-3: prepares, closes the gate and captures the shard. The gate stays closed: the
+/// caller opens it (drops the returned guard) when the barrier allows, and then
+/// [`CapturedShard::paused`] must be set from [`GateClosed::open`].
+pub async fn capture_closed<E: ShardEngine>(
     engine: &Arc<E>,
     gate: &WriteGate,
     capture_dir: PathBuf,
-) -> Result<CapturedShard> {
+) -> Result<(GateClosed, CapturedShard)> {
     let started = Instant::now();
     let captured_at = Utc::now();
     let prepare = engine.clone();
@@ -76,21 +78,35 @@ pub async fn capture_shard<E: ShardEngine>(
     let capturer = engine.clone();
     let dir = capture_dir.clone();
     let captured = tokio::task::spawn_blocking(move || capturer.capture(&dir)).await;
-    let paused = closed.open();
     match captured.map_err(join_error).and_then(|r| r) {
-        Ok(capture) => Ok(CapturedShard {
-            capture,
-            engine: engine.kind(),
-            paused,
-            captured_at,
-            capture_us: started.elapsed().as_micros() as u64,
-        }),
+        Ok(capture) => Ok((
+            closed,
+            CapturedShard {
+                capture,
+                engine: engine.kind(),
+                paused: std::time::Duration::ZERO,
+                captured_at,
+                capture_us: started.elapsed().as_micros() as u64,
+            },
+        )),
         Err(err) => {
+            drop(closed);
             // A checkpoint that failed half-way may have left files behind.
             let _ = tokio::fs::remove_dir_all(&capture_dir).await;
             Err(err.context("capture shard"))
         }
     }
+}
+
+/// Steps 1-4: prepares, closes the gate, captures the shard and reopens the gate at once.
+pub async fn capture_shard<E: ShardEngine>(
+    engine: &Arc<E>,
+    gate: &WriteGate,
+    capture_dir: PathBuf,
+) -> Result<CapturedShard> {
+    let (closed, mut captured) = capture_closed(engine, gate, capture_dir).await?;
+    captured.paused = closed.open();
+    Ok(captured)
 }
 
 /// Steps 5-6: uploads a capture and publishes its shard manifest, then releases the capture.

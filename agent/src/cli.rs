@@ -30,6 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the shard over gRPC (Shard data API, Agent barrier API) until interrupted.
+    Serve(ServeArgs),
     /// Take a full backup of a shard directory (the shard must not be open elsewhere).
     Backup(BackupArgs),
     /// List the backups in a repository.
@@ -95,6 +97,30 @@ pub struct BackupArgs {
     pub transfer: TransferArgs,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The shard's directory (created if missing).
+    #[arg(long)]
+    pub db: PathBuf,
+    /// The shard's id.
+    #[arg(long)]
+    pub shard: String,
+    /// Address to listen on; port 0 picks a free port (printed on start).
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    pub listen: String,
+    #[arg(long, env = "LOCKSTEP_REPO")]
+    pub repo: String,
+    #[arg(long, value_enum, default_value = "rocksdb")]
+    pub engine: EngineKind,
+    /// Column families to create if missing (comma separated).
+    #[arg(long, default_value = "default", value_delimiter = ',')]
+    pub cfs: Vec<String>,
+    #[arg(long)]
+    pub capture_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub transfer: TransferArgs,
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +325,61 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
+    let shard = ShardId::new(&args.shard)?;
+    let repo = Repository::open(&args.repo).await?;
+    let (db, cfs) = (args.db.clone(), args.cfs.clone());
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || E::open(&db, &cfs))
+            .await
+            .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
+    );
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|err| {
+            Error::io(
+                ErrorCode::InvalidArgument,
+                format!("listen on {}", args.listen),
+                err,
+            )
+        })?;
+    let address = listener.local_addr().map_err(|err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            "read the listening address",
+            err,
+        )
+    })?;
+    println!(
+        "lockstep-agent: shard {shard} ({}) listening on {address}",
+        engine.kind()
+    );
+    let options = BackupOptions {
+        capture_root: args
+            .capture_dir
+            .clone()
+            .unwrap_or_else(|| default_capture_root(&args.db)),
+        transfer: args.transfer.options(),
+    };
+    // A capture never outlives its process: whatever an earlier run left there is garbage.
+    match tokio::fs::remove_dir_all(&options.capture_root).await {
+        Ok(()) => {
+            tracing::info!(dir = %options.capture_root.display(), "removed captures left by an earlier run")
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::warn!(dir = %options.capture_root.display(), error = %err, "could not remove old captures")
+        }
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        lockstep_proto::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    crate::server::serve(engine, repo, shard, options, listener, shutdown).await
 }
 
 async fn run_list(args: &ListArgs) -> Result<()> {
@@ -515,6 +596,10 @@ pub fn report_error(err: &Error) -> i32 {
 /// Runs one command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     let result = match &cli.command {
+        Command::Serve(args) => match args.engine {
+            EngineKind::Rocksdb => run_serve::<RocksEngine>(args).await,
+            EngineKind::Memory => run_serve::<MemEngine>(args).await,
+        },
         Command::Backup(args) => match args.engine {
             EngineKind::Rocksdb => run_backup::<RocksEngine>(args).await,
             EngineKind::Memory => run_backup::<MemEngine>(args).await,

@@ -3,7 +3,9 @@
 //! - `engine`: the `ShardEngine` trait, `RocksEngine` and the `MemEngine` model;
 //! - `gate`: the write gate every client write passes through;
 //! - `backup`: capture under the closed gate, upload with it open;
-//! - `restore`: verified, atomic restore of a shard into a new directory.
+//! - `restore`: verified, atomic restore of a shard into a new directory;
+//! - `participant`: the two-phase barrier participant actor;
+//! - `server`: the gRPC `Shard` and `Agent` services.
 //!
 //! An application that embeds RocksDB can use this crate as a library: it must route its
 //! writes through a `WriteGate` for backups to be consistent.
@@ -12,7 +14,9 @@ pub mod backup;
 pub mod cli;
 pub mod engine;
 pub mod gate;
+pub mod participant;
 pub mod restore;
+pub mod server;
 
 pub use engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
 pub use gate::WriteGate;

@@ -1,4 +1,15 @@
-//! The Lockstep coordinator: barrier leader, backup jobs, catalog and topology.
+//! The Lockstep coordinator: the barrier leader, backup jobs, the catalog and the `lockstep`
+//! CLI.
+//!
+//! - `config`: the TOML topology with RAID groups, validated;
+//! - `job`: the jobs actor and the two-phase barrier;
+//! - `service`: the `Coordinator` gRPC service and `serve`;
+//! - `cli`: the `lockstep` command line.
 //!
 //! Architecture invariant: this crate never links RocksDB; it reads the repository through
-//! `lockstep-repository` only. The barrier arrives with issue 3.
+//! `lockstep-repository` and reaches shards only through agents.
+
+pub mod cli;
+pub mod config;
+pub mod job;
+pub mod service;

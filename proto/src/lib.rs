@@ -1,3 +1,126 @@
-//! The `lockstep.v1` protocol: `.proto` files, generated code and validated domain types.
+//! The `lockstep.v1` protocol: generated gRPC code for the `Coordinator`, `Agent` and `Shard`
+//! services, the descriptor set served by reflection, and the one mapping between domain
+//! errors and gRPC statuses.
 //!
-//! The gRPC services arrive with the barrier (issue 3); until then the crate holds no code.
+//! Architecture invariant: a domain error crosses the wire only through [`to_status`], which
+//! keeps its seed code in the `x-lockstep-error` metadata; [`from_status`] restores it.
+
+use lockstep_repository::{Error, ErrorCode};
+use tonic::{Code, Status};
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("lockstep.v1");
+
+    /// The encoded descriptors of every `lockstep.v1` file, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("lockstep_v1_descriptor");
+}
+
+/// The metadata key that carries the seed error code on a failed call.
+pub const ERROR_CODE_KEY: &str = "x-lockstep-error";
+
+fn grpc_code(code: ErrorCode) -> Code {
+    match code {
+        ErrorCode::BackupNotFound => Code::NotFound,
+        ErrorCode::InvalidArgument | ErrorCode::BackupInvalidType => Code::InvalidArgument,
+        ErrorCode::RestoreTargetNotEmpty => Code::AlreadyExists,
+        ErrorCode::BarrierLeaseExpired => Code::DeadlineExceeded,
+        ErrorCode::StorageUnavailable => Code::Unavailable,
+        ErrorCode::StorageDiskFull => Code::ResourceExhausted,
+        ErrorCode::BarrierBusy => Code::FailedPrecondition,
+        ErrorCode::BackupChecksumMismatch
+        | ErrorCode::BackupManifestCorrupt
+        | ErrorCode::BackupIncomplete
+        | ErrorCode::BackupDecompressionFailed => Code::DataLoss,
+        _ => Code::Internal,
+    }
+}
+
+/// The gRPC status for a domain error, with its seed code in the metadata.
+pub fn to_status(err: &Error) -> Status {
+    let mut status = Status::new(grpc_code(err.code), err.chain());
+    if let Ok(value) = err.code.as_str().parse() {
+        status.metadata_mut().insert(ERROR_CODE_KEY, value);
+    }
+    status
+}
+
+/// The domain error behind a failed call: its seed code when the peer sent one, else a code
+/// derived from the gRPC status.
+pub fn from_status(what: &str, status: &Status) -> Error {
+    let code = status
+        .metadata()
+        .get(ERROR_CODE_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ErrorCode::parse)
+        .unwrap_or(match status.code() {
+            Code::NotFound => ErrorCode::BackupNotFound,
+            Code::InvalidArgument => ErrorCode::InvalidArgument,
+            Code::DeadlineExceeded => ErrorCode::BarrierLeaseExpired,
+            Code::Unavailable | Code::Cancelled | Code::Unknown => ErrorCode::AgentUnavailable,
+            _ => ErrorCode::BackupCreationFailed,
+        });
+    Error::new(code, format!("{what}: {}", status.message()))
+}
+
+/// gRPC reflection, v1 and v1alpha (grpcurl speaks v1alpha), for the lockstep and health
+/// services.
+pub fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the shutdown trigger of every Lockstep server binary.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_code_survives_the_wire() {
+        let err = Error::new(ErrorCode::BackupNotFound, "backup bk-1 does not exist");
+        let status = to_status(&err);
+        assert_eq!(status.code(), Code::NotFound);
+        let back = from_status("get backup", &status);
+        assert_eq!(back.code, ErrorCode::BackupNotFound);
+        assert!(back.message.contains("bk-1"));
+    }
+
+    #[test]
+    fn a_status_without_a_code_maps_by_grpc_code() {
+        let back = from_status(
+            "prepare shard-1",
+            &Status::unavailable("connection refused"),
+        );
+        assert_eq!(back.code, ErrorCode::AgentUnavailable);
+    }
+}

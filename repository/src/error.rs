@@ -33,6 +33,12 @@ pub enum ErrorCode {
     InvalidArgument,
     /// Lockstep: the shard's storage engine reported an error.
     ShardEngineFailed,
+    /// Lockstep: another backup barrier is running.
+    BarrierBusy,
+    /// Lockstep: an agent could not be reached or did not answer in time.
+    AgentUnavailable,
+    /// Lockstep: the barrier was aborted before this shard committed.
+    BarrierAborted,
 }
 
 /// How bad an error is, in the seed's three levels.
@@ -76,7 +82,42 @@ impl ErrorCode {
             ErrorCode::StorageUnavailable => "ERR_STORAGE_UNAVAILABLE",
             ErrorCode::InvalidArgument => "ERR_INVALID_ARGUMENT",
             ErrorCode::ShardEngineFailed => "ERR_SHARD_ENGINE_FAILED",
+            ErrorCode::BarrierBusy => "ERR_BARRIER_BUSY",
+            ErrorCode::AgentUnavailable => "ERR_AGENT_UNAVAILABLE",
+            ErrorCode::BarrierAborted => "ERR_BARRIER_ABORTED",
         }
+    }
+
+    /// Every code, for parsing and documentation.
+    pub const ALL: [ErrorCode; 21] = [
+        ErrorCode::BackupCreationFailed,
+        ErrorCode::BackupRestorationFailed,
+        ErrorCode::BackupVerificationFailed,
+        ErrorCode::BackupNotFound,
+        ErrorCode::BackupInvalidType,
+        ErrorCode::BackupIncomplete,
+        ErrorCode::BackupCompressionFailed,
+        ErrorCode::BackupDecompressionFailed,
+        ErrorCode::BackupChecksumMismatch,
+        ErrorCode::BackupManifestCorrupt,
+        ErrorCode::BackupWalArchiveFailed,
+        ErrorCode::StorageDiskFull,
+        ErrorCode::BackupWalGap,
+        ErrorCode::BarrierLeaseExpired,
+        ErrorCode::RestoreTargetNotEmpty,
+        ErrorCode::StorageUnavailable,
+        ErrorCode::InvalidArgument,
+        ErrorCode::ShardEngineFailed,
+        ErrorCode::BarrierBusy,
+        ErrorCode::AgentUnavailable,
+        ErrorCode::BarrierAborted,
+    ];
+
+    /// The code named `ERR_...`, if it is one of ours.
+    pub fn parse(name: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|code| code.as_str() == name)
     }
 
     /// The seed's severity for this code.
@@ -140,6 +181,11 @@ impl ErrorCode {
             ErrorCode::ShardEngineFailed => {
                 "check the agent log and the shard's disk; the engine's message is above"
             }
+            ErrorCode::BarrierBusy => "wait for the running backup to finish, then retry",
+            ErrorCode::AgentUnavailable => {
+                "check that the agent named above is running and reachable (`lockstep cluster status`)"
+            }
+            ErrorCode::BarrierAborted => "the backup was aborted; retry it",
         }
     }
 
@@ -273,6 +319,14 @@ mod tests {
             std::io::Error::from_raw_os_error(13),
         );
         assert_eq!(other.code, ErrorCode::BackupRestorationFailed);
+    }
+
+    #[test]
+    fn every_code_parses_back() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::parse("ERR_NOPE"), None);
     }
 
     #[test]

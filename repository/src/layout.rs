@@ -5,6 +5,8 @@
 //! <prefix>/objects/<aa>/<sha256-hex>            content-addressed data objects (codec.rs framing)
 //! <prefix>/shards/<shard-id>/<backup-id>.json   shard manifests
 //! <prefix>/backups/<backup-id>.json             backup manifests, written last
+//! <prefix>/pending/<backup-id>.json             intent of a running backup; removed at commit
+//!                                               or cleanup, so one left behind marks leftovers
 //! ```
 //!
 //! Architecture invariant: a key is derived only from validated ids (`ids.rs`) and object
@@ -19,6 +21,7 @@ pub const REPOSITORY_MARKER: &str = "lockstep-repository.json";
 const OBJECTS: &str = "objects";
 const SHARDS: &str = "shards";
 const BACKUPS: &str = "backups";
+const PENDING: &str = "pending";
 
 /// Builds every key of one repository under its prefix.
 #[derive(Debug, Clone)]
@@ -68,7 +71,15 @@ impl Layout {
         self.join(&[BACKUPS])
     }
 
-    /// The backup id named by a key under `backups/`, if it is one.
+    pub fn pending(&self, backup: &BackupId) -> Path {
+        self.join(&[PENDING, &format!("{backup}.json")])
+    }
+
+    pub fn pending_dir(&self) -> Path {
+        self.join(&[PENDING])
+    }
+
+    /// The backup id named by a key under `backups/` or `pending/`, if it is one.
     pub fn backup_id_of(&self, key: &Path) -> Option<BackupId> {
         key.filename()?
             .strip_suffix(".json")

@@ -150,6 +150,66 @@ impl std::str::FromStr for BackupKind {
     }
 }
 
+/// How a RAID group spreads data over its shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RaidLayout {
+    None,
+    Raid1,
+    Raid5,
+    Raid6,
+    Raid10,
+}
+
+impl std::fmt::Display for RaidLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RaidLayout::None => "none",
+            RaidLayout::Raid1 => "raid1",
+            RaidLayout::Raid5 => "raid5",
+            RaidLayout::Raid6 => "raid6",
+            RaidLayout::Raid10 => "raid10",
+        })
+    }
+}
+
+/// A shard's role in its RAID group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RaidRole {
+    Data,
+    Parity,
+}
+
+impl std::fmt::Display for RaidRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RaidRole::Data => "data",
+            RaidRole::Parity => "parity",
+        })
+    }
+}
+
+/// One RAID group: every member, data and parity, must be in every backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaidGroup {
+    pub name: String,
+    pub layout: RaidLayout,
+    pub data: Vec<ShardId>,
+    #[serde(default)]
+    pub parity: Vec<ShardId>,
+}
+
+impl RaidGroup {
+    pub fn members(&self) -> impl Iterator<Item = (&ShardId, RaidRole)> {
+        self.data
+            .iter()
+            .map(|s| (s, RaidRole::Data))
+            .chain(self.parity.iter().map(|s| (s, RaidRole::Parity)))
+    }
+}
+
 /// A shard as the backup manifest names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardRef {
@@ -176,6 +236,9 @@ pub struct BackupManifest {
     pub stats: TransferStats,
     /// The longest time any shard's write gate stayed closed, in microseconds.
     pub max_gate_closed_us: u64,
+    /// The RAID groups of the cluster when the backup was taken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raid_groups: Vec<RaidGroup>,
     pub tool_version: String,
 }
 
@@ -285,6 +348,7 @@ impl BackupManifest {
                 .map(|s| s.timings.gate_closed_us)
                 .max()
                 .unwrap_or(0),
+            raid_groups: Vec::new(),
             tool_version: TOOL_VERSION.to_string(),
         }
     }

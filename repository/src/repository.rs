@@ -341,6 +341,64 @@ impl Repository {
         Ok(None)
     }
 
+    /// Records the intent of a backup before its barrier starts.
+    pub async fn put_pending(&self, backup: &BackupId, json: Vec<u8>) -> Result<()> {
+        self.put_manifest(&self.layout.pending(backup), json).await
+    }
+
+    /// Ids of backups whose intent is recorded; those without a backup manifest are leftovers.
+    pub async fn pending_ids(&self) -> Result<Vec<BackupId>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.layout.pending_dir()))
+            .try_collect()
+            .await
+            .map_err(|err| storage_error("list pending backups", err))?;
+        let mut ids: Vec<BackupId> = metas
+            .iter()
+            .filter_map(|m| self.layout.backup_id_of(&m.location))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn delete_if_present(&self, key: &Path) -> Result<()> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(err) => Err(storage_error(format!("delete {key}"), err)),
+        }
+    }
+
+    pub async fn delete_pending(&self, backup: &BackupId) -> Result<()> {
+        self.delete_if_present(&self.layout.pending(backup)).await
+    }
+
+    /// True if the backup manifest exists (the backup committed).
+    pub async fn backup_exists(&self, backup: &BackupId) -> Result<bool> {
+        match self.store.head(&self.layout.backup_manifest(backup)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(storage_error(format!("look up backup {backup}"), err)),
+        }
+    }
+
+    /// Removes the shard manifests an uncommitted backup left behind; returns how many.
+    pub async fn delete_shard_manifests(
+        &self,
+        backup: &BackupId,
+        shards: &[ShardId],
+    ) -> Result<usize> {
+        let mut removed = 0;
+        for shard in shards {
+            let key = self.layout.shard_manifest(shard, backup);
+            if self.store.head(&key).await.is_ok() {
+                self.delete_if_present(&key).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes a backup manifest (and so the backup); its objects become garbage.
     pub async fn delete_backup(&self, backup: &BackupId) -> Result<()> {
         let manifest = self.backup_manifest(backup).await?;
@@ -349,11 +407,8 @@ impl Repository {
             .await
             .map_err(|err| storage_error(format!("delete backup {backup}"), err))?;
         for shard in &manifest.shards {
-            let key = self.layout.shard_manifest(&shard.shard_id, backup);
-            match self.store.delete(&key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(err) => return Err(storage_error(format!("delete {key}"), err)),
-            }
+            self.delete_if_present(&self.layout.shard_manifest(&shard.shard_id, backup))
+                .await?;
         }
         Ok(())
     }

@@ -190,6 +190,22 @@ pub async fn verify(
                 }
             }
         }
+        for group in &manifest.raid_groups {
+            for (member, role) in group.members() {
+                if !manifest.shards.iter().any(|s| &s.shard_id == member) {
+                    problems.push(problem(
+                        backup,
+                        Some(member),
+                        None,
+                        ErrorCode::BackupIncomplete,
+                        format!(
+                            "RAID group {} ({}) lacks its {role} member {member}",
+                            group.name, group.layout
+                        ),
+                    ));
+                }
+            }
+        }
         for shard in manifest.cut.keys() {
             if !seen_shards.contains(shard) {
                 problems.push(problem(

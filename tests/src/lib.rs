@@ -131,3 +131,53 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// Starts `program` with `args` and waits for its "listening on ADDR" line; returns the child
+/// and the address. Its remaining output goes to `log`.
+pub fn start_server(
+    program: &str,
+    args: &[String],
+    env: &[(String, String)],
+    log: &std::path::Path,
+) -> (Child, String) {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open server log");
+    let mut child = Command::new(binary(program))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|err| panic!("start {program}: {err}"));
+    let stdout = child.stdout.take().expect("server stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let (Some((_, address)), Some(sender)) =
+                (line.split_once("listening on "), tx.take())
+            {
+                let _ = sender.send(address.trim().to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(address) => (child, address),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "{program} did not start listening within 60s; see {}",
+                log.display()
+            );
+        }
+    }
+}
+
+/// Kills a process with SIGKILL and reaps it.
+pub fn kill_hard(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}

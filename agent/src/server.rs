@@ -1,0 +1,339 @@
+//! The agent's gRPC server: the `Shard` data API (every write through the gate), the `Agent`
+//! barrier API (through the participant actor), health checking and reflection.
+//!
+//! `serve` takes its listener and a cancellation token from the caller, so tests and
+//! simulations inject their own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep_proto::v1::agent_server::{Agent, AgentServer};
+use lockstep_proto::v1::shard_server::{Shard, ShardServer};
+use lockstep_proto::{to_status, v1};
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, ShardId};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::backup::BackupOptions;
+use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
+use crate::gate::WriteGate;
+use crate::participant::{BarrierState, BarrierStatus, ParticipantHandle};
+
+/// Longest lease an agent accepts; a longer one would let a lost coordinator pause writes.
+pub const MAX_LEASE: Duration = Duration::from_secs(300);
+
+struct ShardApi<E> {
+    engine: Arc<E>,
+    gate: WriteGate,
+}
+
+fn cf_name(name: &str) -> &str {
+    if name.is_empty() { DEFAULT_CF } else { name }
+}
+
+fn blocking_failed(err: tokio::task::JoinError) -> Status {
+    to_status(&Error::with_source(
+        ErrorCode::ShardEngineFailed,
+        "engine task failed",
+        err,
+    ))
+}
+
+impl<E: ShardEngine> ShardApi<E> {
+    /// Applies a batch through the gate. The permit moves into the blocking task, so a client
+    /// that goes away cannot release the gate while its write is still being applied.
+    async fn apply(&self, batch: WriteBatch) -> Result<Response<v1::WriteReply>, Status> {
+        let permit = self.gate.enter().await;
+        let engine = self.engine.clone();
+        let range = tokio::task::spawn_blocking(move || {
+            let range = engine.write(&batch);
+            drop(permit);
+            range
+        })
+        .await
+        .map_err(blocking_failed)?
+        .map_err(|err| to_status(&err))?;
+        Ok(Response::new(v1::WriteReply {
+            first_seq: range.first.0,
+            last_seq: range.last.0,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl<E: ShardEngine> Shard for ShardApi<E> {
+    async fn put(
+        &self,
+        request: Request<v1::PutRequest>,
+    ) -> Result<Response<v1::WriteReply>, Status> {
+        let r = request.into_inner();
+        let mut batch = WriteBatch::new();
+        batch.put(cf_name(&r.column_family), r.key, r.value);
+        self.apply(batch).await
+    }
+
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetReply>, Status> {
+        let r = request.into_inner();
+        let engine = self.engine.clone();
+        let value =
+            tokio::task::spawn_blocking(move || engine.get(cf_name(&r.column_family), &r.key))
+                .await
+                .map_err(blocking_failed)?
+                .map_err(|err| to_status(&err))?;
+        Ok(Response::new(v1::GetReply {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::WriteReply>, Status> {
+        let r = request.into_inner();
+        let mut batch = WriteBatch::new();
+        batch.delete(cf_name(&r.column_family), r.key);
+        self.apply(batch).await
+    }
+
+    async fn write(
+        &self,
+        request: Request<v1::WriteRequest>,
+    ) -> Result<Response<v1::WriteReply>, Status> {
+        let mut batch = WriteBatch::new();
+        for op in request.into_inner().ops {
+            let cf = cf_name(&op.column_family);
+            match v1::write_op::Kind::try_from(op.kind) {
+                Ok(v1::write_op::Kind::Put) => batch.put(cf, op.key, op.value),
+                Ok(v1::write_op::Kind::Delete) => batch.delete(cf, op.key),
+                Ok(v1::write_op::Kind::DeleteRange) => batch.delete_range(cf, op.key, op.end_key),
+                _ => {
+                    return Err(to_status(&Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "write op kind {} is not put, delete or delete_range",
+                            op.kind
+                        ),
+                    )));
+                }
+            };
+        }
+        self.apply(batch).await
+    }
+
+    async fn scan(
+        &self,
+        request: Request<v1::ScanRequest>,
+    ) -> Result<Response<v1::ScanReply>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 {
+            1000
+        } else {
+            r.limit.min(100_000)
+        } as usize;
+        let engine = self.engine.clone();
+        let entries = tokio::task::spawn_blocking(move || {
+            let end = (!r.end.is_empty()).then_some(r.end.as_slice());
+            engine.scan(cf_name(&r.column_family), &r.start, end, limit)
+        })
+        .await
+        .map_err(blocking_failed)?
+        .map_err(|err| to_status(&err))?;
+        Ok(Response::new(v1::ScanReply {
+            entries: entries
+                .into_iter()
+                .map(|(key, value)| v1::KeyValue { key, value })
+                .collect(),
+        }))
+    }
+}
+
+struct AgentApi {
+    participant: ParticipantHandle,
+}
+
+fn backup_id(raw: &str) -> Result<BackupId, Status> {
+    BackupId::new(raw).map_err(|err| to_status(&err))
+}
+
+/// The wire form of a barrier status.
+pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
+    let state = match status.state {
+        BarrierState::Prepared => v1::BarrierState::Prepared,
+        BarrierState::Uploading => v1::BarrierState::Uploading,
+        BarrierState::Uploaded => v1::BarrierState::Uploaded,
+        BarrierState::Aborted => v1::BarrierState::Aborted,
+        BarrierState::Expired => v1::BarrierState::Expired,
+        BarrierState::Failed => v1::BarrierState::Failed,
+        BarrierState::Unknown => v1::BarrierState::Unknown,
+    };
+    let (error_code, error_message) = status
+        .error
+        .map(|(code, message)| (code.as_str().to_string(), message))
+        .unwrap_or_default();
+    v1::BarrierStatus {
+        backup_id: status.backup_id.to_string(),
+        shard_id: status.shard_id.to_string(),
+        state: state as i32,
+        seq: status.seq.0,
+        captured_at: status
+            .captured_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        files: status
+            .files
+            .into_iter()
+            .map(|f| v1::CapturedFile {
+                name: f.name,
+                size: f.size,
+                kind: serde_json::to_value(f.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        gate_closed_us: status.gate_closed.as_micros() as u64,
+        bytes_done: status.bytes_done,
+        bytes_total: status.bytes_total,
+        error_code,
+        error_message,
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentApi {
+    async fn prepare(
+        &self,
+        request: Request<v1::PrepareRequest>,
+    ) -> Result<Response<v1::BarrierStatus>, Status> {
+        let r = request.into_inner();
+        let lease = Duration::from_millis(r.lease_ms);
+        if lease.is_zero() || lease > MAX_LEASE {
+            return Err(to_status(&Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "lease of {} ms is outside 1..={} ms",
+                    r.lease_ms,
+                    MAX_LEASE.as_millis()
+                ),
+            )));
+        }
+        let status = self
+            .participant
+            .prepare(backup_id(&r.backup_id)?, lease)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(status_to_wire(status)))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<v1::BarrierRequest>,
+    ) -> Result<Response<v1::BarrierStatus>, Status> {
+        let id = backup_id(&request.into_inner().backup_id)?;
+        let status = self
+            .participant
+            .commit(id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(status_to_wire(status)))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<v1::BarrierRequest>,
+    ) -> Result<Response<v1::BarrierStatus>, Status> {
+        let id = backup_id(&request.into_inner().backup_id)?;
+        let status = self
+            .participant
+            .abort(id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(status_to_wire(status)))
+    }
+
+    async fn status(
+        &self,
+        request: Request<v1::BarrierRequest>,
+    ) -> Result<Response<v1::BarrierStatus>, Status> {
+        let id = backup_id(&request.into_inner().backup_id)?;
+        let status = self
+            .participant
+            .status(id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(status_to_wire(status)))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::AgentInfo>, Status> {
+        let info = self
+            .participant
+            .describe()
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::AgentInfo {
+            shard_id: info.shard_id.to_string(),
+            engine: info.engine.to_string(),
+            seq: info.seq.0,
+            gate_closed: info.gate_closed,
+            active_backup_id: info
+                .active_backup
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+/// Serves one shard on `listener` until `shutdown` fires: stops accepting, cancels the
+/// participant (which reopens the gate), and waits for its task.
+pub async fn serve<E: ShardEngine>(
+    engine: Arc<E>,
+    repo: Repository,
+    shard_id: ShardId,
+    options: BackupOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let gate = WriteGate::new();
+    let mut tasks = JoinSet::new();
+    let participant = ParticipantHandle::spawn(
+        engine.clone(),
+        gate.clone(),
+        repo,
+        shard_id,
+        options,
+        shutdown.child_token(),
+        &mut tasks,
+    );
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ShardServer<ShardApi<E>>>()
+        .await;
+    health_reporter.set_serving::<AgentServer<AgentApi>>().await;
+    let (reflection_v1, reflection_v1alpha) =
+        lockstep_proto::reflection_services().map_err(|err| {
+            Error::with_source(ErrorCode::InvalidArgument, "build gRPC reflection", err)
+        })?;
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ShardServer::new(ShardApi { engine, gate }))
+        .add_service(AgentServer::new(AgentApi { participant }))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    result.map_err(|err| Error::with_source(ErrorCode::AgentUnavailable, "serve gRPC", err))
+}

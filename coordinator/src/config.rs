@@ -1,0 +1,269 @@
+//! The coordinator's configuration: one TOML file, validated with clear messages; unknown
+//! keys are rejected.
+//!
+//! ```toml
+//! repository = "file:///var/lib/lockstep/repository"
+//! listen = "127.0.0.1:7400"
+//!
+//! [barrier]
+//! lease_ms = 10000          # how long an agent holds its gate at most
+//! prepare_timeout_ms = 5000 # the coordinator's deadline for every Prepared (< lease)
+//!
+//! [[agents]]
+//! shard = "shard-0"
+//! endpoint = "http://127.0.0.1:7401"
+//!
+//! [[raid_groups]]
+//! name = "group-0"
+//! layout = "raid5"          # none, raid1, raid5, raid6, raid10
+//! data = ["shard-0", "shard-1"]
+//! parity = ["shard-2"]
+//! ```
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use lockstep_repository::manifest::{RaidGroup, RaidLayout};
+use lockstep_repository::{Error, ErrorCode, Result, ShardId};
+use serde::Deserialize;
+
+/// One agent and the shard it owns.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub shard: ShardId,
+    /// gRPC endpoint, e.g. `http://10.0.0.5:7401`.
+    pub endpoint: String,
+}
+
+/// Timing of the two-phase barrier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BarrierConfig {
+    pub lease_ms: u64,
+    pub prepare_timeout_ms: u64,
+    /// Longest wait for all uploads after Commit.
+    pub upload_timeout_ms: u64,
+}
+
+impl Default for BarrierConfig {
+    fn default() -> Self {
+        BarrierConfig {
+            lease_ms: 10_000,
+            prepare_timeout_ms: 5_000,
+            upload_timeout_ms: 3_600_000,
+        }
+    }
+}
+
+impl BarrierConfig {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    pub fn prepare_timeout(&self) -> Duration {
+        Duration::from_millis(self.prepare_timeout_ms)
+    }
+
+    pub fn upload_timeout(&self) -> Duration {
+        Duration::from_millis(self.upload_timeout_ms)
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Repository URL or local path.
+    pub repository: String,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub barrier: BarrierConfig,
+    pub agents: Vec<AgentConfig>,
+    #[serde(default)]
+    pub raid_groups: Vec<RaidGroup>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7400".to_string()
+}
+
+fn invalid(message: String) -> Error {
+    Error::new(ErrorCode::InvalidArgument, message)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            Error::io(
+                ErrorCode::InvalidArgument,
+                format!("read config {}", path.display()),
+                err,
+            )
+        })?;
+        Config::parse(&text).map_err(|err| err.context(format!("config {}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|err| invalid(err.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.agents.is_empty() {
+            return Err(invalid(
+                "no [[agents]]: list every agent with its shard and endpoint".into(),
+            ));
+        }
+        let mut shards = HashSet::new();
+        for agent in &self.agents {
+            if !shards.insert(agent.shard.clone()) {
+                return Err(invalid(format!(
+                    "shard {} is listed for two agents",
+                    agent.shard
+                )));
+            }
+            if !(agent.endpoint.starts_with("http://") || agent.endpoint.starts_with("https://")) {
+                return Err(invalid(format!(
+                    "agent {}: endpoint {:?} must start with http:// or https://",
+                    agent.shard, agent.endpoint
+                )));
+            }
+        }
+        let b = &self.barrier;
+        if b.lease_ms == 0 || b.prepare_timeout_ms == 0 || b.prepare_timeout_ms >= b.lease_ms {
+            return Err(invalid(format!(
+                "[barrier] prepare_timeout_ms ({}) must be positive and shorter than lease_ms ({}), so the \
+                 coordinator gives up before any agent's lease runs out",
+                b.prepare_timeout_ms, b.lease_ms
+            )));
+        }
+        let mut grouped = HashSet::new();
+        for group in &self.raid_groups {
+            let (n_data, n_parity) = (group.data.len(), group.parity.len());
+            let rule = match group.layout {
+                RaidLayout::None => (n_data >= 1 && n_parity == 0)
+                    .then_some(())
+                    .ok_or("at least 1 data shard and no parity"),
+                RaidLayout::Raid1 => (n_data >= 2 && n_parity == 0)
+                    .then_some(())
+                    .ok_or("at least 2 data (mirror) shards and no parity"),
+                RaidLayout::Raid5 => (n_data >= 2 && n_parity == 1)
+                    .then_some(())
+                    .ok_or("at least 2 data shards and exactly 1 parity shard"),
+                RaidLayout::Raid6 => (n_data >= 2 && n_parity == 2)
+                    .then_some(())
+                    .ok_or("at least 2 data shards and exactly 2 parity shards"),
+                RaidLayout::Raid10 => (n_data >= 4 && n_data.is_multiple_of(2) && n_parity == 0)
+                    .then_some(())
+                    .ok_or("an even number (at least 4) of data shards and no parity"),
+            };
+            if let Err(needs) = rule {
+                return Err(invalid(format!(
+                    "RAID group {} ({}) has {n_data} data and {n_parity} parity shards; it needs {needs}",
+                    group.name, group.layout
+                )));
+            }
+            for (member, role) in group.members() {
+                if !shards.contains(member) {
+                    return Err(invalid(format!(
+                        "RAID group {}: {role} shard {member} has no agent in [[agents]]",
+                        group.name
+                    )));
+                }
+                if !grouped.insert(member.clone()) {
+                    return Err(invalid(format!(
+                        "shard {member} is in more than one RAID group"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every shard id, in configuration order.
+    pub fn shard_ids(&self) -> Vec<ShardId> {
+        self.agents.iter().map(|a| a.shard.clone()).collect()
+    }
+
+    /// The RAID group and role of a shard, for status displays.
+    pub fn group_of(&self, shard: &ShardId) -> Option<(String, String)> {
+        self.raid_groups.iter().find_map(|g| {
+            g.members()
+                .find(|(m, _)| *m == shard)
+                .map(|(_, role)| (g.name.clone(), role.to_string()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+repository = "memory://x"
+[[agents]]
+shard = "shard-0"
+endpoint = "http://127.0.0.1:1"
+[[agents]]
+shard = "shard-1"
+endpoint = "http://127.0.0.1:2"
+[[agents]]
+shard = "shard-2"
+endpoint = "http://127.0.0.1:3"
+[[raid_groups]]
+name = "g"
+layout = "raid5"
+data = ["shard-0", "shard-1"]
+parity = ["shard-2"]
+"#;
+
+    fn message(text: &str) -> String {
+        Config::parse(text)
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_valid_raid5_topology_parses() {
+        let config = Config::parse(GOOD).expect("valid config");
+        assert_eq!(config.shard_ids().len(), 3);
+        assert_eq!(config.barrier.lease_ms, 10_000);
+        let shard = ShardId::new("shard-2").expect("id");
+        assert_eq!(config.group_of(&shard), Some(("g".into(), "parity".into())));
+    }
+
+    #[test]
+    fn mistakes_get_clear_messages() {
+        assert!(message(&format!("{GOOD}\nunknown_key = 1")).contains("unknown"));
+        assert!(
+            message(&GOOD.replace("parity = [\"shard-2\"]", "parity = []"))
+                .contains("exactly 1 parity")
+        );
+        assert!(message(&GOOD.replace("raid5", "raid6")).contains("exactly 2 parity"));
+        assert!(message(&GOOD.replace("raid5", "raid7")).contains("unknown variant"));
+        assert!(
+            message(&GOOD.replace("data = [\"shard-0\"", "data = [\"shard-9\""))
+                .contains("has no agent")
+        );
+        assert!(message(&GOOD.replace("http://127.0.0.1:2", "127.0.0.1:2")).contains("http://"));
+        assert!(
+            message(&GOOD.replace("shard-1\"\nendpoint", "shard-0\"\nendpoint"))
+                .contains("two agents")
+        );
+        assert!(
+            message(&format!(
+                "{GOOD}\n[barrier]\nlease_ms = 100\nprepare_timeout_ms = 200"
+            ))
+            .contains("shorter than lease_ms")
+        );
+        assert!(
+            message(&GOOD.replace("shard = \"shard-0\"", "shard = \"../x\""))
+                .contains("invalid shard id")
+        );
+    }
+}

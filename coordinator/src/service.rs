@@ -1,0 +1,283 @@
+//! The `Coordinator` gRPC service and `serve`, which runs it on an injected listener.
+//!
+//! Every domain error reaches the client through `lockstep_proto::to_status`, with its seed
+//! code in the metadata.
+
+use std::sync::Arc;
+
+use lockstep_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use lockstep_proto::{to_status, v1};
+use lockstep_repository::manifest::{BackupKind, BackupManifest};
+use lockstep_repository::verify::{VerifyLevel, verify};
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::job::{
+    AgentLink, JobContext, JobState, JobView, JobsHandle, agent_links, clean_leftovers,
+};
+
+struct CoordinatorApi {
+    config: Arc<Config>,
+    repo: Repository,
+    agents: Vec<AgentLink>,
+    jobs: JobsHandle,
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+fn status(err: Error) -> Status {
+    to_status(&err)
+}
+
+/// Resolves `latest` or validates an id.
+pub async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
+    if name == "latest" || name.is_empty() {
+        return repo.backup_ids().await?.pop().ok_or_else(|| {
+            Error::new(ErrorCode::BackupNotFound, "the repository holds no backup")
+        });
+    }
+    BackupId::new(name)
+}
+
+fn backup_info(manifest: &BackupManifest) -> v1::BackupInfo {
+    v1::BackupInfo {
+        backup_id: manifest.backup_id.to_string(),
+        kind: manifest.kind.to_string(),
+        started_at: manifest.started_at.to_rfc3339(),
+        completed_at: manifest.completed_at.to_rfc3339(),
+        cut: manifest
+            .cut
+            .iter()
+            .map(|(s, seq)| (s.to_string(), seq.0))
+            .collect(),
+        bytes_total: manifest.stats.bytes_total,
+        bytes_uploaded: manifest.stats.stored_bytes_uploaded,
+        max_gate_closed_us: manifest.max_gate_closed_us,
+        n_shards: manifest.shards.len() as u32,
+        error_code: String::new(),
+        manifest_json: String::from_utf8_lossy(&manifest.to_json()).into_owned(),
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorApi {
+    async fn create_backup(
+        &self,
+        request: Request<v1::CreateBackupRequest>,
+    ) -> Reply<v1::BackupJob> {
+        let kind = request.into_inner().kind;
+        let kind: BackupKind = if kind.is_empty() {
+            BackupKind::Full
+        } else {
+            kind.parse().map_err(status)?
+        };
+        let job = self.jobs.create(kind).await.map_err(status)?;
+        Ok(Response::new(job.to_wire()))
+    }
+
+    async fn get_backup_job(
+        &self,
+        request: Request<v1::GetBackupJobRequest>,
+    ) -> Reply<v1::BackupJob> {
+        let backup = BackupId::new(request.into_inner().backup_id).map_err(status)?;
+        if let Some(job) = self.jobs.get(backup.clone()).await.map_err(status)? {
+            return Ok(Response::new(job.to_wire()));
+        }
+        // Not remembered (e.g. the coordinator restarted): the repository decides.
+        let state = if self.repo.backup_exists(&backup).await.map_err(status)? {
+            JobState::Committed
+        } else {
+            return Err(status(Error::new(
+                ErrorCode::BackupNotFound,
+                format!("no backup or job {backup}"),
+            )));
+        };
+        Ok(Response::new(
+            JobView {
+                backup_id: backup,
+                state,
+                shards: Vec::new(),
+                error: None,
+            }
+            .to_wire(),
+        ))
+    }
+
+    async fn list_backups(
+        &self,
+        _request: Request<v1::ListBackupsRequest>,
+    ) -> Reply<v1::ListBackupsReply> {
+        let backups = self.repo.backups().await.map_err(status)?;
+        let backups = backups
+            .into_iter()
+            .map(|(id, manifest)| match manifest {
+                Ok(manifest) => backup_info(&manifest),
+                Err(err) => v1::BackupInfo {
+                    backup_id: id.to_string(),
+                    error_code: err.code.as_str().to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(v1::ListBackupsReply { backups }))
+    }
+
+    async fn get_backup(&self, request: Request<v1::GetBackupRequest>) -> Reply<v1::BackupInfo> {
+        let backup = resolve_backup(&self.repo, &request.into_inner().backup_id)
+            .await
+            .map_err(status)?;
+        let manifest = self.repo.backup_manifest(&backup).await.map_err(status)?;
+        Ok(Response::new(backup_info(&manifest)))
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<v1::VerifyBackupRequest>,
+    ) -> Reply<v1::VerifyBackupReply> {
+        let request = request.into_inner();
+        let backups = if request.backup_id.is_empty() {
+            self.repo.backup_ids().await.map_err(status)?
+        } else {
+            vec![
+                resolve_backup(&self.repo, &request.backup_id)
+                    .await
+                    .map_err(status)?,
+            ]
+        };
+        if backups.is_empty() {
+            return Err(status(Error::new(
+                ErrorCode::BackupNotFound,
+                "the repository holds no backup",
+            )));
+        }
+        let level = if request.full {
+            VerifyLevel::Full
+        } else {
+            VerifyLevel::Quick
+        };
+        let report = verify(&self.repo, &backups, level, 8)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(v1::VerifyBackupReply {
+            passed: report.passed,
+            report: report.to_string(),
+            report_json: serde_json::to_string(&report).unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_backup(
+        &self,
+        request: Request<v1::DeleteBackupRequest>,
+    ) -> Reply<v1::DeleteBackupReply> {
+        let backup = BackupId::new(request.into_inner().backup_id).map_err(status)?;
+        self.repo.delete_backup(&backup).await.map_err(status)?;
+        Ok(Response::new(v1::DeleteBackupReply {}))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<v1::ClusterStatusRequest>,
+    ) -> Reply<v1::ClusterStatusReply> {
+        let describes = self.agents.iter().map(|agent| {
+            let mut client = agent.client.clone();
+            async move {
+                let reply = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    client.describe(v1::DescribeRequest {}),
+                )
+                .await;
+                (agent, reply)
+            }
+        });
+        let mut agents = Vec::new();
+        for (agent, reply) in futures::future::join_all(describes).await {
+            let (raid_group, role) = self.config.group_of(&agent.shard_id).unwrap_or_default();
+            let mut row = v1::AgentStatus {
+                shard_id: agent.shard_id.to_string(),
+                endpoint: agent.endpoint.clone(),
+                raid_group,
+                role,
+                ..Default::default()
+            };
+            match reply {
+                Ok(Ok(info)) => {
+                    let info = info.into_inner();
+                    row.reachable = true;
+                    row.seq = info.seq;
+                    row.gate_closed = info.gate_closed;
+                    if info.shard_id != agent.shard_id.as_str() {
+                        row.error = format!(
+                            "agent serves shard {}, configured as {}",
+                            info.shard_id, agent.shard_id
+                        );
+                    }
+                }
+                Ok(Err(err)) => row.error = err.message().to_string(),
+                Err(_) => row.error = "no answer within 2s".into(),
+            }
+            agents.push(row);
+        }
+        let running = self.jobs.running().await.map_err(status)?;
+        Ok(Response::new(v1::ClusterStatusReply {
+            agents,
+            repository: self.repo.url().to_string(),
+            running_backup_id: running.map(|b| b.to_string()).unwrap_or_default(),
+        }))
+    }
+}
+
+/// Runs the coordinator on `listener` until `shutdown` fires. Leftovers of backups that an
+/// earlier coordinator left uncommitted are cleaned first; `on_ready` runs after that, just
+/// before requests are served.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(),
+) -> Result<()> {
+    let config = Arc::new(config);
+    let repo = Repository::open(&config.repository).await?;
+    let agents = agent_links(&config)?;
+    let ctx = JobContext {
+        config: config.clone(),
+        repo: repo.clone(),
+        agents: agents.clone(),
+    };
+    let cleaned = clean_leftovers(&ctx).await?;
+    if !cleaned.is_empty() {
+        tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups");
+    }
+    let mut tasks = JoinSet::new();
+    let jobs = JobsHandle::spawn(ctx, shutdown.child_token(), &mut tasks);
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CoordinatorServer<CoordinatorApi>>()
+        .await;
+    let (reflection_v1, reflection_v1alpha) =
+        lockstep_proto::reflection_services().map_err(|err| {
+            Error::with_source(ErrorCode::InvalidArgument, "build gRPC reflection", err)
+        })?;
+    let api = CoordinatorApi {
+        config,
+        repo,
+        agents,
+        jobs,
+    };
+    on_ready();
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(CoordinatorServer::new(api))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    result.map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "serve gRPC", err))
+}

@@ -1,0 +1,234 @@
+//! A real cluster on 127.0.0.1: a coordinator and three agents (one RAID5 group: two data
+//! shards and one parity shard) as separate processes, driven through the `lockstep` CLI and
+//! the gRPC API, with processes killed mid-barrier.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use lockstep_agent::engine::{RocksEngine, ShardEngine};
+use lockstep_proto::v1;
+use lockstep_proto::v1::agent_client::AgentClient;
+use lockstep_proto::v1::shard_client::ShardClient;
+use lockstep_tests::{agent_ok, binary, kill_hard, start_server, text};
+use tonic::transport::Channel;
+
+pub const N_AGENTS: usize = 3;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub agents: Vec<Option<Child>>,
+    pub addresses: Vec<String>,
+    pub coordinator: Option<Child>,
+    pub coordinator_address: String,
+    pub lease_ms: u64,
+}
+
+impl Cluster {
+    pub fn shard(i: usize) -> String {
+        format!("shard-{i}")
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    fn agent_args(&self, i: usize, listen: &str) -> Vec<String> {
+        let db = self.dir.path().join(format!("db-{i}"));
+        [
+            "serve",
+            "--db",
+            db.to_str().expect("utf-8"),
+            "--shard",
+            &Cluster::shard(i),
+            "--listen",
+            listen,
+            "--repo",
+            self.repo().to_str().expect("utf-8"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Starts three agents and a coordinator; `fault` sets `LOCKSTEP_FAULT_PAUSE` on it.
+    pub fn start(lease_ms: u64, fault: Option<&str>) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cluster = Cluster {
+            dir,
+            agents: Vec::new(),
+            addresses: Vec::new(),
+            coordinator: None,
+            coordinator_address: String::new(),
+            lease_ms,
+        };
+        for i in 0..N_AGENTS {
+            let args = cluster.agent_args(i, "127.0.0.1:0");
+            let (child, address) = start_server(
+                "lockstep-agent",
+                &args,
+                &[],
+                &cluster.log(&format!("agent-{i}")),
+            );
+            cluster.agents.push(Some(child));
+            cluster.addresses.push(address);
+        }
+        let agents: String = (0..N_AGENTS)
+            .map(|i| {
+                format!(
+                    "[[agents]]\nshard = \"{}\"\nendpoint = \"http://{}\"\n",
+                    Cluster::shard(i),
+                    cluster.addresses[i]
+                )
+            })
+            .collect();
+        let config = format!(
+            "repository = \"{}\"\nlisten = \"127.0.0.1:0\"\n[barrier]\nlease_ms = {lease_ms}\nprepare_timeout_ms = {}\n{agents}\
+             [[raid_groups]]\nname = \"group-0\"\nlayout = \"raid5\"\ndata = [\"shard-0\", \"shard-1\"]\nparity = [\"shard-2\"]\n",
+            cluster.repo().display(),
+            lease_ms / 2
+        );
+        std::fs::write(cluster.config_path(), config).expect("write config");
+        cluster.start_coordinator(fault);
+        cluster
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("lockstep.toml")
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    pub fn start_coordinator(&mut self, fault: Option<&str>) {
+        let args = vec![
+            "serve".to_string(),
+            "--config".to_string(),
+            self.config_path().display().to_string(),
+        ];
+        let env: Vec<(String, String)> = fault
+            .map(|f| vec![("LOCKSTEP_FAULT_PAUSE".to_string(), f.to_string())])
+            .unwrap_or_default();
+        let (child, address) = start_server("lockstep", &args, &env, &self.log("coordinator"));
+        self.coordinator = Some(child);
+        self.coordinator_address = format!("http://{address}");
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut child) = self.coordinator.take() {
+            kill_hard(&mut child);
+        }
+    }
+
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut child) = self.agents[i].take() {
+            kill_hard(&mut child);
+        }
+    }
+
+    /// Restarts agent `i` on its old address.
+    pub fn restart_agent(&mut self, i: usize) {
+        let args = self.agent_args(i, &self.addresses[i].clone());
+        let (child, _) = start_server(
+            "lockstep-agent",
+            &args,
+            &[],
+            &self.log(&format!("agent-{i}")),
+        );
+        self.agents[i] = Some(child);
+    }
+
+    /// Runs `lockstep ARGS` against this cluster's coordinator.
+    pub fn lockstep(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(binary("lockstep"))
+            .args(args)
+            .env("LOCKSTEP_COORDINATOR", &self.coordinator_address)
+            .output()
+            .expect("run lockstep")
+    }
+
+    pub async fn shard_client(&self, i: usize) -> ShardClient<Channel> {
+        ShardClient::connect(format!("http://{}", self.addresses[i]))
+            .await
+            .expect("connect shard")
+    }
+
+    pub async fn agent_client(&self, i: usize) -> AgentClient<Channel> {
+        AgentClient::connect(format!("http://{}", self.addresses[i]))
+            .await
+            .expect("connect agent")
+    }
+
+    /// Whether agent `i` reports its gate closed; `None` if it does not answer.
+    pub async fn gate_closed(&self, i: usize) -> Option<bool> {
+        let mut client = AgentClient::connect(format!("http://{}", self.addresses[i]))
+            .await
+            .ok()?;
+        let info = client.describe(v1::DescribeRequest {}).await.ok()?;
+        Some(info.into_inner().gate_closed)
+    }
+
+    /// Restores shard `i` of `backup` into a fresh directory and returns its keys.
+    pub fn restored_keys(&self, backup: &str, i: usize) -> Vec<Vec<u8>> {
+        let target = self.dir.path().join(format!("restore-{backup}-{i}"));
+        agent_ok(&[
+            "restore",
+            "--repo",
+            self.repo().to_str().expect("utf-8"),
+            "--backup",
+            backup,
+            "--shard",
+            &Cluster::shard(i),
+            "--to",
+            target.to_str().expect("utf-8"),
+        ]);
+        let engine = RocksEngine::open(&target, &[]).expect("open restored shard");
+        engine
+            .scan("default", b"", None, usize::MAX)
+            .expect("scan")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_coordinator();
+        for i in 0..self.agents.len() {
+            self.kill_agent(i);
+        }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes; returns the time it took.
+pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    while started.elapsed() < limit {
+        every.tick().await;
+        if condition().await {
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
+pub async fn all_gates(cluster: &Cluster, closed: bool, skip: Option<usize>) -> bool {
+    for i in (0..N_AGENTS).filter(|i| Some(*i) != skip) {
+        if cluster.gate_closed(i).await != Some(closed) {
+            return false;
+        }
+    }
+    true
+}
+
+pub fn json(output: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("not JSON ({err}):\n{}", text(output)))
+}
