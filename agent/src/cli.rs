@@ -336,22 +336,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
             .await
             .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|err| {
-            Error::io(
-                ErrorCode::InvalidArgument,
-                format!("listen on {}", args.listen),
-                err,
-            )
-        })?;
-    let address = listener.local_addr().map_err(|err| {
-        Error::io(
-            ErrorCode::InvalidArgument,
-            "read the listening address",
-            err,
-        )
-    })?;
+    let (listener, address) = lockstep_proto::bind(&args.listen).await?;
     println!(
         "lockstep-agent: shard {shard} ({}) listening on {address}",
         engine.kind()
@@ -373,12 +358,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
             tracing::warn!(dir = %options.capture_root.display(), error = %err, "could not remove old captures")
         }
     }
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        lockstep_proto::shutdown_signal().await;
-        on_signal.cancel();
-    });
+    let shutdown = lockstep_proto::shutdown_on_signal();
     crate::server::serve(engine, repo, shard, options, listener, shutdown).await
 }
 
@@ -585,14 +565,6 @@ fn run_digest<E: ShardEngine>(args: &DigestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prints an error the way operators of the seed systems expect, and returns the exit code.
-pub fn report_error(err: &Error) -> i32 {
-    eprintln!("Error: {}", err.chain());
-    eprintln!("Severity: {}", err.severity());
-    eprintln!("Solution: {}", err.hint());
-    err.code.exit_code()
-}
-
 /// Runs one command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     let result = match &cli.command {
@@ -622,6 +594,6 @@ pub async fn run(cli: Cli) -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(err) => report_error(&err),
+        Err(err) => lockstep_proto::report_error(&err),
     }
 }

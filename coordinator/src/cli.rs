@@ -252,29 +252,9 @@ async fn run_command(cli: Cli) -> Result<bool> {
     match cli.command {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
-            let listener = tokio::net::TcpListener::bind(&config.listen)
-                .await
-                .map_err(|err| {
-                    Error::io(
-                        ErrorCode::InvalidArgument,
-                        format!("listen on {}", config.listen),
-                        err,
-                    )
-                })?;
-            let address = listener.local_addr().map_err(|err| {
-                Error::io(
-                    ErrorCode::InvalidArgument,
-                    "read the listening address",
-                    err,
-                )
-            })?;
+            let (listener, address) = lockstep_proto::bind(&config.listen).await?;
             let n_agents = config.agents.len();
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            let on_signal = shutdown.clone();
-            tokio::spawn(async move {
-                lockstep_proto::shutdown_signal().await;
-                on_signal.cancel();
-            });
+            let shutdown = lockstep_proto::shutdown_on_signal();
             let on_ready = move || {
                 println!("lockstep: coordinator of {n_agents} shards listening on {address}")
             };
@@ -419,11 +399,6 @@ pub async fn run(cli: Cli) -> i32 {
     match run_command(cli).await {
         Ok(true) => 0,
         Ok(false) => ErrorCode::BackupVerificationFailed.exit_code(),
-        Err(err) => {
-            eprintln!("Error: {}", err.chain());
-            eprintln!("Severity: {}", err.severity());
-            eprintln!("Solution: {}", err.hint());
-            err.code.exit_code()
-        }
+        Err(err) => lockstep_proto::report_error(&err),
     }
 }

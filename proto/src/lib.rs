@@ -85,7 +85,47 @@ pub fn reflection_services() -> Result<
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
-/// Resolves on Ctrl-C or SIGTERM: the shutdown trigger of every Lockstep server binary.
+/// Binds the listener of a server binary and returns it with the address it got.
+pub async fn bind(address: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), Error> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|err| {
+            Error::io(
+                ErrorCode::InvalidArgument,
+                format!("listen on {address}"),
+                err,
+            )
+        })?;
+    let local = listener.local_addr().map_err(|err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            "read the listening address",
+            err,
+        )
+    })?;
+    Ok((listener, local))
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM: the shutdown trigger of every server binary.
+pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let on_signal = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    token
+}
+
+/// Prints an error the way operators of the seed systems expect, and returns the exit code.
+pub fn report_error(err: &Error) -> i32 {
+    eprintln!("Error: {}", err.chain());
+    eprintln!("Severity: {}", err.severity());
+    eprintln!("Solution: {}", err.hint());
+    err.code.exit_code()
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -301,20 +301,25 @@ impl Repository {
         BackupManifest::parse(&format!("backup manifest {key}"), &bytes)
     }
 
-    /// Ids of every committed backup, oldest first.
-    pub async fn backup_ids(&self) -> Result<Vec<BackupId>> {
+    /// The backup ids named by the keys under `dir` (`backups/` or `pending/`), sorted.
+    async fn ids_under(&self, dir: &Path, what: &str) -> Result<Vec<BackupId>> {
         let metas: Vec<_> = self
             .store
-            .list(Some(&self.layout.backups_dir()))
+            .list(Some(dir))
             .try_collect()
             .await
-            .map_err(|err| storage_error("list backups", err))?;
+            .map_err(|err| storage_error(format!("list {what}"), err))?;
         let mut ids: Vec<BackupId> = metas
             .iter()
             .filter_map(|m| self.layout.backup_id_of(&m.location))
             .collect();
         ids.sort();
         Ok(ids)
+    }
+
+    /// Ids of every committed backup, oldest first.
+    pub async fn backup_ids(&self) -> Result<Vec<BackupId>> {
+        self.ids_under(&self.layout.backups_dir(), "backups").await
     }
 
     /// Every committed backup manifest, oldest first. A manifest that does not parse is
@@ -348,18 +353,8 @@ impl Repository {
 
     /// Ids of backups whose intent is recorded; those without a backup manifest are leftovers.
     pub async fn pending_ids(&self) -> Result<Vec<BackupId>> {
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&self.layout.pending_dir()))
-            .try_collect()
+        self.ids_under(&self.layout.pending_dir(), "pending backups")
             .await
-            .map_err(|err| storage_error("list pending backups", err))?;
-        let mut ids: Vec<BackupId> = metas
-            .iter()
-            .filter_map(|m| self.layout.backup_id_of(&m.location))
-            .collect();
-        ids.sort();
-        Ok(ids)
     }
 
     async fn delete_if_present(&self, key: &Path) -> Result<()> {

@@ -97,13 +97,13 @@ impl WriteBatch {
     /// after its end. (An empty range, `start == end`, is a valid no-op.)
     pub fn validate(&self) -> Result<()> {
         for op in &self.ops {
-            if let Op::DeleteRange { cf, start, end } = op {
-                if start > end {
-                    return Err(Error::new(
-                        ErrorCode::InvalidArgument,
-                        format!("range delete in {cf:?} has its start after its end"),
-                    ));
-                }
+            if let Op::DeleteRange { cf, start, end } = op
+                && start > end
+            {
+                return Err(Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!("range delete in {cf:?} has its start after its end"),
+                ));
             }
         }
         Ok(())
@@ -173,10 +173,10 @@ impl Capture {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.dir) {
-            if err.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.dir.display(), error = %err, "could not remove capture directory");
-            }
+        if let Err(err) = std::fs::remove_dir_all(&self.dir)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %err, "could not remove capture directory");
         }
         drop(self.hold.take());
     }
