@@ -3,6 +3,8 @@
 # RocksDB build (about 15-20 minutes cold on 2 cores).
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lockstep-target
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 BIN := $(CARGO_TARGET_DIR)/release
 
 .PHONY: deps build test demo bench fmt
@@ -20,7 +22,8 @@ test: deps
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo build --workspace --bins
-	LOCKSTEP_BIN_DIR=$(CARGO_TARGET_DIR)/debug cargo test --workspace -- --test-threads=2
+	LOCKSTEP_BIN_DIR=$(CARGO_TARGET_DIR)/debug cargo test --workspace -- --test-threads=2 2>&1 | tee $(CARGO_TARGET_DIR)/make-test.log
+	@awk '/^test result:/ { passed += $$4; failed += $$6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' $(CARGO_TARGET_DIR)/make-test.log
 
 ## demo: a shard with data, a backup, a disaster, a verified restore
 demo: build
