@@ -117,6 +117,31 @@ pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
     token
 }
 
+/// The body of every Lockstep binary's `main`: logs to stderr (filter from `LOCKSTEP_LOG`,
+/// else `default_filter`), runs `command` on a multi-threaded runtime, and turns its exit code
+/// into the process's.
+pub fn run_binary(
+    default_filter: &str,
+    command: impl std::future::Future<Output = i32>,
+) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("Error: start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(command);
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
 /// Prints an error the way operators of the seed systems expect, and returns the exit code.
 pub fn report_error(err: &Error) -> i32 {
     eprintln!("Error: {}", err.chain());
