@@ -5,7 +5,9 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lockstep-target
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
-BIN := $(CARGO_TARGET_DIR)/release
+# Demo and bench use the test build: our crates unoptimized, every dependency (RocksDB, zstd,
+# sha2, object_store) at opt-level 2, so `make demo` after `make test` compiles nothing.
+BIN := $(CARGO_TARGET_DIR)/debug
 
 .PHONY: deps build test demo bench fmt
 
@@ -13,9 +15,9 @@ BIN := $(CARGO_TARGET_DIR)/release
 deps:
 	@bash scripts/deps.sh
 
-## build: release binaries
+## build: the binaries (lockstep, lockstep-agent)
 build: deps
-	cargo build --release -p lockstep-agent --bins
+	cargo build --workspace --bins
 
 ## test: format check, clippy with -D warnings, every test
 test: deps
@@ -25,7 +27,7 @@ test: deps
 	LOCKSTEP_BIN_DIR=$(CARGO_TARGET_DIR)/debug cargo test --workspace -- --test-threads=2 2>&1 | tee $(CARGO_TARGET_DIR)/make-test.log
 	@awk '/^test result:/ { passed += $$4; failed += $$6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' $(CARGO_TARGET_DIR)/make-test.log
 
-## demo: a shard with data, a backup, a disaster, a verified restore
+## demo: a RAID5 cluster of 3 agents and a coordinator, backups under writes, a disaster, a verified restore
 demo: build
 	@LOCKSTEP_BIN_DIR=$(BIN) bash scripts/demo.sh
 

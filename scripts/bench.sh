@@ -4,7 +4,7 @@
 # The comparison against RocksDB's BackupEngine in the same run is issue 6.
 set -euo pipefail
 
-bin="${LOCKSTEP_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/lockstep-target}/release}"
+bin="${LOCKSTEP_BIN_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/lockstep-target}/debug}"
 agent="$bin/lockstep-agent"
 work="${BENCH_DIR:-$(mktemp -d -t lockstep-bench.XXXXXX)}"
 sizes="${BENCH_SIZES_MIB:-512 2048}"

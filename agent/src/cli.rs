@@ -167,9 +167,14 @@ pub struct RestoreArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("shard").required(true).args(["db", "endpoint"])))]
 pub struct LoadArgs {
+    /// Write into this shard directory (the shard must not be open elsewhere)...
     #[arg(long)]
-    pub db: PathBuf,
+    pub db: Option<PathBuf>,
+    /// ...or through a serving agent's Shard API (for example http://127.0.0.1:7401).
+    #[arg(long)]
+    pub endpoint: Option<String>,
     /// Keys to write per column family.
     #[arg(long, default_value_t = 100_000)]
     pub keys: u64,
@@ -332,9 +337,12 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     let repo = Repository::open(&args.repo).await?;
     let (db, cfs) = (args.db.clone(), args.cfs.clone());
     let engine = Arc::new(
-        tokio::task::spawn_blocking(move || E::open(&db, &cfs))
-            .await
-            .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
+        tokio::task::spawn_blocking(move || {
+            crate::slot::recover_interrupted_swap(&db)?;
+            E::open(&db, &cfs)
+        })
+        .await
+        .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
     let (listener, address) = lockstep_proto::bind(&args.listen).await?;
     println!(
@@ -359,7 +367,8 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         }
     }
     let shutdown = lockstep_proto::shutdown_on_signal();
-    crate::server::serve(engine, repo, shard, options, listener, shutdown).await
+    let slot = Arc::new(crate::slot::EngineSlot::new(args.db.clone(), engine));
+    crate::server::serve(slot, repo, shard, options, listener, shutdown).await
 }
 
 async fn run_list(args: &ListArgs) -> Result<()> {
@@ -484,38 +493,115 @@ impl SplitMix {
     }
 }
 
-fn run_load<E: ShardEngine>(args: &LoadArgs) -> Result<()> {
-    let engine = E::open(&args.db, &args.cfs)?;
-    let mut rng = SplitMix(args.seed);
-    let random_len = ((args.value_size as f64) * args.random_fraction.clamp(0.0, 1.0)) as usize;
-    let started = Instant::now();
-    let mut bytes = 0u64;
-    const BATCH: u64 = 1000;
-    for cf in &args.cfs {
-        let mut i = 0;
-        while i < args.keys {
-            let mut batch = WriteBatch::new();
-            for key in i..(i + BATCH).min(args.keys) {
-                let mut value = vec![b'a' + (key % 26) as u8; args.value_size];
-                for chunk in value[..random_len].chunks_mut(8) {
-                    let word = rng.next().to_le_bytes();
-                    chunk.copy_from_slice(&word[..chunk.len()]);
-                }
-                bytes += value.len() as u64;
-                batch.put(cf, format!("{}{key:012}", args.prefix), value);
-            }
-            engine.write(&batch)?;
-            i += BATCH;
+/// The generated data of `load`, as a stream of write batches of at most about 1 MiB.
+struct Generator<'a> {
+    args: &'a LoadArgs,
+    rng: SplitMix,
+    random_len: usize,
+    per_batch: u64,
+    cf: usize,
+    next_key: u64,
+    bytes: u64,
+}
+
+impl<'a> Generator<'a> {
+    fn new(args: &'a LoadArgs) -> Generator<'a> {
+        Generator {
+            args,
+            rng: SplitMix(args.seed),
+            random_len: ((args.value_size as f64) * args.random_fraction.clamp(0.0, 1.0)) as usize,
+            per_batch: (1024 * 1024 / args.value_size.max(1) as u64).clamp(1, 1000),
+            cf: 0,
+            next_key: 0,
+            bytes: 0,
         }
     }
+
+    fn next_batch(&mut self) -> Option<WriteBatch> {
+        let args = self.args;
+        if self.next_key >= args.keys {
+            self.cf += 1;
+            self.next_key = 0;
+        }
+        let cf = args.cfs.get(self.cf)?;
+        if args.keys == 0 {
+            return None;
+        }
+        let mut batch = WriteBatch::new();
+        let end = (self.next_key + self.per_batch).min(args.keys);
+        for key in self.next_key..end {
+            let mut value = vec![b'a' + (key % 26) as u8; args.value_size];
+            for chunk in value[..self.random_len].chunks_mut(8) {
+                let word = self.rng.next().to_le_bytes();
+                chunk.copy_from_slice(&word[..chunk.len()]);
+            }
+            self.bytes += value.len() as u64;
+            batch.put(cf, format!("{}{key:012}", args.prefix), value);
+        }
+        self.next_key = end;
+        Some(batch)
+    }
+}
+
+fn report_load(args: &LoadArgs, bytes: u64, started: Instant, seq: u64) {
     println!(
-        "Loaded {} keys x {} column families ({}) in {:.2}s; shard at seq {}",
+        "Loaded {} keys x {} column families ({}) in {:.2}s; shard at seq {seq}",
         args.keys,
         args.cfs.len(),
         human_bytes(bytes),
         started.elapsed().as_secs_f64(),
-        engine.latest_seq()
     );
+}
+
+fn run_load<E: ShardEngine>(args: &LoadArgs, db: &Path) -> Result<()> {
+    let engine = E::open(db, &args.cfs)?;
+    let started = Instant::now();
+    let mut generator = Generator::new(args);
+    while let Some(batch) = generator.next_batch() {
+        engine.write(&batch)?;
+    }
+    report_load(args, generator.bytes, started, engine.latest_seq().0);
+    Ok(())
+}
+
+/// `load --endpoint`: the same data through a serving agent, each batch acknowledged before
+/// the next is sent (so it can run while backups are taken).
+async fn run_load_remote(args: &LoadArgs, endpoint: &str) -> Result<()> {
+    use lockstep_proto::v1;
+    let mut client = v1::shard_client::ShardClient::connect(endpoint.to_string())
+        .await
+        .map_err(|err| {
+            Error::with_source(
+                ErrorCode::AgentUnavailable,
+                format!("connect to the agent at {endpoint}"),
+                err,
+            )
+        })?;
+    let started = Instant::now();
+    let mut generator = Generator::new(args);
+    let mut seq = 0;
+    while let Some(batch) = generator.next_batch() {
+        let ops = batch
+            .ops
+            .into_iter()
+            .filter_map(|op| match op {
+                crate::engine::Op::Put { cf, key, value } => Some(v1::WriteOp {
+                    kind: v1::write_op::Kind::Put as i32,
+                    column_family: cf,
+                    key,
+                    value,
+                    end_key: Vec::new(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let reply = client
+            .write(v1::WriteRequest { ops })
+            .await
+            .map_err(|s| lockstep_proto::from_status("write", &s))?;
+        seq = reply.into_inner().last_seq;
+    }
+    report_load(args, generator.bytes, started, seq);
     Ok(())
 }
 
@@ -565,6 +651,14 @@ fn run_digest<E: ShardEngine>(args: &DigestArgs) -> Result<()> {
     Ok(())
 }
 
+/// Clap requires `--db` or `--endpoint`; this keeps a bad parse from panicking anyway.
+fn no_shard_named() -> Result<()> {
+    Err(Error::new(
+        ErrorCode::InvalidArgument,
+        "name the shard with --db DIR or --endpoint URL",
+    ))
+}
+
 /// Runs one command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     let result = match &cli.command {
@@ -583,9 +677,11 @@ pub async fn run(cli: Cli) -> i32 {
             Err(err) => Err(err),
         },
         Command::Restore(args) => run_restore(args).await,
-        Command::Load(args) => match args.engine {
-            EngineKind::Rocksdb => run_load::<RocksEngine>(args),
-            EngineKind::Memory => run_load::<MemEngine>(args),
+        Command::Load(args) => match (&args.db, &args.endpoint, args.engine) {
+            (Some(db), _, EngineKind::Rocksdb) => run_load::<RocksEngine>(args, db),
+            (Some(db), _, EngineKind::Memory) => run_load::<MemEngine>(args, db),
+            (None, Some(endpoint), _) => run_load_remote(args, endpoint).await,
+            (None, None, _) => no_shard_named(),
         },
         Command::Digest(args) => match args.engine {
             EngineKind::Rocksdb => run_digest::<RocksEngine>(args),

@@ -5,6 +5,7 @@
 //! - `backup`: capture under the closed gate, upload with it open;
 //! - `restore`: verified, atomic restore of a shard into a new directory;
 //! - `participant`: the two-phase barrier participant actor;
+//! - `slot`: the live engine, and its in-place replacement by a restore;
 //! - `server`: the gRPC `Shard` and `Agent` services.
 //!
 //! An application that embeds RocksDB can use this crate as a library: it must route its
@@ -17,6 +18,7 @@ pub mod gate;
 pub mod participant;
 pub mod restore;
 pub mod server;
+pub mod slot;
 
 pub use engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
 pub use gate::WriteGate;

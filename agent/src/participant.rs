@@ -13,6 +13,7 @@
 //! the task, so a client that goes away mid-call cannot leave a barrier half-done.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,13 +21,15 @@ use lockstep_repository::manifest::{FileKind, ShardManifest};
 use lockstep_repository::transfer::Progress;
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{BackupOptions, CapturedShard, capture_closed, upload_capture};
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};
+use crate::restore::{StagedShard, check_target, stage_shard};
+use crate::slot::EngineSlot;
 
 /// How many finished barriers an agent remembers.
 const REMEMBERED: usize = 256;
@@ -100,6 +103,75 @@ enum Msg {
     },
     /// The agent's own state.
     Describe { reply: oneshot::Sender<AgentInfo> },
+    /// Restore phase 1: download and check, in the background.
+    RestoreStage {
+        request: RestoreRequest,
+        reply: oneshot::Sender<Result<RestoreStatus>>,
+    },
+    RestoreStatus {
+        restore_id: String,
+        reply: oneshot::Sender<RestoreStatus>,
+    },
+    /// Restore phase 2: swap the staged shard in under the closed gate.
+    RestoreApply {
+        restore_id: String,
+        reply: oneshot::Sender<Result<RestoreStatus>>,
+    },
+    RestoreDiscard {
+        restore_id: String,
+        reply: oneshot::Sender<RestoreStatus>,
+    },
+}
+
+/// A restore of this agent's shard.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub restore_id: String,
+    pub backup: BackupId,
+    /// A directory to restore into; `None` replaces the live shard.
+    pub target: Option<PathBuf>,
+}
+
+/// Where a restore stands on this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreState {
+    Staging,
+    Staged,
+    Applied,
+    Discarded,
+    Failed,
+    Unknown,
+}
+
+/// What the agent says about one restore.
+#[derive(Debug, Clone)]
+pub struct RestoreStatus {
+    pub restore_id: String,
+    pub backup_id: Option<BackupId>,
+    pub shard_id: ShardId,
+    pub state: RestoreState,
+    pub seq: Seq,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub n_files: usize,
+    pub target: Option<PathBuf>,
+    pub error: Option<(ErrorCode, String)>,
+}
+
+struct RestoreRecord {
+    status: RestoreStatus,
+    progress: Arc<Progress>,
+    /// Set while `Staged`: the checked shard waiting for Apply.
+    staged: Option<StagedShard>,
+    /// Set while `Staging`.
+    task: Option<AbortHandle>,
+}
+
+/// What a staging task produced: a shard staged for an in-place swap, or one already renamed
+/// into its target directory.
+enum Staged {
+    InPlace(StagedShard),
+    Placed { seq: Seq, n_files: usize },
 }
 
 /// Cloneable handle on the participant task.
@@ -128,7 +200,7 @@ struct Record {
 }
 
 struct Participant<E: ShardEngine> {
-    engine: Arc<E>,
+    slot: Arc<EngineSlot<E>>,
     gate: WriteGate,
     repo: Repository,
     shard_id: ShardId,
@@ -138,6 +210,11 @@ struct Participant<E: ShardEngine> {
     /// The barrier holding the gate or uploading, if any.
     active: Option<BackupId>,
     uploads: JoinSet<(BackupId, Result<ShardManifest>)>,
+    restores: HashMap<String, RestoreRecord>,
+    restore_order: VecDeque<String>,
+    /// The restore staging or staged, if any: it holds the shard like a barrier does.
+    restoring: Option<String>,
+    stagings: JoinSet<(String, Result<Staged>)>,
 }
 
 fn stopped() -> Error {
@@ -148,7 +225,7 @@ impl ParticipantHandle {
     /// Starts the participant task in `tasks`; it stops when `cancel` fires, opening the gate
     /// and dropping any capture.
     pub fn spawn<E: ShardEngine>(
-        engine: Arc<E>,
+        slot: Arc<EngineSlot<E>>,
         gate: WriteGate,
         repo: Repository,
         shard_id: ShardId,
@@ -158,7 +235,7 @@ impl ParticipantHandle {
     ) -> ParticipantHandle {
         let (tx, rx) = mpsc::channel(64);
         let participant = Participant {
-            engine,
+            slot,
             gate,
             repo,
             shard_id,
@@ -167,6 +244,10 @@ impl ParticipantHandle {
             order: VecDeque::new(),
             active: None,
             uploads: JoinSet::new(),
+            restores: HashMap::new(),
+            restore_order: VecDeque::new(),
+            restoring: None,
+            stagings: JoinSet::new(),
         };
         tasks.spawn(participant.run(rx, cancel));
         ParticipantHandle { tx }
@@ -204,6 +285,26 @@ impl ParticipantHandle {
     pub async fn describe(&self) -> Result<AgentInfo> {
         self.ask(|reply| Msg::Describe { reply }).await
     }
+
+    pub async fn restore_stage(&self, request: RestoreRequest) -> Result<RestoreStatus> {
+        self.ask(|reply| Msg::RestoreStage { request, reply })
+            .await?
+    }
+
+    pub async fn restore_status(&self, restore_id: String) -> Result<RestoreStatus> {
+        self.ask(|reply| Msg::RestoreStatus { restore_id, reply })
+            .await
+    }
+
+    pub async fn restore_apply(&self, restore_id: String) -> Result<RestoreStatus> {
+        self.ask(|reply| Msg::RestoreApply { restore_id, reply })
+            .await?
+    }
+
+    pub async fn restore_discard(&self, restore_id: String) -> Result<RestoreStatus> {
+        self.ask(|reply| Msg::RestoreDiscard { restore_id, reply })
+            .await
+    }
 }
 
 impl<E: ShardEngine> Participant<E> {
@@ -221,6 +322,13 @@ impl<E: ShardEngine> Participant<E> {
                         Err(err) => tracing::error!(error = %err, "upload task failed"),
                     }
                 }
+                Some(done) = self.stagings.join_next(), if !self.stagings.is_empty() => {
+                    match done {
+                        Ok((restore_id, result)) => self.staging_finished(restore_id, result),
+                        Err(err) if err.is_cancelled() => {}
+                        Err(err) => tracing::error!(error = %err, "restore staging task failed"),
+                    }
+                }
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg).await,
                     None => break,
@@ -229,7 +337,9 @@ impl<E: ShardEngine> Participant<E> {
         }
         // Dropping the records opens the gate and releases any capture; uploads are cancelled.
         self.uploads.abort_all();
+        self.stagings.abort_all();
         self.records.clear();
+        self.restores.clear();
     }
 
     fn held_deadline(&self) -> Option<Instant> {
@@ -310,13 +420,26 @@ impl<E: ShardEngine> Participant<E> {
                 let _ = reply.send(self.snapshot(&backup));
             }
             Msg::Describe { reply } => {
+                let engine = self.slot.get().ok();
                 let _ = reply.send(AgentInfo {
                     shard_id: self.shard_id.clone(),
-                    engine: self.engine.kind(),
-                    seq: self.engine.latest_seq(),
+                    engine: engine.as_ref().map_or("", |e| e.kind()),
+                    seq: engine.as_ref().map_or(Seq(0), |e| e.latest_seq()),
                     gate_closed: self.gate.is_closed(),
                     active_backup: self.active.clone(),
                 });
+            }
+            Msg::RestoreStage { request, reply } => {
+                let _ = reply.send(self.restore_stage(request));
+            }
+            Msg::RestoreStatus { restore_id, reply } => {
+                let _ = reply.send(self.restore_snapshot(&restore_id));
+            }
+            Msg::RestoreApply { restore_id, reply } => {
+                let _ = reply.send(self.restore_apply(restore_id).await);
+            }
+            Msg::RestoreDiscard { restore_id, reply } => {
+                let _ = reply.send(self.restore_discard(restore_id));
             }
         }
     }
@@ -347,8 +470,20 @@ impl<E: ShardEngine> Participant<E> {
                 format!("shard {} is busy with backup {active}", self.shard_id),
             );
         }
+        if let Some(restore) = &self.restoring {
+            return self.failed(
+                &backup,
+                BarrierState::Failed,
+                ErrorCode::BarrierBusy,
+                format!("shard {} is being restored ({restore})", self.shard_id),
+            );
+        }
         let capture_dir = self.options.capture_root.join(backup.as_str());
-        let (closed, captured) = match capture_closed(&self.engine, &self.gate, capture_dir).await {
+        let captured = match self.slot.get() {
+            Ok(engine) => capture_closed(&engine, &self.gate, capture_dir).await,
+            Err(err) => Err(err),
+        };
+        let (closed, captured) = match captured {
             Ok(held) => held,
             Err(err) => {
                 let status = self.failed(&backup, BarrierState::Failed, err.code, err.chain());
@@ -512,5 +647,232 @@ impl<E: ShardEngine> Participant<E> {
                 record.status.error = Some((err.code, err.chain()));
             }
         }
+    }
+
+    fn restore_unknown(&self, restore_id: &str) -> RestoreStatus {
+        RestoreStatus {
+            restore_id: restore_id.to_string(),
+            backup_id: None,
+            shard_id: self.shard_id.clone(),
+            state: RestoreState::Unknown,
+            seq: Seq(0),
+            bytes_done: 0,
+            bytes_total: 0,
+            n_files: 0,
+            target: None,
+            error: None,
+        }
+    }
+
+    fn restore_snapshot(&self, restore_id: &str) -> RestoreStatus {
+        let Some(record) = self.restores.get(restore_id) else {
+            return self.restore_unknown(restore_id);
+        };
+        let mut status = record.status.clone();
+        let (done, total) = record.progress.snapshot();
+        status.bytes_done = done;
+        status.bytes_total = total;
+        status
+    }
+
+    fn remember_restore(&mut self, restore_id: String, record: RestoreRecord) {
+        self.restore_order.push_back(restore_id.clone());
+        self.restores.insert(restore_id, record);
+        while self.restore_order.len() > REMEMBERED {
+            let Some(oldest) = self.restore_order.pop_front() else {
+                break;
+            };
+            if self.restoring.as_ref() == Some(&oldest) {
+                self.restore_order.push_back(oldest);
+                break;
+            }
+            self.restores.remove(&oldest);
+        }
+    }
+
+    fn restore_stage(&mut self, request: RestoreRequest) -> Result<RestoreStatus> {
+        if self.restores.contains_key(&request.restore_id) {
+            return Ok(self.restore_snapshot(&request.restore_id));
+        }
+        if let Some(active) = &self.active {
+            return Err(Error::new(
+                ErrorCode::BarrierBusy,
+                format!("shard {} is busy with backup {active}", self.shard_id),
+            ));
+        }
+        if let Some(restore) = &self.restoring {
+            return Err(Error::new(
+                ErrorCode::BarrierBusy,
+                format!("shard {} is busy with restore {restore}", self.shard_id),
+            ));
+        }
+        if let Some(target) = &request.target {
+            if std::path::absolute(target).ok().as_deref()
+                == std::path::absolute(self.slot.dir()).ok().as_deref()
+            {
+                return Err(Error::new(
+                    ErrorCode::RestoreTargetNotEmpty,
+                    format!(
+                        "{} is the live shard; restore in place instead",
+                        target.display()
+                    ),
+                ));
+            }
+            check_target(target)?;
+        }
+        let engine_kind = self.slot.get()?.kind();
+        let progress = Arc::new(Progress::default());
+        let (repo, shard, backup, transfer, live) = (
+            self.repo.clone(),
+            self.shard_id.clone(),
+            request.backup.clone(),
+            self.options.transfer,
+            self.slot.dir().to_path_buf(),
+        );
+        let (id, target, task_progress) = (
+            request.restore_id.clone(),
+            request.target.clone(),
+            progress.clone(),
+        );
+        let task = self.stagings.spawn(async move {
+            let result = match &target {
+                None => stage_shard(
+                    &repo,
+                    &backup,
+                    &shard,
+                    &live,
+                    Some(engine_kind),
+                    transfer,
+                    &task_progress,
+                )
+                .await
+                .map(Staged::InPlace),
+                Some(target) => {
+                    let staged = stage_shard(
+                        &repo,
+                        &backup,
+                        &shard,
+                        target,
+                        None,
+                        transfer,
+                        &task_progress,
+                    )
+                    .await;
+                    staged.and_then(|staged| {
+                        let (seq, n_files) = (staged.seq, staged.n_files);
+                        staged.move_to(target)?;
+                        Ok(Staged::Placed { seq, n_files })
+                    })
+                }
+            };
+            (id, result)
+        });
+        tracing::info!(restore = %request.restore_id, backup = %request.backup, shard = %self.shard_id, target = ?request.target, "restore: staging");
+        let status = RestoreStatus {
+            backup_id: Some(request.backup.clone()),
+            state: RestoreState::Staging,
+            target: request.target.clone(),
+            ..self.restore_unknown(&request.restore_id)
+        };
+        self.restoring = Some(request.restore_id.clone());
+        self.remember_restore(
+            request.restore_id.clone(),
+            RestoreRecord {
+                status,
+                progress,
+                staged: None,
+                task: Some(task),
+            },
+        );
+        Ok(self.restore_snapshot(&request.restore_id))
+    }
+
+    fn staging_finished(&mut self, restore_id: String, result: Result<Staged>) {
+        let Some(record) = self.restores.get_mut(&restore_id) else {
+            return;
+        };
+        if record.status.state != RestoreState::Staging {
+            return;
+        }
+        record.task = None;
+        match result {
+            Ok(Staged::InPlace(staged)) => {
+                tracing::info!(restore = %restore_id, shard = %self.shard_id, seq = %staged.seq, "restore: staged and checked");
+                record.status.state = RestoreState::Staged;
+                record.status.seq = staged.seq;
+                record.status.n_files = staged.n_files;
+                record.staged = Some(staged);
+            }
+            Ok(Staged::Placed { seq, n_files }) => {
+                tracing::info!(restore = %restore_id, shard = %self.shard_id, seq = %seq, "restore: shard restored into its target directory");
+                record.status.state = RestoreState::Applied;
+                record.status.seq = seq;
+                record.status.n_files = n_files;
+                self.restoring = None;
+            }
+            Err(err) => {
+                tracing::error!(restore = %restore_id, shard = %self.shard_id, error = %err.chain(), "restore: staging failed");
+                record.status.state = RestoreState::Failed;
+                record.status.error = Some((err.code, err.chain()));
+                self.restoring = None;
+            }
+        }
+    }
+
+    async fn restore_apply(&mut self, restore_id: String) -> Result<RestoreStatus> {
+        let Some(record) = self.restores.get_mut(&restore_id) else {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("no restore {restore_id} on shard {}", self.shard_id),
+            ));
+        };
+        if record.status.state != RestoreState::Staged {
+            // Applied already (a retry), or not ready: the status says which.
+            return Ok(self.restore_snapshot(&restore_id));
+        }
+        let Some(staged) = record.staged.take() else {
+            return Ok(self.restore_snapshot(&restore_id));
+        };
+        let closed = self.gate.close().await;
+        let swapped = self.slot.swap_in(staged).await;
+        let paused = closed.open();
+        self.restoring = None;
+        let Some(record) = self.restores.get_mut(&restore_id) else {
+            return Ok(self.restore_unknown(&restore_id));
+        };
+        match swapped {
+            Ok(seq) => {
+                tracing::info!(restore = %restore_id, shard = %self.shard_id, seq = %seq, paused_ms = paused.as_millis() as u64, "restore: live shard replaced");
+                record.status.state = RestoreState::Applied;
+                record.status.seq = seq;
+            }
+            Err(err) => {
+                tracing::error!(restore = %restore_id, shard = %self.shard_id, error = %err.chain(), "restore: swap failed; the live shard is unchanged");
+                record.status.state = RestoreState::Failed;
+                record.status.error = Some((err.code, err.chain()));
+            }
+        }
+        Ok(self.restore_snapshot(&restore_id))
+    }
+
+    fn restore_discard(&mut self, restore_id: String) -> RestoreStatus {
+        if let Some(record) = self.restores.get_mut(&restore_id)
+            && matches!(
+                record.status.state,
+                RestoreState::Staging | RestoreState::Staged
+            )
+        {
+            if let Some(task) = record.task.take() {
+                task.abort();
+            }
+            // Dropping the staged shard removes its staging directory.
+            drop(record.staged.take());
+            record.status.state = RestoreState::Discarded;
+            if self.restoring.as_ref() == Some(&restore_id) {
+                self.restoring = None;
+            }
+            tracing::info!(restore = %restore_id, shard = %self.shard_id, "restore: discarded");
+        }
+        self.restore_snapshot(&restore_id)
     }
 }

@@ -26,6 +26,7 @@ pub struct RestoreOutcome {
 }
 
 /// Removes a staging directory unless it was renamed into place.
+#[derive(Debug)]
 struct Staging {
     path: PathBuf,
     armed: bool,
@@ -39,7 +40,7 @@ impl Drop for Staging {
     }
 }
 
-fn check_target(target: &Path) -> Result<()> {
+pub fn check_target(target: &Path) -> Result<()> {
     match std::fs::read_dir(target) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -108,38 +109,91 @@ pub async fn select_shard(
     }
 }
 
-/// Restores `shard` of `backup` into `target`, which must be absent or empty.
-pub async fn restore_shard(
+/// A shard of a backup downloaded and checked in a staging directory, not yet in place.
+/// Dropping it removes the staging directory.
+#[derive(Debug)]
+pub struct StagedShard {
+    staging: Staging,
+    pub seq: Seq,
+    pub column_families: Vec<String>,
+    pub n_files: usize,
+    pub bytes: u64,
+}
+
+impl StagedShard {
+    /// Renames the staged shard to `target`, which must be absent or an empty directory.
+    pub fn move_to(mut self, target: &Path) -> Result<()> {
+        // rename(2) replaces an empty directory atomically.
+        std::fs::rename(&self.staging.path, target).map_err(|err| {
+            Error::io(
+                ErrorCode::BackupRestorationFailed,
+                format!("move restored shard to {}", target.display()),
+                err,
+            )
+        })?;
+        self.staging.armed = false;
+        if let Some(parent) = target.parent()
+            && let Ok(dir) = std::fs::File::open(parent)
+        {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the codes an operator acts on; everything else is a restoration failure.
+fn restoration_error(err: Error) -> Error {
+    let code = match err.code {
+        ErrorCode::StorageDiskFull
+        | ErrorCode::BackupChecksumMismatch
+        | ErrorCode::BackupManifestCorrupt
+        | ErrorCode::BackupIncomplete
+        | ErrorCode::BackupNotFound
+        | ErrorCode::RestoreTargetNotEmpty
+        | ErrorCode::InvalidArgument
+        | ErrorCode::StorageUnavailable => err.code,
+        _ => ErrorCode::BackupRestorationFailed,
+    };
+    Error { code, ..err }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(|err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            format!("resolve {}", path.display()),
+            err,
+        )
+    })
+}
+
+/// Downloads `shard` of `backup` into a staging directory beside `target` (on its
+/// filesystem, so the final rename is atomic), checks every chunk's SHA-256, opens the shard
+/// and compares its sequence number with the manifest. `engine`, when given, is the engine
+/// the shard must have been taken from.
+pub async fn stage_shard(
     repo: &Repository,
     backup: &BackupId,
     shard: &ShardId,
     target: &Path,
+    engine: Option<&str>,
     transfer: TransferOptions,
     progress: &Progress,
-) -> Result<RestoreOutcome> {
-    let fail = |err: Error| -> Error {
-        let code = match err.code {
-            ErrorCode::StorageDiskFull
-            | ErrorCode::BackupChecksumMismatch
-            | ErrorCode::BackupManifestCorrupt
-            | ErrorCode::BackupIncomplete
-            | ErrorCode::BackupNotFound
-            | ErrorCode::RestoreTargetNotEmpty
-            | ErrorCode::InvalidArgument
-            | ErrorCode::StorageUnavailable => err.code,
-            _ => ErrorCode::BackupRestorationFailed,
-        };
-        Error { code, ..err }
-    };
+) -> Result<StagedShard> {
+    let fail = restoration_error;
     let manifest = repo.shard_manifest(shard, backup).await.map_err(fail)?;
-    check_target(target)?;
-    let target = std::path::absolute(target).map_err(|err| {
-        Error::io(
+    if let Some(engine) = engine
+        && engine != manifest.engine
+    {
+        return Err(Error::new(
             ErrorCode::InvalidArgument,
-            format!("resolve {}", target.display()),
-            err,
-        )
-    })?;
+            format!(
+                "shard {shard} of backup {backup} comes from a {} engine; this agent runs {engine}",
+                manifest.engine
+            ),
+        ));
+    }
+    let target = absolute(target)?;
     let parent = target.parent().map(Path::to_path_buf).ok_or_else(|| {
         Error::new(
             ErrorCode::InvalidArgument,
@@ -197,25 +251,34 @@ pub async fn restore_shard(
             ),
         ));
     }
-
-    // An empty target directory may exist; rename(2) replaces an empty directory atomically.
-    std::fs::rename(&staging.path, &target).map_err(|err| {
-        fail(Error::io(
-            ErrorCode::BackupRestorationFailed,
-            format!("move restored shard to {}", target.display()),
-            err,
-        ))
-    })?;
-    let mut staging = staging;
-    staging.armed = false;
-    if let Ok(dir) = std::fs::File::open(&parent) {
-        let _ = dir.sync_all();
-    }
-    Ok(RestoreOutcome {
-        shard: shard.clone(),
+    Ok(StagedShard {
+        staging,
         seq,
         n_files: manifest.files.len(),
         bytes: manifest.total_bytes(),
+        column_families: manifest.column_families,
+    })
+}
+
+/// Restores `shard` of `backup` into `target`, which must be absent or empty.
+pub async fn restore_shard(
+    repo: &Repository,
+    backup: &BackupId,
+    shard: &ShardId,
+    target: &Path,
+    transfer: TransferOptions,
+    progress: &Progress,
+) -> Result<RestoreOutcome> {
+    check_target(target)?;
+    let target = absolute(target)?;
+    let staged = stage_shard(repo, backup, shard, &target, None, transfer, progress).await?;
+    let (seq, n_files, bytes) = (staged.seq, staged.n_files, staged.bytes);
+    staged.move_to(&target)?;
+    Ok(RestoreOutcome {
+        shard: shard.clone(),
+        seq,
+        n_files,
+        bytes,
         target,
     })
 }

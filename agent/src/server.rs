@@ -18,13 +18,16 @@ use tonic::{Request, Response, Status};
 use crate::backup::BackupOptions;
 use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
 use crate::gate::WriteGate;
-use crate::participant::{BarrierState, BarrierStatus, ParticipantHandle};
+use crate::participant::{
+    BarrierState, BarrierStatus, ParticipantHandle, RestoreRequest, RestoreState, RestoreStatus,
+};
+use crate::slot::EngineSlot;
 
 /// Longest lease an agent accepts; a longer one would let a lost coordinator pause writes.
 pub const MAX_LEASE: Duration = Duration::from_secs(300);
 
 struct ShardApi<E> {
-    engine: Arc<E>,
+    slot: Arc<EngineSlot<E>>,
     gate: WriteGate,
 }
 
@@ -45,7 +48,7 @@ impl<E: ShardEngine> ShardApi<E> {
     /// that goes away cannot release the gate while its write is still being applied.
     async fn apply(&self, batch: WriteBatch) -> Result<Response<v1::WriteReply>, Status> {
         let permit = self.gate.enter().await;
-        let engine = self.engine.clone();
+        let engine = self.slot.get().map_err(|err| to_status(&err))?;
         let range = tokio::task::spawn_blocking(move || {
             let range = engine.write(&batch);
             drop(permit);
@@ -78,7 +81,7 @@ impl<E: ShardEngine> Shard for ShardApi<E> {
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetReply>, Status> {
         let r = request.into_inner();
-        let engine = self.engine.clone();
+        let engine = self.slot.get().map_err(|err| to_status(&err))?;
         let value =
             tokio::task::spawn_blocking(move || engine.get(cf_name(&r.column_family), &r.key))
                 .await
@@ -135,7 +138,7 @@ impl<E: ShardEngine> Shard for ShardApi<E> {
         } else {
             r.limit.min(100_000)
         } as usize;
-        let engine = self.engine.clone();
+        let engine = self.slot.get().map_err(|err| to_status(&err))?;
         let entries = tokio::task::spawn_blocking(move || {
             let end = (!r.end.is_empty()).then_some(r.end.as_slice());
             engine.scan(cf_name(&r.column_family), &r.start, end, limit)
@@ -158,6 +161,54 @@ struct AgentApi {
 
 fn backup_id(raw: &str) -> Result<BackupId, Status> {
     BackupId::new(raw).map_err(|err| to_status(&err))
+}
+
+fn restore_id(raw: String) -> Result<String, Status> {
+    let valid = !raw.is_empty()
+        && raw.len() <= 64
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(raw)
+    } else {
+        Err(to_status(&Error::new(
+            ErrorCode::InvalidArgument,
+            format!("restore id {raw:?} must be 1-64 letters, digits, '-' or '_'"),
+        )))
+    }
+}
+
+/// The wire form of a restore status.
+pub fn restore_to_wire(status: RestoreStatus) -> v1::RestoreStatus {
+    let state = match status.state {
+        RestoreState::Staging => v1::RestoreState::Staging,
+        RestoreState::Staged => v1::RestoreState::Staged,
+        RestoreState::Applied => v1::RestoreState::Applied,
+        RestoreState::Discarded => v1::RestoreState::Discarded,
+        RestoreState::Failed => v1::RestoreState::Failed,
+        RestoreState::Unknown => v1::RestoreState::Unknown,
+    };
+    let (error_code, error_message) = status
+        .error
+        .map(|(code, message)| (code.as_str().to_string(), message))
+        .unwrap_or_default();
+    v1::RestoreStatus {
+        restore_id: status.restore_id,
+        backup_id: status.backup_id.map(|b| b.to_string()).unwrap_or_default(),
+        shard_id: status.shard_id.to_string(),
+        state: state as i32,
+        seq: status.seq.0,
+        bytes_done: status.bytes_done,
+        bytes_total: status.bytes_total,
+        n_files: status.n_files as u32,
+        target_dir: status
+            .target
+            .map(|t| t.display().to_string())
+            .unwrap_or_default(),
+        error_code,
+        error_message,
+    }
 }
 
 /// The wire form of a barrier status.
@@ -290,12 +341,69 @@ impl Agent for AgentApi {
             version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
+
+    async fn restore_stage(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::RestoreStatus>, Status> {
+        let r = request.into_inner();
+        let request = RestoreRequest {
+            restore_id: restore_id(r.restore_id)?,
+            backup: backup_id(&r.backup_id)?,
+            target: (!r.target_dir.is_empty()).then(|| r.target_dir.into()),
+        };
+        let status = self
+            .participant
+            .restore_stage(request)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(restore_to_wire(status)))
+    }
+
+    async fn restore_status(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::RestoreStatus>, Status> {
+        let id = restore_id(request.into_inner().restore_id)?;
+        let status = self
+            .participant
+            .restore_status(id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(restore_to_wire(status)))
+    }
+
+    async fn restore_apply(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::RestoreStatus>, Status> {
+        let id = restore_id(request.into_inner().restore_id)?;
+        let status = self
+            .participant
+            .restore_apply(id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(restore_to_wire(status)))
+    }
+
+    async fn restore_discard(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::RestoreStatus>, Status> {
+        let id = restore_id(request.into_inner().restore_id)?;
+        let status = self
+            .participant
+            .restore_discard(id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(restore_to_wire(status)))
+    }
 }
 
 /// Serves one shard on `listener` until `shutdown` fires: stops accepting, cancels the
 /// participant (which reopens the gate), and waits for its task.
 pub async fn serve<E: ShardEngine>(
-    engine: Arc<E>,
+    slot: Arc<EngineSlot<E>>,
     repo: Repository,
     shard_id: ShardId,
     options: BackupOptions,
@@ -305,7 +413,7 @@ pub async fn serve<E: ShardEngine>(
     let gate = WriteGate::new();
     let mut tasks = JoinSet::new();
     let participant = ParticipantHandle::spawn(
-        engine.clone(),
+        slot.clone(),
         gate.clone(),
         repo,
         shard_id,
@@ -326,7 +434,7 @@ pub async fn serve<E: ShardEngine>(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ShardServer::new(ShardApi { engine, gate }))
+        .add_service(ShardServer::new(ShardApi { slot, gate }))
         .add_service(AgentServer::new(AgentApi { participant }))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

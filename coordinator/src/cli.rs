@@ -44,6 +44,22 @@ pub enum Command {
     /// Cluster state.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Restore every shard of a backup through its agent: all shards are downloaded and
+    /// checked first, and only then swapped in.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["in_place", "to"])))]
+    Restore {
+        /// A backup id, or `latest`.
+        backup: String,
+        /// Replace every agent's live shard (writes made since the backup are lost).
+        #[arg(long)]
+        in_place: bool,
+        /// Restore into this directory on each agent's machine instead, one subdirectory per
+        /// shard (or where `{shard}` says); the live shards are untouched.
+        #[arg(long, value_name = "DIR")]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,11 +146,7 @@ fn job_json(job: &v1::BackupJob) -> serde_json::Value {
         "state": job_state(job).as_str_name().trim_start_matches("JOB_STATE_").to_ascii_lowercase(),
         "error_code": job.error_code,
         "error_message": job.error_message,
-        "shards": job.shards.iter().map(|s| serde_json::json!({
-            "shard_id": s.shard_id, "state": s.state, "seq": s.seq, "bytes_done": s.bytes_done,
-            "bytes_total": s.bytes_total, "gate_closed_us": s.gate_closed_us,
-            "error_code": s.error_code, "error_message": s.error_message,
-        })).collect::<Vec<_>>(),
+        "shards": shards_json(&job.shards),
     })
 }
 
@@ -168,15 +180,7 @@ async fn create(endpoint: &str, kind: String, wait: bool, json: bool) -> Result<
         }
         return Ok(());
     }
-    let bar =
-        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = byte_bar();
     let mut every = tokio::time::interval(Duration::from_millis(200));
     let job = loop {
         every.tick().await;
@@ -194,8 +198,7 @@ async fn create(endpoint: &str, kind: String, wait: bool, json: bool) -> Result<
                 .trim_start_matches("JOB_STATE_")
                 .to_ascii_lowercase(),
         );
-        bar.set_length(job.shards.iter().map(|s| s.bytes_total).sum());
-        bar.set_position(job.shards.iter().map(|s| s.bytes_done).sum());
+        show_progress(&bar, &job.shards);
         if matches!(state, v1::JobState::Committed | v1::JobState::Failed) {
             break job;
         }
@@ -216,6 +219,124 @@ async fn create(endpoint: &str, kind: String, wait: bool, json: bool) -> Result<
             .map_err(|s| from_status("show backup", &s))?
             .into_inner();
         print_backup(&info);
+    }
+    Ok(())
+}
+
+/// A progress bar over bytes, on stderr (hidden when stderr is not a terminal).
+fn byte_bar() -> indicatif::ProgressBar {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn show_progress(bar: &indicatif::ProgressBar, shards: &[v1::ShardProgress]) {
+    bar.set_length(shards.iter().map(|s| s.bytes_total).sum());
+    bar.set_position(shards.iter().map(|s| s.bytes_done).sum());
+}
+
+fn shards_json(shards: &[v1::ShardProgress]) -> Vec<serde_json::Value> {
+    shards
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "shard_id": s.shard_id, "state": s.state, "seq": s.seq, "bytes_done": s.bytes_done,
+                "bytes_total": s.bytes_total, "gate_closed_us": s.gate_closed_us,
+                "error_code": s.error_code, "error_message": s.error_message,
+            })
+        })
+        .collect()
+}
+
+fn restore_phase(job: &v1::RestoreJob) -> v1::RestorePhase {
+    v1::RestorePhase::try_from(job.phase).unwrap_or(v1::RestorePhase::Unspecified)
+}
+
+async fn restore(
+    endpoint: &str,
+    backup: String,
+    in_place: bool,
+    to: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let mut client = client(endpoint).await?;
+    let mut stream = client
+        .restore(v1::RestoreClusterRequest {
+            backup_id: backup,
+            in_place,
+            target_dir: to.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| from_status("restore", &s))?
+        .into_inner();
+    let bar = byte_bar();
+    let mut last = None;
+    while let Some(job) = stream
+        .message()
+        .await
+        .map_err(|s| from_status("follow restore", &s))?
+    {
+        bar.set_message(
+            restore_phase(&job)
+                .as_str_name()
+                .trim_start_matches("RESTORE_PHASE_")
+                .to_ascii_lowercase(),
+        );
+        show_progress(&bar, &job.shards);
+        last = Some(job);
+    }
+    bar.finish_and_clear();
+    let job = last.ok_or_else(|| {
+        Error::new(
+            ErrorCode::BackupRestorationFailed,
+            "the coordinator closed the restore stream without an outcome; check `lockstep cluster status`",
+        )
+    })?;
+    let phase = restore_phase(&job);
+    if json {
+        print_json(&serde_json::json!({
+            "restore_id": job.restore_id,
+            "backup_id": job.backup_id,
+            "phase": phase.as_str_name().trim_start_matches("RESTORE_PHASE_").to_ascii_lowercase(),
+            "error_code": job.error_code,
+            "error_message": job.error_message,
+            "shards": shards_json(&job.shards),
+        }));
+    }
+    if phase != v1::RestorePhase::Done {
+        let code = ErrorCode::parse(&job.error_code).unwrap_or(ErrorCode::BackupRestorationFailed);
+        return Err(Error::new(
+            code,
+            format!(
+                "restore of backup {} failed: {}",
+                job.backup_id, job.error_message
+            ),
+        ));
+    }
+    if !json {
+        println!(
+            "Restored backup {} ({}): {} shards, every chunk checked against its SHA-256",
+            job.backup_id,
+            if in_place {
+                "in place"
+            } else {
+                "into directories"
+            },
+            job.shards.len()
+        );
+        for s in &job.shards {
+            println!(
+                "  {:<16} seq {:>12}  {} bytes",
+                s.shard_id, s.seq, s.bytes_total
+            );
+        }
     }
     Ok(())
 }
@@ -260,6 +381,12 @@ async fn run_command(cli: Cli) -> Result<bool> {
             };
             crate::service::serve(config, listener, shutdown, on_ready).await?;
         }
+        Command::Restore {
+            backup,
+            in_place,
+            to,
+            json,
+        } => restore(endpoint, backup, in_place, to, json).await?,
         Command::Backup(BackupCommand::Create { kind, wait, json }) => {
             create(endpoint, kind, wait, json).await?
         }

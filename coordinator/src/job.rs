@@ -1,8 +1,9 @@
 //! Backup jobs: the two-phase barrier across every agent, then the uploads, then the commit.
 //!
 //! `JobsHandle` is the cloneable handle on the jobs actor, which runs at most one barrier at a
-//! time: a second `create` while one runs is refused with `ERR_BARRIER_BUSY`, naming the
-//! running backup (queueing would let requests pile up behind a stuck cluster unseen).
+//! time: a `create` while a backup or a restore holds the cluster (`ClusterLock`) is refused
+//! with `ERR_BARRIER_BUSY`, naming what runs (queueing would let requests pile up behind a
+//! stuck cluster unseen).
 //! Finished jobs are remembered so clients can poll their outcome.
 //!
 //! Architecture invariant: the backup manifest is written only after every agent of the
@@ -72,6 +73,22 @@ pub struct ShardView {
     pub error: Option<(String, String)>,
 }
 
+impl ShardView {
+    pub fn to_wire(&self) -> v1::ShardProgress {
+        let (error_code, error_message) = self.error.clone().unwrap_or_default();
+        v1::ShardProgress {
+            shard_id: self.shard_id.to_string(),
+            state: self.state.clone(),
+            seq: self.seq,
+            bytes_done: self.bytes_done,
+            bytes_total: self.bytes_total,
+            gate_closed_us: self.gate_closed_us,
+            error_code,
+            error_message,
+        }
+    }
+}
+
 /// A job as clients see it.
 #[derive(Debug, Clone)]
 pub struct JobView {
@@ -99,23 +116,7 @@ impl JobView {
                 JobState::Committed => v1::JobState::Committed,
                 JobState::Failed => v1::JobState::Failed,
             } as i32,
-            shards: self
-                .shards
-                .iter()
-                .map(|s| {
-                    let (error_code, error_message) = s.error.clone().unwrap_or_default();
-                    v1::ShardProgress {
-                        shard_id: s.shard_id.to_string(),
-                        state: s.state.clone(),
-                        seq: s.seq,
-                        bytes_done: s.bytes_done,
-                        bytes_total: s.bytes_total,
-                        gate_closed_us: s.gate_closed_us,
-                        error_code,
-                        error_message,
-                    }
-                })
-                .collect(),
+            shards: self.shards.iter().map(ShardView::to_wire).collect(),
             error_code,
             error_message,
         }
@@ -161,6 +162,41 @@ pub struct JobContext {
     pub config: Arc<Config>,
     pub repo: Repository,
     pub agents: Vec<AgentLink>,
+    pub cluster: Arc<ClusterLock>,
+}
+
+/// The cluster is held by at most one barrier or restore at a time; the holder is named in
+/// the refusal so the operator knows what to wait for.
+#[derive(Debug, Default)]
+pub struct ClusterLock {
+    holder: Mutex<Option<String>>,
+}
+
+/// Holding the cluster; dropping it lets the next backup or restore in.
+#[derive(Debug)]
+pub struct ClusterGuard {
+    lock: Arc<ClusterLock>,
+}
+
+impl ClusterLock {
+    /// Holds the cluster for `what` (for example "backup bk-..."), or names who holds it.
+    pub fn try_hold(self: &Arc<Self>, what: String) -> Result<ClusterGuard> {
+        let mut holder = self.holder.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(busy) = holder.as_ref() {
+            return Err(Error::new(
+                ErrorCode::BarrierBusy,
+                format!("{busy} is running; only one backup or restore runs at a time"),
+            ));
+        }
+        *holder = Some(what);
+        Ok(ClusterGuard { lock: self.clone() })
+    }
+}
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        *self.lock.holder.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 enum Msg {
@@ -243,7 +279,9 @@ fn update(view: &Shared, f: impl FnOnce(&mut JobView)) {
 }
 
 async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
-    let mut running: Option<Shared> = None;
+    // The running job, with its hold on the cluster: released here, after the job is
+    // recorded as finished, so a new job never overwrites a running view.
+    let mut running: Option<(Shared, ClusterGuard)> = None;
     let mut finished: HashMap<BackupId, JobView> = HashMap::new();
     let mut order: VecDeque<BackupId> = VecDeque::new();
     let mut jobs: JoinSet<()> = JoinSet::new();
@@ -251,7 +289,7 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
         tokio::select! {
             _ = cancel.cancelled() => break,
             Some(_) = jobs.join_next(), if !jobs.is_empty() => {
-                if let Some(view) = running.take() {
+                if let Some((view, _guard)) = running.take() {
                     let view = read(&view);
                     order.push_back(view.backup_id.clone());
                     finished.insert(view.backup_id.clone(), view);
@@ -265,14 +303,6 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
             msg = rx.recv() => match msg {
                 None => break,
                 Some(Msg::Create { kind, reply }) => {
-                    if let Some(view) = &running {
-                        let busy = read(view).backup_id;
-                        let _ = reply.send(Err(Error::new(
-                            ErrorCode::BarrierBusy,
-                            format!("backup {busy} is running; only one barrier runs at a time"),
-                        )));
-                        continue;
-                    }
                     if kind != BackupKind::Full {
                         let _ = reply.send(Err(Error::new(
                             ErrorCode::BackupInvalidType,
@@ -281,6 +311,13 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
                         continue;
                     }
                     let backup_id = BackupId::generate();
+                    let guard = match ctx.cluster.try_hold(format!("backup {backup_id}")) {
+                        Ok(guard) => guard,
+                        Err(err) => {
+                            let _ = reply.send(Err(err));
+                            continue;
+                        }
+                    };
                     let view: Shared = Arc::new(Mutex::new(JobView {
                         backup_id: backup_id.clone(),
                         state: JobState::Preparing,
@@ -288,7 +325,7 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
                         error: None,
                     }));
                     let _ = reply.send(Ok(read(&view)));
-                    running = Some(view.clone());
+                    running = Some((view.clone(), guard));
                     let ctx = ctx.clone();
                     jobs.spawn(async move {
                         let outcome = run_backup(&ctx, &backup_id, &view).await;
@@ -305,13 +342,13 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
                 Some(Msg::Get { backup, reply }) => {
                     let view = running
                         .as_ref()
-                        .map(read)
+                        .map(|(view, _)| read(view))
                         .filter(|v| v.backup_id == backup)
                         .or_else(|| finished.get(&backup).cloned());
                     let _ = reply.send(view);
                 }
                 Some(Msg::Running { reply }) => {
-                    let _ = reply.send(running.as_ref().map(|v| read(v).backup_id));
+                    let _ = reply.send(running.as_ref().map(|(v, _)| read(v).backup_id));
                 }
             },
         }

@@ -3,6 +3,7 @@
 //!
 //! - `config`: the TOML topology with RAID groups, validated;
 //! - `job`: the jobs actor and the two-phase barrier;
+//! - `restore`: the two-phase restore of the whole cluster through its agents;
 //! - `service`: the `Coordinator` gRPC service and `serve`;
 //! - `cli`: the `lockstep` command line.
 //!
@@ -12,4 +13,5 @@
 pub mod cli;
 pub mod config;
 pub mod job;
+pub mod restore;
 pub mod service;

@@ -18,12 +18,14 @@ use crate::config::Config;
 use crate::job::{
     AgentLink, JobContext, JobState, JobView, JobsHandle, agent_links, clean_leftovers,
 };
+use crate::restore::RestoreTarget;
 
 struct CoordinatorApi {
     config: Arc<Config>,
     repo: Repository,
     agents: Vec<AgentLink>,
     jobs: JobsHandle,
+    ctx: JobContext,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -64,6 +66,41 @@ fn backup_info(manifest: &BackupManifest) -> v1::BackupInfo {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorApi {
+    type RestoreStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<v1::RestoreJob, Status>>;
+
+    async fn restore(
+        &self,
+        request: Request<v1::RestoreClusterRequest>,
+    ) -> Reply<Self::RestoreStream> {
+        let request = request.into_inner();
+        let target =
+            RestoreTarget::from_request(request.in_place, &request.target_dir).map_err(status)?;
+        let backup = resolve_backup(&self.repo, &request.backup_id)
+            .await
+            .map_err(status)?;
+        let manifest = self.repo.backup_manifest(&backup).await.map_err(status)?;
+        let plan = crate::restore::plan(&self.ctx, manifest, target).map_err(status)?;
+        let guard = self
+            .ctx
+            .cluster
+            .try_hold(format!("restore of backup {backup}"))
+            .map_err(status)?;
+        let restore_id = format!("rs-{}", uuid::Uuid::new_v4().simple());
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // The restore runs in its own task: a client that goes away does not cut it short.
+        tokio::spawn(crate::restore::run(
+            self.ctx.clone(),
+            plan,
+            restore_id,
+            tx,
+            guard,
+        ));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn create_backup(
         &self,
         request: Request<v1::CreateBackupRequest>,
@@ -245,13 +282,14 @@ pub async fn serve(
         config: config.clone(),
         repo: repo.clone(),
         agents: agents.clone(),
+        cluster: Arc::default(),
     };
     let cleaned = clean_leftovers(&ctx).await?;
     if !cleaned.is_empty() {
         tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups");
     }
     let mut tasks = JoinSet::new();
-    let jobs = JobsHandle::spawn(ctx, shutdown.child_token(), &mut tasks);
+    let jobs = JobsHandle::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorApi>>()
@@ -265,6 +303,7 @@ pub async fn serve(
         repo,
         agents,
         jobs,
+        ctx,
     };
     on_ready();
     let result = tonic::transport::Server::builder()

@@ -4,6 +4,7 @@ mod barrier;
 mod capture;
 mod clients;
 mod cluster;
+mod cluster_restore;
 mod corruption;
 mod disk_full;
 mod faults;

@@ -1,0 +1,355 @@
+//! The live shard of a serving agent, and its in-place replacement by a restore.
+//!
+//! `EngineSlot` holds the open engine and the directory it lives in. Every user takes a
+//! short-lived `Arc` from the slot per operation, so a restore can take the engine out, wait
+//! for those to end, close it, and swap directories:
+//!
+//! 1. rename the live directory aside (`.<name>.lockstep-replaced`);
+//! 2. rename the staged, checked shard into place;
+//! 3. open it and check its sequence number; on failure undo both renames and reopen the old
+//!    shard;
+//! 4. remove the replaced directory.
+//!
+//! A crash between 1 and 2 leaves no live directory and the replaced one beside it;
+//! [`recover_interrupted_swap`] puts it back when the agent starts. A crash after 2 leaves the
+//! restored shard in place and a replaced directory that the next start removes. Restores
+//! staged beside the shard by a process that died are removed at start too.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lockstep_repository::{Error, ErrorCode, Result, Seq};
+
+use crate::engine::ShardEngine;
+use crate::restore::StagedShard;
+
+/// How long a swap waits for in-flight reads to let go of the old engine.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The open engine of a serving agent, replaceable by an in-place restore.
+pub struct EngineSlot<E> {
+    dir: PathBuf,
+    current: RwLock<Option<Arc<E>>>,
+}
+
+fn swapping() -> Error {
+    Error::new(
+        ErrorCode::AgentUnavailable,
+        "the shard is being replaced by a restore; retry in a moment",
+    )
+}
+
+fn swap_io(what: String, err: std::io::Error) -> Error {
+    Error::io(ErrorCode::BackupRestorationFailed, what, err)
+}
+
+/// The side directory a swap moves the live shard to.
+fn replaced_dir(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.with_file_name(format!(".{name}.lockstep-replaced"))
+}
+
+fn sync_parent(dir: &Path) {
+    if let Some(parent) = dir.parent()
+        && let Ok(handle) = std::fs::File::open(parent)
+    {
+        let _ = handle.sync_all();
+    }
+}
+
+/// Finishes or undoes a swap that a crash interrupted, and removes restores staged beside
+/// the shard by an earlier run (staging never survives its process); call before opening.
+pub fn recover_interrupted_swap(dir: &Path) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging_prefix = format!(".{name}.lockstep-restore-");
+    if let Some(parent) = dir.parent()
+        && let Ok(entries) = std::fs::read_dir(parent)
+    {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&staging_prefix)
+            {
+                tracing::warn!(dir = %entry.path().display(), "removing a restore staged by an earlier run");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let replaced = replaced_dir(dir);
+    if !replaced.exists() {
+        return Ok(());
+    }
+    if dir.exists() {
+        tracing::warn!(dir = %replaced.display(), "removing the shard replaced by an earlier restore");
+        std::fs::remove_dir_all(&replaced)
+            .map_err(|err| swap_io(format!("remove {}", replaced.display()), err))?;
+    } else {
+        tracing::warn!(dir = %dir.display(), "an in-place restore was interrupted before the new shard was in place; reopening the old shard");
+        std::fs::rename(&replaced, dir)
+            .map_err(|err| swap_io(format!("move {} back", replaced.display()), err))?;
+        sync_parent(dir);
+    }
+    Ok(())
+}
+
+impl<E: ShardEngine> EngineSlot<E> {
+    pub fn new(dir: PathBuf, engine: Arc<E>) -> EngineSlot<E> {
+        EngineSlot {
+            dir,
+            current: RwLock::new(Some(engine)),
+        }
+    }
+
+    /// The live shard's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The engine, for one operation; fails while a restore swaps it.
+    pub fn get(&self) -> Result<Arc<E>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(swapping)
+    }
+
+    fn put(&self, engine: Option<Arc<E>>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = engine;
+    }
+
+    /// Takes the engine out and waits until nobody else holds it.
+    async fn drain(&self) -> Result<Arc<E>> {
+        let engine = self
+            .current
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(swapping)?;
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while Arc::strong_count(&engine) > 1 {
+            if tokio::time::Instant::now() > deadline {
+                self.put(Some(engine));
+                return Err(Error::new(
+                    ErrorCode::BackupRestorationFailed,
+                    "the live shard is still in use after 30 s; nothing was replaced",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(engine)
+    }
+
+    /// Replaces the live shard by `staged`. The caller holds the write gate closed and no
+    /// capture is held. On failure the old shard is open again and untouched.
+    pub async fn swap_in(&self, staged: StagedShard) -> Result<Seq> {
+        let old = self.drain().await?;
+        let columns = old.column_families();
+        // Closing RocksDB flushes and joins its threads: blocking work.
+        tokio::task::spawn_blocking(move || drop(old))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::ShardEngineFailed, "close the live shard", err)
+            })?;
+        let dir = self.dir.clone();
+        let swapped = tokio::task::spawn_blocking(move || swap_directories(&dir, staged))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::BackupRestorationFailed, "swap the shard", err)
+            })?;
+        match swapped {
+            Ok((engine, seq)) => {
+                self.put(Some(Arc::new(engine)));
+                let replaced = replaced_dir(&self.dir);
+                if let Err(err) = tokio::fs::remove_dir_all(&replaced).await {
+                    tracing::warn!(dir = %replaced.display(), error = %err, "could not remove the replaced shard; the next start removes it");
+                }
+                Ok(seq)
+            }
+            Err(err) => {
+                let dir = self.dir.clone();
+                let reopened = tokio::task::spawn_blocking(move || E::open(&dir, &columns))
+                    .await
+                    .map_err(|join| {
+                        Error::with_source(ErrorCode::ShardEngineFailed, "reopen the shard", join)
+                    })
+                    .and_then(|opened| opened);
+                match reopened {
+                    Ok(engine) => self.put(Some(Arc::new(engine))),
+                    Err(reopen) => {
+                        tracing::error!(error = %reopen.chain(), "could not reopen the live shard after a failed restore; restart the agent");
+                    }
+                }
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Steps 1-3 of the swap, blocking. Undoes itself on failure.
+fn swap_directories<E: ShardEngine>(dir: &Path, staged: StagedShard) -> Result<(E, Seq)> {
+    let replaced = replaced_dir(dir);
+    let had_live = dir.exists();
+    if had_live {
+        std::fs::rename(dir, &replaced).map_err(|err| {
+            swap_io(
+                format!("move {} aside to {}", dir.display(), replaced.display()),
+                err,
+            )
+        })?;
+    }
+    let undo = |err: Error| -> Error {
+        if had_live {
+            let _ = std::fs::remove_dir_all(dir);
+            if let Err(undo) = std::fs::rename(&replaced, dir) {
+                tracing::error!(dir = %dir.display(), error = %undo, "could not move the old shard back; the next start does");
+            }
+            sync_parent(dir);
+        }
+        err
+    };
+    let expected = staged.seq;
+    let columns = staged.column_families.clone();
+    if let Err(err) = staged.move_to(dir) {
+        return Err(undo(err));
+    }
+    sync_parent(dir);
+    let engine = match E::open(dir, &columns) {
+        Ok(engine) => engine,
+        Err(err) => return Err(undo(err.context("open the restored shard"))),
+    };
+    let seq = engine.latest_seq();
+    if seq != expected {
+        drop(engine);
+        return Err(undo(Error::new(
+            ErrorCode::BackupRestorationFailed,
+            format!("restored shard opened at sequence {seq}, the backup says {expected}"),
+        )));
+    }
+    Ok((engine, seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_repository::transfer::{Progress, TransferOptions};
+    use lockstep_repository::{Repository, ShardId};
+
+    use super::*;
+    use crate::backup::{BackupOptions, backup_offline};
+    use crate::engine::{DEFAULT_CF, MemEngine, RocksEngine, WriteBatch};
+    use crate::restore::stage_shard;
+
+    fn put<E: ShardEngine>(engine: &E, key: &str) {
+        let mut batch = WriteBatch::new();
+        batch.put(DEFAULT_CF, key, "v");
+        engine.write(&batch).expect("write");
+    }
+
+    /// Backs up `engine` (holding `k1`) into `repo` and stages that backup beside `live`.
+    async fn staged_backup<E: ShardEngine>(
+        engine: &Arc<E>,
+        root: &Path,
+        repo: &Repository,
+        live: &Path,
+    ) -> StagedShard {
+        let shard = ShardId::new("s1").expect("shard id");
+        let options = BackupOptions {
+            capture_root: root.join("captures"),
+            transfer: TransferOptions::default(),
+        };
+        let manifest = backup_offline(engine, repo, &shard, &options, &Progress::default())
+            .await
+            .expect("backup");
+        stage_shard(
+            repo,
+            &manifest.backup_id,
+            &shard,
+            live,
+            None,
+            TransferOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .expect("stage")
+    }
+
+    #[tokio::test]
+    async fn swap_in_replaces_the_live_shard_with_the_staged_one() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = root.path().join("db");
+        let repo = Repository::open("memory://").await.expect("repo");
+        let engine = Arc::new(RocksEngine::open(&live, &[]).expect("open"));
+        put(engine.as_ref(), "k1");
+        let at_backup = engine.latest_seq();
+        let staged = staged_backup(&engine, root.path(), &repo, &live).await;
+        put(engine.as_ref(), "k2");
+
+        let slot = EngineSlot::new(live.clone(), engine);
+        let seq = slot.swap_in(staged).await.expect("swap");
+        assert_eq!(seq, at_backup);
+        let engine = slot.get().expect("engine back in the slot");
+        assert!(engine.get(DEFAULT_CF, b"k1").expect("get").is_some());
+        assert!(engine.get(DEFAULT_CF, b"k2").expect("get").is_none());
+        assert!(!replaced_dir(&live).exists());
+        put(engine.as_ref(), "k3");
+        assert_eq!(engine.latest_seq(), Seq(at_backup.0 + 1));
+    }
+
+    #[tokio::test]
+    async fn a_swap_that_cannot_open_the_staged_shard_keeps_the_live_one() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = root.path().join("db");
+        let repo = Repository::open("memory://").await.expect("repo");
+        // A MemEngine shard staged into a RocksDB slot: RocksDB opens an empty database there,
+        // at the wrong sequence number, so the swap must undo itself.
+        let model = Arc::new(MemEngine::open(&root.path().join("model"), &[]).expect("model"));
+        put(model.as_ref(), "k1");
+        put(model.as_ref(), "k1");
+        let staged = staged_backup(&model, root.path(), &repo, &live).await;
+
+        let engine = Arc::new(RocksEngine::open(&live, &[]).expect("open"));
+        put(engine.as_ref(), "live");
+        let before = engine.latest_seq();
+        let slot = EngineSlot::new(live.clone(), engine);
+        let err = slot.swap_in(staged).await.expect_err("swap must fail");
+        assert_eq!(err.code, ErrorCode::BackupRestorationFailed, "{err}");
+        let engine = slot.get().expect("the live shard is open again");
+        assert_eq!(engine.latest_seq(), before);
+        assert!(engine.get(DEFAULT_CF, b"live").expect("get").is_some());
+        assert!(!replaced_dir(&live).exists());
+    }
+
+    #[test]
+    fn an_interrupted_swap_is_undone_or_finished_at_start() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = root.path().join("db");
+        let replaced = replaced_dir(&live);
+        // Crash between the two renames: only the replaced directory exists.
+        std::fs::create_dir(&replaced).expect("mkdir");
+        std::fs::write(replaced.join("CURRENT"), "old").expect("write");
+        recover_interrupted_swap(&live).expect("recover");
+        assert_eq!(
+            std::fs::read_to_string(live.join("CURRENT")).expect("read"),
+            "old"
+        );
+        assert!(!replaced.exists());
+        // Crash after the second rename: the new shard is live, the old one is garbage.
+        std::fs::create_dir(&replaced).expect("mkdir");
+        recover_interrupted_swap(&live).expect("recover");
+        assert!(live.exists() && !replaced.exists());
+        recover_interrupted_swap(&live).expect("nothing to do");
+        // A restore staged by a run that died is removed.
+        let staging = root.path().join(".db.lockstep-restore-0123");
+        std::fs::create_dir(&staging).expect("mkdir");
+        recover_interrupted_swap(&live).expect("recover");
+        assert!(!staging.exists());
+    }
+}

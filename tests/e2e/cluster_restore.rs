@@ -1,0 +1,251 @@
+//! `lockstep restore` of the whole cluster through its agents: into directories (the live
+//! shards untouched), in place (every shard back at the cut, serving writes), and a restore
+//! that fails on one shard, which must change no shard at all.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use lockstep_agent::engine::{RocksEngine, ShardEngine};
+use lockstep_proto::v1;
+use lockstep_tests::text;
+
+use crate::cluster::{Cluster, N_AGENTS, json};
+
+async fn put(cluster: &Cluster, shard: usize, key: &str) {
+    let mut client = cluster.shard_client(shard).await;
+    client
+        .put(v1::PutRequest {
+            column_family: String::new(),
+            key: key.as_bytes().to_vec(),
+            value: format!("value of {key}").into_bytes(),
+        })
+        .await
+        .expect("put");
+}
+
+async fn delete(cluster: &Cluster, shard: usize, key: &str) {
+    let mut client = cluster.shard_client(shard).await;
+    client
+        .delete(v1::DeleteRequest {
+            column_family: String::new(),
+            key: key.as_bytes().to_vec(),
+        })
+        .await
+        .expect("delete");
+}
+
+/// Every key of shard `i`, read through the live agent.
+async fn live_keys(cluster: &Cluster, i: usize) -> BTreeSet<String> {
+    let mut client = cluster.shard_client(i).await;
+    let reply = client
+        .scan(v1::ScanRequest {
+            column_family: String::new(),
+            start: Vec::new(),
+            end: Vec::new(),
+            limit: 100_000,
+        })
+        .await
+        .expect("scan")
+        .into_inner();
+    reply
+        .entries
+        .into_iter()
+        .map(|e| String::from_utf8(e.key).expect("utf-8 key"))
+        .collect()
+}
+
+fn keys(prefix: &str, n: usize) -> BTreeSet<String> {
+    (0..n).map(|k| format!("{prefix}{k:04}")).collect()
+}
+
+/// Writes `old0000..` on every shard and takes a backup; returns its id and cut.
+async fn backup_with_data(cluster: &Cluster) -> (String, serde_json::Value) {
+    for i in 0..N_AGENTS {
+        for key in keys("old", 200) {
+            put(cluster, i, &key).await;
+        }
+    }
+    let output = cluster.lockstep(&["backup", "create", "--wait", "--json"]);
+    assert!(output.status.success(), "backup:\n{}", text(&output));
+    let backup = json(&output)["backup_id"]
+        .as_str()
+        .expect("backup_id")
+        .to_string();
+    let show = json(&cluster.lockstep(&["backup", "show", &backup, "--json"]));
+    (backup, show["cut"].clone())
+}
+
+/// After the backup: new keys, and some old ones deleted, on every shard.
+async fn diverge(cluster: &Cluster) {
+    for i in 0..N_AGENTS {
+        for key in keys("new", 50) {
+            put(cluster, i, &key).await;
+        }
+        for key in keys("old", 10) {
+            delete(cluster, i, &key).await;
+        }
+    }
+}
+
+fn diverged() -> BTreeSet<String> {
+    let mut expected: BTreeSet<String> = keys("old", 200).split_off("old0010");
+    expected.extend(keys("new", 50));
+    expected
+}
+
+/// Nothing of a restore is left beside the live shards.
+fn assert_no_restore_leftovers(dir: &Path) {
+    let leftovers: Vec<String> = std::fs::read_dir(dir)
+        .expect("list cluster dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("lockstep-restore") || name.contains("lockstep-replaced"))
+        .collect();
+    assert!(leftovers.is_empty(), "restore left {leftovers:?} behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_restore_into_directories_then_in_place_returns_every_shard_to_the_cut() {
+    let cluster = Cluster::start(5000, None);
+    let (backup, cut) = backup_with_data(&cluster).await;
+    diverge(&cluster).await;
+
+    // Into directories: a drill next to the live cluster, which it must not touch.
+    let drill = cluster.dir.path().join("drill");
+    let output = cluster.lockstep(&[
+        "restore",
+        &backup,
+        "--to",
+        drill.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert!(output.status.success(), "restore --to:\n{}", text(&output));
+    let job = json(&output);
+    assert_eq!(job["phase"], "done", "{job}");
+    for i in 0..N_AGENTS {
+        let shard = Cluster::shard(i);
+        let engine = RocksEngine::open(&drill.join(&shard), &[]).expect("open drill shard");
+        assert_eq!(Some(engine.latest_seq().0), cut[&shard].as_u64(), "{shard}");
+        let restored: BTreeSet<String> = engine
+            .scan("default", b"", None, usize::MAX)
+            .expect("scan")
+            .into_iter()
+            .map(|(k, _)| String::from_utf8(k).expect("utf-8"))
+            .collect();
+        assert_eq!(restored, keys("old", 200), "{shard} in the drill directory");
+        assert_eq!(live_keys(&cluster, i).await, diverged(), "live {shard}");
+    }
+    // A second restore into the same, now full, directories is refused before any download.
+    let again = cluster.lockstep(&["restore", &backup, "--to", drill.to_str().expect("utf-8")]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("ERR_RESTORE_TARGET_NOT_EMPTY"),
+        "{}",
+        text(&again)
+    );
+
+    // Neither or both targets: a usage error, nothing runs.
+    let neither = cluster.lockstep(&["restore", &backup]);
+    assert!(!neither.status.success(), "{}", text(&neither));
+
+    // In place: every live shard goes back to the cut.
+    let output = cluster.lockstep(&["restore", "latest", "--in-place", "--json"]);
+    assert!(
+        output.status.success(),
+        "restore --in-place:\n{}",
+        text(&output)
+    );
+    let job = json(&output);
+    assert_eq!(job["phase"], "done", "{job}");
+    assert_eq!(job["backup_id"], backup.as_str());
+    for i in 0..N_AGENTS {
+        let shard = Cluster::shard(i);
+        assert_eq!(live_keys(&cluster, i).await, keys("old", 200), "{shard}");
+        let row = job["shards"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .find(|s| s["shard_id"] == shard.as_str())
+            .expect("shard row");
+        assert_eq!(row["seq"], cut[&shard], "{shard}");
+        assert_eq!(row["state"], "applied", "{shard}");
+    }
+    assert_no_restore_leftovers(cluster.dir.path());
+
+    // The restored cluster serves writes and takes the next backup.
+    for i in 0..N_AGENTS {
+        put(&cluster, i, "after-restore").await;
+        assert!(live_keys(&cluster, i).await.contains("after-restore"));
+    }
+    let status = json(&cluster.lockstep(&["cluster", "status", "--json"]));
+    for agent in status["agents"].as_array().expect("agents") {
+        assert_eq!(agent["reachable"], true, "{agent}");
+        assert_eq!(agent["gate_closed"], false, "{agent}");
+    }
+    let next = cluster.lockstep(&["backup", "create", "--wait", "--json"]);
+    assert!(
+        next.status.success(),
+        "backup after restore:\n{}",
+        text(&next)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_fails_on_one_shard_changes_no_shard() {
+    let cluster = Cluster::start(5000, None);
+    let (backup, _cut) = backup_with_data(&cluster).await;
+    diverge(&cluster).await;
+
+    // Flip a byte in an object that only shard-1's files use.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            cluster
+                .repo()
+                .join("shards/shard-1")
+                .join(format!("{backup}.json")),
+        )
+        .expect("read shard manifest"),
+    )
+    .expect("parse shard manifest");
+    let file = manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter(|f| f["kind"] == "sst")
+        .max_by_key(|f| f["size"].as_u64())
+        .expect("an SST file");
+    let id = file["chunks"][0]["id"].as_str().expect("chunk id");
+    let object = cluster.repo().join("objects").join(&id[..2]).join(id);
+    let mut bytes = std::fs::read(&object).expect("read object");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&object, bytes).expect("write object");
+
+    let output = cluster.lockstep(&["restore", &backup, "--in-place"]);
+    assert!(
+        !output.status.success(),
+        "restore should fail:\n{}",
+        text(&output)
+    );
+    let printed = text(&output);
+    assert!(printed.contains("shard-1"), "{printed}");
+    assert!(
+        printed.contains("ERR_BACKUP_CHECKSUM_MISMATCH"),
+        "{printed}"
+    );
+    for i in 0..N_AGENTS {
+        assert_eq!(
+            live_keys(&cluster, i).await,
+            diverged(),
+            "shard-{i} changed by a failed restore"
+        );
+    }
+    assert_no_restore_leftovers(cluster.dir.path());
+    // The cluster is free again: the next backup runs.
+    let next = cluster.lockstep(&["backup", "create", "--wait", "--json"]);
+    assert!(
+        next.status.success(),
+        "backup after failed restore:\n{}",
+        text(&next)
+    );
+}
