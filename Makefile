@@ -31,9 +31,9 @@ test: deps
 demo: build
 	@LOCKSTEP_BIN_DIR=$(BIN) bash scripts/demo.sh
 
-## bench: backup and restore throughput, write pause and agent RSS on generated shards
+## bench: Lockstep against RocksDB's BackupEngine on the same data, disk and threads (under 20 minutes on 2 cores)
 bench: build
-	@LOCKSTEP_BIN_DIR=$(BIN) bash scripts/bench.sh
+	$(BIN)/lockstep-bench run --bin-dir $(BIN) --work $(CARGO_TARGET_DIR)/bench-work --out bench/results $(BENCH_ARGS)
 
 fmt:
 	cargo fmt --all

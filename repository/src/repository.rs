@@ -27,6 +27,9 @@ pub struct Repository {
     store: Arc<dyn ObjectStore>,
     layout: Layout,
     url: String,
+    /// For file:// repositories: the directory, so writes can be made durable (object
+    /// stores are durable when a put returns; a local filesystem is not until fsync).
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -94,6 +97,7 @@ impl Repository {
                 format!("repository {location:?}: {why}"),
             )
         };
+        let mut local_root = None;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
             "file" => {
                 let dir = url
@@ -109,6 +113,7 @@ impl Repository {
                 let fs = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|err| storage_error(format!("open {}", dir.display()), err))?
                     .with_automatic_cleanup(true);
+                local_root = Some(dir);
                 (Arc::new(fs), Path::default())
             }
             "memory" => {
@@ -164,7 +169,28 @@ impl Repository {
                 )));
             }
         };
-        Ok(Repository::from_store(store, prefix, url.to_string()))
+        let mut repo = Repository::from_store(store, prefix, url.to_string());
+        repo.local_root = local_root;
+        Ok(repo)
+    }
+
+    /// On a file:// repository, fsyncs the file at `key` and its directory, so what a put
+    /// wrote survives a power loss before anything that refers to it is published.
+    async fn make_durable(&self, key: &Path) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let file = root.join(key.as_ref());
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&file)?.sync_all()?;
+            if let Some(dir) = file.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err))?
+        .map_err(|err| Error::io(ErrorCode::StorageUnavailable, format!("fsync {key}"), err))
     }
 
     /// Wraps an already-built store, e.g. a fault-injecting one in tests.
@@ -173,6 +199,7 @@ impl Repository {
             store,
             layout: Layout::new(prefix),
             url,
+            local_root: None,
         }
     }
 
@@ -202,7 +229,8 @@ impl Repository {
         };
         let payload = PutPayload::from(Bytes::from(encoded.bytes));
         match self.store.put_opts(&key, payload.clone(), options).await {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Ok(_) => self.make_durable(&key).await,
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
             // Some stores do not implement create-only puts; content addressing makes a plain
             // overwrite harmless, since the bytes are the same.
             Err(object_store::Error::NotImplemented { .. }) => {
@@ -256,8 +284,8 @@ impl Repository {
         self.store
             .put(key, PutPayload::from(json))
             .await
-            .map(|_| ())
-            .map_err(|err| storage_error(format!("write manifest {key}"), err))
+            .map_err(|err| storage_error(format!("write manifest {key}"), err))?;
+        self.make_durable(key).await
     }
 
     /// Publishes a shard manifest. Call only after every object it names is stored.

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use futures::{StreamExt, TryStreamExt};
 
@@ -258,20 +258,24 @@ pub async fn download_files(
 ) -> Result<()> {
     let options = options.checked()?;
     let io = |what: String, err| Error::io(ErrorCode::BackupRestorationFailed, what, err);
-    let mut handles = Vec::with_capacity(files.len());
+    let mut empty = Vec::new();
     let mut jobs = Vec::new();
     for file in files {
         let path = dir.join(&file.name);
         let handle =
             File::create_new(&path).map_err(|err| io(format!("create {}", path.display()), err))?;
-        let handle = Arc::new(handle);
+        // The file is fsynced by whichever chunk write finishes it, so writeback overlaps
+        // the rest of the download instead of queueing behind it.
+        let handle = Arc::new((handle, AtomicUsize::new(file.chunks.len())));
         progress.total_bytes.fetch_add(file.size, Ordering::Relaxed);
         let mut offset = 0u64;
         for chunk in &file.chunks {
             jobs.push((handle.clone(), path.clone(), offset, chunk.clone()));
             offset += chunk.len;
         }
-        handles.push((handle, path));
+        if file.chunks.is_empty() {
+            empty.push((handle, path));
+        }
     }
 
     futures::stream::iter(jobs)
@@ -295,9 +299,14 @@ pub async fn download_files(
             }
             let len = chunk.len;
             tokio::task::spawn_blocking(move || {
-                handle
-                    .write_all_at(&plaintext, offset)
-                    .map_err(|err| io(format!("write {}", path.display()), err))
+                let (file, remaining) = &*handle;
+                file.write_all_at(&plaintext, offset)
+                    .map_err(|err| io(format!("write {}", path.display()), err))?;
+                if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    file.sync_all()
+                        .map_err(|err| io(format!("sync {}", path.display()), err))?;
+                }
+                Ok(())
             })
             .await
             .map_err(spawn_blocking_err)??;
@@ -310,8 +319,9 @@ pub async fn download_files(
 
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        for (handle, path) in &handles {
+        for (handle, path) in &empty {
             handle
+                .0
                 .sync_all()
                 .map_err(|err| io(format!("sync {}", path.display()), err))?;
         }

@@ -1,0 +1,190 @@
+//! The write pause of the two-phase barrier: N agents (real processes, RocksDB) and a
+//! coordinator on 127.0.0.1, one writer per agent writing as fast as it is acknowledged, and
+//! a series of backups. Every shard's gate-closed time (from the request to close until the
+//! gate reopens) is read back from its shard manifest.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::contenders::Binaries;
+
+/// Kills its processes when dropped, so a failed run leaves nothing behind.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts a server and returns its address from its "listening on ADDR" line.
+fn start(processes: &mut Processes, program: &Path, args: &[&str], log: &Path) -> Result<String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).context("create log")?)
+        .spawn()
+        .with_context(|| format!("start {}", program.display()))?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    processes.0.push(child);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("read server output")?;
+        if let Some((_, address)) = line.split_once("listening on ") {
+            return Ok(address.trim().to_string());
+        }
+    }
+    bail!(
+        "{} exited before listening; see {}",
+        program.display(),
+        log.display()
+    )
+}
+
+/// Per-shard pauses, in microseconds, of every backup taken.
+pub struct Pauses {
+    pub backups: usize,
+    pub pauses_us: Vec<u64>,
+    /// Keys acknowledged per second over the whole cluster while backups ran.
+    pub write_keys_per_sec: u64,
+}
+
+pub fn measure(bins: &Binaries, work: &Path, agents: usize, backups: usize) -> Result<Pauses> {
+    let dir = work.join(format!("barrier-{agents}"));
+    crate::contenders::remove(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let repo = dir.join("repo");
+    let mut processes = Processes(Vec::new());
+    let mut config = format!(
+        "repository = \"{}\"\nlisten = \"127.0.0.1:0\"\n[barrier]\nlease_ms = 10000\nprepare_timeout_ms = 5000\n",
+        repo.display()
+    );
+    let mut endpoints = Vec::new();
+    for i in 0..agents {
+        let shard = format!("shard-{i}");
+        let db = dir.join(&shard);
+        let address = start(
+            &mut processes,
+            &bins.agent,
+            &[
+                "serve",
+                "--db",
+                db.to_str().unwrap_or_default(),
+                "--shard",
+                &shard,
+                "--listen",
+                "127.0.0.1:0",
+                "--repo",
+                repo.to_str().unwrap_or_default(),
+            ],
+            &dir.join(format!("agent-{i}.log")),
+        )?;
+        config.push_str(&format!(
+            "[[agents]]\nshard = \"{shard}\"\nendpoint = \"http://{address}\"\n"
+        ));
+        endpoints.push(format!("http://{address}"));
+    }
+    let config_path = dir.join("lockstep.toml");
+    std::fs::write(&config_path, config)?;
+    let coordinator = start(
+        &mut processes,
+        &bins.coordinator,
+        &[
+            "serve",
+            "--config",
+            config_path.to_str().unwrap_or_default(),
+        ],
+        &dir.join("coordinator.log"),
+    )?;
+    let coordinator = format!("http://{coordinator}");
+
+    // One writer per agent: 200-byte values in batches of 1000, each acknowledged before the
+    // next is sent, far more keys than it can write before it is stopped.
+    let mut writers = Processes(Vec::new());
+    for endpoint in &endpoints {
+        writers.0.push(
+            Command::new(&bins.agent)
+                .args([
+                    "load",
+                    "--endpoint",
+                    endpoint,
+                    "--keys",
+                    "100000000",
+                    "--value-size",
+                    "200",
+                    "--prefix",
+                    "bench",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start writer")?,
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut ids = Vec::new();
+    for _ in 0..backups {
+        let output = Command::new(&bins.coordinator)
+            .args(["backup", "create", "--wait", "--json"])
+            .env("LOCKSTEP_COORDINATOR", &coordinator)
+            .output()
+            .context("run lockstep backup create")?;
+        if !output.status.success() {
+            bail!(
+                "backup under load failed:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let job: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        ids.push(job["backup_id"].as_str().unwrap_or_default().to_string());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(writers);
+
+    let mut pauses_us = Vec::new();
+    for id in &ids {
+        for i in 0..agents {
+            let path = repo.join(format!("shards/shard-{i}/{id}.json"));
+            let manifest: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+            )?;
+            pauses_us.push(manifest["timings"]["gate_closed_us"].as_u64().unwrap_or(0));
+        }
+    }
+    // The writers' rate: keys acknowledged between the first and the last backup's cut.
+    let cut_and_time = |id: &String| -> Result<(u64, f64)> {
+        let path = repo.join(format!("backups/{id}.json"));
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+        let keys = manifest["cut"]
+            .as_object()
+            .map(|cut| cut.values().filter_map(|v| v.as_u64()).sum())
+            .unwrap_or(0);
+        let at = manifest["started_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_micros() as f64 / 1e6)
+            .unwrap_or(0.0);
+        Ok((keys, at))
+    };
+    let mut write_keys_per_sec = 0;
+    if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+        let ((k0, t0), (k1, t1)) = (cut_and_time(first)?, cut_and_time(last)?);
+        if t1 > t0 {
+            write_keys_per_sec = ((k1.saturating_sub(k0)) as f64 / (t1 - t0)) as u64;
+        }
+    }
+    drop(processes);
+    crate::contenders::remove(&dir);
+    Ok(Pauses {
+        backups: ids.len(),
+        pauses_us,
+        write_keys_per_sec,
+    })
+}

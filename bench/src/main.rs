@@ -1,0 +1,109 @@
+//! `lockstep-bench`: the numbers behind `make bench`.
+//!
+//! Lockstep and RocksDB's BackupEngine (through the `rocksdb` crate, the same RocksDB build)
+//! back up and restore the same generated shards, on the same disk, with the same number of
+//! threads, alternating which goes first, as separate processes timed by GNU time (wall time
+//! and peak RSS). Medians of several runs are reported. Numbers are reported, never asserted.
+//!
+//! - `generate.rs`: deterministic shards (compressible, half-random and random values), with
+//!   RocksDB block compression on (LZ4, as in production) or off;
+//! - `contenders.rs`: one backup, restore or verify of either contender, timed;
+//! - `barrier.rs`: the write pause of the two-phase barrier with N agents under write load;
+//! - `report.rs`: medians, the JSON file and the Markdown table.
+
+mod barrier;
+mod contenders;
+mod generate;
+mod report;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lockstep-bench",
+    about = "Lockstep against RocksDB's BackupEngine, in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every measurement and write results.json and results.md into --out.
+    Run(RunArgs),
+    /// Back up a shard with BackupEngine (run as its own process, so it is timed alone).
+    #[command(hide = true)]
+    BackupEngineBackup {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        threads: i32,
+    },
+    /// Restore the latest BackupEngine backup.
+    #[command(hide = true)]
+    BackupEngineRestore {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        threads: i32,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Where lockstep-agent and lockstep live.
+    #[arg(long)]
+    pub bin_dir: PathBuf,
+    /// Scratch space for shards and repositories (removed at the end).
+    #[arg(long)]
+    pub work: PathBuf,
+    /// Where results.json and results.md go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Logical size of the main shards (values before RocksDB compression).
+    #[arg(long, default_value_t = 3072)]
+    pub size_mib: u64,
+    /// Logical size of the small shard, for the RSS comparison.
+    #[arg(long, default_value_t = 768)]
+    pub small_mib: u64,
+    /// Runs per measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Threads for both contenders (Lockstep's transfer parallelism, BackupEngine's
+    /// max_background_operations).
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Cluster sizes for the barrier write-pause measurement.
+    #[arg(long, default_value = "3,8", value_delimiter = ',')]
+    pub agents: Vec<usize>,
+    /// Backups per cluster size for the write pause.
+    #[arg(long, default_value_t = 12)]
+    pub backups: usize,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => report::run(&args),
+        Command::BackupEngineBackup { db, dir, threads } => {
+            contenders::backup_engine_backup(&db, &dir, threads)
+        }
+        Command::BackupEngineRestore { dir, to, threads } => {
+            contenders::backup_engine_restore(&dir, &to, threads)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("lockstep-bench: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The whole run: every measurement in order, medians, `results.json` and `results.md`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::RunArgs;
+use crate::barrier;
+use crate::contenders::{self, Binaries, Timed, disk_bytes, remove};
+use crate::generate;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The value at quantile `q` (nearest rank).
+fn quantile(values: &[u64], q: f64) -> u64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Medians of one operation, for one contender.
+#[derive(Debug, Clone, Serialize)]
+pub struct Op {
+    pub runs_secs: Vec<f64>,
+    pub median_secs: f64,
+    pub max_rss_mib: f64,
+}
+
+impl Op {
+    fn of(timed: &[Timed]) -> Op {
+        let runs_secs: Vec<f64> = timed.iter().map(|t| t.secs).collect();
+        Op {
+            median_secs: median(&runs_secs),
+            max_rss_mib: timed.iter().map(|t| t.max_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
+            runs_secs,
+        }
+    }
+}
+
+/// One shard variant (block compression on or off).
+#[derive(Debug, Clone, Serialize)]
+pub struct Variant {
+    pub compression: &'static str,
+    pub logical_mib: u64,
+    pub data_bytes: u64,
+    pub generated: generate::Generated,
+    pub lockstep_backup: Op,
+    pub engine_backup: Op,
+    pub lockstep_repo_bytes: u64,
+    pub engine_repo_bytes: u64,
+    pub lockstep_gate_closed_us: u64,
+    pub lockstep_restore: Op,
+    pub engine_restore: Op,
+    pub lockstep_verify: Op,
+    pub lockstep_rebackup_secs: f64,
+    pub lockstep_rebackup_uploaded: u64,
+    pub engine_rebackup_secs: f64,
+    pub engine_rebackup_bytes: u64,
+    pub changed_bytes: u64,
+    pub lockstep_incremental_uploaded: u64,
+    pub lockstep_incremental_secs: f64,
+    pub engine_incremental_bytes: u64,
+    pub engine_incremental_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BarrierResult {
+    pub agents: usize,
+    pub backups: usize,
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub write_keys_per_sec: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub date: String,
+    pub machine: String,
+    pub command: String,
+    pub threads: usize,
+    pub runs: usize,
+    pub variants: Vec<Variant>,
+    /// Peak RSS of a Lockstep backup by logical shard size in MiB.
+    pub rss_mib_by_shard_mib: BTreeMap<u64, f64>,
+    pub barrier: Vec<BarrierResult>,
+    pub not_measured: Vec<String>,
+}
+
+/// Regular files of a shard by name, with sizes.
+fn files(db: &Path) -> BTreeMap<String, u64> {
+    std::fs::read_dir(db)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let meta = e.metadata().ok()?;
+                    meta.is_file()
+                        .then(|| (e.file_name().to_string_lossy().into_owned(), meta.len()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn variant(bins: &Binaries, args: &RunArgs, compressed: bool) -> Result<Variant> {
+    let name = if compressed { "lz4" } else { "none" };
+    let db = args.work.join(format!("db-{name}"));
+    let repo = args.work.join(format!("repo-{name}"));
+    let engine_dir = args.work.join(format!("backupengine-{name}"));
+    let restored = args.work.join("restored");
+    remove(&db);
+    eprintln!("[bench] {name}: generating a {} MiB shard", args.size_mib);
+    let generated = generate::shard(&db, compressed, args.size_mib)?;
+    let data_bytes = disk_bytes(&db);
+
+    let (mut ls, mut be) = (Vec::new(), Vec::new());
+    let mut gate_closed_us = 0;
+    for run in 0..args.runs {
+        eprintln!("[bench] {name}: full backup, run {}", run + 1);
+        let lockstep_first = run % 2 == 0;
+        for lockstep in [lockstep_first, !lockstep_first] {
+            if lockstep {
+                remove(&repo);
+                let backup = contenders::lockstep_backup(bins, &db, &repo, args.threads)?;
+                gate_closed_us = gate_closed_us.max(backup.gate_closed_us);
+                ls.push(backup.timed);
+            } else {
+                remove(&engine_dir);
+                be.push(contenders::backup_engine(
+                    bins,
+                    &db,
+                    &engine_dir,
+                    args.threads,
+                )?);
+            }
+        }
+    }
+    let (lockstep_repo_bytes, engine_repo_bytes) = (disk_bytes(&repo), disk_bytes(&engine_dir));
+
+    let (mut ls_restore, mut be_restore) = (Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        eprintln!("[bench] {name}: restore, run {}", run + 1);
+        let lockstep_first = run % 2 == 0;
+        for lockstep in [lockstep_first, !lockstep_first] {
+            if lockstep {
+                ls_restore.push(contenders::lockstep_restore(
+                    bins,
+                    &repo,
+                    &restored,
+                    args.threads,
+                )?);
+            } else {
+                be_restore.push(contenders::backup_engine_restore_timed(
+                    bins,
+                    &engine_dir,
+                    &restored,
+                    args.threads,
+                )?);
+            }
+            remove(&restored);
+        }
+    }
+
+    eprintln!("[bench] {name}: full verify");
+    let mut verify = Vec::new();
+    for _ in 0..args.runs {
+        verify.push(contenders::lockstep_verify(bins, &repo, args.threads)?);
+    }
+
+    eprintln!("[bench] {name}: re-backup with no changes");
+    let rebackup = contenders::lockstep_backup(bins, &db, &repo, args.threads)?;
+    let engine_before = disk_bytes(&engine_dir);
+    let engine_rebackup = contenders::backup_engine(bins, &db, &engine_dir, args.threads)?;
+    let engine_rebackup_bytes = disk_bytes(&engine_dir).saturating_sub(engine_before);
+
+    eprintln!("[bench] {name}: incremental (5% new data)");
+    let before = files(&db);
+    let keys = args.size_mib * 1024 * 1024 / generate::VALUE_SIZE as u64;
+    generate::write(&db, compressed, keys, keys / 20, 2)?;
+    let changed_bytes: u64 = files(&db)
+        .into_iter()
+        .filter(|(name, size)| before.get(name) != Some(size))
+        .map(|(_, size)| size)
+        .sum();
+    let incremental = contenders::lockstep_backup(bins, &db, &repo, args.threads)?;
+    let engine_before = disk_bytes(&engine_dir);
+    let engine_incremental = contenders::backup_engine(bins, &db, &engine_dir, args.threads)?;
+    let engine_incremental_bytes = disk_bytes(&engine_dir).saturating_sub(engine_before);
+
+    remove(&db);
+    remove(&repo);
+    remove(&engine_dir);
+    Ok(Variant {
+        compression: name,
+        logical_mib: args.size_mib,
+        data_bytes,
+        generated,
+        lockstep_backup: Op::of(&ls),
+        engine_backup: Op::of(&be),
+        lockstep_repo_bytes,
+        engine_repo_bytes,
+        lockstep_gate_closed_us: gate_closed_us,
+        lockstep_restore: Op::of(&ls_restore),
+        engine_restore: Op::of(&be_restore),
+        lockstep_verify: Op::of(&verify),
+        lockstep_rebackup_secs: rebackup.timed.secs,
+        lockstep_rebackup_uploaded: rebackup.bytes_uploaded,
+        engine_rebackup_secs: engine_rebackup.secs,
+        engine_rebackup_bytes,
+        changed_bytes,
+        lockstep_incremental_uploaded: incremental.bytes_uploaded,
+        lockstep_incremental_secs: incremental.timed.secs,
+        engine_incremental_bytes,
+        engine_incremental_secs: engine_incremental.secs,
+    })
+}
+
+/// Peak RSS of one Lockstep backup of a fresh shard of `mib` MiB.
+fn rss_at(bins: &Binaries, args: &RunArgs, mib: u64) -> Result<f64> {
+    let db = args.work.join(format!("db-rss-{mib}"));
+    let repo = args.work.join(format!("repo-rss-{mib}"));
+    remove(&db);
+    remove(&repo);
+    eprintln!("[bench] RSS: a {mib} MiB shard");
+    generate::shard(&db, true, mib)?;
+    let backup = contenders::lockstep_backup(bins, &db, &repo, args.threads)?;
+    remove(&db);
+    remove(&repo);
+    Ok(backup.timed.max_rss_kib as f64 / 1024.0)
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB RAM")
+}
+
+pub fn run(args: &RunArgs) -> Result<()> {
+    let bins = Binaries {
+        agent: args.bin_dir.join("lockstep-agent"),
+        coordinator: args.bin_dir.join("lockstep"),
+        bench: std::env::current_exe().context("locate lockstep-bench")?,
+    };
+    for bin in [&bins.agent, &bins.coordinator] {
+        if !bin.exists() {
+            bail!(
+                "{} is missing; build with `cargo build --workspace --bins`",
+                bin.display()
+            );
+        }
+    }
+    if !Path::new("/usr/bin/time").exists() {
+        bail!("/usr/bin/time (GNU time) is missing; `make deps` installs it");
+    }
+    std::fs::create_dir_all(&args.work)?;
+    std::fs::create_dir_all(&args.out)?;
+    let started = std::time::Instant::now();
+
+    let mut variants = Vec::new();
+    for compressed in [true, false] {
+        variants.push(variant(&bins, args, compressed)?);
+    }
+    let mut rss = BTreeMap::new();
+    rss.insert(args.small_mib, rss_at(&bins, args, args.small_mib)?);
+    if let Some(main) = variants.first() {
+        rss.insert(args.size_mib, main.lockstep_backup.max_rss_mib);
+    }
+    let mut barrier_results = Vec::new();
+    for &agents in &args.agents {
+        eprintln!(
+            "[bench] barrier: {agents} agents under write load, {} backups",
+            args.backups
+        );
+        let pauses = barrier::measure(&bins, &args.work, agents, args.backups)?;
+        barrier_results.push(BarrierResult {
+            agents,
+            backups: pauses.backups,
+            samples: pauses.pauses_us.len(),
+            p50_ms: quantile(&pauses.pauses_us, 0.50) as f64 / 1000.0,
+            p99_ms: quantile(&pauses.pauses_us, 0.99) as f64 / 1000.0,
+            max_ms: pauses.pauses_us.iter().copied().max().unwrap_or(0) as f64 / 1000.0,
+            write_keys_per_sec: pauses.write_keys_per_sec,
+        });
+    }
+    let _ = std::fs::remove_dir_all(&args.work);
+
+    let results = Results {
+        date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        machine: machine(),
+        command: format!(
+            "make bench (lockstep-bench run --size-mib {} --small-mib {} --runs {} --threads {} --agents {} --backups {})",
+            args.size_mib,
+            args.small_mib,
+            args.runs,
+            args.threads,
+            args.agents
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            args.backups
+        ),
+        threads: args.threads,
+        runs: args.runs,
+        variants,
+        rss_mib_by_shard_mib: rss,
+        barrier: barrier_results,
+        not_measured: vec![
+            "WAL shipping lag p50/p99 and PITR replay rate: WAL shipping is not built yet (issue 4); the raw RocksDB write rate of the generator is reported for the later comparison".into(),
+        ],
+    };
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let markdown = markdown(&results, started.elapsed().as_secs_f64());
+    std::fs::write(args.out.join("results.md"), &markdown)?;
+    println!("{markdown}");
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / MIB)
+}
+
+fn ratio(lockstep: f64, engine: f64) -> String {
+    if engine > 0.0 {
+        format!("{:.2}x", lockstep / engine)
+    } else {
+        "-".into()
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "missed" }
+}
+
+/// The Markdown report: one table per variant, then memory and the barrier.
+pub fn markdown(r: &Results, total_secs: f64) -> String {
+    let mut out = format!(
+        "Machine: {}; {}; threads {} for both contenders; medians of {} runs; whole run {:.0} s.\n\
+         Command: `{}`\n",
+        r.machine, r.date, r.threads, r.runs, total_secs, r.command
+    );
+    for v in &r.variants {
+        let data = v.data_bytes as f64 / MIB;
+        let rate = |secs: f64| format!("{:.0}", data / secs.max(1e-9));
+        out.push_str(&format!(
+            "\n**Shard: {} MiB of values, RocksDB block compression {}, {} MiB on disk** \
+             (generator: {:.0} batches/s of 1000 keys, raw RocksDB write rate)\n\n",
+            v.logical_mib,
+            v.compression,
+            mib(v.data_bytes),
+            v.generated.batches as f64 / v.generated.write_secs.max(1e-9)
+        ));
+        out.push_str("| measure | Lockstep | BackupEngine | Lockstep / BackupEngine | target | |\n|---|---|---|---|---|---|\n");
+        out.push_str(&format!(
+            "| full backup s (MiB/s) | {:.2} ({}) | {:.2} ({}) | {} | ≤ 1.00x | {} |\n",
+            v.lockstep_backup.median_secs,
+            rate(v.lockstep_backup.median_secs),
+            v.engine_backup.median_secs,
+            rate(v.engine_backup.median_secs),
+            ratio(v.lockstep_backup.median_secs, v.engine_backup.median_secs),
+            met(v.lockstep_backup.median_secs <= v.engine_backup.median_secs)
+        ));
+        out.push_str(&format!(
+            "| repository MiB | {} | {} | {} | reported | |\n",
+            mib(v.lockstep_repo_bytes),
+            mib(v.engine_repo_bytes),
+            ratio(v.lockstep_repo_bytes as f64, v.engine_repo_bytes as f64)
+        ));
+        out.push_str(&format!(
+            "| restore s (MiB/s) | {:.2} ({}) | {:.2} ({}) | {} | ≤ 1.00x | {} |\n",
+            v.lockstep_restore.median_secs,
+            rate(v.lockstep_restore.median_secs),
+            v.engine_restore.median_secs,
+            rate(v.engine_restore.median_secs),
+            ratio(v.lockstep_restore.median_secs, v.engine_restore.median_secs),
+            met(v.lockstep_restore.median_secs <= v.engine_restore.median_secs)
+        ));
+        out.push_str(&format!(
+            "| re-backup, no changes: s / bytes | {:.2} / {} B | {:.2} / {} B | | near zero | {} |\n",
+            v.lockstep_rebackup_secs,
+            v.lockstep_rebackup_uploaded,
+            v.engine_rebackup_secs,
+            v.engine_rebackup_bytes,
+            met(v.lockstep_rebackup_uploaded < 1024 * 1024)
+        ));
+        let incremental_ratio =
+            v.lockstep_incremental_uploaded as f64 / (v.changed_bytes as f64).max(1.0);
+        out.push_str(&format!(
+            "| after 5% new data: s / MiB stored (changed files: {} MiB) | {:.2} / {} ({:.2}x changed) | {:.2} / {} | | ≤ 1.1x changed | {} |\n",
+            mib(v.changed_bytes),
+            v.lockstep_incremental_secs,
+            mib(v.lockstep_incremental_uploaded),
+            incremental_ratio,
+            v.engine_incremental_secs,
+            mib(v.engine_incremental_bytes),
+            met(incremental_ratio <= 1.1)
+        ));
+        out.push_str(&format!(
+            "| full verify s (MiB/s) | {:.2} ({}) | - | | reported | |\n",
+            v.lockstep_verify.median_secs,
+            rate(v.lockstep_verify.median_secs)
+        ));
+        out.push_str(&format!(
+            "| peak RSS MiB, backup / restore | {:.0} / {:.0} | {:.0} / {:.0} | | bounded | |\n",
+            v.lockstep_backup.max_rss_mib,
+            v.lockstep_restore.max_rss_mib,
+            v.engine_backup.max_rss_mib,
+            v.engine_restore.max_rss_mib
+        ));
+        out.push_str(&format!(
+            "| write pause of the offline backup ms (max of runs) | {:.3} | - | | | |\n",
+            v.lockstep_gate_closed_us as f64 / 1000.0
+        ));
+    }
+    out.push_str("\n**Agent peak RSS during a backup, by shard size** (target: independent of size)\n\n| shard MiB (logical) | peak RSS MiB |\n|---|---|\n");
+    for (size, rss) in &r.rss_mib_by_shard_mib {
+        out.push_str(&format!("| {size} | {rss:.0} |\n"));
+    }
+    out.push_str("\n**Barrier write pause under write load** (per shard per backup, from the request to close the gate until it reopens; target p99 < 5 ms with 8 agents)\n\n| agents | backups | samples | p50 ms | p99 ms | max ms | cluster writes (keys/s) | |\n|---|---|---|---|---|---|---|---|\n");
+    for b in &r.barrier {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            b.agents,
+            b.backups,
+            b.samples,
+            b.p50_ms,
+            b.p99_ms,
+            b.max_ms,
+            b.write_keys_per_sec,
+            met(b.p99_ms < 5.0)
+        ));
+    }
+    for note in &r.not_measured {
+        out.push_str(&format!("\nNot measured: {note}.\n"));
+    }
+    out
+}
