@@ -60,8 +60,8 @@ pub struct TransferArgs {
     /// Chunk size in MiB.
     #[arg(long, default_value_t = 8)]
     pub chunk_mib: usize,
-    /// zstd level for new objects; 0 turns compression off.
-    #[arg(long, default_value_t = 3)]
+    /// zstd level for new objects (1 is fastest, up to 19); 0 turns compression off.
+    #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
 }
 

@@ -57,7 +57,7 @@ fn value(key: u64, rng: &mut SplitMix) -> Vec<u8> {
     value
 }
 
-/// What writing a shard cost: the raw RocksDB write rate, for comparison with replay rates.
+/// What writing a shard cost (generation included, so not a pure RocksDB write rate).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Generated {
     pub keys: u64,

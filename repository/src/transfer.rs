@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -112,10 +113,26 @@ fn read_chunk(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
             err,
         )
     };
-    let file = File::open(path).map_err(|err| io("open", err))?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)
+    let mut file = File::open(path).map_err(|err| io("open", err))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|err| io("seek", err))?;
+    // read_to_end fills spare capacity without zeroing it first.
+    let mut buf = Vec::with_capacity(len);
+    file.take(len as u64)
+        .read_to_end(&mut buf)
         .map_err(|err| io("read", err))?;
+    if buf.len() != len {
+        return Err(io(
+            "read",
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} of {len} bytes at offset {offset}: the file shrank",
+                    buf.len()
+                ),
+            ),
+        ));
+    }
     Ok(buf)
 }
 
