@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::backup::{BackupOptions, backup_offline};
 use crate::engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
 use crate::restore::{restore_shard, select_shard};
+use crate::splitmix::SplitMix;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -480,19 +481,6 @@ async fn run_restore(args: &RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-/// A splitmix64 stream: fast, seedable, and the same on every machine.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// The generated data of `load`, as a stream of write batches of at most about 1 MiB.
 struct Generator<'a> {
     args: &'a LoadArgs,
@@ -531,10 +519,7 @@ impl<'a> Generator<'a> {
         let end = (self.next_key + self.per_batch).min(args.keys);
         for key in self.next_key..end {
             let mut value = vec![b'a' + (key % 26) as u8; args.value_size];
-            for chunk in value[..self.random_len].chunks_mut(8) {
-                let word = self.rng.next().to_le_bytes();
-                chunk.copy_from_slice(&word[..chunk.len()]);
-            }
+            self.rng.fill(&mut value[..self.random_len]);
             self.bytes += value.len() as u64;
             batch.put(cf, format!("{}{key:012}", args.prefix), value);
         }

@@ -6,7 +6,8 @@
 //! - `restore`: verified, atomic restore of a shard into a new directory;
 //! - `participant`: the two-phase barrier participant actor;
 //! - `slot`: the live engine, and its in-place replacement by a restore;
-//! - `server`: the gRPC `Shard` and `Agent` services.
+//! - `server`: the gRPC `Shard` and `Agent` services;
+//! - `splitmix`: the seeded stream behind generated demo, test and benchmark data.
 //!
 //! An application that embeds RocksDB can use this crate as a library: it must route its
 //! writes through a `WriteGate` for backups to be consistent.
@@ -19,6 +20,7 @@ pub mod participant;
 pub mod restore;
 pub mod server;
 pub mod slot;
+pub mod splitmix;
 
 pub use engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
 pub use gate::WriteGate;

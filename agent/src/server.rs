@@ -179,6 +179,13 @@ fn restore_id(raw: String) -> Result<String, Status> {
     }
 }
 
+/// A participant's answer as a gRPC reply.
+fn reply<T, W>(result: Result<T, Error>, wire: fn(T) -> W) -> Result<Response<W>, Status> {
+    result
+        .map(|value| Response::new(wire(value)))
+        .map_err(|err| to_status(&err))
+}
+
 /// The wire form of a restore status.
 pub fn restore_to_wire(status: RestoreStatus) -> v1::RestoreStatus {
     let state = match status.state {
@@ -286,12 +293,7 @@ impl Agent for AgentApi {
         request: Request<v1::BarrierRequest>,
     ) -> Result<Response<v1::BarrierStatus>, Status> {
         let id = backup_id(&request.into_inner().backup_id)?;
-        let status = self
-            .participant
-            .commit(id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(status_to_wire(status)))
+        reply(self.participant.commit(id).await, status_to_wire)
     }
 
     async fn abort(
@@ -299,12 +301,7 @@ impl Agent for AgentApi {
         request: Request<v1::BarrierRequest>,
     ) -> Result<Response<v1::BarrierStatus>, Status> {
         let id = backup_id(&request.into_inner().backup_id)?;
-        let status = self
-            .participant
-            .abort(id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(status_to_wire(status)))
+        reply(self.participant.abort(id).await, status_to_wire)
     }
 
     async fn status(
@@ -312,12 +309,7 @@ impl Agent for AgentApi {
         request: Request<v1::BarrierRequest>,
     ) -> Result<Response<v1::BarrierStatus>, Status> {
         let id = backup_id(&request.into_inner().backup_id)?;
-        let status = self
-            .participant
-            .status(id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(status_to_wire(status)))
+        reply(self.participant.status(id).await, status_to_wire)
     }
 
     async fn describe(
@@ -352,12 +344,10 @@ impl Agent for AgentApi {
             backup: backup_id(&r.backup_id)?,
             target: (!r.target_dir.is_empty()).then(|| r.target_dir.into()),
         };
-        let status = self
-            .participant
-            .restore_stage(request)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(restore_to_wire(status)))
+        reply(
+            self.participant.restore_stage(request).await,
+            restore_to_wire,
+        )
     }
 
     async fn restore_status(
@@ -365,12 +355,7 @@ impl Agent for AgentApi {
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<v1::RestoreStatus>, Status> {
         let id = restore_id(request.into_inner().restore_id)?;
-        let status = self
-            .participant
-            .restore_status(id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(restore_to_wire(status)))
+        reply(self.participant.restore_status(id).await, restore_to_wire)
     }
 
     async fn restore_apply(
@@ -378,12 +363,7 @@ impl Agent for AgentApi {
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<v1::RestoreStatus>, Status> {
         let id = restore_id(request.into_inner().restore_id)?;
-        let status = self
-            .participant
-            .restore_apply(id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(restore_to_wire(status)))
+        reply(self.participant.restore_apply(id).await, restore_to_wire)
     }
 
     async fn restore_discard(
@@ -391,12 +371,7 @@ impl Agent for AgentApi {
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<v1::RestoreStatus>, Status> {
         let id = restore_id(request.into_inner().restore_id)?;
-        let status = self
-            .participant
-            .restore_discard(id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(restore_to_wire(status)))
+        reply(self.participant.restore_discard(id).await, restore_to_wire)
     }
 }
 

@@ -6,23 +6,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use lockstep_agent::splitmix::SplitMix;
 use rocksdb::{DB, DBCompressionType, Options, WriteBatch, WriteOptions};
 
 pub const VALUE_SIZE: usize = 1000;
 const BATCH: u64 = 1000;
-
-/// A splitmix64 stream: fast, seedable, the same on every machine.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 /// RocksDB options for a benchmark shard.
 pub fn options(compressed: bool) -> Options {
@@ -50,10 +38,7 @@ fn value(key: u64, rng: &mut SplitMix) -> Vec<u8> {
         .cycle()
         .take(VALUE_SIZE)
         .collect();
-    for chunk in value[..random].chunks_mut(8) {
-        let word = rng.next().to_le_bytes();
-        chunk.copy_from_slice(&word[..chunk.len()]);
-    }
+    rng.fill(&mut value[..random]);
     value
 }
 
