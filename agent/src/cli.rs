@@ -196,6 +196,13 @@ pub struct LoadArgs {
     pub prefix: String,
     #[arg(long, value_enum, default_value = "rocksdb")]
     pub engine: EngineKind,
+    /// Keys per write batch (default: as many as fit in about 1 MiB, at most 1000).
+    #[arg(long)]
+    pub batch_keys: Option<u64>,
+    /// With --endpoint: send at most this many batches per second (0: as fast as they are
+    /// acknowledged), for a steady load instead of a saturating one.
+    #[arg(long, default_value_t = 0)]
+    pub batches_per_sec: u32,
 }
 
 #[derive(Debug, Args)]
@@ -498,7 +505,10 @@ impl<'a> Generator<'a> {
             args,
             rng: SplitMix(args.seed),
             random_len: ((args.value_size as f64) * args.random_fraction.clamp(0.0, 1.0)) as usize,
-            per_batch: (1024 * 1024 / args.value_size.max(1) as u64).clamp(1, 1000),
+            per_batch: args
+                .batch_keys
+                .unwrap_or(1024 * 1024 / args.value_size.max(1) as u64)
+                .clamp(1, 1000),
             cf: 0,
             next_key: 0,
             bytes: 0,
@@ -565,7 +575,17 @@ async fn run_load_remote(args: &LoadArgs, endpoint: &str) -> Result<()> {
     let started = Instant::now();
     let mut generator = Generator::new(args);
     let mut seq = 0;
+    let mut pace = (args.batches_per_sec > 0).then(|| {
+        let mut every = tokio::time::interval(Duration::from_secs_f64(
+            1.0 / f64::from(args.batches_per_sec),
+        ));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every
+    });
     while let Some(batch) = generator.next_batch() {
+        if let Some(pace) = &mut pace {
+            pace.tick().await;
+        }
         let ops = batch
             .ops
             .into_iter()

@@ -55,7 +55,38 @@ pub struct Pauses {
     pub write_keys_per_sec: u64,
 }
 
-pub fn measure(bins: &Binaries, work: &Path, agents: usize, backups: usize) -> Result<Pauses> {
+/// How hard the writers push.
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// Batches of 1000 keys, each sent as soon as the previous one is acknowledged.
+    Saturating,
+    /// 200 batches of 10 keys per second per agent: steady traffic that leaves CPU free.
+    Steady,
+}
+
+impl Load {
+    pub fn name(self) -> &'static str {
+        match self {
+            Load::Saturating => "saturating",
+            Load::Steady => "steady",
+        }
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Load::Saturating => &["--batch-keys", "1000"],
+            Load::Steady => &["--batch-keys", "10", "--batches-per-sec", "200"],
+        }
+    }
+}
+
+pub fn measure(
+    bins: &Binaries,
+    work: &Path,
+    agents: usize,
+    backups: usize,
+    load: Load,
+) -> Result<Pauses> {
     let dir = work.join(format!("barrier-{agents}"));
     crate::contenders::remove(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -104,8 +135,8 @@ pub fn measure(bins: &Binaries, work: &Path, agents: usize, backups: usize) -> R
     )?;
     let coordinator = format!("http://{coordinator}");
 
-    // One writer per agent: 200-byte values in batches of 1000, each acknowledged before the
-    // next is sent, far more keys than it can write before it is stopped.
+    // One writer per agent, 200-byte values, far more keys than it can write before it is
+    // stopped.
     let mut writers = Processes(Vec::new());
     for endpoint in &endpoints {
         writers.0.push(
@@ -121,6 +152,7 @@ pub fn measure(bins: &Binaries, work: &Path, agents: usize, backups: usize) -> R
                     "--prefix",
                     "bench",
                 ])
+                .args(load.args())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

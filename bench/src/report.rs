@@ -82,6 +82,7 @@ pub struct Variant {
 #[derive(Debug, Clone, Serialize)]
 pub struct BarrierResult {
     pub agents: usize,
+    pub load: &'static str,
     pub backups: usize,
     pub samples: usize,
     pub p50_ms: f64,
@@ -304,21 +305,25 @@ pub fn run(args: &RunArgs) -> Result<()> {
         rss.insert(args.size_mib, main.lockstep_backup.max_rss_mib);
     }
     let mut barrier_results = Vec::new();
-    for &agents in &args.agents {
-        eprintln!(
-            "[bench] barrier: {agents} agents under write load, {} backups",
-            args.backups
-        );
-        let pauses = barrier::measure(&bins, &args.work, agents, args.backups)?;
-        barrier_results.push(BarrierResult {
-            agents,
-            backups: pauses.backups,
-            samples: pauses.pauses_us.len(),
-            p50_ms: quantile(&pauses.pauses_us, 0.50) as f64 / 1000.0,
-            p99_ms: quantile(&pauses.pauses_us, 0.99) as f64 / 1000.0,
-            max_ms: pauses.pauses_us.iter().copied().max().unwrap_or(0) as f64 / 1000.0,
-            write_keys_per_sec: pauses.write_keys_per_sec,
-        });
+    for load in [barrier::Load::Steady, barrier::Load::Saturating] {
+        for &agents in &args.agents {
+            eprintln!(
+                "[bench] barrier: {agents} agents under {} write load, {} backups",
+                load.name(),
+                args.backups
+            );
+            let pauses = barrier::measure(&bins, &args.work, agents, args.backups, load)?;
+            barrier_results.push(BarrierResult {
+                agents,
+                load: load.name(),
+                backups: pauses.backups,
+                samples: pauses.pauses_us.len(),
+                p50_ms: quantile(&pauses.pauses_us, 0.50) as f64 / 1000.0,
+                p99_ms: quantile(&pauses.pauses_us, 0.99) as f64 / 1000.0,
+                max_ms: pauses.pauses_us.iter().copied().max().unwrap_or(0) as f64 / 1000.0,
+                write_keys_per_sec: pauses.write_keys_per_sec,
+            });
+        }
     }
     let _ = std::fs::remove_dir_all(&args.work);
 
@@ -457,11 +462,12 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
     for (size, rss) in &r.rss_mib_by_shard_mib {
         out.push_str(&format!("| {size} | {rss:.0} |\n"));
     }
-    out.push_str("\n**Barrier write pause under write load** (per shard per backup, from the request to close the gate until it reopens; target p99 < 5 ms with 8 agents)\n\n| agents | backups | samples | p50 ms | p99 ms | max ms | cluster writes (keys/s) | |\n|---|---|---|---|---|---|---|---|\n");
+    out.push_str("\n**Barrier write pause under write load** (per shard per backup, from the request to close the gate until it reopens; target p99 < 5 ms with 8 agents; steady: 200 batches of 10 keys per second per agent; saturating: batches of 1000 keys back to back)\n\n| agents | load | backups | samples | p50 ms | p99 ms | max ms | cluster writes (keys/s) | |\n|---|---|---|---|---|---|---|---|---|\n");
     for b in &r.barrier {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
             b.agents,
+            b.load,
             b.backups,
             b.samples,
             b.p50_ms,
