@@ -57,6 +57,7 @@ pub enum Command {
         /// shard (or where `{shard}` says); the live shards are untouched.
         #[arg(long, value_name = "DIR")]
         to: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -72,17 +73,20 @@ pub enum BackupCommand {
         /// Wait until the backup is committed or failed, showing progress.
         #[arg(long)]
         wait: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List committed backups.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show one backup (`latest` works).
     Show {
         backup: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -91,6 +95,7 @@ pub enum BackupCommand {
         backup: Option<String>,
         #[arg(long)]
         full: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -102,6 +107,7 @@ pub enum BackupCommand {
 pub enum ClusterCommand {
     /// Every agent: reachable, sequence number, gate, RAID role.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
