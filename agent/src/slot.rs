@@ -1,8 +1,9 @@
 //! The live shard of a serving agent, and its in-place replacement by a restore.
 //!
-//! `EngineSlot` holds the open engine and the directory it lives in. Every user takes a
-//! short-lived `Arc` from the slot per operation, so a restore can take the engine out, wait
-//! for those to end, close it, and swap directories:
+//! `EngineSlot` holds the open engine and the directory it lives in. Every operation holds a
+//! shared reference ([`EngineRef`], a read guard) for as long as it uses the engine; a restore
+//! takes the exclusive side, which waits for those to end (no polling) and makes new ones fail
+//! fast with "retry", then closes the engine and swaps directories:
 //!
 //! 1. rename the live directory aside (`.<name>.lockstep-replaced`);
 //! 2. rename the staged, checked shard into place;
@@ -16,8 +17,10 @@
 //! staged beside the shard by a process that died are removed at start too.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use lockstep_repository::{Error, ErrorCode, Result, Seq};
 
@@ -30,8 +33,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The open engine of a serving agent, replaceable by an in-place restore.
 pub struct EngineSlot<E> {
     dir: PathBuf,
-    current: RwLock<Option<Arc<E>>>,
+    current: Arc<RwLock<Option<Arc<E>>>>,
 }
+
+/// The engine for one operation; a swap waits until every `EngineRef` is dropped.
+pub type EngineRef<E> = OwnedRwLockReadGuard<Option<Arc<E>>, Arc<E>>;
 
 fn swapping() -> Error {
     Error::new(
@@ -104,7 +110,7 @@ impl<E: ShardEngine> EngineSlot<E> {
     pub fn new(dir: PathBuf, engine: Arc<E>) -> EngineSlot<E> {
         EngineSlot {
             dir,
-            current: RwLock::new(Some(engine)),
+            current: Arc::new(RwLock::new(Some(engine))),
         }
     }
 
@@ -113,45 +119,42 @@ impl<E: ShardEngine> EngineSlot<E> {
         &self.dir
     }
 
-    /// The engine, for one operation; fails while a restore swaps it.
-    pub fn get(&self) -> Result<Arc<E>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(swapping)
-    }
-
-    fn put(&self, engine: Option<Arc<E>>) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = engine;
-    }
-
-    /// Takes the engine out and waits until nobody else holds it.
-    async fn drain(&self) -> Result<Arc<E>> {
-        let engine = self
+    /// The engine, for one operation; fails at once while a restore swaps it.
+    pub fn get(&self) -> Result<EngineRef<E>> {
+        let guard = self
             .current
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(swapping)?;
-        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-        while Arc::strong_count(&engine) > 1 {
-            if tokio::time::Instant::now() > deadline {
-                self.put(Some(engine));
-                return Err(Error::new(
+            .clone()
+            .try_read_owned()
+            .map_err(|_| swapping())?;
+        OwnedRwLockReadGuard::try_map(guard, |engine| engine.as_ref()).map_err(|_| swapping())
+    }
+
+    /// Takes the slot exclusively once every in-flight operation has dropped its reference.
+    async fn drain(&self) -> Result<(OwnedRwLockWriteGuard<Option<Arc<E>>>, Arc<E>)> {
+        let mut exclusive = tokio::time::timeout(DRAIN_TIMEOUT, self.current.clone().write_owned())
+            .await
+            .map_err(|_| {
+                Error::new(
                     ErrorCode::BackupRestorationFailed,
                     "the live shard is still in use after 30 s; nothing was replaced",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+                )
+            })?;
+        let engine = exclusive.take().ok_or_else(swapping)?;
+        if Arc::strong_count(&engine) > 1 {
+            // Someone kept the engine beyond an EngineRef; closing it now would not close it.
+            *exclusive = Some(engine);
+            return Err(Error::new(
+                ErrorCode::BackupRestorationFailed,
+                "the live shard is still referenced; nothing was replaced",
+            ));
         }
-        Ok(engine)
+        Ok((exclusive, engine))
     }
 
     /// Replaces the live shard by `staged`. The caller holds the write gate closed and no
     /// capture is held. On failure the old shard is open again and untouched.
     pub async fn swap_in(&self, staged: StagedShard) -> Result<Seq> {
-        let old = self.drain().await?;
+        let (mut exclusive, old) = self.drain().await?;
         let columns = old.column_families();
         // Closing RocksDB flushes and joins its threads: blocking work.
         tokio::task::spawn_blocking(move || drop(old))
@@ -167,7 +170,8 @@ impl<E: ShardEngine> EngineSlot<E> {
             })?;
         match swapped {
             Ok((engine, seq)) => {
-                self.put(Some(Arc::new(engine)));
+                *exclusive = Some(Arc::new(engine));
+                drop(exclusive);
                 let replaced = replaced_dir(&self.dir);
                 if let Err(err) = tokio::fs::remove_dir_all(&replaced).await {
                     tracing::warn!(dir = %replaced.display(), error = %err, "could not remove the replaced shard; the next start removes it");
@@ -183,7 +187,7 @@ impl<E: ShardEngine> EngineSlot<E> {
                     })
                     .and_then(|opened| opened);
                 match reopened {
-                    Ok(engine) => self.put(Some(Arc::new(engine))),
+                    Ok(engine) => *exclusive = Some(Arc::new(engine)),
                     Err(reopen) => {
                         tracing::error!(error = %reopen.chain(), "could not reopen the live shard after a failed restore; restart the agent");
                     }

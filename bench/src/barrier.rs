@@ -159,6 +159,8 @@ pub fn measure(
                 .context("start writer")?,
         );
     }
+    // Let the writers reach their steady rate before the first backup: the bench measures
+    // the pause under load, not during start-up. (A benchmark's pacing, not a test's wait.)
     std::thread::sleep(Duration::from_secs(2));
     let mut ids = Vec::new();
     for _ in 0..backups {
@@ -176,6 +178,7 @@ pub fn measure(
         }
         let job: serde_json::Value = serde_json::from_slice(&output.stdout)?;
         ids.push(job["backup_id"].as_str().unwrap_or_default().to_string());
+        // Writes between backups, so each backup's capture has fresh memtables to flush.
         std::thread::sleep(Duration::from_millis(300));
     }
     drop(writers);

@@ -17,11 +17,13 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use lockstep_proto::from_status;
+use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::{self, RestoreState};
 use lockstep_repository::manifest::BackupManifest;
 use lockstep_repository::{BackupId, Error, ErrorCode, Result, ShardId};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use crate::job::{AgentLink, ClusterGuard, JobContext, ShardView};
 
@@ -252,6 +254,31 @@ fn request(plan: &RestorePlan, agent: &AgentLink, restore_id: &str) -> v1::Resto
     }
 }
 
+/// Sends one restore call to every agent of the plan in parallel; replies in plan order.
+async fn on_every_agent<F, Fut>(
+    plan: &RestorePlan,
+    restore_id: &str,
+    what: &str,
+    call: F,
+) -> Vec<Result<v1::RestoreStatus>>
+where
+    F: Fn(AgentClient<Channel>, v1::RestoreRequest) -> Fut,
+    Fut: std::future::Future<
+            Output = std::result::Result<tonic::Response<v1::RestoreStatus>, tonic::Status>,
+        >,
+{
+    join_all(plan.agents.iter().map(|agent| {
+        let reply = call(agent.client.clone(), request(plan, agent, restore_id));
+        async move {
+            reply
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| from_status(&format!("{what} shard {}", agent.shard_id), &s))
+        }
+    }))
+    .await
+}
+
 /// Best effort: an agent that cannot be reached lost its staging with its process.
 async fn discard_everywhere(plan: &RestorePlan, restore_id: &str) {
     let discards = plan.agents.iter().map(|agent| {
@@ -284,22 +311,13 @@ async fn stage_and_apply(
     reporter: &mut Reporter,
 ) -> Result<()> {
     // Phase 1: stage everywhere.
-    let stages = plan.agents.iter().map(|agent| {
-        let mut client = agent.client.clone();
-        let request = request(plan, agent, restore_id);
-        async move {
-            client
-                .restore_stage(request)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| from_status(&format!("stage shard {}", agent.shard_id), &s))
-        }
-    });
-    let failures: Vec<Error> = join_all(stages)
-        .await
-        .into_iter()
-        .filter_map(|r| r.err())
-        .collect();
+    let stages = on_every_agent(
+        plan,
+        restore_id,
+        "stage",
+        |mut client, request| async move { client.restore_stage(request).await },
+    );
+    let failures: Vec<Error> = stages.await.into_iter().filter_map(|r| r.err()).collect();
     if !failures.is_empty() {
         return Err(joined(&failures, "restore refused, nothing changed"));
     }
@@ -379,21 +397,17 @@ async fn stage_and_apply(
     // Phase 2: every shard is staged and checked; swap them in.
     reporter.view.phase = RestorePhase::Applying;
     reporter.progress();
-    let applies = plan.agents.iter().map(|agent| {
-        let mut client = agent.client.clone();
-        let request = request(plan, agent, restore_id);
-        async move {
-            client
-                .restore_apply(request)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| from_status(&format!("apply shard {}", agent.shard_id), &s))
-        }
-    });
+    let applies = on_every_agent(
+        plan,
+        restore_id,
+        "apply",
+        |mut client, request| async move { client.restore_apply(request).await },
+    )
+    .await;
     let mut applied = Vec::new();
     let mut failures = Vec::new();
     let mut shards = Vec::new();
-    for (agent, reply) in plan.agents.iter().zip(join_all(applies).await) {
+    for (agent, reply) in plan.agents.iter().zip(applies) {
         match reply {
             Ok(status) if status.state == RestoreState::Applied as i32 => {
                 applied.push(agent.shard_id.to_string());
