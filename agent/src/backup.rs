@@ -21,7 +21,9 @@ use lockstep_repository::manifest::{
     BackupKind, BackupManifest, MANIFEST_FORMAT_VERSION, ShardManifest, ShardTimings, TOOL_VERSION,
 };
 use lockstep_repository::transfer::{Progress, SourceFile, TransferOptions, upload_files};
-use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, ShardId};
+use lockstep_repository::{
+    BackupId, Error, ErrorCode, HlcTime, Repository, Result, ShardId, Timeline,
+};
 
 use crate::engine::{Capture, ShardEngine};
 use crate::gate::{GateClosed, WriteGate};
@@ -49,6 +51,10 @@ pub struct CapturedShard {
     pub paused: std::time::Duration,
     pub captured_at: chrono::DateTime<Utc>,
     pub capture_us: u64,
+    /// The HLC time of the last write in the capture.
+    pub hlc: HlcTime,
+    /// The shard's timeline at the capture.
+    pub timeline: Timeline,
 }
 
 /// Steps 1-3: prepares, closes the gate and captures the shard. The gate stays closed: the
@@ -58,6 +64,7 @@ pub async fn capture_closed<E: ShardEngine>(
     engine: &Arc<E>,
     gate: &WriteGate,
     capture_dir: PathBuf,
+    timeline: Timeline,
 ) -> Result<(GateClosed, CapturedShard)> {
     let started = Instant::now();
     let captured_at = Utc::now();
@@ -87,6 +94,8 @@ pub async fn capture_closed<E: ShardEngine>(
                 paused: std::time::Duration::ZERO,
                 captured_at,
                 capture_us: started.elapsed().as_micros() as u64,
+                hlc: engine.clock().last(),
+                timeline,
             },
         )),
         Err(err) => {
@@ -103,8 +112,9 @@ pub async fn capture_shard<E: ShardEngine>(
     engine: &Arc<E>,
     gate: &WriteGate,
     capture_dir: PathBuf,
+    timeline: Timeline,
 ) -> Result<CapturedShard> {
-    let (closed, mut captured) = capture_closed(engine, gate, capture_dir).await?;
+    let (closed, mut captured) = capture_closed(engine, gate, capture_dir, timeline).await?;
     captured.paused = closed.open();
     Ok(captured)
 }
@@ -152,6 +162,8 @@ pub async fn upload_capture(
         shard_id: shard_id.clone(),
         engine: captured.engine.to_string(),
         seq: capture.seq,
+        timeline: captured.timeline,
+        hlc: captured.hlc,
         captured_at: captured.captured_at,
         column_families: capture.column_families.clone(),
         files,
@@ -178,10 +190,16 @@ pub async fn backup_shard<E: ShardEngine>(
     shard_id: &ShardId,
     backup_id: &BackupId,
     options: &BackupOptions,
+    timeline: Timeline,
     progress: &Progress,
 ) -> Result<ShardManifest> {
-    let captured =
-        capture_shard(engine, gate, options.capture_root.join(backup_id.as_str())).await?;
+    let captured = capture_shard(
+        engine,
+        gate,
+        options.capture_root.join(backup_id.as_str()),
+        timeline,
+    )
+    .await?;
     tracing::info!(
         shard = %shard_id, backup = %backup_id, seq = %captured.capture.seq,
         gate_closed_us = captured.paused.as_micros() as u64, files = captured.capture.files.len(),
@@ -204,17 +222,20 @@ pub async fn backup_offline<E: ShardEngine>(
     repo: &Repository,
     shard_id: &ShardId,
     options: &BackupOptions,
+    timeline: Timeline,
     progress: &Progress,
 ) -> Result<BackupManifest> {
     let backup_id = BackupId::generate();
     let started_at = Utc::now();
     let gate = WriteGate::new();
-    let shard = backup_shard(engine, &gate, repo, shard_id, &backup_id, options, progress)
-        .await
-        .map_err(|err| Error {
-            code: creation_code(err.code),
-            ..err
-        })?;
+    let shard = backup_shard(
+        engine, &gate, repo, shard_id, &backup_id, options, timeline, progress,
+    )
+    .await
+    .map_err(|err| Error {
+        code: creation_code(err.code),
+        ..err
+    })?;
     let manifest = BackupManifest::commit(backup_id, BackupKind::Full, None, started_at, &[shard]);
     repo.put_backup_manifest(&manifest).await?;
     Ok(manifest)

@@ -304,7 +304,8 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "backup");
     let started = Instant::now();
-    let result = backup_offline(&engine, &repo, &shard, &options, &progress).await;
+    let timeline = crate::timeline::read_lineage(&args.db)?.timeline;
+    let result = backup_offline(&engine, &repo, &shard, &options, timeline, &progress).await;
     ticker.abort();
     bar.finish_and_clear();
     let manifest = result?;
@@ -375,7 +376,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         }
     }
     let shutdown = lockstep_proto::shutdown_on_signal();
-    let slot = Arc::new(crate::slot::EngineSlot::new(args.db.clone(), engine));
+    let slot = Arc::new(crate::slot::EngineSlot::new(args.db.clone(), engine)?);
     crate::server::serve(slot, repo, shard, options, listener, shutdown).await
 }
 

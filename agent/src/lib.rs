@@ -2,11 +2,13 @@
 //!
 //! - `engine`: the `ShardEngine` trait, `RocksEngine` and the `MemEngine` model;
 //! - `gate`: the write gate every client write passes through;
+//! - `hlc`: the hybrid logical clock stamped into every write's WAL record;
 //! - `backup`: capture under the closed gate, upload with it open;
 //! - `restore`: verified, atomic restore of a shard into a new directory;
 //! - `participant`: the two-phase barrier participant actor;
 //! - `slot`: the live engine, and its in-place replacement by a restore;
 //! - `server`: the gRPC `Shard` and `Agent` services;
+//! - `timeline`: the shard's history line, bumped by every restore;
 //! - `splitmix`: the seeded stream behind generated demo, test and benchmark data.
 //!
 //! An application that embeds RocksDB can use this crate as a library: it must route its
@@ -16,11 +18,13 @@ pub mod backup;
 pub mod cli;
 pub mod engine;
 pub mod gate;
+pub mod hlc;
 pub mod participant;
 pub mod restore;
 pub mod server;
 pub mod slot;
 pub mod splitmix;
+pub mod timeline;
 
 pub use engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
 pub use gate::WriteGate;

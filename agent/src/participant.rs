@@ -480,7 +480,10 @@ impl<E: ShardEngine> Participant<E> {
         }
         let capture_dir = self.options.capture_root.join(backup.as_str());
         let captured = match self.slot.get() {
-            Ok(engine) => capture_closed(&engine, &self.gate, capture_dir).await,
+            Ok(engine) => {
+                let timeline = self.slot.lineage().timeline;
+                capture_closed(&engine, &self.gate, capture_dir, timeline).await
+            }
             Err(err) => Err(err),
         };
         let (closed, captured) = match captured {

@@ -26,6 +26,7 @@ use lockstep_repository::{Error, ErrorCode, Result, Seq};
 
 use crate::engine::ShardEngine;
 use crate::restore::StagedShard;
+use crate::timeline::{Lineage, read_lineage};
 
 /// How long a swap waits for in-flight reads to let go of the old engine.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,6 +35,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct EngineSlot<E> {
     dir: PathBuf,
     current: Arc<RwLock<Option<Arc<E>>>>,
+    /// The live shard's timeline; replaced with the shard.
+    lineage: std::sync::Mutex<Lineage>,
 }
 
 /// The engine for one operation; a swap waits until every `EngineRef` is dropped.
@@ -107,11 +110,22 @@ pub fn recover_interrupted_swap(dir: &Path) -> Result<()> {
 }
 
 impl<E: ShardEngine> EngineSlot<E> {
-    pub fn new(dir: PathBuf, engine: Arc<E>) -> EngineSlot<E> {
-        EngineSlot {
+    /// Holds the engine open on `dir`; fails if the shard's timeline file is unreadable.
+    pub fn new(dir: PathBuf, engine: Arc<E>) -> Result<EngineSlot<E>> {
+        let lineage = read_lineage(&dir)?;
+        Ok(EngineSlot {
             dir,
             current: Arc::new(RwLock::new(Some(engine))),
-        }
+            lineage: std::sync::Mutex::new(lineage),
+        })
+    }
+
+    /// The live shard's timeline.
+    pub fn lineage(&self) -> Lineage {
+        *self
+            .lineage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The live shard's directory.
@@ -171,6 +185,17 @@ impl<E: ShardEngine> EngineSlot<E> {
         match swapped {
             Ok((engine, seq)) => {
                 *exclusive = Some(Arc::new(engine));
+                match read_lineage(&self.dir) {
+                    Ok(lineage) => {
+                        *self
+                            .lineage
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = lineage
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err.chain(), "the restored shard's timeline is unreadable")
+                    }
+                }
                 drop(exclusive);
                 let replaced = replaced_dir(&self.dir);
                 if let Err(err) = tokio::fs::remove_dir_all(&replaced).await {
@@ -244,7 +269,7 @@ fn swap_directories<E: ShardEngine>(dir: &Path, staged: StagedShard) -> Result<(
 #[cfg(test)]
 mod tests {
     use lockstep_repository::transfer::{Progress, TransferOptions};
-    use lockstep_repository::{Repository, ShardId};
+    use lockstep_repository::{Repository, ShardId, Timeline};
 
     use super::*;
     use crate::backup::{BackupOptions, backup_offline};
@@ -269,9 +294,16 @@ mod tests {
             capture_root: root.join("captures"),
             transfer: TransferOptions::default(),
         };
-        let manifest = backup_offline(engine, repo, &shard, &options, &Progress::default())
-            .await
-            .expect("backup");
+        let manifest = backup_offline(
+            engine,
+            repo,
+            &shard,
+            &options,
+            Timeline::default(),
+            &Progress::default(),
+        )
+        .await
+        .expect("backup");
         stage_shard(
             repo,
             &manifest.backup_id,
@@ -296,7 +328,7 @@ mod tests {
         let staged = staged_backup(&engine, root.path(), &repo, &live).await;
         put(engine.as_ref(), "k2");
 
-        let slot = EngineSlot::new(live.clone(), engine);
+        let slot = EngineSlot::new(live.clone(), engine).expect("slot");
         let seq = slot.swap_in(staged).await.expect("swap");
         assert_eq!(seq, at_backup);
         let engine = slot.get().expect("engine back in the slot");
@@ -322,7 +354,7 @@ mod tests {
         let engine = Arc::new(RocksEngine::open(&live, &[]).expect("open"));
         put(engine.as_ref(), "live");
         let before = engine.latest_seq();
-        let slot = EngineSlot::new(live.clone(), engine);
+        let slot = EngineSlot::new(live.clone(), engine).expect("slot");
         let err = slot.swap_in(staged).await.expect_err("swap must fail");
         assert_eq!(err.code, ErrorCode::BackupRestorationFailed, "{err}");
         let engine = slot.get().expect("the live shard is open again");

@@ -90,6 +90,12 @@ string_id!(
     "shard id"
 );
 
+string_id!(
+    /// A named restore point, e.g. `before-migration-42`.
+    TagName,
+    "tag name"
+);
+
 impl BackupId {
     /// A fresh id from the wall clock and four random hex digits, in the seed's `bk-` form.
     pub fn generate() -> BackupId {
@@ -107,6 +113,78 @@ impl BackupId {
 pub struct Seq(pub u64);
 
 impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A hybrid-logical-clock time: milliseconds since the Unix epoch in the high 48 bits, a
+/// logical counter in the low 16. Every acknowledged write carries one in its WAL record;
+/// along one shard's WAL they only grow, so "the last write at or before T" is a prefix.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct HlcTime(pub u64);
+
+impl HlcTime {
+    const LOGICAL_BITS: u32 = 16;
+
+    pub fn new(millis: u64, logical: u16) -> HlcTime {
+        HlcTime((millis << Self::LOGICAL_BITS) | u64::from(logical))
+    }
+
+    pub fn millis(self) -> u64 {
+        self.0 >> Self::LOGICAL_BITS
+    }
+
+    pub fn logical(self) -> u16 {
+        (self.0 & 0xffff) as u16
+    }
+
+    /// The latest HLC time within the wall-clock millisecond of `time`: every write stamped
+    /// at or before `time` has an HLC time at or below it.
+    pub fn at_or_before(time: chrono::DateTime<chrono::Utc>) -> HlcTime {
+        HlcTime::new(time.timestamp_millis().max(0) as u64, u16::MAX)
+    }
+
+    /// The wall-clock part as a UTC time.
+    pub fn to_datetime(self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(self.millis() as i64).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for HlcTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}+{}",
+            self.to_datetime()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            self.logical()
+        )
+    }
+}
+
+/// A shard's history line: every restore starts a new one, so WAL segments written after a
+/// restore never collide with the history before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timeline(pub u64);
+
+impl Default for Timeline {
+    fn default() -> Timeline {
+        Timeline(1)
+    }
+}
+
+impl Timeline {
+    pub fn next(self) -> Timeline {
+        Timeline(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Timeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)
     }
@@ -188,6 +266,18 @@ mod tests {
         let id = BackupId::generate();
         assert!(BackupId::new(id.as_str()).is_ok());
         assert!(id.as_str().starts_with("bk-"));
+    }
+
+    #[test]
+    fn hlc_times_order_by_wall_clock_then_counter() {
+        let a = HlcTime::new(1_000, 7);
+        assert_eq!((a.millis(), a.logical()), (1_000, 7));
+        assert!(HlcTime::new(1_000, 8) > a);
+        assert!(HlcTime::new(1_001, 0) > HlcTime::new(1_000, u16::MAX));
+        let time = a.to_datetime();
+        assert!(HlcTime::at_or_before(time) >= a);
+        assert!(HlcTime::at_or_before(time) < HlcTime::new(1_001, 0));
+        assert_eq!(a.to_string(), "1970-01-01T00:00:01.000Z+7");
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! <prefix>/backups/<backup-id>.json             backup manifests, written last
 //! <prefix>/pending/<backup-id>.json             intent of a running backup; removed at commit
 //!                                               or cleanup, so one left behind marks leftovers
+//! <prefix>/tags/<tag-name>.json                 tags: named cut vectors (restore points)
+//! <prefix>/wal/<shard-id>/<timeline:010>/<first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg
+//!                                               WAL segments (wal.rs); the key alone says
+//!                                               which writes a segment holds and its hash
 //! ```
 //!
 //! Architecture invariant: a key is derived only from validated ids (`ids.rs`) and object
@@ -15,13 +19,16 @@
 
 use object_store::path::Path;
 
-use crate::ids::{BackupId, ObjectId, ShardId};
+use crate::ids::{BackupId, ObjectId, ShardId, TagName, Timeline};
+use crate::wal::SegmentInfo;
 
 pub const REPOSITORY_MARKER: &str = "lockstep-repository.json";
 const OBJECTS: &str = "objects";
 const SHARDS: &str = "shards";
 const BACKUPS: &str = "backups";
 const PENDING: &str = "pending";
+const TAGS: &str = "tags";
+const WAL: &str = "wal";
 
 /// Builds every key of one repository under its prefix.
 #[derive(Debug, Clone)]
@@ -77,6 +84,42 @@ impl Layout {
 
     pub fn pending_dir(&self) -> Path {
         self.join(&[PENDING])
+    }
+
+    pub fn tag(&self, name: &TagName) -> Path {
+        self.join(&[TAGS, &format!("{name}.json")])
+    }
+
+    pub fn tags_dir(&self) -> Path {
+        self.join(&[TAGS])
+    }
+
+    /// The tag named by a key under `tags/`, if it is one.
+    pub fn tag_name_of(&self, key: &Path) -> Option<TagName> {
+        key.filename()?
+            .strip_suffix(".json")
+            .and_then(|name| TagName::new(name).ok())
+    }
+
+    pub fn wal_shard_dir(&self, shard: &ShardId) -> Path {
+        self.join(&[WAL, shard.as_str()])
+    }
+
+    pub fn wal_timeline_dir(&self, shard: &ShardId, timeline: Timeline) -> Path {
+        self.join(&[WAL, shard.as_str(), &format!("{:010}", timeline.0)])
+    }
+
+    pub fn wal_segment(&self, info: &SegmentInfo) -> Path {
+        self.wal_timeline_dir(&info.shard_id, info.timeline)
+            .join(info.file_name())
+    }
+
+    /// The timeline named by a directory under `wal/<shard>/`, if it is one.
+    pub fn timeline_of(&self, dir: &Path) -> Option<Timeline> {
+        let name = dir.filename()?;
+        (name.len() == 10)
+            .then(|| name.parse().ok().map(Timeline))
+            .flatten()
     }
 
     /// The backup id named by a key under `backups/` or `pending/`, if it is one.

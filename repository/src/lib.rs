@@ -17,7 +17,8 @@ pub mod manifest;
 pub mod repository;
 pub mod transfer;
 pub mod verify;
+pub mod wal;
 
 pub use error::{Error, ErrorCode, Result, Severity};
-pub use ids::{BackupId, ObjectId, Seq, ShardId};
+pub use ids::{BackupId, HlcTime, ObjectId, Seq, ShardId, TagName, Timeline};
 pub use repository::Repository;

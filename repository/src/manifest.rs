@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{BackupId, ObjectId, Seq, ShardId};
+use crate::ids::{BackupId, HlcTime, ObjectId, Seq, ShardId, TagName, Timeline};
 
 /// The manifest format this build writes and the newest it reads.
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
@@ -108,12 +108,58 @@ pub struct ShardManifest {
     pub engine: String,
     /// The exact latest sequence number contained in the backup.
     pub seq: Seq,
+    /// The shard's timeline when it was captured (WAL segments after `seq` continue on it).
+    #[serde(default)]
+    pub timeline: Timeline,
+    /// The HLC time of the last write contained in the backup.
+    #[serde(default)]
+    pub hlc: HlcTime,
     pub captured_at: DateTime<Utc>,
     pub column_families: Vec<String>,
     pub files: Vec<FileEntry>,
     pub stats: TransferStats,
     pub timings: ShardTimings,
     pub tool_version: String,
+}
+
+/// One shard's position in a restore point: the exact write to stop after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardPoint {
+    pub seq: Seq,
+    pub timeline: Timeline,
+    /// The HLC time of the write at `seq` (zero for an empty shard).
+    pub hlc: HlcTime,
+}
+
+/// A tag: a named restore point, taken by a barrier without capturing files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagManifest {
+    pub format_version: u32,
+    pub name: TagName,
+    pub created_at: DateTime<Utc>,
+    /// The cut vector, with each shard's timeline and HLC time.
+    pub points: BTreeMap<ShardId, ShardPoint>,
+    /// The longest time any shard's write gate stayed closed, in microseconds.
+    pub max_gate_closed_us: u64,
+    /// True for restore points the coordinator took by itself (`auto-...` names).
+    #[serde(default)]
+    pub automatic: bool,
+    pub tool_version: String,
+}
+
+impl TagManifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    pub fn parse(what: &str, bytes: &[u8]) -> Result<TagManifest> {
+        let manifest: TagManifest =
+            serde_json::from_slice(bytes).map_err(|err| corrupt(what, err))?;
+        check_version(what, manifest.format_version)?;
+        Ok(manifest)
+    }
 }
 
 /// The kind of a backup (DESIGN.md §6).
@@ -365,6 +411,8 @@ mod tests {
             shard_id: ShardId::new("shard-0")?,
             engine: "memory".into(),
             seq: Seq(42),
+            timeline: Timeline(2),
+            hlc: HlcTime::new(1_000, 1),
             captured_at: Utc::now(),
             column_families: vec!["default".into()],
             files: vec![FileEntry {

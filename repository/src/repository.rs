@@ -17,9 +17,10 @@ use url::Url;
 
 use crate::codec::{self, Encoded};
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{BackupId, ObjectId, ShardId};
+use crate::ids::{BackupId, ObjectId, ShardId, TagName, Timeline};
 use crate::layout::Layout;
-use crate::manifest::{BackupManifest, ShardManifest};
+use crate::manifest::{BackupManifest, ShardManifest, TagManifest};
+use crate::wal::{Segment, SegmentInfo};
 
 /// A repository on any object store.
 #[derive(Clone)]
@@ -434,5 +435,172 @@ impl Repository {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Publishes a tag. Tags are never overwritten: a second tag with the same name fails.
+    pub async fn put_tag(&self, tag: &TagManifest) -> Result<()> {
+        let key = self.layout.tag(&tag.name);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&key, PutPayload::from(tag.to_json()), options)
+            .await
+        {
+            Ok(_) => self.make_durable(&key).await,
+            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("tag {} already exists", tag.name),
+            )),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                if self.store.head(&key).await.is_ok() {
+                    return Err(Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!("tag {} already exists", tag.name),
+                    ));
+                }
+                self.put_manifest(&key, tag.to_json()).await
+            }
+            Err(err) => Err(storage_error(format!("write tag {}", tag.name), err)),
+        }
+    }
+
+    pub async fn tag(&self, name: &TagName) -> Result<TagManifest> {
+        let key = self.layout.tag(name);
+        let bytes = self.get_raw(&key).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupNotFound,
+                format!("tag {name} does not exist"),
+            )
+        })?;
+        TagManifest::parse(&format!("tag {key}"), &bytes)
+    }
+
+    /// Every tag, oldest first; a tag that does not parse is returned as its error.
+    pub async fn tags(&self) -> Result<Vec<(TagName, Result<TagManifest>)>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.layout.tags_dir()))
+            .try_collect()
+            .await
+            .map_err(|err| storage_error("list tags", err))?;
+        let mut names: Vec<TagName> = metas
+            .iter()
+            .filter_map(|m| self.layout.tag_name_of(&m.location))
+            .collect();
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            let tag = self.tag(&name).await;
+            out.push((name, tag));
+        }
+        Ok(out)
+    }
+
+    /// Stores a WAL segment under its descriptive key and returns the description.
+    /// Idempotent: storing the same segment again leaves the first copy.
+    pub async fn put_wal_segment(
+        &self,
+        segment: &Segment,
+        compression: codec::Compression,
+    ) -> Result<SegmentInfo> {
+        let plaintext = segment.encode();
+        let encoded = tokio::task::spawn_blocking(move || codec::encode(&plaintext, compression))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::BackupWalArchiveFailed, "encode task failed", err)
+            })??;
+        let info = segment.info(encoded.id).ok_or_else(|| {
+            Error::new(
+                ErrorCode::InvalidArgument,
+                "a WAL segment needs at least one batch",
+            )
+        })?;
+        let key = self.layout.wal_segment(&info);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let payload = PutPayload::from(Bytes::from(encoded.bytes));
+        match self.store.put_opts(&key, payload.clone(), options).await {
+            Ok(_) => self.make_durable(&key).await?,
+            Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(object_store::Error::NotImplemented { .. }) => {
+                self.store
+                    .put(&key, payload)
+                    .await
+                    .map_err(|err| storage_error(format!("upload WAL segment {key}"), err))?;
+            }
+            Err(err) => return Err(storage_error(format!("upload WAL segment {key}"), err)),
+        }
+        Ok(info)
+    }
+
+    /// The timelines with WAL segments of `shard`, oldest first.
+    pub async fn wal_timelines(&self, shard: &ShardId) -> Result<Vec<Timeline>> {
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.layout.wal_shard_dir(shard)))
+            .await
+            .map_err(|err| storage_error(format!("list WAL timelines of {shard}"), err))?;
+        let mut timelines: Vec<Timeline> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|dir| self.layout.timeline_of(dir))
+            .collect();
+        timelines.sort();
+        Ok(timelines)
+    }
+
+    /// The WAL segments of `shard` on `timeline`, in sequence order. Keys that are not
+    /// segments are ignored; continuity is the caller's to check (`wal::check_segments`).
+    pub async fn wal_segments(
+        &self,
+        shard: &ShardId,
+        timeline: Timeline,
+    ) -> Result<Vec<SegmentInfo>> {
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.layout.wal_timeline_dir(shard, timeline)))
+            .try_collect()
+            .await
+            .map_err(|err| storage_error(format!("list WAL segments of {shard}"), err))?;
+        let mut segments: Vec<SegmentInfo> = metas
+            .iter()
+            .filter_map(|m| SegmentInfo::parse(shard, timeline, m.location.filename()?))
+            .collect();
+        segments.sort_by_key(|s| (s.first, s.last));
+        Ok(segments)
+    }
+
+    /// Downloads a WAL segment, checks its SHA-256 and that it holds what its key says.
+    pub async fn get_wal_segment(&self, info: &SegmentInfo) -> Result<Segment> {
+        let key = self.layout.wal_segment(info);
+        let stored = self.get_raw(&key).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupWalGap,
+                format!("WAL segment {key} is missing"),
+            )
+        })?;
+        let id = info.id;
+        let plaintext = tokio::task::spawn_blocking(move || codec::decode(&id, &stored))
+            .await
+            .map_err(|err| {
+                Error::with_source(
+                    ErrorCode::BackupDecompressionFailed,
+                    "decode task failed",
+                    err,
+                )
+            })??;
+        let segment = Segment::decode(key.as_ref(), &plaintext)?;
+        if segment.info(info.id).as_ref() != Some(info) {
+            return Err(Error::new(
+                ErrorCode::BackupWalArchiveFailed,
+                format!("WAL segment {key} does not hold what its name says"),
+            ));
+        }
+        Ok(segment)
     }
 }

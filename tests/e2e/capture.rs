@@ -10,7 +10,7 @@ use lockstep_agent::engine::{RocksEngine, ShardEngine, WriteBatch};
 use lockstep_agent::restore::restore_shard;
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
 use lockstep_repository::transfer::{Progress, TransferOptions};
-use lockstep_repository::{BackupId, Repository, ShardId};
+use lockstep_repository::{BackupId, Repository, ShardId, Timeline};
 
 use crate::model::{Shard, assert_same};
 
@@ -36,6 +36,7 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
         &shard.engine,
         &gate,
         dir.path().join("captures").join(backup_id.as_str()),
+        Timeline::default(),
     )
     .await
     .expect("capture");

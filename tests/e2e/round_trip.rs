@@ -10,7 +10,7 @@ use lockstep_agent::restore::restore_shard;
 use lockstep_repository::manifest::FileKind;
 use lockstep_repository::transfer::{Progress, TransferOptions};
 use lockstep_repository::verify::{VerifyLevel, verify};
-use lockstep_repository::{Repository, ShardId};
+use lockstep_repository::{Repository, ShardId, Timeline};
 use lockstep_tests::Moto;
 
 use crate::model::{Shard, assert_same};
@@ -32,6 +32,7 @@ async fn round_trip(repo: Repository) {
         &repo,
         &shard_id,
         &options,
+        Timeline::default(),
         &Progress::default(),
     )
     .await
@@ -46,6 +47,7 @@ async fn round_trip(repo: Repository) {
         &repo,
         &shard_id,
         &options,
+        Timeline::default(),
         &Progress::default(),
     )
     .await

@@ -7,15 +7,25 @@
 //! Snapshot format: `LKSMEM01`, seq (u64 LE), number of column families (u32 LE), then per
 //! family its name and entries, every byte string as a u32 LE length and the bytes, and a
 //! trailing SHA-256 of everything before it.
+//!
+//! Its WAL is a queue of batches in memory, each encoded as its operations (tag 1 put,
+//! 2 delete, 3 range delete; then column family, key, and value or range end, as length and
+//! bytes), holding up to `EngineConfig::wal_retention_mb`; older batches are dropped, as
+//! RocksDB drops archived WAL. A restored shard starts with an empty WAL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 
+use lockstep_repository::wal::check_continuity;
 use lockstep_repository::{Error, ErrorCode, Result, Seq};
 use sha2::{Digest, Sha256};
 
-use super::{Capture, Op, SeqRange, ShardEngine, WriteBatch, list_capture, unknown_cf};
+use super::{
+    Capture, EngineConfig, Op, SeqRange, ShardEngine, WalBatch, WriteBatch, list_capture,
+    unknown_cf,
+};
+use crate::hlc::HlcClock;
 
 const SNAPSHOT_FILE: &str = "MEMSHARD";
 const MAGIC: &[u8; 8] = b"LKSMEM01";
@@ -24,14 +34,124 @@ const MAGIC: &[u8; 8] = b"LKSMEM01";
 struct State {
     seq: u64,
     families: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
+    wal: VecDeque<WalBatch>,
+    wal_bytes: u64,
+}
+
+impl State {
+    /// Applies one batch's operations, consuming one sequence number each.
+    fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            self.seq += 1;
+            match op {
+                Op::Put { cf, key, value } => {
+                    self.families
+                        .entry(cf.clone())
+                        .or_default()
+                        .insert(key.clone(), value.clone());
+                }
+                Op::Delete { cf, key } => {
+                    self.families.entry(cf.clone()).or_default().remove(key);
+                }
+                Op::DeleteRange { cf, start, end } => {
+                    if start < end {
+                        let family = self.families.entry(cf.clone()).or_default();
+                        let doomed: Vec<Vec<u8>> = family
+                            .range(start.clone()..end.clone())
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        for key in doomed {
+                            family.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_families(&self, ops: &[Op]) -> Result<()> {
+        for op in ops {
+            let (Op::Put { cf, .. } | Op::Delete { cf, .. } | Op::DeleteRange { cf, .. }) = op;
+            if !self.families.contains_key(cf) {
+                return Err(unknown_cf(cf));
+            }
+        }
+        Ok(())
+    }
+
+    fn log(&mut self, batch: WalBatch, retention: u64) {
+        self.wal_bytes += batch.data.len() as u64;
+        self.wal.push_back(batch);
+        while self.wal_bytes > retention && self.wal.len() > 1 {
+            if let Some(dropped) = self.wal.pop_front() {
+                self.wal_bytes -= dropped.data.len() as u64;
+            }
+        }
+    }
 }
 
 /// An in-memory shard.
 pub struct MemEngine {
     state: Mutex<State>,
+    clock: HlcClock,
+    wal_retention_bytes: u64,
+}
+
+fn encode_ops(ops: &[Op]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for op in ops {
+        let (tag, cf, a, b) = match op {
+            Op::Put { cf, key, value } => (1u8, cf, key, Some(value)),
+            Op::Delete { cf, key } => (2, cf, key, None),
+            Op::DeleteRange { cf, start, end } => (3, cf, start, Some(end)),
+        };
+        out.push(tag);
+        put_bytes(&mut out, cf.as_bytes());
+        put_bytes(&mut out, a);
+        if let Some(b) = b {
+            put_bytes(&mut out, b);
+        }
+    }
+    out
+}
+
+fn decode_ops(data: &[u8]) -> Option<Vec<Op>> {
+    let mut reader = Reader { bytes: data };
+    let mut ops = Vec::new();
+    while !reader.bytes.is_empty() {
+        let tag = reader.take(1)?[0];
+        let cf = String::from_utf8(reader.bytes()?).ok()?;
+        let a = reader.bytes()?;
+        ops.push(match tag {
+            1 => Op::Put {
+                cf,
+                key: a,
+                value: reader.bytes()?,
+            },
+            2 => Op::Delete { cf, key: a },
+            3 => Op::DeleteRange {
+                cf,
+                start: a,
+                end: reader.bytes()?,
+            },
+            _ => return None,
+        });
+    }
+    Some(ops)
 }
 
 impl MemEngine {
+    /// Drops the WAL before `seq`, as if it had been deleted behind the agent's back (tests
+    /// of gap detection).
+    pub fn forget_wal_before(&self, seq: Seq) {
+        let mut state = self.state();
+        while state.wal.front().is_some_and(|b| b.first < seq) {
+            if let Some(dropped) = state.wal.pop_front() {
+                state.wal_bytes -= dropped.data.len() as u64;
+            }
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
@@ -119,12 +239,20 @@ fn decode_snapshot(bytes: &[u8]) -> Option<State> {
         }
         families.insert(name, entries);
     }
-    reader.bytes.is_empty().then_some(State { seq, families })
+    reader.bytes.is_empty().then_some(State {
+        seq,
+        families,
+        ..State::default()
+    })
 }
 
 impl ShardEngine for MemEngine {
     /// Opens an empty shard, or the one whose snapshot `dir` holds (a restored capture).
-    fn open(dir: &Path, column_families: &[String]) -> Result<MemEngine> {
+    fn open_with(
+        dir: &Path,
+        column_families: &[String],
+        config: &EngineConfig,
+    ) -> Result<MemEngine> {
         let path = dir.join(SNAPSHOT_FILE);
         let mut state = match std::fs::read(&path) {
             Ok(bytes) => decode_snapshot(&bytes).ok_or_else(|| {
@@ -149,6 +277,8 @@ impl ShardEngine for MemEngine {
         }
         Ok(MemEngine {
             state: Mutex::new(state),
+            clock: config.clock.clone(),
+            wal_retention_bytes: config.wal_retention_mb.max(1) << 20,
         })
     }
 
@@ -164,44 +294,94 @@ impl ShardEngine for MemEngine {
         batch.validate()?;
         let mut state = self.state();
         // Check every family first, so a failing batch applies nothing.
-        for op in &batch.ops {
-            let (Op::Put { cf, .. } | Op::Delete { cf, .. } | Op::DeleteRange { cf, .. }) = op;
-            if !state.families.contains_key(cf) {
-                return Err(unknown_cf(cf));
-            }
-        }
+        state.check_families(&batch.ops)?;
         let first = state.seq + 1;
-        for op in &batch.ops {
-            state.seq += 1;
-            match op {
-                Op::Put { cf, key, value } => {
-                    state
-                        .families
-                        .entry(cf.clone())
-                        .or_default()
-                        .insert(key.clone(), value.clone());
-                }
-                Op::Delete { cf, key } => {
-                    state.families.entry(cf.clone()).or_default().remove(key);
-                }
-                Op::DeleteRange { cf, start, end } => {
-                    if start < end {
-                        let family = state.families.entry(cf.clone()).or_default();
-                        let doomed: Vec<Vec<u8>> = family
-                            .range(start.clone()..end.clone())
-                            .map(|(k, _)| k.clone())
-                            .collect();
-                        for key in doomed {
-                            family.remove(&key);
-                        }
-                    }
-                }
-            }
+        if batch.is_empty() {
+            return Ok(SeqRange {
+                first: Seq(first),
+                last: Seq(state.seq),
+                hlc: self.clock.last(),
+            });
         }
+        let hlc = self.clock.now();
+        state.apply(&batch.ops);
+        let record = WalBatch {
+            first: Seq(first),
+            count: batch.len() as u64,
+            hlc,
+            data: encode_ops(&batch.ops),
+        };
+        state.log(record, self.wal_retention_bytes);
         Ok(SeqRange {
             first: Seq(first),
             last: Seq(state.seq),
+            hlc,
         })
+    }
+
+    fn wal_since(&self, after: Seq, max_bytes: usize) -> Result<Vec<WalBatch>> {
+        let state = self.state();
+        if after.0 >= state.seq {
+            return Ok(Vec::new());
+        }
+        let start = state.wal.partition_point(|b| b.first <= after);
+        let mut batches = Vec::new();
+        let mut bytes = 0;
+        for batch in state.wal.range(start..) {
+            bytes += batch.data.len();
+            batches.push(batch.clone());
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        let expected = Seq(after.0 + 1);
+        if batches.is_empty() {
+            return Err(lockstep_repository::wal::gap(
+                "the in-memory shard",
+                expected,
+                Seq(state.seq + 1),
+            ));
+        }
+        check_continuity("the in-memory shard", expected, &batches)?;
+        Ok(batches)
+    }
+
+    fn replay(&self, batch: &WalBatch) -> Result<SeqRange> {
+        let ops = decode_ops(&batch.data)
+            .filter(|ops| ops.len() as u64 == batch.count)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupWalArchiveFailed,
+                    format!(
+                        "batch {}..={} is not an in-memory shard batch",
+                        batch.first,
+                        batch.last()
+                    ),
+                )
+            })?;
+        let mut state = self.state();
+        check_continuity(
+            "the in-memory shard",
+            Seq(state.seq + 1),
+            std::slice::from_ref(batch),
+        )?;
+        state.check_families(&ops)?;
+        state.apply(&ops);
+        state.log(batch.clone(), self.wal_retention_bytes);
+        self.clock.observe(batch.hlc);
+        Ok(SeqRange {
+            first: batch.first,
+            last: Seq(state.seq),
+            hlc: batch.hlc,
+        })
+    }
+
+    fn clock(&self) -> &HlcClock {
+        &self.clock
+    }
+
+    fn wal_bytes(&self) -> Result<u64> {
+        Ok(self.state().wal_bytes)
     }
 
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {

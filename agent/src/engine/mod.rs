@@ -15,7 +15,10 @@ mod conformance;
 use std::path::{Path, PathBuf};
 
 pub use lockstep_repository::manifest::FileKind;
-use lockstep_repository::{Error, ErrorCode, Result, Seq};
+pub use lockstep_repository::wal::WalBatch;
+use lockstep_repository::{Error, ErrorCode, HlcTime, Result, Seq};
+
+use crate::hlc::HlcClock;
 pub use mem::MemEngine;
 pub use rocks::RocksEngine;
 
@@ -119,6 +122,29 @@ impl WriteBatch {
 pub struct SeqRange {
     pub first: Seq,
     pub last: Seq,
+    /// The HLC commit time stamped into the batch's WAL record (for an empty batch, the
+    /// clock's last time: nothing was written).
+    pub hlc: HlcTime,
+}
+
+/// How an engine is opened: its clock and how much WAL it keeps for shipping and
+/// incremental backups.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub clock: HlcClock,
+    /// WAL kept after the engine no longer needs it, in MiB, so the shipper and the next
+    /// incremental backup can still read it (DESIGN.md §6, WAL pinning). Past this bound the
+    /// oldest WAL goes, and whoever still needed it reports `ERR_BACKUP_WAL_GAP`.
+    pub wal_retention_mb: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig {
+            clock: HlcClock::system(),
+            wal_retention_mb: 1024,
+        }
+    }
 }
 
 /// One file of a capture.
@@ -185,17 +211,41 @@ impl Drop for Capture {
 /// A shard's storage engine.
 pub trait ShardEngine: Send + Sync + 'static {
     /// Opens (creating if needed) the shard in `dir` with at least the given column families.
-    fn open(dir: &Path, column_families: &[String]) -> Result<Self>
+    fn open_with(dir: &Path, column_families: &[String], config: &EngineConfig) -> Result<Self>
     where
         Self: Sized;
+
+    /// `open_with` the default configuration (the system clock).
+    fn open(dir: &Path, column_families: &[String]) -> Result<Self>
+    where
+        Self: Sized,
+    {
+        Self::open_with(dir, column_families, &EngineConfig::default())
+    }
 
     /// `rocksdb` or `memory`, as recorded in manifests.
     fn kind(&self) -> &'static str;
 
     fn column_families(&self) -> Vec<String>;
 
-    /// Applies a batch atomically and returns the exact sequence numbers it consumed.
+    /// Applies a batch atomically, with the clock's HLC time in its WAL record, and returns
+    /// the exact sequence numbers it consumed.
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange>;
+
+    /// The batches after `after`, in order, from the first one starting at `after + 1`, until
+    /// about `max_bytes` of raw data (at least one batch). Empty when nothing was written
+    /// after `after`. `ERR_BACKUP_WAL_GAP` when the WAL no longer reaches back to `after + 1`.
+    fn wal_since(&self, after: Seq, max_bytes: usize) -> Result<Vec<WalBatch>>;
+
+    /// Applies a batch from this shard's WAL history (raw, as `wal_since` returned it), which
+    /// must start right after `latest_seq()`. It keeps its original HLC time.
+    fn replay(&self, batch: &WalBatch) -> Result<SeqRange>;
+
+    /// Bytes of WAL the engine holds, live and retained.
+    fn wal_bytes(&self) -> Result<u64>;
+
+    /// The clock that stamps this engine's writes.
+    fn clock(&self) -> &HlcClock;
 
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 

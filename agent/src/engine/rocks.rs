@@ -13,19 +13,59 @@
 //! in `LOCKSTEP-INCARNATION` in the shard directory. RocksDB never reuses a file number within
 //! one DB, and a restored shard gets a fresh incarnation (the file is not part of a capture),
 //! so equal identities mean equal bytes even across restores.
+//!
+//! Every batch starts with a LogData record (`LKH1` and the HLC time, u64 LE): RocksDB keeps
+//! it in the WAL and skips it when applying, so the commit time of every write survives any
+//! crash with no side index. `wal_since` reads the WAL with `GetUpdatesSince`; obsolete WAL
+//! files are kept in `archive/` up to `EngineConfig::wal_retention_mb` for it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use lockstep_repository::{Error, ErrorCode, Result, Seq};
+use lockstep_repository::wal::check_continuity;
+use lockstep_repository::{Error, ErrorCode, HlcTime, Result, Seq};
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
 
 use super::{
-    Capture, Op, SeqRange, ShardEngine, WriteBatch, engine_error, list_capture, unknown_cf,
+    Capture, EngineConfig, Op, SeqRange, ShardEngine, WalBatch, WriteBatch, engine_error,
+    list_capture, unknown_cf,
 };
+use crate::hlc::HlcClock;
 
 const INCARNATION_FILE: &str = "LOCKSTEP-INCARNATION";
+const HLC_MAGIC: &[u8; 4] = b"LKH1";
+/// RocksDB's WriteBatch header: sequence number (u64) and count (u32).
+const BATCH_HEADER_LEN: usize = 12;
+/// RocksDB's record tag for a LogData blob.
+const TAG_LOG_DATA: u8 = 0x03;
+
+fn hlc_blob(time: HlcTime) -> [u8; 12] {
+    let mut blob = [0u8; 12];
+    blob[..4].copy_from_slice(HLC_MAGIC);
+    blob[4..].copy_from_slice(&time.0.to_le_bytes());
+    blob
+}
+
+/// The HLC time in a raw batch's leading LogData record, if it has one.
+fn hlc_of(data: &[u8]) -> Option<HlcTime> {
+    let rest = data.get(BATCH_HEADER_LEN..)?;
+    let (&tag, rest) = rest.split_first()?;
+    if tag != TAG_LOG_DATA {
+        return None;
+    }
+    // A varint32 length; our blob is 12 bytes, so one byte.
+    let (&len, rest) = rest.split_first()?;
+    let blob = rest.get(..usize::from(len))?;
+    if len != 12 || &blob[..4] != HLC_MAGIC {
+        return None;
+    }
+    blob[4..]
+        .try_into()
+        .ok()
+        .map(u64::from_le_bytes)
+        .map(HlcTime)
+}
 
 /// A shard stored in RocksDB.
 pub struct RocksEngine {
@@ -33,8 +73,10 @@ pub struct RocksEngine {
     dir: PathBuf,
     incarnation: String,
     column_families: Vec<String>,
-    /// Serializes writes so each batch's sequence range is exact.
+    /// Serializes writes so each batch's sequence range is exact and HLC times grow in
+    /// sequence order.
     write_lock: Mutex<()>,
+    clock: HlcClock,
 }
 
 fn db_options() -> Options {
@@ -103,6 +145,26 @@ impl RocksEngine {
         Ok(())
     }
 
+    /// The HLC time of the last batch, if the WAL still has it. The WAL is read forward
+    /// only, so this starts a little before the end and widens until it finds the batch.
+    fn last_hlc(&self) -> Option<HlcTime> {
+        let latest = self.db.latest_sequence_number();
+        for window in [64u64, 4096, 1 << 20] {
+            let iter = self
+                .db
+                .get_updates_since(latest.saturating_sub(window))
+                .ok()?;
+            let last = iter.filter_map(|item| item.ok()).last();
+            if let Some((first, batch)) = last
+                && first <= latest
+                && latest < first + batch.len() as u64
+            {
+                return hlc_of(batch.data());
+            }
+        }
+        None
+    }
+
     /// Names of the live SST files.
     pub fn live_sst_files(&self) -> Result<Vec<String>> {
         let files = self
@@ -117,7 +179,11 @@ impl RocksEngine {
 }
 
 impl ShardEngine for RocksEngine {
-    fn open(dir: &Path, column_families: &[String]) -> Result<RocksEngine> {
+    fn open_with(
+        dir: &Path,
+        column_families: &[String],
+        config: &EngineConfig,
+    ) -> Result<RocksEngine> {
         std::fs::create_dir_all(dir).map_err(|err| {
             Error::io(
                 ErrorCode::ShardEngineFailed,
@@ -125,7 +191,9 @@ impl ShardEngine for RocksEngine {
                 err,
             )
         })?;
-        let options = db_options();
+        let mut options = db_options();
+        // Obsolete WAL files move to archive/ and stay until the archive passes the bound.
+        options.set_wal_size_limit_mb(config.wal_retention_mb.max(1));
         let mut names: Vec<String> = DB::list_cf(&options, dir).unwrap_or_default();
         for cf in
             std::iter::once(super::DEFAULT_CF.to_string()).chain(column_families.iter().cloned())
@@ -140,13 +208,19 @@ impl ShardEngine for RocksEngine {
         let db = DB::open_cf_descriptors(&options, dir, descriptors)
             .map_err(|err| engine_error(format!("open RocksDB at {}", dir.display()), err))?;
         let incarnation = read_or_create_incarnation(dir)?;
-        Ok(RocksEngine {
+        let engine = RocksEngine {
             db: Arc::new(db),
             dir: dir.to_path_buf(),
             incarnation,
             column_families: names,
             write_lock: Mutex::new(()),
-        })
+            clock: config.clock.clone(),
+        };
+        // Never stamp a time below the last one in the WAL, whatever the wall clock says.
+        if let Some(last) = engine.last_hlc() {
+            engine.clock.observe(last);
+        }
+        Ok(engine)
     }
 
     fn kind(&self) -> &'static str {
@@ -160,6 +234,8 @@ impl ShardEngine for RocksEngine {
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange> {
         batch.validate()?;
         let mut rocks_batch = rocksdb::WriteBatch::default();
+        // The HLC record goes first and is stamped under the write lock below; reserve it.
+        rocks_batch.put_log_data(hlc_blob(HlcTime(0)));
         for op in &batch.ops {
             match op {
                 Op::Put { cf, key, value } => {
@@ -185,16 +261,115 @@ impl ShardEngine for RocksEngine {
             return Ok(SeqRange {
                 first: Seq(last + 1),
                 last: Seq(last),
+                hlc: self.clock.last(),
             });
         }
+        let hlc = self.clock.now();
+        let mut data = rocks_batch.data().to_vec();
+        let blob = hlc_blob(hlc);
+        // Header, LogData tag, one-byte length, then the blob.
+        let at = BATCH_HEADER_LEN + 2;
+        data[at..at + blob.len()].copy_from_slice(&blob);
         self.db
-            .write(rocks_batch)
+            .write(rocksdb::WriteBatch::from_data(&data))
             .map_err(|err| engine_error("write batch", err))?;
         let last = self.db.latest_sequence_number();
         Ok(SeqRange {
             first: Seq(last + 1 - batch.len() as u64),
             last: Seq(last),
+            hlc,
         })
+    }
+
+    fn wal_since(&self, after: Seq, max_bytes: usize) -> Result<Vec<WalBatch>> {
+        if after >= self.latest_seq() {
+            return Ok(Vec::new());
+        }
+        let gap = |err: rocksdb::Error| {
+            Error::with_source(
+                ErrorCode::BackupWalGap,
+                format!(
+                    "read the WAL of {} after sequence {after}",
+                    self.dir.display()
+                ),
+                err,
+            )
+        };
+        let iter = self.db.get_updates_since(after.0).map_err(gap)?;
+        let mut batches = Vec::new();
+        let mut bytes = 0;
+        for item in iter {
+            let (first, batch) = item.map_err(gap)?;
+            let data = batch.data().to_vec();
+            bytes += data.len();
+            batches.push(WalBatch {
+                first: Seq(first),
+                count: batch.len() as u64,
+                hlc: hlc_of(&data).unwrap_or_default(),
+                data,
+            });
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        check_continuity(self.dir.display(), Seq(after.0 + 1), &batches)?;
+        Ok(batches)
+    }
+
+    fn replay(&self, batch: &WalBatch) -> Result<SeqRange> {
+        let _serial = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let expected = Seq(self.db.latest_sequence_number() + 1);
+        check_continuity(self.dir.display(), expected, std::slice::from_ref(batch))?;
+        self.db
+            .write(rocksdb::WriteBatch::from_data(&batch.data))
+            .map_err(|err| engine_error("replay batch", err))?;
+        let last = Seq(self.db.latest_sequence_number());
+        if last != batch.last() {
+            return Err(Error::new(
+                ErrorCode::BackupRestorationFailed,
+                format!(
+                    "replaying batch {}..={} ended at sequence {last}",
+                    batch.first,
+                    batch.last()
+                ),
+            ));
+        }
+        self.clock.observe(batch.hlc);
+        Ok(SeqRange {
+            first: batch.first,
+            last,
+            hlc: batch.hlc,
+        })
+    }
+
+    fn clock(&self) -> &HlcClock {
+        &self.clock
+    }
+
+    fn wal_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for dir in [self.dir.clone(), self.dir.join("archive")] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => {
+                    return Err(Error::io(
+                        ErrorCode::ShardEngineFailed,
+                        format!("list {}", dir.display()),
+                        err,
+                    ));
+                }
+            };
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().ends_with(".log") {
+                    total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        Ok(total)
     }
 
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
