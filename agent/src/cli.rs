@@ -14,8 +14,9 @@ use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, ShardI
 use sha2::{Digest, Sha256};
 
 use crate::backup::{BackupOptions, backup_offline};
-use crate::engine::{MemEngine, RocksEngine, ShardEngine, WriteBatch};
+use crate::engine::{EngineConfig, MemEngine, RocksEngine, ShardEngine, WriteBatch};
 use crate::restore::{restore_shard, select_shard};
+use crate::shipper::ShipperOptions;
 use crate::splitmix::SplitMix;
 
 #[derive(Debug, Parser)]
@@ -122,6 +123,28 @@ pub struct ServeArgs {
     pub capture_dir: Option<PathBuf>,
     #[command(flatten)]
     pub transfer: TransferArgs,
+    #[command(flatten)]
+    pub wal: WalArgs,
+}
+
+/// WAL shipping (DESIGN.md §7).
+#[derive(Debug, Args)]
+pub struct WalArgs {
+    /// A WAL destination ("region"): any repository URL or path. Repeat for several; each
+    /// gets every segment and keeps its own cursor.
+    #[arg(long = "wal-to", value_name = "URL")]
+    pub destinations: Vec<String>,
+    /// Cut a segment once it holds this many MiB...
+    #[arg(long, default_value_t = 4)]
+    pub wal_segment_mib: usize,
+    /// ...or once its oldest write has waited this many milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub wal_segment_ms: u64,
+    /// WAL kept for shipping and incremental backups after RocksDB is done with it, in MiB.
+    /// Past it the oldest WAL is dropped and a destination still behind reports
+    /// ERR_BACKUP_WAL_GAP; the agent warns at 90%.
+    #[arg(long, default_value_t = 1024)]
+    pub wal_retention_mib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -344,11 +367,27 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
 async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     let shard = ShardId::new(&args.shard)?;
     let repo = Repository::open(&args.repo).await?;
+    let mut destinations = Vec::new();
+    for url in &args.wal.destinations {
+        destinations.push(Repository::open(url).await?);
+    }
+    let shipping = ShipperOptions {
+        destinations,
+        segment_bytes: args.wal.wal_segment_mib.max(1) << 20,
+        segment_age: Duration::from_millis(args.wal.wal_segment_ms),
+        compression: args.transfer.options().compression,
+        wal_retention_bytes: args.wal.wal_retention_mib.max(1) << 20,
+        ..ShipperOptions::default()
+    };
+    let config = EngineConfig {
+        wal_retention_mb: args.wal.wal_retention_mib,
+        ..EngineConfig::default()
+    };
     let (db, cfs) = (args.db.clone(), args.cfs.clone());
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || {
             crate::slot::recover_interrupted_swap(&db)?;
-            E::open(&db, &cfs)
+            E::open_with(&db, &cfs, &config)
         })
         .await
         .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
@@ -377,7 +416,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     }
     let shutdown = lockstep_proto::shutdown_on_signal();
     let slot = Arc::new(crate::slot::EngineSlot::new(args.db.clone(), engine)?);
-    crate::server::serve(slot, repo, shard, options, listener, shutdown).await
+    crate::server::serve(slot, repo, shard, options, shipping, listener, shutdown).await
 }
 
 async fn run_list(args: &ListArgs) -> Result<()> {

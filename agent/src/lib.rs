@@ -6,6 +6,7 @@
 //! - `backup`: capture under the closed gate, upload with it open;
 //! - `restore`: verified, atomic restore of a shard into a new directory;
 //! - `participant`: the two-phase barrier participant actor;
+//! - `shipper`: WAL shipping to every destination, with durable cursors and status;
 //! - `slot`: the live engine, and its in-place replacement by a restore;
 //! - `server`: the gRPC `Shard` and `Agent` services;
 //! - `timeline`: the shard's history line, bumped by every restore;
@@ -22,6 +23,7 @@ pub mod hlc;
 pub mod participant;
 pub mod restore;
 pub mod server;
+pub mod shipper;
 pub mod slot;
 pub mod splitmix;
 pub mod timeline;

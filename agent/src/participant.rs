@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backup::{BackupOptions, CapturedShard, capture_closed, upload_capture};
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};
-use crate::restore::{StagedShard, check_target, stage_shard};
+use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_shard};
+use crate::shipper::ShipperHandle;
 use crate::slot::EngineSlot;
 
 /// How many finished barriers an agent remembers.
@@ -77,6 +78,7 @@ pub struct AgentInfo {
     pub seq: Seq,
     pub gate_closed: bool,
     pub active_backup: Option<BackupId>,
+    pub timeline: lockstep_repository::Timeline,
 }
 
 enum Msg {
@@ -130,6 +132,9 @@ pub struct RestoreRequest {
     pub backup: BackupId,
     /// A directory to restore into; `None` replaces the live shard.
     pub target: Option<PathBuf>,
+    /// Point-in-time recovery: replay the WAL archive at this URL, on this timeline, up to
+    /// exactly this sequence number, after the base backup.
+    pub replay: Option<(String, lockstep_repository::Timeline, Seq)>,
 }
 
 /// Where a restore stands on this agent.
@@ -174,6 +179,31 @@ enum Staged {
     Placed { seq: Seq, n_files: usize },
 }
 
+/// The timeline a restored shard starts: above its current one and every one its WAL
+/// destinations hold, so its shipped WAL never lands among an older history's segments. A
+/// destination that cannot be listed is skipped with a warning (its shipping then reports
+/// the overlap, if there is one, instead of writing into it).
+async fn next_timeline(
+    current: lockstep_repository::Timeline,
+    destinations: &[Repository],
+    shard: &ShardId,
+) -> lockstep_repository::Timeline {
+    let mut highest = current;
+    for destination in destinations {
+        match destination.wal_timelines(shard).await {
+            Ok(timelines) => {
+                if let Some(top) = timelines.last() {
+                    highest = highest.max(*top);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(destination = %destination.url(), error = %err.chain(), "could not list WAL timelines")
+            }
+        }
+    }
+    highest.next()
+}
+
 /// Cloneable handle on the participant task.
 #[derive(Clone)]
 pub struct ParticipantHandle {
@@ -205,6 +235,8 @@ struct Participant<E: ShardEngine> {
     repo: Repository,
     shard_id: ShardId,
     options: BackupOptions,
+    /// The WAL shipper: its destinations hold the shard's timelines.
+    shipper: ShipperHandle,
     records: HashMap<BackupId, Record>,
     order: VecDeque<BackupId>,
     /// The barrier holding the gate or uploading, if any.
@@ -230,6 +262,7 @@ impl ParticipantHandle {
         repo: Repository,
         shard_id: ShardId,
         options: BackupOptions,
+        shipper: ShipperHandle,
         cancel: CancellationToken,
         tasks: &mut JoinSet<()>,
     ) -> ParticipantHandle {
@@ -240,6 +273,7 @@ impl ParticipantHandle {
             repo,
             shard_id,
             options,
+            shipper,
             records: HashMap::new(),
             order: VecDeque::new(),
             active: None,
@@ -427,6 +461,7 @@ impl<E: ShardEngine> Participant<E> {
                     seq: engine.as_ref().map_or(Seq(0), |e| e.latest_seq()),
                     gate_closed: self.gate.is_closed(),
                     active_backup: self.active.clone(),
+                    timeline: self.slot.lineage().timeline,
                 });
             }
             Msg::RestoreStage { request, reply } => {
@@ -737,37 +772,47 @@ impl<E: ShardEngine> Participant<E> {
             request.target.clone(),
             progress.clone(),
         );
+        let (replay, destinations, current) = (
+            request.replay.clone(),
+            self.shipper.destinations().to_vec(),
+            self.slot.lineage().timeline,
+        );
         let task = self.stagings.spawn(async move {
-            let result = match &target {
-                None => stage_shard(
+            // In place, or when replaying, the backup must come from this agent's engine.
+            let engine = (target.is_none() || replay.is_some()).then_some(engine_kind);
+            let stage_target = target.clone().unwrap_or(live);
+            let result = async {
+                let mut staged = stage_shard(
                     &repo,
                     &backup,
                     &shard,
-                    &live,
-                    Some(engine_kind),
+                    &stage_target,
+                    engine,
                     transfer,
                     &task_progress,
                 )
-                .await
-                .map(Staged::InPlace),
-                Some(target) => {
-                    let staged = stage_shard(
-                        &repo,
-                        &backup,
-                        &shard,
-                        target,
-                        None,
-                        transfer,
-                        &task_progress,
-                    )
-                    .await;
-                    staged.and_then(|staged| {
+                .await?;
+                if let Some((url, timeline, to)) = replay {
+                    let archive = Repository::open(&url).await?;
+                    let replay = Replay {
+                        archive,
+                        timeline,
+                        to,
+                    };
+                    let n = replay_staged::<E>(&mut staged, &shard, &replay).await?;
+                    tracing::info!(shard = %shard, batches = n, seq = %staged.seq, "restore: WAL replayed");
+                }
+                staged.start_timeline(next_timeline(current, &destinations, &shard).await)?;
+                match &target {
+                    None => Ok(Staged::InPlace(staged)),
+                    Some(target) => {
                         let (seq, n_files) = (staged.seq, staged.n_files);
                         staged.move_to(target)?;
                         Ok(Staged::Placed { seq, n_files })
-                    })
+                    }
                 }
-            };
+            }
+            .await;
             (id, result)
         });
         tracing::info!(restore = %request.restore_id, backup = %request.backup, shard = %self.shard_id, target = ?request.target, "restore: staging");

@@ -11,9 +11,127 @@ use std::path::{Path, PathBuf};
 
 use lockstep_repository::manifest::ShardManifest;
 use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
-use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId};
+use lockstep_repository::wal::check_segments;
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
 
 use crate::engine::{MemEngine, RocksEngine, ShardEngine};
+use crate::timeline::{Lineage, write_lineage};
+
+/// Point-in-time recovery: after the base backup is staged, its shard is brought forward by
+/// replaying the WAL archive's batches, stopping exactly after `to`.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub archive: Repository,
+    /// The timeline whose segments are replayed.
+    pub timeline: Timeline,
+    pub to: Seq,
+}
+
+/// Replays `replay` onto a staged shard (which must come from engine `E`), leaving it
+/// durable at exactly `replay.to`; returns the number of batches replayed.
+pub async fn replay_staged<E: ShardEngine>(
+    staged: &mut StagedShard,
+    shard: &ShardId,
+    replay: &Replay,
+) -> Result<u64> {
+    let base = staged.seq;
+    if replay.to < base {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "shard {shard}: the target sequence {} is before the base backup's {base}",
+                replay.to
+            ),
+        ));
+    }
+    if replay.to == base {
+        return Ok(0);
+    }
+    let mut segments = replay.archive.wal_segments(shard, replay.timeline).await?;
+    segments.retain(|s| s.last > base && s.first <= replay.to);
+    check_segments(&segments)?;
+    let covers_start = segments.first().is_some_and(|s| s.first.0 <= base.0 + 1);
+    let covers_end = segments.last().is_some_and(|s| s.last >= replay.to);
+    if !covers_start || !covers_end {
+        let found = segments.first().map_or(replay.to, |s| s.first);
+        return Err(lockstep_repository::wal::gap(
+            format_args!(
+                "shard {shard} timeline {} in {} (base {base}, target {}, archive reaches {})",
+                replay.timeline,
+                replay.archive.url(),
+                replay.to,
+                segments.last().map_or(base, |s| s.last)
+            ),
+            Seq(base.0 + 1),
+            found,
+        ));
+    }
+    let dir = staged.staging.path.clone();
+    let columns = staged.column_families.clone();
+    let engine = std::sync::Arc::new(
+        tokio::task::spawn_blocking(move || E::open(&dir, &columns))
+            .await
+            .map_err(replay_task_failed)??,
+    );
+    let mut replayed = 0u64;
+    for info in &segments {
+        let segment = replay.archive.get_wal_segment(info).await?;
+        let (engine, to, shard) = (engine.clone(), replay.to, shard.clone());
+        replayed += tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut n = 0;
+            for batch in &segment.batches {
+                if batch.last() <= engine.latest_seq() {
+                    continue;
+                }
+                if batch.first > to {
+                    break;
+                }
+                if batch.last() > to {
+                    return Err(Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "shard {shard}: sequence {to} is inside the batch {}..={}; a batch is atomic, pick {} or {}",
+                            batch.first,
+                            batch.last(),
+                            Seq(batch.first.0 - 1),
+                            batch.last()
+                        ),
+                    ));
+                }
+                engine.replay(batch)?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+        .map_err(replay_task_failed)??;
+    }
+    let seq = engine.latest_seq();
+    if seq != replay.to {
+        return Err(Error::new(
+            ErrorCode::BackupRestorationFailed,
+            format!(
+                "shard {shard}: replay ended at sequence {seq}, the target is {}",
+                replay.to
+            ),
+        ));
+    }
+    let closing = engine.clone();
+    tokio::task::spawn_blocking(move || closing.sync())
+        .await
+        .map_err(replay_task_failed)??;
+    drop(engine);
+    staged.seq = seq;
+    Ok(replayed)
+}
+
+fn replay_task_failed(err: tokio::task::JoinError) -> Error {
+    Error::with_source(
+        ErrorCode::BackupRestorationFailed,
+        "replay task failed",
+        err,
+    )
+}
 
 /// What a restore produced.
 #[derive(Debug, Clone)]
@@ -121,6 +239,17 @@ pub struct StagedShard {
 }
 
 impl StagedShard {
+    /// Starts the staged shard on a new timeline, after its sequence number.
+    pub fn start_timeline(&self, timeline: Timeline) -> Result<()> {
+        write_lineage(
+            &self.staging.path,
+            Lineage {
+                timeline,
+                start: self.seq,
+            },
+        )
+    }
+
     /// Renames the staged shard to `target`, which must be absent or an empty directory.
     pub fn move_to(mut self, target: &Path) -> Result<()> {
         // rename(2) replaces an empty directory atomically.

@@ -21,6 +21,7 @@ use crate::gate::WriteGate;
 use crate::participant::{
     BarrierState, BarrierStatus, ParticipantHandle, RestoreRequest, RestoreState, RestoreStatus,
 };
+use crate::shipper::{DestinationStatus, ShipperHandle, ShipperOptions};
 use crate::slot::EngineSlot;
 
 /// Longest lease an agent accepts; a longer one would let a lost coordinator pause writes.
@@ -60,6 +61,7 @@ impl<E: ShardEngine> ShardApi<E> {
         Ok(Response::new(v1::WriteReply {
             first_seq: range.first.0,
             last_seq: range.last.0,
+            hlc: range.hlc.0,
         }))
     }
 }
@@ -157,6 +159,34 @@ impl<E: ShardEngine> Shard for ShardApi<E> {
 
 struct AgentApi {
     participant: ParticipantHandle,
+    shipper: ShipperHandle,
+}
+
+fn destination_to_wire(d: DestinationStatus) -> v1::WalDestinationStatus {
+    let (error_code, error_message) = d
+        .last_error
+        .map(|(code, message)| (code.as_str().to_string(), message))
+        .unwrap_or_default();
+    v1::WalDestinationStatus {
+        url: d.url,
+        timeline: d.timeline.0,
+        shipped_seq: d.shipped_seq.0,
+        shipped_hlc: d.shipped_hlc.0,
+        latest_seq: d.latest_seq.0,
+        lag_seq: d.lag_seq,
+        lag_ms: d.lag_ms,
+        pending_bytes: d.pending_bytes,
+        pending_segments: d.pending_segments,
+        segments_shipped: d.segments_shipped,
+        bytes_shipped: d.bytes_shipped,
+        rate_bytes_per_sec: d.rate_bytes_per_sec,
+        lag_p50_ms: d.lag_p50_ms,
+        lag_p99_ms: d.lag_p99_ms,
+        wal_retained_bytes: d.wal_retained_bytes,
+        pin_near_bound: d.pin_near_bound,
+        error_code,
+        error_message,
+    }
 }
 
 fn backup_id(raw: &str) -> Result<BackupId, Status> {
@@ -325,6 +355,7 @@ impl Agent for AgentApi {
             shard_id: info.shard_id.to_string(),
             engine: info.engine.to_string(),
             seq: info.seq.0,
+            timeline: info.timeline.0,
             gate_closed: info.gate_closed,
             active_backup_id: info
                 .active_backup
@@ -343,6 +374,13 @@ impl Agent for AgentApi {
             restore_id: restore_id(r.restore_id)?,
             backup: backup_id(&r.backup_id)?,
             target: (!r.target_dir.is_empty()).then(|| r.target_dir.into()),
+            replay: (!r.wal_from.is_empty()).then(|| {
+                (
+                    r.wal_from.clone(),
+                    lockstep_repository::Timeline(r.timeline.max(1)),
+                    lockstep_repository::Seq(r.replay_to_seq),
+                )
+            }),
         };
         reply(
             self.participant.restore_stage(request).await,
@@ -373,6 +411,28 @@ impl Agent for AgentApi {
         let id = restore_id(request.into_inner().restore_id)?;
         reply(self.participant.restore_discard(id).await, restore_to_wire)
     }
+
+    async fn wal_status(
+        &self,
+        _request: Request<v1::WalStatusRequest>,
+    ) -> Result<Response<v1::ShardWalStatus>, Status> {
+        let info = self
+            .participant
+            .describe()
+            .await
+            .map_err(|err| to_status(&err))?;
+        Ok(Response::new(v1::ShardWalStatus {
+            shard_id: info.shard_id.to_string(),
+            timeline: info.timeline.0,
+            latest_seq: info.seq.0,
+            destinations: self
+                .shipper
+                .status()
+                .into_iter()
+                .map(destination_to_wire)
+                .collect(),
+        }))
+    }
 }
 
 /// Serves one shard on `listener` until `shutdown` fires: stops accepting, cancels the
@@ -382,17 +442,26 @@ pub async fn serve<E: ShardEngine>(
     repo: Repository,
     shard_id: ShardId,
     options: BackupOptions,
+    shipping: ShipperOptions,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let gate = WriteGate::new();
     let mut tasks = JoinSet::new();
+    let shipper = ShipperHandle::spawn(
+        slot.clone(),
+        shard_id.clone(),
+        shipping,
+        shutdown.child_token(),
+        &mut tasks,
+    );
     let participant = ParticipantHandle::spawn(
         slot.clone(),
         gate.clone(),
         repo,
         shard_id,
         options,
+        shipper.clone(),
         shutdown.child_token(),
         &mut tasks,
     );
@@ -410,7 +479,10 @@ pub async fn serve<E: ShardEngine>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ShardServer::new(ShardApi { slot, gate }))
-        .add_service(AgentServer::new(AgentApi { participant }))
+        .add_service(AgentServer::new(AgentApi {
+            participant,
+            shipper,
+        }))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown.clone().cancelled_owned(),

@@ -44,23 +44,102 @@ pub enum Command {
     /// Cluster state.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// Restore every shard of a backup through its agent: all shards are downloaded and
-    /// checked first, and only then swapped in.
-    #[command(group(clap::ArgGroup::new("target").required(true).args(["in_place", "to"])))]
-    Restore {
-        /// A backup id, or `latest`.
-        backup: String,
-        /// Replace every agent's live shard (writes made since the backup are lost).
-        #[arg(long)]
-        in_place: bool,
-        /// Restore into this directory on each agent's machine instead, one subdirectory per
-        /// shard (or where `{shard}` says); the live shards are untouched.
-        #[arg(long, value_name = "DIR")]
-        to: Option<String>,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    /// WAL archiving and shipping.
+    #[command(subcommand)]
+    Wal(WalCommand),
+    /// Restore every shard through its agent, to a backup or a point in time: all shards are
+    /// downloaded, replayed and checked first, and only then swapped in.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["in_place", "to"])))]
+#[command(group(clap::ArgGroup::new("point").args(["backup", "to_seq", "to_time"])))]
+pub struct RestoreArgs {
+    /// A backup id, or `latest` (the default when no other point is named).
+    backup: Option<String>,
+    /// Point in time: an exact sequence number per shard, `shard-0=1200,shard-1=950`.
+    #[arg(long, value_delimiter = ',', value_name = "SHARD=SEQ")]
+    to_seq: Vec<String>,
+    /// Point in time: RFC 3339 with an explicit offset. Snaps to the latest backup cut at or
+    /// before it unless --exact-per-shard.
+    #[arg(long, value_name = "TIME")]
+    to_time: Option<String>,
+    /// With --to-time: every shard to its own last write at or before the time
+    /// (consistent across shards only up to clock skew).
+    #[arg(long, requires = "to_time")]
+    exact_per_shard: bool,
+    /// The WAL archive to replay from (default: wal_archive in the configuration).
+    #[arg(long, value_name = "URL")]
+    wal_from: Option<String>,
+    /// Print the plan (base backups, WAL to replay, bytes, estimated time) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace every agent's live shard (writes made since the point are lost).
+    #[arg(long)]
+    in_place: bool,
+    /// Restore into this directory on each agent's machine instead, one subdirectory per
+    /// shard (or where `{shard}` says); the live shards are untouched.
+    #[arg(long, value_name = "DIR")]
+    to: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_seq_vector(items: &[String]) -> Result<std::collections::HashMap<String, u64>> {
+    let mut out = std::collections::HashMap::new();
+    for item in items {
+        let parsed = item
+            .split_once('=')
+            .and_then(|(shard, seq)| Some((shard.trim().to_string(), seq.trim().parse().ok()?)));
+        let Some((shard, seq)) = parsed else {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("--to-seq {item:?}: write SHARD=SEQ, for example shard-0=1200"),
+            ));
+        };
+        out.insert(shard, seq);
+    }
+    Ok(out)
+}
+
+fn plan_json(plan: &[v1::ShardRestorePlan]) -> Vec<serde_json::Value> {
+    plan.iter()
+        .map(|p| {
+            serde_json::json!({
+                "shard_id": p.shard_id, "base_backup_id": p.base_backup_id, "base_seq": p.base_seq,
+                "base_bytes": p.base_bytes, "timeline": p.timeline, "target_seq": p.target_seq,
+                "target_time": hlc_text(p.target_hlc), "wal_segments": p.wal_segments,
+                "replay_seqs": p.replay_seqs,
+            })
+        })
+        .collect()
+}
+
+fn print_plan(job: &v1::RestoreJob) {
+    println!(
+        "{:<12} {:<26} {:>10} {:>12} {:>4} {:>10} {:>9} {:>10} TARGET TIME",
+        "SHARD", "BASE BACKUP", "BASE SEQ", "BASE BYTES", "TL", "TARGET", "SEGMENTS", "REPLAY"
+    );
+    for p in &job.plan {
+        println!(
+            "{:<12} {:<26} {:>10} {:>12} {:>4} {:>10} {:>9} {:>10} {}",
+            p.shard_id,
+            p.base_backup_id,
+            p.base_seq,
+            indicatif::HumanBytes(p.base_bytes).to_string(),
+            p.timeline,
+            p.target_seq,
+            p.wal_segments,
+            p.replay_seqs,
+            hlc_text(p.target_hlc)
+        );
+    }
+    if !job.note.is_empty() {
+        println!("Note: {}", job.note);
+    }
+    println!("Estimated time: {:.1} s", job.estimated_ms as f64 / 1000.0);
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +190,97 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Per shard and destination: last shipped sequence and time, lag, pending, rate, errors.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn hlc_text(hlc: u64) -> String {
+    if hlc == 0 {
+        "-".into()
+    } else {
+        lockstep_repository::HlcTime(hlc).to_string()
+    }
+}
+
+fn print_wal_status(reply: &v1::ClusterWalStatus, json: bool) {
+    if json {
+        print_json(&serde_json::json!({
+            "shards": reply.shards.iter().map(|s| serde_json::json!({
+                "shard_id": s.shard_id, "timeline": s.timeline, "latest_seq": s.latest_seq,
+                "destinations": s.destinations.iter().map(|d| serde_json::json!({
+                    "url": d.url, "timeline": d.timeline, "shipped_seq": d.shipped_seq,
+                    "shipped_time": hlc_text(d.shipped_hlc), "lag_seq": d.lag_seq, "lag_ms": d.lag_ms,
+                    "pending_bytes": d.pending_bytes, "pending_segments": d.pending_segments,
+                    "segments_shipped": d.segments_shipped, "bytes_shipped": d.bytes_shipped,
+                    "rate_bytes_per_sec": d.rate_bytes_per_sec, "lag_p50_ms": d.lag_p50_ms,
+                    "lag_p99_ms": d.lag_p99_ms, "wal_retained_bytes": d.wal_retained_bytes,
+                    "pin_near_bound": d.pin_near_bound, "error_code": d.error_code,
+                    "error_message": d.error_message,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "unreachable": reply.unreachable.iter().map(|a| serde_json::json!({
+                "shard_id": a.shard_id, "endpoint": a.endpoint, "error": a.error,
+            })).collect::<Vec<_>>(),
+        }));
+        return;
+    }
+    println!(
+        "{:<12} {:<34} {:>4} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} ERROR",
+        "SHARD",
+        "DESTINATION",
+        "TL",
+        "SHIPPED",
+        "SHIPPED TIME",
+        "LAG SEQ",
+        "LAG ms",
+        "PENDING",
+        "RATE/s",
+        "p99 ms"
+    );
+    for shard in &reply.shards {
+        if shard.destinations.is_empty() {
+            println!("{:<12} (no WAL destination configured)", shard.shard_id);
+        }
+        for d in &shard.destinations {
+            let error = if d.error_code.is_empty() {
+                String::new()
+            } else {
+                format!("{}: {}", d.error_code, d.error_message)
+            };
+            let warning = if d.pin_near_bound {
+                " WAL retention near its bound!"
+            } else {
+                ""
+            };
+            println!(
+                "{:<12} {:<34} {:>4} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} {error}{warning}",
+                shard.shard_id,
+                d.url,
+                d.timeline,
+                d.shipped_seq,
+                hlc_text(d.shipped_hlc),
+                d.lag_seq,
+                d.lag_ms,
+                indicatif::HumanBytes(d.pending_bytes).to_string(),
+                indicatif::HumanBytes(d.rate_bytes_per_sec).to_string(),
+                d.lag_p99_ms,
+            );
+        }
+    }
+    for a in &reply.unreachable {
+        println!(
+            "{:<12} unreachable at {}: {}",
+            a.shard_id, a.endpoint, a.error
+        );
+    }
 }
 
 async fn client(endpoint: &str) -> Result<CoordinatorClient<Channel>> {
@@ -265,19 +435,19 @@ fn restore_phase(job: &v1::RestoreJob) -> v1::RestorePhase {
     v1::RestorePhase::try_from(job.phase).unwrap_or(v1::RestorePhase::Unspecified)
 }
 
-async fn restore(
-    endpoint: &str,
-    backup: String,
-    in_place: bool,
-    to: Option<String>,
-    json: bool,
-) -> Result<()> {
+async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
+    let (in_place, json) = (args.in_place, args.json);
     let mut client = client(endpoint).await?;
     let mut stream = client
         .restore(v1::RestoreClusterRequest {
-            backup_id: backup,
+            backup_id: args.backup.unwrap_or_default(),
             in_place,
-            target_dir: to.unwrap_or_default(),
+            target_dir: args.to.unwrap_or_default(),
+            to_seq: parse_seq_vector(&args.to_seq)?,
+            to_time: args.to_time.unwrap_or_default(),
+            exact_per_shard: args.exact_per_shard,
+            wal_from: args.wal_from.unwrap_or_default(),
+            dry_run: args.dry_run,
         })
         .await
         .map_err(|s| from_status("restore", &s))?
@@ -314,6 +484,10 @@ async fn restore(
             "error_code": job.error_code,
             "error_message": job.error_message,
             "shards": shards_json(&job.shards),
+            "plan": plan_json(&job.plan),
+            "note": job.note,
+            "estimated_ms": job.estimated_ms,
+            "dry_run": args.dry_run,
         }));
     }
     if phase != v1::RestorePhase::Done {
@@ -326,7 +500,14 @@ async fn restore(
             ),
         ));
     }
+    if args.dry_run {
+        if !json {
+            print_plan(&job);
+        }
+        return Ok(());
+    }
     if !json {
+        print_plan(&job);
         println!(
             "Restored backup {} ({}): {} shards, every chunk checked against its SHA-256",
             job.backup_id,
@@ -387,12 +568,7 @@ async fn run_command(cli: Cli) -> Result<bool> {
             };
             crate::service::serve(config, listener, shutdown, on_ready).await?;
         }
-        Command::Restore {
-            backup,
-            in_place,
-            to,
-            json,
-        } => restore(endpoint, backup, in_place, to, json).await?,
+        Command::Restore(args) => restore(endpoint, args).await?,
         Command::Backup(BackupCommand::Create { kind, wait, json }) => {
             create(endpoint, kind, wait, json).await?
         }
@@ -521,6 +697,22 @@ async fn run_command(cli: Cli) -> Result<bool> {
                     );
                 }
             }
+            return Ok(healthy);
+        }
+        Command::Wal(WalCommand::Status { json }) => {
+            let mut client = client(endpoint).await?;
+            let reply = client
+                .wal_status(v1::WalStatusRequest {})
+                .await
+                .map_err(|s| from_status("WAL status", &s))?
+                .into_inner();
+            print_wal_status(&reply, json);
+            let healthy = reply.unreachable.is_empty()
+                && reply
+                    .shards
+                    .iter()
+                    .flat_map(|s| &s.destinations)
+                    .all(|d| d.error_code.is_empty() && !d.pin_near_bound);
             return Ok(healthy);
         }
     }

@@ -84,6 +84,10 @@ pub struct Config {
     pub agents: Vec<AgentConfig>,
     #[serde(default)]
     pub raid_groups: Vec<RaidGroup>,
+    /// The WAL archive point-in-time restores replay from (one of the agents' `--wal-to`
+    /// destinations); a restore can name another with `--wal-from`.
+    #[serde(default)]
+    pub wal_archive: Option<String>,
 }
 
 fn default_listen() -> String {

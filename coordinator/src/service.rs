@@ -35,6 +35,54 @@ fn status(err: Error) -> Status {
 }
 
 /// Resolves `latest` or validates an id.
+/// What a restore request asks for: a backup, a sequence vector or a time (exactly one).
+async fn point_in_time(
+    repo: &Repository,
+    request: &v1::RestoreClusterRequest,
+) -> Result<crate::restore::PointInTime> {
+    use crate::restore::PointInTime;
+    let named = [
+        !request.backup_id.is_empty(),
+        !request.to_seq.is_empty(),
+        !request.to_time.is_empty(),
+    ];
+    if named.iter().filter(|n| **n).count() > 1 {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            "name one restore point: a backup, a sequence vector or a time",
+        ));
+    }
+    if !request.to_seq.is_empty() {
+        let mut seqs = std::collections::BTreeMap::new();
+        for (shard, seq) in &request.to_seq {
+            seqs.insert(
+                lockstep_repository::ShardId::new(shard.as_str())?,
+                lockstep_repository::Seq(*seq),
+            );
+        }
+        return Ok(PointInTime::Seqs(seqs));
+    }
+    if !request.to_time.is_empty() {
+        let time = chrono::DateTime::parse_from_rfc3339(&request.to_time).map_err(|err| {
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "time {:?} is not RFC 3339 with an explicit offset (for example 2026-11-21T14:05:00+01:00 or ...Z)",
+                    request.to_time
+                ),
+                err,
+            )
+        })?;
+        return Ok(PointInTime::Time {
+            time: time.with_timezone(&chrono::Utc),
+            exact_per_shard: request.exact_per_shard,
+        });
+    }
+    Ok(PointInTime::Backup(
+        resolve_backup(repo, &request.backup_id).await?,
+    ))
+}
+
 pub async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
     if name == "latest" || name.is_empty() {
         return repo.backup_ids().await?.pop().ok_or_else(|| {
@@ -76,15 +124,31 @@ impl Coordinator for CoordinatorApi {
         let request = request.into_inner();
         let target =
             RestoreTarget::from_request(request.in_place, &request.target_dir).map_err(status)?;
-        let backup = resolve_backup(&self.repo, &request.backup_id)
+        let point = point_in_time(&self.repo, &request).await.map_err(status)?;
+        let plan = crate::restore::plan(&self.ctx, point, target, Some(request.wal_from.clone()))
             .await
             .map_err(status)?;
-        let manifest = self.repo.backup_manifest(&backup).await.map_err(status)?;
-        let plan = crate::restore::plan(&self.ctx, manifest, target).map_err(status)?;
+        if request.dry_run {
+            let view = crate::restore::RestoreView {
+                restore_id: String::new(),
+                backup_id: plan.label.clone(),
+                phase: crate::restore::RestorePhase::Done,
+                shards: Vec::new(),
+                error: None,
+                plan: plan.to_wire(),
+                note: plan.note.clone(),
+                estimated_ms: plan.estimated_ms(),
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.send(Ok(view.to_wire())).await;
+            return Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+                rx,
+            )));
+        }
         let guard = self
             .ctx
             .cluster
-            .try_hold(format!("restore of backup {backup}"))
+            .try_hold(format!("restore to {}", plan.label))
             .map_err(status)?;
         let restore_id = format!("rs-{}", uuid::Uuid::new_v4().simple());
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -263,6 +327,41 @@ impl Coordinator for CoordinatorApi {
             repository: self.repo.url().to_string(),
             running_backup_id: running.map(|b| b.to_string()).unwrap_or_default(),
         }))
+    }
+
+    async fn wal_status(
+        &self,
+        _request: Request<v1::WalStatusRequest>,
+    ) -> Reply<v1::ClusterWalStatus> {
+        let asks = self.agents.iter().map(|agent| {
+            let mut client = agent.client.clone();
+            async move {
+                let reply = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    client.wal_status(v1::WalStatusRequest {}),
+                )
+                .await;
+                (agent, reply)
+            }
+        });
+        let mut out = v1::ClusterWalStatus::default();
+        for (agent, reply) in futures::future::join_all(asks).await {
+            let error = match reply {
+                Ok(Ok(status)) => {
+                    out.shards.push(status.into_inner());
+                    continue;
+                }
+                Ok(Err(err)) => err.message().to_string(),
+                Err(_) => "no answer within 2s".to_string(),
+            };
+            out.unreachable.push(v1::AgentStatus {
+                shard_id: agent.shard_id.to_string(),
+                endpoint: agent.endpoint.clone(),
+                error,
+                ..Default::default()
+            });
+        }
+        Ok(Response::new(out))
     }
 }
 

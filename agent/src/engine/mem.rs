@@ -93,6 +93,7 @@ impl State {
 /// An in-memory shard.
 pub struct MemEngine {
     state: Mutex<State>,
+    dir: std::path::PathBuf,
     clock: HlcClock,
     wal_retention_bytes: u64,
 }
@@ -277,6 +278,7 @@ impl ShardEngine for MemEngine {
         }
         Ok(MemEngine {
             state: Mutex::new(state),
+            dir: dir.to_path_buf(),
             clock: config.clock.clone(),
             wal_retention_bytes: config.wal_retention_mb.max(1) << 20,
         })
@@ -378,6 +380,21 @@ impl ShardEngine for MemEngine {
 
     fn clock(&self) -> &HlcClock {
         &self.clock
+    }
+
+    fn sync(&self) -> Result<()> {
+        let snapshot = encode_snapshot(&self.state());
+        let io = |err| {
+            Error::io(
+                ErrorCode::ShardEngineFailed,
+                format!("write snapshot in {}", self.dir.display()),
+                err,
+            )
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let temp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        std::fs::write(&temp, snapshot).map_err(io)?;
+        std::fs::rename(&temp, self.dir.join(SNAPSHOT_FILE)).map_err(io)
     }
 
     fn wal_bytes(&self) -> Result<u64> {

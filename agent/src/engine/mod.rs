@@ -247,6 +247,10 @@ pub trait ShardEngine: Send + Sync + 'static {
     /// The clock that stamps this engine's writes.
     fn clock(&self) -> &HlcClock;
 
+    /// Makes every applied write durable in the shard directory (RocksDB: fsync the WAL;
+    /// the in-memory engine: write its snapshot), e.g. after a restore's replay.
+    fn sync(&self) -> Result<()>;
+
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
     /// Up to `limit` pairs with `start <= key < end` (no upper bound when `end` is `None`).

@@ -349,6 +349,12 @@ impl ShardEngine for RocksEngine {
         &self.clock
     }
 
+    fn sync(&self) -> Result<()> {
+        self.db
+            .flush_wal(true)
+            .map_err(|err| engine_error("sync the WAL", err))
+    }
+
     fn wal_bytes(&self) -> Result<u64> {
         let mut total = 0;
         for dir in [self.dir.clone(), self.dir.join("archive")] {

@@ -1,0 +1,482 @@
+//! The WAL shipper: tails the shard's WAL and writes it, as segments, to every WAL
+//! destination ("region"), each at its own pace (DESIGN.md §7).
+//!
+//! One task per agent, owned by the server's `JoinSet`. Every `poll` it reads, per
+//! destination, the batches after that destination's cursor (`ShardEngine::wal_since`, which
+//! checks continuity) and cuts a segment when it holds `segment_bytes` or its oldest write has
+//! waited `segment_age`. A failed upload is retried with exponential backoff (100 ms to 10 s);
+//! the other destinations go on.
+//!
+//! The durable cursor of a destination is the destination itself: at start, and whenever the
+//! shard's timeline changes (a restore), the shipper lists the destination's segments of the
+//! current timeline and resumes after the last one. A segment is one atomic put under a key
+//! naming its exact sequence range, so a crash before the put ships the range again and a
+//! crash after it resumes past it: no gap and no duplicate, with no cursor file to fall out
+//! of step with the archive.
+//!
+//! Architecture invariant: a destination's segments of one timeline are contiguous. A WAL
+//! range that is gone before it was shipped is `ERR_BACKUP_WAL_GAP`, reported in the status
+//! and retried, never skipped. The one exception is the first segment of an empty archive:
+//! the archive then starts where the WAL still reaches, and says so in its first key.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep_repository::codec::Compression;
+use lockstep_repository::wal::{Segment, WalBatch, check_segments};
+use lockstep_repository::{Error, ErrorCode, HlcTime, Repository, Result, Seq, ShardId, Timeline};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::ShardEngine;
+use crate::slot::EngineSlot;
+
+/// How many recent segment lags the status summarizes.
+const LAG_WINDOW: usize = 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often the retained WAL is measured against its bound.
+const PIN_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Where and how the WAL is shipped.
+#[derive(Debug, Clone)]
+pub struct ShipperOptions {
+    pub destinations: Vec<Repository>,
+    /// A segment is cut once it holds this many bytes of batches...
+    pub segment_bytes: usize,
+    /// ...or once its oldest write has waited this long.
+    pub segment_age: Duration,
+    /// How often the WAL is checked for new writes.
+    pub poll: Duration,
+    pub compression: Compression,
+    /// The engine's WAL retention bound, for the pin warning.
+    pub wal_retention_bytes: u64,
+}
+
+impl Default for ShipperOptions {
+    fn default() -> ShipperOptions {
+        ShipperOptions {
+            destinations: Vec::new(),
+            segment_bytes: 4 << 20,
+            segment_age: Duration::from_millis(50),
+            poll: Duration::from_millis(10),
+            compression: Compression::default(),
+            wal_retention_bytes: 1 << 30,
+        }
+    }
+}
+
+/// What the shipper says about one destination.
+#[derive(Debug, Clone, Default)]
+pub struct DestinationStatus {
+    pub url: String,
+    pub timeline: Timeline,
+    /// The last sequence number durable in the destination.
+    pub shipped_seq: Seq,
+    /// The HLC time of that write.
+    pub shipped_hlc: HlcTime,
+    /// The shard's latest sequence number when the status was taken.
+    pub latest_seq: Seq,
+    pub lag_seq: u64,
+    /// How long the oldest unshipped write has waited, in milliseconds.
+    pub lag_ms: u64,
+    /// Bytes of batches read and not yet shipped (at most one segment's worth is read).
+    pub pending_bytes: u64,
+    pub pending_segments: u64,
+    pub segments_shipped: u64,
+    pub bytes_shipped: u64,
+    /// Bytes shipped per second over the last completed second.
+    pub rate_bytes_per_sec: u64,
+    /// Over the last segments: how long their oldest write waited until it was durable.
+    pub lag_p50_ms: u64,
+    pub lag_p99_ms: u64,
+    /// Bytes of WAL the shard keeps, and whether that is near the retention bound while this
+    /// destination still needs some of it.
+    pub wal_retained_bytes: u64,
+    pub pin_near_bound: bool,
+    pub last_error: Option<(ErrorCode, String)>,
+}
+
+/// Cloneable handle on the shipper task.
+#[derive(Debug, Clone)]
+pub struct ShipperHandle {
+    status: watch::Receiver<Vec<DestinationStatus>>,
+    destinations: Vec<Repository>,
+}
+
+impl ShipperHandle {
+    /// Starts the shipper in `tasks` (a handle with no destination starts nothing).
+    pub fn spawn<E: ShardEngine>(
+        slot: Arc<EngineSlot<E>>,
+        shard_id: ShardId,
+        options: ShipperOptions,
+        cancel: CancellationToken,
+        tasks: &mut JoinSet<()>,
+    ) -> ShipperHandle {
+        let destinations = options.destinations.clone();
+        let initial = destinations
+            .iter()
+            .map(|repo| DestinationStatus {
+                url: repo.url().to_string(),
+                ..DestinationStatus::default()
+            })
+            .collect();
+        let (tx, status) = watch::channel(initial);
+        if !destinations.is_empty() {
+            let shipper = Shipper {
+                dests: destinations.iter().cloned().map(Destination::new).collect(),
+                slot,
+                shard_id,
+                options,
+                status: tx,
+                last_pin_check: None,
+                wal_retained_bytes: 0,
+            };
+            tasks.spawn(shipper.run(cancel));
+        }
+        ShipperHandle {
+            status,
+            destinations,
+        }
+    }
+
+    /// The status of every destination.
+    pub fn status(&self) -> Vec<DestinationStatus> {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until every destination has shipped through `seq`, or `timeout` passes; returns
+    /// the status at that point.
+    pub async fn wait_shipped(&self, seq: Seq, timeout: Duration) -> Vec<DestinationStatus> {
+        let mut status = self.status.clone();
+        let done = |all: &Vec<DestinationStatus>| all.iter().all(|d| d.shipped_seq >= seq);
+        let _ = tokio::time::timeout(timeout, status.wait_for(done)).await;
+        self.status()
+    }
+
+    pub fn destinations(&self) -> &[Repository] {
+        &self.destinations
+    }
+}
+
+/// Where one destination's shipping stands.
+struct Cursor {
+    timeline: Timeline,
+    seq: Seq,
+    hlc: HlcTime,
+    /// True once the destination holds a segment of this timeline.
+    has_segments: bool,
+}
+
+struct Destination {
+    repo: Repository,
+    cursor: Option<Cursor>,
+    /// When the shipper first saw writes it has not shipped yet.
+    pending_since: Option<Instant>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    lags_ms: VecDeque<u64>,
+    rate_window: (Instant, u64),
+    status: DestinationStatus,
+}
+
+impl Destination {
+    fn new(repo: Repository) -> Destination {
+        Destination {
+            status: DestinationStatus {
+                url: repo.url().to_string(),
+                ..DestinationStatus::default()
+            },
+            repo,
+            cursor: None,
+            pending_since: None,
+            retry_at: None,
+            backoff: MIN_BACKOFF,
+            lags_ms: VecDeque::new(),
+            rate_window: (Instant::now(), 0),
+        }
+    }
+}
+
+struct Shipper<E> {
+    dests: Vec<Destination>,
+    slot: Arc<EngineSlot<E>>,
+    shard_id: ShardId,
+    options: ShipperOptions,
+    status: watch::Sender<Vec<DestinationStatus>>,
+    last_pin_check: Option<Instant>,
+    wal_retained_bytes: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn wall_ms() -> u64 {
+    chrono::Utc::now().timestamp_millis().max(0) as u64
+}
+
+impl<E: ShardEngine> Shipper<E> {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.options.poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = ticker.tick() => self.tick().await,
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        let lineage = self.slot.lineage();
+        let latest = match self.slot.get() {
+            Ok(engine) => engine.latest_seq(),
+            // A restore is swapping the shard: try again next tick.
+            Err(_) => return,
+        };
+        self.check_pin().await;
+        let now = Instant::now();
+        for index in 0..self.dests.len() {
+            if self.dests[index].retry_at.is_some_and(|at| now < at) {
+                continue;
+            }
+            let result = self
+                .ship(index, lineage.timeline, lineage.start, latest)
+                .await;
+            let dest = &mut self.dests[index];
+            match result {
+                Ok(()) => {
+                    dest.retry_at = None;
+                    dest.backoff = MIN_BACKOFF;
+                    dest.status.last_error = None;
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        shard = %self.shard_id, destination = %dest.repo.url(), error = %err.chain(),
+                        retry_ms = dest.backoff.as_millis() as u64, "WAL shipping failed"
+                    );
+                    dest.status.last_error = Some((err.code, err.chain()));
+                    dest.retry_at = Some(Instant::now() + dest.backoff);
+                    dest.backoff = (dest.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        self.publish(latest);
+    }
+
+    /// Measures the retained WAL now and then, and warns loudly when a destination still
+    /// needs WAL that is close to being dropped.
+    async fn check_pin(&mut self) {
+        let due = self
+            .last_pin_check
+            .is_none_or(|at| at.elapsed() >= PIN_CHECK_EVERY);
+        if !due {
+            return;
+        }
+        self.last_pin_check = Some(Instant::now());
+        if let Ok(engine) = self.slot.get() {
+            let engine = Arc::clone(&engine);
+            if let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || engine.wal_bytes()).await {
+                self.wal_retained_bytes = bytes;
+            }
+        }
+        let near = self.wal_retained_bytes * 10 >= self.options.wal_retention_bytes * 9;
+        for dest in &mut self.dests {
+            let behind = dest.status.lag_seq > 0;
+            dest.status.pin_near_bound = near && behind;
+            if near && behind {
+                tracing::error!(
+                    shard = %self.shard_id, destination = %dest.repo.url(),
+                    retained_bytes = self.wal_retained_bytes, bound_bytes = self.options.wal_retention_bytes,
+                    lag_seq = dest.status.lag_seq,
+                    "WAL retention is at 90% of its bound while this destination is behind: \
+                     past the bound its WAL is dropped and shipping fails with ERR_BACKUP_WAL_GAP"
+                );
+            }
+        }
+    }
+
+    /// Positions a destination's cursor on `timeline` from what the destination holds.
+    async fn resume(&self, repo: &Repository, timeline: Timeline, start: Seq) -> Result<Cursor> {
+        let segments = repo.wal_segments(&self.shard_id, timeline).await?;
+        check_segments(&segments)?;
+        Ok(match segments.last() {
+            Some(last) => Cursor {
+                timeline,
+                seq: last.last,
+                hlc: last.hlc_max,
+                has_segments: true,
+            },
+            None => Cursor {
+                timeline,
+                seq: start,
+                hlc: HlcTime::default(),
+                has_segments: false,
+            },
+        })
+    }
+
+    async fn read_wal(&self, after: Seq) -> Result<Vec<WalBatch>> {
+        let engine = Arc::clone(&*self.slot.get()?);
+        let max_bytes = self.options.segment_bytes;
+        tokio::task::spawn_blocking(move || engine.wal_since(after, max_bytes))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::BackupWalArchiveFailed, "WAL read task", err)
+            })?
+    }
+
+    /// Ships at most one segment to destination `index`.
+    async fn ship(
+        &mut self,
+        index: usize,
+        timeline: Timeline,
+        start: Seq,
+        latest: Seq,
+    ) -> Result<()> {
+        let stale = self.dests[index]
+            .cursor
+            .as_ref()
+            .is_none_or(|c| c.timeline != timeline);
+        if stale {
+            let repo = self.dests[index].repo.clone();
+            let cursor = self.resume(&repo, timeline, start).await?;
+            tracing::info!(
+                shard = %self.shard_id, destination = %repo.url(), timeline = %timeline,
+                after = %cursor.seq, "WAL shipping resumes"
+            );
+            self.dests[index].cursor = Some(cursor);
+            self.dests[index].pending_since = None;
+        }
+        let Some(after) = self.dests[index].cursor.as_ref().map(|c| c.seq) else {
+            return Ok(());
+        };
+        if after >= latest {
+            self.dests[index].pending_since = None;
+            return Ok(());
+        }
+        let now = Instant::now();
+        let pending_since = *self.dests[index].pending_since.get_or_insert(now);
+        let batches = match self.read_wal(after).await {
+            Ok(batches) => batches,
+            Err(err) if err.code == ErrorCode::BackupWalGap => {
+                let dest = &mut self.dests[index];
+                if dest.cursor.as_ref().is_some_and(|c| !c.has_segments) {
+                    // An empty archive starts where the WAL still reaches: nothing shipped is
+                    // skipped. Its first segment's key says where that is.
+                    tracing::warn!(
+                        shard = %self.shard_id, destination = %dest.repo.url(), after = %after, latest = %latest,
+                        "the WAL no longer reaches back to the start of this timeline; the archive starts at the next write"
+                    );
+                    if let Some(cursor) = dest.cursor.as_mut() {
+                        cursor.seq = latest;
+                    }
+                    dest.pending_since = None;
+                    return Ok(());
+                }
+                return Err(err.context(format!(
+                    "ship the WAL of {} to {}",
+                    self.shard_id,
+                    dest.repo.url()
+                )));
+            }
+            Err(err) => return Err(err),
+        };
+        let Some(last) = batches.last() else {
+            return Ok(());
+        };
+        let (last_seq, last_hlc, oldest_hlc) = (last.last(), last.hlc, batches[0].hlc);
+        let bytes: usize = batches.iter().map(|b| b.data.len()).sum();
+        {
+            let status = &mut self.dests[index].status;
+            status.pending_bytes = bytes as u64;
+            status.lag_ms = wall_ms().saturating_sub(oldest_hlc.millis());
+        }
+        let full = bytes >= self.options.segment_bytes;
+        let old = now.duration_since(pending_since) >= self.options.segment_age;
+        if !full && !old {
+            return Ok(());
+        }
+        let segment = Segment {
+            shard_id: self.shard_id.clone(),
+            timeline,
+            batches,
+        };
+        let repo = self.dests[index].repo.clone();
+        let info = repo
+            .put_wal_segment(&segment, self.options.compression)
+            .await
+            .map_err(|err| Error {
+                code: match err.code {
+                    ErrorCode::StorageDiskFull => err.code,
+                    _ => ErrorCode::BackupWalArchiveFailed,
+                },
+                ..err
+            })?;
+        let lag = wall_ms().saturating_sub(oldest_hlc.millis());
+        let dest = &mut self.dests[index];
+        if let Some(cursor) = dest.cursor.as_mut() {
+            cursor.seq = last_seq;
+            cursor.hlc = last_hlc;
+            cursor.has_segments = true;
+        }
+        dest.pending_since = (last_seq < latest).then_some(now);
+        dest.status.segments_shipped += 1;
+        dest.status.bytes_shipped += bytes as u64;
+        dest.lags_ms.push_back(lag);
+        if dest.lags_ms.len() > LAG_WINDOW {
+            dest.lags_ms.pop_front();
+        }
+        tracing::debug!(shard = %self.shard_id, destination = %repo.url(), first = %info.first, last = %info.last, lag_ms = lag, "WAL segment shipped");
+        Ok(())
+    }
+
+    fn publish(&mut self, latest: Seq) {
+        let now = Instant::now();
+        let statuses = self
+            .dests
+            .iter_mut()
+            .map(|dest| {
+                let status = &mut dest.status;
+                if let Some(cursor) = &dest.cursor {
+                    status.timeline = cursor.timeline;
+                    status.shipped_seq = cursor.seq;
+                    status.shipped_hlc = cursor.hlc;
+                }
+                status.latest_seq = latest;
+                status.lag_seq = latest.0.saturating_sub(status.shipped_seq.0);
+                if status.lag_seq == 0 {
+                    status.lag_ms = 0;
+                    status.pending_bytes = 0;
+                }
+                status.pending_segments = if status.lag_seq == 0 {
+                    0
+                } else {
+                    (status.pending_bytes / self.options.segment_bytes.max(1) as u64).max(1)
+                };
+                let (since, bytes_then) = dest.rate_window;
+                let elapsed = now.duration_since(since);
+                if elapsed >= Duration::from_secs(1) {
+                    status.rate_bytes_per_sec =
+                        ((status.bytes_shipped - bytes_then) as f64 / elapsed.as_secs_f64()) as u64;
+                    dest.rate_window = (now, status.bytes_shipped);
+                }
+                let mut lags: Vec<u64> = dest.lags_ms.iter().copied().collect();
+                lags.sort_unstable();
+                status.lag_p50_ms = percentile(&lags, 0.50);
+                status.lag_p99_ms = percentile(&lags, 0.99);
+                status.wal_retained_bytes = self.wal_retained_bytes;
+                status.clone()
+            })
+            .collect();
+        self.status.send_replace(statuses);
+    }
+}
