@@ -33,6 +33,11 @@ impl Cluster {
         self.dir.path().join("repo")
     }
 
+    /// The WAL archive every agent ships to (the "other region").
+    pub fn archive(&self) -> PathBuf {
+        self.dir.path().join("wal-archive")
+    }
+
     fn agent_args(&self, i: usize, listen: &str) -> Vec<String> {
         let db = self.dir.path().join(format!("db-{i}"));
         [
@@ -45,6 +50,8 @@ impl Cluster {
             listen,
             "--repo",
             self.repo().to_str().expect("utf-8"),
+            "--wal-to",
+            self.archive().to_str().expect("utf-8"),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -83,9 +90,10 @@ impl Cluster {
             })
             .collect();
         let config = format!(
-            "repository = \"{}\"\nlisten = \"127.0.0.1:0\"\n[barrier]\nlease_ms = {lease_ms}\nprepare_timeout_ms = {}\n{agents}\
+            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\n[barrier]\nlease_ms = {lease_ms}\nprepare_timeout_ms = {}\n{agents}\
              [[raid_groups]]\nname = \"group-0\"\nlayout = \"raid5\"\ndata = [\"shard-0\", \"shard-1\"]\nparity = [\"shard-2\"]\n",
             cluster.repo().display(),
+            cluster.archive().display(),
             lease_ms / 2
         );
         std::fs::write(cluster.config_path(), config).expect("write config");

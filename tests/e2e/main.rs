@@ -9,4 +9,5 @@ mod corruption;
 mod disk_full;
 mod faults;
 mod model;
+mod pitr;
 mod round_trip;

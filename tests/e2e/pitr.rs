@@ -1,0 +1,317 @@
+//! WAL shipping and point-in-time restore on a real cluster: three agents ship their WAL to
+//! an archive directory while clients write; restores to random sequence vectors and to
+//! timestamps (exact per shard, and snapped to a consistent point) must match the model of
+//! acknowledged writes key by key; an in-place restore starts a new timeline and leaves the
+//! old one's segments untouched; a segment deleted from the archive is `ERR_BACKUP_WAL_GAP`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use lockstep_agent::engine::{RocksEngine, ShardEngine};
+use lockstep_proto::v1;
+use lockstep_repository::HlcTime;
+use lockstep_tests::text;
+
+use crate::cluster::{Cluster, N_AGENTS, json, wait_until};
+
+/// One acknowledged write: its last sequence number, HLC time, key, and whether it deleted.
+#[derive(Debug, Clone)]
+struct Acked {
+    seq: u64,
+    hlc: u64,
+    key: String,
+    deleted: bool,
+}
+
+/// The keys of a shard after every acknowledged write up to `keep`.
+fn state(history: &[Acked], keep: impl Fn(&Acked) -> bool) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for write in history.iter().filter(|w| keep(w)) {
+        if write.deleted {
+            keys.remove(&write.key);
+        } else {
+            keys.insert(write.key.clone());
+        }
+    }
+    keys
+}
+
+async fn write(cluster: &Cluster, shard: usize, key: String, deleted: bool) -> Acked {
+    let mut client = cluster.shard_client(shard).await;
+    let reply = if deleted {
+        client
+            .delete(v1::DeleteRequest {
+                column_family: String::new(),
+                key: key.clone().into_bytes(),
+            })
+            .await
+    } else {
+        client
+            .put(v1::PutRequest {
+                column_family: String::new(),
+                key: key.clone().into_bytes(),
+                value: b"v".to_vec(),
+            })
+            .await
+    }
+    .expect("write")
+    .into_inner();
+    Acked {
+        seq: reply.last_seq,
+        hlc: reply.hlc,
+        key,
+        deleted,
+    }
+}
+
+fn keys_in(dir: &Path) -> BTreeSet<String> {
+    let engine = RocksEngine::open(dir, &[]).expect("open restored shard");
+    engine
+        .scan("default", b"", None, usize::MAX)
+        .expect("scan")
+        .into_iter()
+        .map(|(k, _)| String::from_utf8(k).expect("utf-8 key"))
+        .collect()
+}
+
+/// Waits until every shard's WAL is durable in the archive up to its latest write.
+async fn wait_shipped(cluster: &Cluster) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let shipped = wait_until(Duration::from_secs(20), || {
+        let status = json(&cluster.lockstep(&["wal", "status", "--json"]));
+        let done = status["shards"].as_array().is_some_and(|shards| {
+            shards.len() == N_AGENTS
+                && shards.iter().all(|s| {
+                    s["destinations"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().all(|d| d["lag_seq"] == 0))
+                })
+        });
+        last = status;
+        async move { done }
+    })
+    .await;
+    assert!(shipped.is_some(), "the WAL was not shipped: {last:#}");
+    last
+}
+
+fn seq_vector(targets: &[u64]) -> String {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, seq)| format!("{}={seq}", Cluster::shard(i)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn segment_files(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.insert(entry.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() {
+    let cluster = Cluster::start(5_000, None);
+    let mut history: Vec<Vec<Acked>> = vec![Vec::new(); N_AGENTS];
+    for i in 0..N_AGENTS {
+        for k in 0..40 {
+            history[i].push(write(&cluster, i, format!("base-{k:03}"), false).await);
+        }
+    }
+    let backup = json(&cluster.lockstep(&["backup", "create", "--wait", "--json"]));
+    let backup_id = backup["backup_id"].as_str().expect("backup id").to_string();
+    let cut: Vec<u64> = (0..N_AGENTS)
+        .map(|i| history[i].last().map_or(0, |w| w.seq))
+        .collect();
+
+    // After the backup: puts and deletes, some milliseconds apart so timestamps separate them.
+    let mut seed = 0x5eed_u64;
+    for round in 0..60 {
+        for (i, shard) in history.iter_mut().enumerate() {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let deleted = round % 7 == 3;
+            let key = if deleted {
+                format!("base-{:03}", (seed >> 33) % 40)
+            } else {
+                format!("late-{round:03}")
+            };
+            shard.push(write(&cluster, i, key, deleted).await);
+        }
+        if round % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(3)).await; // separates HLC milliseconds
+        }
+    }
+    let status = wait_shipped(&cluster).await;
+    println!("WAL status after shipping: {status:#}");
+
+    // The plan names the base backup and the WAL to replay, and changes nothing.
+    let ends: Vec<u64> = history
+        .iter()
+        .map(|h| h.last().map_or(0, |w| w.seq))
+        .collect();
+    let dry = cluster.lockstep(&[
+        "restore",
+        "--to-seq",
+        &seq_vector(&ends),
+        "--in-place",
+        "--dry-run",
+        "--json",
+    ]);
+    let dry = json(&dry);
+    for (i, plan) in dry["plan"].as_array().expect("plan").iter().enumerate() {
+        assert_eq!(plan["base_backup_id"], backup_id.as_str());
+        assert_eq!(plan["base_seq"], cut[i]);
+        assert_eq!(plan["target_seq"], ends[i]);
+        assert!(plan["wal_segments"].as_u64().unwrap_or(0) > 0, "{plan}");
+    }
+
+    // Random sequence vectors: every shard exactly at its target.
+    for round in 0..4 {
+        let mut targets = Vec::new();
+        for shard in &history {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let after_cut = &shard[40..];
+            targets.push(after_cut[(seed >> 33) as usize % after_cut.len()].seq);
+        }
+        let dir = cluster.dir.path().join(format!("pitr-seq-{round}"));
+        let output = cluster.lockstep(&[
+            "restore",
+            "--to-seq",
+            &seq_vector(&targets),
+            "--to",
+            dir.to_str().expect("utf-8"),
+        ]);
+        assert!(output.status.success(), "{}", text(&output));
+        for (i, target) in targets.iter().enumerate() {
+            let expected = state(&history[i], |w| w.seq <= *target);
+            assert_eq!(
+                keys_in(&dir.join(Cluster::shard(i))),
+                expected,
+                "shard {i} at seq {target} (round {round})"
+            );
+        }
+    }
+
+    // A timestamp, exact per shard: each shard's writes at or before it.
+    let pivot = history[0][40 + 30].hlc;
+    let time = HlcTime(pivot).to_datetime().to_rfc3339();
+    let bound = HlcTime::at_or_before(HlcTime(pivot).to_datetime()).0;
+    let dir = cluster.dir.path().join("pitr-time");
+    let output = cluster.lockstep(&[
+        "restore",
+        "--to-time",
+        &time,
+        "--exact-per-shard",
+        "--to",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    for (i, shard) in history.iter().enumerate() {
+        assert_eq!(
+            keys_in(&dir.join(Cluster::shard(i))),
+            state(shard, |w| w.hlc <= bound),
+            "shard {i} at time {time}"
+        );
+    }
+
+    // The same time without --exact-per-shard snaps to the backup, and says so.
+    let snapped = json(&cluster.lockstep(&[
+        "restore",
+        "--to-time",
+        &time,
+        "--in-place",
+        "--dry-run",
+        "--json",
+    ]));
+    assert!(
+        snapped["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("snapped to backup")),
+        "{snapped:#}"
+    );
+    for (i, plan) in snapped["plan"].as_array().expect("plan").iter().enumerate() {
+        assert_eq!(plan["target_seq"], cut[i]);
+    }
+    let no_offset = cluster.lockstep(&[
+        "restore",
+        "--to-time",
+        "2026-11-21T10:00:00",
+        "--in-place",
+        "--dry-run",
+    ]);
+    assert!(!no_offset.status.success());
+    assert!(
+        text(&no_offset).contains("explicit offset"),
+        "{}",
+        text(&no_offset)
+    );
+
+    // A hole in the archive is reported, never skipped.
+    let segments: Vec<String> = segment_files(&cluster.archive())
+        .into_iter()
+        .filter(|f| f.contains("/shard-1/0000000001/"))
+        .collect();
+    let victim = &segments[segments.len() / 2];
+    let aside = cluster.dir.path().join("segment-aside");
+    std::fs::rename(victim, &aside).expect("move a segment away");
+    let output = cluster.lockstep(&["restore", "--to-seq", &seq_vector(&ends), "--in-place"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("ERR_BACKUP_WAL_GAP"),
+        "{}",
+        text(&output)
+    );
+    std::fs::rename(&aside, victim).expect("put the segment back");
+
+    // In place, to a vector in the middle: the live shards serve exactly that state, start
+    // timeline 2, and the archive's timeline-1 segments stay as they were.
+    let middle: Vec<u64> = history.iter().map(|h| h[40 + 20].seq).collect();
+    let before = segment_files(&cluster.archive());
+    let output = cluster.lockstep(&["restore", "--to-seq", &seq_vector(&middle), "--in-place"]);
+    assert!(output.status.success(), "{}", text(&output));
+    for (i, target) in middle.iter().enumerate() {
+        let mut client = cluster.shard_client(i).await;
+        let live: BTreeSet<String> = client
+            .scan(v1::ScanRequest {
+                column_family: String::new(),
+                start: Vec::new(),
+                end: Vec::new(),
+                limit: 100_000,
+            })
+            .await
+            .expect("scan")
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| String::from_utf8(e.key).expect("utf-8"))
+            .collect();
+        assert_eq!(
+            live,
+            state(&history[i], |w| w.seq <= *target),
+            "live shard {i}"
+        );
+        write(&cluster, i, "after-restore".into(), false).await;
+    }
+    let status = wait_shipped(&cluster).await;
+    for shard in status["shards"].as_array().expect("shards") {
+        assert_eq!(shard["timeline"], 2, "{shard}");
+    }
+    let after = segment_files(&cluster.archive());
+    assert!(before.is_subset(&after), "segments of timeline 1 changed");
+    assert!(after.len() > before.len(), "timeline 2 shipped nothing");
+}
