@@ -182,40 +182,6 @@ pub async fn upload_capture(
     Ok(manifest)
 }
 
-/// Backs up one shard and publishes its shard manifest (not the backup manifest).
-pub async fn backup_shard<E: ShardEngine>(
-    engine: &Arc<E>,
-    gate: &WriteGate,
-    repo: &Repository,
-    shard_id: &ShardId,
-    backup_id: &BackupId,
-    options: &BackupOptions,
-    timeline: Timeline,
-    progress: &Progress,
-) -> Result<ShardManifest> {
-    let captured = capture_shard(
-        engine,
-        gate,
-        options.capture_root.join(backup_id.as_str()),
-        timeline,
-    )
-    .await?;
-    tracing::info!(
-        shard = %shard_id, backup = %backup_id, seq = %captured.capture.seq,
-        gate_closed_us = captured.paused.as_micros() as u64, files = captured.capture.files.len(),
-        "captured shard"
-    );
-    upload_capture(
-        captured,
-        repo,
-        shard_id,
-        backup_id,
-        options.transfer,
-        progress,
-    )
-    .await
-}
-
 /// Backs up a single shard with no coordinator and commits it as a one-shard backup.
 pub async fn backup_offline<E: ShardEngine>(
     engine: &Arc<E>,
@@ -228,11 +194,33 @@ pub async fn backup_offline<E: ShardEngine>(
     let backup_id = BackupId::generate();
     let started_at = Utc::now();
     let gate = WriteGate::new();
-    let shard = backup_shard(
-        engine, &gate, repo, shard_id, &backup_id, options, timeline, progress,
+    let captured = capture_shard(
+        engine,
+        &gate,
+        options.capture_root.join(backup_id.as_str()),
+        timeline,
     )
-    .await
-    .map_err(|err| Error {
+    .await;
+    let uploaded = match captured {
+        Ok(captured) => {
+            tracing::info!(
+                shard = %shard_id, backup = %backup_id, seq = %captured.capture.seq,
+                gate_closed_us = captured.paused.as_micros() as u64,
+                files = captured.capture.files.len(), "captured shard"
+            );
+            upload_capture(
+                captured,
+                repo,
+                shard_id,
+                &backup_id,
+                options.transfer,
+                progress,
+            )
+            .await
+        }
+        Err(err) => Err(err),
+    };
+    let shard = uploaded.map_err(|err| Error {
         code: creation_code(err.code),
         ..err
     })?;

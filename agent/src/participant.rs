@@ -204,6 +204,16 @@ async fn next_timeline(
     highest.next()
 }
 
+/// What the participant works on: the shard, its gate, its repository and its WAL shipper.
+pub struct ShardParts<E> {
+    pub slot: Arc<EngineSlot<E>>,
+    pub gate: WriteGate,
+    pub repo: Repository,
+    pub shard_id: ShardId,
+    pub options: BackupOptions,
+    pub shipper: ShipperHandle,
+}
+
 /// Cloneable handle on the participant task.
 #[derive(Clone)]
 pub struct ParticipantHandle {
@@ -257,15 +267,18 @@ impl ParticipantHandle {
     /// Starts the participant task in `tasks`; it stops when `cancel` fires, opening the gate
     /// and dropping any capture.
     pub fn spawn<E: ShardEngine>(
-        slot: Arc<EngineSlot<E>>,
-        gate: WriteGate,
-        repo: Repository,
-        shard_id: ShardId,
-        options: BackupOptions,
-        shipper: ShipperHandle,
+        shard: ShardParts<E>,
         cancel: CancellationToken,
         tasks: &mut JoinSet<()>,
     ) -> ParticipantHandle {
+        let ShardParts {
+            slot,
+            gate,
+            repo,
+            shard_id,
+            options,
+            shipper,
+        } = shard;
         let (tx, rx) = mpsc::channel(64);
         let participant = Participant {
             slot,

@@ -20,6 +20,7 @@ use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
 use crate::gate::WriteGate;
 use crate::participant::{
     BarrierState, BarrierStatus, ParticipantHandle, RestoreRequest, RestoreState, RestoreStatus,
+    ShardParts,
 };
 use crate::shipper::{DestinationStatus, ShipperHandle, ShipperOptions};
 use crate::slot::EngineSlot;
@@ -456,12 +457,14 @@ pub async fn serve<E: ShardEngine>(
         &mut tasks,
     );
     let participant = ParticipantHandle::spawn(
-        slot.clone(),
-        gate.clone(),
-        repo,
-        shard_id,
-        options,
-        shipper.clone(),
+        ShardParts {
+            slot: slot.clone(),
+            gate: gate.clone(),
+            repo,
+            shard_id,
+            options,
+            shipper: shipper.clone(),
+        },
         shutdown.child_token(),
         &mut tasks,
     );

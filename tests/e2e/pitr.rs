@@ -124,9 +124,9 @@ fn segment_files(dir: &Path) -> BTreeSet<String> {
 async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() {
     let cluster = Cluster::start(5_000, None);
     let mut history: Vec<Vec<Acked>> = vec![Vec::new(); N_AGENTS];
-    for i in 0..N_AGENTS {
+    for (i, shard) in history.iter_mut().enumerate() {
         for k in 0..40 {
-            history[i].push(write(&cluster, i, format!("base-{k:03}"), false).await);
+            shard.push(write(&cluster, i, format!("base-{k:03}"), false).await);
         }
     }
     let backup = json(&cluster.lockstep(&["backup", "create", "--wait", "--json"]));
