@@ -142,6 +142,15 @@ mod tests {
             let paused = closed.open();
             assert!(paused > Duration::ZERO);
         }
+        // On a loaded machine the writers may not have run yet: let them write before
+        // stopping, so the checks below are about writes that happened.
+        let progressed = tokio::time::timeout(Duration::from_secs(30), async {
+            while acked.load(Ordering::SeqCst) < 4 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(progressed.is_ok(), "the writers never ran");
         stop.store(true, Ordering::SeqCst);
         for writer in writers {
             writer.await.expect("writer");
