@@ -35,7 +35,7 @@ async fn delete(cluster: &Cluster, shard: usize, key: &str) {
 }
 
 /// Every key of shard `i`, read through the live agent.
-async fn live_keys(cluster: &Cluster, i: usize) -> BTreeSet<String> {
+pub async fn live_keys(cluster: &Cluster, i: usize) -> BTreeSet<String> {
     let mut client = cluster.shard_client(i).await;
     let reply = client
         .scan(v1::ScanRequest {

@@ -14,6 +14,7 @@ use lockstep_repository::HlcTime;
 use lockstep_tests::text;
 
 use crate::cluster::{Cluster, N_AGENTS, json, wait_until};
+use crate::cluster_restore::live_keys;
 
 /// One acknowledged write: its last sequence number, HLC time, key, and whether it deleted.
 #[derive(Debug, Clone)]
@@ -150,9 +151,6 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
             };
             shard.push(write(&cluster, i, key, deleted).await);
         }
-        if round % 10 == 0 {
-            tokio::time::sleep(Duration::from_millis(3)).await; // separates HLC milliseconds
-        }
     }
     let status = wait_shipped(&cluster).await;
     println!("WAL status after shipping: {status:#}");
@@ -285,21 +283,7 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     let output = cluster.lockstep(&["restore", "--to-seq", &seq_vector(&middle), "--in-place"]);
     assert!(output.status.success(), "{}", text(&output));
     for (i, target) in middle.iter().enumerate() {
-        let mut client = cluster.shard_client(i).await;
-        let live: BTreeSet<String> = client
-            .scan(v1::ScanRequest {
-                column_family: String::new(),
-                start: Vec::new(),
-                end: Vec::new(),
-                limit: 100_000,
-            })
-            .await
-            .expect("scan")
-            .into_inner()
-            .entries
-            .into_iter()
-            .map(|e| String::from_utf8(e.key).expect("utf-8"))
-            .collect();
+        let live = live_keys(&cluster, i).await;
         assert_eq!(
             live,
             state(&history[i], |w| w.seq <= *target),
