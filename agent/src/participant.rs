@@ -25,7 +25,9 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backup::{BackupOptions, CapturedShard, capture_closed, upload_capture};
+use crate::backup::{
+    BackupOptions, CaptureMode, CapturedShard, capture_closed, upload_capture, upload_wal,
+};
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};
 use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_shard};
@@ -62,6 +64,9 @@ pub struct BarrierStatus {
     pub shard_id: ShardId,
     pub state: BarrierState,
     pub seq: Seq,
+    /// The HLC time of the last write at the cut, and the shard's timeline.
+    pub hlc: lockstep_repository::HlcTime,
+    pub timeline: lockstep_repository::Timeline,
     pub captured_at: Option<chrono::DateTime<chrono::Utc>>,
     pub files: Vec<InventoryFile>,
     pub gate_closed: Duration,
@@ -85,6 +90,7 @@ enum Msg {
     /// Phase 1: close the gate, capture, and hold until Commit, Abort or `deadline`.
     Prepare {
         backup: BackupId,
+        mode: CaptureMode,
         deadline: Instant,
         reply: oneshot::Sender<BarrierStatus>,
     },
@@ -132,9 +138,13 @@ pub struct RestoreRequest {
     pub backup: BackupId,
     /// A directory to restore into; `None` replaces the live shard.
     pub target: Option<PathBuf>,
-    /// Point-in-time recovery: replay the WAL archive at this URL, on this timeline, up to
-    /// exactly this sequence number, after the base backup.
-    pub replay: Option<(String, lockstep_repository::Timeline, Seq)>,
+    /// Incremental and differential backups whose WAL pieces are replayed after `backup`, in
+    /// this order.
+    pub chain: Vec<BackupId>,
+    /// Point-in-time recovery: then replay the WAL archive at this URL, on this timeline.
+    pub archive: Option<(String, lockstep_repository::Timeline)>,
+    /// Where any replay stops, exactly (ignored with no chain and no archive).
+    pub to: Seq,
 }
 
 /// Where a restore stands on this agent.
@@ -307,10 +317,16 @@ impl ParticipantHandle {
     }
 
     /// Phase 1. The lease starts now, when the request arrives.
-    pub async fn prepare(&self, backup: BackupId, lease: Duration) -> Result<BarrierStatus> {
+    pub async fn prepare(
+        &self,
+        backup: BackupId,
+        mode: CaptureMode,
+        lease: Duration,
+    ) -> Result<BarrierStatus> {
         let deadline = Instant::now() + lease;
         self.ask(|reply| Msg::Prepare {
             backup,
+            mode,
             deadline,
             reply,
         })
@@ -404,6 +420,8 @@ impl<E: ShardEngine> Participant<E> {
             shard_id: self.shard_id.clone(),
             state: BarrierState::Unknown,
             seq: Seq(0),
+            hlc: lockstep_repository::HlcTime::default(),
+            timeline: lockstep_repository::Timeline::default(),
             captured_at: None,
             files: Vec::new(),
             gate_closed: Duration::ZERO,
@@ -451,10 +469,11 @@ impl<E: ShardEngine> Participant<E> {
         match msg {
             Msg::Prepare {
                 backup,
+                mode,
                 deadline,
                 reply,
             } => {
-                let status = self.prepare(backup, deadline).await;
+                let status = self.prepare(backup, mode, deadline).await;
                 let _ = reply.send(status);
             }
             Msg::Commit { backup, reply } => {
@@ -506,7 +525,12 @@ impl<E: ShardEngine> Participant<E> {
         }
     }
 
-    async fn prepare(&mut self, backup: BackupId, deadline: Instant) -> BarrierStatus {
+    async fn prepare(
+        &mut self,
+        backup: BackupId,
+        mode: CaptureMode,
+        deadline: Instant,
+    ) -> BarrierStatus {
         if self.records.contains_key(&backup) {
             return self.snapshot(&backup);
         }
@@ -530,7 +554,7 @@ impl<E: ShardEngine> Participant<E> {
         let captured = match self.slot.get() {
             Ok(engine) => {
                 let timeline = self.slot.lineage().timeline;
-                capture_closed(&engine, &self.gate, capture_dir, timeline).await
+                capture_closed(&engine, &self.gate, capture_dir, timeline, mode).await
             }
             Err(err) => Err(err),
         };
@@ -554,6 +578,8 @@ impl<E: ShardEngine> Participant<E> {
             shard_id: self.shard_id.clone(),
             state: BarrierState::Prepared,
             seq: captured.capture.seq,
+            hlc: captured.hlc,
+            timeline: captured.timeline,
             captured_at: Some(captured.captured_at),
             files: captured
                 .capture
@@ -634,6 +660,13 @@ impl<E: ShardEngine> Participant<E> {
         let mut captured = held.captured;
         captured.paused = held.closed.open();
         record.status.gate_closed = captured.paused;
+        if captured.mode == CaptureMode::Point {
+            // A tag: the cut is recorded, nothing to upload.
+            record.status.state = BarrierState::Uploaded;
+            self.active = None;
+            tracing::info!(barrier = %backup, shard = %self.shard_id, seq = %captured.capture.seq, gate_closed_us = captured.paused.as_micros() as u64, "restore point committed: gate open");
+            return self.snapshot(&backup);
+        }
         record.status.state = BarrierState::Uploading;
         let progress = Arc::new(Progress::default());
         record.progress = Some(progress.clone());
@@ -644,8 +677,15 @@ impl<E: ShardEngine> Participant<E> {
             self.options.transfer,
             backup.clone(),
         );
+        let engine = self.slot.get().map(|engine| Arc::clone(&*engine));
         self.uploads.spawn(async move {
-            let result = upload_capture(captured, &repo, &shard, &id, transfer, &progress).await;
+            let result = match (captured.mode, engine) {
+                (CaptureMode::Wal { .. }, Ok(engine)) => {
+                    upload_wal(captured, engine, &repo, &shard, &id, transfer, &progress).await
+                }
+                (CaptureMode::Wal { .. }, Err(err)) => Err(err),
+                _ => upload_capture(captured, &repo, &shard, &id, transfer, &progress).await,
+            };
             (id, result)
         });
         self.snapshot(&backup)
@@ -785,8 +825,9 @@ impl<E: ShardEngine> Participant<E> {
             request.target.clone(),
             progress.clone(),
         );
-        let (replay, destinations, current) = (
-            request.replay.clone(),
+        let replay = (!request.chain.is_empty() || request.archive.is_some())
+            .then(|| (request.chain.clone(), request.archive.clone(), request.to));
+        let (destinations, current) = (
             self.shipper.destinations().to_vec(),
             self.slot.lineage().timeline,
         );
@@ -805,11 +846,15 @@ impl<E: ShardEngine> Participant<E> {
                     &task_progress,
                 )
                 .await?;
-                if let Some((url, timeline, to)) = replay {
-                    let archive = Repository::open(&url).await?;
+                if let Some((chain, archive, to)) = replay {
+                    let archive = match archive {
+                        Some((url, timeline)) => Some((Repository::open(&url).await?, timeline)),
+                        None => None,
+                    };
                     let replay = Replay {
+                        repo: repo.clone(),
+                        chain,
                         archive,
-                        timeline,
                         to,
                     };
                     let n = replay_staged::<E>(&mut staged, &shard, &replay).await?;

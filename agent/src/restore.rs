@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use futures::StreamExt;
 use lockstep_repository::manifest::ShardManifest;
 use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
 use lockstep_repository::wal::check_segments;
@@ -17,14 +18,84 @@ use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, S
 use crate::engine::{MemEngine, RocksEngine, ShardEngine};
 use crate::timeline::{Lineage, write_lineage};
 
-/// Point-in-time recovery: after the base backup is staged, its shard is brought forward by
-/// replaying the WAL archive's batches, stopping exactly after `to`.
+/// Bringing a staged full backup forward: first the WAL pieces of an incremental or
+/// differential chain (from the backup repository), then the WAL archive's segments, stopping
+/// exactly after `to`.
 #[derive(Debug, Clone)]
 pub struct Replay {
-    pub archive: Repository,
-    /// The timeline whose segments are replayed.
-    pub timeline: Timeline,
+    /// The repository holding the chain's backups.
+    pub repo: Repository,
+    /// Incremental and differential backups, in replay order; each starts where the previous
+    /// (or the base) ends.
+    pub chain: Vec<BackupId>,
+    /// The WAL archive and the timeline whose segments are replayed after the chain.
+    pub archive: Option<(Repository, Timeline)>,
     pub to: Seq,
+}
+
+/// One segment to replay, and where to fetch it.
+enum Source {
+    Piece(lockstep_repository::manifest::WalPiece),
+    Archived(lockstep_repository::wal::SegmentInfo),
+}
+
+/// The segments that take `shard` from `base` to `replay.to`, checked for continuity.
+async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<Vec<Source>> {
+    let mut sources = Vec::new();
+    let mut cursor = base;
+    for backup in &replay.chain {
+        let manifest = replay.repo.shard_manifest(shard, backup).await?;
+        if manifest.wal_after != Some(cursor) {
+            return Err(Error::new(
+                ErrorCode::BackupIncomplete,
+                format!(
+                    "shard {shard}: backup {backup} starts after sequence {}, the chain is at {cursor}",
+                    manifest
+                        .wal_after
+                        .map_or("(none: not incremental)".to_string(), |s| s.to_string())
+                ),
+            ));
+        }
+        for piece in manifest.wal {
+            if piece.first <= replay.to {
+                sources.push(Source::Piece(piece));
+            }
+        }
+        cursor = manifest.seq;
+    }
+    if cursor >= replay.to {
+        return Ok(sources);
+    }
+    let Some((archive, timeline)) = &replay.archive else {
+        return Err(lockstep_repository::wal::gap(
+            format_args!(
+                "shard {shard}: the backups end at {cursor}, the target is {}, and no WAL archive was given",
+                replay.to
+            ),
+            Seq(cursor.0 + 1),
+            replay.to,
+        ));
+    };
+    let mut segments = archive.wal_segments(shard, *timeline).await?;
+    segments.retain(|s| s.last > cursor && s.first <= replay.to);
+    check_segments(&segments)?;
+    let covers_start = segments.first().is_some_and(|s| s.first.0 <= cursor.0 + 1);
+    let covers_end = segments.last().is_some_and(|s| s.last >= replay.to);
+    if !covers_start || !covers_end {
+        let found = segments.first().map_or(replay.to, |s| s.first);
+        return Err(lockstep_repository::wal::gap(
+            format_args!(
+                "shard {shard} timeline {timeline} in {} (from {cursor}, target {}, archive reaches {})",
+                archive.url(),
+                replay.to,
+                segments.last().map_or(cursor, |s| s.last)
+            ),
+            Seq(cursor.0 + 1),
+            found,
+        ));
+    }
+    sources.extend(segments.into_iter().map(Source::Archived));
+    Ok(sources)
 }
 
 /// Replays `replay` onto a staged shard (which must come from engine `E`), leaving it
@@ -47,25 +118,7 @@ pub async fn replay_staged<E: ShardEngine>(
     if replay.to == base {
         return Ok(0);
     }
-    let mut segments = replay.archive.wal_segments(shard, replay.timeline).await?;
-    segments.retain(|s| s.last > base && s.first <= replay.to);
-    check_segments(&segments)?;
-    let covers_start = segments.first().is_some_and(|s| s.first.0 <= base.0 + 1);
-    let covers_end = segments.last().is_some_and(|s| s.last >= replay.to);
-    if !covers_start || !covers_end {
-        let found = segments.first().map_or(replay.to, |s| s.first);
-        return Err(lockstep_repository::wal::gap(
-            format_args!(
-                "shard {shard} timeline {} in {} (base {base}, target {}, archive reaches {})",
-                replay.timeline,
-                replay.archive.url(),
-                replay.to,
-                segments.last().map_or(base, |s| s.last)
-            ),
-            Seq(base.0 + 1),
-            found,
-        ));
-    }
+    let sources = replay_sources(shard, base, replay).await?;
     let dir = staged.staging.path.clone();
     let columns = staged.column_families.clone();
     let engine = std::sync::Arc::new(
@@ -74,8 +127,23 @@ pub async fn replay_staged<E: ShardEngine>(
             .map_err(replay_task_failed)??,
     );
     let mut replayed = 0u64;
-    for info in &segments {
-        let segment = replay.archive.get_wal_segment(info).await?;
+    // The next segment downloads while the current one is applied.
+    let mut fetched = futures::stream::iter(sources)
+        .map(|source| async move {
+            match source {
+                Source::Piece(piece) => replay.repo.get_wal_piece(shard, &piece).await,
+                Source::Archived(info) => match &replay.archive {
+                    Some((archive, _)) => archive.get_wal_segment(&info).await,
+                    None => Err(Error::new(
+                        ErrorCode::BackupRestorationFailed,
+                        "an archived segment without an archive",
+                    )),
+                },
+            }
+        })
+        .buffered(2);
+    while let Some(segment) = fetched.next().await {
+        let segment = segment?;
         let (engine, to, shard) = (engine.clone(), replay.to, shard.clone());
         replayed += tokio::task::spawn_blocking(move || -> Result<u64> {
             let mut n = 0;

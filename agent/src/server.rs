@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::backup::BackupOptions;
+use crate::backup::{BackupOptions, CaptureMode};
 use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
 use crate::gate::WriteGate;
 use crate::participant::{
@@ -269,6 +269,8 @@ pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
         shard_id: status.shard_id.to_string(),
         state: state as i32,
         seq: status.seq.0,
+        hlc: status.hlc.0,
+        timeline: status.timeline.0,
         captured_at: status
             .captured_at
             .map(|t| t.to_rfc3339())
@@ -311,9 +313,23 @@ impl Agent for AgentApi {
                 ),
             )));
         }
+        let mode = match v1::CaptureMode::try_from(r.capture) {
+            Ok(v1::CaptureMode::Files) => CaptureMode::Files,
+            Ok(v1::CaptureMode::Point) => CaptureMode::Point,
+            Ok(v1::CaptureMode::Wal) => CaptureMode::Wal {
+                after: lockstep_repository::Seq(r.wal_after_seq),
+                timeline: lockstep_repository::Timeline(r.wal_timeline.max(1)),
+            },
+            Err(_) => {
+                return Err(to_status(&Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!("unknown capture mode {}", r.capture),
+                )));
+            }
+        };
         let status = self
             .participant
-            .prepare(backup_id(&r.backup_id)?, lease)
+            .prepare(backup_id(&r.backup_id)?, mode, lease)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(status_to_wire(status)))
@@ -375,13 +391,18 @@ impl Agent for AgentApi {
             restore_id: restore_id(r.restore_id)?,
             backup: backup_id(&r.backup_id)?,
             target: (!r.target_dir.is_empty()).then(|| r.target_dir.into()),
-            replay: (!r.wal_from.is_empty()).then(|| {
+            chain: r
+                .chain
+                .iter()
+                .map(|id| backup_id(id))
+                .collect::<Result<_, _>>()?,
+            archive: (!r.wal_from.is_empty()).then(|| {
                 (
                     r.wal_from.clone(),
                     lockstep_repository::Timeline(r.timeline.max(1)),
-                    lockstep_repository::Seq(r.replay_to_seq),
                 )
             }),
+            to: lockstep_repository::Seq(r.replay_to_seq),
         };
         reply(
             self.participant.restore_stage(request).await,

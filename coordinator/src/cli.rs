@@ -47,6 +47,9 @@ pub enum Command {
     /// WAL archiving and shipping.
     #[command(subcommand)]
     Wal(WalCommand),
+    /// Named restore points: the barrier without a backup, recording every shard's position.
+    #[command(subcommand)]
+    Tag(TagCommand),
     /// Restore every shard through its agent, to a backup or a point in time: all shards are
     /// downloaded, replayed and checked first, and only then swapped in.
     Restore(RestoreArgs),
@@ -54,10 +57,13 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["in_place", "to"])))]
-#[command(group(clap::ArgGroup::new("point").args(["backup", "to_seq", "to_time"])))]
+#[command(group(clap::ArgGroup::new("point").args(["backup", "tag", "to_seq", "to_time"])))]
 pub struct RestoreArgs {
     /// A backup id, or `latest` (the default when no other point is named).
     backup: Option<String>,
+    /// Point in time: a tag, exactly (`lockstep tag list`).
+    #[arg(long, value_name = "NAME")]
+    tag: Option<String>,
     /// Point in time: an exact sequence number per shard, `shard-0=1200,shard-1=950`.
     #[arg(long, value_delimiter = ',', value_name = "SHARD=SEQ")]
     to_seq: Vec<String>,
@@ -111,7 +117,7 @@ fn plan_json(plan: &[v1::ShardRestorePlan]) -> Vec<serde_json::Value> {
                 "shard_id": p.shard_id, "base_backup_id": p.base_backup_id, "base_seq": p.base_seq,
                 "base_bytes": p.base_bytes, "timeline": p.timeline, "target_seq": p.target_seq,
                 "target_time": hlc_text(p.target_hlc), "wal_segments": p.wal_segments,
-                "replay_seqs": p.replay_seqs,
+                "replay_seqs": p.replay_seqs, "chain": p.chain,
             })
         })
         .collect()
@@ -135,6 +141,9 @@ fn print_plan(job: &v1::RestoreJob) {
             p.replay_seqs,
             hlc_text(p.target_hlc)
         );
+        if !p.chain.is_empty() {
+            println!("{:<12} then the WAL of {}", "", p.chain.join(" -> "));
+        }
     }
     if !job.note.is_empty() {
         println!("Note: {}", job.note);
@@ -146,8 +155,9 @@ fn print_plan(job: &v1::RestoreJob) {
 pub enum BackupCommand {
     /// Take a consistent backup of every shard.
     Create {
-        /// full (incremental and differential come with WAL archiving).
-        #[arg(long, default_value = "full")]
+        /// full: every shard's files; incremental: the WAL since the previous backup of any
+        /// kind; differential: the WAL since the latest full backup.
+        #[arg(long, default_value = "full", value_parser = ["full", "incremental", "differential"])]
         kind: String,
         /// Wait until the backup is committed or failed, showing progress.
         #[arg(long)]
@@ -180,6 +190,43 @@ pub enum BackupCommand {
     },
     /// Delete a backup's manifests; its objects become garbage.
     Delete { backup: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TagCommand {
+    /// Take a named restore point now (writes pause only as long as a backup's barrier).
+    Create {
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tags, oldest first.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn tag_json(tag: &v1::TagInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": tag.name, "created_at": tag.created_at, "automatic": tag.automatic,
+        "max_gate_closed_us": tag.max_gate_closed_us, "error_code": tag.error_code,
+        "points": tag.points.iter().map(|(shard, p)| (shard.clone(), serde_json::json!({
+            "seq": p.seq, "timeline": p.timeline, "time": hlc_text(p.hlc),
+        }))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+fn tag_cut(tag: &v1::TagInfo) -> String {
+    let mut points: Vec<_> = tag.points.iter().collect();
+    points.sort_by(|a, b| a.0.cmp(b.0));
+    points
+        .iter()
+        .map(|(shard, p)| format!("{shard}={}", p.seq))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[derive(Debug, Subcommand)]
@@ -448,6 +495,7 @@ async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
             exact_per_shard: args.exact_per_shard,
             wal_from: args.wal_from.unwrap_or_default(),
             dry_run: args.dry_run,
+            tag: args.tag.unwrap_or_default(),
         })
         .await
         .map_err(|s| from_status("restore", &s))?
@@ -585,19 +633,20 @@ async fn run_command(cli: Cli) -> Result<bool> {
                 println!("No backups.");
             } else {
                 println!(
-                    "{:<26} {:<6} {:<26} {:>6} {:>14} {:>10}",
+                    "{:<26} {:<12} {:<26} {:>6} {:>14} {:>10} PARENT",
                     "BACKUP", "KIND", "COMPLETED", "SHARDS", "BYTES", "PAUSE ms"
                 );
                 for b in &reply.backups {
                     if b.error_code.is_empty() {
                         println!(
-                            "{:<26} {:<6} {:<26} {:>6} {:>14} {:>10.3}",
+                            "{:<26} {:<12} {:<26} {:>6} {:>14} {:>10.3} {}",
                             b.backup_id,
                             b.kind,
                             b.completed_at,
                             b.n_shards,
                             b.bytes_total,
-                            b.max_gate_closed_us as f64 / 1000.0
+                            b.max_gate_closed_us as f64 / 1000.0,
+                            if b.parent.is_empty() { "-" } else { &b.parent }
                         );
                     } else {
                         println!("{:<26} {}", b.backup_id, b.error_code);
@@ -698,6 +747,52 @@ async fn run_command(cli: Cli) -> Result<bool> {
                 }
             }
             return Ok(healthy);
+        }
+        Command::Tag(TagCommand::Create { name, json }) => {
+            let mut client = client(endpoint).await?;
+            let tag = client
+                .create_tag(v1::CreateTagRequest { name })
+                .await
+                .map_err(|s| from_status("create tag", &s))?
+                .into_inner();
+            if json {
+                print_json(&tag_json(&tag));
+            } else {
+                println!(
+                    "Tag {} created: {} (writes paused at most {:.3} ms).",
+                    tag.name,
+                    tag_cut(&tag),
+                    tag.max_gate_closed_us as f64 / 1000.0
+                );
+            }
+        }
+        Command::Tag(TagCommand::List { json }) => {
+            let mut client = client(endpoint).await?;
+            let reply = client
+                .list_tags(v1::ListTagsRequest {})
+                .await
+                .map_err(|s| from_status("list tags", &s))?
+                .into_inner();
+            if json {
+                print_json(&reply.tags.iter().map(tag_json).collect::<Vec<_>>());
+            } else if reply.tags.is_empty() {
+                println!("No tags.");
+            } else {
+                println!("{:<32} {:<34} {:<5} CUT", "TAG", "CREATED", "AUTO");
+                for tag in &reply.tags {
+                    if tag.error_code.is_empty() {
+                        println!(
+                            "{:<32} {:<34} {:<5} {}",
+                            tag.name,
+                            tag.created_at,
+                            if tag.automatic { "yes" } else { "no" },
+                            tag_cut(tag)
+                        );
+                    } else {
+                        println!("{:<32} {}", tag.name, tag.error_code);
+                    }
+                }
+            }
         }
         Command::Wal(WalCommand::Status { json }) => {
             let mut client = client(endpoint).await?;

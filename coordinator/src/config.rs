@@ -9,6 +9,9 @@
 //! lease_ms = 10000          # how long an agent holds its gate at most
 //! prepare_timeout_ms = 5000 # the coordinator's deadline for every Prepared (< lease)
 //!
+//! [tags]
+//! auto_every_s = 300        # an automatic restore point (tag auto-...) every 5 minutes; 0: off
+//!
 //! [[agents]]
 //! shard = "shard-0"
 //! endpoint = "http://127.0.0.1:7401"
@@ -71,6 +74,14 @@ impl BarrierConfig {
     }
 }
 
+/// Named restore points.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TagsConfig {
+    /// Take an automatic tag every this many seconds; 0 turns it off.
+    pub auto_every_s: u64,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +99,8 @@ pub struct Config {
     /// destinations); a restore can name another with `--wal-from`.
     #[serde(default)]
     pub wal_archive: Option<String>,
+    #[serde(default)]
+    pub tags: TagsConfig,
 }
 
 fn default_listen() -> String {

@@ -10,7 +10,7 @@
 //! topology reported its shard manifest durable; a backup with any shard missing, data or
 //! parity, is never committed, and its leftovers are removed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use lockstep_proto::from_status;
 use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::{self, BarrierState};
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
-use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, ShardId};
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -199,6 +199,83 @@ impl Drop for ClusterGuard {
     }
 }
 
+/// What a backup's barrier takes from every shard, and what the backup continues from.
+#[derive(Debug, Clone)]
+pub struct Cut {
+    pub kind: BackupKind,
+    /// Incremental and differential backups: the backup they continue from, with each
+    /// shard's sequence number and timeline there.
+    pub parent: Option<(BackupId, ParentPoints)>,
+}
+
+/// Each shard's sequence number and timeline in a parent backup.
+pub type ParentPoints = BTreeMap<ShardId, (Seq, Timeline)>;
+
+impl Cut {
+    /// A full backup continues from nothing; an incremental from the latest backup of any
+    /// kind; a differential from the latest full backup. A parent that lacks a shard of the
+    /// topology cannot be continued: take a full backup.
+    pub async fn for_kind(ctx: &JobContext, kind: BackupKind) -> Result<Cut> {
+        if kind == BackupKind::Full {
+            return Ok(Cut { kind, parent: None });
+        }
+        let backups = ctx.repo.backups().await?;
+        let parent = backups
+            .into_iter()
+            .rev()
+            .filter_map(|(_, manifest)| manifest.ok())
+            .find(|m| kind == BackupKind::Incremental || m.kind == BackupKind::Full)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupInvalidType,
+                    format!(
+                        "a {kind} backup continues a {} backup and the repository has none; take a full backup first",
+                        if kind == BackupKind::Incremental { "previous" } else { "full" }
+                    ),
+                )
+            })?;
+        let mut points = BTreeMap::new();
+        for shard in ctx.config.shard_ids() {
+            if !parent.cut.contains_key(&shard) {
+                return Err(Error::new(
+                    ErrorCode::BackupInvalidType,
+                    format!(
+                        "backup {} has no shard {shard}, so a {kind} backup cannot continue it; take a full backup",
+                        parent.backup_id
+                    ),
+                ));
+            }
+            let manifest = ctx.repo.shard_manifest(&shard, &parent.backup_id).await?;
+            points.insert(shard, (manifest.seq, manifest.timeline));
+        }
+        Ok(Cut {
+            kind,
+            parent: Some((parent.backup_id, points)),
+        })
+    }
+
+    fn prepare_request(
+        &self,
+        backup: &BackupId,
+        lease_ms: u64,
+        shard: &ShardId,
+    ) -> v1::PrepareRequest {
+        let mut request = v1::PrepareRequest {
+            backup_id: backup.to_string(),
+            lease_ms,
+            ..Default::default()
+        };
+        if let Some((_, points)) = &self.parent
+            && let Some((seq, timeline)) = points.get(shard)
+        {
+            request.capture = v1::CaptureMode::Wal as i32;
+            request.wal_after_seq = seq.0;
+            request.wal_timeline = timeline.0;
+        }
+        request
+    }
+}
+
 enum Msg {
     /// Start a backup unless one is running.
     Create {
@@ -268,7 +345,7 @@ impl JobsHandle {
     }
 }
 
-type Shared = Arc<Mutex<JobView>>;
+pub(crate) type Shared = Arc<Mutex<JobView>>;
 
 fn read(view: &Shared) -> JobView {
     view.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -303,13 +380,13 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
             msg = rx.recv() => match msg {
                 None => break,
                 Some(Msg::Create { kind, reply }) => {
-                    if kind != BackupKind::Full {
-                        let _ = reply.send(Err(Error::new(
-                            ErrorCode::BackupInvalidType,
-                            format!("{kind} backups are not available yet; take a full backup"),
-                        )));
-                        continue;
-                    }
+                    let cut = match Cut::for_kind(&ctx, kind).await {
+                        Ok(cut) => cut,
+                        Err(err) => {
+                            let _ = reply.send(Err(err));
+                            continue;
+                        }
+                    };
                     let backup_id = BackupId::generate();
                     let guard = match ctx.cluster.try_hold(format!("backup {backup_id}")) {
                         Ok(guard) => guard,
@@ -328,7 +405,7 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
                     running = Some((view.clone(), guard));
                     let ctx = ctx.clone();
                     jobs.spawn(async move {
-                        let outcome = run_backup(&ctx, &backup_id, &view).await;
+                        let outcome = run_backup(&ctx, &backup_id, &cut, &view).await;
                         update(&view, |v| match outcome {
                             Ok(()) => v.state = JobState::Committed,
                             Err(err) => {
@@ -465,13 +542,13 @@ async fn wait_for_uploads_to_stop(ctx: &JobContext, backup: &BackupId) -> bool {
     false
 }
 
-async fn run_backup(ctx: &JobContext, backup: &BackupId, view: &Shared) -> Result<()> {
+async fn run_backup(ctx: &JobContext, backup: &BackupId, cut: &Cut, view: &Shared) -> Result<()> {
     let started_at = Utc::now();
-    let intent = serde_json::json!({ "backup_id": backup, "kind": "full", "started_at": started_at, "shards": ctx.config.shard_ids() });
+    let intent = serde_json::json!({ "backup_id": backup, "kind": cut.kind, "parent": cut.parent.as_ref().map(|p| &p.0), "started_at": started_at, "shards": ctx.config.shard_ids() });
     ctx.repo
         .put_pending(backup, intent.to_string().into_bytes())
         .await?;
-    let outcome = barrier_and_upload(ctx, backup, view, started_at).await;
+    let outcome = barrier_and_upload(ctx, backup, cut, view, started_at).await;
     if outcome.is_err() {
         abort_everywhere(&ctx.agents, backup).await;
         if !wait_for_uploads_to_stop(ctx, backup).await {
@@ -484,22 +561,23 @@ async fn run_backup(ctx: &JobContext, backup: &BackupId, view: &Shared) -> Resul
     outcome
 }
 
-async fn barrier_and_upload(
+/// The two phases on every agent: Prepare in parallel within the deadline, then Commit.
+/// Returns the Prepared statuses (each shard's cut) once every agent accepted the Commit in
+/// one of `committed` states. On error the caller aborts everywhere.
+pub(crate) async fn barrier(
     ctx: &JobContext,
     backup: &BackupId,
     view: &Shared,
-    started_at: chrono::DateTime<Utc>,
-) -> Result<()> {
+    request: impl Fn(&AgentLink) -> v1::PrepareRequest,
+    committed: &[BarrierState],
+) -> Result<Vec<v1::BarrierStatus>> {
     let barrier = &ctx.config.barrier;
     // Phase 1: Prepare everywhere in parallel; the deadline runs from sending.
     let sent = Instant::now();
     let deadline = sent + barrier.prepare_timeout();
     let prepares = ctx.agents.iter().map(|agent| {
         let mut client = agent.client.clone();
-        let request = v1::PrepareRequest {
-            backup_id: backup.to_string(),
-            lease_ms: barrier.lease_ms,
-        };
+        let request = request(agent);
         async move {
             match tokio::time::timeout_at(deadline, client.prepare(request)).await {
                 Ok(Ok(reply)) => Ok(reply.into_inner()),
@@ -520,10 +598,12 @@ async fn barrier_and_upload(
     let replies = join_all(prepares).await;
     let mut failures = Vec::new();
     let mut shards = Vec::new();
+    let mut prepared = Vec::new();
     for (agent, reply) in ctx.agents.iter().zip(&replies) {
         match reply {
             Ok(status) if status.state == BarrierState::Prepared as i32 => {
-                shards.push(shard_view(&agent.shard_id, status))
+                shards.push(shard_view(&agent.shard_id, status));
+                prepared.push(status.clone());
             }
             Ok(status) => {
                 shards.push(shard_view(&agent.shard_id, status));
@@ -550,10 +630,10 @@ async fn barrier_and_upload(
             .join("; ");
         return Err(Error::new(
             first.code,
-            format!("barrier failed, backup aborted: {detail}"),
+            format!("barrier failed, aborted: {detail}"),
         ));
     }
-    tracing::info!(backup = %backup, prepared_ms = sent.elapsed().as_millis() as u64, "every shard prepared; committing");
+    tracing::info!(barrier = %backup, prepared_ms = sent.elapsed().as_millis() as u64, "every shard prepared; committing");
 
     fault_pause("before-commit", backup).await;
     if Instant::now() > sent + barrier.lease() {
@@ -563,7 +643,7 @@ async fn barrier_and_upload(
         ));
     }
 
-    // Phase 2: Commit everywhere; each agent reopens its gate and uploads.
+    // Phase 2: Commit everywhere; each agent reopens its gate (and uploads).
     update(view, |v| v.state = JobState::Uploading);
     let commits = ctx.agents.iter().map(|agent| {
         let mut client = agent.client.clone();
@@ -578,13 +658,40 @@ async fn barrier_and_upload(
                 .map_err(|s| from_status(&format!("commit shard {}", agent.shard_id), &s))
         }
     });
-    for (agent, reply) in ctx.agents.iter().zip(join_all(commits).await) {
+    for ((agent, reply), cut) in ctx
+        .agents
+        .iter()
+        .zip(join_all(commits).await)
+        .zip(prepared.iter_mut())
+    {
         let status = reply?;
         let state = BarrierState::try_from(status.state).unwrap_or(BarrierState::Unspecified);
-        if !matches!(state, BarrierState::Uploading | BarrierState::Uploaded) {
+        if !committed.contains(&state) {
             return Err(status_error(&agent.shard_id, &status));
         }
+        // The Commit reply carries the whole pause; Prepared only the pause so far.
+        cut.gate_closed_us = status.gate_closed_us;
     }
+    Ok(prepared)
+}
+
+async fn barrier_and_upload(
+    ctx: &JobContext,
+    backup: &BackupId,
+    cut: &Cut,
+    view: &Shared,
+    started_at: chrono::DateTime<Utc>,
+) -> Result<()> {
+    let lease_ms = ctx.config.barrier.lease_ms;
+    barrier(
+        ctx,
+        backup,
+        view,
+        |agent| cut.prepare_request(backup, lease_ms, &agent.shard_id),
+        &[BarrierState::Uploading, BarrierState::Uploaded],
+    )
+    .await?;
+    let barrier = &ctx.config.barrier;
 
     // Wait for every upload, polling progress.
     let upload_deadline = Instant::now() + barrier.upload_timeout();
@@ -653,8 +760,8 @@ async fn barrier_and_upload(
     fault_pause("before-publish", backup).await;
     let mut manifest = BackupManifest::commit(
         backup.clone(),
-        BackupKind::Full,
-        None,
+        cut.kind,
+        cut.parent.as_ref().map(|(id, _)| id.clone()),
         started_at,
         &manifests,
     );

@@ -4,6 +4,7 @@
 //! - `config`: the TOML topology with RAID groups, validated;
 //! - `job`: the jobs actor and the two-phase barrier;
 //! - `restore`: the two-phase restore of the whole cluster through its agents;
+//! - `tag`: named restore points (the barrier without a capture), taken on demand or every N s;
 //! - `service`: the `Coordinator` gRPC service and `serve`;
 //! - `cli`: the `lockstep` command line.
 //!
@@ -15,3 +16,4 @@ pub mod config;
 pub mod job;
 pub mod restore;
 pub mod service;
+pub mod tag;

@@ -121,6 +121,8 @@ impl RestoreView {
 pub enum PointInTime {
     /// A backup's cut.
     Backup(BackupId),
+    /// A tag's recorded sequence vector, on the timelines it was taken on.
+    Tag(lockstep_repository::TagName),
     /// An exact sequence number per shard.
     Seqs(BTreeMap<ShardId, Seq>),
     /// A time: by default the latest backup cut at or before it; `exact_per_shard` takes
@@ -135,8 +137,14 @@ pub enum PointInTime {
 #[derive(Clone)]
 pub struct ShardPlan {
     pub agent: AgentLink,
+    /// The full backup the shard is staged from.
     pub base: BackupId,
     pub base_seq: Seq,
+    /// Incremental and differential backups whose WAL is replayed after the base, in order,
+    /// and the sequence number they reach.
+    pub chain: Vec<BackupId>,
+    pub chain_seq: Seq,
+    /// Bytes of the base and the chain.
     pub base_bytes: u64,
     pub timeline: Timeline,
     pub target: Seq,
@@ -156,6 +164,7 @@ impl ShardPlan {
             wal_segments: self.wal_segments,
             replay_seqs: self.target.0 - self.base_seq.0,
             target_hlc: self.target_hlc.0,
+            chain: self.chain.iter().map(|b| b.to_string()).collect(),
         }
     }
 }
@@ -223,7 +232,7 @@ fn agents_for(
     Ok(agents)
 }
 
-/// The latest committed full backup of `shard` on `timeline` at or before `seq`.
+/// The latest committed backup (of any kind) of `shard` on `timeline` at or before `seq`.
 async fn base_for(
     repo: &Repository,
     backups: &[BackupManifest],
@@ -232,7 +241,7 @@ async fn base_for(
     seq: Seq,
 ) -> Result<Option<ShardManifest>> {
     for backup in backups.iter().rev() {
-        if backup.kind != BackupKind::Full || backup.cut.get(shard).is_none_or(|s| *s > seq) {
+        if backup.cut.get(shard).is_none_or(|s| *s > seq) {
             continue;
         }
         let manifest = repo.shard_manifest(shard, &backup.backup_id).await?;
@@ -241,6 +250,68 @@ async fn base_for(
         }
     }
     Ok(None)
+}
+
+/// How `shard` is restored to backup `id`: the full backup at the root of its chain, then
+/// the incremental and differential backups from there to `id` (ending with `id` unless it
+/// is full). A parent that is gone makes the chain unrestorable: `ERR_BACKUP_INCOMPLETE`.
+fn chain_of(
+    backups: &[BackupManifest],
+    id: &BackupId,
+    shard: &ShardId,
+) -> Result<(BackupId, Seq, Vec<BackupId>, u64)> {
+    let find = |id: &BackupId| backups.iter().find(|b| &b.backup_id == id);
+    let mut current = find(id)
+        .ok_or_else(|| Error::new(ErrorCode::BackupNotFound, format!("backup {id} not found")))?;
+    let bytes_of = |b: &BackupManifest| {
+        b.shards
+            .iter()
+            .find(|s| &s.shard_id == shard)
+            .map_or(0, |s| s.bytes)
+    };
+    let mut chain = Vec::new();
+    let mut bytes = 0;
+    while current.kind != BackupKind::Full {
+        if chain.len() > backups.len() {
+            return Err(Error::new(
+                ErrorCode::BackupManifestCorrupt,
+                format!("backup {id}: its chain of parents loops"),
+            ));
+        }
+        chain.push(current.backup_id.clone());
+        bytes += bytes_of(current);
+        let parent = current.parent.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupManifestCorrupt,
+                format!(
+                    "{} backup {} names no parent",
+                    current.kind, current.backup_id
+                ),
+            )
+        })?;
+        current = find(parent).ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupIncomplete,
+                format!(
+                    "backup {} continues backup {parent}, which is gone; restore a later full backup",
+                    current.backup_id
+                ),
+            )
+        })?;
+    }
+    chain.reverse();
+    let base_seq = current.cut.get(shard).copied().ok_or_else(|| {
+        Error::new(
+            ErrorCode::BackupIncomplete,
+            format!("backup {} has no shard {shard}", current.backup_id),
+        )
+    })?;
+    Ok((
+        current.backup_id.clone(),
+        base_seq,
+        chain,
+        bytes + bytes_of(current),
+    ))
 }
 
 /// The timeline of each shard's live agent (PITR follows the current history).
@@ -285,7 +356,7 @@ async fn last_write_at_or_before(
 }
 
 /// Plans a restore: resolves the point in time to an exact sequence number per shard, and
-/// picks for each shard the latest full backup at or before it on its timeline.
+/// picks for each shard the latest backup at or before it on its timeline, with its chain.
 pub async fn plan(
     ctx: &JobContext,
     point: PointInTime,
@@ -316,11 +387,25 @@ pub async fn plan(
             let mut plans = Vec::new();
             for agent in agents {
                 let shard = ctx.repo.shard_manifest(&agent.shard_id, &id).await?;
+                let (base, base_seq, chain, base_bytes) = chain_of(&backups, &id, &agent.shard_id)?;
+                if !chain.is_empty() {
+                    note = format!(
+                        "{} backup {id}: full backup {base}, then the WAL of {}",
+                        manifest.kind,
+                        chain
+                            .iter()
+                            .map(|b| b.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 plans.push(ShardPlan {
                     agent,
-                    base: id.clone(),
-                    base_seq: shard.seq,
-                    base_bytes: shard.total_bytes(),
+                    base,
+                    base_seq,
+                    chain,
+                    chain_seq: shard.seq,
+                    base_bytes,
                     timeline: shard.timeline,
                     target: shard.seq,
                     target_hlc: shard.hlc,
@@ -334,6 +419,18 @@ pub async fn plan(
                 wal_from: String::new(),
                 note,
             });
+        }
+        PointInTime::Tag(name) => {
+            let tag = ctx.repo.tag(&name).await?;
+            what = format!("tag {name}");
+            note = format!(
+                "tag {name}, taken {}",
+                tag.created_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            );
+            for (shard, point) in tag.points {
+                targets.insert(shard, (point.seq, Some(point.timeline), point.hlc));
+            }
         }
         PointInTime::Seqs(seqs) => {
             what = "the sequence vector".to_string();
@@ -400,9 +497,7 @@ pub async fn plan(
                         // Before the archive: the latest backup of the shard at or before the time.
                         let mut best = None;
                         for backup in backups.iter().rev() {
-                            if !backup.cut.contains_key(&agent.shard_id)
-                                || backup.kind != BackupKind::Full
-                            {
+                            if !backup.cut.contains_key(&agent.shard_id) {
                                 continue;
                             }
                             let m = ctx
@@ -446,32 +541,36 @@ pub async fn plan(
             Some(timeline) => timeline,
             None => live_timeline(&agent).await?,
         };
-        let base = base_for(&ctx.repo, &backups, &agent.shard_id, timeline, seq)
+        let latest = base_for(&ctx.repo, &backups, &agent.shard_id, timeline, seq)
             .await?
             .ok_or_else(|| {
                 Error::new(
                     ErrorCode::BackupNotFound,
                     format!(
-                        "shard {}: no full backup on timeline {timeline} at or before sequence {seq}; take a full backup",
+                        "shard {}: no backup on timeline {timeline} at or before sequence {seq}; take a full backup",
                         agent.shard_id
                     ),
                 )
             })?;
+        let (base, base_seq, chain, base_bytes) =
+            chain_of(&backups, &latest.backup_id, &agent.shard_id)?;
         let mut wal_segments = 0;
-        if seq > base.seq {
+        if seq > latest.seq {
             let archive = archive.as_ref().ok_or_else(|| {
                 invalid(format!(
-                    "shard {} needs WAL after its base backup (seq {} to {seq}): set wal_archive in the configuration or pass --wal-from",
-                    agent.shard_id, base.seq
+                    "shard {} needs WAL after backup {} (seq {} to {seq}): set wal_archive in the configuration or pass --wal-from",
+                    agent.shard_id, latest.backup_id, latest.seq
                 ))
             })?;
             let segments = archive.wal_segments(&agent.shard_id, timeline).await?;
             let needed: Vec<_> = segments
                 .into_iter()
-                .filter(|s| s.last > base.seq && s.first <= seq)
+                .filter(|s| s.last > latest.seq && s.first <= seq)
                 .collect();
             check_segments(&needed)?;
-            let covered = needed.first().is_some_and(|s| s.first.0 <= base.seq.0 + 1)
+            let covered = needed
+                .first()
+                .is_some_and(|s| s.first.0 <= latest.seq.0 + 1)
                 && needed.last().is_some_and(|s| s.last >= seq);
             if !covered {
                 return Err(lockstep_repository::wal::gap(
@@ -479,9 +578,9 @@ pub async fn plan(
                         "shard {} timeline {timeline} in {} (needed {}..={seq}; take a full backup)",
                         agent.shard_id,
                         archive.url(),
-                        Seq(base.seq.0 + 1)
+                        Seq(latest.seq.0 + 1)
                     ),
-                    Seq(base.seq.0 + 1),
+                    Seq(latest.seq.0 + 1),
                     needed.first().map_or(seq, |s| s.first),
                 ));
             }
@@ -489,9 +588,11 @@ pub async fn plan(
         }
         plans.push(ShardPlan {
             agent,
-            base: base.backup_id.clone(),
-            base_seq: base.seq,
-            base_bytes: base.total_bytes(),
+            base,
+            base_seq,
+            chain,
+            chain_seq: latest.seq,
+            base_bytes,
             timeline,
             target: seq,
             target_hlc: hlc,
@@ -604,7 +705,7 @@ pub async fn run(
 }
 
 fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &str) -> v1::RestoreRequest {
-    let replays = shard.target > shard.base_seq;
+    let replays = shard.target > shard.chain_seq;
     v1::RestoreRequest {
         restore_id: restore_id.to_string(),
         backup_id: shard.base.to_string(),
@@ -616,6 +717,7 @@ fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &str) -> v1::Resto
         },
         timeline: shard.timeline.0,
         replay_to_seq: shard.target.0,
+        chain: shard.chain.iter().map(|b| b.to_string()).collect(),
     }
 }
 

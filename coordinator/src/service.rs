@@ -45,12 +45,18 @@ async fn point_in_time(
         !request.backup_id.is_empty(),
         !request.to_seq.is_empty(),
         !request.to_time.is_empty(),
+        !request.tag.is_empty(),
     ];
     if named.iter().filter(|n| **n).count() > 1 {
         return Err(Error::new(
             ErrorCode::InvalidArgument,
-            "name one restore point: a backup, a sequence vector or a time",
+            "name one restore point: a backup, a tag, a sequence vector or a time",
         ));
+    }
+    if !request.tag.is_empty() {
+        return Ok(PointInTime::Tag(lockstep_repository::TagName::new(
+            request.tag.as_str(),
+        )?));
     }
     if !request.to_seq.is_empty() {
         let mut seqs = std::collections::BTreeMap::new();
@@ -107,6 +113,11 @@ fn backup_info(manifest: &BackupManifest) -> v1::BackupInfo {
         bytes_uploaded: manifest.stats.stored_bytes_uploaded,
         max_gate_closed_us: manifest.max_gate_closed_us,
         n_shards: manifest.shards.len() as u32,
+        parent: manifest
+            .parent
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
         error_code: String::new(),
         manifest_json: String::from_utf8_lossy(&manifest.to_json()).into_owned(),
     }
@@ -274,8 +285,56 @@ impl Coordinator for CoordinatorApi {
         request: Request<v1::DeleteBackupRequest>,
     ) -> Reply<v1::DeleteBackupReply> {
         let backup = BackupId::new(request.into_inner().backup_id).map_err(status)?;
+        // An incremental or differential backup restores through its parent.
+        let children: Vec<String> = self
+            .repo
+            .backups()
+            .await
+            .map_err(status)?
+            .into_iter()
+            .filter_map(|(_, manifest)| manifest.ok())
+            .filter(|m| m.parent.as_ref() == Some(&backup))
+            .map(|m| m.backup_id.to_string())
+            .collect();
+        if !children.is_empty() {
+            return Err(status(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "backup {backup} is the parent of {}; delete those first",
+                    children.join(", ")
+                ),
+            )));
+        }
         self.repo.delete_backup(&backup).await.map_err(status)?;
         Ok(Response::new(v1::DeleteBackupReply {}))
+    }
+
+    async fn create_tag(&self, request: Request<v1::CreateTagRequest>) -> Reply<v1::TagInfo> {
+        let name = lockstep_repository::TagName::new(request.into_inner().name).map_err(status)?;
+        let tag = crate::tag::create_tag(&self.ctx, name, false)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(crate::tag::tag_info(&tag)))
+    }
+
+    async fn list_tags(&self, _request: Request<v1::ListTagsRequest>) -> Reply<v1::ListTagsReply> {
+        let mut tags: Vec<v1::TagInfo> = self
+            .repo
+            .tags()
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(|(name, tag)| match tag {
+                Ok(tag) => crate::tag::tag_info(&tag),
+                Err(err) => v1::TagInfo {
+                    name: name.to_string(),
+                    error_code: err.code.as_str().to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        tags.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(Response::new(v1::ListTagsReply { tags }))
     }
 
     async fn cluster_status(
@@ -389,6 +448,14 @@ pub async fn serve(
     }
     let mut tasks = JoinSet::new();
     let jobs = JobsHandle::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
+    if config.tags.auto_every_s > 0 {
+        let every = std::time::Duration::from_secs(config.tags.auto_every_s);
+        tasks.spawn(crate::tag::auto_tags(
+            ctx.clone(),
+            every,
+            shutdown.child_token(),
+        ));
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorApi>>()

@@ -59,6 +59,18 @@ pub struct FileEntry {
     pub chunks: Vec<Chunk>,
 }
 
+/// A run of the shard's WAL stored in an incremental or differential backup: one segment
+/// (`wal.rs`), kept as a content-addressed object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalPiece {
+    pub first: Seq,
+    pub last: Seq,
+    pub hlc_min: HlcTime,
+    pub hlc_max: HlcTime,
+    pub chunk: Chunk,
+}
+
 /// Numbers about how one shard's backup went.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferStats {
@@ -117,6 +129,12 @@ pub struct ShardManifest {
     pub captured_at: DateTime<Utc>,
     pub column_families: Vec<String>,
     pub files: Vec<FileEntry>,
+    /// Incremental and differential backups: the WAL runs from just after `wal_after` (the
+    /// parent's sequence number) to `seq`, contiguous. Full backups have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_after: Option<Seq>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wal: Vec<WalPiece>,
     pub stats: TransferStats,
     pub timings: ShardTimings,
     pub tool_version: String,
@@ -339,11 +357,42 @@ impl ShardManifest {
                 ));
             }
         }
+        if let Some(after) = manifest.wal_after {
+            let mut next = Seq(after.0 + 1);
+            for piece in &manifest.wal {
+                if piece.first != next || piece.last < piece.first {
+                    return Err(corrupt(
+                        what,
+                        format!(
+                            "WAL piece {}..={} does not follow sequence {}",
+                            piece.first,
+                            piece.last,
+                            Seq(next.0 - 1)
+                        ),
+                    ));
+                }
+                next = Seq(piece.last.0 + 1);
+            }
+            if next.0 - 1 != manifest.seq.0 {
+                return Err(corrupt(
+                    what,
+                    format!(
+                        "the WAL pieces end at sequence {}, the shard at {}",
+                        next.0 - 1,
+                        manifest.seq
+                    ),
+                ));
+            }
+        } else if !manifest.wal.is_empty() {
+            return Err(corrupt(what, "WAL pieces without wal_after"));
+        }
         Ok(manifest)
     }
 
+    /// Plaintext bytes of the backup: its files, or its WAL pieces.
     pub fn total_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
+        self.files.iter().map(|f| f.size).sum::<u64>()
+            + self.wal.iter().map(|p| p.chunk.len).sum::<u64>()
     }
 }
 
@@ -426,6 +475,8 @@ mod tests {
                     stored_len: 19,
                 }],
             }],
+            wal_after: None,
+            wal: Vec::new(),
             stats: TransferStats::default(),
             timings: ShardTimings::default(),
             tool_version: TOOL_VERSION.into(),
@@ -458,6 +509,36 @@ mod tests {
         let mut short = sample()?;
         short.files[0].size = 4;
         let err = ShardManifest::parse("m", &short.to_json())
+            .err()
+            .map(|e| e.code);
+        assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
+
+        let mut incremental = sample()?;
+        incremental.files.clear();
+        incremental.wal_after = Some(Seq(30));
+        let piece = |first, last| WalPiece {
+            first: Seq(first),
+            last: Seq(last),
+            hlc_min: HlcTime::new(1, 0),
+            hlc_max: HlcTime::new(2, 0),
+            chunk: Chunk {
+                id: ObjectId::of(b"w"),
+                len: 1,
+                stored_len: 17,
+            },
+        };
+        incremental.wal = vec![piece(31, 40), piece(41, 42)];
+        assert_eq!(
+            ShardManifest::parse("m", &incremental.to_json())?,
+            incremental
+        );
+        incremental.wal = vec![piece(31, 39), piece(41, 42)];
+        let err = ShardManifest::parse("m", &incremental.to_json())
+            .err()
+            .map(|e| e.code);
+        assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
+        incremental.wal = vec![piece(31, 41)];
+        let err = ShardManifest::parse("m", &incremental.to_json())
             .err()
             .map(|e| e.code);
         assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));

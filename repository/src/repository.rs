@@ -19,7 +19,7 @@ use crate::codec::{self, Encoded};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{BackupId, ObjectId, ShardId, TagName, Timeline};
 use crate::layout::Layout;
-use crate::manifest::{BackupManifest, ShardManifest, TagManifest};
+use crate::manifest::{BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
 
 /// A repository on any object store.
@@ -221,29 +221,37 @@ impl Repository {
         }
     }
 
-    /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
-    pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
-        let key = self.layout.object(&encoded.id);
+    /// Writes `payload` at `key` unless something is there already: returns false (and
+    /// writes nothing) when the key exists. Stores without create-only puts fall back to a
+    /// look-up then a plain put, which is safe for the content-addressed keys this serves.
+    async fn put_once(&self, key: &Path, payload: PutPayload, what: &str) -> Result<bool> {
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        let payload = PutPayload::from(Bytes::from(encoded.bytes));
-        match self.store.put_opts(&key, payload.clone(), options).await {
-            Ok(_) => self.make_durable(&key).await,
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            // Some stores do not implement create-only puts; content addressing makes a plain
-            // overwrite harmless, since the bytes are the same.
+        match self.store.put_opts(key, payload.clone(), options).await {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => return Ok(false),
             Err(object_store::Error::NotImplemented { .. }) => {
-                let id = encoded.id;
+                if self.store.head(key).await.is_ok() {
+                    return Ok(false);
+                }
                 self.store
-                    .put(&key, payload)
+                    .put(key, payload)
                     .await
-                    .map(|_| ())
-                    .map_err(|err| storage_error(format!("upload object {id}"), err))
+                    .map_err(|err| storage_error(format!("write {what} {key}"), err))?;
             }
-            Err(err) => Err(storage_error(format!("upload object {}", encoded.id), err)),
+            Err(err) => return Err(storage_error(format!("write {what} {key}"), err)),
         }
+        self.make_durable(key).await?;
+        Ok(true)
+    }
+
+    /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
+    pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
+        let key = self.layout.object(&encoded.id);
+        let payload = PutPayload::from(Bytes::from(encoded.bytes));
+        self.put_once(&key, payload, "object").await.map(|_| ())
     }
 
     async fn get_raw(&self, key: &Path) -> Result<Option<Bytes>> {
@@ -440,30 +448,16 @@ impl Repository {
     /// Publishes a tag. Tags are never overwritten: a second tag with the same name fails.
     pub async fn put_tag(&self, tag: &TagManifest) -> Result<()> {
         let key = self.layout.tag(&tag.name);
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&key, PutPayload::from(tag.to_json()), options)
-            .await
+        if self
+            .put_once(&key, PutPayload::from(tag.to_json()), "tag")
+            .await?
         {
-            Ok(_) => self.make_durable(&key).await,
-            Err(object_store::Error::AlreadyExists { .. }) => Err(Error::new(
+            Ok(())
+        } else {
+            Err(Error::new(
                 ErrorCode::InvalidArgument,
-                format!("tag {} already exists", tag.name),
-            )),
-            Err(object_store::Error::NotImplemented { .. }) => {
-                if self.store.head(&key).await.is_ok() {
-                    return Err(Error::new(
-                        ErrorCode::InvalidArgument,
-                        format!("tag {} already exists", tag.name),
-                    ));
-                }
-                self.put_manifest(&key, tag.to_json()).await
-            }
-            Err(err) => Err(storage_error(format!("write tag {}", tag.name), err)),
+                format!("tag {} already exists; pick another name", tag.name),
+            ))
         }
     }
 
@@ -519,23 +513,65 @@ impl Repository {
             )
         })?;
         let key = self.layout.wal_segment(&info);
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
         let payload = PutPayload::from(Bytes::from(encoded.bytes));
-        match self.store.put_opts(&key, payload.clone(), options).await {
-            Ok(_) => self.make_durable(&key).await?,
-            Err(object_store::Error::AlreadyExists { .. }) => {}
-            Err(object_store::Error::NotImplemented { .. }) => {
-                self.store
-                    .put(&key, payload)
-                    .await
-                    .map_err(|err| storage_error(format!("upload WAL segment {key}"), err))?;
-            }
-            Err(err) => return Err(storage_error(format!("upload WAL segment {key}"), err)),
-        }
+        self.put_once(&key, payload, "WAL segment").await?;
         Ok(info)
+    }
+
+    /// Stores a WAL segment as a content-addressed object, for an incremental or differential
+    /// backup's shard manifest.
+    pub async fn put_wal_piece(
+        &self,
+        segment: &Segment,
+        compression: codec::Compression,
+    ) -> Result<WalPiece> {
+        let plaintext = segment.encode();
+        let len = plaintext.len() as u64;
+        let encoded = tokio::task::spawn_blocking(move || codec::encode(&plaintext, compression))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::BackupCreationFailed, "encode task failed", err)
+            })??;
+        let info = segment.info(encoded.id).ok_or_else(|| {
+            Error::new(
+                ErrorCode::InvalidArgument,
+                "a WAL piece needs at least one batch",
+            )
+        })?;
+        let chunk = Chunk {
+            id: encoded.id,
+            len,
+            stored_len: encoded.bytes.len() as u64,
+        };
+        self.put_object(encoded).await?;
+        Ok(WalPiece {
+            first: info.first,
+            last: info.last,
+            hlc_min: info.hlc_min,
+            hlc_max: info.hlc_max,
+            chunk,
+        })
+    }
+
+    /// Downloads one WAL piece of `shard`'s backup and checks it holds what the manifest says.
+    pub async fn get_wal_piece(&self, shard: &ShardId, piece: &WalPiece) -> Result<Segment> {
+        let what = format!(
+            "WAL piece {}..={} of shard {shard}",
+            piece.first, piece.last
+        );
+        let plaintext = self.get_object(&piece.chunk.id).await?;
+        let segment = Segment::decode(&what, &plaintext)?;
+        let info = segment.info(piece.chunk.id);
+        let matches = info.as_ref().is_some_and(|i| {
+            &i.shard_id == shard && i.first == piece.first && i.last == piece.last
+        });
+        if !matches {
+            return Err(Error::new(
+                ErrorCode::BackupManifestCorrupt,
+                format!("{what} does not hold what the manifest says"),
+            ));
+        }
+        Ok(segment)
     }
 
     /// The timelines with WAL segments of `shard`, oldest first.

@@ -189,6 +189,18 @@ pub async fn verify(
                     });
                 }
             }
+            for piece in &shard.wal {
+                objects.entry(piece.chunk.id).or_insert_with(|| {
+                    (
+                        piece.chunk.clone(),
+                        Use {
+                            backup: backup.clone(),
+                            shard: shard.shard_id.clone(),
+                            file: format!("WAL {}..={}", piece.first, piece.last),
+                        },
+                    )
+                });
+            }
         }
         for group in &manifest.raid_groups {
             for (member, role) in group.members() {

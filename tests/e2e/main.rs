@@ -2,6 +2,7 @@
 
 mod barrier;
 mod capture;
+mod chains;
 mod clients;
 mod cluster;
 mod cluster_restore;

@@ -18,15 +18,15 @@ use crate::cluster_restore::live_keys;
 
 /// One acknowledged write: its last sequence number, HLC time, key, and whether it deleted.
 #[derive(Debug, Clone)]
-struct Acked {
-    seq: u64,
-    hlc: u64,
-    key: String,
-    deleted: bool,
+pub struct Acked {
+    pub seq: u64,
+    pub hlc: u64,
+    pub key: String,
+    pub deleted: bool,
 }
 
 /// The keys of a shard after every acknowledged write up to `keep`.
-fn state(history: &[Acked], keep: impl Fn(&Acked) -> bool) -> BTreeSet<String> {
+pub fn state(history: &[Acked], keep: impl Fn(&Acked) -> bool) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     for write in history.iter().filter(|w| keep(w)) {
         if write.deleted {
@@ -38,7 +38,7 @@ fn state(history: &[Acked], keep: impl Fn(&Acked) -> bool) -> BTreeSet<String> {
     keys
 }
 
-async fn write(cluster: &Cluster, shard: usize, key: String, deleted: bool) -> Acked {
+pub async fn write(cluster: &Cluster, shard: usize, key: String, deleted: bool) -> Acked {
     let mut client = cluster.shard_client(shard).await;
     let reply = if deleted {
         client
@@ -66,7 +66,7 @@ async fn write(cluster: &Cluster, shard: usize, key: String, deleted: bool) -> A
     }
 }
 
-fn keys_in(dir: &Path) -> BTreeSet<String> {
+pub fn keys_in(dir: &Path) -> BTreeSet<String> {
     let engine = RocksEngine::open(dir, &[]).expect("open restored shard");
     engine
         .scan("default", b"", None, usize::MAX)
@@ -77,7 +77,7 @@ fn keys_in(dir: &Path) -> BTreeSet<String> {
 }
 
 /// Waits until every shard's WAL is durable in the archive up to its latest write.
-async fn wait_shipped(cluster: &Cluster) -> serde_json::Value {
+pub async fn wait_shipped(cluster: &Cluster) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     let shipped = wait_until(Duration::from_secs(20), || {
         let status = json(&cluster.lockstep(&["wal", "status", "--json"]));
@@ -97,7 +97,7 @@ async fn wait_shipped(cluster: &Cluster) -> serde_json::Value {
     last
 }
 
-fn seq_vector(targets: &[u64]) -> String {
+pub fn seq_vector(targets: &[u64]) -> String {
     targets
         .iter()
         .enumerate()
@@ -177,7 +177,7 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     }
 
     // Random sequence vectors: every shard exactly at its target.
-    for round in 0..4 {
+    for round in 0..20 {
         let mut targets = Vec::new();
         for shard in &history {
             seed = seed

@@ -312,6 +312,14 @@ impl ShardEngine for RocksEngine {
                 break;
             }
         }
+        if batches.is_empty() {
+            // Writes after `after` exist but no WAL file holds them any more.
+            return Err(lockstep_repository::wal::gap(
+                self.dir.display(),
+                Seq(after.0 + 1),
+                Seq(self.latest_seq().0 + 1),
+            ));
+        }
         check_continuity(self.dir.display(), Seq(after.0 + 1), &batches)?;
         Ok(batches)
     }
