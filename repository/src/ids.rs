@@ -80,7 +80,7 @@ macro_rules! string_id {
 }
 
 string_id!(
-    /// A backup, e.g. `bk-20261121-101502-3fa9`: sortable by creation time.
+    /// A backup, e.g. `bk-20261121-101502417-3fa9`: sortable by creation time.
     BackupId,
     "backup id"
 );
@@ -97,9 +97,10 @@ string_id!(
 );
 
 impl BackupId {
-    /// A fresh id from the wall clock and four random hex digits, in the seed's `bk-` form.
+    /// A fresh id from the wall clock (to the millisecond, so ids of one coordinator sort in
+    /// creation order) and four random hex digits, in the seed's `bk-` form.
     pub fn generate() -> BackupId {
-        let now = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+        let now = chrono::Utc::now().format("%Y%m%d-%H%M%S%3f");
         let random = uuid::Uuid::new_v4().simple().to_string();
         BackupId(format!("bk-{now}-{}", &random[..4]))
     }

@@ -359,14 +359,17 @@ impl Repository {
         self.ids_under(&self.layout.backups_dir(), "backups").await
     }
 
-    /// Every committed backup manifest, oldest first. A manifest that does not parse is
-    /// returned as its error, so a listing still shows the rest.
+    /// Every committed backup manifest, oldest first (by start time, then id). A manifest
+    /// that does not parse is returned as its error, so a listing still shows the rest.
     pub async fn backups(&self) -> Result<Vec<(BackupId, Result<BackupManifest>)>> {
         let mut out = Vec::new();
         for id in self.backup_ids().await? {
             let manifest = self.backup_manifest(&id).await;
             out.push((id, manifest));
         }
+        out.sort_by_key(|(id, manifest)| {
+            (manifest.as_ref().ok().map(|m| m.started_at), id.clone())
+        });
         Ok(out)
     }
 
