@@ -556,15 +556,21 @@ async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
     }
     if !json {
         print_plan(&job);
+        let replayed = job.plan.iter().any(|p| p.target_seq > p.base_seq);
         println!(
-            "Restored backup {} ({}): {} shards, every chunk checked against its SHA-256",
+            "Restored from backup {} ({}): {} shards, every chunk checked against its SHA-256{}",
             job.backup_id,
             if in_place {
                 "in place"
             } else {
                 "into directories"
             },
-            job.shards.len()
+            job.shards.len(),
+            if replayed {
+                ", then the WAL replayed exactly to each shard's target"
+            } else {
+                ""
+            }
         );
         for s in &job.shards {
             println!(
