@@ -857,8 +857,10 @@ impl<E: ShardEngine> Participant<E> {
                         archive,
                         to,
                     };
+                    let started = std::time::Instant::now();
                     let n = replay_staged::<E>(&mut staged, &shard, &replay).await?;
-                    tracing::info!(shard = %shard, batches = n, seq = %staged.seq, "restore: WAL replayed");
+                    let replay_ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(shard = %shard, batches = n, seq = %staged.seq, replay_ms, "restore: WAL replayed");
                 }
                 staged.start_timeline(next_timeline(current, &destinations, &shard).await)?;
                 match &target {

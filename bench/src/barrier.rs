@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use crate::contenders::Binaries;
 
 /// Kills its processes when dropped, so a failed run leaves nothing behind.
-struct Processes(Vec<Child>);
+pub(crate) struct Processes(pub(crate) Vec<Child>);
 
 impl Drop for Processes {
     fn drop(&mut self) {
@@ -25,9 +25,16 @@ impl Drop for Processes {
 }
 
 /// Starts a server and returns its address from its "listening on ADDR" line.
-fn start(processes: &mut Processes, program: &Path, args: &[&str], log: &Path) -> Result<String> {
+pub(crate) fn start(
+    processes: &mut Processes,
+    program: &Path,
+    args: &[&str],
+    log: &Path,
+) -> Result<String> {
     let mut child = Command::new(program)
         .args(args)
+        // Info level: the WAL bench reads the agents' replay timings from their logs.
+        .env("LOCKSTEP_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).context("create log")?)
         .spawn()
@@ -72,11 +79,160 @@ impl Load {
         }
     }
 
-    fn args(self) -> &'static [&'static str] {
+    pub(crate) fn args(self) -> &'static [&'static str] {
         match self {
             Load::Saturating => &["--batch-keys", "1000"],
             Load::Steady => &["--batch-keys", "10", "--batches-per-sec", "200"],
         }
+    }
+}
+
+/// A coordinator and N agents on 127.0.0.1, with one writer per agent once started.
+pub(crate) struct BenchCluster {
+    pub dir: std::path::PathBuf,
+    pub repo: std::path::PathBuf,
+    pub coordinator: String,
+    pub endpoints: Vec<String>,
+    processes: Processes,
+    writers: Processes,
+}
+
+impl BenchCluster {
+    /// Starts `agents` agents (shipping their WAL to `wal_to`, if set) and a coordinator in
+    /// a fresh `work/name`.
+    pub fn start(
+        bins: &Binaries,
+        work: &Path,
+        name: &str,
+        agents: usize,
+        wal_to: Option<&Path>,
+    ) -> Result<BenchCluster> {
+        let dir = work.join(name);
+        crate::contenders::remove(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let repo = dir.join("repo");
+        let mut processes = Processes(Vec::new());
+        let mut config = format!(
+            "repository = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
+            repo.display()
+        );
+        if let Some(archive) = wal_to {
+            config.push_str(&format!("wal_archive = \"{}\"\n", archive.display()));
+        }
+        config.push_str("[barrier]\nlease_ms = 10000\nprepare_timeout_ms = 5000\n");
+        let mut endpoints = Vec::new();
+        for i in 0..agents {
+            let shard = format!("shard-{i}");
+            let db = dir.join(&shard);
+            let mut args = vec![
+                "serve",
+                "--db",
+                db.to_str().unwrap_or_default(),
+                "--shard",
+                &shard,
+                "--listen",
+                "127.0.0.1:0",
+                "--repo",
+                repo.to_str().unwrap_or_default(),
+            ];
+            if let Some(archive) = wal_to {
+                args.extend(["--wal-to", archive.to_str().unwrap_or_default()]);
+            }
+            let address = start(
+                &mut processes,
+                &bins.agent,
+                &args,
+                &dir.join(format!("agent-{i}.log")),
+            )?;
+            config.push_str(&format!(
+                "[[agents]]\nshard = \"{shard}\"\nendpoint = \"http://{address}\"\n"
+            ));
+            endpoints.push(format!("http://{address}"));
+        }
+        let config_path = dir.join("lockstep.toml");
+        std::fs::write(&config_path, config)?;
+        let coordinator = start(
+            &mut processes,
+            &bins.coordinator,
+            &[
+                "serve",
+                "--config",
+                config_path.to_str().unwrap_or_default(),
+            ],
+            &dir.join("coordinator.log"),
+        )?;
+        Ok(BenchCluster {
+            dir,
+            repo,
+            coordinator: format!("http://{coordinator}"),
+            endpoints,
+            processes,
+            writers: Processes(Vec::new()),
+        })
+    }
+
+    /// One writer per agent, 200-byte values, far more keys than it can write before it is
+    /// stopped.
+    pub fn start_writers(&mut self, bins: &Binaries, load: Load) -> Result<()> {
+        for endpoint in &self.endpoints {
+            self.writers.0.push(
+                Command::new(&bins.agent)
+                    .args([
+                        "load",
+                        "--endpoint",
+                        endpoint,
+                        "--keys",
+                        "100000000",
+                        "--value-size",
+                        "200",
+                        "--prefix",
+                        "bench",
+                    ])
+                    .args(load.args())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("start writer")?,
+            );
+        }
+        Ok(())
+    }
+
+    pub fn stop_writers(&mut self) {
+        for child in &mut self.writers.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.writers.0.clear();
+    }
+
+    /// Runs `lockstep ARGS --json` against the coordinator; fails on a non-zero exit.
+    pub fn lockstep_json(&self, bins: &Binaries, args: &[&str]) -> Result<serde_json::Value> {
+        let output = Command::new(&bins.coordinator)
+            .args(args)
+            .arg("--json")
+            .env("LOCKSTEP_COORDINATOR", &self.coordinator)
+            .output()
+            .with_context(|| format!("run lockstep {}", args.join(" ")))?;
+        if !output.status.success() {
+            bail!(
+                "lockstep {} failed:\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// Stops everything and removes the directory.
+    pub fn remove(mut self) {
+        self.stop_writers();
+        for child in &mut self.processes.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        crate::contenders::remove(&self.dir);
     }
 }
 
@@ -87,101 +243,20 @@ pub fn measure(
     backups: usize,
     load: Load,
 ) -> Result<Pauses> {
-    let dir = work.join(format!("barrier-{agents}"));
-    crate::contenders::remove(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let repo = dir.join("repo");
-    let mut processes = Processes(Vec::new());
-    let mut config = format!(
-        "repository = \"{}\"\nlisten = \"127.0.0.1:0\"\n[barrier]\nlease_ms = 10000\nprepare_timeout_ms = 5000\n",
-        repo.display()
-    );
-    let mut endpoints = Vec::new();
-    for i in 0..agents {
-        let shard = format!("shard-{i}");
-        let db = dir.join(&shard);
-        let address = start(
-            &mut processes,
-            &bins.agent,
-            &[
-                "serve",
-                "--db",
-                db.to_str().unwrap_or_default(),
-                "--shard",
-                &shard,
-                "--listen",
-                "127.0.0.1:0",
-                "--repo",
-                repo.to_str().unwrap_or_default(),
-            ],
-            &dir.join(format!("agent-{i}.log")),
-        )?;
-        config.push_str(&format!(
-            "[[agents]]\nshard = \"{shard}\"\nendpoint = \"http://{address}\"\n"
-        ));
-        endpoints.push(format!("http://{address}"));
-    }
-    let config_path = dir.join("lockstep.toml");
-    std::fs::write(&config_path, config)?;
-    let coordinator = start(
-        &mut processes,
-        &bins.coordinator,
-        &[
-            "serve",
-            "--config",
-            config_path.to_str().unwrap_or_default(),
-        ],
-        &dir.join("coordinator.log"),
-    )?;
-    let coordinator = format!("http://{coordinator}");
-
-    // One writer per agent, 200-byte values, far more keys than it can write before it is
-    // stopped.
-    let mut writers = Processes(Vec::new());
-    for endpoint in &endpoints {
-        writers.0.push(
-            Command::new(&bins.agent)
-                .args([
-                    "load",
-                    "--endpoint",
-                    endpoint,
-                    "--keys",
-                    "100000000",
-                    "--value-size",
-                    "200",
-                    "--prefix",
-                    "bench",
-                ])
-                .args(load.args())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("start writer")?,
-        );
-    }
+    let mut cluster = BenchCluster::start(bins, work, &format!("barrier-{agents}"), agents, None)?;
+    let repo = cluster.repo.clone();
+    cluster.start_writers(bins, load)?;
     // Let the writers reach their steady rate before the first backup: the bench measures
     // the pause under load, not during start-up. (A benchmark's pacing, not a test's wait.)
     std::thread::sleep(Duration::from_secs(2));
     let mut ids = Vec::new();
     for _ in 0..backups {
-        let output = Command::new(&bins.coordinator)
-            .args(["backup", "create", "--wait", "--json"])
-            .env("LOCKSTEP_COORDINATOR", &coordinator)
-            .output()
-            .context("run lockstep backup create")?;
-        if !output.status.success() {
-            bail!(
-                "backup under load failed:\n{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let job: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        let job = cluster.lockstep_json(bins, &["backup", "create", "--wait"])?;
         ids.push(job["backup_id"].as_str().unwrap_or_default().to_string());
         // Writes between backups, so each backup's capture has fresh memtables to flush.
         std::thread::sleep(Duration::from_millis(300));
     }
-    drop(writers);
+    cluster.stop_writers();
 
     let mut pauses_us = Vec::new();
     for id in &ids {
@@ -215,8 +290,7 @@ pub fn measure(
             write_keys_per_sec = ((k1.saturating_sub(k0)) as f64 / (t1 - t0)) as u64;
         }
     }
-    drop(processes);
-    crate::contenders::remove(&dir);
+    cluster.remove();
     Ok(Pauses {
         backups: ids.len(),
         pauses_us,

@@ -9,12 +9,14 @@
 //!   RocksDB block compression on (LZ4, as in production) or off;
 //! - `contenders.rs`: one backup, restore or verify of either contender, timed;
 //! - `barrier.rs`: the write pause of the two-phase barrier with N agents under write load;
+//! - `wal.rs`: WAL shipping lag under steady writes, incremental bytes, PITR replay rate;
 //! - `report.rs`: medians, the JSON file and the Markdown table.
 
 mod barrier;
 mod contenders;
 mod generate;
 mod report;
+mod wal;
 
 use std::path::PathBuf;
 
@@ -34,6 +36,15 @@ struct Cli {
 enum Command {
     /// Run every measurement and write results.json and results.md into --out.
     Run(RunArgs),
+    /// Only the WAL measurement (shipping lag, incremental bytes, PITR replay), as JSON.
+    Wal {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 15)]
+        secs: u64,
+    },
     /// Back up a shard with BackupEngine (run as its own process, so it is timed alone).
     #[command(hide = true)]
     BackupEngineBackup {
@@ -86,12 +97,20 @@ pub struct RunArgs {
     /// Backups per cluster size for the write pause.
     #[arg(long, default_value_t = 12)]
     pub backups: usize,
+    /// Seconds of steady writes while the WAL ships (3 agents), before the PITR replay.
+    #[arg(long, default_value_t = 15)]
+    pub wal_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => report::run(&args),
+        Command::Wal {
+            bin_dir,
+            work,
+            secs,
+        } => report::wal_only(&bin_dir, &work, secs),
         Command::BackupEngineBackup { db, dir, threads } => {
             contenders::backup_engine_backup(&db, &dir, threads)
         }
