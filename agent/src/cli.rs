@@ -369,7 +369,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     let repo = Repository::open(&args.repo).await?;
     let mut destinations = Vec::new();
     for url in &args.wal.destinations {
-        destinations.push(Repository::open(url).await?);
+        destinations.push(lockstep_proto::archive::open_archive(url).await?);
     }
     let shipping = ShipperOptions {
         destinations,

@@ -195,7 +195,7 @@ enum Staged {
 /// the overlap, if there is one, instead of writing into it).
 async fn next_timeline(
     current: lockstep_repository::Timeline,
-    destinations: &[Repository],
+    destinations: &[lockstep_repository::archive::WalArchive],
     shard: &ShardId,
 ) -> lockstep_repository::Timeline {
     let mut highest = current;
@@ -848,7 +848,10 @@ impl<E: ShardEngine> Participant<E> {
                 .await?;
                 if let Some((chain, archive, to)) = replay {
                     let archive = match archive {
-                        Some((url, timeline)) => Some((Repository::open(&url).await?, timeline)),
+                        Some((url, timeline)) => Some((
+                            lockstep_proto::archive::open_archive(&url).await?,
+                            timeline,
+                        )),
                         None => None,
                     };
                     let replay = Replay {

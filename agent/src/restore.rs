@@ -29,7 +29,7 @@ pub struct Replay {
     /// (or the base) ends.
     pub chain: Vec<BackupId>,
     /// The WAL archive and the timeline whose segments are replayed after the chain.
-    pub archive: Option<(Repository, Timeline)>,
+    pub archive: Option<(lockstep_repository::archive::WalArchive, Timeline)>,
     pub to: Seq,
 }
 

@@ -23,9 +23,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lockstep_repository::archive::WalArchive;
 use lockstep_repository::codec::Compression;
 use lockstep_repository::wal::{Segment, WalBatch, check_segments};
-use lockstep_repository::{Error, ErrorCode, HlcTime, Repository, Result, Seq, ShardId, Timeline};
+use lockstep_repository::{Error, ErrorCode, HlcTime, Result, Seq, ShardId, Timeline};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -44,7 +45,7 @@ const PIN_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Where and how the WAL is shipped.
 #[derive(Debug, Clone)]
 pub struct ShipperOptions {
-    pub destinations: Vec<Repository>,
+    pub destinations: Vec<WalArchive>,
     /// A segment is cut once it holds this many bytes of batches...
     pub segment_bytes: usize,
     /// ...or once its oldest write has waited this long.
@@ -104,7 +105,7 @@ pub struct DestinationStatus {
 #[derive(Debug, Clone)]
 pub struct ShipperHandle {
     status: watch::Receiver<Vec<DestinationStatus>>,
-    destinations: Vec<Repository>,
+    destinations: Vec<WalArchive>,
 }
 
 impl ShipperHandle {
@@ -157,7 +158,7 @@ impl ShipperHandle {
         self.status()
     }
 
-    pub fn destinations(&self) -> &[Repository] {
+    pub fn destinations(&self) -> &[WalArchive] {
         &self.destinations
     }
 }
@@ -172,7 +173,7 @@ struct Cursor {
 }
 
 struct Destination {
-    repo: Repository,
+    repo: WalArchive,
     cursor: Option<Cursor>,
     /// When the shipper first saw writes it has not shipped yet.
     pending_since: Option<Instant>,
@@ -184,7 +185,7 @@ struct Destination {
 }
 
 impl Destination {
-    fn new(repo: Repository) -> Destination {
+    fn new(repo: WalArchive) -> Destination {
         Destination {
             status: DestinationStatus {
                 url: repo.url().to_string(),
@@ -305,7 +306,7 @@ impl<E: ShardEngine> Shipper<E> {
     }
 
     /// Positions a destination's cursor on `timeline` from what the destination holds.
-    async fn resume(&self, repo: &Repository, timeline: Timeline, start: Seq) -> Result<Cursor> {
+    async fn resume(&self, repo: &WalArchive, timeline: Timeline, start: Seq) -> Result<Cursor> {
         let segments = repo.wal_segments(&self.shard_id, timeline).await?;
         check_segments(&segments)?;
         Ok(match segments.last() {

@@ -207,9 +207,9 @@ fn run(
             std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
         let line = text
             .lines()
+            .rev()
             .map(plain)
-            .filter(|l| l.contains("restore: WAL replayed"))
-            .last()
+            .find(|l| l.contains("restore: WAL replayed"))
             .with_context(|| format!("no replay in {}", log.display()))?;
         replay_batches += field(&line, "batches").unwrap_or(0);
         replay_ms = replay_ms.max(field(&line, "replay_ms").unwrap_or(0));

@@ -179,7 +179,7 @@ pub enum BackupCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Verify one backup (`latest` works), or all.
+    /// Verify one backup (`latest` works), or all of them and the WAL archive (`wal_archive`).
     Verify {
         backup: Option<String>,
         #[arg(long)]
@@ -618,7 +618,13 @@ async fn run_command(cli: Cli) -> Result<bool> {
             let n_agents = config.agents.len();
             let shutdown = lockstep_proto::shutdown_on_signal();
             let on_ready = move || {
-                println!("lockstep: coordinator of {n_agents} shards listening on {address}")
+                if n_agents == 0 {
+                    println!(
+                        "lockstep: WAL archive (no agents) listening on {address}; agents ship to lockstep://{address}"
+                    )
+                } else {
+                    println!("lockstep: coordinator of {n_agents} shards listening on {address}")
+                }
             };
             crate::service::serve(config, listener, shutdown, on_ready).await?;
         }

@@ -92,6 +92,9 @@ pub struct Config {
     pub listen: String,
     #[serde(default)]
     pub barrier: BarrierConfig,
+    /// Every agent of the cluster. None (`agents = []`): a coordinator that only serves its
+    /// repository as a WAL archive to another region's agents.
+    #[serde(default)]
     pub agents: Vec<AgentConfig>,
     #[serde(default)]
     pub raid_groups: Vec<RaidGroup>,
@@ -130,11 +133,6 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.agents.is_empty() {
-            return Err(invalid(
-                "no [[agents]]: list every agent with its shard and endpoint".into(),
-            ));
-        }
         let mut shards = HashSet::new();
         for agent in &self.agents {
             if !shards.insert(agent.shard.clone()) {

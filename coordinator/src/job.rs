@@ -165,6 +165,21 @@ pub struct JobContext {
     pub cluster: Arc<ClusterLock>,
 }
 
+impl JobContext {
+    /// Refuses `what` on a coordinator with no agents (one that only serves a WAL archive).
+    pub fn require_agents(&self, what: &str) -> Result<()> {
+        if self.agents.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot {what}: this coordinator has no [[agents]] (it only serves its repository as a WAL archive); list the cluster's agents in its configuration"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The cluster is held by at most one barrier or restore at a time; the holder is named in
 /// the refusal so the operator knows what to wait for.
 #[derive(Debug, Default)]
@@ -380,6 +395,10 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
             msg = rx.recv() => match msg {
                 None => break,
                 Some(Msg::Create { kind, reply }) => {
+                    if let Err(err) = ctx.require_agents("take a backup") {
+                        let _ = reply.send(Err(err));
+                        continue;
+                    }
                     let cut = match Cut::for_kind(&ctx, kind).await {
                         Ok(cut) => cut,
                         Err(err) => {

@@ -1,6 +1,7 @@
 //! The Lockstep coordinator: the barrier leader, backup jobs, the catalog and the `lockstep`
 //! CLI.
 //!
+//! - `archive`: the `WalArchive` service, this repository as a WAL archive for other regions;
 //! - `config`: the TOML topology with RAID groups, validated;
 //! - `job`: the jobs actor and the two-phase barrier;
 //! - `restore`: the two-phase restore of the whole cluster through its agents;
@@ -11,6 +12,7 @@
 //! Architecture invariant: this crate never links RocksDB; it reads the repository through
 //! `lockstep-repository` and reaches shards only through agents.
 
+pub mod archive;
 pub mod cli;
 pub mod config;
 pub mod job;

@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::join_all;
+use lockstep_proto::archive::open_archive;
 use lockstep_proto::from_status;
 use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::{self, RestoreState};
+use lockstep_repository::archive::WalArchive;
 use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
 use lockstep_repository::wal::check_segments;
 use lockstep_repository::{
@@ -336,7 +338,7 @@ async fn live_timeline(agent: &AgentLink) -> Result<Timeline> {
 /// The last write of `shard` at or before `at` in the archive: its sequence number and time,
 /// or `None` when the archive starts after `at`.
 async fn last_write_at_or_before(
-    archive: &Repository,
+    archive: &WalArchive,
     shard: &ShardId,
     timeline: Timeline,
     at: HlcTime,
@@ -485,7 +487,7 @@ pub async fn plan(
                     "a restore to a time needs a WAL archive: set wal_archive in the configuration or pass --wal-from".into(),
                 ));
             }
-            let archive = Repository::open(&wal_from).await?;
+            let archive = open_archive(&wal_from).await?;
             let mut notes = Vec::new();
             for agent in &ctx.agents {
                 let timeline = live_timeline(agent).await?;
@@ -532,7 +534,7 @@ pub async fn plan(
     let archive = if wal_from.is_empty() {
         None
     } else {
-        Some(Repository::open(&wal_from).await?)
+        Some(open_archive(&wal_from).await?)
     };
     let mut plans = Vec::new();
     for agent in agents {

@@ -6,9 +6,10 @@
 use std::sync::Arc;
 
 use lockstep_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use lockstep_proto::v1::wal_archive_server::WalArchiveServer;
 use lockstep_proto::{to_status, v1};
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
-use lockstep_repository::verify::{VerifyLevel, verify};
+use lockstep_repository::verify::{VerifyLevel, verify, verify_wal};
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -270,9 +271,20 @@ impl Coordinator for CoordinatorApi {
         } else {
             VerifyLevel::Quick
         };
-        let report = verify(&self.repo, &backups, level, 8)
+        let mut report = verify(&self.repo, &backups, level, 8)
             .await
             .map_err(status)?;
+        // Verifying everything includes the WAL archive's continuity (the PITR window).
+        if request.backup_id.is_empty()
+            && let Some(url) = &self.config.wal_archive
+        {
+            let archive = lockstep_proto::archive::open_archive(url)
+                .await
+                .map_err(status)?;
+            verify_wal(&mut report, &archive, &self.config.shard_ids(), level)
+                .await
+                .map_err(status)?;
+        }
         Ok(Response::new(v1::VerifyBackupReply {
             passed: report.passed,
             report: report.to_string(),
@@ -464,6 +476,7 @@ pub async fn serve(
         lockstep_proto::reflection_services().map_err(|err| {
             Error::with_source(ErrorCode::InvalidArgument, "build gRPC reflection", err)
         })?;
+    let archive_repo = repo.clone();
     let api = CoordinatorApi {
         config,
         repo,
@@ -477,6 +490,11 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(api))
+        .add_service(
+            WalArchiveServer::new(crate::archive::WalArchiveApi { repo: archive_repo })
+                .max_decoding_message_size(lockstep_proto::archive::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(lockstep_proto::archive::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown.clone().cancelled_owned(),

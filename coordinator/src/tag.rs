@@ -31,6 +31,7 @@ use crate::job::{JobContext, JobState, JobView, abort_everywhere, barrier};
 
 /// Takes tag `name` across the whole cluster.
 pub async fn create_tag(ctx: &JobContext, name: TagName, automatic: bool) -> Result<TagManifest> {
+    ctx.require_agents("take a tag")?;
     match ctx.repo.tag(&name).await {
         Ok(_) => {
             return Err(Error::new(

@@ -8,6 +8,8 @@
 use lockstep_repository::{Error, ErrorCode};
 use tonic::{Code, Status};
 
+pub mod archive;
+
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("lockstep.v1");

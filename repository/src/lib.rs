@@ -3,12 +3,14 @@
 //! A repository lives on any `object_store` URL and holds content-addressed data objects
 //! (`codec`), versioned JSON manifests (`manifest`) under one documented key layout
 //! (`layout`). `transfer` moves files in and out chunk by chunk in bounded memory, and
-//! `verify` checks what is stored. `error` defines the seed error codes used everywhere.
+//! `verify` checks what is stored. `wal` is the segment format and `archive` the one API over
+//! every place segments live. `error` defines the seed error codes used everywhere.
 //!
 //! Architecture invariant: this crate never links RocksDB; the coordinator depends on it.
 //! Architecture invariant: publish order is objects, then shard manifests, then the backup
 //! manifest; anything not reachable from a backup manifest is garbage.
 
+pub mod archive;
 pub mod codec;
 pub mod error;
 pub mod ids;

@@ -22,6 +22,54 @@ use crate::layout::Layout;
 use crate::manifest::{BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
 
+/// Encodes a segment for storage (zstd when it pays, named by the SHA-256 of its plaintext);
+/// returns its description and the stored bytes.
+pub async fn encode_wal_segment(
+    segment: &Segment,
+    compression: codec::Compression,
+) -> Result<(SegmentInfo, Vec<u8>)> {
+    let plaintext = segment.encode();
+    let encoded = tokio::task::spawn_blocking(move || codec::encode(&plaintext, compression))
+        .await
+        .map_err(|err| {
+            Error::with_source(ErrorCode::BackupWalArchiveFailed, "encode task failed", err)
+        })??;
+    let info = segment.info(encoded.id).ok_or_else(|| {
+        Error::new(
+            ErrorCode::InvalidArgument,
+            "a WAL segment needs at least one batch",
+        )
+    })?;
+    Ok((info, encoded.bytes))
+}
+
+/// Decodes a stored segment: checks its SHA-256 against the one in `info` and that it holds
+/// the shard, timeline and range `info` names.
+pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<Segment> {
+    let name = format!("WAL segment {}", info.file_name());
+    let id = info.id;
+    let plaintext = tokio::task::spawn_blocking(move || codec::decode(&id, &stored))
+        .await
+        .map_err(|err| {
+            Error::with_source(
+                ErrorCode::BackupDecompressionFailed,
+                "decode task failed",
+                err,
+            )
+        })??;
+    let segment = Segment::decode(&name, &plaintext)?;
+    if segment.info(info.id).as_ref() != Some(info) {
+        return Err(Error::new(
+            ErrorCode::BackupWalArchiveFailed,
+            format!(
+                "{name} of shard {} timeline {} does not hold what its name says",
+                info.shard_id, info.timeline
+            ),
+        ));
+    }
+    Ok(segment)
+}
+
 /// A repository on any object store.
 #[derive(Clone)]
 pub struct Repository {
@@ -503,22 +551,30 @@ impl Repository {
         segment: &Segment,
         compression: codec::Compression,
     ) -> Result<SegmentInfo> {
-        let plaintext = segment.encode();
-        let encoded = tokio::task::spawn_blocking(move || codec::encode(&plaintext, compression))
-            .await
-            .map_err(|err| {
-                Error::with_source(ErrorCode::BackupWalArchiveFailed, "encode task failed", err)
-            })??;
-        let info = segment.info(encoded.id).ok_or_else(|| {
+        let (info, stored) = encode_wal_segment(segment, compression).await?;
+        self.put_wal_stored(&info, stored).await?;
+        Ok(info)
+    }
+
+    /// Stores an already encoded segment (as `encode_wal_segment` made it) under its key;
+    /// an existing copy is left as it is.
+    pub async fn put_wal_stored(&self, info: &SegmentInfo, stored: Vec<u8>) -> Result<()> {
+        let key = self.layout.wal_segment(info);
+        let payload = PutPayload::from(Bytes::from(stored));
+        self.put_once(&key, payload, "WAL segment").await?;
+        Ok(())
+    }
+
+    /// The stored bytes of a segment, unchecked (`decode_wal_segment` checks them).
+    pub async fn get_wal_stored(&self, info: &SegmentInfo) -> Result<Vec<u8>> {
+        let key = self.layout.wal_segment(info);
+        let stored = self.get_raw(&key).await?.ok_or_else(|| {
             Error::new(
-                ErrorCode::InvalidArgument,
-                "a WAL segment needs at least one batch",
+                ErrorCode::BackupWalGap,
+                format!("WAL segment {key} is missing"),
             )
         })?;
-        let key = self.layout.wal_segment(&info);
-        let payload = PutPayload::from(Bytes::from(encoded.bytes));
-        self.put_once(&key, payload, "WAL segment").await?;
-        Ok(info)
+        Ok(stored.to_vec())
     }
 
     /// Stores a WAL segment as a content-addressed object, for an incremental or differential
@@ -616,30 +672,7 @@ impl Repository {
 
     /// Downloads a WAL segment, checks its SHA-256 and that it holds what its key says.
     pub async fn get_wal_segment(&self, info: &SegmentInfo) -> Result<Segment> {
-        let key = self.layout.wal_segment(info);
-        let stored = self.get_raw(&key).await?.ok_or_else(|| {
-            Error::new(
-                ErrorCode::BackupWalGap,
-                format!("WAL segment {key} is missing"),
-            )
-        })?;
-        let id = info.id;
-        let plaintext = tokio::task::spawn_blocking(move || codec::decode(&id, &stored))
-            .await
-            .map_err(|err| {
-                Error::with_source(
-                    ErrorCode::BackupDecompressionFailed,
-                    "decode task failed",
-                    err,
-                )
-            })??;
-        let segment = Segment::decode(key.as_ref(), &plaintext)?;
-        if segment.info(info.id).as_ref() != Some(info) {
-            return Err(Error::new(
-                ErrorCode::BackupWalArchiveFailed,
-                format!("WAL segment {key} does not hold what its name says"),
-            ));
-        }
-        Ok(segment)
+        let stored = self.get_wal_stored(info).await?;
+        decode_wal_segment(info, stored).await
     }
 }

@@ -22,6 +22,9 @@ pub struct Cluster {
     pub coordinator: Option<Child>,
     pub coordinator_address: String,
     pub lease_ms: u64,
+    /// More arguments for every agent (another `--wal-to`, say), and its environment.
+    pub agent_extra: Vec<String>,
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -55,11 +58,22 @@ impl Cluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(self.agent_extra.iter().cloned())
         .collect()
     }
 
     /// Starts three agents and a coordinator; `fault` sets `LOCKSTEP_FAULT_PAUSE` on it.
     pub fn start(lease_ms: u64, fault: Option<&str>) -> Cluster {
+        Cluster::start_with(lease_ms, fault, Vec::new(), Vec::new())
+    }
+
+    /// `start`, with more arguments and environment for every agent.
+    pub fn start_with(
+        lease_ms: u64,
+        fault: Option<&str>,
+        agent_extra: Vec<String>,
+        agent_env: Vec<(String, String)>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cluster = Cluster {
             dir,
@@ -68,13 +82,15 @@ impl Cluster {
             coordinator: None,
             coordinator_address: String::new(),
             lease_ms,
+            agent_extra,
+            agent_env,
         };
         for i in 0..N_AGENTS {
             let args = cluster.agent_args(i, "127.0.0.1:0");
             let (child, address) = start_server(
                 "lockstep-agent",
                 &args,
-                &[],
+                &cluster.agent_env,
                 &cluster.log(&format!("agent-{i}")),
             );
             cluster.agents.push(Some(child));
@@ -141,7 +157,7 @@ impl Cluster {
         let (child, _) = start_server(
             "lockstep-agent",
             &args,
-            &[],
+            &self.agent_env,
             &self.log(&format!("agent-{i}")),
         );
         self.agents[i] = Some(child);

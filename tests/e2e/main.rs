@@ -11,4 +11,6 @@ mod disk_full;
 mod faults;
 mod model;
 mod pitr;
+mod proxy;
 mod round_trip;
+mod shipping;

@@ -1,0 +1,98 @@
+//! The `WalArchive` service: this coordinator's repository as a WAL archive for agents in
+//! other regions (`--wal-to lockstep://HOST:PORT`) and for restores (`--wal-from ...`).
+//!
+//! Architecture invariant: a segment is stored only after its bytes decoded against the
+//! SHA-256 in its name and turned out to hold the shard, timeline and range the name says;
+//! storing is create-if-absent, so a retried put is a no-op success.
+
+use lockstep_proto::to_status;
+use lockstep_proto::v1::{self, wal_archive_server::WalArchive};
+use lockstep_repository::repository::decode_wal_segment;
+use lockstep_repository::wal::SegmentInfo;
+use lockstep_repository::{Error, ErrorCode, Repository, ShardId, Timeline};
+use tonic::{Request, Response, Status};
+
+pub struct WalArchiveApi {
+    pub repo: Repository,
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+fn shard_id(id: &str) -> std::result::Result<ShardId, Status> {
+    ShardId::new(id).map_err(|e| to_status(&e))
+}
+
+fn segment(shard: &str, timeline: u64, name: &str) -> std::result::Result<SegmentInfo, Status> {
+    let shard = shard_id(shard)?;
+    SegmentInfo::parse(&shard, Timeline(timeline), name).ok_or_else(|| {
+        to_status(&Error::new(
+            ErrorCode::InvalidArgument,
+            format!("{name:?} is not a WAL segment name"),
+        ))
+    })
+}
+
+#[tonic::async_trait]
+impl WalArchive for WalArchiveApi {
+    async fn list_timelines(
+        &self,
+        request: Request<v1::ListWalTimelinesRequest>,
+    ) -> Reply<v1::ListWalTimelinesReply> {
+        let shard = shard_id(&request.into_inner().shard_id)?;
+        let timelines = self
+            .repo
+            .wal_timelines(&shard)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::ListWalTimelinesReply {
+            timelines: timelines.into_iter().map(|t| t.0).collect(),
+        }))
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<v1::ListWalSegmentsRequest>,
+    ) -> Reply<v1::ListWalSegmentsReply> {
+        let request = request.into_inner();
+        let shard = shard_id(&request.shard_id)?;
+        let segments = self
+            .repo
+            .wal_segments(&shard, Timeline(request.timeline))
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::ListWalSegmentsReply {
+            names: segments.iter().map(SegmentInfo::file_name).collect(),
+        }))
+    }
+
+    async fn put_segment(
+        &self,
+        request: Request<v1::PutWalSegmentRequest>,
+    ) -> Reply<v1::PutWalSegmentReply> {
+        let request = request.into_inner();
+        let info = segment(&request.shard_id, request.timeline, &request.name)?;
+        // Checked before it is stored: a damaged transfer is refused and shipped again.
+        decode_wal_segment(&info, request.stored.clone())
+            .await
+            .map_err(|e| to_status(&e))?;
+        self.repo
+            .put_wal_stored(&info, request.stored)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::PutWalSegmentReply {}))
+    }
+
+    async fn get_segment(
+        &self,
+        request: Request<v1::GetWalSegmentRequest>,
+    ) -> Reply<v1::GetWalSegmentReply> {
+        let request = request.into_inner();
+        let info = segment(&request.shard_id, request.timeline, &request.name)?;
+        let stored = self
+            .repo
+            .get_wal_stored(&info)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::GetWalSegmentReply { stored }))
+    }
+}

@@ -1,0 +1,132 @@
+//! The client side of a remote WAL archive (`lockstep://HOST:PORT`, the `WalArchive` service
+//! of a coordinator), and `open_archive`, which opens any archive URL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use lockstep_repository::archive::{RemoteWal, WalArchive};
+use lockstep_repository::wal::SegmentInfo;
+use lockstep_repository::{Error, ErrorCode, Repository, Result, ShardId, Timeline};
+use tonic::transport::Channel;
+
+use crate::from_status;
+use crate::v1::{self, wal_archive_client::WalArchiveClient};
+
+/// The URL scheme of a remote archive.
+pub const SCHEME: &str = "lockstep://";
+
+/// Largest message a segment travels in (a segment holds at most `--wal-segment-mib` of raw
+/// batches, 4 MiB by default).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Opens a WAL archive: `lockstep://HOST:PORT` for a coordinator's archive endpoint, any
+/// repository URL or path otherwise.
+pub async fn open_archive(url: &str) -> Result<WalArchive> {
+    let Some(address) = url.strip_prefix(SCHEME) else {
+        return Ok(WalArchive::Store(Repository::open(url).await?));
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|err| {
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                format!("WAL archive {url}: write lockstep://HOST:PORT"),
+                err,
+            )
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30));
+    let client = WalArchiveClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(WalArchive::Remote {
+        url: url.to_string(),
+        remote: Arc::new(Remote {
+            url: url.to_string(),
+            client,
+        }),
+    })
+}
+
+struct Remote {
+    url: String,
+    client: WalArchiveClient<Channel>,
+}
+
+impl Remote {
+    fn failed(&self, what: &str, status: &tonic::Status) -> Error {
+        from_status(&format!("{what} at {}", self.url), status)
+    }
+}
+
+impl RemoteWal for Remote {
+    fn timelines<'a>(&'a self, shard: &'a ShardId) -> BoxFuture<'a, Result<Vec<Timeline>>> {
+        Box::pin(async move {
+            let reply = self
+                .client
+                .clone()
+                .list_timelines(v1::ListWalTimelinesRequest {
+                    shard_id: shard.to_string(),
+                })
+                .await
+                .map_err(|s| self.failed("list WAL timelines", &s))?;
+            Ok(reply
+                .into_inner()
+                .timelines
+                .into_iter()
+                .map(Timeline)
+                .collect())
+        })
+    }
+
+    fn segment_names<'a>(
+        &'a self,
+        shard: &'a ShardId,
+        timeline: Timeline,
+    ) -> BoxFuture<'a, Result<Vec<String>>> {
+        Box::pin(async move {
+            let reply = self
+                .client
+                .clone()
+                .list_segments(v1::ListWalSegmentsRequest {
+                    shard_id: shard.to_string(),
+                    timeline: timeline.0,
+                })
+                .await
+                .map_err(|s| self.failed("list WAL segments", &s))?;
+            Ok(reply.into_inner().names)
+        })
+    }
+
+    fn put<'a>(&'a self, info: &'a SegmentInfo, stored: Vec<u8>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.client
+                .clone()
+                .put_segment(v1::PutWalSegmentRequest {
+                    shard_id: info.shard_id.to_string(),
+                    timeline: info.timeline.0,
+                    name: info.file_name(),
+                    stored,
+                })
+                .await
+                .map_err(|s| self.failed("ship WAL segment", &s))?;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, info: &'a SegmentInfo) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move {
+            let reply = self
+                .client
+                .clone()
+                .get_segment(v1::GetWalSegmentRequest {
+                    shard_id: info.shard_id.to_string(),
+                    timeline: info.timeline.0,
+                    name: info.file_name(),
+                })
+                .await
+                .map_err(|s| self.failed("download WAL segment", &s))?;
+            Ok(reply.into_inner().stored)
+        })
+    }
+}
