@@ -30,7 +30,7 @@ use crate::backup::{
 };
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};
-use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_shard};
+use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_empty, stage_shard};
 use crate::shipper::ShipperHandle;
 use crate::slot::EngineSlot;
 
@@ -135,7 +135,9 @@ enum Msg {
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
     pub restore_id: String,
-    pub backup: BackupId,
+    /// The full backup to start from; `None` starts from an empty shard and replays the WAL
+    /// archive from sequence 1 (the backup repository is gone).
+    pub backup: Option<BackupId>,
     /// A directory to restore into; `None` replaces the live shard.
     pub target: Option<PathBuf>,
     /// Incremental and differential backups whose WAL pieces are replayed after `backup`, in
@@ -811,7 +813,9 @@ impl<E: ShardEngine> Participant<E> {
             }
             check_target(target)?;
         }
-        let engine_kind = self.slot.get()?.kind();
+        let live = self.slot.get()?;
+        let (engine_kind, column_families) = (live.kind(), live.column_families());
+        drop(live);
         let progress = Arc::new(Progress::default());
         let (repo, shard, backup, transfer, live) = (
             self.repo.clone(),
@@ -836,16 +840,21 @@ impl<E: ShardEngine> Participant<E> {
             let engine = (target.is_none() || replay.is_some()).then_some(engine_kind);
             let stage_target = target.clone().unwrap_or(live);
             let result = async {
-                let mut staged = stage_shard(
-                    &repo,
-                    &backup,
-                    &shard,
-                    &stage_target,
-                    engine,
-                    transfer,
-                    &task_progress,
-                )
-                .await?;
+                let mut staged = match &backup {
+                    Some(backup) => {
+                        stage_shard(
+                            &repo,
+                            backup,
+                            &shard,
+                            &stage_target,
+                            engine,
+                            transfer,
+                            &task_progress,
+                        )
+                        .await?
+                    }
+                    None => stage_empty::<E>(&stage_target, column_families).await?,
+                };
                 if let Some((chain, archive, to)) = replay {
                     let archive = match archive {
                         Some((url, timeline)) => Some((
@@ -878,9 +887,9 @@ impl<E: ShardEngine> Participant<E> {
             .await;
             (id, result)
         });
-        tracing::info!(restore = %request.restore_id, backup = %request.backup, shard = %self.shard_id, target = ?request.target, "restore: staging");
+        tracing::info!(restore = %request.restore_id, backup = ?request.backup, shard = %self.shard_id, target = ?request.target, "restore: staging");
         let status = RestoreStatus {
-            backup_id: Some(request.backup.clone()),
+            backup_id: request.backup.clone(),
             state: RestoreState::Staging,
             target: request.target.clone(),
             ..self.restore_unknown(&request.restore_id)

@@ -390,40 +390,7 @@ pub async fn stage_shard(
             ),
         ));
     }
-    let target = absolute(target)?;
-    let parent = target.parent().map(Path::to_path_buf).ok_or_else(|| {
-        Error::new(
-            ErrorCode::InvalidArgument,
-            format!("restore target {} has no parent", target.display()),
-        )
-    })?;
-    std::fs::create_dir_all(&parent).map_err(|err| {
-        fail(Error::io(
-            ErrorCode::BackupRestorationFailed,
-            format!("create {}", parent.display()),
-            err,
-        ))
-    })?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staging_path = parent.join(format!(
-        ".{name}.lockstep-restore-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir(&staging_path).map_err(|err| {
-        fail(Error::io(
-            ErrorCode::BackupRestorationFailed,
-            format!("create {}", staging_path.display()),
-            err,
-        ))
-    })?;
-    let staging = Staging {
-        path: staging_path,
-        armed: true,
-    };
-
+    let staging = staging_beside(target)?;
     download_files(repo, &manifest.files, &staging.path, transfer, progress)
         .await
         .map_err(fail)?;
@@ -454,6 +421,71 @@ pub async fn stage_shard(
         n_files: manifest.files.len(),
         bytes: manifest.total_bytes(),
         column_families: manifest.column_families,
+    })
+}
+
+/// A fresh staging directory next to `target`, removed on drop unless moved into place.
+fn staging_beside(target: &Path) -> Result<Staging> {
+    let fail = restoration_error;
+    let target = absolute(target)?;
+    let parent = target.parent().map(Path::to_path_buf).ok_or_else(|| {
+        Error::new(
+            ErrorCode::InvalidArgument,
+            format!("restore target {} has no parent", target.display()),
+        )
+    })?;
+    std::fs::create_dir_all(&parent).map_err(|err| {
+        fail(Error::io(
+            ErrorCode::BackupRestorationFailed,
+            format!("create {}", parent.display()),
+            err,
+        ))
+    })?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging_path = parent.join(format!(
+        ".{name}.lockstep-restore-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir(&staging_path).map_err(|err| {
+        fail(Error::io(
+            ErrorCode::BackupRestorationFailed,
+            format!("create {}", staging_path.display()),
+            err,
+        ))
+    })?;
+    Ok(Staging {
+        path: staging_path,
+        armed: true,
+    })
+}
+
+/// Stages an empty shard of engine `E` with `column_families` (in this order), for a
+/// restore that replays a WAL archive from sequence 1 with no backup: when the backup
+/// repository is gone. The column families must be created in the order the original shard
+/// created them, because a raw batch names them by number; they come from the live agent's
+/// configuration.
+pub async fn stage_empty<E: ShardEngine>(
+    target: &Path,
+    column_families: Vec<String>,
+) -> Result<StagedShard> {
+    let staging = staging_beside(target)?;
+    let (dir, columns) = (staging.path.clone(), column_families.clone());
+    let seq = tokio::task::spawn_blocking(move || {
+        let engine = E::open(&dir, &columns)?;
+        engine.sync()?;
+        Ok::<_, Error>(engine.latest_seq())
+    })
+    .await
+    .map_err(replay_task_failed)??;
+    Ok(StagedShard {
+        staging,
+        seq,
+        n_files: 0,
+        bytes: 0,
+        column_families,
     })
 }
 

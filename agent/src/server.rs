@@ -389,7 +389,11 @@ impl Agent for AgentApi {
         let r = request.into_inner();
         let request = RestoreRequest {
             restore_id: restore_id(r.restore_id)?,
-            backup: backup_id(&r.backup_id)?,
+            backup: if r.backup_id.is_empty() {
+                None
+            } else {
+                Some(backup_id(&r.backup_id)?)
+            },
             target: (!r.target_dir.is_empty()).then(|| r.target_dir.into()),
             chain: r
                 .chain

@@ -619,8 +619,9 @@ async fn run_command(cli: Cli) -> Result<bool> {
             let shutdown = lockstep_proto::shutdown_on_signal();
             let on_ready = move || {
                 if n_agents == 0 {
+                    // The address ends the line: scripts read it after "listening on ".
                     println!(
-                        "lockstep: WAL archive (no agents) listening on {address}; agents ship to lockstep://{address}"
+                        "lockstep: WAL archive for other regions (no agents; ship with --wal-to lockstep://{address}) listening on {address}"
                     )
                 } else {
                     println!("lockstep: coordinator of {n_agents} shards listening on {address}")

@@ -83,7 +83,8 @@ pub enum RestorePhase {
 #[derive(Debug, Clone)]
 pub struct RestoreView {
     pub restore_id: String,
-    pub backup_id: BackupId,
+    /// The base backup named in progress reports (see `RestorePlan::label`).
+    pub backup_id: String,
     pub phase: RestorePhase,
     pub shards: Vec<ShardView>,
     pub error: Option<(ErrorCode, String)>,
@@ -101,7 +102,7 @@ impl RestoreView {
             .unwrap_or_default();
         v1::RestoreJob {
             restore_id: self.restore_id.clone(),
-            backup_id: self.backup_id.to_string(),
+            backup_id: self.backup_id.clone(),
             phase: match self.phase {
                 RestorePhase::Staging => v1::RestorePhase::Staging,
                 RestorePhase::Applying => v1::RestorePhase::Applying,
@@ -139,8 +140,9 @@ pub enum PointInTime {
 #[derive(Clone)]
 pub struct ShardPlan {
     pub agent: AgentLink,
-    /// The full backup the shard is staged from.
-    pub base: BackupId,
+    /// The full backup the shard is staged from; `None`: an empty shard, with the whole WAL
+    /// from sequence 1 replayed from the archive (no backup at or before the target).
+    pub base: Option<BackupId>,
     pub base_seq: Seq,
     /// Incremental and differential backups whose WAL is replayed after the base, in order,
     /// and the sequence number they reach.
@@ -158,7 +160,11 @@ impl ShardPlan {
     fn to_wire(&self) -> v1::ShardRestorePlan {
         v1::ShardRestorePlan {
             shard_id: self.agent.shard_id.to_string(),
-            base_backup_id: self.base.to_string(),
+            base_backup_id: self
+                .base
+                .as_ref()
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
             base_seq: self.base_seq.0,
             base_bytes: self.base_bytes,
             timeline: self.timeline.0,
@@ -173,8 +179,8 @@ impl ShardPlan {
 
 /// A checked plan: which agent restores which shard from which base, up to where.
 pub struct RestorePlan {
-    /// The backup named in progress reports: the base of the first shard.
-    pub label: BackupId,
+    /// The backup named in progress reports: the base of the first shard (or "none").
+    pub label: String,
     pub target: RestoreTarget,
     pub shards: Vec<ShardPlan>,
     /// The WAL archive replays read from (empty when nothing is replayed).
@@ -403,7 +409,7 @@ pub async fn plan(
                 }
                 plans.push(ShardPlan {
                     agent,
-                    base,
+                    base: Some(base),
                     base_seq,
                     chain,
                     chain_seq: shard.seq,
@@ -415,7 +421,7 @@ pub async fn plan(
                 });
             }
             return Ok(RestorePlan {
-                label: id,
+                label: id.to_string(),
                 target,
                 shards: plans,
                 wal_from: String::new(),
@@ -537,52 +543,65 @@ pub async fn plan(
         Some(open_archive(&wal_from).await?)
     };
     let mut plans = Vec::new();
+    let mut empty_bases = Vec::new();
     for agent in agents {
         let (seq, timeline, hlc) = targets[&agent.shard_id];
         let timeline = match timeline {
             Some(timeline) => timeline,
             None => live_timeline(&agent).await?,
         };
-        let latest = base_for(&ctx.repo, &backups, &agent.shard_id, timeline, seq)
-            .await?
-            .ok_or_else(|| {
-                Error::new(
+        let latest = base_for(&ctx.repo, &backups, &agent.shard_id, timeline, seq).await?;
+        // With no backup at or before the target (the backup repository is gone, or the
+        // shard shipped its WAL from its first write), the shard is rebuilt from empty by
+        // replaying the archive from sequence 1.
+        let (base, base_seq, chain, base_bytes, chain_seq) = match &latest {
+            Some(latest) => {
+                let (base, base_seq, chain, bytes) =
+                    chain_of(&backups, &latest.backup_id, &agent.shard_id)?;
+                (Some(base), base_seq, chain, bytes, latest.seq)
+            }
+            None if archive.is_some() => {
+                empty_bases.push(agent.shard_id.to_string());
+                (None, Seq(0), Vec::new(), 0, Seq(0))
+            }
+            None => {
+                return Err(Error::new(
                     ErrorCode::BackupNotFound,
                     format!(
-                        "shard {}: no backup on timeline {timeline} at or before sequence {seq}; take a full backup",
+                        "shard {}: no backup on timeline {timeline} at or before sequence {seq}, and no WAL archive to rebuild it from; take a full backup",
                         agent.shard_id
                     ),
-                )
-            })?;
-        let (base, base_seq, chain, base_bytes) =
-            chain_of(&backups, &latest.backup_id, &agent.shard_id)?;
+                ));
+            }
+        };
         let mut wal_segments = 0;
-        if seq > latest.seq {
+        if seq > chain_seq {
+            let from = latest.as_ref().map_or("an empty shard".to_string(), |l| {
+                format!("backup {}", l.backup_id)
+            });
             let archive = archive.as_ref().ok_or_else(|| {
                 invalid(format!(
-                    "shard {} needs WAL after backup {} (seq {} to {seq}): set wal_archive in the configuration or pass --wal-from",
-                    agent.shard_id, latest.backup_id, latest.seq
+                    "shard {} needs WAL after {from} (seq {chain_seq} to {seq}): set wal_archive in the configuration or pass --wal-from",
+                    agent.shard_id
                 ))
             })?;
             let segments = archive.wal_segments(&agent.shard_id, timeline).await?;
             let needed: Vec<_> = segments
                 .into_iter()
-                .filter(|s| s.last > latest.seq && s.first <= seq)
+                .filter(|s| s.last > chain_seq && s.first <= seq)
                 .collect();
             check_segments(&needed)?;
-            let covered = needed
-                .first()
-                .is_some_and(|s| s.first.0 <= latest.seq.0 + 1)
+            let covered = needed.first().is_some_and(|s| s.first.0 <= chain_seq.0 + 1)
                 && needed.last().is_some_and(|s| s.last >= seq);
             if !covered {
                 return Err(lockstep_repository::wal::gap(
                     format_args!(
-                        "shard {} timeline {timeline} in {} (needed {}..={seq}; take a full backup)",
+                        "shard {} timeline {timeline} in {} (needed {}..={seq} after {from}; take a full backup)",
                         agent.shard_id,
                         archive.url(),
-                        Seq(latest.seq.0 + 1)
+                        Seq(chain_seq.0 + 1)
                     ),
-                    Seq(latest.seq.0 + 1),
+                    Seq(chain_seq.0 + 1),
                     needed.first().map_or(seq, |s| s.first),
                 ));
             }
@@ -593,7 +612,7 @@ pub async fn plan(
             base,
             base_seq,
             chain,
-            chain_seq: latest.seq,
+            chain_seq,
             base_bytes,
             timeline,
             target: seq,
@@ -603,8 +622,23 @@ pub async fn plan(
     }
     let label = plans
         .first()
-        .map(|p| p.base.clone())
+        .map(|p| {
+            p.base
+                .as_ref()
+                .map_or("(none)".to_string(), |b| b.to_string())
+        })
         .ok_or_else(|| invalid(format!("{what} names no shard")))?;
+    if !empty_bases.is_empty() {
+        let rebuilt = format!(
+            "no backup at or before the target for {}: rebuilt from empty shards by replaying the WAL archive from sequence 1",
+            empty_bases.join(", ")
+        );
+        note = if note.is_empty() {
+            rebuilt
+        } else {
+            format!("{note}; {rebuilt}")
+        };
+    }
     Ok(RestorePlan {
         label,
         target,
@@ -710,7 +744,11 @@ fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &str) -> v1::Resto
     let replays = shard.target > shard.chain_seq;
     v1::RestoreRequest {
         restore_id: restore_id.to_string(),
-        backup_id: shard.base.to_string(),
+        backup_id: shard
+            .base
+            .as_ref()
+            .map(|b| b.to_string())
+            .unwrap_or_default(),
         target_dir: plan.target.dir_for(&shard.agent.shard_id),
         wal_from: if replays {
             plan.wal_from.clone()

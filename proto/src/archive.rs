@@ -54,8 +54,16 @@ struct Remote {
 }
 
 impl Remote {
+    /// The archive's own error, or `ERR_STORAGE_UNAVAILABLE` when it cannot be reached.
     fn failed(&self, what: &str, status: &tonic::Status) -> Error {
-        from_status(&format!("{what} at {}", self.url), status)
+        let err = from_status(&format!("{what} at {}", self.url), status);
+        if err.code == ErrorCode::AgentUnavailable {
+            return Error {
+                code: ErrorCode::StorageUnavailable,
+                ..err
+            };
+        }
+        err
     }
 }
 

@@ -4,13 +4,19 @@
 //! acknowledged write, on every shard, in contiguous segments with no gap and no duplicate,
 //! `lockstep backup verify --full` checks the archive's WAL range, and a restore to the end
 //! replays it to exactly the model's state.
+//!
+//! The second test ships to a remote `lockstep://` archive (a coordinator with no agents in
+//! another "region") through an outage of that region, then loses the primary repository and
+//! restores every shard from the region's archive alone.
 
 use std::time::Duration;
 
+use lockstep_proto::archive::open_archive;
 use lockstep_proto::v1;
+use lockstep_repository::archive::WalArchive;
 use lockstep_repository::wal::check_segments;
 use lockstep_repository::{Repository, ShardId, Timeline};
-use lockstep_tests::{Moto, text};
+use lockstep_tests::{Moto, kill_hard, start_server, text};
 
 use crate::cluster::{Cluster, N_AGENTS, json, wait_until};
 use crate::pitr::{Acked, keys_in, seq_vector, state, wait_shipped};
@@ -64,7 +70,7 @@ fn destination_errors(status: &serde_json::Value) -> Vec<(String, String)> {
 
 /// The archive holds exactly the writes 1..=last of every shard on timeline 1: contiguous,
 /// no overlap, reaching the last acknowledged write.
-async fn check_archive(archive: &Repository, history: &[Vec<Acked>]) {
+async fn check_archive(archive: &WalArchive, history: &[Vec<Acked>]) {
     for (i, shard) in history.iter().enumerate() {
         let id = ShardId::new(Cluster::shard(i)).expect("shard id");
         let segments = archive
@@ -182,14 +188,14 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
         "errors after healing: {status:#}"
     );
 
-    let local = Repository::open(cluster.archive().to_str().expect("utf-8"))
+    let local = open_archive(cluster.archive().to_str().expect("utf-8"))
         .await
         .expect("open local archive");
     check_archive(&local, &history).await;
     let remote = Repository::open_with(s3, &moto.env())
         .await
         .expect("open S3 archive");
-    check_archive(&remote, &history).await;
+    check_archive(&WalArchive::Store(remote), &history).await;
 
     // Verifying everything includes the configured archive's WAL range.
     let verify = cluster.lockstep(&["backup", "verify", "--full"]);
@@ -222,4 +228,123 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
             "shard {i}"
         );
     }
+}
+
+/// A coordinator with no agents: another region's WAL archive, on `listen`.
+fn start_region(dir: &std::path::Path, listen: &str) -> (std::process::Child, String) {
+    let config = dir.join("region.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "repository = \"{}\"\nlisten = \"{listen}\"\n",
+            dir.join("repo").display()
+        ),
+    )
+    .expect("write region config");
+    start_server(
+        "lockstep",
+        &[
+            "serve".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        &[],
+        &dir.join("region.log"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_without_the_primary_repository()
+ {
+    let region = tempfile::tempdir().expect("tempdir");
+    let (mut region_server, address) = start_region(region.path(), "127.0.0.1:0");
+    let url = format!("lockstep://{address}");
+    let mut cluster = Cluster::start_with(
+        5_000,
+        None,
+        vec!["--wal-to".into(), url.clone()],
+        Vec::new(),
+    );
+    let mut history: Vec<Vec<Acked>> = vec![Vec::new(); N_AGENTS];
+    let mut n = 0;
+    for _ in 0..30 {
+        round(&cluster, &mut history, n).await;
+        n += 1;
+    }
+
+    // The region goes down while writes go on: shipping there fails and says so.
+    kill_hard(&mut region_server);
+    for _ in 0..20 {
+        round(&cluster, &mut history, n).await;
+        n += 1;
+    }
+    let mut last = serde_json::Value::Null;
+    let reported = wait_until(Duration::from_secs(30), || {
+        let status = json(&cluster.lockstep(&["wal", "status", "--json"]));
+        let failing = destination_errors(&status)
+            .iter()
+            .any(|(dest, code)| dest == &url && !code.is_empty());
+        last = status;
+        async move { failing }
+    })
+    .await;
+    assert!(
+        reported.is_some(),
+        "the region outage was not reported: {last:#}"
+    );
+
+    // It comes back on the same address; shipping resumes where the region's archive ends.
+    let (mut region_server, _) = start_region(region.path(), &address);
+    for _ in 0..10 {
+        round(&cluster, &mut history, n).await;
+        n += 1;
+    }
+    wait_shipped(&cluster).await;
+    let archive = open_archive(&url).await.expect("open the region's archive");
+    check_archive(&archive, &history).await;
+
+    // The primary repository is lost. A coordinator on a new, empty repository restores
+    // every shard from the region's archive alone: empty shards, the whole WAL replayed.
+    cluster.kill_coordinator();
+    std::fs::remove_dir_all(cluster.repo()).expect("remove the primary repository");
+    cluster.start_coordinator(None);
+    let ends: Vec<u64> = history
+        .iter()
+        .map(|h| h.last().map_or(0, |w| w.seq))
+        .collect();
+    let dry = json(&cluster.lockstep(&[
+        "restore",
+        "--to-seq",
+        &seq_vector(&ends),
+        "--wal-from",
+        &url,
+        "--in-place",
+        "--dry-run",
+        "--json",
+    ]));
+    assert!(
+        dry["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("rebuilt from empty shards")),
+        "{dry:#}"
+    );
+    let dir = cluster.dir.path().join("from-the-region");
+    let output = cluster.lockstep(&[
+        "restore",
+        "--to-seq",
+        &seq_vector(&ends),
+        "--wal-from",
+        &url,
+        "--to",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    for (i, shard) in history.iter().enumerate() {
+        assert_eq!(
+            keys_in(&dir.join(Cluster::shard(i))),
+            state(shard, |_| true),
+            "shard {i}"
+        );
+    }
+    kill_hard(&mut region_server);
 }
