@@ -62,7 +62,7 @@ impl Default for ShipperOptions {
         ShipperOptions {
             destinations: Vec::new(),
             segment_bytes: 4 << 20,
-            segment_age: Duration::from_millis(50),
+            segment_age: Duration::from_millis(25),
             poll: Duration::from_millis(10),
             compression: Compression::default(),
             wal_retention_bytes: 1 << 30,

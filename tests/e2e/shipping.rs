@@ -140,7 +140,7 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
     assert!(backup.status.success(), "{}", text(&backup));
 
     // Killed right after a write it acknowledged: the segment holding it is still open
-    // (segments close after 50 ms).
+    // (segments close after 25 ms).
     round(&cluster, &mut history, n).await;
     n += 1;
     cluster.kill_agent(1);
