@@ -61,7 +61,7 @@ pub struct BackupOptions {
     pub transfer: TransferOptions,
 }
 
-fn join_error(err: tokio::task::JoinError) -> Error {
+fn join_error(err: lockstep_repository::blocking::TaskFailed) -> Error {
     Error::with_source(ErrorCode::BackupCreationFailed, "capture task failed", err)
 }
 
@@ -131,11 +131,11 @@ pub async fn capture_closed<E: ShardEngine>(
     let prepare = engine.clone();
     let captured = match mode {
         CaptureMode::Files => {
-            tokio::task::spawn_blocking(move || prepare.prepare_capture())
+            lockstep_repository::blocking::run(move || prepare.prepare_capture())
                 .await
                 .map_err(join_error)??;
             if let Some(parent) = capture_dir.parent() {
-                tokio::fs::create_dir_all(parent).await.map_err(|err| {
+                std::fs::create_dir_all(parent).map_err(|err| {
                     Error::io(
                         ErrorCode::BackupCreationFailed,
                         format!("create {}", parent.display()),
@@ -146,13 +146,13 @@ pub async fn capture_closed<E: ShardEngine>(
             let closed = gate.close().await;
             let capturer = engine.clone();
             let dir = capture_dir.clone();
-            let captured = tokio::task::spawn_blocking(move || capturer.capture(&dir)).await;
+            let captured = lockstep_repository::blocking::run(move || capturer.capture(&dir)).await;
             match captured.map_err(join_error).and_then(|r| r) {
                 Ok(capture) => (closed, capture),
                 Err(err) => {
                     drop(closed);
                     // A checkpoint that failed half-way may have left files behind.
-                    let _ = tokio::fs::remove_dir_all(&capture_dir).await;
+                    let _ = std::fs::remove_dir_all(&capture_dir);
                     return Err(err.context("capture shard"));
                 }
             }
@@ -163,7 +163,7 @@ pub async fn capture_closed<E: ShardEngine>(
                 timeline: parent,
             } = mode
             {
-                tokio::task::spawn_blocking(move || {
+                lockstep_repository::blocking::run(move || {
                     check_wal_available(prepare.as_ref(), after, parent, timeline)
                 })
                 .await
@@ -323,7 +323,7 @@ pub async fn upload_wal<E: ShardEngine>(
     while cursor < seq {
         let reader = engine.clone();
         let batches =
-            tokio::task::spawn_blocking(move || reader.wal_since(cursor, WAL_PIECE_BYTES))
+            lockstep_repository::blocking::run(move || reader.wal_since(cursor, WAL_PIECE_BYTES))
                 .await
                 .map_err(join_error)?
                 .map_err(|err| {

@@ -314,7 +314,7 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
         ));
     }
     let engine = Arc::new(
-        tokio::task::spawn_blocking(move || E::open(&db, &[]))
+        lockstep_repository::blocking::run(move || E::open(&db, &[]))
             .await
             .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
@@ -386,7 +386,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     };
     let (db, cfs) = (args.db.clone(), args.cfs.clone());
     let engine = Arc::new(
-        tokio::task::spawn_blocking(move || {
+        lockstep_repository::blocking::run(move || {
             crate::slot::recover_interrupted_swap(&db)?;
             E::open_with(&db, &cfs, &config)
         })
@@ -417,7 +417,16 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     }
     let shutdown = lockstep_proto::shutdown_on_signal();
     let slot = Arc::new(crate::slot::EngineSlot::new(args.db.clone(), engine)?);
-    crate::server::serve(slot, repo, shard, options, shipping, listener, shutdown).await
+    let parts = crate::server::AgentParts {
+        slot,
+        repo,
+        shard_id: shard,
+        options,
+        shipping,
+        gate: crate::gate::WriteGate::new(),
+        planted_bug: None,
+    };
+    crate::server::serve(parts, listener, shutdown).await
 }
 
 async fn run_list(args: &ListArgs) -> Result<()> {

@@ -9,7 +9,10 @@
 //! Dropping it opens the gate, so an error or a cancelled task can never leave it closed.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the real one in the binaries, simulated time in the simulations.
+use tokio::time::Instant;
 
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 

@@ -216,6 +216,14 @@ async fn next_timeline(
     highest.next()
 }
 
+/// A deliberate bug for the simulations' proof that their checkers catch one (issue: "the
+/// checkers bite"). Never set by the binaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// The agent ignores its lease: a Prepared barrier holds the gate until Commit or Abort.
+    IgnoreLease,
+}
+
 /// What the participant works on: the shard, its gate, its repository and its WAL shipper.
 pub struct ShardParts<E> {
     pub slot: Arc<EngineSlot<E>>,
@@ -224,6 +232,7 @@ pub struct ShardParts<E> {
     pub shard_id: ShardId,
     pub options: BackupOptions,
     pub shipper: ShipperHandle,
+    pub planted_bug: Option<PlantedBug>,
 }
 
 /// Cloneable handle on the participant task.
@@ -259,6 +268,7 @@ struct Participant<E: ShardEngine> {
     options: BackupOptions,
     /// The WAL shipper: its destinations hold the shard's timelines.
     shipper: ShipperHandle,
+    planted_bug: Option<PlantedBug>,
     records: HashMap<BackupId, Record>,
     order: VecDeque<BackupId>,
     /// The barrier holding the gate or uploading, if any.
@@ -290,6 +300,7 @@ impl ParticipantHandle {
             shard_id,
             options,
             shipper,
+            planted_bug,
         } = shard;
         let (tx, rx) = mpsc::channel(64);
         let participant = Participant {
@@ -299,6 +310,7 @@ impl ParticipantHandle {
             shard_id,
             options,
             shipper,
+            planted_bug,
             records: HashMap::new(),
             order: VecDeque::new(),
             active: None,
@@ -408,6 +420,9 @@ impl<E: ShardEngine> Participant<E> {
     }
 
     fn held_deadline(&self) -> Option<Instant> {
+        if self.planted_bug == Some(PlantedBug::IgnoreLease) {
+            return None;
+        }
         let active = self.active.as_ref()?;
         self.records
             .get(active)?
@@ -612,7 +627,7 @@ impl<E: ShardEngine> Participant<E> {
                 progress: None,
             },
         );
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline && self.planted_bug != Some(PlantedBug::IgnoreLease) {
             self.expire();
         }
         self.snapshot(&backup)

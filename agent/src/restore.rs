@@ -122,7 +122,7 @@ pub async fn replay_staged<E: ShardEngine>(
     let dir = staged.staging.path.clone();
     let columns = staged.column_families.clone();
     let engine = std::sync::Arc::new(
-        tokio::task::spawn_blocking(move || E::open(&dir, &columns))
+        lockstep_repository::blocking::run(move || E::open(&dir, &columns))
             .await
             .map_err(replay_task_failed)??,
     );
@@ -145,7 +145,7 @@ pub async fn replay_staged<E: ShardEngine>(
     while let Some(segment) = fetched.next().await {
         let segment = segment?;
         let (engine, to, shard) = (engine.clone(), replay.to, shard.clone());
-        replayed += tokio::task::spawn_blocking(move || -> Result<u64> {
+        replayed += lockstep_repository::blocking::run(move || -> Result<u64> {
             let mut n = 0;
             for batch in &segment.batches {
                 if batch.last() <= engine.latest_seq() {
@@ -185,7 +185,7 @@ pub async fn replay_staged<E: ShardEngine>(
         ));
     }
     let closing = engine.clone();
-    tokio::task::spawn_blocking(move || closing.sync())
+    lockstep_repository::blocking::run(move || closing.sync())
         .await
         .map_err(replay_task_failed)??;
     drop(engine);
@@ -193,7 +193,7 @@ pub async fn replay_staged<E: ShardEngine>(
     Ok(replayed)
 }
 
-fn replay_task_failed(err: tokio::task::JoinError) -> Error {
+fn replay_task_failed(err: lockstep_repository::blocking::TaskFailed) -> Error {
     Error::with_source(
         ErrorCode::BackupRestorationFailed,
         "replay task failed",
@@ -396,16 +396,17 @@ pub async fn stage_shard(
         .map_err(fail)?;
 
     let (check_manifest, check_dir) = (manifest.clone(), staging.path.clone());
-    let seq = tokio::task::spawn_blocking(move || open_and_read_seq(&check_manifest, &check_dir))
-        .await
-        .map_err(|err| {
-            Error::with_source(
-                ErrorCode::BackupRestorationFailed,
-                "open restored shard",
-                err,
-            )
-        })?
-        .map_err(|err| fail(err.context("open restored shard")))?;
+    let seq =
+        lockstep_repository::blocking::run(move || open_and_read_seq(&check_manifest, &check_dir))
+            .await
+            .map_err(|err| {
+                Error::with_source(
+                    ErrorCode::BackupRestorationFailed,
+                    "open restored shard",
+                    err,
+                )
+            })?
+            .map_err(|err| fail(err.context("open restored shard")))?;
     if seq != manifest.seq {
         return Err(Error::new(
             ErrorCode::BackupRestorationFailed,
@@ -473,7 +474,7 @@ pub async fn stage_empty<E: ShardEngine>(
 ) -> Result<StagedShard> {
     let staging = staging_beside(target)?;
     let (dir, columns) = (staging.path.clone(), column_families.clone());
-    let seq = tokio::task::spawn_blocking(move || {
+    let seq = lockstep_repository::blocking::run(move || {
         let engine = E::open(&dir, &columns)?;
         engine.sync()?;
         Ok::<_, Error>(engine.latest_seq())

@@ -19,8 +19,8 @@ use crate::backup::{BackupOptions, CaptureMode};
 use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
 use crate::gate::WriteGate;
 use crate::participant::{
-    BarrierState, BarrierStatus, ParticipantHandle, RestoreRequest, RestoreState, RestoreStatus,
-    ShardParts,
+    BarrierState, BarrierStatus, ParticipantHandle, PlantedBug, RestoreRequest, RestoreState,
+    RestoreStatus, ShardParts,
 };
 use crate::shipper::{DestinationStatus, ShipperHandle, ShipperOptions};
 use crate::slot::EngineSlot;
@@ -37,7 +37,7 @@ fn cf_name(name: &str) -> &str {
     if name.is_empty() { DEFAULT_CF } else { name }
 }
 
-fn blocking_failed(err: tokio::task::JoinError) -> Status {
+fn blocking_failed(err: lockstep_repository::blocking::TaskFailed) -> Status {
     to_status(&Error::with_source(
         ErrorCode::ShardEngineFailed,
         "engine task failed",
@@ -51,7 +51,7 @@ impl<E: ShardEngine> ShardApi<E> {
     async fn apply(&self, batch: WriteBatch) -> Result<Response<v1::WriteReply>, Status> {
         let permit = self.gate.enter().await;
         let engine = self.slot.get().map_err(|err| to_status(&err))?;
-        let range = tokio::task::spawn_blocking(move || {
+        let range = lockstep_repository::blocking::run(move || {
             let range = engine.write(&batch);
             drop(permit);
             range
@@ -85,11 +85,12 @@ impl<E: ShardEngine> Shard for ShardApi<E> {
     ) -> Result<Response<v1::GetReply>, Status> {
         let r = request.into_inner();
         let engine = self.slot.get().map_err(|err| to_status(&err))?;
-        let value =
-            tokio::task::spawn_blocking(move || engine.get(cf_name(&r.column_family), &r.key))
-                .await
-                .map_err(blocking_failed)?
-                .map_err(|err| to_status(&err))?;
+        let value = lockstep_repository::blocking::run(move || {
+            engine.get(cf_name(&r.column_family), &r.key)
+        })
+        .await
+        .map_err(blocking_failed)?
+        .map_err(|err| to_status(&err))?;
         Ok(Response::new(v1::GetReply {
             found: value.is_some(),
             value: value.unwrap_or_default(),
@@ -142,7 +143,7 @@ impl<E: ShardEngine> Shard for ShardApi<E> {
             r.limit.min(100_000)
         } as usize;
         let engine = self.slot.get().map_err(|err| to_status(&err))?;
-        let entries = tokio::task::spawn_blocking(move || {
+        let entries = lockstep_repository::blocking::run(move || {
             let end = (!r.end.is_empty()).then_some(r.end.as_slice());
             engine.scan(cf_name(&r.column_family), &r.start, end, limit)
         })
@@ -463,16 +464,60 @@ impl Agent for AgentApi {
 
 /// Serves one shard on `listener` until `shutdown` fires: stops accepting, cancels the
 /// participant (which reopens the gate), and waits for its task.
+/// Everything an agent serves: its shard, repository and WAL shipping.
+pub struct AgentParts<E> {
+    pub slot: Arc<EngineSlot<E>>,
+    pub repo: Repository,
+    pub shard_id: ShardId,
+    pub options: BackupOptions,
+    pub shipping: ShipperOptions,
+    /// The shard's write gate (the simulations watch it from outside).
+    pub gate: WriteGate,
+    /// Always `None` in the binaries; see [`PlantedBug`].
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Runs the agent on `listener` (TCP) until `shutdown` fires.
 pub async fn serve<E: ShardEngine>(
-    slot: Arc<EngineSlot<E>>,
-    repo: Repository,
-    shard_id: ShardId,
-    options: BackupOptions,
-    shipping: ShipperOptions,
+    parts: AgentParts<E>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let gate = WriteGate::new();
+    serve_incoming(
+        parts,
+        tonic::transport::server::TcpIncoming::from(listener),
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the agent on any stream of connections (TCP, or the simulated network of the
+/// simulations) until `shutdown` fires.
+pub async fn serve_incoming<E, I, IO, IE>(
+    parts: AgentParts<E>,
+    incoming: I,
+    shutdown: CancellationToken,
+) -> Result<(), Error>
+where
+    E: ShardEngine,
+    I: futures::Stream<Item = std::result::Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let AgentParts {
+        slot,
+        repo,
+        shard_id,
+        options,
+        shipping,
+        gate,
+        planted_bug,
+    } = parts;
     let mut tasks = JoinSet::new();
     let shipper = ShipperHandle::spawn(
         slot.clone(),
@@ -489,6 +534,7 @@ pub async fn serve<E: ShardEngine>(
             shard_id,
             options,
             shipper: shipper.clone(),
+            planted_bug,
         },
         shutdown.child_token(),
         &mut tasks,
@@ -511,10 +557,7 @@ pub async fn serve<E: ShardEngine>(
             participant,
             shipper,
         }))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown.clone().cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}

@@ -285,7 +285,9 @@ impl<E: ShardEngine> Shipper<E> {
         self.last_pin_check = Some(Instant::now());
         if let Ok(engine) = self.slot.get() {
             let engine = Arc::clone(&engine);
-            if let Ok(Ok(bytes)) = tokio::task::spawn_blocking(move || engine.wal_bytes()).await {
+            if let Ok(Ok(bytes)) =
+                lockstep_repository::blocking::run(move || engine.wal_bytes()).await
+            {
                 self.wal_retained_bytes = bytes;
             }
         }
@@ -328,7 +330,7 @@ impl<E: ShardEngine> Shipper<E> {
     async fn read_wal(&self, after: Seq) -> Result<Vec<WalBatch>> {
         let engine = Arc::clone(&*self.slot.get()?);
         let max_bytes = self.options.segment_bytes;
-        tokio::task::spawn_blocking(move || engine.wal_since(after, max_bytes))
+        lockstep_repository::blocking::run(move || engine.wal_since(after, max_bytes))
             .await
             .map_err(|err| {
                 Error::with_source(ErrorCode::BackupWalArchiveFailed, "WAL read task", err)

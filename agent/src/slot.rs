@@ -171,13 +171,13 @@ impl<E: ShardEngine> EngineSlot<E> {
         let (mut exclusive, old) = self.drain().await?;
         let columns = old.column_families();
         // Closing RocksDB flushes and joins its threads: blocking work.
-        tokio::task::spawn_blocking(move || drop(old))
+        lockstep_repository::blocking::run(move || drop(old))
             .await
             .map_err(|err| {
                 Error::with_source(ErrorCode::ShardEngineFailed, "close the live shard", err)
             })?;
         let dir = self.dir.clone();
-        let swapped = tokio::task::spawn_blocking(move || swap_directories(&dir, staged))
+        let swapped = lockstep_repository::blocking::run(move || swap_directories(&dir, staged))
             .await
             .map_err(|err| {
                 Error::with_source(ErrorCode::BackupRestorationFailed, "swap the shard", err)
@@ -198,14 +198,18 @@ impl<E: ShardEngine> EngineSlot<E> {
                 }
                 drop(exclusive);
                 let replaced = replaced_dir(&self.dir);
-                if let Err(err) = tokio::fs::remove_dir_all(&replaced).await {
+                let removing = replaced.clone();
+                let removed =
+                    lockstep_repository::blocking::run(move || std::fs::remove_dir_all(&removing))
+                        .await;
+                if let Ok(Err(err)) = removed {
                     tracing::warn!(dir = %replaced.display(), error = %err, "could not remove the replaced shard; the next start removes it");
                 }
                 Ok(seq)
             }
             Err(err) => {
                 let dir = self.dir.clone();
-                let reopened = tokio::task::spawn_blocking(move || E::open(&dir, &columns))
+                let reopened = lockstep_repository::blocking::run(move || E::open(&dir, &columns))
                     .await
                     .map_err(|join| {
                         Error::with_source(ErrorCode::ShardEngineFailed, "reopen the shard", join)

@@ -30,11 +30,11 @@ pub(crate) fn start(
     program: &Path,
     args: &[&str],
     log: &Path,
+    log_level: &str,
 ) -> Result<String> {
     let mut child = Command::new(program)
         .args(args)
-        // Info level: the WAL bench reads the agents' replay timings from their logs.
-        .env("LOCKSTEP_LOG", "info")
+        .env("LOCKSTEP_LOG", log_level)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).context("create log")?)
         .spawn()
@@ -99,13 +99,15 @@ pub(crate) struct BenchCluster {
 
 impl BenchCluster {
     /// Starts `agents` agents (shipping their WAL to `wal_to`, if set) and a coordinator in
-    /// a fresh `work/name`.
+    /// a fresh `work/name`. The agents log at `log_level` (the WAL bench reads the replay
+    /// timings of `info`; the barrier bench keeps the default, so logging adds no pause).
     pub fn start(
         bins: &Binaries,
         work: &Path,
         name: &str,
         agents: usize,
         wal_to: Option<&Path>,
+        log_level: &str,
     ) -> Result<BenchCluster> {
         let dir = work.join(name);
         crate::contenders::remove(&dir);
@@ -143,6 +145,7 @@ impl BenchCluster {
                 &bins.agent,
                 &args,
                 &dir.join(format!("agent-{i}.log")),
+                log_level,
             )?;
             config.push_str(&format!(
                 "[[agents]]\nshard = \"{shard}\"\nendpoint = \"http://{address}\"\n"
@@ -160,6 +163,7 @@ impl BenchCluster {
                 config_path.to_str().unwrap_or_default(),
             ],
             &dir.join("coordinator.log"),
+            "info",
         )?;
         Ok(BenchCluster {
             dir,
@@ -243,7 +247,14 @@ pub fn measure(
     backups: usize,
     load: Load,
 ) -> Result<Pauses> {
-    let mut cluster = BenchCluster::start(bins, work, &format!("barrier-{agents}"), agents, None)?;
+    let mut cluster = BenchCluster::start(
+        bins,
+        work,
+        &format!("barrier-{agents}"),
+        agents,
+        None,
+        "warn",
+    )?;
     let repo = cluster.repo.clone();
     cluster.start_writers(bins, load)?;
     // Let the writers reach their steady rate before the first backup: the bench measures

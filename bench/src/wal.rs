@@ -82,7 +82,7 @@ fn field(line: &str, name: &str) -> Option<u64> {
 pub fn measure(bins: &Binaries, work: &Path, agents: usize, write_secs: u64) -> Result<WalResult> {
     let archive = work.join("wal-region-2");
     crate::contenders::remove(&archive);
-    let mut cluster = BenchCluster::start(bins, work, "wal", agents, Some(&archive))?;
+    let mut cluster = BenchCluster::start(bins, work, "wal", agents, Some(&archive), "info")?;
     let result = run(bins, &mut cluster, agents, write_secs);
     match result {
         Ok(result) => {

@@ -445,9 +445,38 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) -> Result<()> {
+    let agents = agent_links(&config)?;
+    serve_incoming(
+        config,
+        agents,
+        tonic::transport::server::TcpIncoming::from(listener),
+        shutdown,
+        on_ready,
+    )
+    .await
+}
+
+/// `serve` on any stream of connections, reaching the agents through `agents` (TCP channels,
+/// or the simulated network of the simulations).
+pub async fn serve_incoming<I, IO, IE>(
+    config: Config,
+    agents: Vec<AgentLink>,
+    incoming: I,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(),
+) -> Result<()>
+where
+    I: futures::Stream<Item = std::result::Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let config = Arc::new(config);
     let repo = Repository::open(&config.repository).await?;
-    let agents = agent_links(&config)?;
     let ctx = JobContext {
         config: config.clone(),
         repo: repo.clone(),
@@ -495,10 +524,7 @@ pub async fn serve(
                 .max_decoding_message_size(lockstep_proto::archive::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(lockstep_proto::archive::MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown.clone().cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}

@@ -11,6 +11,7 @@
 //! manifest; anything not reachable from a backup manifest is garbage.
 
 pub mod archive;
+pub mod blocking;
 pub mod codec;
 pub mod error;
 pub mod ids;

@@ -29,7 +29,7 @@ pub async fn encode_wal_segment(
     compression: codec::Compression,
 ) -> Result<(SegmentInfo, Vec<u8>)> {
     let plaintext = segment.encode();
-    let encoded = tokio::task::spawn_blocking(move || codec::encode(&plaintext, compression))
+    let encoded = crate::blocking::run(move || codec::encode(&plaintext, compression))
         .await
         .map_err(|err| {
             Error::with_source(ErrorCode::BackupWalArchiveFailed, "encode task failed", err)
@@ -48,7 +48,7 @@ pub async fn encode_wal_segment(
 pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<Segment> {
     let name = format!("WAL segment {}", info.file_name());
     let id = info.id;
-    let plaintext = tokio::task::spawn_blocking(move || codec::decode(&id, &stored))
+    let plaintext = crate::blocking::run(move || codec::decode(&id, &stored))
         .await
         .map_err(|err| {
             Error::with_source(
@@ -230,7 +230,7 @@ impl Repository {
             return Ok(());
         };
         let file = root.join(key.as_ref());
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::run(move || {
             std::fs::File::open(&file)?.sync_all()?;
             if let Some(dir) = file.parent() {
                 std::fs::File::open(dir)?.sync_all()?;
@@ -326,7 +326,7 @@ impl Repository {
                 )
             })?;
         let id = *id;
-        tokio::task::spawn_blocking(move || codec::decode(&id, &stored))
+        crate::blocking::run(move || codec::decode(&id, &stored))
             .await
             .map_err(|err| {
                 Error::with_source(
@@ -586,7 +586,7 @@ impl Repository {
     ) -> Result<WalPiece> {
         let plaintext = segment.encode();
         let len = plaintext.len() as u64;
-        let encoded = tokio::task::spawn_blocking(move || codec::encode(&plaintext, compression))
+        let encoded = crate::blocking::run(move || codec::encode(&plaintext, compression))
             .await
             .map_err(|err| {
                 Error::with_source(ErrorCode::BackupCreationFailed, "encode task failed", err)

@@ -101,7 +101,7 @@ struct ChunkJob {
     len: usize,
 }
 
-fn spawn_blocking_err(err: tokio::task::JoinError) -> Error {
+fn spawn_blocking_err(err: crate::blocking::TaskFailed) -> Error {
     Error::with_source(ErrorCode::BackupCreationFailed, "worker task failed", err)
 }
 
@@ -223,7 +223,7 @@ async fn upload_chunk(
         ..Default::default()
     };
     let (path, offset, len) = (job.path.clone(), job.offset, job.len);
-    let (plaintext, id) = tokio::task::spawn_blocking(move || {
+    let (plaintext, id) = crate::blocking::run(move || {
         let plaintext = read_chunk(&path, offset, len)?;
         let id = ObjectId::of(&plaintext);
         Ok::<_, Error>((plaintext, id))
@@ -237,7 +237,7 @@ async fn upload_chunk(
             size
         }
         None => {
-            let encoded = tokio::task::spawn_blocking(move || {
+            let encoded = crate::blocking::run(move || {
                 codec::encode_with_id(id, &plaintext, options.compression)
             })
             .await
@@ -315,7 +315,7 @@ pub async fn download_files(
                 ));
             }
             let len = chunk.len;
-            tokio::task::spawn_blocking(move || {
+            crate::blocking::run(move || {
                 let (file, remaining) = &*handle;
                 file.write_all_at(&plaintext, offset)
                     .map_err(|err| io(format!("write {}", path.display()), err))?;
@@ -335,7 +335,7 @@ pub async fn download_files(
         .await?;
 
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    crate::blocking::run(move || {
         for (handle, path) in &empty {
             handle
                 .0

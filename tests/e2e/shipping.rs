@@ -230,8 +230,17 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
     }
 }
 
+/// A coordinator process, killed when dropped (so a failing test leaves nothing running).
+struct Region(std::process::Child);
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        kill_hard(&mut self.0);
+    }
+}
+
 /// A coordinator with no agents: another region's WAL archive, on `listen`.
-fn start_region(dir: &std::path::Path, listen: &str) -> (std::process::Child, String) {
+fn start_region(dir: &std::path::Path, listen: &str) -> (Region, String) {
     let config = dir.join("region.toml");
     std::fs::write(
         &config,
@@ -241,7 +250,7 @@ fn start_region(dir: &std::path::Path, listen: &str) -> (std::process::Child, St
         ),
     )
     .expect("write region config");
-    start_server(
+    let (child, address) = start_server(
         "lockstep",
         &[
             "serve".into(),
@@ -250,14 +259,15 @@ fn start_region(dir: &std::path::Path, listen: &str) -> (std::process::Child, St
         ],
         &[],
         &dir.join("region.log"),
-    )
+    );
+    (Region(child), address)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_without_the_primary_repository()
  {
     let region = tempfile::tempdir().expect("tempdir");
-    let (mut region_server, address) = start_region(region.path(), "127.0.0.1:0");
+    let (region_server, address) = start_region(region.path(), "127.0.0.1:0");
     let url = format!("lockstep://{address}");
     let mut cluster = Cluster::start_with(
         5_000,
@@ -273,7 +283,7 @@ async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_wi
     }
 
     // The region goes down while writes go on: shipping there fails and says so.
-    kill_hard(&mut region_server);
+    drop(region_server);
     for _ in 0..20 {
         round(&cluster, &mut history, n).await;
         n += 1;
@@ -294,7 +304,7 @@ async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_wi
     );
 
     // It comes back on the same address; shipping resumes where the region's archive ends.
-    let (mut region_server, _) = start_region(region.path(), &address);
+    let (_region_server, _) = start_region(region.path(), &address);
     for _ in 0..10 {
         round(&cluster, &mut history, n).await;
         n += 1;
@@ -346,5 +356,4 @@ async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_wi
             "shard {i}"
         );
     }
-    kill_hard(&mut region_server);
 }

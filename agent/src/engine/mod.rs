@@ -4,7 +4,8 @@
 //! simulations and fast tests. One conformance suite (`conformance.rs`) runs against both;
 //! the model is trusted only because that suite passes on both.
 //!
-//! Every method blocks: call them from `spawn_blocking` or a dedicated thread.
+//! Every method blocks: call them through `lockstep_repository::blocking::run` (the blocking
+//! pool, or inline in simulations) or from a dedicated thread.
 
 mod mem;
 mod rocks;
