@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # sha2, object_store) at opt-level 2, so `make demo` after `make test` compiles nothing.
 BIN := $(CARGO_TARGET_DIR)/debug
 
-.PHONY: deps build test demo bench fmt
+.PHONY: deps build test demo bench sim fmt
 
 ## deps: install what a fresh Debian machine lacks (libclang for the RocksDB bindings, moto for S3 tests)
 deps:
@@ -34,6 +34,11 @@ demo: build
 ## bench: Lockstep against RocksDB's BackupEngine on the same data, disk and threads (under 20 minutes on 2 cores)
 bench: build
 	$(BIN)/lockstep-bench run --bin-dir $(BIN) --work $(CARGO_TARGET_DIR)/bench-work --out bench/results $(BENCH_ARGS)
+
+## sim: a longer simulation sweep, SEEDS per scenario (default 500); violations per scenario
+sim:
+	cargo build -p lockstep-simulations --bins
+	$(BIN)/lockstep-sim $(or $(SEEDS),500)
 
 fmt:
 	cargo fmt --all

@@ -389,6 +389,8 @@ impl<E: ShardEngine> Participant<E> {
         loop {
             let deadline = self.held_deadline();
             tokio::select! {
+                // Fixed polling order: the simulations replay a seed exactly.
+                biased;
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.expire();

@@ -230,6 +230,8 @@ impl<E: ShardEngine> Shipper<E> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Fixed polling order: the simulations replay a seed exactly.
+                biased;
                 _ = cancel.cancelled() => break,
                 _ = ticker.tick() => self.tick().await,
             }

@@ -131,6 +131,8 @@ pub async fn auto_tags(ctx: JobContext, every: Duration, cancel: CancellationTok
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            // Fixed polling order: the simulations replay a seed exactly.
+            biased;
             _ = cancel.cancelled() => return,
             _ = ticks.tick() => {}
         }

@@ -1,0 +1,143 @@
+//! Scenarios: which faults a run injects, and the options a seed draws (cluster size, RAID
+//! layout, lease length, latency, fault times).
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The kind of trouble a run is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Agents crash and restart at random points, barrier steps included.
+    AgentCrashes,
+    /// The coordinator crashes and restarts, mid-barrier and mid-upload.
+    CoordinatorCrashes,
+    /// Links between the coordinator and agents are cut around the lease deadline.
+    Partitions,
+    /// Slow links: message delays up to and past the Prepare deadline.
+    Delays,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::AgentCrashes,
+        Kind::CoordinatorCrashes,
+        Kind::Partitions,
+        Kind::Delays,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::AgentCrashes => "agent-crashes",
+            Kind::CoordinatorCrashes => "coordinator-crashes",
+            Kind::Partitions => "partitions",
+            Kind::Delays => "delays",
+        }
+    }
+}
+
+/// One fault at one simulated instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Crash a host and start it again at once (its state on "disk" survives).
+    Bounce(String),
+    /// Cut the link between two hosts...
+    Partition(String, String),
+    /// ...and heal it.
+    Repair(String, String),
+}
+
+/// Everything a run does, drawn from its seed.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub seed: u64,
+    pub kind: Kind,
+    pub agents: usize,
+    /// Parity shards of the one RAID group (1: raid5, 2: raid6).
+    pub parity: usize,
+    pub lease: Duration,
+    pub max_latency: Duration,
+    /// Faults happen during this first part of the run...
+    pub fault_period: Duration,
+    /// ...then the cluster must take a backup within this bound.
+    pub converge_within: Duration,
+    pub faults: Vec<(Duration, Fault)>,
+    /// Time between the workload's backup requests.
+    pub backup_every: Duration,
+    /// The checkers' proof: an agent that ignores its lease.
+    pub planted_bug: bool,
+}
+
+pub fn agent(i: usize) -> String {
+    format!("agent-{i}")
+}
+
+pub const COORDINATOR: &str = "coordinator";
+
+impl Scenario {
+    pub fn new(seed: u64, kind: Kind) -> Scenario {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let agents = rng.random_range(3..=5);
+        let parity = if agents >= 4 && rng.random_bool(0.5) {
+            2
+        } else {
+            1
+        };
+        let lease = Duration::from_millis(rng.random_range(300..=1500));
+        let max_latency = match kind {
+            Kind::Delays => {
+                Duration::from_millis(rng.random_range(20..=lease.as_millis() as u64 / 2 + 20))
+            }
+            _ => Duration::from_millis(rng.random_range(1..=10)),
+        };
+        let fault_period = Duration::from_secs(6);
+        let mut faults = Vec::new();
+        let n_faults = rng.random_range(2..=6);
+        for _ in 0..n_faults {
+            let at = Duration::from_millis(rng.random_range(200..fault_period.as_millis() as u64));
+            match kind {
+                Kind::AgentCrashes => {
+                    faults.push((at, Fault::Bounce(agent(rng.random_range(0..agents)))));
+                }
+                Kind::CoordinatorCrashes => {
+                    faults.push((at, Fault::Bounce(COORDINATOR.to_string())));
+                }
+                Kind::Partitions => {
+                    let victim = agent(rng.random_range(0..agents));
+                    // Around the lease deadline: shorter than it, about it, or longer.
+                    let lasting = lease.mul_f64(rng.random_range(0.3..1.7));
+                    faults.push((
+                        at,
+                        Fault::Partition(COORDINATOR.to_string(), victim.clone()),
+                    ));
+                    faults.push((
+                        (at + lasting).min(fault_period),
+                        Fault::Repair(COORDINATOR.to_string(), victim),
+                    ));
+                }
+                Kind::Delays => {}
+            }
+        }
+        faults.sort_by_key(|(at, _)| *at);
+        Scenario {
+            seed,
+            kind,
+            agents,
+            parity,
+            lease,
+            max_latency,
+            fault_period,
+            converge_within: Duration::from_secs(10),
+            faults,
+            backup_every: Duration::from_millis(rng.random_range(150..=600)),
+            planted_bug: false,
+        }
+    }
+
+    /// The same scenario with the planted bug switched on.
+    pub fn with_planted_bug(mut self) -> Scenario {
+        self.planted_bug = true;
+        self
+    }
+}

@@ -1,0 +1,435 @@
+//! One simulated run: the production coordinator and N production agents (on `MemEngine`)
+//! as turmoil hosts, one shared `memory://` repository, a client that writes causally
+//! chained data and asks for backups, and the fault schedule of the scenario applied between
+//! simulation steps. Every acknowledged write is recorded as the model; every agent's gate is
+//! watched from outside after every step, in simulated time.
+
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lockstep_agent::WriteGate;
+use lockstep_agent::backup::BackupOptions;
+use lockstep_agent::engine::{MemEngine, ShardEngine};
+use lockstep_agent::participant::PlantedBug;
+use lockstep_agent::server::{AgentParts, serve_incoming};
+use lockstep_agent::shipper::ShipperOptions;
+use lockstep_agent::slot::EngineSlot;
+use lockstep_coordinator::config::{AgentConfig, BarrierConfig, Config, TagsConfig};
+use lockstep_coordinator::job::{AgentLink, agent_endpoint};
+use lockstep_proto::v1;
+use lockstep_proto::v1::agent_client::AgentClient;
+use lockstep_proto::v1::coordinator_client::CoordinatorClient;
+use lockstep_proto::v1::shard_client::ShardClient;
+use lockstep_repository::manifest::{RaidGroup, RaidLayout};
+use lockstep_repository::transfer::TransferOptions;
+use lockstep_repository::{Repository, ShardId};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use crate::net::{channel, connect, endpoint, incoming};
+use crate::scenario::{COORDINATOR, Fault, Scenario, agent};
+
+const AGENT_PORT: u16 = 7401;
+const COORDINATOR_PORT: u16 = 7400;
+
+/// One write the client sent.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub shard: usize,
+    pub key: String,
+    /// Its sequence number once acknowledged; `None` if no acknowledgement came (it may or
+    /// may not have been applied).
+    pub seq: Option<u64>,
+    /// The write acknowledged last before this one was sent: this one causally follows it.
+    pub after: Option<usize>,
+}
+
+/// One backup the client asked for.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub backup_id: Option<String>,
+    pub requested_ms: u64,
+    /// When the client saw the outcome, and the outcome (`committed`, or an error code).
+    pub outcome: Option<(u64, String)>,
+}
+
+/// What the run recorded.
+#[derive(Debug, Default)]
+pub struct Record {
+    pub writes: Vec<Write>,
+    pub attempts: Vec<Attempt>,
+    /// Closed-gate intervals per agent, in simulated ms: `[from, to)`.
+    pub fences: Vec<Vec<(u64, u64)>>,
+    /// Gates seen closed for longer than the lease (agent, from, to).
+    pub overlong_fences: Vec<(usize, u64, u64)>,
+    /// Whether a backup committed within the bound once the faults stopped.
+    pub converged: bool,
+    /// Every event, in order, for the determinism check.
+    pub trace: Vec<String>,
+    /// A host whose software failed (not a crash the scenario caused).
+    pub host_error: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64
+}
+
+/// The cluster configuration the coordinator runs with.
+fn config(scenario: &Scenario, repository: &str) -> Config {
+    let shards: Vec<ShardId> = (0..scenario.agents)
+        .filter_map(|i| ShardId::new(format!("shard-{i}")).ok())
+        .collect();
+    let data = scenario.agents - scenario.parity;
+    let lease_ms = scenario.lease.as_millis() as u64;
+    Config {
+        repository: repository.to_string(),
+        listen: format!("0.0.0.0:{COORDINATOR_PORT}"),
+        barrier: BarrierConfig {
+            lease_ms,
+            prepare_timeout_ms: lease_ms / 2,
+            upload_timeout_ms: 30_000,
+        },
+        agents: shards
+            .iter()
+            .enumerate()
+            .map(|(i, shard)| AgentConfig {
+                shard: shard.clone(),
+                endpoint: format!("http://{}:{AGENT_PORT}", agent(i)),
+            })
+            .collect(),
+        raid_groups: vec![RaidGroup {
+            name: "group-0".into(),
+            layout: if scenario.parity == 2 {
+                RaidLayout::Raid6
+            } else {
+                RaidLayout::Raid5
+            },
+            data: shards[..data].to_vec(),
+            parity: shards[data..].to_vec(),
+        }],
+        wal_archive: None,
+        tags: TagsConfig::default(),
+    }
+}
+
+/// Runs `scenario` to its end; the record and the shared repository's URL.
+pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
+    lockstep_repository::blocking::run_inline_on_this_thread();
+    let repository = format!(
+        "memory://sim-{}-{}-{}",
+        scenario.kind.name(),
+        scenario.seed,
+        dir.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    );
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(
+            scenario.fault_period + scenario.converge_within + Duration::from_secs(30),
+        )
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(scenario.max_latency)
+        .rng_seed(scenario.seed)
+        .build();
+    let record = Rc::new(RefCell::new(Record {
+        fences: vec![Vec::new(); scenario.agents],
+        ..Record::default()
+    }));
+    let gates: Arc<Mutex<Vec<WriteGate>>> =
+        Arc::new(Mutex::new(vec![WriteGate::new(); scenario.agents]));
+
+    for i in 0..scenario.agents {
+        // The shard's data outlives a crash of its agent, like RocksDB's files do.
+        let shard_dir = dir.join(format!("shard-{i}"));
+        let engine = match MemEngine::open(&shard_dir, &["default".to_string()]) {
+            Ok(engine) => Arc::new(engine),
+            Err(err) => {
+                record.borrow_mut().host_error = Some(err.chain());
+                return (
+                    Rc::try_unwrap(record)
+                        .map(|r| r.into_inner())
+                        .unwrap_or_default(),
+                    repository,
+                );
+            }
+        };
+        let (gates, repository) = (gates.clone(), repository.clone());
+        let captures: PathBuf = dir.join(format!("captures-{i}"));
+        let planted_bug = scenario.planted_bug.then_some(PlantedBug::IgnoreLease);
+        sim.host(agent(i), move || {
+            let (engine, gates, repository, shard_dir, captures) = (
+                engine.clone(),
+                gates.clone(),
+                repository.clone(),
+                shard_dir.clone(),
+                captures.clone(),
+            );
+            async move {
+                let gate = WriteGate::new();
+                if let Ok(mut all) = gates.lock() {
+                    all[i] = gate.clone();
+                }
+                let parts = AgentParts {
+                    slot: Arc::new(EngineSlot::new(shard_dir, engine)?),
+                    repo: Repository::open(&repository).await?,
+                    shard_id: ShardId::new(format!("shard-{i}"))?,
+                    options: BackupOptions {
+                        capture_root: captures,
+                        transfer: TransferOptions {
+                            parallelism: 2,
+                            ..TransferOptions::default()
+                        },
+                    },
+                    shipping: ShipperOptions::default(),
+                    gate,
+                    planted_bug,
+                };
+                serve_incoming(parts, incoming(AGENT_PORT).await?, CancellationToken::new())
+                    .await?;
+                Ok(())
+            }
+        });
+    }
+
+    let coordinator_config = config(scenario, &repository);
+    sim.host(COORDINATOR, move || {
+        let config = coordinator_config.clone();
+        async move {
+            let agents = config
+                .agents
+                .iter()
+                .enumerate()
+                .map(|(i, a)| AgentLink {
+                    shard_id: a.shard.clone(),
+                    endpoint: a.endpoint.clone(),
+                    // The production channel settings (timeouts, keepalive).
+                    client: AgentClient::new(connect(
+                        agent_endpoint(endpoint(&agent(i), AGENT_PORT)),
+                        &agent(i),
+                        AGENT_PORT,
+                    )),
+                })
+                .collect();
+            lockstep_coordinator::service::serve_incoming(
+                config,
+                agents,
+                incoming(COORDINATOR_PORT).await?,
+                CancellationToken::new(),
+                || {},
+            )
+            .await?;
+            Ok(())
+        }
+    });
+
+    sim.client("client", workload(scenario.clone(), record.clone()));
+
+    // Faults between steps, and the gates watched after every step.
+    let mut faults = scenario.faults.clone().into_iter().peekable();
+    let mut closed_since: Vec<Option<u64>> = vec![None; scenario.agents];
+    let lease_ms = scenario.lease.as_millis() as u64;
+    loop {
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(err) => {
+                record.borrow_mut().host_error = Some(err.to_string());
+                break;
+            }
+        }
+        let now = sim.elapsed().as_millis() as u64;
+        while let Some((at, fault)) = faults.peek() {
+            if at.as_millis() as u64 > now {
+                break;
+            }
+            record
+                .borrow_mut()
+                .trace
+                .push(format!("{now} fault {fault:?}"));
+            match fault {
+                Fault::Bounce(host) => sim.bounce(host.as_str()),
+                Fault::Partition(a, b) => sim.partition(a.as_str(), b.as_str()),
+                Fault::Repair(a, b) => sim.repair(a.as_str(), b.as_str()),
+            }
+            faults.next();
+        }
+        let closed: Vec<bool> = match gates.lock() {
+            Ok(all) => all.iter().map(WriteGate::is_closed).collect(),
+            Err(_) => vec![false; scenario.agents],
+        };
+        let mut record = record.borrow_mut();
+        for (i, is_closed) in closed.into_iter().enumerate() {
+            match (closed_since[i], is_closed) {
+                (None, true) => closed_since[i] = Some(now),
+                (Some(from), false) => {
+                    record.fences[i].push((from, now));
+                    closed_since[i] = None;
+                }
+                (Some(from), true) if now - from > lease_ms + 5 => {
+                    match record
+                        .overlong_fences
+                        .iter_mut()
+                        .find(|(a, f, _)| *a == i && *f == from)
+                    {
+                        Some(overlong) => overlong.2 = now,
+                        None => record.overlong_fences.push((i, from, now)),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    drop(sim);
+    let record = Rc::try_unwrap(record)
+        .map(RefCell::into_inner)
+        .unwrap_or_default();
+    (record, repository)
+}
+
+/// The client: causally chained writes to random shards, and backups every so often; once
+/// the faults stop, backups until one commits within the bound.
+async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::Result {
+    let done = Rc::new(Cell::new(false));
+    let writer = {
+        let (record, done, scenario) = (record.clone(), done.clone(), scenario.clone());
+        async move {
+            let mut rng = StdRng::seed_from_u64(scenario.seed ^ 0x0057_17e5);
+            let shards: Vec<ShardClient<_>> = (0..scenario.agents)
+                .map(|i| ShardClient::new(channel(&agent(i), AGENT_PORT)))
+                .collect();
+            let mut last_acked = None;
+            let mut n = 0u64;
+            while !done.get() {
+                let shard = rng.random_range(0..scenario.agents);
+                let key = format!("w-{n:06}");
+                n += 1;
+                let mut client = shards[shard].clone();
+                let request = v1::PutRequest {
+                    column_family: String::new(),
+                    key: key.clone().into_bytes(),
+                    value: b"v".to_vec(),
+                };
+                let reply = tokio::time::timeout(Duration::from_secs(3), client.put(request)).await;
+                let seq = match reply {
+                    Ok(Ok(reply)) => Some(reply.into_inner().last_seq),
+                    _ => None,
+                };
+                {
+                    let mut record = record.borrow_mut();
+                    let index = record.writes.len();
+                    record
+                        .trace
+                        .push(format!("{} write {key} shard-{shard} {seq:?}", now_ms()));
+                    record.writes.push(Write {
+                        shard,
+                        key,
+                        seq,
+                        after: last_acked,
+                    });
+                    if seq.is_some() {
+                        last_acked = Some(index);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(rng.random_range(1..=15))).await;
+            }
+        }
+    };
+    let backups = async move {
+        let mut coordinator = CoordinatorClient::new(channel(COORDINATOR, COORDINATOR_PORT));
+        while now_ms() < scenario.fault_period.as_millis() as u64 {
+            tokio::time::sleep(scenario.backup_every).await;
+            backup(&mut coordinator, &scenario, &record).await;
+        }
+        // The faults are over: the cluster must converge, a backup committing within the bound.
+        let deadline = now_ms() + scenario.converge_within.as_millis() as u64;
+        let mut converged = false;
+        while !converged && now_ms() < deadline {
+            converged = backup(&mut coordinator, &scenario, &record).await;
+            if !converged {
+                tokio::time::sleep(scenario.lease).await;
+            }
+        }
+        record.borrow_mut().converged = converged;
+        done.set(true);
+    };
+    futures::join!(writer, backups);
+    Ok(())
+}
+
+/// Asks for one backup and follows it to its outcome; true if it committed.
+async fn backup(
+    coordinator: &mut CoordinatorClient<tonic::transport::Channel>,
+    scenario: &Scenario,
+    record: &Rc<RefCell<Record>>,
+) -> bool {
+    let requested_ms = now_ms();
+    let index = {
+        let mut record = record.borrow_mut();
+        record.attempts.push(Attempt {
+            backup_id: None,
+            requested_ms,
+            outcome: None,
+        });
+        record.attempts.len() - 1
+    };
+    let finish = |outcome: String| {
+        let mut record = record.borrow_mut();
+        record
+            .trace
+            .push(format!("{} backup #{index} {outcome}", now_ms()));
+        record.attempts[index].outcome = Some((now_ms(), outcome));
+    };
+    let request = v1::CreateBackupRequest {
+        kind: "full".into(),
+    };
+    let job = match tokio::time::timeout(Duration::from_secs(3), coordinator.create_backup(request))
+        .await
+    {
+        Ok(Ok(job)) => job.into_inner(),
+        Ok(Err(status)) => {
+            finish(format!("refused {}", status.code()));
+            return false;
+        }
+        Err(_) => {
+            finish("unanswered".into());
+            return false;
+        }
+    };
+    record.borrow_mut().attempts[index].backup_id = Some(job.backup_id.clone());
+    let deadline = now_ms() + (scenario.lease * 4).as_millis() as u64 + 5_000;
+    while now_ms() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let poll = v1::GetBackupJobRequest {
+            backup_id: job.backup_id.clone(),
+        };
+        match tokio::time::timeout(Duration::from_secs(2), coordinator.get_backup_job(poll)).await {
+            Ok(Ok(job)) => {
+                let job = job.into_inner();
+                match v1::JobState::try_from(job.state) {
+                    Ok(v1::JobState::Committed) => {
+                        finish("committed".into());
+                        return true;
+                    }
+                    Ok(v1::JobState::Failed) => {
+                        finish(format!("failed {}", job.error_code));
+                        return false;
+                    }
+                    _ => {}
+                }
+            }
+            // The coordinator restarted and forgot the job, or is unreachable: keep asking
+            // until the deadline; the repository says at the end whether it committed.
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+                finish("lost".into());
+                return false;
+            }
+            _ => {}
+        }
+    }
+    finish("timed out".into());
+    false
+}
