@@ -749,6 +749,9 @@ impl<E: ShardEngine> Participant<E> {
         match result {
             Ok(manifest) => {
                 tracing::info!(backup = %backup, shard = %self.shard_id, bytes = manifest.stats.bytes_total, "uploaded: shard manifest published");
+                if manifest.wal_after.is_none() {
+                    self.shipper.note_full_backup(manifest.seq);
+                }
                 record.status.state = BarrierState::Uploaded;
             }
             Err(err) => {

@@ -106,10 +106,13 @@ pub struct DestinationStatus {
 pub struct ShipperHandle {
     status: watch::Receiver<Vec<DestinationStatus>>,
     destinations: Vec<WalArchive>,
+    /// The sequence number of the shard's last full backup: the WAL after it is what the
+    /// next incremental or differential needs.
+    full_backup: Arc<watch::Sender<Option<Seq>>>,
 }
 
 impl ShipperHandle {
-    /// Starts the shipper in `tasks` (a handle with no destination starts nothing).
+    /// Starts the shipper in `tasks`; with no destination it only watches the retained WAL.
     pub fn spawn<E: ShardEngine>(
         slot: Arc<EngineSlot<E>>,
         shard_id: ShardId,
@@ -126,7 +129,9 @@ impl ShipperHandle {
             })
             .collect();
         let (tx, status) = watch::channel(initial);
-        if !destinations.is_empty() {
+        let full_backup = Arc::new(watch::Sender::new(None));
+        // With no destination the task still watches the retained WAL for the backups.
+        {
             let shipper = Shipper {
                 dests: destinations.iter().cloned().map(Destination::new).collect(),
                 slot,
@@ -135,13 +140,21 @@ impl ShipperHandle {
                 status: tx,
                 last_pin_check: None,
                 wal_retained_bytes: 0,
+                full_backup: full_backup.subscribe(),
             };
             tasks.spawn(shipper.run(cancel));
         }
         ShipperHandle {
             status,
             destinations,
+            full_backup,
         }
+    }
+
+    /// Records a full backup of the shard at `seq`: from now on the retention warning also
+    /// speaks for the next incremental or differential, which needs the WAL after it.
+    pub fn note_full_backup(&self, seq: Seq) {
+        self.full_backup.send_replace(Some(seq));
     }
 
     /// The status of every destination.
@@ -210,6 +223,7 @@ struct Shipper<E> {
     status: watch::Sender<Vec<DestinationStatus>>,
     last_pin_check: Option<Instant>,
     wal_retained_bytes: u64,
+    full_backup: watch::Receiver<Option<Seq>>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -226,7 +240,12 @@ fn wall_ms() -> u64 {
 
 impl<E: ShardEngine> Shipper<E> {
     async fn run(mut self, cancel: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.options.poll);
+        let every = if self.dests.is_empty() {
+            PIN_CHECK_EVERY
+        } else {
+            self.options.poll
+        };
+        let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -306,6 +325,16 @@ impl<E: ShardEngine> Shipper<E> {
                      past the bound its WAL is dropped and shipping fails with ERR_BACKUP_WAL_GAP"
                 );
             }
+        }
+        let full_backup = *self.full_backup.borrow();
+        if let Some(seq) = full_backup.filter(|_| near) {
+            tracing::error!(
+                shard = %self.shard_id, full_backup_seq = %seq,
+                retained_bytes = self.wal_retained_bytes, bound_bytes = self.options.wal_retention_bytes,
+                "WAL retention is at 90% of its bound: the next incremental or differential backup \
+                 needs the WAL since the last full backup; past the bound it fails with \
+                 ERR_BACKUP_WAL_GAP. Take a full backup or raise --wal-retention-mib"
+            );
         }
     }
 

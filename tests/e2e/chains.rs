@@ -261,3 +261,88 @@ async fn chains_of_incrementals_differentials_and_tags_restore_exactly_to_their_
     assert!(text(&gap).contains("ERR_BACKUP_WAL_GAP"), "{}", text(&gap));
     assert!(text(&gap).contains("take a full backup"), "{}", text(&gap));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_restore_points_are_taken_while_clients_write_and_restore_exactly() {
+    let mut cluster = Cluster::start(5_000, None);
+    let mut history: Vec<Vec<Acked>> = vec![Vec::new(); N_AGENTS];
+    let mut seed = mutate(&cluster, &mut history, 10, 0xa070).await;
+    // Restore points every second; WAL replays from the first backup.
+    let (_, _) = backup(&cluster, "full");
+    cluster.kill_coordinator();
+    let mut config = std::fs::read_to_string(cluster.config_path()).expect("read config");
+    config.push_str("[tags]\nauto_every_s = 1\n");
+    std::fs::write(cluster.config_path(), config).expect("write config");
+    cluster.start_coordinator(None);
+
+    // Keep writing until the coordinator has taken two restore points (bounded).
+    let mut automatic = Vec::new();
+    for _ in 0..200 {
+        seed = mutate(&cluster, &mut history, 2, seed).await;
+        let tags = json(&cluster.lockstep(&["tag", "list", "--json"]));
+        automatic = tags
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["automatic"] == true)
+            .cloned()
+            .collect();
+        if automatic.len() >= 2 {
+            break;
+        }
+    }
+    assert!(
+        automatic.len() >= 2,
+        "no automatic restore points: {automatic:?}"
+    );
+    for tag in &automatic {
+        let name = tag["name"].as_str().expect("tag name");
+        assert!(name.starts_with("auto-"), "{tag}");
+        let cut: Vec<u64> = (0..N_AGENTS)
+            .map(|i| {
+                tag["points"][Cluster::shard(i)]["seq"]
+                    .as_u64()
+                    .expect("seq")
+            })
+            .collect();
+        check_restore(&cluster, &history, &["--tag", name], &cut, name);
+    }
+}
+
+/// The WAL the next incremental needs is retained up to `--wal-retention-mib`, and the agent
+/// warns loudly when it reaches 90% of that bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_warns_when_the_wal_the_next_incremental_needs_nears_its_bound() {
+    let cluster = Cluster::start_with(
+        5_000,
+        None,
+        vec!["--wal-retention-mib".into(), "1".into()],
+        Vec::new(),
+    );
+    let mut history: Vec<Vec<Acked>> = vec![Vec::new(); N_AGENTS];
+    mutate(&cluster, &mut history, 5, 0xb0d).await;
+    let (_, _) = backup(&cluster, "full");
+    // About 1.2 MiB of WAL on shard-0 since the full backup.
+    let mut client = cluster.shard_client(0).await;
+    for k in 0..300 {
+        client
+            .put(lockstep_proto::v1::PutRequest {
+                column_family: String::new(),
+                key: format!("big-{k:04}").into_bytes(),
+                value: vec![b'x'; 4096],
+            })
+            .await
+            .expect("write");
+    }
+    let log = cluster.log("agent-0");
+    let warned = crate::cluster::wait_until(std::time::Duration::from_secs(15), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("needs the WAL since the last full backup") }
+    })
+    .await;
+    assert!(
+        warned.is_some(),
+        "no retention warning in {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
