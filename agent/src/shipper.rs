@@ -286,6 +286,10 @@ impl<E: ShardEngine> Shipper<E> {
                         retry_ms = dest.backoff.as_millis() as u64, "WAL shipping failed"
                     );
                     dest.status.last_error = Some((err.code, err.chain()));
+                    // A failed put may have landed all the same (only its reply was lost):
+                    // the next attempt reads the destination again and resumes after what it
+                    // holds, so the range is neither shipped twice nor skipped.
+                    dest.cursor = None;
                     dest.retry_at = Some(Instant::now() + dest.backoff);
                     dest.backoff = (dest.backoff * 2).min(MAX_BACKOFF);
                 }

@@ -75,6 +75,29 @@ impl WalArchive for WalArchiveApi {
         decode_wal_segment(&info, request.stored.clone())
             .await
             .map_err(|e| to_status(&e))?;
+        // A segment overlapping one already here (a put that arrived after the agent gave up
+        // on it and resumed from the listing) is refused: the archive stays free of
+        // duplicates, and the agent reads the listing again.
+        let held = self
+            .repo
+            .wal_segments(&info.shard_id, info.timeline)
+            .await
+            .map_err(|e| to_status(&e))?;
+        if held.contains(&info) {
+            return Ok(Response::new(v1::PutWalSegmentReply {}));
+        }
+        if let Some(other) = held
+            .iter()
+            .find(|s| s.first <= info.last && info.first <= s.last)
+        {
+            return Err(to_status(&Error::new(
+                ErrorCode::BackupWalArchiveFailed,
+                format!(
+                    "segment {}..={} of shard {} overlaps {}..={} already in the archive; resume after {}",
+                    info.first, info.last, info.shard_id, other.first, other.last, other.last
+                ),
+            )));
+        }
         self.repo
             .put_wal_stored(&info, request.stored)
             .await

@@ -131,27 +131,13 @@ pub struct AgentLink {
     pub client: AgentClient<Channel>,
 }
 
-/// How the coordinator's channels to agents behave: bounded connect and call times, and
-/// HTTP/2 keepalive, so a connection that died silently (a partition that dropped its
-/// packets, a host that vanished) is noticed within seconds and replaced, instead of holding
-/// every later call until it times out. The simulations found this: after a partition healed,
-/// every backup failed with `ERR_AGENT_UNAVAILABLE` on the dead connection.
-pub fn agent_endpoint(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
-    endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30))
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-}
-
 /// Builds lazily-connecting clients for every agent of the configuration.
 pub fn agent_links(config: &Config) -> Result<Vec<AgentLink>> {
     config
         .agents
         .iter()
         .map(|agent| {
-            let endpoint = agent_endpoint(
+            let endpoint = lockstep_proto::long_lived(
                 tonic::transport::Endpoint::from_shared(agent.endpoint.clone()).map_err(|err| {
                     Error::with_source(
                         ErrorCode::InvalidArgument,

@@ -2,7 +2,6 @@
 //! of a coordinator), and `open_archive`, which opens any archive URL.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use lockstep_repository::archive::{RemoteWal, WalArchive};
@@ -26,26 +25,30 @@ pub async fn open_archive(url: &str) -> Result<WalArchive> {
     let Some(address) = url.strip_prefix(SCHEME) else {
         return Ok(WalArchive::Store(Repository::open(url).await?));
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|err| {
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).map_err(|err| {
             Error::with_source(
                 ErrorCode::InvalidArgument,
                 format!("WAL archive {url}: write lockstep://HOST:PORT"),
                 err,
             )
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30));
-    let client = WalArchiveClient::new(endpoint.connect_lazy())
+        })?;
+    Ok(remote(url, crate::long_lived(endpoint).connect_lazy()))
+}
+
+/// The remote archive `url` reached through `channel` (the simulations pass one over their
+/// network).
+pub fn remote(url: &str, channel: Channel) -> WalArchive {
+    let client = WalArchiveClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    Ok(WalArchive::Remote {
+    WalArchive::Remote {
         url: url.to_string(),
         remote: Arc::new(Remote {
             url: url.to_string(),
             client,
         }),
-    })
+    }
 }
 
 struct Remote {

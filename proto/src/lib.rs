@@ -19,6 +19,22 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("lockstep_v1_descriptor");
 }
 
+/// How Lockstep's long-lived channels (coordinator to agents, agents to remote archives)
+/// behave: bounded connect and call times, and HTTP/2 keepalive, so a connection that died
+/// silently (a partition that dropped its packets, a host that vanished) is noticed within
+/// seconds and replaced, instead of holding every later call until it times out. The
+/// simulations found this: after a partition healed, every backup failed with
+/// `ERR_AGENT_UNAVAILABLE` on the dead connection.
+pub fn long_lived(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    use std::time::Duration;
+    endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+}
+
 /// The metadata key that carries the seed error code on a failed call.
 pub const ERROR_CODE_KEY: &str = "x-lockstep-error";
 

@@ -8,17 +8,24 @@
 //! - **restore**: every committed backup restores to exactly the model at its cut: every
 //!   acknowledged write at or below the shard's cut is there, none above it, and nothing else
 //!   but writes that were never acknowledged;
-//! - **causal**: a backup that holds a write holds every write acknowledged before it was sent;
-//! - **converge**: once the faults stopped, a backup committed within the bound.
+//! - **causal**: a backup or tag that holds a write holds every write acknowledged before it
+//!   was sent;
+//! - **tags**: every tag, restored by replaying the archive's WAL to its points, is exactly
+//!   the model at its cut;
+//! - **wal**: every shard's WAL in the region's archive is contiguous from sequence 1 with no
+//!   overlap, reaches its last acknowledged write, and replays to exactly the model;
+//! - **converge**: once the faults stopped, a backup committed within the bound and every
+//!   shard's WAL reached the archive.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use lockstep_agent::engine::{MemEngine, ShardEngine};
 use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
-use lockstep_repository::{Repository, ShardId};
+use lockstep_repository::wal::{WalBatch, check_segments};
+use lockstep_repository::{Repository, ShardId, Timeline};
 
-use crate::world::Record;
+use crate::world::{Record, Stores};
 
 /// One violated property.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +41,7 @@ fn violation(property: &'static str, detail: String) -> Violation {
 /// Checks everything; `agents` is the topology's size, `lease_ms` its lease.
 pub async fn check(
     record: &Record,
-    repository: &str,
+    stores: &Stores,
     agents: usize,
     lease_ms: u64,
     scratch: &Path,
@@ -55,7 +62,13 @@ pub async fn check(
             "no backup committed within the bound after the faults stopped".into(),
         ));
     }
-    let repo = match Repository::open(repository).await {
+    if record.converged && !record.shipped {
+        violations.push(violation(
+            "converge",
+            "the WAL did not reach the archive after the faults stopped".into(),
+        ));
+    }
+    let repo = match Repository::open(&stores.repository).await {
         Ok(repo) => repo,
         Err(err) => {
             violations.push(violation(
@@ -143,55 +156,223 @@ pub async fn check(
                     continue;
                 }
             };
-            for (key, seq) in &acked[i] {
-                let expected = *seq <= shard_cut;
-                if keys.contains(*key) != expected {
-                    violations.push(violation(
-                        "restore",
-                        format!(
-                            "backup {id} shard-{i} (cut {shard_cut}): {key} at seq {seq} is {}",
-                            if expected {
-                                "missing"
-                            } else {
-                                "there but after the cut"
-                            }
-                        ),
-                    ));
-                }
-            }
-            for key in &keys {
-                if !acked[i].contains_key(key.as_str()) && !unacked.contains(key.as_str()) {
-                    violations.push(violation(
-                        "restore",
-                        format!("backup {id} shard-{i}: {key} was never written there"),
-                    ));
-                }
-            }
+            violations.extend(compare(
+                &format!("backup {id} shard-{i} (cut {shard_cut})"),
+                "restore",
+                &keys,
+                &acked[i],
+                &unacked,
+                shard_cut,
+            ));
         }
 
-        // Causality: holding a write means holding the one acknowledged before it was sent.
-        for write in &record.writes {
-            let (Some(seq), Some(before)) = (write.seq, write.after) else {
+        violations.extend(causal(&format!("backup {id}"), record, &cut));
+    }
+
+    // The region's archive: contiguous, complete, and replaying to the model; tags by replay.
+    let archive = match Repository::open(&stores.archive).await {
+        Ok(archive) => archive,
+        Err(err) => {
+            violations.push(violation(
+                "wal",
+                format!("open the archive: {}", err.chain()),
+            ));
+            return violations;
+        }
+    };
+    let mut wal: Vec<Vec<WalBatch>> = Vec::new();
+    for (i, acked_here) in acked.iter().enumerate() {
+        let batches = match archived_batches(&archive, i).await {
+            Ok(batches) => batches,
+            Err(err) => {
+                violations.push(violation("wal", format!("shard-{i}: {err}")));
+                Vec::new()
+            }
+        };
+        let last_acked = acked_here.values().copied().max().unwrap_or(0);
+        let archived = batches.last().map_or(0, |b| b.last().0);
+        if record.shipped && archived < last_acked {
+            violations.push(violation(
+                "wal",
+                format!("shard-{i}: the archive ends at {archived}, the last acknowledged write is {last_acked}"),
+            ));
+        }
+        match replayed_keys(&batches, archived, &scratch.join(format!("wal-{i}"))) {
+            Ok(keys) => violations.extend(compare(
+                &format!("the archive of shard-{i} replayed to {archived}"),
+                "wal",
+                &keys,
+                acked_here,
+                &unacked,
+                archived,
+            )),
+            Err(err) => violations.push(violation("wal", format!("shard-{i}: {err}"))),
+        }
+        wal.push(batches);
+    }
+    let tags = match repo.tags().await {
+        Ok(tags) => tags,
+        Err(err) => {
+            violations.push(violation("tags", format!("list tags: {}", err.chain())));
+            Vec::new()
+        }
+    };
+    for (name, tag) in tags {
+        let tag = match tag {
+            Ok(tag) => tag,
+            Err(err) => {
+                violations.push(violation("tags", format!("tag {name}: {}", err.chain())));
+                continue;
+            }
+        };
+        if tag.points.len() != agents {
+            violations.push(violation(
+                "tags",
+                format!("tag {name} has {} of {agents} shards", tag.points.len()),
+            ));
+        }
+        let cut: Vec<Option<u64>> = (0..agents)
+            .map(|i| {
+                ShardId::new(format!("shard-{i}"))
+                    .ok()
+                    .and_then(|s| tag.points.get(&s).map(|p| p.seq.0))
+            })
+            .collect();
+        violations.extend(causal(&format!("tag {name}"), record, &cut));
+        for (i, point) in cut.iter().enumerate() {
+            let (Some(point), Some(batches)) = (*point, wal.get(i)) else {
                 continue;
             };
-            let earlier = &record.writes[before];
-            let (Some(earlier_seq), Some(cut_here), Some(cut_there)) =
-                (earlier.seq, cut[write.shard], cut[earlier.shard])
-            else {
+            if batches.last().is_none_or(|b| b.last().0 < point) {
+                // The archive does not reach the tag (shipping had not caught up): nothing
+                // to replay it from; the wal checker reports a short archive.
                 continue;
-            };
-            if seq <= cut_here && earlier_seq > cut_there {
-                violations.push(violation(
-                    "causal",
-                    format!(
-                        "backup {id} holds {} (shard-{}) but not {}, acknowledged before it was sent",
-                        write.key, write.shard, earlier.key
-                    ),
-                ));
+            }
+            match replayed_keys(batches, point, &scratch.join(format!("tag-{name}-{i}"))) {
+                Ok(keys) => violations.extend(compare(
+                    &format!("tag {name} shard-{i} (point {point})"),
+                    "tags",
+                    &keys,
+                    &acked[i],
+                    &unacked,
+                    point,
+                )),
+                Err(err) => {
+                    violations.push(violation("tags", format!("tag {name} shard-{i}: {err}")))
+                }
             }
         }
     }
     violations
+}
+
+/// Compares a shard's keys with the model at `cut`: every acknowledged write at or below it
+/// is there, none above it, and nothing that was never written.
+fn compare(
+    what: &str,
+    property: &'static str,
+    keys: &BTreeSet<String>,
+    acked: &BTreeMap<&str, u64>,
+    unacked: &BTreeSet<&str>,
+    cut: u64,
+) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (key, seq) in acked {
+        let expected = *seq <= cut;
+        if keys.contains(*key) != expected {
+            out.push(violation(
+                property,
+                format!(
+                    "{what}: {key} at seq {seq} is {}",
+                    if expected {
+                        "missing"
+                    } else {
+                        "there but after the cut"
+                    }
+                ),
+            ));
+        }
+    }
+    for key in keys {
+        if !acked.contains_key(key.as_str()) && !unacked.contains(key.as_str()) {
+            out.push(violation(
+                property,
+                format!("{what}: {key} was never written there"),
+            ));
+        }
+    }
+    out
+}
+
+/// A cut (per shard, `None` if absent) that holds a write must hold the write acknowledged
+/// before it was sent.
+fn causal(what: &str, record: &Record, cut: &[Option<u64>]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for write in &record.writes {
+        let (Some(seq), Some(before)) = (write.seq, write.after) else {
+            continue;
+        };
+        let earlier = &record.writes[before];
+        let (Some(earlier_seq), Some(cut_here), Some(cut_there)) =
+            (earlier.seq, cut[write.shard], cut[earlier.shard])
+        else {
+            continue;
+        };
+        if seq <= cut_here && earlier_seq > cut_there {
+            out.push(violation(
+                "causal",
+                format!(
+                    "{what} holds {} (shard-{}) but not {}, acknowledged before it was sent",
+                    write.key, write.shard, earlier.key
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// Every batch of `shard`'s timeline 1 in the archive, checked for continuity from 1.
+async fn archived_batches(archive: &Repository, shard: usize) -> Result<Vec<WalBatch>, String> {
+    let shard_id = ShardId::new(format!("shard-{shard}")).map_err(|e| e.chain())?;
+    let segments = archive
+        .wal_segments(&shard_id, Timeline(1))
+        .await
+        .map_err(|e| e.chain())?;
+    check_segments(&segments).map_err(|e| e.chain())?;
+    if let Some(first) = segments.first()
+        && first.first.0 != 1
+    {
+        return Err(format!("the archive starts at {}, not at 1", first.first));
+    }
+    let mut batches = Vec::new();
+    for info in &segments {
+        let segment = archive.get_wal_segment(info).await.map_err(|e| e.chain())?;
+        batches.extend(segment.batches);
+    }
+    Ok(batches)
+}
+
+/// The keys of a shard rebuilt from empty by replaying `batches` up to exactly `to`.
+fn replayed_keys(batches: &[WalBatch], to: u64, dir: &Path) -> Result<BTreeSet<String>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let engine = MemEngine::open(dir, &["default".to_string()]).map_err(|e| e.chain())?;
+    for batch in batches.iter().take_while(|b| b.last().0 <= to) {
+        engine.replay(batch).map_err(|e| e.chain())?;
+    }
+    if engine.latest_seq().0 != to {
+        return Err(format!(
+            "replay ended at {}, not at {to} (a batch boundary)",
+            engine.latest_seq()
+        ));
+    }
+    let keys = engine
+        .scan("default", b"", None, usize::MAX)
+        .map_err(|e| e.chain())?
+        .into_iter()
+        .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+        .collect();
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(keys)
 }
 
 /// Whether some instant in `window` had every agent's gate closed.

@@ -80,14 +80,14 @@ pub fn run_scenario(scenario: &Scenario) -> Outcome {
             };
         }
     };
-    let (record, repository) = world::run(scenario, dir.path());
+    let (record, stores) = world::run(scenario, dir.path());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     let violations = match runtime {
         Ok(runtime) => runtime.block_on(check::check(
             &record,
-            &repository,
+            &stores,
             scenario.agents,
             scenario.lease.as_millis() as u64,
             &dir.path().join("check"),

@@ -17,14 +17,20 @@ pub enum Kind {
     Partitions,
     /// Slow links: message delays up to and past the Prepare deadline.
     Delays,
+    /// Lossy links between the agents and the WAL archive region while they ship.
+    LossyShipping,
+    /// The WAL archive region goes away (cut off, or crashed and restarted) and comes back.
+    RegionOutages,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 6] = [
         Kind::AgentCrashes,
         Kind::CoordinatorCrashes,
         Kind::Partitions,
         Kind::Delays,
+        Kind::LossyShipping,
+        Kind::RegionOutages,
     ];
 
     pub fn name(self) -> &'static str {
@@ -33,6 +39,8 @@ impl Kind {
             Kind::CoordinatorCrashes => "coordinator-crashes",
             Kind::Partitions => "partitions",
             Kind::Delays => "delays",
+            Kind::LossyShipping => "lossy-shipping",
+            Kind::RegionOutages => "region-outages",
         }
     }
 }
@@ -46,6 +54,8 @@ pub enum Fault {
     Partition(String, String),
     /// ...and heal it.
     Repair(String, String),
+    /// Drop this share of the messages between two hosts (0 heals the link).
+    Lossy(String, String, u32),
 }
 
 /// Everything a run does, drawn from its seed.
@@ -74,6 +84,9 @@ pub fn agent(i: usize) -> String {
 }
 
 pub const COORDINATOR: &str = "coordinator";
+
+/// The other region: a coordinator with no agents, serving its repository as a WAL archive.
+pub const REGION: &str = "region";
 
 impl Scenario {
     pub fn new(seed: u64, kind: Kind) -> Scenario {
@@ -117,6 +130,33 @@ impl Scenario {
                     ));
                 }
                 Kind::Delays => {}
+                Kind::LossyShipping => {
+                    let victim = agent(rng.random_range(0..agents));
+                    let percent = rng.random_range(1..=20);
+                    let lasting = Duration::from_millis(rng.random_range(100..=1500));
+                    faults.push((
+                        at,
+                        Fault::Lossy(victim.clone(), REGION.to_string(), percent),
+                    ));
+                    faults.push((
+                        (at + lasting).min(fault_period),
+                        Fault::Lossy(victim, REGION.to_string(), 0),
+                    ));
+                }
+                Kind::RegionOutages => {
+                    if rng.random_bool(0.5) {
+                        faults.push((at, Fault::Bounce(REGION.to_string())));
+                    } else {
+                        let lasting = Duration::from_millis(rng.random_range(200..=3000));
+                        for i in 0..agents {
+                            faults.push((at, Fault::Partition(agent(i), REGION.to_string())));
+                            faults.push((
+                                (at + lasting).min(fault_period),
+                                Fault::Repair(agent(i), REGION.to_string()),
+                            ));
+                        }
+                    }
+                }
             }
         }
         faults.sort_by_key(|(at, _)| *at);

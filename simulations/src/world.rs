@@ -1,8 +1,9 @@
 //! One simulated run: the production coordinator and N production agents (on `MemEngine`)
-//! as turmoil hosts, one shared `memory://` repository, a client that writes causally
-//! chained data and asks for backups, and the fault schedule of the scenario applied between
-//! simulation steps. Every acknowledged write is recorded as the model; every agent's gate is
-//! watched from outside after every step, in simulated time.
+//! as turmoil hosts, one shared `memory://` repository, a second region (a coordinator with
+//! no agents) that the agents ship their WAL to over the simulated network, a client that
+//! writes causally chained data and asks for backups and tags, and the fault schedule of the
+//! scenario applied between simulation steps. Every acknowledged write is recorded as the
+//! model; every agent's gate is watched from outside after every step, in simulated time.
 
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use lockstep_agent::server::{AgentParts, serve_incoming};
 use lockstep_agent::shipper::ShipperOptions;
 use lockstep_agent::slot::EngineSlot;
 use lockstep_coordinator::config::{AgentConfig, BarrierConfig, Config, TagsConfig};
-use lockstep_coordinator::job::{AgentLink, agent_endpoint};
+use lockstep_coordinator::job::AgentLink;
 use lockstep_proto::v1;
 use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::coordinator_client::CoordinatorClient;
@@ -31,10 +32,11 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{channel, connect, endpoint, incoming};
-use crate::scenario::{COORDINATOR, Fault, Scenario, agent};
+use crate::scenario::{COORDINATOR, Fault, REGION, Scenario, agent};
 
 const AGENT_PORT: u16 = 7401;
 const COORDINATOR_PORT: u16 = 7400;
+const REGION_PORT: u16 = 7500;
 
 /// One write the client sent.
 #[derive(Debug, Clone)]
@@ -66,8 +68,12 @@ pub struct Record {
     pub fences: Vec<Vec<(u64, u64)>>,
     /// Gates seen closed for longer than the lease (agent, from, to).
     pub overlong_fences: Vec<(usize, u64, u64)>,
-    /// Whether a backup committed within the bound once the faults stopped.
+    /// Whether a backup committed within the bound once the faults stopped...
     pub converged: bool,
+    /// ...and every agent's WAL reached the region's archive.
+    pub shipped: bool,
+    /// Tags the client asked for, and whether they were created.
+    pub tags: Vec<(String, bool)>,
     /// Every event, in order, for the determinism check.
     pub trace: Vec<String>,
     /// A host whose software failed (not a crash the scenario caused).
@@ -116,16 +122,28 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
     }
 }
 
-/// Runs `scenario` to its end; the record and the shared repository's URL.
-pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
+/// The repositories of a run: the cluster's and the WAL archive region's.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    pub repository: String,
+    pub archive: String,
+}
+
+/// Runs `scenario` to its end; the record and the run's repositories.
+pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
     lockstep_repository::blocking::run_inline_on_this_thread();
-    let repository = format!(
-        "memory://sim-{}-{}-{}",
+    let name = format!(
+        "sim-{}-{}-{}",
         scenario.kind.name(),
         scenario.seed,
         dir.file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned())
     );
+    let stores = Stores {
+        repository: format!("memory://{name}"),
+        archive: format!("memory://{name}-region"),
+    };
+    let repository = stores.repository.clone();
     let mut sim = turmoil::Builder::new()
         .simulation_duration(
             scenario.fault_period + scenario.converge_within + Duration::from_secs(30),
@@ -153,7 +171,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
                     Rc::try_unwrap(record)
                         .map(|r| r.into_inner())
                         .unwrap_or_default(),
-                    repository,
+                    stores,
                 );
             }
         };
@@ -184,7 +202,17 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
                             ..TransferOptions::default()
                         },
                     },
-                    shipping: ShipperOptions::default(),
+                    shipping: ShipperOptions {
+                        destinations: vec![lockstep_proto::archive::remote(
+                            &format!("lockstep://{REGION}:{REGION_PORT}"),
+                            connect(
+                                lockstep_proto::long_lived(endpoint(REGION, REGION_PORT)),
+                                REGION,
+                                REGION_PORT,
+                            ),
+                        )],
+                        ..ShipperOptions::default()
+                    },
                     gate,
                     planted_bug,
                 };
@@ -194,6 +222,24 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
             }
         });
     }
+
+    let mut region_config = config(scenario, &stores.archive);
+    region_config.agents.clear();
+    region_config.raid_groups.clear();
+    sim.host(REGION, move || {
+        let config = region_config.clone();
+        async move {
+            lockstep_coordinator::service::serve_incoming(
+                config,
+                Vec::new(),
+                incoming(REGION_PORT).await?,
+                CancellationToken::new(),
+                || {},
+            )
+            .await?;
+            Ok(())
+        }
+    });
 
     let coordinator_config = config(scenario, &repository);
     sim.host(COORDINATOR, move || {
@@ -208,7 +254,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
                     endpoint: a.endpoint.clone(),
                     // The production channel settings (timeouts, keepalive).
                     client: AgentClient::new(connect(
-                        agent_endpoint(endpoint(&agent(i), AGENT_PORT)),
+                        lockstep_proto::long_lived(endpoint(&agent(i), AGENT_PORT)),
                         &agent(i),
                         AGENT_PORT,
                     )),
@@ -254,6 +300,9 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
                 Fault::Bounce(host) => sim.bounce(host.as_str()),
                 Fault::Partition(a, b) => sim.partition(a.as_str(), b.as_str()),
                 Fault::Repair(a, b) => sim.repair(a.as_str(), b.as_str()),
+                Fault::Lossy(a, b, percent) => {
+                    sim.set_link_fail_rate(a.as_str(), b.as_str(), f64::from(*percent) / 100.0)
+                }
             }
             faults.next();
         }
@@ -287,7 +336,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, String) {
     let record = Rc::try_unwrap(record)
         .map(RefCell::into_inner)
         .unwrap_or_default();
-    (record, repository)
+    (record, stores)
 }
 
 /// The client: causally chained writes to random shards, and backups every so often; once
@@ -340,9 +389,15 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
     };
     let backups = async move {
         let mut coordinator = CoordinatorClient::new(channel(COORDINATOR, COORDINATOR_PORT));
+        let mut round = 0;
         while now_ms() < scenario.fault_period.as_millis() as u64 {
             tokio::time::sleep(scenario.backup_every).await;
-            backup(&mut coordinator, &scenario, &record).await;
+            round += 1;
+            if round % 3 == 0 {
+                tag(&mut coordinator, round, &record).await;
+            } else {
+                backup(&mut coordinator, &scenario, &record).await;
+            }
         }
         // The faults are over: the cluster must converge, a backup committing within the bound.
         let deadline = now_ms() + scenario.converge_within.as_millis() as u64;
@@ -355,9 +410,63 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
         }
         record.borrow_mut().converged = converged;
         done.set(true);
+        // And every shard's WAL reaches the archive.
+        let shipped = shipped_everything(&scenario, deadline + 10_000).await;
+        record.borrow_mut().shipped = shipped;
     };
     futures::join!(writer, backups);
     Ok(())
+}
+
+/// Asks for a tag.
+async fn tag(
+    coordinator: &mut CoordinatorClient<tonic::transport::Channel>,
+    round: usize,
+    record: &Rc<RefCell<Record>>,
+) {
+    let name = format!("tag-{round:04}");
+    let request = v1::CreateTagRequest { name: name.clone() };
+    let created = matches!(
+        tokio::time::timeout(Duration::from_secs(5), coordinator.create_tag(request)).await,
+        Ok(Ok(_))
+    );
+    let mut record = record.borrow_mut();
+    record
+        .trace
+        .push(format!("{} tag {name} created={created}", now_ms()));
+    record.tags.push((name, created));
+}
+
+/// Waits until every agent reports its WAL durable in the archive up to its latest write.
+async fn shipped_everything(scenario: &Scenario, deadline_ms: u64) -> bool {
+    let agents: Vec<AgentClient<_>> = (0..scenario.agents)
+        .map(|i| AgentClient::new(channel(&agent(i), AGENT_PORT)))
+        .collect();
+    while now_ms() < deadline_ms {
+        let mut all = true;
+        for client in &agents {
+            let status = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.clone().wal_status(v1::WalStatusRequest {}),
+            )
+            .await;
+            all &= match status {
+                Ok(Ok(reply)) => {
+                    let reply = reply.into_inner();
+                    reply
+                        .destinations
+                        .iter()
+                        .all(|d| d.lag_seq == 0 && d.shipped_seq == reply.latest_seq)
+                }
+                _ => false,
+            };
+        }
+        if all {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// Asks for one backup and follows it to its outcome; true if it committed.
