@@ -501,12 +501,7 @@ pub async fn serve_incoming<E, I, IO, IE>(
 where
     E: ShardEngine,
     I: futures::Stream<Item = std::result::Result<IO, IE>>,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: lockstep_proto::Connection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let AgentParts {

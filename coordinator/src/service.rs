@@ -467,12 +467,7 @@ pub async fn serve_incoming<I, IO, IE>(
 ) -> Result<()>
 where
     I: futures::Stream<Item = std::result::Result<IO, IE>>,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: lockstep_proto::Connection,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let config = Arc::new(config);

@@ -19,6 +19,28 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("lockstep_v1_descriptor");
 }
 
+/// A connection a Lockstep server accepts: TCP in the binaries, the simulated network in the
+/// simulations (`serve_incoming` takes a stream of them).
+pub trait Connection:
+    tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + tonic::transport::server::Connected
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<T> Connection for T where
+    T: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static
+{
+}
+
 /// How Lockstep's long-lived channels (coordinator to agents, agents to remote archives)
 /// behave: bounded connect and call times, and HTTP/2 keepalive, so a connection that died
 /// silently (a partition that dropped its packets, a host that vanished) is noticed within

@@ -108,8 +108,8 @@ impl WalArchive {
         match self {
             WalArchive::Store(repo) => repo.put_wal_segment(segment, compression).await,
             WalArchive::Remote { remote, .. } => {
-                let (info, stored) = encode_wal_segment(segment, compression).await?;
-                remote.put(&info, stored).await?;
+                let (info, encoded) = encode_wal_segment(segment, compression).await?;
+                remote.put(&info, encoded.bytes).await?;
                 Ok(info)
             }
         }

@@ -23,11 +23,11 @@ use crate::manifest::{BackupManifest, Chunk, ShardManifest, TagManifest, WalPiec
 use crate::wal::{Segment, SegmentInfo};
 
 /// Encodes a segment for storage (zstd when it pays, named by the SHA-256 of its plaintext);
-/// returns its description and the stored bytes.
+/// returns its description and the encoded object.
 pub async fn encode_wal_segment(
     segment: &Segment,
     compression: codec::Compression,
-) -> Result<(SegmentInfo, Vec<u8>)> {
+) -> Result<(SegmentInfo, Encoded)> {
     let plaintext = segment.encode();
     let encoded = crate::blocking::run(move || codec::encode(&plaintext, compression))
         .await
@@ -40,7 +40,7 @@ pub async fn encode_wal_segment(
             "a WAL segment needs at least one batch",
         )
     })?;
-    Ok((info, encoded.bytes))
+    Ok((info, encoded))
 }
 
 /// Decodes a stored segment: checks its SHA-256 against the one in `info` and that it holds
@@ -551,8 +551,8 @@ impl Repository {
         segment: &Segment,
         compression: codec::Compression,
     ) -> Result<SegmentInfo> {
-        let (info, stored) = encode_wal_segment(segment, compression).await?;
-        self.put_wal_stored(&info, stored).await?;
+        let (info, encoded) = encode_wal_segment(segment, compression).await?;
+        self.put_wal_stored(&info, encoded.bytes).await?;
         Ok(info)
     }
 
@@ -584,22 +584,10 @@ impl Repository {
         segment: &Segment,
         compression: codec::Compression,
     ) -> Result<WalPiece> {
-        let plaintext = segment.encode();
-        let len = plaintext.len() as u64;
-        let encoded = crate::blocking::run(move || codec::encode(&plaintext, compression))
-            .await
-            .map_err(|err| {
-                Error::with_source(ErrorCode::BackupCreationFailed, "encode task failed", err)
-            })??;
-        let info = segment.info(encoded.id).ok_or_else(|| {
-            Error::new(
-                ErrorCode::InvalidArgument,
-                "a WAL piece needs at least one batch",
-            )
-        })?;
+        let (info, encoded) = encode_wal_segment(segment, compression).await?;
         let chunk = Chunk {
             id: encoded.id,
-            len,
+            len: encoded.plaintext_len,
             stored_len: encoded.bytes.len() as u64,
         };
         self.put_object(encoded).await?;

@@ -118,13 +118,7 @@ pub async fn check(
                 format!("backup {id} has {} of {agents} shards", manifest.cut.len()),
             ));
         }
-        let cut: Vec<Option<u64>> = (0..agents)
-            .map(|i| {
-                ShardId::new(format!("shard-{i}"))
-                    .ok()
-                    .and_then(|s| manifest.cut.get(&s).map(|seq| seq.0))
-            })
-            .collect();
+        let cut = per_shard(agents, |s| manifest.cut.get(s).map(|seq| seq.0));
 
         // The fence: one instant in the backup's window when every gate was closed.
         let window = record
@@ -231,13 +225,7 @@ pub async fn check(
                 format!("tag {name} has {} of {agents} shards", tag.points.len()),
             ));
         }
-        let cut: Vec<Option<u64>> = (0..agents)
-            .map(|i| {
-                ShardId::new(format!("shard-{i}"))
-                    .ok()
-                    .and_then(|s| tag.points.get(&s).map(|p| p.seq.0))
-            })
-            .collect();
+        let cut = per_shard(agents, |s| tag.points.get(s).map(|p| p.seq.0));
         violations.extend(causal(&format!("tag {name}"), record, &cut));
         for (i, point) in cut.iter().enumerate() {
             let (Some(point), Some(batches)) = (*point, wal.get(i)) else {
@@ -264,6 +252,17 @@ pub async fn check(
         }
     }
     violations
+}
+
+/// A cut vector in shard order (`None` where the cut has no such shard).
+fn per_shard(agents: usize, seq_of: impl Fn(&ShardId) -> Option<u64>) -> Vec<Option<u64>> {
+    (0..agents)
+        .map(|i| {
+            ShardId::new(format!("shard-{i}"))
+                .ok()
+                .and_then(|s| seq_of(&s))
+        })
+        .collect()
 }
 
 /// Compares a shard's keys with the model at `cut`: every acknowledged write at or below it

@@ -45,11 +45,23 @@ impl Kind {
     }
 }
 
+/// When, within the barrier, a crash lands: the fault waits (after its time) for that moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    /// At once.
+    Now,
+    /// While some gate is closed: between Prepare and Commit.
+    MidBarrier,
+    /// While a backup is pending and every gate is open: uploads (or just before Prepare).
+    MidUpload,
+}
+
 /// One fault at one simulated instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
-    /// Crash a host and start it again at once (its state on "disk" survives).
-    Bounce(String),
+    /// Crash a host and start it again (its state on "disk" survives), at that moment of the
+    /// barrier.
+    Bounce(String, Moment),
     /// Cut the link between two hosts...
     Partition(String, String),
     /// ...and heal it.
@@ -109,12 +121,16 @@ impl Scenario {
         let n_faults = rng.random_range(2..=6);
         for _ in 0..n_faults {
             let at = Duration::from_millis(rng.random_range(200..fault_period.as_millis() as u64));
+            let moments = [Moment::Now, Moment::MidBarrier, Moment::MidUpload];
             match kind {
                 Kind::AgentCrashes => {
-                    faults.push((at, Fault::Bounce(agent(rng.random_range(0..agents)))));
+                    let victim = agent(rng.random_range(0..agents));
+                    let moment = moments[rng.random_range(0..moments.len())];
+                    faults.push((at, Fault::Bounce(victim, moment)));
                 }
                 Kind::CoordinatorCrashes => {
-                    faults.push((at, Fault::Bounce(COORDINATOR.to_string())));
+                    let moment = moments[rng.random_range(0..moments.len())];
+                    faults.push((at, Fault::Bounce(COORDINATOR.to_string(), moment)));
                 }
                 Kind::Partitions => {
                     let victim = agent(rng.random_range(0..agents));
@@ -145,7 +161,7 @@ impl Scenario {
                 }
                 Kind::RegionOutages => {
                     if rng.random_bool(0.5) {
-                        faults.push((at, Fault::Bounce(REGION.to_string())));
+                        faults.push((at, Fault::Bounce(REGION.to_string(), Moment::Now)));
                     } else {
                         let lasting = Duration::from_millis(rng.random_range(200..=3000));
                         for i in 0..agents {

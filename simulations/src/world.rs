@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{channel, connect, endpoint, incoming};
-use crate::scenario::{COORDINATOR, Fault, REGION, Scenario, agent};
+use crate::scenario::{COORDINATOR, Fault, Moment, REGION, Scenario, agent};
 
 const AGENT_PORT: u16 = 7401;
 const COORDINATOR_PORT: u16 = 7400;
@@ -277,6 +277,20 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
     // Faults between steps, and the gates watched after every step.
     let mut faults = scenario.faults.clone().into_iter().peekable();
     let mut closed_since: Vec<Option<u64>> = vec![None; scenario.agents];
+    let fault_period_ms = scenario.fault_period.as_millis() as u64;
+    // The cluster's repository, read between steps to aim crashes at uploads.
+    let backup_repo = match futures::executor::block_on(Repository::open(&repository)) {
+        Ok(repo) => repo,
+        Err(err) => {
+            record.borrow_mut().host_error = Some(err.chain());
+            return (
+                Rc::try_unwrap(record)
+                    .map(RefCell::into_inner)
+                    .unwrap_or_default(),
+                stores,
+            );
+        }
+    };
     let lease_ms = scenario.lease.as_millis() as u64;
     loop {
         match sim.step() {
@@ -288,16 +302,44 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
             }
         }
         let now = sim.elapsed().as_millis() as u64;
+        let closed: Vec<bool> = match gates.lock() {
+            Ok(all) => all.iter().map(WriteGate::is_closed).collect(),
+            Err(_) => vec![false; scenario.agents],
+        };
         while let Some((at, fault)) = faults.peek() {
             if at.as_millis() as u64 > now {
                 break;
+            }
+            // A crash aimed at a moment of the barrier waits for it (until the faults end).
+            if let Fault::Bounce(_, moment) = fault {
+                let mid_barrier = closed.iter().any(|c| *c);
+                let arrived = match moment {
+                    Moment::Now => true,
+                    Moment::MidBarrier => mid_barrier,
+                    Moment::MidUpload => {
+                        !mid_barrier
+                            && futures::executor::block_on(backup_repo.pending_ids())
+                                .is_ok_and(|pending| !pending.is_empty())
+                    }
+                };
+                if !arrived && now < fault_period_ms {
+                    break;
+                }
+                if !arrived {
+                    record
+                        .borrow_mut()
+                        .trace
+                        .push(format!("{now} fault {fault:?} never found its moment"));
+                    faults.next();
+                    continue;
+                }
             }
             record
                 .borrow_mut()
                 .trace
                 .push(format!("{now} fault {fault:?}"));
             match fault {
-                Fault::Bounce(host) => sim.bounce(host.as_str()),
+                Fault::Bounce(host, _) => sim.bounce(host.as_str()),
                 Fault::Partition(a, b) => sim.partition(a.as_str(), b.as_str()),
                 Fault::Repair(a, b) => sim.repair(a.as_str(), b.as_str()),
                 Fault::Lossy(a, b, percent) => {
@@ -306,10 +348,6 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
             }
             faults.next();
         }
-        let closed: Vec<bool> = match gates.lock() {
-            Ok(all) => all.iter().map(WriteGate::is_closed).collect(),
-            Err(_) => vec![false; scenario.agents],
-        };
         let mut record = record.borrow_mut();
         for (i, is_closed) in closed.into_iter().enumerate() {
             match (closed_since[i], is_closed) {
@@ -387,34 +425,38 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
             }
         }
     };
-    let backups = async move {
-        let mut coordinator = CoordinatorClient::new(channel(COORDINATOR, COORDINATOR_PORT));
-        let mut round = 0;
-        while now_ms() < scenario.fault_period.as_millis() as u64 {
-            tokio::time::sleep(scenario.backup_every).await;
-            round += 1;
-            if round % 3 == 0 {
-                tag(&mut coordinator, round, &record).await;
-            } else {
-                backup(&mut coordinator, &scenario, &record).await;
+    let backups = {
+        let (record, scenario) = (record.clone(), scenario.clone());
+        async move {
+            let mut coordinator = CoordinatorClient::new(channel(COORDINATOR, COORDINATOR_PORT));
+            let mut round = 0;
+            while now_ms() < scenario.fault_period.as_millis() as u64 {
+                tokio::time::sleep(scenario.backup_every).await;
+                round += 1;
+                if round % 3 == 0 {
+                    tag(&mut coordinator, round, &record).await;
+                } else {
+                    backup(&mut coordinator, &scenario, &record).await;
+                }
             }
-        }
-        // The faults are over: the cluster must converge, a backup committing within the bound.
-        let deadline = now_ms() + scenario.converge_within.as_millis() as u64;
-        let mut converged = false;
-        while !converged && now_ms() < deadline {
-            converged = backup(&mut coordinator, &scenario, &record).await;
-            if !converged {
-                tokio::time::sleep(scenario.lease).await;
+            // The faults are over: the cluster must converge, a backup committing within the bound.
+            let deadline = now_ms() + scenario.converge_within.as_millis() as u64;
+            let mut converged = false;
+            while !converged && now_ms() < deadline {
+                converged = backup(&mut coordinator, &scenario, &record).await;
+                if !converged {
+                    tokio::time::sleep(scenario.lease).await;
+                }
             }
+            record.borrow_mut().converged = converged;
+            done.set(true);
+            deadline
         }
-        record.borrow_mut().converged = converged;
-        done.set(true);
-        // And every shard's WAL reaches the archive.
-        let shipped = shipped_everything(&scenario, deadline + 10_000).await;
-        record.borrow_mut().shipped = shipped;
     };
-    futures::join!(writer, backups);
+    let ((), deadline) = futures::join!(writer, backups);
+    // With the writer stopped (no write in flight), every shard's WAL must reach the archive.
+    let shipped = shipped_everything(&scenario, deadline + 10_000).await;
+    record.borrow_mut().shipped = shipped;
     Ok(())
 }
 

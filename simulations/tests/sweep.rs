@@ -104,6 +104,9 @@ fn pinned_regression_seeds() {
         (4, Kind::LossyShipping),
         (5, Kind::LossyShipping),
         (5, Kind::RegionOutages),
+        // The harness checked shipping while a write was still in flight (fixed in the
+        // harness: the check waits for the writer to stop).
+        (1022, Kind::RegionOutages),
     ] {
         let outcome = run_seed(seed, kind);
         assert!(outcome.violations.is_empty(), "{outcome}");

@@ -68,6 +68,25 @@ fn destination_errors(status: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits (bounded) until `wal status` reports an error on a destination whose URL starts
+/// with `prefix`; the last status if it never does.
+async fn wait_for_failing_destination(
+    cluster: &Cluster,
+    prefix: &str,
+) -> Result<(), serde_json::Value> {
+    let mut last = serde_json::Value::Null;
+    let reported = wait_until(Duration::from_secs(30), || {
+        let status = json(&cluster.lockstep(&["wal", "status", "--json"]));
+        let failing = destination_errors(&status)
+            .iter()
+            .any(|(url, code)| url.starts_with(prefix) && !code.is_empty());
+        last = status;
+        async move { failing }
+    })
+    .await;
+    reported.map(|_| ()).ok_or(last)
+}
+
 /// The archive holds exactly the writes 1..=last of every shard on timeline 1: contiguous,
 /// no overlap, reaching the last acknowledged write.
 async fn check_archive(archive: &WalArchive, history: &[Vec<Acked>]) {
@@ -157,23 +176,14 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
     // The link to the S3 region is cut while writes go on: shipping there fails and says so,
     // the local archive keeps up.
     proxy.cut();
-    let mut last = serde_json::Value::Null;
-    let reported = wait_until(Duration::from_secs(30), || {
-        let status = json(&cluster.lockstep(&["wal", "status", "--json"]));
-        let failing = destination_errors(&status)
-            .iter()
-            .any(|(url, code)| url.starts_with("s3://") && !code.is_empty());
-        last = status;
-        async move { failing }
-    })
-    .await;
+    let reported = wait_for_failing_destination(&cluster, "s3://").await;
     for _ in 0..30 {
         round(&cluster, &mut history, n).await;
         n += 1;
     }
     assert!(
-        reported.is_some(),
-        "the cut link was not reported: {last:#}"
+        reported.is_ok(),
+        "the cut link was not reported: {reported:?}"
     );
     proxy.heal();
     for _ in 0..10 {
@@ -288,19 +298,10 @@ async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_wi
         round(&cluster, &mut history, n).await;
         n += 1;
     }
-    let mut last = serde_json::Value::Null;
-    let reported = wait_until(Duration::from_secs(30), || {
-        let status = json(&cluster.lockstep(&["wal", "status", "--json"]));
-        let failing = destination_errors(&status)
-            .iter()
-            .any(|(dest, code)| dest == &url && !code.is_empty());
-        last = status;
-        async move { failing }
-    })
-    .await;
+    let reported = wait_for_failing_destination(&cluster, &url).await;
     assert!(
-        reported.is_some(),
-        "the region outage was not reported: {last:#}"
+        reported.is_ok(),
+        "the region outage was not reported: {reported:?}"
     );
 
     // It comes back on the same address; shipping resumes where the region's archive ends.
