@@ -191,13 +191,15 @@ enum Staged {
     Placed { seq: Seq, n_files: usize },
 }
 
-/// The timeline a restored shard starts: above its current one and every one its WAL
-/// destinations hold, so its shipped WAL never lands among an older history's segments. A
-/// destination that cannot be listed is skipped with a warning (its shipping then reports
-/// the overlap, if there is one, instead of writing into it).
+/// The timeline a restored shard starts: above its current one, every one its WAL
+/// destinations hold, and every one its backups were taken on, so its shipped WAL never lands
+/// among an older history's segments and no incremental continues a history that is not its
+/// own (even after the shard's directory, and its lineage file, were lost). A destination or
+/// repository that cannot be read is skipped with a warning.
 async fn next_timeline(
     current: lockstep_repository::Timeline,
     destinations: &[lockstep_repository::archive::WalArchive],
+    repo: &Repository,
     shard: &ShardId,
 ) -> lockstep_repository::Timeline {
     let mut highest = current;
@@ -211,6 +213,21 @@ async fn next_timeline(
             Err(err) => {
                 tracing::warn!(destination = %destination.url(), error = %err.chain(), "could not list WAL timelines")
             }
+        }
+    }
+    match repo.backups().await {
+        Ok(backups) => {
+            for (id, backup) in backups {
+                if !backup.is_ok_and(|b| b.cut.contains_key(shard)) {
+                    continue;
+                }
+                if let Ok(manifest) = repo.shard_manifest(shard, &id).await {
+                    highest = highest.max(manifest.timeline);
+                }
+            }
+        }
+        Err(err) => {
+            tracing::warn!(repository = %repo.url(), error = %err.chain(), "could not list backups for their timelines")
         }
     }
     highest.next()
@@ -894,7 +911,7 @@ impl<E: ShardEngine> Participant<E> {
                     let replay_ms = started.elapsed().as_millis() as u64;
                     tracing::info!(shard = %shard, batches = n, seq = %staged.seq, replay_ms, "restore: WAL replayed");
                 }
-                staged.start_timeline(next_timeline(current, &destinations, &shard).await)?;
+                staged.start_timeline(next_timeline(current, &destinations, &repo, &shard).await)?;
                 match &target {
                     None => Ok(Staged::InPlace(staged)),
                     Some(target) => {

@@ -379,6 +379,16 @@ pub async fn stage_shard(
 ) -> Result<StagedShard> {
     let fail = restoration_error;
     let manifest = repo.shard_manifest(shard, backup).await.map_err(fail)?;
+    if let Some(after) = manifest.wal_after {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "backup {backup} is incremental or differential (the WAL after sequence {after}); \
+                 restore it through the coordinator (`lockstep restore {backup}`), which stages its \
+                 full base and replays the chain"
+            ),
+        ));
+    }
     if let Some(engine) = engine
         && engine != manifest.engine
     {

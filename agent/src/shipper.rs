@@ -41,6 +41,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often the retained WAL is measured against its bound.
 const PIN_CHECK_EVERY: Duration = Duration::from_secs(1);
+const BACKUP_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// Where and how the WAL is shipped.
 #[derive(Debug, Clone)]
@@ -141,6 +142,7 @@ impl ShipperHandle {
                 last_pin_check: None,
                 wal_retained_bytes: 0,
                 full_backup: full_backup.subscribe(),
+                last_backup_warning: None,
             };
             tasks.spawn(shipper.run(cancel));
         }
@@ -224,6 +226,8 @@ struct Shipper<E> {
     last_pin_check: Option<Instant>,
     wal_retained_bytes: u64,
     full_backup: watch::Receiver<Option<Seq>>,
+    /// When the backups' retention warning was last logged (at most once a minute).
+    last_backup_warning: Option<Instant>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -331,14 +335,32 @@ impl<E: ShardEngine> Shipper<E> {
             }
         }
         let full_backup = *self.full_backup.borrow();
-        if let Some(seq) = full_backup.filter(|_| near) {
-            tracing::error!(
-                shard = %self.shard_id, full_backup_seq = %seq,
-                retained_bytes = self.wal_retained_bytes, bound_bytes = self.options.wal_retention_bytes,
-                "WAL retention is at 90% of its bound: the next incremental or differential backup \
-                 needs the WAL since the last full backup; past the bound it fails with \
-                 ERR_BACKUP_WAL_GAP. Take a full backup or raise --wal-retention-mib"
-            );
+        let quiet = self
+            .last_backup_warning
+            .is_some_and(|at| at.elapsed() < BACKUP_WARNING_EVERY);
+        if let (Some(seq), true, false) = (full_backup, near, quiet) {
+            // Only while that WAL is still there: once it is gone the next incremental
+            // reports ERR_BACKUP_WAL_GAP itself, before its barrier.
+            let still_there = match self.slot.get() {
+                Ok(engine) => {
+                    let engine = Arc::clone(&engine);
+                    matches!(
+                        lockstep_repository::blocking::run(move || engine.wal_since(seq, 1)).await,
+                        Ok(Ok(_))
+                    )
+                }
+                Err(_) => false,
+            };
+            if still_there {
+                self.last_backup_warning = Some(Instant::now());
+                tracing::error!(
+                    shard = %self.shard_id, full_backup_seq = %seq,
+                    retained_bytes = self.wal_retained_bytes, bound_bytes = self.options.wal_retention_bytes,
+                    "WAL retention is at 90% of its bound: the next incremental or differential backup \
+                     needs the WAL since the last full backup; past the bound it fails with \
+                     ERR_BACKUP_WAL_GAP. Take a full backup or raise --wal-retention-mib"
+                );
+            }
         }
     }
 

@@ -10,10 +10,36 @@ use lockstep_proto::v1::{self, wal_archive_server::WalArchive};
 use lockstep_repository::repository::decode_wal_segment;
 use lockstep_repository::wal::SegmentInfo;
 use lockstep_repository::{Error, ErrorCode, Repository, ShardId, Timeline};
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 pub struct WalArchiveApi {
-    pub repo: Repository,
+    repo: Repository,
+    /// One writer at a time per shard and timeline, so the overlap check and the store
+    /// happen as one step (a late put and its retry cannot both pass the check).
+    writers: std::sync::Mutex<HashMap<(ShardId, Timeline), Writer>>,
+}
+
+/// The lock of one shard's timeline in the archive.
+type Writer = Arc<tokio::sync::Mutex<()>>;
+
+impl WalArchiveApi {
+    pub fn new(repo: Repository) -> WalArchiveApi {
+        WalArchiveApi {
+            repo,
+            writers: std::sync::Mutex::default(),
+        }
+    }
+
+    fn writer(&self, info: &SegmentInfo) -> Writer {
+        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        writers
+            .entry((info.shard_id.clone(), info.timeline))
+            .or_default()
+            .clone()
+    }
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -78,6 +104,8 @@ impl WalArchive for WalArchiveApi {
         // A segment overlapping one already here (a put that arrived after the agent gave up
         // on it and resumed from the listing) is refused: the archive stays free of
         // duplicates, and the agent reads the listing again.
+        let writer = self.writer(&info);
+        let _one_at_a_time = writer.lock().await;
         let held = self
             .repo
             .wal_segments(&info.shard_id, info.timeline)

@@ -400,16 +400,17 @@ async fn run(ctx: JobContext, mut rx: mpsc::Receiver<Msg>, cancel: CancellationT
                         let _ = reply.send(Err(err));
                         continue;
                     }
-                    let cut = match Cut::for_kind(&ctx, kind).await {
-                        Ok(cut) => cut,
+                    let backup_id = BackupId::generate();
+                    let guard = match ctx.cluster.try_hold(format!("backup {backup_id}")) {
+                        Ok(guard) => guard,
                         Err(err) => {
                             let _ = reply.send(Err(err));
                             continue;
                         }
                     };
-                    let backup_id = BackupId::generate();
-                    let guard = match ctx.cluster.try_hold(format!("backup {backup_id}")) {
-                        Ok(guard) => guard,
+                    // The parent is picked while the cluster is held: no delete in between.
+                    let cut = match Cut::for_kind(&ctx, kind).await {
+                        Ok(cut) => cut,
                         Err(err) => {
                             let _ = reply.send(Err(err));
                             continue;

@@ -297,6 +297,13 @@ impl Coordinator for CoordinatorApi {
         request: Request<v1::DeleteBackupRequest>,
     ) -> Reply<v1::DeleteBackupReply> {
         let backup = BackupId::new(request.into_inner().backup_id).map_err(status)?;
+        // Held while checking and deleting, so no incremental picks this backup as its parent
+        // in between.
+        let _cluster = self
+            .ctx
+            .cluster
+            .try_hold(format!("delete of backup {backup}"))
+            .map_err(status)?;
         // An incremental or differential backup restores through its parent.
         let children: Vec<String> = self
             .repo
@@ -515,7 +522,7 @@ where
         .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(api))
         .add_service(
-            WalArchiveServer::new(crate::archive::WalArchiveApi { repo: archive_repo })
+            WalArchiveServer::new(crate::archive::WalArchiveApi::new(archive_repo))
                 .max_decoding_message_size(lockstep_proto::archive::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(lockstep_proto::archive::MAX_MESSAGE_BYTES),
         )

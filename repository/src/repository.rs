@@ -19,7 +19,7 @@ use crate::codec::{self, Encoded};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{BackupId, ObjectId, ShardId, TagName, Timeline};
 use crate::layout::Layout;
-use crate::manifest::{BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
+use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
 
 /// Encodes a segment for storage (zstd when it pays, named by the SHA-256 of its plaintext);
@@ -421,13 +421,15 @@ impl Repository {
         Ok(out)
     }
 
-    /// The newest committed backup that contains `shard`, with its shard manifest.
+    /// The newest committed full backup that contains `shard`, with its shard manifest (the
+    /// files a new full backup can reuse; incrementals and differentials have none).
     pub async fn latest_shard_manifest(&self, shard: &ShardId) -> Result<Option<ShardManifest>> {
         for id in self.backup_ids().await?.into_iter().rev() {
             let Ok(backup) = self.backup_manifest(&id).await else {
                 continue;
             };
-            if backup.shards.iter().any(|s| &s.shard_id == shard) {
+            if backup.kind == BackupKind::Full && backup.shards.iter().any(|s| &s.shard_id == shard)
+            {
                 return self.shard_manifest(shard, &id).await.map(Some);
             }
         }

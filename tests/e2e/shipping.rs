@@ -9,8 +9,6 @@
 //! another "region") through an outage of that region, then loses the primary repository and
 //! restores every shard from the region's archive alone.
 
-use std::time::Duration;
-
 use lockstep_proto::archive::open_archive;
 use lockstep_proto::v1;
 use lockstep_repository::archive::WalArchive;
@@ -18,7 +16,7 @@ use lockstep_repository::wal::check_segments;
 use lockstep_repository::{Repository, ShardId, Timeline};
 use lockstep_tests::{Moto, kill_hard, start_server, text};
 
-use crate::cluster::{Cluster, N_AGENTS, json, wait_until};
+use crate::cluster::{Cluster, N_AGENTS, json};
 use crate::pitr::{Acked, keys_in, seq_vector, state, wait_shipped};
 use crate::proxy::LinkProxy;
 
@@ -68,23 +66,28 @@ fn destination_errors(status: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Waits (bounded) until `wal status` reports an error on a destination whose URL starts
-/// with `prefix`; the last status if it never does.
-async fn wait_for_failing_destination(
+/// Keeps writing (so there is WAL to ship) until `wal status` reports an error on a
+/// destination whose URL starts with `prefix`, bounded; the last status if it never does.
+async fn write_until_failing(
     cluster: &Cluster,
+    history: &mut [Vec<Acked>],
+    n: &mut usize,
     prefix: &str,
 ) -> Result<(), serde_json::Value> {
     let mut last = serde_json::Value::Null;
-    let reported = wait_until(Duration::from_secs(30), || {
+    for _ in 0..300 {
+        round(cluster, history, *n).await;
+        *n += 1;
         let status = json(&cluster.lockstep(&["wal", "status", "--json"]));
-        let failing = destination_errors(&status)
+        if destination_errors(&status)
             .iter()
-            .any(|(url, code)| url.starts_with(prefix) && !code.is_empty());
+            .any(|(url, code)| url.starts_with(prefix) && !code.is_empty())
+        {
+            return Ok(());
+        }
         last = status;
-        async move { failing }
-    })
-    .await;
-    reported.map(|_| ()).ok_or(last)
+    }
+    Err(last)
 }
 
 /// The archive holds exactly the writes 1..=last of every shard on timeline 1: contiguous,
@@ -176,7 +179,7 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
     // The link to the S3 region is cut while writes go on: shipping there fails and says so,
     // the local archive keeps up.
     proxy.cut();
-    let reported = wait_for_failing_destination(&cluster, "s3://").await;
+    let reported = write_until_failing(&cluster, &mut history, &mut n, "s3://").await;
     for _ in 0..30 {
         round(&cluster, &mut history, n).await;
         n += 1;
@@ -298,7 +301,7 @@ async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_wi
         round(&cluster, &mut history, n).await;
         n += 1;
     }
-    let reported = wait_for_failing_destination(&cluster, &url).await;
+    let reported = write_until_failing(&cluster, &mut history, &mut n, &url).await;
     assert!(
         reported.is_ok(),
         "the region outage was not reported: {reported:?}"
