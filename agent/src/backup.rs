@@ -1,17 +1,21 @@
-//! Backing up one shard: capture under the closed write gate, then upload with the gate open.
+//! Backing up one shard: stage with the write gate open, cut under the closed gate, then
+//! upload with the gate open again.
 //!
-//! 1. `prepare_capture` (RocksDB: flush memtables) while writes still flow;
-//! 2. close the gate (waits for in-flight writes);
-//! 3. capture the shard and record its exact sequence number;
-//! 4. open the gate: the pause ends here;
-//! 5. upload the captured files, reusing unchanged SSTs of the shard's latest backup by
-//!    identity, without reading them;
-//! 6. publish the shard manifest; then drop the capture, which re-enables file deletions.
+//! 1. stage (`stage_capture`), while writes flow: RocksDB flushes its memtables and takes a
+//!    checkpoint, whose exact sequence number `files_seq` it then reads;
+//! 2. close the gate (waits for in-flight writes) and read the shard's sequence number: the
+//!    cut (`close_gate`); the gate is closed for that read only, whatever the shard's size;
+//! 3. open the gate: the pause ends here (the barrier holds it until every shard is cut);
+//! 4. upload the captured files, reusing unchanged SSTs of the shard's latest full backup by
+//!    identity, without reading them, then the WAL from just after `files_seq` to the cut,
+//!    read from the engine (file deletions stay disabled until the capture is dropped, so it
+//!    is still there);
+//! 5. publish the shard manifest; then drop the capture, which re-enables file deletions.
 //!
-//! Incremental and differential backups (`CaptureMode::Wal`) capture no files: under the
-//! closed gate they record the sequence number only, and step 5 uploads the WAL from the
-//! parent's sequence number to it, read from the engine, as content-addressed segments.
-//! A tag (`CaptureMode::Point`) records the sequence number and uploads nothing.
+//! Incremental and differential backups (`CaptureMode::Wal`) capture no files: staging checks
+//! the WAL since the parent is still there, and step 4 uploads the WAL from the parent's
+//! sequence number to the cut. Either way the WAL goes up as content-addressed segments.
+//! A tag (`CaptureMode::Point`) records the cut and uploads nothing.
 //!
 //! `backup_offline` adds the backup manifest for a single shard backed up with no
 //! coordinator (disaster recovery on a bare machine).
@@ -36,13 +40,13 @@ use lockstep_repository::{
 
 use crate::engine::{Capture, ShardEngine};
 
-/// Raw WAL bytes per piece of an incremental or differential backup.
+/// Raw WAL bytes per piece of a backup's WAL.
 const WAL_PIECE_BYTES: usize = 4 << 20;
 
-/// What a barrier takes from the shard while its write gate is closed.
+/// What a barrier takes from the shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureMode {
-    /// A full backup: the shard's files.
+    /// A full backup: the shard's files, and the WAL from them to the cut.
     Files,
     /// An incremental or differential backup: the WAL after `after` (the parent's sequence
     /// number), which must be on `timeline`; read after the gate has reopened.
@@ -65,19 +69,22 @@ fn join_error(err: lockstep_repository::blocking::TaskFailed) -> Error {
     Error::with_source(ErrorCode::BackupCreationFailed, "capture task failed", err)
 }
 
-/// A shard captured under the closed gate, waiting to be uploaded.
+/// A shard staged for a backup, and once its gate has closed, cut.
 #[derive(Debug)]
 pub struct CapturedShard {
     pub mode: CaptureMode,
-    /// The captured files (none for `Wal` and `Point`) and the exact sequence number.
+    /// The captured files (none for `Wal` and `Point`) at their exact sequence number.
     pub capture: Capture,
+    /// The cut: the shard's sequence number under the closed gate (until then, the files').
+    pub seq: Seq,
     /// `rocksdb` or `memory`.
     pub engine: &'static str,
     /// How long client writes were held at the gate.
     pub paused: std::time::Duration,
     pub captured_at: chrono::DateTime<Utc>,
+    /// How long staging took (with the gate open).
     pub capture_us: u64,
-    /// The HLC time of the last write in the capture.
+    /// The HLC time of the last write at the cut.
     pub hlc: HlcTime,
     /// The shard's timeline at the capture.
     pub timeline: Timeline,
@@ -116,24 +123,20 @@ fn check_wal_available<E: ShardEngine>(
         .map_err(|err| err.context(format!("the WAL after sequence {after} is gone; {hint}")))
 }
 
-/// Steps 1-3: prepares, closes the gate and captures the shard. The gate stays closed: the
-/// caller opens it (drops the returned guard) when the barrier allows, and then
-/// [`CapturedShard::paused`] must be set from [`GateClosed::open`].
-pub async fn capture_closed<E: ShardEngine>(
+/// Step 1: everything slow, with the gate open. Full backups capture the shard's files
+/// (RocksDB: flush, then a checkpoint); incremental and differential backups check that the
+/// WAL since their parent is still there.
+pub async fn stage_capture<E: ShardEngine>(
     engine: &Arc<E>,
-    gate: &WriteGate,
     capture_dir: PathBuf,
     timeline: Timeline,
     mode: CaptureMode,
-) -> Result<(GateClosed, CapturedShard)> {
+) -> Result<CapturedShard> {
     let started = Instant::now();
     let captured_at = Utc::now();
-    let prepare = engine.clone();
-    let captured = match mode {
+    let staging = engine.clone();
+    let capture = match mode {
         CaptureMode::Files => {
-            lockstep_repository::blocking::run(move || prepare.prepare_capture())
-                .await
-                .map_err(join_error)??;
             if let Some(parent) = capture_dir.parent() {
                 std::fs::create_dir_all(parent).map_err(|err| {
                     Error::io(
@@ -143,14 +146,15 @@ pub async fn capture_closed<E: ShardEngine>(
                     )
                 })?;
             }
-            let closed = gate.close().await;
-            let capturer = engine.clone();
             let dir = capture_dir.clone();
-            let captured = lockstep_repository::blocking::run(move || capturer.capture(&dir)).await;
+            let captured = lockstep_repository::blocking::run(move || {
+                staging.prepare_capture()?;
+                staging.capture(&dir)
+            })
+            .await;
             match captured.map_err(join_error).and_then(|r| r) {
-                Ok(capture) => (closed, capture),
+                Ok(capture) => capture,
                 Err(err) => {
-                    drop(closed);
                     // A checkpoint that failed half-way may have left files behind.
                     let _ = std::fs::remove_dir_all(&capture_dir);
                     return Err(err.context("capture shard"));
@@ -164,39 +168,61 @@ pub async fn capture_closed<E: ShardEngine>(
             } = mode
             {
                 lockstep_repository::blocking::run(move || {
-                    check_wal_available(prepare.as_ref(), after, parent, timeline)
+                    check_wal_available(staging.as_ref(), after, parent, timeline)
                 })
                 .await
                 .map_err(join_error)??;
             }
-            let closed = gate.close().await;
-            let capture = Capture::new(
+            Capture::new(
                 engine.latest_seq(),
                 capture_dir,
                 Vec::new(),
                 engine.column_families(),
                 None,
-            );
-            (closed, capture)
+            )
         }
     };
-    let (closed, capture) = captured;
-    Ok((
-        closed,
-        CapturedShard {
-            mode,
-            capture,
-            engine: engine.kind(),
-            paused: std::time::Duration::ZERO,
-            captured_at,
-            capture_us: started.elapsed().as_micros() as u64,
-            hlc: engine.clock().last(),
-            timeline,
-        },
-    ))
+    Ok(CapturedShard {
+        mode,
+        seq: capture.seq,
+        capture,
+        engine: engine.kind(),
+        paused: std::time::Duration::ZERO,
+        captured_at,
+        capture_us: started.elapsed().as_micros() as u64,
+        hlc: engine.clock().last(),
+        timeline,
+    })
 }
 
-/// Steps 1-4: prepares, closes the gate, captures the shard and reopens the gate at once.
+/// Step 2: closes the gate and cuts the staged shard at its sequence number. The gate stays
+/// closed: the caller opens it (drops the returned guard) when the barrier allows, and then
+/// [`CapturedShard::paused`] must be set from [`GateClosed::open`].
+pub async fn close_gate<E: ShardEngine>(
+    engine: &E,
+    gate: &WriteGate,
+    captured: &mut CapturedShard,
+) -> GateClosed {
+    let closed = gate.close().await;
+    captured.seq = engine.latest_seq();
+    captured.hlc = engine.clock().last();
+    closed
+}
+
+/// Steps 1-2 at once.
+pub async fn capture_closed<E: ShardEngine>(
+    engine: &Arc<E>,
+    gate: &WriteGate,
+    capture_dir: PathBuf,
+    timeline: Timeline,
+    mode: CaptureMode,
+) -> Result<(GateClosed, CapturedShard)> {
+    let mut captured = stage_capture(engine, capture_dir, timeline, mode).await?;
+    let closed = close_gate(engine.as_ref(), gate, &mut captured).await;
+    Ok((closed, captured))
+}
+
+/// Steps 1-3: stages, cuts and reopens the gate at once.
 pub async fn capture_shard<E: ShardEngine>(
     engine: &Arc<E>,
     gate: &WriteGate,
@@ -209,9 +235,11 @@ pub async fn capture_shard<E: ShardEngine>(
     Ok(captured)
 }
 
-/// Steps 5-6: uploads a capture and publishes its shard manifest, then releases the capture.
-pub async fn upload_capture(
+/// Steps 4-5: uploads a cut shard (its files, then its WAL to the cut) and publishes its
+/// shard manifest, then releases the capture.
+pub async fn upload_capture<E: ShardEngine>(
     captured: CapturedShard,
+    engine: Arc<E>,
     repo: &Repository,
     shard_id: &ShardId,
     backup_id: &BackupId,
@@ -219,38 +247,50 @@ pub async fn upload_capture(
     progress: &Progress,
 ) -> Result<ShardManifest> {
     let capture = &captured.capture;
-    let reusable: HashMap<String, _> = match repo.latest_shard_manifest(shard_id).await {
-        Ok(Some(previous)) => previous
-            .files
-            .into_iter()
-            .filter_map(|f| f.identity.clone().map(|identity| (identity, f)))
-            .collect(),
-        Ok(None) => HashMap::new(),
-        Err(err) => {
-            tracing::warn!(shard = %shard_id, error = %err.chain(), "previous backup unreadable; reading every file");
-            HashMap::new()
-        }
-    };
-    let sources: Vec<SourceFile> = capture
-        .files
-        .iter()
-        .map(|f| SourceFile {
-            path: capture.dir.join(&f.name),
-            name: f.name.clone(),
-            size: f.size,
-            kind: f.kind,
-            identity: f.identity.clone(),
-        })
-        .collect();
     let upload_started = Instant::now();
-    let (files, stats) = upload_files(repo, &sources, &reusable, transfer, progress)
-        .await
-        .map_err(|err| err.context(format!("upload shard {shard_id}")))?;
+    let (files, mut stats) = if capture.files.is_empty() {
+        (Vec::new(), TransferStats::default())
+    } else {
+        let reusable: HashMap<String, _> = match repo.latest_shard_manifest(shard_id).await {
+            Ok(Some(previous)) => previous
+                .files
+                .into_iter()
+                .filter_map(|f| f.identity.clone().map(|identity| (identity, f)))
+                .collect(),
+            Ok(None) => HashMap::new(),
+            Err(err) => {
+                tracing::warn!(shard = %shard_id, error = %err.chain(), "previous backup unreadable; reading every file");
+                HashMap::new()
+            }
+        };
+        let sources: Vec<SourceFile> = capture
+            .files
+            .iter()
+            .map(|f| SourceFile {
+                path: capture.dir.join(&f.name),
+                name: f.name.clone(),
+                size: f.size,
+                kind: f.kind,
+                identity: f.identity.clone(),
+            })
+            .collect();
+        upload_files(repo, &sources, &reusable, transfer, progress)
+            .await
+            .map_err(|err| err.context(format!("upload shard {shard_id}")))?
+    };
+    let wal_start = match captured.mode {
+        CaptureMode::Wal { after, .. } => after,
+        CaptureMode::Files | CaptureMode::Point => capture.seq,
+    };
+    let wal = upload_wal(
+        &captured, engine, wal_start, repo, shard_id, transfer, progress, &mut stats,
+    )
+    .await?;
     let manifest = shard_manifest(
         &captured,
         shard_id,
         backup_id,
-        (files, Vec::new()),
+        (files, wal),
         stats,
         upload_started,
     );
@@ -261,7 +301,7 @@ pub async fn upload_capture(
     Ok(manifest)
 }
 
-/// The shard manifest of a capture once its files or WAL pieces are uploaded.
+/// The shard manifest of a capture once its files and WAL pieces are uploaded.
 fn shard_manifest(
     captured: &CapturedShard,
     shard_id: &ShardId,
@@ -270,21 +310,24 @@ fn shard_manifest(
     stats: TransferStats,
     upload_started: Instant,
 ) -> ShardManifest {
+    let (files_seq, wal_after) = match captured.mode {
+        CaptureMode::Wal { after, .. } => (None, Some(after)),
+        _ if captured.capture.seq < captured.seq => (Some(captured.capture.seq), None),
+        _ => (None, None),
+    };
     ShardManifest {
         format_version: MANIFEST_FORMAT_VERSION,
         backup_id: backup_id.clone(),
         shard_id: shard_id.clone(),
         engine: captured.engine.to_string(),
-        seq: captured.capture.seq,
+        seq: captured.seq,
         timeline: captured.timeline,
         hlc: captured.hlc,
         captured_at: captured.captured_at,
         column_families: captured.capture.column_families.clone(),
         files,
-        wal_after: match captured.mode {
-            CaptureMode::Wal { after, .. } => Some(after),
-            _ => None,
-        },
+        files_seq,
+        wal_after,
         wal,
         stats,
         timings: ShardTimings {
@@ -296,29 +339,22 @@ fn shard_manifest(
     }
 }
 
-/// Step 5-6 of an incremental or differential backup: uploads the shard's WAL from just
-/// after `after` to the captured sequence number, as segments of about 4 MiB, and publishes
-/// the shard manifest. The WAL is read from the engine after the gate reopened; a batch it
-/// no longer holds is `ERR_BACKUP_WAL_GAP`.
-pub async fn upload_wal<E: ShardEngine>(
-    captured: CapturedShard,
+/// Uploads the shard's WAL from just after `after` to the cut, as segments of about 4 MiB,
+/// read from the engine after the gate reopened; a batch it no longer holds is
+/// `ERR_BACKUP_WAL_GAP`.
+#[allow(clippy::too_many_arguments)]
+async fn upload_wal<E: ShardEngine>(
+    captured: &CapturedShard,
     engine: Arc<E>,
+    after: Seq,
     repo: &Repository,
     shard_id: &ShardId,
-    backup_id: &BackupId,
     transfer: TransferOptions,
     progress: &Progress,
-) -> Result<ShardManifest> {
-    let CaptureMode::Wal { after, .. } = captured.mode else {
-        return Err(Error::new(
-            ErrorCode::BackupCreationFailed,
-            "upload_wal needs a WAL capture",
-        ));
-    };
-    let seq = captured.capture.seq;
-    let upload_started = Instant::now();
+    stats: &mut TransferStats,
+) -> Result<Vec<WalPiece>> {
+    let seq = captured.seq;
     let mut pieces = Vec::new();
-    let mut stats = TransferStats::default();
     let mut cursor = after;
     while cursor < seq {
         let reader = engine.clone();
@@ -362,16 +398,7 @@ pub async fn upload_wal<E: ShardEngine>(
         cursor = piece.last;
         pieces.push(piece);
     }
-    let manifest = shard_manifest(
-        &captured,
-        shard_id,
-        backup_id,
-        (Vec::new(), pieces),
-        stats,
-        upload_started,
-    );
-    repo.put_shard_manifest(&manifest).await?;
-    Ok(manifest)
+    Ok(pieces)
 }
 
 /// Backs up a single shard with no coordinator and commits it as a one-shard backup.
@@ -396,12 +423,13 @@ pub async fn backup_offline<E: ShardEngine>(
     let uploaded = match captured {
         Ok(captured) => {
             tracing::info!(
-                shard = %shard_id, backup = %backup_id, seq = %captured.capture.seq,
+                shard = %shard_id, backup = %backup_id, seq = %captured.seq,
                 gate_closed_us = captured.paused.as_micros() as u64,
                 files = captured.capture.files.len(), "captured shard"
             );
             upload_capture(
                 captured,
+                engine.clone(),
                 repo,
                 shard_id,
                 &backup_id,

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{
-    BackupOptions, CaptureMode, CapturedShard, capture_closed, upload_capture, upload_wal,
+    BackupOptions, CaptureMode, CapturedShard, close_gate, stage_capture, upload_capture,
 };
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};
@@ -40,6 +40,7 @@ const REMEMBERED: usize = 256;
 /// Where a barrier stands on this agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BarrierState {
+    Staged,
     Prepared,
     Uploading,
     Uploaded,
@@ -87,7 +88,15 @@ pub struct AgentInfo {
 }
 
 enum Msg {
-    /// Phase 1: close the gate, capture, and hold until Commit, Abort or `deadline`.
+    /// Phase 0: capture with the gate open, and hold until Prepare, Abort or `deadline`.
+    Stage {
+        backup: BackupId,
+        mode: CaptureMode,
+        deadline: Instant,
+        reply: oneshot::Sender<BarrierStatus>,
+    },
+    /// Phase 1: close the gate and cut (staging first if Stage did not), and hold until
+    /// Commit, Abort or `deadline`.
     Prepare {
         backup: BackupId,
         mode: CaptureMode,
@@ -264,9 +273,10 @@ impl std::fmt::Debug for ParticipantHandle {
     }
 }
 
-/// A capture held between Prepare and Commit.
+/// A capture held from Stage (gate open) or Prepare (gate closed) until Commit.
 struct Held {
-    closed: GateClosed,
+    /// Set once Prepare closed the gate.
+    closed: Option<GateClosed>,
     captured: CapturedShard,
     deadline: Instant,
 }
@@ -345,6 +355,23 @@ impl ParticipantHandle {
         let (reply, answer) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())
+    }
+
+    /// Phase 0. The hold starts now, when the request arrives.
+    pub async fn stage(
+        &self,
+        backup: BackupId,
+        mode: CaptureMode,
+        hold: Duration,
+    ) -> Result<BarrierStatus> {
+        let deadline = Instant::now() + hold;
+        self.ask(|reply| Msg::Stage {
+            backup,
+            mode,
+            deadline,
+            reply,
+        })
+        .await
     }
 
     /// Phase 1. The lease starts now, when the request arrives.
@@ -473,8 +500,8 @@ impl<E: ShardEngine> Participant<E> {
             return self.unknown(backup.clone());
         };
         let mut status = record.status.clone();
-        if let Some(held) = &record.held {
-            status.gate_closed = held.closed.elapsed();
+        if let Some(closed) = record.held.as_ref().and_then(|held| held.closed.as_ref()) {
+            status.gate_closed = closed.elapsed();
         }
         if let Some(progress) = &record.progress {
             let (done, total) = progress.snapshot();
@@ -503,6 +530,15 @@ impl<E: ShardEngine> Participant<E> {
 
     async fn handle(&mut self, msg: Msg) {
         match msg {
+            Msg::Stage {
+                backup,
+                mode,
+                deadline,
+                reply,
+            } => {
+                let status = self.stage(backup, mode, deadline).await;
+                let _ = reply.send(status);
+            }
             Msg::Prepare {
                 backup,
                 mode,
@@ -561,59 +597,18 @@ impl<E: ShardEngine> Participant<E> {
         }
     }
 
-    async fn prepare(
-        &mut self,
-        backup: BackupId,
-        mode: CaptureMode,
-        deadline: Instant,
+    /// The status of a held capture, from its record.
+    fn held_status(
+        &self,
+        backup: &BackupId,
+        state: BarrierState,
+        captured: &CapturedShard,
     ) -> BarrierStatus {
-        if self.records.contains_key(&backup) {
-            return self.snapshot(&backup);
-        }
-        if let Some(active) = &self.active {
-            return self.failed(
-                &backup,
-                BarrierState::Failed,
-                ErrorCode::BarrierBusy,
-                format!("shard {} is busy with backup {active}", self.shard_id),
-            );
-        }
-        if let Some(restore) = &self.restoring {
-            return self.failed(
-                &backup,
-                BarrierState::Failed,
-                ErrorCode::BarrierBusy,
-                format!("shard {} is being restored ({restore})", self.shard_id),
-            );
-        }
-        let capture_dir = self.options.capture_root.join(backup.as_str());
-        let captured = match self.slot.get() {
-            Ok(engine) => {
-                let timeline = self.slot.lineage().timeline;
-                capture_closed(&engine, &self.gate, capture_dir, timeline, mode).await
-            }
-            Err(err) => Err(err),
-        };
-        let (closed, captured) = match captured {
-            Ok(held) => held,
-            Err(err) => {
-                let status = self.failed(&backup, BarrierState::Failed, err.code, err.chain());
-                self.remember(
-                    backup,
-                    Record {
-                        status: status.clone(),
-                        held: None,
-                        progress: None,
-                    },
-                );
-                return status;
-            }
-        };
-        let status = BarrierStatus {
+        BarrierStatus {
             backup_id: backup.clone(),
             shard_id: self.shard_id.clone(),
-            state: BarrierState::Prepared,
-            seq: captured.capture.seq,
+            state,
+            seq: captured.seq,
             hlc: captured.hlc,
             timeline: captured.timeline,
             captured_at: Some(captured.captured_at),
@@ -627,25 +622,127 @@ impl<E: ShardEngine> Participant<E> {
                     kind: f.kind,
                 })
                 .collect(),
-            gate_closed: closed.elapsed(),
+            gate_closed: Duration::ZERO,
             bytes_done: 0,
             bytes_total: captured.capture.files.iter().map(|f| f.size).sum(),
             error: None,
+        }
+    }
+
+    /// Phase 0: captures with the gate open (everything slow happens here), then holds the
+    /// capture until Prepare, Abort or `deadline`.
+    async fn stage(
+        &mut self,
+        backup: BackupId,
+        mode: CaptureMode,
+        deadline: Instant,
+    ) -> BarrierStatus {
+        if self.records.contains_key(&backup) {
+            return self.snapshot(&backup);
+        }
+        if let Some(refused) = self.refuse_busy(&backup) {
+            return refused;
+        }
+        let capture_dir = self.options.capture_root.join(backup.as_str());
+        let captured = match self.slot.get() {
+            Ok(engine) => {
+                let timeline = self.slot.lineage().timeline;
+                stage_capture(&engine, capture_dir, timeline, mode).await
+            }
+            Err(err) => Err(err),
         };
-        tracing::info!(backup = %backup, shard = %self.shard_id, seq = %status.seq, "prepared: gate closed, shard captured");
+        let captured = match captured {
+            Ok(captured) => captured,
+            Err(err) => {
+                let status = self.failed(&backup, BarrierState::Failed, err.code, err.chain());
+                self.remember(
+                    backup,
+                    Record {
+                        status: status.clone(),
+                        held: None,
+                        progress: None,
+                    },
+                );
+                return status;
+            }
+        };
+        let status = self.held_status(&backup, BarrierState::Staged, &captured);
+        tracing::info!(backup = %backup, shard = %self.shard_id, files_seq = %captured.capture.seq, stage_us = captured.capture_us, "staged: shard captured, gate open");
         self.active = Some(backup.clone());
         self.remember(
             backup.clone(),
             Record {
                 status,
                 held: Some(Held {
-                    closed,
+                    closed: None,
                     captured,
                     deadline,
                 }),
                 progress: None,
             },
         );
+        if Instant::now() >= deadline && self.planted_bug != Some(PlantedBug::IgnoreLease) {
+            self.expire();
+        }
+        self.snapshot(&backup)
+    }
+
+    /// `Some(refusal)` when another barrier or a restore holds the shard.
+    fn refuse_busy(&self, backup: &BackupId) -> Option<BarrierStatus> {
+        let busy = if let Some(active) = &self.active {
+            format!("shard {} is busy with backup {active}", self.shard_id)
+        } else if let Some(restore) = &self.restoring {
+            format!("shard {} is being restored ({restore})", self.shard_id)
+        } else {
+            return None;
+        };
+        Some(self.failed(backup, BarrierState::Failed, ErrorCode::BarrierBusy, busy))
+    }
+
+    /// Phase 1: closes the gate and cuts the staged shard (staging first when no Stage came),
+    /// then holds the gate closed until Commit, Abort or `deadline`.
+    async fn prepare(
+        &mut self,
+        backup: BackupId,
+        mode: CaptureMode,
+        deadline: Instant,
+    ) -> BarrierStatus {
+        if !self.records.contains_key(&backup) {
+            // No Stage came for this barrier: stage now, with the gate still open.
+            let staged = self.stage(backup.clone(), mode, deadline).await;
+            if staged.state != BarrierState::Staged {
+                return staged;
+            }
+        }
+        let is_staged = self.active.as_ref() == Some(&backup)
+            && self
+                .records
+                .get(&backup)
+                .is_some_and(|r| r.held.as_ref().is_some_and(|h| h.closed.is_none()));
+        if !is_staged {
+            return self.snapshot(&backup);
+        }
+        let engine = match self.slot.get() {
+            Ok(engine) => engine,
+            Err(err) => {
+                self.release(BarrierState::Failed, Some((err.code, err.chain())));
+                return self.snapshot(&backup);
+            }
+        };
+        let Some(mut held) = self.records.get_mut(&backup).and_then(|r| r.held.take()) else {
+            return self.unknown(backup);
+        };
+        let closed = close_gate(engine.as_ref(), &self.gate, &mut held.captured).await;
+        let status = self.held_status(&backup, BarrierState::Prepared, &held.captured);
+        tracing::info!(backup = %backup, shard = %self.shard_id, seq = %status.seq, "prepared: gate closed, shard cut");
+        if let Some(record) = self.records.get_mut(&backup) {
+            record.status = status;
+            record.held = Some(Held {
+                closed: Some(closed),
+                captured: held.captured,
+                deadline,
+            });
+        }
         if Instant::now() >= deadline && self.planted_bug != Some(PlantedBug::IgnoreLease) {
             self.expire();
         }
@@ -659,7 +756,9 @@ impl<E: ShardEngine> Participant<E> {
         };
         if let Some(record) = self.records.get_mut(&active) {
             if let Some(held) = record.held.take() {
-                record.status.gate_closed = held.closed.open();
+                if let Some(closed) = held.closed {
+                    record.status.gate_closed = closed.open();
+                }
                 drop(held.captured);
             }
             record.status.state = state;
@@ -682,25 +781,33 @@ impl<E: ShardEngine> Participant<E> {
     }
 
     fn commit(&mut self, backup: BackupId) -> BarrierStatus {
+        // Only a cut shard commits: a Commit that overtook Prepare does nothing.
         let is_held = self.active.as_ref() == Some(&backup)
-            && self.records.get(&backup).is_some_and(|r| r.held.is_some());
+            && self
+                .records
+                .get(&backup)
+                .is_some_and(|r| r.held.as_ref().is_some_and(|h| h.closed.is_some()));
         if !is_held {
             return self.snapshot(&backup);
         }
         let Some(record) = self.records.get_mut(&backup) else {
             return self.unknown(backup);
         };
-        let Some(held) = record.held.take() else {
+        let Some(Held {
+            closed: Some(closed),
+            mut captured,
+            ..
+        }) = record.held.take()
+        else {
             return self.unknown(backup);
         };
-        let mut captured = held.captured;
-        captured.paused = held.closed.open();
+        captured.paused = closed.open();
         record.status.gate_closed = captured.paused;
         if captured.mode == CaptureMode::Point {
             // A tag: the cut is recorded, nothing to upload.
             record.status.state = BarrierState::Uploaded;
             self.active = None;
-            tracing::info!(barrier = %backup, shard = %self.shard_id, seq = %captured.capture.seq, gate_closed_us = captured.paused.as_micros() as u64, "restore point committed: gate open");
+            tracing::info!(barrier = %backup, shard = %self.shard_id, seq = %captured.seq, gate_closed_us = captured.paused.as_micros() as u64, "restore point committed: gate open");
             return self.snapshot(&backup);
         }
         record.status.state = BarrierState::Uploading;
@@ -715,12 +822,11 @@ impl<E: ShardEngine> Participant<E> {
         );
         let engine = self.slot.get().map(|engine| Arc::clone(&*engine));
         self.uploads.spawn(async move {
-            let result = match (captured.mode, engine) {
-                (CaptureMode::Wal { .. }, Ok(engine)) => {
-                    upload_wal(captured, engine, &repo, &shard, &id, transfer, &progress).await
+            let result = match engine {
+                Ok(engine) => {
+                    upload_capture(captured, engine, &repo, &shard, &id, transfer, &progress).await
                 }
-                (CaptureMode::Wal { .. }, Err(err)) => Err(err),
-                _ => upload_capture(captured, &repo, &shard, &id, transfer, &progress).await,
+                Err(err) => Err(err),
             };
             (id, result)
         });

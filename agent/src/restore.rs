@@ -20,13 +20,14 @@ use crate::timeline::{Lineage, write_lineage};
 
 /// Bringing a staged full backup forward: first the WAL pieces of an incremental or
 /// differential chain (from the backup repository), then the WAL archive's segments, stopping
-/// exactly after `to`.
+/// exactly after `to`. (A full backup's own WAL tail, from its files to its cut, is a chain
+/// of that backup alone, replayed by `stage_shard`.)
 #[derive(Debug, Clone)]
 pub struct Replay {
     /// The repository holding the chain's backups.
     pub repo: Repository,
-    /// Incremental and differential backups, in replay order; each starts where the previous
-    /// (or the base) ends.
+    /// Backups whose WAL pieces are replayed, in order; each starts where the previous (or the
+    /// base) ends.
     pub chain: Vec<BackupId>,
     /// The WAL archive and the timeline whose segments are replayed after the chain.
     pub archive: Option<(lockstep_repository::archive::WalArchive, Timeline)>,
@@ -45,14 +46,14 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
     let mut cursor = base;
     for backup in &replay.chain {
         let manifest = replay.repo.shard_manifest(shard, backup).await?;
-        if manifest.wal_after != Some(cursor) {
+        if manifest.wal_start() != Some(cursor) {
             return Err(Error::new(
                 ErrorCode::BackupIncomplete,
                 format!(
-                    "shard {shard}: backup {backup} starts after sequence {}, the chain is at {cursor}",
+                    "shard {shard}: backup {backup}'s WAL starts after sequence {}, the chain is at {cursor}",
                     manifest
-                        .wal_after
-                        .map_or("(none: not incremental)".to_string(), |s| s.to_string())
+                        .wal_start()
+                        .map_or("(none: it has no WAL)".to_string(), |s| s.to_string())
                 ),
             ));
         }
@@ -253,6 +254,23 @@ pub fn check_target(target: &Path) -> Result<()> {
     }
 }
 
+/// `replay_staged` with the engine a manifest names.
+async fn replay_with_engine(
+    engine: &str,
+    staged: &mut StagedShard,
+    shard: &ShardId,
+    replay: &Replay,
+) -> Result<u64> {
+    match engine {
+        "rocksdb" => replay_staged::<RocksEngine>(staged, shard, replay).await,
+        "memory" => replay_staged::<MemEngine>(staged, shard, replay).await,
+        other => Err(Error::new(
+            ErrorCode::BackupManifestCorrupt,
+            format!("unknown engine {other:?}"),
+        )),
+    }
+}
+
 /// Opens the restored files with the engine that wrote them and returns its sequence number.
 fn open_and_read_seq(manifest: &ShardManifest, dir: &Path) -> Result<Seq> {
     match manifest.engine.as_str() {
@@ -366,8 +384,8 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 
 /// Downloads `shard` of `backup` into a staging directory beside `target` (on its
 /// filesystem, so the final rename is atomic), checks every chunk's SHA-256, opens the shard
-/// and compares its sequence number with the manifest. `engine`, when given, is the engine
-/// the shard must have been taken from.
+/// and compares its sequence number with the manifest's files, then replays the backup's WAL
+/// tail to its cut. `engine`, when given, is the engine the shard must have been taken from.
 pub async fn stage_shard(
     repo: &Repository,
     backup: &BackupId,
@@ -417,22 +435,35 @@ pub async fn stage_shard(
                 )
             })?
             .map_err(|err| fail(err.context("open restored shard")))?;
-    if seq != manifest.seq {
+    if seq != manifest.files_seq() {
         return Err(Error::new(
             ErrorCode::BackupRestorationFailed,
             format!(
                 "restored shard opened at sequence {seq}, manifest says {}",
-                manifest.seq
+                manifest.files_seq()
             ),
         ));
     }
-    Ok(StagedShard {
+    let mut staged = StagedShard {
         staging,
         seq,
         n_files: manifest.files.len(),
         bytes: manifest.total_bytes(),
-        column_families: manifest.column_families,
-    })
+        column_families: manifest.column_families.clone(),
+    };
+    if seq < manifest.seq {
+        // The WAL written between the capture of the files and the cut.
+        let tail = Replay {
+            repo: repo.clone(),
+            chain: vec![backup.clone()],
+            archive: None,
+            to: manifest.seq,
+        };
+        replay_with_engine(&manifest.engine, &mut staged, shard, &tail)
+            .await
+            .map_err(|err| fail(err.context(format!("replay the WAL tail of backup {backup}"))))?;
+    }
+    Ok(staged)
 }
 
 /// A fresh staging directory next to `target`, removed on drop unless moved into place.

@@ -253,6 +253,7 @@ pub fn restore_to_wire(status: RestoreStatus) -> v1::RestoreStatus {
 /// The wire form of a barrier status.
 pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
     let state = match status.state {
+        BarrierState::Staged => v1::BarrierState::Staged,
         BarrierState::Prepared => v1::BarrierState::Prepared,
         BarrierState::Uploading => v1::BarrierState::Uploading,
         BarrierState::Uploaded => v1::BarrierState::Uploaded,
@@ -296,44 +297,58 @@ pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
     }
 }
 
+/// The backup id, capture mode and lease of a Stage or Prepare request, checked.
+fn barrier_request(r: v1::PrepareRequest) -> Result<(BackupId, CaptureMode, Duration), Status> {
+    let lease = Duration::from_millis(r.lease_ms);
+    if lease.is_zero() || lease > MAX_LEASE {
+        return Err(to_status(&Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "lease of {} ms is outside 1..={} ms",
+                r.lease_ms,
+                MAX_LEASE.as_millis()
+            ),
+        )));
+    }
+    let mode = match v1::CaptureMode::try_from(r.capture) {
+        Ok(v1::CaptureMode::Files) => CaptureMode::Files,
+        Ok(v1::CaptureMode::Point) => CaptureMode::Point,
+        Ok(v1::CaptureMode::Wal) => CaptureMode::Wal {
+            after: lockstep_repository::Seq(r.wal_after_seq),
+            timeline: lockstep_repository::Timeline(r.wal_timeline.max(1)),
+        },
+        Err(_) => {
+            return Err(to_status(&Error::new(
+                ErrorCode::InvalidArgument,
+                format!("unknown capture mode {}", r.capture),
+            )));
+        }
+    };
+    Ok((backup_id(&r.backup_id)?, mode, lease))
+}
+
 #[tonic::async_trait]
 impl Agent for AgentApi {
+    async fn stage(
+        &self,
+        request: Request<v1::PrepareRequest>,
+    ) -> Result<Response<v1::BarrierStatus>, Status> {
+        let (backup, mode, lease) = barrier_request(request.into_inner())?;
+        reply(
+            self.participant.stage(backup, mode, lease).await,
+            status_to_wire,
+        )
+    }
+
     async fn prepare(
         &self,
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::BarrierStatus>, Status> {
-        let r = request.into_inner();
-        let lease = Duration::from_millis(r.lease_ms);
-        if lease.is_zero() || lease > MAX_LEASE {
-            return Err(to_status(&Error::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "lease of {} ms is outside 1..={} ms",
-                    r.lease_ms,
-                    MAX_LEASE.as_millis()
-                ),
-            )));
-        }
-        let mode = match v1::CaptureMode::try_from(r.capture) {
-            Ok(v1::CaptureMode::Files) => CaptureMode::Files,
-            Ok(v1::CaptureMode::Point) => CaptureMode::Point,
-            Ok(v1::CaptureMode::Wal) => CaptureMode::Wal {
-                after: lockstep_repository::Seq(r.wal_after_seq),
-                timeline: lockstep_repository::Timeline(r.wal_timeline.max(1)),
-            },
-            Err(_) => {
-                return Err(to_status(&Error::new(
-                    ErrorCode::InvalidArgument,
-                    format!("unknown capture mode {}", r.capture),
-                )));
-            }
-        };
-        let status = self
-            .participant
-            .prepare(backup_id(&r.backup_id)?, mode, lease)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(status_to_wire(status)))
+        let (backup, mode, lease) = barrier_request(request.into_inner())?;
+        reply(
+            self.participant.prepare(backup, mode, lease).await,
+            status_to_wire,
+        )
     }
 
     async fn commit(

@@ -45,6 +45,17 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         secs: u64,
     },
+    /// Only the barrier's write pause, as JSON.
+    Barrier {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value = "3,8", value_delimiter = ',')]
+        agents: Vec<usize>,
+        #[arg(long, default_value_t = 12)]
+        backups: usize,
+    },
     /// Back up a shard with BackupEngine (run as its own process, so it is timed alone).
     #[command(hide = true)]
     BackupEngineBackup {
@@ -111,6 +122,12 @@ fn main() -> std::process::ExitCode {
             work,
             secs,
         } => report::wal_only(&bin_dir, &work, secs),
+        Command::Barrier {
+            bin_dir,
+            work,
+            agents,
+            backups,
+        } => report::barrier_only(&bin_dir, &work, &agents, backups),
         Command::BackupEngineBackup { db, dir, threads } => {
             contenders::backup_engine_backup(&db, &dir, threads)
         }

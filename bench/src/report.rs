@@ -284,6 +284,45 @@ fn binaries(bin_dir: &Path) -> Result<Binaries> {
 }
 
 /// `lockstep-bench wal`: the WAL measurement alone, printed as JSON.
+/// The barrier's write pause, under steady then saturating writes, for each cluster size.
+fn barriers(
+    bins: &Binaries,
+    work: &Path,
+    agents: &[usize],
+    backups: usize,
+) -> Result<Vec<BarrierResult>> {
+    let mut barrier_results = Vec::new();
+    for load in [barrier::Load::Steady, barrier::Load::Saturating] {
+        for &agents in agents {
+            eprintln!(
+                "[bench] barrier: {agents} agents under {} write load, {} backups",
+                load.name(),
+                backups
+            );
+            let pauses = barrier::measure(bins, work, agents, backups, load)?;
+            barrier_results.push(BarrierResult {
+                agents,
+                load: load.name(),
+                backups: pauses.backups,
+                samples: pauses.pauses_us.len(),
+                p50_ms: quantile(&pauses.pauses_us, 0.50) as f64 / 1000.0,
+                p99_ms: quantile(&pauses.pauses_us, 0.99) as f64 / 1000.0,
+                max_ms: pauses.pauses_us.iter().copied().max().unwrap_or(0) as f64 / 1000.0,
+                write_keys_per_sec: pauses.write_keys_per_sec,
+            });
+        }
+    }
+    Ok(barrier_results)
+}
+
+/// Only the barrier measurement, as JSON.
+pub fn barrier_only(bin_dir: &Path, work: &Path, agents: &[usize], backups: usize) -> Result<()> {
+    std::fs::create_dir_all(work)?;
+    let results = barriers(&binaries(bin_dir)?, work, agents, backups)?;
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    Ok(())
+}
+
 pub fn wal_only(bin_dir: &Path, work: &Path, secs: u64) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let result = wal::measure(&binaries(bin_dir)?, work, 3, secs)?;
@@ -317,27 +356,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if let Some(main) = variants.first() {
         rss.insert(args.size_mib, main.lockstep_backup.max_rss_mib);
     }
-    let mut barrier_results = Vec::new();
-    for load in [barrier::Load::Steady, barrier::Load::Saturating] {
-        for &agents in &args.agents {
-            eprintln!(
-                "[bench] barrier: {agents} agents under {} write load, {} backups",
-                load.name(),
-                args.backups
-            );
-            let pauses = barrier::measure(&bins, &args.work, agents, args.backups, load)?;
-            barrier_results.push(BarrierResult {
-                agents,
-                load: load.name(),
-                backups: pauses.backups,
-                samples: pauses.pauses_us.len(),
-                p50_ms: quantile(&pauses.pauses_us, 0.50) as f64 / 1000.0,
-                p99_ms: quantile(&pauses.pauses_us, 0.99) as f64 / 1000.0,
-                max_ms: pauses.pauses_us.iter().copied().max().unwrap_or(0) as f64 / 1000.0,
-                write_keys_per_sec: pauses.write_keys_per_sec,
-            });
-        }
-    }
+    let barrier_results = barriers(&bins, &args.work, &args.agents, args.backups)?;
     eprintln!(
         "[bench] WAL: 3 agents shipping under steady writes for {} s, then an incremental and a PITR restore",
         args.wal_secs

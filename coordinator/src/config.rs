@@ -8,6 +8,7 @@
 //! [barrier]
 //! lease_ms = 10000          # how long an agent holds its gate at most
 //! prepare_timeout_ms = 5000 # the coordinator's deadline for every Prepared (< lease)
+//! stage_timeout_ms = 60000  # the deadline for every Staged (captures, gates still open)
 //!
 //! [tags]
 //! auto_every_s = 300        # an automatic restore point (tag auto-...) every 5 minutes; 0: off
@@ -46,6 +47,8 @@ pub struct AgentConfig {
 pub struct BarrierConfig {
     pub lease_ms: u64,
     pub prepare_timeout_ms: u64,
+    /// The deadline for every agent's Staged (its capture, with the gate open).
+    pub stage_timeout_ms: u64,
     /// Longest wait for all uploads after Commit.
     pub upload_timeout_ms: u64,
 }
@@ -55,6 +58,7 @@ impl Default for BarrierConfig {
         BarrierConfig {
             lease_ms: 10_000,
             prepare_timeout_ms: 5_000,
+            stage_timeout_ms: 60_000,
             upload_timeout_ms: 3_600_000,
         }
     }
@@ -63,6 +67,10 @@ impl Default for BarrierConfig {
 impl BarrierConfig {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    pub fn stage_timeout(&self) -> Duration {
+        Duration::from_millis(self.stage_timeout_ms)
     }
 
     pub fn prepare_timeout(&self) -> Duration {
@@ -154,6 +162,16 @@ impl Config {
                 "[barrier] prepare_timeout_ms ({}) must be positive and shorter than lease_ms ({}), so the \
                  coordinator gives up before any agent's lease runs out",
                 b.prepare_timeout_ms, b.lease_ms
+            )));
+        }
+        // An agent holds a staged capture for stage + prepare timeouts + lease, at most 300 s.
+        if b.stage_timeout_ms == 0
+            || b.stage_timeout_ms + b.prepare_timeout_ms + b.lease_ms > 300_000
+        {
+            return Err(invalid(format!(
+                "[barrier] stage_timeout_ms ({}) must be positive, and with prepare_timeout_ms and \
+                 lease_ms at most 300000 ms (the longest an agent holds a capture)",
+                b.stage_timeout_ms
             )));
         }
         let mut grouped = HashSet::new();

@@ -582,49 +582,65 @@ async fn run_backup(ctx: &JobContext, backup: &BackupId, cut: &Cut, view: &Share
     outcome
 }
 
-/// The two phases on every agent: Prepare in parallel within the deadline, then Commit.
-/// Returns the Prepared statuses (each shard's cut) once every agent accepted the Commit in
-/// one of `committed` states. On error the caller aborts everywhere.
-pub(crate) async fn barrier(
+/// The phases of the barrier that fan a `PrepareRequest` out to every agent.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Phase 0: capture with the gates open.
+    Stage,
+    /// Phase 1: close the gates and cut.
+    Prepare,
+}
+
+/// Sends `phase` to every agent in parallel; every reply must be `expected` and arrive by
+/// `deadline`. The view shows each shard's reply.
+async fn fan_out(
     ctx: &JobContext,
-    backup: &BackupId,
     view: &Shared,
-    request: impl Fn(&AgentLink) -> v1::PrepareRequest,
-    committed: &[BarrierState],
+    phase: Phase,
+    deadline: Instant,
+    request: &impl Fn(&AgentLink) -> v1::PrepareRequest,
 ) -> Result<Vec<v1::BarrierStatus>> {
-    let barrier = &ctx.config.barrier;
-    // Phase 1: Prepare everywhere in parallel; the deadline runs from sending.
+    let (expected, name) = match phase {
+        Phase::Stage => (BarrierState::Staged, "Staged"),
+        Phase::Prepare => (BarrierState::Prepared, "Prepared"),
+    };
     let sent = Instant::now();
-    let deadline = sent + barrier.prepare_timeout();
-    let prepares = ctx.agents.iter().map(|agent| {
+    let calls = ctx.agents.iter().map(|agent| {
         let mut client = agent.client.clone();
         let request = request(agent);
         async move {
-            match tokio::time::timeout_at(deadline, client.prepare(request)).await {
+            let call = async {
+                match phase {
+                    Phase::Stage => client.stage(request).await,
+                    Phase::Prepare => client.prepare(request).await,
+                }
+            };
+            match tokio::time::timeout_at(deadline, call).await {
                 Ok(Ok(reply)) => Ok(reply.into_inner()),
                 Ok(Err(status)) => Err(from_status(
-                    &format!("prepare shard {}", agent.shard_id),
+                    &format!("{phase:?} shard {}", agent.shard_id).to_lowercase(),
                     &status,
                 )),
                 Err(_) => Err(Error::new(
                     ErrorCode::AgentUnavailable,
                     format!(
-                        "shard {} did not reply Prepared within {} ms",
-                        agent.shard_id, barrier.prepare_timeout_ms
+                        "shard {} did not reply {name} within {} ms",
+                        agent.shard_id,
+                        deadline.saturating_duration_since(sent).as_millis()
                     ),
                 )),
             }
         }
     });
-    let replies = join_all(prepares).await;
+    let replies = join_all(calls).await;
     let mut failures = Vec::new();
     let mut shards = Vec::new();
-    let mut prepared = Vec::new();
+    let mut accepted = Vec::new();
     for (agent, reply) in ctx.agents.iter().zip(&replies) {
         match reply {
-            Ok(status) if status.state == BarrierState::Prepared as i32 => {
+            Ok(status) if status.state == expected as i32 => {
                 shards.push(shard_view(&agent.shard_id, status));
-                prepared.push(status.clone());
+                accepted.push(status.clone());
             }
             Ok(status) => {
                 shards.push(shard_view(&agent.shard_id, status));
@@ -640,7 +656,7 @@ pub(crate) async fn barrier(
     if Instant::now() > deadline && failures.is_empty() {
         failures.push(Error::new(
             ErrorCode::BarrierLeaseExpired,
-            "the Prepared replies arrived after the deadline",
+            format!("the {name} replies arrived after the deadline"),
         ));
     }
     if let Some(first) = failures.first() {
@@ -654,6 +670,48 @@ pub(crate) async fn barrier(
             format!("barrier failed, aborted: {detail}"),
         ));
     }
+    Ok(accepted)
+}
+
+/// The phases on every agent: Stage (gates open) in parallel within the stage timeout, then
+/// Prepare (gates close) in parallel within the deadline, then Commit. Returns the Prepared
+/// statuses (each shard's cut) once every agent accepted the Commit in one of `committed`
+/// states. On error the caller aborts everywhere.
+pub(crate) async fn barrier(
+    ctx: &JobContext,
+    backup: &BackupId,
+    view: &Shared,
+    request: impl Fn(&AgentLink) -> v1::PrepareRequest,
+    committed: &[BarrierState],
+) -> Result<Vec<v1::BarrierStatus>> {
+    let barrier = &ctx.config.barrier;
+    // Phase 0: every agent captures with its gate open and holds the capture until Prepare:
+    // at most the stage timeout plus the Prepare deadline, with a lease of margin.
+    let staging = Instant::now();
+    let hold_ms = barrier.stage_timeout_ms + barrier.prepare_timeout_ms + barrier.lease_ms;
+    fan_out(
+        ctx,
+        view,
+        Phase::Stage,
+        staging + barrier.stage_timeout(),
+        &|agent| v1::PrepareRequest {
+            lease_ms: hold_ms,
+            ..request(agent)
+        },
+    )
+    .await?;
+    tracing::info!(barrier = %backup, staged_ms = staging.elapsed().as_millis() as u64, "every shard staged; closing the gates");
+
+    // Phase 1: Prepare everywhere in parallel; the deadline runs from sending.
+    let sent = Instant::now();
+    let mut prepared = fan_out(
+        ctx,
+        view,
+        Phase::Prepare,
+        sent + barrier.prepare_timeout(),
+        &request,
+    )
+    .await?;
     tracing::info!(barrier = %backup, prepared_ms = sent.elapsed().as_millis() as u64, "every shard prepared; committing");
 
     fault_pause("before-commit", backup).await;

@@ -129,6 +129,11 @@ pub struct ShardManifest {
     pub captured_at: DateTime<Utc>,
     pub column_families: Vec<String>,
     pub files: Vec<FileEntry>,
+    /// Full backups whose files were captured before the cut (with the write gate open): the
+    /// files open at exactly `files_seq`, and the WAL pieces run from just after it to `seq`.
+    /// Absent when the files hold `seq` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_seq: Option<Seq>,
     /// Incremental and differential backups: the WAL runs from just after `wal_after` (the
     /// parent's sequence number) to `seq`, contiguous. Full backups have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -357,7 +362,13 @@ impl ShardManifest {
                 ));
             }
         }
-        if let Some(after) = manifest.wal_after {
+        if manifest.files_seq.is_some() && manifest.wal_after.is_some() {
+            return Err(corrupt(what, "both files_seq and wal_after"));
+        }
+        if manifest.files_seq.is_some_and(|at| at > manifest.seq) {
+            return Err(corrupt(what, "files_seq after the shard's sequence number"));
+        }
+        if let Some(after) = manifest.wal_start() {
             let mut next = Seq(after.0 + 1);
             for piece in &manifest.wal {
                 if piece.first != next || piece.last < piece.first {
@@ -384,12 +395,24 @@ impl ShardManifest {
                 ));
             }
         } else if !manifest.wal.is_empty() {
-            return Err(corrupt(what, "WAL pieces without wal_after"));
+            return Err(corrupt(what, "WAL pieces without wal_after or files_seq"));
         }
         Ok(manifest)
     }
 
-    /// Plaintext bytes of the backup: its files, or its WAL pieces.
+    /// Where the WAL pieces start (just after this): the parent's sequence number for an
+    /// incremental or differential backup, the files' for a full backup taken with the gate
+    /// open. `None` for a full backup with no pieces.
+    pub fn wal_start(&self) -> Option<Seq> {
+        self.wal_after.or(self.files_seq)
+    }
+
+    /// The sequence number the files open at.
+    pub fn files_seq(&self) -> Seq {
+        self.files_seq.unwrap_or(self.seq)
+    }
+
+    /// Plaintext bytes of the backup: its files and its WAL pieces.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum::<u64>()
             + self.wal.iter().map(|p| p.chunk.len).sum::<u64>()
@@ -475,6 +498,7 @@ mod tests {
                     stored_len: 19,
                 }],
             }],
+            files_seq: None,
             wal_after: None,
             wal: Vec::new(),
             stats: TransferStats::default(),
@@ -539,6 +563,27 @@ mod tests {
         assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
         incremental.wal = vec![piece(31, 41)];
         let err = ShardManifest::parse("m", &incremental.to_json())
+            .err()
+            .map(|e| e.code);
+        assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
+
+        // A full backup whose files open before the cut: its WAL tail must reach the cut.
+        let mut tail = sample()?;
+        tail.files_seq = Some(Seq(40));
+        tail.wal = vec![piece(41, 42)];
+        assert_eq!(ShardManifest::parse("m", &tail.to_json())?, tail);
+        assert_eq!(
+            (tail.wal_start(), tail.files_seq()),
+            (Some(Seq(40)), Seq(40))
+        );
+        tail.wal = vec![piece(41, 41)];
+        let err = ShardManifest::parse("m", &tail.to_json())
+            .err()
+            .map(|e| e.code);
+        assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));
+        tail.wal = vec![piece(41, 42)];
+        tail.wal_after = Some(Seq(40));
+        let err = ShardManifest::parse("m", &tail.to_json())
             .err()
             .map(|e| e.code);
         assert_eq!(err, Some(ErrorCode::BackupManifestCorrupt));

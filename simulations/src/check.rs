@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use lockstep_agent::engine::{MemEngine, ShardEngine};
-use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
+use lockstep_agent::restore::restore_shard;
+use lockstep_repository::transfer::{Progress, TransferOptions};
 use lockstep_repository::wal::{WalBatch, check_segments};
 use lockstep_repository::{Repository, ShardId, Timeline};
 
@@ -400,10 +401,12 @@ async fn restored_keys(
         .await
         .map_err(|e| e.chain())?;
     let dir = scratch.join(format!("{backup}-{shard}"));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    download_files(
+    std::fs::create_dir_all(scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
+    // The production restore: files, then the WAL tail to the cut, checked on the way.
+    let restored = restore_shard(
         repo,
-        &manifest.files,
+        backup,
+        &shard_id,
         &dir,
         TransferOptions::default(),
         &Progress::default(),
@@ -411,7 +414,7 @@ async fn restored_keys(
     .await
     .map_err(|e| e.chain())?;
     let engine = MemEngine::open(&dir, &manifest.column_families).map_err(|e| e.chain())?;
-    if engine.latest_seq() != manifest.seq {
+    if engine.latest_seq() != manifest.seq || restored.seq != manifest.seq {
         return Err(format!(
             "opened at seq {}, the manifest says {}",
             engine.latest_seq(),

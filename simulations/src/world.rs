@@ -97,6 +97,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
         barrier: BarrierConfig {
             lease_ms,
             prepare_timeout_ms: lease_ms / 2,
+            stage_timeout_ms: lease_ms,
             upload_timeout_ms: 30_000,
         },
         agents: shards

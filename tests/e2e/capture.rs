@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use chrono::Utc;
 use lockstep_agent::WriteGate;
-use lockstep_agent::backup::{capture_shard, upload_capture};
+use lockstep_agent::backup::{
+    CaptureMode, capture_shard, close_gate, stage_capture, upload_capture,
+};
 use lockstep_agent::engine::{RocksEngine, ShardEngine, WriteBatch};
 use lockstep_agent::restore::restore_shard;
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
@@ -41,7 +43,7 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
     .await
     .expect("capture");
     let model_at_capture = shard.model.clone();
-    let seq_at_capture = captured.capture.seq;
+    let seq_at_capture = captured.seq;
     let live_before: HashSet<String> = shard
         .engine
         .live_sst_files()
@@ -91,6 +93,7 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
     });
     let manifest = upload_capture(
         captured,
+        shard.engine.clone(),
         &repo,
         &shard_id,
         &backup_id,
@@ -137,4 +140,78 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
         &model_at_capture,
         "backup taken across compactions",
     );
+}
+
+/// A full backup's files are captured with the gate open, before the cut; the writes between
+/// them and the cut go up as the backup's WAL tail, and a restore replays it to the exact cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_between_staging_and_the_cut_are_restored_from_the_wal_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Repository::open(&format!("file://{}", dir.path().join("repo").display()))
+        .await
+        .expect("repo");
+    let shard_id = ShardId::new("shard-0").expect("id");
+    let backup_id = BackupId::generate();
+    let mut shard = Shard::open(&dir.path().join("db"), 11);
+    shard.workload(20_000, 30_000);
+    let gate = WriteGate::new();
+    let started_at = Utc::now();
+
+    let mut captured = stage_capture(
+        &shard.engine,
+        dir.path().join("captures").join(backup_id.as_str()),
+        Timeline::default(),
+        CaptureMode::Files,
+    )
+    .await
+    .expect("stage");
+    let files_seq = captured.capture.seq;
+    // Writes with the gate open, after the files were captured: part of the backup.
+    shard.workload(8_000, 30_000);
+    let closed = close_gate(shard.engine.as_ref(), &gate, &mut captured).await;
+    let model_at_cut = shard.model.clone();
+    captured.paused = closed.open();
+    assert!(captured.seq > files_seq, "the cut is after the files");
+    // Writes after the cut: not part of it.
+    shard.workload(5_000, 30_000);
+
+    let manifest = upload_capture(
+        captured,
+        shard.engine.clone(),
+        &repo,
+        &shard_id,
+        &backup_id,
+        TransferOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .expect("upload");
+    assert_eq!(manifest.files_seq, Some(files_seq));
+    assert!(!manifest.wal.is_empty(), "the tail went up as WAL pieces");
+    assert_eq!(manifest.wal.last().map(|p| p.last), Some(manifest.seq));
+    let cut = manifest.seq;
+    let backup = BackupManifest::commit(
+        backup_id.clone(),
+        BackupKind::Full,
+        None,
+        started_at,
+        &[manifest],
+    );
+    repo.put_backup_manifest(&backup).await.expect("commit");
+
+    let target = dir.path().join("restored");
+    let outcome = restore_shard(
+        &repo,
+        &backup_id,
+        &shard_id,
+        &target,
+        TransferOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .expect("restore");
+    assert_eq!(outcome.seq, cut);
+    let restored = RocksEngine::open(&target, &[]).expect("open restored");
+    assert_eq!(restored.latest_seq(), cut);
+    assert_same(&restored, &model_at_cut, "backup with a WAL tail");
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use lockstep_repository::Seq;
 use rand::{Rng, SeedableRng};
@@ -254,6 +255,91 @@ pub fn capture_is_exact_at_its_sequence_number<E: ShardEngine>(dir: &Path) {
     assert_matches(&engine, &model);
 }
 
+/// The barrier captures while writes flow: the capture must hold exactly the writes up to
+/// its own sequence number (never part of a batch), and the WAL after it must stay readable
+/// while the capture lives, so replaying it onto the capture reaches any later point.
+pub fn capture_under_writes_is_exact_and_keeps_its_wal<E: ShardEngine>(dir: &Path) {
+    let engine = E::open_with(
+        &dir.join("live"),
+        &cfs(),
+        &EngineConfig {
+            // A tiny retention: only the capture's hold keeps the WAL after it.
+            wal_retention_mb: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("open");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let mut model = Model::new();
+    for _ in 0..100 {
+        let batch = random_batch(&mut rng, 8);
+        apply(&mut model, &batch);
+        engine.write(&batch).expect("write");
+    }
+    let (writing, captured) = (AtomicBool::new(false), AtomicBool::new(false));
+    // The writer goes on until 20 batches after the capture returned.
+    let (capture, written) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut written = Vec::new();
+            let mut after_capture = 0;
+            while after_capture < 20 {
+                let batch = random_batch(&mut rng, 8);
+                let range = engine.write(&batch).expect("write");
+                written.push((batch, range));
+                writing.store(true, Ordering::SeqCst);
+                if captured.load(Ordering::SeqCst) {
+                    after_capture += 1;
+                }
+            }
+            written
+        });
+        while !writing.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        engine.prepare_capture().expect("prepare");
+        let capture = engine.capture(&dir.join("capture")).expect("capture");
+        captured.store(true, Ordering::SeqCst);
+        (capture, writer.join().expect("writer"))
+    });
+    assert!(
+        capture.seq < engine.latest_seq(),
+        "writes went on after the capture"
+    );
+    let mut at_capture = (capture.seq.0 == 100 * 8).then(|| model.clone());
+    for (batch, range) in &written {
+        assert!(
+            range.last <= capture.seq || range.first > capture.seq,
+            "the capture at {} splits batch {}..={}",
+            capture.seq,
+            range.first,
+            range.last
+        );
+        apply(&mut model, batch);
+        if range.last == capture.seq {
+            at_capture = Some(model.clone());
+        }
+    }
+    let at_capture = at_capture.expect("the capture ends after a batch");
+    // Bulky writes after the capture, past the retention, while the capture lives.
+    let mut filler = WriteBatch::new();
+    for i in 0..40 {
+        filler.put("events", format!("filler-{i}"), vec![7u8; 64 << 10]);
+        apply(&mut model, &filler);
+        engine.write(&filler).expect("write filler");
+        filler = WriteBatch::new();
+    }
+    let wal = read_wal(&engine, capture.seq, 1 << 20);
+    materialize(&capture, &dir.join("restored"));
+    let restored = E::open(&dir.join("restored"), &cfs()).expect("open restored");
+    assert_eq!(restored.latest_seq(), capture.seq);
+    assert_matches(&restored, &at_capture);
+    for batch in &wal {
+        restored.replay(batch).expect("replay");
+    }
+    assert_eq!(restored.latest_seq(), engine.latest_seq());
+    assert_matches(&restored, &model);
+}
+
 pub fn reopen_keeps_data_and_sequence<E: ShardEngine>(dir: &Path) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut model = Model::new();
@@ -430,6 +516,10 @@ macro_rules! conformance_suite {
             #[test]
             fn hlc_times_never_go_back_across_reopen() {
                 run(super::hlc_times_never_go_back_across_reopen::<$engine>);
+            }
+            #[test]
+            fn capture_under_writes_is_exact_and_keeps_its_wal() {
+                run(super::capture_under_writes_is_exact_and_keeps_its_wal::<$engine>);
             }
             #[test]
             fn reopen_keeps_data_and_sequence() {

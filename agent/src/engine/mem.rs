@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use lockstep_repository::wal::check_continuity;
 use lockstep_repository::{Error, ErrorCode, Result, Seq};
@@ -36,6 +36,9 @@ struct State {
     families: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
     wal: VecDeque<WalBatch>,
     wal_bytes: u64,
+    /// Sequence numbers of live captures (with a count each): the WAL after the lowest is
+    /// kept whatever the retention, as RocksDB keeps it while file deletions are disabled.
+    pins: BTreeMap<u64, usize>,
 }
 
 impl State {
@@ -82,7 +85,11 @@ impl State {
     fn log(&mut self, batch: WalBatch, retention: u64) {
         self.wal_bytes += batch.data.len() as u64;
         self.wal.push_back(batch);
-        while self.wal_bytes > retention && self.wal.len() > 1 {
+        let pinned = self.pins.keys().next().copied().unwrap_or(u64::MAX);
+        while self.wal_bytes > retention
+            && self.wal.len() > 1
+            && self.wal.front().is_some_and(|b| b.last().0 <= pinned)
+        {
             if let Some(dropped) = self.wal.pop_front() {
                 self.wal_bytes -= dropped.data.len() as u64;
             }
@@ -90,9 +97,27 @@ impl State {
     }
 }
 
+/// Keeps the WAL after a capture's sequence number until dropped.
+struct WalPin {
+    state: Arc<Mutex<State>>,
+    seq: u64,
+}
+
+impl Drop for WalPin {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = state.pins.get_mut(&self.seq) {
+            *count -= 1;
+            if *count == 0 {
+                state.pins.remove(&self.seq);
+            }
+        }
+    }
+}
+
 /// An in-memory shard.
 pub struct MemEngine {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     dir: std::path::PathBuf,
     clock: HlcClock,
     wal_retention_bytes: u64,
@@ -277,7 +302,7 @@ impl ShardEngine for MemEngine {
             state.families.entry(cf.to_string()).or_default();
         }
         Ok(MemEngine {
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
             dir: dir.to_path_buf(),
             clock: config.clock.clone(),
             wal_retention_bytes: config.wal_retention_mb.max(1) << 20,
@@ -434,12 +459,18 @@ impl ShardEngine for MemEngine {
 
     fn capture(&self, dir: &Path) -> Result<Capture> {
         let (seq, snapshot, families) = {
-            let state = self.state();
+            let mut state = self.state();
+            let at = state.seq;
+            *state.pins.entry(at).or_default() += 1;
             (
                 Seq(state.seq),
                 encode_snapshot(&state),
                 state.families.keys().cloned().collect(),
             )
+        };
+        let pin = WalPin {
+            state: self.state.clone(),
+            seq: seq.0,
         };
         let io = |err| {
             Error::io(
@@ -451,6 +482,12 @@ impl ShardEngine for MemEngine {
         std::fs::create_dir(dir).map_err(io)?;
         std::fs::write(dir.join(SNAPSHOT_FILE), snapshot).map_err(io)?;
         let files = list_capture(dir, None)?;
-        Ok(Capture::new(seq, dir.to_path_buf(), files, families, None))
+        Ok(Capture::new(
+            seq,
+            dir.to_path_buf(),
+            files,
+            families,
+            Some(Box::new(pin)),
+        ))
     }
 }

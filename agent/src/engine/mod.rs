@@ -266,12 +266,13 @@ pub trait ShardEngine: Send + Sync + 'static {
     /// The sequence number of the last applied write.
     fn latest_seq(&self) -> Seq;
 
-    /// Work that makes the next `capture` cheaper, done while writes still flow (RocksDB
-    /// flushes its memtables so the WAL tail copied under the closed gate is small).
+    /// Work that makes the next `capture` cheaper (RocksDB flushes its memtables so the WAL
+    /// tail the checkpoint copies is small).
     fn prepare_capture(&self) -> Result<()>;
 
-    /// Captures a consistent file set into `dir` (which must not exist). The caller must hold
-    /// the write gate closed, so the capture holds exactly the writes up to `latest_seq()`.
+    /// Captures a consistent file set into `dir` (which must not exist), while writes may
+    /// still flow: the capture holds exactly the writes up to its `seq`, and the WAL after
+    /// `seq` stays readable by `wal_since` until the capture is dropped.
     fn capture(&self, dir: &Path) -> Result<Capture>;
 }
 

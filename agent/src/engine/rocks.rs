@@ -2,9 +2,10 @@
 //!
 //! Capture uses RocksDB's own Checkpoint with flushing turned off: it hard-links the live SST
 //! files and copies the MANIFEST and the WAL trimmed to their sizes at the instant, under
-//! RocksDB's internal mutex, so the file set is consistent by construction. To keep the WAL
-//! copy (the only part proportional to data) small while the write gate is closed,
-//! `prepare_capture` flushes the memtables first, while writes still flow.
+//! RocksDB's internal mutex, so the file set is consistent by construction. It runs while
+//! writes flow (the barrier's stage, before any gate closes); the checkpoint is then opened
+//! read-only to learn the exact sequence number it holds. `prepare_capture` flushes the
+//! memtables first, so the WAL copy (the only part proportional to data) stays small.
 //!
 //! File deletions are disabled from just before the checkpoint until the `Capture` is
 //! dropped (after the upload, or on any error), as RocksDB's BackupEngine does.
@@ -115,6 +116,18 @@ fn read_or_create_incarnation(dir: &Path) -> Result<String> {
             Ok(incarnation)
         }
     }
+}
+
+/// The sequence number a checkpoint opens at: it is opened read-only, which recovers its
+/// WAL copy as a restore would, and loads no table until it is read.
+fn checkpoint_seq(dir: &Path, column_families: &[String]) -> Result<Seq> {
+    let cache = rocksdb::Cache::new_lru_cache(1 << 20);
+    let mut options = db_options(&cache);
+    options.create_if_missing(false);
+    options.set_max_open_files(16);
+    let db = DB::open_cf_for_read_only(&options, dir, column_families, false)
+        .map_err(|err| engine_error(format!("open checkpoint {} read-only", dir.display()), err))?;
+    Ok(Seq(db.latest_sequence_number()))
 }
 
 /// Re-enables file deletions when dropped.
@@ -442,7 +455,6 @@ impl ShardEngine for RocksEngine {
             .disable_file_deletions()
             .map_err(|err| engine_error("disable file deletions", err))?;
         let freeze = DeletionFreeze(self.db.clone());
-        let seq = self.latest_seq();
         let checkpoint =
             Checkpoint::new(&*self.db).map_err(|err| engine_error("start checkpoint", err))?;
         // A log size threshold of u64::MAX means "never flush": the WAL tail is copied
@@ -450,16 +462,10 @@ impl ShardEngine for RocksEngine {
         checkpoint
             .create_checkpoint_with_log_size(dir, u64::MAX)
             .map_err(|err| engine_error(format!("create checkpoint in {}", dir.display()), err))?;
-        let after = self.latest_seq();
-        if after != seq {
-            return Err(Error::new(
-                ErrorCode::BackupCreationFailed,
-                format!(
-                    "writes were not fenced during capture: sequence moved from {seq} to {after}"
-                ),
-            ));
-        }
         let files = list_capture(dir, Some(&self.incarnation))?;
+        // Writes may flow during the checkpoint: the only exact account of what it holds is
+        // the sequence number it opens at.
+        let seq = checkpoint_seq(dir, &self.column_families)?;
         Ok(Capture::new(
             seq,
             dir.to_path_buf(),
