@@ -500,7 +500,7 @@ pub async fn serve<E: ShardEngine>(
 ) -> Result<(), Error> {
     serve_incoming(
         parts,
-        tonic::transport::server::TcpIncoming::from(listener),
+        lockstep_proto::incoming(listener),
         shutdown,
     )
     .await

@@ -456,7 +456,7 @@ pub async fn serve(
     serve_incoming(
         config,
         agents,
-        tonic::transport::server::TcpIncoming::from(listener),
+        lockstep_proto::incoming(listener),
         shutdown,
         on_ready,
     )

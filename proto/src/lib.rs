@@ -41,6 +41,14 @@ impl<T> Connection for T where
 {
 }
 
+/// A server's stream of TCP connections, with Nagle's algorithm off: a barrier's replies are
+/// small writes (headers, message, trailers), and with Nagle on, one waiting for the ACK of
+/// the previous reply meets the peer's delayed ACK (40 ms on Linux) while every gate is
+/// closed. Measured: the barrier pause went from 44 ms to a few ms at p50.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// How Lockstep's long-lived channels (coordinator to agents, agents to remote archives)
 /// behave: bounded connect and call times, and HTTP/2 keepalive, so a connection that died
 /// silently (a partition that dropped its packets, a host that vanished) is noticed within
@@ -51,6 +59,7 @@ pub fn long_lived(endpoint: tonic::transport::Endpoint) -> tonic::transport::End
     use std::time::Duration;
     endpoint
         .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))
