@@ -498,12 +498,7 @@ pub async fn serve<E: ShardEngine>(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    serve_incoming(
-        parts,
-        lockstep_proto::incoming(listener),
-        shutdown,
-    )
-    .await
+    serve_incoming(parts, lockstep_proto::incoming(listener), shutdown).await
 }
 
 /// Runs the agent on any stream of connections (TCP, or the simulated network of the

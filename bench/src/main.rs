@@ -56,6 +56,16 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         backups: usize,
     },
+    /// Generate a benchmark shard (for profiling one contender by hand).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        #[arg(long)]
+        uncompressed: bool,
+    },
     /// Back up a shard with BackupEngine (run as its own process, so it is timed alone).
     #[command(hide = true)]
     BackupEngineBackup {
@@ -122,6 +132,11 @@ fn main() -> std::process::ExitCode {
             work,
             secs,
         } => report::wal_only(&bin_dir, &work, secs),
+        Command::Generate {
+            db,
+            mib,
+            uncompressed,
+        } => generate::shard(&db, !uncompressed, mib).map(|_| ()),
         Command::Barrier {
             bin_dir,
             work,

@@ -109,7 +109,7 @@ impl WalArchive {
             WalArchive::Store(repo) => repo.put_wal_segment(segment, compression).await,
             WalArchive::Remote { remote, .. } => {
                 let (info, encoded) = encode_wal_segment(segment, compression).await?;
-                remote.put(&info, encoded.bytes).await?;
+                remote.put(&info, encoded.to_vec()).await?;
                 Ok(info)
             }
         }

@@ -42,22 +42,38 @@ impl Default for Compression {
     }
 }
 
-/// An encoded object, ready to store.
+/// An encoded object, ready to store: a header and a payload, kept apart so the plaintext of
+/// a stored (uncompressed) object is never copied into a frame; a store writes both parts.
 #[derive(Debug)]
 pub struct Encoded {
     pub id: ObjectId,
     pub plaintext_len: u64,
-    pub bytes: Vec<u8>,
+    pub header: [u8; HEADER_LEN],
+    pub payload: bytes::Bytes,
     pub compressed: bool,
 }
 
-fn frame(codec: u8, plaintext_len: u64, payload_len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + payload_len);
-    out.extend_from_slice(MAGIC);
-    out.push(FORMAT_VERSION);
-    out.push(codec);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&plaintext_len.to_le_bytes());
+impl Encoded {
+    /// Bytes the object takes in the repository.
+    pub fn stored_len(&self) -> u64 {
+        (HEADER_LEN + self.payload.len()) as u64
+    }
+
+    /// The whole stored object in one buffer (a copy; for small objects such as WAL segments).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+fn header(codec: u8, plaintext_len: u64) -> [u8; HEADER_LEN] {
+    let mut out = [0u8; HEADER_LEN];
+    out[..4].copy_from_slice(MAGIC);
+    out[4] = FORMAT_VERSION;
+    out[5] = codec;
+    out[8..].copy_from_slice(&plaintext_len.to_le_bytes());
     out
 }
 
@@ -75,51 +91,54 @@ fn pays(plain: usize, compressed: usize) -> bool {
 
 /// Hashes and encodes one plaintext chunk. CPU-bound: call it off the async workers.
 pub fn encode(plaintext: &[u8], compression: Compression) -> Result<Encoded> {
-    encode_with_id(ObjectId::of(plaintext), plaintext, compression)
+    encode_with_id(ObjectId::of(plaintext), plaintext.to_vec(), compression)
 }
 
-/// Encodes a chunk whose id the caller has already computed with [`ObjectId::of`].
-pub fn encode_with_id(id: ObjectId, plaintext: &[u8], compression: Compression) -> Result<Encoded> {
-    let plaintext_len = plaintext.len() as u64;
-    if compression.zstd_level > 0 && plaintext.len() >= 512 {
-        let probe = &plaintext[..plaintext.len().min(PROBE_LEN)];
-        let probe_pays = plaintext.len() <= PROBE_LEN
+/// Encodes a chunk whose id the caller has already computed with [`ObjectId::of`]. A chunk
+/// stored uncompressed becomes the payload as it is, without a copy.
+pub fn encode_with_id<T>(id: ObjectId, plaintext: T, compression: Compression) -> Result<Encoded>
+where
+    T: AsRef<[u8]> + Send + 'static,
+{
+    let bytes = plaintext.as_ref();
+    let plaintext_len = bytes.len() as u64;
+    if compression.zstd_level > 0 && bytes.len() >= 512 {
+        let probe = &bytes[..bytes.len().min(PROBE_LEN)];
+        let probe_pays = bytes.len() <= PROBE_LEN
             || zstd::bulk::compress(probe, 1)
                 .map(|c| probe_pays(probe.len(), c.len()))
                 .unwrap_or(true);
         if probe_pays {
-            let payload =
-                zstd::bulk::compress(plaintext, compression.zstd_level).map_err(|err| {
-                    Error::with_source(
-                        ErrorCode::BackupCompressionFailed,
-                        format!("compress object {id}"),
-                        err,
-                    )
-                })?;
-            if pays(plaintext.len(), payload.len()) {
-                let mut bytes = frame(CODEC_ZSTD, plaintext_len, payload.len());
-                bytes.extend_from_slice(&payload);
+            let payload = zstd::bulk::compress(bytes, compression.zstd_level).map_err(|err| {
+                Error::with_source(
+                    ErrorCode::BackupCompressionFailed,
+                    format!("compress object {id}"),
+                    err,
+                )
+            })?;
+            if pays(bytes.len(), payload.len()) {
                 return Ok(Encoded {
                     id,
                     plaintext_len,
-                    bytes,
+                    header: header(CODEC_ZSTD, plaintext_len),
+                    payload: payload.into(),
                     compressed: true,
                 });
             }
         }
     }
-    let mut bytes = frame(CODEC_STORED, plaintext_len, plaintext.len());
-    bytes.extend_from_slice(plaintext);
     Ok(Encoded {
         id,
         plaintext_len,
-        bytes,
+        header: header(CODEC_STORED, plaintext_len),
+        payload: bytes::Bytes::from_owner(plaintext),
         compressed: false,
     })
 }
 
-/// Decodes a stored object and checks that its plaintext hashes to `expected`.
-pub fn decode(expected: &ObjectId, stored: &[u8]) -> Result<Vec<u8>> {
+/// Decodes a stored object and checks that its plaintext hashes to `expected`. A stored
+/// (uncompressed) object's plaintext is a slice of `stored`, not a copy.
+pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes> {
     let corrupt = |why: &str| {
         Error::new(
             ErrorCode::BackupChecksumMismatch,
@@ -140,7 +159,7 @@ pub fn decode(expected: &ObjectId, stored: &[u8]) -> Result<Vec<u8>> {
     let plaintext_len = u64::from_le_bytes(len_bytes);
     let payload = &stored[HEADER_LEN..];
     let plaintext = match stored[5] {
-        CODEC_STORED => payload.to_vec(),
+        CODEC_STORED => stored.slice(HEADER_LEN..),
         CODEC_ZSTD => {
             let capacity = usize::try_from(plaintext_len)
                 .ok()
@@ -148,13 +167,15 @@ pub fn decode(expected: &ObjectId, stored: &[u8]) -> Result<Vec<u8>> {
                 .ok_or_else(|| corrupt("implausible plaintext length"))?;
             // Stored bytes that do not decompress were damaged after they were written: the
             // operator's problem is corruption, so it is reported as a checksum mismatch.
-            zstd::bulk::decompress(payload, capacity).map_err(|err| {
-                Error::with_source(
-                    ErrorCode::BackupChecksumMismatch,
-                    format!("object {expected}: stored payload does not decompress"),
-                    err,
-                )
-            })?
+            zstd::bulk::decompress(payload, capacity)
+                .map_err(|err| {
+                    Error::with_source(
+                        ErrorCode::BackupChecksumMismatch,
+                        format!("object {expected}: stored payload does not decompress"),
+                        err,
+                    )
+                })?
+                .into()
         }
         other => return Err(corrupt(&format!("unknown codec {other}"))),
     };
@@ -180,8 +201,8 @@ mod tests {
         let plain = vec![7u8; 100_000];
         let encoded = encode(&plain, Compression::default())?;
         assert!(encoded.compressed);
-        assert!(encoded.bytes.len() < 1000);
-        assert_eq!(decode(&encoded.id, &encoded.bytes)?, plain);
+        assert!(encoded.stored_len() < 1000);
+        assert_eq!(decode(&encoded.id, encoded.to_vec().into())?, plain);
         Ok(())
     }
 
@@ -198,8 +219,8 @@ mod tests {
             .collect();
         let encoded = encode(&plain, Compression::default())?;
         assert!(!encoded.compressed);
-        assert_eq!(encoded.bytes.len(), plain.len() + HEADER_LEN);
-        assert_eq!(decode(&encoded.id, &encoded.bytes)?, plain);
+        assert_eq!(encoded.stored_len(), (plain.len() + HEADER_LEN) as u64);
+        assert_eq!(decode(&encoded.id, encoded.to_vec().into())?, plain);
         Ok(())
     }
 
@@ -207,10 +228,10 @@ mod tests {
     fn a_flipped_byte_is_a_checksum_mismatch() -> Result<()> {
         for plain in [vec![1u8; 10_000], b"short".to_vec()] {
             let encoded = encode(&plain, Compression::default())?;
-            let mut bytes = encoded.bytes.clone();
+            let mut bytes = encoded.to_vec();
             let last = bytes.len() - 1;
             bytes[last] ^= 0x40;
-            let err = decode(&encoded.id, &bytes).err().map(|e| e.code);
+            let err = decode(&encoded.id, bytes.into()).err().map(|e| e.code);
             assert_eq!(err, Some(ErrorCode::BackupChecksumMismatch));
         }
         Ok(())

@@ -12,6 +12,7 @@
 
 pub mod archive;
 pub mod blocking;
+pub mod buffers;
 pub mod codec;
 pub mod error;
 pub mod ids;

@@ -48,7 +48,7 @@ pub async fn encode_wal_segment(
 pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<Segment> {
     let name = format!("WAL segment {}", info.file_name());
     let id = info.id;
-    let plaintext = crate::blocking::run(move || codec::decode(&id, &stored))
+    let plaintext = crate::blocking::run(move || codec::decode(&id, stored.into()))
         .await
         .map_err(|err| {
             Error::with_source(
@@ -79,6 +79,8 @@ pub struct Repository {
     /// For file:// repositories: the directory, so writes can be made durable (object
     /// stores are durable when a put returns; a local filesystem is not until fsync).
     local_root: Option<std::path::PathBuf>,
+    /// Chunk and object buffers, reused from one to the next (`buffers`).
+    buffers: crate::buffers::BufferPool,
 }
 
 impl std::fmt::Debug for Repository {
@@ -249,7 +251,13 @@ impl Repository {
             layout: Layout::new(prefix),
             url,
             local_root: None,
+            buffers: Default::default(),
         }
+    }
+
+    /// The buffers this repository's transfers reuse.
+    pub(crate) fn buffers(&self) -> &crate::buffers::BufferPool {
+        &self.buffers
     }
 
     pub fn url(&self) -> &str {
@@ -298,11 +306,40 @@ impl Repository {
     /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
     pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
         let key = self.layout.object(&encoded.id);
-        let payload = PutPayload::from(Bytes::from(encoded.bytes));
+        let payload =
+            PutPayload::from_iter([Bytes::copy_from_slice(&encoded.header), encoded.payload]);
         self.put_once(&key, payload, "object").await.map(|_| ())
     }
 
     async fn get_raw(&self, key: &Path) -> Result<Option<Bytes>> {
+        if let Some(root) = &self.local_root {
+            // A local repository is read directly, into reused buffers: object_store's local
+            // reader zero-fills a fresh buffer before reading into it, a memset as large as
+            // the object plus its page faults (a quarter of a restore's CPU, measured with perf).
+            let (file, pool) = (root.join(key.as_ref()), self.buffers.clone());
+            let read = move || -> std::io::Result<Bytes> {
+                use std::io::Read;
+                let mut file = std::fs::File::open(file)?;
+                let len = file.metadata()?.len() as usize;
+                let mut buffer = pool.take(len);
+                file.read_to_end(buffer.as_mut_vec())?;
+                Ok(Bytes::from_owner(buffer))
+            };
+            return match crate::blocking::run(read).await {
+                Ok(Ok(bytes)) => Ok(Some(bytes)),
+                Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Ok(Err(err)) => Err(Error::io(
+                    ErrorCode::StorageUnavailable,
+                    format!("download {key}"),
+                    err,
+                )),
+                Err(err) => Err(Error::with_source(
+                    ErrorCode::StorageUnavailable,
+                    "read task",
+                    err,
+                )),
+            };
+        }
         match self.store.get(key).await {
             Ok(result) => result
                 .bytes()
@@ -315,7 +352,7 @@ impl Repository {
     }
 
     /// Downloads an object and returns its verified plaintext.
-    pub async fn get_object(&self, id: &ObjectId) -> Result<Vec<u8>> {
+    pub async fn get_object(&self, id: &ObjectId) -> Result<Bytes> {
         let stored = self
             .get_raw(&self.layout.object(id))
             .await?
@@ -326,7 +363,7 @@ impl Repository {
                 )
             })?;
         let id = *id;
-        crate::blocking::run(move || codec::decode(&id, &stored))
+        crate::blocking::run(move || codec::decode(&id, stored))
             .await
             .map_err(|err| {
                 Error::with_source(
@@ -554,7 +591,7 @@ impl Repository {
         compression: codec::Compression,
     ) -> Result<SegmentInfo> {
         let (info, encoded) = encode_wal_segment(segment, compression).await?;
-        self.put_wal_stored(&info, encoded.bytes).await?;
+        self.put_wal_stored(&info, encoded.to_vec()).await?;
         Ok(info)
     }
 
@@ -590,7 +627,7 @@ impl Repository {
         let chunk = Chunk {
             id: encoded.id,
             len: encoded.plaintext_len,
-            stored_len: encoded.bytes.len() as u64,
+            stored_len: encoded.stored_len(),
         };
         self.put_object(encoded).await?;
         Ok(WalPiece {

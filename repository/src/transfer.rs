@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
 
+use crate::buffers::{BufferPool, PooledBuffer};
 use crate::codec::{self, Compression};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::ObjectId;
@@ -105,7 +107,17 @@ fn spawn_blocking_err(err: crate::blocking::TaskFailed) -> Error {
     Error::with_source(ErrorCode::BackupCreationFailed, "worker task failed", err)
 }
 
-fn read_chunk(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
+/// Bytes read and hashed at a time: small enough to stay in the CPU cache between the read
+/// and the hash, so each byte comes from memory once.
+const HASH_PIECE: u64 = 1 << 20;
+
+/// Reads `len` bytes at `offset` and hashes them as they arrive, piece by piece.
+fn read_and_hash(
+    path: &Path,
+    offset: u64,
+    len: usize,
+    pool: &BufferPool,
+) -> Result<(PooledBuffer, ObjectId)> {
     let io = |what: &str, err| {
         Error::io(
             ErrorCode::BackupCreationFailed,
@@ -116,24 +128,29 @@ fn read_chunk(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     let mut file = File::open(path).map_err(|err| io("open", err))?;
     file.seek(SeekFrom::Start(offset))
         .map_err(|err| io("seek", err))?;
+    let mut hasher = Sha256::new();
+    let mut pooled = pool.take(len);
+    let buf = pooled.as_mut_vec();
     // read_to_end fills spare capacity without zeroing it first.
-    let mut buf = Vec::with_capacity(len);
-    file.take(len as u64)
-        .read_to_end(&mut buf)
-        .map_err(|err| io("read", err))?;
-    if buf.len() != len {
-        return Err(io(
-            "read",
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{} of {len} bytes at offset {offset}: the file shrank",
-                    buf.len()
+    while buf.len() < len {
+        let start = buf.len();
+        let want = (len - start).min(HASH_PIECE as usize) as u64;
+        let got = (&mut file)
+            .take(want)
+            .read_to_end(buf)
+            .map_err(|err| io("read", err))?;
+        if got == 0 {
+            return Err(io(
+                "read",
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{start} of {len} bytes at offset {offset}: the file shrank"),
                 ),
-            ),
-        ));
+            ));
+        }
+        hasher.update(&buf[start..]);
     }
-    Ok(buf)
+    Ok((pooled, ObjectId::from_digest(hasher.finalize().into())))
 }
 
 /// Uploads `files`, reusing the chunks of any immutable file whose identity appears in
@@ -192,8 +209,9 @@ pub async fn upload_files(
         slots.push(Some(vec![None; n_chunks]));
     }
 
+    let pool = repo.buffers().clone();
     let results: Vec<(usize, usize, Chunk, TransferStats)> = futures::stream::iter(jobs)
-        .map(|job| upload_chunk(repo, job, options, progress))
+        .map(|job| upload_chunk(repo, job, options, progress, pool.clone()))
         .buffer_unordered(options.parallelism)
         .try_collect()
         .await?;
@@ -217,19 +235,16 @@ async fn upload_chunk(
     job: ChunkJob,
     options: TransferOptions,
     progress: &Progress,
+    pool: BufferPool,
 ) -> Result<(usize, usize, Chunk, TransferStats)> {
     let mut delta = TransferStats {
         bytes_read: job.len as u64,
         ..Default::default()
     };
     let (path, offset, len) = (job.path.clone(), job.offset, job.len);
-    let (plaintext, id) = crate::blocking::run(move || {
-        let plaintext = read_chunk(&path, offset, len)?;
-        let id = ObjectId::of(&plaintext);
-        Ok::<_, Error>((plaintext, id))
-    })
-    .await
-    .map_err(spawn_blocking_err)??;
+    let (plaintext, id) = crate::blocking::run(move || read_and_hash(&path, offset, len, &pool))
+        .await
+        .map_err(spawn_blocking_err)??;
 
     let stored_len = match repo.object_size(&id).await? {
         Some(size) => {
@@ -238,11 +253,11 @@ async fn upload_chunk(
         }
         None => {
             let encoded = crate::blocking::run(move || {
-                codec::encode_with_id(id, &plaintext, options.compression)
+                codec::encode_with_id(id, plaintext, options.compression)
             })
             .await
             .map_err(spawn_blocking_err)??;
-            let stored_len = encoded.bytes.len() as u64;
+            let stored_len = encoded.stored_len();
             repo.put_object(encoded).await?;
             delta.objects_uploaded += 1;
             delta.bytes_uploaded += job.len as u64;
