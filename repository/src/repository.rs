@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -81,6 +81,10 @@ pub struct Repository {
     local_root: Option<std::path::PathBuf>,
     /// Chunk and object buffers, reused from one to the next (`buffers`).
     buffers: crate::buffers::BufferPool,
+    /// Local data objects this handle (and its clones) wrote or relied on that are not yet
+    /// known to be durable: `sync_objects` fsyncs them, and every manifest publish calls it
+    /// first, so no manifest ever names an object a crash could lose.
+    unsynced: Arc<Mutex<Vec<Path>>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -90,6 +94,9 @@ impl std::fmt::Debug for Repository {
             .finish()
     }
 }
+
+/// Files fsynced at once by `sync_objects`.
+const SYNC_PARALLELISM: usize = 8;
 
 fn storage_error(what: impl Into<String>, err: object_store::Error) -> Error {
     Error::with_source(ErrorCode::StorageUnavailable, what, err)
@@ -252,6 +259,7 @@ impl Repository {
             url,
             local_root: None,
             buffers: Default::default(),
+            unsynced: Default::default(),
         }
     }
 
@@ -270,8 +278,14 @@ impl Repository {
 
     /// The stored size of an object, or `None` if it is absent.
     pub async fn object_size(&self, id: &ObjectId) -> Result<Option<u64>> {
-        match self.store.head(&self.layout.object(id)).await {
-            Ok(meta) => Ok(Some(meta.size)),
+        let key = self.layout.object(id);
+        match self.store.head(&key).await {
+            Ok(meta) => {
+                // Another writer may have stored it without syncing it yet: whoever names it
+                // in a manifest makes sure it is durable.
+                self.defer_sync(key);
+                Ok(Some(meta.size))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(err) => Err(storage_error(format!("look up object {id}"), err)),
         }
@@ -281,6 +295,15 @@ impl Repository {
     /// writes nothing) when the key exists. Stores without create-only puts fall back to a
     /// look-up then a plain put, which is safe for the content-addressed keys this serves.
     async fn put_once(&self, key: &Path, payload: PutPayload, what: &str) -> Result<bool> {
+        let written = self.put_once_unsynced(key, payload, what).await?;
+        if written {
+            self.make_durable(key).await?;
+        }
+        Ok(written)
+    }
+
+    /// `put_once` without the fsync: the caller makes the key durable.
+    async fn put_once_unsynced(&self, key: &Path, payload: PutPayload, what: &str) -> Result<bool> {
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -299,16 +322,75 @@ impl Repository {
             }
             Err(err) => return Err(storage_error(format!("write {what} {key}"), err)),
         }
-        self.make_durable(key).await?;
         Ok(true)
     }
 
     /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
+    /// On a local filesystem the object is made durable later, with every other object
+    /// written since, by `sync_objects` (which every manifest publish runs first): one fsync
+    /// per object and per directory, in parallel, instead of two in a row per object on the
+    /// upload path (measured: a 1.1 GB backup took 2.0 s with per-object fsyncs).
     pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
         let key = self.layout.object(&encoded.id);
         let payload =
             PutPayload::from_iter([Bytes::copy_from_slice(&encoded.header), encoded.payload]);
-        self.put_once(&key, payload, "object").await.map(|_| ())
+        self.put_once_unsynced(&key, payload, "object").await?;
+        self.defer_sync(key);
+        Ok(())
+    }
+
+    fn defer_sync(&self, key: Path) {
+        if self.local_root.is_some() {
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(key);
+        }
+    }
+
+    /// Makes every data object written (or relied on) through this handle since the last
+    /// call durable: each file, then each directory once, several at a time.
+    pub async fn sync_objects(&self) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let keys = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let files: Vec<std::path::PathBuf> = keys.iter().map(|k| root.join(k.as_ref())).collect();
+        let mut dirs: Vec<std::path::PathBuf> = files
+            .iter()
+            .filter_map(|f| f.parent().map(|d| d.to_path_buf()))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        let fsync = |path: std::path::PathBuf| async move {
+            let shown = path.display().to_string();
+            crate::blocking::run(move || std::fs::File::open(&path)?.sync_all())
+                .await
+                .map_err(|err| {
+                    Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err)
+                })?
+                .map_err(|err| {
+                    Error::io(ErrorCode::StorageUnavailable, format!("fsync {shown}"), err)
+                })
+        };
+        for batch in [files, dirs] {
+            let synced = futures::stream::iter(batch.into_iter().map(fsync))
+                .buffer_unordered(SYNC_PARALLELISM)
+                .try_collect::<Vec<()>>()
+                .await;
+            if let Err(err) = synced {
+                // Not known to be durable: the next publish tries them all again.
+                self.unsynced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(keys);
+                return Err(err);
+            }
+        }
+        Ok(())
     }
 
     async fn get_raw(&self, key: &Path) -> Result<Option<Bytes>> {
@@ -375,6 +457,8 @@ impl Repository {
     }
 
     async fn put_manifest(&self, key: &Path, json: Vec<u8>) -> Result<()> {
+        // Whatever the manifest names must be durable before it is.
+        self.sync_objects().await?;
         self.store
             .put(key, PutPayload::from(json))
             .await
