@@ -82,9 +82,11 @@ pub struct Repository {
     /// Chunk and object buffers, reused from one to the next (`buffers`).
     buffers: crate::buffers::BufferPool,
     /// Local data objects this handle (and its clones) wrote or relied on that are not yet
-    /// known to be durable: `sync_objects` fsyncs them, and every manifest publish calls it
-    /// first, so no manifest ever names an object a crash could lose.
-    unsynced: Arc<Mutex<Vec<Path>>>,
+    /// known to be durable: `sync_objects` finishes their fsyncs, and every manifest publish
+    /// calls it first, so no manifest ever names an object a crash could lose.
+    unsynced: Arc<Mutex<Unsynced>>,
+    /// Bounds the background fsyncs of written objects.
+    sync_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -95,8 +97,18 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-/// Files fsynced at once by `sync_objects`.
-const SYNC_PARALLELISM: usize = 8;
+/// Object files fsynced at once.
+const SYNC_PARALLELISM: usize = 4;
+
+/// Objects not yet known to be durable.
+#[derive(Debug, Default)]
+struct Unsynced {
+    /// Written by this handle, each with its fsync already running in the background.
+    syncing: Vec<(Path, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    /// Found already stored (another writer may not have synced them yet): fsynced at the
+    /// next publish.
+    found: Vec<Path>,
+}
 
 fn storage_error(what: impl Into<String>, err: object_store::Error) -> Error {
     Error::with_source(ErrorCode::StorageUnavailable, what, err)
@@ -260,6 +272,7 @@ impl Repository {
             local_root: None,
             buffers: Default::default(),
             unsynced: Default::default(),
+            sync_permits: Arc::new(tokio::sync::Semaphore::new(SYNC_PARALLELISM)),
         }
     }
 
@@ -326,16 +339,32 @@ impl Repository {
     }
 
     /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
-    /// On a local filesystem the object is made durable later, with every other object
-    /// written since, by `sync_objects` (which every manifest publish runs first): one fsync
-    /// per object and per directory, in parallel, instead of two in a row per object on the
-    /// upload path (measured: a 1.1 GB backup took 2.0 s with per-object fsyncs).
+    /// On a local filesystem the object's fsync starts in the background, so the upload goes
+    /// on while the data is written back, and `sync_objects` (which every manifest publish
+    /// runs first) waits for it and fsyncs each directory once (measured: fsyncing the file
+    /// and its directory in line cost a 1.1 GB backup half its time; deferring every fsync to
+    /// the publish left the whole writeback at the end).
     pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
         let key = self.layout.object(&encoded.id);
         let payload =
             PutPayload::from_iter([Bytes::copy_from_slice(&encoded.header), encoded.payload]);
-        self.put_once_unsynced(&key, payload, "object").await?;
-        self.defer_sync(key);
+        let written = self.put_once_unsynced(&key, payload, "object").await?;
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        if written {
+            let (file, permits) = (root.join(key.as_ref()), self.sync_permits.clone());
+            let fsync = tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                crate::blocking::run(move || std::fs::File::open(file)?.sync_all())
+                    .await
+                    .map_err(std::io::Error::other)?
+            });
+            unsynced.syncing.push((key, fsync));
+        } else {
+            unsynced.found.push(key);
+        }
         Ok(())
     }
 
@@ -344,51 +373,75 @@ impl Repository {
             self.unsynced
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .found
                 .push(key);
         }
     }
 
     /// Makes every data object written (or relied on) through this handle since the last
-    /// call durable: each file, then each directory once, several at a time.
+    /// call durable: waits for the background fsyncs, fsyncs the objects found already
+    /// stored, then each of their directories once.
     pub async fn sync_objects(&self) -> Result<()> {
         let Some(root) = &self.local_root else {
             return Ok(());
         };
-        let keys = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
-        if keys.is_empty() {
+        let Unsynced { syncing, found } =
+            std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+        if syncing.is_empty() && found.is_empty() {
             return Ok(());
         }
-        let files: Vec<std::path::PathBuf> = keys.iter().map(|k| root.join(k.as_ref())).collect();
-        let mut dirs: Vec<std::path::PathBuf> = files
+        let keys: Vec<Path> = syncing
             .iter()
-            .filter_map(|f| f.parent().map(|d| d.to_path_buf()))
+            .map(|(key, _)| key.clone())
+            .chain(found.iter().cloned())
             .collect();
-        dirs.sort();
-        dirs.dedup();
+        let io = |path: &std::path::Path, err| {
+            Error::io(
+                ErrorCode::StorageUnavailable,
+                format!("fsync {}", path.display()),
+                err,
+            )
+        };
         let fsync = |path: std::path::PathBuf| async move {
-            let shown = path.display().to_string();
+            let shown = path.clone();
             crate::blocking::run(move || std::fs::File::open(&path)?.sync_all())
                 .await
                 .map_err(|err| {
                     Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err)
                 })?
-                .map_err(|err| {
-                    Error::io(ErrorCode::StorageUnavailable, format!("fsync {shown}"), err)
-                })
+                .map_err(|err| io(&shown, err))
         };
-        for batch in [files, dirs] {
-            let synced = futures::stream::iter(batch.into_iter().map(fsync))
-                .buffer_unordered(SYNC_PARALLELISM)
-                .try_collect::<Vec<()>>()
-                .await;
-            if let Err(err) = synced {
-                // Not known to be durable: the next publish tries them all again.
-                self.unsynced
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(keys);
-                return Err(err);
+        let mut dirs: Vec<std::path::PathBuf> = keys
+            .iter()
+            .filter_map(|k| root.join(k.as_ref()).parent().map(|d| d.to_path_buf()))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        let synced = async {
+            for (key, fsync) in syncing {
+                let path = root.join(key.as_ref());
+                fsync
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|err| io(&path, err))?;
             }
+            for batch in [found.iter().map(|k| root.join(k.as_ref())).collect(), dirs] {
+                futures::stream::iter(batch.into_iter().map(fsync))
+                    .buffer_unordered(SYNC_PARALLELISM)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        };
+        if let Err(err) = synced.await {
+            // Not known to be durable: the next publish tries them all again.
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .found
+                .extend(keys);
+            return Err(err);
         }
         Ok(())
     }

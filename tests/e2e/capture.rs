@@ -8,13 +8,12 @@ use lockstep_agent::WriteGate;
 use lockstep_agent::backup::{
     CaptureMode, capture_shard, close_gate, stage_capture, upload_capture,
 };
-use lockstep_agent::engine::{RocksEngine, ShardEngine, WriteBatch};
-use lockstep_agent::restore::restore_shard;
+use lockstep_agent::engine::{ShardEngine, WriteBatch};
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
 use lockstep_repository::transfer::{Progress, TransferOptions};
 use lockstep_repository::{BackupId, Repository, ShardId, Timeline};
 
-use crate::model::{Shard, assert_same};
+use crate::model::{Shard, restore_exactly};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
@@ -122,24 +121,14 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
         );
     }
 
-    let target = dir.path().join("restored");
-    let outcome = restore_shard(
+    restore_exactly(
         &repo,
-        &backup_id,
-        &shard_id,
-        &target,
-        TransferOptions::default(),
-        &Progress::default(),
-    )
-    .await
-    .expect("restore");
-    assert_eq!(outcome.seq, seq_at_capture);
-    let restored = RocksEngine::open(&target, &[]).expect("open restored");
-    assert_same(
-        &restored,
-        &model_at_capture,
+        (&backup_id, &shard_id),
+        &dir.path().join("restored"),
+        (seq_at_capture, &model_at_capture),
         "backup taken across compactions",
-    );
+    )
+    .await;
 }
 
 /// A full backup's files are captured with the gate open, before the cut; the writes between
@@ -199,19 +188,12 @@ async fn writes_between_staging_and_the_cut_are_restored_from_the_wal_tail() {
     );
     repo.put_backup_manifest(&backup).await.expect("commit");
 
-    let target = dir.path().join("restored");
-    let outcome = restore_shard(
+    restore_exactly(
         &repo,
-        &backup_id,
-        &shard_id,
-        &target,
-        TransferOptions::default(),
-        &Progress::default(),
+        (&backup_id, &shard_id),
+        &dir.path().join("restored"),
+        (cut, &model_at_cut),
+        "backup with a WAL tail",
     )
-    .await
-    .expect("restore");
-    assert_eq!(outcome.seq, cut);
-    let restored = RocksEngine::open(&target, &[]).expect("open restored");
-    assert_eq!(restored.latest_seq(), cut);
-    assert_same(&restored, &model_at_cut, "backup with a WAL tail");
+    .await;
 }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use lockstep_agent::backup::BackupOptions;
 use lockstep_agent::engine::{Op, RocksEngine, ShardEngine, WriteBatch};
-use lockstep_repository::transfer::TransferOptions;
+use lockstep_agent::restore::restore_shard;
+use lockstep_repository::transfer::{Progress, TransferOptions};
+use lockstep_repository::{BackupId, Repository, Seq, ShardId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -104,6 +106,31 @@ impl Shard {
 }
 
 /// Fails with the first key where `engine` and `model` differ.
+/// Restores `shard` of `backup` into `target` with the agent's own restore and checks it is
+/// exactly `model`, at sequence number `seq`.
+pub async fn restore_exactly(
+    repo: &Repository,
+    (backup, shard): (&BackupId, &ShardId),
+    target: &Path,
+    (seq, model): (Seq, &Model),
+    what: &str,
+) {
+    let outcome = restore_shard(
+        repo,
+        backup,
+        shard,
+        target,
+        TransferOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .expect("restore");
+    assert_eq!(outcome.seq, seq, "{what}: restored sequence number");
+    let restored = RocksEngine::open(target, &[]).expect("open restored");
+    assert_eq!(restored.latest_seq(), seq, "{what}: opened sequence number");
+    assert_same(&restored, model, what);
+}
+
 pub fn assert_same(engine: &impl ShardEngine, model: &Model, what: &str) {
     for cf in CFS {
         let actual = engine.scan(cf, b"", None, usize::MAX).expect("scan");

@@ -5,15 +5,14 @@
 use std::collections::HashSet;
 
 use lockstep_agent::backup::backup_offline;
-use lockstep_agent::engine::{RocksEngine, ShardEngine};
-use lockstep_agent::restore::restore_shard;
+use lockstep_agent::engine::ShardEngine;
 use lockstep_repository::manifest::FileKind;
-use lockstep_repository::transfer::{Progress, TransferOptions};
+use lockstep_repository::transfer::Progress;
 use lockstep_repository::verify::{VerifyLevel, verify};
 use lockstep_repository::{Repository, ShardId, Timeline};
 use lockstep_tests::Moto;
 
-use crate::model::{Shard, assert_same};
+use crate::model::{Shard, restore_exactly};
 
 async fn round_trip(repo: Repository) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -102,20 +101,14 @@ async fn round_trip(repo: Repository) {
         (&second.backup_id, &model_second, second.cut[&shard_id]),
     ] {
         let target = dir.path().join(format!("restored-{backup}"));
-        let outcome = restore_shard(
+        restore_exactly(
             &repo,
-            backup,
-            &shard_id,
+            (backup, &shard_id),
             &target,
-            TransferOptions::default(),
-            &Progress::default(),
+            (seq, model),
+            &format!("restore of {backup}"),
         )
-        .await
-        .expect("restore");
-        assert_eq!(outcome.seq, seq);
-        let restored = RocksEngine::open(&target, &[]).expect("open restored");
-        assert_eq!(restored.latest_seq(), seq);
-        assert_same(&restored, model, &format!("restore of {backup}"));
+        .await;
     }
 
     let report = verify(
