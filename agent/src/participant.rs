@@ -681,10 +681,16 @@ impl<E: ShardEngine> Participant<E> {
                 progress: None,
             },
         );
+        self.held_until(deadline, &backup)
+    }
+
+    /// The status of a capture just taken or cut, releasing it at once if its `deadline`
+    /// passed while it was being taken.
+    fn held_until(&mut self, deadline: Instant, backup: &BackupId) -> BarrierStatus {
         if Instant::now() >= deadline && self.planted_bug != Some(PlantedBug::IgnoreLease) {
             self.expire();
         }
-        self.snapshot(&backup)
+        self.snapshot(backup)
     }
 
     /// `Some(refusal)` when another barrier or a restore holds the shard.
@@ -743,10 +749,7 @@ impl<E: ShardEngine> Participant<E> {
                 deadline,
             });
         }
-        if Instant::now() >= deadline && self.planted_bug != Some(PlantedBug::IgnoreLease) {
-            self.expire();
-        }
-        self.snapshot(&backup)
+        self.held_until(deadline, &backup)
     }
 
     /// Releases the held capture of the active barrier, ending it in `state`.

@@ -100,11 +100,21 @@ impl std::fmt::Debug for Repository {
 /// Object files fsynced at once.
 const SYNC_PARALLELISM: usize = 4;
 
+/// Fsyncs a local file or directory, off the async workers.
+async fn fsync(path: std::path::PathBuf) -> Result<()> {
+    let shown = path.display().to_string();
+    crate::blocking::run(move || std::fs::File::open(&path)?.sync_all())
+        .await
+        .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err))?
+        .map_err(|err| Error::io(ErrorCode::StorageUnavailable, format!("fsync {shown}"), err))
+}
+
 /// Objects not yet known to be durable.
 #[derive(Debug, Default)]
 struct Unsynced {
-    /// Written by this handle, each with its fsync already running in the background.
-    syncing: Vec<(Path, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    /// Written by this handle, each with its fsync running in the background (`syncing`).
+    written: Vec<Path>,
+    syncing: Vec<tokio::task::JoinHandle<Result<()>>>,
     /// Found already stored (another writer may not have synced them yet): fsynced at the
     /// next publish.
     found: Vec<Path>,
@@ -251,16 +261,12 @@ impl Repository {
             return Ok(());
         };
         let file = root.join(key.as_ref());
-        crate::blocking::run(move || {
-            std::fs::File::open(&file)?.sync_all()?;
-            if let Some(dir) = file.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err))?
-        .map_err(|err| Error::io(ErrorCode::StorageUnavailable, format!("fsync {key}"), err))
+        if let Some(dir) = file.parent().map(|d| d.to_path_buf()) {
+            fsync(file).await?;
+            fsync(dir).await
+        } else {
+            fsync(file).await
+        }
     }
 
     /// Wraps an already-built store, e.g. a fault-injecting one in tests.
@@ -355,13 +361,11 @@ impl Repository {
         let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
         if written {
             let (file, permits) = (root.join(key.as_ref()), self.sync_permits.clone());
-            let fsync = tokio::spawn(async move {
+            unsynced.syncing.push(tokio::spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                crate::blocking::run(move || std::fs::File::open(file)?.sync_all())
-                    .await
-                    .map_err(std::io::Error::other)?
-            });
-            unsynced.syncing.push((key, fsync));
+                fsync(file).await
+            }));
+            unsynced.written.push(key);
         } else {
             unsynced.found.push(key);
         }
@@ -385,46 +389,26 @@ impl Repository {
         let Some(root) = &self.local_root else {
             return Ok(());
         };
-        let Unsynced { syncing, found } =
-            std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
-        if syncing.is_empty() && found.is_empty() {
+        let Unsynced {
+            written,
+            syncing,
+            found,
+        } = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+        if written.is_empty() && found.is_empty() {
             return Ok(());
         }
-        let keys: Vec<Path> = syncing
+        let mut dirs: Vec<std::path::PathBuf> = written
             .iter()
-            .map(|(key, _)| key.clone())
-            .chain(found.iter().cloned())
-            .collect();
-        let io = |path: &std::path::Path, err| {
-            Error::io(
-                ErrorCode::StorageUnavailable,
-                format!("fsync {}", path.display()),
-                err,
-            )
-        };
-        let fsync = |path: std::path::PathBuf| async move {
-            let shown = path.clone();
-            crate::blocking::run(move || std::fs::File::open(&path)?.sync_all())
-                .await
-                .map_err(|err| {
-                    Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err)
-                })?
-                .map_err(|err| io(&shown, err))
-        };
-        let mut dirs: Vec<std::path::PathBuf> = keys
-            .iter()
+            .chain(&found)
             .filter_map(|k| root.join(k.as_ref()).parent().map(|d| d.to_path_buf()))
             .collect();
         dirs.sort();
         dirs.dedup();
         let synced = async {
-            for (key, fsync) in syncing {
-                let path = root.join(key.as_ref());
-                fsync
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r)
-                    .map_err(|err| io(&path, err))?;
+            for background in syncing {
+                background.await.map_err(|err| {
+                    Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err)
+                })??;
             }
             for batch in [found.iter().map(|k| root.join(k.as_ref())).collect(), dirs] {
                 futures::stream::iter(batch.into_iter().map(fsync))
@@ -440,7 +424,7 @@ impl Repository {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .found
-                .extend(keys);
+                .extend(written.into_iter().chain(found));
             return Err(err);
         }
         Ok(())
