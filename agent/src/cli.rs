@@ -54,6 +54,16 @@ pub enum EngineKind {
     Memory,
 }
 
+/// The CPU priority of a serving agent's background work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackgroundPriority {
+    /// Uploads hash and compress at `nice` +10 and RocksDB compacts at the lowest priority,
+    /// so neither delays the shard's writes or the barrier's messages.
+    Low,
+    /// Everything at the agent's own priority.
+    Normal,
+}
+
 #[derive(Debug, Args)]
 pub struct TransferArgs {
     /// Chunks transferred in parallel.
@@ -121,6 +131,9 @@ pub struct ServeArgs {
     pub cfs: Vec<String>,
     #[arg(long)]
     pub capture_dir: Option<PathBuf>,
+    /// CPU priority of background work (upload hashing and compression, compactions).
+    #[arg(long, value_enum, default_value = "low")]
+    pub background_priority: BackgroundPriority,
     #[command(flatten)]
     pub transfer: TransferArgs,
     #[command(flatten)]
@@ -380,8 +393,15 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         wal_retention_bytes: args.wal.wal_retention_mib.max(1) << 20,
         ..ShipperOptions::default()
     };
+    let low = args.background_priority == BackgroundPriority::Low;
+    if low {
+        lockstep_repository::blocking::set_background_nice(
+            lockstep_repository::blocking::LOW_PRIORITY_NICE,
+        );
+    }
     let config = EngineConfig {
         wal_retention_mb: args.wal.wal_retention_mib,
+        low_priority_compactions: low,
         ..EngineConfig::default()
     };
     let (db, cfs) = (args.db.clone(), args.cfs.clone());

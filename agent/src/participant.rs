@@ -824,7 +824,7 @@ impl<E: ShardEngine> Participant<E> {
             backup.clone(),
         );
         let engine = self.slot.get().map(|engine| Arc::clone(&*engine));
-        self.uploads.spawn(async move {
+        let upload = async move {
             let result = match engine {
                 Ok(engine) => {
                     upload_capture(captured, engine, &repo, &shard, &id, transfer, &progress).await
@@ -832,7 +832,13 @@ impl<E: ShardEngine> Participant<E> {
                 Err(err) => Err(err),
             };
             (id, result)
-        });
+        };
+        // At background priority: the agents that got Commit first must not take the CPU
+        // from those still waiting to receive theirs, gates closed (8 agents on 2 cores).
+        match lockstep_repository::blocking::background() {
+            Some(background) => self.uploads.spawn_on(upload, &background),
+            None => self.uploads.spawn(upload),
+        };
         self.snapshot(&backup)
     }
 

@@ -482,7 +482,7 @@ impl Repository {
                 )
             })?;
         let id = *id;
-        crate::blocking::run(move || codec::decode(&id, stored))
+        crate::blocking::run_bulk(move || codec::decode(&id, stored))
             .await
             .map_err(|err| {
                 Error::with_source(

@@ -242,9 +242,10 @@ async fn upload_chunk(
         ..Default::default()
     };
     let (path, offset, len) = (job.path.clone(), job.offset, job.len);
-    let (plaintext, id) = crate::blocking::run(move || read_and_hash(&path, offset, len, &pool))
-        .await
-        .map_err(spawn_blocking_err)??;
+    let (plaintext, id) =
+        crate::blocking::run_bulk(move || read_and_hash(&path, offset, len, &pool))
+            .await
+            .map_err(spawn_blocking_err)??;
 
     let stored_len = match repo.object_size(&id).await? {
         Some(size) => {
@@ -252,7 +253,7 @@ async fn upload_chunk(
             size
         }
         None => {
-            let encoded = crate::blocking::run(move || {
+            let encoded = crate::blocking::run_bulk(move || {
                 codec::encode_with_id(id, plaintext, options.compression)
             })
             .await

@@ -137,6 +137,10 @@ pub struct EngineConfig {
     /// incremental backup can still read it (DESIGN.md §6, WAL pinning). Past this bound the
     /// oldest WAL goes, and whoever still needed it reports `ERR_BACKUP_WAL_GAP`.
     pub wal_retention_mb: u64,
+    /// Run the engine's compactions at the lowest CPU priority (RocksDB's
+    /// `LowerThreadPoolCPUPriority`), so on a busy host they wait for the shard's writes and
+    /// the barrier's messages instead of delaying them.
+    pub low_priority_compactions: bool,
 }
 
 impl Default for EngineConfig {
@@ -144,6 +148,7 @@ impl Default for EngineConfig {
         EngineConfig {
             clock: HlcClock::system(),
             wal_retention_mb: 1024,
+            low_priority_compactions: false,
         }
     }
 }

@@ -218,6 +218,13 @@ impl ShardEngine for RocksEngine {
         let mut options = db_options(&cache);
         // Obsolete WAL files move to archive/ and stay until the archive passes the bound.
         options.set_wal_size_limit_mb(config.wal_retention_mb.max(1));
+        if config.low_priority_compactions {
+            // The compaction pool of the process-wide default Env: every shard of the process.
+            let mut env = rocksdb::Env::new()
+                .map_err(|err| engine_error("open RocksDB's default Env", err))?;
+            env.lower_thread_pool_cpu_priority();
+            options.set_env(&env);
+        }
         let mut names: Vec<String> = DB::list_cf(&options, dir).unwrap_or_default();
         for cf in
             std::iter::once(super::DEFAULT_CF.to_string()).chain(column_families.iter().cloned())
