@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use lockstep_repository::manifest::{FileKind, ShardManifest};
 use lockstep_repository::transfer::Progress;
@@ -308,6 +308,10 @@ struct Participant<E: ShardEngine> {
     stagings: JoinSet<(String, Result<Staged>)>,
 }
 
+/// The longest an agent waits for a Prepare's close time, whatever the coordinator's clock
+/// says (ARCHITECTURE.md, "Scheduled close").
+pub const MAX_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 fn stopped() -> Error {
     Error::new(ErrorCode::AgentUnavailable, "the agent is shutting down")
 }
@@ -374,14 +378,28 @@ impl ParticipantHandle {
         .await
     }
 
-    /// Phase 1. The lease starts now, when the request arrives.
+    /// Phase 1. The lease starts now, when the request arrives; the gate closes at
+    /// `close_at` if that is still to come (at most `MAX_CLOSE_WAIT` from now), else now.
+    /// The wait happens here, before the participant sees Prepare, so it keeps answering
+    /// Abort and Status meanwhile.
     pub async fn prepare(
         &self,
         backup: BackupId,
         mode: CaptureMode,
         lease: Duration,
+        close_at: Option<SystemTime>,
     ) -> Result<BarrierStatus> {
         let deadline = Instant::now() + lease;
+        let wait = close_at
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .map(|wait| wait.min(MAX_CLOSE_WAIT));
+        if let Some(wait) = wait {
+            // A thread's sleep, not the runtime's timer: that one ticks in whole
+            // milliseconds, and the agents are to close within a fraction of one.
+            lockstep_repository::blocking::run(move || std::thread::sleep(wait))
+                .await
+                .map_err(|_| stopped())?;
+        }
         self.ask(|reply| Msg::Prepare {
             backup,
             mode,

@@ -344,9 +344,14 @@ impl Agent for AgentApi {
         &self,
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::BarrierStatus>, Status> {
-        let (backup, mode, lease) = barrier_request(request.into_inner())?;
+        let request = request.into_inner();
+        let close_at = (request.close_at_unix_us > 0)
+            .then(|| std::time::UNIX_EPOCH + Duration::from_micros(request.close_at_unix_us));
+        let (backup, mode, lease) = barrier_request(request)?;
         reply(
-            self.participant.prepare(backup, mode, lease).await,
+            self.participant
+                .prepare(backup, mode, lease, close_at)
+                .await,
             status_to_wire,
         )
     }

@@ -9,6 +9,7 @@
 //! lease_ms = 10000          # how long an agent holds its gate at most
 //! prepare_timeout_ms = 5000 # the coordinator's deadline for every Prepared (< lease)
 //! stage_timeout_ms = 60000  # the deadline for every Staged (captures, gates still open)
+//! close_lead_ms = 5         # gates close together this long after Prepare is sent; 0: on arrival
 //!
 //! [tags]
 //! auto_every_s = 300        # an automatic restore point (tag auto-...) every 5 minutes; 0: off
@@ -49,6 +50,9 @@ pub struct BarrierConfig {
     pub prepare_timeout_ms: u64,
     /// The deadline for every agent's Staged (its capture, with the gate open).
     pub stage_timeout_ms: u64,
+    /// How long after sending Prepare every agent closes its gate (ARCHITECTURE.md,
+    /// "Scheduled close"); 0 closes each gate when its Prepare arrives.
+    pub close_lead_ms: u64,
     /// Longest wait for all uploads after Commit.
     pub upload_timeout_ms: u64,
 }
@@ -59,6 +63,7 @@ impl Default for BarrierConfig {
             lease_ms: 10_000,
             prepare_timeout_ms: 5_000,
             stage_timeout_ms: 60_000,
+            close_lead_ms: 5,
             upload_timeout_ms: 3_600_000,
         }
     }
@@ -172,6 +177,14 @@ impl Config {
                 "[barrier] stage_timeout_ms ({}) must be positive, and with prepare_timeout_ms and \
                  lease_ms at most 300000 ms (the longest an agent holds a capture)",
                 b.stage_timeout_ms
+            )));
+        }
+        // An agent waits at most 1 s for its close time (MAX_CLOSE_WAIT in the agent).
+        if b.close_lead_ms > 1000 || b.close_lead_ms >= b.prepare_timeout_ms {
+            return Err(invalid(format!(
+                "[barrier] close_lead_ms ({}) must be at most 1000 and shorter than \
+                 prepare_timeout_ms ({})",
+                b.close_lead_ms, b.prepare_timeout_ms
             )));
         }
         let mut grouped = HashSet::new();
@@ -293,6 +306,10 @@ parity = ["shard-2"]
                 "{GOOD}\n[barrier]\nlease_ms = 100\nprepare_timeout_ms = 200"
             ))
             .contains("shorter than lease_ms")
+        );
+        assert!(
+            message(&format!("{GOOD}\n[barrier]\nclose_lead_ms = 5000"))
+                .contains("close_lead_ms (5000) must be at most 1000")
         );
         assert!(
             message(&GOOD.replace("shard = \"shard-0\"", "shard = \"../x\""))

@@ -702,14 +702,22 @@ pub(crate) async fn barrier(
     .await?;
     tracing::info!(barrier = %backup, staged_ms = staging.elapsed().as_millis() as u64, "every shard staged; closing the gates");
 
-    // Phase 1: Prepare everywhere in parallel; the deadline runs from sending.
+    // Phase 1: Prepare everywhere in parallel; the deadline runs from sending. Every gate
+    // closes at the same instant, the close lead after sending (ARCHITECTURE.md).
     let sent = Instant::now();
+    let close_at_unix_us = match barrier.close_lead_ms {
+        0 => 0,
+        lead => u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0) + lead * 1000,
+    };
     let mut prepared = fan_out(
         ctx,
         view,
         Phase::Prepare,
         sent + barrier.prepare_timeout(),
-        &request,
+        &|agent| v1::PrepareRequest {
+            close_at_unix_us,
+            ..request(agent)
+        },
     )
     .await?;
     tracing::info!(barrier = %backup, prepared_ms = sent.elapsed().as_millis() as u64, "every shard prepared; committing");

@@ -98,6 +98,9 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
             lease_ms,
             prepare_timeout_ms: lease_ms / 2,
             stage_timeout_ms: lease_ms,
+            // Gates close on arrival: a close time is a wall-clock instant, and a wait on the
+            // host's clock would make a seed's run depend on the host.
+            close_lead_ms: 0,
             upload_timeout_ms: 30_000,
         },
         agents: shards

@@ -172,3 +172,120 @@ async fn backups_under_load_are_consistent_cuts_of_every_raid_member() {
         "{out}"
     );
 }
+
+/// Prepare with a close time (ARCHITECTURE.md, "Scheduled close"), against a real agent: the
+/// gate stays open until the close time and the cut holds what was written meanwhile; an
+/// Abort sent during the wait wins; a close time far off waits at most `MAX_CLOSE_WAIT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_closes_the_gate_at_its_close_time_and_an_abort_during_the_wait_wins() {
+    let cluster = Cluster::start(5000, None);
+    let mut agent = cluster.agent_client(0).await;
+    let control = agent.clone();
+    let mut shard = cluster.shard_client(0).await;
+    let unix_us_in = |wait: Duration| {
+        let at = std::time::SystemTime::now() + wait;
+        at.duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_micros() as u64
+    };
+    let request = |backup: &str, close_at_unix_us: u64| v1::PrepareRequest {
+        backup_id: backup.to_string(),
+        lease_ms: 5000,
+        close_at_unix_us,
+        ..Default::default()
+    };
+    let stage = |backup: &str| {
+        let (mut agent, request) = (control.clone(), request(backup, 0));
+        async move {
+            let staged = agent.stage(request).await.expect("stage").into_inner();
+            assert_eq!(staged.state, v1::BarrierState::Staged as i32, "{staged:?}");
+        }
+    };
+    let prepare = |backup: &str, wait: Duration| {
+        let (mut agent, request) = (control.clone(), request(backup, unix_us_in(wait)));
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let status = agent.prepare(request).await.expect("prepare").into_inner();
+            (sent.elapsed(), status)
+        })
+    };
+
+    // The gate stays open until the close time; a write acknowledged meanwhile is in the cut.
+    stage("bk-close-at").await;
+    let prepared = prepare("bk-close-at", Duration::from_millis(600));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        cluster.gate_closed(0).await,
+        Some(false),
+        "closed before its time"
+    );
+    let written = shard
+        .put(v1::PutRequest {
+            column_family: String::new(),
+            key: b"before-the-close-time".to_vec(),
+            value: b"1".to_vec(),
+        })
+        .await
+        .expect("a write while Prepare waits")
+        .into_inner();
+    let (took, status) = prepared.await.expect("join");
+    assert_eq!(
+        status.state,
+        v1::BarrierState::Prepared as i32,
+        "{status:?}"
+    );
+    assert!(took >= Duration::from_millis(550), "closed after {took:?}");
+    assert!(
+        status.seq >= written.last_seq,
+        "the cut misses a write made before it"
+    );
+    assert_eq!(cluster.gate_closed(0).await, Some(true));
+    agent
+        .abort(v1::BarrierRequest {
+            backup_id: "bk-close-at".into(),
+        })
+        .await
+        .expect("abort");
+    assert_eq!(cluster.gate_closed(0).await, Some(false));
+
+    // An Abort during the wait wins: the Prepare finds the barrier aborted, no gate closes.
+    stage("bk-aborted-first").await;
+    let prepared = prepare("bk-aborted-first", Duration::from_millis(800));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let aborted = agent
+        .abort(v1::BarrierRequest {
+            backup_id: "bk-aborted-first".into(),
+        })
+        .await
+        .expect("abort during the wait")
+        .into_inner();
+    assert_eq!(
+        aborted.state,
+        v1::BarrierState::Aborted as i32,
+        "{aborted:?}"
+    );
+    let (_, status) = prepared.await.expect("join");
+    assert_eq!(status.state, v1::BarrierState::Aborted as i32, "{status:?}");
+    assert_eq!(cluster.gate_closed(0).await, Some(false));
+
+    // A close time a minute off (a coordinator's clock far ahead) waits at most 1 s.
+    stage("bk-far-off").await;
+    let (took, status) = prepare("bk-far-off", Duration::from_secs(60))
+        .await
+        .expect("join");
+    assert_eq!(
+        status.state,
+        v1::BarrierState::Prepared as i32,
+        "{status:?}"
+    );
+    assert!(
+        (Duration::from_millis(950)..Duration::from_secs(4)).contains(&took),
+        "waited {took:?}"
+    );
+    agent
+        .abort(v1::BarrierRequest {
+            backup_id: "bk-far-off".into(),
+        })
+        .await
+        .expect("abort");
+}
