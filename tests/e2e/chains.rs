@@ -275,9 +275,11 @@ async fn automatic_restore_points_are_taken_while_clients_write_and_restore_exac
     std::fs::write(cluster.config_path(), config).expect("write config");
     cluster.start_coordinator(None);
 
-    // Keep writing until the coordinator has taken two restore points (bounded).
+    // Keep writing until the coordinator has taken two restore points, one a second: bounded
+    // in time, not in rounds (a round takes a few ms, so 200 of them could end too soon).
     let mut automatic = Vec::new();
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
         seed = mutate(&cluster, &mut history, 2, seed).await;
         let tags = json(&cluster.lockstep(&["tag", "list", "--json"]));
         automatic = tags
