@@ -8,6 +8,8 @@
 //! on any failure nothing is left at the target (the staging directory is removed).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use lockstep_repository::manifest::ShardManifest;
@@ -120,10 +122,11 @@ pub async fn replay_staged<E: ShardEngine>(
         return Ok(0);
     }
     let sources = replay_sources(shard, base, replay).await?;
-    let dir = staged.staging.path.clone();
+    let dir = staged.staging.clone();
     let columns = staged.column_families.clone();
-    let engine = std::sync::Arc::new(
-        lockstep_repository::blocking::run(move || E::open(&dir, &columns))
+    // The engine and its directory's guard together: every blocking step holds both.
+    let engine = Arc::new(
+        lockstep_repository::blocking::run(move || E::open(dir.path(), &columns).map(|e| (e, dir)))
             .await
             .map_err(replay_task_failed)??,
     );
@@ -149,7 +152,7 @@ pub async fn replay_staged<E: ShardEngine>(
         replayed += lockstep_repository::blocking::run(move || -> Result<u64> {
             let mut n = 0;
             for batch in &segment.batches {
-                if batch.last() <= engine.latest_seq() {
+                if batch.last() <= engine.0.latest_seq() {
                     continue;
                 }
                 if batch.first > to {
@@ -167,7 +170,7 @@ pub async fn replay_staged<E: ShardEngine>(
                         ),
                     ));
                 }
-                engine.replay(batch)?;
+                engine.0.replay(batch)?;
                 n += 1;
             }
             Ok(n)
@@ -175,7 +178,7 @@ pub async fn replay_staged<E: ShardEngine>(
         .await
         .map_err(replay_task_failed)??;
     }
-    let seq = engine.latest_seq();
+    let seq = engine.0.latest_seq();
     if seq != replay.to {
         return Err(Error::new(
             ErrorCode::BackupRestorationFailed,
@@ -186,7 +189,7 @@ pub async fn replay_staged<E: ShardEngine>(
         ));
     }
     let closing = engine.clone();
-    lockstep_repository::blocking::run(move || closing.sync())
+    lockstep_repository::blocking::run(move || closing.0.sync())
         .await
         .map_err(replay_task_failed)??;
     drop(engine);
@@ -212,16 +215,41 @@ pub struct RestoreOutcome {
     pub target: PathBuf,
 }
 
-/// Removes a staging directory unless it was renamed into place.
+/// A staging directory, removed when the last clone is dropped unless it was renamed into
+/// place. Blocking work that opens RocksDB in it holds a clone: a cancelled restore drops its
+/// future at once, but a RocksDB open already running on a blocking thread would recreate
+/// the directory after its removal (`DB::Open` creates a missing one), so the directory goes
+/// only when that work ends.
+#[derive(Debug, Clone)]
+struct Staging(Arc<StagingDir>);
+
 #[derive(Debug)]
-struct Staging {
+struct StagingDir {
     path: PathBuf,
-    armed: bool,
+    armed: AtomicBool,
 }
 
-impl Drop for Staging {
+impl Staging {
+    fn new(path: PathBuf) -> Staging {
+        Staging(Arc::new(StagingDir {
+            path,
+            armed: AtomicBool::new(true),
+        }))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    /// Keeps the directory: it was renamed into place.
+    fn disarm(&self) {
+        self.0.armed.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for StagingDir {
     fn drop(&mut self) {
-        if self.armed {
+        if *self.armed.get_mut() {
             let _ = std::fs::remove_dir_all(&self.path);
         }
     }
@@ -328,7 +356,7 @@ impl StagedShard {
     /// Starts the staged shard on a new timeline, after its sequence number.
     pub fn start_timeline(&self, timeline: Timeline) -> Result<()> {
         write_lineage(
-            &self.staging.path,
+            self.staging.path(),
             Lineage {
                 timeline,
                 start: self.seq,
@@ -337,16 +365,16 @@ impl StagedShard {
     }
 
     /// Renames the staged shard to `target`, which must be absent or an empty directory.
-    pub fn move_to(mut self, target: &Path) -> Result<()> {
+    pub fn move_to(self, target: &Path) -> Result<()> {
         // rename(2) replaces an empty directory atomically.
-        std::fs::rename(&self.staging.path, target).map_err(|err| {
+        std::fs::rename(self.staging.path(), target).map_err(|err| {
             Error::io(
                 ErrorCode::BackupRestorationFailed,
                 format!("move restored shard to {}", target.display()),
                 err,
             )
         })?;
-        self.staging.armed = false;
+        self.staging.disarm();
         if let Some(parent) = target.parent()
             && let Ok(dir) = std::fs::File::open(parent)
         {
@@ -419,13 +447,13 @@ pub async fn stage_shard(
         ));
     }
     let staging = staging_beside(target)?;
-    download_files(repo, &manifest.files, &staging.path, transfer, progress)
+    download_files(repo, &manifest.files, staging.path(), transfer, progress)
         .await
         .map_err(fail)?;
 
-    let (check_manifest, check_dir) = (manifest.clone(), staging.path.clone());
+    let (check_manifest, dir) = (manifest.clone(), staging.clone());
     let seq =
-        lockstep_repository::blocking::run(move || open_and_read_seq(&check_manifest, &check_dir))
+        lockstep_repository::blocking::run(move || open_and_read_seq(&check_manifest, dir.path()))
             .await
             .map_err(|err| {
                 Error::with_source(
@@ -498,10 +526,7 @@ fn staging_beside(target: &Path) -> Result<Staging> {
             err,
         ))
     })?;
-    Ok(Staging {
-        path: staging_path,
-        armed: true,
-    })
+    Ok(Staging::new(staging_path))
 }
 
 /// Stages an empty shard of engine `E` with `column_families` (in this order), for a
@@ -514,9 +539,9 @@ pub async fn stage_empty<E: ShardEngine>(
     column_families: Vec<String>,
 ) -> Result<StagedShard> {
     let staging = staging_beside(target)?;
-    let (dir, columns) = (staging.path.clone(), column_families.clone());
+    let (dir, columns) = (staging.clone(), column_families.clone());
     let seq = lockstep_repository::blocking::run(move || {
-        let engine = E::open(&dir, &columns)?;
+        let engine = E::open(dir.path(), &columns)?;
         engine.sync()?;
         Ok::<_, Error>(engine.latest_seq())
     })
