@@ -79,6 +79,17 @@ impl Load {
         }
     }
 
+    /// Each writer stops after this many keys. Saturating writers are bounded so the section
+    /// fits the disk: RocksDB enforces the WAL archive's size bound only every 10 minutes, so
+    /// 8 shards keep every WAL byte written meanwhile (4M keys of 200 bytes each: about 0.8 GB
+    /// of WAL and as much of tables per shard, the load of 12 backups at normal priority).
+    pub(crate) fn keys(self) -> &'static str {
+        match self {
+            Load::Saturating => "4000000",
+            Load::Steady => "100000000",
+        }
+    }
+
     pub(crate) fn args(self) -> &'static [&'static str] {
         match self {
             Load::Saturating => &["--batch-keys", "1000"],
@@ -175,8 +186,7 @@ impl BenchCluster {
         })
     }
 
-    /// One writer per agent, 200-byte values, far more keys than it can write before it is
-    /// stopped.
+    /// One writer per agent, 200-byte values, `load.keys()` keys at most.
     pub fn start_writers(&mut self, bins: &Binaries, load: Load) -> Result<()> {
         for endpoint in &self.endpoints {
             self.writers.0.push(
@@ -186,7 +196,7 @@ impl BenchCluster {
                         "--endpoint",
                         endpoint,
                         "--keys",
-                        "100000000",
+                        load.keys(),
                         "--value-size",
                         "200",
                         "--prefix",
