@@ -53,7 +53,7 @@ enum Command {
         work: PathBuf,
         #[arg(long, default_value = "3,8", value_delimiter = ',')]
         agents: Vec<usize>,
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, default_value_t = 30)]
         backups: usize,
     },
     /// Generate a benchmark shard (for profiling one contender by hand).
@@ -116,7 +116,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "3,8", value_delimiter = ',')]
     pub agents: Vec<usize>,
     /// Backups per cluster size for the write pause.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 30)]
     pub backups: usize,
     /// Seconds of steady writes while the WAL ships (3 agents), before the PITR replay.
     #[arg(long, default_value_t = 15)]
