@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use rocksdb::backup::{BackupEngine, BackupEngineOptions, RestoreOptions};
@@ -16,8 +17,30 @@ pub struct Timed {
     pub stdout: String,
 }
 
-/// Runs `program args` under `/usr/bin/time`.
+/// Whether every timed run so far started from a cold page cache (see [`start_cold`]).
+static EVERY_RUN_COLD: AtomicBool = AtomicBool::new(true);
+
+/// Starts a timed run from the same state whichever contender ran before: the previous run's
+/// dirty pages written back (`sync`), so their writeback is not timed in this run, and the
+/// page cache dropped, so neither contender reads what the other left cached (the kernel's
+/// reclaim otherwise decides which files are still cached: restores of the same repository
+/// took 1.3-4.8 s). Dropping needs root; without it runs start warm, and the report says so.
+fn start_cold() {
+    let synced = Command::new("sync").status().is_ok_and(|s| s.success());
+    let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+    if !(synced && dropped) {
+        EVERY_RUN_COLD.store(false, Ordering::Relaxed);
+    }
+}
+
+/// True when every timed run started from a cold page cache.
+pub fn every_run_cold() -> bool {
+    EVERY_RUN_COLD.load(Ordering::Relaxed)
+}
+
+/// Runs `program args` under `/usr/bin/time`, from a cold page cache.
 pub fn timed(program: &Path, args: &[&str]) -> Result<Timed> {
+    start_cold();
     let report = std::env::temp_dir().join(format!("lockstep-bench-time-{}", std::process::id()));
     let output = Command::new("/usr/bin/time")
         .arg("-f")

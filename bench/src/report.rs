@@ -99,6 +99,8 @@ pub struct Results {
     pub command: String,
     pub threads: usize,
     pub runs: usize,
+    /// Whether every timed run started from a cold page cache.
+    pub cold_page_cache: bool,
     pub variants: Vec<Variant>,
     /// Peak RSS of a Lockstep backup by logical shard size in MiB.
     pub rss_mib_by_shard_mib: BTreeMap<u64, f64>,
@@ -383,6 +385,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         ),
         threads: args.threads,
         runs: args.runs,
+        cold_page_cache: contenders::every_run_cold(),
         variants,
         rss_mib_by_shard_mib: rss,
         barrier: barrier_results,
@@ -417,9 +420,20 @@ fn met(ok: bool) -> &'static str {
 /// The Markdown report: one table per variant, then memory and the barrier.
 pub fn markdown(r: &Results, total_secs: f64) -> String {
     let mut out = format!(
-        "Machine: {}; {}; threads {} for both contenders; medians of {} runs; whole run {:.0} s.\n\
+        "Machine: {}; {}; threads {} for both contenders; medians of {} runs, each from {}; \
+         whole run {:.0} s.\n\
          Command: `{}`\n",
-        r.machine, r.date, r.threads, r.runs, total_secs, r.command
+        r.machine,
+        r.date,
+        r.threads,
+        r.runs,
+        if r.cold_page_cache {
+            "a cold page cache (synced and dropped before every timed run)"
+        } else {
+            "a warm page cache (dropping it needs root)"
+        },
+        total_secs,
+        r.command
     );
     for v in &r.variants {
         let data = v.data_bytes as f64 / MIB;
