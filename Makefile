@@ -5,7 +5,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lockstep-target
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
-# Demo and bench use the test build: our crates unoptimized, every dependency (RocksDB, zstd,
+# Demo and bench use the test build: our crates at opt-level 1, every dependency (RocksDB, zstd,
 # sha2, object_store) at opt-level 2, so `make demo` after `make test` compiles nothing.
 BIN := $(CARGO_TARGET_DIR)/debug
 
