@@ -2,12 +2,19 @@
 //!
 //! ```text
 //! offset 0  magic  "LKSO"
-//!        4  format version (1)
+//!        4  format version (1 or 2)
 //!        5  codec: 0 = stored, 1 = zstd
 //!        6  reserved (0, 0)
 //!        8  plaintext length, u64 little endian
-//!       16  payload
+//!       16  payload (version 1)
+//!     4096  payload (version 2; bytes 16..4096 are zero)
 //! ```
+//!
+//! Version 2 frames a stored (uncompressed) chunk in the buffer it was read into: the chunk
+//! is read one page after the buffer's start, the header goes in front of it, and the whole
+//! object is written without a copy, with direct I/O on a local repository (`direct.rs`); on
+//! restore, its payload is page-aligned and goes to the restored file the same way. Compressed
+//! objects and small ones (WAL segments) use version 1. Readers accept both.
 //!
 //! An object's name is the SHA-256 of its plaintext. Compression is used only when it pays:
 //! a zstd-1 probe of the first 64 KiB must save at least 10% for the chunk to be compressed,
@@ -19,12 +26,18 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::buffers::PooledBuffer;
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::ObjectId;
 
 const MAGIC: &[u8; 4] = b"LKSO";
+/// Version 1: the payload follows the header.
 const FORMAT_VERSION: u8 = 1;
+/// Version 2: the payload starts one page in ([`HEADER_ROOM`]).
+const FORMAT_VERSION_PAGED: u8 = 2;
 pub const HEADER_LEN: usize = 16;
+/// Room a chunk buffer keeps in front of the chunk for a version-2 header.
+pub const HEADER_ROOM: usize = crate::buffers::PAGE;
 const CODEC_STORED: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const PROBE_LEN: usize = 64 * 1024;
@@ -42,36 +55,49 @@ impl Default for Compression {
     }
 }
 
-/// An encoded object, ready to store: a header and a payload, kept apart so the plaintext of
-/// a stored (uncompressed) object is never copied into a frame; a store writes both parts.
+/// An encoded object, ready to store.
 #[derive(Debug)]
 pub struct Encoded {
     pub id: ObjectId,
     pub plaintext_len: u64,
-    pub header: [u8; HEADER_LEN],
-    pub payload: bytes::Bytes,
+    pub frame: Frame,
     pub compressed: bool,
+}
+
+/// The bytes of a stored object.
+#[derive(Debug)]
+pub enum Frame {
+    /// The whole object in one buffer (version 2, stored: the chunk's own buffer), starting
+    /// page-aligned.
+    Whole(bytes::Bytes),
+    /// A version-1 header and the payload apart, so a payload is never copied behind it.
+    Split([u8; HEADER_LEN], bytes::Bytes),
 }
 
 impl Encoded {
     /// Bytes the object takes in the repository.
     pub fn stored_len(&self) -> u64 {
-        (HEADER_LEN + self.payload.len()) as u64
+        self.parts().iter().map(|part| part.len() as u64).sum()
+    }
+
+    /// The object's bytes, in order, in at most two pieces.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        match &self.frame {
+            Frame::Whole(whole) => [whole, &[]],
+            Frame::Split(header, payload) => [header, payload],
+        }
     }
 
     /// The whole stored object in one buffer (a copy; for small objects such as WAL segments).
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
-        out.extend_from_slice(&self.header);
-        out.extend_from_slice(&self.payload);
-        out
+        self.parts().concat()
     }
 }
 
-fn header(codec: u8, plaintext_len: u64) -> [u8; HEADER_LEN] {
+fn header(version: u8, codec: u8, plaintext_len: u64) -> [u8; HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN];
     out[..4].copy_from_slice(MAGIC);
-    out[4] = FORMAT_VERSION;
+    out[4] = version;
     out[5] = codec;
     out[8..].copy_from_slice(&plaintext_len.to_le_bytes());
     out
@@ -89,51 +115,88 @@ fn pays(plain: usize, compressed: usize) -> bool {
     compressed + plain / 32 < plain
 }
 
-/// Hashes and encodes one plaintext chunk. CPU-bound: call it off the async workers.
+/// Hashes and encodes one plaintext (a small object: a stored one is copied behind its
+/// header). CPU-bound: call it off the async workers.
 pub fn encode(plaintext: &[u8], compression: Compression) -> Result<Encoded> {
-    encode_with_id(ObjectId::of(plaintext), plaintext.to_vec(), compression)
+    let id = ObjectId::of(plaintext);
+    match compress(&id, plaintext, compression)? {
+        Some(encoded) => Ok(encoded),
+        None => Ok(Encoded {
+            id,
+            plaintext_len: plaintext.len() as u64,
+            frame: Frame::Split(
+                header(FORMAT_VERSION, CODEC_STORED, plaintext.len() as u64),
+                bytes::Bytes::copy_from_slice(plaintext),
+            ),
+            compressed: false,
+        }),
+    }
 }
 
-/// Encodes a chunk whose id the caller has already computed with [`ObjectId::of`]. A chunk
-/// stored uncompressed becomes the payload as it is, without a copy.
-pub fn encode_with_id<T>(id: ObjectId, plaintext: T, compression: Compression) -> Result<Encoded>
-where
-    T: AsRef<[u8]> + Send + 'static,
-{
-    let bytes = plaintext.as_ref();
-    let plaintext_len = bytes.len() as u64;
-    if compression.zstd_level > 0 && bytes.len() >= 512 {
-        let probe = &bytes[..bytes.len().min(PROBE_LEN)];
-        let probe_pays = bytes.len() <= PROBE_LEN
-            || zstd::bulk::compress(probe, 1)
-                .map(|c| probe_pays(probe.len(), c.len()))
-                .unwrap_or(true);
-        if probe_pays {
-            let payload = zstd::bulk::compress(bytes, compression.zstd_level).map_err(|err| {
-                Error::with_source(
-                    ErrorCode::BackupCompressionFailed,
-                    format!("compress object {id}"),
-                    err,
-                )
-            })?;
-            if pays(bytes.len(), payload.len()) {
-                return Ok(Encoded {
-                    id,
-                    plaintext_len,
-                    header: header(CODEC_ZSTD, plaintext_len),
-                    payload: payload.into(),
-                    compressed: true,
-                });
-            }
-        }
+/// Encodes a chunk whose id the caller has computed with [`ObjectId::of`] over
+/// `buffer[HEADER_ROOM..]`; the first [`HEADER_ROOM`] bytes of `buffer` are free for the header. A chunk
+/// stored uncompressed becomes the object in place (version 2), without a copy.
+pub fn encode_in_place(
+    id: ObjectId,
+    mut buffer: PooledBuffer,
+    compression: Compression,
+) -> Result<Encoded> {
+    let plaintext = buffer.contents().get(HEADER_ROOM..).ok_or_else(|| {
+        Error::new(
+            ErrorCode::BackupCreationFailed,
+            format!("object {id}: the buffer has no room for its header"),
+        )
+    })?;
+    let plaintext_len = plaintext.len() as u64;
+    if let Some(encoded) = compress(&id, plaintext, compression)? {
+        return Ok(encoded);
     }
+    buffer.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header(
+        FORMAT_VERSION_PAGED,
+        CODEC_STORED,
+        plaintext_len,
+    ));
     Ok(Encoded {
         id,
         plaintext_len,
-        header: header(CODEC_STORED, plaintext_len),
-        payload: bytes::Bytes::from_owner(plaintext),
+        frame: Frame::Whole(bytes::Bytes::from_owner(buffer)),
         compressed: false,
     })
+}
+
+/// The object compressed (version 1), or `None` when compression does not pay.
+fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Option<Encoded>> {
+    if compression.zstd_level <= 0 || bytes.len() < 512 {
+        return Ok(None);
+    }
+    let probe = &bytes[..bytes.len().min(PROBE_LEN)];
+    let probe_pays = bytes.len() <= PROBE_LEN
+        || zstd::bulk::compress(probe, 1)
+            .map(|c| probe_pays(probe.len(), c.len()))
+            .unwrap_or(true);
+    if !probe_pays {
+        return Ok(None);
+    }
+    let payload = zstd::bulk::compress(bytes, compression.zstd_level).map_err(|err| {
+        Error::with_source(
+            ErrorCode::BackupCompressionFailed,
+            format!("compress object {id}"),
+            err,
+        )
+    })?;
+    if !pays(bytes.len(), payload.len()) {
+        return Ok(None);
+    }
+    let plaintext_len = bytes.len() as u64;
+    Ok(Some(Encoded {
+        id: *id,
+        plaintext_len,
+        frame: Frame::Split(
+            header(FORMAT_VERSION, CODEC_ZSTD, plaintext_len),
+            payload.into(),
+        ),
+        compressed: true,
+    }))
 }
 
 /// Decodes a stored object and checks that its plaintext hashes to `expected`. A stored
@@ -148,18 +211,20 @@ pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes>
     if stored.len() < HEADER_LEN || &stored[..4] != MAGIC {
         return Err(corrupt("bad object header"));
     }
-    if stored[4] != FORMAT_VERSION {
-        return Err(corrupt(&format!(
-            "unknown object format version {}",
-            stored[4]
-        )));
-    }
+    let payload_at = match stored[4] {
+        FORMAT_VERSION => HEADER_LEN,
+        FORMAT_VERSION_PAGED if stored.len() >= HEADER_ROOM => HEADER_ROOM,
+        FORMAT_VERSION_PAGED => return Err(corrupt("truncated object header")),
+        other => {
+            return Err(corrupt(&format!("unknown object format version {other}")));
+        }
+    };
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&stored[8..16]);
     let plaintext_len = u64::from_le_bytes(len_bytes);
-    let payload = &stored[HEADER_LEN..];
+    let payload = &stored[payload_at..];
     let plaintext = match stored[5] {
-        CODEC_STORED => stored.slice(HEADER_LEN..),
+        CODEC_STORED => stored.slice(payload_at..),
         CODEC_ZSTD => {
             let capacity = usize::try_from(plaintext_len)
                 .ok()
@@ -206,17 +271,82 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn incompressible_data_is_stored_as_is() -> Result<()> {
+    fn incompressible(len: usize) -> Vec<u8> {
         let mut state = 0x9e3779b97f4a7c15u64;
-        let plain: Vec<u8> = (0..200_000)
+        (0..len)
             .map(|_| {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
                 state as u8
             })
-            .collect();
+            .collect()
+    }
+
+    /// A chunk buffer as the upload fills it: header room, then the plaintext.
+    fn chunk_buffer(plain: &[u8]) -> crate::buffers::PooledBuffer {
+        let mut buffer = crate::buffers::BufferPool::default().take(HEADER_ROOM + plain.len());
+        buffer.extend_zeroed(HEADER_ROOM);
+        let read = buffer.read_from(plain, plain.len() as u64);
+        assert_eq!(read.ok(), Some(plain.len()));
+        buffer
+    }
+
+    #[test]
+    fn an_incompressible_chunk_is_stored_in_place_with_its_payload_page_aligned() -> Result<()> {
+        let plain = incompressible(300_000);
+        let encoded = encode_in_place(
+            ObjectId::of(&plain),
+            chunk_buffer(&plain),
+            Compression::default(),
+        )?;
+        assert!(!encoded.compressed);
+        let Frame::Whole(whole) = &encoded.frame else {
+            panic!("a stored chunk is one buffer");
+        };
+        assert_eq!(whole.as_ptr() as usize % crate::buffers::PAGE, 0);
+        assert_eq!(encoded.stored_len(), (HEADER_ROOM + plain.len()) as u64);
+        assert_eq!(whole[4], FORMAT_VERSION_PAGED);
+        let decoded = decode(&encoded.id, whole.clone())?;
+        assert_eq!(decoded, plain);
+        assert_eq!(decoded.as_ptr() as usize % crate::buffers::PAGE, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_compressible_chunk_is_compressed_from_its_buffer() -> Result<()> {
+        let plain = vec![3u8; 200_000];
+        let encoded = encode_in_place(
+            ObjectId::of(&plain),
+            chunk_buffer(&plain),
+            Compression::default(),
+        )?;
+        assert!(encoded.compressed);
+        assert_eq!(decode(&encoded.id, encoded.to_vec().into())?, plain);
+        Ok(())
+    }
+
+    #[test]
+    fn a_truncated_paged_object_is_a_checksum_mismatch_not_a_panic() -> Result<()> {
+        let plain = incompressible(10_000);
+        let encoded = encode_in_place(
+            ObjectId::of(&plain),
+            chunk_buffer(&plain),
+            Compression::default(),
+        )?;
+        let bytes = encoded.to_vec();
+        for len in [HEADER_LEN, HEADER_ROOM - 1, HEADER_ROOM + 5] {
+            let err = decode(&encoded.id, bytes[..len].to_vec().into())
+                .err()
+                .map(|e| e.code);
+            assert_eq!(err, Some(ErrorCode::BackupChecksumMismatch), "{len} bytes");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn incompressible_data_is_stored_as_is() -> Result<()> {
+        let plain = incompressible(200_000);
         let encoded = encode(&plain, Compression::default())?;
         assert!(!encoded.compressed);
         assert_eq!(encoded.stored_len(), (plain.len() + HEADER_LEN) as u64);

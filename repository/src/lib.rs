@@ -5,6 +5,8 @@
 //! (`layout`). `transfer` moves files in and out chunk by chunk in bounded memory, and
 //! `verify` checks what is stored. `wal` is the segment format and `archive` the one API over
 //! every place segments live. `error` defines the seed error codes used everywhere.
+//! `buffers` and `direct` keep chunk data page-aligned and write it around the page cache
+//! on local disks.
 //!
 //! Architecture invariant: this crate never links RocksDB; the coordinator depends on it.
 //! Architecture invariant: publish order is objects, then shard manifests, then the backup
@@ -14,6 +16,7 @@ pub mod archive;
 pub mod blocking;
 pub mod buffers;
 pub mod codec;
+pub mod direct;
 pub mod error;
 pub mod ids;
 pub mod layout;

@@ -15,7 +15,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use url::Url;
 
-use crate::codec::{self, Encoded};
+use crate::codec::{self, Encoded, Frame};
+use crate::direct;
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{BackupId, ObjectId, ShardId, TagName, Timeline};
 use crate::layout::Layout;
@@ -352,12 +353,32 @@ impl Repository {
     /// the publish left the whole writeback at the end).
     pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
         let key = self.layout.object(&encoded.id);
-        let payload =
-            PutPayload::from_iter([Bytes::copy_from_slice(&encoded.header), encoded.payload]);
-        let written = self.put_once_unsynced(&key, payload, "object").await?;
         let Some(root) = &self.local_root else {
+            let payload = match encoded.frame {
+                Frame::Whole(whole) => PutPayload::from(whole),
+                Frame::Split(header, payload) => {
+                    PutPayload::from_iter([Bytes::copy_from_slice(&header), payload])
+                }
+            };
+            self.put_once_unsynced(&key, payload, "object").await?;
             return Ok(());
         };
+        // Written directly, around the page cache where it can be (`direct.rs`).
+        let file = root.join(key.as_ref());
+        let shown = key.to_string();
+        let written =
+            crate::blocking::run_bulk(move || direct::create_file(&file, encoded.parts()))
+                .await
+                .map_err(|err| {
+                    Error::with_source(ErrorCode::StorageUnavailable, "write task", err)
+                })?
+                .map_err(|err| {
+                    Error::io(
+                        ErrorCode::StorageUnavailable,
+                        format!("write object {shown}"),
+                        err,
+                    )
+                })?;
         let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
         if written {
             let (file, permits) = (root.join(key.as_ref()), self.sync_permits.clone());
@@ -437,11 +458,10 @@ impl Repository {
             // the object plus its page faults (a quarter of a restore's CPU, measured with perf).
             let (file, pool) = (root.join(key.as_ref()), self.buffers.clone());
             let read = move || -> std::io::Result<Bytes> {
-                use std::io::Read;
-                let mut file = std::fs::File::open(file)?;
-                let len = file.metadata()?.len() as usize;
-                let mut buffer = pool.take(len);
-                file.read_to_end(buffer.as_mut_vec())?;
+                let file = std::fs::File::open(file)?;
+                let len = file.metadata()?.len();
+                let mut buffer = pool.take(len as usize);
+                buffer.read_from(file, u64::MAX)?;
                 Ok(Bytes::from_owner(buffer))
             };
             return match crate::blocking::run(read).await {

@@ -13,8 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::buffers::{BufferPool, PooledBuffer};
 use crate::codec::{self, Compression};
+use crate::direct::DirectWriter;
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::ObjectId;
 use crate::manifest::{Chunk, FileEntry, FileKind, TransferStats};
@@ -111,7 +111,8 @@ fn spawn_blocking_err(err: crate::blocking::TaskFailed) -> Error {
 /// and the hash, so each byte comes from memory once.
 const HASH_PIECE: u64 = 1 << 20;
 
-/// Reads `len` bytes at `offset` and hashes them as they arrive, piece by piece.
+/// Reads `len` bytes at `offset` and hashes them as they arrive, piece by piece, into a
+/// buffer that keeps [`codec::HEADER_ROOM`] bytes in front of them (see `encode_in_place`).
 fn read_and_hash(
     path: &Path,
     offset: u64,
@@ -129,28 +130,28 @@ fn read_and_hash(
     file.seek(SeekFrom::Start(offset))
         .map_err(|err| io("seek", err))?;
     let mut hasher = Sha256::new();
-    let mut pooled = pool.take(len);
-    let buf = pooled.as_mut_vec();
-    // read_to_end fills spare capacity without zeroing it first.
-    while buf.len() < len {
-        let start = buf.len();
-        let want = (len - start).min(HASH_PIECE as usize) as u64;
-        let got = (&mut file)
-            .take(want)
-            .read_to_end(buf)
+    let mut buffer = pool.take(codec::HEADER_ROOM + len);
+    buffer.extend_zeroed(codec::HEADER_ROOM);
+    let mut read = 0;
+    while read < len {
+        let want = (len - read).min(HASH_PIECE as usize) as u64;
+        let got = buffer
+            .read_from(&mut file, want)
             .map_err(|err| io("read", err))?;
         if got == 0 {
             return Err(io(
                 "read",
                 std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("{start} of {len} bytes at offset {offset}: the file shrank"),
+                    format!("{read} of {len} bytes at offset {offset}: the file shrank"),
                 ),
             ));
         }
-        hasher.update(&buf[start..]);
+        let start = codec::HEADER_ROOM + read;
+        hasher.update(&buffer.contents()[start..start + got]);
+        read += got;
     }
-    Ok((pooled, ObjectId::from_digest(hasher.finalize().into())))
+    Ok((buffer, ObjectId::from_digest(hasher.finalize().into())))
 }
 
 /// Uploads `files`, reusing the chunks of any immutable file whose identity appears in
@@ -254,7 +255,7 @@ async fn upload_chunk(
         }
         None => {
             let encoded = crate::blocking::run_bulk(move || {
-                codec::encode_with_id(id, plaintext, options.compression)
+                codec::encode_in_place(id, plaintext, options.compression)
             })
             .await
             .map_err(spawn_blocking_err)??;
@@ -297,9 +298,14 @@ pub async fn download_files(
         let path = dir.join(&file.name);
         let handle =
             File::create_new(&path).map_err(|err| io(format!("create {}", path.display()), err))?;
+        // Chunks sit at multiples of the chunk size, and a local stored chunk comes back
+        // page-aligned, so most of a restore is written around the page cache (`direct.rs`).
         // The file is fsynced by whichever chunk write finishes it, so writeback overlaps
         // the rest of the download instead of queueing behind it.
-        let handle = Arc::new((handle, AtomicUsize::new(file.chunks.len())));
+        let handle = Arc::new((
+            DirectWriter::new(handle, &path),
+            AtomicUsize::new(file.chunks.len()),
+        ));
         progress.total_bytes.fetch_add(file.size, Ordering::Relaxed);
         let mut offset = 0u64;
         for chunk in &file.chunks {
@@ -336,7 +342,8 @@ pub async fn download_files(
                 file.write_all_at(&plaintext, offset)
                     .map_err(|err| io(format!("write {}", path.display()), err))?;
                 if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    file.sync_all()
+                    file.file()
+                        .sync_all()
                         .map_err(|err| io(format!("sync {}", path.display()), err))?;
                 }
                 Ok(())
@@ -355,6 +362,7 @@ pub async fn download_files(
         for (handle, path) in &empty {
             handle
                 .0
+                .file()
                 .sync_all()
                 .map_err(|err| io(format!("sync {}", path.display()), err))?;
         }

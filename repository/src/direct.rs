@@ -1,0 +1,180 @@
+//! Writing local files around the page cache (`O_DIRECT`) where the data allows it.
+//!
+//! A buffered write copies every byte into the page cache, and on a VM whose free memory is
+//! handed back to the host, each fresh page-cache page also costs a host page fault: measured
+//! with perf, that copy was 37% of a local backup's CPU, more than SHA-256, and a 1.6 GiB
+//! copy with `dd` took 2.5-4.6 s buffered against 2.2-2.4 s with `oflag=direct`. Chunk
+//! buffers start page-aligned (`buffers.rs`) and chunks sit at page multiples in their files
+//! and objects (`codec.rs`, version 2), so a chunk goes from its buffer to the disk directly.
+//!
+//! Anything the device cannot take directly (an unaligned buffer or offset, the tail after
+//! the last full page, a filesystem without `O_DIRECT` such as some tmpfs or FUSE mounts) is
+//! written through the page cache as before. Direct I/O is a path, not a durability
+//! guarantee: callers still fsync.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::buffers::PAGE;
+
+/// A file written at offsets, through a direct handle when the data is aligned.
+#[derive(Debug)]
+pub struct DirectWriter {
+    buffered: File,
+    /// `None` where the filesystem refuses `O_DIRECT`.
+    direct: Option<File>,
+}
+
+impl DirectWriter {
+    /// Wraps `file`, open for writing at `path`, and opens a direct handle to it if the
+    /// filesystem allows.
+    pub fn new(file: File, path: &Path) -> DirectWriter {
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .ok();
+        DirectWriter {
+            buffered: file,
+            direct,
+        }
+    }
+
+    /// The buffered handle: for `sync_all`, `set_len` and metadata.
+    pub fn file(&self) -> &File {
+        &self.buffered
+    }
+
+    /// Writes all of `data` at `offset`: the whole pages directly when `data` starts
+    /// page-aligned at a page-aligned offset, the rest through the page cache.
+    pub fn write_all_at(&self, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+        let aligned = data.as_ptr().align_offset(PAGE) == 0 && offset.is_multiple_of(PAGE as u64);
+        let whole_pages = if aligned { data.len() / PAGE * PAGE } else { 0 };
+        if let (Some(direct), true) = (&self.direct, whole_pages > 0) {
+            match direct.write_all_at(&data[..whole_pages], offset) {
+                Ok(()) => {
+                    data = &data[whole_pages..];
+                    offset += whole_pages as u64;
+                }
+                // The device wants a larger alignment than a page: write it all buffered
+                // (rewriting whatever went directly is harmless).
+                Err(err) if err.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        self.buffered.write_all_at(data, offset)
+    }
+}
+
+/// Creates the file `path` holding `parts` one after the other, atomically and only if no file
+/// is there: returns false, and leaves the existing file alone, if one is. The parent
+/// directory is created if needed. Not synced: the caller makes it durable.
+///
+/// The file is written as `<path>#<n>` and hard-linked into place, as object_store's local
+/// store does (its listings skip such names), so a crash never leaves a partial file at
+/// `path`.
+pub fn create_file(path: &Path, parts: [&[u8]; 2]) -> io::Result<bool> {
+    let (file, staging) = create_staging(path)?;
+    let writer = DirectWriter::new(file, &staging);
+    let written = (|| {
+        let mut offset = 0u64;
+        for part in parts {
+            writer.write_all_at(part, offset)?;
+            offset += part.len() as u64;
+        }
+        std::fs::hard_link(&staging, path)
+    })();
+    drop(writer);
+    // Linked or not, the staging name goes; a leftover one is skipped by listings.
+    let _ = std::fs::remove_file(&staging);
+    match written {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+fn create_staging(path: &Path) -> io::Result<(File, PathBuf)> {
+    let mut attempt = 1u32;
+    loop {
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(format!("#{attempt}"));
+        let staging = PathBuf::from(staging);
+        match File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&staging)
+        {
+            Ok(file) => return Ok((file, staging)),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists && attempt < 1000 => {
+                attempt += 1;
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound && attempt == 1 => {
+                let parent = path.parent().unwrap_or(Path::new("."));
+                std::fs::create_dir_all(parent)?;
+                attempt += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffers::BufferPool;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn aligned_and_unaligned_writes_land_where_they_belong() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("f");
+        let writer = DirectWriter::new(File::create_new(&path)?, &path);
+        assert!(
+            writer.direct.is_some(),
+            "the test directory's filesystem takes O_DIRECT"
+        );
+        let data = pattern(3 * PAGE + 123);
+        let mut aligned = BufferPool::default().take(data.len());
+        aligned.read_from(&data[..], data.len() as u64)?;
+        // Page-aligned at a page offset (direct, then a buffered tail), then unaligned.
+        writer.write_all_at(aligned.contents(), PAGE as u64)?;
+        writer.write_all_at(&data[1..PAGE], 1)?;
+        writer.file().sync_all()?;
+        let on_disk = std::fs::read(&path)?;
+        assert_eq!(on_disk.len(), 4 * PAGE + 123);
+        assert_eq!(on_disk[0], 0);
+        assert_eq!(&on_disk[1..PAGE], &data[1..PAGE]);
+        assert_eq!(&on_disk[PAGE..], &data[..]);
+        Ok(())
+    }
+
+    #[test]
+    fn create_file_publishes_once_and_leaves_no_staging_file() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("ab").join("object");
+        let body = pattern(2 * PAGE + 7);
+        let mut buffer = BufferPool::default().take(body.len());
+        buffer.read_from(&body[..], body.len() as u64)?;
+        assert!(create_file(&path, [buffer.contents(), b"tail"])?);
+        assert!(
+            !create_file(&path, [b"other", b""])?,
+            "an existing file stays"
+        );
+        let mut expected = body.clone();
+        expected.extend_from_slice(b"tail");
+        assert_eq!(std::fs::read(&path)?, expected);
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap_or(dir.path()))?
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
+        assert_eq!(names, vec![std::ffi::OsString::from("object")]);
+        Ok(())
+    }
+}
