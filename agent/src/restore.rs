@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::StreamExt;
 use lockstep_repository::manifest::ShardManifest;
 use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
-use lockstep_repository::wal::check_segments;
+use lockstep_repository::wal::segments_covering;
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
 
 use crate::engine::{MemEngine, RocksEngine, ShardEngine};
@@ -79,24 +79,12 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
             replay.to,
         ));
     };
-    let mut segments = archive.wal_segments(shard, *timeline).await?;
-    segments.retain(|s| s.last > cursor && s.first <= replay.to);
-    check_segments(&segments)?;
-    let covers_start = segments.first().is_some_and(|s| s.first.0 <= cursor.0 + 1);
-    let covers_end = segments.last().is_some_and(|s| s.last >= replay.to);
-    if !covers_start || !covers_end {
-        let found = segments.first().map_or(replay.to, |s| s.first);
-        return Err(lockstep_repository::wal::gap(
-            format_args!(
-                "shard {shard} timeline {timeline} in {} (from {cursor}, target {}, archive reaches {})",
-                archive.url(),
-                replay.to,
-                segments.last().map_or(cursor, |s| s.last)
-            ),
-            Seq(cursor.0 + 1),
-            found,
-        ));
-    }
+    let segments = segments_covering(
+        archive.wal_segments(shard, *timeline).await?,
+        cursor,
+        replay.to,
+        format_args!("shard {shard} timeline {timeline} in {}", archive.url()),
+    )?;
     sources.extend(segments.into_iter().map(Source::Archived));
     Ok(sources)
 }

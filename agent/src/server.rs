@@ -476,7 +476,7 @@ impl Agent for AgentApi {
                 .shipper
                 .status()
                 .into_iter()
-                .map(destination_to_wire)
+                .map(|status| destination_to_wire(status.as_of(info.seq)))
                 .collect(),
         }))
     }

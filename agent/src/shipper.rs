@@ -82,6 +82,7 @@ pub struct DestinationStatus {
     pub shipped_hlc: HlcTime,
     /// The shard's latest sequence number when the status was taken.
     pub latest_seq: Seq,
+    /// Writes not yet durable in the destination (see [`DestinationStatus::as_of`]).
     pub lag_seq: u64,
     /// How long the oldest unshipped write has waited, in milliseconds.
     pub lag_ms: u64,
@@ -100,6 +101,19 @@ pub struct DestinationStatus {
     pub wal_retained_bytes: u64,
     pub pin_near_bound: bool,
     pub last_error: Option<(ErrorCode, String)>,
+}
+
+impl DestinationStatus {
+    /// The status against the shard's sequence number `latest` now: the shipper takes its
+    /// status once per pass, so writes acknowledged since would otherwise show as shipped
+    /// (`lag_seq` 0) until its next pass.
+    pub fn as_of(mut self, latest: Seq) -> DestinationStatus {
+        if latest > self.latest_seq {
+            self.latest_seq = latest;
+            self.lag_seq = latest.0.saturating_sub(self.shipped_seq.0);
+        }
+        self
+    }
 }
 
 /// Cloneable handle on the shipper task.

@@ -24,7 +24,7 @@ use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::{self, RestoreState};
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
-use lockstep_repository::wal::check_segments;
+use lockstep_repository::wal::{check_segments, segments_covering};
 use lockstep_repository::{
     BackupId, Error, ErrorCode, HlcTime, Repository, Result, Seq, ShardId, Timeline,
 };
@@ -585,26 +585,16 @@ pub async fn plan(
                     agent.shard_id
                 ))
             })?;
-            let segments = archive.wal_segments(&agent.shard_id, timeline).await?;
-            let needed: Vec<_> = segments
-                .into_iter()
-                .filter(|s| s.last > chain_seq && s.first <= seq)
-                .collect();
-            check_segments(&needed)?;
-            let covered = needed.first().is_some_and(|s| s.first.0 <= chain_seq.0 + 1)
-                && needed.last().is_some_and(|s| s.last >= seq);
-            if !covered {
-                return Err(lockstep_repository::wal::gap(
-                    format_args!(
-                        "shard {} timeline {timeline} in {} (needed {}..={seq} after {from}; take a full backup)",
-                        agent.shard_id,
-                        archive.url(),
-                        Seq(chain_seq.0 + 1)
-                    ),
-                    Seq(chain_seq.0 + 1),
-                    needed.first().map_or(seq, |s| s.first),
-                ));
-            }
+            let needed = segments_covering(
+                archive.wal_segments(&agent.shard_id, timeline).await?,
+                chain_seq,
+                seq,
+                format_args!(
+                    "shard {} timeline {timeline} in {} (needed after {from})",
+                    agent.shard_id,
+                    archive.url()
+                ),
+            )?;
             wal_segments = needed.len() as u64;
         }
         plans.push(ShardPlan {

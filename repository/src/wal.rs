@@ -277,6 +277,36 @@ pub fn check_segments(segments: &[SegmentInfo]) -> Result<()> {
     Ok(())
 }
 
+/// Of `segments` (one shard and timeline, in sequence order), the ones that carry the writes
+/// after `after` through `to`, checked to follow each other and to cover that whole range.
+/// A hole at the start or between segments is a gap (those writes are gone); an archive that
+/// stops short of `to` says how far it reaches. `what` names the archive in messages.
+pub fn segments_covering(
+    mut segments: Vec<SegmentInfo>,
+    after: Seq,
+    to: Seq,
+    what: impl std::fmt::Display,
+) -> Result<Vec<SegmentInfo>> {
+    segments.retain(|s| s.last > after && s.first <= to);
+    check_segments(&segments)?;
+    if let Some(first) = segments.first().filter(|s| s.first.0 > after.0 + 1) {
+        return Err(gap(what, Seq(after.0 + 1), first.first));
+    }
+    let reaches = segments.last().map_or(after, |s| s.last);
+    if reaches < to {
+        return Err(Error::new(
+            ErrorCode::BackupWalGap,
+            format!(
+                "WAL of {what} reaches sequence {reaches}, short of the target {to}: \
+                 sequences {} to {to} are not there (not shipped yet, or lost); \
+                 see `lockstep wal status`, or pick an earlier target",
+                reaches.0 + 1
+            ),
+        ));
+    }
+    Ok(segments)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,6 +360,27 @@ mod tests {
             id: ObjectId::of(b""),
         };
         assert!(check_segments(&[info(1, 4), info(5, 9)]).is_ok());
+        let all = vec![info(1, 4), info(5, 9), info(10, 12)];
+        let needed = segments_covering(all.clone(), Seq(5), Seq(10), "the archive");
+        assert_eq!(needed.ok(), Some(vec![info(5, 9), info(10, 12)]));
+        let short = segments_covering(all.clone(), Seq(4), Seq(20), "the archive")
+            .expect_err("short of the target");
+        assert_eq!(short.code, ErrorCode::BackupWalGap);
+        assert!(
+            short
+                .to_string()
+                .contains("reaches sequence 12, short of the target 20: sequences 13 to 20"),
+            "{short}"
+        );
+        let late = segments_covering(all[1..].to_vec(), Seq(2), Seq(9), "the archive")
+            .expect_err("starts late");
+        assert!(
+            late.to_string().contains("expected sequence 3, found 5"),
+            "{late}"
+        );
+        let empty =
+            segments_covering(Vec::new(), Seq(2), Seq(9), "the archive").expect_err("nothing");
+        assert!(empty.to_string().contains("reaches sequence 2"), "{empty}");
         let hole = check_segments(&[info(1, 4), info(6, 9)]).expect_err("hole");
         assert_eq!(hole.code, ErrorCode::BackupWalGap);
         let overlap = check_segments(&[info(1, 4), info(4, 9)]).expect_err("overlap");

@@ -275,6 +275,19 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
         text(&output)
     );
     std::fs::rename(&aside, victim).expect("put the segment back");
+    // An archive that stops short of the target says how far it reaches.
+    let last = segments.last().expect("shard-1 has segments");
+    std::fs::rename(last, &aside).expect("move the last segment away");
+    let output = cluster.lockstep(&["restore", "--to-seq", &seq_vector(&ends), "--in-place"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("ERR_BACKUP_WAL_GAP")
+            && text(&output).contains("reaches sequence")
+            && text(&output).contains(&format!("short of the target {}", ends[1])),
+        "{}",
+        text(&output)
+    );
+    std::fs::rename(&aside, last).expect("put the segment back");
 
     // In place, to a vector in the middle: the live shards serve exactly that state, start
     // timeline 2, and the archive's timeline-1 segments stay as they were.
