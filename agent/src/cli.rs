@@ -66,7 +66,7 @@ pub enum BackgroundPriority {
 
 #[derive(Debug, Args)]
 pub struct TransferArgs {
-    /// Chunks transferred in parallel.
+    /// Chunks read and hashed in parallel (as many more may be waiting on their writes).
     #[arg(long, default_value_t = 4)]
     pub parallelism: usize,
     /// Chunk size in MiB.
