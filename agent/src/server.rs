@@ -476,7 +476,7 @@ impl Agent for AgentApi {
                 .shipper
                 .status()
                 .into_iter()
-                .map(|status| destination_to_wire(status.as_of(info.seq)))
+                .map(|status| destination_to_wire(status.as_of(info.seq, info.timeline)))
                 .collect(),
         }))
     }

@@ -104,13 +104,16 @@ pub struct DestinationStatus {
 }
 
 impl DestinationStatus {
-    /// The status against the shard's sequence number `latest` now: the shipper takes its
-    /// status once per pass, so writes acknowledged since would otherwise show as shipped
-    /// (`lag_seq` 0) until its next pass.
-    pub fn as_of(mut self, latest: Seq) -> DestinationStatus {
-        if latest > self.latest_seq {
+    /// The status against the shard's sequence number `latest` on `timeline` now: the
+    /// shipper takes its status once per pass, so writes acknowledged since would otherwise
+    /// show as shipped (`lag_seq` 0) until its next pass.
+    pub fn as_of(mut self, latest: Seq, timeline: Timeline) -> DestinationStatus {
+        if timeline == self.timeline && latest > self.latest_seq {
             self.latest_seq = latest;
             self.lag_seq = latest.0.saturating_sub(self.shipped_seq.0);
+            if self.lag_seq > 0 {
+                self.pending_segments = self.pending_segments.max(1);
+            }
         }
         self
     }

@@ -85,7 +85,8 @@ pub fn background() -> Option<tokio::runtime::Handle> {
         .map(|runtime| runtime.handle().clone())
 }
 
-/// Runs CPU-heavy work on data (hash, compress, decompress) on the background threads.
+/// Runs bulk work on data (hash, compress, decompress, and local object writes) on the
+/// background threads.
 pub async fn run_bulk<R, F>(work: F) -> Result<R, TaskFailed>
 where
     F: FnOnce() -> R + Send + 'static,

@@ -14,7 +14,9 @@
 //! is read one page after the buffer's start, the header goes in front of it, and the whole
 //! object is written without a copy, with direct I/O on a local repository (`direct.rs`); on
 //! restore, its payload is page-aligned and goes to the restored file the same way. Compressed
-//! objects and small ones (WAL segments) use version 1. Readers accept both.
+//! objects, WAL segments, chunks under a page and every object on a remote store use version
+//! 1 ([`Encoded::unpaged`]). Readers accept both; binaries from before version 2 reject it
+//! as an unknown format.
 //!
 //! An object's name is the SHA-256 of its plaintext. Compression is used only when it pays:
 //! a zstd-1 probe of the first 64 KiB must save at least 10% for the chunk to be compressed,
@@ -36,8 +38,10 @@ const FORMAT_VERSION: u8 = 1;
 /// Version 2: the payload starts one page in ([`HEADER_ROOM`]).
 const FORMAT_VERSION_PAGED: u8 = 2;
 pub const HEADER_LEN: usize = 16;
-/// Room a chunk buffer keeps in front of the chunk for a version-2 header.
-pub const HEADER_ROOM: usize = crate::buffers::PAGE;
+/// Room a chunk buffer keeps in front of the chunk for a version-2 header: where a version-2
+/// payload starts (a format constant: never derive it from the I/O page size).
+pub const HEADER_ROOM: usize = 4096;
+const _: () = assert!(HEADER_ROOM.is_multiple_of(crate::buffers::PAGE));
 const CODEC_STORED: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const PROBE_LEN: usize = 64 * 1024;
@@ -85,6 +89,21 @@ impl Encoded {
         match &self.frame {
             Frame::Whole(whole) => [whole, &[]],
             Frame::Split(header, payload) => [header, payload],
+        }
+    }
+
+    /// The object in format 1: a stored chunk's padding page dropped, without a copy (for
+    /// stores and sizes where a page-aligned payload buys nothing).
+    pub fn unpaged(self) -> Encoded {
+        match self.frame {
+            Frame::Whole(whole) if whole.len() >= HEADER_ROOM => Encoded {
+                frame: Frame::Split(
+                    header(FORMAT_VERSION, CODEC_STORED, self.plaintext_len),
+                    whole.slice(HEADER_ROOM..),
+                ),
+                ..self
+            },
+            frame => Encoded { frame, ..self },
         }
     }
 
@@ -211,9 +230,17 @@ pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes>
     if stored.len() < HEADER_LEN || &stored[..4] != MAGIC {
         return Err(corrupt("bad object header"));
     }
+    if stored[6..8] != [0, 0] {
+        return Err(corrupt("reserved header bytes are not zero"));
+    }
     let payload_at = match stored[4] {
         FORMAT_VERSION => HEADER_LEN,
-        FORMAT_VERSION_PAGED if stored.len() >= HEADER_ROOM => HEADER_ROOM,
+        FORMAT_VERSION_PAGED if stored.len() >= HEADER_ROOM => {
+            if stored[HEADER_LEN..HEADER_ROOM].iter().any(|b| *b != 0) {
+                return Err(corrupt("the header page's padding is not zero"));
+            }
+            HEADER_ROOM
+        }
         FORMAT_VERSION_PAGED => return Err(corrupt("truncated object header")),
         other => {
             return Err(corrupt(&format!("unknown object format version {other}")));
@@ -327,16 +354,28 @@ mod tests {
     }
 
     #[test]
-    fn a_truncated_paged_object_is_a_checksum_mismatch_not_a_panic() -> Result<()> {
+    fn a_damaged_or_truncated_paged_object_is_a_checksum_mismatch_not_a_panic() -> Result<()> {
         let plain = incompressible(10_000);
         let encoded = encode_in_place(
             ObjectId::of(&plain),
             chunk_buffer(&plain),
             Compression::default(),
         )?;
-        let bytes = encoded.to_vec();
+        let (id, bytes) = (encoded.id, encoded.to_vec());
+        let mut padded = bytes.clone();
+        padded[HEADER_ROOM - 1] = 1;
+        let err = decode(&id, padded.into()).err().map(|e| e.code);
+        assert_eq!(
+            err,
+            Some(ErrorCode::BackupChecksumMismatch),
+            "damaged padding"
+        );
+        let unpaged = encoded.unpaged();
+        assert!(matches!(unpaged.frame, Frame::Split(..)));
+        assert_eq!(unpaged.stored_len(), (HEADER_LEN + plain.len()) as u64);
+        assert_eq!(decode(&unpaged.id, unpaged.to_vec().into())?, plain);
         for len in [HEADER_LEN, HEADER_ROOM - 1, HEADER_ROOM + 5] {
-            let err = decode(&encoded.id, bytes[..len].to_vec().into())
+            let err = decode(&id, bytes[..len].to_vec().into())
                 .err()
                 .map(|e| e.code);
             assert_eq!(err, Some(ErrorCode::BackupChecksumMismatch), "{len} bytes");

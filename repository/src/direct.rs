@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::buffers::PAGE;
 
@@ -25,6 +26,8 @@ pub struct DirectWriter {
     buffered: File,
     /// `None` where the filesystem refuses `O_DIRECT`.
     direct: Option<File>,
+    /// Cleared when the device refused a page-aligned direct write: everything goes buffered.
+    direct_works: AtomicBool,
 }
 
 impl DirectWriter {
@@ -39,6 +42,7 @@ impl DirectWriter {
         DirectWriter {
             buffered: file,
             direct,
+            direct_works: AtomicBool::new(true),
         }
     }
 
@@ -52,15 +56,20 @@ impl DirectWriter {
     pub fn write_all_at(&self, mut data: &[u8], mut offset: u64) -> io::Result<()> {
         let aligned = data.as_ptr().align_offset(PAGE) == 0 && offset.is_multiple_of(PAGE as u64);
         let whole_pages = if aligned { data.len() / PAGE * PAGE } else { 0 };
-        if let (Some(direct), true) = (&self.direct, whole_pages > 0) {
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| whole_pages > 0 && self.direct_works.load(Ordering::Relaxed));
+        if let Some(direct) = direct {
             match direct.write_all_at(&data[..whole_pages], offset) {
                 Ok(()) => {
                     data = &data[whole_pages..];
                     offset += whole_pages as u64;
                 }
                 // The device wants a larger alignment than a page: write it all buffered
-                // (rewriting whatever went directly is harmless).
+                // (rewriting whatever went directly is harmless), and from now on.
                 Err(err) if err.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    self.direct_works.store(false, Ordering::Relaxed);
                 }
                 Err(err) => return Err(err),
             }
@@ -71,11 +80,12 @@ impl DirectWriter {
 
 /// Creates the file `path` holding `parts` one after the other, atomically and only if no file
 /// is there: returns false, and leaves the existing file alone, if one is. The parent
-/// directory is created if needed. Not synced: the caller makes it durable.
+/// directory is created if needed (and its own entry synced).
 ///
-/// The file is written as `<path>#<n>` and hard-linked into place, as object_store's local
-/// store does (its listings skip such names), so a crash never leaves a partial file at
-/// `path`.
+/// The file is written as `<path>#<n>`, synced, then hard-linked into place (as object_store's
+/// local store does; its listings skip such names), so whatever appears at `path`, even
+/// after a crash, is complete. The new directory entry is not synced: the caller syncs the
+/// directory.
 pub fn create_file(path: &Path, parts: [&[u8]; 2]) -> io::Result<bool> {
     let (file, staging) = create_staging(path)?;
     let writer = DirectWriter::new(file, &staging);
@@ -85,6 +95,7 @@ pub fn create_file(path: &Path, parts: [&[u8]; 2]) -> io::Result<bool> {
             writer.write_all_at(part, offset)?;
             offset += part.len() as u64;
         }
+        writer.file().sync_all()?;
         std::fs::hard_link(&staging, path)
     })();
     drop(writer);
@@ -114,13 +125,25 @@ fn create_staging(path: &Path) -> io::Result<(File, PathBuf)> {
                 attempt += 1;
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound && attempt == 1 => {
-                let parent = path.parent().unwrap_or(Path::new("."));
-                std::fs::create_dir_all(parent)?;
+                create_dirs(path.parent().unwrap_or(Path::new(".")))?;
                 attempt += 1;
             }
             Err(err) => return Err(err),
         }
     }
+}
+
+/// Creates `dir` and its missing ancestors, and syncs the directory holding each new one, so
+/// files synced into them stay reachable after a crash.
+fn create_dirs(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        if let Some(holder) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(holder)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -86,8 +86,6 @@ pub struct Repository {
     /// known to be durable: `sync_objects` finishes their fsyncs, and every manifest publish
     /// calls it first, so no manifest ever names an object a crash could lose.
     unsynced: Arc<Mutex<Unsynced>>,
-    /// Bounds the background fsyncs of written objects.
-    sync_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -98,7 +96,7 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-/// Object files fsynced at once.
+/// Object files and directories fsynced at once.
 const SYNC_PARALLELISM: usize = 4;
 
 /// Fsyncs a local file or directory, off the async workers.
@@ -113,9 +111,8 @@ async fn fsync(path: std::path::PathBuf) -> Result<()> {
 /// Objects not yet known to be durable.
 #[derive(Debug, Default)]
 struct Unsynced {
-    /// Written by this handle, each with its fsync running in the background (`syncing`).
+    /// Written by this handle (each synced before it was linked; its directory is not yet).
     written: Vec<Path>,
-    syncing: Vec<tokio::task::JoinHandle<Result<()>>>,
     /// Found already stored (another writer may not have synced them yet): fsynced at the
     /// next publish.
     found: Vec<Path>,
@@ -279,7 +276,6 @@ impl Repository {
             local_root: None,
             buffers: Default::default(),
             unsynced: Default::default(),
-            sync_permits: Arc::new(tokio::sync::Semaphore::new(SYNC_PARALLELISM)),
         }
     }
 
@@ -345,52 +341,69 @@ impl Repository {
         Ok(true)
     }
 
-    /// Stores an encoded object. Objects are immutable: an existing object is left as it is.
-    /// On a local filesystem the object's fsync starts in the background, so the upload goes
-    /// on while the data is written back, and `sync_objects` (which every manifest publish
-    /// runs first) waits for it and fsyncs each directory once (measured: fsyncing the file
-    /// and its directory in line cost a 1.1 GB backup half its time; deferring every fsync to
-    /// the publish left the whole writeback at the end).
-    pub async fn put_object(&self, encoded: Encoded) -> Result<()> {
+    /// Stores an encoded object and returns the size of the object under its key: the one
+    /// written, or the one another writer stored first (objects are immutable: an existing
+    /// object is left as it is).
+    ///
+    /// On a local filesystem the object is written by `direct::create_file` (format 2 for a
+    /// stored chunk of a page or more, whose payload is then written around the page cache)
+    /// and is durable before it appears under its key, so a crash never leaves a partial object
+    /// there for a later backup to reuse; its directory entry is made durable by
+    /// `sync_objects`, which every manifest publish runs first, once per directory. Elsewhere
+    /// the object goes in format 1: there the padding page buys nothing.
+    pub async fn put_object(&self, encoded: Encoded) -> Result<u64> {
         let key = self.layout.object(&encoded.id);
         let Some(root) = &self.local_root else {
+            let encoded = encoded.unpaged();
+            let stored_len = encoded.stored_len();
             let payload = match encoded.frame {
                 Frame::Whole(whole) => PutPayload::from(whole),
                 Frame::Split(header, payload) => {
                     PutPayload::from_iter([Bytes::copy_from_slice(&header), payload])
                 }
             };
-            self.put_once_unsynced(&key, payload, "object").await?;
-            return Ok(());
+            if self.put_once_unsynced(&key, payload, "object").await? {
+                return Ok(stored_len);
+            }
+            return self.object_size(&encoded.id).await?.ok_or_else(|| {
+                Error::new(
+                    ErrorCode::StorageUnavailable,
+                    format!("object {key} was there, then gone"),
+                )
+            });
         };
-        // Written directly, around the page cache where it can be (`direct.rs`).
+        let encoded = if encoded.plaintext_len < crate::buffers::PAGE as u64 {
+            encoded.unpaged()
+        } else {
+            encoded
+        };
         let file = root.join(key.as_ref());
         let shown = key.to_string();
-        let written =
-            crate::blocking::run_bulk(move || direct::create_file(&file, encoded.parts()))
-                .await
-                .map_err(|err| {
-                    Error::with_source(ErrorCode::StorageUnavailable, "write task", err)
-                })?
-                .map_err(|err| {
-                    Error::io(
-                        ErrorCode::StorageUnavailable,
-                        format!("write object {shown}"),
-                        err,
-                    )
-                })?;
+        let (written, stored_len) = crate::blocking::run_bulk(move || {
+            let written = direct::create_file(&file, encoded.parts())?;
+            let stored_len = if written {
+                encoded.stored_len()
+            } else {
+                std::fs::metadata(&file)?.len()
+            };
+            Ok::<_, std::io::Error>((written, stored_len))
+        })
+        .await
+        .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "write task", err))?
+        .map_err(|err| {
+            Error::io(
+                ErrorCode::StorageUnavailable,
+                format!("write object {shown}"),
+                err,
+            )
+        })?;
         let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
         if written {
-            let (file, permits) = (root.join(key.as_ref()), self.sync_permits.clone());
-            unsynced.syncing.push(tokio::spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                fsync(file).await
-            }));
             unsynced.written.push(key);
         } else {
             unsynced.found.push(key);
         }
-        Ok(())
+        Ok(stored_len)
     }
 
     fn defer_sync(&self, key: Path) {
@@ -404,17 +417,14 @@ impl Repository {
     }
 
     /// Makes every data object written (or relied on) through this handle since the last
-    /// call durable: waits for the background fsyncs, fsyncs the objects found already
-    /// stored, then each of their directories once.
+    /// call durable: fsyncs the objects found already stored, then the directories of those
+    /// and of the ones written (each already synced before it was linked) once.
     pub async fn sync_objects(&self) -> Result<()> {
         let Some(root) = &self.local_root else {
             return Ok(());
         };
-        let Unsynced {
-            written,
-            syncing,
-            found,
-        } = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+        let Unsynced { written, found } =
+            std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
         if written.is_empty() && found.is_empty() {
             return Ok(());
         }
@@ -426,11 +436,6 @@ impl Repository {
         dirs.sort();
         dirs.dedup();
         let synced = async {
-            for background in syncing {
-                background.await.map_err(|err| {
-                    Error::with_source(ErrorCode::StorageUnavailable, "fsync task", err)
-                })??;
-            }
             for batch in [found.iter().map(|k| root.join(k.as_ref())).collect(), dirs] {
                 futures::stream::iter(batch.into_iter().map(fsync))
                     .buffer_unordered(SYNC_PARALLELISM)
@@ -765,12 +770,12 @@ impl Repository {
         compression: codec::Compression,
     ) -> Result<WalPiece> {
         let (info, encoded) = encode_wal_segment(segment, compression).await?;
+        let (id, len) = (encoded.id, encoded.plaintext_len);
         let chunk = Chunk {
-            id: encoded.id,
-            len: encoded.plaintext_len,
-            stored_len: encoded.stored_len(),
+            id,
+            len,
+            stored_len: self.put_object(encoded).await?,
         };
-        self.put_object(encoded).await?;
         Ok(WalPiece {
             first: info.first,
             last: info.last,

@@ -37,7 +37,8 @@ use crate::repository::Repository;
 /// Knobs for transfers.
 #[derive(Debug, Clone, Copy)]
 pub struct TransferOptions {
-    /// Chunks in flight at once.
+    /// Chunks read, hashed and encoded (or fetched and verified) at once; as many more may
+    /// be waiting on their writes.
     pub parallelism: usize,
     /// Plaintext bytes per chunk.
     pub chunk_size: usize,
@@ -275,8 +276,7 @@ async fn upload_chunk(
             .await
             .map_err(spawn_blocking_err)??;
             drop(slot);
-            let stored_len = encoded.stored_len();
-            repo.put_object(encoded).await?;
+            let stored_len = repo.put_object(encoded).await?;
             delta.objects_uploaded += 1;
             delta.bytes_uploaded += job.len as u64;
             delta.stored_bytes_uploaded += stored_len;
@@ -298,6 +298,43 @@ async fn upload_chunk(
     ))
 }
 
+/// A file being restored: created before the download starts, and open only while its
+/// chunks are being written (a shard may have thousands of files, and an open one holds two
+/// descriptors, `direct.rs`).
+struct RestoredFile {
+    path: PathBuf,
+    writer: std::sync::Mutex<Option<Arc<DirectWriter>>>,
+    /// Chunks not written yet.
+    remaining: AtomicUsize,
+}
+
+impl RestoredFile {
+    fn writer(&self) -> std::io::Result<Arc<DirectWriter>> {
+        let mut open = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(writer) = &*open {
+            return Ok(writer.clone());
+        }
+        let file = File::options().write(true).open(&self.path)?;
+        let writer = Arc::new(DirectWriter::new(file, &self.path));
+        *open = Some(writer.clone());
+        Ok(writer)
+    }
+
+    /// Writes one chunk at `offset`. Chunks sit at multiples of the chunk size and a local
+    /// stored chunk comes back page-aligned, so most of a restore goes around the page cache.
+    /// The write that finishes the file fsyncs and closes it, so writeback overlaps the rest
+    /// of the download instead of queueing behind it.
+    fn write_chunk(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let writer = self.writer()?;
+        writer.write_all_at(data, offset)?;
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            writer.file().sync_all()?;
+            *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        Ok(())
+    }
+}
+
 /// Downloads `files` into `dir` (which must exist), verifying every chunk, then syncs them.
 pub async fn download_files(
     repo: &Repository,
@@ -312,31 +349,28 @@ pub async fn download_files(
     let mut jobs = Vec::new();
     for file in files {
         let path = dir.join(&file.name);
-        let handle =
-            File::create_new(&path).map_err(|err| io(format!("create {}", path.display()), err))?;
-        // Chunks sit at multiples of the chunk size, and a local stored chunk comes back
-        // page-aligned, so most of a restore is written around the page cache (`direct.rs`).
-        // The file is fsynced by whichever chunk write finishes it, so writeback overlaps
-        // the rest of the download instead of queueing behind it.
-        let handle = Arc::new((
-            DirectWriter::new(handle, &path),
-            AtomicUsize::new(file.chunks.len()),
-        ));
+        File::create_new(&path).map_err(|err| io(format!("create {}", path.display()), err))?;
         progress.total_bytes.fetch_add(file.size, Ordering::Relaxed);
+        if file.chunks.is_empty() {
+            empty.push(path);
+            continue;
+        }
+        let restored = Arc::new(RestoredFile {
+            path,
+            writer: std::sync::Mutex::new(None),
+            remaining: AtomicUsize::new(file.chunks.len()),
+        });
         let mut offset = 0u64;
         for chunk in &file.chunks {
-            jobs.push((handle.clone(), path.clone(), offset, chunk.clone()));
+            jobs.push((restored.clone(), offset, chunk.clone()));
             offset += chunk.len;
-        }
-        if file.chunks.is_empty() {
-            empty.push((handle, path));
         }
     }
 
     let reading = tokio::sync::Semaphore::new(options.parallelism);
     let reading = &reading;
     futures::stream::iter(jobs)
-        .map(|(handle, path, offset, chunk)| async move {
+        .map(|(file, offset, chunk)| async move {
             // Held while the object is read and verified; released before the file write.
             let slot = reading.acquire().await.map_err(|err| {
                 Error::with_source(
@@ -348,7 +382,7 @@ pub async fn download_files(
             let plaintext = repo.get_object(&chunk.id).await.map_err(|err| {
                 err.context(format!(
                     "restore {}",
-                    path.file_name().unwrap_or_default().display()
+                    file.path.file_name().unwrap_or_default().display()
                 ))
             })?;
             if plaintext.len() as u64 != chunk.len {
@@ -365,15 +399,8 @@ pub async fn download_files(
             drop(slot);
             let len = chunk.len;
             crate::blocking::run(move || {
-                let (file, remaining) = &*handle;
-                file.write_all_at(&plaintext, offset)
-                    .map_err(|err| io(format!("write {}", path.display()), err))?;
-                if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    file.file()
-                        .sync_all()
-                        .map_err(|err| io(format!("sync {}", path.display()), err))?;
-                }
-                Ok(())
+                file.write_chunk(&plaintext, offset)
+                    .map_err(|err| io(format!("write {}", file.path.display()), err))
             })
             .await
             .map_err(spawn_blocking_err)??;
@@ -386,16 +413,12 @@ pub async fn download_files(
 
     let dir = dir.to_path_buf();
     crate::blocking::run(move || {
-        for (handle, path) in &empty {
-            handle
-                .0
-                .file()
-                .sync_all()
+        for path in empty.iter().chain([&dir]) {
+            File::open(path)
+                .and_then(|f| f.sync_all())
                 .map_err(|err| io(format!("sync {}", path.display()), err))?;
         }
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|err| io(format!("sync {}", dir.display()), err))
+        Ok(())
     })
     .await
     .map_err(spawn_blocking_err)?
