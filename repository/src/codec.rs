@@ -310,23 +310,20 @@ mod tests {
             .collect()
     }
 
-    /// A chunk buffer as the upload fills it: header room, then the plaintext.
-    fn chunk_buffer(plain: &[u8]) -> crate::buffers::PooledBuffer {
+    /// A chunk encoded as the upload does it: read into a buffer after its header room,
+    /// then encoded in place.
+    fn encode_chunk(plain: &[u8]) -> Result<Encoded> {
         let mut buffer = crate::buffers::BufferPool::default().take(HEADER_ROOM + plain.len());
         buffer.extend_zeroed(HEADER_ROOM);
         let read = buffer.read_from(plain, plain.len() as u64);
         assert_eq!(read.ok(), Some(plain.len()));
-        buffer
+        encode_in_place(ObjectId::of(plain), buffer, Compression::default())
     }
 
     #[test]
     fn an_incompressible_chunk_is_stored_in_place_with_its_payload_page_aligned() -> Result<()> {
         let plain = incompressible(300_000);
-        let encoded = encode_in_place(
-            ObjectId::of(&plain),
-            chunk_buffer(&plain),
-            Compression::default(),
-        )?;
+        let encoded = encode_chunk(&plain)?;
         assert!(!encoded.compressed);
         let Frame::Whole(whole) = &encoded.frame else {
             panic!("a stored chunk is one buffer");
@@ -343,11 +340,7 @@ mod tests {
     #[test]
     fn a_compressible_chunk_is_compressed_from_its_buffer() -> Result<()> {
         let plain = vec![3u8; 200_000];
-        let encoded = encode_in_place(
-            ObjectId::of(&plain),
-            chunk_buffer(&plain),
-            Compression::default(),
-        )?;
+        let encoded = encode_chunk(&plain)?;
         assert!(encoded.compressed);
         assert_eq!(decode(&encoded.id, encoded.to_vec().into())?, plain);
         Ok(())
@@ -356,11 +349,7 @@ mod tests {
     #[test]
     fn a_damaged_or_truncated_paged_object_is_a_checksum_mismatch_not_a_panic() -> Result<()> {
         let plain = incompressible(10_000);
-        let encoded = encode_in_place(
-            ObjectId::of(&plain),
-            chunk_buffer(&plain),
-            Compression::default(),
-        )?;
+        let encoded = encode_chunk(&plain)?;
         let (id, bytes) = (encoded.id, encoded.to_vec());
         let mut padded = bytes.clone();
         padded[HEADER_ROOM - 1] = 1;
