@@ -153,8 +153,9 @@ pub fn encode(plaintext: &[u8], compression: Compression) -> Result<Encoded> {
 }
 
 /// Encodes a chunk whose id the caller has computed with [`ObjectId::of`] over
-/// `buffer[HEADER_ROOM..]`; the first [`HEADER_ROOM`] bytes of `buffer` are free for the header. A chunk
-/// stored uncompressed becomes the object in place (version 2), without a copy.
+/// `buffer[HEADER_ROOM..]`; the first [`HEADER_ROOM`] bytes of `buffer` are free for the
+/// header. A chunk of a page or more stored uncompressed becomes the object in place
+/// (version 2), without a copy; a smaller one goes in version 1, also without a copy.
 pub fn encode_in_place(
     id: ObjectId,
     mut buffer: PooledBuffer,
@@ -175,11 +176,17 @@ pub fn encode_in_place(
         CODEC_STORED,
         plaintext_len,
     ));
-    Ok(Encoded {
+    let encoded = Encoded {
         id,
         plaintext_len,
         frame: Frame::Whole(bytes::Bytes::from_owner(buffer)),
         compressed: false,
+    };
+    // Under a page nothing is written directly, and the padding would double the object.
+    Ok(if plaintext_len < crate::buffers::PAGE as u64 {
+        encoded.unpaged()
+    } else {
+        encoded
     })
 }
 
@@ -334,6 +341,12 @@ mod tests {
         let decoded = decode(&encoded.id, whole.clone())?;
         assert_eq!(decoded, plain);
         assert_eq!(decoded.as_ptr() as usize % crate::buffers::PAGE, 0);
+        let small = encode_chunk(&plain[..100])?;
+        assert!(
+            matches!(small.frame, Frame::Split(..)),
+            "under a page: format 1"
+        );
+        assert_eq!(small.stored_len(), (HEADER_LEN + 100) as u64);
         Ok(())
     }
 

@@ -345,9 +345,8 @@ impl Repository {
     /// written, or the one another writer stored first (objects are immutable: an existing
     /// object is left as it is).
     ///
-    /// On a local filesystem the object is written by `direct::create_file` (format 2 for a
-    /// stored chunk of a page or more, whose payload is then written around the page cache)
-    /// and is durable before it appears under its key, so a crash never leaves a partial object
+    /// On a local filesystem the object is written by `direct::create_file` (a format-2
+    /// object's payload around the page cache) and is durable before it appears under its key, so a crash never leaves a partial object
     /// there for a later backup to reuse; its directory entry is made durable by
     /// `sync_objects`, which every manifest publish runs first, once per directory. Elsewhere
     /// the object goes in format 1: there the padding page buys nothing.
@@ -371,11 +370,6 @@ impl Repository {
                     format!("object {key} was there, then gone"),
                 )
             });
-        };
-        let encoded = if encoded.plaintext_len < crate::buffers::PAGE as u64 {
-            encoded.unpaged()
-        } else {
-            encoded
         };
         let file = root.join(key.as_ref());
         let shown = key.to_string();

@@ -4,17 +4,18 @@
 //! plaintext. Upload reads a chunk, hashes it, asks the repository whether it already has it,
 //! and only then compresses and stores it. Download fetches, verifies and writes each chunk at
 //! its offset. Both work on chunks across and within files: up to `parallelism` chunks are
-//! being read, hashed and encoded at once, and as many more may be waiting on their store
-//! write, so the disk or network always has writes queued while the next chunks are read
-//! (a write no longer holds a reading slot: with direct I/O a local write takes as long as
-//! the device does, and measured on the LZ4 shard, a backup at `parallelism` 4 took 2.8-3.0 s
-//! this way against 2.5-2.7 s at 8).
+//! being read, hashed and encoded (or fetched and verified) at once, and as many more may be
+//! waiting on their writes, so the disk or network has writes queued while the next chunks
+//! are read. With direct I/O a local write takes as long as the device does; measured by hand
+//! on the bench's LZ4 shard at `parallelism` 4, a backup took 2.8-3.0 s when writes held
+//! reading slots and 2.5-2.8 s since.
 //!
 //! Memory stays bounded whatever the shard size: at most `2 * parallelism` chunks are in
-//! flight, each holding its plaintext and at most one encoded copy (about
-//! `4 * parallelism * chunk_size` bytes at most, and half that for incompressible data). Fixed-size content-addressed chunks are the
-//! streaming unit instead of multipart uploads, because the object key (the hash) must be known
-//! before the upload starts; no object is larger than one chunk, so none needs multipart.
+//! flight, each holding its plaintext and at most one encoded copy (at most
+//! `4 * parallelism * chunk_size` bytes, half that for incompressible data). Fixed-size
+//! content-addressed chunks are the streaming unit instead of multipart uploads, because the
+//! object key (the hash) must be known before the upload starts; no object is larger than one
+//! chunk, so none needs multipart.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -56,6 +57,11 @@ impl Default for TransferOptions {
 }
 
 impl TransferOptions {
+    /// Chunks in flight: `parallelism` reading, as many waiting on their writes.
+    fn in_flight(&self) -> usize {
+        2 * self.parallelism
+    }
+
     fn checked(self) -> Result<TransferOptions> {
         if self.parallelism == 0 || self.parallelism > 256 {
             return Err(Error::new(
@@ -107,6 +113,18 @@ struct ChunkJob {
     path: Arc<PathBuf>,
     offset: u64,
     len: usize,
+}
+
+/// Waits for one of the `parallelism` reading slots (held while a chunk is read, hashed and
+/// encoded, or fetched and verified; released before its write).
+async fn reading_slot(
+    reading: &tokio::sync::Semaphore,
+    code: ErrorCode,
+) -> Result<tokio::sync::SemaphorePermit<'_>> {
+    reading
+        .acquire()
+        .await
+        .map_err(|err| Error::with_source(code, "transfer slots closed", err))
 }
 
 fn spawn_blocking_err(err: crate::blocking::TaskFailed) -> Error {
@@ -220,7 +238,7 @@ pub async fn upload_files(
     let reading = tokio::sync::Semaphore::new(options.parallelism);
     let results: Vec<(usize, usize, Chunk, TransferStats)> = futures::stream::iter(jobs)
         .map(|job| upload_chunk(repo, job, options, progress, pool.clone(), &reading))
-        .buffer_unordered(2 * options.parallelism)
+        .buffer_unordered(options.in_flight())
         .try_collect()
         .await?;
 
@@ -250,14 +268,7 @@ async fn upload_chunk(
         bytes_read: job.len as u64,
         ..Default::default()
     };
-    // Held while the chunk is read, hashed and encoded; released before its store write.
-    let slot = reading.acquire().await.map_err(|err| {
-        Error::with_source(
-            ErrorCode::BackupCreationFailed,
-            "transfer slots closed",
-            err,
-        )
-    })?;
+    let slot = reading_slot(reading, ErrorCode::BackupCreationFailed).await?;
     let (path, offset, len) = (job.path.clone(), job.offset, job.len);
     let (plaintext, id) =
         crate::blocking::run_bulk(move || read_and_hash(&path, offset, len, &pool))
@@ -371,14 +382,7 @@ pub async fn download_files(
     let reading = &reading;
     futures::stream::iter(jobs)
         .map(|(file, offset, chunk)| async move {
-            // Held while the object is read and verified; released before the file write.
-            let slot = reading.acquire().await.map_err(|err| {
-                Error::with_source(
-                    ErrorCode::BackupRestorationFailed,
-                    "transfer slots closed",
-                    err,
-                )
-            })?;
+            let slot = reading_slot(reading, ErrorCode::BackupRestorationFailed).await?;
             let plaintext = repo.get_object(&chunk.id).await.map_err(|err| {
                 err.context(format!(
                     "restore {}",
@@ -407,7 +411,7 @@ pub async fn download_files(
             progress.done_bytes.fetch_add(len, Ordering::Relaxed);
             Ok(())
         })
-        .buffer_unordered(2 * options.parallelism)
+        .buffer_unordered(options.in_flight())
         .try_collect::<Vec<()>>()
         .await?;
 
