@@ -22,9 +22,52 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("lockstep_v1_descriptor.bin"),
         compiler.encode_file_descriptor_set(),
     )?;
-    tonic_prost_build::configure()
+    // Every message serializes for the CLI's `--json` (`wire` names states and times); maps
+    // are ordered, so JSON output is stable.
+    let mut config = tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_fds(compiler.file_descriptor_set())?;
+        .btree_map(".")
+        .type_attribute(".lockstep.v1", "#[derive(serde::Serialize)]");
+    for (field, attribute) in [
+        (
+            "BackupJob.state",
+            "serialize_with = \"crate::wire::job_state\"",
+        ),
+        (
+            "RestoreJob.phase",
+            "serialize_with = \"crate::wire::restore_phase\"",
+        ),
+        (
+            "BarrierStatus.state",
+            "serialize_with = \"crate::wire::barrier_state\"",
+        ),
+        (
+            "RestoreStatus.state",
+            "serialize_with = \"crate::wire::restore_state\"",
+        ),
+        (
+            "PrepareRequest.capture",
+            "serialize_with = \"crate::wire::capture_mode\"",
+        ),
+        (
+            "ShardRestorePlan.target_hlc",
+            "rename = \"target_time\", serialize_with = \"crate::wire::hlc_time\"",
+        ),
+        (
+            "TagPoint.hlc",
+            "rename = \"time\", serialize_with = \"crate::wire::hlc_time\"",
+        ),
+        (
+            "WalDestinationStatus.shipped_hlc",
+            "rename = \"shipped_time\", serialize_with = \"crate::wire::hlc_time\"",
+        ),
+    ] {
+        config = config.field_attribute(
+            format!(".lockstep.v1.{field}"),
+            format!("#[serde({attribute})]"),
+        );
+    }
+    config.compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

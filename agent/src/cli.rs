@@ -14,10 +14,11 @@ use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, ShardI
 use sha2::{Digest, Sha256};
 
 use crate::backup::{BackupOptions, backup_offline};
-use crate::engine::{EngineConfig, MemEngine, RocksEngine, ShardEngine, WriteBatch};
+use crate::engine::{EngineConfig, ShardEngine, WriteBatch, with_engine};
 use crate::restore::{restore_shard, select_shard};
 use crate::shipper::ShipperOptions;
 use crate::splitmix::SplitMix;
+use crate::startup::{BackgroundPriority, ShardSource, Startup, prepare_serving};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,20 +49,21 @@ pub enum Command {
     Digest(DigestArgs),
 }
 
+/// The engine a command opens the shard with; `rocksdb` needs the `rocksdb` cargo feature.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum EngineKind {
     Rocksdb,
     Memory,
 }
 
-/// The CPU priority of a serving agent's background work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackgroundPriority {
-    /// Uploads hash and compress at `nice` +10 and RocksDB compacts at the lowest priority,
-    /// so neither delays the shard's writes or the barrier's messages.
-    Low,
-    /// Everything at the agent's own priority.
-    Normal,
+impl EngineKind {
+    /// The engine's name, as [`ShardEngine::kind`] and manifests spell it.
+    fn name(self) -> &'static str {
+        match self {
+            EngineKind::Rocksdb => "rocksdb",
+            EngineKind::Memory => "memory",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -307,10 +309,18 @@ async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
     BackupId::new(name)
 }
 
-fn default_capture_root(db: &Path) -> PathBuf {
-    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".lockstep-captures");
-    db.with_file_name(name)
+/// Where and how a command backs up the shard in `db`: captures go to `capture_dir`, or by
+/// default to `<db>.lockstep-captures` beside it (on the shard's filesystem).
+fn backup_options(db: &Path, capture_dir: Option<&Path>, transfer: &TransferArgs) -> BackupOptions {
+    let capture_root = capture_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+        let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(".lockstep-captures");
+        db.with_file_name(name)
+    });
+    BackupOptions {
+        capture_root,
+        transfer: transfer.options(),
+    }
 }
 
 async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
@@ -331,13 +341,7 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
             .await
             .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
-    let options = BackupOptions {
-        capture_root: args
-            .capture_dir
-            .clone()
-            .unwrap_or_else(|| default_capture_root(&args.db)),
-        transfer: args.transfer.options(),
-    };
+    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer);
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "backup");
     let started = Instant::now();
@@ -393,50 +397,26 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         wal_retention_bytes: args.wal.wal_retention_mib.max(1) << 20,
         ..ShipperOptions::default()
     };
-    let low = args.background_priority == BackgroundPriority::Low;
-    if low {
-        lockstep_repository::blocking::set_background_nice(
-            lockstep_repository::blocking::LOW_PRIORITY_NICE,
-        );
-    }
-    let config = EngineConfig {
-        wal_retention_mb: args.wal.wal_retention_mib,
-        low_priority_compactions: low,
-        ..EngineConfig::default()
-    };
-    let (db, cfs) = (args.db.clone(), args.cfs.clone());
-    let engine = Arc::new(
-        lockstep_repository::blocking::run(move || {
-            crate::slot::recover_interrupted_swap(&db)?;
-            E::open_with(&db, &cfs, &config)
-        })
-        .await
-        .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
-    );
-    let (listener, address) = lockstep_proto::bind(&args.listen).await?;
+    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer);
+    let slot = prepare_serving::<E>(Startup {
+        dir: args.db.clone(),
+        capture_root: options.capture_root.clone(),
+        priority: args.background_priority,
+        source: ShardSource::Open {
+            column_families: args.cfs.clone(),
+            config: EngineConfig {
+                wal_retention_mb: args.wal.wal_retention_mib,
+                ..EngineConfig::default()
+            },
+        },
+    })
+    .await?;
+    let (listener, address) = lockstep_process::bind(&args.listen).await?;
     println!(
         "lockstep-agent: shard {shard} ({}) listening on {address}",
-        engine.kind()
+        slot.get()?.kind()
     );
-    let options = BackupOptions {
-        capture_root: args
-            .capture_dir
-            .clone()
-            .unwrap_or_else(|| default_capture_root(&args.db)),
-        transfer: args.transfer.options(),
-    };
-    // A capture never outlives its process: whatever an earlier run left there is garbage.
-    match tokio::fs::remove_dir_all(&options.capture_root).await {
-        Ok(()) => {
-            tracing::info!(dir = %options.capture_root.display(), "removed captures left by an earlier run")
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => {
-            tracing::warn!(dir = %options.capture_root.display(), error = %err, "could not remove old captures")
-        }
-    }
-    let shutdown = lockstep_proto::shutdown_on_signal();
-    let slot = Arc::new(crate::slot::EngineSlot::new(args.db.clone(), engine)?);
+    let shutdown = lockstep_process::shutdown_on_signal();
     let parts = crate::server::AgentParts {
         slot,
         repo,
@@ -761,14 +741,10 @@ fn no_shard_named() -> Result<()> {
 /// Runs one command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     let result = match &cli.command {
-        Command::Serve(args) => match args.engine {
-            EngineKind::Rocksdb => run_serve::<RocksEngine>(args).await,
-            EngineKind::Memory => run_serve::<MemEngine>(args).await,
-        },
-        Command::Backup(args) => match args.engine {
-            EngineKind::Rocksdb => run_backup::<RocksEngine>(args).await,
-            EngineKind::Memory => run_backup::<MemEngine>(args).await,
-        },
+        Command::Serve(args) => with_engine!(args.engine.name(), |E| run_serve::<E>(args).await),
+        Command::Backup(args) => {
+            with_engine!(args.engine.name(), |E| run_backup::<E>(args).await)
+        }
         Command::List(args) => run_list(args).await,
         Command::Verify(args) => match run_verify(args).await {
             Ok(true) => Ok(()),
@@ -776,19 +752,15 @@ pub async fn run(cli: Cli) -> i32 {
             Err(err) => Err(err),
         },
         Command::Restore(args) => run_restore(args).await,
-        Command::Load(args) => match (&args.db, &args.endpoint, args.engine) {
-            (Some(db), _, EngineKind::Rocksdb) => run_load::<RocksEngine>(args, db),
-            (Some(db), _, EngineKind::Memory) => run_load::<MemEngine>(args, db),
-            (None, Some(endpoint), _) => run_load_remote_on_one_thread(args, endpoint).await,
-            (None, None, _) => no_shard_named(),
+        Command::Load(args) => match (&args.db, &args.endpoint) {
+            (Some(db), _) => with_engine!(args.engine.name(), |E| run_load::<E>(args, db)),
+            (None, Some(endpoint)) => run_load_remote_on_one_thread(args, endpoint).await,
+            (None, None) => no_shard_named(),
         },
-        Command::Digest(args) => match args.engine {
-            EngineKind::Rocksdb => run_digest::<RocksEngine>(args),
-            EngineKind::Memory => run_digest::<MemEngine>(args),
-        },
+        Command::Digest(args) => with_engine!(args.engine.name(), |E| run_digest::<E>(args)),
     };
     match result {
         Ok(()) => 0,
-        Err(err) => lockstep_proto::report_error(&err),
+        Err(err) => lockstep_process::report_error(&err),
     }
 }

@@ -1,27 +1,51 @@
-//! The barrier participant: the agent's side of the two-phase barrier, as an actor.
+//! The barrier participant: the agent's side of the two-phase barrier and, in [`restore`], of
+//! the cluster restore, as one actor.
 //!
-//! `ParticipantHandle` is the cloneable handle; a private task owns every barrier's record
-//! and the one active capture. Messages are handled one at a time, so Prepare, Commit, Abort
-//! and lease expiry never race. Every request is idempotent per backup id: a repeated or
-//! late message is answered from the remembered record and changes nothing.
+//! `ParticipantHandle` is the cloneable handle; a private task owns the barrier holding the
+//! shard, the outcomes of finished ones, and the restores. Messages are handled one at a time,
+//! so Prepare, Commit, Abort and lease expiry never race.
 //!
-//! Architecture invariant: the gate is closed only while a record is `Prepared`, and every
-//! `Prepared` record has a lease deadline that the task enforces by itself, so nothing the
-//! coordinator does or fails to do keeps writes paused past the lease.
+//! A barrier's state is one value. While it holds the shard it is the active barrier, whose
+//! [`Phase`] owns what it holds: `Staged` (the capture, with the gate open), `Prepared` (the
+//! capture and the `GateClosed` guard, with the lease), `Uploading` (the upload's progress).
+//! When it ends, its final status (`Uploaded`, `Aborted`, `Expired` or `Failed`) joins the
+//! last 256 outcomes ([`Remembered`]), which answer repeated and late messages.
+//!
+//! Duplicated or reordered messages (ARCHITECTURE.md, "The barrier protocol") change nothing
+//! and are answered from what the participant holds or remembers:
+//! - Stage for a known id returns its status; for a new id while another barrier or a restore
+//!   holds the shard it is refused with `ERR_BARRIER_BUSY`, and that refusal is not remembered.
+//! - Prepare closes the gate only for the active barrier while it is `Staged`; for an unknown id
+//!   it stages first; for any other id it returns the status (a late Prepare finds `Aborted`).
+//! - Commit acts only on the active barrier while it is `Prepared`: a Commit that overtook
+//!   Prepare, a repeated one, or one after Abort or expiry returns the status.
+//! - Abort ends the active barrier while it is `Staged` or `Prepared`; for an unknown id it
+//!   remembers `Aborted`, so a late Stage or Prepare does nothing; after Commit it returns the
+//!   committed state.
+//! - The stage hold and the lease end the barrier (`Expired`) by themselves.
+//!
+//! Architecture invariant: outside a restore's swap (within one message), the gate is closed
+//! only while the active barrier is `Prepared`, and every `Prepared` barrier has a lease
+//! deadline that the task enforces by itself, so nothing the coordinator does or fails to do
+//! keeps writes paused past the lease.
 //!
 //! Cancel-safety: gRPC handlers only send a message and await the reply; the work is done by
 //! the task, so a client that goes away mid-call cannot leave a barrier half-done.
 
-use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+mod restore;
+#[cfg(test)]
+mod testing;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lockstep_repository::manifest::{FileKind, ShardManifest};
 use lockstep_repository::transfer::Progress;
-use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId};
+use lockstep_repository::{
+    BackupId, Error, ErrorCode, HlcTime, Repository, Result, Seq, ShardId, Timeline,
+};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -30,11 +54,13 @@ use crate::backup::{
 };
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};
-use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_empty, stage_shard};
 use crate::shipper::ShipperHandle;
 use crate::slot::EngineSlot;
+use lockstep_repository::remembered::Remembered;
 
-/// How many finished barriers an agent remembers.
+pub use restore::{RestoreRequest, RestoreState, RestoreStatus};
+
+/// How many finished barriers, and finished restores, an agent remembers.
 const REMEMBERED: usize = 256;
 
 /// Where a barrier stands on this agent.
@@ -66,8 +92,8 @@ pub struct BarrierStatus {
     pub state: BarrierState,
     pub seq: Seq,
     /// The HLC time of the last write at the cut, and the shard's timeline.
-    pub hlc: lockstep_repository::HlcTime,
-    pub timeline: lockstep_repository::Timeline,
+    pub hlc: HlcTime,
+    pub timeline: Timeline,
     pub captured_at: Option<chrono::DateTime<chrono::Utc>>,
     pub files: Vec<InventoryFile>,
     pub gate_closed: Duration,
@@ -84,7 +110,7 @@ pub struct AgentInfo {
     pub seq: Seq,
     pub gate_closed: bool,
     pub active_backup: Option<BackupId>,
-    pub timeline: lockstep_repository::Timeline,
+    pub timeline: Timeline,
 }
 
 enum Msg {
@@ -113,133 +139,15 @@ enum Msg {
         backup: BackupId,
         reply: oneshot::Sender<BarrierStatus>,
     },
-    /// The remembered record of one barrier.
+    /// The status of one barrier.
     Status {
         backup: BackupId,
         reply: oneshot::Sender<BarrierStatus>,
     },
     /// The agent's own state.
     Describe { reply: oneshot::Sender<AgentInfo> },
-    /// Restore phase 1: download and check, in the background.
-    RestoreStage {
-        request: RestoreRequest,
-        reply: oneshot::Sender<Result<RestoreStatus>>,
-    },
-    RestoreStatus {
-        restore_id: String,
-        reply: oneshot::Sender<RestoreStatus>,
-    },
-    /// Restore phase 2: swap the staged shard in under the closed gate.
-    RestoreApply {
-        restore_id: String,
-        reply: oneshot::Sender<Result<RestoreStatus>>,
-    },
-    RestoreDiscard {
-        restore_id: String,
-        reply: oneshot::Sender<RestoreStatus>,
-    },
-}
-
-/// A restore of this agent's shard.
-#[derive(Debug, Clone)]
-pub struct RestoreRequest {
-    pub restore_id: String,
-    /// The full backup to start from; `None` starts from an empty shard and replays the WAL
-    /// archive from sequence 1 (the backup repository is gone).
-    pub backup: Option<BackupId>,
-    /// A directory to restore into; `None` replaces the live shard.
-    pub target: Option<PathBuf>,
-    /// Incremental and differential backups whose WAL pieces are replayed after `backup`, in
-    /// this order.
-    pub chain: Vec<BackupId>,
-    /// Point-in-time recovery: then replay the WAL archive at this URL, on this timeline.
-    pub archive: Option<(String, lockstep_repository::Timeline)>,
-    /// Where any replay stops, exactly (ignored with no chain and no archive).
-    pub to: Seq,
-}
-
-/// Where a restore stands on this agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestoreState {
-    Staging,
-    Staged,
-    Applied,
-    Discarded,
-    Failed,
-    Unknown,
-}
-
-/// What the agent says about one restore.
-#[derive(Debug, Clone)]
-pub struct RestoreStatus {
-    pub restore_id: String,
-    pub backup_id: Option<BackupId>,
-    pub shard_id: ShardId,
-    pub state: RestoreState,
-    pub seq: Seq,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub n_files: usize,
-    pub target: Option<PathBuf>,
-    pub error: Option<(ErrorCode, String)>,
-}
-
-struct RestoreRecord {
-    status: RestoreStatus,
-    progress: Arc<Progress>,
-    /// Set while `Staged`: the checked shard waiting for Apply.
-    staged: Option<StagedShard>,
-    /// Set while `Staging`.
-    task: Option<AbortHandle>,
-}
-
-/// What a staging task produced: a shard staged for an in-place swap, or one already renamed
-/// into its target directory.
-enum Staged {
-    InPlace(StagedShard),
-    Placed { seq: Seq, n_files: usize },
-}
-
-/// The timeline a restored shard starts: above its current one, every one its WAL
-/// destinations hold, and every one its backups were taken on, so its shipped WAL never lands
-/// among an older history's segments and no incremental continues a history that is not its
-/// own (even after the shard's directory, and its lineage file, were lost). A destination or
-/// repository that cannot be read is skipped with a warning.
-async fn next_timeline(
-    current: lockstep_repository::Timeline,
-    destinations: &[lockstep_repository::archive::WalArchive],
-    repo: &Repository,
-    shard: &ShardId,
-) -> lockstep_repository::Timeline {
-    let mut highest = current;
-    for destination in destinations {
-        match destination.wal_timelines(shard).await {
-            Ok(timelines) => {
-                if let Some(top) = timelines.last() {
-                    highest = highest.max(*top);
-                }
-            }
-            Err(err) => {
-                tracing::warn!(destination = %destination.url(), error = %err.chain(), "could not list WAL timelines")
-            }
-        }
-    }
-    match repo.backups().await {
-        Ok(backups) => {
-            for (id, backup) in backups {
-                if !backup.is_ok_and(|b| b.cut.contains_key(shard)) {
-                    continue;
-                }
-                if let Ok(manifest) = repo.shard_manifest(shard, &id).await {
-                    highest = highest.max(manifest.timeline);
-                }
-            }
-        }
-        Err(err) => {
-            tracing::warn!(repository = %repo.url(), error = %err.chain(), "could not list backups for their timelines")
-        }
-    }
-    highest.next()
+    /// A message of the cluster restore protocol.
+    Restore(restore::Msg),
 }
 
 /// A deliberate bug for the simulations' proof that their checkers catch one (issue: "the
@@ -273,39 +181,75 @@ impl std::fmt::Debug for ParticipantHandle {
     }
 }
 
-/// A capture held from Stage (gate open) or Prepare (gate closed) until Commit.
-struct Held {
-    /// Set once Prepare closed the gate.
-    closed: Option<GateClosed>,
-    captured: CapturedShard,
-    deadline: Instant,
-}
-
-struct Record {
+/// The barrier holding the shard.
+struct Active {
+    backup: BackupId,
+    /// What Status reports; its state and live numbers come from `phase` when reported.
     status: BarrierStatus,
-    held: Option<Held>,
-    progress: Option<Arc<Progress>>,
+    phase: Phase,
 }
 
-struct Participant<E: ShardEngine> {
-    slot: Arc<EngineSlot<E>>,
-    gate: WriteGate,
-    repo: Repository,
-    shard_id: ShardId,
-    options: BackupOptions,
-    /// The WAL shipper: its destinations hold the shard's timelines.
-    shipper: ShipperHandle,
-    planted_bug: Option<PlantedBug>,
-    records: HashMap<BackupId, Record>,
-    order: VecDeque<BackupId>,
-    /// The barrier holding the gate or uploading, if any.
-    active: Option<BackupId>,
-    uploads: JoinSet<(BackupId, Result<ShardManifest>)>,
-    restores: HashMap<String, RestoreRecord>,
-    restore_order: VecDeque<String>,
-    /// The restore staging or staged, if any: it holds the shard like a barrier does.
-    restoring: Option<String>,
-    stagings: JoinSet<(String, Result<Staged>)>,
+/// Where the active barrier stands; each phase owns what it holds.
+enum Phase {
+    /// Captured with the gate open, until Prepare, Abort or `deadline` (the stage hold).
+    Staged {
+        captured: CapturedShard,
+        deadline: Instant,
+    },
+    /// Cut; `closed` keeps the gate closed until Commit, Abort or `deadline` (the lease).
+    Prepared {
+        captured: CapturedShard,
+        closed: GateClosed,
+        deadline: Instant,
+    },
+    /// Committed: the gate is open and the upload task runs.
+    Uploading { progress: Arc<Progress> },
+}
+
+impl Phase {
+    fn state(&self) -> BarrierState {
+        match self {
+            Phase::Staged { .. } => BarrierState::Staged,
+            Phase::Prepared { .. } => BarrierState::Prepared,
+            Phase::Uploading { .. } => BarrierState::Uploading,
+        }
+    }
+
+    /// When the participant drops the capture by itself: the stage hold or the lease.
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Staged { deadline, .. } | Phase::Prepared { deadline, .. } => Some(*deadline),
+            Phase::Uploading { .. } => None,
+        }
+    }
+}
+
+impl Active {
+    /// The status now, with live gate time and upload progress.
+    fn snapshot(&self) -> BarrierStatus {
+        let mut status = self.status.clone();
+        status.state = self.phase.state();
+        match &self.phase {
+            Phase::Staged { .. } => {}
+            Phase::Prepared { closed, .. } => status.gate_closed = closed.elapsed(),
+            Phase::Uploading { progress } => {
+                (status.bytes_done, status.bytes_total) = progress.snapshot();
+            }
+        }
+        status
+    }
+
+    /// Ends the barrier in `state`: opens the gate if it is closed and drops the capture.
+    /// Returns its final status.
+    fn end(self, state: BarrierState, error: Option<(ErrorCode, String)>) -> BarrierStatus {
+        let mut status = self.snapshot();
+        if let Phase::Prepared { closed, .. } = self.phase {
+            status.gate_closed = closed.open();
+        }
+        status.state = state;
+        status.error = error;
+        status
+    }
 }
 
 /// The longest an agent waits for a Prepare's close time, whatever the coordinator's clock
@@ -324,32 +268,13 @@ impl ParticipantHandle {
         cancel: CancellationToken,
         tasks: &mut JoinSet<()>,
     ) -> ParticipantHandle {
-        let ShardParts {
-            slot,
-            gate,
-            repo,
-            shard_id,
-            options,
-            shipper,
-            planted_bug,
-        } = shard;
         let (tx, rx) = mpsc::channel(64);
         let participant = Participant {
-            slot,
-            gate,
-            repo,
-            shard_id,
-            options,
-            shipper,
-            planted_bug,
-            records: HashMap::new(),
-            order: VecDeque::new(),
+            shard,
             active: None,
+            outcomes: Remembered::new(REMEMBERED),
             uploads: JoinSet::new(),
-            restores: HashMap::new(),
-            restore_order: VecDeque::new(),
-            restoring: None,
-            stagings: JoinSet::new(),
+            restores: restore::Restores::new(),
         };
         tasks.spawn(participant.run(rx, cancel));
         ParticipantHandle { tx }
@@ -424,26 +349,17 @@ impl ParticipantHandle {
     pub async fn describe(&self) -> Result<AgentInfo> {
         self.ask(|reply| Msg::Describe { reply }).await
     }
+}
 
-    pub async fn restore_stage(&self, request: RestoreRequest) -> Result<RestoreStatus> {
-        self.ask(|reply| Msg::RestoreStage { request, reply })
-            .await?
-    }
-
-    pub async fn restore_status(&self, restore_id: String) -> Result<RestoreStatus> {
-        self.ask(|reply| Msg::RestoreStatus { restore_id, reply })
-            .await
-    }
-
-    pub async fn restore_apply(&self, restore_id: String) -> Result<RestoreStatus> {
-        self.ask(|reply| Msg::RestoreApply { restore_id, reply })
-            .await?
-    }
-
-    pub async fn restore_discard(&self, restore_id: String) -> Result<RestoreStatus> {
-        self.ask(|reply| Msg::RestoreDiscard { restore_id, reply })
-            .await
-    }
+struct Participant<E: ShardEngine> {
+    shard: ShardParts<E>,
+    /// The barrier holding the shard (staged, prepared or uploading), if any.
+    active: Option<Active>,
+    /// The final status of barriers that no longer hold the shard.
+    outcomes: Remembered<BackupId, BarrierStatus>,
+    /// The active barrier's upload while it is `Uploading`.
+    uploads: JoinSet<(BackupId, Result<ShardManifest>)>,
+    restores: restore::Restores,
 }
 
 impl<E: ShardEngine> Participant<E> {
@@ -463,9 +379,11 @@ impl<E: ShardEngine> Participant<E> {
                         Err(err) => tracing::error!(error = %err, "upload task failed"),
                     }
                 }
-                Some(done) = self.stagings.join_next(), if !self.stagings.is_empty() => {
+                Some(done) = self.restores.stagings.join_next(), if !self.restores.stagings.is_empty() => {
                     match done {
-                        Ok((restore_id, result)) => self.staging_finished(restore_id, result),
+                        Ok((restore_id, result)) => {
+                            self.restores.staging_finished(&self.shard.shard_id, restore_id, result)
+                        }
                         Err(err) if err.is_cancelled() => {}
                         Err(err) => tracing::error!(error = %err, "restore staging task failed"),
                     }
@@ -476,33 +394,29 @@ impl<E: ShardEngine> Participant<E> {
                 },
             }
         }
-        // Dropping the records opens the gate and releases any capture; uploads are cancelled.
+        // Dropping the active barrier opens the gate and releases its capture; the upload and
+        // any staging are cancelled.
         self.uploads.abort_all();
-        self.stagings.abort_all();
-        self.records.clear();
-        self.restores.clear();
+        self.active = None;
+        self.restores.stop();
     }
 
+    /// When the active barrier ends by itself, unless the planted bug ignores it.
     fn held_deadline(&self) -> Option<Instant> {
-        if self.planted_bug == Some(PlantedBug::IgnoreLease) {
+        if self.shard.planted_bug == Some(PlantedBug::IgnoreLease) {
             return None;
         }
-        let active = self.active.as_ref()?;
-        self.records
-            .get(active)?
-            .held
-            .as_ref()
-            .map(|held| held.deadline)
+        self.active.as_ref()?.phase.deadline()
     }
 
     fn unknown(&self, backup: BackupId) -> BarrierStatus {
         BarrierStatus {
             backup_id: backup,
-            shard_id: self.shard_id.clone(),
+            shard_id: self.shard.shard_id.clone(),
             state: BarrierState::Unknown,
             seq: Seq(0),
-            hlc: lockstep_repository::HlcTime::default(),
-            timeline: lockstep_repository::Timeline::default(),
+            hlc: HlcTime::default(),
+            timeline: Timeline::default(),
             captured_at: None,
             files: Vec::new(),
             gate_closed: Duration::ZERO,
@@ -512,37 +426,42 @@ impl<E: ShardEngine> Participant<E> {
         }
     }
 
-    /// The current status of a record, with live gate time and upload progress.
-    fn snapshot(&self, backup: &BackupId) -> BarrierStatus {
-        let Some(record) = self.records.get(backup) else {
-            return self.unknown(backup.clone());
-        };
-        let mut status = record.status.clone();
-        if let Some(closed) = record.held.as_ref().and_then(|held| held.closed.as_ref()) {
-            status.gate_closed = closed.elapsed();
+    fn failed(&self, backup: &BackupId, code: ErrorCode, message: String) -> BarrierStatus {
+        BarrierStatus {
+            state: BarrierState::Failed,
+            error: Some((code, message)),
+            ..self.unknown(backup.clone())
         }
-        if let Some(progress) = &record.progress {
-            let (done, total) = progress.snapshot();
-            status.bytes_done = done;
-            status.bytes_total = total;
-        }
-        status
     }
 
-    fn remember(&mut self, backup: BackupId, record: Record) {
-        if !self.records.contains_key(&backup) {
-            self.order.push_back(backup.clone());
+    /// The active barrier, if it is `backup`.
+    fn active(&self, backup: &BackupId) -> Option<&Active> {
+        self.active
+            .as_ref()
+            .filter(|active| active.backup == *backup)
+    }
+
+    /// Whether the participant holds or remembers `backup`.
+    fn knows(&self, backup: &BackupId) -> bool {
+        self.active(backup).is_some() || self.outcomes.contains(backup)
+    }
+
+    /// The status of a barrier: live if active, else remembered, else `Unknown`.
+    fn snapshot(&self, backup: &BackupId) -> BarrierStatus {
+        if let Some(active) = self.active(backup) {
+            return active.snapshot();
         }
-        self.records.insert(backup, record);
-        while self.order.len() > REMEMBERED {
-            let Some(oldest) = self.order.pop_front() else {
-                break;
-            };
-            if self.active.as_ref() == Some(&oldest) {
-                self.order.push_back(oldest);
-                break;
-            }
-            self.records.remove(&oldest);
+        match self.outcomes.get(backup) {
+            Some(status) => status.clone(),
+            None => self.unknown(backup.clone()),
+        }
+    }
+
+    /// Ends the active barrier in `state` and remembers its outcome.
+    fn end_active(&mut self, state: BarrierState, error: Option<(ErrorCode, String)>) {
+        if let Some(active) = self.active.take() {
+            let backup = active.backup.clone();
+            self.outcomes.insert(backup, active.end(state, error));
         }
     }
 
@@ -576,56 +495,29 @@ impl<E: ShardEngine> Participant<E> {
                 let _ = reply.send(self.snapshot(&backup));
             }
             Msg::Describe { reply } => {
-                let engine = self.slot.get().ok();
+                let engine = self.shard.slot.get().ok();
                 let _ = reply.send(AgentInfo {
-                    shard_id: self.shard_id.clone(),
+                    shard_id: self.shard.shard_id.clone(),
                     engine: engine.as_ref().map_or("", |e| e.kind()),
                     seq: engine.as_ref().map_or(Seq(0), |e| e.latest_seq()),
-                    gate_closed: self.gate.is_closed(),
-                    active_backup: self.active.clone(),
-                    timeline: self.slot.lineage().timeline,
+                    gate_closed: self.shard.gate.is_closed(),
+                    active_backup: self.active.as_ref().map(|active| active.backup.clone()),
+                    timeline: self.shard.slot.lineage().timeline,
                 });
             }
-            Msg::RestoreStage { request, reply } => {
-                let _ = reply.send(self.restore_stage(request));
-            }
-            Msg::RestoreStatus { restore_id, reply } => {
-                let _ = reply.send(self.restore_snapshot(&restore_id));
-            }
-            Msg::RestoreApply { restore_id, reply } => {
-                let _ = reply.send(self.restore_apply(restore_id).await);
-            }
-            Msg::RestoreDiscard { restore_id, reply } => {
-                let _ = reply.send(self.restore_discard(restore_id));
+            Msg::Restore(msg) => {
+                let barrier = self.active.as_ref().map(|active| &active.backup);
+                self.restores.handle(&self.shard, barrier, msg).await;
             }
         }
     }
 
-    fn failed(
-        &self,
-        backup: &BackupId,
-        state: BarrierState,
-        code: ErrorCode,
-        message: String,
-    ) -> BarrierStatus {
-        BarrierStatus {
-            state,
-            error: Some((code, message)),
-            ..self.unknown(backup.clone())
-        }
-    }
-
-    /// The status of a held capture, from its record.
-    fn held_status(
-        &self,
-        backup: &BackupId,
-        state: BarrierState,
-        captured: &CapturedShard,
-    ) -> BarrierStatus {
+    /// The status of a capture just taken or cut (its state comes from the phase).
+    fn held_status(&self, backup: &BackupId, captured: &CapturedShard) -> BarrierStatus {
         BarrierStatus {
             backup_id: backup.clone(),
-            shard_id: self.shard_id.clone(),
-            state,
+            shard_id: self.shard.shard_id.clone(),
+            state: BarrierState::Staged,
             seq: captured.seq,
             hlc: captured.hlc,
             timeline: captured.timeline,
@@ -655,16 +547,16 @@ impl<E: ShardEngine> Participant<E> {
         mode: CaptureMode,
         deadline: Instant,
     ) -> BarrierStatus {
-        if self.records.contains_key(&backup) {
+        if self.knows(&backup) {
             return self.snapshot(&backup);
         }
         if let Some(refused) = self.refuse_busy(&backup) {
             return refused;
         }
-        let capture_dir = self.options.capture_root.join(backup.as_str());
-        let captured = match self.slot.get() {
+        let capture_dir = self.shard.options.capture_root.join(backup.as_str());
+        let captured = match self.shard.slot.get() {
             Ok(engine) => {
-                let timeline = self.slot.lineage().timeline;
+                let timeline = self.shard.slot.lineage().timeline;
                 stage_capture(&engine, capture_dir, timeline, mode).await
             }
             Err(err) => Err(err),
@@ -672,40 +564,24 @@ impl<E: ShardEngine> Participant<E> {
         let captured = match captured {
             Ok(captured) => captured,
             Err(err) => {
-                let status = self.failed(&backup, BarrierState::Failed, err.code, err.chain());
-                self.remember(
-                    backup,
-                    Record {
-                        status: status.clone(),
-                        held: None,
-                        progress: None,
-                    },
-                );
+                let status = self.failed(&backup, err.code, err.chain());
+                self.outcomes.insert(backup, status.clone());
                 return status;
             }
         };
-        let status = self.held_status(&backup, BarrierState::Staged, &captured);
-        tracing::info!(backup = %backup, shard = %self.shard_id, files_seq = %captured.capture.seq, stage_us = captured.capture_us, "staged: shard captured, gate open");
-        self.active = Some(backup.clone());
-        self.remember(
-            backup.clone(),
-            Record {
-                status,
-                held: Some(Held {
-                    closed: None,
-                    captured,
-                    deadline,
-                }),
-                progress: None,
-            },
-        );
+        tracing::info!(backup = %backup, shard = %self.shard.shard_id, files_seq = %captured.capture.seq, stage_us = captured.capture_us, "staged: shard captured, gate open");
+        self.active = Some(Active {
+            backup: backup.clone(),
+            status: self.held_status(&backup, &captured),
+            phase: Phase::Staged { captured, deadline },
+        });
         self.held_until(deadline, &backup)
     }
 
     /// The status of a capture just taken or cut, releasing it at once if its `deadline`
     /// passed while it was being taken.
     fn held_until(&mut self, deadline: Instant, backup: &BackupId) -> BarrierStatus {
-        if Instant::now() >= deadline && self.planted_bug != Some(PlantedBug::IgnoreLease) {
+        if Instant::now() >= deadline && self.shard.planted_bug != Some(PlantedBug::IgnoreLease) {
             self.expire();
         }
         self.snapshot(backup)
@@ -713,14 +589,15 @@ impl<E: ShardEngine> Participant<E> {
 
     /// `Some(refusal)` when another barrier or a restore holds the shard.
     fn refuse_busy(&self, backup: &BackupId) -> Option<BarrierStatus> {
+        let shard = &self.shard.shard_id;
         let busy = if let Some(active) = &self.active {
-            format!("shard {} is busy with backup {active}", self.shard_id)
-        } else if let Some(restore) = &self.restoring {
-            format!("shard {} is being restored ({restore})", self.shard_id)
+            format!("shard {shard} is busy with backup {}", active.backup)
+        } else if let Some(restore) = self.restores.holder() {
+            format!("shard {shard} is being restored ({restore})")
         } else {
             return None;
         };
-        Some(self.failed(backup, BarrierState::Failed, ErrorCode::BarrierBusy, busy))
+        Some(self.failed(backup, ErrorCode::BarrierBusy, busy))
     }
 
     /// Phase 1: closes the gate and cuts the staged shard (staging first when no Stage came),
@@ -731,121 +608,120 @@ impl<E: ShardEngine> Participant<E> {
         mode: CaptureMode,
         deadline: Instant,
     ) -> BarrierStatus {
-        if !self.records.contains_key(&backup) {
+        if !self.knows(&backup) {
             // No Stage came for this barrier: stage now, with the gate still open.
             let staged = self.stage(backup.clone(), mode, deadline).await;
             if staged.state != BarrierState::Staged {
                 return staged;
             }
         }
-        let is_staged = self.active.as_ref() == Some(&backup)
-            && self
-                .records
-                .get(&backup)
-                .is_some_and(|r| r.held.as_ref().is_some_and(|h| h.closed.is_none()));
+        let is_staged = self
+            .active(&backup)
+            .is_some_and(|active| matches!(active.phase, Phase::Staged { .. }));
         if !is_staged {
             return self.snapshot(&backup);
         }
-        let engine = match self.slot.get() {
+        let engine = match self.shard.slot.get() {
             Ok(engine) => engine,
             Err(err) => {
-                self.release(BarrierState::Failed, Some((err.code, err.chain())));
+                self.end_active(BarrierState::Failed, Some((err.code, err.chain())));
                 return self.snapshot(&backup);
             }
         };
-        let Some(mut held) = self.records.get_mut(&backup).and_then(|r| r.held.take()) else {
-            return self.unknown(backup);
+        let mut captured = match self.active.take() {
+            Some(Active {
+                phase: Phase::Staged { captured, .. },
+                ..
+            }) => captured,
+            // Checked above: the active barrier is this one, staged.
+            _ => return self.unknown(backup),
         };
-        let closed = close_gate(engine.as_ref(), &self.gate, &mut held.captured).await;
-        let status = self.held_status(&backup, BarrierState::Prepared, &held.captured);
-        tracing::info!(backup = %backup, shard = %self.shard_id, seq = %status.seq, "prepared: gate closed, shard cut");
-        if let Some(record) = self.records.get_mut(&backup) {
-            record.status = status;
-            record.held = Some(Held {
-                closed: Some(closed),
-                captured: held.captured,
+        let closed = close_gate(engine.as_ref(), &self.shard.gate, &mut captured).await;
+        drop(engine);
+        let status = self.held_status(&backup, &captured);
+        tracing::info!(backup = %backup, shard = %self.shard.shard_id, seq = %status.seq, "prepared: gate closed, shard cut");
+        self.active = Some(Active {
+            backup: backup.clone(),
+            status,
+            phase: Phase::Prepared {
+                captured,
+                closed,
                 deadline,
-            });
-        }
+            },
+        });
         self.held_until(deadline, &backup)
     }
 
-    /// Releases the held capture of the active barrier, ending it in `state`.
-    fn release(&mut self, state: BarrierState, error: Option<(ErrorCode, String)>) {
-        let Some(active) = self.active.take() else {
-            return;
-        };
-        if let Some(record) = self.records.get_mut(&active) {
-            if let Some(held) = record.held.take() {
-                if let Some(closed) = held.closed {
-                    record.status.gate_closed = closed.open();
-                }
-                drop(held.captured);
-            }
-            record.status.state = state;
-            record.status.error = error;
-        }
-    }
-
+    /// Ends the active barrier when its stage hold or lease ran out.
     fn expire(&mut self) {
-        let Some(active) = self.active.clone() else {
+        let Some(active) = self
+            .active
+            .as_ref()
+            .filter(|a| a.phase.deadline().is_some())
+        else {
             return;
         };
-        tracing::warn!(backup = %active, shard = %self.shard_id, "lease expired before commit: gate reopened, capture dropped");
-        self.release(
+        let backup = active.backup.clone();
+        tracing::warn!(backup = %backup, shard = %self.shard.shard_id, "lease expired before commit: gate reopened, capture dropped");
+        self.end_active(
             BarrierState::Expired,
             Some((
                 ErrorCode::BarrierLeaseExpired,
-                format!("the lease of backup {active} ran out before Commit"),
+                format!("the lease of backup {backup} ran out before Commit"),
             )),
         );
     }
 
+    /// Phase 2: opens the gate and starts the upload (a tag has nothing to upload).
     fn commit(&mut self, backup: BackupId) -> BarrierStatus {
-        // Only a cut shard commits: a Commit that overtook Prepare does nothing.
-        let is_held = self.active.as_ref() == Some(&backup)
-            && self
-                .records
-                .get(&backup)
-                .is_some_and(|r| r.held.as_ref().is_some_and(|h| h.closed.is_some()));
-        if !is_held {
-            return self.snapshot(&backup);
-        }
-        let Some(record) = self.records.get_mut(&backup) else {
-            return self.unknown(backup);
-        };
-        let Some(Held {
-            closed: Some(closed),
-            mut captured,
-            ..
-        }) = record.held.take()
-        else {
-            return self.unknown(backup);
+        let prepared = self.active.take_if(|active| {
+            active.backup == backup && matches!(active.phase, Phase::Prepared { .. })
+        });
+        let (mut status, mut captured, closed) = match prepared {
+            Some(Active {
+                status,
+                phase: Phase::Prepared {
+                    captured, closed, ..
+                },
+                ..
+            }) => (status, captured, closed),
+            // Only a cut shard commits: a Commit that overtook Prepare, a repeated one, or one
+            // after the barrier ended answers from what is known.
+            _ => return self.snapshot(&backup),
         };
         captured.paused = closed.open();
-        record.status.gate_closed = captured.paused;
+        status.gate_closed = captured.paused;
+        let gate_closed_us = captured.paused.as_micros() as u64;
         if captured.mode == CaptureMode::Point {
             // A tag: the cut is recorded, nothing to upload.
-            record.status.state = BarrierState::Uploaded;
-            self.active = None;
-            tracing::info!(barrier = %backup, shard = %self.shard_id, seq = %captured.seq, gate_closed_us = captured.paused.as_micros() as u64, "restore point committed: gate open");
-            return self.snapshot(&backup);
+            tracing::info!(barrier = %backup, shard = %self.shard.shard_id, seq = %captured.seq, gate_closed_us, "restore point committed: gate open");
+            status.state = BarrierState::Uploaded;
+            self.outcomes.insert(backup, status.clone());
+            return status;
         }
-        record.status.state = BarrierState::Uploading;
         let progress = Arc::new(Progress::default());
-        record.progress = Some(progress.clone());
-        tracing::info!(backup = %backup, shard = %self.shard_id, gate_closed_us = captured.paused.as_micros() as u64, "committed: gate open, uploading");
+        tracing::info!(backup = %backup, shard = %self.shard.shard_id, gate_closed_us, "committed: gate open, uploading");
         let (repo, shard, transfer, id) = (
-            self.repo.clone(),
-            self.shard_id.clone(),
-            self.options.transfer,
+            self.shard.repo.clone(),
+            self.shard.shard_id.clone(),
+            self.shard.options.transfer,
             backup.clone(),
         );
-        let engine = self.slot.get().map(|engine| Arc::clone(&*engine));
+        let engine = self.shard.slot.get().map(|engine| Arc::clone(&*engine));
+        let task_progress = progress.clone();
         let upload = async move {
             let result = match engine {
                 Ok(engine) => {
-                    upload_capture(captured, engine, &repo, &shard, &id, transfer, &progress).await
+                    upload_capture(
+                        captured,
+                        engine,
+                        &repo,
+                        &shard,
+                        &id,
+                        transfer,
+                        &task_progress,
+                    )
+                    .await
                 }
                 Err(err) => Err(err),
             };
@@ -857,312 +733,352 @@ impl<E: ShardEngine> Participant<E> {
             Some(background) => self.uploads.spawn_on(upload, &background),
             None => self.uploads.spawn(upload),
         };
+        self.active = Some(Active {
+            backup: backup.clone(),
+            status,
+            phase: Phase::Uploading { progress },
+        });
         self.snapshot(&backup)
     }
 
     fn abort(&mut self, backup: BackupId) -> BarrierStatus {
-        if self.active.as_ref() == Some(&backup)
-            && self.records.get(&backup).is_some_and(|r| r.held.is_some())
-        {
-            tracing::info!(backup = %backup, shard = %self.shard_id, "aborted: gate reopened, capture dropped");
-            self.release(BarrierState::Aborted, None);
-        } else if !self.records.contains_key(&backup) {
+        let holding = self.active(&backup).is_some_and(|active| {
+            matches!(active.phase, Phase::Staged { .. } | Phase::Prepared { .. })
+        });
+        if holding {
+            tracing::info!(backup = %backup, shard = %self.shard.shard_id, "aborted: gate reopened, capture dropped");
+            self.end_active(BarrierState::Aborted, None);
+        } else if !self.knows(&backup) {
             // Remember the abort, so a Prepare that arrives late does not capture.
             let status = BarrierStatus {
                 state: BarrierState::Aborted,
                 ..self.unknown(backup.clone())
             };
-            self.remember(
-                backup.clone(),
-                Record {
-                    status,
-                    held: None,
-                    progress: None,
-                },
-            );
+            self.outcomes.insert(backup.clone(), status);
         }
         self.snapshot(&backup)
     }
 
     fn upload_finished(&mut self, backup: BackupId, result: Result<ShardManifest>) {
-        if self.active.as_ref() == Some(&backup) {
-            self.active = None;
-        }
-        let Some(record) = self.records.get_mut(&backup) else {
+        let uploading = self
+            .active(&backup)
+            .is_some_and(|active| matches!(active.phase, Phase::Uploading { .. }));
+        if !uploading {
             return;
-        };
-        if let Some(progress) = record.progress.take() {
-            let (done, total) = progress.snapshot();
-            record.status.bytes_done = done;
-            record.status.bytes_total = total;
         }
         match result {
             Ok(manifest) => {
-                tracing::info!(backup = %backup, shard = %self.shard_id, bytes = manifest.stats.bytes_total, "uploaded: shard manifest published");
+                tracing::info!(backup = %backup, shard = %self.shard.shard_id, bytes = manifest.stats.bytes_total, "uploaded: shard manifest published");
                 if manifest.wal_after.is_none() {
-                    self.shipper.note_full_backup(manifest.seq);
+                    self.shard.shipper.note_full_backup(manifest.seq);
                 }
-                record.status.state = BarrierState::Uploaded;
+                self.end_active(BarrierState::Uploaded, None);
             }
             Err(err) => {
-                tracing::error!(backup = %backup, shard = %self.shard_id, error = %err.chain(), "upload failed");
-                record.status.state = BarrierState::Failed;
-                record.status.error = Some((err.code, err.chain()));
+                tracing::error!(backup = %backup, shard = %self.shard.shard_id, error = %err.chain(), "upload failed");
+                self.end_active(BarrierState::Failed, Some((err.code, err.chain())));
             }
         }
     }
+}
 
-    fn restore_unknown(&self, restore_id: &str) -> RestoreStatus {
-        RestoreStatus {
-            restore_id: restore_id.to_string(),
-            backup_id: None,
-            shard_id: self.shard_id.clone(),
-            state: RestoreState::Unknown,
-            seq: Seq(0),
-            bytes_done: 0,
-            bytes_total: 0,
-            n_files: 0,
-            target: None,
-            error: None,
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-    fn restore_snapshot(&self, restore_id: &str) -> RestoreStatus {
-        let Some(record) = self.restores.get(restore_id) else {
-            return self.restore_unknown(restore_id);
-        };
-        let mut status = record.status.clone();
-        let (done, total) = record.progress.snapshot();
-        status.bytes_done = done;
-        status.bytes_total = total;
-        status
-    }
+    use lockstep_repository::{BackupId, ErrorCode};
 
-    fn remember_restore(&mut self, restore_id: String, record: RestoreRecord) {
-        self.restore_order.push_back(restore_id.clone());
-        self.restores.insert(restore_id, record);
-        while self.restore_order.len() > REMEMBERED {
-            let Some(oldest) = self.restore_order.pop_front() else {
-                break;
-            };
-            if self.restoring.as_ref() == Some(&oldest) {
-                self.restore_order.push_back(oldest);
-                break;
-            }
-            self.restores.remove(&oldest);
-        }
-    }
+    use super::testing::{TestShard, backup_id};
+    use super::*;
 
-    fn restore_stage(&mut self, request: RestoreRequest) -> Result<RestoreStatus> {
-        if self.restores.contains_key(&request.restore_id) {
-            return Ok(self.restore_snapshot(&request.restore_id));
-        }
-        if let Some(active) = &self.active {
-            return Err(Error::new(
-                ErrorCode::BarrierBusy,
-                format!("shard {} is busy with backup {active}", self.shard_id),
-            ));
-        }
-        if let Some(restore) = &self.restoring {
-            return Err(Error::new(
-                ErrorCode::BarrierBusy,
-                format!("shard {} is busy with restore {restore}", self.shard_id),
-            ));
-        }
-        if let Some(target) = &request.target {
-            if std::path::absolute(target).ok().as_deref()
-                == std::path::absolute(self.slot.dir()).ok().as_deref()
-            {
-                return Err(Error::new(
-                    ErrorCode::RestoreTargetNotEmpty,
-                    format!(
-                        "{} is the live shard; restore in place instead",
-                        target.display()
-                    ),
-                ));
-            }
-            check_target(target)?;
-        }
-        let live = self.slot.get()?;
-        let (engine_kind, column_families) = (live.kind(), live.column_families());
-        drop(live);
-        let progress = Arc::new(Progress::default());
-        let (repo, shard, backup, transfer, live) = (
-            self.repo.clone(),
-            self.shard_id.clone(),
-            request.backup.clone(),
-            self.options.transfer,
-            self.slot.dir().to_path_buf(),
+    const LEASE: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn stage_prepare_commit_cuts_under_the_closed_gate_and_uploads_with_it_open() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.write("before");
+        let staged = shard.stage(&id).await;
+        assert_eq!(staged.state, BarrierState::Staged);
+        assert!(!shard.gate.is_closed(), "Stage keeps the gate open");
+        shard.write("between");
+        let prepared = shard.prepare(&id, LEASE).await;
+        assert_eq!(prepared.state, BarrierState::Prepared);
+        assert!(shard.gate.is_closed(), "Prepare closes the gate");
+        assert_eq!(
+            prepared.seq,
+            shard.seq(),
+            "the cut is the shard's sequence number"
         );
-        let (id, target, task_progress) = (
-            request.restore_id.clone(),
-            request.target.clone(),
-            progress.clone(),
-        );
-        let replay = (!request.chain.is_empty() || request.archive.is_some())
-            .then(|| (request.chain.clone(), request.archive.clone(), request.to));
-        let (destinations, current) = (
-            self.shipper.destinations().to_vec(),
-            self.slot.lineage().timeline,
-        );
-        let task = self.stagings.spawn(async move {
-            // In place, or when replaying, the backup must come from this agent's engine.
-            let engine = (target.is_none() || replay.is_some()).then_some(engine_kind);
-            let stage_target = target.clone().unwrap_or(live);
-            let result = async {
-                let mut staged = match &backup {
-                    Some(backup) => {
-                        stage_shard(
-                            &repo,
-                            backup,
-                            &shard,
-                            &stage_target,
-                            engine,
-                            transfer,
-                            &task_progress,
-                        )
-                        .await?
-                    }
-                    None => stage_empty::<E>(&stage_target, column_families).await?,
-                };
-                if let Some((chain, archive, to)) = replay {
-                    let archive = match archive {
-                        Some((url, timeline)) => Some((
-                            lockstep_proto::archive::open_archive(&url).await?,
-                            timeline,
-                        )),
-                        None => None,
-                    };
-                    let replay = Replay {
-                        repo: repo.clone(),
-                        chain,
-                        archive,
-                        to,
-                    };
-                    let started = std::time::Instant::now();
-                    let n = replay_staged::<E>(&mut staged, &shard, &replay).await?;
-                    let replay_ms = started.elapsed().as_millis() as u64;
-                    tracing::info!(shard = %shard, batches = n, seq = %staged.seq, replay_ms, "restore: WAL replayed");
-                }
-                staged.start_timeline(next_timeline(current, &destinations, &repo, &shard).await)?;
-                match &target {
-                    None => Ok(Staged::InPlace(staged)),
-                    Some(target) => {
-                        let (seq, n_files) = (staged.seq, staged.n_files);
-                        staged.move_to(target)?;
-                        Ok(Staged::Placed { seq, n_files })
-                    }
-                }
-            }
-            .await;
-            (id, result)
-        });
-        tracing::info!(restore = %request.restore_id, backup = ?request.backup, shard = %self.shard_id, target = ?request.target, "restore: staging");
-        let status = RestoreStatus {
-            backup_id: request.backup.clone(),
-            state: RestoreState::Staging,
-            target: request.target.clone(),
-            ..self.restore_unknown(&request.restore_id)
-        };
-        self.restoring = Some(request.restore_id.clone());
-        self.remember_restore(
-            request.restore_id.clone(),
-            RestoreRecord {
-                status,
-                progress,
-                staged: None,
-                task: Some(task),
-            },
-        );
-        Ok(self.restore_snapshot(&request.restore_id))
+        assert!(prepared.seq > staged.seq);
+        let committed = shard.commit(&id).await;
+        assert_eq!(committed.state, BarrierState::Uploading);
+        assert!(!shard.gate.is_closed(), "Commit opens the gate");
+        let uploaded = shard.wait_for(&id, BarrierState::Uploaded).await;
+        assert_eq!(uploaded.seq, prepared.seq);
+        let manifest = shard
+            .repo
+            .shard_manifest(&shard.shard_id, &id)
+            .await
+            .expect("the shard manifest is published");
+        assert_eq!(manifest.seq, prepared.seq);
+        shard.stop().await;
     }
 
-    fn staging_finished(&mut self, restore_id: String, result: Result<Staged>) {
-        let Some(record) = self.restores.get_mut(&restore_id) else {
-            return;
-        };
-        if record.status.state != RestoreState::Staging {
-            return;
-        }
-        record.task = None;
-        match result {
-            Ok(Staged::InPlace(staged)) => {
-                tracing::info!(restore = %restore_id, shard = %self.shard_id, seq = %staged.seq, "restore: staged and checked");
-                record.status.state = RestoreState::Staged;
-                record.status.seq = staged.seq;
-                record.status.n_files = staged.n_files;
-                record.staged = Some(staged);
-            }
-            Ok(Staged::Placed { seq, n_files }) => {
-                tracing::info!(restore = %restore_id, shard = %self.shard_id, seq = %seq, "restore: shard restored into its target directory");
-                record.status.state = RestoreState::Applied;
-                record.status.seq = seq;
-                record.status.n_files = n_files;
-                self.restoring = None;
-            }
-            Err(err) => {
-                tracing::error!(restore = %restore_id, shard = %self.shard_id, error = %err.chain(), "restore: staging failed");
-                record.status.state = RestoreState::Failed;
-                record.status.error = Some((err.code, err.chain()));
-                self.restoring = None;
-            }
-        }
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_stage_returns_the_held_capture() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        let first = shard.stage(&id).await;
+        shard.write("after-stage");
+        let again = shard.stage(&id).await;
+        assert_eq!(again.state, BarrierState::Staged);
+        assert_eq!(again.seq, first.seq, "no second capture");
+        assert_eq!(again.captured_at, first.captured_at);
+        assert!(!shard.gate.is_closed());
+        shard.stop().await;
     }
 
-    async fn restore_apply(&mut self, restore_id: String) -> Result<RestoreStatus> {
-        let Some(record) = self.restores.get_mut(&restore_id) else {
-            return Err(Error::new(
-                ErrorCode::InvalidArgument,
-                format!("no restore {restore_id} on shard {}", self.shard_id),
-            ));
-        };
-        if record.status.state != RestoreState::Staged {
-            // Applied already (a retry), or not ready: the status says which.
-            return Ok(self.restore_snapshot(&restore_id));
-        }
-        let Some(staged) = record.staged.take() else {
-            return Ok(self.restore_snapshot(&restore_id));
-        };
-        let closed = self.gate.close().await;
-        let swapped = self.slot.swap_in(staged).await;
-        let paused = closed.open();
-        self.restoring = None;
-        let Some(record) = self.restores.get_mut(&restore_id) else {
-            return Ok(self.restore_unknown(&restore_id));
-        };
-        match swapped {
-            Ok(seq) => {
-                tracing::info!(restore = %restore_id, shard = %self.shard_id, seq = %seq, paused_ms = paused.as_millis() as u64, "restore: live shard replaced");
-                record.status.state = RestoreState::Applied;
-                record.status.seq = seq;
-            }
-            Err(err) => {
-                tracing::error!(restore = %restore_id, shard = %self.shard_id, error = %err.chain(), "restore: swap failed; the live shard is unchanged");
-                record.status.state = RestoreState::Failed;
-                record.status.error = Some((err.code, err.chain()));
-            }
-        }
-        Ok(self.restore_snapshot(&restore_id))
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_prepare_is_answered_from_the_record() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        let first = shard.prepare(&id, LEASE).await;
+        assert_eq!(first.state, BarrierState::Prepared);
+        // A write past the gate would move a new cut; the repeat keeps the first one.
+        shard.write("past-the-gate");
+        let again = shard.prepare(&id, LEASE).await;
+        assert_eq!(again.state, BarrierState::Prepared);
+        assert_eq!(again.seq, first.seq, "no second cut");
+        assert!(shard.gate.is_closed(), "the gate stays closed");
+        let info = shard.handle.describe().await.expect("describe");
+        assert_eq!(info.active_backup, Some(id.clone()));
+        assert!(info.gate_closed);
+        shard.stop().await;
     }
 
-    fn restore_discard(&mut self, restore_id: String) -> RestoreStatus {
-        if let Some(record) = self.restores.get_mut(&restore_id)
-            && matches!(
-                record.status.state,
-                RestoreState::Staging | RestoreState::Staged
-            )
-        {
-            if let Some(task) = record.task.take() {
-                task.abort();
-            }
-            // Dropping the staged shard removes its staging directory.
-            drop(record.staged.take());
-            record.status.state = RestoreState::Discarded;
-            if self.restoring.as_ref() == Some(&restore_id) {
-                self.restoring = None;
-            }
-            tracing::info!(restore = %restore_id, shard = %self.shard_id, "restore: discarded");
+    #[tokio::test(start_paused = true)]
+    async fn a_prepare_without_stage_stages_first_and_closes() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.write("k");
+        let prepared = shard.prepare(&id, LEASE).await;
+        assert_eq!(prepared.state, BarrierState::Prepared);
+        assert_eq!(prepared.seq, shard.seq());
+        assert!(shard.gate.is_closed());
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_before_prepare_does_nothing() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.stage(&id).await;
+        let early = shard.commit(&id).await;
+        assert_eq!(early.state, BarrierState::Staged);
+        assert!(!shard.gate.is_closed());
+        // The barrier goes on as if the Commit had not come.
+        let prepared = shard.prepare(&id, LEASE).await;
+        assert_eq!(prepared.state, BarrierState::Prepared);
+        assert!(shard.gate.is_closed());
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_for_an_unknown_barrier_is_unknown() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-never");
+        let status = shard.commit(&id).await;
+        assert_eq!(status.state, BarrierState::Unknown);
+        assert!(!shard.gate.is_closed());
+        assert_eq!(shard.active_backup().await, None);
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_reopens_the_gate_and_a_later_commit_or_prepare_returns_aborted() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.prepare(&id, LEASE).await;
+        assert!(shard.gate.is_closed());
+        let aborted = shard.abort(&id).await;
+        assert_eq!(aborted.state, BarrierState::Aborted);
+        assert!(!shard.gate.is_closed());
+        let commit = shard.commit(&id).await;
+        assert_eq!(
+            commit.state,
+            BarrierState::Aborted,
+            "never reopens a capture"
+        );
+        let prepare = shard.prepare(&id, LEASE).await;
+        assert_eq!(prepare.state, BarrierState::Aborted);
+        assert!(!shard.gate.is_closed());
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_before_stage_makes_a_late_stage_or_prepare_do_nothing() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        let aborted = shard.abort(&id).await;
+        assert_eq!(aborted.state, BarrierState::Aborted);
+        assert_eq!(shard.stage(&id).await.state, BarrierState::Aborted);
+        assert_eq!(shard.prepare(&id, LEASE).await.state, BarrierState::Aborted);
+        assert!(
+            !shard.gate.is_closed(),
+            "a late Prepare never closes the gate"
+        );
+        assert_eq!(shard.active_backup().await, None, "nothing was captured");
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_after_commit_returns_the_committed_state() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.prepare(&id, LEASE).await;
+        shard.commit(&id).await;
+        let abort = shard.abort(&id).await;
+        assert!(
+            matches!(
+                abort.state,
+                BarrierState::Uploading | BarrierState::Uploaded
+            ),
+            "{:?}",
+            abort.state
+        );
+        shard.wait_for(&id, BarrierState::Uploaded).await;
+        let late = shard.abort(&id).await;
+        assert_eq!(late.state, BarrierState::Uploaded);
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_running_out_reopens_the_gate_by_itself() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.prepare(&id, LEASE).await;
+        tokio::time::sleep(LEASE - Duration::from_millis(1)).await;
+        assert!(shard.gate.is_closed(), "closed for the whole lease");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(!shard.gate.is_closed(), "reopened when the lease ran out");
+        let status = shard.status(&id).await;
+        assert_eq!(status.state, BarrierState::Expired);
+        assert_eq!(
+            status.error.map(|(code, _)| code),
+            Some(ErrorCode::BarrierLeaseExpired)
+        );
+        assert!(status.gate_closed >= LEASE);
+        let commit = shard.commit(&id).await;
+        assert_eq!(
+            commit.state,
+            BarrierState::Expired,
+            "a late Commit uploads nothing"
+        );
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stage_hold_running_out_frees_the_shard() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.stage(&id).await;
+        tokio::time::sleep(testing::HOLD + Duration::from_millis(1)).await;
+        assert_eq!(shard.status(&id).await.state, BarrierState::Expired);
+        assert_eq!(shard.active_backup().await, None);
+        let next = backup_id("bk-2");
+        assert_eq!(shard.stage(&next).await.state, BarrierState::Staged);
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_barrier_while_one_is_held_is_refused_busy() {
+        let shard = TestShard::start().await;
+        let (first, second) = (backup_id("bk-1"), backup_id("bk-2"));
+        shard.prepare(&first, LEASE).await;
+        for refused in [
+            shard.stage(&second).await,
+            shard.prepare(&second, LEASE).await,
+        ] {
+            assert_eq!(refused.state, BarrierState::Failed);
+            assert_eq!(
+                refused.error.map(|(code, _)| code),
+                Some(ErrorCode::BarrierBusy)
+            );
         }
-        self.restore_snapshot(&restore_id)
+        // A refusal is not remembered: the barrier can run once the shard is free.
+        assert_eq!(shard.status(&second).await.state, BarrierState::Unknown);
+        assert_eq!(shard.status(&first).await.state, BarrierState::Prepared);
+        assert!(
+            shard.gate.is_closed(),
+            "the first barrier still holds the gate"
+        );
+        shard.abort(&first).await;
+        assert_eq!(shard.stage(&second).await.state, BarrierState::Staged);
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tag_commits_without_uploading() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-tag");
+        let prepared = shard
+            .handle
+            .prepare(id.clone(), CaptureMode::Point, LEASE, None)
+            .await
+            .expect("prepare");
+        assert_eq!(prepared.state, BarrierState::Prepared);
+        assert!(shard.gate.is_closed());
+        let committed = shard.commit(&id).await;
+        assert_eq!(committed.state, BarrierState::Uploaded);
+        assert!(!shard.gate.is_closed());
+        assert_eq!(shard.active_backup().await, None);
+        assert!(
+            shard
+                .repo
+                .shard_manifest(&shard.shard_id, &id)
+                .await
+                .is_err()
+        );
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_the_participant_opens_the_gate() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.prepare(&id, LEASE).await;
+        let gate = shard.gate.clone();
+        assert!(gate.is_closed());
+        shard.stop().await;
+        assert!(!gate.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_planted_bug_keeps_the_gate_closed_past_the_lease() {
+        let shard = TestShard::start_with(Some(PlantedBug::IgnoreLease)).await;
+        let id = backup_id("bk-1");
+        shard.prepare(&id, LEASE).await;
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(shard.gate.is_closed());
+        assert_eq!(shard.status(&id).await.state, BarrierState::Prepared);
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_are_remembered_per_id() {
+        let shard = TestShard::start().await;
+        let ids: Vec<BackupId> = (0..3).map(|i| backup_id(&format!("bk-{i}"))).collect();
+        for id in &ids {
+            shard.abort(id).await;
+        }
+        for id in &ids {
+            assert_eq!(shard.status(id).await.state, BarrierState::Aborted);
+        }
+        assert_eq!(
+            shard.status(&backup_id("bk-other")).await.state,
+            BarrierState::Unknown
+        );
+        shard.stop().await;
     }
 }

@@ -17,7 +17,7 @@ use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
 use lockstep_repository::wal::segments_covering;
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
 
-use crate::engine::{MemEngine, RocksEngine, ShardEngine};
+use crate::engine::{ShardEngine, with_engine};
 use crate::timeline::{Lineage, write_lineage};
 
 /// Bringing a staged full backup forward: first the WAL pieces of an incremental or
@@ -277,26 +277,16 @@ async fn replay_with_engine(
     shard: &ShardId,
     replay: &Replay,
 ) -> Result<u64> {
-    match engine {
-        "rocksdb" => replay_staged::<RocksEngine>(staged, shard, replay).await,
-        "memory" => replay_staged::<MemEngine>(staged, shard, replay).await,
-        other => Err(Error::new(
-            ErrorCode::BackupManifestCorrupt,
-            format!("unknown engine {other:?}"),
-        )),
-    }
+    with_engine!(engine, |E| replay_staged::<E>(staged, shard, replay).await)
 }
 
 /// Opens the restored files with the engine that wrote them and returns its sequence number.
 fn open_and_read_seq(manifest: &ShardManifest, dir: &Path) -> Result<Seq> {
-    match manifest.engine.as_str() {
-        "rocksdb" => RocksEngine::open(dir, &manifest.column_families).map(|e| e.latest_seq()),
-        "memory" => MemEngine::open(dir, &manifest.column_families).map(|e| e.latest_seq()),
-        other => Err(Error::new(
-            ErrorCode::BackupManifestCorrupt,
-            format!("unknown engine {other:?}"),
-        )),
-    }
+    with_engine!(manifest.engine.as_str(), |E| E::open(
+        dir,
+        &manifest.column_families
+    )
+    .map(|e| e.latest_seq()))
 }
 
 /// Picks the shard to restore: the one named, or the only one in the backup.

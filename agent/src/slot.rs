@@ -277,7 +277,7 @@ mod tests {
 
     use super::*;
     use crate::backup::{BackupOptions, backup_offline};
-    use crate::engine::{DEFAULT_CF, MemEngine, RocksEngine, WriteBatch};
+    use crate::engine::{DEFAULT_CF, MemEngine, WriteBatch};
     use crate::restore::stage_shard;
 
     fn put<E: ShardEngine>(engine: &E, key: &str) {
@@ -321,12 +321,11 @@ mod tests {
         .expect("stage")
     }
 
-    #[tokio::test]
-    async fn swap_in_replaces_the_live_shard_with_the_staged_one() {
+    async fn swap_in_replaces_the_live_shard_with_the_staged_one<E: ShardEngine>() {
         let root = tempfile::tempdir().expect("tempdir");
         let live = root.path().join("db");
         let repo = Repository::open("memory://").await.expect("repo");
-        let engine = Arc::new(RocksEngine::open(&live, &[]).expect("open"));
+        let engine = Arc::new(E::open(&live, &[]).expect("open"));
         put(engine.as_ref(), "k1");
         let at_backup = engine.latest_seq();
         let staged = staged_backup(&engine, root.path(), &repo, &live).await;
@@ -343,6 +342,18 @@ mod tests {
         assert_eq!(engine.latest_seq(), Seq(at_backup.0 + 1));
     }
 
+    #[cfg(feature = "rocksdb")]
+    #[tokio::test]
+    async fn swap_in_replaces_a_rocksdb_shard() {
+        swap_in_replaces_the_live_shard_with_the_staged_one::<crate::engine::RocksEngine>().await;
+    }
+
+    #[tokio::test]
+    async fn swap_in_replaces_a_memory_shard() {
+        swap_in_replaces_the_live_shard_with_the_staged_one::<MemEngine>().await;
+    }
+
+    #[cfg(feature = "rocksdb")]
     #[tokio::test]
     async fn a_swap_that_cannot_open_the_staged_shard_keeps_the_live_one() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -355,7 +366,7 @@ mod tests {
         put(model.as_ref(), "k1");
         let staged = staged_backup(&model, root.path(), &repo, &live).await;
 
-        let engine = Arc::new(RocksEngine::open(&live, &[]).expect("open"));
+        let engine = Arc::new(crate::engine::RocksEngine::open(&live, &[]).expect("open"));
         put(engine.as_ref(), "live");
         let before = engine.latest_seq();
         let slot = EngineSlot::new(live.clone(), engine).expect("slot");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lockstep_proto::v1::coordinator_client::CoordinatorClient;
+use lockstep_proto::wire::Label;
 use lockstep_proto::{from_status, v1};
 use lockstep_repository::{Error, ErrorCode, Result};
 use tonic::transport::Channel;
@@ -93,8 +94,8 @@ pub struct RestoreArgs {
     json: bool,
 }
 
-fn parse_seq_vector(items: &[String]) -> Result<std::collections::HashMap<String, u64>> {
-    let mut out = std::collections::HashMap::new();
+fn parse_seq_vector(items: &[String]) -> Result<std::collections::BTreeMap<String, u64>> {
+    let mut out = std::collections::BTreeMap::new();
     for item in items {
         let parsed = item
             .split_once('=')
@@ -108,19 +109,6 @@ fn parse_seq_vector(items: &[String]) -> Result<std::collections::HashMap<String
         out.insert(shard, seq);
     }
     Ok(out)
-}
-
-fn plan_json(plan: &[v1::ShardRestorePlan]) -> Vec<serde_json::Value> {
-    plan.iter()
-        .map(|p| {
-            serde_json::json!({
-                "shard_id": p.shard_id, "base_backup_id": p.base_backup_id, "base_seq": p.base_seq,
-                "base_bytes": p.base_bytes, "timeline": p.timeline, "target_seq": p.target_seq,
-                "target_time": hlc_text(p.target_hlc), "wal_segments": p.wal_segments,
-                "replay_seqs": p.replay_seqs, "chain": p.chain,
-            })
-        })
-        .collect()
 }
 
 fn print_plan(job: &v1::RestoreJob) {
@@ -139,7 +127,7 @@ fn print_plan(job: &v1::RestoreJob) {
             p.target_seq,
             p.wal_segments,
             p.replay_seqs,
-            hlc_text(p.target_hlc)
+            lockstep_proto::wire::hlc_text(p.target_hlc)
         );
         if !p.chain.is_empty() {
             println!("{:<12} then the WAL of {}", "", p.chain.join(" -> "));
@@ -209,16 +197,6 @@ pub enum TagCommand {
     },
 }
 
-fn tag_json(tag: &v1::TagInfo) -> serde_json::Value {
-    serde_json::json!({
-        "name": tag.name, "created_at": tag.created_at, "automatic": tag.automatic,
-        "max_gate_closed_us": tag.max_gate_closed_us, "error_code": tag.error_code,
-        "points": tag.points.iter().map(|(shard, p)| (shard.clone(), serde_json::json!({
-            "seq": p.seq, "timeline": p.timeline, "time": hlc_text(p.hlc),
-        }))).collect::<serde_json::Map<_, _>>(),
-    })
-}
-
 fn tag_cut(tag: &v1::TagInfo) -> String {
     let mut points: Vec<_> = tag.points.iter().collect();
     points.sort_by(|a, b| a.0.cmp(b.0));
@@ -249,34 +227,9 @@ pub enum WalCommand {
     },
 }
 
-fn hlc_text(hlc: u64) -> String {
-    if hlc == 0 {
-        "-".into()
-    } else {
-        lockstep_repository::HlcTime(hlc).to_string()
-    }
-}
-
 fn print_wal_status(reply: &v1::ClusterWalStatus, json: bool) {
     if json {
-        print_json(&serde_json::json!({
-            "shards": reply.shards.iter().map(|s| serde_json::json!({
-                "shard_id": s.shard_id, "timeline": s.timeline, "latest_seq": s.latest_seq,
-                "destinations": s.destinations.iter().map(|d| serde_json::json!({
-                    "url": d.url, "timeline": d.timeline, "shipped_seq": d.shipped_seq,
-                    "shipped_time": hlc_text(d.shipped_hlc), "lag_seq": d.lag_seq, "lag_ms": d.lag_ms,
-                    "pending_bytes": d.pending_bytes, "pending_segments": d.pending_segments,
-                    "segments_shipped": d.segments_shipped, "bytes_shipped": d.bytes_shipped,
-                    "rate_bytes_per_sec": d.rate_bytes_per_sec, "lag_p50_ms": d.lag_p50_ms,
-                    "lag_p99_ms": d.lag_p99_ms, "wal_retained_bytes": d.wal_retained_bytes,
-                    "pin_near_bound": d.pin_near_bound, "error_code": d.error_code,
-                    "error_message": d.error_message,
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-            "unreachable": reply.unreachable.iter().map(|a| serde_json::json!({
-                "shard_id": a.shard_id, "endpoint": a.endpoint, "error": a.error,
-            })).collect::<Vec<_>>(),
-        }));
+        print_json(reply);
         return;
     }
     println!(
@@ -313,7 +266,7 @@ fn print_wal_status(reply: &v1::ClusterWalStatus, json: bool) {
                 d.url,
                 d.timeline,
                 d.shipped_seq,
-                hlc_text(d.shipped_hlc),
+                lockstep_proto::wire::hlc_text(d.shipped_hlc),
                 d.lag_seq,
                 d.lag_ms,
                 indicatif::HumanBytes(d.pending_bytes).to_string(),
@@ -352,25 +305,19 @@ async fn client(endpoint: &str) -> Result<CoordinatorClient<Channel>> {
     Ok(CoordinatorClient::new(channel))
 }
 
+/// A restore's outcome as `--json` prints it.
+#[derive(serde::Serialize)]
+struct RestoreOutput<'a> {
+    #[serde(flatten)]
+    job: &'a v1::RestoreJob,
+    dry_run: bool,
+}
+
 fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
-}
-
-fn job_state(job: &v1::BackupJob) -> v1::JobState {
-    v1::JobState::try_from(job.state).unwrap_or(v1::JobState::Unspecified)
-}
-
-fn job_json(job: &v1::BackupJob) -> serde_json::Value {
-    serde_json::json!({
-        "backup_id": job.backup_id,
-        "state": job_state(job).as_str_name().trim_start_matches("JOB_STATE_").to_ascii_lowercase(),
-        "error_code": job.error_code,
-        "error_message": job.error_message,
-        "shards": shards_json(&job.shards),
-    })
 }
 
 fn job_error(job: &v1::BackupJob) -> Error {
@@ -394,7 +341,7 @@ async fn create(endpoint: &str, kind: String, wait: bool, json: bool) -> Result<
         .into_inner();
     if !wait {
         if json {
-            print_json(&job_json(&job));
+            print_json(&job);
         } else {
             println!(
                 "Backup {} started; follow it with `lockstep backup show {}`",
@@ -414,13 +361,8 @@ async fn create(endpoint: &str, kind: String, wait: bool, json: bool) -> Result<
             .await
             .map_err(|s| from_status("follow backup", &s))?
             .into_inner();
-        let state = job_state(&job);
-        bar.set_message(
-            state
-                .as_str_name()
-                .trim_start_matches("JOB_STATE_")
-                .to_ascii_lowercase(),
-        );
+        let state = job.state();
+        bar.set_message(state.label());
         show_progress(&bar, &job.shards);
         if matches!(state, v1::JobState::Committed | v1::JobState::Failed) {
             break job;
@@ -428,9 +370,9 @@ async fn create(endpoint: &str, kind: String, wait: bool, json: bool) -> Result<
     };
     bar.finish_and_clear();
     if json {
-        print_json(&job_json(&job));
+        print_json(&job);
     }
-    if job_state(&job) == v1::JobState::Failed {
+    if job.state() == v1::JobState::Failed {
         return Err(job_error(&job));
     }
     if !json {
@@ -465,23 +407,6 @@ fn show_progress(bar: &indicatif::ProgressBar, shards: &[v1::ShardProgress]) {
     bar.set_position(shards.iter().map(|s| s.bytes_done).sum());
 }
 
-fn shards_json(shards: &[v1::ShardProgress]) -> Vec<serde_json::Value> {
-    shards
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "shard_id": s.shard_id, "state": s.state, "seq": s.seq, "bytes_done": s.bytes_done,
-                "bytes_total": s.bytes_total, "gate_closed_us": s.gate_closed_us,
-                "error_code": s.error_code, "error_message": s.error_message,
-            })
-        })
-        .collect()
-}
-
-fn restore_phase(job: &v1::RestoreJob) -> v1::RestorePhase {
-    v1::RestorePhase::try_from(job.phase).unwrap_or(v1::RestorePhase::Unspecified)
-}
-
 async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
     let (in_place, json) = (args.in_place, args.json);
     let mut client = client(endpoint).await?;
@@ -507,12 +432,7 @@ async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
         .await
         .map_err(|s| from_status("follow restore", &s))?
     {
-        bar.set_message(
-            restore_phase(&job)
-                .as_str_name()
-                .trim_start_matches("RESTORE_PHASE_")
-                .to_ascii_lowercase(),
-        );
+        bar.set_message(job.phase().label());
         show_progress(&bar, &job.shards);
         last = Some(job);
     }
@@ -523,20 +443,12 @@ async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
             "the coordinator closed the restore stream without an outcome; check `lockstep cluster status`",
         )
     })?;
-    let phase = restore_phase(&job);
+    let phase = job.phase();
     if json {
-        print_json(&serde_json::json!({
-            "restore_id": job.restore_id,
-            "backup_id": job.backup_id,
-            "phase": phase.as_str_name().trim_start_matches("RESTORE_PHASE_").to_ascii_lowercase(),
-            "error_code": job.error_code,
-            "error_message": job.error_message,
-            "shards": shards_json(&job.shards),
-            "plan": plan_json(&job.plan),
-            "note": job.note,
-            "estimated_ms": job.estimated_ms,
-            "dry_run": args.dry_run,
-        }));
+        print_json(&RestoreOutput {
+            job: &job,
+            dry_run: args.dry_run,
+        });
     }
     if phase != v1::RestorePhase::Done {
         let code = ErrorCode::parse(&job.error_code).unwrap_or(ErrorCode::BackupRestorationFailed);
@@ -609,14 +521,28 @@ fn info_json(info: &v1::BackupInfo) -> serde_json::Value {
     serde_json::from_str(&info.manifest_json).unwrap_or_default()
 }
 
-async fn run_command(cli: Cli) -> Result<bool> {
+/// The exit code of a command that ran but found the cluster unhealthy: an agent did not
+/// answer (6, as for `ERR_AGENT_UNAVAILABLE`), or an agent or destination reports an error (1).
+fn health_code(unreachable: bool, failing: bool) -> i32 {
+    if unreachable {
+        ErrorCode::AgentUnavailable.exit_code()
+    } else if failing {
+        1
+    } else {
+        0
+    }
+}
+
+/// Runs one command; returns its exit code when it ran (a failed verify or an unhealthy
+/// cluster is not 0).
+async fn run_command(cli: Cli) -> Result<i32> {
     let endpoint = cli.coordinator.as_str();
     match cli.command {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
-            let (listener, address) = lockstep_proto::bind(&config.listen).await?;
+            let (listener, address) = lockstep_process::bind(&config.listen).await?;
             let n_agents = config.agents.len();
-            let shutdown = lockstep_proto::shutdown_on_signal();
+            let shutdown = lockstep_process::shutdown_on_signal();
             let on_ready = move || {
                 if n_agents == 0 {
                     // The address ends the line: scripts read it after "listening on ".
@@ -695,7 +621,11 @@ async fn run_command(cli: Cli) -> Result<bool> {
             } else {
                 println!("{}", reply.report);
             }
-            return Ok(reply.passed);
+            return Ok(if reply.passed {
+                0
+            } else {
+                ErrorCode::BackupVerificationFailed.exit_code()
+            });
         }
         Command::Backup(BackupCommand::Delete { backup }) => {
             let mut client = client(endpoint).await?;
@@ -714,19 +644,12 @@ async fn run_command(cli: Cli) -> Result<bool> {
                 .await
                 .map_err(|s| from_status("cluster status", &s))?
                 .into_inner();
-            let healthy = reply
-                .agents
-                .iter()
-                .all(|a| a.reachable && a.error.is_empty());
+            let code = health_code(
+                reply.agents.iter().any(|a| !a.reachable),
+                reply.agents.iter().any(|a| !a.error.is_empty()),
+            );
             if json {
-                print_json(&serde_json::json!({
-                    "repository": reply.repository,
-                    "running_backup_id": reply.running_backup_id,
-                    "agents": reply.agents.iter().map(|a| serde_json::json!({
-                        "shard_id": a.shard_id, "endpoint": a.endpoint, "reachable": a.reachable, "seq": a.seq,
-                        "gate_closed": a.gate_closed, "raid_group": a.raid_group, "role": a.role, "error": a.error,
-                    })).collect::<Vec<_>>(),
-                }));
+                print_json(&reply);
             } else {
                 println!("Repository: {}", reply.repository);
                 if !reply.running_backup_id.is_empty() {
@@ -759,7 +682,7 @@ async fn run_command(cli: Cli) -> Result<bool> {
                     );
                 }
             }
-            return Ok(healthy);
+            return Ok(code);
         }
         Command::Tag(TagCommand::Create { name, json }) => {
             let mut client = client(endpoint).await?;
@@ -769,7 +692,7 @@ async fn run_command(cli: Cli) -> Result<bool> {
                 .map_err(|s| from_status("create tag", &s))?
                 .into_inner();
             if json {
-                print_json(&tag_json(&tag));
+                print_json(&tag);
             } else {
                 println!(
                     "Tag {} created: {} (writes paused at most {:.3} ms).",
@@ -787,7 +710,7 @@ async fn run_command(cli: Cli) -> Result<bool> {
                 .map_err(|s| from_status("list tags", &s))?
                 .into_inner();
             if json {
-                print_json(&reply.tags.iter().map(tag_json).collect::<Vec<_>>());
+                print_json(&reply.tags);
             } else if reply.tags.is_empty() {
                 println!("No tags.");
             } else {
@@ -815,23 +738,21 @@ async fn run_command(cli: Cli) -> Result<bool> {
                 .map_err(|s| from_status("WAL status", &s))?
                 .into_inner();
             print_wal_status(&reply, json);
-            let healthy = reply.unreachable.is_empty()
-                && reply
-                    .shards
-                    .iter()
-                    .flat_map(|s| &s.destinations)
-                    .all(|d| d.error_code.is_empty() && !d.pin_near_bound);
-            return Ok(healthy);
+            let failing = reply
+                .shards
+                .iter()
+                .flat_map(|s| &s.destinations)
+                .any(|d| !d.error_code.is_empty() || d.pin_near_bound);
+            return Ok(health_code(!reply.unreachable.is_empty(), failing));
         }
     }
-    Ok(true)
+    Ok(0)
 }
 
 /// Runs one command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match run_command(cli).await {
-        Ok(true) => 0,
-        Ok(false) => ErrorCode::BackupVerificationFailed.exit_code(),
-        Err(err) => lockstep_proto::report_error(&err),
+        Ok(code) => code,
+        Err(err) => lockstep_process::report_error(&err),
     }
 }

@@ -10,6 +10,9 @@
 //! prepare_timeout_ms = 5000 # the coordinator's deadline for every Prepared (< lease)
 //! stage_timeout_ms = 60000  # the deadline for every Staged (captures, gates still open)
 //! close_lead_ms = 5         # gates close together this long after Prepare is sent; 0: on arrival
+//! upload_timeout_ms = 3600000 # every shard uploaded within this after Commit, or the backup fails
+//! control_timeout_ms = 2000 # deadline of one short call: abort, status polls, describe, discard
+//! apply_timeout_ms = 120000 # deadline of one in-place swap (it drains the shard's clients first)
 //!
 //! [tags]
 //! auto_every_s = 300        # an automatic restore point (tag auto-...) every 5 minutes; 0: off
@@ -55,6 +58,10 @@ pub struct BarrierConfig {
     pub close_lead_ms: u64,
     /// Longest wait for all uploads after Commit.
     pub upload_timeout_ms: u64,
+    /// The deadline of one short agent call: Abort, a status poll, Describe, a discard.
+    pub control_timeout_ms: u64,
+    /// The deadline of one agent's in-place swap of a staged restore.
+    pub apply_timeout_ms: u64,
 }
 
 impl Default for BarrierConfig {
@@ -65,6 +72,8 @@ impl Default for BarrierConfig {
             stage_timeout_ms: 60_000,
             close_lead_ms: 5,
             upload_timeout_ms: 3_600_000,
+            control_timeout_ms: 2_000,
+            apply_timeout_ms: 120_000,
         }
     }
 }
@@ -84,6 +93,10 @@ impl BarrierConfig {
 
     pub fn upload_timeout(&self) -> Duration {
         Duration::from_millis(self.upload_timeout_ms)
+    }
+
+    pub fn control_timeout(&self) -> Duration {
+        Duration::from_millis(self.control_timeout_ms)
     }
 }
 
@@ -154,9 +167,10 @@ impl Config {
                     agent.shard
                 )));
             }
-            if !(agent.endpoint.starts_with("http://") || agent.endpoint.starts_with("https://")) {
+            // TLS is not built yet: an https:// endpoint would pass here and fail to connect.
+            if !agent.endpoint.starts_with("http://") {
                 return Err(invalid(format!(
-                    "agent {}: endpoint {:?} must start with http:// or https://",
+                    "agent {}: endpoint {:?} must start with http:// (TLS to agents is not supported yet)",
                     agent.shard, agent.endpoint
                 )));
             }
@@ -186,6 +200,12 @@ impl Config {
                  prepare_timeout_ms ({})",
                 b.close_lead_ms, b.prepare_timeout_ms
             )));
+        }
+        if b.upload_timeout_ms == 0 || b.control_timeout_ms == 0 || b.apply_timeout_ms == 0 {
+            return Err(invalid(
+                "[barrier] upload_timeout_ms, control_timeout_ms and apply_timeout_ms must be positive"
+                    .to_string(),
+            ));
         }
         let mut grouped = HashSet::new();
         for group in &self.raid_groups {
@@ -297,6 +317,13 @@ parity = ["shard-2"]
                 .contains("has no agent")
         );
         assert!(message(&GOOD.replace("http://127.0.0.1:2", "127.0.0.1:2")).contains("http://"));
+        assert!(
+            message(&GOOD.replace("http://127.0.0.1:2", "https://127.0.0.1:2"))
+                .contains("TLS to agents is not supported")
+        );
+        assert!(
+            message(&format!("{GOOD}\n[barrier]\ncontrol_timeout_ms = 0")).contains("positive")
+        );
         assert!(
             message(&GOOD.replace("shard-1\"\nendpoint", "shard-0\"\nendpoint"))
                 .contains("two agents")

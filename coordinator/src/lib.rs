@@ -3,9 +3,11 @@
 //!
 //! - `archive`: the `WalArchive` service, this repository as a WAL archive for other regions;
 //! - `config`: the TOML topology with RAID groups, validated;
-//! - `job`: the jobs actor and the two-phase barrier;
+//! - `ops`: `ClusterOps`, the actor that owns every operation holding the cluster;
+//! - `fleet`: every call to each agent, with per-step deadlines, and the one poll loop;
+//! - `backup`: the two-phase barrier and backup jobs;
 //! - `restore`: the two-phase restore of the whole cluster through its agents;
-//! - `tag`: named restore points (the barrier without a capture), taken on demand or every N s;
+//! - `tag`: named restore points (the barrier without a capture);
 //! - `service`: the `Coordinator` gRPC service and `serve`;
 //! - `cli`: the `lockstep` command line.
 //!
@@ -13,9 +15,11 @@
 //! `lockstep-repository` and reaches shards only through agents.
 
 pub mod archive;
+pub mod backup;
 pub mod cli;
 pub mod config;
-pub mod job;
+pub mod fleet;
+pub mod ops;
 pub mod restore;
 pub mod service;
 pub mod tag;

@@ -10,29 +10,30 @@
 //! phase 2 is reported shard by shard (each swap is atomic on its agent, so every shard is
 //! either the backup's or its old self); rerunning the restore converges.
 //!
-//! The restore holds the cluster lock, so no backup's barrier runs in between, and it runs to
-//! its end in its own task even if the client that asked goes away.
+//! A restore runs as one operation of `ClusterOps`, so no backup's barrier runs in between,
+//! and it runs to its end even if the client that asked goes away.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::future::join_all;
 use lockstep_proto::archive::open_archive;
-use lockstep_proto::from_status;
-use lockstep_proto::v1::agent_client::AgentClient;
-use lockstep_proto::v1::{self, RestoreState};
+use lockstep_proto::v1::{self, RestorePhase, RestoreState};
+use lockstep_proto::wire::Label;
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
 use lockstep_repository::wal::{check_segments, segments_covering};
 use lockstep_repository::{
-    BackupId, Error, ErrorCode, HlcTime, Repository, Result, Seq, ShardId, Timeline,
+    BackupId, Error, ErrorCode, HlcTime, Repository, RestoreId, Result, Seq, ShardId, Timeline,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use tokio_util::sync::CancellationToken;
 
-use crate::job::{AgentLink, ClusterGuard, JobContext, ShardView};
+use crate::backup::ShardView;
+use crate::fleet::{self, AgentLink, Round, Step, call_each, poll_until};
+use crate::ops::ClusterContext;
 
 /// Where the restored shards go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,19 +71,11 @@ impl RestoreTarget {
     }
 }
 
-/// Where a cluster restore stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestorePhase {
-    Staging,
-    Applying,
-    Done,
-    Failed,
-}
-
 /// A cluster restore as clients see it.
 #[derive(Debug, Clone)]
 pub struct RestoreView {
-    pub restore_id: String,
+    /// `None` for a dry run's plan.
+    pub restore_id: Option<RestoreId>,
     /// The base backup named in progress reports (see `RestorePlan::label`).
     pub backup_id: String,
     pub phase: RestorePhase,
@@ -101,14 +94,13 @@ impl RestoreView {
             .map(|(code, message)| (code.as_str().to_string(), message.clone()))
             .unwrap_or_default();
         v1::RestoreJob {
-            restore_id: self.restore_id.clone(),
+            restore_id: self
+                .restore_id
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
             backup_id: self.backup_id.clone(),
-            phase: match self.phase {
-                RestorePhase::Staging => v1::RestorePhase::Staging,
-                RestorePhase::Applying => v1::RestorePhase::Applying,
-                RestorePhase::Done => v1::RestorePhase::Done,
-                RestorePhase::Failed => v1::RestorePhase::Failed,
-            } as i32,
+            phase: self.phase as i32,
             shards: self.shards.iter().map(ShardView::to_wire).collect(),
             error_code,
             error_message,
@@ -134,6 +126,20 @@ pub enum PointInTime {
         time: DateTime<Utc>,
         exact_per_shard: bool,
     },
+}
+
+impl fmt::Display for PointInTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PointInTime::Backup(id) => write!(f, "backup {id}"),
+            PointInTime::Tag(name) => write!(f, "tag {name}"),
+            PointInTime::Seqs(seqs) => {
+                let seqs: Vec<String> = seqs.iter().map(|(s, q)| format!("{s}={q}")).collect();
+                write!(f, "sequences {}", seqs.join(","))
+            }
+            PointInTime::Time { time, .. } => write!(f, "time {}", time.to_rfc3339()),
+        }
+    }
 }
 
 /// How one shard is restored.
@@ -211,7 +217,7 @@ fn invalid(message: String) -> Error {
 /// The agent of every shard in `shards`; in place, every agent must be among them, so no
 /// shard is left at another point.
 fn agents_for(
-    ctx: &JobContext,
+    ctx: &ClusterContext,
     shards: &[ShardId],
     target: &RestoreTarget,
     what: &str,
@@ -323,21 +329,18 @@ fn chain_of(
 }
 
 /// The timeline of each shard's live agent (PITR follows the current history).
-async fn live_timeline(agent: &AgentLink) -> Result<Timeline> {
-    let mut client = agent.client.clone();
-    let info = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.describe(v1::DescribeRequest {}),
+async fn live_timeline(ctx: &ClusterContext, agent: &AgentLink) -> Result<Timeline> {
+    let deadline = Instant::now() + Step::Describe.timeout(&ctx.config.barrier);
+    let mut replies = call_each(
+        [agent],
+        Step::Describe,
+        deadline,
+        |_, mut client| async move { client.describe(v1::DescribeRequest {}).await },
     )
-    .await
-    .map_err(|_| {
-        Error::new(
-            ErrorCode::AgentUnavailable,
-            format!("shard {} did not answer within 5 s", agent.shard_id),
-        )
-    })?
-    .map_err(|s| from_status(&format!("describe shard {}", agent.shard_id), &s))?
-    .into_inner();
+    .await;
+    let info = replies
+        .pop()
+        .ok_or_else(|| Error::new(ErrorCode::AgentUnavailable, "no reply to describe"))??;
     Ok(Timeline(info.timeline.max(1)))
 }
 
@@ -366,7 +369,7 @@ async fn last_write_at_or_before(
 /// Plans a restore: resolves the point in time to an exact sequence number per shard, and
 /// picks for each shard the latest backup at or before it on its timeline, with its chain.
 pub async fn plan(
-    ctx: &JobContext,
+    ctx: &ClusterContext,
     point: PointInTime,
     target: RestoreTarget,
     wal_from: Option<String>,
@@ -495,8 +498,8 @@ pub async fn plan(
             }
             let archive = open_archive(&wal_from).await?;
             let mut notes = Vec::new();
-            for agent in &ctx.agents {
-                let timeline = live_timeline(agent).await?;
+            for agent in ctx.agents.iter() {
+                let timeline = live_timeline(ctx, agent).await?;
                 let found =
                     last_write_at_or_before(&archive, &agent.shard_id, timeline, at).await?;
                 let (seq, hlc) = match found {
@@ -548,7 +551,7 @@ pub async fn plan(
         let (seq, timeline, hlc) = targets[&agent.shard_id];
         let timeline = match timeline {
             Some(timeline) => timeline,
-            None => live_timeline(&agent).await?,
+            None => live_timeline(ctx, &agent).await?,
         };
         let latest = base_for(&ctx.repo, &backups, &agent.shard_id, timeline, seq).await?;
         // With no backup at or before the target (the backup repository is gone, or the
@@ -639,13 +642,9 @@ pub async fn plan(
 }
 
 fn shard_view(shard: &ShardId, status: &v1::RestoreStatus) -> ShardView {
-    let state = RestoreState::try_from(status.state).unwrap_or(RestoreState::Unspecified);
     ShardView {
         shard_id: shard.clone(),
-        state: state
-            .as_str_name()
-            .trim_start_matches("RESTORE_STATE_")
-            .to_ascii_lowercase(),
+        state: status.state().label(),
         seq: status.seq,
         bytes_done: status.bytes_done,
         bytes_total: status.bytes_total,
@@ -656,10 +655,9 @@ fn shard_view(shard: &ShardId, status: &v1::RestoreStatus) -> ShardView {
 }
 
 fn status_error(shard: &ShardId, status: &v1::RestoreStatus) -> Error {
-    let state = RestoreState::try_from(status.state).unwrap_or(RestoreState::Unspecified);
     let code = ErrorCode::parse(&status.error_code).unwrap_or(ErrorCode::BackupRestorationFailed);
     let detail = if status.error_message.is_empty() {
-        format!("the agent reports {}", state.as_str_name())
+        format!("the agent reports {}", status.state().label())
     } else {
         status.error_message.clone()
     };
@@ -685,7 +683,7 @@ impl Reporter {
         match outcome {
             Ok(()) => self.view.phase = RestorePhase::Done,
             Err(err) => {
-                tracing::error!(restore = %self.view.restore_id, backup = %self.view.backup_id, error = %err.chain(), "restore failed");
+                tracing::error!(restore = ?self.view.restore_id, backup = %self.view.backup_id, error = %err.chain(), "restore failed");
                 self.view.phase = RestorePhase::Failed;
                 self.view.error = Some((err.code, err.chain()));
             }
@@ -698,17 +696,18 @@ impl Reporter {
     }
 }
 
-/// Runs a planned restore to its end, reporting on `tx`.
+/// Runs a planned restore to its end, reporting on `tx`; on failure or `cancel`, discards
+/// every staged shard.
 pub async fn run(
-    ctx: JobContext,
+    ctx: &ClusterContext,
     plan: RestorePlan,
-    restore_id: String,
+    restore_id: RestoreId,
     tx: Updates,
-    guard: ClusterGuard,
+    cancel: &CancellationToken,
 ) {
     let mut reporter = Reporter {
         view: RestoreView {
-            restore_id: restore_id.clone(),
+            restore_id: Some(restore_id.clone()),
             backup_id: plan.label.clone(),
             phase: RestorePhase::Staging,
             shards: Vec::new(),
@@ -720,17 +719,23 @@ pub async fn run(
         tx,
     };
     tracing::info!(restore = %restore_id, backup = %plan.label, target = ?plan.target, "restore started");
-    let outcome = stage_and_apply(&ctx, &plan, &restore_id, &mut reporter).await;
+    let outcome = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Error::new(
+            ErrorCode::BarrierAborted,
+            "the coordinator is shutting down; the restore was abandoned",
+        )),
+        outcome = stage_and_apply(ctx, &plan, &restore_id, &mut reporter) => outcome,
+    };
     if outcome.is_err() {
-        discard_everywhere(&plan, &restore_id).await;
+        discard_everywhere(ctx, &plan, &restore_id).await;
     } else {
         tracing::info!(restore = %restore_id, backup = %plan.label, "restore done");
     }
-    drop(guard);
     reporter.finish(outcome).await;
 }
 
-fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &str) -> v1::RestoreRequest {
+fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1::RestoreRequest {
     let replays = shard.target > shard.chain_seq;
     v1::RestoreRequest {
         restore_id: restore_id.to_string(),
@@ -751,144 +756,121 @@ fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &str) -> v1::Resto
     }
 }
 
-/// Sends one restore call to every agent of the plan in parallel; replies in plan order.
-async fn on_every_agent<F, Fut>(
+/// The request for the shard `agent` restores.
+fn request_for(
     plan: &RestorePlan,
-    restore_id: &str,
-    what: &str,
-    call: F,
-) -> Vec<Result<v1::RestoreStatus>>
-where
-    F: Fn(AgentClient<Channel>, v1::RestoreRequest) -> Fut,
-    Fut: std::future::Future<
-            Output = std::result::Result<tonic::Response<v1::RestoreStatus>, tonic::Status>,
-        >,
-{
-    join_all(plan.shards.iter().map(|shard| {
-        let agent = &shard.agent;
-        let reply = call(agent.client.clone(), request(plan, shard, restore_id));
-        async move {
-            reply
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| from_status(&format!("{what} shard {}", agent.shard_id), &s))
-        }
-    }))
-    .await
+    agent: &AgentLink,
+    restore_id: &RestoreId,
+) -> v1::RestoreRequest {
+    let shard = plan
+        .shards
+        .iter()
+        .find(|s| s.agent.shard_id == agent.shard_id);
+    shard.map_or_else(v1::RestoreRequest::default, |shard| {
+        request(plan, shard, restore_id)
+    })
+}
+
+fn plan_agents(plan: &RestorePlan) -> Vec<&AgentLink> {
+    plan.shards.iter().map(|s| &s.agent).collect()
 }
 
 /// Best effort: an agent that cannot be reached lost its staging with its process.
-async fn discard_everywhere(plan: &RestorePlan, restore_id: &str) {
-    let discards = plan.shards.iter().map(|shard| {
-        let mut client = shard.agent.client.clone();
-        let request = request(plan, shard, restore_id);
-        async move {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), client.restore_discard(request)).await;
+async fn discard_everywhere(ctx: &ClusterContext, plan: &RestorePlan, restore_id: &RestoreId) {
+    let deadline = Instant::now() + Step::RestoreDiscard.timeout(&ctx.config.barrier);
+    let replies = call_each(
+        plan_agents(plan),
+        Step::RestoreDiscard,
+        deadline,
+        |agent, mut client| {
+            let request = request_for(plan, agent, restore_id);
+            async move { client.restore_discard(request).await }
+        },
+    )
+    .await;
+    for (agent, reply) in plan_agents(plan).into_iter().zip(replies) {
+        if let Err(err) = reply {
+            tracing::warn!(shard = %agent.shard_id, restore = %restore_id, error = %err.chain(), "discard not acknowledged");
         }
-    });
-    join_all(discards).await;
-}
-
-fn joined(errors: &[Error], what: &str) -> Error {
-    let detail = errors
-        .iter()
-        .map(|e| e.message.clone())
-        .collect::<Vec<_>>()
-        .join("; ");
-    let code = errors
-        .first()
-        .map_or(ErrorCode::BackupRestorationFailed, |e| e.code);
-    Error::new(code, format!("{what}: {detail}"))
+    }
 }
 
 async fn stage_and_apply(
-    ctx: &JobContext,
+    ctx: &ClusterContext,
     plan: &RestorePlan,
-    restore_id: &str,
+    restore_id: &RestoreId,
     reporter: &mut Reporter,
 ) -> Result<()> {
+    let barrier = &ctx.config.barrier;
+    let agents = plan_agents(plan);
     // Phase 1: stage everywhere.
-    let stages = on_every_agent(
-        plan,
-        restore_id,
-        "stage",
-        |mut client, request| async move { client.restore_stage(request).await },
-    );
-    let failures: Vec<Error> = stages.await.into_iter().filter_map(|r| r.err()).collect();
+    let deadline = Instant::now() + Step::RestoreStage.timeout(barrier);
+    let stages = call_each(
+        agents.iter().copied(),
+        Step::RestoreStage,
+        deadline,
+        |agent, mut client| {
+            let request = request_for(plan, agent, restore_id);
+            async move { client.restore_stage(request).await }
+        },
+    )
+    .await;
+    let failures: Vec<Error> = stages.into_iter().filter_map(|r| r.err()).collect();
     if !failures.is_empty() {
-        return Err(joined(&failures, "restore refused, nothing changed"));
+        return Err(fleet::joined(&failures, "restore refused, nothing changed"));
     }
 
     let ready_state = match plan.target {
         RestoreTarget::InPlace => RestoreState::Staged,
         RestoreTarget::Directory(_) => RestoreState::Applied,
     };
-    let deadline = Instant::now() + ctx.config.barrier.upload_timeout();
-    let mut every = tokio::time::interval(Duration::from_millis(200));
-    let mut misses = vec![0u32; plan.shards.len()];
-    loop {
-        every.tick().await;
-        if Instant::now() > deadline {
-            return Err(Error::new(
-                ErrorCode::BackupRestorationFailed,
-                "the shards were not downloaded within upload_timeout_ms; nothing changed",
-            ));
-        }
-        let polls = plan.shards.iter().map(|shard| {
-            let mut client = shard.agent.client.clone();
-            let request = request(plan, shard, restore_id);
-            async move {
-                tokio::time::timeout(Duration::from_secs(5), client.restore_status(request)).await
-            }
-        });
-        let mut shards = Vec::new();
-        let mut failures = Vec::new();
-        let mut all_ready = true;
-        for ((agent, reply), misses) in plan
-            .shards
-            .iter()
-            .map(|s| &s.agent)
-            .zip(join_all(polls).await)
-            .zip(misses.iter_mut())
-        {
-            match reply {
-                Ok(Ok(status)) => {
-                    *misses = 0;
-                    let status = status.into_inner();
-                    let state =
-                        RestoreState::try_from(status.state).unwrap_or(RestoreState::Unspecified);
-                    if state == RestoreState::Staging {
-                        all_ready = false;
-                    } else if state != ready_state {
-                        // Failed, or Unknown: the agent restarted and lost its staging.
-                        failures.push(status_error(&agent.shard_id, &status));
+    poll_until(
+        &agents,
+        Step::RestoreStatus,
+        barrier,
+        Instant::now() + barrier.upload_timeout(),
+        Error::new(
+            ErrorCode::BackupRestorationFailed,
+            "the shards were not downloaded within upload_timeout_ms; nothing changed",
+        ),
+        |agent, mut client| {
+            let request = request_for(plan, agent, restore_id);
+            async move { client.restore_status(request).await }
+        },
+        |replies| {
+            let mut shards = Vec::new();
+            let mut failures = Vec::new();
+            let mut all_ready = true;
+            for (agent, reply) in agents.iter().zip(replies) {
+                match reply {
+                    Ok(status) => {
+                        let state = status.state();
+                        if state == RestoreState::Staging {
+                            all_ready = false;
+                        } else if state != ready_state {
+                            // Failed, or Unknown: the agent restarted and lost its staging.
+                            failures.push(status_error(&agent.shard_id, status));
+                        }
+                        shards.push(shard_view(&agent.shard_id, status));
                     }
-                    shards.push(shard_view(&agent.shard_id, &status));
-                }
-                _ => {
-                    all_ready = false;
-                    *misses += 1;
-                    if *misses >= 25 {
-                        failures.push(Error::new(
-                            ErrorCode::AgentUnavailable,
-                            format!("shard {} stopped answering while staging", agent.shard_id),
-                        ));
-                    }
+                    Err(_) => all_ready = false,
                 }
             }
-        }
-        if !shards.is_empty() {
-            reporter.view.shards = shards;
-        }
-        reporter.progress();
-        if !failures.is_empty() {
-            return Err(joined(&failures, "restore failed, nothing changed"));
-        }
-        if all_ready {
-            break;
-        }
-    }
+            if !shards.is_empty() {
+                reporter.view.shards = shards;
+            }
+            reporter.progress();
+            if !failures.is_empty() {
+                return Err(fleet::joined(&failures, "restore failed, nothing changed"));
+            }
+            Ok(if all_ready {
+                Round::Done
+            } else {
+                Round::Continue
+            })
+        },
+    )
+    .await?;
     if plan.target != RestoreTarget::InPlace {
         return check_cut(plan, &reporter.view);
     }
@@ -896,19 +878,23 @@ async fn stage_and_apply(
     // Phase 2: every shard is staged and checked; swap them in.
     reporter.view.phase = RestorePhase::Applying;
     reporter.progress();
-    let applies = on_every_agent(
-        plan,
-        restore_id,
-        "apply",
-        |mut client, request| async move { client.restore_apply(request).await },
+    let deadline = Instant::now() + Step::RestoreApply.timeout(barrier);
+    let applies = call_each(
+        agents.iter().copied(),
+        Step::RestoreApply,
+        deadline,
+        |agent, mut client| {
+            let request = request_for(plan, agent, restore_id);
+            async move { client.restore_apply(request).await }
+        },
     )
     .await;
     let mut applied = Vec::new();
     let mut failures = Vec::new();
     let mut shards = Vec::new();
-    for (agent, reply) in plan.shards.iter().map(|s| &s.agent).zip(applies) {
+    for (agent, reply) in agents.iter().zip(applies) {
         match reply {
-            Ok(status) if status.state == RestoreState::Applied as i32 => {
+            Ok(status) if status.state() == RestoreState::Applied => {
                 applied.push(agent.shard_id.to_string());
                 shards.push(shard_view(&agent.shard_id, &status));
             }
@@ -928,7 +914,7 @@ async fn stage_and_apply(
         } else {
             applied.join(", ")
         };
-        return Err(joined(
+        return Err(fleet::joined(
             &failures,
             &format!("restore incomplete (shards already replaced: {replaced}); rerun the restore"),
         ));

@@ -12,21 +12,21 @@ use lockstep_repository::manifest::{BackupKind, BackupManifest};
 use lockstep_repository::verify::{VerifyLevel, verify, verify_wal};
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::backup::{JobView, clean_leftovers};
 use crate::config::Config;
-use crate::job::{
-    AgentLink, JobContext, JobState, JobView, JobsHandle, agent_links, clean_leftovers,
-};
+use crate::fleet::{AgentLink, Step, agent_links, call_each};
+use crate::ops::{ClusterContext, ClusterOps, RestoreOrder};
 use crate::restore::RestoreTarget;
 
+/// The handlers: they validate, then read the repository or hand the operation to
+/// `ClusterOps` and await its reply (cancel-safe: dropping them cancels nothing).
 struct CoordinatorApi {
-    config: Arc<Config>,
-    repo: Repository,
-    agents: Vec<AgentLink>,
-    jobs: JobsHandle,
-    ctx: JobContext,
+    ctx: ClusterContext,
+    ops: ClusterOps,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -35,7 +35,6 @@ fn status(err: Error) -> Status {
     to_status(&err)
 }
 
-/// Resolves `latest` or validates an id.
 /// What a restore request asks for: a backup, a sequence vector or a time (exactly one).
 async fn point_in_time(
     repo: &Repository,
@@ -136,15 +135,19 @@ impl Coordinator for CoordinatorApi {
         let request = request.into_inner();
         let target =
             RestoreTarget::from_request(request.in_place, &request.target_dir).map_err(status)?;
-        let point = point_in_time(&self.repo, &request).await.map_err(status)?;
-        let plan = crate::restore::plan(&self.ctx, point, target, Some(request.wal_from.clone()))
+        let point = point_in_time(&self.ctx.repo, &request)
             .await
             .map_err(status)?;
+        let wal_from = Some(request.wal_from.clone());
         if request.dry_run {
+            // A plan only reads: it needs no hold on the cluster.
+            let plan = crate::restore::plan(&self.ctx, point, target, wal_from)
+                .await
+                .map_err(status)?;
             let view = crate::restore::RestoreView {
-                restore_id: String::new(),
+                restore_id: None,
                 backup_id: plan.label.clone(),
-                phase: crate::restore::RestorePhase::Done,
+                phase: v1::RestorePhase::Done,
                 shards: Vec::new(),
                 error: None,
                 plan: plan.to_wire(),
@@ -157,21 +160,13 @@ impl Coordinator for CoordinatorApi {
                 rx,
             )));
         }
-        let guard = self
-            .ctx
-            .cluster
-            .try_hold(format!("restore to {}", plan.label))
-            .map_err(status)?;
-        let restore_id = format!("rs-{}", uuid::Uuid::new_v4().simple());
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        // The restore runs in its own task: a client that goes away does not cut it short.
-        tokio::spawn(crate::restore::run(
-            self.ctx.clone(),
-            plan,
-            restore_id,
-            tx,
-            guard,
-        ));
+        let order = RestoreOrder {
+            point,
+            target,
+            wal_from,
+        };
+        self.ops.restore(order, tx).await.map_err(status)?;
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
@@ -187,7 +182,7 @@ impl Coordinator for CoordinatorApi {
         } else {
             kind.parse().map_err(status)?
         };
-        let job = self.jobs.create(kind).await.map_err(status)?;
+        let job = self.ops.backup(kind).await.map_err(status)?;
         Ok(Response::new(job.to_wire()))
     }
 
@@ -196,34 +191,26 @@ impl Coordinator for CoordinatorApi {
         request: Request<v1::GetBackupJobRequest>,
     ) -> Reply<v1::BackupJob> {
         let backup = BackupId::new(request.into_inner().backup_id).map_err(status)?;
-        if let Some(job) = self.jobs.get(backup.clone()).await.map_err(status)? {
+        if let Some(job) = self.ops.job(backup.clone()).await.map_err(status)? {
             return Ok(Response::new(job.to_wire()));
         }
         // Not remembered (e.g. the coordinator restarted): the repository decides.
-        let state = if self.repo.backup_exists(&backup).await.map_err(status)? {
-            JobState::Committed
-        } else {
+        if !self.ctx.repo.backup_exists(&backup).await.map_err(status)? {
             return Err(status(Error::new(
                 ErrorCode::BackupNotFound,
                 format!("no backup or job {backup}"),
             )));
-        };
-        Ok(Response::new(
-            JobView {
-                backup_id: backup,
-                state,
-                shards: Vec::new(),
-                error: None,
-            }
-            .to_wire(),
-        ))
+        }
+        let mut job = JobView::new(backup);
+        job.state = v1::JobState::Committed;
+        Ok(Response::new(job.to_wire()))
     }
 
     async fn list_backups(
         &self,
         _request: Request<v1::ListBackupsRequest>,
     ) -> Reply<v1::ListBackupsReply> {
-        let backups = self.repo.backups().await.map_err(status)?;
+        let backups = self.ctx.repo.backups().await.map_err(status)?;
         let backups = backups
             .into_iter()
             .map(|(id, manifest)| match manifest {
@@ -239,10 +226,15 @@ impl Coordinator for CoordinatorApi {
     }
 
     async fn get_backup(&self, request: Request<v1::GetBackupRequest>) -> Reply<v1::BackupInfo> {
-        let backup = resolve_backup(&self.repo, &request.into_inner().backup_id)
+        let backup = resolve_backup(&self.ctx.repo, &request.into_inner().backup_id)
             .await
             .map_err(status)?;
-        let manifest = self.repo.backup_manifest(&backup).await.map_err(status)?;
+        let manifest = self
+            .ctx
+            .repo
+            .backup_manifest(&backup)
+            .await
+            .map_err(status)?;
         Ok(Response::new(backup_info(&manifest)))
     }
 
@@ -252,10 +244,10 @@ impl Coordinator for CoordinatorApi {
     ) -> Reply<v1::VerifyBackupReply> {
         let request = request.into_inner();
         let backups = if request.backup_id.is_empty() {
-            self.repo.backup_ids().await.map_err(status)?
+            self.ctx.repo.backup_ids().await.map_err(status)?
         } else {
             vec![
-                resolve_backup(&self.repo, &request.backup_id)
+                resolve_backup(&self.ctx.repo, &request.backup_id)
                     .await
                     .map_err(status)?,
             ]
@@ -271,17 +263,17 @@ impl Coordinator for CoordinatorApi {
         } else {
             VerifyLevel::Quick
         };
-        let mut report = verify(&self.repo, &backups, level, 8)
+        let mut report = verify(&self.ctx.repo, &backups, level, 8)
             .await
             .map_err(status)?;
         // Verifying everything includes the WAL archive's continuity (the PITR window).
         if request.backup_id.is_empty()
-            && let Some(url) = &self.config.wal_archive
+            && let Some(url) = &self.ctx.config.wal_archive
         {
             let archive = lockstep_proto::archive::open_archive(url)
                 .await
                 .map_err(status)?;
-            verify_wal(&mut report, &archive, &self.config.shard_ids(), level)
+            verify_wal(&mut report, &archive, &self.ctx.config.shard_ids(), level)
                 .await
                 .map_err(status)?;
         }
@@ -297,47 +289,19 @@ impl Coordinator for CoordinatorApi {
         request: Request<v1::DeleteBackupRequest>,
     ) -> Reply<v1::DeleteBackupReply> {
         let backup = BackupId::new(request.into_inner().backup_id).map_err(status)?;
-        // Held while checking and deleting, so no incremental picks this backup as its parent
-        // in between.
-        let _cluster = self
-            .ctx
-            .cluster
-            .try_hold(format!("delete of backup {backup}"))
-            .map_err(status)?;
-        // An incremental or differential backup restores through its parent.
-        let children: Vec<String> = self
-            .repo
-            .backups()
-            .await
-            .map_err(status)?
-            .into_iter()
-            .filter_map(|(_, manifest)| manifest.ok())
-            .filter(|m| m.parent.as_ref() == Some(&backup))
-            .map(|m| m.backup_id.to_string())
-            .collect();
-        if !children.is_empty() {
-            return Err(status(Error::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "backup {backup} is the parent of {}; delete those first",
-                    children.join(", ")
-                ),
-            )));
-        }
-        self.repo.delete_backup(&backup).await.map_err(status)?;
+        self.ops.delete(backup).await.map_err(status)?;
         Ok(Response::new(v1::DeleteBackupReply {}))
     }
 
     async fn create_tag(&self, request: Request<v1::CreateTagRequest>) -> Reply<v1::TagInfo> {
         let name = lockstep_repository::TagName::new(request.into_inner().name).map_err(status)?;
-        let tag = crate::tag::create_tag(&self.ctx, name, false)
-            .await
-            .map_err(status)?;
+        let tag = self.ops.tag(name).await.map_err(status)?;
         Ok(Response::new(crate::tag::tag_info(&tag)))
     }
 
     async fn list_tags(&self, _request: Request<v1::ListTagsRequest>) -> Reply<v1::ListTagsReply> {
         let mut tags: Vec<v1::TagInfo> = self
+            .ctx
             .repo
             .tags()
             .await
@@ -360,20 +324,22 @@ impl Coordinator for CoordinatorApi {
         &self,
         _request: Request<v1::ClusterStatusRequest>,
     ) -> Reply<v1::ClusterStatusReply> {
-        let describes = self.agents.iter().map(|agent| {
-            let mut client = agent.client.clone();
-            async move {
-                let reply = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    client.describe(v1::DescribeRequest {}),
-                )
-                .await;
-                (agent, reply)
-            }
-        });
-        let mut agents = Vec::new();
-        for (agent, reply) in futures::future::join_all(describes).await {
-            let (raid_group, role) = self.config.group_of(&agent.shard_id).unwrap_or_default();
+        let agents = &self.ctx.agents;
+        let deadline = Instant::now() + Step::Describe.timeout(&self.ctx.config.barrier);
+        let replies = call_each(
+            agents.iter(),
+            Step::Describe,
+            deadline,
+            |_, mut client| async move { client.describe(v1::DescribeRequest {}).await },
+        )
+        .await;
+        let mut rows = Vec::new();
+        for (agent, reply) in agents.iter().zip(replies) {
+            let (raid_group, role) = self
+                .ctx
+                .config
+                .group_of(&agent.shard_id)
+                .unwrap_or_default();
             let mut row = v1::AgentStatus {
                 shard_id: agent.shard_id.to_string(),
                 endpoint: agent.endpoint.clone(),
@@ -382,8 +348,7 @@ impl Coordinator for CoordinatorApi {
                 ..Default::default()
             };
             match reply {
-                Ok(Ok(info)) => {
-                    let info = info.into_inner();
+                Ok(info) => {
                     row.reachable = true;
                     row.seq = info.seq;
                     row.gate_closed = info.gate_closed;
@@ -394,16 +359,18 @@ impl Coordinator for CoordinatorApi {
                         );
                     }
                 }
-                Ok(Err(err)) => row.error = err.message().to_string(),
-                Err(_) => row.error = "no answer within 2s".into(),
+                Err(err) => row.error = err.message,
             }
-            agents.push(row);
+            rows.push(row);
         }
-        let running = self.jobs.running().await.map_err(status)?;
+        let running = self.ops.running().await.map_err(status)?;
         Ok(Response::new(v1::ClusterStatusReply {
-            agents,
-            repository: self.repo.url().to_string(),
-            running_backup_id: running.map(|b| b.to_string()).unwrap_or_default(),
+            agents: rows,
+            repository: self.ctx.repo.url().to_string(),
+            running_backup_id: running
+                .and_then(|r| r.backup)
+                .map(|b| b.to_string())
+                .unwrap_or_default(),
         }))
     }
 
@@ -411,26 +378,23 @@ impl Coordinator for CoordinatorApi {
         &self,
         _request: Request<v1::WalStatusRequest>,
     ) -> Reply<v1::ClusterWalStatus> {
-        let asks = self.agents.iter().map(|agent| {
-            let mut client = agent.client.clone();
-            async move {
-                let reply = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    client.wal_status(v1::WalStatusRequest {}),
-                )
-                .await;
-                (agent, reply)
-            }
-        });
+        let agents = &self.ctx.agents;
+        let deadline = Instant::now() + Step::WalStatus.timeout(&self.ctx.config.barrier);
+        let replies = call_each(
+            agents.iter(),
+            Step::WalStatus,
+            deadline,
+            |_, mut client| async move { client.wal_status(v1::WalStatusRequest {}).await },
+        )
+        .await;
         let mut out = v1::ClusterWalStatus::default();
-        for (agent, reply) in futures::future::join_all(asks).await {
+        for (agent, reply) in agents.iter().zip(replies) {
             let error = match reply {
-                Ok(Ok(status)) => {
-                    out.shards.push(status.into_inner());
+                Ok(status) => {
+                    out.shards.push(status);
                     continue;
                 }
-                Ok(Err(err)) => err.message().to_string(),
-                Err(_) => "no answer within 2s".to_string(),
+                Err(err) => err.message,
             };
             out.unreachable.push(v1::AgentStatus {
                 shard_id: agent.shard_id.to_string(),
@@ -479,26 +443,17 @@ where
 {
     let config = Arc::new(config);
     let repo = Repository::open(&config.repository).await?;
-    let ctx = JobContext {
+    let ctx = ClusterContext {
         config: config.clone(),
         repo: repo.clone(),
-        agents: agents.clone(),
-        cluster: Arc::default(),
+        agents: agents.into(),
     };
     let cleaned = clean_leftovers(&ctx).await?;
     if !cleaned.is_empty() {
         tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups");
     }
     let mut tasks = JoinSet::new();
-    let jobs = JobsHandle::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
-    if config.tags.auto_every_s > 0 {
-        let every = std::time::Duration::from_secs(config.tags.auto_every_s);
-        tasks.spawn(crate::tag::auto_tags(
-            ctx.clone(),
-            every,
-            shutdown.child_token(),
-        ));
-    }
+    let ops = ClusterOps::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorApi>>()
@@ -508,13 +463,7 @@ where
             Error::with_source(ErrorCode::InvalidArgument, "build gRPC reflection", err)
         })?;
     let archive_repo = repo.clone();
-    let api = CoordinatorApi {
-        config,
-        repo,
-        agents,
-        jobs,
-        ctx,
-    };
+    let api = CoordinatorApi { ctx, ops };
     on_ready();
     let result = tonic::transport::Server::builder()
         .add_service(health)

@@ -6,8 +6,8 @@
 //! tag names one consistent cut, exactly as a backup's cut; restoring it replays the WAL from
 //! the latest backup at or before each shard's point.
 //!
-//! `auto_tags` takes `auto-<UTC time>` tags every N seconds; a tick that finds the cluster
-//! busy with a backup or restore is skipped, not queued.
+//! Tags run as operations of `ClusterOps`, which also takes the automatic `auto-<UTC time>`
+//! tags every `[tags] auto_every_s`.
 //!
 //! Architecture invariant: a tag is written only after every agent of the topology was
 //! Prepared within the deadline and accepted the Commit; a failed tag barrier is aborted
@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use chrono::Utc;
 use lockstep_proto::v1::{self, BarrierState};
@@ -27,11 +26,16 @@ use lockstep_repository::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::job::{JobContext, JobState, JobView, abort_everywhere, barrier};
+use crate::backup::{JobView, abort_everywhere, barrier};
+use crate::ops::ClusterContext;
 
-/// Takes tag `name` across the whole cluster.
-pub async fn create_tag(ctx: &JobContext, name: TagName, automatic: bool) -> Result<TagManifest> {
-    ctx.require_agents("take a tag")?;
+/// Takes tag `name` across the whole cluster; on failure or `cancel`, aborts everywhere.
+pub async fn create_tag(
+    ctx: &ClusterContext,
+    name: TagName,
+    automatic: bool,
+    cancel: &CancellationToken,
+) -> Result<TagManifest> {
     match ctx.repo.tag(&name).await {
         Ok(_) => {
             return Err(Error::new(
@@ -42,34 +46,34 @@ pub async fn create_tag(ctx: &JobContext, name: TagName, automatic: bool) -> Res
         Err(err) if err.code == ErrorCode::BackupNotFound => {}
         Err(err) => return Err(err),
     }
-    let _guard = ctx.cluster.try_hold(format!("tag {name}"))?;
     // The agents key barriers by id; a tag's barrier gets a fresh one.
     let id = BackupId::generate();
-    let view = Arc::new(Mutex::new(JobView {
-        backup_id: id.clone(),
-        state: JobState::Preparing,
-        shards: Vec::new(),
-        error: None,
-    }));
+    let view = Arc::new(Mutex::new(JobView::new(id.clone())));
     let lease_ms = ctx.config.barrier.lease_ms;
     let created_at = Utc::now();
-    let prepared = barrier(
-        ctx,
-        &id,
-        &view,
-        |_| v1::PrepareRequest {
-            backup_id: id.to_string(),
-            lease_ms,
-            capture: v1::CaptureMode::Point as i32,
-            ..Default::default()
-        },
-        &[BarrierState::Uploaded],
-    )
-    .await;
+    let prepared = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Error::new(
+            ErrorCode::BarrierAborted,
+            "the coordinator is shutting down; the tag was aborted",
+        )),
+        prepared = barrier(
+            ctx,
+            &id,
+            &view,
+            |_| v1::PrepareRequest {
+                backup_id: id.to_string(),
+                lease_ms,
+                capture: v1::CaptureMode::Point as i32,
+                ..Default::default()
+            },
+            &[BarrierState::Uploaded],
+        ) => prepared,
+    };
     let prepared = match prepared {
         Ok(prepared) => prepared,
         Err(err) => {
-            abort_everywhere(&ctx.agents, &id).await;
+            abort_everywhere(ctx, &id).await;
             return Err(err.context(format!("tag {name}")));
         }
     };
@@ -122,36 +126,5 @@ pub fn tag_info(tag: &TagManifest) -> v1::TagInfo {
         max_gate_closed_us: tag.max_gate_closed_us,
         automatic: tag.automatic,
         error_code: String::new(),
-    }
-}
-
-/// Takes an `auto-...` tag every `every`, until `cancel` fires.
-pub async fn auto_tags(ctx: JobContext, every: Duration, cancel: CancellationToken) {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            // Fixed polling order: the simulations replay a seed exactly.
-            biased;
-            _ = cancel.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let name = format!("auto-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
-        let name = match TagName::new(name) {
-            Ok(name) => name,
-            Err(err) => {
-                tracing::error!(error = %err.chain(), "automatic restore point name");
-                continue;
-            }
-        };
-        match create_tag(&ctx, name.clone(), true).await {
-            Ok(_) => {}
-            Err(err) if err.code == ErrorCode::BarrierBusy => {
-                tracing::info!(tag = %name, reason = %err.message, "automatic restore point skipped");
-            }
-            Err(err) => {
-                tracing::warn!(tag = %name, error = %err.chain(), "automatic restore point failed")
-            }
-        }
     }
 }

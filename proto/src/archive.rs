@@ -33,7 +33,16 @@ pub async fn open_archive(url: &str) -> Result<WalArchive> {
                 err,
             )
         })?;
-    Ok(remote(url, crate::long_lived(endpoint).connect_lazy()))
+    Ok(remote(url, channel_settings(endpoint).connect_lazy()))
+}
+
+/// The longest one archive call (a segment put or get of up to `MAX_MESSAGE_BYTES`) may take.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The channel settings of a remote archive: the long-lived settings, every call bounded by
+/// `CALL_TIMEOUT`.
+pub fn channel_settings(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
+    crate::long_lived(endpoint).timeout(CALL_TIMEOUT)
 }
 
 /// The remote archive `url` reached through `channel` (the simulations pass one over their

@@ -6,8 +6,8 @@
 use std::fmt;
 
 /// A stable, documented error code (the ThemisDB seed codes plus Lockstep's own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+/// Serialized as operators see it (`ERR_BACKUP_CHECKSUM_MISMATCH`), the same in JSON as in text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     BackupCreationFailed,
     BackupRestorationFailed,
@@ -181,7 +181,9 @@ impl ErrorCode {
             ErrorCode::ShardEngineFailed => {
                 "check the agent log and the shard's disk; the engine's message is above"
             }
-            ErrorCode::BarrierBusy => "wait for the running backup to finish, then retry",
+            ErrorCode::BarrierBusy => {
+                "wait for the running operation named above to finish (`lockstep cluster status`), then retry"
+            }
             ErrorCode::AgentUnavailable => {
                 "check that the agent named above is running and reachable (`lockstep cluster status`)"
             }
@@ -200,8 +202,23 @@ impl ErrorCode {
             | ErrorCode::BackupVerificationFailed
             | ErrorCode::BackupDecompressionFailed => 4,
             ErrorCode::StorageDiskFull => 5,
+            ErrorCode::AgentUnavailable | ErrorCode::StorageUnavailable => 6,
             _ => 1,
         }
+    }
+}
+
+impl serde::Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        ErrorCode::parse(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown error code {name:?}")))
     }
 }
 
@@ -305,6 +322,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_spells_codes_as_text_does() {
+        let json = serde_json::to_string(&ErrorCode::BackupChecksumMismatch).expect("serialize");
+        assert_eq!(json, "\"ERR_BACKUP_CHECKSUM_MISMATCH\"");
+        let back: ErrorCode = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, ErrorCode::BackupChecksumMismatch);
+        assert!(serde_json::from_str::<ErrorCode>("\"BACKUP_CHECKSUM_MISMATCH\"").is_err());
+    }
+
+    #[test]
+    fn unreachable_has_its_own_exit_code() {
+        assert_eq!(ErrorCode::AgentUnavailable.exit_code(), 6);
+        assert_ne!(
+            ErrorCode::AgentUnavailable.exit_code(),
+            ErrorCode::BackupVerificationFailed.exit_code()
+        );
+    }
+
+    #[test]
     fn disk_full_io_errors_get_their_own_code() {
         let err = Error::io(
             ErrorCode::BackupRestorationFailed,
@@ -334,12 +369,6 @@ mod tests {
         assert_eq!(
             ErrorCode::BackupChecksumMismatch.to_string(),
             "ERR_BACKUP_CHECKSUM_MISMATCH"
-        );
-        assert_eq!(
-            serde_json::to_string(&ErrorCode::BackupManifestCorrupt)
-                .ok()
-                .as_deref(),
-            Some("\"BACKUP_MANIFEST_CORRUPT\"")
         );
     }
 }

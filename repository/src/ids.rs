@@ -96,6 +96,19 @@ string_id!(
     "tag name"
 );
 
+string_id!(
+    /// A cluster restore, e.g. `rs-3fa9...`: names one restore on every agent it involves.
+    RestoreId,
+    "restore id"
+);
+
+impl RestoreId {
+    /// A fresh random id in the `rs-` form.
+    pub fn generate() -> RestoreId {
+        RestoreId(format!("rs-{}", uuid::Uuid::new_v4().simple()))
+    }
+}
+
 impl BackupId {
     /// A fresh id from the wall clock (to the millisecond, so ids of one coordinator sort in
     /// creation order) and four random hex digits, in the seed's `bk-` form.

@@ -6,7 +6,8 @@
 //! `verify` checks what is stored. `wal` is the segment format and `archive` the one API over
 //! every place segments live. `error` defines the seed error codes used everywhere.
 //! `buffers` and `direct` keep chunk data page-aligned and write it around the page cache
-//! on local disks.
+//! on local disks. `remembered` is the bounded map of outcomes the agent's and the
+//! coordinator's actors answer repeated requests from.
 //!
 //! Architecture invariant: this crate never links RocksDB; the coordinator depends on it.
 //! Architecture invariant: publish order is objects, then shard manifests, then the backup
@@ -21,11 +22,12 @@ pub mod error;
 pub mod ids;
 pub mod layout;
 pub mod manifest;
+pub mod remembered;
 pub mod repository;
 pub mod transfer;
 pub mod verify;
 pub mod wal;
 
 pub use error::{Error, ErrorCode, Result, Severity};
-pub use ids::{BackupId, HlcTime, ObjectId, Seq, ShardId, TagName, Timeline};
+pub use ids::{BackupId, HlcTime, ObjectId, RestoreId, Seq, ShardId, TagName, Timeline};
 pub use repository::Repository;

@@ -17,9 +17,9 @@ use lockstep_agent::engine::{MemEngine, ShardEngine};
 use lockstep_agent::participant::PlantedBug;
 use lockstep_agent::server::{AgentParts, serve_incoming};
 use lockstep_agent::shipper::ShipperOptions;
-use lockstep_agent::slot::EngineSlot;
+use lockstep_agent::startup::{BackgroundPriority, ShardSource, Startup, prepare_serving};
 use lockstep_coordinator::config::{AgentConfig, BarrierConfig, Config, TagsConfig};
-use lockstep_coordinator::job::AgentLink;
+use lockstep_coordinator::fleet::AgentLink;
 use lockstep_proto::v1;
 use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::coordinator_client::CoordinatorClient;
@@ -102,6 +102,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
             // host's clock would make a seed's run depend on the host.
             close_lead_ms: 0,
             upload_timeout_ms: 30_000,
+            ..BarrierConfig::default()
         },
         agents: shards
             .iter()
@@ -195,8 +196,17 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                 if let Ok(mut all) = gates.lock() {
                     all[i] = gate.clone();
                 }
+                // The binary's start-up, on the engine that outlived the agent's last run, at
+                // the agent's own priority (nothing process-wide changes under simulation).
+                let slot = prepare_serving(Startup {
+                    dir: shard_dir,
+                    capture_root: captures.clone(),
+                    priority: BackgroundPriority::Normal,
+                    source: ShardSource::Running(engine),
+                })
+                .await?;
                 let parts = AgentParts {
-                    slot: Arc::new(EngineSlot::new(shard_dir, engine)?),
+                    slot,
                     repo: Repository::open(&repository).await?,
                     shard_id: ShardId::new(format!("shard-{i}"))?,
                     options: BackupOptions {
@@ -210,7 +220,10 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         destinations: vec![lockstep_proto::archive::remote(
                             &format!("lockstep://{REGION}:{REGION_PORT}"),
                             connect(
-                                lockstep_proto::long_lived(endpoint(REGION, REGION_PORT)),
+                                lockstep_proto::archive::channel_settings(endpoint(
+                                    REGION,
+                                    REGION_PORT,
+                                )),
                                 REGION,
                                 REGION_PORT,
                             ),

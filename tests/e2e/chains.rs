@@ -153,7 +153,9 @@ async fn chains_of_incrementals_differentials_and_tags_restore_exactly_to_their_
     // The plan of the last incremental names the full base and the chain.
     let last = backups.last().expect("backups").0.clone();
     let dry = json(&cluster.lockstep(&["restore", &last, "--in-place", "--dry-run", "--json"]));
-    for plan in dry["plan"].as_array().expect("plan") {
+    let plans = dry["plan"].as_array().expect("plan");
+    assert_eq!(plans.len(), N_AGENTS, "one plan per shard: {dry:#}");
+    for plan in plans {
         assert_eq!(plan["base_backup_id"], full.as_str(), "{dry:#}");
         let chain: Vec<&str> = plan["chain"]
             .as_array()

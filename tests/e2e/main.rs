@@ -10,6 +10,7 @@ mod corruption;
 mod disk_full;
 mod faults;
 mod model;
+mod operations;
 mod pitr;
 mod proxy;
 mod round_trip;

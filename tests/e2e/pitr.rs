@@ -169,7 +169,9 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
         "--json",
     ]);
     let dry = json(&dry);
-    for (i, plan) in dry["plan"].as_array().expect("plan").iter().enumerate() {
+    let plans = dry["plan"].as_array().expect("plan");
+    assert_eq!(plans.len(), cut.len(), "one plan per shard: {dry:#}");
+    for (i, plan) in plans.iter().enumerate() {
         assert_eq!(plan["base_backup_id"], backup_id.as_str());
         assert_eq!(plan["base_seq"], cut[i]);
         assert_eq!(plan["target_seq"], ends[i]);
@@ -242,7 +244,9 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
             .is_some_and(|n| n.contains("snapped to backup")),
         "{snapped:#}"
     );
-    for (i, plan) in snapped["plan"].as_array().expect("plan").iter().enumerate() {
+    let plans = snapped["plan"].as_array().expect("plan");
+    assert_eq!(plans.len(), cut.len(), "one plan per shard: {snapped:#}");
+    for (i, plan) in plans.iter().enumerate() {
         assert_eq!(plan["target_seq"], cut[i]);
     }
     let no_offset = cluster.lockstep(&[

@@ -4,5 +4,5 @@ use clap::Parser;
 use lockstep_agent::cli::{Cli, run};
 
 fn main() -> std::process::ExitCode {
-    lockstep_proto::run_binary("warn", run(Cli::parse()))
+    lockstep_process::run_binary("warn", run(Cli::parse()))
 }

@@ -529,5 +529,6 @@ macro_rules! conformance_suite {
     };
 }
 
+#[cfg(feature = "rocksdb")]
 conformance_suite!(rocks, super::super::RocksEngine);
 conformance_suite!(mem, super::super::MemEngine);

@@ -1,13 +1,16 @@
 //! The `ShardEngine` trait: the narrow interface the rest of the agent uses to reach a shard.
 //!
-//! Two implementations: `RocksEngine` on RocksDB, and `MemEngine`, an in-memory model for
-//! simulations and fast tests. One conformance suite (`conformance.rs`) runs against both;
-//! the model is trusted only because that suite passes on both.
+//! Two implementations: `RocksEngine` on RocksDB (with the `rocksdb` cargo feature, on by
+//! default), and `MemEngine`, an in-memory model for simulations and fast tests. One
+//! conformance suite (`conformance.rs`) runs against both; the model is trusted only because
+//! that suite passes on both. Code that picks an engine by name does it through
+//! [`with_engine!`], the one place that knows which engines this build has.
 //!
 //! Every method blocks: call them through `lockstep_repository::blocking::run` (the blocking
 //! pool, or inline in simulations) or from a dedicated thread.
 
 mod mem;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 
 #[cfg(test)]
@@ -21,7 +24,45 @@ use lockstep_repository::{Error, ErrorCode, HlcTime, Result, Seq};
 
 use crate::hlc::HlcClock;
 pub use mem::MemEngine;
+#[cfg(feature = "rocksdb")]
 pub use rocks::RocksEngine;
+
+/// Evaluates `$body` with `$engine` naming the engine type whose [`ShardEngine::kind`] is
+/// `$name`: `rocksdb` or `memory`. Any other name is an error, as is `rocksdb` in a build
+/// without the `rocksdb` feature ([`unknown_engine`]); `$body` is a `Result`.
+macro_rules! with_engine {
+    ($name:expr, |$engine:ident| $body:expr) => {
+        match $name {
+            #[cfg(feature = "rocksdb")]
+            "rocksdb" => {
+                type $engine = $crate::engine::RocksEngine;
+                $body
+            }
+            "memory" => {
+                type $engine = $crate::engine::MemEngine;
+                $body
+            }
+            other => Err($crate::engine::unknown_engine(other)),
+        }
+    };
+}
+pub(crate) use with_engine;
+
+/// The error for an engine name this build cannot open: `rocksdb` without the `rocksdb`
+/// feature is a bad request with the fix in it; any other name is a corrupt manifest.
+pub(crate) fn unknown_engine(name: &str) -> Error {
+    if name == "rocksdb" {
+        Error::new(
+            ErrorCode::InvalidArgument,
+            "this lockstep-agent was built without RocksDB; build it with the `rocksdb` feature (on by default) or use the memory engine",
+        )
+    } else {
+        Error::new(
+            ErrorCode::BackupManifestCorrupt,
+            format!("unknown engine {name:?}"),
+        )
+    }
+}
 
 /// The column family every shard has.
 pub const DEFAULT_CF: &str = "default";
@@ -281,13 +322,6 @@ pub trait ShardEngine: Send + Sync + 'static {
     fn capture(&self, dir: &Path) -> Result<Capture>;
 }
 
-pub(crate) fn engine_error(
-    what: impl Into<String>,
-    err: impl std::error::Error + Send + Sync + 'static,
-) -> Error {
-    Error::with_source(ErrorCode::ShardEngineFailed, what, err)
-}
-
 pub(crate) fn unknown_cf(cf: &str) -> Error {
     Error::new(
         ErrorCode::InvalidArgument,
@@ -335,4 +369,35 @@ pub(crate) fn list_capture(dir: &Path, incarnation: Option<&str>) -> Result<Vec<
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine_named(name: &str) -> Result<&'static str> {
+        with_engine!(name, |E| Ok(std::any::type_name::<E>()))
+    }
+
+    #[test]
+    fn engines_are_picked_by_their_kind_and_a_missing_one_is_a_clear_error() {
+        assert_eq!(
+            engine_named("memory").expect("memory"),
+            std::any::type_name::<MemEngine>()
+        );
+        let unknown = engine_named("leveldb").expect_err("no such engine");
+        assert_eq!(unknown.code, ErrorCode::BackupManifestCorrupt);
+        let rocksdb = engine_named("rocksdb");
+        #[cfg(feature = "rocksdb")]
+        assert_eq!(
+            rocksdb.expect("rocksdb"),
+            std::any::type_name::<RocksEngine>()
+        );
+        #[cfg(not(feature = "rocksdb"))]
+        {
+            let err = rocksdb.expect_err("built without RocksDB");
+            assert_eq!(err.code, ErrorCode::InvalidArgument);
+            assert!(err.message.contains("`rocksdb` feature"), "{err}");
+        }
+    }
 }

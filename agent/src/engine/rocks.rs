@@ -29,10 +29,17 @@ use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions};
 
 use super::{
-    Capture, EngineConfig, Op, SeqRange, ShardEngine, WalBatch, WriteBatch, engine_error,
-    list_capture, unknown_cf,
+    Capture, EngineConfig, Op, SeqRange, ShardEngine, WalBatch, WriteBatch, list_capture,
+    unknown_cf,
 };
 use crate::hlc::HlcClock;
+
+fn engine_error(
+    what: impl Into<String>,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::with_source(ErrorCode::ShardEngineFailed, what, err)
+}
 
 const INCARNATION_FILE: &str = "LOCKSTEP-INCARNATION";
 const HLC_MAGIC: &[u8; 4] = b"LKH1";

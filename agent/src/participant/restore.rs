@@ -1,0 +1,703 @@
+//! The participant's side of the cluster restore (ARCHITECTURE.md, "The cluster restore
+//! protocol"): stage a backup of the shard beside it (or into a target directory), then swap
+//! it in under the closed gate, or discard it.
+//!
+//! A restore's state is one value. While it holds the shard it is the active restore, whose
+//! [`Phase`] owns what it holds: `Staging` (the staging task and its progress) or `Staged` (the
+//! checked shard, waiting for Apply). When it ends, its final status (`Applied`, `Discarded`
+//! or `Failed`) joins the last 256 outcomes, which answer repeated and late messages.
+//!
+//! Duplicated or reordered messages change nothing:
+//! - RestoreStage for a known id returns its status (one staging per id); a new one while a
+//!   barrier or another restore holds the shard is refused with `ERR_BARRIER_BUSY`.
+//! - RestoreApply swaps only a `Staged` restore; repeated, before staging ended, or after a
+//!   discard, it returns the status; for an id never staged it is `ERR_INVALID_ARGUMENT`.
+//! - RestoreDiscard ends a `Staging` restore (its task is cancelled) or a `Staged` one (its
+//!   directory is removed); after Apply, or for an unknown id, it returns the status.
+//!
+//! Invariant: the live shard changes only in Apply, under the closed gate, and a restore
+//! holds the shard (no barrier starts) while it is staging or staged.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use lockstep_repository::transfer::Progress;
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
+use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::{Msg as ParticipantMsg, ParticipantHandle, REMEMBERED, ShardParts};
+use crate::engine::ShardEngine;
+use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_empty, stage_shard};
+use lockstep_repository::remembered::Remembered;
+
+/// A restore of this agent's shard.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub restore_id: String,
+    /// The full backup to start from; `None` starts from an empty shard and replays the WAL
+    /// archive from sequence 1 (the backup repository is gone).
+    pub backup: Option<BackupId>,
+    /// A directory to restore into; `None` replaces the live shard.
+    pub target: Option<PathBuf>,
+    /// Incremental and differential backups whose WAL pieces are replayed after `backup`, in
+    /// this order.
+    pub chain: Vec<BackupId>,
+    /// Point-in-time recovery: then replay the WAL archive at this URL, on this timeline.
+    pub archive: Option<(String, Timeline)>,
+    /// Where any replay stops, exactly (ignored with no chain and no archive).
+    pub to: Seq,
+}
+
+/// Where a restore stands on this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreState {
+    Staging,
+    Staged,
+    Applied,
+    Discarded,
+    Failed,
+    Unknown,
+}
+
+/// What the agent says about one restore.
+#[derive(Debug, Clone)]
+pub struct RestoreStatus {
+    pub restore_id: String,
+    pub backup_id: Option<BackupId>,
+    pub shard_id: ShardId,
+    pub state: RestoreState,
+    pub seq: Seq,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub n_files: usize,
+    pub target: Option<PathBuf>,
+    pub error: Option<(ErrorCode, String)>,
+}
+
+/// The restore messages of the participant.
+pub(super) enum Msg {
+    /// Phase 1: download and check, in the background.
+    Stage {
+        request: RestoreRequest,
+        reply: oneshot::Sender<Result<RestoreStatus>>,
+    },
+    /// The status of one restore.
+    Status {
+        restore_id: String,
+        reply: oneshot::Sender<RestoreStatus>,
+    },
+    /// Phase 2: swap the staged shard in under the closed gate.
+    Apply {
+        restore_id: String,
+        reply: oneshot::Sender<Result<RestoreStatus>>,
+    },
+    /// Drop a staging or staged restore.
+    Discard {
+        restore_id: String,
+        reply: oneshot::Sender<RestoreStatus>,
+    },
+}
+
+impl ParticipantHandle {
+    pub async fn restore_stage(&self, request: RestoreRequest) -> Result<RestoreStatus> {
+        self.ask(|reply| ParticipantMsg::Restore(Msg::Stage { request, reply }))
+            .await?
+    }
+
+    pub async fn restore_status(&self, restore_id: String) -> Result<RestoreStatus> {
+        self.ask(|reply| ParticipantMsg::Restore(Msg::Status { restore_id, reply }))
+            .await
+    }
+
+    pub async fn restore_apply(&self, restore_id: String) -> Result<RestoreStatus> {
+        self.ask(|reply| ParticipantMsg::Restore(Msg::Apply { restore_id, reply }))
+            .await?
+    }
+
+    pub async fn restore_discard(&self, restore_id: String) -> Result<RestoreStatus> {
+        self.ask(|reply| ParticipantMsg::Restore(Msg::Discard { restore_id, reply }))
+            .await
+    }
+}
+
+/// What a staging task produced: a shard staged for an in-place swap, or one already renamed
+/// into its target directory.
+pub(super) enum Staged {
+    InPlace(StagedShard),
+    Placed { seq: Seq, n_files: usize },
+}
+
+/// The restore holding the shard.
+struct Active {
+    /// What RestoreStatus reports; its state and progress come from `phase` when reported.
+    status: RestoreStatus,
+    phase: Phase,
+}
+
+/// Where the active restore stands; each phase owns what it holds.
+enum Phase {
+    /// Downloading and checking in `task`.
+    Staging {
+        task: AbortHandle,
+        progress: Arc<Progress>,
+    },
+    /// Checked and waiting for Apply (in place only).
+    Staged(StagedShard),
+}
+
+impl Active {
+    fn snapshot(&self) -> RestoreStatus {
+        let mut status = self.status.clone();
+        match &self.phase {
+            Phase::Staging { progress, .. } => {
+                status.state = RestoreState::Staging;
+                (status.bytes_done, status.bytes_total) = progress.snapshot();
+            }
+            Phase::Staged(_) => status.state = RestoreState::Staged,
+        }
+        status
+    }
+}
+
+/// The restores of one shard: the active one, the outcomes of finished ones, and the staging
+/// tasks.
+pub(super) struct Restores {
+    active: Option<Active>,
+    outcomes: Remembered<String, RestoreStatus>,
+    /// The active restore's staging task, and discarded ones' until they end.
+    pub(super) stagings: JoinSet<(String, Result<Staged>)>,
+}
+
+impl Restores {
+    pub(super) fn new() -> Restores {
+        Restores {
+            active: None,
+            outcomes: Remembered::new(REMEMBERED),
+            stagings: JoinSet::new(),
+        }
+    }
+
+    /// The restore holding the shard, if any.
+    pub(super) fn holder(&self) -> Option<&str> {
+        self.active
+            .as_ref()
+            .map(|active| active.status.restore_id.as_str())
+    }
+
+    /// Cancels any staging and drops a staged shard (which removes its directory).
+    pub(super) fn stop(&mut self) {
+        self.stagings.abort_all();
+        self.active = None;
+    }
+
+    fn active(&self, restore_id: &str) -> Option<&Active> {
+        self.active
+            .as_ref()
+            .filter(|active| active.status.restore_id == restore_id)
+    }
+
+    fn knows(&self, restore_id: &str) -> bool {
+        self.active(restore_id).is_some() || self.outcomes.contains(restore_id)
+    }
+
+    fn unknown(shard_id: &ShardId, restore_id: &str) -> RestoreStatus {
+        RestoreStatus {
+            restore_id: restore_id.to_string(),
+            backup_id: None,
+            shard_id: shard_id.clone(),
+            state: RestoreState::Unknown,
+            seq: Seq(0),
+            bytes_done: 0,
+            bytes_total: 0,
+            n_files: 0,
+            target: None,
+            error: None,
+        }
+    }
+
+    /// The status of a restore: live if active, else remembered, else `Unknown`.
+    fn snapshot(&self, shard_id: &ShardId, restore_id: &str) -> RestoreStatus {
+        if let Some(active) = self.active(restore_id) {
+            return active.snapshot();
+        }
+        match self.outcomes.get(restore_id) {
+            Some(status) => status.clone(),
+            None => Restores::unknown(shard_id, restore_id),
+        }
+    }
+
+    /// Handles one restore message; `barrier` is the barrier holding the shard, if any.
+    pub(super) async fn handle<E: ShardEngine>(
+        &mut self,
+        shard: &ShardParts<E>,
+        barrier: Option<&BackupId>,
+        msg: Msg,
+    ) {
+        match msg {
+            Msg::Stage { request, reply } => {
+                let _ = reply.send(self.stage(shard, barrier, request));
+            }
+            Msg::Status { restore_id, reply } => {
+                let _ = reply.send(self.snapshot(&shard.shard_id, &restore_id));
+            }
+            Msg::Apply { restore_id, reply } => {
+                let _ = reply.send(self.apply(shard, restore_id).await);
+            }
+            Msg::Discard { restore_id, reply } => {
+                let _ = reply.send(self.discard(&shard.shard_id, restore_id));
+            }
+        }
+    }
+
+    fn stage<E: ShardEngine>(
+        &mut self,
+        shard: &ShardParts<E>,
+        barrier: Option<&BackupId>,
+        request: RestoreRequest,
+    ) -> Result<RestoreStatus> {
+        let shard_id = &shard.shard_id;
+        if self.knows(&request.restore_id) {
+            return Ok(self.snapshot(shard_id, &request.restore_id));
+        }
+        if let Some(backup) = barrier {
+            return Err(Error::new(
+                ErrorCode::BarrierBusy,
+                format!("shard {shard_id} is busy with backup {backup}"),
+            ));
+        }
+        if let Some(restore) = self.holder() {
+            return Err(Error::new(
+                ErrorCode::BarrierBusy,
+                format!("shard {shard_id} is busy with restore {restore}"),
+            ));
+        }
+        if let Some(target) = &request.target {
+            if std::path::absolute(target).ok().as_deref()
+                == std::path::absolute(shard.slot.dir()).ok().as_deref()
+            {
+                return Err(Error::new(
+                    ErrorCode::RestoreTargetNotEmpty,
+                    format!(
+                        "{} is the live shard; restore in place instead",
+                        target.display()
+                    ),
+                ));
+            }
+            check_target(target)?;
+        }
+        let live = shard.slot.get()?;
+        let (engine_kind, column_families) = (live.kind(), live.column_families());
+        drop(live);
+        let progress = Arc::new(Progress::default());
+        let (repo, shard_id_task, backup, transfer, live) = (
+            shard.repo.clone(),
+            shard_id.clone(),
+            request.backup.clone(),
+            shard.options.transfer,
+            shard.slot.dir().to_path_buf(),
+        );
+        let (id, target, task_progress) = (
+            request.restore_id.clone(),
+            request.target.clone(),
+            progress.clone(),
+        );
+        let replay = (!request.chain.is_empty() || request.archive.is_some())
+            .then(|| (request.chain.clone(), request.archive.clone(), request.to));
+        let (destinations, current) = (
+            shard.shipper.destinations().to_vec(),
+            shard.slot.lineage().timeline,
+        );
+        let task = self.stagings.spawn(async move {
+            let shard = shard_id_task;
+            // In place, or when replaying, the backup must come from this agent's engine.
+            let engine = (target.is_none() || replay.is_some()).then_some(engine_kind);
+            let stage_target = target.clone().unwrap_or(live);
+            let result = async {
+                let mut staged = match &backup {
+                    Some(backup) => {
+                        stage_shard(
+                            &repo,
+                            backup,
+                            &shard,
+                            &stage_target,
+                            engine,
+                            transfer,
+                            &task_progress,
+                        )
+                        .await?
+                    }
+                    None => stage_empty::<E>(&stage_target, column_families).await?,
+                };
+                if let Some((chain, archive, to)) = replay {
+                    let archive = match archive {
+                        Some((url, timeline)) => Some((
+                            lockstep_proto::archive::open_archive(&url).await?,
+                            timeline,
+                        )),
+                        None => None,
+                    };
+                    let replay = Replay {
+                        repo: repo.clone(),
+                        chain,
+                        archive,
+                        to,
+                    };
+                    let started = std::time::Instant::now();
+                    let n = replay_staged::<E>(&mut staged, &shard, &replay).await?;
+                    let replay_ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(shard = %shard, batches = n, seq = %staged.seq, replay_ms, "restore: WAL replayed");
+                }
+                staged.start_timeline(next_timeline(current, &destinations, &repo, &shard).await)?;
+                match &target {
+                    None => Ok(Staged::InPlace(staged)),
+                    Some(target) => {
+                        let (seq, n_files) = (staged.seq, staged.n_files);
+                        staged.move_to(target)?;
+                        Ok(Staged::Placed { seq, n_files })
+                    }
+                }
+            }
+            .await;
+            (id, result)
+        });
+        tracing::info!(restore = %request.restore_id, backup = ?request.backup, shard = %shard_id, target = ?request.target, "restore: staging");
+        let status = RestoreStatus {
+            backup_id: request.backup.clone(),
+            state: RestoreState::Staging,
+            target: request.target.clone(),
+            ..Restores::unknown(shard_id, &request.restore_id)
+        };
+        self.active = Some(Active {
+            status,
+            phase: Phase::Staging { task, progress },
+        });
+        Ok(self.snapshot(shard_id, &request.restore_id))
+    }
+
+    /// Records what a staging task produced. A task that ends after its restore was
+    /// discarded changes nothing.
+    pub(super) fn staging_finished(
+        &mut self,
+        shard_id: &ShardId,
+        restore_id: String,
+        result: Result<Staged>,
+    ) {
+        let staging = self.active.take_if(|active| {
+            active.status.restore_id == restore_id && matches!(active.phase, Phase::Staging { .. })
+        });
+        let Some(staging) = staging else {
+            return;
+        };
+        let mut status = staging.snapshot();
+        match result {
+            Ok(Staged::InPlace(staged)) => {
+                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %staged.seq, "restore: staged and checked");
+                status.seq = staged.seq;
+                status.n_files = staged.n_files;
+                self.active = Some(Active {
+                    status,
+                    phase: Phase::Staged(staged),
+                });
+            }
+            Ok(Staged::Placed { seq, n_files }) => {
+                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %seq, "restore: shard restored into its target directory");
+                status.state = RestoreState::Applied;
+                status.seq = seq;
+                status.n_files = n_files;
+                self.outcomes.insert(restore_id, status);
+            }
+            Err(err) => {
+                tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: staging failed");
+                status.state = RestoreState::Failed;
+                status.error = Some((err.code, err.chain()));
+                self.outcomes.insert(restore_id, status);
+            }
+        }
+    }
+
+    async fn apply<E: ShardEngine>(
+        &mut self,
+        shard: &ShardParts<E>,
+        restore_id: String,
+    ) -> Result<RestoreStatus> {
+        let shard_id = &shard.shard_id;
+        if !self.knows(&restore_id) {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("no restore {restore_id} on shard {shard_id}"),
+            ));
+        }
+        let staged = self.active.take_if(|active| {
+            active.status.restore_id == restore_id && matches!(active.phase, Phase::Staged(_))
+        });
+        let (mut status, staged) = match staged {
+            Some(Active {
+                status,
+                phase: Phase::Staged(staged),
+            }) => (status, staged),
+            // Applied already (a retry), not staged yet, or ended: the status says which.
+            _ => return Ok(self.snapshot(shard_id, &restore_id)),
+        };
+        let closed = shard.gate.close().await;
+        let swapped = shard.slot.swap_in(staged).await;
+        let paused = closed.open();
+        match swapped {
+            Ok(seq) => {
+                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %seq, paused_ms = paused.as_millis() as u64, "restore: live shard replaced");
+                status.state = RestoreState::Applied;
+                status.seq = seq;
+            }
+            Err(err) => {
+                tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: swap failed; the live shard is unchanged");
+                status.state = RestoreState::Failed;
+                status.error = Some((err.code, err.chain()));
+            }
+        }
+        self.outcomes.insert(restore_id, status.clone());
+        Ok(status)
+    }
+
+    fn discard(&mut self, shard_id: &ShardId, restore_id: String) -> RestoreStatus {
+        let active = self
+            .active
+            .take_if(|active| active.status.restore_id == restore_id);
+        if let Some(active) = active {
+            let mut status = active.snapshot();
+            match active.phase {
+                Phase::Staging { task, .. } => task.abort(),
+                // Dropping the staged shard removes its staging directory.
+                Phase::Staged(staged) => drop(staged),
+            }
+            status.state = RestoreState::Discarded;
+            tracing::info!(restore = %restore_id, shard = %shard_id, "restore: discarded");
+            self.outcomes.insert(restore_id.clone(), status);
+        }
+        self.snapshot(shard_id, &restore_id)
+    }
+}
+
+/// The timeline a restored shard starts: above its current one, every one its WAL
+/// destinations hold, and every one its backups were taken on, so its shipped WAL never lands
+/// among an older history's segments and no incremental continues a history that is not its
+/// own (even after the shard's directory, and its lineage file, were lost). A destination or
+/// repository that cannot be read is skipped with a warning.
+async fn next_timeline(
+    current: Timeline,
+    destinations: &[lockstep_repository::archive::WalArchive],
+    repo: &Repository,
+    shard: &ShardId,
+) -> Timeline {
+    let mut highest = current;
+    for destination in destinations {
+        match destination.wal_timelines(shard).await {
+            Ok(timelines) => {
+                if let Some(top) = timelines.last() {
+                    highest = highest.max(*top);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(destination = %destination.url(), error = %err.chain(), "could not list WAL timelines")
+            }
+        }
+    }
+    match repo.backups().await {
+        Ok(backups) => {
+            for (id, backup) in backups {
+                if !backup.is_ok_and(|b| b.cut.contains_key(shard)) {
+                    continue;
+                }
+                if let Ok(manifest) = repo.shard_manifest(shard, &id).await {
+                    highest = highest.max(manifest.timeline);
+                }
+            }
+        }
+        Err(err) => {
+            tracing::warn!(repository = %repo.url(), error = %err.chain(), "could not list backups for their timelines")
+        }
+    }
+    highest.next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::BarrierState;
+    use super::super::testing::{TestShard, backup_id};
+    use super::*;
+
+    fn in_place(restore_id: &str, backup: &BackupId) -> RestoreRequest {
+        RestoreRequest {
+            restore_id: restore_id.to_string(),
+            backup: Some(backup.clone()),
+            target: None,
+            chain: Vec::new(),
+            archive: None,
+            to: Seq(0),
+        }
+    }
+
+    /// A shard holding `k1` in backup `bk-1`, and `k2` written after it.
+    async fn backed_up() -> (TestShard, BackupId, Seq) {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.write("k1");
+        let cut = shard.backup(&id).await;
+        shard.write("k2");
+        (shard, id, cut)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn apply_swaps_the_staged_backup_in_once() {
+        let (shard, backup, cut) = backed_up().await;
+        let staging = shard.restore_stage(in_place("rs-1", &backup)).await;
+        assert_eq!(staging.state, RestoreState::Staging);
+        let staged = shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        assert_eq!(staged.seq, cut);
+        assert!(shard.has("k2"), "staging leaves the live shard alone");
+        let applied = shard.restore_apply("rs-1").await;
+        assert_eq!(applied.state, RestoreState::Applied);
+        assert_eq!(applied.seq, cut);
+        assert!(!shard.gate.is_closed(), "the gate reopens after the swap");
+        assert_eq!(shard.seq(), cut);
+        assert!(shard.has("k1") && !shard.has("k2"));
+        // A repeated Apply is answered from the record: no second swap.
+        shard.write("k3");
+        let again = shard.restore_apply("rs-1").await;
+        assert_eq!(again.state, RestoreState::Applied);
+        assert!(shard.has("k3"));
+        // A Discard after Apply changes nothing either.
+        let discard = shard.restore_discard("rs-1").await;
+        assert_eq!(discard.state, RestoreState::Applied);
+        assert!(shard.has("k3"));
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_stage_returns_the_first_restore() {
+        let (shard, backup, _) = backed_up().await;
+        shard.restore_stage(in_place("rs-1", &backup)).await;
+        let target = shard.root.path().join("elsewhere");
+        let repeated = RestoreRequest {
+            target: Some(target.clone()),
+            ..in_place("rs-1", &backup)
+        };
+        let again = shard.restore_stage(repeated).await;
+        assert!(
+            matches!(again.state, RestoreState::Staging | RestoreState::Staged),
+            "{:?}",
+            again.state
+        );
+        assert_eq!(again.target, None, "answered from the first request");
+        shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        assert!(!target.exists(), "nothing staged for the repeat");
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discard_of_an_unknown_restore_changes_nothing() {
+        let (shard, backup, _) = backed_up().await;
+        let discard = shard.restore_discard("rs-never").await;
+        assert_eq!(discard.state, RestoreState::Unknown);
+        let status = shard.restore_status("rs-never").await;
+        assert_eq!(status.state, RestoreState::Unknown, "not remembered");
+        // The shard is free: a restore and a barrier can still start.
+        let next = backup_id("bk-2");
+        assert_eq!(shard.stage(&next).await.state, BarrierState::Staged);
+        shard.abort(&next).await;
+        shard.restore_stage(in_place("rs-1", &backup)).await;
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_apply_of_an_unknown_restore_is_refused() {
+        let shard = TestShard::start().await;
+        let err = shard
+            .handle
+            .restore_apply("rs-never".into())
+            .await
+            .expect_err("no such restore");
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert!(!shard.gate.is_closed());
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discarded_restore_is_never_applied() {
+        let (shard, backup, _) = backed_up().await;
+        shard.restore_stage(in_place("rs-1", &backup)).await;
+        shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        let discarded = shard.restore_discard("rs-1").await;
+        assert_eq!(discarded.state, RestoreState::Discarded);
+        let staging_dirs = std::fs::read_dir(shard.root.path())
+            .expect("list")
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("lockstep-restore")
+            })
+            .count();
+        assert_eq!(staging_dirs, 0, "the staged directory is removed");
+        let apply = shard.restore_apply("rs-1").await;
+        assert_eq!(apply.state, RestoreState::Discarded);
+        assert!(shard.has("k2"), "the live shard is untouched");
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discard_while_staging_cancels_it() {
+        let (shard, backup, _) = backed_up().await;
+        shard.restore_stage(in_place("rs-1", &backup)).await;
+        // Sent right behind Stage: the staging task has its download, its blocking file
+        // steps and the engine's open still to go.
+        let discarded = shard.restore_discard("rs-1").await;
+        assert_eq!(discarded.state, RestoreState::Discarded);
+        assert_eq!(discarded.seq, Seq(0), "discarded while still staging");
+        // The cancelled task ends meanwhile; the restore stays discarded.
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let status = shard.restore_status("rs-1").await;
+        assert_eq!(status.state, RestoreState::Discarded);
+        assert!(shard.has("k2"));
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restore_and_a_barrier_never_hold_the_shard_together() {
+        let (shard, backup, _) = backed_up().await;
+        // A barrier holds the shard: a restore is refused.
+        let barrier = backup_id("bk-2");
+        shard.stage(&barrier).await;
+        let err = shard
+            .handle
+            .restore_stage(in_place("rs-1", &backup))
+            .await
+            .expect_err("busy with a barrier");
+        assert_eq!(err.code, ErrorCode::BarrierBusy);
+        shard.abort(&barrier).await;
+        // A restore holds the shard: a barrier, and another restore, are refused.
+        shard.restore_stage(in_place("rs-1", &backup)).await;
+        shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        let refused = shard.stage(&backup_id("bk-3")).await;
+        assert_eq!(refused.state, BarrierState::Failed);
+        assert_eq!(
+            refused.error.map(|(code, _)| code),
+            Some(ErrorCode::BarrierBusy)
+        );
+        let err = shard
+            .handle
+            .restore_stage(in_place("rs-2", &backup))
+            .await
+            .expect_err("busy with a restore");
+        assert_eq!(err.code, ErrorCode::BarrierBusy);
+        // Once it is discarded the shard is free again.
+        shard.restore_discard("rs-1").await;
+        assert_eq!(
+            shard.stage(&backup_id("bk-3")).await.state,
+            BarrierState::Staged
+        );
+        shard.stop().await;
+    }
+}

@@ -1,0 +1,170 @@
+//! What a serving agent does before it serves, in one function ([`prepare_serving`]) that the
+//! `lockstep-agent serve` command and the simulations' agents both call:
+//!
+//! 1. set the CPU priority of background work (before any background thread starts);
+//! 2. finish or undo an in-place restore that a crash interrupted, and remove restores staged
+//!    by an earlier run ([`recover_interrupted_swap`]), before the engine opens the directory;
+//! 3. open the engine, or take the one that outlived its agent (the simulations);
+//! 4. remove the captures an earlier run left (a capture never outlives its process);
+//! 5. hold the engine in the [`EngineSlot`] the server serves.
+//!
+//! Everything that touches the outside world is a parameter: the priority (the simulations
+//! leave it `Normal`, so a run changes nothing process-wide) and the engine. Blocking work goes
+//! through `lockstep_repository::blocking`, so it runs inline, deterministically, under
+//! simulation.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::ValueEnum;
+use lockstep_repository::{Error, ErrorCode, Result};
+
+use crate::engine::{EngineConfig, ShardEngine};
+use crate::slot::{EngineSlot, recover_interrupted_swap};
+
+/// The CPU priority of a serving agent's background work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackgroundPriority {
+    /// Uploads hash and compress at `nice` +10 and RocksDB compacts at the lowest priority,
+    /// so neither delays the shard's writes or the barrier's messages.
+    Low,
+    /// Everything at the agent's own priority.
+    Normal,
+}
+
+/// Where the serving engine comes from.
+pub enum ShardSource<E> {
+    /// Open the shard directory with these column families (created if missing) and settings;
+    /// `low_priority_compactions` follows the background priority.
+    Open {
+        column_families: Vec<String>,
+        config: EngineConfig,
+    },
+    /// An engine already open on the directory: a simulated shard outlives a crash of its
+    /// agent, as RocksDB's files outlive the process.
+    Running(Arc<E>),
+}
+
+/// What [`prepare_serving`] needs.
+pub struct Startup<E> {
+    /// The shard's directory.
+    pub dir: PathBuf,
+    /// Where the agent stages captures; emptied.
+    pub capture_root: PathBuf,
+    pub priority: BackgroundPriority,
+    pub source: ShardSource<E>,
+}
+
+/// Prepares a shard for serving (see the module documentation) and returns its slot.
+pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<EngineSlot<E>>> {
+    let Startup {
+        dir,
+        capture_root,
+        priority,
+        source,
+    } = startup;
+    let low = priority == BackgroundPriority::Low;
+    if low {
+        lockstep_repository::blocking::set_background_nice(
+            lockstep_repository::blocking::LOW_PRIORITY_NICE,
+        );
+    }
+    let shard_dir = dir.clone();
+    let engine = lockstep_repository::blocking::run(move || -> Result<Arc<E>> {
+        recover_interrupted_swap(&shard_dir)?;
+        match source {
+            ShardSource::Open {
+                column_families,
+                config,
+            } => {
+                let config = EngineConfig {
+                    low_priority_compactions: low,
+                    ..config
+                };
+                Ok(Arc::new(E::open_with(
+                    &shard_dir,
+                    &column_families,
+                    &config,
+                )?))
+            }
+            ShardSource::Running(engine) => Ok(engine),
+        }
+    })
+    .await
+    .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??;
+    let removing = capture_root.clone();
+    let removed = lockstep_repository::blocking::run(move || std::fs::remove_dir_all(&removing))
+        .await
+        .map_err(|err| {
+            Error::with_source(ErrorCode::ShardEngineFailed, "remove old captures", err)
+        })?;
+    match removed {
+        Ok(()) => {
+            tracing::info!(dir = %capture_root.display(), "removed captures left by an earlier run")
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::warn!(dir = %capture_root.display(), error = %err, "could not remove old captures")
+        }
+    }
+    Ok(Arc::new(EngineSlot::new(dir, engine)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{DEFAULT_CF, MemEngine, WriteBatch};
+
+    #[tokio::test]
+    async fn a_serving_shard_starts_without_the_leftovers_of_an_earlier_run() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("shard");
+        let captures = root.path().join("captures");
+        std::fs::create_dir_all(captures.join("bk-old")).expect("mkdir");
+        let staged = root.path().join(".shard.lockstep-restore-0123");
+        std::fs::create_dir(&staged).expect("mkdir");
+        let slot = prepare_serving::<MemEngine>(Startup {
+            dir: dir.clone(),
+            capture_root: captures.clone(),
+            priority: BackgroundPriority::Normal,
+            source: ShardSource::Open {
+                column_families: vec!["extra".to_string()],
+                config: EngineConfig::default(),
+            },
+        })
+        .await
+        .expect("prepare");
+        assert!(!captures.exists(), "old captures are removed");
+        assert!(
+            !staged.exists(),
+            "restores staged by an earlier run are removed"
+        );
+        assert_eq!(slot.dir(), dir);
+        let engine = slot.get().expect("engine");
+        assert!(engine.column_families().contains(&"extra".to_string()));
+    }
+
+    #[tokio::test]
+    async fn a_running_engine_is_served_as_it_is() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("shard");
+        let engine = Arc::new(MemEngine::open(&dir, &[]).expect("open"));
+        let mut batch = WriteBatch::new();
+        batch.put(DEFAULT_CF, "k", "v");
+        engine.write(&batch).expect("write");
+        let slot = prepare_serving(Startup {
+            dir,
+            capture_root: root.path().join("captures"),
+            priority: BackgroundPriority::Normal,
+            source: ShardSource::Running(engine.clone()),
+        })
+        .await
+        .expect("prepare");
+        let served = slot.get().expect("engine");
+        assert!(
+            Arc::ptr_eq(&*served, &engine),
+            "the same engine, not a reopened one"
+        );
+        assert_eq!(served.latest_seq(), engine.latest_seq());
+    }
+}

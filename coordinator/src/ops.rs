@@ -1,0 +1,423 @@
+//! `ClusterOps`: the one owner of every operation that holds the cluster.
+//!
+//! Backups (each kind), tags (on demand and automatic), restores and deletes all run here,
+//! one at a time. `ClusterOps` is the cloneable handle; a private task owns the state: the
+//! running operation, if any, and the recently finished backup jobs. gRPC handlers only send
+//! a message and await the reply; the work runs in the task's `JoinSet`, each operation
+//! under a child of the task's cancellation token, so nothing is detached and shutdown is
+//! staged (stop accepting, cancel, drain).
+//!
+//! Rules:
+//! - An operation asked for while another holds the cluster is refused at once with
+//!   `ERR_BARRIER_BUSY`, naming what runs (queueing would let requests pile up unseen
+//!   behind a stuck cluster); an automatic tag that finds the cluster busy is skipped.
+//! - An operation runs to its end whatever its client does: a client that goes away after
+//!   a barrier's Prepare leaves the operation to commit or abort by itself, so gates never
+//!   stay closed until the lease runs out.
+//! - A cancelled operation (the coordinator is stopping) aborts its barrier or discards its
+//!   staged restore on every agent before it ends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use lockstep_repository::manifest::{BackupKind, TagManifest};
+use lockstep_repository::remembered::Remembered;
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, RestoreId, Result, TagName};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::backup::{self, Cut, JobView, Shared, read, update};
+use crate::config::Config;
+use crate::fleet::AgentLink;
+use crate::restore::{self, PointInTime, RestoreTarget};
+
+/// How many finished backup jobs the coordinator remembers for clients that poll them.
+const REMEMBERED_JOBS: usize = 100;
+
+/// What every operation needs: the configuration, the repository and the agents.
+#[derive(Clone)]
+pub struct ClusterContext {
+    pub config: Arc<Config>,
+    pub repo: Repository,
+    pub agents: Arc<[AgentLink]>,
+}
+
+impl ClusterContext {
+    /// Refuses `what` on a coordinator with no agents (one that only serves a WAL archive).
+    pub fn require_agents(&self, what: &str) -> Result<()> {
+        if self.agents.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot {what}: this coordinator has no [[agents]] (it only serves its repository as a WAL archive); list the cluster's agents in its configuration"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a restore request asks for; it is planned inside the operation, while the cluster
+/// is held.
+#[derive(Debug)]
+pub struct RestoreOrder {
+    pub point: PointInTime,
+    pub target: RestoreTarget,
+    pub wal_from: Option<String>,
+}
+
+/// The operation holding the cluster, as `cluster status` shows it.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// For example "backup bk-..." or "tag before-migration".
+    pub what: String,
+    /// The backup being taken, when the operation is a backup.
+    pub backup: Option<BackupId>,
+}
+
+enum Msg {
+    /// Start a backup of `kind`. Replies with the job's first view once its parent is picked
+    /// (the barrier then runs on), or with the refusal.
+    Backup {
+        kind: BackupKind,
+        reply: oneshot::Sender<Result<JobView>>,
+    },
+    /// Take tag `name` across the cluster. Replies when the tag is written or has failed.
+    Tag {
+        name: TagName,
+        reply: oneshot::Sender<Result<TagManifest>>,
+    },
+    /// Plan and run a restore. Replies with its id once planned (or with the refusal); the
+    /// restore's progress and outcome go to `updates`.
+    Restore {
+        order: RestoreOrder,
+        updates: restore::Updates,
+        reply: oneshot::Sender<Result<RestoreId>>,
+    },
+    /// Delete a backup that no other backup continues. Replies when done.
+    Delete {
+        backup: BackupId,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// The running or a remembered backup job.
+    Job {
+        backup: BackupId,
+        reply: oneshot::Sender<Option<JobView>>,
+    },
+    /// What holds the cluster now, if anything.
+    Running {
+        reply: oneshot::Sender<Option<Running>>,
+    },
+}
+
+/// Cloneable handle on the operations actor.
+#[derive(Clone)]
+pub struct ClusterOps {
+    tx: mpsc::Sender<Msg>,
+}
+
+fn stopped() -> Error {
+    Error::new(
+        ErrorCode::BarrierAborted,
+        "the coordinator is shutting down; retry on its successor",
+    )
+}
+
+impl ClusterOps {
+    /// Starts the actor in `tasks`; it stops when `cancel` fires, after its operations
+    /// finished their cleanup.
+    pub fn spawn(
+        ctx: ClusterContext,
+        cancel: CancellationToken,
+        tasks: &mut JoinSet<()>,
+    ) -> ClusterOps {
+        let (tx, rx) = mpsc::channel(32);
+        let actor = Actor {
+            ctx,
+            cancel,
+            running: None,
+            finished: Remembered::new(REMEMBERED_JOBS),
+            ops: JoinSet::new(),
+        };
+        tasks.spawn(actor.run(rx));
+        ClusterOps { tx }
+    }
+
+    async fn ask<T>(&self, msg: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(msg(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+
+    pub async fn backup(&self, kind: BackupKind) -> Result<JobView> {
+        self.ask(|reply| Msg::Backup { kind, reply }).await?
+    }
+
+    pub async fn tag(&self, name: TagName) -> Result<TagManifest> {
+        self.ask(|reply| Msg::Tag { name, reply }).await?
+    }
+
+    pub async fn restore(
+        &self,
+        order: RestoreOrder,
+        updates: restore::Updates,
+    ) -> Result<RestoreId> {
+        self.ask(|reply| Msg::Restore {
+            order,
+            updates,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn delete(&self, backup: BackupId) -> Result<()> {
+        self.ask(|reply| Msg::Delete { backup, reply }).await?
+    }
+
+    pub async fn job(&self, backup: BackupId) -> Result<Option<JobView>> {
+        self.ask(|reply| Msg::Job { backup, reply }).await
+    }
+
+    pub async fn running(&self) -> Result<Option<Running>> {
+        self.ask(|reply| Msg::Running { reply }).await
+    }
+}
+
+/// The running operation, with the view of its backup job if it is one.
+struct Current {
+    running: Running,
+    job: Option<Shared>,
+}
+
+struct Actor {
+    ctx: ClusterContext,
+    cancel: CancellationToken,
+    running: Option<Current>,
+    finished: Remembered<BackupId, JobView>,
+    /// The running operation's task (at most one); it yields the backup job to remember.
+    ops: JoinSet<Option<Shared>>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let auto_every = Duration::from_secs(self.ctx.config.tags.auto_every_s);
+        let mut auto_tags = (!auto_every.is_zero()).then(|| {
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + auto_every, auto_every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            ticks
+        });
+        loop {
+            tokio::select! {
+                // Fixed polling order: the simulations replay a seed exactly.
+                biased;
+                _ = self.cancel.cancelled() => break,
+                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => {
+                    self.finish(done.ok().flatten());
+                }
+                _ = async {
+                    match auto_tags.as_mut() {
+                        Some(ticks) => ticks.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.auto_tag(),
+                msg = rx.recv() => match msg {
+                    None => break,
+                    Some(msg) => self.handle(msg),
+                },
+            }
+        }
+        // Staged shutdown: no new operation is accepted (the receiver is dropped with the
+        // loop's end); the running one was cancelled with its parent token and cleans up.
+        drop(rx);
+        while let Some(done) = self.ops.join_next().await {
+            self.finish(done.ok().flatten());
+        }
+    }
+
+    /// Records the end of the running operation.
+    fn finish(&mut self, job: Option<Shared>) {
+        self.running = None;
+        if let Some(view) = job {
+            let view = read(&view);
+            self.finished.insert(view.backup_id.clone(), view);
+        }
+    }
+
+    /// Holds the cluster for `what`, or names who holds it.
+    fn hold(&mut self, what: String, backup: Option<BackupId>) -> Result<CancellationToken> {
+        if let Some(current) = &self.running {
+            return Err(Error::new(
+                ErrorCode::BarrierBusy,
+                format!(
+                    "{} is running; only one backup, tag, restore or delete runs at a time",
+                    current.running.what
+                ),
+            ));
+        }
+        self.running = Some(Current {
+            running: Running { what, backup },
+            job: None,
+        });
+        Ok(self.cancel.child_token())
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Backup { kind, reply } => {
+                if let Err(err) = self.ctx.require_agents("take a backup") {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                let backup_id = BackupId::generate();
+                let cancel = match self.hold(format!("backup {backup_id}"), Some(backup_id.clone()))
+                {
+                    Ok(cancel) => cancel,
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                        return;
+                    }
+                };
+                let view: Shared = Arc::new(Mutex::new(JobView::new(backup_id.clone())));
+                if let Some(current) = &mut self.running {
+                    current.job = Some(view.clone());
+                }
+                let ctx = self.ctx.clone();
+                self.ops.spawn(async move {
+                    // The parent is picked while the cluster is held: no delete in between.
+                    let cut = match Cut::for_kind(&ctx, kind).await {
+                        Ok(cut) => cut,
+                        Err(err) => {
+                            let _ = reply.send(Err(err));
+                            return None;
+                        }
+                    };
+                    let _ = reply.send(Ok(read(&view)));
+                    let outcome = backup::run_backup(&ctx, &backup_id, &cut, &view, &cancel).await;
+                    update(&view, |v| match outcome {
+                        Ok(()) => v.state = lockstep_proto::v1::JobState::Committed,
+                        Err(err) => {
+                            tracing::error!(backup = %backup_id, error = %err.chain(), "backup failed");
+                            v.state = lockstep_proto::v1::JobState::Failed;
+                            v.error = Some((err.code, err.chain()));
+                        }
+                    });
+                    Some(view)
+                });
+            }
+            Msg::Tag { name, reply } => {
+                self.start_tag(name, false, Some(reply));
+            }
+            Msg::Restore {
+                order,
+                updates,
+                reply,
+            } => {
+                if let Err(err) = self.ctx.require_agents("restore") {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                let cancel = match self.hold(format!("restore to {}", order.point), None) {
+                    Ok(cancel) => cancel,
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                        return;
+                    }
+                };
+                let ctx = self.ctx.clone();
+                self.ops.spawn(async move {
+                    let plan = restore::plan(&ctx, order.point, order.target, order.wal_from).await;
+                    let plan = match plan {
+                        Ok(plan) => plan,
+                        Err(err) => {
+                            let _ = reply.send(Err(err));
+                            return None;
+                        }
+                    };
+                    let restore_id = RestoreId::generate();
+                    let _ = reply.send(Ok(restore_id.clone()));
+                    restore::run(&ctx, plan, restore_id, updates, &cancel).await;
+                    None
+                });
+            }
+            Msg::Delete { backup, reply } => {
+                // Held while checking and deleting, so no incremental picks this backup as
+                // its parent in between.
+                if let Err(err) = self.hold(format!("delete of backup {backup}"), None) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                let ctx = self.ctx.clone();
+                self.ops.spawn(async move {
+                    let _ = reply.send(backup::delete(&ctx, &backup).await);
+                    None
+                });
+            }
+            Msg::Job { backup, reply } => {
+                let running = self
+                    .running
+                    .as_ref()
+                    .and_then(|current| current.job.as_ref())
+                    .map(read)
+                    .filter(|view| view.backup_id == backup);
+                let _ = reply.send(running.or_else(|| self.finished.get(&backup).cloned()));
+            }
+            Msg::Running { reply } => {
+                let _ = reply.send(self.running.as_ref().map(|c| c.running.clone()));
+            }
+        }
+    }
+
+    /// Starts a tag; an automatic one (no `reply`) is named `auto-<UTC time>` and skipped,
+    /// not queued, when the cluster is busy.
+    fn start_tag(
+        &mut self,
+        name: TagName,
+        automatic: bool,
+        reply: Option<oneshot::Sender<Result<TagManifest>>>,
+    ) {
+        let refused = self
+            .ctx
+            .require_agents("take a tag")
+            .and_then(|()| self.hold(format!("tag {name}"), None));
+        let cancel = match refused {
+            Ok(cancel) => cancel,
+            Err(err) => {
+                match reply {
+                    Some(reply) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    None => {
+                        tracing::info!(tag = %name, reason = %err.message, "automatic restore point skipped")
+                    }
+                }
+                return;
+            }
+        };
+        let ctx = self.ctx.clone();
+        self.ops.spawn(async move {
+            let outcome = crate::tag::create_tag(&ctx, name.clone(), automatic, &cancel).await;
+            match reply {
+                Some(reply) => {
+                    let _ = reply.send(outcome);
+                }
+                None => {
+                    if let Err(err) = outcome {
+                        tracing::warn!(tag = %name, error = %err.chain(), "automatic restore point failed");
+                    }
+                }
+            }
+            None
+        });
+    }
+
+    fn auto_tag(&mut self) {
+        let name = format!("auto-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+        match TagName::new(name) {
+            Ok(name) => self.start_tag(name, true, None),
+            Err(err) => tracing::error!(error = %err.chain(), "automatic restore point name"),
+        }
+    }
+}

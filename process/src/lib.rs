@@ -1,0 +1,87 @@
+//! What every Lockstep binary (`lockstep`, `lockstep-agent`) does around its command: logs to
+//! stderr, runs on a multi-threaded runtime, binds its listening socket, stops on Ctrl-C or
+//! SIGTERM, and reports an error the way operators of the seed systems expect, with its exit
+//! code. Nothing here knows the protocol or the repository format.
+
+use lockstep_repository::{Error, ErrorCode};
+
+/// Binds the listener of a server binary and returns it with the address it got.
+pub async fn bind(address: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), Error> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|err| {
+            Error::io(
+                ErrorCode::InvalidArgument,
+                format!("listen on {address}"),
+                err,
+            )
+        })?;
+    let local = listener.local_addr().map_err(|err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            "read the listening address",
+            err,
+        )
+    })?;
+    Ok((listener, local))
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM: the shutdown trigger of every server binary.
+pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let on_signal = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    token
+}
+
+/// The body of every Lockstep binary's `main`: logs to stderr (filter from `LOCKSTEP_LOG`,
+/// else `default_filter`), runs `command` on a multi-threaded runtime, and turns its exit code
+/// into the process's.
+pub fn run_binary(
+    default_filter: &str,
+    command: impl std::future::Future<Output = i32>,
+) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("Error: start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(command);
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Prints an error the way operators of the seed systems expect, and returns the exit code.
+pub fn report_error(err: &Error) -> i32 {
+    eprintln!("Error: {}", err.chain());
+    eprintln!("Severity: {}", err.severity());
+    eprintln!("Solution: {}", err.hint());
+    err.code.exit_code()
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,108 @@
+//! Operations that hold the cluster, as `ClusterOps` owns them: one at a time, each run to
+//! its end whatever its client does, and the status commands' exit codes.
+
+use std::time::{Duration, Instant};
+
+use lockstep_proto::v1;
+use lockstep_proto::v1::coordinator_client::CoordinatorClient;
+use lockstep_tests::text;
+
+use crate::cluster::{Cluster, all_gates, json, wait_until};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_whose_client_goes_away_after_prepare_reopens_every_gate_within_a_second() {
+    // A long lease: only the operation itself can reopen the gates within a second. The
+    // coordinator pauses 300 ms between the last Prepared and Commit, so the client is gone
+    // while every gate is closed.
+    let cluster = Cluster::start(20_000, Some("before-commit:300"));
+    let mut client = CoordinatorClient::connect(cluster.coordinator_address.clone())
+        .await
+        .expect("connect coordinator");
+    let call = tokio::spawn(async move {
+        client
+            .create_tag(v1::CreateTagRequest {
+                name: "client-gone".into(),
+            })
+            .await
+    });
+    let closed = wait_until(Duration::from_secs(10), || all_gates(&cluster, true, None)).await;
+    assert!(
+        closed.is_some(),
+        "the tag's barrier never closed every gate"
+    );
+    // The client goes away: its call (and its connection) is dropped mid-barrier.
+    call.abort();
+    let gone = Instant::now();
+    let reopened = wait_until(Duration::from_secs(15), || all_gates(&cluster, false, None)).await;
+    assert!(reopened.is_some(), "the gates stayed closed");
+    assert!(
+        gone.elapsed() < Duration::from_secs(1),
+        "the gates reopened {:?} after the client went away (lease 20 s): the tag did not go on by itself",
+        gone.elapsed()
+    );
+    // The operation went on to its end: the tag exists.
+    let tags = json(&cluster.lockstep(&["tag", "list", "--json"]));
+    assert!(
+        tags.as_array()
+            .is_some_and(|tags| tags.iter().any(|t| t["name"] == "client-gone")),
+        "{tags}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_operation_while_a_backup_runs_is_refused_busy() {
+    // The backup pauses 2 s before Commit (lease 10 s), so it holds the cluster meanwhile.
+    let cluster = Cluster::start(10_000, Some("before-commit:2000"));
+    let first = cluster.lockstep(&["backup", "create", "--json"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let backup = json(&first)["backup_id"]
+        .as_str()
+        .expect("backup_id")
+        .to_string();
+
+    for args in [
+        &["backup", "create"][..],
+        &["backup", "create", "--kind", "incremental"][..],
+        &["tag", "create", "while-busy"][..],
+        &["backup", "delete", &backup][..],
+    ] {
+        let second = cluster.lockstep(args);
+        let out = text(&second);
+        assert!(!second.status.success(), "{args:?} was not refused:\n{out}");
+        assert!(out.contains("ERR_BARRIER_BUSY"), "{args:?}:\n{out}");
+        assert!(
+            out.contains(&format!("backup {backup} is running")),
+            "the refusal names what runs: {args:?}:\n{out}"
+        );
+    }
+    let status = json(&cluster.lockstep(&["cluster", "status", "--json"]));
+    assert_eq!(status["running_backup_id"], backup.as_str(), "{status}");
+
+    let committed = wait_until(Duration::from_secs(30), || async {
+        let show = cluster.lockstep(&["backup", "show", &backup, "--json"]);
+        show.status.success()
+    })
+    .await;
+    assert!(committed.is_some(), "the first backup never committed");
+    // Once it ended, the cluster takes the next operation.
+    let next = cluster.lockstep(&["tag", "create", "after-backup"]);
+    assert!(next.status.success(), "{}", text(&next));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_commands_exit_unreachable_not_integrity_when_an_agent_is_down() {
+    let mut cluster = Cluster::start(5000, None);
+    let healthy = cluster.lockstep(&["cluster", "status"]);
+    assert_eq!(healthy.status.code(), Some(0), "{}", text(&healthy));
+    cluster.kill_agent(2);
+    for args in [&["cluster", "status"][..], &["wal", "status"][..]] {
+        let output = cluster.lockstep(args);
+        assert_eq!(
+            output.status.code(),
+            Some(6),
+            "{args:?} with shard-2 down exits 6 (unreachable):\n{}",
+            text(&output)
+        );
+        assert!(text(&output).contains("shard-2"), "{}", text(&output));
+    }
+}
