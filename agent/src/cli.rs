@@ -397,6 +397,9 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         wal_retention_bytes: args.wal.wal_retention_mib.max(1) << 20,
         ..ShipperOptions::default()
     };
+    // Bound first: a second agent started on a busy port by mistake stops here, before its
+    // start-up cleans the captures the running agent is uploading from.
+    let (listener, address) = lockstep_process::bind(&args.listen).await?;
     let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer);
     let slot = prepare_serving::<E>(Startup {
         dir: args.db.clone(),
@@ -411,7 +414,6 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         },
     })
     .await?;
-    let (listener, address) = lockstep_process::bind(&args.listen).await?;
     println!(
         "lockstep-agent: shard {shard} ({}) listening on {address}",
         slot.get()?.kind()

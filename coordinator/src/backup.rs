@@ -319,7 +319,8 @@ async fn wait_for_uploads_to_stop(ctx: &ClusterContext, backup: &BackupId) -> bo
 }
 
 /// Runs backup `backup` to its end: the barrier, the uploads, the commit; on any failure or
-/// on `cancel`, aborts everywhere and removes what it left.
+/// on `cancel` before every shard is uploaded, aborts everywhere and removes what it left.
+/// Past that point the backup is published whatever happens to `cancel`.
 pub async fn run_backup(
     ctx: &ClusterContext,
     backup: &BackupId,
@@ -332,17 +333,23 @@ pub async fn run_backup(
     ctx.repo
         .put_pending(backup, intent.to_string().into_bytes())
         .await?;
-    let outcome = tokio::select! {
+    let uploaded = tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(Error::new(
             ErrorCode::BarrierAborted,
             "the coordinator is shutting down; the backup was aborted",
         )),
-        outcome = barrier_and_upload(ctx, backup, cut, view, started_at) => outcome,
+        uploaded = barrier_and_upload(ctx, backup, cut, view) => uploaded,
+    };
+    let outcome = match uploaded {
+        Ok(()) => publish(ctx, backup, cut, started_at).await,
+        Err(err) => Err(err),
     };
     if outcome.is_err() {
         abort_everywhere(ctx, backup).await;
-        if cancel.is_cancelled() || !wait_for_uploads_to_stop(ctx, backup).await {
+        // Agents upload only after Commit: before it was sent, none can publish late.
+        let committed = read(view).state == v1::JobState::Uploading;
+        if committed && (cancel.is_cancelled() || !wait_for_uploads_to_stop(ctx, backup).await) {
             // The pending marker stays, so the next start removes what is published late.
             tracing::warn!(backup = %backup, "an agent may still be uploading; leftovers will be removed at the next start");
         } else if let Err(err) = remove_leftovers(ctx, backup).await {
@@ -468,7 +475,7 @@ pub async fn barrier(
 
     // Phase 2: Commit everywhere; each agent reopens its gate (and uploads).
     update(view, |v| v.state = v1::JobState::Uploading);
-    let deadline = Instant::now() + Step::Commit.timeout(barrier);
+    let deadline = (Instant::now() + Step::Commit.timeout(barrier)).min(sent + barrier.lease());
     let commits = call_each(
         ctx.agents.iter(),
         Step::Commit,
@@ -492,12 +499,12 @@ pub async fn barrier(
     Ok(prepared)
 }
 
+/// The barrier, then the wait until every shard manifest is uploaded.
 async fn barrier_and_upload(
     ctx: &ClusterContext,
     backup: &BackupId,
     cut: &Cut,
     view: &Shared,
-    started_at: chrono::DateTime<Utc>,
 ) -> Result<()> {
     let lease_ms = ctx.config.barrier.lease_ms;
     barrier(
@@ -553,9 +560,16 @@ async fn barrier_and_upload(
             })
         },
     )
-    .await?;
+    .await
+}
 
-    // Commit point: read every shard manifest back, then write the backup manifest.
+/// The commit point: every shard manifest read back, then the backup manifest written.
+async fn publish(
+    ctx: &ClusterContext,
+    backup: &BackupId,
+    cut: &Cut,
+    started_at: chrono::DateTime<Utc>,
+) -> Result<()> {
     let mut manifests = Vec::with_capacity(ctx.agents.len());
     for agent in ctx.agents.iter() {
         manifests.push(ctx.repo.shard_manifest(&agent.shard_id, backup).await?);

@@ -9,8 +9,9 @@
 //! named in every error.
 //!
 //! Poll policy (one for every wait): every agent is asked every [`POLL_EVERY`]; an agent that
-//! has not answered for [`UNREACHABLE_AFTER`] fails the wait with `ERR_AGENT_UNAVAILABLE`,
-//! and the whole wait fails at its overall deadline.
+//! has not answered for [`unreachable_after`] (5 s, or two call deadlines if longer) fails the
+//! wait with `ERR_AGENT_UNAVAILABLE`; an agent that answers with an error fails it at once;
+//! the whole wait fails at its overall deadline.
 
 use std::future::Future;
 use std::time::Duration;
@@ -27,8 +28,15 @@ use crate::config::{BarrierConfig, Config};
 /// How often a wait asks every agent.
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
 
-/// How long an agent may go without answering a poll before the wait gives up on it.
+/// How long an agent may go without answering a poll before the wait gives up on it, at
+/// least.
 pub const UNREACHABLE_AFTER: Duration = Duration::from_secs(5);
+
+/// How long an agent may go without answering a poll: [`UNREACHABLE_AFTER`], or two call
+/// deadlines when those are longer, so one slow answer never fails a wait.
+pub fn unreachable_after(barrier: &BarrierConfig) -> Duration {
+    UNREACHABLE_AFTER.max(2 * barrier.control_timeout())
+}
 
 /// One agent as the coordinator reaches it.
 #[derive(Clone)]
@@ -106,7 +114,7 @@ impl Step {
     pub fn timeout(self, barrier: &BarrierConfig) -> Duration {
         let ms = match self {
             Step::Stage | Step::RestoreStage => barrier.stage_timeout_ms,
-            // Commit must reach every agent within the lease it runs under.
+            // The barrier also caps Commit at the lease it runs under.
             Step::Prepare | Step::Commit => barrier.prepare_timeout_ms,
             Step::RestoreApply => barrier.apply_timeout_ms,
             Step::Abort
@@ -169,8 +177,9 @@ pub enum Round {
 
 /// Asks every agent of `agents` with `call` (step `step`) every [`POLL_EVERY`] until `settle`
 /// says [`Round::Done`] or returns an error; `settle` sees one result per agent, in order (a
-/// miss is an `Err`). Fails when an agent has not answered for [`UNREACHABLE_AFTER`] or when
-/// `deadline` passes (with the error `overdue`).
+/// miss, an agent that did not answer, is an `Err`). Fails when an agent answers with an
+/// error, when one has not answered for [`unreachable_after`], or when `deadline` passes
+/// (with the error `overdue`).
 pub async fn poll_until<'a, T, F, Fut, S>(
     agents: &[&'a AgentLink],
     step: Step,
@@ -187,6 +196,7 @@ where
 {
     let mut every = tokio::time::interval(POLL_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let silent_limit = unreachable_after(barrier);
     let mut last_answer = vec![Instant::now(); agents.len()];
     loop {
         every.tick().await;
@@ -199,14 +209,17 @@ where
         for ((agent, reply), last) in agents.iter().zip(&replies).zip(&mut last_answer) {
             match reply {
                 Ok(_) => *last = Instant::now(),
-                Err(err) if last.elapsed() >= UNREACHABLE_AFTER => {
+                Err(err) if err.code != ErrorCode::AgentUnavailable => {
+                    return Err(Error::new(err.code, err.chain()));
+                }
+                Err(err) if last.elapsed() >= silent_limit => {
                     return Err(Error::new(
                         ErrorCode::AgentUnavailable,
                         format!(
                             "shard {} stopped answering ({} for {} s): {}",
                             agent.shard_id,
                             step.name(),
-                            UNREACHABLE_AFTER.as_secs(),
+                            silent_limit.as_secs(),
                             err.message
                         ),
                     ));

@@ -15,12 +15,16 @@
 //!   a barrier's Prepare leaves the operation to commit or abort by itself, so gates never
 //!   stay closed until the lease runs out.
 //! - A cancelled operation (the coordinator is stopping) aborts its barrier or discards its
-//!   staged restore on every agent before it ends.
+//!   staged restore on every agent before it ends; a backup past its commit point still
+//!   publishes, and a restore already swapping shards in finishes its bounded Apply.
+//! - The cluster is released before the operation's outcome is delivered, so a client that
+//!   hears of the end can start the next operation at once.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
+use lockstep_proto::v1;
 use lockstep_repository::manifest::{BackupKind, TagManifest};
 use lockstep_repository::remembered::Remembered;
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, RestoreId, Result, TagName};
@@ -140,6 +144,7 @@ impl ClusterOps {
             running: None,
             finished: Remembered::new(REMEMBERED_JOBS),
             ops: JoinSet::new(),
+            deliveries: JoinSet::new(),
         };
         tasks.spawn(actor.run(rx));
         ClusterOps { tx }
@@ -185,6 +190,19 @@ impl ClusterOps {
     }
 }
 
+/// What an operation hands back when it ends. The actor releases the cluster first, then
+/// delivers it, so a client that hears of the end can start the next operation at once.
+enum Ended {
+    /// Nothing to deliver (an automatic tag, a refusal already sent, a client gone).
+    Quiet,
+    /// A backup's outcome, applied to its job view (committed or failed) and remembered.
+    Backup(Shared, Result<()>),
+    Tag(oneshot::Sender<Result<TagManifest>>, Result<TagManifest>),
+    Delete(oneshot::Sender<Result<()>>, Result<()>),
+    /// A restore's final view, for its client's stream.
+    Restore(restore::Updates, lockstep_proto::v1::RestoreJob),
+}
+
 /// The running operation, with the view of its backup job if it is one.
 struct Current {
     running: Running,
@@ -196,8 +214,10 @@ struct Actor {
     cancel: CancellationToken,
     running: Option<Current>,
     finished: Remembered<BackupId, JobView>,
-    /// The running operation's task (at most one); it yields the backup job to remember.
-    ops: JoinSet<Option<Shared>>,
+    /// The running operation's task (at most one).
+    ops: JoinSet<Ended>,
+    /// Final restore views still on their way to slow clients (the cluster is free meanwhile).
+    deliveries: JoinSet<()>,
 }
 
 impl Actor {
@@ -214,9 +234,8 @@ impl Actor {
                 // Fixed polling order: the simulations replay a seed exactly.
                 biased;
                 _ = self.cancel.cancelled() => break,
-                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => {
-                    self.finish(done.ok().flatten());
-                }
+                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => self.finish(done),
+                Some(_) = self.deliveries.join_next(), if !self.deliveries.is_empty() => {}
                 _ = async {
                     match auto_tags.as_mut() {
                         Some(ticks) => ticks.tick().await,
@@ -233,16 +252,49 @@ impl Actor {
         // loop's end); the running one was cancelled with its parent token and cleans up.
         drop(rx);
         while let Some(done) = self.ops.join_next().await {
-            self.finish(done.ok().flatten());
+            self.finish(done);
         }
+        while self.deliveries.join_next().await.is_some() {}
     }
 
-    /// Records the end of the running operation.
-    fn finish(&mut self, job: Option<Shared>) {
-        self.running = None;
-        if let Some(view) = job {
-            let view = read(&view);
-            self.finished.insert(view.backup_id.clone(), view);
+    /// Releases the cluster, then delivers what the ended operation hands back.
+    fn finish(&mut self, done: std::result::Result<Ended, tokio::task::JoinError>) {
+        let running = self.running.take();
+        let ended = match done {
+            Ok(ended) => ended,
+            Err(err) => {
+                // Its client's reply is dropped with the task: the client sees an error.
+                let what = running.map(|r| r.running.what).unwrap_or_default();
+                tracing::error!(operation = %what, error = %err, "cluster operation panicked");
+                return;
+            }
+        };
+        match ended {
+            Ended::Quiet => {}
+            Ended::Backup(view, outcome) => {
+                update(&view, |v| match outcome {
+                    Ok(()) => v.state = v1::JobState::Committed,
+                    Err(err) => {
+                        tracing::error!(backup = %v.backup_id, error = %err.chain(), "backup failed");
+                        v.state = v1::JobState::Failed;
+                        v.error = Some((err.code, err.chain()));
+                    }
+                });
+                let view = read(&view);
+                self.finished.insert(view.backup_id.clone(), view);
+            }
+            Ended::Tag(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Ended::Delete(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Ended::Restore(updates, view) => {
+                self.deliveries.spawn(async move {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), updates.send(Ok(view))).await;
+                });
+            }
         }
     }
 
@@ -291,20 +343,14 @@ impl Actor {
                         Ok(cut) => cut,
                         Err(err) => {
                             let _ = reply.send(Err(err));
-                            return None;
+                            return Ended::Quiet;
                         }
                     };
+                    // A client gone before it learned the backup's id still gets its backup:
+                    // it can find it with `backup list`.
                     let _ = reply.send(Ok(read(&view)));
                     let outcome = backup::run_backup(&ctx, &backup_id, &cut, &view, &cancel).await;
-                    update(&view, |v| match outcome {
-                        Ok(()) => v.state = lockstep_proto::v1::JobState::Committed,
-                        Err(err) => {
-                            tracing::error!(backup = %backup_id, error = %err.chain(), "backup failed");
-                            v.state = lockstep_proto::v1::JobState::Failed;
-                            v.error = Some((err.code, err.chain()));
-                        }
-                    });
-                    Some(view)
+                    Ended::Backup(view, outcome)
                 });
             }
             Msg::Tag { name, reply } => {
@@ -333,13 +379,17 @@ impl Actor {
                         Ok(plan) => plan,
                         Err(err) => {
                             let _ = reply.send(Err(err));
-                            return None;
+                            return Ended::Quiet;
                         }
                     };
                     let restore_id = RestoreId::generate();
-                    let _ = reply.send(Ok(restore_id.clone()));
-                    restore::run(&ctx, plan, restore_id, updates, &cancel).await;
-                    None
+                    // Nothing changed on any agent yet: a client gone while the restore was
+                    // planned starts nothing.
+                    if reply.send(Ok(restore_id.clone())).is_err() {
+                        return Ended::Quiet;
+                    }
+                    let view = restore::run(&ctx, plan, restore_id, &updates, &cancel).await;
+                    Ended::Restore(updates, view)
                 });
             }
             Msg::Delete { backup, reply } => {
@@ -351,8 +401,8 @@ impl Actor {
                 }
                 let ctx = self.ctx.clone();
                 self.ops.spawn(async move {
-                    let _ = reply.send(backup::delete(&ctx, &backup).await);
-                    None
+                    let outcome = backup::delete(&ctx, &backup).await;
+                    Ended::Delete(reply, outcome)
                 });
             }
             Msg::Job { backup, reply } => {
@@ -400,16 +450,14 @@ impl Actor {
         self.ops.spawn(async move {
             let outcome = crate::tag::create_tag(&ctx, name.clone(), automatic, &cancel).await;
             match reply {
-                Some(reply) => {
-                    let _ = reply.send(outcome);
-                }
+                Some(reply) => Ended::Tag(reply, outcome),
                 None => {
                     if let Err(err) = outcome {
                         tracing::warn!(tag = %name, error = %err.chain(), "automatic restore point failed");
                     }
+                    Ended::Quiet
                 }
             }
-            None
         });
     }
 

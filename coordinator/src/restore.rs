@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lockstep_proto::archive::open_archive;
@@ -667,19 +666,19 @@ fn status_error(shard: &ShardId, status: &v1::RestoreStatus) -> Error {
 /// The stream a client follows a restore on.
 pub type Updates = mpsc::Sender<std::result::Result<v1::RestoreJob, tonic::Status>>;
 
-/// Publishes views to the client: progress is dropped when the client is slow, the final
-/// view is always sent (unless the client is gone).
-struct Reporter {
+/// Publishes progress views to the client; a slow client misses some.
+struct Reporter<'a> {
     view: RestoreView,
-    tx: Updates,
+    tx: &'a Updates,
 }
 
-impl Reporter {
+impl Reporter<'_> {
     fn progress(&self) {
         let _ = self.tx.try_send(Ok(self.view.to_wire()));
     }
 
-    async fn finish(mut self, outcome: Result<()>) {
+    /// The final view of `outcome`.
+    fn finish(mut self, outcome: Result<()>) -> v1::RestoreJob {
         match outcome {
             Ok(()) => self.view.phase = RestorePhase::Done,
             Err(err) => {
@@ -688,23 +687,20 @@ impl Reporter {
                 self.view.error = Some((err.code, err.chain()));
             }
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.tx.send(Ok(self.view.to_wire())),
-        )
-        .await;
+        self.view.to_wire()
     }
 }
 
-/// Runs a planned restore to its end, reporting on `tx`; on failure or `cancel`, discards
-/// every staged shard.
+/// Runs a planned restore to its end, reporting progress on `tx`, and returns the final view.
+/// On failure, or on `cancel` while shards are staging, every staged shard is discarded; an
+/// Apply already sent runs to its end (each agent's swap is bounded by `apply_timeout_ms`).
 pub async fn run(
     ctx: &ClusterContext,
     plan: RestorePlan,
     restore_id: RestoreId,
-    tx: Updates,
+    tx: &Updates,
     cancel: &CancellationToken,
-) {
+) -> v1::RestoreJob {
     let mut reporter = Reporter {
         view: RestoreView {
             restore_id: Some(restore_id.clone()),
@@ -719,20 +715,27 @@ pub async fn run(
         tx,
     };
     tracing::info!(restore = %restore_id, backup = %plan.label, target = ?plan.target, "restore started");
-    let outcome = tokio::select! {
+    let staged = tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(Error::new(
             ErrorCode::BarrierAborted,
-            "the coordinator is shutting down; the restore was abandoned",
+            "the coordinator is shutting down; the restore was abandoned before any shard changed",
         )),
-        outcome = stage_and_apply(ctx, &plan, &restore_id, &mut reporter) => outcome,
+        staged = stage(ctx, &plan, &restore_id, &mut reporter) => staged,
+    };
+    let outcome = match staged {
+        Ok(()) if plan.target == RestoreTarget::InPlace => {
+            apply(ctx, &plan, &restore_id, &mut reporter).await
+        }
+        Ok(()) => check_cut(&plan, &reporter.view),
+        Err(err) => Err(err),
     };
     if outcome.is_err() {
         discard_everywhere(ctx, &plan, &restore_id).await;
     } else {
         tracing::info!(restore = %restore_id, backup = %plan.label, "restore done");
     }
-    reporter.finish(outcome).await;
+    reporter.finish(outcome)
 }
 
 fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1::RestoreRequest {
@@ -795,11 +798,12 @@ async fn discard_everywhere(ctx: &ClusterContext, plan: &RestorePlan, restore_id
     }
 }
 
-async fn stage_and_apply(
+/// Phase 1: every shard staged (in place) or restored into its directory, and checked.
+async fn stage(
     ctx: &ClusterContext,
     plan: &RestorePlan,
     restore_id: &RestoreId,
-    reporter: &mut Reporter,
+    reporter: &mut Reporter<'_>,
 ) -> Result<()> {
     let barrier = &ctx.config.barrier;
     let agents = plan_agents(plan);
@@ -870,12 +874,18 @@ async fn stage_and_apply(
             })
         },
     )
-    .await?;
-    if plan.target != RestoreTarget::InPlace {
-        return check_cut(plan, &reporter.view);
-    }
+    .await
+}
 
-    // Phase 2: every shard is staged and checked; swap them in.
+/// Phase 2 (in place): every shard is staged and checked; swap them in.
+async fn apply(
+    ctx: &ClusterContext,
+    plan: &RestorePlan,
+    restore_id: &RestoreId,
+    reporter: &mut Reporter<'_>,
+) -> Result<()> {
+    let barrier = &ctx.config.barrier;
+    let agents = plan_agents(plan);
     reporter.view.phase = RestorePhase::Applying;
     reporter.progress();
     let deadline = Instant::now() + Step::RestoreApply.timeout(barrier);

@@ -202,7 +202,7 @@ impl ErrorCode {
             | ErrorCode::BackupVerificationFailed
             | ErrorCode::BackupDecompressionFailed => 4,
             ErrorCode::StorageDiskFull => 5,
-            ErrorCode::AgentUnavailable | ErrorCode::StorageUnavailable => 6,
+            ErrorCode::AgentUnavailable => 6,
             _ => 1,
         }
     }
