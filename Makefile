@@ -1,6 +1,6 @@
 # Entry points. `make demo` runs the main job end to end; `make test` is what CI runs.
 # The cargo target directory lives outside the clone so CI runs and later sessions reuse the
-# RocksDB build (about 25 minutes cold on 2 cores).
+# RocksDB build (about 20 minutes cold on 2 cores; compiled once for clippy and the tests).
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lockstep-target
 SHELL := /bin/bash

@@ -778,19 +778,31 @@ fn plan_agents(plan: &RestorePlan) -> Vec<&AgentLink> {
     plan.shards.iter().map(|s| &s.agent).collect()
 }
 
+/// Sends `step` (RestoreStage, RestoreApply or RestoreDiscard) for the plan's shard to every
+/// agent of the plan, under the step's deadline; one result per agent, in plan order.
+async fn on_every_shard(
+    ctx: &ClusterContext,
+    plan: &RestorePlan,
+    restore_id: &RestoreId,
+    step: Step,
+) -> Vec<Result<v1::RestoreStatus>> {
+    let deadline = Instant::now() + step.timeout(&ctx.config.barrier);
+    call_each(plan_agents(plan), step, deadline, |agent, mut client| {
+        let request = request_for(plan, agent, restore_id);
+        async move {
+            match step {
+                Step::RestoreStage => client.restore_stage(request).await,
+                Step::RestoreApply => client.restore_apply(request).await,
+                _ => client.restore_discard(request).await,
+            }
+        }
+    })
+    .await
+}
+
 /// Best effort: an agent that cannot be reached lost its staging with its process.
 async fn discard_everywhere(ctx: &ClusterContext, plan: &RestorePlan, restore_id: &RestoreId) {
-    let deadline = Instant::now() + Step::RestoreDiscard.timeout(&ctx.config.barrier);
-    let replies = call_each(
-        plan_agents(plan),
-        Step::RestoreDiscard,
-        deadline,
-        |agent, mut client| {
-            let request = request_for(plan, agent, restore_id);
-            async move { client.restore_discard(request).await }
-        },
-    )
-    .await;
+    let replies = on_every_shard(ctx, plan, restore_id, Step::RestoreDiscard).await;
     for (agent, reply) in plan_agents(plan).into_iter().zip(replies) {
         if let Err(err) = reply {
             tracing::warn!(shard = %agent.shard_id, restore = %restore_id, error = %err.chain(), "discard not acknowledged");
@@ -808,17 +820,7 @@ async fn stage(
     let barrier = &ctx.config.barrier;
     let agents = plan_agents(plan);
     // Phase 1: stage everywhere.
-    let deadline = Instant::now() + Step::RestoreStage.timeout(barrier);
-    let stages = call_each(
-        agents.iter().copied(),
-        Step::RestoreStage,
-        deadline,
-        |agent, mut client| {
-            let request = request_for(plan, agent, restore_id);
-            async move { client.restore_stage(request).await }
-        },
-    )
-    .await;
+    let stages = on_every_shard(ctx, plan, restore_id, Step::RestoreStage).await;
     let failures: Vec<Error> = stages.into_iter().filter_map(|r| r.err()).collect();
     if !failures.is_empty() {
         return Err(fleet::joined(&failures, "restore refused, nothing changed"));
@@ -884,21 +886,10 @@ async fn apply(
     restore_id: &RestoreId,
     reporter: &mut Reporter<'_>,
 ) -> Result<()> {
-    let barrier = &ctx.config.barrier;
     let agents = plan_agents(plan);
     reporter.view.phase = RestorePhase::Applying;
     reporter.progress();
-    let deadline = Instant::now() + Step::RestoreApply.timeout(barrier);
-    let applies = call_each(
-        agents.iter().copied(),
-        Step::RestoreApply,
-        deadline,
-        |agent, mut client| {
-            let request = request_for(plan, agent, restore_id);
-            async move { client.restore_apply(request).await }
-        },
-    )
-    .await;
+    let applies = on_every_shard(ctx, plan, restore_id, Step::RestoreApply).await;
     let mut applied = Vec::new();
     let mut failures = Vec::new();
     let mut shards = Vec::new();
