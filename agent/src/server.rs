@@ -195,20 +195,11 @@ fn backup_id(raw: &str) -> Result<BackupId, Status> {
     BackupId::new(raw).map_err(|err| to_status(&err))
 }
 
+/// A restore id off the wire, validated as `RestoreId` (the participant keys restores by it).
 fn restore_id(raw: String) -> Result<String, Status> {
-    let valid = !raw.is_empty()
-        && raw.len() <= 64
-        && raw
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if valid {
-        Ok(raw)
-    } else {
-        Err(to_status(&Error::new(
-            ErrorCode::InvalidArgument,
-            format!("restore id {raw:?} must be 1-64 letters, digits, '-' or '_'"),
-        )))
-    }
+    lockstep_repository::RestoreId::new(raw)
+        .map(String::from)
+        .map_err(|err| to_status(&err))
 }
 
 /// A participant's answer as a gRPC reply.
