@@ -21,7 +21,7 @@
 //! coordinator (disaster recovery on a bare machine).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,9 +60,59 @@ use crate::gate::{GateClosed, WriteGate};
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     /// Directory for capture directories; for RocksDB it must be on the shard's filesystem
-    /// so the checkpoint can hard-link SST files.
+    /// so the checkpoint can hard-link SST files. Never the shard's directory, inside it, or
+    /// holding it ([`check_capture_root`]).
     pub capture_root: PathBuf,
     pub transfer: TransferOptions,
+}
+
+/// The name every capture directory starts with: the agent removes only these.
+pub const CAPTURE_PREFIX: &str = "lockstep-capture-";
+
+impl BackupOptions {
+    /// The capture directory of `backup`.
+    pub fn capture_dir(&self, backup: &BackupId) -> PathBuf {
+        self.capture_root.join(format!("{CAPTURE_PREFIX}{backup}"))
+    }
+}
+
+/// Refuses a capture root that is the shard's directory `db`, lies inside it, or holds it:
+/// captures are created and removed there, and must never touch the live shard.
+pub fn check_capture_root(db: &Path, capture_root: &Path) -> Result<()> {
+    let (db_at, root_at) = (resolved(db)?, resolved(capture_root)?);
+    if db_at.starts_with(&root_at) || root_at.starts_with(&db_at) {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "capture directory {} overlaps the shard directory {}: choose a directory beside the shard, on its filesystem (the default is <db>.lockstep-captures)",
+                capture_root.display(),
+                db.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `path` made absolute with every symbolic link in its existing part resolved.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let absolute = crate::restore::absolute(path)?;
+    let mut missing = Vec::new();
+    let mut existing = absolute.as_path();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return Ok(missing
+                .iter()
+                .rev()
+                .fold(real, |path, part| path.join(part)));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return Ok(absolute),
+        }
+    }
 }
 
 fn join_error(err: lockstep_repository::blocking::TaskFailed) -> Error {
@@ -413,13 +463,7 @@ pub async fn backup_offline<E: ShardEngine>(
     let backup_id = BackupId::generate();
     let started_at = Utc::now();
     let gate = WriteGate::new();
-    let captured = capture_shard(
-        engine,
-        &gate,
-        options.capture_root.join(backup_id.as_str()),
-        timeline,
-    )
-    .await;
+    let captured = capture_shard(engine, &gate, options.capture_dir(&backup_id), timeline).await;
     let uploaded = match captured {
         Ok(captured) => {
             tracing::info!(
@@ -445,8 +489,7 @@ pub async fn backup_offline<E: ShardEngine>(
         ..err
     })?;
     let manifest = BackupManifest::commit(backup_id, BackupKind::Full, None, started_at, &[shard]);
-    repo.put_backup_manifest(&manifest).await?;
-    Ok(manifest)
+    repo.commit_backup(manifest).await
 }
 
 /// Keeps specific codes (disk full, storage down) and folds the rest into creation failure.

@@ -104,7 +104,8 @@ pub struct BackupArgs {
     pub shard: String,
     #[arg(long, value_enum, default_value = "rocksdb")]
     pub engine: EngineKind,
-    /// Where captures are staged; must be on the shard's filesystem. Default: `<db>.lockstep-captures`.
+    /// Where captures are staged: on the shard's filesystem, neither the shard's directory,
+    /// inside it, nor holding it. Default: `<db>.lockstep-captures`.
     #[arg(long)]
     pub capture_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -131,6 +132,9 @@ pub struct ServeArgs {
     /// Column families to create if missing (comma separated).
     #[arg(long, default_value = "default", value_delimiter = ',')]
     pub cfs: Vec<String>,
+    /// Where captures are staged: on the shard's filesystem, neither the shard's directory,
+    /// inside it, nor holding it; at start the agent removes only its own old captures there.
+    /// Default: `<db>.lockstep-captures`.
     #[arg(long)]
     pub capture_dir: Option<PathBuf>,
     /// CPU priority of background work (upload hashing and compression, compactions).
@@ -299,28 +303,29 @@ fn rate(bytes: u64, elapsed: Duration) -> String {
 
 async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
     if name == "latest" {
-        return repo.backup_ids().await?.pop().ok_or_else(|| {
-            Error::new(
-                ErrorCode::BackupNotFound,
-                format!("repository {} holds no backup", repo.url()),
-            )
-        });
+        return repo.latest_backup().await;
     }
     BackupId::new(name)
 }
 
 /// Where and how a command backs up the shard in `db`: captures go to `capture_dir`, or by
-/// default to `<db>.lockstep-captures` beside it (on the shard's filesystem).
-fn backup_options(db: &Path, capture_dir: Option<&Path>, transfer: &TransferArgs) -> BackupOptions {
+/// default to `<db>.lockstep-captures` beside it (on the shard's filesystem); a capture
+/// directory overlapping the shard is refused.
+fn backup_options(
+    db: &Path,
+    capture_dir: Option<&Path>,
+    transfer: &TransferArgs,
+) -> Result<BackupOptions> {
     let capture_root = capture_dir.map(Path::to_path_buf).unwrap_or_else(|| {
         let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(".lockstep-captures");
         db.with_file_name(name)
     });
-    BackupOptions {
+    crate::backup::check_capture_root(db, &capture_root)?;
+    Ok(BackupOptions {
         capture_root,
         transfer: transfer.options(),
-    }
+    })
 }
 
 async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
@@ -341,7 +346,7 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
             .await
             .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
-    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer);
+    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer)?;
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "backup");
     let started = Instant::now();
@@ -400,7 +405,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     // Bound first: a second agent started on a busy port by mistake stops here, before its
     // start-up cleans the captures the running agent is uploading from.
     let (listener, address) = lockstep_process::bind(&args.listen).await?;
-    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer);
+    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer)?;
     let slot = prepare_serving::<E>(Startup {
         dir: args.db.clone(),
         capture_root: options.capture_root.clone(),

@@ -19,9 +19,9 @@
 //!   it stages first; for any other id it returns the status (a late Prepare finds `Aborted`).
 //! - Commit acts only on the active barrier while it is `Prepared`: a Commit that overtook
 //!   Prepare, a repeated one, or one after Abort or expiry returns the status.
-//! - Abort ends the active barrier while it is `Staged` or `Prepared`; for an unknown id it
-//!   remembers `Aborted`, so a late Stage or Prepare does nothing; after Commit it returns the
-//!   committed state.
+//! - Abort ends the active barrier while it is `Staged`, `Prepared` or `Uploading` (the upload
+//!   is stopped, the capture released); for an unknown id it remembers `Aborted`, so a late
+//!   Stage or Prepare does nothing; after the upload ended it returns the final state.
 //! - The stage hold and the lease end the barrier (`Expired`) by themselves.
 //!
 //! Architecture invariant: outside a restore's swap (within one message), the gate is closed
@@ -58,7 +58,7 @@ use crate::shipper::ShipperHandle;
 use crate::slot::EngineSlot;
 use lockstep_repository::remembered::Remembered;
 
-pub use restore::{RestoreRequest, RestoreState, RestoreStatus};
+pub use restore::{DEFAULT_RESTORE_LEASE, RestoreRequest, RestoreState, RestoreStatus};
 
 /// How many finished barriers, and finished restores, an agent remembers.
 const REMEMBERED: usize = 256;
@@ -366,6 +366,7 @@ impl<E: ShardEngine> Participant<E> {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>, cancel: CancellationToken) {
         loop {
             let deadline = self.held_deadline();
+            let restore_deadline = self.restores.deadline();
             tokio::select! {
                 // Fixed polling order: the simulations replay a seed exactly.
                 biased;
@@ -373,10 +374,15 @@ impl<E: ShardEngine> Participant<E> {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     self.expire();
                 }
+                _ = tokio::time::sleep_until(restore_deadline.unwrap_or_else(Instant::now)), if restore_deadline.is_some() => {
+                    self.restores.expire(&self.shard.shard_id);
+                }
                 Some(done) = self.uploads.join_next(), if !self.uploads.is_empty() => {
                     match done {
                         Ok((backup, result)) => self.upload_finished(backup, result),
-                        Err(err) => tracing::error!(error = %err, "upload task failed"),
+                        // Stopped by an Abort, which ended the barrier.
+                        Err(err) if err.is_cancelled() => {}
+                        Err(err) => self.upload_panicked(&err),
                     }
                 }
                 Some(done) = self.restores.stagings.join_next(), if !self.restores.stagings.is_empty() => {
@@ -553,7 +559,7 @@ impl<E: ShardEngine> Participant<E> {
         if let Some(refused) = self.refuse_busy(&backup) {
             return refused;
         }
-        let capture_dir = self.shard.options.capture_root.join(backup.as_str());
+        let capture_dir = self.shard.options.capture_dir(&backup);
         let captured = match self.shard.slot.get() {
             Ok(engine) => {
                 let timeline = self.shard.slot.lineage().timeline;
@@ -742,12 +748,22 @@ impl<E: ShardEngine> Participant<E> {
     }
 
     fn abort(&mut self, backup: BackupId) -> BarrierStatus {
-        let holding = self.active(&backup).is_some_and(|active| {
-            matches!(active.phase, Phase::Staged { .. } | Phase::Prepared { .. })
-        });
-        if holding {
+        let phase = self.active(&backup).map(|active| active.phase.state());
+        if matches!(phase, Some(BarrierState::Staged | BarrierState::Prepared)) {
             tracing::info!(backup = %backup, shard = %self.shard.shard_id, "aborted: gate reopened, capture dropped");
             self.end_active(BarrierState::Aborted, None);
+        } else if phase == Some(BarrierState::Uploading) {
+            // The backup failed elsewhere: its upload would only hold the capture (file
+            // deletions, WAL) and the shard for nothing.
+            self.uploads.abort_all();
+            tracing::info!(backup = %backup, shard = %self.shard.shard_id, "aborted while uploading: upload stopped, capture dropped");
+            self.end_active(
+                BarrierState::Aborted,
+                Some((
+                    ErrorCode::BarrierAborted,
+                    "aborted while uploading: the upload was stopped".into(),
+                )),
+            );
         } else if !self.knows(&backup) {
             // Remember the abort, so a Prepare that arrives late does not capture.
             let status = BarrierStatus {
@@ -757,6 +773,24 @@ impl<E: ShardEngine> Participant<E> {
             self.outcomes.insert(backup.clone(), status);
         }
         self.snapshot(&backup)
+    }
+
+    /// The upload task panicked: the barrier it served fails (it never ends otherwise).
+    fn upload_panicked(&mut self, err: &tokio::task::JoinError) {
+        tracing::error!(error = %err, shard = %self.shard.shard_id, "upload task failed");
+        let uploading = self
+            .active
+            .as_ref()
+            .is_some_and(|active| matches!(active.phase, Phase::Uploading { .. }));
+        if uploading {
+            self.end_active(
+                BarrierState::Failed,
+                Some((
+                    ErrorCode::BackupCreationFailed,
+                    format!("the upload task failed: {err}"),
+                )),
+            );
+        }
     }
 
     fn upload_finished(&mut self, backup: BackupId, result: Result<ShardManifest>) {
@@ -933,20 +967,42 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_abort_after_commit_returns_the_committed_state() {
+    async fn an_abort_while_uploading_stops_the_upload_and_frees_the_shard_at_once() {
+        let shard = TestShard::start().await;
+        let id = backup_id("bk-1");
+        shard.prepare(&id, LEASE).await;
+        assert_eq!(shard.commit(&id).await.state, BarrierState::Uploading);
+        let abort = shard.abort(&id).await;
+        assert_eq!(abort.state, BarrierState::Aborted);
+        assert_eq!(
+            abort.error.map(|(code, _)| code),
+            Some(ErrorCode::BarrierAborted)
+        );
+        // The capture is released: the next barrier is not refused busy.
+        let next = backup_id("bk-2");
+        assert_eq!(shard.stage(&next).await.state, BarrierState::Staged);
+        shard.abort(&next).await;
+        // The stopped upload publishes nothing, and later messages find it aborted.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            shard
+                .repo
+                .shard_manifest(&shard.shard_id, &id)
+                .await
+                .is_err(),
+            "the aborted upload published its shard manifest"
+        );
+        assert_eq!(shard.abort(&id).await.state, BarrierState::Aborted);
+        assert_eq!(shard.commit(&id).await.state, BarrierState::Aborted);
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_after_the_upload_ended_returns_its_final_state() {
         let shard = TestShard::start().await;
         let id = backup_id("bk-1");
         shard.prepare(&id, LEASE).await;
         shard.commit(&id).await;
-        let abort = shard.abort(&id).await;
-        assert!(
-            matches!(
-                abort.state,
-                BarrierState::Uploading | BarrierState::Uploaded
-            ),
-            "{:?}",
-            abort.state
-        );
         shard.wait_for(&id, BarrierState::Uploaded).await;
         let late = shard.abort(&id).await;
         assert_eq!(late.state, BarrierState::Uploaded);

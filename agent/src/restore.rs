@@ -153,7 +153,7 @@ pub async fn replay_staged<E: ShardEngine>(
                             "shard {shard}: sequence {to} is inside the batch {}..={}; a batch is atomic, pick {} or {}",
                             batch.first,
                             batch.last(),
-                            Seq(batch.first.0 - 1),
+                            Seq(batch.first.0.saturating_sub(1)),
                             batch.last()
                         ),
                     ));
@@ -342,16 +342,18 @@ impl StagedShard {
         )
     }
 
-    /// Renames the staged shard to `target`, which must be absent or an empty directory.
+    /// Marks the staged shard complete ([`COMPLETE_FILE`], synced), then renames it to
+    /// `target`, which must be absent or an empty directory.
     pub fn move_to(self, target: &Path) -> Result<()> {
+        let io = |what: String, err| Error::io(ErrorCode::BackupRestorationFailed, what, err);
+        let marker = self.staging.path().join(COMPLETE_FILE);
+        std::fs::write(&marker, format!("{}\n", self.seq))
+            .and_then(|()| std::fs::File::open(&marker)?.sync_all())
+            .and_then(|()| std::fs::File::open(self.staging.path())?.sync_all())
+            .map_err(|err| io(format!("write {}", marker.display()), err))?;
         // rename(2) replaces an empty directory atomically.
-        std::fs::rename(self.staging.path(), target).map_err(|err| {
-            Error::io(
-                ErrorCode::BackupRestorationFailed,
-                format!("move restored shard to {}", target.display()),
-                err,
-            )
-        })?;
+        std::fs::rename(self.staging.path(), target)
+            .map_err(|err| io(format!("move restored shard to {}", target.display()), err))?;
         self.staging.disarm();
         if let Some(parent) = target.parent()
             && let Ok(dir) = std::fs::File::open(parent)
@@ -360,6 +362,15 @@ impl StagedShard {
         }
         Ok(())
     }
+}
+
+/// Written into a staged shard once everything in it is downloaded and checked, just before
+/// it moves into place: a directory holding it is a complete restored shard.
+pub const COMPLETE_FILE: &str = "LOCKSTEP-RESTORED";
+
+/// Whether `dir` holds a complete restored shard (see [`COMPLETE_FILE`]).
+pub fn is_complete_restore(dir: &Path) -> bool {
+    dir.join(COMPLETE_FILE).is_file()
 }
 
 /// Keeps the codes an operator acts on; everything else is a restoration failure.
@@ -378,7 +389,8 @@ fn restoration_error(err: Error) -> Error {
     Error { code, ..err }
 }
 
-fn absolute(path: &Path) -> Result<PathBuf> {
+/// `path` made absolute against the working directory.
+pub(crate) fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).map_err(|err| {
         Error::io(
             ErrorCode::InvalidArgument,

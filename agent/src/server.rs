@@ -19,8 +19,8 @@ use crate::backup::{BackupOptions, CaptureMode};
 use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
 use crate::gate::WriteGate;
 use crate::participant::{
-    BarrierState, BarrierStatus, ParticipantHandle, PlantedBug, RestoreRequest, RestoreState,
-    RestoreStatus, ShardParts,
+    BarrierState, BarrierStatus, DEFAULT_RESTORE_LEASE, ParticipantHandle, PlantedBug,
+    RestoreRequest, RestoreState, RestoreStatus, ShardParts,
 };
 use crate::shipper::{DestinationStatus, ShipperHandle, ShipperOptions};
 use crate::slot::EngineSlot;
@@ -191,6 +191,18 @@ fn destination_to_wire(d: DestinationStatus) -> v1::WalDestinationStatus {
     }
 }
 
+/// A sequence number off the wire; one past the largest a shard can reach is refused.
+fn seq(value: u64) -> Result<lockstep_repository::Seq, Status> {
+    let seq = lockstep_repository::Seq(value);
+    if !seq.is_valid() {
+        return Err(to_status(&Error::new(
+            ErrorCode::InvalidArgument,
+            format!("sequence number {value} is past the largest a shard can reach"),
+        )));
+    }
+    Ok(seq)
+}
+
 fn backup_id(raw: &str) -> Result<BackupId, Status> {
     BackupId::new(raw).map_err(|err| to_status(&err))
 }
@@ -305,7 +317,7 @@ fn barrier_request(r: v1::PrepareRequest) -> Result<(BackupId, CaptureMode, Dura
         Ok(v1::CaptureMode::Files) => CaptureMode::Files,
         Ok(v1::CaptureMode::Point) => CaptureMode::Point,
         Ok(v1::CaptureMode::Wal) => CaptureMode::Wal {
-            after: lockstep_repository::Seq(r.wal_after_seq),
+            after: seq(r.wal_after_seq)?,
             timeline: lockstep_repository::Timeline(r.wal_timeline.max(1)),
         },
         Err(_) => {
@@ -418,7 +430,11 @@ impl Agent for AgentApi {
                     lockstep_repository::Timeline(r.timeline.max(1)),
                 )
             }),
-            to: lockstep_repository::Seq(r.replay_to_seq),
+            to: seq(r.replay_to_seq)?,
+            lease: match r.lease_ms {
+                0 => DEFAULT_RESTORE_LEASE,
+                ms => Duration::from_millis(ms).min(MAX_LEASE),
+            },
         };
         reply(
             self.participant.restore_stage(request).await,

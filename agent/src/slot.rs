@@ -6,15 +6,19 @@
 //! fast with "retry", then closes the engine and swaps directories:
 //!
 //! 1. rename the live directory aside (`.<name>.lockstep-replaced`);
-//! 2. rename the staged, checked shard into place;
-//! 3. open it and check its sequence number; on failure undo both renames and reopen the old
-//!    shard;
+//! 2. rename the staged shard, already marked complete ([`COMPLETE_FILE`]), into place;
+//! 3. open it and check its sequence number;
 //! 4. remove the replaced directory.
 //!
-//! A crash between 1 and 2 leaves no live directory and the replaced one beside it;
-//! [`recover_interrupted_swap`] puts it back when the agent starts. A crash after 2 leaves the
-//! restored shard in place and a replaced directory that the next start removes. Restores
-//! staged beside the shard by a process that died are removed at start too.
+//! If 2 or 3 fails, the swap undoes itself without deleting the old shard first: remove the
+//! restored shard's mark, rename it aside (`.<name>.lockstep-discarded`), rename the old
+//! shard back, and only then remove the discarded one.
+//!
+//! [`recover_interrupted_swap`] finishes or undoes a swap a crash interrupted, at start. The
+//! rule: the replaced (old) shard is removed only when the live directory is a complete
+//! restored shard; anything else at the live path (nothing, an empty directory a supervisor
+//! created, a restored shard whose undo began) is moved aside and the old shard moved back.
+//! Restores staged and swaps discarded by a process that died are removed too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 use lockstep_repository::{Error, ErrorCode, Result, Seq};
 
 use crate::engine::ShardEngine;
-use crate::restore::StagedShard;
+use crate::restore::{COMPLETE_FILE, StagedShard, is_complete_restore};
 use crate::timeline::{Lineage, read_lineage};
 
 /// How long a swap waits for in-flight reads to let go of the old engine.
@@ -53,13 +57,23 @@ fn swap_io(what: String, err: std::io::Error) -> Error {
     Error::io(ErrorCode::BackupRestorationFailed, what, err)
 }
 
-/// The side directory a swap moves the live shard to.
-fn replaced_dir(dir: &Path) -> PathBuf {
+/// A directory beside the shard: `.<name>.lockstep-<what>`.
+fn side_dir(dir: &Path, what: &str) -> PathBuf {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dir.with_file_name(format!(".{name}.lockstep-replaced"))
+    dir.with_file_name(format!(".{name}.lockstep-{what}"))
+}
+
+/// Where a swap moves the live shard while the restored one goes in.
+fn replaced_dir(dir: &Path) -> PathBuf {
+    side_dir(dir, "replaced")
+}
+
+/// Where a swap that undoes itself moves what it had put in place, before removing it.
+fn discarded_dir(dir: &Path) -> PathBuf {
+    side_dir(dir, "discarded")
 }
 
 fn sync_parent(dir: &Path) {
@@ -73,11 +87,11 @@ fn sync_parent(dir: &Path) {
 /// Finishes or undoes a swap that a crash interrupted, and removes restores staged beside
 /// the shard by an earlier run (staging never survives its process); call before opening.
 pub fn recover_interrupted_swap(dir: &Path) -> Result<()> {
-    let name = dir
+    let staging_prefix = side_dir(dir, "restore-");
+    let staging_prefix = staging_prefix
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let staging_prefix = format!(".{name}.lockstep-restore-");
     if let Some(parent) = dir.parent()
         && let Ok(entries) = std::fs::read_dir(parent)
     {
@@ -93,19 +107,49 @@ pub fn recover_interrupted_swap(dir: &Path) -> Result<()> {
         }
     }
     let replaced = replaced_dir(dir);
-    if !replaced.exists() {
-        return Ok(());
+    if replaced.exists() {
+        if is_complete_restore(dir) {
+            tracing::warn!(dir = %replaced.display(), "an in-place restore was interrupted after the restored shard was in place; removing the shard it replaced");
+            remove(&replaced)?;
+        } else {
+            tracing::warn!(dir = %dir.display(), "an in-place restore was interrupted before the restored shard was complete in place; putting the old shard back");
+            put_back(dir)?;
+        }
     }
+    let discarded = discarded_dir(dir);
+    if discarded.exists() {
+        remove(&discarded)?;
+    }
+    Ok(())
+}
+
+fn remove(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(swap_io(format!("remove {}", dir.display()), err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Moves whatever is at `dir` aside (to the discarded directory) and the replaced shard back
+/// into place. Deletes nothing: the caller removes the discarded directory.
+fn put_back(dir: &Path) -> Result<()> {
+    let discarded = discarded_dir(dir);
     if dir.exists() {
-        tracing::warn!(dir = %replaced.display(), "removing the shard replaced by an earlier restore");
-        std::fs::remove_dir_all(&replaced)
-            .map_err(|err| swap_io(format!("remove {}", replaced.display()), err))?;
-    } else {
-        tracing::warn!(dir = %dir.display(), "an in-place restore was interrupted before the new shard was in place; reopening the old shard");
-        std::fs::rename(&replaced, dir)
-            .map_err(|err| swap_io(format!("move {} back", replaced.display()), err))?;
-        sync_parent(dir);
+        remove(&discarded)?;
+        std::fs::rename(dir, &discarded).map_err(|err| {
+            swap_io(
+                format!("move {} aside to {}", dir.display(), discarded.display()),
+                err,
+            )
+        })?;
     }
+    reached(SwapPoint::Discarded)?;
+    let replaced = replaced_dir(dir);
+    std::fs::rename(&replaced, dir)
+        .map_err(|err| swap_io(format!("move {} back", replaced.display()), err))?;
+    sync_parent(dir);
     Ok(())
 }
 
@@ -227,6 +271,42 @@ impl<E: ShardEngine> EngineSlot<E> {
     }
 }
 
+/// The points of a swap where a crash leaves something for [`recover_interrupted_swap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SwapPoint {
+    /// The live shard is renamed aside.
+    MovedAside,
+    /// The restored shard is in place, not yet opened.
+    MovedIn,
+    /// The restored shard opened at the right sequence number; the old one is not removed.
+    Checked,
+    /// Undo: the restored shard's mark is removed.
+    Unmarked,
+    /// Undo: the restored shard is renamed aside.
+    Discarded,
+    /// Undo: the old shard is back in place; the discarded one is not removed.
+    MovedBack,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The fault hook: the tests stop a swap at a point as if the process died there.
+    static CRASH_AT: std::cell::Cell<Option<SwapPoint>> = const { std::cell::Cell::new(None) };
+}
+
+/// Passes `point`, or under the fault hook stops there with nothing undone.
+fn reached(point: SwapPoint) -> Result<()> {
+    #[cfg(test)]
+    if CRASH_AT.with(|at| at.get()) == Some(point) {
+        return Err(Error::new(
+            ErrorCode::BackupRestorationFailed,
+            format!("the test crashed the swap at {point:?}"),
+        ));
+    }
+    let _ = point;
+    Ok(())
+}
+
 /// Steps 1-3 of the swap, blocking. Undoes itself on failure.
 fn swap_directories<E: ShardEngine>(dir: &Path, staged: StagedShard) -> Result<(E, Seq)> {
     let replaced = replaced_dir(dir);
@@ -238,36 +318,70 @@ fn swap_directories<E: ShardEngine>(dir: &Path, staged: StagedShard) -> Result<(
                 err,
             )
         })?;
+        sync_parent(dir);
     }
-    let undo = |err: Error| -> Error {
-        if had_live {
-            let _ = std::fs::remove_dir_all(dir);
-            if let Err(undo) = std::fs::rename(&replaced, dir) {
-                tracing::error!(dir = %dir.display(), error = %undo, "could not move the old shard back; the next start does");
-            }
-            sync_parent(dir);
-        }
-        err
-    };
+    reached(SwapPoint::MovedAside)?;
     let expected = staged.seq;
     let columns = staged.column_families.clone();
-    if let Err(err) = staged.move_to(dir) {
-        return Err(undo(err));
+    let moved = staged.move_to(dir);
+    if moved.is_ok() {
+        reached(SwapPoint::MovedIn)?;
     }
-    sync_parent(dir);
-    let engine = match E::open(dir, &columns) {
-        Ok(engine) => engine,
-        Err(err) => return Err(undo(err.context("open the restored shard"))),
-    };
-    let seq = engine.latest_seq();
-    if seq != expected {
-        drop(engine);
-        return Err(undo(Error::new(
-            ErrorCode::BackupRestorationFailed,
-            format!("restored shard opened at sequence {seq}, the backup says {expected}"),
-        )));
+    let checked = moved
+        .and_then(|()| E::open(dir, &columns).map_err(|err| err.context("open the restored shard")))
+        .and_then(|engine| {
+            let seq = engine.latest_seq();
+            if seq != expected {
+                return Err(Error::new(
+                    ErrorCode::BackupRestorationFailed,
+                    format!("restored shard opened at sequence {seq}, the backup says {expected}"),
+                ));
+            }
+            Ok((engine, seq))
+        });
+    match checked {
+        Ok(opened) => {
+            reached(SwapPoint::Checked)?;
+            Ok(opened)
+        }
+        Err(err) => match undo_swap(dir, had_live) {
+            Ok(()) => Err(err),
+            Err(undo) => {
+                tracing::error!(dir = %dir.display(), error = %undo.chain(), "could not put the old shard back; the next start does");
+                Err(Error {
+                    message: format!(
+                        "{}; the old shard is not back in place yet ({}), the next start puts it back",
+                        err.message,
+                        undo.chain()
+                    ),
+                    ..err
+                })
+            }
+        },
     }
-    Ok((engine, seq))
+}
+
+/// Undoes a swap whose restored shard failed: unmark it (so a crash from here on puts the old
+/// shard back at start), rename it aside, rename the old shard back, then remove it.
+fn undo_swap(dir: &Path, had_live: bool) -> Result<()> {
+    match std::fs::remove_file(dir.join(COMPLETE_FILE)) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(swap_io(format!("unmark {}", dir.display()), err));
+        }
+        _ => {}
+    }
+    if let Ok(handle) = std::fs::File::open(dir) {
+        let _ = handle.sync_all();
+    }
+    reached(SwapPoint::Unmarked)?;
+    if had_live {
+        put_back(dir)?;
+    } else if dir.exists() {
+        std::fs::rename(dir, discarded_dir(dir))
+            .map_err(|err| swap_io(format!("move {} aside", dir.display()), err))?;
+    }
+    reached(SwapPoint::MovedBack)?;
+    remove(&discarded_dir(dir))
 }
 
 #[cfg(test)]
@@ -378,29 +492,126 @@ mod tests {
         assert!(!replaced_dir(&live).exists());
     }
 
+    /// A live shard holding `old` (restored earlier, so marked complete, or never restored)
+    /// and, staged beside it, a backup holding `new`.
+    async fn live_and_staged(root: &Path, old_was_restored: bool) -> (PathBuf, StagedShard) {
+        let live = root.join("db");
+        let name = root
+            .file_name()
+            .map(|n| n.to_string_lossy().replace('.', ""));
+        let repo = Repository::open(&format!("memory://slot{}", name.unwrap_or_default()))
+            .await
+            .expect("repo");
+        let old = Arc::new(MemEngine::open(&root.join("old"), &[]).expect("old"));
+        put(old.as_ref(), "old");
+        staged_backup(&old, root, &repo, &live)
+            .await
+            .move_to(&live)
+            .expect("the old shard in place");
+        if !old_was_restored {
+            std::fs::remove_file(live.join(COMPLETE_FILE)).expect("unmark");
+        }
+        let new = Arc::new(MemEngine::open(&root.join("new"), &[]).expect("new"));
+        put(new.as_ref(), "new");
+        let staged = staged_backup(&new, root, &repo, &live).await;
+        (live, staged)
+    }
+
+    /// Which shard is live after the agent starts again: "old" or "new".
+    fn live_shard(live: &Path) -> &'static str {
+        recover_interrupted_swap(live).expect("recover");
+        let engine = MemEngine::open(live, &[]).expect("open the live shard");
+        let has = |key: &str| {
+            engine
+                .get(DEFAULT_CF, key.as_bytes())
+                .expect("get")
+                .is_some()
+        };
+        match (has("old"), has("new")) {
+            (true, false) => "old",
+            (false, true) => "new",
+            other => panic!("the live shard is neither: {other:?}"),
+        }
+    }
+
+    fn leftovers(live: &Path) -> Vec<String> {
+        std::fs::read_dir(live.parent().expect("parent"))
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".db."))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_crash_at_any_point_of_a_swap_leaves_one_complete_shard_at_start() {
+        use SwapPoint::*;
+        // (where the process dies, whether the swap was failing and undoing itself, the
+        // shard live after the next start)
+        let cases = [
+            (MovedAside, false, "old"),
+            (MovedIn, false, "new"),
+            (Checked, false, "new"),
+            (Unmarked, true, "old"),
+            (Discarded, true, "old"),
+            (MovedBack, true, "old"),
+        ];
+        for (point, failing, expected) in cases {
+            for old_was_restored in [false, true] {
+                for supervisor_mkdir in [false, true] {
+                    let root = tempfile::tempdir().expect("tempdir");
+                    let (live, mut staged) = live_and_staged(root.path(), old_was_restored).await;
+                    if failing {
+                        staged.seq = Seq(staged.seq.0 + 7);
+                    }
+                    CRASH_AT.with(|at| at.set(Some(point)));
+                    let crashed = swap_directories::<MemEngine>(&live, staged);
+                    CRASH_AT.with(|at| at.set(None));
+                    let err = crashed.err().expect("the swap stopped at the crash");
+                    assert!(err.to_string().contains("crashed"), "{point:?}: {err}");
+                    // A supervisor's `mkdir -p` of the shard path before the agent restarts.
+                    std::fs::create_dir_all(&live).expect("mkdir -p");
+                    if !supervisor_mkdir && std::fs::read_dir(&live).expect("ls").next().is_none() {
+                        std::fs::remove_dir(&live).expect("rmdir");
+                    }
+                    let case = format!(
+                        "crash at {point:?}, old shard restored before: {old_was_restored}, mkdir -p: {supervisor_mkdir}"
+                    );
+                    assert_eq!(live_shard(&live), expected, "{case}");
+                    assert_eq!(leftovers(&live), Vec::<String>::new(), "{case}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_swap_puts_the_old_shard_back_and_leaves_nothing_beside_it() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (live, mut staged) = live_and_staged(root.path(), false).await;
+        staged.seq = Seq(staged.seq.0 + 7);
+        let err = swap_directories::<MemEngine>(&live, staged)
+            .err()
+            .expect("a wrong sequence number fails the swap");
+        assert!(err.to_string().contains("opened at sequence"), "{err}");
+        assert!(
+            !is_complete_restore(&live),
+            "the failed shard's mark is not on the old one"
+        );
+        assert_eq!(leftovers(&live), Vec::<String>::new());
+        assert_eq!(live_shard(&live), "old");
+    }
+
     #[test]
-    fn an_interrupted_swap_is_undone_or_finished_at_start() {
+    fn restores_staged_and_swaps_discarded_by_an_earlier_run_are_removed_at_start() {
         let root = tempfile::tempdir().expect("tempdir");
         let live = root.path().join("db");
-        let replaced = replaced_dir(&live);
-        // Crash between the two renames: only the replaced directory exists.
-        std::fs::create_dir(&replaced).expect("mkdir");
-        std::fs::write(replaced.join("CURRENT"), "old").expect("write");
+        std::fs::create_dir(&live).expect("mkdir");
+        for name in [".db.lockstep-restore-0123", ".db.lockstep-discarded"] {
+            std::fs::create_dir(root.path().join(name)).expect("mkdir");
+        }
         recover_interrupted_swap(&live).expect("recover");
-        assert_eq!(
-            std::fs::read_to_string(live.join("CURRENT")).expect("read"),
-            "old"
-        );
-        assert!(!replaced.exists());
-        // Crash after the second rename: the new shard is live, the old one is garbage.
-        std::fs::create_dir(&replaced).expect("mkdir");
-        recover_interrupted_swap(&live).expect("recover");
-        assert!(live.exists() && !replaced.exists());
+        assert_eq!(leftovers(&live), Vec::<String>::new());
+        assert!(live.exists());
         recover_interrupted_swap(&live).expect("nothing to do");
-        // A restore staged by a run that died is removed.
-        let staging = root.path().join(".db.lockstep-restore-0123");
-        std::fs::create_dir(&staging).expect("mkdir");
-        recover_interrupted_swap(&live).expect("recover");
-        assert!(!staging.exists());
     }
 }

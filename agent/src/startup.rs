@@ -5,7 +5,8 @@
 //! 2. finish or undo an in-place restore that a crash interrupted, and remove restores staged
 //!    by an earlier run ([`recover_interrupted_swap`]), before the engine opens the directory;
 //! 3. open the engine, or take the one that outlived its agent (the simulations);
-//! 4. remove the captures an earlier run left (a capture never outlives its process);
+//! 4. remove the captures an earlier run left (a capture never outlives its process): only
+//!    the `lockstep-capture-*` directories, in a capture root that must not overlap the shard;
 //! 5. hold the engine in the [`EngineSlot`] the server serves.
 //!
 //! Everything that touches the outside world is a parameter: the priority (the simulations
@@ -13,12 +14,13 @@
 //! through `lockstep_repository::blocking`, so it runs inline, deterministically, under
 //! simulation.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::ValueEnum;
 use lockstep_repository::{Error, ErrorCode, Result};
 
+use crate::backup::{CAPTURE_PREFIX, check_capture_root};
 use crate::engine::{EngineConfig, ShardEngine};
 use crate::slot::{EngineSlot, recover_interrupted_swap};
 
@@ -49,7 +51,7 @@ pub enum ShardSource<E> {
 pub struct Startup<E> {
     /// The shard's directory.
     pub dir: PathBuf,
-    /// Where the agent stages captures; emptied.
+    /// Where the agent stages captures; its old captures are removed, nothing else.
     pub capture_root: PathBuf,
     pub priority: BackgroundPriority,
     pub source: ShardSource<E>,
@@ -63,6 +65,7 @@ pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<
         priority,
         source,
     } = startup;
+    check_capture_root(&dir, &capture_root)?;
     let low = priority == BackgroundPriority::Low;
     if low {
         lockstep_repository::blocking::set_background_nice(
@@ -93,21 +96,37 @@ pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<
     .await
     .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??;
     let removing = capture_root.clone();
-    let removed = lockstep_repository::blocking::run(move || std::fs::remove_dir_all(&removing))
+    lockstep_repository::blocking::run(move || remove_old_captures(&removing))
         .await
         .map_err(|err| {
             Error::with_source(ErrorCode::ShardEngineFailed, "remove old captures", err)
         })?;
-    match removed {
-        Ok(()) => {
-            tracing::info!(dir = %capture_root.display(), "removed captures left by an earlier run")
+    Ok(Arc::new(EngineSlot::new(dir, engine)?))
+}
+
+/// Removes the capture directories in `capture_root`; anything else there stays.
+fn remove_old_captures(capture_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(capture_root) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(CAPTURE_PREFIX)
+        {
+            continue;
         }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => {
-            tracing::warn!(dir = %capture_root.display(), error = %err, "could not remove old captures")
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(dir = %path.display(), "removed a capture left by an earlier run")
+            }
+            Err(err) => {
+                tracing::warn!(dir = %path.display(), error = %err, "could not remove an old capture")
+            }
         }
     }
-    Ok(Arc::new(EngineSlot::new(dir, engine)?))
 }
 
 #[cfg(test)]
@@ -120,7 +139,9 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let dir = root.path().join("shard");
         let captures = root.path().join("captures");
-        std::fs::create_dir_all(captures.join("bk-old")).expect("mkdir");
+        let old_capture = captures.join(format!("{CAPTURE_PREFIX}bk-old"));
+        std::fs::create_dir_all(&old_capture).expect("mkdir");
+        std::fs::write(captures.join("operator-notes.txt"), "mine").expect("write");
         let staged = root.path().join(".shard.lockstep-restore-0123");
         std::fs::create_dir(&staged).expect("mkdir");
         let slot = prepare_serving::<MemEngine>(Startup {
@@ -134,7 +155,12 @@ mod tests {
         })
         .await
         .expect("prepare");
-        assert!(!captures.exists(), "old captures are removed");
+        assert!(!old_capture.exists(), "old captures are removed");
+        assert_eq!(
+            std::fs::read_to_string(captures.join("operator-notes.txt")).expect("kept"),
+            "mine",
+            "what Lockstep did not create stays"
+        );
         assert!(
             !staged.exists(),
             "restores staged by an earlier run are removed"
@@ -166,5 +192,54 @@ mod tests {
             "the same engine, not a reopened one"
         );
         assert_eq!(served.latest_seq(), engine.latest_seq());
+    }
+
+    #[tokio::test]
+    async fn a_capture_root_that_overlaps_the_shard_is_refused_and_nothing_is_removed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let data = root.path().join("DATA");
+        let dir = data.join("shard-0");
+        let engine = Arc::new(MemEngine::open(&dir, &[]).expect("open"));
+        let mut batch = WriteBatch::new();
+        batch.put(DEFAULT_CF, "k", "v");
+        engine.write(&batch).expect("write");
+        // What the live database holds on disk, and a neighbour in the same parent.
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("000001.sst"), "live").expect("write");
+        std::fs::create_dir(data.join("shard-1")).expect("mkdir");
+        std::os::unix::fs::symlink(&data, root.path().join("link")).expect("symlink");
+        for capture_root in [
+            data.clone(),
+            dir.clone(),
+            dir.join("captures"),
+            root.path().join("link"),
+            root.path().join("DATA/../DATA"),
+        ] {
+            let err = prepare_serving(Startup {
+                dir: dir.clone(),
+                capture_root: capture_root.clone(),
+                priority: BackgroundPriority::Normal,
+                source: ShardSource::Running(engine.clone()),
+            })
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{} must be refused", capture_root.display()));
+            assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+            assert!(err.to_string().contains("overlaps the shard"), "{err}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.join("000001.sst")).expect("the shard is still there"),
+            "live"
+        );
+        assert!(data.join("shard-1").exists());
+        // Beside the shard is fine.
+        prepare_serving(Startup {
+            dir: dir.clone(),
+            capture_root: data.join("shard-0.lockstep-captures"),
+            priority: BackgroundPriority::Normal,
+            source: ShardSource::Running(engine),
+        })
+        .await
+        .expect("a capture root beside the shard");
     }
 }

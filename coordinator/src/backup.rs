@@ -22,13 +22,15 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::{self, AgentLink, Round, Step, call_each, poll_until};
 use crate::ops::ClusterContext;
 
-/// Environment variable for fault tests that kill a process inside a backup:
+/// Environment variable for fault tests that kill a process inside an operation:
 /// `before-commit:MS` pauses between the last Prepared and Commit, `before-publish:MS`
-/// between the last upload and the backup manifest. Never set in production.
+/// between the last upload and the backup manifest, `before-apply:MS` between the last
+/// shard staged and a restore's Apply. Never set in production.
 pub const FAULT_PAUSE: &str = "LOCKSTEP_FAULT_PAUSE";
 
-/// Waits at `point` if the fault-injection variable names it.
-async fn fault_pause(point: &str, backup: &BackupId) {
+/// Waits at `point` if the fault-injection variable names it; `operation` is the backup or
+/// restore, for the log.
+pub(crate) async fn fault_pause(point: &str, operation: &(dyn std::fmt::Display + Sync)) {
     let Ok(spec) = std::env::var(FAULT_PAUSE) else {
         return;
     };
@@ -37,7 +39,7 @@ async fn fault_pause(point: &str, backup: &BackupId) {
     };
     let Ok(ms) = ms.parse::<u64>() else { return };
     if name == point {
-        tracing::warn!(backup = %backup, point, pause_ms = ms, "fault injection: pausing");
+        tracing::warn!(operation = %operation, point, pause_ms = ms, "fault injection: pausing");
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
@@ -266,7 +268,8 @@ pub async fn remove_leftovers(ctx: &ClusterContext, backup: &BackupId) -> Result
 }
 
 /// On start: every pending backup without a backup manifest is a leftover of a coordinator
-/// that died mid-barrier. Abort it on the agents and remove its shard manifests.
+/// that died mid-barrier. Abort it on the agents, wait (bounded) until none still uploads it,
+/// and remove its shard manifests; safe to repeat.
 pub async fn clean_leftovers(ctx: &ClusterContext) -> Result<Vec<BackupId>> {
     let mut cleaned = Vec::new();
     for backup in ctx.repo.pending_ids().await? {
@@ -275,6 +278,12 @@ pub async fn clean_leftovers(ctx: &ClusterContext) -> Result<Vec<BackupId>> {
             continue;
         }
         abort_everywhere(ctx, &backup).await;
+        // An agent that accepted Commit uploads on: its shard manifest may land after any
+        // cleanup that does not wait for it.
+        if !wait_for_uploads_to_stop(ctx, &backup).await {
+            tracing::warn!(backup = %backup, "an agent may still be uploading this uncommitted backup; its leftovers stay until the next start");
+            continue;
+        }
         let removed = remove_leftovers(ctx, &backup).await?;
         tracing::warn!(backup = %backup, shard_manifests = removed, "removed the leftovers of an uncommitted backup");
         cleaned.push(backup);
@@ -359,6 +368,18 @@ pub async fn run_backup(
     outcome
 }
 
+/// An agent that answers for another shard than the one configured at its endpoint: its
+/// cut would be recorded under the wrong shard.
+fn wrong_shard(agent: &AgentLink, reported: &str) -> Error {
+    Error::new(
+        ErrorCode::InvalidArgument,
+        format!(
+            "the agent at {} serves shard {reported:?}, but the configuration names it {}; fix its [[agents]] entry",
+            agent.endpoint, agent.shard_id
+        ),
+    )
+}
+
 /// Sends `step` (Stage or Prepare) to every agent in parallel; every reply must be
 /// `expected` and arrive by `deadline`. The view shows each shard's reply.
 async fn fan_out(
@@ -384,6 +405,11 @@ async fn fan_out(
     let mut accepted = Vec::new();
     for (agent, reply) in ctx.agents.iter().zip(replies) {
         match reply {
+            Ok(status) if status.shard_id != agent.shard_id.as_str() => {
+                let err = wrong_shard(agent, &status.shard_id);
+                shards.push(ShardView::unreachable(&agent.shard_id, &err));
+                failures.push(err);
+            }
             Ok(status) => {
                 shards.push(ShardView::barrier(&agent.shard_id, &status));
                 if status.state() == expected {
@@ -475,11 +501,10 @@ pub async fn barrier(
 
     // Phase 2: Commit everywhere; each agent reopens its gate (and uploads).
     update(view, |v| v.state = v1::JobState::Uploading);
-    let deadline = (Instant::now() + Step::Commit.timeout(barrier)).min(sent + barrier.lease());
     let commits = call_each(
         ctx.agents.iter(),
         Step::Commit,
-        deadline,
+        Instant::now() + Step::Commit.timeout(barrier),
         |_, mut client| {
             let request = v1::BarrierRequest {
                 backup_id: backup.to_string(),
@@ -583,24 +608,34 @@ async fn publish(
         &manifests,
     );
     manifest.raid_groups = ctx.config.raid_groups.clone();
-    ctx.repo.put_backup_manifest(&manifest).await?;
+    let manifest = ctx.repo.commit_backup(manifest).await?;
     ctx.repo.delete_pending(backup).await?;
     tracing::info!(backup = %backup, shards = manifests.len(), max_gate_closed_us = manifest.max_gate_closed_us, "backup committed");
     Ok(())
 }
 
 /// Deletes `backup` unless an incremental or differential backup continues it (a child
-/// restores through its parent).
+/// restores through its parent). Fails closed: a backup whose manifest cannot be read might
+/// be a child, so nothing is deleted until it can be (or is deleted itself).
 pub async fn delete(ctx: &ClusterContext, backup: &BackupId) -> Result<()> {
-    let children: Vec<String> = ctx
-        .repo
-        .backups()
-        .await?
-        .into_iter()
-        .filter_map(|(_, manifest)| manifest.ok())
-        .filter(|m| m.parent.as_ref() == Some(backup))
-        .map(|m| m.backup_id.to_string())
-        .collect();
+    let mut children = Vec::new();
+    for (id, manifest) in ctx.repo.backups().await? {
+        match manifest {
+            Ok(manifest) if manifest.parent.as_ref() == Some(backup) => {
+                children.push(id.to_string())
+            }
+            Ok(_) => {}
+            Err(_) if &id == backup => {}
+            Err(err) => {
+                return Err(Error::new(
+                    err.code,
+                    format!(
+                        "cannot tell whether backup {id} continues {backup}: its manifest is unreadable ({err}); nothing was deleted. Retry once it reads, or delete {id} first"
+                    ),
+                ));
+            }
+        }
+    }
     if !children.is_empty() {
         return Err(Error::new(
             ErrorCode::InvalidArgument,
@@ -610,7 +645,9 @@ pub async fn delete(ctx: &ClusterContext, backup: &BackupId) -> Result<()> {
             ),
         ));
     }
-    ctx.repo.delete_backup(backup).await
+    ctx.repo
+        .delete_backup(backup, &ctx.config.shard_ids())
+        .await
 }
 
 #[cfg(test)]

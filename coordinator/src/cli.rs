@@ -57,7 +57,7 @@ pub enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["in_place", "to"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["in_place", "to", "abort"])))]
 #[command(group(clap::ArgGroup::new("point").args(["backup", "tag", "to_seq", "to_time"])))]
 pub struct RestoreArgs {
     /// A backup id, or `latest` (the default when no other point is named).
@@ -89,6 +89,10 @@ pub struct RestoreArgs {
     /// shard (or where `{shard}` says); the live shards are untouched.
     #[arg(long, value_name = "DIR")]
     to: Option<String>,
+    /// Stop the running restore (shards still staging are discarded), or settle the restores
+    /// a stopped coordinator left: discarded, or applied everywhere if some shard has it.
+    #[arg(long, conflicts_with_all = ["backup", "tag", "to_seq", "to_time", "dry_run", "wal_from"])]
+    abort: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -410,6 +414,22 @@ fn show_progress(bar: &indicatif::ProgressBar, shards: &[v1::ShardProgress]) {
 async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
     let (in_place, json) = (args.in_place, args.json);
     let mut client = client(endpoint).await?;
+    if args.abort {
+        let reply = client
+            .abort_restore(v1::AbortRestoreRequest {})
+            .await
+            .map_err(|s| from_status("abort restore", &s))?
+            .into_inner();
+        if json {
+            print_json(&reply);
+        } else {
+            println!("{}", reply.message);
+            for restore in &reply.settled {
+                println!("  {restore}");
+            }
+        }
+        return Ok(());
+    }
     let mut stream = client
         .restore(v1::RestoreClusterRequest {
             backup_id: args.backup.unwrap_or_default(),

@@ -114,10 +114,12 @@ impl Step {
     pub fn timeout(self, barrier: &BarrierConfig) -> Duration {
         let ms = match self {
             Step::Stage | Step::RestoreStage => barrier.stage_timeout_ms,
-            // The barrier also caps Commit at the lease it runs under.
-            Step::Prepare | Step::Commit => barrier.prepare_timeout_ms,
+            Step::Prepare => barrier.prepare_timeout_ms,
             Step::RestoreApply => barrier.apply_timeout_ms,
-            Step::Abort
+            // A late Commit reply holds no gate: the agent reopens on receipt, or
+            // answers that its lease ran out first.
+            Step::Commit
+            | Step::Abort
             | Step::Status
             | Step::Describe
             | Step::WalStatus

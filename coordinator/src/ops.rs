@@ -105,6 +105,11 @@ enum Msg {
         backup: BackupId,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Cancel the running restore, or settle the restores a stopped coordinator left.
+    /// Replies with what was done.
+    AbortRestore {
+        reply: oneshot::Sender<Result<(String, Vec<RestoreId>)>>,
+    },
     /// The running or a remembered backup job.
     Job {
         backup: BackupId,
@@ -181,6 +186,10 @@ impl ClusterOps {
         self.ask(|reply| Msg::Delete { backup, reply }).await?
     }
 
+    pub async fn abort_restore(&self) -> Result<(String, Vec<RestoreId>)> {
+        self.ask(|reply| Msg::AbortRestore { reply }).await?
+    }
+
     pub async fn job(&self, backup: BackupId) -> Result<Option<JobView>> {
         self.ask(|reply| Msg::Job { backup, reply }).await
     }
@@ -199,6 +208,10 @@ enum Ended {
     Backup(Shared, Result<()>),
     Tag(oneshot::Sender<Result<TagManifest>>, Result<TagManifest>),
     Delete(oneshot::Sender<Result<()>>, Result<()>),
+    AbortRestore(
+        oneshot::Sender<Result<(String, Vec<RestoreId>)>>,
+        Result<(String, Vec<RestoreId>)>,
+    ),
     /// A restore's final view, for its client's stream.
     Restore(restore::Updates, lockstep_proto::v1::RestoreJob),
 }
@@ -207,6 +220,9 @@ enum Ended {
 struct Current {
     running: Running,
     job: Option<Shared>,
+    /// Cancels the operation (a restore's, for `AbortRestore`).
+    cancel: CancellationToken,
+    restore: bool,
 }
 
 struct Actor {
@@ -289,6 +305,9 @@ impl Actor {
             Ended::Delete(reply, outcome) => {
                 let _ = reply.send(outcome);
             }
+            Ended::AbortRestore(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
             Ended::Restore(updates, view) => {
                 self.deliveries.spawn(async move {
                     let _ =
@@ -309,11 +328,14 @@ impl Actor {
                 ),
             ));
         }
+        let cancel = self.cancel.child_token();
         self.running = Some(Current {
             running: Running { what, backup },
             job: None,
+            cancel: cancel.clone(),
+            restore: false,
         });
-        Ok(self.cancel.child_token())
+        Ok(cancel)
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -372,6 +394,9 @@ impl Actor {
                         return;
                     }
                 };
+                if let Some(current) = self.running.as_mut() {
+                    current.restore = true;
+                }
                 let ctx = self.ctx.clone();
                 self.ops.spawn(async move {
                     let plan = restore::plan(&ctx, order.point, order.target, order.wal_from).await;
@@ -403,6 +428,36 @@ impl Actor {
                 self.ops.spawn(async move {
                     let outcome = backup::delete(&ctx, &backup).await;
                     Ended::Delete(reply, outcome)
+                });
+            }
+            Msg::AbortRestore { reply } => {
+                if let Some(current) = self.running.as_ref().filter(|c| c.restore) {
+                    current.cancel.cancel();
+                    let message = format!(
+                        "{} is cancelled: shards still staging are discarded; an Apply already sent finishes",
+                        current.running.what
+                    );
+                    let _ = reply.send(Ok((message, Vec::new())));
+                    return;
+                }
+                if let Err(err) = self.hold("abort of interrupted restores".into(), None) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                let ctx = self.ctx.clone();
+                self.ops.spawn(async move {
+                    let outcome = restore::settle_interrupted(&ctx).await.map(|settled| {
+                        let message = if settled.is_empty() {
+                            "no restore to abort".to_string()
+                        } else {
+                            format!(
+                                "settled {} restore(s) a stopped coordinator left",
+                                settled.len()
+                            )
+                        };
+                        (message, settled)
+                    });
+                    Ended::AbortRestore(reply, outcome)
                 });
             }
             Msg::Job { backup, reply } => {

@@ -2,13 +2,15 @@
 //!
 //! 1. **Stage**: every agent downloads its shard of the backup, checks every chunk's SHA-256,
 //!    opens the result and checks its sequence number, into a staging directory beside its
-//!    live shard (in place) or straight into a target directory (fresh machines, drills).
-//! 2. **Apply** (in place only, and only once every shard is staged): every agent closes its
-//!    write gate, swaps the staged shard in, reopens, and opens the gate.
+//!    live shard (in place) or beside its target directory (fresh machines, drills).
+//! 2. **Apply**, only once every shard is staged: in place, every agent closes its write
+//!    gate, swaps the staged shard in, and opens the gate; into directories, every agent
+//!    renames its staged shard to its target.
 //!
-//! A failure in phase 1 discards every staged shard: the cluster is untouched. A failure in
-//! phase 2 is reported shard by shard (each swap is atomic on its agent, so every shard is
-//! either the backup's or its old self); rerunning the restore converges.
+//! A failure in phase 1 discards every staged shard: the cluster and every target are
+//! untouched. A failure in phase 2 is reported shard by shard (each swap or rename is atomic
+//! on its agent, so every shard is either the backup's or its old self); rerunning the
+//! restore converges.
 //!
 //! A restore runs as one operation of `ClusterOps`, so no backup's barrier runs in between,
 //! and it runs to its end even if the client that asked goes away.
@@ -203,7 +205,10 @@ impl RestorePlan {
     pub fn estimated_ms(&self) -> u64 {
         self.shards
             .iter()
-            .map(|s| s.base_bytes / (200 * 1024 * 1024 / 1000) + (s.target.0 - s.base_seq.0) / 50)
+            .map(|s| {
+                s.base_bytes / (200 * 1024 * 1024 / 1000)
+                    + s.target.0.saturating_sub(s.base_seq.0) / 50
+            })
             .max()
             .unwrap_or(0)
     }
@@ -692,8 +697,8 @@ impl Reporter<'_> {
 }
 
 /// Runs a planned restore to its end, reporting progress on `tx`, and returns the final view.
-/// On failure, or on `cancel` while shards are staging, every staged shard is discarded; an
-/// Apply already sent runs to its end (each agent's swap is bounded by `apply_timeout_ms`).
+/// On failure, or on `cancel` before Apply is sent, every staged shard is discarded; an Apply
+/// already sent runs to its end (each agent's swap is bounded by `apply_timeout_ms`).
 pub async fn run(
     ctx: &ClusterContext,
     plan: RestorePlan,
@@ -715,19 +720,42 @@ pub async fn run(
         tx,
     };
     tracing::info!(restore = %restore_id, backup = %plan.label, target = ?plan.target, "restore started");
+    // Recorded before any agent stages, so a coordinator that stops mid-restore finishes or
+    // discards it when it starts again (`settle_interrupted`).
+    let record = serde_json::json!({
+        "restore_id": restore_id,
+        "backup": plan.label,
+        "target": match &plan.target {
+            RestoreTarget::InPlace => "in place",
+            RestoreTarget::Directory(template) => template.as_str(),
+        },
+        "shards": plan.shards.iter().map(|s| s.agent.shard_id.to_string()).collect::<Vec<_>>(),
+        "started_at": Utc::now(),
+    });
+    if let Err(err) = ctx
+        .repo
+        .put_running_restore(&restore_id, record.to_string().into_bytes())
+        .await
+    {
+        return reporter.finish(Err(
+            err.context("record the restore in the repository; nothing changed")
+        ));
+    }
+    // Cancelled (`lockstep restore --abort`, or a shutdown) any time before Apply is sent.
     let staged = tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(Error::new(
             ErrorCode::BarrierAborted,
-            "the coordinator is shutting down; the restore was abandoned before any shard changed",
+            "the restore was cancelled (`lockstep restore --abort`, or the coordinator is shutting down) before any shard changed",
         )),
-        staged = stage(ctx, &plan, &restore_id, &mut reporter) => staged,
+        staged = async {
+            stage(ctx, &plan, &restore_id, &mut reporter).await?;
+            crate::backup::fault_pause("before-apply", &restore_id).await;
+            Ok(())
+        } => staged,
     };
     let outcome = match staged {
-        Ok(()) if plan.target == RestoreTarget::InPlace => {
-            apply(ctx, &plan, &restore_id, &mut reporter).await
-        }
-        Ok(()) => check_cut(&plan, &reporter.view),
+        Ok(()) => apply(ctx, &plan, &restore_id, &mut reporter).await,
         Err(err) => Err(err),
     };
     if outcome.is_err() {
@@ -735,7 +763,81 @@ pub async fn run(
     } else {
         tracing::info!(restore = %restore_id, backup = %plan.label, "restore done");
     }
+    if let Err(err) = ctx.repo.delete_running_restore(&restore_id).await {
+        tracing::warn!(restore = %restore_id, error = %err.chain(), "could not remove the restore's record; the next start settles it again");
+    }
     reporter.finish(outcome)
+}
+
+/// On start: every restore recorded as under way was left by a coordinator that stopped
+/// before it ended. If some shard already applied it, the decision to restore was taken
+/// (every shard was staged): Apply it on the others. Otherwise discard it everywhere. A
+/// restore some agent cannot be asked about keeps its record (its agents discard it when
+/// its lease runs out) and is settled at the next start.
+pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Vec<RestoreId>> {
+    let mut settled = Vec::new();
+    for restore_id in ctx.repo.running_restore_ids().await? {
+        let ask = |step: Step| {
+            let restore_id = restore_id.clone();
+            let deadline = Instant::now() + step.timeout(&ctx.config.barrier);
+            call_each(ctx.agents.iter(), step, deadline, move |_, mut client| {
+                let request = v1::RestoreRequest {
+                    restore_id: restore_id.to_string(),
+                    ..Default::default()
+                };
+                async move {
+                    match step {
+                        Step::RestoreStatus => client.restore_status(request).await,
+                        Step::RestoreApply => client.restore_apply(request).await,
+                        _ => client.restore_discard(request).await,
+                    }
+                }
+            })
+        };
+        let statuses: Result<Vec<v1::RestoreStatus>> =
+            ask(Step::RestoreStatus).await.into_iter().collect();
+        let statuses = match statuses {
+            Ok(statuses) => statuses,
+            Err(err) => {
+                tracing::warn!(restore = %restore_id, error = %err.chain(), "cannot settle an interrupted restore yet");
+                continue;
+            }
+        };
+        let applied = statuses.iter().any(|s| s.state() == RestoreState::Applied);
+        let step = if applied {
+            Step::RestoreApply
+        } else {
+            Step::RestoreDiscard
+        };
+        let replies = ask(step).await;
+        let unfinished: Vec<String> = ctx
+            .agents
+            .iter()
+            .zip(&replies)
+            .filter(|(_, reply)| {
+                reply.as_ref().map_or(true, |status| {
+                    let state = status.state();
+                    if applied {
+                        state != RestoreState::Applied
+                    } else {
+                        matches!(state, RestoreState::Staging | RestoreState::Staged)
+                    }
+                })
+            })
+            .map(|(agent, _)| agent.shard_id.to_string())
+            .collect();
+        if unfinished.is_empty() {
+            tracing::warn!(restore = %restore_id, finished = applied, "settled a restore a stopped coordinator left: {}", if applied { "applied on every shard" } else { "discarded everywhere" });
+        } else if applied {
+            tracing::error!(restore = %restore_id, shards = ?unfinished, "a restore a stopped coordinator left is applied on some shards and cannot be on these; rerun the restore");
+        } else {
+            tracing::warn!(restore = %restore_id, shards = ?unfinished, "cannot discard an interrupted restore on every shard yet");
+            continue;
+        }
+        ctx.repo.delete_running_restore(&restore_id).await?;
+        settled.push(restore_id);
+    }
+    Ok(settled)
 }
 
 fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1::RestoreRequest {
@@ -756,6 +858,8 @@ fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1:
         timeline: shard.timeline.0,
         replay_to_seq: shard.target.0,
         chain: shard.chain.iter().map(|b| b.to_string()).collect(),
+        // The agent's default, 30 s: the restore is polled every 100 ms while it runs.
+        lease_ms: 0,
     }
 }
 
@@ -810,7 +914,7 @@ async fn discard_everywhere(ctx: &ClusterContext, plan: &RestorePlan, restore_id
     }
 }
 
-/// Phase 1: every shard staged (in place) or restored into its directory, and checked.
+/// Phase 1: every shard staged and checked.
 async fn stage(
     ctx: &ClusterContext,
     plan: &RestorePlan,
@@ -826,10 +930,6 @@ async fn stage(
         return Err(fleet::joined(&failures, "restore refused, nothing changed"));
     }
 
-    let ready_state = match plan.target {
-        RestoreTarget::InPlace => RestoreState::Staged,
-        RestoreTarget::Directory(_) => RestoreState::Applied,
-    };
     poll_until(
         &agents,
         Step::RestoreStatus,
@@ -853,7 +953,7 @@ async fn stage(
                         let state = status.state();
                         if state == RestoreState::Staging {
                             all_ready = false;
-                        } else if state != ready_state {
+                        } else if state != RestoreState::Staged {
                             // Failed, or Unknown: the agent restarted and lost its staging.
                             failures.push(status_error(&agent.shard_id, status));
                         }
@@ -879,7 +979,8 @@ async fn stage(
     .await
 }
 
-/// Phase 2 (in place): every shard is staged and checked; swap them in.
+/// Phase 2: every shard is staged and checked; swap them in, or rename them into their
+/// directories.
 async fn apply(
     ctx: &ClusterContext,
     plan: &RestorePlan,
@@ -917,7 +1018,7 @@ async fn apply(
         };
         return Err(fleet::joined(
             &failures,
-            &format!("restore incomplete (shards already replaced: {replaced}); rerun the restore"),
+            &format!("restore incomplete (shards already in place: {replaced}); rerun the restore"),
         ));
     }
     check_cut(plan, &reporter.view)

@@ -91,9 +91,7 @@ async fn point_in_time(
 
 pub async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
     if name == "latest" || name.is_empty() {
-        return repo.backup_ids().await?.pop().ok_or_else(|| {
-            Error::new(ErrorCode::BackupNotFound, "the repository holds no backup")
-        });
+        return repo.latest_backup().await;
     }
     BackupId::new(name)
 }
@@ -293,6 +291,17 @@ impl Coordinator for CoordinatorApi {
         Ok(Response::new(v1::DeleteBackupReply {}))
     }
 
+    async fn abort_restore(
+        &self,
+        _request: Request<v1::AbortRestoreRequest>,
+    ) -> Reply<v1::AbortRestoreReply> {
+        let (message, settled) = self.ops.abort_restore().await.map_err(status)?;
+        Ok(Response::new(v1::AbortRestoreReply {
+            message,
+            settled: settled.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
     async fn create_tag(&self, request: Request<v1::CreateTagRequest>) -> Reply<v1::TagInfo> {
         let name = lockstep_repository::TagName::new(request.into_inner().name).map_err(status)?;
         let tag = self.ops.tag(name).await.map_err(status)?;
@@ -452,6 +461,7 @@ where
     if !cleaned.is_empty() {
         tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups");
     }
+    crate::restore::settle_interrupted(&ctx).await?;
     let mut tasks = JoinSet::new();
     let ops = ClusterOps::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
     let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -21,9 +21,7 @@ use lockstep_proto::v1::{self, BarrierState};
 use lockstep_repository::manifest::{
     MANIFEST_FORMAT_VERSION, ShardPoint, TOOL_VERSION, TagManifest,
 };
-use lockstep_repository::{
-    BackupId, Error, ErrorCode, HlcTime, Result, Seq, ShardId, TagName, Timeline,
-};
+use lockstep_repository::{BackupId, Error, ErrorCode, HlcTime, Result, Seq, TagName, Timeline};
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{JobView, abort_everywhere, barrier};
@@ -79,9 +77,10 @@ pub async fn create_tag(
     };
     let mut points = BTreeMap::new();
     let mut max_gate_closed_us = 0;
-    for status in &prepared {
+    // In agent order; the barrier checked each agent answers for its configured shard.
+    for (agent, status) in ctx.agents.iter().zip(&prepared) {
         points.insert(
-            ShardId::new(status.shard_id.as_str())?,
+            agent.shard_id.clone(),
             ShardPoint {
                 seq: Seq(status.seq),
                 timeline: Timeline(status.timeline.max(1)),

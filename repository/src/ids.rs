@@ -126,6 +126,17 @@ impl BackupId {
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
+impl Seq {
+    /// The largest sequence number a shard can reach (RocksDB keeps 56 bits). One read from
+    /// disk or the wire above it is corruption, so `+ 1` on a checked number never wraps.
+    pub const MAX: Seq = Seq((1 << 56) - 1);
+
+    /// Whether this is a sequence number a shard can reach.
+    pub fn is_valid(self) -> bool {
+        self <= Seq::MAX
+    }
+}
+
 impl fmt::Display for Seq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

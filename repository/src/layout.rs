@@ -7,6 +7,9 @@
 //! <prefix>/backups/<backup-id>.json             backup manifests, written last
 //! <prefix>/pending/<backup-id>.json             intent of a running backup; removed at commit
 //!                                               or cleanup, so one left behind marks leftovers
+//! <prefix>/restores/<restore-id>.json          a cluster restore under way; removed when it
+//!                                               ends, so one left behind marks a restore to
+//!                                               finish or discard
 //! <prefix>/tags/<tag-name>.json                 tags: named cut vectors (restore points)
 //! <prefix>/wal/<shard-id>/<timeline:010>/<first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg
 //!                                               WAL segments (wal.rs); the key alone says
@@ -19,7 +22,7 @@
 
 use object_store::path::Path;
 
-use crate::ids::{BackupId, ObjectId, ShardId, TagName, Timeline};
+use crate::ids::{BackupId, ObjectId, RestoreId, ShardId, TagName, Timeline};
 use crate::wal::SegmentInfo;
 
 pub const REPOSITORY_MARKER: &str = "lockstep-repository.json";
@@ -27,6 +30,7 @@ const OBJECTS: &str = "objects";
 const SHARDS: &str = "shards";
 const BACKUPS: &str = "backups";
 const PENDING: &str = "pending";
+const RESTORES: &str = "restores";
 const TAGS: &str = "tags";
 const WAL: &str = "wal";
 
@@ -86,6 +90,14 @@ impl Layout {
         self.join(&[PENDING])
     }
 
+    pub fn running_restore(&self, restore: &RestoreId) -> Path {
+        self.join(&[RESTORES, &format!("{restore}.json")])
+    }
+
+    pub fn running_restores_dir(&self) -> Path {
+        self.join(&[RESTORES])
+    }
+
     pub fn tag(&self, name: &TagName) -> Path {
         self.join(&[TAGS, &format!("{name}.json")])
     }
@@ -127,6 +139,13 @@ impl Layout {
         key.filename()?
             .strip_suffix(".json")
             .and_then(|id| BackupId::new(id).ok())
+    }
+
+    /// The restore id named by a key under `restores/`, if it is one.
+    pub fn restore_id_of(&self, key: &Path) -> Option<RestoreId> {
+        key.filename()?
+            .strip_suffix(".json")
+            .and_then(|id| RestoreId::new(id).ok())
     }
 
     /// The object id named by a key under `objects/`, if it is one.

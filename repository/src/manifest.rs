@@ -309,6 +309,11 @@ pub struct BackupManifest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub raid_groups: Vec<RaidGroup>,
     pub tool_version: String,
+    /// The backup's place in the repository's commit order (1, 2, ...), set when it is
+    /// committed; 0 in manifests written before the order was recorded. The catalog and
+    /// `latest` follow it, not the clocks in ids and times, which can step back.
+    #[serde(default)]
+    pub commit_seq: u64,
 }
 
 fn corrupt(what: &str, why: impl std::fmt::Display) -> Error {
@@ -351,16 +356,31 @@ impl ShardManifest {
             if !is_safe_file_name(&file.name) {
                 return Err(corrupt(what, format!("unsafe file name {:?}", file.name)));
             }
-            let sum: u64 = file.chunks.iter().map(|c| c.len).sum();
-            if sum != file.size {
+            let sum = file
+                .chunks
+                .iter()
+                .try_fold(0u64, |sum, c| sum.checked_add(c.len));
+            if sum != Some(file.size) {
                 return Err(corrupt(
                     what,
                     format!(
-                        "file {} has {} bytes of chunks for size {}",
+                        "file {} has {:?} bytes of chunks for size {}",
                         file.name, sum, file.size
                     ),
                 ));
             }
+        }
+        let positions = [Some(manifest.seq), manifest.files_seq, manifest.wal_after];
+        if positions
+            .into_iter()
+            .flatten()
+            .chain(manifest.wal.iter().flat_map(|p| [p.first, p.last]))
+            .any(|seq| !seq.is_valid())
+        {
+            return Err(corrupt(
+                what,
+                "a sequence number past the largest a shard can reach",
+            ));
         }
         if manifest.files_seq.is_some() && manifest.wal_after.is_some() {
             return Err(corrupt(what, "both files_seq and wal_after"));
@@ -468,6 +488,7 @@ impl BackupManifest {
                 .unwrap_or(0),
             raid_groups: Vec::new(),
             tool_version: TOOL_VERSION.to_string(),
+            commit_seq: 0,
         }
     }
 }
@@ -507,10 +528,56 @@ mod tests {
         })
     }
 
+    /// A WAL piece of sequence numbers `first..=last`.
+    fn piece(first: u64, last: u64) -> WalPiece {
+        WalPiece {
+            first: Seq(first),
+            last: Seq(last),
+            hlc_min: HlcTime::new(1, 0),
+            hlc_max: HlcTime::new(2, 0),
+            chunk: Chunk {
+                id: ObjectId::of(b"w"),
+                len: 1,
+                stored_len: 17,
+            },
+        }
+    }
+
     #[test]
     fn shard_manifests_round_trip() -> Result<()> {
         let manifest = sample()?;
         assert_eq!(ShardManifest::parse("m", &manifest.to_json())?, manifest);
+        Ok(())
+    }
+
+    #[test]
+    fn sequence_numbers_and_sizes_that_would_overflow_are_corrupt_not_wrapped() -> Result<()> {
+        let corrupt = |manifest: &ShardManifest| {
+            ShardManifest::parse("m", &manifest.to_json())
+                .err()
+                .map(|e| e.code)
+        };
+        let mut wraps = sample()?;
+        wraps.files.clear();
+        wraps.seq = Seq(u64::MAX);
+        wraps.wal_after = Some(Seq(u64::MAX - 1));
+        wraps.wal = vec![piece(u64::MAX, u64::MAX)];
+        assert_eq!(corrupt(&wraps), Some(ErrorCode::BackupManifestCorrupt));
+        let mut after_max = sample()?;
+        after_max.files.clear();
+        after_max.wal_after = Some(Seq(u64::MAX));
+        assert_eq!(corrupt(&after_max), Some(ErrorCode::BackupManifestCorrupt));
+        let mut chunks = sample()?;
+        let chunk = chunks.files[0].chunks[0].clone();
+        chunks.files[0].chunks = vec![
+            Chunk {
+                len: u64::MAX,
+                ..chunk.clone()
+            },
+            Chunk { len: 4, ..chunk },
+        ];
+        chunks.files[0].size = 3;
+        assert_eq!(corrupt(&chunks), Some(ErrorCode::BackupManifestCorrupt));
         Ok(())
     }
 
@@ -540,17 +607,6 @@ mod tests {
         let mut incremental = sample()?;
         incremental.files.clear();
         incremental.wal_after = Some(Seq(30));
-        let piece = |first, last| WalPiece {
-            first: Seq(first),
-            last: Seq(last),
-            hlc_min: HlcTime::new(1, 0),
-            hlc_max: HlcTime::new(2, 0),
-            chunk: Chunk {
-                id: ObjectId::of(b"w"),
-                len: 1,
-                stored_len: 17,
-            },
-        };
         incremental.wal = vec![piece(31, 40), piece(41, 42)];
         assert_eq!(
             ShardManifest::parse("m", &incremental.to_json())?,

@@ -18,7 +18,7 @@ use url::Url;
 use crate::codec::{self, Encoded, Frame};
 use crate::direct;
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{BackupId, ObjectId, ShardId, TagName, Timeline};
+use crate::ids::{BackupId, ObjectId, RestoreId, ShardId, TagName, Timeline};
 use crate::layout::Layout;
 use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
@@ -116,6 +116,17 @@ struct Unsynced {
     /// Found already stored (another writer may not have synced them yet): fsynced at the
     /// next publish.
     found: Vec<Path>,
+}
+
+/// A backup manifest that could not be read: a corrupt one (no restore can use it) is logged
+/// and skipped; any other failure (the store did not answer) is returned, since what it
+/// holds is unknown.
+fn skip_corrupt(id: &BackupId, err: Error) -> Result<()> {
+    if err.code != ErrorCode::BackupManifestCorrupt {
+        return Err(err.context(format!("read the manifest of backup {id}")));
+    }
+    tracing::warn!(backup = %id, error = %err.chain(), "skipping a corrupt backup manifest");
+    Ok(())
 }
 
 fn storage_error(what: impl Into<String>, err: object_store::Error) -> Error {
@@ -532,9 +543,22 @@ impl Repository {
 
     /// Publishes a backup manifest, the commit point of a backup. Call only after every
     /// shard manifest it names is stored.
-    pub async fn put_backup_manifest(&self, manifest: &BackupManifest) -> Result<()> {
+    /// Commits a backup: writes its manifest as the next in the commit order and returns it
+    /// as written. Fails if a manifest cannot be read now (it may be the last committed); a
+    /// corrupt one, which no restore can use, is skipped.
+    pub async fn commit_backup(&self, mut manifest: BackupManifest) -> Result<BackupManifest> {
+        let mut last = 0;
+        for (id, existing) in self.backups().await? {
+            match existing {
+                Ok(existing) if id != manifest.backup_id => last = last.max(existing.commit_seq),
+                Ok(_) => {}
+                Err(err) => skip_corrupt(&id, err)?,
+            }
+        }
+        manifest.commit_seq = last + 1;
         let key = self.layout.backup_manifest(&manifest.backup_id);
-        self.put_manifest(&key, manifest.to_json()).await
+        self.put_manifest(&key, manifest.to_json()).await?;
+        Ok(manifest)
     }
 
     pub async fn shard_manifest(
@@ -565,16 +589,24 @@ impl Repository {
 
     /// The backup ids named by the keys under `dir` (`backups/` or `pending/`), sorted.
     async fn ids_under(&self, dir: &Path, what: &str) -> Result<Vec<BackupId>> {
+        self.keys_under(dir, what, |key| self.layout.backup_id_of(key))
+            .await
+    }
+
+    /// The ids `parse` finds in the keys under `dir`, sorted.
+    async fn keys_under<T: Ord>(
+        &self,
+        dir: &Path,
+        what: &str,
+        parse: impl Fn(&Path) -> Option<T>,
+    ) -> Result<Vec<T>> {
         let metas: Vec<_> = self
             .store
             .list(Some(dir))
             .try_collect()
             .await
             .map_err(|err| storage_error(format!("list {what}"), err))?;
-        let mut ids: Vec<BackupId> = metas
-            .iter()
-            .filter_map(|m| self.layout.backup_id_of(&m.location))
-            .collect();
+        let mut ids: Vec<T> = metas.iter().filter_map(|m| parse(&m.location)).collect();
         ids.sort();
         Ok(ids)
     }
@@ -584,8 +616,9 @@ impl Repository {
         self.ids_under(&self.layout.backups_dir(), "backups").await
     }
 
-    /// Every committed backup manifest, oldest first (by start time, then id). A manifest
-    /// that does not parse is returned as its error, so a listing still shows the rest.
+    /// Every committed backup manifest, oldest first in commit order (then start time and
+    /// id, for manifests from before the order was recorded). A manifest that does not parse
+    /// is returned as its error, first, so a listing still shows the rest.
     pub async fn backups(&self) -> Result<Vec<(BackupId, Result<BackupManifest>)>> {
         let mut out = Vec::new();
         for id in self.backup_ids().await? {
@@ -593,16 +626,37 @@ impl Repository {
             out.push((id, manifest));
         }
         out.sort_by_key(|(id, manifest)| {
-            (manifest.as_ref().ok().map(|m| m.started_at), id.clone())
+            (
+                manifest.as_ref().ok().map(|m| (m.commit_seq, m.started_at)),
+                id.clone(),
+            )
         });
         Ok(out)
+    }
+
+    /// The last backup committed. Fails closed if a manifest cannot be read now (it might be
+    /// the latest); a corrupt one, which no restore can use, is skipped.
+    pub async fn latest_backup(&self) -> Result<BackupId> {
+        let mut latest = None;
+        for (id, manifest) in self.backups().await? {
+            match manifest {
+                Ok(_) => latest = Some(id),
+                Err(err) => skip_corrupt(&id, err)?,
+            }
+        }
+        latest.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupNotFound,
+                format!("repository {} holds no backup", self.url()),
+            )
+        })
     }
 
     /// The newest committed full backup that contains `shard`, with its shard manifest (the
     /// files a new full backup can reuse; incrementals and differentials have none).
     pub async fn latest_shard_manifest(&self, shard: &ShardId) -> Result<Option<ShardManifest>> {
-        for id in self.backup_ids().await?.into_iter().rev() {
-            let Ok(backup) = self.backup_manifest(&id).await else {
+        for (id, backup) in self.backups().await?.into_iter().rev() {
+            let Ok(backup) = backup else {
                 continue;
             };
             if backup.kind == BackupKind::Full && backup.shards.iter().any(|s| &s.shard_id == shard)
@@ -635,6 +689,28 @@ impl Repository {
         self.delete_if_present(&self.layout.pending(backup)).await
     }
 
+    /// Records a cluster restore under way (its plan, as JSON), before any agent stages it.
+    pub async fn put_running_restore(&self, restore: &RestoreId, json: Vec<u8>) -> Result<()> {
+        self.put_manifest(&self.layout.running_restore(restore), json)
+            .await
+    }
+
+    /// Ids of the cluster restores recorded as under way; at start, every one was left by a
+    /// coordinator that stopped before the restore ended.
+    pub async fn running_restore_ids(&self) -> Result<Vec<RestoreId>> {
+        self.keys_under(
+            &self.layout.running_restores_dir(),
+            "running restores",
+            |key| self.layout.restore_id_of(key),
+        )
+        .await
+    }
+
+    pub async fn delete_running_restore(&self, restore: &RestoreId) -> Result<()> {
+        self.delete_if_present(&self.layout.running_restore(restore))
+            .await
+    }
+
     /// True if the backup manifest exists (the backup committed).
     pub async fn backup_exists(&self, backup: &BackupId) -> Result<bool> {
         match self.store.head(&self.layout.backup_manifest(backup)).await {
@@ -661,17 +737,25 @@ impl Repository {
         Ok(removed)
     }
 
-    /// Removes a backup manifest (and so the backup); its objects become garbage.
-    pub async fn delete_backup(&self, backup: &BackupId) -> Result<()> {
-        let manifest = self.backup_manifest(backup).await?;
+    /// Removes a backup manifest (and so the backup), then its shard manifests: those it
+    /// names and those of `shards`, so a backup whose manifest is corrupt can be deleted too.
+    /// Its objects become garbage.
+    pub async fn delete_backup(&self, backup: &BackupId, shards: &[ShardId]) -> Result<()> {
+        let mut shards = shards.to_vec();
+        match self.backup_manifest(backup).await {
+            Ok(manifest) => shards.extend(manifest.shards.into_iter().map(|s| s.shard_id)),
+            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
+                tracing::warn!(backup = %backup, error = %err.chain(), "deleting a backup whose manifest is corrupt");
+            }
+            Err(err) => return Err(err),
+        }
         self.store
             .delete(&self.layout.backup_manifest(backup))
             .await
             .map_err(|err| storage_error(format!("delete backup {backup}"), err))?;
-        for shard in &manifest.shards {
-            self.delete_if_present(&self.layout.shard_manifest(&shard.shard_id, backup))
-                .await?;
-        }
+        shards.sort();
+        shards.dedup();
+        self.delete_shard_manifests(backup, &shards).await?;
         Ok(())
     }
 
@@ -841,5 +925,73 @@ impl Repository {
     pub async fn get_wal_segment(&self, info: &SegmentInfo) -> Result<Segment> {
         let stored = self.get_wal_stored(info).await?;
         decode_wal_segment(info, stored).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, Utc};
+
+    use super::*;
+    use crate::manifest::BackupKind;
+
+    async fn commit(repo: &Repository, id: &str, started_ago: Duration) -> BackupManifest {
+        let mut manifest = BackupManifest::commit(
+            BackupId::new(id).expect("id"),
+            BackupKind::Full,
+            None,
+            Utc::now() - started_ago,
+            &[],
+        );
+        manifest.started_at = Utc::now() - started_ago;
+        repo.commit_backup(manifest).await.expect("commit")
+    }
+
+    #[tokio::test]
+    async fn latest_is_the_last_committed_even_after_the_clock_stepped_back() {
+        let repo = Repository::open("memory://latest-order")
+            .await
+            .expect("repo");
+        let first = commit(&repo, "bk-20261206-120000000-aaaa", Duration::zero()).await;
+        // The coordinator's clock stepped back an hour: the next id and start time are older.
+        let second = commit(&repo, "bk-20261206-110000000-bbbb", Duration::hours(1)).await;
+        assert_eq!((first.commit_seq, second.commit_seq), (1, 2));
+        assert_eq!(
+            repo.latest_backup().await.ok(),
+            Some(second.backup_id.clone())
+        );
+        let order: Vec<BackupId> = repo
+            .backups()
+            .await
+            .expect("backups")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(order, vec![first.backup_id, second.backup_id]);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_manifest_is_skipped_for_latest_and_deletable_by_name() {
+        let repo = Repository::open("memory://corrupt-skip")
+            .await
+            .expect("repo");
+        let good = commit(&repo, "bk-1", Duration::zero()).await;
+        let bad = BackupId::new("bk-2").expect("id");
+        repo.put_manifest(&repo.layout.backup_manifest(&bad), b"{ not json".to_vec())
+            .await
+            .expect("put");
+        assert_eq!(
+            repo.latest_backup().await.ok(),
+            Some(good.backup_id.clone())
+        );
+        let next = commit(&repo, "bk-3", Duration::zero()).await;
+        assert_eq!(next.commit_seq, 2);
+        repo.delete_backup(&bad, &[])
+            .await
+            .expect("delete the corrupt one");
+        assert_eq!(
+            repo.backup_ids().await.expect("ids"),
+            vec![good.backup_id, next.backup_id]
+        );
     }
 }

@@ -179,6 +179,10 @@ impl Segment {
         for _ in 0..n_batches {
             let first = Seq(reader.u64().ok_or_else(corrupt)?);
             let count = reader.u64().ok_or_else(corrupt)?;
+            // A batch ends where a shard can be: `first + count` never wraps.
+            if !first.is_valid() || count > Seq::MAX.0 - first.0 + 1 {
+                return Err(corrupt());
+            }
             let hlc = HlcTime(reader.u64().ok_or_else(corrupt)?);
             let data = reader.bytes().ok_or_else(corrupt)?.to_vec();
             batches.push(WalBatch {
@@ -234,7 +238,7 @@ impl SegmentInfo {
         let hlc_min = u64::from_str_radix(parts.next()?, 16).ok()?;
         let hlc_max = u64::from_str_radix(parts.next()?, 16).ok()?;
         let id = parts.next()?.parse().ok()?;
-        if parts.next().is_some() || first > last {
+        if parts.next().is_some() || first > last || !Seq(last).is_valid() {
             return None;
         }
         Some(SegmentInfo {
@@ -322,6 +326,45 @@ mod tests {
             hlc: HlcTime::new(1_000 + first, 0),
             data: vec![first as u8; count as usize],
         }
+    }
+
+    #[test]
+    fn batches_and_names_past_the_largest_sequence_number_are_malformed() {
+        for (first, count) in [
+            (u64::MAX, 2),
+            (Seq::MAX.0, 2),
+            (5, u64::MAX),
+            (Seq::MAX.0 + 1, 1),
+        ] {
+            let bytes = Segment {
+                shard_id: shard(),
+                timeline: Timeline(1),
+                batches: vec![WalBatch {
+                    first: Seq(first),
+                    count: 1,
+                    hlc: HlcTime::new(1, 0),
+                    data: Vec::new(),
+                }],
+            }
+            .encode();
+            // The count is patched in after the batch's first sequence number.
+            let mut bytes = bytes;
+            let at = bytes.len() - 4 - 8 - 8;
+            bytes[at..at + 8].copy_from_slice(&count.to_le_bytes());
+            assert!(
+                Segment::decode("test", &bytes).is_err(),
+                "a batch of {count} from {first} must be malformed"
+            );
+        }
+        let name = format!(
+            "{:020}-{:020}-{:016x}-{:016x}-{}.seg",
+            1,
+            u64::MAX,
+            1,
+            2,
+            ObjectId::of(b"x").to_hex()
+        );
+        assert!(SegmentInfo::parse(&shard(), Timeline(1), &name).is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub enum Kind {
     CoordinatorCrashes,
     /// Links between the coordinator and agents are cut around the lease deadline.
     Partitions,
-    /// Slow links: message delays up to and past the Prepare deadline.
+    /// Slow links: message delays up to and past the Prepare deadline, until the faults end.
     Delays,
     /// Lossy links between the agents and the WAL archive region while they ship.
     LossyShipping,
@@ -68,7 +68,12 @@ pub enum Fault {
     Repair(String, String),
     /// Drop this share of the messages between two hosts (0 heals the link).
     Lossy(String, String, u32),
+    /// Delay every message by up to this long.
+    Latency(Duration),
 }
+
+/// The message delay of a healthy network.
+const CALM_LATENCY: Duration = Duration::from_millis(10);
 
 /// Everything a run does, drawn from its seed.
 #[derive(Debug, Clone)]
@@ -114,7 +119,7 @@ impl Scenario {
             Kind::Delays => {
                 Duration::from_millis(rng.random_range(20..=lease.as_millis() as u64 / 2 + 20))
             }
-            _ => Duration::from_millis(rng.random_range(1..=10)),
+            _ => Duration::from_millis(rng.random_range(1..=CALM_LATENCY.as_millis() as u64)),
         };
         let fault_period = Duration::from_secs(6);
         let mut faults = Vec::new();
@@ -174,6 +179,11 @@ impl Scenario {
                     }
                 }
             }
+        }
+        if kind == Kind::Delays {
+            // The links calm down with the faults: a barrier cannot beat a Prepare deadline
+            // shorter than the round trip, so convergence is owed only after that.
+            faults.push((fault_period, Fault::Latency(CALM_LATENCY)));
         }
         faults.sort_by_key(|(at, _)| *at);
         Scenario {

@@ -362,6 +362,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                 Fault::Lossy(a, b, percent) => {
                     sim.set_link_fail_rate(a.as_str(), b.as_str(), f64::from(*percent) / 100.0)
                 }
+                Fault::Latency(max) => sim.set_max_message_latency(*max),
             }
             faults.next();
         }
@@ -583,7 +584,7 @@ async fn backup(
                         return true;
                     }
                     Ok(v1::JobState::Failed) => {
-                        finish(format!("failed {}", job.error_code));
+                        finish(format!("failed {} {}", job.error_code, job.error_message));
                         return false;
                     }
                     _ => {}

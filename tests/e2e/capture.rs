@@ -109,7 +109,7 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
         started_at,
         &[manifest],
     );
-    repo.put_backup_manifest(&backup).await.expect("commit");
+    repo.commit_backup(backup).await.expect("commit");
 
     // The capture is released: deletions resume and the obsolete files are purged.
     shard.engine.flush().expect("flush");
@@ -186,7 +186,7 @@ async fn writes_between_staging_and_the_cut_are_restored_from_the_wal_tail() {
         started_at,
         &[manifest],
     );
-    repo.put_backup_manifest(&backup).await.expect("commit");
+    repo.commit_backup(backup).await.expect("commit");
 
     restore_exactly(
         &repo,

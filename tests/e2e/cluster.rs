@@ -74,7 +74,43 @@ impl Cluster {
         agent_extra: Vec<String>,
         agent_env: Vec<(String, String)>,
     ) -> Cluster {
+        Cluster::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            lease_ms,
+            fault,
+            agent_extra,
+            agent_env,
+        )
+    }
+
+    /// `start`, every shard first loaded with `mib` MiB of incompressible values (so a
+    /// backup's uploads take a while).
+    pub fn start_loaded(lease_ms: u64, mib: u64) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..N_AGENTS {
+            let db = dir.path().join(format!("db-{i}"));
+            agent_ok(&[
+                "load",
+                "--db",
+                db.to_str().expect("utf-8"),
+                "--keys",
+                &(mib * 1024).to_string(),
+                "--value-size",
+                "1024",
+                "--random-fraction",
+                "1.0",
+            ]);
+        }
+        Cluster::start_in(dir, lease_ms, None, Vec::new(), Vec::new())
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        lease_ms: u64,
+        fault: Option<&str>,
+        agent_extra: Vec<String>,
+        agent_env: Vec<(String, String)>,
+    ) -> Cluster {
         let mut cluster = Cluster {
             dir,
             agents: Vec::new(),

@@ -259,3 +259,72 @@ async fn a_restore_that_fails_on_one_shard_changes_no_shard() {
         text(&next)
     );
 }
+
+/// The chunk ids a shard manifest of `backup` names.
+fn chunk_ids(cluster: &Cluster, shard: &str, backup: &str) -> BTreeSet<String> {
+    let path = cluster
+        .repo()
+        .join("shards")
+        .join(shard)
+        .join(format!("{backup}.json"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read shard manifest"))
+            .expect("parse shard manifest");
+    manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .flat_map(|f| f["chunks"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_into_directories_that_fails_on_one_shard_leaves_no_shard_behind() {
+    let cluster = Cluster::start(5000, None);
+    let (backup, _) = backup_with_data(&cluster).await;
+    // Damage an object only shard-1 holds: its restore fails, the others' succeed.
+    let mut only_shard_1 = chunk_ids(&cluster, "shard-1", &backup);
+    for other in ["shard-0", "shard-2"] {
+        for id in chunk_ids(&cluster, other, &backup) {
+            only_shard_1.remove(&id);
+        }
+    }
+    let id = only_shard_1
+        .pop_first()
+        .expect("an object of shard-1 alone");
+    let object = cluster.repo().join("objects").join(&id[..2]).join(&id);
+    let mut bytes = std::fs::read(&object).expect("read object");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&object, bytes).expect("write object");
+
+    let drill = cluster.dir.path().join("drill");
+    let output = cluster.lockstep(&["restore", &backup, "--to", drill.to_str().expect("utf-8")]);
+    assert_eq!(output.status.code(), Some(4), "{}", text(&output));
+    assert!(
+        text(&output).contains("ERR_BACKUP_CHECKSUM_MISMATCH"),
+        "{}",
+        text(&output)
+    );
+    let gone = wait_until(Duration::from_secs(10), || {
+        let left: Vec<_> = std::fs::read_dir(&drill)
+            .map(|entries| entries.filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        async move { left.is_empty() }
+    })
+    .await;
+    let left: Vec<_> = std::fs::read_dir(&drill)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        gone.is_some(),
+        "a failed restore left {left:?} in {}",
+        drill.display()
+    );
+}

@@ -11,6 +11,7 @@ mod disk_full;
 mod faults;
 mod model;
 mod operations;
+mod operator_faults;
 mod pitr;
 mod proxy;
 mod round_trip;

@@ -1,6 +1,7 @@
 //! The participant's side of the cluster restore (ARCHITECTURE.md, "The cluster restore
-//! protocol"): stage a backup of the shard beside it (or into a target directory), then swap
-//! it in under the closed gate, or discard it.
+//! protocol"): stage a backup of the shard beside it (or beside a target directory), then swap
+//! it in under the closed gate (or rename it into the target), or discard it. Nothing reaches a
+//! target before Apply, so a restore that fails on any shard leaves no directory behind.
 //!
 //! A restore's state is one value. While it holds the shard it is the active restore, whose
 //! [`Phase`] owns what it holds: `Staging` (the staging task and its progress) or `Staged` (the
@@ -15,16 +16,19 @@
 //! - RestoreDiscard ends a `Staging` restore (its task is cancelled) or a `Staged` one (its
 //!   directory is removed); after Apply, or for an unknown id, it returns the status.
 //!
-//! Invariant: the live shard changes only in Apply, under the closed gate, and a restore
+//! Invariant: the live shard (or a target directory) changes only in Apply, the live shard
+//! under the closed gate, and a restore
 //! holds the shard (no barrier starts) while it is staging or staged.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lockstep_repository::transfer::Progress;
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
 
 use super::{Msg as ParticipantMsg, ParticipantHandle, REMEMBERED, ShardParts};
 use crate::engine::ShardEngine;
@@ -47,7 +51,12 @@ pub struct RestoreRequest {
     pub archive: Option<(String, Timeline)>,
     /// Where any replay stops, exactly (ignored with no chain and no archive).
     pub to: Seq,
+    /// Discard the restore by itself when no message about it came for this long.
+    pub lease: Duration,
 }
+
+/// The lease of a restore whose request names none.
+pub const DEFAULT_RESTORE_LEASE: Duration = Duration::from_secs(30);
 
 /// Where a restore stands on this agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,18 +130,14 @@ impl ParticipantHandle {
     }
 }
 
-/// What a staging task produced: a shard staged for an in-place swap, or one already renamed
-/// into its target directory.
-pub(super) enum Staged {
-    InPlace(StagedShard),
-    Placed { seq: Seq, n_files: usize },
-}
-
 /// The restore holding the shard.
 struct Active {
     /// What RestoreStatus reports; its state and progress come from `phase` when reported.
     status: RestoreStatus,
     phase: Phase,
+    lease: Duration,
+    /// When the restore is discarded unless a message about it comes first.
+    deadline: Instant,
 }
 
 /// Where the active restore stands; each phase owns what it holds.
@@ -142,7 +147,7 @@ enum Phase {
         task: AbortHandle,
         progress: Arc<Progress>,
     },
-    /// Checked and waiting for Apply (in place only).
+    /// Checked and waiting for Apply (a swap in place, or a rename into its target).
     Staged(StagedShard),
 }
 
@@ -166,7 +171,7 @@ pub(super) struct Restores {
     active: Option<Active>,
     outcomes: Remembered<String, RestoreStatus>,
     /// The active restore's staging task, and discarded ones' until they end.
-    pub(super) stagings: JoinSet<(String, Result<Staged>)>,
+    pub(super) stagings: JoinSet<(String, Result<StagedShard>)>,
 }
 
 impl Restores {
@@ -189,6 +194,45 @@ impl Restores {
     pub(super) fn stop(&mut self) {
         self.stagings.abort_all();
         self.active = None;
+    }
+
+    /// When the active restore's lease runs out.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.active.as_ref().map(|active| active.deadline)
+    }
+
+    /// Discards the active restore if its lease ran out: its coordinator went away.
+    pub(super) fn expire(&mut self, shard_id: &ShardId) {
+        let Some(active) = self
+            .active
+            .take_if(|active| active.deadline <= Instant::now())
+        else {
+            return;
+        };
+        let restore_id = active.status.restore_id.clone();
+        tracing::warn!(restore = %restore_id, shard = %shard_id, lease_ms = active.lease.as_millis() as u64, "restore: no word from its coordinator within the lease; discarding it");
+        let mut status = active.snapshot();
+        match active.phase {
+            Phase::Staging { task, .. } => task.abort(),
+            Phase::Staged(staged) => drop(staged),
+        }
+        status.state = RestoreState::Discarded;
+        status.error = Some((
+            ErrorCode::BarrierLeaseExpired,
+            "no word from the coordinator within the restore's lease".into(),
+        ));
+        self.outcomes.insert(restore_id, status);
+    }
+
+    /// A message about `restore_id` came: its lease starts again.
+    fn renew(&mut self, restore_id: &str) {
+        if let Some(active) = self
+            .active
+            .as_mut()
+            .filter(|active| active.status.restore_id == restore_id)
+        {
+            active.deadline = Instant::now() + active.lease;
+        }
     }
 
     fn active(&self, restore_id: &str) -> Option<&Active> {
@@ -236,9 +280,11 @@ impl Restores {
     ) {
         match msg {
             Msg::Stage { request, reply } => {
+                self.renew(&request.restore_id);
                 let _ = reply.send(self.stage(shard, barrier, request));
             }
             Msg::Status { restore_id, reply } => {
+                self.renew(&restore_id);
                 let _ = reply.send(self.snapshot(&shard.shard_id, &restore_id));
             }
             Msg::Apply { restore_id, reply } => {
@@ -349,14 +395,7 @@ impl Restores {
                     tracing::info!(shard = %shard, batches = n, seq = %staged.seq, replay_ms, "restore: WAL replayed");
                 }
                 staged.start_timeline(next_timeline(current, &destinations, &repo, &shard).await)?;
-                match &target {
-                    None => Ok(Staged::InPlace(staged)),
-                    Some(target) => {
-                        let (seq, n_files) = (staged.seq, staged.n_files);
-                        staged.move_to(target)?;
-                        Ok(Staged::Placed { seq, n_files })
-                    }
-                }
+                Ok(staged)
             }
             .await;
             (id, result)
@@ -371,6 +410,8 @@ impl Restores {
         self.active = Some(Active {
             status,
             phase: Phase::Staging { task, progress },
+            lease: request.lease,
+            deadline: Instant::now() + request.lease,
         });
         Ok(self.snapshot(shard_id, &request.restore_id))
     }
@@ -381,7 +422,7 @@ impl Restores {
         &mut self,
         shard_id: &ShardId,
         restore_id: String,
-        result: Result<Staged>,
+        result: Result<StagedShard>,
     ) {
         let staging = self.active.take_if(|active| {
             active.status.restore_id == restore_id && matches!(active.phase, Phase::Staging { .. })
@@ -391,21 +432,16 @@ impl Restores {
         };
         let mut status = staging.snapshot();
         match result {
-            Ok(Staged::InPlace(staged)) => {
+            Ok(staged) => {
                 tracing::info!(restore = %restore_id, shard = %shard_id, seq = %staged.seq, "restore: staged and checked");
                 status.seq = staged.seq;
                 status.n_files = staged.n_files;
                 self.active = Some(Active {
                     status,
                     phase: Phase::Staged(staged),
+                    lease: staging.lease,
+                    deadline: Instant::now() + staging.lease,
                 });
-            }
-            Ok(Staged::Placed { seq, n_files }) => {
-                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %seq, "restore: shard restored into its target directory");
-                status.state = RestoreState::Applied;
-                status.seq = seq;
-                status.n_files = n_files;
-                self.outcomes.insert(restore_id, status);
             }
             Err(err) => {
                 tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: staging failed");
@@ -435,16 +471,28 @@ impl Restores {
             Some(Active {
                 status,
                 phase: Phase::Staged(staged),
+                ..
             }) => (status, staged),
             // Applied already (a retry), not staged yet, or ended: the status says which.
             _ => return Ok(self.snapshot(shard_id, &restore_id)),
         };
-        let closed = shard.gate.close().await;
-        let swapped = shard.slot.swap_in(staged).await;
-        let paused = closed.open();
+        let swapped = match &status.target {
+            // Into its own directory: the live shard is untouched, no gate closes.
+            Some(target) => {
+                let seq = staged.seq;
+                staged.move_to(target).map(|()| seq)
+            }
+            None => {
+                let closed = shard.gate.close().await;
+                let swapped = shard.slot.swap_in(staged).await;
+                let paused = closed.open();
+                tracing::info!(restore = %restore_id, shard = %shard_id, paused_ms = paused.as_millis() as u64, "restore: the gate reopened after the swap");
+                swapped
+            }
+        };
         match swapped {
             Ok(seq) => {
-                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %seq, paused_ms = paused.as_millis() as u64, "restore: live shard replaced");
+                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %seq, target = ?status.target, "restore: shard in place");
                 status.state = RestoreState::Applied;
                 status.seq = seq;
             }
@@ -533,7 +581,22 @@ mod tests {
             chain: Vec::new(),
             archive: None,
             to: Seq(0),
+            lease: DEFAULT_RESTORE_LEASE,
         }
+    }
+
+    /// How many restore staging directories are beside the shard.
+    fn staging_dirs(shard: &TestShard) -> usize {
+        std::fs::read_dir(shard.root.path())
+            .expect("list")
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("lockstep-restore")
+            })
+            .count()
     }
 
     /// A shard holding `k1` in backup `bk-1`, and `k2` written after it.
@@ -594,6 +657,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_staged_restore_nobody_asks_about_is_discarded_when_its_lease_runs_out() {
+        let (shard, backup, _) = backed_up().await;
+        let lease = Duration::from_secs(5);
+        shard
+            .restore_stage(RestoreRequest {
+                lease,
+                ..in_place("rs-1", &backup)
+            })
+            .await;
+        shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        // Polled within the lease, it holds.
+        tokio::time::sleep(lease / 2).await;
+        assert_eq!(
+            shard.restore_status("rs-1").await.state,
+            RestoreState::Staged
+        );
+        tokio::time::sleep(lease / 2 + lease / 4).await;
+        assert_eq!(
+            shard.restore_status("rs-1").await.state,
+            RestoreState::Staged
+        );
+        // Then its coordinator goes silent.
+        tokio::time::sleep(lease + Duration::from_millis(10)).await;
+        let status = shard.restore_status("rs-1").await;
+        assert_eq!(status.state, RestoreState::Discarded);
+        assert_eq!(
+            status.error.map(|(code, _)| code),
+            Some(ErrorCode::BarrierLeaseExpired)
+        );
+        assert_eq!(staging_dirs(&shard), 0, "the staged directory is removed");
+        assert!(shard.has("k2"), "the live shard is untouched");
+        // The shard is free again.
+        let next = backup_id("bk-2");
+        assert_eq!(shard.stage(&next).await.state, BarrierState::Staged);
+        shard.abort(&next).await;
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_discard_of_an_unknown_restore_changes_nothing() {
         let (shard, backup, _) = backed_up().await;
         let discard = shard.restore_discard("rs-never").await;
@@ -628,17 +730,7 @@ mod tests {
         shard.wait_for_restore("rs-1", RestoreState::Staged).await;
         let discarded = shard.restore_discard("rs-1").await;
         assert_eq!(discarded.state, RestoreState::Discarded);
-        let staging_dirs = std::fs::read_dir(shard.root.path())
-            .expect("list")
-            .filter_map(|entry| entry.ok())
-            .filter(|entry| {
-                entry
-                    .file_name()
-                    .to_string_lossy()
-                    .contains("lockstep-restore")
-            })
-            .count();
-        assert_eq!(staging_dirs, 0, "the staged directory is removed");
+        assert_eq!(staging_dirs(&shard), 0, "the staged directory is removed");
         let apply = shard.restore_apply("rs-1").await;
         assert_eq!(apply.state, RestoreState::Discarded);
         assert!(shard.has("k2"), "the live shard is untouched");

@@ -1,0 +1,355 @@
+//! Faults operators cause every week, driven through the real binaries: a mistyped flag, a
+//! swapped endpoint, a manifest that cannot be read, a coordinator killed mid-operation. None
+//! may lose a shard, record a wrong one, or leave the cluster held.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lockstep_proto::v1;
+use lockstep_proto::v1::coordinator_client::CoordinatorClient;
+use lockstep_tests::{agent_ok, binary, text};
+
+use crate::cluster::{Cluster, N_AGENTS, json, wait_until};
+
+#[test]
+fn serving_with_a_capture_dir_that_holds_the_shard_is_refused_and_deletes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("DATA");
+    let db = data.join("shard-0");
+    let repo = dir.path().join("repo");
+    let (db_arg, repo_arg) = (db.to_str().expect("utf-8"), repo.to_str().expect("utf-8"));
+    agent_ok(&["load", "--db", db_arg, "--keys", "1000"]);
+    let before: Vec<_> = std::fs::read_dir(&db)
+        .expect("read shard")
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+
+    for capture_dir in [data.clone(), db.clone(), db.join("captures")] {
+        let mut child = Command::new(binary("lockstep-agent"))
+            .args(["serve", "--db", db_arg, "--shard", "shard-0", "--listen"])
+            .arg("127.0.0.1:0")
+            .args(["--repo", repo_arg, "--capture-dir"])
+            .arg(&capture_dir)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lockstep-agent serve");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let output = child.wait_with_output().expect("output");
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "--capture-dir {} must be refused as a bad argument:\n{out}",
+            capture_dir.display()
+        );
+        assert!(out.contains("ERR_INVALID_ARGUMENT"), "{out}");
+        assert!(!out.contains("listening"), "{out}");
+        for name in &before {
+            assert!(
+                db.join(name).exists(),
+                "{} lost {:?}:\n{out}",
+                capture_dir.display(),
+                name
+            );
+        }
+    }
+    // The shard still backs up: nothing of it went.
+    agent_ok(&["backup", "--db", db_arg, "--repo", repo_arg]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_is_refused_while_a_possible_child_of_the_backup_cannot_be_read() {
+    let cluster = Cluster::start(10_000, None);
+    let create = |kind: &str| {
+        let output = cluster.lockstep(&["backup", "create", "--kind", kind, "--wait", "--json"]);
+        assert!(output.status.success(), "{kind}: {}", text(&output));
+        json(&output)["backup_id"]
+            .as_str()
+            .expect("backup id")
+            .to_string()
+    };
+    let full = create("full");
+    let incremental = create("incremental");
+    // The child's manifest cannot be read: a damaged byte here stands for a read that fails.
+    let manifest = cluster
+        .repo()
+        .join("backups")
+        .join(format!("{incremental}.json"));
+    let intact = std::fs::read(&manifest).expect("read the incremental's manifest");
+    std::fs::write(&manifest, b"{ not json").expect("damage it");
+
+    let delete = cluster.lockstep(&["backup", "delete", &full]);
+    assert!(!delete.status.success(), "{}", text(&delete));
+    assert!(
+        text(&delete).contains(&incremental) && text(&delete).contains("nothing was deleted"),
+        "{}",
+        text(&delete)
+    );
+    // Readable again, the incremental still restores through its parent.
+    std::fs::write(&manifest, intact).expect("repair");
+    let shown = cluster.lockstep(&["backup", "show", &full]);
+    assert!(shown.status.success(), "the parent went: {}", text(&shown));
+    let verify = cluster.lockstep(&["backup", "verify", &incremental, "--full"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+
+    // A manifest that stays damaged is deleted by name, and then its parent can go.
+    std::fs::write(&manifest, b"{ not json").expect("damage it again");
+    for backup in [&incremental, &full] {
+        let delete = cluster.lockstep(&["backup", "delete", backup]);
+        assert!(delete.status.success(), "{backup}: {}", text(&delete));
+    }
+    let shard_manifests: Vec<_> = walk(&cluster.repo().join("shards"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(&incremental))
+        .collect();
+    assert_eq!(shard_manifests, Vec::<std::path::PathBuf>::new());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_answering_for_other_shards_are_refused_before_anything_is_recorded() {
+    let mut cluster = Cluster::start(10_000, None);
+    // The operator swapped two endpoints in the configuration.
+    let config = std::fs::read_to_string(cluster.config_path()).expect("read config");
+    let (a, b) = (&cluster.addresses[0], &cluster.addresses[1]);
+    let swapped = config
+        .replace(a.as_str(), "@A@")
+        .replace(b.as_str(), a.as_str())
+        .replace("@A@", b.as_str());
+    std::fs::write(cluster.config_path(), swapped).expect("write config");
+    cluster.kill_coordinator();
+    cluster.start_coordinator(None);
+
+    let tag = cluster.lockstep(&["tag", "create", "swapped"]);
+    assert!(!tag.status.success(), "{}", text(&tag));
+    assert!(
+        text(&tag).contains("serves shard") && text(&tag).contains("ERR_INVALID_ARGUMENT"),
+        "{}",
+        text(&tag)
+    );
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(!backup.status.success(), "{}", text(&backup));
+    assert!(text(&backup).contains("serves shard"), "{}", text(&backup));
+    let tags = json(&cluster.lockstep(&["tag", "list", "--json"]));
+    assert_eq!(tags.as_array().map(Vec::len), Some(0), "{tags}");
+    let backups = json(&cluster.lockstep(&["backup", "list", "--json"]));
+    assert_eq!(backups.as_array().map(Vec::len), Some(0), "{backups}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_while_agents_upload_leaves_no_shard_manifest_after_it_restarts() {
+    let mut cluster = Cluster::start_loaded(10_000, 48);
+    let mut client = CoordinatorClient::connect(cluster.coordinator_address.clone())
+        .await
+        .expect("connect coordinator");
+    let job = client
+        .create_backup(v1::CreateBackupRequest {
+            kind: "full".into(),
+        })
+        .await
+        .expect("create backup")
+        .into_inner();
+    let backup = job.backup_id.clone();
+    // Killed as soon as the job reports UPLOADING: every agent took Commit and uploads on.
+    let uploading = wait_until(Duration::from_secs(60), || {
+        let mut client = client.clone();
+        let backup = backup.clone();
+        async move {
+            client
+                .get_backup_job(v1::GetBackupJobRequest { backup_id: backup })
+                .await
+                .is_ok_and(|job| job.into_inner().state() == v1::JobState::Uploading)
+        }
+    })
+    .await;
+    assert!(uploading.is_some(), "the backup never reported UPLOADING");
+    cluster.kill_coordinator();
+    cluster.start_coordinator(None);
+
+    // Once no agent works for the backup any more, nothing of it is left in the repository.
+    for i in 0..N_AGENTS {
+        let agent = cluster.agent_client(i).await;
+        let done = wait_until(Duration::from_secs(120), || {
+            let mut agent = agent.clone();
+            let backup = backup.clone();
+            async move {
+                agent
+                    .status(v1::BarrierRequest { backup_id: backup })
+                    .await
+                    .is_ok_and(|s| s.into_inner().state() != v1::BarrierState::Uploading)
+            }
+        })
+        .await;
+        assert!(done.is_some(), "agent {i} still uploads");
+    }
+    let left = || -> Vec<std::path::PathBuf> {
+        (0..N_AGENTS)
+            .map(|i| {
+                cluster
+                    .repo()
+                    .join("shards")
+                    .join(Cluster::shard(i))
+                    .join(format!("{backup}.json"))
+            })
+            .chain([cluster
+                .repo()
+                .join("pending")
+                .join(format!("{backup}.json"))])
+            .filter(|p| p.exists())
+            .collect()
+    };
+    let cleaned = wait_until(Duration::from_secs(60), || {
+        let none = left().is_empty();
+        async move { none }
+    })
+    .await;
+    assert!(cleaned.is_some(), "left in the repository: {:?}", left());
+    assert!(
+        !cluster
+            .repo()
+            .join("backups")
+            .join(format!("{backup}.json"))
+            .exists()
+    );
+}
+
+/// The restore staging directories beside the cluster's shards.
+fn staging_left(cluster: &Cluster) -> Vec<String> {
+    std::fs::read_dir(cluster.dir.path())
+        .expect("list cluster dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("lockstep-restore") || name.contains("lockstep-replaced"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_with_every_shard_staged_leaves_the_cluster_usable_after_it_restarts()
+{
+    // The coordinator stops between the last shard staged and Apply.
+    let mut cluster = Cluster::start(10_000, Some("before-apply:600000"));
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+    let mut restore = Command::new(binary("lockstep"))
+        .args(["restore", "latest", "--in-place"])
+        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the restore");
+    let log = cluster.log("coordinator");
+    let staged = wait_until(Duration::from_secs(60), || {
+        let paused =
+            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
+        async move { paused }
+    })
+    .await;
+    assert!(staged.is_some(), "the restore never staged every shard");
+    cluster.kill_coordinator();
+    let _ = restore.kill();
+    let _ = restore.wait();
+    cluster.start_coordinator(None);
+
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(
+        backup.status.success(),
+        "a backup after the restart: {}",
+        text(&backup)
+    );
+    let rerun = cluster.lockstep(&["restore", "latest", "--in-place"]);
+    assert!(
+        rerun.status.success(),
+        "the restore again: {}",
+        text(&rerun)
+    );
+    let clean = wait_until(Duration::from_secs(10), || {
+        let none = staging_left(&cluster).is_empty();
+        async move { none }
+    })
+    .await;
+    assert!(
+        clean.is_some(),
+        "left on disk: {:?}",
+        staging_left(&cluster)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_abort_stops_a_restore_before_apply_and_leaves_every_shard_as_it_was() {
+    let cluster = Cluster::start(10_000, Some("before-apply:600000"));
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+    let restore = Command::new(binary("lockstep"))
+        .args(["restore", "latest", "--in-place"])
+        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the restore");
+    let log = cluster.log("coordinator");
+    let staged = wait_until(Duration::from_secs(60), || {
+        let paused =
+            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
+        async move { paused }
+    })
+    .await;
+    assert!(staged.is_some(), "the restore never staged every shard");
+
+    let abort = cluster.lockstep(&["restore", "--abort"]);
+    assert!(abort.status.success(), "{}", text(&abort));
+    assert!(text(&abort).contains("cancelled"), "{}", text(&abort));
+    let ended = restore.wait_with_output().expect("the restore ends");
+    assert!(
+        !ended.status.success(),
+        "the aborted restore reported success"
+    );
+    assert!(text(&ended).contains("cancelled"), "{}", text(&ended));
+    let clean = wait_until(Duration::from_secs(10), || {
+        let none = staging_left(&cluster).is_empty();
+        async move { none }
+    })
+    .await;
+    assert!(
+        clean.is_some(),
+        "left on disk: {:?}",
+        staging_left(&cluster)
+    );
+    // Nothing to abort any more; the cluster takes backups.
+    let again = cluster.lockstep(&["restore", "--abort"]);
+    assert!(
+        text(&again).contains("no restore to abort"),
+        "{}",
+        text(&again)
+    );
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+}
