@@ -39,6 +39,7 @@ use lockstep_repository::{
 };
 
 use crate::engine::{Capture, ShardEngine};
+use tokio_util::sync::CancellationToken;
 
 /// Raw WAL bytes per piece of a backup's WAL.
 const WAL_PIECE_BYTES: usize = 4 << 20;
@@ -64,6 +65,9 @@ pub struct BackupOptions {
     /// holding it ([`check_capture_root`]).
     pub capture_root: PathBuf,
     pub transfer: TransferOptions,
+    /// A capture holds files and WAL that compactions would delete, so none starts while the
+    /// capture root's filesystem has less free space than this (0: no floor).
+    pub min_free_bytes: u64,
 }
 
 /// The name every capture directory starts with: the agent removes only these.
@@ -74,6 +78,42 @@ impl BackupOptions {
     pub fn capture_dir(&self, backup: &BackupId) -> PathBuf {
         self.capture_root.join(format!("{CAPTURE_PREFIX}{backup}"))
     }
+}
+
+/// Refuses to start a capture while the capture root's filesystem has less free space than
+/// the floor: the capture pins files and WAL, and a full disk stops the shard's writes.
+pub fn check_free_space(options: &BackupOptions) -> Result<()> {
+    if options.min_free_bytes == 0 {
+        return Ok(());
+    }
+    // The capture root may not exist yet: ask about its nearest existing ancestor.
+    let mut at = options.capture_root.as_path();
+    while !at.exists() {
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    let stats = rustix::fs::statvfs(at).map_err(|err| {
+        Error::io(
+            ErrorCode::BackupCreationFailed,
+            format!("check the free space under {}", at.display()),
+            err.into(),
+        )
+    })?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    if free < options.min_free_bytes {
+        return Err(Error::new(
+            ErrorCode::StorageDiskFull,
+            format!(
+                "only {} MiB free under {}, below the floor of {} MiB a capture needs (--min-free-mib); free space first",
+                free >> 20,
+                at.display(),
+                options.min_free_bytes >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a capture root that is the shard's directory `db`, lies inside it, or holds it:
@@ -286,7 +326,11 @@ pub async fn capture_shard<E: ShardEngine>(
 }
 
 /// Steps 4-5: uploads a cut shard (its files, then its WAL to the cut) and publishes its
-/// shard manifest, then releases the capture.
+/// shard manifest, then releases the capture. `stop` ends the upload early with
+/// `ERR_BARRIER_ABORTED`, at any point before the shard manifest is being published; once
+/// publishing began it runs to its end, so a caller that waits for the upload to end knows
+/// no manifest can land later.
+#[allow(clippy::too_many_arguments)]
 pub async fn upload_capture<E: ShardEngine>(
     captured: CapturedShard,
     engine: Arc<E>,
@@ -295,7 +339,50 @@ pub async fn upload_capture<E: ShardEngine>(
     backup_id: &BackupId,
     transfer: TransferOptions,
     progress: &Progress,
+    stop: &CancellationToken,
 ) -> Result<ShardManifest> {
+    let aborted = || {
+        Error::new(
+            ErrorCode::BarrierAborted,
+            format!("the upload of shard {shard_id} was stopped: the backup was aborted"),
+        )
+    };
+    let uploaded = tokio::select! {
+        biased;
+        _ = stop.cancelled() => Err(aborted()),
+        uploaded = upload_parts(&captured, engine, repo, shard_id, transfer, progress) => uploaded,
+    };
+    let ((files, wal), stats, upload_started) = uploaded?;
+    if stop.is_cancelled() {
+        return Err(aborted());
+    }
+    let manifest = shard_manifest(
+        &captured,
+        shard_id,
+        backup_id,
+        (files, wal),
+        stats,
+        upload_started,
+    );
+    repo.put_shard_manifest(&manifest).await?;
+    // Dropping the capture re-enables file deletions and removes its directory. It happens
+    // on the error returns above too, because `captured` is dropped there as well.
+    drop(captured);
+    Ok(manifest)
+}
+
+/// The files and the WAL of a capture, uploaded; what a shard manifest lists.
+type UploadedParts = ((Vec<FileEntry>, Vec<WalPiece>), TransferStats, Instant);
+
+/// Step 4: the capture's files (reusing unchanged SSTs), then its WAL to the cut.
+async fn upload_parts<E: ShardEngine>(
+    captured: &CapturedShard,
+    engine: Arc<E>,
+    repo: &Repository,
+    shard_id: &ShardId,
+    transfer: TransferOptions,
+    progress: &Progress,
+) -> Result<UploadedParts> {
     let capture = &captured.capture;
     let upload_started = Instant::now();
     let (files, mut stats) = if capture.files.is_empty() {
@@ -333,22 +420,10 @@ pub async fn upload_capture<E: ShardEngine>(
         CaptureMode::Files | CaptureMode::Point => capture.seq,
     };
     let wal = upload_wal(
-        &captured, engine, wal_start, repo, shard_id, transfer, progress, &mut stats,
+        captured, engine, wal_start, repo, shard_id, transfer, progress, &mut stats,
     )
     .await?;
-    let manifest = shard_manifest(
-        &captured,
-        shard_id,
-        backup_id,
-        (files, wal),
-        stats,
-        upload_started,
-    );
-    repo.put_shard_manifest(&manifest).await?;
-    // Dropping the capture re-enables file deletions and removes its directory. It happens
-    // on the error returns above too, because `captured` is dropped there as well.
-    drop(captured);
-    Ok(manifest)
+    Ok(((files, wal), stats, upload_started))
 }
 
 /// The shard manifest of a capture once its files and WAL pieces are uploaded.
@@ -460,6 +535,7 @@ pub async fn backup_offline<E: ShardEngine>(
     timeline: Timeline,
     progress: &Progress,
 ) -> Result<BackupManifest> {
+    check_free_space(options)?;
     let backup_id = BackupId::generate();
     let started_at = Utc::now();
     let gate = WriteGate::new();
@@ -479,6 +555,8 @@ pub async fn backup_offline<E: ShardEngine>(
                 &backup_id,
                 options.transfer,
                 progress,
+                // Offline, nothing aborts the upload.
+                &CancellationToken::new(),
             )
             .await
         }
@@ -499,5 +577,31 @@ fn creation_code(code: ErrorCode) -> ErrorCode {
             code
         }
         _ => ErrorCode::BackupCreationFailed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(capture_root: PathBuf, min_free_bytes: u64) -> BackupOptions {
+        BackupOptions {
+            capture_root,
+            transfer: TransferOptions::default(),
+            min_free_bytes,
+        }
+    }
+
+    #[test]
+    fn no_capture_starts_below_the_free_space_floor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Not created yet: the floor is checked on the filesystem it will be on.
+        let root = dir.path().join("not/yet/captures");
+        let err = check_free_space(&options(root.clone(), u64::MAX))
+            .expect_err("no filesystem has that much free");
+        assert_eq!(err.code, ErrorCode::StorageDiskFull, "{err}");
+        assert!(err.to_string().contains("--min-free-mib"), "{err}");
+        check_free_space(&options(root.clone(), 1)).expect("a byte is free");
+        check_free_space(&options(root, 0)).expect("no floor");
     }
 }

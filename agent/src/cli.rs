@@ -104,14 +104,27 @@ pub struct BackupArgs {
     pub shard: String,
     #[arg(long, value_enum, default_value = "rocksdb")]
     pub engine: EngineKind,
-    /// Where captures are staged: on the shard's filesystem, neither the shard's directory,
-    /// inside it, nor holding it. Default: `<db>.lockstep-captures`.
-    #[arg(long)]
-    pub capture_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
     #[command(flatten)]
     pub transfer: TransferArgs,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where and when a capture may be taken.
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Where captures are staged: on the shard's filesystem, neither the shard's directory,
+    /// inside it, nor holding it; a serving agent removes only its own old captures there at
+    /// start. Default: `<db>.lockstep-captures`.
+    #[arg(long)]
+    pub capture_dir: Option<PathBuf>,
+    /// No capture starts while the shard's filesystem has less free space than this
+    /// (`ERR_STORAGE_DISK_FULL`): a capture keeps files and WAL that compactions would free.
+    /// 0 turns the floor off.
+    #[arg(long, default_value_t = 1024)]
+    pub min_free_mib: u64,
 }
 
 #[derive(Debug, Args)]
@@ -132,11 +145,8 @@ pub struct ServeArgs {
     /// Column families to create if missing (comma separated).
     #[arg(long, default_value = "default", value_delimiter = ',')]
     pub cfs: Vec<String>,
-    /// Where captures are staged: on the shard's filesystem, neither the shard's directory,
-    /// inside it, nor holding it; at start the agent removes only its own old captures there.
-    /// Default: `<db>.lockstep-captures`.
-    #[arg(long)]
-    pub capture_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub capture: CaptureArgs,
     /// CPU priority of background work (upload hashing and compression, compactions).
     #[arg(long, value_enum, default_value = "low")]
     pub background_priority: BackgroundPriority,
@@ -308,15 +318,15 @@ async fn resolve_backup(repo: &Repository, name: &str) -> Result<BackupId> {
     BackupId::new(name)
 }
 
-/// Where and how a command backs up the shard in `db`: captures go to `capture_dir`, or by
+/// Where and how a command backs up the shard in `db`: captures go to `--capture-dir`, or by
 /// default to `<db>.lockstep-captures` beside it (on the shard's filesystem); a capture
 /// directory overlapping the shard is refused.
 fn backup_options(
     db: &Path,
-    capture_dir: Option<&Path>,
+    capture: &CaptureArgs,
     transfer: &TransferArgs,
 ) -> Result<BackupOptions> {
-    let capture_root = capture_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+    let capture_root = capture.capture_dir.clone().unwrap_or_else(|| {
         let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(".lockstep-captures");
         db.with_file_name(name)
@@ -325,6 +335,7 @@ fn backup_options(
     Ok(BackupOptions {
         capture_root,
         transfer: transfer.options(),
+        min_free_bytes: capture.min_free_mib << 20,
     })
 }
 
@@ -346,7 +357,7 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
             .await
             .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
-    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer)?;
+    let options = backup_options(&args.db, &args.capture, &args.transfer)?;
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "backup");
     let started = Instant::now();
@@ -405,7 +416,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     // Bound first: a second agent started on a busy port by mistake stops here, before its
     // start-up cleans the captures the running agent is uploading from.
     let (listener, address) = lockstep_process::bind(&args.listen).await?;
-    let options = backup_options(&args.db, args.capture_dir.as_deref(), &args.transfer)?;
+    let options = backup_options(&args.db, &args.capture, &args.transfer)?;
     let slot = prepare_serving::<E>(Startup {
         dir: args.db.clone(),
         capture_root: options.capture_root.clone(),

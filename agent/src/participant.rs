@@ -19,9 +19,10 @@
 //!   it stages first; for any other id it returns the status (a late Prepare finds `Aborted`).
 //! - Commit acts only on the active barrier while it is `Prepared`: a Commit that overtook
 //!   Prepare, a repeated one, or one after Abort or expiry returns the status.
-//! - Abort ends the active barrier while it is `Staged`, `Prepared` or `Uploading` (the upload
-//!   is stopped, the capture released); for an unknown id it remembers `Aborted`, so a late
-//!   Stage or Prepare does nothing; after the upload ended it returns the final state.
+//! - Abort ends the active barrier while it is `Staged` or `Prepared`; while `Uploading` it
+//!   stops the upload, and the barrier ends `Aborted` when the task has ended (`Uploaded` if
+//!   it was already publishing); for an unknown id it remembers `Aborted`, so a late Stage or
+//!   Prepare does nothing; after the upload ended it returns the final state.
 //! - The stage hold and the lease end the barrier (`Expired`) by themselves.
 //!
 //! Architecture invariant: outside a restore's swap (within one message), the gate is closed
@@ -50,7 +51,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{
-    BackupOptions, CaptureMode, CapturedShard, close_gate, stage_capture, upload_capture,
+    BackupOptions, CaptureMode, CapturedShard, check_free_space, close_gate, stage_capture,
+    upload_capture,
 };
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};
@@ -202,8 +204,11 @@ enum Phase {
         closed: GateClosed,
         deadline: Instant,
     },
-    /// Committed: the gate is open and the upload task runs.
-    Uploading { progress: Arc<Progress> },
+    /// Committed: the gate is open and the upload task runs; `stop` ends it early (Abort).
+    Uploading {
+        progress: Arc<Progress>,
+        stop: CancellationToken,
+    },
 }
 
 impl Phase {
@@ -232,7 +237,7 @@ impl Active {
         match &self.phase {
             Phase::Staged { .. } => {}
             Phase::Prepared { closed, .. } => status.gate_closed = closed.elapsed(),
-            Phase::Uploading { progress } => {
+            Phase::Uploading { progress, .. } => {
                 (status.bytes_done, status.bytes_total) = progress.snapshot();
             }
         }
@@ -380,8 +385,6 @@ impl<E: ShardEngine> Participant<E> {
                 Some(done) = self.uploads.join_next(), if !self.uploads.is_empty() => {
                     match done {
                         Ok((backup, result)) => self.upload_finished(backup, result),
-                        // Stopped by an Abort, which ended the barrier.
-                        Err(err) if err.is_cancelled() => {}
                         Err(err) => self.upload_panicked(&err),
                     }
                 }
@@ -560,13 +563,14 @@ impl<E: ShardEngine> Participant<E> {
             return refused;
         }
         let capture_dir = self.shard.options.capture_dir(&backup);
-        let captured = match self.shard.slot.get() {
-            Ok(engine) => {
-                let timeline = self.shard.slot.lineage().timeline;
-                stage_capture(&engine, capture_dir, timeline, mode).await
-            }
-            Err(err) => Err(err),
-        };
+        let captured =
+            match check_free_space(&self.shard.options).and_then(|()| self.shard.slot.get()) {
+                Ok(engine) => {
+                    let timeline = self.shard.slot.lineage().timeline;
+                    stage_capture(&engine, capture_dir, timeline, mode).await
+                }
+                Err(err) => Err(err),
+            };
         let captured = match captured {
             Ok(captured) => captured,
             Err(err) => {
@@ -715,6 +719,8 @@ impl<E: ShardEngine> Participant<E> {
         );
         let engine = self.shard.slot.get().map(|engine| Arc::clone(&*engine));
         let task_progress = progress.clone();
+        let stop = CancellationToken::new();
+        let task_stop = stop.clone();
         let upload = async move {
             let result = match engine {
                 Ok(engine) => {
@@ -726,6 +732,7 @@ impl<E: ShardEngine> Participant<E> {
                         &id,
                         transfer,
                         &task_progress,
+                        &task_stop,
                     )
                     .await
                 }
@@ -742,7 +749,7 @@ impl<E: ShardEngine> Participant<E> {
         self.active = Some(Active {
             backup: backup.clone(),
             status,
-            phase: Phase::Uploading { progress },
+            phase: Phase::Uploading { progress, stop },
         });
         self.snapshot(&backup)
     }
@@ -752,18 +759,17 @@ impl<E: ShardEngine> Participant<E> {
         if matches!(phase, Some(BarrierState::Staged | BarrierState::Prepared)) {
             tracing::info!(backup = %backup, shard = %self.shard.shard_id, "aborted: gate reopened, capture dropped");
             self.end_active(BarrierState::Aborted, None);
-        } else if phase == Some(BarrierState::Uploading) {
+        } else if let Some(Phase::Uploading { stop, .. }) =
+            self.active.as_ref().map(|active| &active.phase)
+            && phase == Some(BarrierState::Uploading)
+        {
             // The backup failed elsewhere: its upload would only hold the capture (file
-            // deletions, WAL) and the shard for nothing.
-            self.uploads.abort_all();
-            tracing::info!(backup = %backup, shard = %self.shard.shard_id, "aborted while uploading: upload stopped, capture dropped");
-            self.end_active(
-                BarrierState::Aborted,
-                Some((
-                    ErrorCode::BarrierAborted,
-                    "aborted while uploading: the upload was stopped".into(),
-                )),
-            );
+            // deletions, WAL) and the shard for nothing. The task stops at its next step, or
+            // finishes a publish it began; the barrier stays `Uploading` until it has ended
+            // (then `Aborted`, or `Uploaded`), so whoever waits for it to stop can then clean
+            // up knowing nothing lands later.
+            tracing::info!(backup = %backup, shard = %self.shard.shard_id, "abort while uploading: stopping the upload");
+            stop.cancel();
         } else if !self.knows(&backup) {
             // Remember the abort, so a Prepare that arrives late does not capture.
             let status = BarrierStatus {
@@ -807,6 +813,10 @@ impl<E: ShardEngine> Participant<E> {
                     self.shard.shipper.note_full_backup(manifest.seq);
                 }
                 self.end_active(BarrierState::Uploaded, None);
+            }
+            Err(err) if err.code == ErrorCode::BarrierAborted => {
+                tracing::info!(backup = %backup, shard = %self.shard.shard_id, "upload stopped by Abort; capture dropped");
+                self.end_active(BarrierState::Aborted, Some((err.code, err.chain())));
             }
             Err(err) => {
                 tracing::error!(backup = %backup, shard = %self.shard.shard_id, error = %err.chain(), "upload failed");
@@ -967,31 +977,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_abort_while_uploading_stops_the_upload_and_frees_the_shard_at_once() {
+    async fn an_abort_while_uploading_stops_the_upload_and_frees_the_shard() {
         let shard = TestShard::start().await;
+        // Enough data that the upload is still running when the Abort arrives.
+        for i in 0..20_000 {
+            shard.write(&format!("key-{i:06}-{}", "x".repeat(200)));
+        }
         let id = backup_id("bk-1");
         shard.prepare(&id, LEASE).await;
         assert_eq!(shard.commit(&id).await.state, BarrierState::Uploading);
         let abort = shard.abort(&id).await;
-        assert_eq!(abort.state, BarrierState::Aborted);
+        assert_eq!(abort.state, BarrierState::Uploading, "stopping");
+        let stopped = shard.wait_for(&id, BarrierState::Aborted).await;
         assert_eq!(
-            abort.error.map(|(code, _)| code),
+            stopped.error.map(|(code, _)| code),
             Some(ErrorCode::BarrierAborted)
         );
-        // The capture is released: the next barrier is not refused busy.
-        let next = backup_id("bk-2");
-        assert_eq!(shard.stage(&next).await.state, BarrierState::Staged);
-        shard.abort(&next).await;
-        // The stopped upload publishes nothing, and later messages find it aborted.
-        tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(
             shard
                 .repo
                 .shard_manifest(&shard.shard_id, &id)
                 .await
                 .is_err(),
-            "the aborted upload published its shard manifest"
+            "the stopped upload published its shard manifest"
         );
+        // The capture is released: the next barrier is not refused busy.
+        let next = backup_id("bk-2");
+        assert_eq!(shard.stage(&next).await.state, BarrierState::Staged);
+        shard.abort(&next).await;
+        // Later messages find it aborted.
         assert_eq!(shard.abort(&id).await.state, BarrierState::Aborted);
         assert_eq!(shard.commit(&id).await.state, BarrierState::Aborted);
         shard.stop().await;

@@ -411,6 +411,7 @@ mod tests {
         let options = BackupOptions {
             capture_root: root.join("captures"),
             transfer: TransferOptions::default(),
+            min_free_bytes: 0,
         };
         let manifest = backup_offline(
             engine,

@@ -215,6 +215,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                             parallelism: 2,
                             ..TransferOptions::default()
                         },
+                        min_free_bytes: 0,
                     },
                     shipping: ShipperOptions {
                         destinations: vec![lockstep_proto::archive::remote(

@@ -12,6 +12,7 @@ use lockstep_agent::engine::{ShardEngine, WriteBatch};
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
 use lockstep_repository::transfer::{Progress, TransferOptions};
 use lockstep_repository::{BackupId, Repository, ShardId, Timeline};
+use tokio_util::sync::CancellationToken;
 
 use crate::model::{Shard, restore_exactly};
 
@@ -98,6 +99,7 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
         &backup_id,
         TransferOptions::default(),
         &Progress::default(),
+        &CancellationToken::new(),
     )
     .await
     .expect("upload");
@@ -172,6 +174,7 @@ async fn writes_between_staging_and_the_cut_are_restored_from_the_wal_tail() {
         &backup_id,
         TransferOptions::default(),
         &Progress::default(),
+        &CancellationToken::new(),
     )
     .await
     .expect("upload");

@@ -101,6 +101,7 @@ impl Shard {
                 chunk_size: 256 * 1024,
                 ..Default::default()
             },
+            min_free_bytes: 0,
         }
     }
 }

@@ -75,6 +75,7 @@ impl TestShard {
                 options: BackupOptions {
                     capture_root: root.path().join("captures"),
                     transfer: TransferOptions::default(),
+                    min_free_bytes: 0,
                 },
                 shipper,
                 planted_bug,
