@@ -210,7 +210,9 @@ impl<E: ShardEngine> EngineSlot<E> {
     }
 
     /// Replaces the live shard by `staged`. The caller holds the write gate closed and no
-    /// capture is held. On failure the old shard is open again and untouched.
+    /// capture is held. On failure the old shard is open again and untouched, unless it could
+    /// not be put back: then the slot stays empty (every operation fails "retry") until the
+    /// agent restarts and its start-up puts it back.
     pub async fn swap_in(&self, staged: StagedShard) -> Result<Seq> {
         let (mut exclusive, old) = self.drain().await?;
         let columns = old.column_families();
@@ -250,6 +252,13 @@ impl<E: ShardEngine> EngineSlot<E> {
                     tracing::warn!(dir = %replaced.display(), error = %err, "could not remove the replaced shard; the next start removes it");
                 }
                 Ok(seq)
+            }
+            Err(err) if replaced_dir(&self.dir).exists() => {
+                // The old shard is not back in place (the undo failed part-way): opening the
+                // path now would serve the wrong shard, or create an empty one. The slot stays
+                // empty; the next start puts the old shard back.
+                tracing::error!(dir = %self.dir.display(), error = %err.chain(), "a failed restore could not put the old shard back; restart the agent");
+                Err(err)
             }
             Err(err) => {
                 let dir = self.dir.clone();

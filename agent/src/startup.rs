@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::ValueEnum;
-use lockstep_repository::{Error, ErrorCode, Result};
+use lockstep_repository::{BackupId, Error, ErrorCode, Result};
 
 use crate::backup::{CAPTURE_PREFIX, check_capture_root};
 use crate::engine::{EngineConfig, ShardEngine};
@@ -110,11 +110,9 @@ fn remove_old_captures(capture_root: &Path) {
         return;
     };
     for entry in entries.filter_map(|e| e.ok()) {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(CAPTURE_PREFIX)
-        {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Earlier versions named a capture by its backup id alone.
+        if !name.starts_with(CAPTURE_PREFIX) && !BackupId::is_generated(&name) {
             continue;
         }
         let path = entry.path();
@@ -142,6 +140,8 @@ mod tests {
         let old_capture = captures.join(format!("{CAPTURE_PREFIX}bk-old"));
         std::fs::create_dir_all(&old_capture).expect("mkdir");
         std::fs::write(captures.join("operator-notes.txt"), "mine").expect("write");
+        let older_capture = captures.join(BackupId::generate().as_str());
+        std::fs::create_dir_all(&older_capture).expect("mkdir");
         let staged = root.path().join(".shard.lockstep-restore-0123");
         std::fs::create_dir(&staged).expect("mkdir");
         let slot = prepare_serving::<MemEngine>(Startup {
@@ -156,6 +156,10 @@ mod tests {
         .await
         .expect("prepare");
         assert!(!old_capture.exists(), "old captures are removed");
+        assert!(
+            !older_capture.exists(),
+            "captures named as earlier versions did are removed"
+        );
         assert_eq!(
             std::fs::read_to_string(captures.join("operator-notes.txt")).expect("kept"),
             "mine",

@@ -370,7 +370,7 @@ pub async fn run_backup(
 
 /// An agent that answers for another shard than the one configured at its endpoint: its
 /// cut would be recorded under the wrong shard.
-fn wrong_shard(agent: &AgentLink, reported: &str) -> Error {
+pub(crate) fn wrong_shard(agent: &AgentLink, reported: &str) -> Error {
     Error::new(
         ErrorCode::InvalidArgument,
         format!(

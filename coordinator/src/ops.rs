@@ -434,7 +434,7 @@ impl Actor {
                 if let Some(current) = self.running.as_ref().filter(|c| c.restore) {
                     current.cancel.cancel();
                     let message = format!(
-                        "{} is cancelled: shards still staging are discarded; an Apply already sent finishes",
+                        "{} is cancelled: if its Apply was not sent yet, every staged shard is discarded; an Apply already sent finishes",
                         current.running.what
                     );
                     let _ = reply.send(Ok((message, Vec::new())));
@@ -446,16 +446,24 @@ impl Actor {
                 }
                 let ctx = self.ctx.clone();
                 self.ops.spawn(async move {
-                    let outcome = restore::settle_interrupted(&ctx).await.map(|settled| {
-                        let message = if settled.is_empty() {
+                    let outcome = restore::settle_interrupted(&ctx).await.and_then(|done| {
+                        if !done.unsettled.is_empty() {
+                            let errors: Vec<Error> = done
+                                .unsettled
+                                .into_iter()
+                                .map(|(id, err)| err.context(format!("restore {id}")))
+                                .collect();
+                            return Err(crate::fleet::joined(&errors, "restores left unsettled"));
+                        }
+                        let message = if done.settled.is_empty() {
                             "no restore to abort".to_string()
                         } else {
                             format!(
                                 "settled {} restore(s) a stopped coordinator left",
-                                settled.len()
+                                done.settled.len()
                             )
                         };
-                        (message, settled)
+                        Ok((message, done.settled))
                     });
                     Ended::AbortRestore(reply, outcome)
                 });

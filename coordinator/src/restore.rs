@@ -721,20 +721,26 @@ pub async fn run(
     };
     tracing::info!(restore = %restore_id, backup = %plan.label, target = ?plan.target, "restore started");
     // Recorded before any agent stages, so a coordinator that stops mid-restore finishes or
-    // discards it when it starts again (`settle_interrupted`).
-    let record = serde_json::json!({
-        "restore_id": restore_id,
-        "backup": plan.label,
-        "target": match &plan.target {
-            RestoreTarget::InPlace => "in place",
-            RestoreTarget::Directory(template) => template.as_str(),
-        },
-        "shards": plan.shards.iter().map(|s| s.agent.shard_id.to_string()).collect::<Vec<_>>(),
-        "started_at": Utc::now(),
-    });
+    // discards it when it starts again (`settle_interrupted`); rewritten as `applying` before
+    // the first Apply, after which it is only ever finished.
+    let record = |phase: &str| {
+        serde_json::json!({
+            "restore_id": restore_id,
+            "phase": phase,
+            "backup": plan.label,
+            "target": match &plan.target {
+                RestoreTarget::InPlace => "in place",
+                RestoreTarget::Directory(template) => template.as_str(),
+            },
+            "shards": plan.shards.iter().map(|s| s.agent.shard_id.to_string()).collect::<Vec<_>>(),
+            "started_at": Utc::now(),
+        })
+        .to_string()
+        .into_bytes()
+    };
     if let Err(err) = ctx
         .repo
-        .put_running_restore(&restore_id, record.to_string().into_bytes())
+        .put_running_restore(&restore_id, record(STAGING))
         .await
     {
         return reporter.finish(Err(
@@ -754,6 +760,14 @@ pub async fn run(
             Ok(())
         } => staged,
     };
+    let staged = match staged {
+        Ok(()) => ctx
+            .repo
+            .put_running_restore(&restore_id, record(APPLYING))
+            .await
+            .map_err(|err| err.context("record the restore's Apply; nothing changed")),
+        Err(err) => Err(err),
+    };
     let outcome = match staged {
         Ok(()) => apply(ctx, &plan, &restore_id, &mut reporter).await,
         Err(err) => Err(err),
@@ -769,75 +783,110 @@ pub async fn run(
     reporter.finish(outcome)
 }
 
-/// On start: every restore recorded as under way was left by a coordinator that stopped
-/// before it ended. If some shard already applied it, the decision to restore was taken
-/// (every shard was staged): Apply it on the others. Otherwise discard it everywhere. A
-/// restore some agent cannot be asked about keeps its record (its agents discard it when
-/// its lease runs out) and is settled at the next start.
-pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Vec<RestoreId>> {
-    let mut settled = Vec::new();
+/// A restore's record before Apply: settling discards it.
+const STAGING: &str = "staging";
+/// A restore's record once Apply may have been sent: settling only ever finishes it.
+const APPLYING: &str = "applying";
+
+/// What [`settle_interrupted`] did.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Restores discarded everywhere, or applied on every shard; their records are removed.
+    pub settled: Vec<RestoreId>,
+    /// Restores some shard could not be asked about or could not finish; their records stay,
+    /// and the error says which shards.
+    pub unsettled: Vec<(RestoreId, Error)>,
+}
+
+/// Settles every restore recorded as under way: at start, each was left by a coordinator that
+/// stopped before it ended. One recorded before Apply is discarded on its shards; one whose
+/// Apply may have been sent is applied on every shard still staged (the decision to restore
+/// was taken once every shard was staged). A restore some shard cannot settle keeps its record
+/// and is reported: a shard that restarted lost what it staged, so a split applying restore
+/// needs the operator (rerun the restore).
+pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Settled> {
+    let mut outcome = Settled::default();
     for restore_id in ctx.repo.running_restore_ids().await? {
-        let ask = |step: Step| {
-            let restore_id = restore_id.clone();
-            let deadline = Instant::now() + step.timeout(&ctx.config.barrier);
-            call_each(ctx.agents.iter(), step, deadline, move |_, mut client| {
-                let request = v1::RestoreRequest {
-                    restore_id: restore_id.to_string(),
-                    ..Default::default()
-                };
-                async move {
-                    match step {
-                        Step::RestoreStatus => client.restore_status(request).await,
-                        Step::RestoreApply => client.restore_apply(request).await,
-                        _ => client.restore_discard(request).await,
-                    }
-                }
-            })
-        };
-        let statuses: Result<Vec<v1::RestoreStatus>> =
-            ask(Step::RestoreStatus).await.into_iter().collect();
-        let statuses = match statuses {
-            Ok(statuses) => statuses,
-            Err(err) => {
-                tracing::warn!(restore = %restore_id, error = %err.chain(), "cannot settle an interrupted restore yet");
-                continue;
+        match settle_one(ctx, &restore_id).await {
+            Ok(true) => {
+                ctx.repo.delete_running_restore(&restore_id).await?;
+                outcome.settled.push(restore_id);
             }
-        };
-        let applied = statuses.iter().any(|s| s.state() == RestoreState::Applied);
-        let step = if applied {
-            Step::RestoreApply
-        } else {
-            Step::RestoreDiscard
-        };
-        let replies = ask(step).await;
-        let unfinished: Vec<String> = ctx
-            .agents
-            .iter()
-            .zip(&replies)
-            .filter(|(_, reply)| {
-                reply.as_ref().map_or(true, |status| {
-                    let state = status.state();
-                    if applied {
-                        state != RestoreState::Applied
-                    } else {
-                        matches!(state, RestoreState::Staging | RestoreState::Staged)
-                    }
-                })
-            })
-            .map(|(agent, _)| agent.shard_id.to_string())
-            .collect();
-        if unfinished.is_empty() {
-            tracing::warn!(restore = %restore_id, finished = applied, "settled a restore a stopped coordinator left: {}", if applied { "applied on every shard" } else { "discarded everywhere" });
-        } else if applied {
-            tracing::error!(restore = %restore_id, shards = ?unfinished, "a restore a stopped coordinator left is applied on some shards and cannot be on these; rerun the restore");
-        } else {
-            tracing::warn!(restore = %restore_id, shards = ?unfinished, "cannot discard an interrupted restore on every shard yet");
-            continue;
+            Ok(false) => {}
+            Err(err) => {
+                tracing::error!(restore = %restore_id, error = %err.chain(), "a restore a stopped coordinator left is not settled");
+                outcome.unsettled.push((restore_id, err));
+            }
         }
-        ctx.repo.delete_running_restore(&restore_id).await?;
-        settled.push(restore_id);
     }
-    Ok(settled)
+    Ok(outcome)
+}
+
+/// Settles one recorded restore; false if its record is gone already.
+async fn settle_one(ctx: &ClusterContext, restore_id: &RestoreId) -> Result<bool> {
+    let Some(record) = ctx.repo.running_restore(restore_id).await? else {
+        return Ok(false);
+    };
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap_or_default();
+    let applying = record["phase"] == APPLYING;
+    let shards: Vec<&str> = record["shards"]
+        .as_array()
+        .map(|shards| shards.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    // The recorded shards' agents (every agent if the record names none).
+    let agents: Vec<&AgentLink> = ctx
+        .agents
+        .iter()
+        .filter(|a| shards.is_empty() || shards.contains(&a.shard_id.as_str()))
+        .collect();
+    let step = if applying {
+        Step::RestoreApply
+    } else {
+        Step::RestoreDiscard
+    };
+    let deadline = Instant::now() + step.timeout(&ctx.config.barrier);
+    let replies = call_each(agents.iter().copied(), step, deadline, |_, mut client| {
+        let request = v1::RestoreRequest {
+            restore_id: restore_id.to_string(),
+            ..Default::default()
+        };
+        async move {
+            match step {
+                Step::RestoreApply => client.restore_apply(request).await,
+                _ => client.restore_discard(request).await,
+            }
+        }
+    })
+    .await;
+    let mut failures = Vec::new();
+    for (agent, reply) in agents.iter().zip(replies) {
+        match reply {
+            // Discarded, or never staged there / lost with a restart: nothing held.
+            Ok(status)
+                if !applying
+                    && !matches!(status.state(), RestoreState::Staging | RestoreState::Staged) => {}
+            Ok(status) if applying && status.state() == RestoreState::Applied => {}
+            Ok(status) => failures.push(Error::new(
+                ErrorCode::BackupRestorationFailed,
+                format!(
+                    "shard {}: the restore is {}",
+                    agent.shard_id,
+                    status.state().label()
+                ),
+            )),
+            Err(err) => failures.push(err),
+        }
+    }
+    if !failures.is_empty() {
+        let what = if applying {
+            "an interrupted restore is applied on some shards and cannot be on these; rerun the restore"
+        } else {
+            "an interrupted restore cannot be discarded on every shard yet; its agents discard it when its lease runs out"
+        };
+        return Err(fleet::joined(&failures, what));
+    }
+    tracing::warn!(restore = %restore_id, "settled a restore a stopped coordinator left: {}", if applying { "applied on every shard" } else { "discarded everywhere" });
+    Ok(true)
 }
 
 fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1::RestoreRequest {
@@ -891,7 +940,7 @@ async fn on_every_shard(
     step: Step,
 ) -> Vec<Result<v1::RestoreStatus>> {
     let deadline = Instant::now() + step.timeout(&ctx.config.barrier);
-    call_each(plan_agents(plan), step, deadline, |agent, mut client| {
+    let replies = call_each(plan_agents(plan), step, deadline, |agent, mut client| {
         let request = request_for(plan, agent, restore_id);
         async move {
             match step {
@@ -901,7 +950,22 @@ async fn on_every_shard(
             }
         }
     })
-    .await
+    .await;
+    plan_agents(plan)
+        .into_iter()
+        .zip(replies)
+        .map(|(agent, reply)| reply.and_then(|status| own_shard(agent, status)))
+        .collect()
+}
+
+/// A restore status from the agent of the shard it was asked about; an agent that answers
+/// for another shard (endpoints swapped in the configuration) would restore that shard to
+/// this one's point.
+fn own_shard(agent: &AgentLink, status: v1::RestoreStatus) -> Result<v1::RestoreStatus> {
+    if status.shard_id != agent.shard_id.as_str() {
+        return Err(crate::backup::wrong_shard(agent, &status.shard_id));
+    }
+    Ok(status)
 }
 
 /// Best effort: an agent that cannot be reached lost its staging with its process.

@@ -457,11 +457,12 @@ where
         repo: repo.clone(),
         agents: agents.into(),
     };
+    // Restores first: their agents' leases run while backups' leftovers are waited for.
+    crate::restore::settle_interrupted(&ctx).await?;
     let cleaned = clean_leftovers(&ctx).await?;
     if !cleaned.is_empty() {
         tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups");
     }
-    crate::restore::settle_interrupted(&ctx).await?;
     let mut tasks = JoinSet::new();
     let ops = ClusterOps::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
     let (health_reporter, health) = tonic_health::server::health_reporter();

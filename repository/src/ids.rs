@@ -117,6 +117,15 @@ impl BackupId {
         let random = uuid::Uuid::new_v4().simple().to_string();
         BackupId(format!("bk-{now}-{}", &random[..4]))
     }
+
+    /// Whether `name` has the form [`BackupId::generate`] gives (`bk-20261121-101502417-3fa9`).
+    pub fn is_generated(name: &str) -> bool {
+        let parts: Vec<&str> = name.split('-').collect();
+        let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+        matches!(parts.as_slice(), ["bk", day, time, random]
+            if digits(day, 8) && digits(time, 9)
+                && random.len() == 4 && random.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
 }
 
 /// A RocksDB sequence number: the position of a write in one shard's history.
@@ -284,6 +293,21 @@ mod tests {
         }
         assert!(ShardId::new("shard-0").is_ok());
         assert!(serde_json::from_str::<ShardId>("\"../etc\"").is_err());
+    }
+
+    #[test]
+    fn only_the_generated_form_counts_as_generated() {
+        assert!(BackupId::is_generated(BackupId::generate().as_str()));
+        assert!(BackupId::is_generated("bk-20261121-101502417-3fa9"));
+        for other in [
+            "bk-1",
+            "data",
+            "bk-20261121-101502417-3fa9-x",
+            "bk-2026112-101502417-3fa9",
+            "bk-20261121-101502417-zzzz",
+        ] {
+            assert!(!BackupId::is_generated(other), "{other}");
+        }
     }
 
     #[test]

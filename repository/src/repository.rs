@@ -706,6 +706,14 @@ impl Repository {
         .await
     }
 
+    /// The record of a restore under way, as written; `None` once it ended.
+    pub async fn running_restore(&self, restore: &RestoreId) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .get_raw(&self.layout.running_restore(restore))
+            .await?
+            .map(|bytes| bytes.to_vec()))
+    }
+
     pub async fn delete_running_restore(&self, restore: &RestoreId) -> Result<()> {
         self.delete_if_present(&self.layout.running_restore(restore))
             .await
