@@ -242,6 +242,29 @@ async fn a_coordinator_killed_while_agents_upload_leaves_no_shard_manifest_after
     );
 }
 
+/// Takes a backup, then starts `lockstep restore latest --in-place` and waits until the
+/// coordinator (started with the `before-apply` fault pause) has every shard staged.
+async fn restore_paused_before_apply(cluster: &Cluster) -> std::process::Child {
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+    let restore = Command::new(binary("lockstep"))
+        .args(["restore", "latest", "--in-place"])
+        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the restore");
+    let log = cluster.log("coordinator");
+    let staged = wait_until(Duration::from_secs(60), || {
+        let paused =
+            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
+        async move { paused }
+    })
+    .await;
+    assert!(staged.is_some(), "the restore never staged every shard");
+    restore
+}
+
 /// The restore staging directories beside the cluster's shards.
 fn staging_left(cluster: &Cluster) -> Vec<String> {
     std::fs::read_dir(cluster.dir.path())
@@ -257,23 +280,7 @@ async fn a_coordinator_killed_with_every_shard_staged_leaves_the_cluster_usable_
 {
     // The coordinator stops between the last shard staged and Apply.
     let mut cluster = Cluster::start(10_000, Some("before-apply:600000"));
-    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
-    assert!(backup.status.success(), "{}", text(&backup));
-    let mut restore = Command::new(binary("lockstep"))
-        .args(["restore", "latest", "--in-place"])
-        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the restore");
-    let log = cluster.log("coordinator");
-    let staged = wait_until(Duration::from_secs(60), || {
-        let paused =
-            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
-        async move { paused }
-    })
-    .await;
-    assert!(staged.is_some(), "the restore never staged every shard");
+    let mut restore = restore_paused_before_apply(&cluster).await;
     cluster.kill_coordinator();
     let _ = restore.kill();
     let _ = restore.wait();
@@ -306,23 +313,7 @@ async fn a_coordinator_killed_with_every_shard_staged_leaves_the_cluster_usable_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_abort_stops_a_restore_before_apply_and_leaves_every_shard_as_it_was() {
     let cluster = Cluster::start(10_000, Some("before-apply:600000"));
-    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
-    assert!(backup.status.success(), "{}", text(&backup));
-    let restore = Command::new(binary("lockstep"))
-        .args(["restore", "latest", "--in-place"])
-        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the restore");
-    let log = cluster.log("coordinator");
-    let staged = wait_until(Duration::from_secs(60), || {
-        let paused =
-            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
-        async move { paused }
-    })
-    .await;
-    assert!(staged.is_some(), "the restore never staged every shard");
+    let restore = restore_paused_before_apply(&cluster).await;
 
     let abort = cluster.lockstep(&["restore", "--abort"]);
     assert!(abort.status.success(), "{}", text(&abort));
