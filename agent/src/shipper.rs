@@ -402,7 +402,10 @@ impl<E: ShardEngine> Shipper<E> {
     }
 
     async fn read_wal(&self, after: Seq) -> Result<Vec<WalBatch>> {
-        let engine = Arc::clone(&*self.slot.get()?);
+        // The reference itself goes to the read, not a clone of the engine: an in-place
+        // restore's swap waits for every reference to drop, and fails on an engine still
+        // shared past them.
+        let engine = self.slot.get()?;
         let max_bytes = self.options.segment_bytes;
         lockstep_repository::blocking::run(move || engine.wal_since(after, max_bytes))
             .await

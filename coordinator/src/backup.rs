@@ -25,7 +25,8 @@ use crate::ops::ClusterContext;
 /// Environment variable for fault tests that kill a process inside an operation:
 /// `before-commit:MS` pauses between the last Prepared and Commit, `before-publish:MS`
 /// between the last upload and the backup manifest, `before-apply:MS` between the last
-/// shard staged and a restore's Apply. Never set in production.
+/// shard staged and a restore's decision to apply, `applying:MS` between that decision (the
+/// record says `applying`) and the first Apply sent. Never set in production.
 pub const FAULT_PAUSE: &str = "LOCKSTEP_FAULT_PAUSE";
 
 /// Waits at `point` if the fault-injection variable names it; `operation` is the backup or

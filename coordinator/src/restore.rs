@@ -769,7 +769,10 @@ pub async fn run(
         Err(err) => Err(err),
     };
     let outcome = match staged {
-        Ok(()) => apply(ctx, &plan, &restore_id, &mut reporter).await,
+        Ok(()) => {
+            crate::backup::fault_pause("applying", &restore_id).await;
+            apply(ctx, &plan, &restore_id, &mut reporter).await
+        }
         Err(err) => Err(err),
     };
     if outcome.is_err() {

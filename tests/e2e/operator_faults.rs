@@ -243,7 +243,8 @@ async fn a_coordinator_killed_while_agents_upload_leaves_no_shard_manifest_after
 }
 
 /// Takes a backup, then starts `lockstep restore latest --in-place` and waits until the
-/// coordinator (started with the `before-apply` fault pause) has every shard staged.
+/// coordinator (started with the `before-apply` or `applying` fault pause) has every shard
+/// staged.
 async fn restore_paused_before_apply(cluster: &Cluster) -> std::process::Child {
     let backup = cluster.lockstep(&["backup", "create", "--wait"]);
     assert!(backup.status.success(), "{}", text(&backup));
@@ -340,6 +341,64 @@ async fn restore_abort_stops_a_restore_before_apply_and_leaves_every_shard_as_it
         text(&again).contains("no restore to abort"),
         "{}",
         text(&again)
+    );
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+}
+
+async fn put_everywhere(cluster: &Cluster, key: &str) {
+    for i in 0..N_AGENTS {
+        cluster
+            .shard_client(i)
+            .await
+            .put(v1::PutRequest {
+                column_family: String::new(),
+                key: key.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+            })
+            .await
+            .expect("put");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_after_deciding_to_apply_finishes_the_restore_when_it_restarts() {
+    // The coordinator stops after recording its decision to apply, before any Apply is sent.
+    let mut cluster = Cluster::start(10_000, Some("applying:600000"));
+    put_everywhere(&cluster, "in-the-backup").await;
+    let restore = restore_paused_before_apply(&cluster).await;
+    // Wait: the writes below must come after the backup the restore goes back to, and the
+    // restore paused with every shard staged.
+    put_everywhere(&cluster, "after-the-backup").await;
+    cluster.kill_coordinator();
+    let mut restore = restore;
+    let _ = restore.kill();
+    let _ = restore.wait();
+    cluster.start_coordinator(None);
+
+    // The restart finished the restore: every shard is back at the backup.
+    for i in 0..N_AGENTS {
+        let keys = crate::cluster_restore::live_keys(&cluster, i).await;
+        assert!(keys.contains("in-the-backup"), "shard {i}: {keys:?}");
+        assert!(
+            !keys.contains("after-the-backup"),
+            "shard {i} was not restored: {keys:?}\n{}",
+            std::fs::read_to_string(cluster.log(&format!("agent-{i}"))).unwrap_or_default()
+        );
+    }
+    let records: Vec<_> = std::fs::read_dir(cluster.repo().join("restores"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(records.is_empty(), "restore records left: {records:?}");
+    assert!(
+        staging_left(&cluster).is_empty(),
+        "{:?}",
+        staging_left(&cluster)
     );
     let backup = cluster.lockstep(&["backup", "create", "--wait"]);
     assert!(backup.status.success(), "{}", text(&backup));
