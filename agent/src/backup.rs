@@ -87,7 +87,8 @@ pub fn check_free_space(options: &BackupOptions) -> Result<()> {
         return Ok(());
     }
     // The capture root may not exist yet: ask about its nearest existing ancestor.
-    let mut at = options.capture_root.as_path();
+    let root = crate::restore::absolute(&options.capture_root)?;
+    let mut at = root.as_path();
     while !at.exists() {
         match at.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => at = parent,
@@ -603,5 +604,8 @@ mod tests {
         assert!(err.to_string().contains("--min-free-mib"), "{err}");
         check_free_space(&options(root.clone(), 1)).expect("a byte is free");
         check_free_space(&options(root, 0)).expect("no floor");
+        // `--db shard-1` gives the relative root `shard-1.lockstep-captures`.
+        check_free_space(&options(PathBuf::from("shard-1.lockstep-captures"), 1))
+            .expect("a relative root is checked where it will be");
     }
 }

@@ -116,8 +116,9 @@ pub struct BackupArgs {
 #[derive(Debug, Args)]
 pub struct CaptureArgs {
     /// Where captures are staged: on the shard's filesystem, neither the shard's directory,
-    /// inside it, nor holding it; a serving agent removes only its own old captures there at
-    /// start. Default: `<db>.lockstep-captures`.
+    /// inside it, nor holding it, and not shared with another agent: a serving agent removes
+    /// every `lockstep-capture-*` (and `bk-<date>-<time>-<hex>`, as older versions named
+    /// captures) there at start, and nothing else. Default: `<db>.lockstep-captures`.
     #[arg(long)]
     pub capture_dir: Option<PathBuf>,
     /// No capture starts while the shard's filesystem has less free space than this

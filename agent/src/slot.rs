@@ -253,14 +253,17 @@ impl<E: ShardEngine> EngineSlot<E> {
                 }
                 Ok(seq)
             }
-            Err(err) if replaced_dir(&self.dir).exists() => {
+            Err(SwapFailed {
+                error,
+                old_in_place: false,
+            }) => {
                 // The old shard is not back in place (the undo failed part-way): opening the
                 // path now would serve the wrong shard, or create an empty one. The slot stays
-                // empty; the next start puts the old shard back.
-                tracing::error!(dir = %self.dir.display(), error = %err.chain(), "a failed restore could not put the old shard back; restart the agent");
-                Err(err)
+                // empty until the agent restarts and its start-up settles the directories.
+                tracing::error!(dir = %self.dir.display(), error = %error.chain(), "a failed restore could not put the old shard back; restart the agent");
+                Err(error)
             }
-            Err(err) => {
+            Err(SwapFailed { error: err, .. }) => {
                 let dir = self.dir.clone();
                 let reopened = lockstep_repository::blocking::run(move || E::open(&dir, &columns))
                     .await
@@ -316,16 +319,52 @@ fn reached(point: SwapPoint) -> Result<()> {
     Ok(())
 }
 
+/// A swap that failed, and whether the old shard is in place again (else the agent must not
+/// open the path until its start-up has settled the directories).
+#[derive(Debug)]
+struct SwapFailed {
+    error: Error,
+    old_in_place: bool,
+}
+
+impl From<Error> for SwapFailed {
+    /// A failure past the first rename that nothing undid: the fault hook's crash.
+    fn from(error: Error) -> SwapFailed {
+        SwapFailed {
+            error,
+            old_in_place: false,
+        }
+    }
+}
+
+impl std::fmt::Display for SwapFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
 /// Steps 1-3 of the swap, blocking. Undoes itself on failure.
-fn swap_directories<E: ShardEngine>(dir: &Path, staged: StagedShard) -> Result<(E, Seq)> {
+fn swap_directories<E: ShardEngine>(
+    dir: &Path,
+    staged: StagedShard,
+) -> std::result::Result<(E, Seq), SwapFailed> {
     let replaced = replaced_dir(dir);
     let had_live = dir.exists();
     if had_live {
-        std::fs::rename(dir, &replaced).map_err(|err| {
-            swap_io(
+        // A replaced directory left by an earlier swap whose clean-up failed: the live shard
+        // is the complete restored one, so it is garbage (as at start).
+        if replaced.exists() && is_complete_restore(dir) {
+            remove(&replaced).map_err(|error| SwapFailed {
+                error,
+                old_in_place: true,
+            })?;
+        }
+        std::fs::rename(dir, &replaced).map_err(|err| SwapFailed {
+            error: swap_io(
                 format!("move {} aside to {}", dir.display(), replaced.display()),
                 err,
-            )
+            ),
+            old_in_place: true,
         })?;
         sync_parent(dir);
     }
@@ -354,16 +393,22 @@ fn swap_directories<E: ShardEngine>(dir: &Path, staged: StagedShard) -> Result<(
             Ok(opened)
         }
         Err(err) => match undo_swap(dir, had_live) {
-            Ok(()) => Err(err),
+            Ok(()) => Err(SwapFailed {
+                error: err,
+                old_in_place: true,
+            }),
             Err(undo) => {
                 tracing::error!(dir = %dir.display(), error = %undo.chain(), "could not put the old shard back; the next start does");
-                Err(Error {
-                    message: format!(
-                        "{}; the old shard is not back in place yet ({}), the next start puts it back",
-                        err.message,
-                        undo.chain()
-                    ),
-                    ..err
+                Err(SwapFailed {
+                    error: Error {
+                        message: format!(
+                            "{}; the old shard is not back in place yet ({})",
+                            err.message,
+                            undo.chain()
+                        ),
+                        ..err
+                    },
+                    old_in_place: false,
                 })
             }
         },
@@ -371,11 +416,12 @@ fn swap_directories<E: ShardEngine>(dir: &Path, staged: StagedShard) -> Result<(
 }
 
 /// Undoes a swap whose restored shard failed: unmark it (so a crash from here on puts the old
-/// shard back at start), rename it aside, rename the old shard back, then remove it.
+/// shard back at start), rename it aside, rename the old shard back, then remove it. An unmark
+/// that fails does not stop the renames, which take the marked shard off the live path.
 fn undo_swap(dir: &Path, had_live: bool) -> Result<()> {
     match std::fs::remove_file(dir.join(COMPLETE_FILE)) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(swap_io(format!("unmark {}", dir.display()), err));
+            tracing::error!(dir = %dir.display(), error = %err, "could not unmark the failed restored shard; moving it aside anyway");
         }
         _ => {}
     }
@@ -609,6 +655,20 @@ mod tests {
         );
         assert_eq!(leftovers(&live), Vec::<String>::new());
         assert_eq!(live_shard(&live), "old");
+    }
+
+    #[tokio::test]
+    async fn a_replaced_shard_left_by_an_earlier_swap_does_not_block_the_next() {
+        let root = tempfile::tempdir().expect("tempdir");
+        // The live shard was restored (marked); removing the shard it replaced had failed.
+        let (live, staged) = live_and_staged(root.path(), true).await;
+        std::fs::create_dir(replaced_dir(&live)).expect("mkdir");
+        std::fs::write(replaced_dir(&live).join("CURRENT"), "stale").expect("write");
+        swap_directories::<MemEngine>(&live, staged)
+            .map(drop)
+            .map_err(|failed| failed.to_string())
+            .expect("the swap goes through");
+        assert_eq!(live_shard(&live), "new");
     }
 
     #[test]

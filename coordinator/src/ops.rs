@@ -434,7 +434,7 @@ impl Actor {
                 if let Some(current) = self.running.as_ref().filter(|c| c.restore) {
                     current.cancel.cancel();
                     let message = format!(
-                        "{} is cancelled: if its Apply was not sent yet, every staged shard is discarded; an Apply already sent finishes",
+                        "{} is cancelled: unless it had already decided to apply, every staged shard is discarded; once decided, it finishes",
                         current.running.what
                     );
                     let _ = reply.send(Ok((message, Vec::new())));

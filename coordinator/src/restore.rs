@@ -750,10 +750,7 @@ pub async fn run(
     // Cancelled (`lockstep restore --abort`, or a shutdown) any time before Apply is sent.
     let staged = tokio::select! {
         biased;
-        _ = cancel.cancelled() => Err(Error::new(
-            ErrorCode::BarrierAborted,
-            "the restore was cancelled (`lockstep restore --abort`, or the coordinator is shutting down) before any shard changed",
-        )),
+        _ = cancel.cancelled() => Err(cancelled()),
         staged = async {
             stage(ctx, &plan, &restore_id, &mut reporter).await?;
             crate::backup::fault_pause("before-apply", &restore_id).await;
@@ -761,6 +758,8 @@ pub async fn run(
         } => staged,
     };
     let staged = match staged {
+        // Cancelled while the last shard staged: still before the decision to apply.
+        Ok(()) if cancel.is_cancelled() => Err(cancelled()),
         Ok(()) => ctx
             .repo
             .put_running_restore(&restore_id, record(APPLYING))
@@ -786,6 +785,13 @@ pub async fn run(
     reporter.finish(outcome)
 }
 
+fn cancelled() -> Error {
+    Error::new(
+        ErrorCode::BarrierAborted,
+        "the restore was cancelled (`lockstep restore --abort`, or the coordinator is shutting down) before any shard changed",
+    )
+}
+
 /// A restore's record before Apply: settling discards it.
 const STAGING: &str = "staging";
 /// A restore's record once Apply may have been sent: settling only ever finishes it.
@@ -796,28 +802,32 @@ const APPLYING: &str = "applying";
 pub struct Settled {
     /// Restores discarded everywhere, or applied on every shard; their records are removed.
     pub settled: Vec<RestoreId>,
-    /// Restores some shard could not be asked about or could not finish; their records stay,
-    /// and the error says which shards.
+    /// Restores not settled cleanly: kept for the next try when an agent did not answer or
+    /// the record is unreadable; reported once, record removed, when the shards are split
+    /// for good (some applied, some never can be: rerun the restore).
     pub unsettled: Vec<(RestoreId, Error)>,
 }
 
 /// Settles every restore recorded as under way: at start, each was left by a coordinator that
 /// stopped before it ended. One recorded before Apply is discarded on its shards; one whose
 /// Apply may have been sent is applied on every shard still staged (the decision to restore
-/// was taken once every shard was staged). A restore some shard cannot settle keeps its record
-/// and is reported: a shard that restarted lost what it staged, so a split applying restore
-/// needs the operator (rerun the restore).
+/// was taken once every shard was staged); a record without a phase (an older version's)
+/// applies if some shard already applied it. See [`Settled`] for what is not settled.
 pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Settled> {
     let mut outcome = Settled::default();
     for restore_id in ctx.repo.running_restore_ids().await? {
         match settle_one(ctx, &restore_id).await {
-            Ok(true) => {
+            Ok(None) => {
                 ctx.repo.delete_running_restore(&restore_id).await?;
                 outcome.settled.push(restore_id);
             }
-            Ok(false) => {}
+            Ok(Some(split)) => {
+                tracing::error!(restore = %restore_id, error = %split.chain(), "a restore a stopped coordinator left is split across the shards");
+                ctx.repo.delete_running_restore(&restore_id).await?;
+                outcome.unsettled.push((restore_id, split));
+            }
             Err(err) => {
-                tracing::error!(restore = %restore_id, error = %err.chain(), "a restore a stopped coordinator left is not settled");
+                tracing::error!(restore = %restore_id, error = %err.chain(), "a restore a stopped coordinator left is not settled yet; its record stays");
                 outcome.unsettled.push((restore_id, err));
             }
         }
@@ -825,13 +835,50 @@ pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Settled> {
     Ok(outcome)
 }
 
-/// Settles one recorded restore; false if its record is gone already.
-async fn settle_one(ctx: &ClusterContext, restore_id: &RestoreId) -> Result<bool> {
+/// Sends `step` (RestoreStatus, RestoreApply or RestoreDiscard) for `restore_id` to `agents`;
+/// a reply for another shard than the agent's is an error.
+async fn ask_restore(
+    ctx: &ClusterContext,
+    agents: &[&AgentLink],
+    restore_id: &RestoreId,
+    step: Step,
+) -> Vec<Result<v1::RestoreStatus>> {
+    let deadline = Instant::now() + step.timeout(&ctx.config.barrier);
+    let replies = call_each(agents.iter().copied(), step, deadline, |_, mut client| {
+        let request = v1::RestoreRequest {
+            restore_id: restore_id.to_string(),
+            ..Default::default()
+        };
+        async move {
+            match step {
+                Step::RestoreStatus => client.restore_status(request).await,
+                Step::RestoreApply => client.restore_apply(request).await,
+                _ => client.restore_discard(request).await,
+            }
+        }
+    })
+    .await;
+    agents
+        .iter()
+        .zip(replies)
+        .map(|(agent, reply)| reply.and_then(|status| own_shard(agent, status)))
+        .collect()
+}
+
+/// Settles one recorded restore: `Ok(None)` when settled (or its record is gone already),
+/// `Ok(Some(split))` when the shards are split for good, `Err` to try again later.
+async fn settle_one(ctx: &ClusterContext, restore_id: &RestoreId) -> Result<Option<Error>> {
     let Some(record) = ctx.repo.running_restore(restore_id).await? else {
-        return Ok(false);
+        return Ok(None);
     };
-    let record: serde_json::Value = serde_json::from_slice(&record).unwrap_or_default();
-    let applying = record["phase"] == APPLYING;
+    let record: serde_json::Value = serde_json::from_slice(&record).map_err(|err| {
+        Error::new(
+            ErrorCode::BackupManifestCorrupt,
+            format!(
+                "the record of restore {restore_id} is unreadable ({err}); it stays for an operator"
+            ),
+        )
+    })?;
     let shards: Vec<&str> = record["shards"]
         .as_array()
         .map(|shards| shards.iter().filter_map(|s| s.as_str()).collect())
@@ -842,54 +889,64 @@ async fn settle_one(ctx: &ClusterContext, restore_id: &RestoreId) -> Result<bool
         .iter()
         .filter(|a| shards.is_empty() || shards.contains(&a.shard_id.as_str()))
         .collect();
+    let applying = match record["phase"].as_str() {
+        Some(STAGING) => false,
+        Some(APPLYING) => true,
+        _ => {
+            let statuses: Vec<v1::RestoreStatus> =
+                ask_restore(ctx, &agents, restore_id, Step::RestoreStatus)
+                    .await
+                    .into_iter()
+                    .collect::<Result<_>>()?;
+            statuses.iter().any(|s| s.state() == RestoreState::Applied)
+        }
+    };
     let step = if applying {
         Step::RestoreApply
     } else {
         Step::RestoreDiscard
     };
-    let deadline = Instant::now() + step.timeout(&ctx.config.barrier);
-    let replies = call_each(agents.iter().copied(), step, deadline, |_, mut client| {
-        let request = v1::RestoreRequest {
-            restore_id: restore_id.to_string(),
-            ..Default::default()
-        };
-        async move {
-            match step {
-                Step::RestoreApply => client.restore_apply(request).await,
-                _ => client.restore_discard(request).await,
-            }
-        }
-    })
-    .await;
-    let mut failures = Vec::new();
-    for (agent, reply) in agents.iter().zip(replies) {
+    let mut unreachable = Vec::new();
+    let mut split = Vec::new();
+    for (agent, reply) in agents
+        .iter()
+        .zip(ask_restore(ctx, &agents, restore_id, step).await)
+    {
         match reply {
-            // Discarded, or never staged there / lost with a restart: nothing held.
-            Ok(status)
-                if !applying
-                    && !matches!(status.state(), RestoreState::Staging | RestoreState::Staged) => {}
-            Ok(status) if applying && status.state() == RestoreState::Applied => {}
-            Ok(status) => failures.push(Error::new(
-                ErrorCode::BackupRestorationFailed,
-                format!(
-                    "shard {}: the restore is {}",
-                    agent.shard_id,
-                    status.state().label()
-                ),
-            )),
-            Err(err) => failures.push(err),
+            Ok(status) if applying && status.state() != RestoreState::Applied => {
+                split.push(Error::new(
+                    ErrorCode::BackupRestorationFailed,
+                    format!(
+                        "shard {}: the restore is {}",
+                        agent.shard_id,
+                        status.state().label()
+                    ),
+                ))
+            }
+            // Discard leaves nothing held: Discarded, or never staged there / lost with a
+            // restart (Unknown), or ended otherwise.
+            Ok(_) => {}
+            Err(err) if applying && err.code == ErrorCode::InvalidArgument => {
+                // The agent has no record of it: it restarted and lost its staging.
+                split.push(err)
+            }
+            Err(err) => unreachable.push(err),
         }
     }
-    if !failures.is_empty() {
-        let what = if applying {
-            "an interrupted restore is applied on some shards and cannot be on these; rerun the restore"
-        } else {
-            "an interrupted restore cannot be discarded on every shard yet; its agents discard it when its lease runs out"
-        };
-        return Err(fleet::joined(&failures, what));
+    if !unreachable.is_empty() {
+        return Err(fleet::joined(
+            &unreachable,
+            "some agents did not answer; the next start or `lockstep restore --abort` tries again",
+        ));
+    }
+    if !split.is_empty() {
+        return Ok(Some(fleet::joined(
+            &split,
+            "the restore is applied on some shards and can no longer be on these; rerun the restore",
+        )));
     }
     tracing::warn!(restore = %restore_id, "settled a restore a stopped coordinator left: {}", if applying { "applied on every shard" } else { "discarded everywhere" });
-    Ok(true)
+    Ok(None)
 }
 
 fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1::RestoreRequest {
