@@ -97,7 +97,8 @@ fn diverged() -> BTreeSet<String> {
 /// Nothing of a restore is left beside the live shards, once the staging steps that were
 /// running when it was discarded have ended (a RocksDB open cannot be interrupted; see
 /// ARCHITECTURE.md): within 10 s.
-async fn assert_no_restore_leftovers(dir: &Path) {
+/// Waits (up to 10 s) until no restore staging or replaced directory is left in `dir`.
+pub async fn assert_no_restore_leftovers(dir: &Path) {
     let leftovers = || -> Vec<String> {
         std::fs::read_dir(dir)
             .expect("list cluster dir")

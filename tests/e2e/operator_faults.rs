@@ -10,6 +10,7 @@ use lockstep_proto::v1::coordinator_client::CoordinatorClient;
 use lockstep_tests::{agent_ok, binary, text};
 
 use crate::cluster::{Cluster, N_AGENTS, json, wait_until};
+use crate::cluster_restore::assert_no_restore_leftovers;
 
 #[test]
 fn serving_with_a_capture_dir_that_holds_the_shard_is_refused_and_deletes_nothing() {
@@ -266,16 +267,6 @@ async fn restore_paused_before_apply(cluster: &Cluster) -> std::process::Child {
     restore
 }
 
-/// The restore staging directories beside the cluster's shards.
-fn staging_left(cluster: &Cluster) -> Vec<String> {
-    std::fs::read_dir(cluster.dir.path())
-        .expect("list cluster dir")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.contains("lockstep-restore") || name.contains("lockstep-replaced"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_with_every_shard_staged_leaves_the_cluster_usable_after_it_restarts()
 {
@@ -299,16 +290,7 @@ async fn a_coordinator_killed_with_every_shard_staged_leaves_the_cluster_usable_
         "the restore again: {}",
         text(&rerun)
     );
-    let clean = wait_until(Duration::from_secs(10), || {
-        let none = staging_left(&cluster).is_empty();
-        async move { none }
-    })
-    .await;
-    assert!(
-        clean.is_some(),
-        "left on disk: {:?}",
-        staging_left(&cluster)
-    );
+    assert_no_restore_leftovers(cluster.dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,16 +307,7 @@ async fn restore_abort_stops_a_restore_before_apply_and_leaves_every_shard_as_it
         "the aborted restore reported success"
     );
     assert!(text(&ended).contains("cancelled"), "{}", text(&ended));
-    let clean = wait_until(Duration::from_secs(10), || {
-        let none = staging_left(&cluster).is_empty();
-        async move { none }
-    })
-    .await;
-    assert!(
-        clean.is_some(),
-        "left on disk: {:?}",
-        staging_left(&cluster)
-    );
+    assert_no_restore_leftovers(cluster.dir.path()).await;
     // Nothing to abort any more; the cluster takes backups.
     let again = cluster.lockstep(&["restore", "--abort"]);
     assert!(
@@ -395,11 +368,7 @@ async fn a_coordinator_killed_after_deciding_to_apply_finishes_the_restore_when_
         })
         .unwrap_or_default();
     assert!(records.is_empty(), "restore records left: {records:?}");
-    assert!(
-        staging_left(&cluster).is_empty(),
-        "{:?}",
-        staging_left(&cluster)
-    );
+    assert_no_restore_leftovers(cluster.dir.path()).await;
     let backup = cluster.lockstep(&["backup", "create", "--wait"]);
     assert!(backup.status.success(), "{}", text(&backup));
 }
