@@ -157,7 +157,7 @@ pub struct ServeArgs {
     pub wal: WalArgs,
 }
 
-/// WAL shipping (DESIGN.md §7).
+/// WAL shipping.
 #[derive(Debug, Args)]
 pub struct WalArgs {
     /// A WAL destination ("region"): any repository URL or path. Repeat for several; each

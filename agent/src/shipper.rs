@@ -1,5 +1,5 @@
 //! The WAL shipper: tails the shard's WAL and writes it, as segments, to every WAL
-//! destination ("region"), each at its own pace (DESIGN.md §7).
+//! destination ("region"), each at its own pace.
 //!
 //! One task per agent, owned by the server's `JoinSet`. Every `poll` it reads, per
 //! destination, the batches after that destination's cursor (`ShardEngine::wal_since`, which

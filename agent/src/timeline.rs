@@ -1,4 +1,4 @@
-//! The shard's timeline (DESIGN.md §7): which history line its writes belong to.
+//! The shard's timeline: which history line its writes belong to.
 //!
 //! Stored as `LOCKSTEP-TIMELINE` in the shard directory: the timeline number and the
 //! sequence number it starts after, as text (`2 41800`). A shard with no file is on timeline

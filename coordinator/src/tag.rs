@@ -1,4 +1,4 @@
-//! Tags: named restore points (DESIGN.md §4, §8).
+//! Tags: named restore points.
 //!
 //! A tag is the backup barrier without a capture: every agent closes its write gate, records
 //! its exact sequence number, HLC time and timeline (`CAPTURE_MODE_POINT`), and reopens the

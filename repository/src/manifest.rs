@@ -185,7 +185,7 @@ impl TagManifest {
     }
 }
 
-/// The kind of a backup (DESIGN.md §6).
+/// The kind of a backup: full, incremental (WAL since the previous backup) or differential (WAL since the last full one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupKind {

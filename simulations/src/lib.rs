@@ -1,4 +1,4 @@
-//! Deterministic turmoil simulations of whole Lockstep clusters (DESIGN.md §11).
+//! Deterministic turmoil simulations of whole Lockstep clusters.
 //!
 //! A run is the production coordinator and N production agents (on `MemEngine`) as turmoil
 //! hosts, reached over turmoil's network through the same `serve_incoming` and `AgentLink`

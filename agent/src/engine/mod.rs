@@ -175,7 +175,7 @@ pub struct SeqRange {
 pub struct EngineConfig {
     pub clock: HlcClock,
     /// WAL kept after the engine no longer needs it, in MiB, so the shipper and the next
-    /// incremental backup can still read it (DESIGN.md §6, WAL pinning). Past this bound the
+    /// incremental backup can still read it (WAL pinning). Past this bound the
     /// oldest WAL goes, and whoever still needed it reports `ERR_BACKUP_WAL_GAP`.
     pub wal_retention_mb: u64,
     /// Run the engine's compactions at the lowest CPU priority (RocksDB's
