@@ -35,7 +35,7 @@ use lockstep_repository::manifest::{
 use lockstep_repository::transfer::{Progress, SourceFile, TransferOptions, upload_files};
 use lockstep_repository::wal::Segment;
 use lockstep_repository::{
-    BackupId, Error, ErrorCode, HlcTime, Repository, Result, Seq, ShardId, Timeline,
+    BackupId, Error, ErrorCode, HlcTime, Lineage, Repository, Result, Seq, ShardId,
 };
 
 use crate::engine::{Capture, ShardEngine};
@@ -50,8 +50,8 @@ pub enum CaptureMode {
     /// A full backup: the shard's files, and the WAL from them to the cut.
     Files,
     /// An incremental or differential backup: the WAL after `after` (the parent's sequence
-    /// number), which must be on `timeline`; read after the gate has reopened.
-    Wal { after: Seq, timeline: Timeline },
+    /// number), which must be on `lineage` (the parent's); read after the gate has reopened.
+    Wal { after: Seq, lineage: Lineage },
     /// A tag: the sequence number and HLC time only.
     Point,
 }
@@ -177,25 +177,26 @@ pub struct CapturedShard {
     pub capture_us: u64,
     /// The HLC time of the last write at the cut.
     pub hlc: HlcTime,
-    /// The shard's timeline at the capture.
-    pub timeline: Timeline,
+    /// The shard's lineage at the capture.
+    pub lineage: Lineage,
 }
 
 /// Checks, before the gate closes, that the WAL an incremental or differential backup needs
-/// is still on the shard: a restored shard (new timeline), a parent ahead of the shard, or
+/// is still on the shard: a shard on another history (restored, or rolled back), a parent
+/// ahead of the shard, or
 /// WAL purged behind the agent's back is `ERR_BACKUP_WAL_GAP`, never skipped.
 fn check_wal_available<E: ShardEngine>(
     engine: &E,
     after: Seq,
-    parent_timeline: Timeline,
-    timeline: Timeline,
+    parent: &Lineage,
+    lineage: &Lineage,
 ) -> Result<()> {
     let hint = "take a full backup";
-    if parent_timeline != timeline {
+    if parent.id != lineage.id {
         return Err(Error::new(
             ErrorCode::BackupWalGap,
             format!(
-                "the shard is on timeline {timeline} but its previous backup is on timeline {parent_timeline} (it was restored since); {hint}"
+                "the shard is on {lineage} but its previous backup is on {parent} (the shard was restored or rolled back since); {hint}"
             ),
         ));
     }
@@ -220,7 +221,7 @@ fn check_wal_available<E: ShardEngine>(
 pub async fn stage_capture<E: ShardEngine>(
     engine: &Arc<E>,
     capture_dir: PathBuf,
-    timeline: Timeline,
+    lineage: Lineage,
     mode: CaptureMode,
 ) -> Result<CapturedShard> {
     let started = Instant::now();
@@ -255,11 +256,11 @@ pub async fn stage_capture<E: ShardEngine>(
         CaptureMode::Wal { .. } | CaptureMode::Point => {
             if let CaptureMode::Wal {
                 after,
-                timeline: parent,
+                lineage: parent,
             } = mode
             {
                 lockstep_repository::blocking::run(move || {
-                    check_wal_available(staging.as_ref(), after, parent, timeline)
+                    check_wal_available(staging.as_ref(), after, &parent, &lineage)
                 })
                 .await
                 .map_err(join_error)??;
@@ -282,7 +283,7 @@ pub async fn stage_capture<E: ShardEngine>(
         captured_at,
         capture_us: started.elapsed().as_micros() as u64,
         hlc: engine.clock().last(),
-        timeline,
+        lineage,
     })
 }
 
@@ -305,10 +306,10 @@ pub async fn capture_closed<E: ShardEngine>(
     engine: &Arc<E>,
     gate: &WriteGate,
     capture_dir: PathBuf,
-    timeline: Timeline,
+    lineage: Lineage,
     mode: CaptureMode,
 ) -> Result<(GateClosed, CapturedShard)> {
-    let mut captured = stage_capture(engine, capture_dir, timeline, mode).await?;
+    let mut captured = stage_capture(engine, capture_dir, lineage, mode).await?;
     let closed = close_gate(engine.as_ref(), gate, &mut captured).await;
     Ok((closed, captured))
 }
@@ -318,10 +319,10 @@ pub async fn capture_shard<E: ShardEngine>(
     engine: &Arc<E>,
     gate: &WriteGate,
     capture_dir: PathBuf,
-    timeline: Timeline,
+    lineage: Lineage,
 ) -> Result<CapturedShard> {
     let (closed, mut captured) =
-        capture_closed(engine, gate, capture_dir, timeline, CaptureMode::Files).await?;
+        capture_closed(engine, gate, capture_dir, lineage, CaptureMode::Files).await?;
     captured.paused = closed.open();
     Ok(captured)
 }
@@ -447,7 +448,7 @@ fn shard_manifest(
         shard_id: shard_id.clone(),
         engine: captured.engine.to_string(),
         seq: captured.seq,
-        timeline: captured.timeline,
+        lineage: captured.lineage,
         hlc: captured.hlc,
         captured_at: captured.captured_at,
         column_families: captured.capture.column_families.clone(),
@@ -506,7 +507,7 @@ async fn upload_wal<E: ShardEngine>(
         }
         let segment = Segment {
             shard_id: shard_id.clone(),
-            timeline: captured.timeline,
+            lineage: captured.lineage,
             batches,
         };
         let piece = repo.put_wal_piece(&segment, transfer.compression).await?;
@@ -533,14 +534,14 @@ pub async fn backup_offline<E: ShardEngine>(
     repo: &Repository,
     shard_id: &ShardId,
     options: &BackupOptions,
-    timeline: Timeline,
+    lineage: Lineage,
     progress: &Progress,
 ) -> Result<BackupManifest> {
     check_free_space(options)?;
     let backup_id = BackupId::generate();
     let started_at = Utc::now();
     let gate = WriteGate::new();
-    let captured = capture_shard(engine, &gate, options.capture_dir(&backup_id), timeline).await;
+    let captured = capture_shard(engine, &gate, options.capture_dir(&backup_id), lineage).await;
     let uploaded = match captured {
         Ok(captured) => {
             tracing::info!(

@@ -362,8 +362,13 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "backup");
     let started = Instant::now();
-    let timeline = crate::timeline::read_lineage(&args.db)?.timeline;
-    let result = backup_offline(&engine, &repo, &shard, &options, timeline, &progress).await;
+    let sources = crate::lineage::HistorySources {
+        shard: shard.clone(),
+        destinations: Vec::new(),
+        repo: Some(repo.clone()),
+    };
+    let lineage = crate::lineage::establish(&args.db, engine.latest_seq(), &sources).await?;
+    let result = backup_offline(&engine, &repo, &shard, &options, lineage, &progress).await;
     ticker.abort();
     bar.finish_and_clear();
     let manifest = result?;
@@ -422,6 +427,12 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         dir: args.db.clone(),
         capture_root: options.capture_root.clone(),
         priority: args.background_priority,
+        history: crate::lineage::HistorySources {
+            shard: shard.clone(),
+            destinations: shipping.destinations.clone(),
+            repo: Some(repo.clone()),
+        },
+        planted_bug: None,
         source: ShardSource::Open {
             column_families: args.cfs.clone(),
             config: EngineConfig {

@@ -13,7 +13,7 @@
 //! - `server`: the gRPC `Shard` and `Agent` services;
 //! - `startup`: what a serving agent does before it serves (the binary and the simulations);
 //! - `cli`: the `lockstep-agent` command line;
-//! - `timeline`: the shard's history line, bumped by every restore;
+//! - `lineage`: the shard's history identity (`LOCKSTEP-LINEAGE`), new at every restore and fork;
 //! - `splitmix`: the seeded stream behind generated demo, test and benchmark data.
 //!
 //! An application that embeds RocksDB can use this crate as a library: it must route its
@@ -24,6 +24,7 @@ pub mod cli;
 pub mod engine;
 pub mod gate;
 pub mod hlc;
+pub mod lineage;
 pub mod participant;
 pub mod restore;
 pub mod server;
@@ -31,7 +32,6 @@ pub mod shipper;
 pub mod slot;
 pub mod splitmix;
 pub mod startup;
-pub mod timeline;
 
 #[cfg(feature = "rocksdb")]
 pub use engine::RocksEngine;

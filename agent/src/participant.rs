@@ -43,7 +43,7 @@ use std::time::{Duration, SystemTime};
 use lockstep_repository::manifest::{FileKind, ShardManifest};
 use lockstep_repository::transfer::Progress;
 use lockstep_repository::{
-    BackupId, Error, ErrorCode, HlcTime, Repository, Result, Seq, ShardId, Timeline,
+    BackupId, Error, ErrorCode, HlcTime, Lineage, Repository, Result, Seq, ShardId,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -93,9 +93,10 @@ pub struct BarrierStatus {
     pub shard_id: ShardId,
     pub state: BarrierState,
     pub seq: Seq,
-    /// The HLC time of the last write at the cut, and the shard's timeline.
+    /// The HLC time of the last write at the cut, and the shard's lineage (none before a
+    /// capture).
     pub hlc: HlcTime,
-    pub timeline: Timeline,
+    pub lineage: Option<Lineage>,
     pub captured_at: Option<chrono::DateTime<chrono::Utc>>,
     pub files: Vec<InventoryFile>,
     pub gate_closed: Duration,
@@ -112,7 +113,7 @@ pub struct AgentInfo {
     pub seq: Seq,
     pub gate_closed: bool,
     pub active_backup: Option<BackupId>,
-    pub timeline: Timeline,
+    pub lineage: Lineage,
 }
 
 enum Msg {
@@ -158,6 +159,10 @@ enum Msg {
 pub enum PlantedBug {
     /// The agent ignores its lease: a Prepared barrier holds the gate until Commit or Abort.
     IgnoreLease,
+    /// The agent keeps the lineage its shard directory records whatever its WAL destinations
+    /// hold, and the shipper appends to a lineage whose archive runs past the shard: after a
+    /// rollback, the shard's new writes go onto its old history.
+    AppendAcrossFork,
 }
 
 /// What the participant works on: the shard, its gate, its repository and its WAL shipper.
@@ -425,7 +430,7 @@ impl<E: ShardEngine> Participant<E> {
             state: BarrierState::Unknown,
             seq: Seq(0),
             hlc: HlcTime::default(),
-            timeline: Timeline::default(),
+            lineage: None,
             captured_at: None,
             files: Vec::new(),
             gate_closed: Duration::ZERO,
@@ -511,7 +516,7 @@ impl<E: ShardEngine> Participant<E> {
                     seq: engine.as_ref().map_or(Seq(0), |e| e.latest_seq()),
                     gate_closed: self.shard.gate.is_closed(),
                     active_backup: self.active.as_ref().map(|active| active.backup.clone()),
-                    timeline: self.shard.slot.lineage().timeline,
+                    lineage: self.shard.slot.lineage(),
                 });
             }
             Msg::Restore(msg) => {
@@ -529,7 +534,7 @@ impl<E: ShardEngine> Participant<E> {
             state: BarrierState::Staged,
             seq: captured.seq,
             hlc: captured.hlc,
-            timeline: captured.timeline,
+            lineage: Some(captured.lineage),
             captured_at: Some(captured.captured_at),
             files: captured
                 .capture
@@ -566,8 +571,8 @@ impl<E: ShardEngine> Participant<E> {
         let captured =
             match check_free_space(&self.shard.options).and_then(|()| self.shard.slot.get()) {
                 Ok(engine) => {
-                    let timeline = self.shard.slot.lineage().timeline;
-                    stage_capture(&engine, capture_dir, timeline, mode).await
+                    let lineage = self.shard.slot.lineage();
+                    stage_capture(&engine, capture_dir, lineage, mode).await
                 }
                 Err(err) => Err(err),
             };
@@ -648,6 +653,22 @@ impl<E: ShardEngine> Participant<E> {
         };
         let closed = close_gate(engine.as_ref(), &self.shard.gate, &mut captured).await;
         drop(engine);
+        let lineage = self.shard.slot.lineage();
+        if lineage.id != captured.lineage.id {
+            // The shipper found a history fork since Stage: the writes up to the cut are not
+            // all on the lineage the capture would record.
+            drop(closed);
+            let status = self.failed(
+                &backup,
+                ErrorCode::BackupCreationFailed,
+                format!(
+                    "shard {} moved from {} to {lineage} (a history fork) while backup {backup} was staged; take the backup again",
+                    self.shard.shard_id, captured.lineage
+                ),
+            );
+            self.outcomes.insert(backup, status.clone());
+            return status;
+        }
         let status = self.held_status(&backup, &captured);
         tracing::info!(backup = %backup, shard = %self.shard.shard_id, seq = %status.seq, "prepared: gate closed, shard cut");
         self.active = Some(Active {

@@ -12,17 +12,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
+use lockstep_repository::lineage::Leg;
 use lockstep_repository::manifest::ShardManifest;
 use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
 use lockstep_repository::wal::segments_covering;
-use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
+use lockstep_repository::{
+    BackupId, Error, ErrorCode, Lineage, Repository, Result, Seq, ShardId, Timeline,
+};
 
 use crate::engine::{ShardEngine, with_engine};
-use crate::timeline::{Lineage, write_lineage};
+use crate::lineage::write_lineage;
 
 /// Bringing a staged full backup forward: first the WAL pieces of an incremental or
-/// differential chain (from the backup repository), then the WAL archive's segments, stopping
-/// exactly after `to`. (A full backup's own WAL tail, from its files to its cut, is a chain
+/// differential chain (from the backup repository), then the WAL archive's segments leg by
+/// leg (each lineage's writes up to its leg's end, oldest lineage first), stopping exactly
+/// after `to`. (A full backup's own WAL tail, from its files to its cut, is a chain
 /// of that backup alone, replayed by `stage_shard`.)
 #[derive(Debug, Clone)]
 pub struct Replay {
@@ -31,8 +35,10 @@ pub struct Replay {
     /// Backups whose WAL pieces are replayed, in order; each starts where the previous (or the
     /// base) ends.
     pub chain: Vec<BackupId>,
-    /// The WAL archive and the timeline whose segments are replayed after the chain.
-    pub archive: Option<(lockstep_repository::archive::WalArchive, Timeline)>,
+    /// The WAL archive whose segments are replayed after the chain, and the legs of the
+    /// history to replay (`lineage::ancestry`, oldest first).
+    pub archive: Option<lockstep_repository::archive::WalArchive>,
+    pub legs: Vec<Leg>,
     pub to: Seq,
 }
 
@@ -42,8 +48,10 @@ enum Source {
     Archived(lockstep_repository::wal::SegmentInfo),
 }
 
-/// The segments that take `shard` from `base` to `replay.to`, checked for continuity.
-async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<Vec<Source>> {
+/// The segments that take `shard` from `base` to `replay.to`, checked for continuity, each
+/// with the last sequence number of it to replay (a segment of an ancestor lineage may run
+/// past the point where the history branched off it).
+async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<Vec<(Source, Seq)>> {
     let mut sources = Vec::new();
     let mut cursor = base;
     for backup in &replay.chain {
@@ -61,7 +69,7 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
         }
         for piece in manifest.wal {
             if piece.first <= replay.to {
-                sources.push(Source::Piece(piece));
+                sources.push((Source::Piece(piece), replay.to));
             }
         }
         cursor = manifest.seq;
@@ -69,7 +77,7 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
     if cursor >= replay.to {
         return Ok(sources);
     }
-    let Some((archive, timeline)) = &replay.archive else {
+    let Some(archive) = &replay.archive else {
         return Err(lockstep_repository::wal::gap(
             format_args!(
                 "shard {shard}: the backups end at {cursor}, the target is {}, and no WAL archive was given",
@@ -79,13 +87,30 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
             replay.to,
         ));
     };
-    let segments = segments_covering(
-        archive.wal_segments(shard, *timeline).await?,
-        cursor,
-        replay.to,
-        format_args!("shard {shard} timeline {timeline} in {}", archive.url()),
-    )?;
-    sources.extend(segments.into_iter().map(Source::Archived));
+    for leg in &replay.legs {
+        let to = leg.to.min(replay.to);
+        if to <= cursor {
+            continue;
+        }
+        let segments = segments_covering(
+            archive.wal_segments(shard, &leg.lineage).await?,
+            cursor,
+            to,
+            format_args!("shard {shard} {} in {}", leg.lineage, archive.url()),
+        )?;
+        sources.extend(segments.into_iter().map(|s| (Source::Archived(s), to)));
+        cursor = to;
+    }
+    if cursor < replay.to {
+        return Err(lockstep_repository::wal::gap(
+            format_args!(
+                "shard {shard}: the history given to replay ends at {cursor}, the target is {}",
+                replay.to
+            ),
+            Seq(cursor.0 + 1),
+            replay.to,
+        ));
+    }
     Ok(sources)
 }
 
@@ -121,22 +146,23 @@ pub async fn replay_staged<E: ShardEngine>(
     let mut replayed = 0u64;
     // The next segment downloads while the current one is applied.
     let mut fetched = futures::stream::iter(sources)
-        .map(|source| async move {
-            match source {
+        .map(|(source, stop)| async move {
+            let segment = match source {
                 Source::Piece(piece) => replay.repo.get_wal_piece(shard, &piece).await,
                 Source::Archived(info) => match &replay.archive {
-                    Some((archive, _)) => archive.get_wal_segment(&info).await,
+                    Some(archive) => archive.get_wal_segment(&info).await,
                     None => Err(Error::new(
                         ErrorCode::BackupRestorationFailed,
                         "an archived segment without an archive",
                     )),
                 },
-            }
+            };
+            segment.map(|segment| (segment, stop))
         })
         .buffered(2);
-    while let Some(segment) = fetched.next().await {
-        let segment = segment?;
-        let (engine, to, shard) = (engine.clone(), replay.to, shard.clone());
+    while let Some(fetched) = fetched.next().await {
+        let (segment, to) = fetched?;
+        let (engine, shard) = (engine.clone(), shard.clone());
         replayed += lockstep_repository::blocking::run(move || -> Result<u64> {
             let mut n = 0;
             for batch in &segment.batches {
@@ -325,21 +351,22 @@ pub async fn select_shard(
 pub struct StagedShard {
     staging: Staging,
     pub seq: Seq,
+    /// The history the shard starts when it goes live ([`StagedShard::start_lineage`]); a
+    /// swap refuses a staged shard without one.
+    pub lineage: Option<Lineage>,
     pub column_families: Vec<String>,
     pub n_files: usize,
     pub bytes: u64,
 }
 
 impl StagedShard {
-    /// Starts the staged shard on a new timeline, after its sequence number.
-    pub fn start_timeline(&self, timeline: Timeline) -> Result<()> {
-        write_lineage(
-            self.staging.path(),
-            Lineage {
-                timeline,
-                start: self.seq,
-            },
-        )
+    /// Starts the staged shard on a new history that continues `point` after the staged
+    /// sequence number.
+    pub fn start_lineage(&mut self, point: &Lineage, timeline: Timeline) -> Result<Lineage> {
+        let lineage = point.child(self.seq, timeline);
+        write_lineage(self.staging.path(), &lineage)?;
+        self.lineage = Some(lineage);
+        Ok(lineage)
     }
 
     /// Marks the staged shard complete ([`COMPLETE_FILE`], synced), then renames it to
@@ -465,6 +492,7 @@ pub async fn stage_shard(
     let mut staged = StagedShard {
         staging,
         seq,
+        lineage: None,
         n_files: manifest.files.len(),
         bytes: manifest.total_bytes(),
         column_families: manifest.column_families.clone(),
@@ -475,6 +503,7 @@ pub async fn stage_shard(
             repo: repo.clone(),
             chain: vec![backup.clone()],
             archive: None,
+            legs: Vec::new(),
             to: manifest.seq,
         };
         replay_with_engine(&manifest.engine, &mut staged, shard, &tail)
@@ -540,13 +569,15 @@ pub async fn stage_empty<E: ShardEngine>(
     Ok(StagedShard {
         staging,
         seq,
+        lineage: None,
         n_files: 0,
         bytes: 0,
         column_families,
     })
 }
 
-/// Restores `shard` of `backup` into `target`, which must be absent or empty.
+/// Restores `shard` of `backup` into `target`, which must be absent or empty, on a new
+/// lineage that continues the backup's.
 pub async fn restore_shard(
     repo: &Repository,
     backup: &BackupId,
@@ -557,7 +588,16 @@ pub async fn restore_shard(
 ) -> Result<RestoreOutcome> {
     check_target(target)?;
     let target = absolute(target)?;
-    let staged = stage_shard(repo, backup, shard, &target, None, transfer, progress).await?;
+    let point = repo.shard_manifest(shard, backup).await?.lineage;
+    let sources = crate::lineage::HistorySources {
+        shard: shard.clone(),
+        destinations: Vec::new(),
+        repo: Some(repo.clone()),
+    };
+    let timeline = crate::lineage::next_timeline(point.timeline, &sources).await?;
+    let mut staged = stage_shard(repo, backup, shard, &target, None, transfer, progress).await?;
+    let lineage = staged.start_lineage(&point, timeline)?;
+    tracing::info!(shard = %shard, from = %point, to = %lineage, "restore: the shard starts a new history");
     let (seq, n_files, bytes) = (staged.seq, staged.n_files, staged.bytes);
     staged.move_to(&target)?;
     Ok(RestoreOutcome {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use lockstep_proto::v1::agent_server::{Agent, AgentServer};
 use lockstep_proto::v1::shard_server::{Shard, ShardServer};
+use lockstep_proto::wire::{legs_from_wire, lineage_from_wire, lineage_to_wire};
 use lockstep_proto::{to_status, v1};
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, ShardId};
 use tokio::task::JoinSet;
@@ -171,7 +172,7 @@ fn destination_to_wire(d: DestinationStatus) -> v1::WalDestinationStatus {
         .unwrap_or_default();
     v1::WalDestinationStatus {
         url: d.url,
-        timeline: d.timeline.0,
+        lineage: d.lineage.as_ref().map(lineage_to_wire),
         shipped_seq: d.shipped_seq.0,
         shipped_hlc: d.shipped_hlc.0,
         latest_seq: d.latest_seq.0,
@@ -275,7 +276,7 @@ pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
         state: state as i32,
         seq: status.seq.0,
         hlc: status.hlc.0,
-        timeline: status.timeline.0,
+        lineage: status.lineage.as_ref().map(lineage_to_wire),
         captured_at: status
             .captured_at
             .map(|t| t.to_rfc3339())
@@ -318,7 +319,8 @@ fn barrier_request(r: v1::PrepareRequest) -> Result<(BackupId, CaptureMode, Dura
         Ok(v1::CaptureMode::Point) => CaptureMode::Point,
         Ok(v1::CaptureMode::Wal) => CaptureMode::Wal {
             after: seq(r.wal_after_seq)?,
-            timeline: lockstep_repository::Timeline(r.wal_timeline.max(1)),
+            lineage: lineage_from_wire(r.wal_lineage.as_ref(), "the parent backup's lineage")
+                .map_err(|e| to_status(&e))?,
         },
         Err(_) => {
             return Err(to_status(&Error::new(
@@ -396,7 +398,7 @@ impl Agent for AgentApi {
             shard_id: info.shard_id.to_string(),
             engine: info.engine.to_string(),
             seq: info.seq.0,
-            timeline: info.timeline.0,
+            lineage: Some(lineage_to_wire(&info.lineage)),
             gate_closed: info.gate_closed,
             active_backup_id: info
                 .active_backup
@@ -424,12 +426,16 @@ impl Agent for AgentApi {
                 .iter()
                 .map(|id| backup_id(id))
                 .collect::<Result<_, _>>()?,
-            archive: (!r.wal_from.is_empty()).then(|| {
-                (
+            archive: if r.wal_from.is_empty() {
+                None
+            } else {
+                Some((
                     r.wal_from.clone(),
-                    lockstep_repository::Timeline(r.timeline.max(1)),
-                )
-            }),
+                    legs_from_wire(&r.wal_legs).map_err(|e| to_status(&e))?,
+                ))
+            },
+            point: lineage_from_wire(r.target_lineage.as_ref(), "the restore point's lineage")
+                .map_err(|e| to_status(&e))?,
             to: seq(r.replay_to_seq)?,
             lease: match r.lease_ms {
                 0 => DEFAULT_RESTORE_LEASE,
@@ -477,13 +483,13 @@ impl Agent for AgentApi {
             .map_err(|err| to_status(&err))?;
         Ok(Response::new(v1::ShardWalStatus {
             shard_id: info.shard_id.to_string(),
-            timeline: info.timeline.0,
+            lineage: Some(lineage_to_wire(&info.lineage)),
             latest_seq: info.seq.0,
             destinations: self
                 .shipper
                 .status()
                 .into_iter()
-                .map(|status| destination_to_wire(status.as_of(info.seq, info.timeline)))
+                .map(|status| destination_to_wire(status.as_of(info.seq, &info.lineage)))
                 .collect(),
         }))
     }

@@ -8,13 +8,16 @@
 //! the other destinations go on.
 //!
 //! The durable cursor of a destination is the destination itself: at start, and whenever the
-//! shard's timeline changes (a restore), the shipper lists the destination's segments of the
-//! current timeline and resumes after the last one. A segment is one atomic put under a key
+//! shard's lineage changes (a restore, a fork), the shipper lists the destination's segments
+//! of the current lineage and resumes after the last one. A segment is one atomic put under a key
 //! naming its exact sequence range, so a crash before the put ships the range again and a
 //! crash after it resumes past it: no gap and no duplicate, with no cursor file to fall out
 //! of step with the archive.
 //!
-//! Architecture invariant: a destination's segments of one timeline are contiguous. A WAL
+//! Architecture invariant: a destination's segments of one lineage are contiguous, and the
+//! shipper never appends to a lineage whose segments run past the shard: that is a history
+//! fork (another process shipped this lineage), and the shard moves to a new orphan lineage
+//! whose archive starts at its next write. A WAL
 //! range that is gone before it was shipped is `ERR_BACKUP_WAL_GAP`, reported in the status
 //! and retried, never skipped. The one exception is the first segment of an empty archive:
 //! the archive then starts where the WAL still reaches, and says so in its first key.
@@ -26,13 +29,14 @@ use std::time::Duration;
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::codec::Compression;
 use lockstep_repository::wal::{Segment, WalBatch, check_segments};
-use lockstep_repository::{Error, ErrorCode, HlcTime, Result, Seq, ShardId, Timeline};
+use lockstep_repository::{Error, ErrorCode, HlcTime, Lineage, LineageId, Result, Seq, ShardId};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::ShardEngine;
+use crate::participant::PlantedBug;
 use crate::slot::EngineSlot;
 
 /// How many recent segment lags the status summarizes.
@@ -56,6 +60,8 @@ pub struct ShipperOptions {
     pub compression: Compression,
     /// The engine's WAL retention bound, for the pin warning.
     pub wal_retention_bytes: u64,
+    /// Always `None` in the binaries; see [`PlantedBug`].
+    pub planted_bug: Option<PlantedBug>,
 }
 
 impl Default for ShipperOptions {
@@ -67,6 +73,7 @@ impl Default for ShipperOptions {
             poll: Duration::from_millis(10),
             compression: Compression::default(),
             wal_retention_bytes: 1 << 30,
+            planted_bug: None,
         }
     }
 }
@@ -75,7 +82,8 @@ impl Default for ShipperOptions {
 #[derive(Debug, Clone, Default)]
 pub struct DestinationStatus {
     pub url: String,
-    pub timeline: Timeline,
+    /// The lineage the cursor is on (none before the destination was first read).
+    pub lineage: Option<Lineage>,
     /// The last sequence number durable in the destination.
     pub shipped_seq: Seq,
     /// The HLC time of that write.
@@ -104,11 +112,11 @@ pub struct DestinationStatus {
 }
 
 impl DestinationStatus {
-    /// The status against the shard's sequence number `latest` on `timeline` now: the
+    /// The status against the shard's sequence number `latest` on `lineage` now: the
     /// shipper takes its status once per pass, so writes acknowledged since would otherwise
     /// show as shipped (`lag_seq` 0) until its next pass.
-    pub fn as_of(mut self, latest: Seq, timeline: Timeline) -> DestinationStatus {
-        if timeline == self.timeline && latest > self.latest_seq {
+    pub fn as_of(mut self, latest: Seq, lineage: &Lineage) -> DestinationStatus {
+        if self.lineage.is_some_and(|l| l.id == lineage.id) && latest > self.latest_seq {
             self.latest_seq = latest;
             self.lag_seq = latest.0.saturating_sub(self.shipped_seq.0);
             if self.lag_seq > 0 {
@@ -197,11 +205,30 @@ impl ShipperHandle {
 
 /// Where one destination's shipping stands.
 struct Cursor {
-    timeline: Timeline,
+    /// The shard's lineage this cursor ships for.
+    serves: LineageId,
+    /// The lineage it writes to: `serves`, or its parent while it finishes the parent's
+    /// archive up to the branch point (`until`).
+    lineage: Lineage,
+    until: Option<Seq>,
     seq: Seq,
     hlc: HlcTime,
-    /// True once the destination holds a segment of this timeline.
+    /// True once the destination holds a segment of `lineage`.
     has_segments: bool,
+}
+
+impl Cursor {
+    /// At the start of `lineage`'s own writes, with nothing of it in the destination yet.
+    fn start_of(lineage: &Lineage) -> Cursor {
+        Cursor {
+            serves: lineage.id,
+            lineage: *lineage,
+            until: None,
+            seq: lineage.branch,
+            hlc: HlcTime::default(),
+            has_segments: false,
+        }
+    }
 }
 
 struct Destination {
@@ -291,9 +318,7 @@ impl<E: ShardEngine> Shipper<E> {
             if self.dests[index].retry_at.is_some_and(|at| now < at) {
                 continue;
             }
-            let result = self
-                .ship(index, lineage.timeline, lineage.start, latest)
-                .await;
+            let result = self.ship(index, &lineage, latest).await;
             let dest = &mut self.dests[index];
             match result {
                 Ok(()) => {
@@ -381,57 +406,118 @@ impl<E: ShardEngine> Shipper<E> {
         }
     }
 
-    /// Positions a destination's cursor on `timeline` from what the destination holds.
-    async fn resume(&self, repo: &WalArchive, timeline: Timeline, start: Seq) -> Result<Cursor> {
-        let segments = repo.wal_segments(&self.shard_id, timeline).await?;
+    /// Positions a destination's cursor on `lineage` from what the destination holds. A new
+    /// lineage whose parent's archive there stops short of the branch point (the shard moved
+    /// to a new lineage before it shipped all of the old one) first finishes the parent: those
+    /// writes are the shard's own, and the parent's history up to the branch point.
+    async fn resume(&self, repo: &WalArchive, lineage: &Lineage) -> Result<Cursor> {
+        let segments = repo.wal_segments(&self.shard_id, lineage).await?;
         check_segments(&segments)?;
-        Ok(match segments.last() {
-            Some(last) => Cursor {
-                timeline,
+        if let Some(last) = segments.last() {
+            return Ok(Cursor {
+                serves: lineage.id,
+                lineage: *lineage,
+                until: None,
                 seq: last.last,
                 hlc: last.hlc_max,
                 has_segments: true,
-            },
-            None => Cursor {
-                timeline,
-                seq: start,
-                hlc: HlcTime::default(),
-                has_segments: false,
-            },
-        })
+            });
+        }
+        let parent = match lineage.parent {
+            Some(id) => repo
+                .wal_lineages(&self.shard_id)
+                .await?
+                .into_iter()
+                .find(|l| l.id == id),
+            None => None,
+        };
+        if let Some(parent) = parent {
+            let held = repo.wal_segments(&self.shard_id, &parent).await?;
+            if let Some(last) = held.last().filter(|last| last.last < lineage.branch) {
+                // Finishing appends to the parent: only onto a contiguous archive of it.
+                check_segments(&held)?;
+                return Ok(Cursor {
+                    serves: lineage.id,
+                    lineage: parent,
+                    until: Some(lineage.branch),
+                    seq: last.last,
+                    hlc: last.hlc_max,
+                    has_segments: true,
+                });
+            }
+        }
+        Ok(Cursor::start_of(lineage))
     }
 
-    async fn read_wal(&self, after: Seq) -> Result<Vec<WalBatch>> {
+    /// A destination holds `lineage` up to `end`, past the shard's `latest`: another process
+    /// shipped this history. Nothing is appended to it; the shard moves to a new orphan
+    /// lineage (its writes up to `latest` cannot be told from the other history's), and the
+    /// error stays on this destination until the next pass ships there.
+    fn fork(&self, lineage: &Lineage, latest: Seq, repo: &WalArchive, end: Seq) -> Error {
+        let orphan = Lineage::orphan(latest, lineage.timeline.next());
+        let moved = match self.slot.fork(lineage, orphan) {
+            Ok(true) => {
+                format!("the shard continues on {orphan}, whose archive starts after {latest}")
+            }
+            Ok(false) => "the shard was replaced meanwhile".to_string(),
+            Err(err) => format!("moving the shard to a new lineage failed: {}", err.chain()),
+        };
+        let err = Error::new(
+            ErrorCode::BackupWalGap,
+            format!(
+                "history fork: {} holds {lineage} of shard {} up to {end}, past the shard's {latest}; \
+                 nothing was appended to it; {moved}",
+                repo.url(),
+                self.shard_id
+            ),
+        );
+        tracing::error!(shard = %self.shard_id, destination = %repo.url(), error = %err.chain(), "history fork");
+        err
+    }
+
+    /// The batches after `after`, if the live shard's writes are still on lineage `serves`
+    /// (a restore may have swapped the shard, or a fork moved it, since the tick began).
+    async fn read_wal(&self, after: Seq, serves: LineageId) -> Result<Option<Vec<WalBatch>>> {
         // The reference itself goes to the read, not a clone of the engine: an in-place
         // restore's swap waits for every reference to drop, and fails on an engine still
         // shared past them.
-        let engine = self.slot.get()?;
+        let (engine, lineage) = self.slot.get_with_lineage()?;
+        if lineage.id != serves {
+            return Ok(None);
+        }
         let max_bytes = self.options.segment_bytes;
         lockstep_repository::blocking::run(move || engine.wal_since(after, max_bytes))
             .await
             .map_err(|err| {
                 Error::with_source(ErrorCode::BackupWalArchiveFailed, "WAL read task", err)
             })?
+            .map(Some)
     }
 
     /// Ships at most one segment to destination `index`.
-    async fn ship(
-        &mut self,
-        index: usize,
-        timeline: Timeline,
-        start: Seq,
-        latest: Seq,
-    ) -> Result<()> {
+    async fn ship(&mut self, index: usize, lineage: &Lineage, latest: Seq) -> Result<()> {
+        if self.dests[index]
+            .cursor
+            .as_ref()
+            .is_some_and(|c| c.until == Some(c.seq))
+        {
+            // The parent is finished up to the branch point: on to the shard's own lineage.
+            self.dests[index].cursor = None;
+        }
         let stale = self.dests[index]
             .cursor
             .as_ref()
-            .is_none_or(|c| c.timeline != timeline);
+            .is_none_or(|c| c.serves != lineage.id);
         if stale {
             let repo = self.dests[index].repo.clone();
-            let cursor = self.resume(&repo, timeline, start).await?;
+            let cursor = self.resume(&repo, lineage).await?;
+            if cursor.seq > latest && self.options.planted_bug != Some(PlantedBug::AppendAcrossFork)
+            {
+                return Err(self.fork(lineage, latest, &repo, cursor.seq));
+            }
             tracing::info!(
-                shard = %self.shard_id, destination = %repo.url(), timeline = %timeline,
-                after = %cursor.seq, "WAL shipping resumes"
+                shard = %self.shard_id, destination = %repo.url(), lineage = %cursor.lineage,
+                after = %cursor.seq, until = ?cursor.until, "WAL shipping resumes"
             );
             self.dests[index].cursor = Some(cursor);
             self.dests[index].pending_since = None;
@@ -445,16 +531,39 @@ impl<E: ShardEngine> Shipper<E> {
         }
         let now = Instant::now();
         let pending_since = *self.dests[index].pending_since.get_or_insert(now);
-        let batches = match self.read_wal(after).await {
-            Ok(batches) => batches,
+        let until = self.dests[index].cursor.as_ref().and_then(|c| c.until);
+        let batches = match self.read_wal(after, lineage.id).await {
+            Ok(None) => {
+                // The shard moved to another history since this tick began: nothing it wrote
+                // there goes to this one; the next tick repositions.
+                self.dests[index].cursor = None;
+                self.dests[index].pending_since = None;
+                return Ok(());
+            }
+            Ok(Some(mut batches)) => {
+                if let Some(until) = until {
+                    batches.retain(|b| b.last() <= until);
+                }
+                batches
+            }
             Err(err) if err.code == ErrorCode::BackupWalGap => {
                 let dest = &mut self.dests[index];
+                if until.is_some() {
+                    // What the parent lacks is gone from the WAL: its archive stays short of
+                    // the branch point, and a restore there says so; on to the new lineage.
+                    tracing::warn!(
+                        shard = %self.shard_id, destination = %dest.repo.url(), after = %after,
+                        "the WAL no longer reaches the end of the previous lineage's archive; it stays short of the branch point"
+                    );
+                    dest.cursor = Some(Cursor::start_of(lineage));
+                    return Ok(());
+                }
                 if dest.cursor.as_ref().is_some_and(|c| !c.has_segments) {
                     // An empty archive starts where the WAL still reaches: nothing shipped is
                     // skipped. Its first segment's key says where that is.
                     tracing::warn!(
                         shard = %self.shard_id, destination = %dest.repo.url(), after = %after, latest = %latest,
-                        "the WAL no longer reaches back to the start of this timeline; the archive starts at the next write"
+                        "the WAL no longer reaches back to the start of this lineage; the archive starts at the next write"
                     );
                     if let Some(cursor) = dest.cursor.as_mut() {
                         cursor.seq = latest;
@@ -485,9 +594,12 @@ impl<E: ShardEngine> Shipper<E> {
         if !full && !old {
             return Ok(());
         }
+        let Some(writes_to) = self.dests[index].cursor.as_ref().map(|c| c.lineage) else {
+            return Ok(());
+        };
         let segment = Segment {
             shard_id: self.shard_id.clone(),
-            timeline,
+            lineage: writes_to,
             batches,
         };
         let repo = self.dests[index].repo.clone();
@@ -527,7 +639,7 @@ impl<E: ShardEngine> Shipper<E> {
             .map(|dest| {
                 let status = &mut dest.status;
                 if let Some(cursor) = &dest.cursor {
-                    status.timeline = cursor.timeline;
+                    status.lineage = Some(cursor.lineage);
                     status.shipped_seq = cursor.seq;
                     status.shipped_hlc = cursor.hlc;
                 }
@@ -558,5 +670,188 @@ impl<E: ShardEngine> Shipper<E> {
             })
             .collect();
         self.status.send_replace(statuses);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_repository::{Repository, Timeline};
+
+    use super::*;
+    use crate::engine::{DEFAULT_CF, MemEngine, WriteBatch};
+
+    /// How long a test waits for the shipper to reach a state, in real time.
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        slot: Arc<EngineSlot<MemEngine>>,
+        archive: WalArchive,
+        shard: ShardId,
+    }
+
+    impl Rig {
+        async fn new(lineage: Lineage) -> Rig {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let engine = MemEngine::open(&dir.path().join("shard"), &[]).expect("open");
+            let slot = Arc::new(EngineSlot::new(
+                dir.path().join("shard"),
+                Arc::new(engine),
+                lineage,
+            ));
+            let url = format!("file://{}", dir.path().join("archive").display());
+            let archive = WalArchive::Store(Repository::open(&url).await.expect("archive"));
+            let shard = ShardId::new("shard-0").expect("shard id");
+            Rig {
+                _dir: dir,
+                slot,
+                archive,
+                shard,
+            }
+        }
+
+        fn write(&self, n: u64) {
+            let engine = self.slot.get().expect("engine");
+            for _ in 0..n {
+                let mut batch = WriteBatch::new();
+                batch.put(DEFAULT_CF, b"k".to_vec(), b"v".to_vec());
+                engine.write(&batch).expect("write");
+            }
+        }
+
+        /// Ships `lineage`'s writes `first..=last` as another process would, from the
+        /// shard's own WAL.
+        async fn ship_as_another(&self, lineage: &Lineage, first: u64, last: u64) {
+            let engine = self.slot.get().expect("engine");
+            let batches: Vec<WalBatch> = engine
+                .wal_since(Seq(first - 1), usize::MAX)
+                .expect("wal")
+                .into_iter()
+                .take_while(|b| b.last().0 <= last)
+                .collect();
+            let segment = Segment {
+                shard_id: self.shard.clone(),
+                lineage: *lineage,
+                batches,
+            };
+            self.archive
+                .put_wal_segment(&segment, Compression::default())
+                .await
+                .expect("put");
+        }
+
+        fn spawn(&self, tasks: &mut JoinSet<()>, cancel: &CancellationToken) -> ShipperHandle {
+            ShipperHandle::spawn(
+                self.slot.clone(),
+                self.shard.clone(),
+                ShipperOptions {
+                    destinations: vec![self.archive.clone()],
+                    segment_age: Duration::ZERO,
+                    ..ShipperOptions::default()
+                },
+                cancel.child_token(),
+                tasks,
+            )
+        }
+
+        /// Each lineage in the archive with the range its segments cover.
+        async fn ranges(&self) -> Vec<(Lineage, Seq, Seq)> {
+            let mut out = Vec::new();
+            for lineage in self
+                .archive
+                .wal_lineages(&self.shard)
+                .await
+                .expect("lineages")
+            {
+                let segments = self
+                    .archive
+                    .wal_segments(&self.shard, &lineage)
+                    .await
+                    .expect("segments");
+                check_segments(&segments).expect("contiguous");
+                if let (Some(first), Some(last)) = (segments.first(), segments.last()) {
+                    out.push((lineage, first.first, last.last));
+                }
+            }
+            out
+        }
+    }
+
+    async fn wait_for(handle: &ShipperHandle, done: impl Fn(&DestinationStatus) -> bool) {
+        let mut status = handle.status.clone();
+        let reached = tokio::time::timeout(PATIENCE, status.wait_for(|all| all.iter().all(&done)))
+            .await
+            .is_ok();
+        assert!(
+            reached,
+            "the shipper never got there: {:?}",
+            handle.status()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_archive_holding_the_lineage_past_the_shard_forks_it_and_nothing_is_appended() {
+        let root = Lineage::root();
+        let rig = Rig::new(root).await;
+        rig.write(50);
+        // Another process (a clone of this shard's machine) shipped the history to 50; this
+        // shard is the copy that was rolled back to 20 and goes on from there.
+        rig.ship_as_another(&root, 1, 50).await;
+        let rolled_back = Rig::new(root).await;
+        let rolled_back = Rig {
+            archive: rig.archive.clone(),
+            ..rolled_back
+        };
+        rolled_back.write(20);
+
+        let (mut tasks, cancel) = (JoinSet::new(), CancellationToken::new());
+        let handle = rolled_back.spawn(&mut tasks, &cancel);
+        wait_for(&handle, |d| {
+            d.last_error.as_ref().is_some_and(|(code, message)| {
+                *code == ErrorCode::BackupWalGap && message.contains("history fork")
+            })
+        })
+        .await;
+        let orphan = rolled_back.slot.lineage();
+        assert_ne!(orphan.id, root.id);
+        assert_eq!((orphan.parent, orphan.branch), (None, Seq(20)));
+        assert_eq!(
+            crate::lineage::read_lineage(rolled_back.slot.dir()).ok(),
+            Some(Some(orphan)),
+            "the new lineage is durable"
+        );
+
+        rolled_back.write(5);
+        wait_for(&handle, |d| {
+            d.shipped_seq == Seq(25) && d.last_error.is_none()
+        })
+        .await;
+        cancel.cancel();
+        let ranges = rolled_back.ranges().await;
+        assert!(ranges.contains(&(root, Seq(1), Seq(50))), "{ranges:?}");
+        assert!(ranges.contains(&(orphan, Seq(21), Seq(25))), "{ranges:?}");
+        assert_eq!(ranges.len(), 2, "{ranges:?}");
+    }
+
+    #[tokio::test]
+    async fn a_new_lineage_first_finishes_its_parents_archive_up_to_the_branch() {
+        let root = Lineage::root();
+        let rig = Rig::new(root).await;
+        rig.write(30);
+        rig.ship_as_another(&root, 1, 10).await;
+        // The shard moved to a child at 30 before it shipped 11..30 of its first history.
+        let child = root.child(Seq(30), Timeline(2));
+        assert_eq!(rig.slot.fork(&root, child).ok(), Some(true));
+        rig.write(5);
+
+        let (mut tasks, cancel) = (JoinSet::new(), CancellationToken::new());
+        let handle = rig.spawn(&mut tasks, &cancel);
+        wait_for(&handle, |d| d.shipped_seq == Seq(35)).await;
+        cancel.cancel();
+        let ranges = rig.ranges().await;
+        assert_eq!(
+            ranges,
+            vec![(root, Seq(1), Seq(30)), (child, Seq(31), Seq(35))]
+        );
     }
 }

@@ -26,11 +26,11 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
-use lockstep_repository::{Error, ErrorCode, Result, Seq};
+use lockstep_repository::{Error, ErrorCode, Lineage, Result, Seq};
 
 use crate::engine::ShardEngine;
+use crate::lineage::write_lineage;
 use crate::restore::{COMPLETE_FILE, StagedShard, is_complete_restore};
-use crate::timeline::{Lineage, read_lineage};
 
 /// How long a swap waits for in-flight reads to let go of the old engine.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,7 +39,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct EngineSlot<E> {
     dir: PathBuf,
     current: Arc<RwLock<Option<Arc<E>>>>,
-    /// The live shard's timeline; replaced with the shard.
+    /// The live shard's lineage; replaced with the shard.
     lineage: std::sync::Mutex<Lineage>,
 }
 
@@ -154,17 +154,33 @@ fn put_back(dir: &Path) -> Result<()> {
 }
 
 impl<E: ShardEngine> EngineSlot<E> {
-    /// Holds the engine open on `dir`; fails if the shard's timeline file is unreadable.
-    pub fn new(dir: PathBuf, engine: Arc<E>) -> Result<EngineSlot<E>> {
-        let lineage = read_lineage(&dir)?;
-        Ok(EngineSlot {
+    /// Holds the engine open on `dir`, whose history is `lineage` (`lineage::establish`).
+    pub fn new(dir: PathBuf, engine: Arc<E>, lineage: Lineage) -> EngineSlot<E> {
+        EngineSlot {
             dir,
             current: Arc::new(RwLock::new(Some(engine))),
             lineage: std::sync::Mutex::new(lineage),
-        })
+        }
     }
 
-    /// The live shard's timeline.
+    /// Moves the live shard from history `from` to `to`, durably, from now on; does nothing
+    /// (returns false) when the shard is no longer on `from` (a restore replaced it).
+    pub fn fork(&self, from: &Lineage, to: Lineage) -> Result<bool> {
+        // Holding the engine keeps a swap, which replaces the directory and its lineage, out.
+        let _engine = self.get()?;
+        let mut current = self
+            .lineage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.id != from.id {
+            return Ok(false);
+        }
+        write_lineage(&self.dir, &to)?;
+        *current = to;
+        Ok(true)
+    }
+
+    /// The live shard's lineage.
     pub fn lineage(&self) -> Lineage {
         *self
             .lineage
@@ -185,6 +201,13 @@ impl<E: ShardEngine> EngineSlot<E> {
             .try_read_owned()
             .map_err(|_| swapping())?;
         OwnedRwLockReadGuard::try_map(guard, |engine| engine.as_ref()).map_err(|_| swapping())
+    }
+
+    /// The engine with the lineage its writes are on, read together: a swap replaces both
+    /// while it holds the slot exclusively, so they cannot belong to two shards.
+    pub fn get_with_lineage(&self) -> Result<(EngineRef<E>, Lineage)> {
+        let engine = self.get()?;
+        Ok((engine, self.lineage()))
     }
 
     /// Takes the slot exclusively once every in-flight operation has dropped its reference.
@@ -214,6 +237,14 @@ impl<E: ShardEngine> EngineSlot<E> {
     /// not be put back: then the slot stays empty (every operation fails "retry") until the
     /// agent restarts and its start-up puts it back.
     pub async fn swap_in(&self, staged: StagedShard) -> Result<Seq> {
+        // Without its own lineage the restored shard would serve, ship and back up as the
+        // history it replaced.
+        let lineage = staged.lineage.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupRestorationFailed,
+                "the staged shard has no lineage of its own; nothing was replaced",
+            )
+        })?;
         let (mut exclusive, old) = self.drain().await?;
         let columns = old.column_families();
         // Closing RocksDB flushes and joins its threads: blocking work.
@@ -231,17 +262,10 @@ impl<E: ShardEngine> EngineSlot<E> {
         match swapped {
             Ok((engine, seq)) => {
                 *exclusive = Some(Arc::new(engine));
-                match read_lineage(&self.dir) {
-                    Ok(lineage) => {
-                        *self
-                            .lineage
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = lineage
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err.chain(), "the restored shard's timeline is unreadable")
-                    }
-                }
+                *self
+                    .lineage
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = lineage;
                 drop(exclusive);
                 let replaced = replaced_dir(&self.dir);
                 let removing = replaced.clone();
@@ -473,12 +497,12 @@ mod tests {
             repo,
             &shard,
             &options,
-            Timeline::default(),
+            Lineage::root(),
             &Progress::default(),
         )
         .await
         .expect("backup");
-        stage_shard(
+        let mut staged = stage_shard(
             repo,
             &manifest.backup_id,
             &shard,
@@ -488,7 +512,11 @@ mod tests {
             &Progress::default(),
         )
         .await
-        .expect("stage")
+        .expect("stage");
+        staged
+            .start_lineage(&Lineage::root(), Timeline(2))
+            .expect("lineage");
+        staged
     }
 
     async fn swap_in_replaces_the_live_shard_with_the_staged_one<E: ShardEngine>() {
@@ -501,9 +529,15 @@ mod tests {
         let staged = staged_backup(&engine, root.path(), &repo, &live).await;
         put(engine.as_ref(), "k2");
 
-        let slot = EngineSlot::new(live.clone(), engine).expect("slot");
+        let slot = EngineSlot::new(live.clone(), engine, Lineage::root());
+        let restored = staged.lineage;
         let seq = slot.swap_in(staged).await.expect("swap");
         assert_eq!(seq, at_backup);
+        assert_eq!(
+            Some(slot.lineage()),
+            restored,
+            "the restored shard's own history"
+        );
         let engine = slot.get().expect("engine back in the slot");
         assert!(engine.get(DEFAULT_CF, b"k1").expect("get").is_some());
         assert!(engine.get(DEFAULT_CF, b"k2").expect("get").is_none());
@@ -539,7 +573,7 @@ mod tests {
         let engine = Arc::new(crate::engine::RocksEngine::open(&live, &[]).expect("open"));
         put(engine.as_ref(), "live");
         let before = engine.latest_seq();
-        let slot = EngineSlot::new(live.clone(), engine).expect("slot");
+        let slot = EngineSlot::new(live.clone(), engine, Lineage::root());
         let err = slot.swap_in(staged).await.expect_err("swap must fail");
         assert_eq!(err.code, ErrorCode::BackupRestorationFailed, "{err}");
         let engine = slot.get().expect("the live shard is open again");

@@ -7,7 +7,10 @@
 //! 3. open the engine, or take the one that outlived its agent (the simulations);
 //! 4. remove the captures an earlier run left (a capture never outlives its process): only
 //!    the `lockstep-capture-*` directories, in a capture root that must not overlap the shard;
-//! 5. hold the engine in the [`EngineSlot`] the server serves.
+//! 5. settle the shard's lineage before it serves a write ([`crate::lineage::establish`]):
+//!    a new one when the WAL destinations or the repository hold its history past it, or
+//!    cannot be read;
+//! 6. hold the engine in the [`EngineSlot`] the server serves.
 //!
 //! Everything that touches the outside world is a parameter: the priority (the simulations
 //! leave it `Normal`, so a run changes nothing process-wide) and the engine. Blocking work goes
@@ -22,6 +25,8 @@ use lockstep_repository::{BackupId, Error, ErrorCode, Result};
 
 use crate::backup::{CAPTURE_PREFIX, check_capture_root};
 use crate::engine::{EngineConfig, ShardEngine};
+use crate::lineage::{HistorySources, establish, read_lineage};
+use crate::participant::PlantedBug;
 use crate::slot::{EngineSlot, recover_interrupted_swap};
 
 /// The CPU priority of a serving agent's background work.
@@ -55,6 +60,10 @@ pub struct Startup<E> {
     pub capture_root: PathBuf,
     pub priority: BackgroundPriority,
     pub source: ShardSource<E>,
+    /// Where the shard's history was shipped and backed up.
+    pub history: HistorySources,
+    /// Always `None` in the binaries; see [`PlantedBug`].
+    pub planted_bug: Option<PlantedBug>,
 }
 
 /// Prepares a shard for serving (see the module documentation) and returns its slot.
@@ -64,6 +73,8 @@ pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<
         capture_root,
         priority,
         source,
+        history,
+        planted_bug,
     } = startup;
     check_capture_root(&dir, &capture_root)?;
     let low = priority == BackgroundPriority::Low;
@@ -101,7 +112,11 @@ pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<
         .map_err(|err| {
             Error::with_source(ErrorCode::ShardEngineFailed, "remove old captures", err)
         })?;
-    Ok(Arc::new(EngineSlot::new(dir, engine)?))
+    let lineage = match (planted_bug, read_lineage(&dir)?) {
+        (Some(PlantedBug::AppendAcrossFork), Some(recorded)) => recorded,
+        _ => establish(&dir, engine.latest_seq(), &history).await?,
+    };
+    Ok(Arc::new(EngineSlot::new(dir, engine, lineage)))
 }
 
 /// Removes the capture directories in `capture_root`; anything else there stays.
@@ -132,6 +147,14 @@ mod tests {
     use super::*;
     use crate::engine::{DEFAULT_CF, MemEngine, WriteBatch};
 
+    fn no_history() -> HistorySources {
+        HistorySources {
+            shard: lockstep_repository::ShardId::new("shard-0").expect("shard id"),
+            destinations: Vec::new(),
+            repo: None,
+        }
+    }
+
     #[tokio::test]
     async fn a_serving_shard_starts_without_the_leftovers_of_an_earlier_run() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -152,6 +175,8 @@ mod tests {
                 column_families: vec!["extra".to_string()],
                 config: EngineConfig::default(),
             },
+            history: no_history(),
+            planted_bug: None,
         })
         .await
         .expect("prepare");
@@ -187,6 +212,8 @@ mod tests {
             capture_root: root.path().join("captures"),
             priority: BackgroundPriority::Normal,
             source: ShardSource::Running(engine.clone()),
+            history: no_history(),
+            planted_bug: None,
         })
         .await
         .expect("prepare");
@@ -224,6 +251,8 @@ mod tests {
                 capture_root: capture_root.clone(),
                 priority: BackgroundPriority::Normal,
                 source: ShardSource::Running(engine.clone()),
+                history: no_history(),
+                planted_bug: None,
             })
             .await
             .err()
@@ -242,6 +271,8 @@ mod tests {
             capture_root: data.join("shard-0.lockstep-captures"),
             priority: BackgroundPriority::Normal,
             source: ShardSource::Running(engine),
+            history: no_history(),
+            planted_bug: None,
         })
         .await
         .expect("a capture root beside the shard");

@@ -2,14 +2,15 @@
 //! other regions (`--wal-to lockstep://HOST:PORT`) and for restores (`--wal-from ...`).
 //!
 //! Architecture invariant: a segment is stored only after its bytes decoded against the
-//! SHA-256 in its name and turned out to hold the shard, timeline and range the name says;
+//! SHA-256 in its name and turned out to hold the shard, lineage and range the name says;
 //! storing is create-if-absent, so a retried put is a no-op success.
 
 use lockstep_proto::to_status;
 use lockstep_proto::v1::{self, wal_archive_server::WalArchive};
+use lockstep_proto::wire::{lineage_from_wire, lineage_to_wire};
 use lockstep_repository::repository::decode_wal_segment;
 use lockstep_repository::wal::SegmentInfo;
-use lockstep_repository::{Error, ErrorCode, Repository, ShardId, Timeline};
+use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Repository, ShardId};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -17,12 +18,12 @@ use tonic::{Request, Response, Status};
 
 pub struct WalArchiveApi {
     repo: Repository,
-    /// One writer at a time per shard and timeline, so the overlap check and the store
+    /// One writer at a time per shard and lineage, so the overlap check and the store
     /// happen as one step (a late put and its retry cannot both pass the check).
-    writers: std::sync::Mutex<HashMap<(ShardId, Timeline), Writer>>,
+    writers: std::sync::Mutex<HashMap<(ShardId, LineageId), Writer>>,
 }
 
-/// The lock of one shard's timeline in the archive.
+/// The lock of one shard's lineage in the archive.
 type Writer = Arc<tokio::sync::Mutex<()>>;
 
 impl WalArchiveApi {
@@ -36,7 +37,7 @@ impl WalArchiveApi {
     fn writer(&self, info: &SegmentInfo) -> Writer {
         let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         writers
-            .entry((info.shard_id.clone(), info.timeline))
+            .entry((info.shard_id.clone(), info.lineage.id))
             .or_default()
             .clone()
     }
@@ -48,9 +49,17 @@ fn shard_id(id: &str) -> std::result::Result<ShardId, Status> {
     ShardId::new(id).map_err(|e| to_status(&e))
 }
 
-fn segment(shard: &str, timeline: u64, name: &str) -> std::result::Result<SegmentInfo, Status> {
+fn lineage(wire: Option<&v1::Lineage>) -> std::result::Result<Lineage, Status> {
+    lineage_from_wire(wire, "the segment's lineage").map_err(|e| to_status(&e))
+}
+
+fn segment(
+    shard: &str,
+    wire: Option<&v1::Lineage>,
+    name: &str,
+) -> std::result::Result<SegmentInfo, Status> {
     let shard = shard_id(shard)?;
-    SegmentInfo::parse(&shard, Timeline(timeline), name).ok_or_else(|| {
+    SegmentInfo::parse(&shard, &lineage(wire)?, name).ok_or_else(|| {
         to_status(&Error::new(
             ErrorCode::InvalidArgument,
             format!("{name:?} is not a WAL segment name"),
@@ -60,18 +69,18 @@ fn segment(shard: &str, timeline: u64, name: &str) -> std::result::Result<Segmen
 
 #[tonic::async_trait]
 impl WalArchive for WalArchiveApi {
-    async fn list_timelines(
+    async fn list_lineages(
         &self,
-        request: Request<v1::ListWalTimelinesRequest>,
-    ) -> Reply<v1::ListWalTimelinesReply> {
+        request: Request<v1::ListWalLineagesRequest>,
+    ) -> Reply<v1::ListWalLineagesReply> {
         let shard = shard_id(&request.into_inner().shard_id)?;
-        let timelines = self
+        let lineages = self
             .repo
-            .wal_timelines(&shard)
+            .wal_lineages(&shard)
             .await
             .map_err(|e| to_status(&e))?;
-        Ok(Response::new(v1::ListWalTimelinesReply {
-            timelines: timelines.into_iter().map(|t| t.0).collect(),
+        Ok(Response::new(v1::ListWalLineagesReply {
+            lineages: lineages.iter().map(lineage_to_wire).collect(),
         }))
     }
 
@@ -83,7 +92,7 @@ impl WalArchive for WalArchiveApi {
         let shard = shard_id(&request.shard_id)?;
         let segments = self
             .repo
-            .wal_segments(&shard, Timeline(request.timeline))
+            .wal_segments(&shard, &lineage(request.lineage.as_ref())?)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(v1::ListWalSegmentsReply {
@@ -96,7 +105,7 @@ impl WalArchive for WalArchiveApi {
         request: Request<v1::PutWalSegmentRequest>,
     ) -> Reply<v1::PutWalSegmentReply> {
         let request = request.into_inner();
-        let info = segment(&request.shard_id, request.timeline, &request.name)?;
+        let info = segment(&request.shard_id, request.lineage.as_ref(), &request.name)?;
         // Checked before it is stored: a damaged transfer is refused and shipped again.
         decode_wal_segment(&info, request.stored.clone())
             .await
@@ -108,7 +117,7 @@ impl WalArchive for WalArchiveApi {
         let _one_at_a_time = writer.lock().await;
         let held = self
             .repo
-            .wal_segments(&info.shard_id, info.timeline)
+            .wal_segments(&info.shard_id, &info.lineage)
             .await
             .map_err(|e| to_status(&e))?;
         if held.contains(&info) {
@@ -138,7 +147,7 @@ impl WalArchive for WalArchiveApi {
         request: Request<v1::GetWalSegmentRequest>,
     ) -> Reply<v1::GetWalSegmentReply> {
         let request = request.into_inner();
-        let info = segment(&request.shard_id, request.timeline, &request.name)?;
+        let info = segment(&request.shard_id, request.lineage.as_ref(), &request.name)?;
         let stored = self
             .repo
             .get_wal_stored(&info)

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use lockstep_proto::v1::{self, BarrierState};
-use lockstep_proto::wire::Label;
+use lockstep_proto::wire::{Label, lineage_to_wire};
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
-use lockstep_repository::{BackupId, Error, ErrorCode, Result, Seq, ShardId, Timeline};
+use lockstep_repository::{BackupId, Error, ErrorCode, Lineage, Result, Seq, ShardId};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -152,12 +152,12 @@ pub fn update(view: &Shared, f: impl FnOnce(&mut JobView)) {
 pub struct Cut {
     pub kind: BackupKind,
     /// Incremental and differential backups: the backup they continue from, with each
-    /// shard's sequence number and timeline there.
+    /// shard's sequence number and lineage there.
     pub parent: Option<(BackupId, ParentPoints)>,
 }
 
-/// Each shard's sequence number and timeline in a parent backup.
-pub type ParentPoints = BTreeMap<ShardId, (Seq, Timeline)>;
+/// Each shard's sequence number and lineage in a parent backup.
+pub type ParentPoints = BTreeMap<ShardId, (Seq, Lineage)>;
 
 impl Cut {
     /// A full backup continues from nothing; an incremental from the latest backup of any
@@ -194,7 +194,7 @@ impl Cut {
                 ));
             }
             let manifest = ctx.repo.shard_manifest(&shard, &parent.backup_id).await?;
-            points.insert(shard, (manifest.seq, manifest.timeline));
+            points.insert(shard, (manifest.seq, manifest.lineage));
         }
         Ok(Cut {
             kind,
@@ -214,11 +214,11 @@ impl Cut {
             ..Default::default()
         };
         if let Some((_, points)) = &self.parent
-            && let Some((seq, timeline)) = points.get(shard)
+            && let Some((seq, lineage)) = points.get(shard)
         {
             request.capture = v1::CaptureMode::Wal as i32;
             request.wal_after_seq = seq.0;
-            request.wal_timeline = timeline.0;
+            request.wal_lineage = Some(lineage_to_wire(lineage));
         }
         request
     }

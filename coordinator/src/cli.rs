@@ -117,17 +117,17 @@ fn parse_seq_vector(items: &[String]) -> Result<std::collections::BTreeMap<Strin
 
 fn print_plan(job: &v1::RestoreJob) {
     println!(
-        "{:<12} {:<26} {:>10} {:>12} {:>4} {:>10} {:>9} {:>10} TARGET TIME",
-        "SHARD", "BASE BACKUP", "BASE SEQ", "BASE BYTES", "TL", "TARGET", "SEGMENTS", "REPLAY"
+        "{:<12} {:<26} {:>10} {:>12} {:<12} {:>10} {:>9} {:>10} TARGET TIME",
+        "SHARD", "BASE BACKUP", "BASE SEQ", "BASE BYTES", "LINEAGE", "TARGET", "SEGMENTS", "REPLAY"
     );
     for p in &job.plan {
         println!(
-            "{:<12} {:<26} {:>10} {:>12} {:>4} {:>10} {:>9} {:>10} {}",
+            "{:<12} {:<26} {:>10} {:>12} {:<12} {:>10} {:>9} {:>10} {}",
             p.shard_id,
             p.base_backup_id,
             p.base_seq,
             indicatif::HumanBytes(p.base_bytes).to_string(),
-            p.timeline,
+            lockstep_proto::wire::lineage_text(p.lineage.as_ref()),
             p.target_seq,
             p.wal_segments,
             p.replay_seqs,
@@ -135,6 +135,20 @@ fn print_plan(job: &v1::RestoreJob) {
         );
         if !p.chain.is_empty() {
             println!("{:<12} then the WAL of {}", "", p.chain.join(" -> "));
+        }
+        if p.wal_legs.len() > 1 {
+            let legs: Vec<String> = p
+                .wal_legs
+                .iter()
+                .map(|leg| {
+                    format!(
+                        "{} to {}",
+                        lockstep_proto::wire::lineage_text(leg.lineage.as_ref()),
+                        leg.to_seq
+                    )
+                })
+                .collect();
+            println!("{:<12} then the archive along {}", "", legs.join(" -> "));
         }
     }
     if !job.note.is_empty() {
@@ -237,10 +251,10 @@ fn print_wal_status(reply: &v1::ClusterWalStatus, json: bool) {
         return;
     }
     println!(
-        "{:<12} {:<34} {:>4} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} ERROR",
+        "{:<12} {:<34} {:<12} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} ERROR",
         "SHARD",
         "DESTINATION",
-        "TL",
+        "LINEAGE",
         "SHIPPED",
         "SHIPPED TIME",
         "LAG SEQ",
@@ -265,10 +279,10 @@ fn print_wal_status(reply: &v1::ClusterWalStatus, json: bool) {
                 ""
             };
             println!(
-                "{:<12} {:<34} {:>4} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} {error}{warning}",
+                "{:<12} {:<34} {:<12} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} {error}{warning}",
                 shard.shard_id,
                 d.url,
-                d.timeline,
+                lockstep_proto::wire::lineage_text(d.lineage.as_ref()),
                 d.shipped_seq,
                 lockstep_proto::wire::hlc_text(d.shipped_hlc),
                 d.lag_seq,

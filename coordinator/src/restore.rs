@@ -15,18 +15,20 @@
 //! A restore runs as one operation of `ClusterOps`, so no backup's barrier runs in between,
 //! and it runs to its end even if the client that asked goes away.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use chrono::{DateTime, Utc};
 use lockstep_proto::archive::open_archive;
 use lockstep_proto::v1::{self, RestorePhase, RestoreState};
-use lockstep_proto::wire::Label;
+use lockstep_proto::wire::{Label, legs_to_wire, lineage_from_wire, lineage_to_wire};
 use lockstep_repository::archive::WalArchive;
+use lockstep_repository::lineage::{Leg, ancestry};
 use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
 use lockstep_repository::wal::{check_segments, segments_covering};
 use lockstep_repository::{
-    BackupId, Error, ErrorCode, HlcTime, Repository, RestoreId, Result, Seq, ShardId, Timeline,
+    BackupId, Error, ErrorCode, HlcTime, Lineage, LineageId, Repository, RestoreId, Result, Seq,
+    ShardId,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -117,7 +119,7 @@ impl RestoreView {
 pub enum PointInTime {
     /// A backup's cut.
     Backup(BackupId),
-    /// A tag's recorded sequence vector, on the timelines it was taken on.
+    /// A tag's recorded sequence vector, on the lineages it was taken on.
     Tag(lockstep_repository::TagName),
     /// An exact sequence number per shard.
     Seqs(BTreeMap<ShardId, Seq>),
@@ -157,7 +159,10 @@ pub struct ShardPlan {
     pub chain_seq: Seq,
     /// Bytes of the base and the chain.
     pub base_bytes: u64,
-    pub timeline: Timeline,
+    /// The lineage that holds the target (the restored shard's new history continues it),
+    /// and the archive's WAL replayed after the chain, oldest lineage first.
+    pub lineage: Lineage,
+    pub legs: Vec<Leg>,
     pub target: Seq,
     pub target_hlc: HlcTime,
     pub wal_segments: u64,
@@ -174,7 +179,8 @@ impl ShardPlan {
                 .unwrap_or_default(),
             base_seq: self.base_seq.0,
             base_bytes: self.base_bytes,
-            timeline: self.timeline.0,
+            lineage: Some(lineage_to_wire(&self.lineage)),
+            wal_legs: legs_to_wire(&self.legs),
             target_seq: self.target.0,
             wal_segments: self.wal_segments,
             replay_seqs: self.target.0 - self.base_seq.0,
@@ -250,24 +256,64 @@ fn agents_for(
     Ok(agents)
 }
 
-/// The latest committed backup (of any kind) of `shard` on `timeline` at or before `seq`.
-async fn base_for(
-    repo: &Repository,
-    backups: &[BackupManifest],
-    shard: &ShardId,
-    timeline: Timeline,
-    seq: Seq,
-) -> Result<Option<ShardManifest>> {
-    for backup in backups.iter().rev() {
-        if backup.cut.get(shard).is_none_or(|s| *s > seq) {
-            continue;
+/// What the repository and the archive know of one shard's histories: every lineage named by
+/// a backup or an archive listing, and the backups' shard manifests at or before a target.
+struct History {
+    known: HashMap<LineageId, Lineage>,
+    /// Shard manifests of committed backups whose cut of the shard is at or before the target.
+    manifests: Vec<ShardManifest>,
+}
+
+impl History {
+    async fn read(
+        repo: &Repository,
+        backups: &[BackupManifest],
+        archive: Option<&WalArchive>,
+        shard: &ShardId,
+        at_most: Seq,
+    ) -> Result<History> {
+        let mut known = HashMap::new();
+        if let Some(archive) = archive {
+            for lineage in archive.wal_lineages(shard).await? {
+                known.insert(lineage.id, lineage);
+            }
         }
-        let manifest = repo.shard_manifest(shard, &backup.backup_id).await?;
-        if manifest.timeline == timeline {
-            return Ok(Some(manifest));
+        let mut manifests = Vec::new();
+        for backup in backups {
+            if backup.cut.get(shard).is_none_or(|s| *s > at_most) {
+                continue;
+            }
+            let manifest = repo.shard_manifest(shard, &backup.backup_id).await?;
+            known.insert(manifest.lineage.id, manifest.lineage);
+            manifests.push(manifest);
         }
+        Ok(History { known, manifests })
     }
-    Ok(None)
+
+    /// The history ending at `seq` of `lineage`, newest leg first (`lineage::ancestry`).
+    fn legs(&self, lineage: &Lineage, seq: Seq) -> Vec<Leg> {
+        let mut known = self.known.clone();
+        known.insert(lineage.id, *lineage);
+        ancestry(lineage, seq, &known)
+    }
+
+    /// The committed backups on the history `legs`: each on one of its lineages, at or
+    /// before the last of that lineage's sequence numbers the history includes.
+    fn on_history<'a, 'l>(
+        &'a self,
+        legs: &'l [Leg],
+    ) -> impl Iterator<Item = &'a ShardManifest> + use<'a, 'l> {
+        self.manifests.iter().filter(|m| {
+            legs.iter()
+                .any(|leg| leg.lineage.id == m.lineage.id && m.seq <= leg.to)
+        })
+    }
+
+    /// The latest committed backup on the history `legs`; of those at the same sequence
+    /// number, the last committed.
+    fn base(&self, legs: &[Leg]) -> Option<&ShardManifest> {
+        self.on_history(legs).max_by_key(|m| m.seq)
+    }
 }
 
 /// How `shard` is restored to backup `id`: the full backup at the root of its chain, then
@@ -332,8 +378,8 @@ fn chain_of(
     ))
 }
 
-/// The timeline of each shard's live agent (PITR follows the current history).
-async fn live_timeline(ctx: &ClusterContext, agent: &AgentLink) -> Result<Timeline> {
+/// The lineage of a shard's live agent (PITR follows the current history).
+async fn live_lineage(ctx: &ClusterContext, agent: &AgentLink) -> Result<Lineage> {
     let deadline = Instant::now() + Step::Describe.timeout(&ctx.config.barrier);
     let mut replies = call_each(
         [agent],
@@ -345,33 +391,43 @@ async fn live_timeline(ctx: &ClusterContext, agent: &AgentLink) -> Result<Timeli
     let info = replies
         .pop()
         .ok_or_else(|| Error::new(ErrorCode::AgentUnavailable, "no reply to describe"))??;
-    Ok(Timeline(info.timeline.max(1)))
+    lineage_from_wire(
+        info.lineage.as_ref(),
+        &format!("the lineage of shard {}", agent.shard_id),
+    )
 }
 
-/// The last write of `shard` at or before `at` in the archive: its sequence number and time,
-/// or `None` when the archive starts after `at`.
+/// The last write of `shard` at or before `at` along the history `legs` (newest first) in
+/// the archive: its sequence number and time, or `None` when the archive starts after `at`.
 async fn last_write_at_or_before(
     archive: &WalArchive,
     shard: &ShardId,
-    timeline: Timeline,
+    legs: &[Leg],
     at: HlcTime,
 ) -> Result<Option<(Seq, HlcTime)>> {
-    let segments = archive.wal_segments(shard, timeline).await?;
-    check_segments(&segments)?;
-    let Some(info) = segments.iter().rev().find(|s| s.hlc_min <= at) else {
-        return Ok(None);
-    };
-    let segment = archive.get_wal_segment(info).await?;
-    Ok(segment
-        .batches
-        .iter()
-        .rev()
-        .find(|b| b.hlc <= at)
-        .map(|b| (b.last(), b.hlc)))
+    for leg in legs {
+        let mut segments = archive.wal_segments(shard, &leg.lineage).await?;
+        check_segments(&segments)?;
+        segments.retain(|s| s.first <= leg.to);
+        for info in segments.iter().rev().filter(|s| s.hlc_min <= at) {
+            let segment = archive.get_wal_segment(info).await?;
+            let found = segment
+                .batches
+                .iter()
+                .rev()
+                .find(|b| b.hlc <= at && b.last() <= leg.to)
+                .map(|b| (b.last(), b.hlc));
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Plans a restore: resolves the point in time to an exact sequence number per shard, and
-/// picks for each shard the latest backup at or before it on its timeline, with its chain.
+/// picks for each shard the latest backup at or before it on its history (its lineage and the
+/// ancestors it inherited from), with its chain, and the WAL legs from there.
 pub async fn plan(
     ctx: &ClusterContext,
     point: PointInTime,
@@ -390,8 +446,8 @@ pub async fn plan(
         .filter_map(|(_, manifest)| manifest.ok())
         .collect();
     let mut note = String::new();
-    // Each shard's target, with its timeline (None: the live one) and HLC time if known.
-    let mut targets: BTreeMap<ShardId, (Seq, Option<Timeline>, HlcTime)> = BTreeMap::new();
+    // Each shard's target, with its lineage (None: the live one) and HLC time if known.
+    let mut targets: BTreeMap<ShardId, (Seq, Option<Lineage>, HlcTime)> = BTreeMap::new();
     let what;
     match point {
         PointInTime::Backup(id) => {
@@ -421,7 +477,8 @@ pub async fn plan(
                     chain,
                     chain_seq: shard.seq,
                     base_bytes,
-                    timeline: shard.timeline,
+                    lineage: shard.lineage,
+                    legs: Vec::new(),
                     target: shard.seq,
                     target_hlc: shard.hlc,
                     wal_segments: 0,
@@ -444,7 +501,7 @@ pub async fn plan(
                     .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
             );
             for (shard, point) in tag.points {
-                targets.insert(shard, (point.seq, Some(point.timeline), point.hlc));
+                targets.insert(shard, (point.seq, Some(point.lineage), point.hlc));
             }
         }
         PointInTime::Seqs(seqs) => {
@@ -503,28 +560,26 @@ pub async fn plan(
             let archive = open_archive(&wal_from).await?;
             let mut notes = Vec::new();
             for agent in ctx.agents.iter() {
-                let timeline = live_timeline(ctx, agent).await?;
-                let found =
-                    last_write_at_or_before(&archive, &agent.shard_id, timeline, at).await?;
+                let lineage = live_lineage(ctx, agent).await?;
+                let history = History::read(
+                    &ctx.repo,
+                    &backups,
+                    Some(&archive),
+                    &agent.shard_id,
+                    Seq::MAX,
+                )
+                .await?;
+                let legs = history.legs(&lineage, Seq::MAX);
+                let found = last_write_at_or_before(&archive, &agent.shard_id, &legs, at).await?;
                 let (seq, hlc) = match found {
                     Some(found) => found,
-                    None => {
-                        // Before the archive: the latest backup of the shard at or before the time.
-                        let mut best = None;
-                        for backup in backups.iter().rev() {
-                            if !backup.cut.contains_key(&agent.shard_id) {
-                                continue;
-                            }
-                            let m = ctx
-                                .repo
-                                .shard_manifest(&agent.shard_id, &backup.backup_id)
-                                .await?;
-                            if m.timeline == timeline && m.hlc <= at {
-                                best = Some((m.seq, m.hlc));
-                                break;
-                            }
-                        }
-                        best.ok_or_else(|| {
+                    // Before the archive: the latest backup on this history at or before the time.
+                    None => history
+                        .on_history(&legs)
+                        .filter(|m| m.hlc <= at)
+                        .max_by_key(|m| m.seq)
+                        .map(|m| (m.seq, m.hlc))
+                        .ok_or_else(|| {
                             Error::new(
                                 ErrorCode::BackupNotFound,
                                 format!(
@@ -533,11 +588,10 @@ pub async fn plan(
                                     time.to_rfc3339()
                                 ),
                             )
-                        })?
-                    }
+                        })?,
                 };
                 notes.push(format!("{} to seq {seq} ({hlc})", agent.shard_id));
-                targets.insert(agent.shard_id.clone(), (seq, Some(timeline), hlc));
+                targets.insert(agent.shard_id.clone(), (seq, Some(lineage), hlc));
             }
             note = format!("exact per shard: {}", notes.join(", "));
         }
@@ -552,22 +606,41 @@ pub async fn plan(
     let mut plans = Vec::new();
     let mut empty_bases = Vec::new();
     for agent in agents {
-        let (seq, timeline, hlc) = targets[&agent.shard_id];
-        let timeline = match timeline {
-            Some(timeline) => timeline,
-            None => live_timeline(ctx, &agent).await?,
+        let (seq, lineage, hlc) = targets[&agent.shard_id];
+        let lineage = match lineage {
+            Some(lineage) => lineage,
+            None => live_lineage(ctx, &agent).await?,
         };
-        let latest = base_for(&ctx.repo, &backups, &agent.shard_id, timeline, seq).await?;
-        // With no backup at or before the target (the backup repository is gone, or the
-        // shard shipped its WAL from its first write), the shard is rebuilt from empty by
-        // replaying the archive from sequence 1.
+        let history =
+            History::read(&ctx.repo, &backups, archive.as_ref(), &agent.shard_id, seq).await?;
+        // Newest first: legs[0] holds the target itself.
+        let mut legs = history.legs(&lineage, seq);
+        let point = legs[0].lineage;
+        let latest = history.base(&legs).cloned();
+        // With no backup on the history at or before the target (the backup repository is
+        // gone, or the shard shipped its WAL from its first write), the shard is rebuilt from
+        // empty by replaying the archive from sequence 1, if the history reaches back there.
         let (base, base_seq, chain, base_bytes, chain_seq) = match &latest {
             Some(latest) => {
                 let (base, base_seq, chain, bytes) =
                     chain_of(&backups, &latest.backup_id, &agent.shard_id)?;
+                // The replay starts on the base's lineage: older legs are not needed.
+                if let Some(at) = legs.iter().position(|l| l.lineage.id == latest.lineage.id) {
+                    legs.truncate(at + 1);
+                }
                 (Some(base), base_seq, chain, bytes, latest.seq)
             }
             None if archive.is_some() => {
+                let root = legs[legs.len() - 1].lineage;
+                if root.parent.is_some() || root.branch > Seq(0) {
+                    return Err(Error::new(
+                        ErrorCode::BackupNotFound,
+                        format!(
+                            "shard {}: no backup on {lineage}'s history at or before sequence {seq}, and the archive's history of it starts after sequence {} ({root}); pick a later point or restore a backup",
+                            agent.shard_id, root.branch
+                        ),
+                    ));
+                }
                 empty_bases.push(agent.shard_id.to_string());
                 (None, Seq(0), Vec::new(), 0, Seq(0))
             }
@@ -575,12 +648,13 @@ pub async fn plan(
                 return Err(Error::new(
                     ErrorCode::BackupNotFound,
                     format!(
-                        "shard {}: no backup on timeline {timeline} at or before sequence {seq}, and no WAL archive to rebuild it from; take a full backup",
+                        "shard {}: no backup on {lineage}'s history at or before sequence {seq}, and no WAL archive to rebuild it from; take a full backup",
                         agent.shard_id
                     ),
                 ));
             }
         };
+        legs.reverse();
         let mut wal_segments = 0;
         if seq > chain_seq {
             let from = latest.as_ref().map_or("an empty shard".to_string(), |l| {
@@ -592,17 +666,22 @@ pub async fn plan(
                     agent.shard_id
                 ))
             })?;
-            let needed = segments_covering(
-                archive.wal_segments(&agent.shard_id, timeline).await?,
-                chain_seq,
-                seq,
-                format_args!(
-                    "shard {} timeline {timeline} in {} (needed after {from})",
-                    agent.shard_id,
-                    archive.url()
-                ),
-            )?;
-            wal_segments = needed.len() as u64;
+            let mut cursor = chain_seq;
+            for leg in legs.iter().filter(|leg| leg.to > chain_seq) {
+                let needed = segments_covering(
+                    archive.wal_segments(&agent.shard_id, &leg.lineage).await?,
+                    cursor,
+                    leg.to,
+                    format_args!(
+                        "shard {} {} in {} (needed after {from})",
+                        agent.shard_id,
+                        leg.lineage,
+                        archive.url()
+                    ),
+                )?;
+                wal_segments += needed.len() as u64;
+                cursor = leg.to;
+            }
         }
         plans.push(ShardPlan {
             agent,
@@ -611,7 +690,8 @@ pub async fn plan(
             chain,
             chain_seq,
             base_bytes,
-            timeline,
+            lineage: point,
+            legs,
             target: seq,
             target_hlc: hlc,
             wal_segments,
@@ -964,7 +1044,12 @@ fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1:
         } else {
             String::new()
         },
-        timeline: shard.timeline.0,
+        wal_legs: if replays {
+            legs_to_wire(&shard.legs)
+        } else {
+            Vec::new()
+        },
+        target_lineage: Some(lineage_to_wire(&shard.lineage)),
         replay_to_seq: shard.target.0,
         chain: shard.chain.iter().map(|b| b.to_string()).collect(),
         // The agent's default, 30 s: the restore is polled every 100 ms while it runs.
@@ -1167,4 +1252,81 @@ fn check_cut(plan: &RestorePlan, view: &RestoreView) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_repository::Timeline;
+    use lockstep_repository::manifest::{
+        MANIFEST_FORMAT_VERSION, ShardTimings, TOOL_VERSION, TransferStats,
+    };
+
+    use super::*;
+
+    fn manifest(id: &str, lineage: Lineage, seq: u64) -> ShardManifest {
+        ShardManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            backup_id: BackupId::new(id).expect("backup id"),
+            shard_id: ShardId::new("shard-0").expect("shard id"),
+            engine: "memory".into(),
+            seq: Seq(seq),
+            lineage,
+            hlc: HlcTime::default(),
+            captured_at: Utc::now(),
+            column_families: vec!["default".into()],
+            files: Vec::new(),
+            files_seq: None,
+            wal_after: None,
+            wal: Vec::new(),
+            stats: TransferStats::default(),
+            timings: ShardTimings::default(),
+            tool_version: TOOL_VERSION.into(),
+        }
+    }
+
+    #[test]
+    fn a_point_on_a_branch_restores_from_the_latest_backup_its_history_shares() {
+        // Root 1..5,000; a restore at 2,000 started a child; the child went on to 7,000 and
+        // another restore at 6,000 started a grandchild.
+        let root = Lineage::root();
+        let child = root.child(Seq(2_000), Timeline(2));
+        let grandchild = child.child(Seq(6_000), Timeline(3));
+        let history = History {
+            known: [root, child, grandchild]
+                .into_iter()
+                .map(|l| (l.id, l))
+                .collect(),
+            manifests: vec![
+                manifest("bk-root-1000", root, 1_000),
+                // Taken on the abandoned part of the root: never a base for the branches.
+                manifest("bk-root-3000", root, 3_000),
+                manifest("bk-child-4000", child, 4_000),
+                // Past the grandchild's branch point on the child: not on its history.
+                manifest("bk-child-6500", child, 6_500),
+            ],
+        };
+        let legs = history.legs(&grandchild, Seq(8_000));
+        assert_eq!(
+            legs.iter()
+                .map(|l| (l.lineage.id, l.to))
+                .collect::<Vec<_>>(),
+            vec![
+                (grandchild.id, Seq(8_000)),
+                (child.id, Seq(6_000)),
+                (root.id, Seq(2_000))
+            ]
+        );
+        let base = history.base(&legs).map(|m| m.backup_id.to_string());
+        assert_eq!(base.as_deref(), Some("bk-child-4000"));
+
+        // On the child before its first backup: the root's backup before the branch.
+        let legs = history.legs(&child, Seq(3_500));
+        let base = history.base(&legs).map(|m| m.backup_id.to_string());
+        assert_eq!(base.as_deref(), Some("bk-root-1000"));
+
+        // On the root itself, past the branch: its own later backup.
+        let legs = history.legs(&root, Seq(4_000));
+        let base = history.base(&legs).map(|m| m.backup_id.to_string());
+        assert_eq!(base.as_deref(), Some("bk-root-3000"));
+    }
 }

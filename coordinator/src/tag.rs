@@ -1,7 +1,7 @@
 //! Tags: named restore points.
 //!
 //! A tag is the backup barrier without a capture: every agent closes its write gate, records
-//! its exact sequence number, HLC time and timeline (`CAPTURE_MODE_POINT`), and reopens the
+//! its exact sequence number, HLC time and lineage (`CAPTURE_MODE_POINT`), and reopens the
 //! gate on Commit. Once every shard committed, the coordinator writes the tag manifest, so a
 //! tag names one consistent cut, exactly as a backup's cut; restoring it replays the WAL from
 //! the latest backup at or before each shard's point.
@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use lockstep_proto::v1::{self, BarrierState};
+use lockstep_proto::wire::{lineage_from_wire, lineage_to_wire};
 use lockstep_repository::manifest::{
     MANIFEST_FORMAT_VERSION, ShardPoint, TOOL_VERSION, TagManifest,
 };
-use lockstep_repository::{BackupId, Error, ErrorCode, HlcTime, Result, Seq, TagName, Timeline};
+use lockstep_repository::{BackupId, Error, ErrorCode, HlcTime, Result, Seq, TagName};
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{JobView, abort_everywhere, barrier};
@@ -83,7 +84,10 @@ pub async fn create_tag(
             agent.shard_id.clone(),
             ShardPoint {
                 seq: Seq(status.seq),
-                timeline: Timeline(status.timeline.max(1)),
+                lineage: lineage_from_wire(
+                    status.lineage.as_ref(),
+                    &format!("shard {}'s point", agent.shard_id),
+                )?,
                 hlc: HlcTime(status.hlc),
             },
         );
@@ -116,7 +120,7 @@ pub fn tag_info(tag: &TagManifest) -> v1::TagInfo {
                     shard.to_string(),
                     v1::TagPoint {
                         seq: p.seq.0,
-                        timeline: p.timeline.0,
+                        lineage: Some(lineage_to_wire(&p.lineage)),
                         hlc: p.hlc.0,
                     },
                 )

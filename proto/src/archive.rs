@@ -6,11 +6,12 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use lockstep_repository::archive::{RemoteWal, WalArchive};
 use lockstep_repository::wal::SegmentInfo;
-use lockstep_repository::{Error, ErrorCode, Repository, Result, ShardId, Timeline};
+use lockstep_repository::{Error, ErrorCode, Lineage, Repository, Result, ShardId};
 use tonic::transport::Channel;
 
 use crate::from_status;
 use crate::v1::{self, wal_archive_client::WalArchiveClient};
+use crate::wire::{lineage_from_wire, lineage_to_wire};
 
 /// The URL scheme of a remote archive.
 pub const SCHEME: &str = "lockstep://";
@@ -80,29 +81,29 @@ impl Remote {
 }
 
 impl RemoteWal for Remote {
-    fn timelines<'a>(&'a self, shard: &'a ShardId) -> BoxFuture<'a, Result<Vec<Timeline>>> {
+    fn lineages<'a>(&'a self, shard: &'a ShardId) -> BoxFuture<'a, Result<Vec<Lineage>>> {
         Box::pin(async move {
             let reply = self
                 .client
                 .clone()
-                .list_timelines(v1::ListWalTimelinesRequest {
+                .list_lineages(v1::ListWalLineagesRequest {
                     shard_id: shard.to_string(),
                 })
                 .await
-                .map_err(|s| self.failed("list WAL timelines", &s))?;
-            Ok(reply
+                .map_err(|s| self.failed("list WAL lineages", &s))?;
+            reply
                 .into_inner()
-                .timelines
-                .into_iter()
-                .map(Timeline)
-                .collect())
+                .lineages
+                .iter()
+                .map(|l| lineage_from_wire(Some(l), "a listed lineage"))
+                .collect()
         })
     }
 
     fn segment_names<'a>(
         &'a self,
         shard: &'a ShardId,
-        timeline: Timeline,
+        lineage: &'a Lineage,
     ) -> BoxFuture<'a, Result<Vec<String>>> {
         Box::pin(async move {
             let reply = self
@@ -110,7 +111,7 @@ impl RemoteWal for Remote {
                 .clone()
                 .list_segments(v1::ListWalSegmentsRequest {
                     shard_id: shard.to_string(),
-                    timeline: timeline.0,
+                    lineage: Some(lineage_to_wire(lineage)),
                 })
                 .await
                 .map_err(|s| self.failed("list WAL segments", &s))?;
@@ -124,7 +125,7 @@ impl RemoteWal for Remote {
                 .clone()
                 .put_segment(v1::PutWalSegmentRequest {
                     shard_id: info.shard_id.to_string(),
-                    timeline: info.timeline.0,
+                    lineage: Some(lineage_to_wire(&info.lineage)),
                     name: info.file_name(),
                     stored,
                 })
@@ -141,7 +142,7 @@ impl RemoteWal for Remote {
                 .clone()
                 .get_segment(v1::GetWalSegmentRequest {
                     shard_id: info.shard_id.to_string(),
-                    timeline: info.timeline.0,
+                    lineage: Some(lineage_to_wire(&info.lineage)),
                     name: info.file_name(),
                 })
                 .await

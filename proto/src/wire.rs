@@ -7,9 +7,82 @@
 //! `--json`: state fields serialize through the functions below as their names, HLC times as
 //! RFC 3339 text.
 
+use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Seq, Timeline};
 use serde::Serializer;
 
 use crate::v1;
+
+/// A lineage on the wire.
+pub fn lineage_to_wire(lineage: &Lineage) -> v1::Lineage {
+    v1::Lineage {
+        timeline: lineage.timeline.0,
+        id: lineage.id.to_string(),
+        parent: lineage.parent.map(|p| p.to_string()).unwrap_or_default(),
+        branch: lineage.branch.0,
+    }
+}
+
+/// A lineage off the wire, checked; `what` names the field in the error.
+pub fn lineage_from_wire(
+    wire: Option<&v1::Lineage>,
+    what: &str,
+) -> lockstep_repository::Result<Lineage> {
+    let invalid = |why: String| Error::new(ErrorCode::InvalidArgument, format!("{what}: {why}"));
+    let wire = wire.ok_or_else(|| invalid("no lineage given".to_string()))?;
+    let lineage = Lineage {
+        id: LineageId::parse(&wire.id).map_err(|err| invalid(err.message))?,
+        timeline: Timeline(wire.timeline),
+        parent: if wire.parent.is_empty() {
+            None
+        } else {
+            Some(LineageId::parse(&wire.parent).map_err(|err| invalid(err.message))?)
+        },
+        branch: Seq(wire.branch),
+    };
+    lineage.check().map_err(|err| invalid(err.message))?;
+    Ok(lineage)
+}
+
+/// A lineage as the CLI prints it: `TIMELINE/ID8`, or `-` when there is none.
+pub fn lineage_text(lineage: Option<&v1::Lineage>) -> String {
+    match lineage {
+        Some(l) => format!("{}/{}", l.timeline, l.id.get(..8).unwrap_or(&l.id)),
+        None => "-".to_string(),
+    }
+}
+
+/// WAL replay legs off the wire, checked.
+pub fn legs_from_wire(
+    wire: &[v1::WalLeg],
+) -> lockstep_repository::Result<Vec<lockstep_repository::lineage::Leg>> {
+    wire.iter()
+        .map(|leg| {
+            if !Seq(leg.to_seq).is_valid() {
+                return Err(Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "a WAL leg ends past the largest sequence number: {}",
+                        leg.to_seq
+                    ),
+                ));
+            }
+            Ok(lockstep_repository::lineage::Leg {
+                lineage: lineage_from_wire(leg.lineage.as_ref(), "a WAL leg")?,
+                to: Seq(leg.to_seq),
+            })
+        })
+        .collect()
+}
+
+/// WAL replay legs on the wire.
+pub fn legs_to_wire(legs: &[lockstep_repository::lineage::Leg]) -> Vec<v1::WalLeg> {
+    legs.iter()
+        .map(|leg| v1::WalLeg {
+            lineage: Some(lineage_to_wire(&leg.lineage)),
+            to_seq: leg.to.0,
+        })
+        .collect()
+}
 
 /// A wire state's lower-case name, e.g. `prepared`.
 pub trait Label: Copy {
@@ -156,11 +229,49 @@ mod tests {
         assert_eq!(json["backup_id"], "bk-1");
         let point = v1::TagPoint {
             seq: 7,
-            timeline: 1,
+            lineage: Some(lineage_to_wire(&Lineage::root())),
             hlc: 0,
         };
         let json = serde_json::to_value(point).expect("serialize");
         assert_eq!(json["time"], "-");
         assert_eq!(json["seq"], 7);
+        assert_eq!(json["lineage"]["timeline"], 1);
+    }
+
+    #[test]
+    fn lineages_and_legs_round_trip_and_junk_is_refused() {
+        let root = Lineage::root();
+        let child = root.child(Seq(40), Timeline(2));
+        for lineage in [root, child] {
+            let wire = lineage_to_wire(&lineage);
+            assert_eq!(lineage_from_wire(Some(&wire), "x").ok(), Some(lineage));
+        }
+        let legs = vec![
+            lockstep_repository::lineage::Leg {
+                lineage: root,
+                to: Seq(40),
+            },
+            lockstep_repository::lineage::Leg {
+                lineage: child,
+                to: Seq(90),
+            },
+        ];
+        assert_eq!(legs_from_wire(&legs_to_wire(&legs)).ok(), Some(legs));
+
+        let missing = lineage_from_wire(None, "the restore point").expect_err("none");
+        assert_eq!(missing.code, ErrorCode::InvalidArgument);
+        assert!(
+            missing.message.starts_with("the restore point"),
+            "{missing}"
+        );
+        let mut junk = lineage_to_wire(&child);
+        junk.id = "../etc".into();
+        assert!(lineage_from_wire(Some(&junk), "x").is_err());
+        let mut orphaned = lineage_to_wire(&child);
+        orphaned.parent = orphaned.id.clone();
+        assert!(
+            lineage_from_wire(Some(&orphaned), "x").is_err(),
+            "its own parent"
+        );
     }
 }

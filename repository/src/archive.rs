@@ -3,7 +3,7 @@
 //! An archive is either a repository on an object store (the segments under `wal/`), or a
 //! remote `lockstep` archive endpoint (a coordinator in another region, reached over gRPC by
 //! `lockstep-proto`, which implements `RemoteWal`). Both hold the same keys and the same
-//! stored bytes, so every caller sees one API: list timelines, list segments, put and get.
+//! stored bytes, so every caller sees one API: list lineages, list segments, put and get.
 //!
 //! Architecture invariant: a segment read from any archive is checked against the SHA-256
 //! and the range its name carries before anything uses it.
@@ -14,18 +14,19 @@ use futures::future::BoxFuture;
 
 use crate::codec;
 use crate::error::Result;
-use crate::ids::{ShardId, Timeline};
+use crate::ids::ShardId;
+use crate::lineage::Lineage;
 use crate::repository::{Repository, decode_wal_segment, encode_wal_segment};
 use crate::wal::{Segment, SegmentInfo};
 
 /// A remote archive's four operations, on stored (encoded) segments.
 pub trait RemoteWal: Send + Sync {
-    fn timelines<'a>(&'a self, shard: &'a ShardId) -> BoxFuture<'a, Result<Vec<Timeline>>>;
-    /// The names of `shard`'s segments on `timeline` (`SegmentInfo::file_name`).
+    fn lineages<'a>(&'a self, shard: &'a ShardId) -> BoxFuture<'a, Result<Vec<Lineage>>>;
+    /// The names of `shard`'s segments on `lineage` (`SegmentInfo::file_name`).
     fn segment_names<'a>(
         &'a self,
         shard: &'a ShardId,
-        timeline: Timeline,
+        lineage: &'a Lineage,
     ) -> BoxFuture<'a, Result<Vec<String>>>;
     fn put<'a>(&'a self, info: &'a SegmentInfo, stored: Vec<u8>) -> BoxFuture<'a, Result<()>>;
     fn get<'a>(&'a self, info: &'a SegmentInfo) -> BoxFuture<'a, Result<Vec<u8>>>;
@@ -55,33 +56,33 @@ impl WalArchive {
         }
     }
 
-    /// The timelines with segments of `shard`, oldest first.
-    pub async fn wal_timelines(&self, shard: &ShardId) -> Result<Vec<Timeline>> {
+    /// The lineages with segments of `shard`, by timeline.
+    pub async fn wal_lineages(&self, shard: &ShardId) -> Result<Vec<Lineage>> {
         match self {
-            WalArchive::Store(repo) => repo.wal_timelines(shard).await,
+            WalArchive::Store(repo) => repo.wal_lineages(shard).await,
             WalArchive::Remote { remote, .. } => {
-                let mut timelines = remote.timelines(shard).await?;
-                timelines.sort();
-                Ok(timelines)
+                let mut lineages = remote.lineages(shard).await?;
+                lineages.sort_by_key(|l| (l.timeline, l.id));
+                Ok(lineages)
             }
         }
     }
 
-    /// The segments of `shard` on `timeline`, in sequence order; continuity is the caller's
+    /// The segments of `shard` on `lineage`, in sequence order; continuity is the caller's
     /// to check (`wal::check_segments`).
     pub async fn wal_segments(
         &self,
         shard: &ShardId,
-        timeline: Timeline,
+        lineage: &Lineage,
     ) -> Result<Vec<SegmentInfo>> {
         match self {
-            WalArchive::Store(repo) => repo.wal_segments(shard, timeline).await,
+            WalArchive::Store(repo) => repo.wal_segments(shard, lineage).await,
             WalArchive::Remote { remote, .. } => {
                 let mut segments: Vec<SegmentInfo> = remote
-                    .segment_names(shard, timeline)
+                    .segment_names(shard, lineage)
                     .await?
                     .iter()
-                    .filter_map(|name| SegmentInfo::parse(shard, timeline, name))
+                    .filter_map(|name| SegmentInfo::parse(shard, lineage, name))
                     .collect();
                 segments.sort_by_key(|s| (s.first, s.last));
                 Ok(segments)

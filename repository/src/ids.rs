@@ -200,8 +200,8 @@ impl fmt::Display for HlcTime {
     }
 }
 
-/// A shard's history line: every restore starts a new one, so WAL segments written after a
-/// restore never collide with the history before it.
+/// The number people read of a shard's history: each new lineage gets one above every one
+/// the shard's archives and backups know. Identity is the lineage's id (`lineage::Lineage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Timeline(pub u64);

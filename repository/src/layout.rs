@@ -11,9 +11,11 @@
 //!                                               ends, so one left behind marks a restore to
 //!                                               finish or discard
 //! <prefix>/tags/<tag-name>.json                 tags: named cut vectors (restore points)
-//! <prefix>/wal/<shard-id>/<timeline:010>/<first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg
+//! <prefix>/wal/<shard-id>/<lineage>/<first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg
 //!                                               WAL segments (wal.rs); the key alone says
-//!                                               which writes a segment holds and its hash
+//!                                               which writes a segment holds and its hash;
+//!                                               <lineage> is `Lineage::dir_name`:
+//!                                               <timeline:010>-<id>-<parent>-<branch:020>
 //! ```
 //!
 //! Architecture invariant: a key is derived only from validated ids (`ids.rs`) and object
@@ -22,7 +24,8 @@
 
 use object_store::path::Path;
 
-use crate::ids::{BackupId, ObjectId, RestoreId, ShardId, TagName, Timeline};
+use crate::ids::{BackupId, ObjectId, RestoreId, ShardId, TagName};
+use crate::lineage::Lineage;
 use crate::wal::SegmentInfo;
 
 pub const REPOSITORY_MARKER: &str = "lockstep-repository.json";
@@ -117,21 +120,18 @@ impl Layout {
         self.join(&[WAL, shard.as_str()])
     }
 
-    pub fn wal_timeline_dir(&self, shard: &ShardId, timeline: Timeline) -> Path {
-        self.join(&[WAL, shard.as_str(), &format!("{:010}", timeline.0)])
+    pub fn wal_lineage_dir(&self, shard: &ShardId, lineage: &Lineage) -> Path {
+        self.join(&[WAL, shard.as_str(), &lineage.dir_name()])
     }
 
     pub fn wal_segment(&self, info: &SegmentInfo) -> Path {
-        self.wal_timeline_dir(&info.shard_id, info.timeline)
+        self.wal_lineage_dir(&info.shard_id, &info.lineage)
             .join(info.file_name())
     }
 
-    /// The timeline named by a directory under `wal/<shard>/`, if it is one.
-    pub fn timeline_of(&self, dir: &Path) -> Option<Timeline> {
-        let name = dir.filename()?;
-        (name.len() == 10)
-            .then(|| name.parse().ok().map(Timeline))
-            .flatten()
+    /// The lineage named by a directory under `wal/<shard>/`, if it is one.
+    pub fn lineage_of(&self, dir: &Path) -> Option<Lineage> {
+        Lineage::parse_dir_name(dir.filename()?)
     }
 
     /// The backup id named by a key under `backups/` or `pending/`, if it is one.

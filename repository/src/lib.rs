@@ -21,6 +21,7 @@ pub mod direct;
 pub mod error;
 pub mod ids;
 pub mod layout;
+pub mod lineage;
 pub mod manifest;
 pub mod remembered;
 pub mod repository;
@@ -30,4 +31,5 @@ pub mod wal;
 
 pub use error::{Error, ErrorCode, Result, Severity};
 pub use ids::{BackupId, HlcTime, ObjectId, RestoreId, Seq, ShardId, TagName, Timeline};
+pub use lineage::{Lineage, LineageId};
 pub use repository::Repository;

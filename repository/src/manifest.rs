@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{BackupId, HlcTime, ObjectId, Seq, ShardId, TagName, Timeline};
+use crate::ids::{BackupId, HlcTime, ObjectId, Seq, ShardId, TagName};
+use crate::lineage::Lineage;
 
 /// The manifest format this build writes and the newest it reads.
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
@@ -120,9 +121,8 @@ pub struct ShardManifest {
     pub engine: String,
     /// The exact latest sequence number contained in the backup.
     pub seq: Seq,
-    /// The shard's timeline when it was captured (WAL segments after `seq` continue on it).
-    #[serde(default)]
-    pub timeline: Timeline,
+    /// The shard's history when it was captured (WAL segments after `seq` continue on it).
+    pub lineage: Lineage,
     /// The HLC time of the last write contained in the backup.
     #[serde(default)]
     pub hlc: HlcTime,
@@ -150,7 +150,7 @@ pub struct ShardManifest {
 #[serde(deny_unknown_fields)]
 pub struct ShardPoint {
     pub seq: Seq,
-    pub timeline: Timeline,
+    pub lineage: Lineage,
     /// The HLC time of the write at `seq` (zero for an empty shard).
     pub hlc: HlcTime,
 }
@@ -162,7 +162,7 @@ pub struct TagManifest {
     pub format_version: u32,
     pub name: TagName,
     pub created_at: DateTime<Utc>,
-    /// The cut vector, with each shard's timeline and HLC time.
+    /// The cut vector, with each shard's lineage and HLC time.
     pub points: BTreeMap<ShardId, ShardPoint>,
     /// The longest time any shard's write gate stayed closed, in microseconds.
     pub max_gate_closed_us: u64,
@@ -181,6 +181,9 @@ impl TagManifest {
         let manifest: TagManifest =
             serde_json::from_slice(bytes).map_err(|err| corrupt(what, err))?;
         check_version(what, manifest.format_version)?;
+        for point in manifest.points.values() {
+            point.lineage.check().map_err(|err| corrupt(what, err))?;
+        }
         Ok(manifest)
     }
 }
@@ -284,6 +287,8 @@ impl RaidGroup {
 pub struct ShardRef {
     pub shard_id: ShardId,
     pub seq: Seq,
+    /// The shard's history at `seq` (as its shard manifest says).
+    pub lineage: Lineage,
     pub n_files: u64,
     pub bytes: u64,
 }
@@ -352,6 +357,7 @@ impl ShardManifest {
         let manifest: ShardManifest =
             serde_json::from_slice(bytes).map_err(|err| corrupt(what, err))?;
         check_version(what, manifest.format_version)?;
+        manifest.lineage.check().map_err(|err| corrupt(what, err))?;
         for file in &manifest.files {
             if !is_safe_file_name(&file.name) {
                 return Err(corrupt(what, format!("unsafe file name {:?}", file.name)));
@@ -475,6 +481,7 @@ impl BackupManifest {
                 .map(|s| ShardRef {
                     shard_id: s.shard_id.clone(),
                     seq: s.seq,
+                    lineage: s.lineage,
                     n_files: s.files.len() as u64,
                     bytes: s.total_bytes(),
                 })
@@ -504,7 +511,7 @@ mod tests {
             shard_id: ShardId::new("shard-0")?,
             engine: "memory".into(),
             seq: Seq(42),
-            timeline: Timeline(2),
+            lineage: Lineage::root(),
             hlc: HlcTime::new(1_000, 1),
             captured_at: Utc::now(),
             column_families: vec!["default".into()],

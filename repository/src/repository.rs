@@ -18,8 +18,9 @@ use url::Url;
 use crate::codec::{self, Encoded, Frame};
 use crate::direct;
 use crate::error::{Error, ErrorCode, Result};
-use crate::ids::{BackupId, ObjectId, RestoreId, ShardId, TagName, Timeline};
+use crate::ids::{BackupId, ObjectId, RestoreId, Seq, ShardId, TagName};
 use crate::layout::Layout;
+use crate::lineage::Lineage;
 use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
 
@@ -45,7 +46,7 @@ pub async fn encode_wal_segment(
 }
 
 /// Decodes a stored segment: checks its SHA-256 against the one in `info` and that it holds
-/// the shard, timeline and range `info` names.
+/// the shard, lineage and range `info` names.
 pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<Segment> {
     let name = format!("WAL segment {}", info.file_name());
     let id = info.id;
@@ -63,8 +64,8 @@ pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<S
         return Err(Error::new(
             ErrorCode::BackupWalArchiveFailed,
             format!(
-                "{name} of shard {} timeline {} does not hold what its name says",
-                info.shard_id, info.timeline
+                "{name} of shard {} {} does not hold what its name says",
+                info.shard_id, info.lineage
             ),
         ));
     }
@@ -121,6 +122,10 @@ struct Unsynced {
 /// A backup manifest that could not be read: a corrupt one (no restore can use it) is logged
 /// and skipped; any other failure (the store did not answer) is returned, since what it
 /// holds is unknown.
+/// How many manifests a catalog listing reads at once: each is a round trip on an object
+/// store.
+const CATALOG_READS: usize = 16;
+
 fn skip_corrupt(id: &BackupId, err: Error) -> Result<()> {
     if err.code != ErrorCode::BackupManifestCorrupt {
         return Err(err.context(format!("read the manifest of backup {id}")));
@@ -620,11 +625,14 @@ impl Repository {
     /// id, for manifests from before the order was recorded). A manifest that does not parse
     /// is returned as its error, first, so a listing still shows the rest.
     pub async fn backups(&self) -> Result<Vec<(BackupId, Result<BackupManifest>)>> {
-        let mut out = Vec::new();
-        for id in self.backup_ids().await? {
-            let manifest = self.backup_manifest(&id).await;
-            out.push((id, manifest));
-        }
+        let mut out: Vec<_> = futures::stream::iter(self.backup_ids().await?)
+            .map(|id| async move {
+                let manifest = self.backup_manifest(&id).await;
+                (id, manifest)
+            })
+            .buffered(CATALOG_READS)
+            .collect()
+            .await;
         out.sort_by_key(|(id, manifest)| {
             (
                 manifest.as_ref().ok().map(|m| (m.commit_seq, m.started_at)),
@@ -665,6 +673,36 @@ impl Repository {
             }
         }
         Ok(None)
+    }
+
+    /// Every point of `shard`'s histories the repository records: where each committed backup
+    /// and each tag left it. Fails closed when a manifest cannot be read now (whoever decides
+    /// about a shard's history must not guess); a corrupt one, which no restore can use, is
+    /// skipped.
+    pub async fn shard_points(&self, shard: &ShardId) -> Result<Vec<(Lineage, Seq)>> {
+        let mut out = Vec::new();
+        for (id, backup) in self.backups().await? {
+            match backup {
+                Ok(backup) => out.extend(
+                    backup
+                        .shards
+                        .iter()
+                        .filter(|s| &s.shard_id == shard)
+                        .map(|s| (s.lineage, s.seq)),
+                ),
+                Err(err) => skip_corrupt(&id, err)?,
+            }
+        }
+        for (name, tag) in self.tags().await? {
+            match tag {
+                Ok(tag) => out.extend(tag.points.get(shard).map(|p| (p.lineage, p.seq))),
+                Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
+                    tracing::warn!(tag = %name, error = %err.chain(), "skipping a corrupt tag");
+                }
+                Err(err) => return Err(err.context(format!("read tag {name}"))),
+            }
+        }
+        Ok(out)
     }
 
     /// Records the intent of a backup before its barrier starts.
@@ -807,12 +845,14 @@ impl Repository {
             .filter_map(|m| self.layout.tag_name_of(&m.location))
             .collect();
         names.sort();
-        let mut out = Vec::new();
-        for name in names {
-            let tag = self.tag(&name).await;
-            out.push((name, tag));
-        }
-        Ok(out)
+        Ok(futures::stream::iter(names)
+            .map(|name| async move {
+                let tag = self.tag(&name).await;
+                (name, tag)
+            })
+            .buffered(CATALOG_READS)
+            .collect()
+            .await)
     }
 
     /// Stores a WAL segment under its descriptive key and returns the description.
@@ -892,38 +932,38 @@ impl Repository {
         Ok(segment)
     }
 
-    /// The timelines with WAL segments of `shard`, oldest first.
-    pub async fn wal_timelines(&self, shard: &ShardId) -> Result<Vec<Timeline>> {
+    /// The lineages with WAL segments of `shard`, by timeline.
+    pub async fn wal_lineages(&self, shard: &ShardId) -> Result<Vec<Lineage>> {
         let listing = self
             .store
             .list_with_delimiter(Some(&self.layout.wal_shard_dir(shard)))
             .await
-            .map_err(|err| storage_error(format!("list WAL timelines of {shard}"), err))?;
-        let mut timelines: Vec<Timeline> = listing
+            .map_err(|err| storage_error(format!("list WAL lineages of {shard}"), err))?;
+        let mut lineages: Vec<Lineage> = listing
             .common_prefixes
             .iter()
-            .filter_map(|dir| self.layout.timeline_of(dir))
+            .filter_map(|dir| self.layout.lineage_of(dir))
             .collect();
-        timelines.sort();
-        Ok(timelines)
+        lineages.sort_by_key(|l| (l.timeline, l.id));
+        Ok(lineages)
     }
 
-    /// The WAL segments of `shard` on `timeline`, in sequence order. Keys that are not
+    /// The WAL segments of `shard` on `lineage`, in sequence order. Keys that are not
     /// segments are ignored; continuity is the caller's to check (`wal::check_segments`).
     pub async fn wal_segments(
         &self,
         shard: &ShardId,
-        timeline: Timeline,
+        lineage: &Lineage,
     ) -> Result<Vec<SegmentInfo>> {
         let metas: Vec<_> = self
             .store
-            .list(Some(&self.layout.wal_timeline_dir(shard, timeline)))
+            .list(Some(&self.layout.wal_lineage_dir(shard, lineage)))
             .try_collect()
             .await
             .map_err(|err| storage_error(format!("list WAL segments of {shard}"), err))?;
         let mut segments: Vec<SegmentInfo> = metas
             .iter()
-            .filter_map(|m| SegmentInfo::parse(shard, timeline, m.location.filename()?))
+            .filter_map(|m| SegmentInfo::parse(shard, lineage, m.location.filename()?))
             .collect();
         segments.sort_by_key(|s| (s.first, s.last));
         Ok(segments)

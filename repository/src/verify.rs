@@ -5,7 +5,7 @@
 //! one-line verdict, like the seeds' `--verify-backup`. An object shared by several files or
 //! backups is checked once.
 //!
-//! `verify_wal` adds a WAL archive to the report: every shard's segments on every timeline
+//! `verify_wal` adds a WAL archive to the report: every shard's segments on every lineage
 //! must run contiguously (the PITR window has no hole and no overlap), and at the full level
 //! every segment is downloaded and checked against its SHA-256 and its key.
 
@@ -16,7 +16,8 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::error::{ErrorCode, Result};
-use crate::ids::{BackupId, ObjectId, Seq, ShardId, Timeline};
+use crate::ids::{BackupId, ObjectId, Seq, ShardId};
+use crate::lineage::Lineage;
 use crate::manifest::Chunk;
 use crate::repository::Repository;
 
@@ -51,18 +52,18 @@ pub struct VerifyReport {
     pub objects_checked: u64,
     pub bytes_checked: u64,
     pub problems: Vec<Problem>,
-    /// WAL archive ranges checked, one per shard and timeline.
+    /// WAL archive ranges checked, one per shard and lineage.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub wal: Vec<WalRange>,
     pub passed: bool,
 }
 
-/// One shard's WAL on one timeline of an archive, as `verify_wal` found it.
+/// One shard's WAL on one lineage of an archive, as `verify_wal` found it.
 #[derive(Debug, Clone, Serialize)]
 pub struct WalRange {
     pub archive: String,
     pub shard: ShardId,
-    pub timeline: Timeline,
+    pub lineage: Lineage,
     pub segments: u64,
     pub first: Seq,
     pub last: Seq,
@@ -110,20 +111,29 @@ impl fmt::Display for VerifyReport {
             if let Some((code, message)) = &range.error {
                 writeln!(
                     f,
-                    "{code:<32} wal {} shard={} timeline={}: {message}",
-                    range.archive, range.shard, range.timeline
+                    "{code:<32} wal {} shard={} {}: {message}",
+                    range.archive, range.shard, range.lineage
                 )?;
             }
         }
         if !self.wal.is_empty() {
             writeln!(
                 f,
-                "Checked the WAL archive: {} shard timeline(s), {} segment(s){}.",
+                "Checked the WAL archive: {} shard lineage(s), {} segment(s){}.",
                 self.wal.len(),
                 self.wal.iter().map(|w| w.segments).sum::<u64>(),
                 self.wal
                     .iter()
-                    .map(|w| format!(", {} tl {}: {}..={}", w.shard, w.timeline, w.first, w.last))
+                    .map(|w| {
+                        format!(
+                            ", {} tl {} ({}): {}..={}",
+                            w.shard,
+                            w.lineage.timeline,
+                            w.lineage.id.short(),
+                            w.first,
+                            w.last
+                        )
+                    })
                     .collect::<String>()
             )?;
         }
@@ -337,8 +347,8 @@ pub async fn verify(
     Ok(report)
 }
 
-/// Checks the WAL archive at `archive` for `shards` (every timeline it holds) and adds what it
-/// found to `report`: contiguous segments on each timeline, and at the full level every
+/// Checks the WAL archive at `archive` for `shards` (every lineage it holds) and adds what it
+/// found to `report`: contiguous segments on each lineage, and at the full level every
 /// segment downloaded and checked.
 pub async fn verify_wal(
     report: &mut VerifyReport,
@@ -347,12 +357,12 @@ pub async fn verify_wal(
     level: VerifyLevel,
 ) -> Result<()> {
     for shard in shards {
-        for timeline in archive.wal_timelines(shard).await? {
-            let segments = archive.wal_segments(shard, timeline).await?;
+        for lineage in archive.wal_lineages(shard).await? {
+            let segments = archive.wal_segments(shard, &lineage).await?;
             let mut range = WalRange {
                 archive: archive.url().to_string(),
                 shard: shard.clone(),
-                timeline,
+                lineage,
                 segments: segments.len() as u64,
                 first: segments.first().map_or(Seq(0), |s| s.first),
                 last: segments.last().map_or(Seq(0), |s| s.last),

@@ -6,25 +6,26 @@
 //! shard bit for bit. A segment's plaintext is:
 //!
 //! ```text
-//! "LKSWAL01"
+//! "LKSWAL02"
 //! shard id            u32 LE length + bytes
-//! timeline            u64 LE
+//! lineage             timeline u64 LE, id 16 bytes, parent 16 bytes (zeros: none), branch u64 LE
 //! number of batches   u32 LE
 //! per batch           first seq u64 LE, count u64 LE, hlc u64 LE, u32 LE length + raw bytes
 //! ```
 //!
 //! It is stored through the object codec (`codec.rs`: zstd when it pays, SHA-256 of the
-//! plaintext), under a key that names the shard, the timeline, the sequence range, the HLC
+//! plaintext), under a key that names the shard, the lineage, the sequence range, the HLC
 //! range and the hash (`layout.rs`), so a listing alone plans a replay and checks continuity.
 //!
-//! Architecture invariant: within one timeline, the segments of a shard are contiguous: each
+//! Architecture invariant: within one lineage, the segments of a shard are contiguous: each
 //! starts right after the previous one ends. Anything else is `ERR_BACKUP_WAL_GAP` (a hole)
 //! or `ERR_BACKUP_WAL_ARCHIVE_FAILED` (an overlap), reported and never skipped.
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{HlcTime, ObjectId, Seq, ShardId, Timeline};
+use crate::lineage::{Lineage, LineageId};
 
-const MAGIC: &[u8; 8] = b"LKSWAL01";
+const MAGIC: &[u8; 8] = b"LKSWAL02";
 const SEGMENT_SUFFIX: &str = ".seg";
 
 /// One write batch as the engine's WAL holds it.
@@ -80,11 +81,11 @@ pub fn gap(what: impl std::fmt::Display, expected: Seq, found: Seq) -> Error {
     )
 }
 
-/// A run of consecutive batches of one shard on one timeline.
+/// A run of consecutive batches of one shard on one lineage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
     pub shard_id: ShardId,
-    pub timeline: Timeline,
+    pub lineage: Lineage,
     pub batches: Vec<WalBatch>,
 }
 
@@ -116,6 +117,10 @@ impl<'a> Reader<'a> {
         self.take(8)?.try_into().ok().map(u64::from_le_bytes)
     }
 
+    fn id(&mut self) -> Option<LineageId> {
+        self.take(16)?.try_into().ok().map(LineageId::from_bytes)
+    }
+
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let len = self.u32()? as usize;
         self.take(len)
@@ -129,7 +134,7 @@ impl Segment {
         let last = self.batches.last()?;
         Some(SegmentInfo {
             shard_id: self.shard_id.clone(),
-            timeline: self.timeline,
+            lineage: self.lineage,
             first: first.first,
             last: last.last(),
             hlc_min: first.hlc,
@@ -144,7 +149,10 @@ impl Segment {
         out.extend_from_slice(MAGIC);
         put_u32(&mut out, self.shard_id.as_str().len() as u32);
         out.extend_from_slice(self.shard_id.as_str().as_bytes());
-        put_u64(&mut out, self.timeline.0);
+        put_u64(&mut out, self.lineage.timeline.0);
+        out.extend_from_slice(self.lineage.id.as_bytes());
+        out.extend_from_slice(self.lineage.parent.unwrap_or(LineageId::NONE).as_bytes());
+        put_u64(&mut out, self.lineage.branch.0);
         put_u32(&mut out, self.batches.len() as u32);
         for batch in &self.batches {
             put_u64(&mut out, batch.first.0);
@@ -174,6 +182,15 @@ impl Segment {
             .and_then(|s| ShardId::new(s).ok())
             .ok_or_else(corrupt)?;
         let timeline = Timeline(reader.u64().ok_or_else(corrupt)?);
+        let id = reader.id().ok_or_else(corrupt)?;
+        let parent = reader.id().ok_or_else(corrupt)?;
+        let lineage = Lineage {
+            id,
+            timeline,
+            parent: (parent != LineageId::NONE).then_some(parent),
+            branch: Seq(reader.u64().ok_or_else(corrupt)?),
+        };
+        lineage.check().map_err(|_| corrupt())?;
         let n_batches = reader.u32().ok_or_else(corrupt)?;
         let mut batches = Vec::with_capacity(n_batches.min(1 << 16) as usize);
         for _ in 0..n_batches {
@@ -197,7 +214,7 @@ impl Segment {
         }
         Ok(Segment {
             shard_id,
-            timeline,
+            lineage,
             batches,
         })
     }
@@ -207,7 +224,7 @@ impl Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
     pub shard_id: ShardId,
-    pub timeline: Timeline,
+    pub lineage: Lineage,
     pub first: Seq,
     pub last: Seq,
     pub hlc_min: HlcTime,
@@ -217,7 +234,7 @@ pub struct SegmentInfo {
 }
 
 impl SegmentInfo {
-    /// The segment's file name within its timeline directory.
+    /// The segment's file name within its lineage's directory.
     pub fn file_name(&self) -> String {
         format!(
             "{:020}-{:020}-{:016x}-{:016x}-{}{SEGMENT_SUFFIX}",
@@ -230,7 +247,7 @@ impl SegmentInfo {
     }
 
     /// Parses a file name written by [`SegmentInfo::file_name`].
-    pub fn parse(shard_id: &ShardId, timeline: Timeline, file_name: &str) -> Option<SegmentInfo> {
+    pub fn parse(shard_id: &ShardId, lineage: &Lineage, file_name: &str) -> Option<SegmentInfo> {
         let stem = file_name.strip_suffix(SEGMENT_SUFFIX)?;
         let mut parts = stem.split('-');
         let first = parts.next()?.parse().ok()?;
@@ -243,7 +260,7 @@ impl SegmentInfo {
         }
         Some(SegmentInfo {
             shard_id: shard_id.clone(),
-            timeline,
+            lineage: *lineage,
             first: Seq(first),
             last: Seq(last),
             hlc_min: HlcTime(hlc_min),
@@ -260,7 +277,7 @@ pub fn check_segments(segments: &[SegmentInfo]) -> Result<()> {
         let expected = Seq(prev.last.0 + 1);
         if next.first > expected {
             return Err(gap(
-                format_args!("shard {} timeline {}", prev.shard_id, prev.timeline),
+                format_args!("shard {} {}", prev.shard_id, prev.lineage),
                 expected,
                 next.first,
             ));
@@ -269,9 +286,9 @@ pub fn check_segments(segments: &[SegmentInfo]) -> Result<()> {
             return Err(Error::new(
                 ErrorCode::BackupWalArchiveFailed,
                 format!(
-                    "WAL archive of shard {} timeline {} has overlapping segments: {} and {}",
+                    "WAL archive of shard {} {} has overlapping segments: {} and {}",
                     prev.shard_id,
-                    prev.timeline,
+                    prev.lineage,
                     prev.file_name(),
                     next.file_name()
                 ),
@@ -281,7 +298,7 @@ pub fn check_segments(segments: &[SegmentInfo]) -> Result<()> {
     Ok(())
 }
 
-/// Of `segments` (one shard and timeline, in sequence order), the ones that carry the writes
+/// Of `segments` (one shard and lineage, in sequence order), the ones that carry the writes
 /// after `after` through `to`, checked to follow each other and to cover that whole range.
 /// A hole at the start or between segments is a gap (those writes are gone); an archive that
 /// stops short of `to` says how far it reaches. `what` names the archive in messages.
@@ -338,7 +355,7 @@ mod tests {
         ] {
             let bytes = Segment {
                 shard_id: shard(),
-                timeline: Timeline(1),
+                lineage: Lineage::root(),
                 batches: vec![WalBatch {
                     first: Seq(first),
                     count: 1,
@@ -364,24 +381,25 @@ mod tests {
             2,
             ObjectId::of(b"x").to_hex()
         );
-        assert!(SegmentInfo::parse(&shard(), Timeline(1), &name).is_none());
+        assert!(SegmentInfo::parse(&shard(), &Lineage::root(), &name).is_none());
     }
 
     #[test]
     fn segments_round_trip_and_their_names_describe_them() {
+        let lineage = Lineage::root().child(Seq(4), Timeline(3));
         let segment = Segment {
             shard_id: shard(),
-            timeline: Timeline(3),
+            lineage,
             batches: vec![batch(5, 2), batch(7, 1)],
         };
         let bytes = segment.encode();
         assert_eq!(Segment::decode("test", &bytes).ok(), Some(segment.clone()));
         let info = segment.info(ObjectId::of(&bytes)).expect("info");
         assert_eq!((info.first, info.last), (Seq(5), Seq(7)));
-        let parsed = SegmentInfo::parse(&shard(), Timeline(3), &info.file_name());
+        let parsed = SegmentInfo::parse(&shard(), &lineage, &info.file_name());
         assert_eq!(parsed, Some(info));
         assert!(Segment::decode("test", &bytes[..bytes.len() - 1]).is_err());
-        assert!(SegmentInfo::parse(&shard(), Timeline(3), "junk.seg").is_none());
+        assert!(SegmentInfo::parse(&shard(), &lineage, "junk.seg").is_none());
     }
 
     #[test]
@@ -393,9 +411,10 @@ mod tests {
         let holed = vec![batch(1, 3), batch(5, 2)];
         assert!(check_continuity("shard shard-0", Seq(1), &holed).is_err());
 
+        let lineage = Lineage::root();
         let info = |first, last| SegmentInfo {
             shard_id: shard(),
-            timeline: Timeline(1),
+            lineage,
             first: Seq(first),
             last: Seq(last),
             hlc_min: HlcTime(0),

@@ -10,23 +10,29 @@
 //!   but writes that were never acknowledged;
 //! - **causal**: a backup or tag that holds a write holds every write acknowledged before it
 //!   was sent;
-//! - **tags**: every tag, restored by replaying the archive's WAL to its points, is exactly
-//!   the model at its cut;
-//! - **wal**: every shard's WAL in the region's archive is contiguous from sequence 1 with no
-//!   overlap, reaches its last acknowledged write, and replays to exactly the model;
+//! - **tags**: every tag, restored by replaying the archive's WAL along each point's lineage,
+//!   is exactly the model at its cut;
+//! - **wal**: every shard's WAL in the region's archive, followed along the lineage the shard
+//!   is on and its ancestors, is contiguous from sequence 1 with no overlap, reaches its last
+//!   acknowledged write, and replays to exactly the model;
 //! - **converge**: once the faults stopped, a backup committed within the bound and every
 //!   shard's WAL reached the archive.
+//!
+//! The model of a shard is one history per rollback of it (`Record::rollbacks`): a backup, a
+//! tag or the archive must hold exactly the writes of the history its cut was taken on, and
+//! never one of a history the rollback abandoned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use lockstep_agent::engine::{MemEngine, ShardEngine};
 use lockstep_agent::restore::restore_shard;
+use lockstep_repository::lineage::ancestry;
 use lockstep_repository::transfer::{Progress, TransferOptions};
 use lockstep_repository::wal::{WalBatch, check_segments};
-use lockstep_repository::{Repository, ShardId, Timeline};
+use lockstep_repository::{Lineage, Repository, Seq, ShardId};
 
-use crate::world::{Record, Stores};
+use crate::world::{Record, Stores, Write};
 
 /// One violated property.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,19 +95,13 @@ pub async fn check(
             return violations;
         }
     };
-    // Per shard: key -> acknowledged sequence number; and the keys never acknowledged.
-    let mut acked: Vec<BTreeMap<&str, u64>> = vec![BTreeMap::new(); agents];
-    let mut unacked: BTreeSet<&str> = BTreeSet::new();
-    for write in &record.writes {
-        match write.seq {
-            Some(seq) => {
-                acked[write.shard].insert(write.key.as_str(), seq);
-            }
-            None => {
-                unacked.insert(write.key.as_str());
-            }
-        }
-    }
+    let histories = histories(record, agents);
+    let unacked: BTreeSet<&str> = record
+        .writes
+        .iter()
+        .filter(|w| w.seq.is_none())
+        .map(|w| w.key.as_str())
+        .collect();
     for (id, manifest) in backups {
         let manifest = match manifest {
             Ok(manifest) => manifest,
@@ -128,7 +128,8 @@ pub async fn check(
             .find(|a| a.backup_id.as_deref() == Some(id.as_str()))
             .map(|a| (a.requested_ms, a.outcome.as_ref().map_or(u64::MAX, |o| o.0)))
             .unwrap_or((0, u64::MAX));
-        if !all_fenced_at_once(&record.fences, window) {
+        let instant = fence_instant(&record.fences, window);
+        if instant.is_none() {
             violations.push(violation(
                 "fenced",
                 format!(
@@ -136,6 +137,7 @@ pub async fn check(
                 ),
             ));
         }
+        let epochs = epochs_at(record, agents, instant.unwrap_or(window.0));
 
         for (i, shard_cut) in cut.iter().enumerate() {
             let Some(shard_cut) = *shard_cut else {
@@ -155,13 +157,19 @@ pub async fn check(
                 &format!("backup {id} shard-{i} (cut {shard_cut})"),
                 "restore",
                 &keys,
-                &acked[i],
+                &histories[i][epochs[i]],
                 &unacked,
                 shard_cut,
             ));
         }
 
-        violations.extend(causal(&format!("backup {id}"), record, &cut));
+        violations.extend(causal(
+            &format!("backup {id}"),
+            record,
+            &cut,
+            &epochs,
+            &histories,
+        ));
     }
 
     // The region's archive: contiguous, complete, and replaying to the model; tags by replay.
@@ -175,9 +183,17 @@ pub async fn check(
             return violations;
         }
     };
-    let mut wal: Vec<Vec<WalBatch>> = Vec::new();
-    for (i, acked_here) in acked.iter().enumerate() {
-        let batches = match archived_batches(&archive, i).await {
+    for (i, shard_histories) in histories.iter().enumerate() {
+        // The history the shard is on now, and the model of it.
+        let acked_here = shard_histories.last().expect("a shard has a history");
+        let current = lockstep_agent::lineage::read_lineage(&stores.shards[i])
+            .map_err(|e| e.chain())
+            .and_then(|l| l.ok_or_else(|| "the shard has no lineage file".to_string()));
+        let batches = match current {
+            Ok(current) => archived_batches(&archive, i, &current, Seq::MAX).await,
+            Err(err) => Err(err),
+        };
+        let batches = match batches {
             Ok(batches) => batches,
             Err(err) => {
                 violations.push(violation("wal", format!("shard-{i}: {err}")));
@@ -203,7 +219,6 @@ pub async fn check(
             )),
             Err(err) => violations.push(violation("wal", format!("shard-{i}: {err}"))),
         }
-        wal.push(batches);
     }
     let tags = match repo.tags().await {
         Ok(tags) => tags,
@@ -227,22 +242,49 @@ pub async fn check(
             ));
         }
         let cut = per_shard(agents, |s| tag.points.get(s).map(|p| p.seq.0));
-        violations.extend(causal(&format!("tag {name}"), record, &cut));
+        let window = record
+            .tags
+            .iter()
+            .find(|t| t.name == name.as_str())
+            .map_or((0, u64::MAX), |t| (t.requested_ms, t.answered_ms));
+        let instant = fence_instant(&record.fences, window).unwrap_or(window.0);
+        let epochs = epochs_at(record, agents, instant);
+        violations.extend(causal(
+            &format!("tag {name}"),
+            record,
+            &cut,
+            &epochs,
+            &histories,
+        ));
         for (i, point) in cut.iter().enumerate() {
-            let (Some(point), Some(batches)) = (*point, wal.get(i)) else {
+            let Some(point) = *point else {
                 continue;
+            };
+            let Some(lineage) = ShardId::new(format!("shard-{i}"))
+                .ok()
+                .and_then(|s| tag.points.get(&s))
+                .map(|p| p.lineage)
+            else {
+                continue;
+            };
+            let batches = match archived_batches(&archive, i, &lineage, Seq(point)).await {
+                Ok(batches) => batches,
+                Err(err) => {
+                    violations.push(violation("tags", format!("tag {name} shard-{i}: {err}")));
+                    continue;
+                }
             };
             if batches.last().is_none_or(|b| b.last().0 < point) {
                 // The archive does not reach the tag (shipping had not caught up): nothing
                 // to replay it from; the wal checker reports a short archive.
                 continue;
             }
-            match replayed_keys(batches, point, &scratch.join(format!("tag-{name}-{i}"))) {
+            match replayed_keys(&batches, point, &scratch.join(format!("tag-{name}-{i}"))) {
                 Ok(keys) => violations.extend(compare(
                     &format!("tag {name} shard-{i} (point {point})"),
                     "tags",
                     &keys,
-                    &acked[i],
+                    &histories[i][epochs[i]],
                     &unacked,
                     point,
                 )),
@@ -304,15 +346,75 @@ fn compare(
     out
 }
 
+/// Every history of every shard, `histories[shard][epoch]`: key -> sequence number of each
+/// acknowledged write it holds. History 0 is the shard's first; a rollback to `to_seq` starts
+/// the next, with the writes of the one before up to `to_seq` and then those sent since.
+fn histories(record: &Record, agents: usize) -> Vec<Vec<BTreeMap<&str, u64>>> {
+    (0..agents)
+        .map(|shard| {
+            let rollbacks: Vec<u64> = record
+                .rollbacks
+                .iter()
+                .filter(|r| r.shard == shard)
+                .map(|r| r.to_seq)
+                .collect();
+            let mut out = Vec::with_capacity(rollbacks.len() + 1);
+            let mut current: BTreeMap<&str, u64> = BTreeMap::new();
+            for epoch in 0..=rollbacks.len() {
+                if epoch > 0 {
+                    let to = rollbacks[epoch - 1];
+                    current.retain(|_, seq| *seq <= to);
+                }
+                for write in record
+                    .writes
+                    .iter()
+                    .filter(|w| w.shard == shard && w.epoch == epoch)
+                {
+                    if let Some(seq) = write.seq {
+                        current.insert(write.key.as_str(), seq);
+                    }
+                }
+                out.push(current.clone());
+            }
+            out
+        })
+        .collect()
+}
+
+/// The history each shard was on at `ms` (simulated).
+fn epochs_at(record: &Record, agents: usize, ms: u64) -> Vec<usize> {
+    (0..agents)
+        .map(|shard| {
+            record
+                .rollbacks
+                .iter()
+                .filter(|r| r.shard == shard && r.at_ms <= ms)
+                .count()
+        })
+        .collect()
+}
+
 /// A cut (per shard, `None` if absent) that holds a write must hold the write acknowledged
-/// before it was sent.
-fn causal(what: &str, record: &Record, cut: &[Option<u64>]) -> Vec<Violation> {
+/// before it was sent, when both belong to the histories the cut was taken on (`epochs`).
+fn causal(
+    what: &str,
+    record: &Record,
+    cut: &[Option<u64>],
+    epochs: &[usize],
+    histories: &[Vec<BTreeMap<&str, u64>>],
+) -> Vec<Violation> {
+    let in_history = |w: &Write| {
+        w.seq.is_some() && histories[w.shard][epochs[w.shard]].get(w.key.as_str()) == w.seq.as_ref()
+    };
     let mut out = Vec::new();
     for write in &record.writes {
         let (Some(seq), Some(before)) = (write.seq, write.after) else {
             continue;
         };
         let earlier = &record.writes[before];
+        if !in_history(write) || !in_history(earlier) {
+            continue;
+        }
         let (Some(earlier_seq), Some(cut_here), Some(cut_there)) =
             (earlier.seq, cut[write.shard], cut[earlier.shard])
         else {
@@ -331,23 +433,50 @@ fn causal(what: &str, record: &Record, cut: &[Option<u64>]) -> Vec<Violation> {
     out
 }
 
-/// Every batch of `shard`'s timeline 1 in the archive, checked for continuity from 1.
-async fn archived_batches(archive: &Repository, shard: usize) -> Result<Vec<WalBatch>, String> {
+/// Every batch in the archive of the history that ends at `to` of `lineage` (and the
+/// ancestors it inherited from), leg by leg, as a PITR replays it, checked for continuity
+/// from 1.
+async fn archived_batches(
+    archive: &Repository,
+    shard: usize,
+    lineage: &Lineage,
+    to: Seq,
+) -> Result<Vec<WalBatch>, String> {
     let shard_id = ShardId::new(format!("shard-{shard}")).map_err(|e| e.chain())?;
-    let segments = archive
-        .wal_segments(&shard_id, Timeline(1))
+    let known = archive
+        .wal_lineages(&shard_id)
         .await
-        .map_err(|e| e.chain())?;
-    check_segments(&segments).map_err(|e| e.chain())?;
-    if let Some(first) = segments.first()
-        && first.first.0 != 1
-    {
-        return Err(format!("the archive starts at {}, not at 1", first.first));
-    }
-    let mut batches = Vec::new();
-    for info in &segments {
-        let segment = archive.get_wal_segment(info).await.map_err(|e| e.chain())?;
-        batches.extend(segment.batches);
+        .map_err(|e| e.chain())?
+        .into_iter()
+        .map(|l| (l.id, l))
+        .collect();
+    let mut legs = ancestry(lineage, to, &known);
+    legs.reverse();
+    let mut batches: Vec<WalBatch> = Vec::new();
+    for leg in legs {
+        let segments = archive
+            .wal_segments(&shard_id, &leg.lineage)
+            .await
+            .map_err(|e| e.chain())?;
+        check_segments(&segments).map_err(|e| e.chain())?;
+        let expected = batches.last().map_or(1, |b| b.last().0 + 1);
+        if let Some(first) = segments.first()
+            && first.first.0 != expected
+        {
+            return Err(format!(
+                "{}: the archive starts at {}, not at {expected}",
+                leg.lineage, first.first
+            ));
+        }
+        for info in &segments {
+            let segment = archive.get_wal_segment(info).await.map_err(|e| e.chain())?;
+            batches.extend(
+                segment
+                    .batches
+                    .into_iter()
+                    .take_while(|b| b.last() <= leg.to),
+            );
+        }
     }
     Ok(batches)
 }
@@ -375,14 +504,15 @@ fn replayed_keys(batches: &[WalBatch], to: u64, dir: &Path) -> Result<BTreeSet<S
     Ok(keys)
 }
 
-/// Whether some instant in `window` had every agent's gate closed.
-fn all_fenced_at_once(fences: &[Vec<(u64, u64)>], (from, to): (u64, u64)) -> bool {
+/// An instant in `window` when every agent's gate was closed, if there was one.
+fn fence_instant(fences: &[Vec<(u64, u64)>], (from, to): (u64, u64)) -> Option<u64> {
     let in_window = |&(a, b): &(u64, u64)| b > from && a <= to;
     fences
         .iter()
         .flatten()
         .filter(|f| in_window(f))
-        .any(|&(start, _)| {
+        .map(|&(start, _)| start)
+        .find(|&start| {
             fences
                 .iter()
                 .all(|agent| agent.iter().any(|&(a, b)| a <= start && start < b))

@@ -4,8 +4,9 @@
 //! hosts, reached over turmoil's network through the same `serve_incoming` and `AgentLink`
 //! the binaries use (`net`), a client that writes causally chained data and asks for backups,
 //! and a scenario's faults (`scenario`): crashes at any point of the barrier, partitions and
-//! delays around the lease deadline. After every run the checkers (`check`) look at what the
-//! run recorded and at the repository it left.
+//! delays around the lease deadline, lossy links to and outages of the WAL archive region,
+//! and a shard's machine rolled back to an earlier snapshot. After every run the checkers
+//! (`check`) look at what the run recorded and at the repositories it left.
 //!
 //! - `world`: one run, and what it records;
 //! - `check`: the properties every run must keep;
@@ -13,7 +14,7 @@
 //!
 //! Determinism: turmoil's network, latencies and host order come from the seed, the
 //! workload's choices too, and blocking work runs inline on the simulation thread
-//! (`lockstep_repository::blocking`). Not yet covered: WAL shipping, tags and region archives.
+//! (`lockstep_repository::blocking`). Not yet covered: restores.
 
 pub mod check;
 pub mod net;

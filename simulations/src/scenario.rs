@@ -21,16 +21,20 @@ pub enum Kind {
     LossyShipping,
     /// The WAL archive region goes away (cut off, or crashed and restarted) and comes back.
     RegionOutages,
+    /// A shard's machine is rolled back to an earlier snapshot of it (a VM snapshot restored,
+    /// a disk image put back): its writes since are gone, and its archive runs past it.
+    Rollbacks,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::AgentCrashes,
         Kind::CoordinatorCrashes,
         Kind::Partitions,
         Kind::Delays,
         Kind::LossyShipping,
         Kind::RegionOutages,
+        Kind::Rollbacks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +45,7 @@ impl Kind {
             Kind::Delays => "delays",
             Kind::LossyShipping => "lossy-shipping",
             Kind::RegionOutages => "region-outages",
+            Kind::Rollbacks => "rollbacks",
         }
     }
 }
@@ -70,6 +75,10 @@ pub enum Fault {
     Lossy(String, String, u32),
     /// Delay every message by up to this long.
     Latency(Duration),
+    /// Snapshot agent N's machine: its shard as it is now, WAL and lineage file included...
+    Snapshot(usize),
+    /// ...and later crash it and start it again from that snapshot.
+    Rollback(usize),
 }
 
 /// The message delay of a healthy network.
@@ -163,6 +172,15 @@ impl Scenario {
                         (at + lasting).min(fault_period),
                         Fault::Lossy(victim, REGION.to_string(), 0),
                     ));
+                }
+                Kind::Rollbacks => {
+                    // One rollback per victim, its snapshot some writes and backups earlier.
+                    let victim = rng.random_range(0..agents);
+                    if !faults.iter().any(|(_, f)| *f == Fault::Snapshot(victim)) {
+                        let back = Duration::from_millis(rng.random_range(300..=2000));
+                        faults.push((at, Fault::Snapshot(victim)));
+                        faults.push(((at + back).min(fault_period), Fault::Rollback(victim)));
+                    }
                 }
                 Kind::RegionOutages => {
                     if rng.random_bool(0.5) {

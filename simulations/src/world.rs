@@ -14,6 +14,7 @@ use std::time::Duration;
 use lockstep_agent::WriteGate;
 use lockstep_agent::backup::BackupOptions;
 use lockstep_agent::engine::{MemEngine, ShardEngine};
+use lockstep_agent::lineage::{HistorySources, LINEAGE_FILE};
 use lockstep_agent::participant::PlantedBug;
 use lockstep_agent::server::{AgentParts, serve_incoming};
 use lockstep_agent::shipper::ShipperOptions;
@@ -32,7 +33,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{channel, connect, endpoint, incoming};
-use crate::scenario::{COORDINATOR, Fault, Moment, REGION, Scenario, agent};
+use crate::scenario::{COORDINATOR, Fault, Kind, Moment, REGION, Scenario, agent};
 
 const AGENT_PORT: u16 = 7401;
 const COORDINATOR_PORT: u16 = 7400;
@@ -48,6 +49,27 @@ pub struct Write {
     pub seq: Option<u64>,
     /// The write acknowledged last before this one was sent: this one causally follows it.
     pub after: Option<usize>,
+    /// How many times its shard had been rolled back when it was sent: the history it
+    /// belongs to (see [`Rollback`]).
+    pub epoch: usize,
+}
+
+/// A shard's machine put back to a snapshot: its history from then on holds the writes of
+/// the one before up to `to_seq`, and the writes sent since.
+#[derive(Debug, Clone)]
+pub struct Rollback {
+    pub shard: usize,
+    pub at_ms: u64,
+    pub to_seq: u64,
+}
+
+/// A tag the client asked for.
+#[derive(Debug, Clone)]
+pub struct TagAttempt {
+    pub name: String,
+    pub requested_ms: u64,
+    pub answered_ms: u64,
+    pub created: bool,
 }
 
 /// One backup the client asked for.
@@ -72,8 +94,10 @@ pub struct Record {
     pub converged: bool,
     /// ...and every agent's WAL reached the region's archive.
     pub shipped: bool,
-    /// Tags the client asked for, and whether they were created.
-    pub tags: Vec<(String, bool)>,
+    /// Tags the client asked for.
+    pub tags: Vec<TagAttempt>,
+    /// Shards rolled back, in order.
+    pub rollbacks: Vec<Rollback>,
     /// Every event, in order, for the determinism check.
     pub trace: Vec<String>,
     /// A host whose software failed (not a crash the scenario caused).
@@ -127,11 +151,21 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
     }
 }
 
+/// What a snapshot of an agent's machine holds of its shard (`Fault::Snapshot`).
+#[derive(Clone)]
+struct MachineSnapshot {
+    engine: Arc<MemEngine>,
+    /// `LOCKSTEP-LINEAGE`, if the shard had one.
+    lineage_file: Option<Vec<u8>>,
+}
+
 /// The repositories of a run: the cluster's and the WAL archive region's.
 #[derive(Debug, Clone)]
 pub struct Stores {
     pub repository: String,
     pub archive: String,
+    /// Each shard's directory (its lineage file says which history it is on).
+    pub shards: Vec<std::path::PathBuf>,
 }
 
 /// Runs `scenario` to its end; the record and the run's repositories.
@@ -147,6 +181,9 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
     let stores = Stores {
         repository: format!("memory://{name}"),
         archive: format!("memory://{name}-region"),
+        shards: (0..scenario.agents)
+            .map(|i| dir.join(format!("shard-{i}")))
+            .collect(),
     };
     let repository = stores.repository.clone();
     let mut sim = turmoil::Builder::new()
@@ -164,12 +201,16 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
     }));
     let gates: Arc<Mutex<Vec<WriteGate>>> =
         Arc::new(Mutex::new(vec![WriteGate::new(); scenario.agents]));
+    // The shard each agent serves when it starts: the one that outlived its last run, or a
+    // snapshot it was rolled back to.
+    let mut engines: Vec<Arc<MemEngine>> = Vec::new();
+    let mut snapshots: Vec<Option<MachineSnapshot>> = vec![None; scenario.agents];
 
     for i in 0..scenario.agents {
         // The shard's data outlives a crash of its agent, like RocksDB's files do.
         let shard_dir = dir.join(format!("shard-{i}"));
-        let engine = match MemEngine::open(&shard_dir, &["default".to_string()]) {
-            Ok(engine) => Arc::new(engine),
+        match MemEngine::open(&shard_dir, &["default".to_string()]) {
+            Ok(engine) => engines.push(Arc::new(engine)),
             Err(err) => {
                 record.borrow_mut().host_error = Some(err.chain());
                 return (
@@ -179,23 +220,45 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                     stores,
                 );
             }
-        };
+        }
+    }
+    let engines = Arc::new(Mutex::new(engines));
+    for i in 0..scenario.agents {
+        let shard_dir = stores.shards[i].clone();
         let (gates, repository) = (gates.clone(), repository.clone());
         let captures: PathBuf = dir.join(format!("captures-{i}"));
-        let planted_bug = scenario.planted_bug.then_some(PlantedBug::IgnoreLease);
+        let planted_bug = scenario.planted_bug.then_some(match scenario.kind {
+            Kind::Rollbacks => PlantedBug::AppendAcrossFork,
+            _ => PlantedBug::IgnoreLease,
+        });
+        let engines = engines.clone();
         sim.host(agent(i), move || {
-            let (engine, gates, repository, shard_dir, captures) = (
-                engine.clone(),
+            let engine = engines
+                .lock()
+                .map(|all| all[i].clone())
+                .map_err(|_| "the engines' lock is poisoned");
+            let (gates, repository, shard_dir, captures) = (
                 gates.clone(),
                 repository.clone(),
                 shard_dir.clone(),
                 captures.clone(),
             );
             async move {
+                let engine = engine?;
                 let gate = WriteGate::new();
                 if let Ok(mut all) = gates.lock() {
                     all[i] = gate.clone();
                 }
+                let shard_id = ShardId::new(format!("shard-{i}"))?;
+                let repo = Repository::open(&repository).await?;
+                let region = lockstep_proto::archive::remote(
+                    &format!("lockstep://{REGION}:{REGION_PORT}"),
+                    connect(
+                        lockstep_proto::archive::channel_settings(endpoint(REGION, REGION_PORT)),
+                        REGION,
+                        REGION_PORT,
+                    ),
+                );
                 // The binary's start-up, on the engine that outlived the agent's last run, at
                 // the agent's own priority (nothing process-wide changes under simulation).
                 let slot = prepare_serving(Startup {
@@ -203,12 +266,18 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                     capture_root: captures.clone(),
                     priority: BackgroundPriority::Normal,
                     source: ShardSource::Running(engine),
+                    history: HistorySources {
+                        shard: shard_id.clone(),
+                        destinations: vec![region.clone()],
+                        repo: Some(repo.clone()),
+                    },
+                    planted_bug,
                 })
                 .await?;
                 let parts = AgentParts {
                     slot,
-                    repo: Repository::open(&repository).await?,
-                    shard_id: ShardId::new(format!("shard-{i}"))?,
+                    repo,
+                    shard_id,
                     options: BackupOptions {
                         capture_root: captures,
                         transfer: TransferOptions {
@@ -218,17 +287,8 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         min_free_bytes: 0,
                     },
                     shipping: ShipperOptions {
-                        destinations: vec![lockstep_proto::archive::remote(
-                            &format!("lockstep://{REGION}:{REGION_PORT}"),
-                            connect(
-                                lockstep_proto::archive::channel_settings(endpoint(
-                                    REGION,
-                                    REGION_PORT,
-                                )),
-                                REGION,
-                                REGION_PORT,
-                            ),
-                        )],
+                        destinations: vec![region],
+                        planted_bug,
                         ..ShipperOptions::default()
                     },
                     gate,
@@ -364,6 +424,47 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                     sim.set_link_fail_rate(a.as_str(), b.as_str(), f64::from(*percent) / 100.0)
                 }
                 Fault::Latency(max) => sim.set_max_message_latency(*max),
+                Fault::Snapshot(i) => {
+                    let engine = engines.lock().ok().map(|all| all[*i].clone());
+                    let lineage_file = std::fs::read(stores.shards[*i].join(LINEAGE_FILE)).ok();
+                    snapshots[*i] = engine.map(|e| MachineSnapshot {
+                        engine: Arc::new(e.snapshot_copy()),
+                        lineage_file,
+                    });
+                }
+                Fault::Rollback(i) => {
+                    if let Some(MachineSnapshot {
+                        engine: snapshot,
+                        lineage_file: lineage,
+                    }) = snapshots[*i].take()
+                    {
+                        let to_seq = snapshot.latest_seq().0;
+                        let file = stores.shards[*i].join(LINEAGE_FILE);
+                        let restored = match lineage {
+                            Some(bytes) => std::fs::write(&file, bytes),
+                            None => std::fs::remove_file(&file).or_else(|err| {
+                                if err.kind() == std::io::ErrorKind::NotFound {
+                                    Ok(())
+                                } else {
+                                    Err(err)
+                                }
+                            }),
+                        };
+                        if let Err(err) = restored {
+                            record.borrow_mut().host_error =
+                                Some(format!("roll back {}: {err}", file.display()));
+                        }
+                        if let Ok(mut all) = engines.lock() {
+                            all[*i] = snapshot;
+                        }
+                        record.borrow_mut().rollbacks.push(Rollback {
+                            shard: *i,
+                            at_ms: now,
+                            to_seq,
+                        });
+                        sim.bounce(agent(*i).as_str());
+                    }
+                }
             }
             faults.next();
         }
@@ -390,9 +491,19 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
         }
     }
     drop(sim);
-    let record = Rc::try_unwrap(record)
+    let mut record = Rc::try_unwrap(record)
         .map(RefCell::into_inner)
         .unwrap_or_default();
+    // Which history each shard ended on (ids are random: the timeline goes in the trace).
+    for (i, dir) in stores.shards.iter().enumerate() {
+        let timeline = lockstep_agent::lineage::read_lineage(dir)
+            .ok()
+            .flatten()
+            .map(|l| l.timeline.0);
+        record
+            .trace
+            .push(format!("end shard-{i} timeline {timeline:?}"));
+    }
     (record, stores)
 }
 
@@ -411,6 +522,12 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
             let mut n = 0u64;
             while !done.get() {
                 let shard = rng.random_range(0..scenario.agents);
+                let epoch = record
+                    .borrow()
+                    .rollbacks
+                    .iter()
+                    .filter(|r| r.shard == shard)
+                    .count();
                 let key = format!("w-{n:06}");
                 n += 1;
                 let mut client = shards[shard].clone();
@@ -420,8 +537,17 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
                     value: b"v".to_vec(),
                 };
                 let reply = tokio::time::timeout(Duration::from_secs(3), client.put(request)).await;
+                let rolled_back_meanwhile = record
+                    .borrow()
+                    .rollbacks
+                    .iter()
+                    .filter(|r| r.shard == shard)
+                    .count()
+                    != epoch;
                 let seq = match reply {
-                    Ok(Ok(reply)) => Some(reply.into_inner().last_seq),
+                    // Acknowledged across a rollback: which history holds it cannot be told,
+                    // so the model treats it as never acknowledged.
+                    Ok(Ok(reply)) if !rolled_back_meanwhile => Some(reply.into_inner().last_seq),
                     _ => None,
                 };
                 {
@@ -435,6 +561,7 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
                         key,
                         seq,
                         after: last_acked,
+                        epoch,
                     });
                     if seq.is_some() {
                         last_acked = Some(index);
@@ -486,6 +613,7 @@ async fn tag(
     record: &Rc<RefCell<Record>>,
 ) {
     let name = format!("tag-{round:04}");
+    let requested_ms = now_ms();
     let request = v1::CreateTagRequest { name: name.clone() };
     let created = matches!(
         tokio::time::timeout(Duration::from_secs(5), coordinator.create_tag(request)).await,
@@ -495,7 +623,12 @@ async fn tag(
     record
         .trace
         .push(format!("{} tag {name} created={created}", now_ms()));
-    record.tags.push((name, created));
+    record.tags.push(TagAttempt {
+        name,
+        requested_ms,
+        answered_ms: now_ms(),
+        created,
+    });
 }
 
 /// Waits until every agent reports its WAL durable in the archive up to its latest write.

@@ -4,7 +4,7 @@
 
 use lockstep_simulations::{Kind, Scenario, run_scenario, run_seed};
 
-/// Seeds per scenario in the CI sweep (6 scenarios: 240 runs).
+/// Seeds per scenario in the CI sweep (7 scenarios: 280 runs).
 const CI_SEEDS: u64 = 40;
 
 #[test]
@@ -82,6 +82,27 @@ fn a_planted_bug_is_caught_with_the_property_and_the_seed() {
     println!("{report}");
     assert!(
         report.contains("VIOLATION lease") && report.contains("(seed "),
+        "{report}"
+    );
+}
+
+/// The checkers bite on lineage: with an agent that keeps its lineage after its machine is
+/// rolled back and a shipper that appends across the fork, the archive of the shard's history
+/// mixes the abandoned writes with the new ones, and the wal checker names it.
+#[test]
+fn a_shipper_appending_across_a_fork_is_caught() {
+    let caught = (1..=CI_SEEDS).find_map(|seed| {
+        let outcome = run_scenario(&Scenario::new(seed, Kind::Rollbacks).with_planted_bug());
+        outcome
+            .violations
+            .iter()
+            .any(|v| v.property == "wal" && v.detail.contains("never written there"))
+            .then(|| outcome.to_string())
+    });
+    let report = caught.expect("no seed caught a shipper appending across a fork");
+    println!("{report}");
+    assert!(
+        report.contains("VIOLATION wal") && report.contains("(seed "),
         "{report}"
     );
 }

@@ -11,7 +11,7 @@ use lockstep_agent::backup::{
 use lockstep_agent::engine::{ShardEngine, WriteBatch};
 use lockstep_repository::manifest::{BackupKind, BackupManifest};
 use lockstep_repository::transfer::{Progress, TransferOptions};
-use lockstep_repository::{BackupId, Repository, ShardId, Timeline};
+use lockstep_repository::{BackupId, Lineage, Repository, ShardId};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Shard, restore_exactly};
@@ -38,7 +38,7 @@ async fn flushes_and_compactions_during_upload_do_not_break_the_backup() {
         &shard.engine,
         &gate,
         dir.path().join("captures").join(backup_id.as_str()),
-        Timeline::default(),
+        Lineage::root(),
     )
     .await
     .expect("capture");
@@ -151,7 +151,7 @@ async fn writes_between_staging_and_the_cut_are_restored_from_the_wal_tail() {
     let mut captured = stage_capture(
         &shard.engine,
         dir.path().join("captures").join(backup_id.as_str()),
-        Timeline::default(),
+        Lineage::root(),
         CaptureMode::Files,
     )
     .await

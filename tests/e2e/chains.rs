@@ -217,7 +217,7 @@ async fn chains_of_incrementals_differentials_and_tags_restore_exactly_to_their_
     assert!(!delete.status.success());
     assert!(text(&delete).contains("parent of"), "{}", text(&delete));
 
-    // Restored in place to a tag, the shards start a new timeline: the chain cannot go on.
+    // Restored in place to a tag, the shards start a new lineage: the chain cannot go on.
     let (tag, tag_cut) = &tags[1];
     let output = cluster.lockstep(&["restore", "--tag", tag, "--in-place"]);
     assert!(output.status.success(), "{}", text(&output));

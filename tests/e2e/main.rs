@@ -9,6 +9,7 @@ mod cluster_restore;
 mod corruption;
 mod disk_full;
 mod faults;
+mod lineage;
 mod model;
 mod operations;
 mod operator_faults;

@@ -1,7 +1,7 @@
 //! WAL shipping and point-in-time restore on a real cluster: three agents ship their WAL to
 //! an archive directory while clients write; restores to random sequence vectors and to
 //! timestamps (exact per shard, and snapped to a consistent point) must match the model of
-//! acknowledged writes key by key; an in-place restore starts a new timeline and leaves the
+//! acknowledged writes key by key; an in-place restore starts a new lineage and leaves the
 //! old one's segments untouched; a segment deleted from the archive is `ERR_BACKUP_WAL_GAP`.
 
 use std::collections::BTreeSet;
@@ -266,7 +266,7 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     // A hole in the archive is reported, never skipped.
     let segments: Vec<String> = segment_files(&cluster.archive())
         .into_iter()
-        .filter(|f| f.contains("/shard-1/0000000001/"))
+        .filter(|f| f.contains("/shard-1/0000000001-"))
         .collect();
     let victim = &segments[segments.len() / 2];
     let aside = cluster.dir.path().join("segment-aside");
@@ -294,7 +294,7 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     std::fs::rename(&aside, last).expect("put the segment back");
 
     // In place, to a vector in the middle: the live shards serve exactly that state, start
-    // timeline 2, and the archive's timeline-1 segments stay as they were.
+    // timeline 2 (a new lineage), and the segments of the old lineage stay as they were.
     let middle: Vec<u64> = history.iter().map(|h| h[40 + 20].seq).collect();
     let before = segment_files(&cluster.archive());
     let output = cluster.lockstep(&["restore", "--to-seq", &seq_vector(&middle), "--in-place"]);
@@ -310,9 +310,15 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     }
     let status = wait_shipped(&cluster).await;
     for shard in status["shards"].as_array().expect("shards") {
-        assert_eq!(shard["timeline"], 2, "{shard}");
+        assert_eq!(shard["lineage"]["timeline"], 2, "{shard}");
     }
     let after = segment_files(&cluster.archive());
-    assert!(before.is_subset(&after), "segments of timeline 1 changed");
-    assert!(after.len() > before.len(), "timeline 2 shipped nothing");
+    assert!(
+        before.is_subset(&after),
+        "segments of the old lineage changed"
+    );
+    assert!(
+        after.len() > before.len(),
+        "the new lineage shipped nothing"
+    );
 }

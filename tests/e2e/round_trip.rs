@@ -9,7 +9,7 @@ use lockstep_agent::engine::ShardEngine;
 use lockstep_repository::manifest::FileKind;
 use lockstep_repository::transfer::Progress;
 use lockstep_repository::verify::{VerifyLevel, verify};
-use lockstep_repository::{Repository, ShardId, Timeline};
+use lockstep_repository::{Lineage, Repository, ShardId};
 use lockstep_tests::Moto;
 
 use crate::model::{Shard, restore_exactly};
@@ -31,7 +31,7 @@ async fn round_trip(repo: Repository) {
         &repo,
         &shard_id,
         &options,
-        Timeline::default(),
+        Lineage::root(),
         &Progress::default(),
     )
     .await
@@ -46,7 +46,7 @@ async fn round_trip(repo: Repository) {
         &repo,
         &shard_id,
         &options,
-        Timeline::default(),
+        Lineage::root(),
         &Progress::default(),
     )
     .await

@@ -13,7 +13,7 @@ use lockstep_proto::archive::open_archive;
 use lockstep_proto::v1;
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::wal::check_segments;
-use lockstep_repository::{Repository, ShardId, Timeline};
+use lockstep_repository::{Repository, ShardId};
 use lockstep_tests::{Moto, kill_hard, start_server, text};
 
 use crate::cluster::{Cluster, N_AGENTS, json};
@@ -90,13 +90,21 @@ async fn write_until_failing(
     Err(last)
 }
 
-/// The archive holds exactly the writes 1..=last of every shard on timeline 1: contiguous,
-/// no overlap, reaching the last acknowledged write.
+/// The archive holds exactly the writes 1..=last of every shard on its one lineage, the root
+/// its history started with: contiguous, no overlap, reaching the last acknowledged write.
 async fn check_archive(archive: &WalArchive, history: &[Vec<Acked>]) {
     for (i, shard) in history.iter().enumerate() {
         let id = ShardId::new(Cluster::shard(i)).expect("shard id");
+        let lineages = archive.wal_lineages(&id).await.expect("list lineages");
+        assert_eq!(
+            lineages.len(),
+            1,
+            "{} shard {i}: {lineages:?}",
+            archive.url()
+        );
+        assert_eq!(lineages[0].parent, None, "shard {i} started on a root");
         let segments = archive
-            .wal_segments(&id, Timeline(1))
+            .wal_segments(&id, &lineages[0])
             .await
             .expect("list segments");
         check_segments(&segments)
@@ -214,7 +222,7 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
     let verify = cluster.lockstep(&["backup", "verify", "--full"]);
     assert!(verify.status.success(), "{}", text(&verify));
     assert!(
-        text(&verify).contains("Checked the WAL archive: 3 shard timeline(s)"),
+        text(&verify).contains("Checked the WAL archive: 3 shard lineage(s)"),
         "{}",
         text(&verify)
     );

@@ -178,6 +178,28 @@ impl MemEngine {
         }
     }
 
+    /// The shard as it is now, WAL included, as a separate engine that later writes to
+    /// either leave alone: what a snapshot of the machine holds (the simulations roll a shard
+    /// back to one). Captures of the original are not carried over.
+    pub fn snapshot_copy(&self) -> MemEngine {
+        let state = {
+            let state = self.state();
+            State {
+                seq: state.seq,
+                families: state.families.clone(),
+                wal: state.wal.clone(),
+                wal_bytes: state.wal_bytes,
+                pins: BTreeMap::new(),
+            }
+        };
+        MemEngine {
+            state: Arc::new(Mutex::new(state)),
+            dir: self.dir.clone(),
+            clock: self.clock.clone(),
+            wal_retention_bytes: self.wal_retention_bytes,
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()

@@ -329,8 +329,38 @@ pub(crate) fn unknown_cf(cf: &str) -> Error {
     )
 }
 
+/// How much of a table file's end its identity hashes: RocksDB writes the table properties
+/// (among them the session id of the DB that wrote the file, its original file number and
+/// creation time: what RocksDB's unique SST id is made of) just before the meta-index block
+/// and the footer, the last few KiB of the file.
+const IDENTITY_TAIL_BYTES: u64 = 64 << 10;
+
+/// The identity of a table file: `incarnation/name/size/tail`, `tail` the first 128 bits of
+/// the SHA-256 of its last [`IDENTITY_TAIL_BYTES`]. The name is unique within one DB and the
+/// incarnation across restores; the tail tells apart two files of the same name written by
+/// two sessions of one DB (a machine rolled back to a snapshot reuses file numbers).
+fn table_identity(
+    path: &Path,
+    incarnation: &str,
+    name: &str,
+    size: u64,
+) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let from = size.saturating_sub(IDENTITY_TAIL_BYTES);
+    file.seek(SeekFrom::Start(from))?;
+    let mut tail = Vec::with_capacity((size - from) as usize);
+    file.take(size - from).read_to_end(&mut tail)?;
+    let digest = sha2::Sha256::digest(&tail);
+    Ok(format!(
+        "{incarnation}/{name}/{size}/{}",
+        hex::encode(&digest[..16])
+    ))
+}
+
 /// Lists a capture directory: every regular file with its size and kind. Immutable table
-/// files get an identity made of `incarnation`, name and size.
+/// files get an identity ([`table_identity`]).
 pub(crate) fn list_capture(dir: &Path, incarnation: Option<&str>) -> Result<Vec<CapturedFile>> {
     let io = |err| {
         Error::io(
@@ -356,7 +386,7 @@ pub(crate) fn list_capture(dir: &Path, incarnation: Option<&str>) -> Result<Vec<
         };
         let identity = match (kind, incarnation) {
             (FileKind::Sst, Some(incarnation)) => {
-                Some(format!("{incarnation}/{name}/{}", meta.len()))
+                Some(table_identity(&entry.path(), incarnation, &name, meta.len()).map_err(io)?)
             }
             _ => None,
         };
@@ -374,6 +404,46 @@ pub(crate) fn list_capture(dir: &Path, incarnation: Option<&str>) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_file_of_the_same_name_and_size_from_another_session_gets_another_identity() {
+        // The same file number and size in one incarnation, written twice: before a machine
+        // was rolled back to a snapshot and after. Only the properties near the end differ.
+        let (a, b, c) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let mut before = vec![7u8; 200_000];
+        before[199_000..199_020].copy_from_slice(b"session-AAAAAAAAAAAA");
+        let mut after = before.clone();
+        after[199_000..199_020].copy_from_slice(b"session-BBBBBBBBBBBB");
+        std::fs::write(a.path().join("000009.sst"), &before).expect("write");
+        std::fs::write(b.path().join("000009.sst"), &after).expect("write");
+        std::fs::write(c.path().join("000009.sst"), &before).expect("write");
+        let identity = |dir: &Path| {
+            list_capture(dir, Some("incarnation-1")).expect("list")[0]
+                .identity
+                .clone()
+                .expect("an identity")
+        };
+        assert_ne!(identity(a.path()), identity(b.path()));
+        assert_eq!(
+            identity(a.path()),
+            identity(c.path()),
+            "equal bytes, equal identity"
+        );
+        assert!(identity(a.path()).starts_with("incarnation-1/000009.sst/200000/"));
+        // Small files are hashed whole.
+        std::fs::write(a.path().join("000010.sst"), b"tiny").expect("write");
+        std::fs::write(b.path().join("000010.sst"), b"tinY").expect("write");
+        let small = |dir: &Path| {
+            list_capture(dir, Some("i")).expect("list")[1]
+                .identity
+                .clone()
+        };
+        assert_ne!(small(a.path()), small(b.path()));
+    }
 
     fn engine_named(name: &str) -> Result<&'static str> {
         with_engine!(name, |E| Ok(std::any::type_name::<E>()))

@@ -10,10 +10,13 @@
 //! File deletions are disabled from just before the checkpoint until the `Capture` is
 //! dropped (after the upload, or on any error), as RocksDB's BackupEngine does.
 //!
-//! Every SST gets an identity `incarnation/name/size`, where the incarnation is a UUID kept
-//! in `LOCKSTEP-INCARNATION` in the shard directory. RocksDB never reuses a file number within
-//! one DB, and a restored shard gets a fresh incarnation (the file is not part of a capture),
-//! so equal identities mean equal bytes even across restores.
+//! Every SST gets an identity `incarnation/name/size/tail`, where the incarnation is a UUID
+//! kept in `LOCKSTEP-INCARNATION` in the shard directory and `tail` hashes the file's table
+//! properties (the writing session's id and the original file number, what RocksDB's unique
+//! SST id is made of). RocksDB never reuses a file number within one DB session history, a
+//! restored shard gets a fresh incarnation (the file is not part of a capture), and a machine
+//! rolled back to a snapshot writes its reused file numbers in a new session, so equal
+//! identities mean equal bytes across restores and rollbacks.
 //!
 //! Every batch starts with a LogData record (`LKH1` and the HLC time, u64 LE): RocksDB keeps
 //! it in the WAL and skips it when applying, so the commit time of every write survives any

@@ -24,14 +24,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lockstep_repository::lineage::Leg;
 use lockstep_repository::transfer::Progress;
-use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId, Timeline};
+use lockstep_repository::{BackupId, Error, ErrorCode, Lineage, Result, Seq, ShardId};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::{Msg as ParticipantMsg, ParticipantHandle, REMEMBERED, ShardParts};
 use crate::engine::ShardEngine;
+use crate::lineage::{HistorySources, next_timeline};
 use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_empty, stage_shard};
 use lockstep_repository::remembered::Remembered;
 
@@ -47,8 +49,10 @@ pub struct RestoreRequest {
     /// Incremental and differential backups whose WAL pieces are replayed after `backup`, in
     /// this order.
     pub chain: Vec<BackupId>,
-    /// Point-in-time recovery: then replay the WAL archive at this URL, on this timeline.
-    pub archive: Option<(String, Timeline)>,
+    /// Point-in-time recovery: then replay the WAL archive at this URL, leg by leg.
+    pub archive: Option<(String, Vec<Leg>)>,
+    /// The lineage that holds the restore point: the restored shard's history continues it.
+    pub point: Lineage,
     /// Where any replay stops, exactly (ignored with no chain and no archive).
     pub to: Seq,
     /// Discard the restore by itself when no message about it came for this long.
@@ -332,6 +336,9 @@ impl Restores {
             }
             check_target(target)?;
         }
+        if let Some((_, legs)) = &request.archive {
+            lockstep_repository::lineage::check_legs(legs, &request.point)?;
+        }
         let live = shard.slot.get()?;
         let (engine_kind, column_families) = (live.kind(), live.column_families());
         drop(live);
@@ -350,16 +357,21 @@ impl Restores {
         );
         let replay = (!request.chain.is_empty() || request.archive.is_some())
             .then(|| (request.chain.clone(), request.archive.clone(), request.to));
-        let (destinations, current) = (
-            shard.shipper.destinations().to_vec(),
-            shard.slot.lineage().timeline,
-        );
+        let sources = HistorySources {
+            shard: shard_id.clone(),
+            destinations: shard.shipper.destinations().to_vec(),
+            repo: Some(shard.repo.clone()),
+        };
+        let (point, current) = (request.point, shard.slot.lineage().timeline);
         let task = self.stagings.spawn(async move {
             let shard = shard_id_task;
             // In place, or when replaying, the backup must come from this agent's engine.
             let engine = (target.is_none() || replay.is_some()).then_some(engine_kind);
             let stage_target = target.clone().unwrap_or(live);
             let result = async {
+                // Numbered first: a source that cannot be read refuses the restore before
+                // anything is downloaded.
+                let timeline = next_timeline(current.max(point.timeline), &sources).await?;
                 let mut staged = match &backup {
                     Some(backup) => {
                         stage_shard(
@@ -376,17 +388,17 @@ impl Restores {
                     None => stage_empty::<E>(&stage_target, column_families).await?,
                 };
                 if let Some((chain, archive, to)) = replay {
-                    let archive = match archive {
-                        Some((url, timeline)) => Some((
-                            lockstep_proto::archive::open_archive(&url).await?,
-                            timeline,
-                        )),
-                        None => None,
+                    let (archive, legs) = match archive {
+                        Some((url, legs)) => {
+                            (Some(lockstep_proto::archive::open_archive(&url).await?), legs)
+                        }
+                        None => (None, Vec::new()),
                     };
                     let replay = Replay {
                         repo: repo.clone(),
                         chain,
                         archive,
+                        legs,
                         to,
                     };
                     let started = std::time::Instant::now();
@@ -394,7 +406,8 @@ impl Restores {
                     let replay_ms = started.elapsed().as_millis() as u64;
                     tracing::info!(shard = %shard, batches = n, seq = %staged.seq, replay_ms, "restore: WAL replayed");
                 }
-                staged.start_timeline(next_timeline(current, &destinations, &repo, &shard).await)?;
+                let lineage = staged.start_lineage(&point, timeline)?;
+                tracing::info!(shard = %shard, from = %point, to = %lineage, "restore: the shard starts a new history");
                 Ok(staged)
             }
             .await;
@@ -525,48 +538,6 @@ impl Restores {
     }
 }
 
-/// The timeline a restored shard starts: above its current one, every one its WAL
-/// destinations hold, and every one its backups were taken on, so its shipped WAL never lands
-/// among an older history's segments and no incremental continues a history that is not its
-/// own (even after the shard's directory, and its lineage file, were lost). A destination or
-/// repository that cannot be read is skipped with a warning.
-async fn next_timeline(
-    current: Timeline,
-    destinations: &[lockstep_repository::archive::WalArchive],
-    repo: &Repository,
-    shard: &ShardId,
-) -> Timeline {
-    let mut highest = current;
-    for destination in destinations {
-        match destination.wal_timelines(shard).await {
-            Ok(timelines) => {
-                if let Some(top) = timelines.last() {
-                    highest = highest.max(*top);
-                }
-            }
-            Err(err) => {
-                tracing::warn!(destination = %destination.url(), error = %err.chain(), "could not list WAL timelines")
-            }
-        }
-    }
-    match repo.backups().await {
-        Ok(backups) => {
-            for (id, backup) in backups {
-                if !backup.is_ok_and(|b| b.cut.contains_key(shard)) {
-                    continue;
-                }
-                if let Ok(manifest) = repo.shard_manifest(shard, &id).await {
-                    highest = highest.max(manifest.timeline);
-                }
-            }
-        }
-        Err(err) => {
-            tracing::warn!(repository = %repo.url(), error = %err.chain(), "could not list backups for their timelines")
-        }
-    }
-    highest.next()
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::BarrierState;
@@ -580,6 +551,7 @@ mod tests {
             target: None,
             chain: Vec::new(),
             archive: None,
+            point: Lineage::root(),
             to: Seq(0),
             lease: DEFAULT_RESTORE_LEASE,
         }

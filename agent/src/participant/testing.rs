@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep_repository::transfer::TransferOptions;
-use lockstep_repository::{BackupId, Repository, Seq, ShardId};
+use lockstep_repository::{BackupId, Lineage, Repository, Seq, ShardId};
 use tempfile::TempDir;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +52,7 @@ impl TestShard {
         let root = tempfile::tempdir().expect("tempdir");
         let dir = root.path().join("shard");
         let engine = MemEngine::open(&dir, &[]).expect("open shard");
-        let slot = Arc::new(EngineSlot::new(dir, Arc::new(engine)).expect("slot"));
+        let slot = Arc::new(EngineSlot::new(dir, Arc::new(engine), Lineage::root()));
         let url = format!("memory://participant-{}", uuid::Uuid::new_v4().simple());
         let repo = Repository::open(&url).await.expect("repository");
         let shard_id = ShardId::new("shard-0").expect("shard id");
