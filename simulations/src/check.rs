@@ -5,7 +5,8 @@
 //! - **fenced**: every committed backup had an instant, between its request and its commit,
 //!   when every shard's gate was closed (from the fence intervals watched in simulated time);
 //! - **lease**: no gate stayed closed longer than the lease;
-//! - **restore**: every committed backup restores to exactly the model at its cut: every
+//! - **restore**: every committed backup (a full one, or an incremental or differential
+//!   through its chain) restores to exactly the model at its cut: every
 //!   acknowledged write at or below the shard's cut is there, none above it, and nothing else
 //!   but writes that were never acknowledged;
 //! - **causal**: a backup or tag that holds a write holds every write acknowledged before it
@@ -26,8 +27,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use lockstep_agent::engine::{MemEngine, ShardEngine};
-use lockstep_agent::restore::restore_shard;
+use lockstep_agent::restore::{Replay, replay_staged, restore_shard, stage_shard};
+use lockstep_repository::BackupId;
 use lockstep_repository::lineage::ancestry;
+use lockstep_repository::manifest::{BackupKind, BackupManifest};
 use lockstep_repository::transfer::{Progress, TransferOptions};
 use lockstep_repository::wal::{WalBatch, check_segments};
 use lockstep_repository::{Lineage, Repository, Seq, ShardId};
@@ -143,7 +146,7 @@ pub async fn check(
             let Some(shard_cut) = *shard_cut else {
                 continue;
             };
-            let keys = match restored_keys(&repo, &id, i, scratch).await {
+            let keys = match restored_keys(&repo, &manifest, i, scratch).await {
                 Ok(keys) => keys,
                 Err(err) => {
                     violations.push(violation(
@@ -519,32 +522,89 @@ fn fence_instant(fences: &[Vec<(u64, u64)>], (from, to): (u64, u64)) -> Option<u
         })
 }
 
+/// The chain of `backup`: the full backup at its root, then the incremental and differential
+/// backups from there to `backup` (ending with it unless it is full).
+async fn chain_of(
+    repo: &Repository,
+    backup: &BackupManifest,
+) -> Result<(BackupId, Vec<BackupId>), String> {
+    let mut chain = Vec::new();
+    let mut current = backup.clone();
+    while current.kind != BackupKind::Full {
+        chain.push(current.backup_id.clone());
+        let parent = current
+            .parent
+            .clone()
+            .ok_or_else(|| format!("backup {} has no parent", current.backup_id))?;
+        current = repo
+            .backup_manifest(&parent)
+            .await
+            .map_err(|e| format!("parent {parent}: {}", e.chain()))?;
+        if chain.len() > 10_000 {
+            return Err("a chain of parents that loops".into());
+        }
+    }
+    chain.reverse();
+    Ok((current.backup_id, chain))
+}
+
+/// Restores `shard` of `backup` from empty as production does: the full backup at the root
+/// of its chain (files, then the WAL tail to its cut), then each backup's WAL of the chain,
+/// checked on the way.
 async fn restored_keys(
     repo: &Repository,
-    backup: &lockstep_repository::BackupId,
+    backup: &BackupManifest,
     shard: usize,
     scratch: &Path,
 ) -> Result<BTreeSet<String>, String> {
     let shard_id = ShardId::new(format!("shard-{shard}")).map_err(|e| e.chain())?;
     let manifest = repo
-        .shard_manifest(&shard_id, backup)
+        .shard_manifest(&shard_id, &backup.backup_id)
         .await
         .map_err(|e| e.chain())?;
-    let dir = scratch.join(format!("{backup}-{shard}"));
+    let dir = scratch.join(format!("{}-{shard}", backup.backup_id));
     std::fs::create_dir_all(scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
-    // The production restore: files, then the WAL tail to the cut, checked on the way.
-    let restored = restore_shard(
-        repo,
-        backup,
-        &shard_id,
-        &dir,
-        TransferOptions::default(),
-        &Progress::default(),
-    )
-    .await
-    .map_err(|e| e.chain())?;
+    let (full, chain) = chain_of(repo, backup).await?;
+    let seq = if chain.is_empty() {
+        restore_shard(
+            repo,
+            &full,
+            &shard_id,
+            &dir,
+            TransferOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .map_err(|e| e.chain())?
+        .seq
+    } else {
+        let mut staged = stage_shard(
+            repo,
+            &full,
+            &shard_id,
+            &dir,
+            None,
+            TransferOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .map_err(|e| e.chain())?;
+        let replay = Replay {
+            repo: repo.clone(),
+            chain,
+            archive: None,
+            legs: Vec::new(),
+            to: manifest.seq,
+        };
+        replay_staged::<MemEngine>(&mut staged, &shard_id, &replay)
+            .await
+            .map_err(|e| e.chain())?;
+        let seq = staged.seq;
+        staged.move_to(&dir).map_err(|e| e.chain())?;
+        seq
+    };
     let engine = MemEngine::open(&dir, &manifest.column_families).map_err(|e| e.chain())?;
-    if engine.latest_seq() != manifest.seq || restored.seq != manifest.seq {
+    if engine.latest_seq() != manifest.seq || seq != manifest.seq {
         return Err(format!(
             "opened at seq {}, the manifest says {}",
             engine.latest_seq(),

@@ -575,6 +575,7 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
         let (record, scenario) = (record.clone(), scenario.clone());
         async move {
             let mut coordinator = CoordinatorClient::new(channel(COORDINATOR, COORDINATOR_PORT));
+            let mut rng = StdRng::seed_from_u64(scenario.seed ^ 0x00ba_c0c0);
             let mut round = 0;
             while now_ms() < scenario.fault_period.as_millis() as u64 {
                 tokio::time::sleep(scenario.backup_every).await;
@@ -582,14 +583,17 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
                 if round % 3 == 0 {
                     tag(&mut coordinator, round, &record).await;
                 } else {
-                    backup(&mut coordinator, &scenario, &record).await;
+                    // Chains too: an incremental or differential continues the shard's
+                    // history from its parent, and is refused across a fork.
+                    let kind = ["full", "incremental", "differential"][rng.random_range(0..3)];
+                    backup(&mut coordinator, &scenario, &record, kind).await;
                 }
             }
             // The faults are over: the cluster must converge, a backup committing within the bound.
             let deadline = now_ms() + scenario.converge_within.as_millis() as u64;
             let mut converged = false;
             while !converged && now_ms() < deadline {
-                converged = backup(&mut coordinator, &scenario, &record).await;
+                converged = backup(&mut coordinator, &scenario, &record, "full").await;
                 if !converged {
                     tokio::time::sleep(scenario.lease).await;
                 }
@@ -663,11 +667,12 @@ async fn shipped_everything(scenario: &Scenario, deadline_ms: u64) -> bool {
     false
 }
 
-/// Asks for one backup and follows it to its outcome; true if it committed.
+/// Asks for one backup of `kind` and follows it to its outcome; true if it committed.
 async fn backup(
     coordinator: &mut CoordinatorClient<tonic::transport::Channel>,
     scenario: &Scenario,
     record: &Rc<RefCell<Record>>,
+    kind: &str,
 ) -> bool {
     let requested_ms = now_ms();
     let index = {
@@ -679,16 +684,17 @@ async fn backup(
         });
         record.attempts.len() - 1
     };
+    // The trace keeps what a seed decides; a message can name random ids (lineages), which
+    // only the outcome keeps.
     let finish = |outcome: String| {
         let mut record = record.borrow_mut();
+        let traced = outcome.split(": ").next().unwrap_or_default().to_string();
         record
             .trace
-            .push(format!("{} backup #{index} {outcome}", now_ms()));
+            .push(format!("{} backup #{index} {traced}", now_ms()));
         record.attempts[index].outcome = Some((now_ms(), outcome));
     };
-    let request = v1::CreateBackupRequest {
-        kind: "full".into(),
-    };
+    let request = v1::CreateBackupRequest { kind: kind.into() };
     let job = match tokio::time::timeout(Duration::from_secs(3), coordinator.create_backup(request))
         .await
     {
@@ -718,7 +724,7 @@ async fn backup(
                         return true;
                     }
                     Ok(v1::JobState::Failed) => {
-                        finish(format!("failed {} {}", job.error_code, job.error_message));
+                        finish(format!("failed {}: {}", job.error_code, job.error_message));
                         return false;
                     }
                     _ => {}

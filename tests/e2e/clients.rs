@@ -46,6 +46,7 @@ fn a_python_grpcio_client_creates_waits_for_and_lists_a_backup() {
         ])
         .arg(format!("{protos}/lockstep/v1/coordinator.proto"))
         .arg(format!("{protos}/lockstep/v1/agent.proto"))
+        .arg(format!("{protos}/lockstep/v1/archive.proto"))
         .output()
         .expect("run grpc_tools.protoc");
     assert!(compile.status.success(), "{}", text(&compile));
