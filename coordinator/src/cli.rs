@@ -250,54 +250,124 @@ fn print_wal_status(reply: &v1::ClusterWalStatus, json: bool) {
         print_json(reply);
         return;
     }
-    println!(
-        "{:<12} {:<34} {:<12} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} ERROR",
-        "SHARD",
-        "DESTINATION",
-        "LINEAGE",
-        "SHIPPED",
-        "SHIPPED TIME",
-        "LAG SEQ",
-        "LAG ms",
-        "PENDING",
-        "RATE/s",
-        "p99 ms"
-    );
+    let mut table = Table::new(&[
+        ("SHARD", Align::Left),
+        ("DESTINATION", Align::Left),
+        ("LINEAGE", Align::Left),
+        ("SHIPPED", Align::Right),
+        ("SHIPPED TIME", Align::Left),
+        ("LAG SEQ", Align::Right),
+        ("LAG ms", Align::Right),
+        ("PENDING", Align::Right),
+        ("RATE/s", Align::Right),
+        ("p99 ms", Align::Right),
+        ("ERROR", Align::Left),
+    ]);
+    let mut notes = Vec::new();
     for shard in &reply.shards {
         if shard.destinations.is_empty() {
-            println!("{:<12} (no WAL destination configured)", shard.shard_id);
+            notes.push(format!(
+                "{} (no WAL destination configured)",
+                shard.shard_id
+            ));
         }
         for d in &shard.destinations {
-            let error = if d.error_code.is_empty() {
+            let mut error = if d.error_code.is_empty() {
                 String::new()
             } else {
                 format!("{}: {}", d.error_code, d.error_message)
             };
-            let warning = if d.pin_near_bound {
-                " WAL retention near its bound!"
-            } else {
-                ""
-            };
-            println!(
-                "{:<12} {:<34} {:<12} {:>10} {:<29} {:>8} {:>8} {:>10} {:>9} {:>9} {error}{warning}",
-                shard.shard_id,
-                d.url,
+            if d.pin_near_bound {
+                error.push_str(" WAL retention near its bound!");
+            }
+            table.row(vec![
+                shard.shard_id.clone(),
+                d.url.clone(),
                 lockstep_proto::wire::lineage_text(d.lineage.as_ref()),
-                d.shipped_seq,
+                d.shipped_seq.to_string(),
                 lockstep_proto::wire::hlc_text(d.shipped_hlc),
-                d.lag_seq,
-                d.lag_ms,
+                d.lag_seq.to_string(),
+                d.lag_ms.to_string(),
                 indicatif::HumanBytes(d.pending_bytes).to_string(),
                 indicatif::HumanBytes(d.rate_bytes_per_sec).to_string(),
-                d.lag_p99_ms,
-            );
+                d.lag_p99_ms.to_string(),
+                error.trim_start().to_string(),
+            ]);
         }
     }
+    print!("{table}");
+    for note in notes {
+        println!("{note}");
+    }
     for a in &reply.unreachable {
-        println!(
-            "{:<12} unreachable at {}: {}",
-            a.shard_id, a.endpoint, a.error
-        );
+        println!("{} unreachable at {}: {}", a.shard_id, a.endpoint, a.error);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// A text table whose columns are as wide as their widest cell, so long URLs and ids keep
+/// every row aligned; the last column is not padded.
+struct Table {
+    columns: Vec<(&'static str, Align)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, Align)]) -> Table {
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let widths: Vec<usize> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                self.rows
+                    .iter()
+                    .filter_map(|row| row.get(i))
+                    .map(|cell| cell.chars().count())
+                    .chain([name.len()])
+                    .max()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let header: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(name, _)| name.to_string())
+            .collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let last = row.len().saturating_sub(1);
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                let width = if i == last { 0 } else { widths[i] };
+                let cell = match self.columns.get(i).map_or(Align::Left, |c| c.1) {
+                    Align::Left => format!("{cell:<width$}"),
+                    Align::Right => format!("{cell:>width$}"),
+                };
+                if i > 0 {
+                    line.push(' ');
+                }
+                line.push_str(&cell);
+            }
+            writeln!(f, "{}", line.trim_end())?;
+        }
+        Ok(())
     }
 }
 
@@ -788,5 +858,41 @@ pub async fn run(cli: Cli) -> i32 {
     match run_command(cli).await {
         Ok(code) => code,
         Err(err) => lockstep_process::report_error(&err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_keeps_its_columns_aligned_whatever_the_width_of_a_cell() {
+        let mut table = Table::new(&[
+            ("SHARD", Align::Left),
+            ("DESTINATION", Align::Left),
+            ("SHIPPED", Align::Right),
+            ("ERROR", Align::Left),
+        ]);
+        table.row(vec![
+            "shard-0".into(),
+            "file:///a".into(),
+            "7".into(),
+            String::new(),
+        ]);
+        table.row(vec![
+            "shard-1".into(),
+            "s3://a-very-long-bucket-name/with/a/deep/prefix/for/the/wal-archive".into(),
+            "123456".into(),
+            "ERR_BACKUP_WAL_GAP: a hole".into(),
+        ]);
+        let text = table.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        // Every right-aligned SHIPPED value ends where its header does.
+        let end = lines[0].find("SHIPPED").expect("header") + "SHIPPED".len();
+        assert_eq!(&lines[1][end - 1..end], "7", "{text}");
+        assert_eq!(&lines[2][end - 6..end], "123456", "{text}");
+        assert!(lines[2].ends_with("ERR_BACKUP_WAL_GAP: a hole"), "{text}");
+        assert!(!lines[1].ends_with(' '), "no trailing spaces: {text:?}");
     }
 }

@@ -188,15 +188,17 @@ impl HlcTime {
     }
 }
 
+/// As people read a time: RFC 3339 UTC to the millisecond, then the logical counter apart
+/// (`#3`) only when it is not zero (`2026-12-06T03:04:18.852Z`, `2026-12-06T03:04:18.852Z #3`).
 impl fmt::Display for HlcTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}+{}",
-            self.to_datetime()
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            self.logical()
-        )
+        let time = self
+            .to_datetime()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        match self.logical() {
+            0 => write!(f, "{time}"),
+            logical => write!(f, "{time} #{logical}"),
+        }
     }
 }
 
@@ -326,7 +328,11 @@ mod tests {
         let time = a.to_datetime();
         assert!(HlcTime::at_or_before(time) >= a);
         assert!(HlcTime::at_or_before(time) < HlcTime::new(1_001, 0));
-        assert_eq!(a.to_string(), "1970-01-01T00:00:01.000Z+7");
+        assert_eq!(a.to_string(), "1970-01-01T00:00:01.000Z #7");
+        assert_eq!(
+            HlcTime::new(1_000, 0).to_string(),
+            "1970-01-01T00:00:01.000Z"
+        );
     }
 
     #[test]
