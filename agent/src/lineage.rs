@@ -221,7 +221,11 @@ pub async fn establish(dir: &Path, seq: Seq, sources: &HistorySources) -> Result
     let timeline = Timeline(top.0.max(recorded.map_or(0, |l| l.timeline.0)) + 1);
     let lineage = match recorded {
         None if seq == Seq(0) => {
-            let root = Lineage::root();
+            // Numbered above what the sources know of the shard (a wiped directory).
+            let root = Lineage {
+                timeline,
+                ..Lineage::root()
+            };
             tracing::info!(shard = %sources.shard, lineage = %root, "a new shard: its history starts");
             root
         }

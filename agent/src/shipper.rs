@@ -453,8 +453,17 @@ impl<E: ShardEngine> Shipper<E> {
     /// shipped this history. Nothing is appended to it; the shard moves to a new orphan
     /// lineage (its writes up to `latest` cannot be told from the other history's), and the
     /// error stays on this destination until the next pass ships there.
-    fn fork(&self, lineage: &Lineage, latest: Seq, repo: &WalArchive, end: Seq) -> Error {
-        let orphan = Lineage::orphan(latest, lineage.timeline.next());
+    async fn fork(&self, lineage: &Lineage, latest: Seq, repo: &WalArchive, end: Seq) -> Error {
+        // Numbered above every lineage this destination knows (the id is what tells them
+        // apart; the number is for people).
+        let top = repo
+            .wal_lineages(&self.shard_id)
+            .await
+            .ok()
+            .and_then(|all| all.iter().map(|l| l.timeline).max())
+            .unwrap_or_default()
+            .max(lineage.timeline);
+        let orphan = Lineage::orphan(latest, top.next());
         let moved = match self.slot.fork(lineage, orphan) {
             Ok(true) => {
                 format!("the shard continues on {orphan}, whose archive starts after {latest}")
@@ -513,7 +522,7 @@ impl<E: ShardEngine> Shipper<E> {
             let cursor = self.resume(&repo, lineage).await?;
             if cursor.seq > latest && self.options.planted_bug != Some(PlantedBug::AppendAcrossFork)
             {
-                return Err(self.fork(lineage, latest, &repo, cursor.seq));
+                return Err(self.fork(lineage, latest, &repo, cursor.seq).await);
             }
             tracing::info!(
                 shard = %self.shard_id, destination = %repo.url(), lineage = %cursor.lineage,
