@@ -77,14 +77,21 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
     if cursor >= replay.to {
         return Ok(sources);
     }
-    let Some(archive) = &replay.archive else {
-        return Err(lockstep_repository::wal::gap(
+    // What is replayed stops at `cursor`, short of the target: `why` says where it ends.
+    let short = |cursor: Seq, why: &str| {
+        lockstep_repository::wal::gap(
             format_args!(
-                "shard {shard}: the backups end at {cursor}, the target is {}, and no WAL archive was given",
+                "shard {shard}: {why} at {cursor}, the target is {}",
                 replay.to
             ),
             Seq(cursor.0 + 1),
             replay.to,
+        )
+    };
+    let Some(archive) = &replay.archive else {
+        return Err(short(
+            cursor,
+            "no WAL archive was given and the backups end",
         ));
     };
     for leg in &replay.legs {
@@ -102,14 +109,7 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
         cursor = to;
     }
     if cursor < replay.to {
-        return Err(lockstep_repository::wal::gap(
-            format_args!(
-                "shard {shard}: the history given to replay ends at {cursor}, the target is {}",
-                replay.to
-            ),
-            Seq(cursor.0 + 1),
-            replay.to,
-        ));
+        return Err(short(cursor, "the history given to replay ends"));
     }
     Ok(sources)
 }
