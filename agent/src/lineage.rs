@@ -26,6 +26,9 @@ use lockstep_repository::{Error, ErrorCode, Lineage, Repository, Result, Seq, Sh
 
 pub const LINEAGE_FILE: &str = "LOCKSTEP-LINEAGE";
 
+/// The highest timeline of a source that knows none of the shard's histories.
+const NONE_KNOWN: Timeline = Timeline(0);
+
 /// How long the start-up check waits for each WAL destination and the repository.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,7 +112,7 @@ async fn holds(
                 .iter()
                 .map(|l| l.timeline)
                 .max()
-                .unwrap_or_default();
+                .unwrap_or(NONE_KNOWN);
             let end = match lineage {
                 Some(lineage) if lineages.iter().any(|l| l.id == lineage.id) => archive
                     .wal_segments(shard, lineage)
@@ -128,7 +131,7 @@ async fn holds(
                 .iter()
                 .map(|(l, _)| l.timeline)
                 .max()
-                .unwrap_or_default();
+                .unwrap_or(NONE_KNOWN);
             let end = points
                 .iter()
                 .filter(|(l, _)| lineage.is_some_and(|lineage| lineage.id == l.id))
@@ -174,8 +177,7 @@ async fn survey(
         (source.url().to_string(), answer)
     }))
     .await;
-    let (mut end, mut top, mut unreadable) =
-        (None::<(Seq, String)>, Timeline::default(), Vec::new());
+    let (mut end, mut top, mut unreadable) = (None::<(Seq, String)>, NONE_KNOWN, Vec::new());
     for (url, answer) in answers {
         match answer {
             Ok((held, highest)) => {
@@ -392,7 +394,7 @@ mod tests {
         let root = establish(dir.path(), Seq(0), &sources(vec![], None))
             .await
             .expect("establish");
-        assert_eq!(root.parent, None);
+        assert_eq!((root.parent, root.timeline), (None, Timeline(1)));
         assert_eq!(read_lineage(dir.path()).ok(), Some(Some(root)));
         // Started again with nothing shipped: the same history goes on.
         let again = establish(dir.path(), Seq(40), &sources(vec![], None))
@@ -479,6 +481,7 @@ mod tests {
             .collect(),
             max_gate_closed_us: 0,
             automatic: false,
+            labels: Default::default(),
             tool_version: TOOL_VERSION.into(),
         };
         repo.put_tag(&tag).await.expect("tag");

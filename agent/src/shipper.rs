@@ -306,9 +306,10 @@ impl<E: ShardEngine> Shipper<E> {
     }
 
     async fn tick(&mut self) {
-        let lineage = self.slot.lineage();
-        let latest = match self.slot.get() {
-            Ok(engine) => engine.latest_seq(),
+        // Read together: a swap between two reads would pair the old lineage with the
+        // restored shard's sequence number, which looks like a fork.
+        let (lineage, latest) = match self.slot.get_with_lineage() {
+            Ok((engine, lineage)) => (lineage, engine.latest_seq()),
             // A restore is swapping the shard: try again next tick.
             Err(_) => return,
         };
@@ -434,8 +435,16 @@ impl<E: ShardEngine> Shipper<E> {
         if let Some(parent) = parent {
             let held = repo.wal_segments(&self.shard_id, &parent).await?;
             if let Some(last) = held.last().filter(|last| last.last < lineage.branch) {
-                // Finishing appends to the parent: only onto a contiguous archive of it.
-                check_segments(&held)?;
+                // Finishing appends to the parent: only onto a contiguous archive of it. A
+                // damaged one stays as it is (a restore through it says where), and the
+                // shard's own lineage ships.
+                if let Err(err) = check_segments(&held) {
+                    tracing::warn!(
+                        shard = %self.shard_id, destination = %repo.url(), parent = %parent,
+                        error = %err.chain(), "the parent lineage's archive is damaged; it is not finished"
+                    );
+                    return Ok(Cursor::start_of(lineage));
+                }
                 return Ok(Cursor {
                     serves: lineage.id,
                     lineage: parent,
