@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use lockstep_proto::v1::{self, BarrierState};
 use lockstep_proto::wire::{Label, lineage_to_wire};
-use lockstep_repository::manifest::{BackupKind, BackupManifest};
+use lockstep_repository::manifest::{BackupKind, BackupManifest, Labels};
 use lockstep_repository::{BackupId, Error, ErrorCode, Lineage, Result, Seq, ShardId};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -335,6 +335,7 @@ pub async fn run_backup(
     ctx: &ClusterContext,
     backup: &BackupId,
     cut: &Cut,
+    labels: &Labels,
     view: &Shared,
     cancel: &CancellationToken,
 ) -> Result<()> {
@@ -352,7 +353,7 @@ pub async fn run_backup(
         uploaded = barrier_and_upload(ctx, backup, cut, view) => uploaded,
     };
     let outcome = match uploaded {
-        Ok(()) => publish(ctx, backup, cut, started_at).await,
+        Ok(()) => publish(ctx, backup, cut, labels, started_at).await,
         Err(err) => Err(err),
     };
     if outcome.is_err() {
@@ -594,6 +595,7 @@ async fn publish(
     ctx: &ClusterContext,
     backup: &BackupId,
     cut: &Cut,
+    labels: &Labels,
     started_at: chrono::DateTime<Utc>,
 ) -> Result<()> {
     let mut manifests = Vec::with_capacity(ctx.agents.len());
@@ -609,6 +611,7 @@ async fn publish(
         &manifests,
     );
     manifest.raid_groups = ctx.config.raid_groups.clone();
+    manifest.labels = labels.clone();
     let manifest = ctx.repo.commit_backup(manifest).await?;
     ctx.repo.delete_pending(backup).await?;
     tracing::info!(backup = %backup, shards = manifests.len(), max_gate_closed_us = manifest.max_gate_closed_us, "backup committed");

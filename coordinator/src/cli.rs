@@ -165,6 +165,9 @@ pub enum BackupCommand {
         /// kind; differential: the WAL since the latest full backup.
         #[arg(long, default_value = "full", value_parser = ["full", "incremental", "differential"])]
         kind: String,
+        /// Attach a label (repeat for several): KEY of a-z, 0-9, '.', '_', '-'.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label)]
+        labels: Vec<(String, String)>,
         /// Wait until the backup is committed or failed, showing progress.
         #[arg(long)]
         wait: bool,
@@ -174,6 +177,9 @@ pub enum BackupCommand {
     },
     /// List committed backups.
     List {
+        /// Only the backups with this label (repeat: with all of them).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label)]
+        labels: Vec<(String, String)>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -203,16 +209,39 @@ pub enum TagCommand {
     /// Take a named restore point now (writes pause only as long as a backup's barrier).
     Create {
         name: String,
+        /// Attach a label (repeat for several): KEY of a-z, 0-9, '.', '_', '-'.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label)]
+        labels: Vec<(String, String)>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List tags, oldest first.
     List {
+        /// Only the tags with this label (repeat: with all of them).
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label)]
+        labels: Vec<(String, String)>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--label KEY=VALUE`, checked as the coordinator checks it.
+fn label(text: &str) -> std::result::Result<(String, String), String> {
+    lockstep_repository::manifest::parse_label(text).map_err(|err| err.message)
+}
+
+/// Labels as `list` and `show` print them: `key=value,...`, or `-`.
+fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn tag_cut(tag: &v1::TagInfo) -> String {
@@ -420,10 +449,19 @@ fn job_error(job: &v1::BackupJob) -> Error {
     Error::new(code, message)
 }
 
-async fn create(endpoint: &str, kind: String, wait: bool, json: bool) -> Result<()> {
+async fn create(
+    endpoint: &str,
+    kind: String,
+    labels: Vec<(String, String)>,
+    wait: bool,
+    json: bool,
+) -> Result<()> {
     let mut client = client(endpoint).await?;
     let job = client
-        .create_backup(v1::CreateBackupRequest { kind })
+        .create_backup(v1::CreateBackupRequest {
+            kind,
+            labels: labels.into_iter().collect(),
+        })
         .await
         .map_err(|s| from_status("create backup", &s))?
         .into_inner();
@@ -608,6 +646,9 @@ fn print_backup(info: &v1::BackupInfo) {
     for (shard, seq) in cut {
         println!("  {shard:<16} seq {seq}");
     }
+    if !info.labels.is_empty() {
+        println!("  labels {}", labels_text(&info.labels));
+    }
     println!(
         "  {} bytes, {} stored new; write pause (max over shards) {:.3} ms; {} .. {}",
         info.bytes_total,
@@ -660,13 +701,18 @@ async fn run_command(cli: Cli) -> Result<i32> {
             crate::service::serve(config, listener, shutdown, on_ready).await?;
         }
         Command::Restore(args) => restore(endpoint, args).await?,
-        Command::Backup(BackupCommand::Create { kind, wait, json }) => {
-            create(endpoint, kind, wait, json).await?
-        }
-        Command::Backup(BackupCommand::List { json }) => {
+        Command::Backup(BackupCommand::Create {
+            kind,
+            labels,
+            wait,
+            json,
+        }) => create(endpoint, kind, labels, wait, json).await?,
+        Command::Backup(BackupCommand::List { labels, json }) => {
             let mut client = client(endpoint).await?;
             let reply = client
-                .list_backups(v1::ListBackupsRequest {})
+                .list_backups(v1::ListBackupsRequest {
+                    labels: labels.into_iter().collect(),
+                })
                 .await
                 .map_err(|s| from_status("list backups", &s))?
                 .into_inner();
@@ -675,25 +721,40 @@ async fn run_command(cli: Cli) -> Result<i32> {
             } else if reply.backups.is_empty() {
                 println!("No backups.");
             } else {
-                println!(
-                    "{:<26} {:<12} {:<26} {:>6} {:>14} {:>10} PARENT",
-                    "BACKUP", "KIND", "COMPLETED", "SHARDS", "BYTES", "PAUSE ms"
-                );
+                let mut table = Table::new(&[
+                    ("BACKUP", Align::Left),
+                    ("KIND", Align::Left),
+                    ("COMPLETED", Align::Left),
+                    ("SHARDS", Align::Right),
+                    ("BYTES", Align::Right),
+                    ("PAUSE ms", Align::Right),
+                    ("PARENT", Align::Left),
+                    ("LABELS", Align::Left),
+                ]);
+                let mut unreadable = Vec::new();
                 for b in &reply.backups {
                     if b.error_code.is_empty() {
-                        println!(
-                            "{:<26} {:<12} {:<26} {:>6} {:>14} {:>10.3} {}",
-                            b.backup_id,
-                            b.kind,
-                            b.completed_at,
-                            b.n_shards,
-                            b.bytes_total,
-                            b.max_gate_closed_us as f64 / 1000.0,
-                            if b.parent.is_empty() { "-" } else { &b.parent }
-                        );
+                        table.row(vec![
+                            b.backup_id.clone(),
+                            b.kind.clone(),
+                            b.completed_at.clone(),
+                            b.n_shards.to_string(),
+                            b.bytes_total.to_string(),
+                            format!("{:.3}", b.max_gate_closed_us as f64 / 1000.0),
+                            if b.parent.is_empty() {
+                                "-".into()
+                            } else {
+                                b.parent.clone()
+                            },
+                            labels_text(&b.labels),
+                        ]);
                     } else {
-                        println!("{:<26} {}", b.backup_id, b.error_code);
+                        unreadable.push(format!("{} {}", b.backup_id, b.error_code));
                     }
+                }
+                print!("{table}");
+                for line in unreadable {
+                    println!("{line}");
                 }
             }
         }
@@ -788,10 +849,13 @@ async fn run_command(cli: Cli) -> Result<i32> {
             }
             return Ok(code);
         }
-        Command::Tag(TagCommand::Create { name, json }) => {
+        Command::Tag(TagCommand::Create { name, labels, json }) => {
             let mut client = client(endpoint).await?;
             let tag = client
-                .create_tag(v1::CreateTagRequest { name })
+                .create_tag(v1::CreateTagRequest {
+                    name,
+                    labels: labels.into_iter().collect(),
+                })
                 .await
                 .map_err(|s| from_status("create tag", &s))?
                 .into_inner();
@@ -806,10 +870,12 @@ async fn run_command(cli: Cli) -> Result<i32> {
                 );
             }
         }
-        Command::Tag(TagCommand::List { json }) => {
+        Command::Tag(TagCommand::List { labels, json }) => {
             let mut client = client(endpoint).await?;
             let reply = client
-                .list_tags(v1::ListTagsRequest {})
+                .list_tags(v1::ListTagsRequest {
+                    labels: labels.into_iter().collect(),
+                })
                 .await
                 .map_err(|s| from_status("list tags", &s))?
                 .into_inner();
@@ -818,19 +884,30 @@ async fn run_command(cli: Cli) -> Result<i32> {
             } else if reply.tags.is_empty() {
                 println!("No tags.");
             } else {
-                println!("{:<32} {:<34} {:<5} CUT", "TAG", "CREATED", "AUTO");
+                let mut table = Table::new(&[
+                    ("TAG", Align::Left),
+                    ("CREATED", Align::Left),
+                    ("AUTO", Align::Left),
+                    ("LABELS", Align::Left),
+                    ("CUT", Align::Left),
+                ]);
+                let mut unreadable = Vec::new();
                 for tag in &reply.tags {
                     if tag.error_code.is_empty() {
-                        println!(
-                            "{:<32} {:<34} {:<5} {}",
-                            tag.name,
-                            tag.created_at,
-                            if tag.automatic { "yes" } else { "no" },
-                            tag_cut(tag)
-                        );
+                        table.row(vec![
+                            tag.name.clone(),
+                            tag.created_at.clone(),
+                            if tag.automatic { "yes" } else { "no" }.into(),
+                            labels_text(&tag.labels),
+                            tag_cut(tag),
+                        ]);
                     } else {
-                        println!("{:<32} {}", tag.name, tag.error_code);
+                        unreadable.push(format!("{} {}", tag.name, tag.error_code));
                     }
+                }
+                print!("{table}");
+                for line in unreadable {
+                    println!("{line}");
                 }
             }
         }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use lockstep_proto::v1;
-use lockstep_repository::manifest::{BackupKind, TagManifest};
+use lockstep_repository::manifest::{BackupKind, Labels, TagManifest};
 use lockstep_repository::remembered::Remembered;
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, RestoreId, Result, TagName};
 use tokio::sync::{mpsc, oneshot};
@@ -86,11 +86,13 @@ enum Msg {
     /// (the barrier then runs on), or with the refusal.
     Backup {
         kind: BackupKind,
+        labels: Labels,
         reply: oneshot::Sender<Result<JobView>>,
     },
     /// Take tag `name` across the cluster. Replies when the tag is written or has failed.
     Tag {
         name: TagName,
+        labels: Labels,
         reply: oneshot::Sender<Result<TagManifest>>,
     },
     /// Plan and run a restore. Replies with its id once planned (or with the refusal); the
@@ -161,12 +163,22 @@ impl ClusterOps {
         answer.await.map_err(|_| stopped())
     }
 
-    pub async fn backup(&self, kind: BackupKind) -> Result<JobView> {
-        self.ask(|reply| Msg::Backup { kind, reply }).await?
+    pub async fn backup(&self, kind: BackupKind, labels: Labels) -> Result<JobView> {
+        self.ask(|reply| Msg::Backup {
+            kind,
+            labels,
+            reply,
+        })
+        .await?
     }
 
-    pub async fn tag(&self, name: TagName) -> Result<TagManifest> {
-        self.ask(|reply| Msg::Tag { name, reply }).await?
+    pub async fn tag(&self, name: TagName, labels: Labels) -> Result<TagManifest> {
+        self.ask(|reply| Msg::Tag {
+            name,
+            labels,
+            reply,
+        })
+        .await?
     }
 
     pub async fn restore(
@@ -340,7 +352,11 @@ impl Actor {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Backup { kind, reply } => {
+            Msg::Backup {
+                kind,
+                labels,
+                reply,
+            } => {
                 if let Err(err) = self.ctx.require_agents("take a backup") {
                     let _ = reply.send(Err(err));
                     return;
@@ -371,12 +387,17 @@ impl Actor {
                     // A client gone before it learned the backup's id still gets its backup:
                     // it can find it with `backup list`.
                     let _ = reply.send(Ok(read(&view)));
-                    let outcome = backup::run_backup(&ctx, &backup_id, &cut, &view, &cancel).await;
+                    let outcome =
+                        backup::run_backup(&ctx, &backup_id, &cut, &labels, &view, &cancel).await;
                     Ended::Backup(view, outcome)
                 });
             }
-            Msg::Tag { name, reply } => {
-                self.start_tag(name, false, Some(reply));
+            Msg::Tag {
+                name,
+                labels,
+                reply,
+            } => {
+                self.start_tag(name, false, labels, Some(reply));
             }
             Msg::Restore {
                 order,
@@ -489,6 +510,7 @@ impl Actor {
         &mut self,
         name: TagName,
         automatic: bool,
+        labels: Labels,
         reply: Option<oneshot::Sender<Result<TagManifest>>>,
     ) {
         let refused = self
@@ -511,7 +533,8 @@ impl Actor {
         };
         let ctx = self.ctx.clone();
         self.ops.spawn(async move {
-            let outcome = crate::tag::create_tag(&ctx, name.clone(), automatic, &cancel).await;
+            let outcome =
+                crate::tag::create_tag(&ctx, name.clone(), automatic, labels, &cancel).await;
             match reply {
                 Some(reply) => Ended::Tag(reply, outcome),
                 None => {
@@ -527,7 +550,7 @@ impl Actor {
     fn auto_tag(&mut self) {
         let name = format!("auto-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
         match TagName::new(name) {
-            Ok(name) => self.start_tag(name, true, None),
+            Ok(name) => self.start_tag(name, true, Labels::new(), None),
             Err(err) => tracing::error!(error = %err.chain(), "automatic restore point name"),
         }
     }

@@ -20,7 +20,7 @@ use chrono::Utc;
 use lockstep_proto::v1::{self, BarrierState};
 use lockstep_proto::wire::{lineage_from_wire, lineage_to_wire};
 use lockstep_repository::manifest::{
-    MANIFEST_FORMAT_VERSION, ShardPoint, TOOL_VERSION, TagManifest,
+    Labels, MANIFEST_FORMAT_VERSION, ShardPoint, TOOL_VERSION, TagManifest,
 };
 use lockstep_repository::{BackupId, Error, ErrorCode, HlcTime, Result, Seq, TagName};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,7 @@ pub async fn create_tag(
     ctx: &ClusterContext,
     name: TagName,
     automatic: bool,
+    labels: Labels,
     cancel: &CancellationToken,
 ) -> Result<TagManifest> {
     match ctx.repo.tag(&name).await {
@@ -100,6 +101,7 @@ pub async fn create_tag(
         points,
         max_gate_closed_us,
         automatic,
+        labels,
         tool_version: TOOL_VERSION.to_string(),
     };
     ctx.repo.put_tag(&tag).await?;
@@ -129,5 +131,6 @@ pub fn tag_info(tag: &TagManifest) -> v1::TagInfo {
         max_gate_closed_us: tag.max_gate_closed_us,
         automatic: tag.automatic,
         error_code: String::new(),
+        labels: tag.labels.clone().into_iter().collect(),
     }
 }

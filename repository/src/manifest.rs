@@ -169,7 +169,66 @@ pub struct TagManifest {
     /// True for restore points the coordinator took by itself (`auto-...` names).
     #[serde(default)]
     pub automatic: bool,
+    /// What the operator labelled it with (`--label key=value`).
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     pub tool_version: String,
+}
+
+/// Labels on a backup or a tag: `key=value` pairs an operator attaches and filters by.
+pub type Labels = BTreeMap<String, String>;
+
+/// At most this many labels on one backup or tag.
+pub const MAX_LABELS: usize = 32;
+
+/// Parses `key=value` (the CLI's `--label`), checked as [`check_labels`] does.
+pub fn parse_label(text: &str) -> Result<(String, String)> {
+    let (key, value) = text.split_once('=').ok_or_else(|| {
+        Error::new(
+            ErrorCode::InvalidArgument,
+            format!("label {text:?} is not KEY=VALUE"),
+        )
+    })?;
+    let label = (key.to_string(), value.to_string());
+    check_labels(&[label.clone()].into_iter().collect())?;
+    Ok(label)
+}
+
+/// Keys are 1 to 63 characters of `a-z 0-9 . _ -` starting with a letter or digit; values
+/// at most 255 characters, none of them a control character; at most [`MAX_LABELS`].
+pub fn check_labels(labels: &Labels) -> Result<()> {
+    let invalid = |why: String| Err(Error::new(ErrorCode::InvalidArgument, why));
+    if labels.len() > MAX_LABELS {
+        return invalid(format!(
+            "{} labels, more than the {MAX_LABELS} allowed",
+            labels.len()
+        ));
+    }
+    for (key, value) in labels {
+        let key_ok = (1..=63).contains(&key.len())
+            && key.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+        if !key_ok {
+            return invalid(format!(
+                "label key {key:?}: 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+            ));
+        }
+        if value.chars().count() > 255 || value.chars().any(char::is_control) {
+            return invalid(format!(
+                "label {key}: the value is longer than 255 characters or holds a control character"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `labels` holds every label of `wanted` (an empty filter matches everything).
+pub fn has_labels(labels: &Labels, wanted: &Labels) -> bool {
+    wanted
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
 }
 
 impl TagManifest {
@@ -184,6 +243,7 @@ impl TagManifest {
         for point in manifest.points.values() {
             point.lineage.check().map_err(|err| corrupt(what, err))?;
         }
+        check_labels(&manifest.labels).map_err(|err| corrupt(what, err))?;
         Ok(manifest)
     }
 }
@@ -319,6 +379,9 @@ pub struct BackupManifest {
     /// `latest` follow it, not the clocks in ids and times, which can step back.
     #[serde(default)]
     pub commit_seq: u64,
+    /// What the operator labelled it with (`--label key=value`).
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 fn corrupt(what: &str, why: impl std::fmt::Display) -> Error {
@@ -454,6 +517,7 @@ impl BackupManifest {
         let manifest: BackupManifest =
             serde_json::from_slice(bytes).map_err(|err| corrupt(what, err))?;
         check_version(what, manifest.format_version)?;
+        check_labels(&manifest.labels).map_err(|err| corrupt(what, err))?;
         Ok(manifest)
     }
 
@@ -496,6 +560,7 @@ impl BackupManifest {
             raid_groups: Vec::new(),
             tool_version: TOOL_VERSION.to_string(),
             commit_seq: 0,
+            labels: Labels::new(),
         }
     }
 }
@@ -533,6 +598,49 @@ mod tests {
             timings: ShardTimings::default(),
             tool_version: TOOL_VERSION.into(),
         })
+    }
+
+    #[test]
+    fn labels_parse_check_and_filter() {
+        assert_eq!(
+            parse_label("team=payments").ok(),
+            Some(("team".into(), "payments".into()))
+        );
+        assert_eq!(
+            parse_label("ticket=").ok(),
+            Some(("ticket".into(), String::new()))
+        );
+        for bad in [
+            "noequals",
+            "=v",
+            "Team=x",
+            "-x=y",
+            "a b=c",
+            "k=\u{7}",
+            &format!("{}=v", "k".repeat(64)),
+        ] {
+            let err = parse_label(bad).expect_err(bad);
+            assert_eq!(err.code, ErrorCode::InvalidArgument, "{bad}: {err}");
+        }
+        let labels: Labels = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        assert!(check_labels(&labels).is_err(), "too many");
+        let have: Labels = [
+            ("team".into(), "payments".into()),
+            ("env".into(), "prod".into()),
+        ]
+        .into_iter()
+        .collect();
+        assert!(has_labels(&have, &Labels::new()));
+        assert!(has_labels(
+            &have,
+            &[("env".into(), "prod".into())].into_iter().collect()
+        ));
+        assert!(!has_labels(
+            &have,
+            &[("env".into(), "dev".into())].into_iter().collect()
+        ));
     }
 
     /// A WAL piece of sequence numbers `first..=last`.

@@ -618,7 +618,10 @@ async fn tag(
 ) {
     let name = format!("tag-{round:04}");
     let requested_ms = now_ms();
-    let request = v1::CreateTagRequest { name: name.clone() };
+    let request = v1::CreateTagRequest {
+        name: name.clone(),
+        ..Default::default()
+    };
     let created = matches!(
         tokio::time::timeout(Duration::from_secs(5), coordinator.create_tag(request)).await,
         Ok(Ok(_))
@@ -694,7 +697,10 @@ async fn backup(
             .push(format!("{} backup #{index} {traced}", now_ms()));
         record.attempts[index].outcome = Some((now_ms(), outcome));
     };
-    let request = v1::CreateBackupRequest { kind: kind.into() };
+    let request = v1::CreateBackupRequest {
+        kind: kind.into(),
+        ..Default::default()
+    };
     let job = match tokio::time::timeout(Duration::from_secs(3), coordinator.create_backup(request))
         .await
     {

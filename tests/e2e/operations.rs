@@ -22,6 +22,7 @@ async fn a_tag_whose_client_goes_away_after_prepare_reopens_every_gate_within_a_
         client
             .create_tag(v1::CreateTagRequest {
                 name: "client-gone".into(),
+                ..Default::default()
             })
             .await
     });
@@ -105,4 +106,79 @@ async fn status_commands_exit_unreachable_not_integrity_when_an_agent_is_down() 
         );
         assert!(text(&output).contains("shard-2"), "{}", text(&output));
     }
+}
+
+#[test]
+fn labels_on_backups_and_tags_show_in_list_show_and_json_and_filter_the_lists() {
+    let cluster = Cluster::start(5000, None);
+    let labelled = cluster.lockstep(&[
+        "backup",
+        "create",
+        "--wait",
+        "--json",
+        "--label",
+        "team=payments",
+        "--label",
+        "ticket=OPS-42",
+    ]);
+    assert!(labelled.status.success(), "{}", text(&labelled));
+    let labelled = json(&labelled)["backup_id"]
+        .as_str()
+        .expect("backup id")
+        .to_string();
+    let plain = cluster.lockstep(&["backup", "create", "--wait", "--json"]);
+    assert!(plain.status.success(), "{}", text(&plain));
+
+    // The list filters by every label given; text and JSON show them.
+    let listed = json(&cluster.lockstep(&["backup", "list", "--json", "--label", "team=payments"]));
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|b| b["backup_id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![labelled.as_str()]);
+    assert_eq!(listed[0]["labels"]["ticket"], "OPS-42");
+    let none = json(&cluster.lockstep(&[
+        "backup",
+        "list",
+        "--json",
+        "--label",
+        "team=payments",
+        "--label",
+        "ticket=OPS-7",
+    ]));
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+    let all = cluster.lockstep(&["backup", "list"]);
+    assert!(
+        text(&all).contains("LABELS") && text(&all).contains("team=payments,ticket=OPS-42"),
+        "{}",
+        text(&all)
+    );
+    let shown = cluster.lockstep(&["backup", "show", &labelled]);
+    assert!(
+        text(&shown).contains("labels team=payments,ticket=OPS-42"),
+        "{}",
+        text(&shown)
+    );
+
+    // Tags too.
+    let tag = cluster.lockstep(&[
+        "tag",
+        "create",
+        "before-migration",
+        "--label",
+        "change=db-7",
+    ]);
+    assert!(tag.status.success(), "{}", text(&tag));
+    let tags = json(&cluster.lockstep(&["tag", "list", "--json", "--label", "change=db-7"]));
+    assert_eq!(tags.as_array().map(Vec::len), Some(1), "{tags}");
+    assert_eq!(tags[0]["labels"]["change"], "db-7");
+    let other = json(&cluster.lockstep(&["tag", "list", "--json", "--label", "change=other"]));
+    assert_eq!(other.as_array().map(Vec::len), Some(0), "{other}");
+
+    // A bad label is refused by the CLI before anything runs (a usage error, exit 2).
+    let bad = cluster.lockstep(&["backup", "create", "--label", "Bad Key=x"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(text(&bad).contains("label key"), "{}", text(&bad));
 }

@@ -175,6 +175,7 @@ async fn a_coordinator_killed_while_agents_upload_leaves_no_shard_manifest_after
     let job = client
         .create_backup(v1::CreateBackupRequest {
             kind: "full".into(),
+            ..Default::default()
         })
         .await
         .expect("create backup")
