@@ -68,14 +68,20 @@ pub struct RestoreArgs {
     /// Point in time: an exact sequence number per shard, `shard-0=1200,shard-1=950`.
     #[arg(long, value_delimiter = ',', value_name = "SHARD=SEQ")]
     to_seq: Vec<String>,
-    /// Point in time: RFC 3339 with an explicit offset. Snaps to the latest backup cut at or
-    /// before it unless --exact-per-shard.
+    /// Point in time: RFC 3339 with an explicit offset. Snaps to the latest consistent
+    /// restore point (a backup's cut, or a tag, automatic ones included) at or before it
+    /// unless --exact-per-shard.
     #[arg(long, value_name = "TIME")]
     to_time: Option<String>,
     /// With --to-time: every shard to its own last write at or before the time
     /// (consistent across shards only up to clock skew).
     #[arg(long, requires = "to_time")]
     exact_per_shard: bool,
+    /// Every shard to the last write its WAL archive holds: the most recent state the archive
+    /// can give, NOT a consistent cut across shards (each shard's archive ends where its own
+    /// shipping stopped).
+    #[arg(long, conflicts_with_all = ["backup", "tag", "to_seq", "to_time"])]
+    to_archive_end: bool,
     /// The WAL archive to replay from (default: wal_archive in the configuration).
     #[arg(long, value_name = "URL")]
     wal_from: Option<String>,
@@ -91,7 +97,7 @@ pub struct RestoreArgs {
     to: Option<String>,
     /// Stop the running restore (shards still staging are discarded), or settle the restores
     /// a stopped coordinator left: discarded, or applied everywhere if some shard has it.
-    #[arg(long, conflicts_with_all = ["backup", "tag", "to_seq", "to_time", "dry_run", "wal_from"])]
+    #[arg(long, conflicts_with_all = ["backup", "tag", "to_seq", "to_time", "to_archive_end", "dry_run", "wal_from"])]
     abort: bool,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -563,6 +569,7 @@ async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
             wal_from: args.wal_from.unwrap_or_default(),
             dry_run: args.dry_run,
             tag: args.tag.unwrap_or_default(),
+            to_archive_end: args.to_archive_end,
         })
         .await
         .map_err(|s| from_status("restore", &s))?

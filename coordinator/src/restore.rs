@@ -123,12 +123,15 @@ pub enum PointInTime {
     Tag(lockstep_repository::TagName),
     /// An exact sequence number per shard.
     Seqs(BTreeMap<ShardId, Seq>),
-    /// A time: by default the latest backup cut at or before it; `exact_per_shard` takes
-    /// every shard to its own last write at or before it.
+    /// A time: by default the latest consistent restore point (a backup's cut or a tag) at or
+    /// before it; `exact_per_shard` takes every shard to its own last write at or before it.
     Time {
         time: DateTime<Utc>,
         exact_per_shard: bool,
     },
+    /// Every shard to the last write its archive holds on its history: the most recent state
+    /// the archive can give, and not a consistent cut across shards.
+    ArchiveEnd,
 }
 
 impl fmt::Display for PointInTime {
@@ -141,6 +144,7 @@ impl fmt::Display for PointInTime {
                 write!(f, "sequences {}", seqs.join(","))
             }
             PointInTime::Time { time, .. } => write!(f, "time {}", time.to_rfc3339()),
+            PointInTime::ArchiveEnd => write!(f, "the end of every shard's archive"),
         }
     }
 }
@@ -425,6 +429,107 @@ async fn last_write_at_or_before(
     Ok(None)
 }
 
+/// Each agent's shard to its last archived write at or before `at` on its live history (or,
+/// before the archive, the latest backup there); `when` names `at` in errors. Returns a note
+/// per shard.
+async fn exact_targets(
+    ctx: &ClusterContext,
+    backups: &[BackupManifest],
+    wal_from: &str,
+    at: HlcTime,
+    when: &str,
+    targets: &mut BTreeMap<ShardId, (Seq, Option<Lineage>, HlcTime)>,
+) -> Result<Vec<String>> {
+    if wal_from.is_empty() {
+        return Err(invalid(
+            "a restore to a time or to the archive's end needs a WAL archive: set wal_archive in the configuration or pass --wal-from".into(),
+        ));
+    }
+    let archive = open_archive(wal_from).await?;
+    let mut notes = Vec::new();
+    for agent in ctx.agents.iter() {
+        let lineage = live_lineage(ctx, agent).await?;
+        let history = History::read(
+            &ctx.repo,
+            backups,
+            Some(&archive),
+            &agent.shard_id,
+            Seq::MAX,
+        )
+        .await?;
+        let legs = history.legs(&lineage, Seq::MAX);
+        let found = last_write_at_or_before(&archive, &agent.shard_id, &legs, at).await?;
+        let (seq, hlc) = match found {
+            Some(found) => found,
+            // Before the archive: the latest backup on this history at or before the time.
+            None => history
+                .on_history(&legs)
+                .filter(|m| m.hlc <= at)
+                .max_by_key(|m| m.seq)
+                .map(|m| (m.seq, m.hlc))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::BackupNotFound,
+                        format!(
+                            "shard {}: no backup or archived write at or before {when}",
+                            agent.shard_id
+                        ),
+                    )
+                })?,
+        };
+        notes.push(format!("{} to seq {seq} ({hlc})", agent.shard_id));
+        targets.insert(agent.shard_id.clone(), (seq, Some(lineage), hlc));
+    }
+    Ok(notes)
+}
+
+/// The latest consistent restore point at or before `at`: a backup whose every shard was cut
+/// at or before it, or (when there is a WAL archive to replay a tag from) a tag whose every
+/// point was, automatic tags included; the one whose last write is the latest, a backup on a
+/// tie (it needs no replay). With the time of its last write.
+async fn latest_consistent_point(
+    ctx: &ClusterContext,
+    backups: &[BackupManifest],
+    wal_from: &str,
+    at: HlcTime,
+) -> Result<Option<(PointInTime, HlcTime)>> {
+    // A shard's point at or before `at`; an unknown time (0) is never taken for "before".
+    let before = |hlc: HlcTime| hlc <= at && hlc != HlcTime::default();
+    let mut best: Option<(PointInTime, HlcTime)> = None;
+    for backup in backups.iter().rev() {
+        let mut latest = HlcTime::default();
+        let mut all_before = true;
+        for shard in backup.cut.keys() {
+            let manifest = ctx.repo.shard_manifest(shard, &backup.backup_id).await?;
+            all_before &= before(manifest.hlc);
+            latest = latest.max(manifest.hlc);
+            if !all_before {
+                break;
+            }
+        }
+        if all_before {
+            best = Some((PointInTime::Backup(backup.backup_id.clone()), latest));
+            break;
+        }
+    }
+    if wal_from.is_empty() {
+        return Ok(best);
+    }
+    for (_, tag) in ctx.repo.tags().await? {
+        let Ok(tag) = tag else {
+            continue;
+        };
+        if tag.points.is_empty() || !tag.points.values().all(|p| before(p.hlc)) {
+            continue;
+        }
+        let latest = tag.points.values().map(|p| p.hlc).max().unwrap_or_default();
+        if best.as_ref().is_none_or(|(_, time)| latest > *time) {
+            best = Some((PointInTime::Tag(tag.name), latest));
+        }
+    }
+    Ok(best)
+}
+
 /// Plans a restore: resolves the point in time to an exact sequence number per shard, and
 /// picks for each shard the latest backup at or before it on its history (its lineage and the
 /// ancestors it inherited from), with its chain, and the WAL legs from there.
@@ -517,83 +622,52 @@ pub async fn plan(
             let at = HlcTime::at_or_before(time);
             what = format!("time {}", time.to_rfc3339());
             if !exact_per_shard {
-                // Snap to the latest backup whose every shard was cut at or before the time.
-                for backup in backups.iter().rev() {
-                    let mut all_before = true;
-                    for shard in backup.cut.keys() {
-                        let manifest = ctx.repo.shard_manifest(shard, &backup.backup_id).await?;
-                        if manifest.hlc > at || manifest.hlc == HlcTime::default() {
-                            all_before = false;
-                            break;
-                        }
-                    }
-                    if all_before {
-                        let mut plan = Box::pin(plan(
-                            ctx,
-                            PointInTime::Backup(backup.backup_id.clone()),
-                            target,
-                            None,
-                        ))
-                        .await?;
-                        plan.note = format!(
-                            "snapped to backup {}, the latest consistent restore point at or before {}; \
-                             use --exact-per-shard for each shard's last write at or before it",
-                            backup.backup_id,
+                let Some((snapped, _)) =
+                    latest_consistent_point(ctx, &backups, &wal_from, at).await?
+                else {
+                    return Err(Error::new(
+                        ErrorCode::BackupNotFound,
+                        format!(
+                            "no consistent restore point at or before {}",
                             time.to_rfc3339()
-                        );
-                        return Ok(plan);
-                    }
-                }
-                return Err(Error::new(
-                    ErrorCode::BackupNotFound,
-                    format!(
-                        "no consistent restore point at or before {}",
-                        time.to_rfc3339()
-                    ),
-                ));
-            }
-            if wal_from.is_empty() {
-                return Err(invalid(
-                    "a restore to a time needs a WAL archive: set wal_archive in the configuration or pass --wal-from".into(),
-                ));
-            }
-            let archive = open_archive(&wal_from).await?;
-            let mut notes = Vec::new();
-            for agent in ctx.agents.iter() {
-                let lineage = live_lineage(ctx, agent).await?;
-                let history = History::read(
-                    &ctx.repo,
-                    &backups,
-                    Some(&archive),
-                    &agent.shard_id,
-                    Seq::MAX,
-                )
-                .await?;
-                let legs = history.legs(&lineage, Seq::MAX);
-                let found = last_write_at_or_before(&archive, &agent.shard_id, &legs, at).await?;
-                let (seq, hlc) = match found {
-                    Some(found) => found,
-                    // Before the archive: the latest backup on this history at or before the time.
-                    None => history
-                        .on_history(&legs)
-                        .filter(|m| m.hlc <= at)
-                        .max_by_key(|m| m.seq)
-                        .map(|m| (m.seq, m.hlc))
-                        .ok_or_else(|| {
-                            Error::new(
-                                ErrorCode::BackupNotFound,
-                                format!(
-                                    "shard {}: no backup or archived write at or before {}",
-                                    agent.shard_id,
-                                    time.to_rfc3339()
-                                ),
-                            )
-                        })?,
+                        ),
+                    ));
                 };
-                notes.push(format!("{} to seq {seq} ({hlc})", agent.shard_id));
-                targets.insert(agent.shard_id.clone(), (seq, Some(lineage), hlc));
+                let described = snapped.to_string();
+                let mut plan = Box::pin(plan(ctx, snapped, target, Some(wal_from))).await?;
+                plan.note = format!(
+                    "snapped to {described}, the latest consistent restore point at or before {}; \
+                     use --exact-per-shard for each shard's last write at or before it",
+                    time.to_rfc3339()
+                );
+                return Ok(plan);
             }
+            let notes = exact_targets(
+                ctx,
+                &backups,
+                &wal_from,
+                at,
+                &time.to_rfc3339(),
+                &mut targets,
+            )
+            .await?;
             note = format!("exact per shard: {}", notes.join(", "));
+        }
+        PointInTime::ArchiveEnd => {
+            what = "the end of every shard's archive".to_string();
+            let notes = exact_targets(
+                ctx,
+                &backups,
+                &wal_from,
+                HlcTime(u64::MAX),
+                "the end of its archive",
+                &mut targets,
+            )
+            .await?;
+            note = format!(
+                "NOT a consistent cut across shards: each shard to the end of its archive: {}",
+                notes.join(", ")
+            );
         }
     }
     let shards: Vec<ShardId> = targets.keys().cloned().collect();

@@ -46,12 +46,16 @@ async fn point_in_time(
         !request.to_seq.is_empty(),
         !request.to_time.is_empty(),
         !request.tag.is_empty(),
+        request.to_archive_end,
     ];
     if named.iter().filter(|n| **n).count() > 1 {
         return Err(Error::new(
             ErrorCode::InvalidArgument,
-            "name one restore point: a backup, a tag, a sequence vector or a time",
+            "name one restore point: a backup, a tag, a sequence vector, a time or the archive's end",
         ));
+    }
+    if request.to_archive_end {
+        return Ok(PointInTime::ArchiveEnd);
     }
     if !request.tag.is_empty() {
         return Ok(PointInTime::Tag(lockstep_repository::TagName::new(

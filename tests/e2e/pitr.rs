@@ -249,6 +249,48 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     for (i, plan) in plans.iter().enumerate() {
         assert_eq!(plan["target_seq"], cut[i]);
     }
+
+    // A tag taken after every write: a time after it snaps to the tag, the latest consistent
+    // restore point, not to the older backup.
+    let tag = cluster.lockstep(&["tag", "create", "after-the-writes"]);
+    assert!(tag.status.success(), "{}", text(&tag));
+    let now = chrono::Utc::now().to_rfc3339();
+    let snapped = json(&cluster.lockstep(&[
+        "restore",
+        "--to-time",
+        &now,
+        "--in-place",
+        "--dry-run",
+        "--json",
+    ]));
+    assert!(
+        snapped["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("snapped to tag after-the-writes")),
+        "{snapped:#}"
+    );
+    for (i, plan) in snapped["plan"].as_array().expect("plan").iter().enumerate() {
+        assert_eq!(plan["target_seq"], ends[i], "{snapped:#}");
+    }
+
+    // The end of every shard's archive: each shard's last shipped write, labelled as not a
+    // consistent cut.
+    let end = json(&cluster.lockstep(&[
+        "restore",
+        "--to-archive-end",
+        "--in-place",
+        "--dry-run",
+        "--json",
+    ]));
+    assert!(
+        end["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("NOT a consistent cut")),
+        "{end:#}"
+    );
+    for (i, plan) in end["plan"].as_array().expect("plan").iter().enumerate() {
+        assert_eq!(plan["target_seq"], ends[i], "{end:#}");
+    }
     let no_offset = cluster.lockstep(&[
         "restore",
         "--to-time",
