@@ -228,6 +228,21 @@ fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Opt
 /// Decodes a stored object and checks that its plaintext hashes to `expected`. A stored
 /// (uncompressed) object's plaintext is a slice of `stored`, not a copy.
 pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes> {
+    decode_within(expected, stored, None)
+}
+
+/// [`decode`] for an object whose plaintext length a manifest records: a header that
+/// declares another length is refused before anything is decompressed or allocated, so a
+/// crafted object cannot make a reader allocate more than the chunk it stands for.
+pub fn decode_sized(expected: &ObjectId, stored: bytes::Bytes, len: u64) -> Result<bytes::Bytes> {
+    decode_within(expected, stored, Some(len))
+}
+
+fn decode_within(
+    expected: &ObjectId,
+    stored: bytes::Bytes,
+    len: Option<u64>,
+) -> Result<bytes::Bytes> {
     let corrupt = |why: &str| {
         Error::new(
             ErrorCode::BackupChecksumMismatch,
@@ -256,6 +271,11 @@ pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes>
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&stored[8..16]);
     let plaintext_len = u64::from_le_bytes(len_bytes);
+    if let Some(len) = len.filter(|len| *len != plaintext_len) {
+        return Err(corrupt(&format!(
+            "its header declares {plaintext_len} bytes, the manifest {len}"
+        )));
+    }
     let payload = &stored[payload_at..];
     let plaintext = match stored[5] {
         CODEC_STORED => stored.slice(payload_at..),
@@ -294,6 +314,27 @@ pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_declaring_another_length_than_the_manifest_is_refused_before_decompression()
+    -> Result<()> {
+        let plain = vec![7u8; 100_000];
+        let encoded = encode(&plain, Compression::default())?;
+        let id = encoded.id;
+        let stored: bytes::Bytes = encoded.to_vec().into();
+        assert_eq!(decode_sized(&id, stored.clone(), 100_000)?, plain);
+        let err = decode_sized(&id, stored.clone(), 99_999).expect_err("other length");
+        assert_eq!(err.code, ErrorCode::BackupChecksumMismatch);
+        assert!(err.message.contains("declares 100000 bytes"), "{err}");
+
+        // A crafted header claiming 2 GiB for a few bytes of payload: refused at once, where
+        // `decode` alone would reserve the 2 GiB before zstd saw the payload.
+        let mut bomb = stored.to_vec();
+        bomb[8..16].copy_from_slice(&(2u64 << 30).to_le_bytes());
+        let err = decode_sized(&id, bomb.into(), 100_000).expect_err("bomb");
+        assert_eq!(err.code, ErrorCode::BackupChecksumMismatch);
+        Ok(())
+    }
 
     #[test]
     fn compressible_data_is_compressed_and_round_trips() -> Result<()> {

@@ -505,10 +505,12 @@ impl Repository {
         }
     }
 
-    /// Downloads an object and returns its verified plaintext.
-    pub async fn get_object(&self, id: &ObjectId) -> Result<Bytes> {
+    /// Downloads the object of `chunk` and returns its verified plaintext, of exactly the
+    /// chunk's length.
+    pub async fn get_object(&self, chunk: &Chunk) -> Result<Bytes> {
+        let id = chunk.id;
         let stored = self
-            .get_raw(&self.layout.object(id))
+            .get_raw(&self.layout.object(&id))
             .await?
             .ok_or_else(|| {
                 Error::new(
@@ -516,8 +518,8 @@ impl Repository {
                     format!("object {id} is missing"),
                 )
             })?;
-        let id = *id;
-        crate::blocking::run_bulk(move || codec::decode(&id, stored))
+        let len = chunk.len;
+        crate::blocking::run_bulk(move || codec::decode_sized(&id, stored, len))
             .await
             .map_err(|err| {
                 Error::with_source(
@@ -917,7 +919,7 @@ impl Repository {
             "WAL piece {}..={} of shard {shard}",
             piece.first, piece.last
         );
-        let plaintext = self.get_object(&piece.chunk.id).await?;
+        let plaintext = self.get_object(&piece.chunk).await?;
         let segment = Segment::decode(&what, &plaintext)?;
         let info = segment.info(piece.chunk.id);
         let matches = info.as_ref().is_some_and(|i| {

@@ -383,23 +383,13 @@ pub async fn download_files(
     futures::stream::iter(jobs)
         .map(|(file, offset, chunk)| async move {
             let slot = reading_slot(reading, ErrorCode::BackupRestorationFailed).await?;
-            let plaintext = repo.get_object(&chunk.id).await.map_err(|err| {
+            // Exactly the chunk's length, or refused before it is decompressed.
+            let plaintext = repo.get_object(&chunk).await.map_err(|err| {
                 err.context(format!(
                     "restore {}",
                     file.path.file_name().unwrap_or_default().display()
                 ))
             })?;
-            if plaintext.len() as u64 != chunk.len {
-                return Err(Error::new(
-                    ErrorCode::BackupChecksumMismatch,
-                    format!(
-                        "object {} has {} bytes, manifest says {}",
-                        chunk.id,
-                        plaintext.len(),
-                        chunk.len
-                    ),
-                ));
-            }
             drop(slot);
             let len = chunk.len;
             crate::blocking::run(move || {
