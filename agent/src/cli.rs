@@ -516,7 +516,12 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
     } else {
         VerifyLevel::Quick
     };
-    let report = verify(&repo, &backups, level, args.parallelism).await?;
+    let progress = Arc::new(Progress::default());
+    let (bar, ticker) = progress_bar(progress.clone(), "verify");
+    let report = verify(&repo, &backups, level, args.parallelism, &progress).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let report = report?;
     if args.json {
         print_json(&report);
     } else {

@@ -780,7 +780,7 @@ async fn run_command(cli: Cli) -> Result<i32> {
         }
         Command::Backup(BackupCommand::Verify { backup, full, json }) => {
             let mut client = client(endpoint).await?;
-            let reply = client
+            let mut stream = client
                 .verify_backup(v1::VerifyBackupRequest {
                     backup_id: backup.unwrap_or_default(),
                     full,
@@ -788,6 +788,26 @@ async fn run_command(cli: Cli) -> Result<i32> {
                 .await
                 .map_err(|s| from_status("verify backup", &s))?
                 .into_inner();
+            let bar = byte_bar();
+            bar.set_message("verify");
+            let reply = loop {
+                let Some(update) = stream
+                    .message()
+                    .await
+                    .map_err(|s| from_status("verify backup", &s))?
+                else {
+                    return Err(Error::new(
+                        ErrorCode::AgentUnavailable,
+                        "the coordinator ended the verify without a report; run it again",
+                    ));
+                };
+                bar.set_length(update.bytes_total);
+                bar.set_position(update.bytes_done);
+                if let Some(report) = update.report {
+                    break report;
+                }
+            };
+            bar.finish_and_clear();
             if json {
                 println!("{}", reply.report_json);
             } else {

@@ -9,6 +9,7 @@ use lockstep_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use lockstep_proto::v1::wal_archive_server::WalArchiveServer;
 use lockstep_proto::{to_status, v1};
 use lockstep_repository::manifest::{BackupKind, BackupManifest, Labels, check_labels, has_labels};
+use lockstep_repository::transfer::Progress;
 use lockstep_repository::verify::{VerifyLevel, verify, verify_wal};
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result};
 use tokio::task::JoinSet;
@@ -30,6 +31,9 @@ struct CoordinatorApi {
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
+
+/// How often a running verify reports its progress.
+const VERIFY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 fn status(err: Error) -> Status {
     to_status(&err)
@@ -252,10 +256,13 @@ impl Coordinator for CoordinatorApi {
         Ok(Response::new(backup_info(&manifest)))
     }
 
+    type VerifyBackupStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<v1::VerifyProgress, Status>>;
+
     async fn verify_backup(
         &self,
         request: Request<v1::VerifyBackupRequest>,
-    ) -> Reply<v1::VerifyBackupReply> {
+    ) -> Reply<Self::VerifyBackupStream> {
         let request = request.into_inner();
         let backups = if request.backup_id.is_empty() {
             self.ctx.repo.backup_ids().await.map_err(status)?
@@ -277,25 +284,50 @@ impl Coordinator for CoordinatorApi {
         } else {
             VerifyLevel::Quick
         };
-        let mut report = verify(&self.ctx.repo, &backups, level, 8)
-            .await
-            .map_err(status)?;
         // Verifying everything includes the WAL archive's continuity (the PITR window).
-        if request.backup_id.is_empty()
-            && let Some(url) = &self.ctx.config.wal_archive
-        {
-            let archive = lockstep_proto::archive::open_archive(url)
-                .await
-                .map_err(status)?;
-            verify_wal(&mut report, &archive, &self.ctx.config.shard_ids(), level)
-                .await
-                .map_err(status)?;
-        }
-        Ok(Response::new(v1::VerifyBackupReply {
-            passed: report.passed,
-            report: report.to_string(),
-            report_json: serde_json::to_string(&report).unwrap_or_default(),
-        }))
+        let with_wal = request.backup_id.is_empty();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let progress = Arc::new(Progress::default());
+            let checking = async {
+                let mut report = verify(&ctx.repo, &backups, level, 8, &progress).await?;
+                if with_wal && let Some(url) = &ctx.config.wal_archive {
+                    let archive = lockstep_proto::archive::open_archive(url).await?;
+                    verify_wal(&mut report, &archive, &ctx.config.shard_ids(), level).await?;
+                }
+                Ok::<_, Error>(report)
+            };
+            tokio::pin!(checking);
+            let mut every = tokio::time::interval(VERIFY_PROGRESS_EVERY);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut checking => break outcome,
+                    _ = every.tick() => {
+                        let (bytes_done, bytes_total) = progress.snapshot();
+                        let update = v1::VerifyProgress { bytes_done, bytes_total, report: None };
+                        if tx.send(Ok(update)).await.is_err() {
+                            // The client went away: nobody reads the report, stop checking.
+                            return;
+                        }
+                    }
+                }
+            };
+            let (bytes_done, bytes_total) = progress.snapshot();
+            let last = outcome.map_err(status).map(|report| v1::VerifyProgress {
+                bytes_done,
+                bytes_total,
+                report: Some(v1::VerifyBackupReply {
+                    passed: report.passed,
+                    report: report.to_string(),
+                    report_json: serde_json::to_string(&report).unwrap_or_default(),
+                }),
+            });
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn delete_backup(

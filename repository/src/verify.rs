@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -20,6 +21,7 @@ use crate::ids::{BackupId, ObjectId, Seq, ShardId};
 use crate::lineage::Lineage;
 use crate::manifest::Chunk;
 use crate::repository::Repository;
+use crate::transfer::Progress;
 
 /// How deep to look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -171,6 +173,7 @@ pub async fn verify(
     backups: &[BackupId],
     level: VerifyLevel,
     parallelism: usize,
+    progress: &Progress,
 ) -> Result<VerifyReport> {
     let mut problems = Vec::new();
     let mut report = VerifyReport {
@@ -293,6 +296,14 @@ pub async fn verify(
         }
     }
 
+    let size = |chunk: &Chunk| match level {
+        VerifyLevel::Quick => chunk.stored_len,
+        VerifyLevel::Full => chunk.len,
+    };
+    progress.total_bytes.fetch_add(
+        objects.values().map(|(c, _)| size(c)).sum(),
+        Ordering::Relaxed,
+    );
     let checks = futures::stream::iter(objects)
         .map(|(id, (chunk, usage))| async move {
             let outcome: std::result::Result<(), (ErrorCode, String)> = match level {
@@ -319,6 +330,9 @@ pub async fn verify(
         .buffer_unordered(parallelism.max(1));
     futures::pin_mut!(checks);
     while let Some((chunk, usage, outcome)) = checks.next().await {
+        progress
+            .done_bytes
+            .fetch_add(size(&chunk), Ordering::Relaxed);
         report.objects_checked += 1;
         report.bytes_checked += match level {
             VerifyLevel::Quick => 0,

@@ -108,6 +108,42 @@ async fn status_commands_exit_unreachable_not_integrity_when_an_agent_is_down() 
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_streams_its_progress_then_the_report() {
+    let cluster = Cluster::start(5000, None);
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+    let mut client = CoordinatorClient::connect(cluster.coordinator_address.clone())
+        .await
+        .expect("connect coordinator");
+    let mut stream = client
+        .verify_backup(v1::VerifyBackupRequest {
+            backup_id: "latest".into(),
+            full: true,
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    let mut updates = Vec::new();
+    while let Some(update) = stream.message().await.expect("progress") {
+        updates.push(update);
+    }
+    let last = updates.last().expect("at least the report");
+    let report = last
+        .report
+        .as_ref()
+        .expect("the last message carries the report");
+    assert!(report.passed, "{}", report.report);
+    assert!(last.bytes_total > 0, "{last:?}");
+    assert_eq!(last.bytes_done, last.bytes_total, "every object checked");
+    assert!(
+        updates[..updates.len() - 1]
+            .iter()
+            .all(|u| u.report.is_none()),
+        "only the last message has a report"
+    );
+}
+
 #[test]
 fn labels_on_backups_and_tags_show_in_list_show_and_json_and_filter_the_lists() {
     let cluster = Cluster::start(5000, None);
