@@ -1,32 +1,6 @@
 //! The coordinator's configuration: one TOML file, validated with clear messages; unknown
-//! keys are rejected.
-//!
-//! ```toml
-//! repository = "file:///var/lib/lockstep/repository"
-//! listen = "127.0.0.1:7400"
-//!
-//! [barrier]
-//! lease_ms = 10000          # how long an agent holds its gate at most
-//! prepare_timeout_ms = 5000 # the coordinator's deadline for every Prepared (< lease)
-//! stage_timeout_ms = 60000  # the deadline for every Staged (captures, gates still open)
-//! close_lead_ms = 5         # gates close together this long after Prepare is sent; 0: on arrival
-//! upload_timeout_ms = 3600000 # every shard uploaded within this after Commit, or the backup fails
-//! control_timeout_ms = 2000 # deadline of one short call: abort, status polls, describe, discard
-//! apply_timeout_ms = 120000 # deadline of one in-place swap (it drains the shard's clients first)
-//!
-//! [tags]
-//! auto_every_s = 300        # an automatic restore point (tag auto-...) every 5 minutes; 0: off
-//!
-//! [[agents]]
-//! shard = "shard-0"
-//! endpoint = "http://127.0.0.1:7401"
-//!
-//! [[raid_groups]]
-//! name = "group-0"
-//! layout = "raid5"          # none, raid1, raid5, raid6, raid10
-//! data = ["shard-0", "shard-1"]
-//! parity = ["shard-2"]
-//! ```
+//! keys are rejected. `deploy/lockstep.example.toml` is the reference, every key with its
+//! default; a test parses it.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -292,6 +266,30 @@ parity = ["shard-2"]
             .err()
             .map(|e| e.message)
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_reference_configuration_parses_with_every_section() {
+        let config = Config::parse(include_str!("../../deploy/lockstep.example.toml"))
+            .expect("the reference configuration");
+        assert_eq!(config.shard_ids().len(), 3);
+        assert_eq!(config.raid_groups.len(), 1);
+        assert!(config.wal_archive.is_some());
+        assert_eq!(config.tags.auto_every_s, 300);
+        // Its barrier values are the defaults.
+        let (shown, default) = (&config.barrier, BarrierConfig::default());
+        assert_eq!(
+            (shown.lease_ms, shown.prepare_timeout_ms, shown.stage_timeout_ms),
+            (default.lease_ms, default.prepare_timeout_ms, default.stage_timeout_ms)
+        );
+        assert_eq!(
+            (shown.close_lead_ms, shown.upload_timeout_ms),
+            (default.close_lead_ms, default.upload_timeout_ms)
+        );
+        assert_eq!(
+            (shown.control_timeout_ms, shown.apply_timeout_ms),
+            (default.control_timeout_ms, default.apply_timeout_ms)
+        );
     }
 
     #[test]
