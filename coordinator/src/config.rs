@@ -279,8 +279,16 @@ parity = ["shard-2"]
         // Its barrier values are the defaults.
         let (shown, default) = (&config.barrier, BarrierConfig::default());
         assert_eq!(
-            (shown.lease_ms, shown.prepare_timeout_ms, shown.stage_timeout_ms),
-            (default.lease_ms, default.prepare_timeout_ms, default.stage_timeout_ms)
+            (
+                shown.lease_ms,
+                shown.prepare_timeout_ms,
+                shown.stage_timeout_ms
+            ),
+            (
+                default.lease_ms,
+                default.prepare_timeout_ms,
+                default.stage_timeout_ms
+            )
         );
         assert_eq!(
             (shown.close_lead_ms, shown.upload_timeout_ms),

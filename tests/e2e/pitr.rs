@@ -254,43 +254,26 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     // restore point, not to the older backup.
     let tag = cluster.lockstep(&["tag", "create", "after-the-writes"]);
     assert!(tag.status.success(), "{}", text(&tag));
+    // A dry run of `point` must say `note` and take every shard to its last write.
+    let plans_the_ends = |point: &[&str], note: &str| {
+        let mut args = vec!["restore"];
+        args.extend_from_slice(point);
+        args.extend_from_slice(&["--in-place", "--dry-run", "--json"]);
+        let plan = json(&cluster.lockstep(&args));
+        assert!(
+            plan["note"].as_str().is_some_and(|n| n.contains(note)),
+            "{plan:#}"
+        );
+        for (i, shard) in plan["plan"].as_array().expect("plan").iter().enumerate() {
+            assert_eq!(shard["target_seq"], ends[i], "{plan:#}");
+        }
+    };
     let now = chrono::Utc::now().to_rfc3339();
-    let snapped = json(&cluster.lockstep(&[
-        "restore",
-        "--to-time",
-        &now,
-        "--in-place",
-        "--dry-run",
-        "--json",
-    ]));
-    assert!(
-        snapped["note"]
-            .as_str()
-            .is_some_and(|n| n.contains("snapped to tag after-the-writes")),
-        "{snapped:#}"
-    );
-    for (i, plan) in snapped["plan"].as_array().expect("plan").iter().enumerate() {
-        assert_eq!(plan["target_seq"], ends[i], "{snapped:#}");
-    }
+    plans_the_ends(&["--to-time", &now], "snapped to tag after-the-writes");
 
     // The end of every shard's archive: each shard's last shipped write, labelled as not a
     // consistent cut.
-    let end = json(&cluster.lockstep(&[
-        "restore",
-        "--to-archive-end",
-        "--in-place",
-        "--dry-run",
-        "--json",
-    ]));
-    assert!(
-        end["note"]
-            .as_str()
-            .is_some_and(|n| n.contains("NOT a consistent cut")),
-        "{end:#}"
-    );
-    for (i, plan) in end["plan"].as_array().expect("plan").iter().enumerate() {
-        assert_eq!(plan["target_seq"], ends[i], "{end:#}");
-    }
+    plans_the_ends(&["--to-archive-end"], "NOT a consistent cut");
     let no_offset = cluster.lockstep(&[
         "restore",
         "--to-time",
