@@ -238,6 +238,22 @@ fn label(text: &str) -> std::result::Result<(String, String), String> {
     lockstep_repository::manifest::parse_label(text).map_err(|err| err.message)
 }
 
+/// The `--label` pairs of one command as labels; a key given twice is refused.
+fn labels_given(
+    pairs: Vec<(String, String)>,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut labels = std::collections::BTreeMap::new();
+    for (key, value) in pairs {
+        if labels.insert(key.clone(), value).is_some() {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("label {key} is given twice; give each key once"),
+            ));
+        }
+    }
+    Ok(labels)
+}
+
 /// Labels as `list` and `show` print them: `key=value,...`, or `-`.
 fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
     if labels.is_empty() {
@@ -466,7 +482,7 @@ async fn create(
     let job = client
         .create_backup(v1::CreateBackupRequest {
             kind,
-            labels: labels.into_iter().collect(),
+            labels: labels_given(labels)?,
         })
         .await
         .map_err(|s| from_status("create backup", &s))?
@@ -718,7 +734,7 @@ async fn run_command(cli: Cli) -> Result<i32> {
             let mut client = client(endpoint).await?;
             let reply = client
                 .list_backups(v1::ListBackupsRequest {
-                    labels: labels.into_iter().collect(),
+                    labels: labels_given(labels)?,
                 })
                 .await
                 .map_err(|s| from_status("list backups", &s))?
@@ -781,7 +797,7 @@ async fn run_command(cli: Cli) -> Result<i32> {
         Command::Backup(BackupCommand::Verify { backup, full, json }) => {
             let mut client = client(endpoint).await?;
             let mut stream = client
-                .verify_backup(v1::VerifyBackupRequest {
+                .verify_backup_stream(v1::VerifyBackupRequest {
                     backup_id: backup.unwrap_or_default(),
                     full,
                 })
@@ -881,7 +897,7 @@ async fn run_command(cli: Cli) -> Result<i32> {
             let tag = client
                 .create_tag(v1::CreateTagRequest {
                     name,
-                    labels: labels.into_iter().collect(),
+                    labels: labels_given(labels)?,
                 })
                 .await
                 .map_err(|s| from_status("create tag", &s))?
@@ -901,7 +917,7 @@ async fn run_command(cli: Cli) -> Result<i32> {
             let mut client = client(endpoint).await?;
             let reply = client
                 .list_tags(v1::ListTagsRequest {
-                    labels: labels.into_iter().collect(),
+                    labels: labels_given(labels)?,
                 })
                 .await
                 .map_err(|s| from_status("list tags", &s))?
@@ -915,8 +931,8 @@ async fn run_command(cli: Cli) -> Result<i32> {
                     ("TAG", Align::Left),
                     ("CREATED", Align::Left),
                     ("AUTO", Align::Left),
-                    ("LABELS", Align::Left),
                     ("CUT", Align::Left),
+                    ("LABELS", Align::Left),
                 ]);
                 let mut unreadable = Vec::new();
                 for tag in &reply.tags {
@@ -925,8 +941,8 @@ async fn run_command(cli: Cli) -> Result<i32> {
                             tag.name.clone(),
                             tag.created_at.clone(),
                             if tag.automatic { "yes" } else { "no" }.into(),
-                            labels_text(&tag.labels),
                             tag_cut(tag),
+                            labels_text(&tag.labels),
                         ]);
                     } else {
                         unreadable.push(format!("{} {}", tag.name, tag.error_code));

@@ -458,77 +458,113 @@ async fn exact_targets(
         )
         .await?;
         let legs = history.legs(&lineage, Seq::MAX);
-        let found = last_write_at_or_before(&archive, &agent.shard_id, &legs, at).await?;
-        let (seq, hlc) = match found {
-            Some(found) => found,
-            // Before the archive: the latest backup on this history at or before the time.
-            None => history
-                .on_history(&legs)
-                .filter(|m| m.hlc <= at)
-                .max_by_key(|m| m.seq)
-                .map(|m| (m.seq, m.hlc))
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorCode::BackupNotFound,
-                        format!(
-                            "shard {}: no backup or archived write at or before {when}",
-                            agent.shard_id
-                        ),
-                    )
-                })?,
-        };
+        let archived = last_write_at_or_before(&archive, &agent.shard_id, &legs, at).await?;
+        // A backup on this history may reach further than the archive (shipping lagged or
+        // failed): the later of the two.
+        let backed_up = history
+            .on_history(&legs)
+            .filter(|m| m.hlc <= at)
+            .max_by_key(|m| m.seq)
+            .map(|m| (m.seq, m.hlc));
+        let (seq, hlc) = archived
+            .into_iter()
+            .chain(backed_up)
+            .max_by_key(|(seq, _)| *seq)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupNotFound,
+                    format!(
+                        "shard {}: no backup or archived write at or before {when}",
+                        agent.shard_id
+                    ),
+                )
+            })?;
         notes.push(format!("{} to seq {seq} ({hlc})", agent.shard_id));
         targets.insert(agent.shard_id.clone(), (seq, Some(lineage), hlc));
     }
     Ok(notes)
 }
 
-/// The latest consistent restore point at or before `at`: a backup whose every shard was cut
-/// at or before it, or (when there is a WAL archive to replay a tag from) a tag whose every
-/// point was, automatic tags included; the one whose last write is the latest, a backup on a
-/// tie (it needs no replay). With the time of its last write.
-async fn latest_consistent_point(
+/// The consistent restore points at or before `at` on the cluster's live history, newest
+/// first: backups whose every shard was cut at or before it, and (when there is a WAL archive
+/// to replay a tag from) tags whose every point was, automatic tags included; by the time of
+/// their last write, a backup before a tag at the same time (it needs no replay). A point on
+/// a history a restore abandoned since is never one: its writes are not the cluster's.
+async fn consistent_points(
     ctx: &ClusterContext,
     backups: &[BackupManifest],
     wal_from: &str,
     at: HlcTime,
-) -> Result<Option<(PointInTime, HlcTime)>> {
-    // A shard's point at or before `at`; an unknown time (0) is never taken for "before".
-    let before = |hlc: HlcTime| hlc <= at && hlc != HlcTime::default();
-    let mut best: Option<(PointInTime, HlcTime)> = None;
+) -> Result<Vec<PointInTime>> {
+    let archive = if wal_from.is_empty() {
+        None
+    } else {
+        Some(open_archive(wal_from).await?)
+    };
+    // Each shard's live history, every lineage to where the shard inherited it.
+    let mut live: BTreeMap<ShardId, Vec<Leg>> = BTreeMap::new();
+    for agent in ctx.agents.iter() {
+        let lineage = live_lineage(ctx, agent).await?;
+        let history = History::read(
+            &ctx.repo,
+            backups,
+            archive.as_ref(),
+            &agent.shard_id,
+            Seq::MAX,
+        )
+        .await?;
+        live.insert(agent.shard_id.clone(), history.legs(&lineage, Seq::MAX));
+    }
+    // A shard's point: at or before `at` (an unknown time, 0, never is) and on its history.
+    let on_live = |shard: &ShardId, lineage: &Lineage, seq: Seq, hlc: HlcTime| {
+        hlc <= at
+            && hlc != HlcTime::default()
+            && live.get(shard).is_some_and(|legs| {
+                legs.iter()
+                    .any(|leg| leg.lineage.id == lineage.id && seq <= leg.to)
+            })
+    };
+    let mut points: Vec<(HlcTime, bool, PointInTime)> = Vec::new();
     for backup in backups.iter().rev() {
+        if backup.cut.len() != live.len() || !backup.cut.keys().all(|s| live.contains_key(s)) {
+            continue;
+        }
         let mut latest = HlcTime::default();
-        let mut all_before = true;
+        let mut usable = true;
         for shard in backup.cut.keys() {
             let manifest = ctx.repo.shard_manifest(shard, &backup.backup_id).await?;
-            all_before &= before(manifest.hlc);
+            usable &= on_live(shard, &manifest.lineage, manifest.seq, manifest.hlc);
             latest = latest.max(manifest.hlc);
-            if !all_before {
+            if !usable {
                 break;
             }
         }
-        if all_before {
-            best = Some((PointInTime::Backup(backup.backup_id.clone()), latest));
-            break;
+        if usable {
+            points.push((latest, true, PointInTime::Backup(backup.backup_id.clone())));
         }
     }
-    if wal_from.is_empty() {
-        return Ok(best);
-    }
-    for (_, tag) in ctx.repo.tags().await? {
-        let Ok(tag) = tag else {
-            continue;
-        };
-        if tag.points.is_empty() || !tag.points.values().all(|p| before(p.hlc)) {
-            continue;
+    if archive.is_some() {
+        for (_, tag) in ctx.repo.tags().await? {
+            let Ok(tag) = tag else {
+                continue;
+            };
+            let usable = tag.points.len() == live.len()
+                && tag
+                    .points
+                    .iter()
+                    .all(|(shard, p)| on_live(shard, &p.lineage, p.seq, p.hlc));
+            if usable {
+                let latest = tag.points.values().map(|p| p.hlc).max().unwrap_or_default();
+                points.push((latest, false, PointInTime::Tag(tag.name)));
+            }
         }
-        let latest = tag.points.values().map(|p| p.hlc).max().unwrap_or_default();
-        if best.as_ref().is_none_or(|(_, time)| latest > *time) {
-            best = Some((PointInTime::Tag(tag.name), latest));
-        }
     }
-    Ok(best)
+    points.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    Ok(points.into_iter().map(|(_, _, point)| point).collect())
 }
+
+/// How many consistent restore points a snapped time tries, newest first, before it gives up.
+const SNAP_ATTEMPTS: usize = 8;
 
 /// Plans a restore: resolves the point in time to an exact sequence number per shard, and
 /// picks for each shard the latest backup at or before it on its history (its lineage and the
@@ -622,25 +658,50 @@ pub async fn plan(
             let at = HlcTime::at_or_before(time);
             what = format!("time {}", time.to_rfc3339());
             if !exact_per_shard {
-                let Some((snapped, _)) =
-                    latest_consistent_point(ctx, &backups, &wal_from, at).await?
-                else {
-                    return Err(Error::new(
-                        ErrorCode::BackupNotFound,
-                        format!(
-                            "no consistent restore point at or before {}",
-                            time.to_rfc3339()
-                        ),
-                    ));
-                };
-                let described = snapped.to_string();
-                let mut plan = Box::pin(plan(ctx, snapped, target, Some(wal_from))).await?;
-                plan.note = format!(
-                    "snapped to {described}, the latest consistent restore point at or before {}; \
-                     use --exact-per-shard for each shard's last write at or before it",
-                    time.to_rfc3339()
-                );
-                return Ok(plan);
+                // The newest point that plans: one whose WAL the archive lacks is skipped,
+                // and the note says so.
+                let mut skipped = Vec::new();
+                for snapped in consistent_points(ctx, &backups, &wal_from, at)
+                    .await?
+                    .into_iter()
+                    .take(SNAP_ATTEMPTS)
+                {
+                    let described = snapped.to_string();
+                    match Box::pin(plan(ctx, snapped, target.clone(), Some(wal_from.clone()))).await
+                    {
+                        Ok(mut plan) => {
+                            let skipped = if skipped.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (later ones cannot be restored: {})", skipped.join("; "))
+                            };
+                            let planned = if plan.note.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; {}", plan.note)
+                            };
+                            plan.note = format!(
+                                "snapped to {described}, the latest consistent restore point at or before {}{skipped}; \
+                                 use --exact-per-shard for each shard's last write at or before it{planned}",
+                                time.to_rfc3339(),
+                            );
+                            return Ok(plan);
+                        }
+                        Err(err) => skipped.push(format!("{described}: {}", err.message)),
+                    }
+                }
+                return Err(Error::new(
+                    ErrorCode::BackupNotFound,
+                    format!(
+                        "no consistent restore point on the cluster's history at or before {}{}",
+                        time.to_rfc3339(),
+                        if skipped.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" can be restored: {}", skipped.join("; "))
+                        }
+                    ),
+                ));
             }
             let notes = exact_targets(
                 ctx,

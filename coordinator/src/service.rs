@@ -32,6 +32,58 @@ struct CoordinatorApi {
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
 
+/// What a verify request asks for, checked.
+struct VerifyOrder {
+    backups: Vec<BackupId>,
+    level: VerifyLevel,
+    /// Verifying everything includes the WAL archive's continuity (the PITR window).
+    with_wal: bool,
+}
+
+impl VerifyOrder {
+    async fn read(ctx: &ClusterContext, request: v1::VerifyBackupRequest) -> Result<VerifyOrder> {
+        let backups = if request.backup_id.is_empty() {
+            ctx.repo.backup_ids().await?
+        } else {
+            vec![resolve_backup(&ctx.repo, &request.backup_id).await?]
+        };
+        if backups.is_empty() {
+            return Err(Error::new(
+                ErrorCode::BackupNotFound,
+                "the repository holds no backup",
+            ));
+        }
+        Ok(VerifyOrder {
+            backups,
+            level: if request.full {
+                VerifyLevel::Full
+            } else {
+                VerifyLevel::Quick
+            },
+            with_wal: request.backup_id.is_empty(),
+        })
+    }
+
+    async fn run(
+        &self,
+        ctx: &ClusterContext,
+        progress: &Progress,
+    ) -> Result<v1::VerifyBackupReply> {
+        let mut report = verify(&ctx.repo, &self.backups, self.level, 8, progress).await?;
+        if self.with_wal
+            && let Some(url) = &ctx.config.wal_archive
+        {
+            let archive = lockstep_proto::archive::open_archive(url).await?;
+            verify_wal(&mut report, &archive, &ctx.config.shard_ids(), self.level).await?;
+        }
+        Ok(v1::VerifyBackupReply {
+            passed: report.passed,
+            report: report.to_string(),
+            report_json: serde_json::to_string(&report).unwrap_or_default(),
+        })
+    }
+}
+
 /// How often a running verify reports its progress.
 const VERIFY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -256,48 +308,35 @@ impl Coordinator for CoordinatorApi {
         Ok(Response::new(backup_info(&manifest)))
     }
 
-    type VerifyBackupStream =
-        tokio_stream::wrappers::ReceiverStream<std::result::Result<v1::VerifyProgress, Status>>;
-
     async fn verify_backup(
         &self,
         request: Request<v1::VerifyBackupRequest>,
-    ) -> Reply<Self::VerifyBackupStream> {
-        let request = request.into_inner();
-        let backups = if request.backup_id.is_empty() {
-            self.ctx.repo.backup_ids().await.map_err(status)?
-        } else {
-            vec![
-                resolve_backup(&self.ctx.repo, &request.backup_id)
-                    .await
-                    .map_err(status)?,
-            ]
-        };
-        if backups.is_empty() {
-            return Err(status(Error::new(
-                ErrorCode::BackupNotFound,
-                "the repository holds no backup",
-            )));
-        }
-        let level = if request.full {
-            VerifyLevel::Full
-        } else {
-            VerifyLevel::Quick
-        };
-        // Verifying everything includes the WAL archive's continuity (the PITR window).
-        let with_wal = request.backup_id.is_empty();
+    ) -> Reply<v1::VerifyBackupReply> {
+        let order = VerifyOrder::read(&self.ctx, request.into_inner())
+            .await
+            .map_err(status)?;
+        let reply = order
+            .run(&self.ctx, &Progress::default())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(reply))
+    }
+
+    type VerifyBackupStreamStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<v1::VerifyProgress, Status>>;
+
+    async fn verify_backup_stream(
+        &self,
+        request: Request<v1::VerifyBackupRequest>,
+    ) -> Reply<Self::VerifyBackupStreamStream> {
+        let order = VerifyOrder::read(&self.ctx, request.into_inner())
+            .await
+            .map_err(status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let progress = Arc::new(Progress::default());
-            let checking = async {
-                let mut report = verify(&ctx.repo, &backups, level, 8, &progress).await?;
-                if with_wal && let Some(url) = &ctx.config.wal_archive {
-                    let archive = lockstep_proto::archive::open_archive(url).await?;
-                    verify_wal(&mut report, &archive, &ctx.config.shard_ids(), level).await?;
-                }
-                Ok::<_, Error>(report)
-            };
+            let checking = order.run(&ctx, &progress);
             tokio::pin!(checking);
             let mut every = tokio::time::interval(VERIFY_PROGRESS_EVERY);
             let outcome = loop {
@@ -317,11 +356,7 @@ impl Coordinator for CoordinatorApi {
             let last = outcome.map_err(status).map(|report| v1::VerifyProgress {
                 bytes_done,
                 bytes_total,
-                report: Some(v1::VerifyBackupReply {
-                    passed: report.passed,
-                    report: report.to_string(),
-                    report_json: serde_json::to_string(&report).unwrap_or_default(),
-                }),
+                report: Some(report),
             });
             let _ = tx.send(last).await;
         });

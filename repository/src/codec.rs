@@ -333,6 +333,7 @@ mod tests {
         bomb[8..16].copy_from_slice(&(2u64 << 30).to_le_bytes());
         let err = decode_sized(&id, bomb.into(), 100_000).expect_err("bomb");
         assert_eq!(err.code, ErrorCode::BackupChecksumMismatch);
+        assert!(err.message.contains("declares 2147483648 bytes"), "{err}");
         Ok(())
     }
 

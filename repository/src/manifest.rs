@@ -194,8 +194,10 @@ pub fn parse_label(text: &str) -> Result<(String, String)> {
     Ok(label)
 }
 
-/// Keys are 1 to 63 characters of `a-z 0-9 . _ -` starting with a letter or digit; values
-/// at most 255 characters, none of them a control character; at most [`MAX_LABELS`].
+/// Keys are 1 to 63 characters of `a-z 0-9 . _ -` starting with a letter or digit; values at
+/// most 255 characters of `A-Z a-z 0-9 . _ - : / @ +` (no space, `,` or `=`, which would read
+/// as another label, and nothing that prints otherwise than it reads); at most
+/// [`MAX_LABELS`].
 pub fn check_labels(labels: &Labels) -> Result<()> {
     let invalid = |why: String| Err(Error::new(ErrorCode::InvalidArgument, why));
     if labels.len() > MAX_LABELS {
@@ -215,9 +217,13 @@ pub fn check_labels(labels: &Labels) -> Result<()> {
                 "label key {key:?}: 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
             ));
         }
-        if value.chars().count() > 255 || value.chars().any(char::is_control) {
+        let value_ok = value.len() <= 255
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-:/@+".contains(c));
+        if !value_ok {
             return invalid(format!(
-                "label {key}: the value is longer than 255 characters or holds a control character"
+                "label {key}: the value must be at most 255 characters of A-Z, a-z, 0-9 and . _ - : / @ +"
             ));
         }
     }
@@ -617,7 +623,12 @@ mod tests {
             "-x=y",
             "a b=c",
             "k=\u{7}",
+            "k=a b",
+            "k=x,b=y",
+            "k=x=y",
+            "k=\u{202e}abc",
             &format!("{}=v", "k".repeat(64)),
+            &format!("k={}", "v".repeat(256)),
         ] {
             let err = parse_label(bad).expect_err(bad);
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{bad}: {err}");

@@ -117,7 +117,7 @@ async fn verify_streams_its_progress_then_the_report() {
         .await
         .expect("connect coordinator");
     let mut stream = client
-        .verify_backup(v1::VerifyBackupRequest {
+        .verify_backup_stream(v1::VerifyBackupRequest {
             backup_id: "latest".into(),
             full: true,
         })

@@ -346,4 +346,23 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
         after.len() > before.len(),
         "the new lineage shipped nothing"
     );
+
+    // The tag taken before that restore is on the history the restore abandoned: a time
+    // now no longer snaps to it (its writes past the restore point are not the cluster's),
+    // but to the backup the live history shares.
+    let now = chrono::Utc::now().to_rfc3339();
+    let snapped = json(&cluster.lockstep(&[
+        "restore",
+        "--to-time",
+        &now,
+        "--in-place",
+        "--dry-run",
+        "--json",
+    ]));
+    assert!(
+        snapped["note"]
+            .as_str()
+            .is_some_and(|n| n.contains(&format!("snapped to backup {backup_id}"))),
+        "{snapped:#}"
+    );
 }
