@@ -559,7 +559,7 @@ async fn consistent_points(
             }
         }
     }
-    points.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+    points.sort_by_key(|(time, is_backup, _)| std::cmp::Reverse((*time, *is_backup)));
     Ok(points.into_iter().map(|(_, _, point)| point).collect())
 }
 
