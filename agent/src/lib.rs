@@ -21,6 +21,7 @@
 
 pub mod backup;
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod gate;
 pub mod hlc;

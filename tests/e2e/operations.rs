@@ -218,3 +218,55 @@ fn labels_on_backups_and_tags_show_in_list_show_and_json_and_filter_the_lists() 
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
     assert!(text(&bad).contains("label key"), "{}", text(&bad));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serves_from_its_configuration_file_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "db = \"{}\"\nshard = \"shard-7\"\nlisten = \"127.0.0.1:1\"\nrepo = \"{}\"\nwal_to = [\"{}\"]\n",
+            dir.path().join("db").display(),
+            dir.path().join("repo").display(),
+            dir.path().join("archive").display(),
+        ),
+    )
+    .expect("write config");
+    // The file's listen address (port 1) is overridden by the command line's.
+    let args: Vec<String> = [
+        "serve",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut child, address) =
+        lockstep_tests::start_server("lockstep-agent", &args, &[], &dir.path().join("agent.log"));
+    let mut client =
+        lockstep_proto::v1::agent_client::AgentClient::connect(format!("http://{address}"))
+            .await
+            .expect("connect agent");
+    let info = client
+        .describe(v1::DescribeRequest {})
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(info.shard_id, "shard-7");
+    let wal = client
+        .wal_status(v1::WalStatusRequest {})
+        .await
+        .expect("wal status")
+        .into_inner();
+    assert_eq!(wal.destinations.len(), 1, "{wal:?}");
+    lockstep_tests::kill_hard(&mut child);
+
+    // A key the agent does not know is refused before it starts, naming the key.
+    std::fs::write(&config, "shard = \"shard-7\"\nwal_too = []\n").expect("write config");
+    let refused = lockstep_tests::agent(&["serve", "--config", config.to_str().expect("utf-8")]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(text(&refused).contains("wal_too"), "{}", text(&refused));
+}

@@ -1,8 +1,17 @@
-//! `lockstep-agent`: parses flags and runs the command.
+//! `lockstep-agent`: parses flags (a `serve --config` file becomes flags first) and runs the
+//! command.
 
 use clap::Parser;
 use lockstep_agent::cli::{Cli, run};
 
 fn main() -> std::process::ExitCode {
-    lockstep_process::run_binary("warn", run(Cli::parse()))
+    let argv = match lockstep_agent::config::expand(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            return std::process::ExitCode::from(
+                u8::try_from(lockstep_process::report_error(&err)).unwrap_or(2),
+            );
+        }
+    };
+    lockstep_process::run_binary("warn", run(Cli::parse_from(argv)))
 }
