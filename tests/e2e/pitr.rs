@@ -97,6 +97,14 @@ pub async fn wait_shipped(cluster: &Cluster) -> serde_json::Value {
     last
 }
 
+/// The plan of an in-place restore to `point` (`--to-time T`, say), changing nothing.
+fn dry_run(cluster: &Cluster, point: &[&str]) -> serde_json::Value {
+    let mut args = vec!["restore"];
+    args.extend_from_slice(point);
+    args.extend_from_slice(&["--in-place", "--dry-run", "--json"]);
+    json(&cluster.lockstep(&args))
+}
+
 pub fn seq_vector(targets: &[u64]) -> String {
     targets
         .iter()
@@ -230,14 +238,7 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     }
 
     // The same time without --exact-per-shard snaps to the backup, and says so.
-    let snapped = json(&cluster.lockstep(&[
-        "restore",
-        "--to-time",
-        &time,
-        "--in-place",
-        "--dry-run",
-        "--json",
-    ]));
+    let snapped = dry_run(&cluster, &["--to-time", &time]);
     assert!(
         snapped["note"]
             .as_str()
@@ -256,10 +257,7 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     assert!(tag.status.success(), "{}", text(&tag));
     // A dry run of `point` must say `note` and take every shard to its last write.
     let plans_the_ends = |point: &[&str], note: &str| {
-        let mut args = vec!["restore"];
-        args.extend_from_slice(point);
-        args.extend_from_slice(&["--in-place", "--dry-run", "--json"]);
-        let plan = json(&cluster.lockstep(&args));
+        let plan = dry_run(&cluster, point);
         assert!(
             plan["note"].as_str().is_some_and(|n| n.contains(note)),
             "{plan:#}"
@@ -351,14 +349,7 @@ async fn point_in_time_restores_replay_the_shipped_wal_exactly_to_each_target() 
     // now no longer snaps to it (its writes past the restore point are not the cluster's),
     // but to the backup the live history shares.
     let now = chrono::Utc::now().to_rfc3339();
-    let snapped = json(&cluster.lockstep(&[
-        "restore",
-        "--to-time",
-        &now,
-        "--in-place",
-        "--dry-run",
-        "--json",
-    ]));
+    let snapped = dry_run(&cluster, &["--to-time", &now]);
     assert!(
         snapped["note"]
             .as_str()
