@@ -369,7 +369,7 @@ struct Participant<E: ShardEngine> {
     outcomes: Remembered<BackupId, BarrierStatus>,
     /// The active barrier's upload while it is `Uploading`.
     uploads: JoinSet<(BackupId, Result<ShardManifest>)>,
-    restores: restore::Restores,
+    restores: restore::Restores<E>,
 }
 
 impl<E: ShardEngine> Participant<E> {
@@ -385,7 +385,7 @@ impl<E: ShardEngine> Participant<E> {
                     self.expire();
                 }
                 _ = tokio::time::sleep_until(restore_deadline.unwrap_or_else(Instant::now)), if restore_deadline.is_some() => {
-                    self.restores.expire(&self.shard.shard_id);
+                    self.restores.expire(&self.shard).await;
                 }
                 Some(done) = self.uploads.join_next(), if !self.uploads.is_empty() => {
                     match done {

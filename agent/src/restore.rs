@@ -357,6 +357,9 @@ pub struct StagedShard {
     pub column_families: Vec<String>,
     pub n_files: usize,
     pub bytes: u64,
+    /// The cluster restore whose decision the shard waits for once in place
+    /// ([`UNDECIDED_FILE`]); `None` for a restore that needs none (offline, one shard).
+    pub undecided: Option<String>,
 }
 
 impl StagedShard {
@@ -369,15 +372,24 @@ impl StagedShard {
         Ok(lineage)
     }
 
-    /// Marks the staged shard complete ([`COMPLETE_FILE`], synced), then renames it to
-    /// `target`, which must be absent or an empty directory.
+    /// Marks the staged shard complete ([`COMPLETE_FILE`], and [`UNDECIDED_FILE`] when it
+    /// waits for a decision; synced), then renames it to `target`, which must be absent or
+    /// an empty directory.
     pub fn move_to(self, target: &Path) -> Result<()> {
         let io = |what: String, err| Error::io(ErrorCode::BackupRestorationFailed, what, err);
-        let marker = self.staging.path().join(COMPLETE_FILE);
-        std::fs::write(&marker, format!("{}\n", self.seq))
-            .and_then(|()| std::fs::File::open(&marker)?.sync_all())
-            .and_then(|()| std::fs::File::open(self.staging.path())?.sync_all())
-            .map_err(|err| io(format!("write {}", marker.display()), err))?;
+        let write = |name: &str, content: String| {
+            let file = self.staging.path().join(name);
+            std::fs::write(&file, content)
+                .and_then(|()| std::fs::File::open(&file)?.sync_all())
+                .map_err(|err| io(format!("write {}", file.display()), err))
+        };
+        if let Some(restore) = &self.undecided {
+            write(UNDECIDED_FILE, format!("{restore}\n"))?;
+        }
+        write(COMPLETE_FILE, format!("{}\n", self.seq))?;
+        std::fs::File::open(self.staging.path())
+            .and_then(|dir| dir.sync_all())
+            .map_err(|err| io(format!("sync {}", self.staging.path().display()), err))?;
         // rename(2) replaces an empty directory atomically.
         std::fs::rename(self.staging.path(), target)
             .map_err(|err| io(format!("move restored shard to {}", target.display()), err))?;
@@ -398,6 +410,67 @@ pub const COMPLETE_FILE: &str = "LOCKSTEP-RESTORED";
 /// Whether `dir` holds a complete restored shard (see [`COMPLETE_FILE`]).
 pub fn is_complete_restore(dir: &Path) -> bool {
     dir.join(COMPLETE_FILE).is_file()
+}
+
+/// Written beside [`COMPLETE_FILE`] into the shard of a cluster restore, naming it: the shard
+/// is in place but the restore may still revert (its decision is in the repository,
+/// `Repository::decide_restore`). Removed, durably, when the restore commits; a shard holding
+/// it never serves before its decision is known.
+pub const UNDECIDED_FILE: &str = "LOCKSTEP-UNDECIDED";
+
+/// The cluster restore a complete restored shard in `dir` still waits for, if any.
+pub fn undecided_restore(dir: &Path) -> Option<String> {
+    if !is_complete_restore(dir) {
+        return None;
+    }
+    let content = std::fs::read_to_string(dir.join(UNDECIDED_FILE)).ok()?;
+    Some(content.trim().to_string())
+}
+
+/// Removes a restored shard from the target directory it was applied to (its restore
+/// reverted), unmarked first, so a crash part-way never leaves what looks like a complete
+/// restore. The target was absent or empty before the restore.
+pub fn remove_restored(target: &Path) -> Result<()> {
+    let io = |what: String, err| Error::io(ErrorCode::BackupRestorationFailed, what, err);
+    match std::fs::remove_file(target.join(COMPLETE_FILE)) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io(format!("unmark {}", target.display()), err));
+        }
+        _ => {}
+    }
+    if let Ok(dir) = std::fs::File::open(target) {
+        let _ = dir.sync_all();
+    }
+    match std::fs::remove_dir_all(target) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(io(format!("remove {}", target.display()), err))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Records that the restored shard in `dir` is committed: removes [`UNDECIDED_FILE`], durably.
+pub fn mark_committed(dir: &Path) -> Result<()> {
+    let file = dir.join(UNDECIDED_FILE);
+    match std::fs::remove_file(&file) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(
+                ErrorCode::BackupRestorationFailed,
+                format!("remove {}", file.display()),
+                err,
+            ));
+        }
+        _ => {}
+    }
+    std::fs::File::open(dir)
+        .and_then(|handle| handle.sync_all())
+        .map_err(|err| {
+            Error::io(
+                ErrorCode::BackupRestorationFailed,
+                format!("sync {}", dir.display()),
+                err,
+            )
+        })
 }
 
 /// Keeps the codes an operator acts on; everything else is a restoration failure.
@@ -493,6 +566,7 @@ pub async fn stage_shard(
         staging,
         seq,
         lineage: None,
+        undecided: None,
         n_files: manifest.files.len(),
         bytes: manifest.total_bytes(),
         column_families: manifest.column_families.clone(),
@@ -570,6 +644,7 @@ pub async fn stage_empty<E: ShardEngine>(
         staging,
         seq,
         lineage: None,
+        undecided: None,
         n_files: 0,
         bytes: 0,
         column_families,

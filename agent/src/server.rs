@@ -227,6 +227,7 @@ pub fn restore_to_wire(status: RestoreStatus) -> v1::RestoreStatus {
     let state = match status.state {
         RestoreState::Staging => v1::RestoreState::Staging,
         RestoreState::Staged => v1::RestoreState::Staged,
+        RestoreState::Swapped => v1::RestoreState::Swapped,
         RestoreState::Applied => v1::RestoreState::Applied,
         RestoreState::Discarded => v1::RestoreState::Discarded,
         RestoreState::Failed => v1::RestoreState::Failed,
@@ -462,6 +463,14 @@ impl Agent for AgentApi {
     ) -> Result<Response<v1::RestoreStatus>, Status> {
         let id = restore_id(request.into_inner().restore_id)?;
         reply(self.participant.restore_apply(id).await, restore_to_wire)
+    }
+
+    async fn restore_commit(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::RestoreStatus>, Status> {
+        let id = restore_id(request.into_inner().restore_id)?;
+        reply(self.participant.restore_commit(id).await, restore_to_wire)
     }
 
     async fn restore_discard(

@@ -6,19 +6,25 @@
 //! fast with "retry", then closes the engine and swaps directories:
 //!
 //! 1. rename the live directory aside (`.<name>.lockstep-replaced`);
-//! 2. rename the staged shard, already marked complete ([`COMPLETE_FILE`]), into place;
-//! 3. open it and check its sequence number;
-//! 4. remove the replaced directory.
+//! 2. rename the staged shard, already marked complete ([`COMPLETE_FILE`]) and, for a cluster
+//!    restore, undecided ([`UNDECIDED_FILE`]), into place;
+//! 3. open it and check its sequence number.
 //!
-//! If 2 or 3 fails, the swap undoes itself without deleting the old shard first: remove the
-//! restored shard's mark, rename it aside (`.<name>.lockstep-discarded`), rename the old
-//! shard back, and only then remove the discarded one.
+//! The swap then holds ([`SwappedIn`]): the slot stays exclusive, so nothing reads or writes
+//! the restored shard, until the restore's decision. [`EngineSlot::commit`] removes the
+//! undecided mark, durably, lets operations in, and removes the replaced directory;
+//! [`EngineSlot::revert`] puts the old shard back as a failed swap does.
+//!
+//! If 2 or 3 fails, or on revert, the swap undoes itself without deleting the old shard
+//! first: remove the restored shard's mark, rename it aside (`.<name>.lockstep-discarded`),
+//! rename the old shard back, and only then remove the discarded one.
 //!
 //! [`recover_interrupted_swap`] finishes or undoes a swap a crash interrupted, at start. The
 //! rule: the replaced (old) shard is removed only when the live directory is a complete
-//! restored shard; anything else at the live path (nothing, an empty directory a supervisor
-//! created, a restored shard whose undo began) is moved aside and the old shard moved back.
-//! Restores staged and swaps discarded by a process that died are removed too.
+//! restored shard that is committed (no undecided mark, or its restore decided commit);
+//! anything else at the live path (nothing, an empty directory a supervisor created, a
+//! restored shard whose undo began or whose restore reverts) is moved aside and the old shard
+//! moved back. Restores staged and swaps discarded by a process that died are removed too.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,11 +32,14 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
+use lockstep_repository::repository::RestoreDecision;
 use lockstep_repository::{Error, ErrorCode, Lineage, Result, Seq};
 
 use crate::engine::ShardEngine;
 use crate::lineage::write_lineage;
-use crate::restore::{COMPLETE_FILE, StagedShard, is_complete_restore};
+use crate::restore::{
+    COMPLETE_FILE, StagedShard, is_complete_restore, mark_committed, undecided_restore,
+};
 
 /// How long a swap waits for in-flight reads to let go of the old engine.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -86,7 +95,9 @@ fn sync_parent(dir: &Path) {
 
 /// Finishes or undoes a swap that a crash interrupted, and removes restores staged beside
 /// the shard by an earlier run (staging never survives its process); call before opening.
-pub fn recover_interrupted_swap(dir: &Path) -> Result<()> {
+/// `decision` is the decision of the restore the live shard waits for
+/// ([`undecided_restore`]), which the caller reads (or makes) in the repository first.
+pub fn recover_interrupted_swap(dir: &Path, decision: Option<RestoreDecision>) -> Result<()> {
     let staging_prefix = side_dir(dir, "restore-");
     let staging_prefix = staging_prefix
         .file_name()
@@ -106,15 +117,40 @@ pub fn recover_interrupted_swap(dir: &Path) -> Result<()> {
             }
         }
     }
+    let undecided = undecided_restore(dir);
+    if let Some(restore) = &undecided
+        && decision.is_none()
+    {
+        return Err(Error::new(
+            ErrorCode::BackupRestorationFailed,
+            format!(
+                "{} holds the shard of restore {restore}, whose decision is not known",
+                dir.display()
+            ),
+        ));
+    }
+    let committed = undecided.is_none() || decision == Some(RestoreDecision::Commit);
     let replaced = replaced_dir(dir);
     if replaced.exists() {
-        if is_complete_restore(dir) {
-            tracing::warn!(dir = %replaced.display(), "an in-place restore was interrupted after the restored shard was in place; removing the shard it replaced");
+        if is_complete_restore(dir) && committed {
+            tracing::warn!(dir = %replaced.display(), "an in-place restore was interrupted after it committed; removing the shard it replaced");
+            mark_committed(dir)?;
             remove(&replaced)?;
         } else {
-            tracing::warn!(dir = %dir.display(), "an in-place restore was interrupted before the restored shard was complete in place; putting the old shard back");
+            tracing::warn!(dir = %dir.display(), "an in-place restore was interrupted before it committed; putting the old shard back");
             put_back(dir)?;
         }
+    } else if let Some(restore) = undecided {
+        if !committed {
+            return Err(Error::new(
+                ErrorCode::BackupRestorationFailed,
+                format!(
+                    "{} holds the shard of restore {restore}, which was reverted (it failed on another shard), and no shard it replaced: remove the directory, or restore again",
+                    dir.display()
+                ),
+            ));
+        }
+        mark_committed(dir)?;
     }
     let discarded = discarded_dir(dir);
     if discarded.exists() {
@@ -232,11 +268,12 @@ impl<E: ShardEngine> EngineSlot<E> {
         Ok((exclusive, engine))
     }
 
-    /// Replaces the live shard by `staged`. The caller holds the write gate closed and no
-    /// capture is held. On failure the old shard is open again and untouched, unless it could
-    /// not be put back: then the slot stays empty (every operation fails "retry") until the
-    /// agent restarts and its start-up puts it back.
-    pub async fn swap_in(&self, staged: StagedShard) -> Result<Seq> {
+    /// Swaps `staged` in for the live shard and opens it at its sequence number; the result
+    /// holds until [`EngineSlot::commit`] or [`EngineSlot::revert`]. The caller holds the
+    /// write gate closed and no capture is held. On failure the old shard is open again and
+    /// untouched, unless it could not be put back: then the slot stays empty (every operation
+    /// fails "retry") until the agent restarts and its start-up puts it back.
+    pub async fn swap_in(&self, staged: StagedShard) -> Result<SwappedIn<E>> {
         // Without its own lineage the restored shard would serve, ship and back up as the
         // history it replaced.
         let lineage = staged.lineage.ok_or_else(|| {
@@ -246,13 +283,8 @@ impl<E: ShardEngine> EngineSlot<E> {
             )
         })?;
         let (mut exclusive, old) = self.drain().await?;
-        let columns = old.column_families();
-        // Closing RocksDB flushes and joins its threads: blocking work.
-        lockstep_repository::blocking::run(move || drop(old))
-            .await
-            .map_err(|err| {
-                Error::with_source(ErrorCode::ShardEngineFailed, "close the live shard", err)
-            })?;
+        let (columns, old_seq) = (old.column_families(), old.latest_seq());
+        close_engine(old).await?;
         let dir = self.dir.clone();
         let swapped = lockstep_repository::blocking::run(move || swap_directories(&dir, staged))
             .await
@@ -260,22 +292,16 @@ impl<E: ShardEngine> EngineSlot<E> {
                 Error::with_source(ErrorCode::BackupRestorationFailed, "swap the shard", err)
             })?;
         match swapped {
-            Ok((engine, seq)) => {
+            Ok((engine, seq, had_live)) => {
                 *exclusive = Some(Arc::new(engine));
-                *self
-                    .lineage
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = lineage;
-                drop(exclusive);
-                let replaced = replaced_dir(&self.dir);
-                let removing = replaced.clone();
-                let removed =
-                    lockstep_repository::blocking::run(move || std::fs::remove_dir_all(&removing))
-                        .await;
-                if let Ok(Err(err)) = removed {
-                    tracing::warn!(dir = %replaced.display(), error = %err, "could not remove the replaced shard; the next start removes it");
-                }
-                Ok(seq)
+                Ok(SwappedIn {
+                    exclusive,
+                    lineage,
+                    columns,
+                    old_seq,
+                    had_live,
+                    seq,
+                })
             }
             Err(SwapFailed {
                 error,
@@ -287,23 +313,141 @@ impl<E: ShardEngine> EngineSlot<E> {
                 tracing::error!(dir = %self.dir.display(), error = %error.chain(), "a failed restore could not put the old shard back; restart the agent");
                 Err(error)
             }
-            Err(SwapFailed { error: err, .. }) => {
-                let dir = self.dir.clone();
-                let reopened = lockstep_repository::blocking::run(move || E::open(&dir, &columns))
-                    .await
-                    .map_err(|join| {
-                        Error::with_source(ErrorCode::ShardEngineFailed, "reopen the shard", join)
-                    })
-                    .and_then(|opened| opened);
-                match reopened {
-                    Ok(engine) => *exclusive = Some(Arc::new(engine)),
-                    Err(reopen) => {
-                        tracing::error!(error = %reopen.chain(), "could not reopen the live shard after a failed restore; restart the agent");
-                    }
-                }
-                Err(err)
+            Err(SwapFailed { error, .. }) => {
+                self.reopen_old(&mut exclusive, columns, old_seq).await;
+                Err(error)
             }
         }
+    }
+
+    /// The restore committed: the restored shard serves, on its own history, and the shard
+    /// it replaced is removed. If the undecided mark cannot be removed, nothing changed and
+    /// the swap is handed back.
+    pub async fn commit(
+        &self,
+        swapped: SwappedIn<E>,
+    ) -> std::result::Result<(), (SwappedIn<E>, Error)> {
+        let dir = self.dir.clone();
+        let marked = lockstep_repository::blocking::run(move || mark_committed(&dir))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::BackupRestorationFailed, "commit the swap", err)
+            })
+            .and_then(|marked| marked);
+        if let Err(err) = marked {
+            return Err((swapped, err));
+        }
+        *self
+            .lineage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = swapped.lineage;
+        drop(swapped.exclusive);
+        let replaced = replaced_dir(&self.dir);
+        let removing = replaced.clone();
+        let removed =
+            lockstep_repository::blocking::run(move || std::fs::remove_dir_all(&removing)).await;
+        if let Ok(Err(err)) = removed {
+            tracing::warn!(dir = %replaced.display(), error = %err, "could not remove the replaced shard; the next start removes it");
+        }
+        Ok(())
+    }
+
+    /// The restore reverted: the restored shard is moved aside and removed, and the old one
+    /// serves again, as it was. If it cannot be put back the slot stays empty until the agent
+    /// restarts (its start-up puts it back).
+    pub async fn revert(&self, swapped: SwappedIn<E>) -> Result<()> {
+        let SwappedIn {
+            mut exclusive,
+            columns,
+            old_seq,
+            had_live,
+            ..
+        } = swapped;
+        if let Some(restored) = exclusive.take() {
+            close_engine(restored).await?;
+        }
+        let dir = self.dir.clone();
+        let undone = lockstep_repository::blocking::run(move || undo_swap(&dir, had_live))
+            .await
+            .map_err(|err| {
+                Error::with_source(ErrorCode::BackupRestorationFailed, "revert the swap", err)
+            })
+            .and_then(|undone| undone);
+        if let Err(err) = undone {
+            tracing::error!(dir = %self.dir.display(), error = %err.chain(), "a reverted restore could not put the old shard back; restart the agent");
+            return Err(err);
+        }
+        self.reopen_old(&mut exclusive, columns, old_seq).await;
+        match exclusive.as_ref() {
+            Some(_) => Ok(()),
+            None => Err(Error::new(
+                ErrorCode::ShardEngineFailed,
+                "the old shard is back in place but did not reopen; restart the agent",
+            )),
+        }
+    }
+
+    /// Reopens the old shard, back in place after a failed or reverted swap, into the slot.
+    async fn reopen_old(
+        &self,
+        exclusive: &mut OwnedRwLockWriteGuard<Option<Arc<E>>>,
+        columns: Vec<String>,
+        old_seq: Seq,
+    ) {
+        let dir = self.dir.clone();
+        let reopened = lockstep_repository::blocking::run(move || E::open(&dir, &columns))
+            .await
+            .map_err(|join| {
+                Error::with_source(ErrorCode::ShardEngineFailed, "reopen the shard", join)
+            })
+            .and_then(|opened| opened);
+        match reopened {
+            Ok(engine) if engine.latest_seq() == old_seq => **exclusive = Some(Arc::new(engine)),
+            Ok(engine) => {
+                tracing::error!(seq = %engine.latest_seq(), expected = %old_seq, "the old shard reopened at another sequence number; restart the agent");
+            }
+            Err(reopen) => {
+                tracing::error!(error = %reopen.chain(), "could not reopen the live shard after a failed restore; restart the agent");
+            }
+        }
+    }
+}
+
+/// Closes an engine nothing else holds, its writes synced first (a reopen checks it finds
+/// them all); closing RocksDB flushes and joins its threads.
+async fn close_engine<E: ShardEngine>(engine: Arc<E>) -> Result<()> {
+    lockstep_repository::blocking::run(move || {
+        if let Err(err) = engine.sync() {
+            tracing::warn!(error = %err.chain(), "could not sync the shard before closing it");
+        }
+        drop(engine)
+    })
+    .await
+    .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "close the shard", err))
+}
+
+/// A restored shard swapped in and open, not yet committed (see the module documentation).
+/// It holds the slot exclusively, so no operation reaches either shard until
+/// [`EngineSlot::commit`] or [`EngineSlot::revert`] takes it. Dropped, it lets operations
+/// in on the restored shard while it stays undecided on disk: always pass it to one of them.
+pub struct SwappedIn<E> {
+    exclusive: OwnedRwLockWriteGuard<Option<Arc<E>>>,
+    /// The restored shard's history: the slot's once committed.
+    lineage: Lineage,
+    /// The old shard's column families and sequence number, to reopen it on revert.
+    columns: Vec<String>,
+    old_seq: Seq,
+    had_live: bool,
+    /// The restored shard's sequence number.
+    pub seq: Seq,
+}
+
+impl<E> std::fmt::Debug for SwappedIn<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwappedIn")
+            .field("lineage", &self.lineage)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
     }
 }
 
@@ -371,13 +515,13 @@ impl std::fmt::Display for SwapFailed {
 fn swap_directories<E: ShardEngine>(
     dir: &Path,
     staged: StagedShard,
-) -> std::result::Result<(E, Seq), SwapFailed> {
+) -> std::result::Result<(E, Seq, bool), SwapFailed> {
     let replaced = replaced_dir(dir);
     let had_live = dir.exists();
     if had_live {
         // A replaced directory left by an earlier swap whose clean-up failed: the live shard
-        // is the complete restored one, so it is garbage (as at start).
-        if replaced.exists() && is_complete_restore(dir) {
+        // is the complete, committed restored one, so it is garbage (as at start).
+        if replaced.exists() && is_complete_restore(dir) && undecided_restore(dir).is_none() {
             remove(&replaced).map_err(|error| SwapFailed {
                 error,
                 old_in_place: true,
@@ -412,9 +556,9 @@ fn swap_directories<E: ShardEngine>(
             Ok((engine, seq))
         });
     match checked {
-        Ok(opened) => {
+        Ok((engine, seq)) => {
             reached(SwapPoint::Checked)?;
-            Ok(opened)
+            Ok((engine, seq, had_live))
         }
         Err(err) => match undo_swap(dir, had_live) {
             Ok(()) => Err(SwapFailed {
@@ -529,10 +673,17 @@ mod tests {
         let staged = staged_backup(&engine, root.path(), &repo, &live).await;
         put(engine.as_ref(), "k2");
 
-        let slot = EngineSlot::new(live.clone(), engine, Lineage::root());
+        let old = Lineage::root();
+        let slot = EngineSlot::new(live.clone(), engine, old);
         let restored = staged.lineage;
-        let seq = slot.swap_in(staged).await.expect("swap");
-        assert_eq!(seq, at_backup);
+        let swapped = slot.swap_in(staged).await.expect("swap");
+        assert_eq!(swapped.seq, at_backup);
+        assert!(
+            slot.get().is_err(),
+            "nothing reaches the shard before commit"
+        );
+        assert_eq!(slot.lineage(), old, "not yet the restored history");
+        slot.commit(swapped).await.expect("commit");
         assert_eq!(
             Some(slot.lineage()),
             restored,
@@ -555,6 +706,41 @@ mod tests {
     #[tokio::test]
     async fn swap_in_replaces_a_memory_shard() {
         swap_in_replaces_the_live_shard_with_the_staged_one::<MemEngine>().await;
+    }
+
+    async fn a_reverted_swap_serves_the_old_shard_as_it_was<E: ShardEngine>() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = root.path().join("db");
+        let repo = Repository::open("memory://").await.expect("repo");
+        let engine = Arc::new(E::open(&live, &[]).expect("open"));
+        put(engine.as_ref(), "k1");
+        let mut staged = staged_backup(&engine, root.path(), &repo, &live).await;
+        staged.undecided = Some("rs-1".into());
+        put(engine.as_ref(), "k2");
+        let before = engine.latest_seq();
+
+        let old = Lineage::root();
+        let slot = EngineSlot::new(live.clone(), engine, old);
+        let swapped = slot.swap_in(staged).await.expect("swap");
+        assert_eq!(undecided_restore(&live).as_deref(), Some("rs-1"));
+        slot.revert(swapped).await.expect("revert");
+        assert_eq!(slot.lineage(), old);
+        let engine = slot.get().expect("the old shard serves");
+        assert_eq!(engine.latest_seq(), before);
+        assert!(engine.get(DEFAULT_CF, b"k2").expect("get").is_some());
+        assert!(!is_complete_restore(&live));
+        assert_eq!(leftovers(&live), Vec::<String>::new());
+    }
+
+    #[cfg(feature = "rocksdb")]
+    #[tokio::test]
+    async fn a_reverted_swap_serves_the_old_rocksdb_shard() {
+        a_reverted_swap_serves_the_old_shard_as_it_was::<crate::engine::RocksEngine>().await;
+    }
+
+    #[tokio::test]
+    async fn a_reverted_swap_serves_the_old_memory_shard() {
+        a_reverted_swap_serves_the_old_shard_as_it_was::<MemEngine>().await;
     }
 
     #[cfg(feature = "rocksdb")]
@@ -607,9 +793,11 @@ mod tests {
         (live, staged)
     }
 
-    /// Which shard is live after the agent starts again: "old" or "new".
-    fn live_shard(live: &Path) -> &'static str {
-        recover_interrupted_swap(live).expect("recover");
+    /// Which shard is live after the agent starts again, its restore's decision (if it
+    /// waits for one) being `decision`: "old" or "new".
+    fn live_shard(live: &Path, decision: RestoreDecision) -> &'static str {
+        let decision = undecided_restore(live).map(|_| decision);
+        recover_interrupted_swap(live, decision).expect("recover");
         let engine = MemEngine::open(live, &[]).expect("open the live shard");
         let has = |key: &str| {
             engine
@@ -635,43 +823,79 @@ mod tests {
 
     #[tokio::test]
     async fn a_crash_at_any_point_of_a_swap_leaves_one_complete_shard_at_start() {
+        use RestoreDecision::{Commit, Revert};
         use SwapPoint::*;
         // (where the process dies, whether the swap was failing and undoing itself, the
-        // shard live after the next start)
+        // shard live after the next start: alone, in a cluster restore that commits, in one
+        // that reverts)
         let cases = [
-            (MovedAside, false, "old"),
-            (MovedIn, false, "new"),
-            (Checked, false, "new"),
-            (Unmarked, true, "old"),
-            (Discarded, true, "old"),
-            (MovedBack, true, "old"),
+            (MovedAside, false, ["old", "old", "old"]),
+            (MovedIn, false, ["new", "new", "old"]),
+            (Checked, false, ["new", "new", "old"]),
+            (Unmarked, true, ["old", "old", "old"]),
+            (Discarded, true, ["old", "old", "old"]),
+            (MovedBack, true, ["old", "old", "old"]),
         ];
         for (point, failing, expected) in cases {
-            for old_was_restored in [false, true] {
-                for supervisor_mkdir in [false, true] {
-                    let root = tempfile::tempdir().expect("tempdir");
-                    let (live, mut staged) = live_and_staged(root.path(), old_was_restored).await;
-                    if failing {
-                        staged.seq = Seq(staged.seq.0 + 7);
+            for (decision, expected) in [
+                (None, expected[0]),
+                (Some(Commit), expected[1]),
+                (Some(Revert), expected[2]),
+            ] {
+                for old_was_restored in [false, true] {
+                    for supervisor_mkdir in [false, true] {
+                        let root = tempfile::tempdir().expect("tempdir");
+                        let (live, mut staged) =
+                            live_and_staged(root.path(), old_was_restored).await;
+                        if failing {
+                            staged.seq = Seq(staged.seq.0 + 7);
+                        }
+                        if decision.is_some() {
+                            staged.undecided = Some("rs-1".into());
+                        }
+                        CRASH_AT.with(|at| at.set(Some(point)));
+                        let crashed = swap_directories::<MemEngine>(&live, staged);
+                        CRASH_AT.with(|at| at.set(None));
+                        let err = crashed.err().expect("the swap stopped at the crash");
+                        assert!(err.to_string().contains("crashed"), "{point:?}: {err}");
+                        // A supervisor's `mkdir -p` of the shard path before the agent restarts.
+                        std::fs::create_dir_all(&live).expect("mkdir -p");
+                        if !supervisor_mkdir
+                            && std::fs::read_dir(&live).expect("ls").next().is_none()
+                        {
+                            std::fs::remove_dir(&live).expect("rmdir");
+                        }
+                        let case = format!(
+                            "crash at {point:?}, decision {decision:?}, old shard restored before: {old_was_restored}, mkdir -p: {supervisor_mkdir}"
+                        );
+                        assert_eq!(
+                            live_shard(&live, decision.unwrap_or(Revert)),
+                            expected,
+                            "{case}"
+                        );
+                        assert_eq!(leftovers(&live), Vec::<String>::new(), "{case}");
+                        assert_eq!(undecided_restore(&live), None, "{case}");
                     }
-                    CRASH_AT.with(|at| at.set(Some(point)));
-                    let crashed = swap_directories::<MemEngine>(&live, staged);
-                    CRASH_AT.with(|at| at.set(None));
-                    let err = crashed.err().expect("the swap stopped at the crash");
-                    assert!(err.to_string().contains("crashed"), "{point:?}: {err}");
-                    // A supervisor's `mkdir -p` of the shard path before the agent restarts.
-                    std::fs::create_dir_all(&live).expect("mkdir -p");
-                    if !supervisor_mkdir && std::fs::read_dir(&live).expect("ls").next().is_none() {
-                        std::fs::remove_dir(&live).expect("rmdir");
-                    }
-                    let case = format!(
-                        "crash at {point:?}, old shard restored before: {old_was_restored}, mkdir -p: {supervisor_mkdir}"
-                    );
-                    assert_eq!(live_shard(&live), expected, "{case}");
-                    assert_eq!(leftovers(&live), Vec::<String>::new(), "{case}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_reverted_restore_with_no_shard_to_put_back_refuses_to_serve() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let live = root.path().join("db");
+        std::fs::create_dir(&live).expect("mkdir");
+        std::fs::write(live.join(COMPLETE_FILE), "5\n").expect("mark");
+        std::fs::write(live.join(crate::restore::UNDECIDED_FILE), "rs-1\n").expect("mark");
+        let err = recover_interrupted_swap(&live, None).expect_err("undecided");
+        assert!(err.message.contains("not known"), "{err}");
+        let err =
+            recover_interrupted_swap(&live, Some(RestoreDecision::Revert)).expect_err("reverted");
+        assert!(err.message.contains("reverted"), "{err}");
+        assert!(live.join(COMPLETE_FILE).exists(), "nothing is deleted");
+        recover_interrupted_swap(&live, Some(RestoreDecision::Commit)).expect("committed");
+        assert_eq!(undecided_restore(&live), None);
     }
 
     #[tokio::test]
@@ -688,7 +912,7 @@ mod tests {
             "the failed shard's mark is not on the old one"
         );
         assert_eq!(leftovers(&live), Vec::<String>::new());
-        assert_eq!(live_shard(&live), "old");
+        assert_eq!(live_shard(&live, RestoreDecision::Revert), "old");
     }
 
     #[tokio::test]
@@ -702,7 +926,7 @@ mod tests {
             .map(drop)
             .map_err(|failed| failed.to_string())
             .expect("the swap goes through");
-        assert_eq!(live_shard(&live), "new");
+        assert_eq!(live_shard(&live, RestoreDecision::Revert), "new");
     }
 
     #[test]
@@ -713,9 +937,9 @@ mod tests {
         for name in [".db.lockstep-restore-0123", ".db.lockstep-discarded"] {
             std::fs::create_dir(root.path().join(name)).expect("mkdir");
         }
-        recover_interrupted_swap(&live).expect("recover");
+        recover_interrupted_swap(&live, None).expect("recover");
         assert_eq!(leftovers(&live), Vec::<String>::new());
         assert!(live.exists());
-        recover_interrupted_swap(&live).expect("nothing to do");
+        recover_interrupted_swap(&live, None).expect("nothing to do");
     }
 }

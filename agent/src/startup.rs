@@ -2,8 +2,10 @@
 //! `lockstep-agent serve` command and the simulations' agents both call:
 //!
 //! 1. set the CPU priority of background work (before any background thread starts);
-//! 2. finish or undo an in-place restore that a crash interrupted, and remove restores staged
-//!    by an earlier run ([`recover_interrupted_swap`]), before the engine opens the directory;
+//! 2. finish or undo an in-place restore that a crash interrupted (following its cluster
+//!    restore's decision in the repository, deciding revert if there is none), and remove
+//!    restores staged by an earlier run ([`recover_interrupted_swap`]), before the engine
+//!    opens the directory;
 //! 3. open the engine, or take the one that outlived its agent (the simulations);
 //! 4. remove the captures an earlier run left (a capture never outlives its process): only
 //!    the `lockstep-capture-*` directories, in a capture root that must not overlap the shard;
@@ -21,12 +23,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::ValueEnum;
-use lockstep_repository::{BackupId, Error, ErrorCode, Result};
+use lockstep_repository::repository::RestoreDecision;
+use lockstep_repository::{BackupId, Error, ErrorCode, RestoreId, Result};
 
 use crate::backup::{CAPTURE_PREFIX, check_capture_root};
 use crate::engine::{EngineConfig, ShardEngine};
 use crate::lineage::{HistorySources, establish, read_lineage};
 use crate::participant::PlantedBug;
+use crate::restore::undecided_restore;
 use crate::slot::{EngineSlot, recover_interrupted_swap};
 
 /// The CPU priority of a serving agent's background work.
@@ -83,9 +87,10 @@ pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<
             lockstep_repository::blocking::LOW_PRIORITY_NICE,
         );
     }
+    let decision = pending_decision(&dir, &history).await?;
     let shard_dir = dir.clone();
     let engine = lockstep_repository::blocking::run(move || -> Result<Arc<E>> {
-        recover_interrupted_swap(&shard_dir)?;
+        recover_interrupted_swap(&shard_dir, decision)?;
         match source {
             ShardSource::Open {
                 column_families,
@@ -117,6 +122,38 @@ pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<
         _ => establish(&dir, engine.latest_seq(), &history).await?,
     };
     Ok(Arc::new(EngineSlot::new(dir, engine, lineage)))
+}
+
+/// The decision of the cluster restore the shard in `dir` was swapped in for and still waits
+/// for, if any: the one in the repository, or `Revert`, decided here when there is none (the
+/// agent that crashed with its shard swapped in can no longer commit it). Without a readable
+/// repository the shard does not serve: it might be reverted everywhere else.
+async fn pending_decision(dir: &Path, history: &HistorySources) -> Result<Option<RestoreDecision>> {
+    let Some(restore) = undecided_restore(dir) else {
+        return Ok(None);
+    };
+    let unknown = |why: String| {
+        Error::new(
+            ErrorCode::StorageUnavailable,
+            format!(
+                "{} holds the shard of restore {restore}, which may still commit or revert, and {why}; the agent cannot serve until it knows",
+                dir.display()
+            ),
+        )
+    };
+    let id = RestoreId::new(restore.as_str())
+        .map_err(|err| unknown(format!("its id is not valid ({})", err.message)))?;
+    let repo = history
+        .repo
+        .as_ref()
+        .ok_or_else(|| unknown("no repository was given to read its decision from".into()))?;
+    let by = format!("agent {} at start", history.shard);
+    let decision = repo
+        .decide_restore(&id, RestoreDecision::Revert, &by)
+        .await
+        .map_err(|err| unknown(format!("its decision cannot be read ({})", err.chain())))?;
+    tracing::warn!(restore = %id, ?decision, dir = %dir.display(), "the shard was swapped in by a restore this agent did not finish; following its decision");
+    Ok(Some(decision))
 }
 
 /// Removes the capture directories in `capture_root`; anything else there stays.

@@ -22,28 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::{self, AgentLink, Round, Step, call_each, poll_until};
 use crate::ops::ClusterContext;
 
-/// Environment variable for fault tests that kill a process inside an operation:
-/// `before-commit:MS` pauses between the last Prepared and Commit, `before-publish:MS`
-/// between the last upload and the backup manifest, `before-apply:MS` between the last
-/// shard staged and a restore's decision to apply, `applying:MS` between that decision (the
-/// record says `applying`) and the first Apply sent. Never set in production.
-pub const FAULT_PAUSE: &str = "LOCKSTEP_FAULT_PAUSE";
-
-/// Waits at `point` if the fault-injection variable names it; `operation` is the backup or
-/// restore, for the log.
-pub(crate) async fn fault_pause(point: &str, operation: &(dyn std::fmt::Display + Sync)) {
-    let Ok(spec) = std::env::var(FAULT_PAUSE) else {
-        return;
-    };
-    let Some((name, ms)) = spec.split_once(':') else {
-        return;
-    };
-    let Ok(ms) = ms.parse::<u64>() else { return };
-    if name == point {
-        tracing::warn!(operation = %operation, point, pause_ms = ms, "fault injection: pausing");
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-}
+pub(crate) use lockstep_process::fault_pause;
 
 /// One shard's part of a backup, tag or restore, as last reported.
 #[derive(Debug, Clone)]

@@ -89,6 +89,9 @@ pub enum Step {
     RestoreStatus,
     /// Swap a staged shard in: drains the shard's clients, so it may take a while.
     RestoreApply,
+    /// Keep a swapped shard (the restore decided commit).
+    RestoreCommit,
+    /// Drop a staged shard, or revert a swapped one: that reopens the old shard.
     RestoreDiscard,
 }
 
@@ -106,6 +109,7 @@ impl Step {
             Step::RestoreStage => "restore stage",
             Step::RestoreStatus => "restore status",
             Step::RestoreApply => "restore apply",
+            Step::RestoreCommit => "restore commit",
             Step::RestoreDiscard => "restore discard",
         }
     }
@@ -115,7 +119,9 @@ impl Step {
         let ms = match self {
             Step::Stage | Step::RestoreStage => barrier.stage_timeout_ms,
             Step::Prepare => barrier.prepare_timeout_ms,
-            Step::RestoreApply => barrier.apply_timeout_ms,
+            Step::RestoreApply | Step::RestoreCommit | Step::RestoreDiscard => {
+                barrier.apply_timeout_ms
+            }
             // A late Commit reply holds no gate: the agent reopens on receipt, or
             // answers that its lease ran out first.
             Step::Commit
@@ -123,8 +129,7 @@ impl Step {
             | Step::Status
             | Step::Describe
             | Step::WalStatus
-            | Step::RestoreStatus
-            | Step::RestoreDiscard => barrier.control_timeout_ms,
+            | Step::RestoreStatus => barrier.control_timeout_ms,
         };
         Duration::from_millis(ms)
     }

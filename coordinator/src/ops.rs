@@ -455,7 +455,7 @@ impl Actor {
                 if let Some(current) = self.running.as_ref().filter(|c| c.restore) {
                     current.cancel.cancel();
                     let message = format!(
-                        "{} is cancelled: unless it had already decided to apply, every staged shard is discarded; once decided, it finishes",
+                        "{} is cancelled: before its Apply every staged shard is discarded; once Apply is sent, the restore's stored decision settles every shard",
                         current.running.what
                     );
                     let _ = reply.send(Ok((message, Vec::new())));

@@ -1,16 +1,21 @@
-//! Restoring the whole cluster through its agents, in two phases.
+//! Restoring the whole cluster through its agents, all or nothing.
 //!
 //! 1. **Stage**: every agent downloads its shard of the backup, checks every chunk's SHA-256,
 //!    opens the result and checks its sequence number, into a staging directory beside its
 //!    live shard (in place) or beside its target directory (fresh machines, drills).
 //! 2. **Apply**, only once every shard is staged: in place, every agent closes its write
-//!    gate, swaps the staged shard in, and opens the gate; into directories, every agent
-//!    renames its staged shard to its target.
+//!    gate, swaps the staged shard in and opens it, keeping the old shard aside and the gate
+//!    closed; into directories, every agent renames its staged shard to its target.
+//! 3. **Decide**, once every shard is swapped: the coordinator stores the decision `commit`
+//!    in the repository, unless a decision is there already (`revert`, stored by an agent
+//!    whose lease ran out or that restarted mid-restore), and every shard follows the one
+//!    stored: RestoreCommit opens the gates on the restored shards, RestoreDiscard puts the
+//!    old ones back. An agent that does not hear it follows the stored decision when its
+//!    lease runs out.
 //!
-//! A failure in phase 1 discards every staged shard: the cluster and every target are
-//! untouched. A failure in phase 2 is reported shard by shard (each swap or rename is atomic
-//! on its agent, so every shard is either the backup's or its old self); rerunning the
-//! restore converges.
+//! A failure before the decision reverts every shard that was swapped and discards every
+//! staged one: the cluster and every target are as they were. No shard takes a write between
+//! its swap and the decision, so the shards never disagree about the cut.
 //!
 //! A restore runs as one operation of `ClusterOps`, so no backup's barrier runs in between,
 //! and it runs to its end even if the client that asked goes away.
@@ -25,6 +30,7 @@ use lockstep_proto::wire::{Label, legs_to_wire, lineage_from_wire, lineage_to_wi
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::lineage::{Leg, ancestry};
 use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
+use lockstep_repository::repository::RestoreDecision;
 use lockstep_repository::wal::{check_segments, segments_covering};
 use lockstep_repository::{
     BackupId, Error, ErrorCode, HlcTime, Lineage, LineageId, Repository, RestoreId, Result, Seq,
@@ -912,8 +918,9 @@ impl Reporter<'_> {
 }
 
 /// Runs a planned restore to its end, reporting progress on `tx`, and returns the final view.
-/// On failure, or on `cancel` before Apply is sent, every staged shard is discarded; an Apply
-/// already sent runs to its end (each agent's swap is bounded by `apply_timeout_ms`).
+/// On failure, or on `cancel` before Apply is sent, every staged shard is discarded; once
+/// Apply is sent the restore's decision settles it (each agent's swap is bounded by
+/// `apply_timeout_ms`).
 pub async fn run(
     ctx: &ClusterContext,
     plan: RestorePlan,
@@ -935,9 +942,9 @@ pub async fn run(
         tx,
     };
     tracing::info!(restore = %restore_id, backup = %plan.label, target = ?plan.target, "restore started");
-    // Recorded before any agent stages, so a coordinator that stops mid-restore finishes or
-    // discards it when it starts again (`settle_interrupted`); rewritten as `applying` before
-    // the first Apply, after which it is only ever finished.
+    // Recorded before any agent stages, so a coordinator that stops mid-restore discards it
+    // or settles it by its decision when it starts again (`settle_interrupted`); rewritten as
+    // `applying` before the first Apply.
     let record = |phase: &str| {
         serde_json::json!({
             "restore_id": restore_id,
@@ -982,19 +989,22 @@ pub async fn run(
             .map_err(|err| err.context("record the restore's Apply; nothing changed")),
         Err(err) => Err(err),
     };
-    let outcome = match staged {
+    let (outcome, settled) = match staged {
         Ok(()) => {
             crate::backup::fault_pause("applying", &restore_id).await;
             apply(ctx, &plan, &restore_id, &mut reporter).await
         }
-        Err(err) => Err(err),
+        Err(err) => {
+            discard_everywhere(ctx, &plan, &restore_id).await;
+            (Err(err), true)
+        }
     };
-    if outcome.is_err() {
-        discard_everywhere(ctx, &plan, &restore_id).await;
-    } else {
+    if outcome.is_ok() {
         tracing::info!(restore = %restore_id, backup = %plan.label, "restore done");
     }
-    if let Err(err) = ctx.repo.delete_running_restore(&restore_id).await {
+    if !settled {
+        tracing::warn!(restore = %restore_id, "some shards did not confirm the restore's decision; they follow it when their lease runs out, and the record stays for the next start");
+    } else if let Err(err) = ctx.repo.delete_running_restore(&restore_id).await {
         tracing::warn!(restore = %restore_id, error = %err.chain(), "could not remove the restore's record; the next start settles it again");
     }
     reporter.finish(outcome)
@@ -1009,37 +1019,31 @@ fn cancelled() -> Error {
 
 /// A restore's record before Apply: settling discards it.
 const STAGING: &str = "staging";
-/// A restore's record once Apply may have been sent: settling only ever finishes it.
+/// A restore's record once Apply may have been sent: settling follows its decision.
 const APPLYING: &str = "applying";
 
 /// What [`settle_interrupted`] did.
 #[derive(Debug, Default)]
 pub struct Settled {
-    /// Restores discarded everywhere, or applied on every shard; their records are removed.
+    /// Restores discarded everywhere, or whose decision every shard carried out; their
+    /// records are removed.
     pub settled: Vec<RestoreId>,
-    /// Restores not settled cleanly: kept for the next try when an agent did not answer or
-    /// the record is unreadable; reported once, record removed, when the shards are split
-    /// for good (some applied, some never can be: rerun the restore).
+    /// Restores not settled: kept for the next try when an agent did not answer, the
+    /// decision cannot be read or the record is unreadable.
     pub unsettled: Vec<(RestoreId, Error)>,
 }
 
 /// Settles every restore recorded as under way: at start, each was left by a coordinator that
 /// stopped before it ended. One recorded before Apply is discarded on its shards; one whose
-/// Apply may have been sent is applied on every shard still staged (the decision to restore
-/// was taken once every shard was staged); a record without a phase (an older version's)
-/// applies if some shard already applied it. See [`Settled`] for what is not settled.
+/// Apply may have been sent follows its decision in the repository, deciding revert if there
+/// is none (no shard has committed without one).
 pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Settled> {
     let mut outcome = Settled::default();
     for restore_id in ctx.repo.running_restore_ids().await? {
         match settle_one(ctx, &restore_id).await {
-            Ok(None) => {
+            Ok(()) => {
                 ctx.repo.delete_running_restore(&restore_id).await?;
                 outcome.settled.push(restore_id);
-            }
-            Ok(Some(split)) => {
-                tracing::error!(restore = %restore_id, error = %split.chain(), "a restore a stopped coordinator left is split across the shards");
-                ctx.repo.delete_running_restore(&restore_id).await?;
-                outcome.unsettled.push((restore_id, split));
             }
             Err(err) => {
                 tracing::error!(restore = %restore_id, error = %err.chain(), "a restore a stopped coordinator left is not settled yet; its record stays");
@@ -1050,8 +1054,8 @@ pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Settled> {
     Ok(outcome)
 }
 
-/// Sends `step` (RestoreStatus, RestoreApply or RestoreDiscard) for `restore_id` to `agents`;
-/// a reply for another shard than the agent's is an error.
+/// Sends `step` (RestoreStatus, RestoreCommit or RestoreDiscard) for `restore_id` to
+/// `agents`; a reply for another shard than the agent's is an error.
 async fn ask_restore(
     ctx: &ClusterContext,
     agents: &[&AgentLink],
@@ -1067,7 +1071,7 @@ async fn ask_restore(
         async move {
             match step {
                 Step::RestoreStatus => client.restore_status(request).await,
-                Step::RestoreApply => client.restore_apply(request).await,
+                Step::RestoreCommit => client.restore_commit(request).await,
                 _ => client.restore_discard(request).await,
             }
         }
@@ -1080,11 +1084,11 @@ async fn ask_restore(
         .collect()
 }
 
-/// Settles one recorded restore: `Ok(None)` when settled (or its record is gone already),
-/// `Ok(Some(split))` when the shards are split for good, `Err` to try again later.
-async fn settle_one(ctx: &ClusterContext, restore_id: &RestoreId) -> Result<Option<Error>> {
+/// Settles one recorded restore (`Ok` when settled or its record is gone already), `Err` to
+/// try again later.
+async fn settle_one(ctx: &ClusterContext, restore_id: &RestoreId) -> Result<()> {
     let Some(record) = ctx.repo.running_restore(restore_id).await? else {
-        return Ok(None);
+        return Ok(());
     };
     let record: serde_json::Value = serde_json::from_slice(&record).map_err(|err| {
         Error::new(
@@ -1104,64 +1108,71 @@ async fn settle_one(ctx: &ClusterContext, restore_id: &RestoreId) -> Result<Opti
         .iter()
         .filter(|a| shards.is_empty() || shards.contains(&a.shard_id.as_str()))
         .collect();
-    let applying = match record["phase"].as_str() {
-        Some(STAGING) => false,
-        Some(APPLYING) => true,
+    let decision = match record["phase"].as_str() {
+        // No Apply was sent: nothing is swapped anywhere.
+        Some(STAGING) => RestoreDecision::Revert,
         _ => {
-            let statuses: Vec<v1::RestoreStatus> =
-                ask_restore(ctx, &agents, restore_id, Step::RestoreStatus)
-                    .await
-                    .into_iter()
-                    .collect::<Result<_>>()?;
-            statuses.iter().any(|s| s.state() == RestoreState::Applied)
+            ctx.repo
+                .decide_restore(restore_id, RestoreDecision::Revert, "coordinator at start")
+                .await?
         }
     };
-    let step = if applying {
-        Step::RestoreApply
-    } else {
-        Step::RestoreDiscard
+    carry_out(ctx, &agents, restore_id, decision)
+        .await
+        .map_err(|unreachable| {
+            fleet::joined(
+                &unreachable,
+                "some agents did not answer; they follow the restore's decision when their lease runs out, and the next start or `lockstep restore --abort` tries again",
+            )
+        })?;
+    tracing::warn!(restore = %restore_id, ?decision, "settled a restore a stopped coordinator left");
+    Ok(())
+}
+
+/// Has every agent carry out `decision` (RestoreCommit, or RestoreDiscard: a staged shard is
+/// dropped, a swapped one reverted). `Err` lists the agents that did not confirm. An agent
+/// that answers `Unknown` restarted, and its start-up followed the decision.
+async fn carry_out(
+    ctx: &ClusterContext,
+    agents: &[&AgentLink],
+    restore_id: &RestoreId,
+    decision: RestoreDecision,
+) -> std::result::Result<Vec<v1::RestoreStatus>, Vec<Error>> {
+    let step = match decision {
+        RestoreDecision::Commit => Step::RestoreCommit,
+        RestoreDecision::Revert => Step::RestoreDiscard,
     };
-    let mut unreachable = Vec::new();
-    let mut split = Vec::new();
+    let mut statuses = Vec::new();
+    let mut unconfirmed = Vec::new();
     for (agent, reply) in agents
         .iter()
-        .zip(ask_restore(ctx, &agents, restore_id, step).await)
+        .zip(ask_restore(ctx, agents, restore_id, step).await)
     {
         match reply {
-            Ok(status) if applying && status.state() != RestoreState::Applied => {
-                split.push(Error::new(
+            Ok(status)
+                if matches!(
+                    status.state(),
+                    RestoreState::Staging | RestoreState::Staged | RestoreState::Swapped
+                ) && decision == RestoreDecision::Commit =>
+            {
+                unconfirmed.push(Error::new(
                     ErrorCode::BackupRestorationFailed,
                     format!(
-                        "shard {}: the restore is {}",
+                        "shard {}: the restore is {}, not committed",
                         agent.shard_id,
                         status.state().label()
                     ),
                 ))
             }
-            // Discard leaves nothing held: Discarded, or never staged there / lost with a
-            // restart (Unknown), or ended otherwise.
-            Ok(_) => {}
-            Err(err) if applying && err.code == ErrorCode::InvalidArgument => {
-                // The agent has no record of it: it restarted and lost its staging.
-                split.push(err)
-            }
-            Err(err) => unreachable.push(err),
+            Ok(status) => statuses.push(status),
+            Err(err) => unconfirmed.push(err),
         }
     }
-    if !unreachable.is_empty() {
-        return Err(fleet::joined(
-            &unreachable,
-            "some agents did not answer; the next start or `lockstep restore --abort` tries again",
-        ));
+    if unconfirmed.is_empty() {
+        Ok(statuses)
+    } else {
+        Err(unconfirmed)
     }
-    if !split.is_empty() {
-        return Ok(Some(fleet::joined(
-            &split,
-            "the restore is applied on some shards and can no longer be on these; rerun the restore",
-        )));
-    }
-    tracing::warn!(restore = %restore_id, "settled a restore a stopped coordinator left: {}", if applying { "applied on every shard" } else { "discarded everywhere" });
-    Ok(None)
 }
 
 fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1::RestoreRequest {
@@ -1323,25 +1334,24 @@ async fn stage(
     .await
 }
 
-/// Phase 2: every shard is staged and checked; swap them in, or rename them into their
-/// directories.
+/// Phases 2 and 3: every shard is staged and checked; swap them in (or rename them into their
+/// directories), then decide, and have every shard carry the decision out. Returns the
+/// outcome and whether every shard confirmed it (else the record stays).
 async fn apply(
     ctx: &ClusterContext,
     plan: &RestorePlan,
     restore_id: &RestoreId,
     reporter: &mut Reporter<'_>,
-) -> Result<()> {
+) -> (Result<()>, bool) {
     let agents = plan_agents(plan);
     reporter.view.phase = RestorePhase::Applying;
     reporter.progress();
     let applies = on_every_shard(ctx, plan, restore_id, Step::RestoreApply).await;
-    let mut applied = Vec::new();
     let mut failures = Vec::new();
     let mut shards = Vec::new();
     for (agent, reply) in agents.iter().zip(applies) {
         match reply {
-            Ok(status) if status.state() == RestoreState::Applied => {
-                applied.push(agent.shard_id.to_string());
+            Ok(status) if status.state() == RestoreState::Swapped => {
                 shards.push(shard_view(&agent.shard_id, &status));
             }
             Ok(status) => {
@@ -1354,18 +1364,75 @@ async fn apply(
     if !shards.is_empty() {
         reporter.view.shards = shards;
     }
-    if !failures.is_empty() {
-        let replaced = if applied.is_empty() {
-            "none".to_string()
-        } else {
-            applied.join(", ")
-        };
-        return Err(fleet::joined(
-            &failures,
-            &format!("restore incomplete (shards already in place: {replaced}); rerun the restore"),
+    let wanted = if failures.is_empty() {
+        crate::backup::fault_pause("swapped", restore_id).await;
+        RestoreDecision::Commit
+    } else {
+        RestoreDecision::Revert
+    };
+    let decision = match ctx
+        .repo
+        .decide_restore(restore_id, wanted, "coordinator")
+        .await
+    {
+        Ok(decision) => decision,
+        Err(err) => {
+            // Nothing is known: sending either would split the shards if the other decision
+            // was stored after all. Every swapped shard holds its gate until it reads one.
+            failures.push(err.context("store the restore's decision"));
+            return (
+                Err(fleet::joined(
+                    &failures,
+                    "the restore's outcome is not decided: every swapped shard holds its writes until the repository answers, then follows the decision stored there (revert, unless every shard had swapped)",
+                )),
+                false,
+            );
+        }
+    };
+    if decision == RestoreDecision::Revert && failures.is_empty() {
+        failures.push(Error::new(
+            ErrorCode::BackupRestorationFailed,
+            "a shard decided to revert the restore before the coordinator could commit it (its lease ran out, or its agent restarted)",
         ));
     }
-    check_cut(plan, &reporter.view)
+    crate::backup::fault_pause("decided", restore_id).await;
+    let carried = carry_out(ctx, &agents, restore_id, decision).await;
+    let settled = carried.is_ok();
+    if let Ok(statuses) = &carried
+        && decision == RestoreDecision::Commit
+    {
+        let committed: Vec<ShardView> = agents
+            .iter()
+            .zip(statuses)
+            .map(|(agent, status)| shard_view(&agent.shard_id, status))
+            .filter(|view| view.state != "unknown")
+            .collect();
+        if committed.len() == reporter.view.shards.len() {
+            reporter.view.shards = committed;
+        }
+    }
+    match decision {
+        RestoreDecision::Commit => {
+            if let Err(unconfirmed) = &carried {
+                for err in unconfirmed {
+                    tracing::warn!(restore = %restore_id, error = %err.chain(), "a shard did not confirm the commit; it commits when its lease runs out");
+                }
+            }
+            (check_cut(plan, &reporter.view), settled)
+        }
+        RestoreDecision::Revert => {
+            if let Err(unconfirmed) = carried {
+                failures.extend(unconfirmed.into_iter().map(|err| err.context("revert")));
+            }
+            (
+                Err(fleet::joined(
+                    &failures,
+                    "restore failed; every shard that was swapped is reverted to its old data (one that did not confirm reverts when its lease runs out)",
+                )),
+                settled,
+            )
+        }
+    }
 }
 
 /// Every restored shard must sit exactly at its target.

@@ -5,6 +5,32 @@
 
 use lockstep_repository::{Error, ErrorCode};
 
+/// Environment variable for fault tests that kill or slow a process inside an operation:
+/// `POINT:MS` pauses `MS` milliseconds at `POINT`. The coordinator's points:
+/// `before-commit` (between the last Prepared and Commit), `before-publish` (between the
+/// last upload and the backup manifest), `before-apply` (between the last shard staged and a
+/// restore's Apply), `applying` (between the record saying `applying` and the first Apply
+/// sent), `swapped` (between every shard swapped and the restore's decision), `decided`
+/// (between the decision stored and sent). The agent's: `restore-swap` (an in-place Apply,
+/// with the gate closed, before the swap). Never set in production.
+pub const FAULT_PAUSE: &str = "LOCKSTEP_FAULT_PAUSE";
+
+/// Waits at `point` if [`FAULT_PAUSE`] names it; `operation` is the backup or restore, for
+/// the log.
+pub async fn fault_pause(point: &str, operation: &(dyn std::fmt::Display + Sync)) {
+    let Ok(spec) = std::env::var(FAULT_PAUSE) else {
+        return;
+    };
+    let Some((name, ms)) = spec.split_once(':') else {
+        return;
+    };
+    let Ok(ms) = ms.parse::<u64>() else { return };
+    if name == point {
+        tracing::warn!(operation = %operation, point, pause_ms = ms, "fault injection: pausing");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
 /// Binds the listener of a server binary and returns it with the address it got.
 pub async fn bind(address: &str) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), Error> {
     let listener = tokio::net::TcpListener::bind(address)

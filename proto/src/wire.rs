@@ -117,6 +117,7 @@ labels!(v1::RestoreState {
     Unspecified => "unspecified",
     Staging => "staging",
     Staged => "staged",
+    Swapped => "swapped",
     Applied => "applied",
     Discarded => "discarded",
     Failed => "failed",

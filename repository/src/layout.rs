@@ -10,6 +10,8 @@
 //! <prefix>/restores/<restore-id>.json          a cluster restore under way; removed when it
 //!                                               ends, so one left behind marks a restore to
 //!                                               finish or discard
+//! <prefix>/restores/<restore-id>.decision      whether its swapped shards commit or revert:
+//!                                               written once, by whoever decides first
 //! <prefix>/tags/<tag-name>.json                 tags: named cut vectors (restore points)
 //! <prefix>/wal/<shard-id>/<lineage>/<first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg
 //!                                               WAL segments (wal.rs); the key alone says
@@ -95,6 +97,10 @@ impl Layout {
 
     pub fn running_restore(&self, restore: &RestoreId) -> Path {
         self.join(&[RESTORES, &format!("{restore}.json")])
+    }
+
+    pub fn restore_decision(&self, restore: &RestoreId) -> Path {
+        self.join(&[RESTORES, &format!("{restore}.decision")])
     }
 
     pub fn running_restores_dir(&self) -> Path {

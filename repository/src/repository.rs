@@ -24,6 +24,15 @@ use crate::lineage::Lineage;
 use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
 
+/// What the swapped-in shards of a cluster restore do: keep the restored data, or return
+/// to the data they had ([`Repository::decide_restore`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreDecision {
+    Commit,
+    Revert,
+}
+
 /// Encodes a segment for storage (zstd when it pays, named by the SHA-256 of its plaintext);
 /// returns its description and the encoded object.
 pub async fn encode_wal_segment(
@@ -754,9 +763,61 @@ impl Repository {
             .map(|bytes| bytes.to_vec()))
     }
 
+    /// Removes a restore's record once every shard ended it, its decision first (a record
+    /// left without one is settled again harmlessly: every shard answers from its outcome).
     pub async fn delete_running_restore(&self, restore: &RestoreId) -> Result<()> {
+        self.delete_if_present(&self.layout.restore_decision(restore))
+            .await?;
         self.delete_if_present(&self.layout.running_restore(restore))
             .await
+    }
+
+    /// Decides whether the shards of a restore that are swapped in keep it (`Commit`) or
+    /// return to their old data (`Revert`): stores `decision` unless a decision is stored
+    /// already, and returns the one that holds. The coordinator decides `Commit` once every
+    /// shard is swapped; an agent whose lease ran out, or that restarted mid-restore, decides
+    /// `Revert`. Whoever writes first wins (a create-only put), so every shard follows the
+    /// same decision. An error means nothing is known: decide nothing, ask again.
+    pub async fn decide_restore(
+        &self,
+        restore: &RestoreId,
+        decision: RestoreDecision,
+        by: &str,
+    ) -> Result<RestoreDecision> {
+        let key = self.layout.restore_decision(restore);
+        let record = serde_json::json!({
+            "decision": decision,
+            "by": by,
+            "at": chrono::Utc::now(),
+        });
+        let payload = PutPayload::from(record.to_string().into_bytes());
+        if self.put_once(&key, payload, "restore decision").await? {
+            return Ok(decision);
+        }
+        self.restore_decision(restore).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::StorageUnavailable,
+                format!("the decision of restore {restore} vanished while it was read"),
+            )
+        })
+    }
+
+    /// The decision stored for a restore, if any.
+    pub async fn restore_decision(&self, restore: &RestoreId) -> Result<Option<RestoreDecision>> {
+        let Some(bytes) = self.get_raw(&self.layout.restore_decision(restore)).await? else {
+            return Ok(None);
+        };
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            decision: RestoreDecision,
+        }
+        let stored: Stored = serde_json::from_slice(&bytes).map_err(|err| {
+            Error::new(
+                ErrorCode::BackupManifestCorrupt,
+                format!("the decision of restore {restore} is unreadable: {err}"),
+            )
+        })?;
+        Ok(Some(stored.decision))
     }
 
     /// True if the backup manifest exists (the backup committed).
@@ -995,6 +1056,43 @@ mod tests {
         );
         manifest.started_at = Utc::now() - started_ago;
         repo.commit_backup(manifest).await.expect("commit")
+    }
+
+    #[tokio::test]
+    async fn the_first_decision_of_a_restore_holds_for_everyone() {
+        for url in ["memory://decisions", "file://"] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let url = if url == "file://" {
+                format!("file://{}", dir.path().display())
+            } else {
+                url.to_string()
+            };
+            let repo = Repository::open(&url).await.expect("repo");
+            let restore = RestoreId::new("rs-1").expect("id");
+            repo.put_running_restore(&restore, b"{}".to_vec())
+                .await
+                .expect("record");
+            assert_eq!(repo.restore_decision(&restore).await.expect("read"), None);
+            let first = repo
+                .decide_restore(&restore, RestoreDecision::Revert, "agent shard-1")
+                .await
+                .expect("decide");
+            assert_eq!(first, RestoreDecision::Revert);
+            // The coordinator, later, wanted to commit: it learns the restore reverts.
+            let second = repo
+                .decide_restore(&restore, RestoreDecision::Commit, "coordinator")
+                .await
+                .expect("decide");
+            assert_eq!(second, RestoreDecision::Revert, "{url}");
+            assert_eq!(
+                repo.running_restore_ids().await.expect("list"),
+                vec![restore.clone()],
+                "a decision is not a record"
+            );
+            repo.delete_running_restore(&restore).await.expect("delete");
+            assert_eq!(repo.restore_decision(&restore).await.expect("read"), None);
+            assert!(repo.running_restore_ids().await.expect("list").is_empty());
+        }
     }
 
     #[tokio::test]

@@ -189,11 +189,23 @@ impl Cluster {
 
     /// Restarts agent `i` on its old address.
     pub fn restart_agent(&mut self, i: usize) {
+        self.restart_agent_with(i, &[]);
+    }
+
+    /// Restarts agent `i` on its old address with more environment (a fault to inject).
+    pub fn restart_agent_with(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.kill_agent(i);
         let args = self.agent_args(i, &self.addresses[i].clone());
+        let env: Vec<(String, String)> = self
+            .agent_env
+            .iter()
+            .cloned()
+            .chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
         let (child, _) = start_server(
             "lockstep-agent",
             &args,
-            &self.agent_env,
+            &env,
             &self.log(&format!("agent-{i}")),
         );
         self.agents[i] = Some(child);

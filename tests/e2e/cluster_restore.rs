@@ -1,6 +1,7 @@
 //! `lockstep restore` of the whole cluster through its agents: into directories (the live
 //! shards untouched), in place (every shard back at the cut, serving writes), and a restore
-//! that fails on one shard, which must change no shard at all.
+//! that fails on one shard, which must change no shard at all, even once other shards are
+//! swapped; no shard takes a write until every shard is swapped.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -328,4 +329,111 @@ async fn a_restore_into_directories_that_fails_on_one_shard_leaves_no_shard_behi
         "a failed restore left {left:?} in {}",
         drill.display()
     );
+}
+
+/// Starts `lockstep restore BACKUP --in-place` in the background.
+fn spawn_restore(cluster: &Cluster, backup: &str) -> std::process::Child {
+    std::process::Command::new(lockstep_tests::binary("lockstep"))
+        .args(["restore", backup, "--in-place"])
+        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the restore")
+}
+
+/// Once shard-0's Apply has closed its gate, a write to shard-0 in the background: it must
+/// wait until the restore's decision. Returns the write's task.
+async fn write_behind_the_closed_gate(
+    cluster: &Cluster,
+    key: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<v1::WriteReply>, tonic::Status>> {
+    let closed = wait_until(Duration::from_secs(60), || async {
+        cluster.gate_closed(0).await == Some(true)
+    })
+    .await;
+    assert!(closed.is_some(), "shard-0's gate never closed for the swap");
+    let mut client = cluster.shard_client(0).await;
+    let request = v1::PutRequest {
+        column_family: String::new(),
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+    };
+    tokio::spawn(async move { client.put(request).await })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_swap_holds_every_shard_s_writes_until_all_are_swapped() {
+    let mut cluster = Cluster::start(5000, None);
+    // shard-1's swap takes 4 s (as behind a long scan that the drain waits for).
+    cluster.restart_agent_with(1, &[("LOCKSTEP_FAULT_PAUSE", "restore-swap:4000")]);
+    let (backup, _cut) = backup_with_data(&cluster).await;
+    diverge(&cluster).await;
+
+    let restore = spawn_restore(&cluster, &backup);
+    let mut write = write_behind_the_closed_gate(&cluster, "written-during-the-restore").await;
+    // shard-0 is swapped within milliseconds; shard-1 is still swapping: the write waits.
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut write).await;
+    assert!(
+        early.is_err(),
+        "shard-0 took a write while shard-1 was still swapping: {early:?}"
+    );
+    let ended = restore.wait_with_output().expect("the restore ends");
+    assert!(ended.status.success(), "restore:\n{}", text(&ended));
+    write
+        .await
+        .expect("join")
+        .expect("the write goes through after the commit");
+
+    let restored = keys("old", 200);
+    let mut shard_0 = restored.clone();
+    shard_0.insert("written-during-the-restore".into());
+    assert_eq!(live_keys(&cluster, 0).await, shard_0, "shard-0");
+    for i in 1..N_AGENTS {
+        assert_eq!(live_keys(&cluster, i).await, restored, "shard-{i}");
+    }
+    assert_no_restore_leftovers(cluster.dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_that_fails_on_one_shard_reverts_the_shards_already_swapped() {
+    let mut cluster = Cluster::start(5000, None);
+    cluster.restart_agent_with(1, &[("LOCKSTEP_FAULT_PAUSE", "restore-swap:2000")]);
+    let (backup, _cut) = backup_with_data(&cluster).await;
+    diverge(&cluster).await;
+    // shard-2's swap cannot move its live shard aside: the name is taken by a directory that
+    // is not empty.
+    let blocker = cluster.dir.path().join(".db-2.lockstep-replaced");
+    std::fs::create_dir(&blocker).expect("mkdir");
+    std::fs::write(blocker.join("not-yours"), "x").expect("write");
+
+    let restore = spawn_restore(&cluster, &backup);
+    let write = write_behind_the_closed_gate(&cluster, "written-during-the-restore").await;
+    let ended = restore.wait_with_output().expect("the restore ends");
+    assert!(!ended.status.success(), "restore:\n{}", text(&ended));
+    let printed = text(&ended);
+    assert!(printed.contains("shard-2"), "{printed}");
+    assert!(printed.contains("reverted"), "{printed}");
+    write
+        .await
+        .expect("join")
+        .expect("the write goes through after the revert");
+
+    // Every shard is as it was; shard-0's write landed on its old data.
+    let mut shard_0 = diverged();
+    shard_0.insert("written-during-the-restore".into());
+    assert_eq!(live_keys(&cluster, 0).await, shard_0, "shard-0");
+    for i in 1..N_AGENTS {
+        assert_eq!(live_keys(&cluster, i).await, diverged(), "shard-{i}");
+    }
+    std::fs::remove_dir_all(&blocker).expect("remove the blocker");
+    assert_no_restore_leftovers(cluster.dir.path()).await;
+    let records = std::fs::read_dir(cluster.repo().join("restores"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(records, 0, "the restore's record and decision are removed");
+    // The same restore, with the blocker gone, goes through.
+    let again = cluster.lockstep(&["restore", &backup, "--in-place"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(live_keys(&cluster, 2).await, keys("old", 200));
 }

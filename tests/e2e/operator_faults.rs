@@ -245,11 +245,16 @@ async fn a_coordinator_killed_while_agents_upload_leaves_no_shard_manifest_after
 }
 
 /// Takes a backup, then starts `lockstep restore latest --in-place` and waits until the
-/// coordinator (started with the `before-apply` or `applying` fault pause) has every shard
-/// staged.
+/// coordinator (started with the `before-apply` fault pause) has every shard staged.
 async fn restore_paused_before_apply(cluster: &Cluster) -> std::process::Child {
     let backup = cluster.lockstep(&["backup", "create", "--wait"]);
     assert!(backup.status.success(), "{}", text(&backup));
+    restore_paused(cluster).await
+}
+
+/// Starts `lockstep restore latest --in-place` and waits until the coordinator pauses at its
+/// fault point.
+async fn restore_paused(cluster: &Cluster) -> std::process::Child {
     let restore = Command::new(binary("lockstep"))
         .args(["restore", "latest", "--in-place"])
         .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
@@ -335,30 +340,26 @@ async fn put_everywhere(cluster: &Cluster, key: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_killed_after_deciding_to_apply_finishes_the_restore_when_it_restarts() {
-    // The coordinator stops after recording its decision to apply, before any Apply is sent.
-    let mut cluster = Cluster::start(10_000, Some("applying:600000"));
+/// Kills the coordinator of an in-place restore at its fault point `fault` and restarts it;
+/// returns whether each shard ended up restored (true) or as it was (false).
+async fn restore_interrupted_at(fault: &str) -> Vec<bool> {
+    let mut cluster = Cluster::start(10_000, Some(fault));
     put_everywhere(&cluster, "in-the-backup").await;
-    let restore = restore_paused_before_apply(&cluster).await;
-    // Wait: the writes below must come after the backup the restore goes back to, and the
-    // restore paused with every shard staged.
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
     put_everywhere(&cluster, "after-the-backup").await;
+    let mut restore = restore_paused(&cluster).await;
     cluster.kill_coordinator();
-    let mut restore = restore;
     let _ = restore.kill();
     let _ = restore.wait();
     cluster.start_coordinator(None);
 
-    // The restart finished the restore: every shard is back at the backup.
+    // The restart settled the restore, one way on every shard.
+    let mut restored = Vec::new();
     for i in 0..N_AGENTS {
         let keys = crate::cluster_restore::live_keys(&cluster, i).await;
         assert!(keys.contains("in-the-backup"), "shard {i}: {keys:?}");
-        assert!(
-            !keys.contains("after-the-backup"),
-            "shard {i} was not restored: {keys:?}\n{}",
-            std::fs::read_to_string(cluster.log(&format!("agent-{i}"))).unwrap_or_default()
-        );
+        restored.push(!keys.contains("after-the-backup"));
     }
     let records: Vec<_> = std::fs::read_dir(cluster.repo().join("restores"))
         .map(|entries| {
@@ -372,4 +373,19 @@ async fn a_coordinator_killed_after_deciding_to_apply_finishes_the_restore_when_
     assert_no_restore_leftovers(cluster.dir.path()).await;
     let backup = cluster.lockstep(&["backup", "create", "--wait"]);
     assert!(backup.status.success(), "{}", text(&backup));
+    restored
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_with_every_shard_swapped_reverts_them_all_when_it_restarts() {
+    // Every shard is swapped in, its gate closed, and no decision is stored: the restarted
+    // coordinator decides revert.
+    let restored = restore_interrupted_at("swapped:600000").await;
+    assert_eq!(restored, vec![false; N_AGENTS], "every shard as it was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_after_deciding_to_commit_finishes_the_restore_when_it_restarts() {
+    let restored = restore_interrupted_at("decided:600000").await;
+    assert_eq!(restored, vec![true; N_AGENTS], "every shard restored");
 }

@@ -1,40 +1,54 @@
 //! The participant's side of the cluster restore (ARCHITECTURE.md, "The cluster restore
 //! protocol"): stage a backup of the shard beside it (or beside a target directory), then swap
-//! it in under the closed gate (or rename it into the target), or discard it. Nothing reaches a
-//! target before Apply, so a restore that fails on any shard leaves no directory behind.
+//! it in under the closed gate (or rename it into the target) and hold it there until the
+//! restore's decision, then commit it or revert to the old shard; or discard a staged one.
+//! Nothing reaches a target before Apply, and nothing reads or writes the restored shard
+//! before the commit, so a restore that fails on any shard leaves every shard as it was.
 //!
 //! A restore's state is one value. While it holds the shard it is the active restore, whose
-//! [`Phase`] owns what it holds: `Staging` (the staging task and its progress) or `Staged` (the
-//! checked shard, waiting for Apply). When it ends, its final status (`Applied`, `Discarded`
-//! or `Failed`) joins the last 256 outcomes, which answer repeated and late messages.
+//! [`Phase`] owns what it holds: `Staging` (the staging task and its progress), `Staged` (the
+//! checked shard, waiting for Apply) or `Swapped` (the restored shard in place, the gate closed
+//! and the old shard aside; or the restored shard in its target). When it ends, its final
+//! status (`Applied`, `Discarded` or `Failed`) joins the last 256 outcomes, which answer
+//! repeated and late messages.
 //!
 //! Duplicated or reordered messages change nothing:
 //! - RestoreStage for a known id returns its status (one staging per id); a new one while a
 //!   barrier or another restore holds the shard is refused with `ERR_BARRIER_BUSY`.
 //! - RestoreApply swaps only a `Staged` restore; repeated, before staging ended, or after a
 //!   discard, it returns the status; for an id never staged it is `ERR_INVALID_ARGUMENT`.
-//! - RestoreDiscard ends a `Staging` restore (its task is cancelled) or a `Staged` one (its
-//!   directory is removed); after Apply, or for an unknown id, it returns the status.
+//! - RestoreCommit commits only a `Swapped` restore; otherwise it returns the status.
+//! - RestoreDiscard ends a `Staging` restore (its task is cancelled), a `Staged` one (its
+//!   directory is removed) or a `Swapped` one (reverted); after it ended, or for an unknown
+//!   id, it returns the status.
+//! - A `Swapped` restore whose lease runs out asks the repository for its decision, deciding
+//!   revert if there is none, and follows it; while the repository cannot answer it holds.
 //!
 //! Invariant: the live shard (or a target directory) changes only in Apply, the live shard
-//! under the closed gate, and a restore
-//! holds the shard (no barrier starts) while it is staging or staged.
+//! under the closed gate, which stays closed until the restore commits or reverts; a restore
+//! holds the shard (no barrier starts) from Stage until it ends.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep_repository::lineage::Leg;
+use lockstep_repository::repository::RestoreDecision;
 use lockstep_repository::transfer::Progress;
-use lockstep_repository::{BackupId, Error, ErrorCode, Lineage, Result, Seq, ShardId};
+use lockstep_repository::{BackupId, Error, ErrorCode, Lineage, RestoreId, Result, Seq, ShardId};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::{Msg as ParticipantMsg, ParticipantHandle, REMEMBERED, ShardParts};
 use crate::engine::ShardEngine;
+use crate::gate::GateClosed;
 use crate::lineage::{HistorySources, next_timeline};
-use crate::restore::{Replay, StagedShard, check_target, replay_staged, stage_empty, stage_shard};
+use crate::restore::{
+    Replay, StagedShard, check_target, mark_committed, remove_restored, replay_staged, stage_empty,
+    stage_shard,
+};
+use crate::slot::SwappedIn;
 use lockstep_repository::remembered::Remembered;
 
 /// A restore of this agent's shard.
@@ -67,6 +81,8 @@ pub const DEFAULT_RESTORE_LEASE: Duration = Duration::from_secs(30);
 pub enum RestoreState {
     Staging,
     Staged,
+    /// In place (or in its target) and checked; held until the restore commits or reverts.
+    Swapped,
     Applied,
     Discarded,
     Failed,
@@ -100,12 +116,17 @@ pub(super) enum Msg {
         restore_id: String,
         reply: oneshot::Sender<RestoreStatus>,
     },
-    /// Phase 2: swap the staged shard in under the closed gate.
+    /// Phase 2: swap the staged shard in under the closed gate, and hold.
     Apply {
         restore_id: String,
         reply: oneshot::Sender<Result<RestoreStatus>>,
     },
-    /// Drop a staging or staged restore.
+    /// Phase 3, the restore decided commit: keep the swapped shard and open the gate.
+    Commit {
+        restore_id: String,
+        reply: oneshot::Sender<Result<RestoreStatus>>,
+    },
+    /// Drop a staging or staged restore, or revert a swapped one.
     Discard {
         restore_id: String,
         reply: oneshot::Sender<RestoreStatus>,
@@ -128,6 +149,11 @@ impl ParticipantHandle {
             .await?
     }
 
+    pub async fn restore_commit(&self, restore_id: String) -> Result<RestoreStatus> {
+        self.ask(|reply| ParticipantMsg::Restore(Msg::Commit { restore_id, reply }))
+            .await?
+    }
+
     pub async fn restore_discard(&self, restore_id: String) -> Result<RestoreStatus> {
         self.ask(|reply| ParticipantMsg::Restore(Msg::Discard { restore_id, reply }))
             .await
@@ -135,17 +161,18 @@ impl ParticipantHandle {
 }
 
 /// The restore holding the shard.
-struct Active {
+struct Active<E> {
     /// What RestoreStatus reports; its state and progress come from `phase` when reported.
     status: RestoreStatus,
-    phase: Phase,
+    phase: Phase<E>,
     lease: Duration,
-    /// When the restore is discarded unless a message about it comes first.
+    /// When the restore is discarded (or, swapped, decided) unless a message about it comes
+    /// first.
     deadline: Instant,
 }
 
 /// Where the active restore stands; each phase owns what it holds.
-enum Phase {
+enum Phase<E> {
     /// Downloading and checking in `task`.
     Staging {
         task: AbortHandle,
@@ -153,9 +180,23 @@ enum Phase {
     },
     /// Checked and waiting for Apply (a swap in place, or a rename into its target).
     Staged(StagedShard),
+    /// Applied and waiting for the restore's decision.
+    Swapped(Held<E>),
 }
 
-impl Active {
+/// What a swapped restore holds until its decision.
+enum Held<E> {
+    /// The restored shard is open in the slot, which it holds exclusively; the old one is
+    /// aside; the gate is closed.
+    InPlace {
+        swapped: SwappedIn<E>,
+        gate: GateClosed,
+    },
+    /// The restored shard is in its target directory, marked undecided.
+    Target(PathBuf),
+}
+
+impl<E> Active<E> {
     fn snapshot(&self) -> RestoreStatus {
         let mut status = self.status.clone();
         match &self.phase {
@@ -164,22 +205,27 @@ impl Active {
                 (status.bytes_done, status.bytes_total) = progress.snapshot();
             }
             Phase::Staged(_) => status.state = RestoreState::Staged,
+            Phase::Swapped(_) => status.state = RestoreState::Swapped,
         }
         status
     }
 }
 
+/// How long a swapped restore whose lease ran out waits for the repository to give its
+/// decision, and then before it asks again.
+const DECISION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The restores of one shard: the active one, the outcomes of finished ones, and the staging
 /// tasks.
-pub(super) struct Restores {
-    active: Option<Active>,
+pub(super) struct Restores<E> {
+    active: Option<Active<E>>,
     outcomes: Remembered<String, RestoreStatus>,
     /// The active restore's staging task, and discarded ones' until they end.
     pub(super) stagings: JoinSet<(String, Result<StagedShard>)>,
 }
 
-impl Restores {
-    pub(super) fn new() -> Restores {
+impl<E: ShardEngine> Restores<E> {
+    pub(super) fn new() -> Restores<E> {
         Restores {
             active: None,
             outcomes: Remembered::new(REMEMBERED),
@@ -194,10 +240,16 @@ impl Restores {
             .map(|active| active.status.restore_id.as_str())
     }
 
-    /// Cancels any staging and drops a staged shard (which removes its directory).
+    /// Cancels any staging and drops a staged shard (which removes its directory). A swapped
+    /// restore stays held for good (its gate closed, its slot exclusive): the
+    /// process is ending, and its next start settles the shard by the restore's decision.
     pub(super) fn stop(&mut self) {
         self.stagings.abort_all();
-        self.active = None;
+        if let Some(active) = self.active.take()
+            && matches!(active.phase, Phase::Swapped(_))
+        {
+            std::mem::forget(active);
+        }
     }
 
     /// When the active restore's lease runs out.
@@ -205,21 +257,63 @@ impl Restores {
         self.active.as_ref().map(|active| active.deadline)
     }
 
-    /// Discards the active restore if its lease ran out: its coordinator went away.
-    pub(super) fn expire(&mut self, shard_id: &ShardId) {
+    /// Ends the active restore if its lease ran out: its coordinator went away. A staging or
+    /// staged restore is discarded; a swapped one follows the restore's decision, deciding
+    /// revert if there is none (it cannot know whether the others swapped).
+    pub(super) async fn expire(&mut self, shard: &ShardParts<E>) {
+        let shard_id = &shard.shard_id;
         let Some(active) = self
             .active
-            .take_if(|active| active.deadline <= Instant::now())
+            .as_ref()
+            .filter(|active| active.deadline <= Instant::now())
         else {
             return;
         };
         let restore_id = active.status.restore_id.clone();
-        tracing::warn!(restore = %restore_id, shard = %shard_id, lease_ms = active.lease.as_millis() as u64, "restore: no word from its coordinator within the lease; discarding it");
-        let mut status = active.snapshot();
-        match active.phase {
-            Phase::Staging { task, .. } => task.abort(),
-            Phase::Staged(staged) => drop(staged),
+        let lease_ms = active.lease.as_millis() as u64;
+        if matches!(active.phase, Phase::Swapped(_)) {
+            let decided = match RestoreId::new(restore_id.as_str()) {
+                Ok(id) => {
+                    let by = format!("agent {shard_id}, its lease ran out");
+                    tokio::time::timeout(
+                        DECISION_TIMEOUT,
+                        shard.repo.decide_restore(&id, RestoreDecision::Revert, &by),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::new(
+                            ErrorCode::StorageUnavailable,
+                            "the repository did not answer within 10 s",
+                        ))
+                    })
+                }
+                Err(err) => Err(err),
+            };
+            match decided {
+                Ok(decision) => {
+                    tracing::warn!(restore = %restore_id, shard = %shard_id, lease_ms, ?decision, "restore: no word from its coordinator within the lease; following the restore's decision");
+                    if let Err(err) = self.decide(shard, &restore_id, decision).await {
+                        tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: could not carry out the decision; trying again");
+                        self.renew_for(&restore_id, DECISION_TIMEOUT);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: swapped in and no word from its coordinator, and its decision cannot be read; holding the shard until it can");
+                    self.renew_for(&restore_id, DECISION_TIMEOUT);
+                }
+            }
+            return;
         }
+        tracing::warn!(restore = %restore_id, shard = %shard_id, lease_ms, "restore: no word from its coordinator within the lease; discarding it");
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let mut status = active.snapshot();
+        if let Phase::Staging { task, .. } = &active.phase {
+            task.abort();
+        }
+        // Dropping a staged shard removes its staging directory.
+        drop(active);
         status.state = RestoreState::Discarded;
         status.error = Some((
             ErrorCode::BarrierLeaseExpired,
@@ -228,18 +322,26 @@ impl Restores {
         self.outcomes.insert(restore_id, status);
     }
 
-    /// A message about `restore_id` came: its lease starts again.
-    fn renew(&mut self, restore_id: &str) {
+    /// The active restore `restore_id`, if any, is held for `wait` more.
+    fn renew_for(&mut self, restore_id: &str, wait: Duration) {
         if let Some(active) = self
             .active
             .as_mut()
             .filter(|active| active.status.restore_id == restore_id)
         {
-            active.deadline = Instant::now() + active.lease;
+            active.deadline = Instant::now() + wait;
         }
     }
 
-    fn active(&self, restore_id: &str) -> Option<&Active> {
+    /// A message about `restore_id` came: its lease starts again.
+    fn renew(&mut self, restore_id: &str) {
+        let lease = self.active.as_ref().map(|active| active.lease);
+        if let Some(lease) = lease {
+            self.renew_for(restore_id, lease);
+        }
+    }
+
+    fn active(&self, restore_id: &str) -> Option<&Active<E>> {
         self.active
             .as_ref()
             .filter(|active| active.status.restore_id == restore_id)
@@ -271,12 +373,12 @@ impl Restores {
         }
         match self.outcomes.get(restore_id) {
             Some(status) => status.clone(),
-            None => Restores::unknown(shard_id, restore_id),
+            None => Self::unknown(shard_id, restore_id),
         }
     }
 
     /// Handles one restore message; `barrier` is the barrier holding the shard, if any.
-    pub(super) async fn handle<E: ShardEngine>(
+    pub(super) async fn handle(
         &mut self,
         shard: &ShardParts<E>,
         barrier: Option<&BackupId>,
@@ -294,13 +396,16 @@ impl Restores {
             Msg::Apply { restore_id, reply } => {
                 let _ = reply.send(self.apply(shard, restore_id).await);
             }
+            Msg::Commit { restore_id, reply } => {
+                let _ = reply.send(self.commit(shard, restore_id).await);
+            }
             Msg::Discard { restore_id, reply } => {
-                let _ = reply.send(self.discard(&shard.shard_id, restore_id));
+                let _ = reply.send(self.discard(shard, restore_id).await);
             }
         }
     }
 
-    fn stage<E: ShardEngine>(
+    fn stage(
         &mut self,
         shard: &ShardParts<E>,
         barrier: Option<&BackupId>,
@@ -418,7 +523,7 @@ impl Restores {
             backup_id: request.backup.clone(),
             state: RestoreState::Staging,
             target: request.target.clone(),
-            ..Restores::unknown(shard_id, &request.restore_id)
+            ..Self::unknown(shard_id, &request.restore_id)
         };
         self.active = Some(Active {
             status,
@@ -465,11 +570,7 @@ impl Restores {
         }
     }
 
-    async fn apply<E: ShardEngine>(
-        &mut self,
-        shard: &ShardParts<E>,
-        restore_id: String,
-    ) -> Result<RestoreStatus> {
+    async fn apply(&mut self, shard: &ShardParts<E>, restore_id: String) -> Result<RestoreStatus> {
         let shard_id = &shard.shard_id;
         if !self.knows(&restore_id) {
             return Err(Error::new(
@@ -480,56 +581,178 @@ impl Restores {
         let staged = self.active.take_if(|active| {
             active.status.restore_id == restore_id && matches!(active.phase, Phase::Staged(_))
         });
-        let (mut status, staged) = match staged {
+        let (mut status, mut staged, lease) = match staged {
             Some(Active {
                 status,
                 phase: Phase::Staged(staged),
+                lease,
                 ..
-            }) => (status, staged),
-            // Applied already (a retry), not staged yet, or ended: the status says which.
+            }) => (status, staged, lease),
+            // Swapped or applied already (a retry), not staged yet, or ended: the status says
+            // which.
             _ => return Ok(self.snapshot(shard_id, &restore_id)),
         };
-        let swapped = match &status.target {
+        staged.undecided = Some(restore_id.clone());
+        let seq = staged.seq;
+        let held = match &status.target {
             // Into its own directory: the live shard is untouched, no gate closes.
-            Some(target) => {
-                let seq = staged.seq;
-                staged.move_to(target).map(|()| seq)
-            }
+            Some(target) => staged
+                .move_to(target)
+                .map(|()| Held::Target(target.clone())),
             None => {
-                let closed = shard.gate.close().await;
-                let swapped = shard.slot.swap_in(staged).await;
-                let paused = closed.open();
-                tracing::info!(restore = %restore_id, shard = %shard_id, paused_ms = paused.as_millis() as u64, "restore: the gate reopened after the swap");
-                swapped
+                let gate = shard.gate.close().await;
+                lockstep_process::fault_pause("restore-swap", &restore_id).await;
+                match shard.slot.swap_in(staged).await {
+                    Ok(swapped) => Ok(Held::InPlace { swapped, gate }),
+                    Err(err) => {
+                        let paused = gate.open();
+                        tracing::info!(restore = %restore_id, shard = %shard_id, paused_ms = paused.as_millis() as u64, "restore: the gate reopened after a failed swap");
+                        Err(err)
+                    }
+                }
             }
         };
-        match swapped {
-            Ok(seq) => {
-                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %seq, target = ?status.target, "restore: shard in place");
-                status.state = RestoreState::Applied;
+        match held {
+            Ok(held) => {
+                tracing::info!(restore = %restore_id, shard = %shard_id, seq = %seq, target = ?status.target, "restore: shard swapped in; holding it until the restore's decision");
                 status.seq = seq;
+                self.active = Some(Active {
+                    status,
+                    phase: Phase::Swapped(held),
+                    lease,
+                    deadline: Instant::now() + lease,
+                });
+                Ok(self.snapshot(shard_id, &restore_id))
             }
             Err(err) => {
                 tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: swap failed; the live shard is unchanged");
                 status.state = RestoreState::Failed;
                 status.error = Some((err.code, err.chain()));
+                self.outcomes.insert(restore_id, status.clone());
+                Ok(status)
             }
         }
-        self.outcomes.insert(restore_id, status.clone());
-        Ok(status)
     }
 
-    fn discard(&mut self, shard_id: &ShardId, restore_id: String) -> RestoreStatus {
+    async fn commit(&mut self, shard: &ShardParts<E>, restore_id: String) -> Result<RestoreStatus> {
+        self.decide(shard, &restore_id, RestoreDecision::Commit)
+            .await?;
+        Ok(self.snapshot(&shard.shard_id, &restore_id))
+    }
+
+    /// Carries out the restore's decision on the active restore `restore_id` if it is
+    /// swapped: commit keeps the restored shard, revert puts the old one back; either way the
+    /// gate opens. Anything else is left as it is. A commit whose mark cannot be removed
+    /// stays swapped and returns the error.
+    async fn decide(
+        &mut self,
+        shard: &ShardParts<E>,
+        restore_id: &str,
+        decision: RestoreDecision,
+    ) -> Result<()> {
+        let shard_id = &shard.shard_id;
+        let swapped = self.active.take_if(|active| {
+            active.status.restore_id == restore_id && matches!(active.phase, Phase::Swapped(_))
+        });
+        let Some(Active {
+            mut status,
+            phase: Phase::Swapped(held),
+            lease,
+            deadline,
+        }) = swapped
+        else {
+            return Ok(());
+        };
+        let outcome = match (decision, held) {
+            (RestoreDecision::Commit, Held::InPlace { swapped, gate }) => {
+                match shard.slot.commit(swapped).await {
+                    Ok(()) => {
+                        let paused = gate.open();
+                        tracing::info!(restore = %restore_id, shard = %shard_id, paused_ms = paused.as_millis() as u64, "restore: committed; the gate reopened");
+                        Ok(RestoreState::Applied)
+                    }
+                    Err((swapped, err)) => Err((Held::InPlace { swapped, gate }, err)),
+                }
+            }
+            (RestoreDecision::Commit, Held::Target(target)) => {
+                let dir = target.clone();
+                match lockstep_repository::blocking::run(move || mark_committed(&dir)).await {
+                    Ok(Ok(())) => Ok(RestoreState::Applied),
+                    Ok(Err(err)) => Err((Held::Target(target), err)),
+                    Err(join) => Err((
+                        Held::Target(target),
+                        Error::with_source(ErrorCode::BackupRestorationFailed, "commit", join),
+                    )),
+                }
+            }
+            (RestoreDecision::Revert, Held::InPlace { swapped, gate }) => {
+                let reverted = shard.slot.revert(swapped).await;
+                let paused = gate.open();
+                tracing::warn!(restore = %restore_id, shard = %shard_id, paused_ms = paused.as_millis() as u64, "restore: reverted to the shard it replaced; the gate reopened");
+                Ok(match reverted {
+                    Ok(()) => RestoreState::Discarded,
+                    Err(err) => {
+                        status.error = Some((err.code, err.chain()));
+                        RestoreState::Failed
+                    }
+                })
+            }
+            (RestoreDecision::Revert, Held::Target(target)) => {
+                let dir = target.clone();
+                let removed = lockstep_repository::blocking::run(move || remove_restored(&dir))
+                    .await
+                    .map_err(|join| {
+                        Error::with_source(ErrorCode::BackupRestorationFailed, "revert", join)
+                    })
+                    .and_then(|removed| removed);
+                if let Err(err) = removed {
+                    tracing::error!(restore = %restore_id, shard = %shard_id, target = %target.display(), error = %err.chain(), "restore: reverted, but its target could not be removed");
+                    status.error = Some((err.code, err.chain()));
+                }
+                Ok(RestoreState::Discarded)
+            }
+        };
+        match outcome {
+            Ok(state) => {
+                status.state = state;
+                self.outcomes.insert(restore_id.to_string(), status);
+                Ok(())
+            }
+            Err((held, err)) => {
+                tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: could not commit; still holding the shard");
+                self.active = Some(Active {
+                    status,
+                    phase: Phase::Swapped(held),
+                    lease,
+                    deadline,
+                });
+                Err(err)
+            }
+        }
+    }
+
+    async fn discard(&mut self, shard: &ShardParts<E>, restore_id: String) -> RestoreStatus {
+        let shard_id = &shard.shard_id;
+        let swapped = self
+            .active(&restore_id)
+            .is_some_and(|active| matches!(active.phase, Phase::Swapped(_)));
+        if swapped {
+            // Revert never fails to end the restore: an error is in its status.
+            let _ = self
+                .decide(shard, &restore_id, RestoreDecision::Revert)
+                .await;
+            return self.snapshot(shard_id, &restore_id);
+        }
         let active = self
             .active
             .take_if(|active| active.status.restore_id == restore_id);
         if let Some(active) = active {
             let mut status = active.snapshot();
-            match active.phase {
-                Phase::Staging { task, .. } => task.abort(),
-                // Dropping the staged shard removes its staging directory.
-                Phase::Staged(staged) => drop(staged),
+            if let Phase::Staging { task, .. } = &active.phase {
+                task.abort();
             }
+            // Dropping a staged shard removes its staging directory.
+            drop(active);
             status.state = RestoreState::Discarded;
             tracing::info!(restore = %restore_id, shard = %shard_id, "restore: discarded");
             self.outcomes.insert(restore_id.clone(), status);
@@ -582,29 +805,126 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn apply_swaps_the_staged_backup_in_once() {
+    async fn apply_swaps_the_staged_backup_in_and_holds_it_until_commit() {
         let (shard, backup, cut) = backed_up().await;
+        let before = shard.slot.lineage();
         let staging = shard.restore_stage(in_place("rs-1", &backup)).await;
         assert_eq!(staging.state, RestoreState::Staging);
         let staged = shard.wait_for_restore("rs-1", RestoreState::Staged).await;
         assert_eq!(staged.seq, cut);
         assert!(shard.has("k2"), "staging leaves the live shard alone");
-        let applied = shard.restore_apply("rs-1").await;
+        let swapped = shard.restore_apply("rs-1").await;
+        assert_eq!(swapped.state, RestoreState::Swapped);
+        assert_eq!(swapped.seq, cut);
+        assert!(shard.gate.is_closed(), "no write until the restore commits");
+        assert!(shard.slot.get().is_err(), "no read either");
+        assert_eq!(shard.slot.lineage(), before);
+        // A repeated Apply is answered from the record: no second swap.
+        assert_eq!(
+            shard.restore_apply("rs-1").await.state,
+            RestoreState::Swapped
+        );
+        let applied = shard.restore_commit("rs-1").await;
         assert_eq!(applied.state, RestoreState::Applied);
         assert_eq!(applied.seq, cut);
-        assert!(!shard.gate.is_closed(), "the gate reopens after the swap");
+        assert!(!shard.gate.is_closed(), "the gate reopens on commit");
+        assert_ne!(
+            shard.slot.lineage(),
+            before,
+            "the restored shard's own history"
+        );
         assert_eq!(shard.seq(), cut);
         assert!(shard.has("k1") && !shard.has("k2"));
-        // A repeated Apply is answered from the record: no second swap.
+        // Repeated Apply, Commit and Discard after the commit change nothing.
         shard.write("k3");
-        let again = shard.restore_apply("rs-1").await;
-        assert_eq!(again.state, RestoreState::Applied);
-        assert!(shard.has("k3"));
-        // A Discard after Apply changes nothing either.
-        let discard = shard.restore_discard("rs-1").await;
-        assert_eq!(discard.state, RestoreState::Applied);
+        for again in [
+            shard.restore_apply("rs-1").await,
+            shard.restore_commit("rs-1").await,
+            shard.restore_discard("rs-1").await,
+        ] {
+            assert_eq!(again.state, RestoreState::Applied);
+        }
         assert!(shard.has("k3"));
         shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discard_after_apply_reverts_to_the_old_shard() {
+        let (shard, backup, _) = backed_up().await;
+        let before = (shard.slot.lineage(), shard.seq());
+        shard.restore_stage(in_place("rs-1", &backup)).await;
+        shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        assert_eq!(
+            shard.restore_apply("rs-1").await.state,
+            RestoreState::Swapped
+        );
+        let reverted = shard.restore_discard("rs-1").await;
+        assert_eq!(reverted.state, RestoreState::Discarded);
+        assert_eq!(reverted.error, None);
+        assert!(!shard.gate.is_closed());
+        assert_eq!((shard.slot.lineage(), shard.seq()), before);
+        assert!(
+            shard.has("k1") && shard.has("k2"),
+            "the old shard, as it was"
+        );
+        assert_eq!(staging_dirs(&shard), 0);
+        // A late Commit does not bring the restore back.
+        assert_eq!(
+            shard.restore_commit("rs-1").await.state,
+            RestoreState::Discarded
+        );
+        assert!(shard.has("k2"));
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_swapped_restore_whose_lease_runs_out_follows_the_decision_or_reverts() {
+        for stored in [
+            None,
+            Some(RestoreDecision::Commit),
+            Some(RestoreDecision::Revert),
+        ] {
+            let (shard, backup, _) = backed_up().await;
+            let lease = Duration::from_secs(5);
+            shard
+                .restore_stage(RestoreRequest {
+                    lease,
+                    ..in_place("rs-1", &backup)
+                })
+                .await;
+            shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+            assert_eq!(
+                shard.restore_apply("rs-1").await.state,
+                RestoreState::Swapped
+            );
+            let id = RestoreId::new("rs-1").expect("id");
+            if let Some(decision) = stored {
+                shard
+                    .repo
+                    .decide_restore(&id, decision, "coordinator")
+                    .await
+                    .expect("decide");
+            }
+            // The coordinator goes silent.
+            tokio::time::sleep(lease + Duration::from_millis(10)).await;
+            let expected = match stored {
+                Some(RestoreDecision::Commit) => RestoreState::Applied,
+                _ => RestoreState::Discarded,
+            };
+            let status = shard.wait_for_restore("rs-1", expected).await;
+            assert!(!shard.gate.is_closed(), "{stored:?}");
+            assert_eq!(
+                shard.has("k2"),
+                expected == RestoreState::Discarded,
+                "{stored:?}: {status:?}"
+            );
+            assert_eq!(
+                shard.repo.restore_decision(&id).await.expect("decision"),
+                Some(stored.unwrap_or(RestoreDecision::Revert)),
+                "with no decision stored, the agent stores revert"
+            );
+            shard.stop().await;
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -163,6 +163,13 @@ impl TestShard {
             .expect("restore apply")
     }
 
+    pub(super) async fn restore_commit(&self, id: &str) -> RestoreStatus {
+        self.handle
+            .restore_commit(id.to_string())
+            .await
+            .expect("restore commit")
+    }
+
     pub(super) async fn restore_discard(&self, id: &str) -> RestoreStatus {
         self.handle
             .restore_discard(id.to_string())
