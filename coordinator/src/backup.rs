@@ -239,6 +239,9 @@ pub async fn abort_everywhere(ctx: &ClusterContext, backup: &BackupId) {
 
 /// Removes what an uncommitted backup left: shard manifests and the pending marker.
 pub async fn remove_leftovers(ctx: &ClusterContext, backup: &BackupId) -> Result<usize> {
+    ctx.fence
+        .check(&format!("remove the leftovers of backup {backup}"))
+        .await?;
     let removed = ctx
         .repo
         .delete_shard_manifests(backup, &ctx.config.shard_ids())
@@ -247,12 +250,20 @@ pub async fn remove_leftovers(ctx: &ClusterContext, backup: &BackupId) -> Result
     Ok(removed)
 }
 
-/// On start: every pending backup without a backup manifest is a leftover of a coordinator
-/// that died mid-barrier. Abort it on the agents, wait (bounded) until none still uploads it,
-/// and remove its shard manifests; safe to repeat.
+/// On start: every pending backup without a backup manifest, `takeover_grace_ms` after the
+/// takeover, is a leftover of a coordinator that died mid-barrier (or was fenced out). Abort
+/// it on the agents, wait (bounded) until none still uploads it, and remove its shard
+/// manifests; safe to repeat.
 pub async fn clean_leftovers(ctx: &ClusterContext) -> Result<Vec<BackupId>> {
     let mut cleaned = Vec::new();
+    let mut waited = false;
     for backup in ctx.repo.pending_ids().await? {
+        if !waited && !ctx.repo.backup_exists(&backup).await? {
+            // The coordinator this one took over may have checked its epoch just before the
+            // takeover and be publishing this backup now (fence.rs): give it the grace.
+            tokio::time::sleep(ctx.config.barrier.takeover_grace()).await;
+            waited = true;
+        }
         if ctx.repo.backup_exists(&backup).await? {
             ctx.repo.delete_pending(&backup).await?;
             continue;
@@ -591,6 +602,7 @@ async fn publish(
     );
     manifest.raid_groups = ctx.config.raid_groups.clone();
     manifest.labels = labels.clone();
+    ctx.fence.check(&format!("publish backup {backup}")).await?;
     let manifest = ctx.repo.commit_backup(manifest).await?;
     ctx.repo.delete_pending(backup).await?;
     tracing::info!(backup = %backup, shards = manifests.len(), max_gate_closed_us = manifest.max_gate_closed_us, "backup committed");
@@ -628,6 +640,7 @@ pub async fn delete(ctx: &ClusterContext, backup: &BackupId) -> Result<()> {
             ),
         ));
     }
+    ctx.fence.check(&format!("delete backup {backup}")).await?;
     ctx.repo
         .delete_backup(backup, &ctx.config.shard_ids())
         .await

@@ -36,6 +36,9 @@ pub struct BarrierConfig {
     pub control_timeout_ms: u64,
     /// The deadline of one agent's in-place swap of a staged restore.
     pub apply_timeout_ms: u64,
+    /// How long a coordinator that took the repository over waits before it removes an
+    /// uncommitted backup's leftovers: the coordinator it fenced out may be publishing it.
+    pub takeover_grace_ms: u64,
 }
 
 impl Default for BarrierConfig {
@@ -48,6 +51,7 @@ impl Default for BarrierConfig {
             upload_timeout_ms: 3_600_000,
             control_timeout_ms: 2_000,
             apply_timeout_ms: 120_000,
+            takeover_grace_ms: 5_000,
         }
     }
 }
@@ -72,6 +76,10 @@ impl BarrierConfig {
     pub fn control_timeout(&self) -> Duration {
         Duration::from_millis(self.control_timeout_ms)
     }
+
+    pub fn takeover_grace(&self) -> Duration {
+        Duration::from_millis(self.takeover_grace_ms)
+    }
 }
 
 /// Named restore points.
@@ -86,6 +94,10 @@ pub struct TagsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The cluster's name, recorded in the repository when it is first used: a coordinator
+    /// of another cluster pointed at the same repository is refused.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
     /// Repository URL or local path.
     pub repository: String,
     #[serde(default = "default_listen")]
@@ -104,6 +116,10 @@ pub struct Config {
     pub wal_archive: Option<String>,
     #[serde(default)]
     pub tags: TagsConfig,
+}
+
+fn default_cluster() -> String {
+    "default".to_string()
 }
 
 fn default_listen() -> String {
@@ -148,6 +164,17 @@ impl Config {
                     agent.shard, agent.endpoint
                 )));
             }
+        }
+        if self.cluster.is_empty()
+            || !self
+                .cluster
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(format!(
+                "cluster name {:?} must be letters, digits, '-', '_' or '.'",
+                self.cluster
+            )));
         }
         let b = &self.barrier;
         if b.lease_ms == 0 || b.prepare_timeout_ms == 0 || b.prepare_timeout_ms >= b.lease_ms {

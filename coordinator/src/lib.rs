@@ -3,6 +3,7 @@
 //!
 //! - `archive`: the `WalArchive` service, this repository as a WAL archive for other regions;
 //! - `config`: the TOML topology with RAID groups, validated;
+//! - `fence`: at most one coordinator acts on a repository (epochs);
 //! - `ops`: `ClusterOps`, the actor that owns every operation holding the cluster;
 //! - `fleet`: every call to each agent, with per-step deadlines, and the one poll loop;
 //! - `backup`: the two-phase barrier and backup jobs;
@@ -18,6 +19,7 @@ pub mod archive;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod fence;
 pub mod fleet;
 pub mod ops;
 pub mod restore;

@@ -46,6 +46,8 @@ pub struct ClusterContext {
     pub config: Arc<Config>,
     pub repo: Repository,
     pub agents: Arc<[AgentLink]>,
+    /// This coordinator's epoch: checked before every step that changes the repository.
+    pub fence: Arc<crate::fence::Fence>,
 }
 
 impl ClusterContext {
@@ -331,6 +333,7 @@ impl Actor {
 
     /// Holds the cluster for `what`, or names who holds it.
     fn hold(&mut self, what: String, backup: Option<BackupId>) -> Result<CancellationToken> {
+        self.ctx.fence.still_held()?;
         if let Some(current) = &self.running {
             return Err(Error::new(
                 ErrorCode::BarrierBusy,

@@ -960,11 +960,15 @@ pub async fn run(
         .to_string()
         .into_bytes()
     };
-    if let Err(err) = ctx
-        .repo
-        .put_running_restore(&restore_id, record(STAGING))
-        .await
-    {
+    let recorded = match ctx.fence.check("start a restore").await {
+        Ok(()) => {
+            ctx.repo
+                .put_running_restore(&restore_id, record(STAGING))
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = recorded {
         return reporter.finish(Err(
             err.context("record the restore in the repository; nothing changed")
         ));
@@ -982,11 +986,14 @@ pub async fn run(
     let staged = match staged {
         // Cancelled while the last shard staged: still before the decision to apply.
         Ok(()) if cancel.is_cancelled() => Err(cancelled()),
-        Ok(()) => ctx
-            .repo
-            .put_running_restore(&restore_id, record(APPLYING))
-            .await
-            .map_err(|err| err.context("record the restore's Apply; nothing changed")),
+        Ok(()) => match ctx.fence.check("apply the restore").await {
+            Ok(()) => ctx
+                .repo
+                .put_running_restore(&restore_id, record(APPLYING))
+                .await
+                .map_err(|err| err.context("record the restore's Apply; nothing changed")),
+            Err(err) => Err(err),
+        },
         Err(err) => Err(err),
     };
     let (outcome, settled) = match staged {
@@ -1370,11 +1377,17 @@ async fn apply(
     } else {
         RestoreDecision::Revert
     };
-    let decision = match ctx
-        .repo
-        .decide_restore(restore_id, wanted, "coordinator")
-        .await
-    {
+    let decided = match ctx.fence.check("decide the restore").await {
+        // A fenced-out coordinator decides nothing: the shards hold, and follow what the
+        // coordinator that took over, or their lease, decides.
+        Ok(()) => {
+            ctx.repo
+                .decide_restore(restore_id, wanted, "coordinator")
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    let decision = match decided {
         Ok(decision) => decision,
         Err(err) => {
             // Nothing is known: sending either would split the shards if the other decision

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::backup::{JobView, clean_leftovers};
 use crate::config::Config;
+use crate::fence::Fence;
 use crate::fleet::{AgentLink, Step, agent_links, call_each};
 use crate::ops::{ClusterContext, ClusterOps, RestoreOrder};
 use crate::restore::RestoreTarget;
@@ -538,10 +539,14 @@ where
 {
     let config = Arc::new(config);
     let repo = Repository::open(&config.repository).await?;
+    let identity = repo.claim(&config.cluster).await?;
+    tracing::info!(cluster = %identity.cluster, repository_id = %identity.repository_id, "repository identity checked");
+    let fence = Arc::new(Fence::take(&repo).await?);
     let ctx = ClusterContext {
         config: config.clone(),
         repo: repo.clone(),
         agents: agents.into(),
+        fence: fence.clone(),
     };
     // Restores first: their agents' leases run while backups' leftovers are waited for.
     crate::restore::settle_interrupted(&ctx).await?;
@@ -550,6 +555,8 @@ where
         tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups");
     }
     let mut tasks = JoinSet::new();
+    let watching = shutdown.child_token();
+    tasks.spawn(async move { fence.watch(watching).await });
     let ops = ClusterOps::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

@@ -104,6 +104,9 @@ pub async fn create_tag(
         labels,
         tool_version: TOOL_VERSION.to_string(),
     };
+    ctx.fence
+        .check(&format!("publish tag {}", tag.name))
+        .await?;
     ctx.repo.put_tag(&tag).await?;
     tracing::info!(tag = %tag.name, shards = tag.points.len(), max_gate_closed_us, "tag created");
     Ok(tag)

@@ -80,7 +80,7 @@ fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::BarrierLeaseExpired => Code::DeadlineExceeded,
         ErrorCode::StorageUnavailable => Code::Unavailable,
         ErrorCode::StorageDiskFull => Code::ResourceExhausted,
-        ErrorCode::BarrierBusy => Code::FailedPrecondition,
+        ErrorCode::BarrierBusy | ErrorCode::CoordinatorFenced => Code::FailedPrecondition,
         ErrorCode::BackupChecksumMismatch
         | ErrorCode::BackupManifestCorrupt
         | ErrorCode::BackupIncomplete

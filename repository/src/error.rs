@@ -39,6 +39,8 @@ pub enum ErrorCode {
     AgentUnavailable,
     /// Lockstep: the barrier was aborted before this shard committed.
     BarrierAborted,
+    /// Lockstep: another coordinator took the repository over; this one no longer acts.
+    CoordinatorFenced,
 }
 
 /// How bad an error is, in the seed's three levels.
@@ -85,11 +87,12 @@ impl ErrorCode {
             ErrorCode::BarrierBusy => "ERR_BARRIER_BUSY",
             ErrorCode::AgentUnavailable => "ERR_AGENT_UNAVAILABLE",
             ErrorCode::BarrierAborted => "ERR_BARRIER_ABORTED",
+            ErrorCode::CoordinatorFenced => "ERR_COORDINATOR_FENCED",
         }
     }
 
     /// Every code, for parsing and documentation.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BackupCreationFailed,
         ErrorCode::BackupRestorationFailed,
         ErrorCode::BackupVerificationFailed,
@@ -111,6 +114,7 @@ impl ErrorCode {
         ErrorCode::BarrierBusy,
         ErrorCode::AgentUnavailable,
         ErrorCode::BarrierAborted,
+        ErrorCode::CoordinatorFenced,
     ];
 
     /// The code named `ERR_...`, if it is one of ours.
@@ -188,6 +192,9 @@ impl ErrorCode {
                 "check that the agent named above is running and reachable (`lockstep cluster status`)"
             }
             ErrorCode::BarrierAborted => "the backup was aborted; retry it",
+            ErrorCode::CoordinatorFenced => {
+                "a newer coordinator acts on this repository; use it, and stop this one (restarting it takes the repository back)"
+            }
         }
     }
 

@@ -1,7 +1,10 @@
 //! The object-key layout of a repository: the one place that builds keys.
 //!
 //! ```text
-//! <prefix>/lockstep-repository.json             format marker, written at init
+//! <prefix>/lockstep-repository.json             identity marker: format, repository id and
+//!                                               the cluster it belongs to; written once
+//! <prefix>/coordinators/<epoch:020>.json        fencing: one per coordinator start, written
+//!                                               create-only; the highest epoch acts
 //! <prefix>/objects/<aa>/<sha256-hex>            content-addressed data objects (codec.rs framing)
 //! <prefix>/shards/<shard-id>/<backup-id>.json   shard manifests
 //! <prefix>/backups/<backup-id>.json             backup manifests, written last
@@ -36,6 +39,7 @@ const SHARDS: &str = "shards";
 const BACKUPS: &str = "backups";
 const PENDING: &str = "pending";
 const RESTORES: &str = "restores";
+const COORDINATORS: &str = "coordinators";
 const TAGS: &str = "tags";
 const WAL: &str = "wal";
 
@@ -101,6 +105,19 @@ impl Layout {
 
     pub fn restore_decision(&self, restore: &RestoreId) -> Path {
         self.join(&[RESTORES, &format!("{restore}.decision")])
+    }
+
+    pub fn coordinator_epoch(&self, epoch: u64) -> Path {
+        self.join(&[COORDINATORS, &format!("{epoch:020}.json")])
+    }
+
+    pub fn coordinators_dir(&self) -> Path {
+        self.join(&[COORDINATORS])
+    }
+
+    /// The epoch named by a key under `coordinators/`, if it is one.
+    pub fn epoch_of(&self, key: &Path) -> Option<u64> {
+        key.filename()?.strip_suffix(".json")?.parse().ok()
     }
 
     pub fn running_restores_dir(&self) -> Path {

@@ -24,6 +24,17 @@ use crate::lineage::Lineage;
 use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
 
+/// Who a repository belongs to: written once, when a coordinator first opens it
+/// ([`Repository::claim`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepositoryIdentity {
+    pub format: u32,
+    pub repository_id: String,
+    /// The cluster's name (`cluster` in the coordinator's configuration).
+    pub cluster: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// What the swapped-in shards of a cluster restore do: keep the restored data, or return
 /// to the data they had ([`Repository::decide_restore`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -738,6 +749,111 @@ impl Repository {
         self.delete_if_present(&self.layout.pending(backup)).await
     }
 
+    /// Takes the next coordinator epoch: the coordinator that holds the highest one acts on
+    /// the repository, and every older one is fenced out ([`Repository::epoch_superseded`]).
+    /// Each epoch is its own object, created with a create-only put, so two coordinators
+    /// starting together get two epochs and the later one wins; `holder` says who took it.
+    pub async fn take_epoch(&self, holder: &str) -> Result<u64> {
+        for _ in 0..16 {
+            let epochs = self
+                .keys_under(
+                    &self.layout.coordinators_dir(),
+                    "coordinator epochs",
+                    |key| self.layout.epoch_of(key),
+                )
+                .await?;
+            let next = epochs.last().map_or(1, |last| last + 1);
+            let record = serde_json::json!({
+                "epoch": next,
+                "holder": holder,
+                "taken_at": chrono::Utc::now(),
+            });
+            let payload = PutPayload::from(record.to_string().into_bytes());
+            if self
+                .put_once(
+                    &self.layout.coordinator_epoch(next),
+                    payload,
+                    "coordinator epoch",
+                )
+                .await?
+            {
+                // Older epochs tell nothing more than the newest does: keep the last few.
+                for old in epochs.iter().rev().skip(4) {
+                    let _ = self
+                        .delete_if_present(&self.layout.coordinator_epoch(*old))
+                        .await;
+                }
+                return Ok(next);
+            }
+        }
+        Err(Error::new(
+            ErrorCode::StorageUnavailable,
+            "could not take a coordinator epoch: other coordinators kept taking the next one",
+        ))
+    }
+
+    /// Whether a coordinator started after the holder of `epoch` took the repository over.
+    pub async fn epoch_superseded(&self, epoch: u64) -> Result<bool> {
+        let next = self.layout.coordinator_epoch(epoch + 1);
+        match self.store.head(&next).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(storage_error(format!("look up {next}"), err)),
+        }
+    }
+
+    /// Checks that the repository belongs to `cluster`, or makes it so if it is new: the
+    /// identity marker is written once (create-only) and read by every coordinator that
+    /// starts on the repository, so a second cluster pointed at the same prefix is refused.
+    pub async fn claim(&self, cluster: &str) -> Result<RepositoryIdentity> {
+        let key = self.layout.marker();
+        let mine = RepositoryIdentity {
+            format: 1,
+            repository_id: uuid::Uuid::new_v4().simple().to_string(),
+            cluster: cluster.to_string(),
+            created_at: chrono::Utc::now(),
+        };
+        let json = serde_json::to_vec(&mine).map_err(|err| {
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                "encode the repository marker",
+                err,
+            )
+        })?;
+        if self
+            .put_once(&key, PutPayload::from(json), "repository marker")
+            .await?
+        {
+            return Ok(mine);
+        }
+        let stored = self.get_raw(&key).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::StorageUnavailable,
+                "the repository marker vanished while it was read",
+            )
+        })?;
+        let stored: RepositoryIdentity = serde_json::from_slice(&stored).map_err(|err| {
+            Error::new(
+                ErrorCode::BackupManifestCorrupt,
+                format!("the repository marker {key} is unreadable: {err}"),
+            )
+        })?;
+        if stored.cluster != cluster {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "repository {} belongs to cluster {:?} (repository id {}, created {}), not {cluster:?}: give each cluster its own repository or prefix, or set `cluster = {:?}` if this is that cluster",
+                    self.url,
+                    stored.cluster,
+                    stored.repository_id,
+                    stored.created_at,
+                    stored.cluster
+                ),
+            ));
+        }
+        Ok(stored)
+    }
+
     /// Records a cluster restore under way (its plan, as JSON), before any agent stages it.
     pub async fn put_running_restore(&self, restore: &RestoreId, json: Vec<u8>) -> Result<()> {
         self.put_manifest(&self.layout.running_restore(restore), json)
@@ -1056,6 +1172,43 @@ mod tests {
         );
         manifest.started_at = Utc::now() - started_ago;
         repo.commit_backup(manifest).await.expect("commit")
+    }
+
+    #[tokio::test]
+    async fn each_coordinator_start_takes_the_next_epoch_and_fences_the_older_ones() {
+        let repo = Repository::open("memory://epochs").await.expect("repo");
+        let first = repo.take_epoch("first").await.expect("take");
+        assert!(!repo.epoch_superseded(first).await.expect("check"));
+        let second = repo.take_epoch("second").await.expect("take");
+        assert_eq!(second, first + 1);
+        assert!(repo.epoch_superseded(first).await.expect("check"));
+        assert!(!repo.epoch_superseded(second).await.expect("check"));
+        // Only the last few epochs are kept; the newest always is.
+        for n in 0..10 {
+            repo.take_epoch(&format!("n{n}")).await.expect("take");
+        }
+        let kept = repo
+            .keys_under(&repo.layout.coordinators_dir(), "epochs", |k| {
+                repo.layout.epoch_of(k)
+            })
+            .await
+            .expect("list");
+        assert_eq!(kept.len(), 5, "{kept:?}");
+        assert_eq!(kept.last(), Some(&(second + 10)));
+    }
+
+    #[tokio::test]
+    async fn a_repository_belongs_to_the_cluster_that_first_claimed_it() {
+        let repo = Repository::open("memory://identity").await.expect("repo");
+        let claimed = repo.claim("eu-prod").await.expect("claim");
+        let again = repo.claim("eu-prod").await.expect("the same cluster");
+        assert_eq!(claimed, again, "read back, not rewritten");
+        let err = repo.claim("us-prod").await.expect_err("another cluster");
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert!(
+            err.message.contains("belongs to cluster \"eu-prod\""),
+            "{err}"
+        );
     }
 
     #[tokio::test]

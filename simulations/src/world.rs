@@ -116,6 +116,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
     let data = scenario.agents - scenario.parity;
     let lease_ms = scenario.lease.as_millis() as u64;
     Config {
+        cluster: "sim".into(),
         repository: repository.to_string(),
         listen: format!("0.0.0.0:{COORDINATOR_PORT}"),
         barrier: BarrierConfig {
@@ -126,6 +127,9 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
             // host's clock would make a seed's run depend on the host.
             close_lead_ms: 0,
             upload_timeout_ms: 30_000,
+            // One coordinator runs at a time here: the grace for a fenced-out one still
+            // publishing only slows the workload down.
+            takeover_grace_ms: 1_000,
             ..BarrierConfig::default()
         },
         agents: shards

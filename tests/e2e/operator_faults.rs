@@ -389,3 +389,117 @@ async fn a_coordinator_killed_after_deciding_to_commit_finishes_the_restore_when
     let restored = restore_interrupted_at("decided:600000").await;
     assert_eq!(restored, vec![true; N_AGENTS], "every shard restored");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_coordinator_fences_out_the_first_and_nothing_listed_is_unrestorable() {
+    // The first coordinator pauses between its last upload and publishing the backup.
+    let cluster = Cluster::start(10_000, Some("before-publish:12000"));
+    let first = Command::new(binary("lockstep"))
+        .args(["backup", "create", "--wait"])
+        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let log = cluster.log("coordinator");
+    let paused = wait_until(Duration::from_secs(60), || {
+        let paused =
+            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
+        async move { paused }
+    })
+    .await;
+    assert!(paused.is_some(), "the backup never reached its publish");
+
+    // A second coordinator of the same cluster starts on the same repository (a rolling
+    // update): it takes the repository over.
+    let (mut second, address) = lockstep_tests::start_server(
+        "lockstep",
+        &[
+            "serve".to_string(),
+            "--config".to_string(),
+            cluster.config_path().display().to_string(),
+        ],
+        &[],
+        &cluster.log("coordinator-2"),
+    );
+    let second_address = format!("http://{address}");
+    let on_second = |args: &[&str]| {
+        Command::new(binary("lockstep"))
+            .args(args)
+            .env("LOCKSTEP_COORDINATOR", &second_address)
+            .output()
+            .expect("run lockstep")
+    };
+
+    let first = first.wait_with_output().expect("the first backup ends");
+    assert!(!first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("ERR_COORDINATOR_FENCED"),
+        "{}",
+        text(&first)
+    );
+    // The fenced coordinator refuses to act, and says why.
+    let refused = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("ERR_COORDINATOR_FENCED"),
+        "{}",
+        text(&refused)
+    );
+
+    // The second one works, and every backup it lists verifies in full.
+    let backup = on_second(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+    let listed = json(&on_second(&["backup", "list", "--json"]));
+    let listed = listed.as_array().expect("a list").clone();
+    assert_eq!(
+        listed.len(),
+        1,
+        "only the second coordinator's backup: {listed:?}"
+    );
+    let verify = on_second(&["backup", "verify", "--full"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
+#[test]
+fn a_coordinator_of_another_cluster_is_refused_on_the_repository() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = dir.path().join("repo");
+    let config = |cluster: &str| {
+        let path = dir.path().join(format!("{cluster}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "cluster = \"{cluster}\"\nrepository = \"{}\"\nlisten = \"127.0.0.1:0\"\nagents = []\n",
+                repo.display()
+            ),
+        )
+        .expect("write config");
+        path
+    };
+    let (mut first, _) = lockstep_tests::start_server(
+        "lockstep",
+        &[
+            "serve".to_string(),
+            "--config".to_string(),
+            config("eu-prod").display().to_string(),
+        ],
+        &[],
+        &dir.path().join("eu-prod.log"),
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+    let other = Command::new(binary("lockstep"))
+        .args(["serve", "--config"])
+        .arg(config("us-prod"))
+        .output()
+        .expect("run lockstep serve");
+    assert_eq!(other.status.code(), Some(2), "{}", text(&other));
+    assert!(
+        text(&other).contains("belongs to cluster \"eu-prod\""),
+        "{}",
+        text(&other)
+    );
+}
