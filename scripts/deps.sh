@@ -12,6 +12,8 @@ command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 [ -x /usr/bin/time ] || missing+=(time)
+# promtool checks the exported metrics and runs the alert rules' unit tests.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "deps: installing ${missing[*]}"
   as_root apt-get update -qq

@@ -155,6 +155,10 @@ pub struct ServeArgs {
     pub transfer: TransferArgs,
     #[command(flatten)]
     pub wal: WalArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics (the shard's sequence number, its gate,
+    /// and WAL shipping per destination).
+    #[arg(long, value_name = "ADDR", env = "LOCKSTEP_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// WAL shipping.
@@ -422,6 +426,9 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     // Bound first: a second agent started on a busy port by mistake stops here, before its
     // start-up cleans the captures the running agent is uploading from.
     let (listener, address) = lockstep_process::bind(&args.listen).await?;
+    if let Some(metrics) = &args.metrics_listen {
+        lockstep_process::metrics::serve(metrics, "lockstep-agent")?;
+    }
     let options = backup_options(&args.db, &args.capture, &args.transfer)?;
     let slot = prepare_serving::<E>(Startup {
         dir: args.db.clone(),
@@ -455,6 +462,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         shipping,
         gate: crate::gate::WriteGate::new(),
         planted_bug: None,
+        metrics: args.metrics_listen.is_some(),
     };
     crate::server::serve(parts, listener, shutdown).await
 }

@@ -517,6 +517,49 @@ pub struct AgentParts<E> {
     pub gate: WriteGate,
     /// Always `None` in the binaries; see [`PlantedBug`].
     pub planted_bug: Option<PlantedBug>,
+    /// Keep the Prometheus gauges up to date (`--metrics-listen`).
+    pub metrics: bool,
+}
+
+/// How often an agent exporting metrics refreshes its gauges.
+const METRICS_EVERY: Duration = Duration::from_secs(2);
+
+/// Sets the shard's and every WAL destination's series from the participant and the shipper,
+/// every [`METRICS_EVERY`], until `stop`.
+async fn export_metrics(
+    participant: ParticipantHandle,
+    shipper: ShipperHandle,
+    stop: CancellationToken,
+) {
+    use lockstep_process::metrics as names;
+    loop {
+        if let Ok(info) = participant.describe().await {
+            let shard = info.shard_id.to_string();
+            metrics::gauge!(names::SHARD_SEQ, "shard" => shard.clone()).set(info.seq.0 as f64);
+            metrics::gauge!(names::SHARD_GATE_CLOSED, "shard" => shard.clone())
+                .set(f64::from(u8::from(info.gate_closed)));
+            for status in shipper.status() {
+                let s = status.as_of(info.seq, &info.lineage);
+                let labels = [("shard", shard.clone()), ("destination", s.url.clone())];
+                metrics::gauge!(names::WAL_SHIPPED_SEQ, &labels).set(s.shipped_seq.0 as f64);
+                metrics::gauge!(names::WAL_LAG_SEQ, &labels).set(s.lag_seq as f64);
+                metrics::gauge!(names::WAL_LAG_SECONDS, &labels).set(s.lag_ms as f64 / 1000.0);
+                metrics::gauge!(names::WAL_PENDING_SEGMENTS, &labels)
+                    .set(s.pending_segments as f64);
+                metrics::counter!(names::WAL_SEGMENTS_SHIPPED, &labels)
+                    .absolute(s.segments_shipped);
+                metrics::counter!(names::WAL_BYTES_SHIPPED, &labels).absolute(s.bytes_shipped);
+                let code = s.last_error.as_ref().map(|(code, _)| *code);
+                metrics::gauge!(names::WAL_ERROR, &labels).set(f64::from(u8::from(code.is_some())));
+                metrics::gauge!(names::WAL_GAP, &labels)
+                    .set(f64::from(u8::from(code == Some(ErrorCode::BackupWalGap))));
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(METRICS_EVERY) => {}
+        }
+    }
 }
 
 /// Runs the agent on `listener` (TCP) until `shutdown` fires.
@@ -549,6 +592,7 @@ where
         shipping,
         gate,
         planted_bug,
+        metrics,
     } = parts;
     let mut tasks = JoinSet::new();
     let shipper = ShipperHandle::spawn(
@@ -571,6 +615,11 @@ where
         shutdown.child_token(),
         &mut tasks,
     );
+    if metrics {
+        let (participant, shipper, stop) =
+            (participant.clone(), shipper.clone(), shutdown.child_token());
+        tasks.spawn(export_metrics(participant, shipper, stop));
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ShardServer<ShardApi<E>>>()

@@ -23,6 +23,7 @@ use crate::fleet::{self, AgentLink, Round, Step, call_each, poll_until};
 use crate::ops::ClusterContext;
 
 pub(crate) use lockstep_process::fault_pause;
+use lockstep_process::metrics as names;
 
 /// One shard's part of a backup, tag or restore, as last reported.
 #[derive(Debug, Clone)]
@@ -318,6 +319,22 @@ async fn wait_for_uploads_to_stop(ctx: &ClusterContext, backup: &BackupId) -> bo
     waited.is_ok()
 }
 
+/// Records a backup's outcome in the metrics (`kind`: full, incremental, differential).
+pub fn record_outcome(kind: &str, outcome: &Result<()>, took: Duration) {
+    let (status, label) = match outcome {
+        Ok(()) => (1.0, "committed"),
+        Err(_) => (0.0, "failed"),
+    };
+    let kind = kind.to_string();
+    metrics::gauge!(names::BACKUP_LAST_STATUS, "kind" => kind.clone()).set(status);
+    metrics::counter!(names::BACKUPS, "kind" => kind.clone(), "outcome" => label).increment(1);
+    metrics::histogram!(names::BACKUP_DURATION, "kind" => kind.clone()).record(took.as_secs_f64());
+    if outcome.is_ok() {
+        metrics::gauge!(names::BACKUP_LAST_SUCCESS, "kind" => kind)
+            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+    }
+}
+
 /// Runs backup `backup` to its end: the barrier, the uploads, the commit; on any failure or
 /// on `cancel` before every shard is uploaded, aborts everywhere and removes what it left.
 /// Past that point the backup is published whatever happens to `cancel`.
@@ -605,6 +622,11 @@ async fn publish(
     ctx.fence.check(&format!("publish backup {backup}")).await?;
     let manifest = ctx.repo.commit_backup(manifest).await?;
     ctx.repo.delete_pending(backup).await?;
+    let kind = cut.kind.to_string();
+    metrics::counter!(names::BACKUP_BYTES, "kind" => kind)
+        .increment(manifest.shards.iter().map(|s| s.bytes).sum());
+    metrics::histogram!(names::BARRIER_WRITE_PAUSE)
+        .record(manifest.max_gate_closed_us as f64 / 1e6);
     tracing::info!(backup = %backup, shards = manifests.len(), max_gate_closed_us = manifest.max_gate_closed_us, "backup committed");
     Ok(())
 }

@@ -38,6 +38,9 @@ pub enum Command {
     Serve {
         #[arg(long)]
         config: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics (overrides `metrics_listen`).
+        #[arg(long, value_name = "ADDR", env = "LOCKSTEP_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
     },
     /// Create, list, show, verify and delete backups.
     #[command(subcommand)]
@@ -706,8 +709,17 @@ fn health_code(unreachable: bool, failing: bool) -> i32 {
 async fn run_command(cli: Cli) -> Result<i32> {
     let endpoint = cli.coordinator.as_str();
     match cli.command {
-        Command::Serve { config } => {
-            let config = Config::load(&config)?;
+        Command::Serve {
+            config,
+            metrics_listen,
+        } => {
+            let mut config = Config::load(&config)?;
+            if metrics_listen.is_some() {
+                config.metrics_listen = metrics_listen;
+            }
+            if let Some(address) = &config.metrics_listen {
+                lockstep_process::metrics::serve(address, "lockstep")?;
+            }
             let (listener, address) = lockstep_process::bind(&config.listen).await?;
             let n_agents = config.agents.len();
             let shutdown = lockstep_process::shutdown_on_signal();

@@ -116,6 +116,10 @@ pub struct Config {
     pub wal_archive: Option<String>,
     #[serde(default)]
     pub tags: TagsConfig,
+    /// Serve Prometheus metrics at http://ADDR/metrics; the coordinator then polls its
+    /// agents every 15 s for `lockstep_agent_up`.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_cluster() -> String {

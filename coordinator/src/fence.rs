@@ -16,6 +16,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use lockstep_process::metrics as names;
 use lockstep_repository::{Error, ErrorCode, Repository, Result};
 
 /// How often an idle coordinator checks whether it was taken over.
@@ -38,6 +39,8 @@ impl Fence {
             epoch,
             "took the repository over: this coordinator acts on it"
         );
+        metrics::gauge!(names::COORDINATOR_EPOCH).set(epoch as f64);
+        metrics::gauge!(names::COORDINATOR_FENCED).set(0.0);
         Ok(Fence {
             repo: repo.clone(),
             epoch,
@@ -63,6 +66,7 @@ impl Fence {
         self.still_held()?;
         if self.repo.epoch_superseded(self.epoch).await? {
             if !self.lost.swap(true, Ordering::Relaxed) {
+                metrics::gauge!(names::COORDINATOR_FENCED).set(1.0);
                 tracing::error!(
                     epoch = self.epoch,
                     "a newer coordinator took the repository over; this one stops acting on it"

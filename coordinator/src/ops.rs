@@ -379,6 +379,7 @@ impl Actor {
                 }
                 let ctx = self.ctx.clone();
                 self.ops.spawn(async move {
+                    let started = tokio::time::Instant::now();
                     // The parent is picked while the cluster is held: no delete in between.
                     let cut = match Cut::for_kind(&ctx, kind).await {
                         Ok(cut) => cut,
@@ -392,6 +393,7 @@ impl Actor {
                     let _ = reply.send(Ok(read(&view)));
                     let outcome =
                         backup::run_backup(&ctx, &backup_id, &cut, &labels, &view, &cancel).await;
+                    backup::record_outcome(&cut.kind.to_string(), &outcome, started.elapsed());
                     Ended::Backup(view, outcome)
                 });
             }
@@ -437,7 +439,9 @@ impl Actor {
                     if reply.send(Ok(restore_id.clone())).is_err() {
                         return Ended::Quiet;
                     }
+                    let started = tokio::time::Instant::now();
                     let view = restore::run(&ctx, plan, restore_id, &updates, &cancel).await;
+                    restore::record_outcome(&view, started.elapsed());
                     Ended::Restore(updates, view)
                 });
             }
@@ -538,6 +542,8 @@ impl Actor {
         self.ops.spawn(async move {
             let outcome =
                 crate::tag::create_tag(&ctx, name.clone(), automatic, labels, &cancel).await;
+            let label = if outcome.is_ok() { "created" } else { "failed" };
+            metrics::counter!(lockstep_process::metrics::TAGS, "outcome" => label).increment(1);
             match reply {
                 Some(reply) => Ended::Tag(reply, outcome),
                 None => {

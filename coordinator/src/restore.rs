@@ -1017,6 +1017,16 @@ pub async fn run(
     reporter.finish(outcome)
 }
 
+/// Records a restore's outcome in the metrics.
+pub fn record_outcome(view: &v1::RestoreJob, took: std::time::Duration) {
+    use lockstep_process::metrics as names;
+    let done = view.phase() == RestorePhase::Done;
+    metrics::gauge!(names::RESTORE_LAST_STATUS).set(if done { 1.0 } else { 0.0 });
+    metrics::counter!(names::RESTORES, "outcome" => if done { "done" } else { "failed" })
+        .increment(1);
+    metrics::histogram!(names::RESTORE_DURATION).record(took.as_secs_f64());
+}
+
 fn cancelled() -> Error {
     Error::new(
         ErrorCode::BarrierAborted,

@@ -523,6 +523,33 @@ pub async fn serve(
     .await
 }
 
+/// How often the coordinator asks every agent whether it is up, for `lockstep_agent_up`.
+const AGENT_POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Sets `lockstep_agent_up{shard}` from a Describe of every agent, every
+/// [`AGENT_POLL_EVERY`], until `stop`.
+async fn poll_agents_up(ctx: &ClusterContext, stop: CancellationToken) {
+    loop {
+        let deadline = tokio::time::Instant::now() + Step::Describe.timeout(&ctx.config.barrier);
+        let replies = call_each(
+            ctx.agents.iter(),
+            Step::Describe,
+            deadline,
+            |_, mut client| async move { client.describe(v1::DescribeRequest {}).await },
+        )
+        .await;
+        for (agent, reply) in ctx.agents.iter().zip(replies) {
+            let up = reply.is_ok_and(|info| info.shard_id == agent.shard_id.as_str());
+            metrics::gauge!(lockstep_process::metrics::AGENT_UP, "shard" => agent.shard_id.to_string())
+                .set(if up { 1.0 } else { 0.0 });
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(AGENT_POLL_EVERY) => {}
+        }
+    }
+}
+
 /// `serve` on any stream of connections, reaching the agents through `agents` (TCP channels,
 /// or the simulated network of the simulations).
 pub async fn serve_incoming<I, IO, IE>(
@@ -557,6 +584,10 @@ where
     let mut tasks = JoinSet::new();
     let watching = shutdown.child_token();
     tasks.spawn(async move { fence.watch(watching).await });
+    if config.metrics_listen.is_some() && !ctx.agents.is_empty() {
+        let (polled, stop) = (ctx.clone(), shutdown.child_token());
+        tasks.spawn(async move { poll_agents_up(&polled, stop).await });
+    }
     let ops = ClusterOps::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

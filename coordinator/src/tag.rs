@@ -108,6 +108,8 @@ pub async fn create_tag(
         .check(&format!("publish tag {}", tag.name))
         .await?;
     ctx.repo.put_tag(&tag).await?;
+    metrics::histogram!(lockstep_process::metrics::BARRIER_WRITE_PAUSE)
+        .record(max_gate_closed_us as f64 / 1e6);
     tracing::info!(tag = %tag.name, shards = tag.points.len(), max_gate_closed_us, "tag created");
     Ok(tag)
 }

@@ -3,6 +3,8 @@
 //! SIGTERM, and reports an error the way operators of the seed systems expect, with its exit
 //! code. Nothing here knows the protocol or the repository format.
 
+pub mod metrics;
+
 use lockstep_repository::{Error, ErrorCode};
 
 /// Environment variable for fault tests that kill or slow a process inside an operation:

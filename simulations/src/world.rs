@@ -152,6 +152,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
         }],
         wal_archive: None,
         tags: TagsConfig::default(),
+        metrics_listen: None,
     }
 }
 
@@ -297,6 +298,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                     },
                     gate,
                     planted_bug,
+                    metrics: false,
                 };
                 serve_incoming(parts, incoming(AGENT_PORT).await?, CancellationToken::new())
                     .await?;

@@ -162,15 +162,20 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self, fault: Option<&str>) {
+        let env: Vec<(String, String)> = fault
+            .map(|f| vec![("LOCKSTEP_FAULT_PAUSE".to_string(), f.to_string())])
+            .unwrap_or_default();
+        self.start_coordinator_with(&env);
+    }
+
+    /// Starts the coordinator with this environment.
+    pub fn start_coordinator_with(&mut self, env: &[(String, String)]) {
         let args = vec![
             "serve".to_string(),
             "--config".to_string(),
             self.config_path().display().to_string(),
         ];
-        let env: Vec<(String, String)> = fault
-            .map(|f| vec![("LOCKSTEP_FAULT_PAUSE".to_string(), f.to_string())])
-            .unwrap_or_default();
-        let (child, address) = start_server("lockstep", &args, &env, &self.log("coordinator"));
+        let (child, address) = start_server("lockstep", &args, env, &self.log("coordinator"));
         self.coordinator = Some(child);
         self.coordinator_address = format!("http://{address}");
     }

@@ -10,6 +10,7 @@ mod corruption;
 mod disk_full;
 mod faults;
 mod lineage;
+mod metrics;
 mod model;
 mod operations;
 mod operator_faults;
