@@ -33,6 +33,7 @@ struct AgentConfig {
     wal_segment_mib: Option<usize>,
     wal_segment_ms: Option<u64>,
     wal_retention_mib: Option<u64>,
+    metrics_listen: Option<String>,
 }
 
 impl AgentConfig {
@@ -72,6 +73,7 @@ impl AgentConfig {
                 "--wal-retention-mib",
                 one(self.wal_retention_mib.map(|v| v.to_string())),
             ),
+            ("--metrics-listen", one(self.metrics_listen)),
         ]
         .into_iter()
         .filter_map(|(flag, values)| values.map(|values| (flag, values)))
