@@ -412,7 +412,7 @@ impl<E: ShardEngine> Participant<E> {
         // any staging are cancelled.
         self.uploads.abort_all();
         self.active = None;
-        self.restores.stop();
+        self.restores.stop(&self.shard.slot);
     }
 
     /// When the active barrier ends by itself, unless the planted bug ignores it.

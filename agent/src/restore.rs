@@ -418,13 +418,22 @@ pub fn is_complete_restore(dir: &Path) -> bool {
 /// it never serves before its decision is known.
 pub const UNDECIDED_FILE: &str = "LOCKSTEP-UNDECIDED";
 
-/// The cluster restore a complete restored shard in `dir` still waits for, if any.
-pub fn undecided_restore(dir: &Path) -> Option<String> {
+/// The cluster restore a complete restored shard in `dir` still waits for, if any. A mark
+/// that exists and cannot be read is an error, never "decided".
+pub fn undecided_restore(dir: &Path) -> Result<Option<String>> {
     if !is_complete_restore(dir) {
-        return None;
+        return Ok(None);
     }
-    let content = std::fs::read_to_string(dir.join(UNDECIDED_FILE)).ok()?;
-    Some(content.trim().to_string())
+    let file = dir.join(UNDECIDED_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(content) => Ok(Some(content.trim().to_string())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(Error::io(
+            ErrorCode::BackupRestorationFailed,
+            format!("read {}", file.display()),
+            err,
+        )),
+    }
 }
 
 /// Removes a restored shard from the target directory it was applied to (its restore

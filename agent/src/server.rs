@@ -535,7 +535,10 @@ async fn export_metrics(
     loop {
         if let Ok(info) = participant.describe().await {
             let shard = info.shard_id.to_string();
-            metrics::gauge!(names::SHARD_SEQ, "shard" => shard.clone()).set(info.seq.0 as f64);
+            // No engine (a restore holds the slot): the last sequence number stands.
+            if !info.engine.is_empty() {
+                metrics::gauge!(names::SHARD_SEQ, "shard" => shard.clone()).set(info.seq.0 as f64);
+            }
             metrics::gauge!(names::SHARD_GATE_CLOSED, "shard" => shard.clone())
                 .set(f64::from(u8::from(info.gate_closed)));
             for status in shipper.status() {

@@ -117,7 +117,7 @@ pub fn recover_interrupted_swap(dir: &Path, decision: Option<RestoreDecision>) -
             }
         }
     }
-    let undecided = undecided_restore(dir);
+    let undecided = undecided_restore(dir)?;
     if let Some(restore) = &undecided
         && decision.is_none()
     {
@@ -145,7 +145,7 @@ pub fn recover_interrupted_swap(dir: &Path, decision: Option<RestoreDecision>) -
             return Err(Error::new(
                 ErrorCode::BackupRestorationFailed,
                 format!(
-                    "{} holds the shard of restore {restore}, which was reverted (it failed on another shard), and no shard it replaced: remove the directory, or restore again",
+                    "{} holds the shard of restore {restore}, whose decision is to revert, and no shard it replaced: remove the directory, or restore again",
                     dir.display()
                 ),
             ));
@@ -387,6 +387,19 @@ impl<E: ShardEngine> EngineSlot<E> {
         }
     }
 
+    /// The process is ending with `swapped` undecided: the restored engine is closed (synced
+    /// first) and the slot stays empty, every operation failing "retry", so nothing serves a
+    /// shard that may still revert. The next start settles it by the restore's decision.
+    pub fn abandon(&self, swapped: SwappedIn<E>) {
+        let SwappedIn { mut exclusive, .. } = swapped;
+        if let Some(restored) = exclusive.take() {
+            if let Err(err) = restored.sync() {
+                tracing::warn!(error = %err.chain(), "could not sync the restored shard before closing it");
+            }
+            drop(restored);
+        }
+    }
+
     /// Reopens the old shard, back in place after a failed or reverted swap, into the slot.
     async fn reopen_old(
         &self,
@@ -428,8 +441,9 @@ async fn close_engine<E: ShardEngine>(engine: Arc<E>) -> Result<()> {
 
 /// A restored shard swapped in and open, not yet committed (see the module documentation).
 /// It holds the slot exclusively, so no operation reaches either shard until
-/// [`EngineSlot::commit`] or [`EngineSlot::revert`] takes it. Dropped, it lets operations
-/// in on the restored shard while it stays undecided on disk: always pass it to one of them.
+/// [`EngineSlot::commit`], [`EngineSlot::revert`] or [`EngineSlot::abandon`] takes it.
+/// Dropped, it lets operations in on the restored shard while it stays undecided on disk:
+/// always pass it to one of them.
 pub struct SwappedIn<E> {
     exclusive: OwnedRwLockWriteGuard<Option<Arc<E>>>,
     /// The restored shard's history: the slot's once committed.
@@ -521,7 +535,10 @@ fn swap_directories<E: ShardEngine>(
     if had_live {
         // A replaced directory left by an earlier swap whose clean-up failed: the live shard
         // is the complete, committed restored one, so it is garbage (as at start).
-        if replaced.exists() && is_complete_restore(dir) && undecided_restore(dir).is_none() {
+        if replaced.exists()
+            && is_complete_restore(dir)
+            && matches!(undecided_restore(dir), Ok(None))
+        {
             remove(&replaced).map_err(|error| SwapFailed {
                 error,
                 old_in_place: true,
@@ -722,7 +739,10 @@ mod tests {
         let old = Lineage::root();
         let slot = EngineSlot::new(live.clone(), engine, old);
         let swapped = slot.swap_in(staged).await.expect("swap");
-        assert_eq!(undecided_restore(&live).as_deref(), Some("rs-1"));
+        assert_eq!(
+            undecided_restore(&live).expect("read").as_deref(),
+            Some("rs-1")
+        );
         slot.revert(swapped).await.expect("revert");
         assert_eq!(slot.lineage(), old);
         let engine = slot.get().expect("the old shard serves");
@@ -796,7 +816,7 @@ mod tests {
     /// Which shard is live after the agent starts again, its restore's decision (if it
     /// waits for one) being `decision`: "old" or "new".
     fn live_shard(live: &Path, decision: RestoreDecision) -> &'static str {
-        let decision = undecided_restore(live).map(|_| decision);
+        let decision = undecided_restore(live).expect("read").map(|_| decision);
         recover_interrupted_swap(live, decision).expect("recover");
         let engine = MemEngine::open(live, &[]).expect("open the live shard");
         let has = |key: &str| {
@@ -874,7 +894,7 @@ mod tests {
                             "{case}"
                         );
                         assert_eq!(leftovers(&live), Vec::<String>::new(), "{case}");
-                        assert_eq!(undecided_restore(&live), None, "{case}");
+                        assert_eq!(undecided_restore(&live).expect("read"), None, "{case}");
                     }
                 }
             }
@@ -892,10 +912,10 @@ mod tests {
         assert!(err.message.contains("not known"), "{err}");
         let err =
             recover_interrupted_swap(&live, Some(RestoreDecision::Revert)).expect_err("reverted");
-        assert!(err.message.contains("reverted"), "{err}");
+        assert!(err.message.contains("decision is to revert"), "{err}");
         assert!(live.join(COMPLETE_FILE).exists(), "nothing is deleted");
         recover_interrupted_swap(&live, Some(RestoreDecision::Commit)).expect("committed");
-        assert_eq!(undecided_restore(&live), None);
+        assert_eq!(undecided_restore(&live).expect("read"), None);
     }
 
     #[tokio::test]

@@ -129,7 +129,7 @@ pub async fn prepare_serving<E: ShardEngine>(startup: Startup<E>) -> Result<Arc<
 /// agent that crashed with its shard swapped in can no longer commit it). Without a readable
 /// repository the shard does not serve: it might be reverted everywhere else.
 async fn pending_decision(dir: &Path, history: &HistorySources) -> Result<Option<RestoreDecision>> {
-    let Some(restore) = undecided_restore(dir) else {
+    let Some(restore) = undecided_restore(dir)? else {
         return Ok(None);
     };
     let unknown = |why: String| {

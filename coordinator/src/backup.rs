@@ -319,19 +319,46 @@ async fn wait_for_uploads_to_stop(ctx: &ClusterContext, backup: &BackupId) -> bo
     waited.is_ok()
 }
 
-/// Records a backup's outcome in the metrics (`kind`: full, incremental, differential).
-pub fn record_outcome(kind: &str, outcome: &Result<()>, took: Duration) {
-    let (status, label) = match outcome {
-        Ok(()) => (1.0, "committed"),
-        Err(_) => (0.0, "failed"),
+/// Records a backup's outcome in the metrics.
+pub fn record_outcome(kind: BackupKind, committed: bool, took: Duration) {
+    let (status, label) = if committed {
+        (1.0, "committed")
+    } else {
+        (0.0, "failed")
     };
     let kind = kind.to_string();
     metrics::gauge!(names::BACKUP_LAST_STATUS, "kind" => kind.clone()).set(status);
     metrics::counter!(names::BACKUPS, "kind" => kind.clone(), "outcome" => label).increment(1);
     metrics::histogram!(names::BACKUP_DURATION, "kind" => kind.clone()).record(took.as_secs_f64());
-    if outcome.is_ok() {
+    if committed {
         metrics::gauge!(names::BACKUP_LAST_SUCCESS, "kind" => kind)
             .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+    }
+}
+
+/// Sets `lockstep_backup_last_success_timestamp_seconds` from the repository, once at start,
+/// so a coordinator that restarted still alerts on a stale backup before its first one.
+pub async fn seed_metrics(ctx: &ClusterContext) {
+    let backups = match ctx.repo.backups().await {
+        Ok(backups) => backups,
+        Err(err) => {
+            tracing::warn!(error = %err.chain(), "could not read the catalog for the backup metrics");
+            return;
+        }
+    };
+    let mut last: std::collections::BTreeMap<String, chrono::DateTime<Utc>> = Default::default();
+    for manifest in backups
+        .into_iter()
+        .filter_map(|(_, manifest)| manifest.ok())
+    {
+        let at = last
+            .entry(manifest.kind.to_string())
+            .or_insert(manifest.completed_at);
+        *at = (*at).max(manifest.completed_at);
+    }
+    for (kind, at) in last {
+        metrics::gauge!(names::BACKUP_LAST_SUCCESS, "kind" => kind)
+            .set(at.timestamp_millis() as f64 / 1000.0);
     }
 }
 

@@ -384,6 +384,7 @@ impl Actor {
                     let cut = match Cut::for_kind(&ctx, kind).await {
                         Ok(cut) => cut,
                         Err(err) => {
+                            backup::record_outcome(kind, false, started.elapsed());
                             let _ = reply.send(Err(err));
                             return Ended::Quiet;
                         }
@@ -393,7 +394,7 @@ impl Actor {
                     let _ = reply.send(Ok(read(&view)));
                     let outcome =
                         backup::run_backup(&ctx, &backup_id, &cut, &labels, &view, &cancel).await;
-                    backup::record_outcome(&cut.kind.to_string(), &outcome, started.elapsed());
+                    backup::record_outcome(cut.kind, outcome.is_ok(), started.elapsed());
                     Ended::Backup(view, outcome)
                 });
             }

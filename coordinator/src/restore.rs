@@ -1034,6 +1034,10 @@ fn cancelled() -> Error {
     )
 }
 
+/// How often the coordinator renews the agents' restore leases while Apply runs (the lease is
+/// the agents' default, 30 s).
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A restore's record before Apply: settling discards it.
 const STAGING: &str = "staging";
 /// A restore's record once Apply may have been sent: settling follows its decision.
@@ -1055,6 +1059,7 @@ pub struct Settled {
 /// Apply may have been sent follows its decision in the repository, deciding revert if there
 /// is none (no shard has committed without one).
 pub async fn settle_interrupted(ctx: &ClusterContext) -> Result<Settled> {
+    ctx.fence.check("settle interrupted restores").await?;
     let mut outcome = Settled::default();
     for restore_id in ctx.repo.running_restore_ids().await? {
         match settle_one(ctx, &restore_id).await {
@@ -1165,23 +1170,25 @@ async fn carry_out(
         .iter()
         .zip(ask_restore(ctx, agents, restore_id, step).await)
     {
-        match reply {
-            Ok(status)
-                if matches!(
-                    status.state(),
-                    RestoreState::Staging | RestoreState::Staged | RestoreState::Swapped
-                ) && decision == RestoreDecision::Commit =>
-            {
-                unconfirmed.push(Error::new(
-                    ErrorCode::BackupRestorationFailed,
-                    format!(
-                        "shard {}: the restore is {}, not committed",
-                        agent.shard_id,
-                        status.state().label()
-                    ),
-                ))
+        let confirmed = |state| match decision {
+            RestoreDecision::Commit => {
+                matches!(state, RestoreState::Applied | RestoreState::Unknown)
             }
-            Ok(status) => statuses.push(status),
+            RestoreDecision::Revert => matches!(
+                state,
+                RestoreState::Discarded | RestoreState::Failed | RestoreState::Unknown
+            ),
+        };
+        match reply {
+            Ok(status) if confirmed(status.state()) => statuses.push(status),
+            Ok(status) => unconfirmed.push(Error::new(
+                ErrorCode::BackupRestorationFailed,
+                format!(
+                    "shard {}: the restore is {} although it decided {decision:?}",
+                    agent.shard_id,
+                    status.state().label()
+                ),
+            )),
             Err(err) => unconfirmed.push(err),
         }
     }
@@ -1363,7 +1370,18 @@ async fn apply(
     let agents = plan_agents(plan);
     reporter.view.phase = RestorePhase::Applying;
     reporter.progress();
-    let applies = on_every_shard(ctx, plan, restore_id, Step::RestoreApply).await;
+    // The shards that swapped first hold under their lease while a slow one drains (up to
+    // `apply_timeout_ms`): a status poll renews it.
+    let apply = on_every_shard(ctx, plan, restore_id, Step::RestoreApply);
+    tokio::pin!(apply);
+    let applies = loop {
+        tokio::select! {
+            applies = &mut apply => break applies,
+            _ = tokio::time::sleep(RENEW_EVERY) => {
+                let _ = ask_restore(ctx, &agents, restore_id, Step::RestoreStatus).await;
+            }
+        }
+    };
     let mut failures = Vec::new();
     let mut shards = Vec::new();
     for (agent, reply) in agents.iter().zip(applies) {
@@ -1406,7 +1424,7 @@ async fn apply(
             return (
                 Err(fleet::joined(
                     &failures,
-                    "the restore's outcome is not decided: every swapped shard holds its writes until the repository answers, then follows the decision stored there (revert, unless every shard had swapped)",
+                    "the restore's outcome is not decided: every swapped shard holds its writes until the repository answers, then follows the decision stored there (revert, unless this coordinator's commit landed)",
                 )),
                 false,
             );

@@ -586,7 +586,10 @@ where
     tasks.spawn(async move { fence.watch(watching).await });
     if config.metrics_listen.is_some() && !ctx.agents.is_empty() {
         let (polled, stop) = (ctx.clone(), shutdown.child_token());
-        tasks.spawn(async move { poll_agents_up(&polled, stop).await });
+        tasks.spawn(async move {
+            crate::backup::seed_metrics(&polled).await;
+            poll_agents_up(&polled, stop).await
+        });
     }
     let ops = ClusterOps::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
     let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -14,7 +14,8 @@
 //!                                               ends, so one left behind marks a restore to
 //!                                               finish or discard
 //! <prefix>/restores/<restore-id>.decision      whether its swapped shards commit or revert:
-//!                                               written once, by whoever decides first
+//!                                               written once, by whoever decides first;
+//!                                               kept after the restore ends
 //! <prefix>/tags/<tag-name>.json                 tags: named cut vectors (restore points)
 //! <prefix>/wal/<shard-id>/<lineage>/<first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg
 //!                                               WAL segments (wal.rs); the key alone says

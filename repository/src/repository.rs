@@ -777,12 +777,8 @@ impl Repository {
                 )
                 .await?
             {
-                // Older epochs tell nothing more than the newest does: keep the last few.
-                for old in epochs.iter().rev().skip(4) {
-                    let _ = self
-                        .delete_if_present(&self.layout.coordinator_epoch(*old))
-                        .await;
-                }
+                // Older epochs stay: a coordinator is fenced by the one right after its own,
+                // which must still be there however long it was cut off.
                 return Ok(next);
             }
         }
@@ -879,11 +875,10 @@ impl Repository {
             .map(|bytes| bytes.to_vec()))
     }
 
-    /// Removes a restore's record once every shard ended it, its decision first (a record
-    /// left without one is settled again harmlessly: every shard answers from its outcome).
+    /// Removes a restore's record once every shard ended it. Its decision stays: an agent
+    /// that starts later with a shard of it still undecided (a `--to` target whose agent
+    /// crashed) must find it.
     pub async fn delete_running_restore(&self, restore: &RestoreId) -> Result<()> {
-        self.delete_if_present(&self.layout.restore_decision(restore))
-            .await?;
         self.delete_if_present(&self.layout.running_restore(restore))
             .await
     }
@@ -1183,18 +1178,12 @@ mod tests {
         assert_eq!(second, first + 1);
         assert!(repo.epoch_superseded(first).await.expect("check"));
         assert!(!repo.epoch_superseded(second).await.expect("check"));
-        // Only the last few epochs are kept; the newest always is.
+        // However many coordinators started since, the first stays fenced.
         for n in 0..10 {
             repo.take_epoch(&format!("n{n}")).await.expect("take");
         }
-        let kept = repo
-            .keys_under(&repo.layout.coordinators_dir(), "epochs", |k| {
-                repo.layout.epoch_of(k)
-            })
-            .await
-            .expect("list");
-        assert_eq!(kept.len(), 5, "{kept:?}");
-        assert_eq!(kept.last(), Some(&(second + 10)));
+        assert!(repo.epoch_superseded(first).await.expect("check"));
+        assert!(repo.epoch_superseded(second).await.expect("check"));
     }
 
     #[tokio::test]
@@ -1243,8 +1232,12 @@ mod tests {
                 "a decision is not a record"
             );
             repo.delete_running_restore(&restore).await.expect("delete");
-            assert_eq!(repo.restore_decision(&restore).await.expect("read"), None);
             assert!(repo.running_restore_ids().await.expect("list").is_empty());
+            assert_eq!(
+                repo.restore_decision(&restore).await.expect("read"),
+                Some(RestoreDecision::Revert),
+                "the decision outlives the record"
+            );
         }
     }
 

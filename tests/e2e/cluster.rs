@@ -216,6 +216,32 @@ impl Cluster {
         self.agents[i] = Some(child);
     }
 
+    /// Starts `lockstep ARGS` against this cluster's coordinator, in the background.
+    pub fn spawn_lockstep(&self, args: &[&str]) -> Child {
+        std::process::Command::new(binary("lockstep"))
+            .args(args)
+            .env("LOCKSTEP_COORDINATOR", &self.coordinator_address)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start lockstep")
+    }
+
+    /// Waits (up to 60 s) until the coordinator's log says it paused at its fault point.
+    pub async fn wait_for_fault_pause(&self) {
+        let log = self.log("coordinator");
+        let paused = wait_until(Duration::from_secs(60), || {
+            let paused = std::fs::read_to_string(&log)
+                .is_ok_and(|log| log.contains("fault injection: pausing"));
+            async move { paused }
+        })
+        .await;
+        assert!(
+            paused.is_some(),
+            "the coordinator never reached its fault point"
+        );
+    }
+
     /// Runs `lockstep ARGS` against this cluster's coordinator.
     pub fn lockstep(&self, args: &[&str]) -> std::process::Output {
         std::process::Command::new(binary("lockstep"))

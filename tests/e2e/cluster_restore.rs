@@ -331,17 +331,6 @@ async fn a_restore_into_directories_that_fails_on_one_shard_leaves_no_shard_behi
     );
 }
 
-/// Starts `lockstep restore BACKUP --in-place` in the background.
-fn spawn_restore(cluster: &Cluster, backup: &str) -> std::process::Child {
-    std::process::Command::new(lockstep_tests::binary("lockstep"))
-        .args(["restore", backup, "--in-place"])
-        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the restore")
-}
-
 /// Once shard-0's Apply has closed its gate, a write to shard-0 in the background: it must
 /// wait until the restore's decision. Returns the write's task.
 async fn write_behind_the_closed_gate(
@@ -370,7 +359,7 @@ async fn a_slow_swap_holds_every_shard_s_writes_until_all_are_swapped() {
     let (backup, _cut) = backup_with_data(&cluster).await;
     diverge(&cluster).await;
 
-    let restore = spawn_restore(&cluster, &backup);
+    let restore = cluster.spawn_lockstep(&["restore", &backup, "--in-place"]);
     let mut write = write_behind_the_closed_gate(&cluster, "written-during-the-restore").await;
     // shard-0 is swapped within milliseconds; shard-1 is still swapping: the write waits.
     let early = tokio::time::timeout(Duration::from_secs(1), &mut write).await;
@@ -407,7 +396,7 @@ async fn a_swap_that_fails_on_one_shard_reverts_the_shards_already_swapped() {
     std::fs::create_dir(&blocker).expect("mkdir");
     std::fs::write(blocker.join("not-yours"), "x").expect("write");
 
-    let restore = spawn_restore(&cluster, &backup);
+    let restore = cluster.spawn_lockstep(&["restore", &backup, "--in-place"]);
     let write = write_behind_the_closed_gate(&cluster, "written-during-the-restore").await;
     let ended = restore.wait_with_output().expect("the restore ends");
     assert!(!ended.status.success(), "restore:\n{}", text(&ended));
@@ -428,10 +417,18 @@ async fn a_swap_that_fails_on_one_shard_reverts_the_shards_already_swapped() {
     }
     std::fs::remove_dir_all(&blocker).expect("remove the blocker");
     assert_no_restore_leftovers(cluster.dir.path()).await;
-    let records = std::fs::read_dir(cluster.repo().join("restores"))
-        .map(|entries| entries.count())
-        .unwrap_or(0);
-    assert_eq!(records, 0, "the restore's record and decision are removed");
+    let kept: Vec<String> = std::fs::read_dir(cluster.repo().join("restores"))
+        .expect("restores/")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 1, "the record is removed, the decision stays: {kept:?}");
+    let decision = std::fs::read_to_string(cluster.repo().join("restores").join(&kept[0]))
+        .expect("read the decision");
+    assert!(
+        kept[0].ends_with(".decision") && decision.contains("\"revert\""),
+        "{kept:?}: {decision}"
+    );
     // The same restore, with the blocker gone, goes through.
     let again = cluster.lockstep(&["restore", &backup, "--in-place"]);
     assert!(again.status.success(), "{}", text(&again));

@@ -255,21 +255,8 @@ async fn restore_paused_before_apply(cluster: &Cluster) -> std::process::Child {
 /// Starts `lockstep restore latest --in-place` and waits until the coordinator pauses at its
 /// fault point.
 async fn restore_paused(cluster: &Cluster) -> std::process::Child {
-    let restore = Command::new(binary("lockstep"))
-        .args(["restore", "latest", "--in-place"])
-        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the restore");
-    let log = cluster.log("coordinator");
-    let staged = wait_until(Duration::from_secs(60), || {
-        let paused =
-            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
-        async move { paused }
-    })
-    .await;
-    assert!(staged.is_some(), "the restore never staged every shard");
+    let restore = cluster.spawn_lockstep(&["restore", "latest", "--in-place"]);
+    cluster.wait_for_fault_pause().await;
     restore
 }
 
@@ -361,11 +348,13 @@ async fn restore_interrupted_at(fault: &str) -> Vec<bool> {
         assert!(keys.contains("in-the-backup"), "shard {i}: {keys:?}");
         restored.push(!keys.contains("after-the-backup"));
     }
+    // The record is removed; the decision stays.
     let records: Vec<_> = std::fs::read_dir(cluster.repo().join("restores"))
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
-                .map(|e| e.file_name())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".json"))
                 .collect()
         })
         .unwrap_or_default();
@@ -394,21 +383,8 @@ async fn a_coordinator_killed_after_deciding_to_commit_finishes_the_restore_when
 async fn a_second_coordinator_fences_out_the_first_and_nothing_listed_is_unrestorable() {
     // The first coordinator pauses between its last upload and publishing the backup.
     let cluster = Cluster::start(10_000, Some("before-publish:12000"));
-    let first = Command::new(binary("lockstep"))
-        .args(["backup", "create", "--wait"])
-        .env("LOCKSTEP_COORDINATOR", &cluster.coordinator_address)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the backup");
-    let log = cluster.log("coordinator");
-    let paused = wait_until(Duration::from_secs(60), || {
-        let paused =
-            std::fs::read_to_string(&log).is_ok_and(|log| log.contains("fault injection: pausing"));
-        async move { paused }
-    })
-    .await;
-    assert!(paused.is_some(), "the backup never reached its publish");
+    let first = cluster.spawn_lockstep(&["backup", "create", "--wait"]);
+    cluster.wait_for_fault_pause().await;
 
     // A second coordinator of the same cluster starts on the same repository (a rolling
     // update): it takes the repository over.

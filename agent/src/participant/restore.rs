@@ -48,7 +48,7 @@ use crate::restore::{
     Replay, StagedShard, check_target, mark_committed, remove_restored, replay_staged, stage_empty,
     stage_shard,
 };
-use crate::slot::SwappedIn;
+use crate::slot::{EngineSlot, SwappedIn};
 use lockstep_repository::remembered::Remembered;
 
 /// A restore of this agent's shard.
@@ -240,15 +240,19 @@ impl<E: ShardEngine> Restores<E> {
             .map(|active| active.status.restore_id.as_str())
     }
 
-    /// Cancels any staging and drops a staged shard (which removes its directory). A swapped
-    /// restore stays held for good (its gate closed, its slot exclusive): the
-    /// process is ending, and its next start settles the shard by the restore's decision.
-    pub(super) fn stop(&mut self) {
+    /// Cancels any staging and drops a staged shard (which removes its directory). A shard
+    /// swapped in and undecided is closed and the slot left empty (every operation fails
+    /// "retry"): the process is ending, and its next start settles the shard by the
+    /// restore's decision.
+    pub(super) fn stop(&mut self, slot: &EngineSlot<E>) {
         self.stagings.abort_all();
-        if let Some(active) = self.active.take()
-            && matches!(active.phase, Phase::Swapped(_))
+        if let Some(Active {
+            phase: Phase::Swapped(Held::InPlace { swapped, gate }),
+            ..
+        }) = self.active.take()
         {
-            std::mem::forget(active);
+            slot.abandon(swapped);
+            drop(gate);
         }
     }
 
@@ -272,35 +276,10 @@ impl<E: ShardEngine> Restores<E> {
         let restore_id = active.status.restore_id.clone();
         let lease_ms = active.lease.as_millis() as u64;
         if matches!(active.phase, Phase::Swapped(_)) {
-            let decided = match RestoreId::new(restore_id.as_str()) {
-                Ok(id) => {
-                    let by = format!("agent {shard_id}, its lease ran out");
-                    tokio::time::timeout(
-                        DECISION_TIMEOUT,
-                        shard.repo.decide_restore(&id, RestoreDecision::Revert, &by),
-                    )
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Error::new(
-                            ErrorCode::StorageUnavailable,
-                            "the repository did not answer within 10 s",
-                        ))
-                    })
-                }
-                Err(err) => Err(err),
-            };
-            match decided {
-                Ok(decision) => {
-                    tracing::warn!(restore = %restore_id, shard = %shard_id, lease_ms, ?decision, "restore: no word from its coordinator within the lease; following the restore's decision");
-                    if let Err(err) = self.decide(shard, &restore_id, decision).await {
-                        tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: could not carry out the decision; trying again");
-                        self.renew_for(&restore_id, DECISION_TIMEOUT);
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: swapped in and no word from its coordinator, and its decision cannot be read; holding the shard until it can");
-                    self.renew_for(&restore_id, DECISION_TIMEOUT);
-                }
+            tracing::warn!(restore = %restore_id, shard = %shard_id, lease_ms, "restore: swapped in and no word from its coordinator within the lease; following the restore's decision");
+            if let Err(err) = self.follow_decision(shard, &restore_id, None).await {
+                tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: the decision cannot be read or carried out; holding the shard, trying again in 10 s");
+                self.renew_for(&restore_id, DECISION_TIMEOUT);
             }
             return;
         }
@@ -635,16 +614,70 @@ impl<E: ShardEngine> Restores<E> {
     }
 
     async fn commit(&mut self, shard: &ShardParts<E>, restore_id: String) -> Result<RestoreStatus> {
-        self.decide(shard, &restore_id, RestoreDecision::Commit)
+        self.follow_decision(shard, &restore_id, Some(RestoreDecision::Commit))
             .await?;
         Ok(self.snapshot(&shard.shard_id, &restore_id))
+    }
+
+    /// Carries out, on the active restore `restore_id` if it is swapped, the decision stored
+    /// in the repository, whoever asks: a Commit needs `commit` stored; a Discard, or a lease
+    /// that ran out (`asked` `None`), stores `revert` unless a decision is there. The agent
+    /// never acts on a message alone, so a coordinator that was fenced out, or a late
+    /// message, cannot split the shards. Anything else is left as it is.
+    async fn follow_decision(
+        &mut self,
+        shard: &ShardParts<E>,
+        restore_id: &str,
+        asked: Option<RestoreDecision>,
+    ) -> Result<()> {
+        let swapped = self
+            .active(restore_id)
+            .is_some_and(|active| matches!(active.phase, Phase::Swapped(_)));
+        if !swapped {
+            return Ok(());
+        }
+        let id = RestoreId::new(restore_id)?;
+        let by = match asked {
+            Some(_) => format!("agent {}, asked by its coordinator", shard.shard_id),
+            None => format!("agent {}, its lease ran out", shard.shard_id),
+        };
+        let stored = async {
+            match asked {
+                Some(RestoreDecision::Commit) => shard.repo.restore_decision(&id).await,
+                _ => shard
+                    .repo
+                    .decide_restore(&id, RestoreDecision::Revert, &by)
+                    .await
+                    .map(Some),
+            }
+        };
+        let stored = tokio::time::timeout(DECISION_TIMEOUT, stored)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorCode::StorageUnavailable,
+                    "the repository did not answer within 10 s",
+                ))
+            })?;
+        let Some(decision) = stored else {
+            return Err(Error::new(
+                ErrorCode::BackupRestorationFailed,
+                format!(
+                    "no decision is stored for restore {restore_id}; the shard holds until one is"
+                ),
+            ));
+        };
+        if asked.is_some_and(|asked| asked != decision) {
+            tracing::warn!(restore = %restore_id, shard = %shard.shard_id, ?asked, ?decision, "restore: asked for one outcome, the stored decision says the other; following the decision");
+        }
+        self.carry_out(shard, restore_id, decision).await
     }
 
     /// Carries out the restore's decision on the active restore `restore_id` if it is
     /// swapped: commit keeps the restored shard, revert puts the old one back; either way the
     /// gate opens. Anything else is left as it is. A commit whose mark cannot be removed
     /// stays swapped and returns the error.
-    async fn decide(
+    async fn carry_out(
         &mut self,
         shard: &ShardParts<E>,
         restore_id: &str,
@@ -737,10 +770,12 @@ impl<E: ShardEngine> Restores<E> {
             .active(&restore_id)
             .is_some_and(|active| matches!(active.phase, Phase::Swapped(_)));
         if swapped {
-            // Revert never fails to end the restore: an error is in its status.
-            let _ = self
-                .decide(shard, &restore_id, RestoreDecision::Revert)
-                .await;
+            if let Err(err) = self
+                .follow_decision(shard, &restore_id, Some(RestoreDecision::Revert))
+                .await
+            {
+                tracing::error!(restore = %restore_id, shard = %shard_id, error = %err.chain(), "restore: the decision cannot be read; the shard holds");
+            }
             return self.snapshot(shard_id, &restore_id);
         }
         let active = self
@@ -804,6 +839,48 @@ mod tests {
         (shard, id, cut)
     }
 
+    /// Stores `decision` for `rs-1`, as its coordinator does.
+    async fn decide(shard: &TestShard, decision: RestoreDecision) {
+        let id = RestoreId::new("rs-1").expect("id");
+        shard
+            .repo
+            .decide_restore(&id, decision, "coordinator")
+            .await
+            .expect("decide");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discard_after_the_restore_decided_commit_commits() {
+        // A late Discard (a coordinator that was fenced out, a retried message) after the
+        // decision: the shard follows the decision, not the message.
+        let (shard, _) = staged_with_a_lease().await;
+        assert_eq!(
+            shard.restore_apply("rs-1").await.state,
+            RestoreState::Swapped
+        );
+        decide(&shard, RestoreDecision::Commit).await;
+        assert_eq!(
+            shard.restore_discard("rs-1").await.state,
+            RestoreState::Applied
+        );
+        assert!(!shard.has("k2"), "the restored shard");
+        shard.stop().await;
+    }
+
+    /// [`backed_up`], with `bk-1` staged in place as `rs-1` under a 5 s lease.
+    async fn staged_with_a_lease() -> (TestShard, Duration) {
+        let (shard, backup, _) = backed_up().await;
+        let lease = Duration::from_secs(5);
+        shard
+            .restore_stage(RestoreRequest {
+                lease,
+                ..in_place("rs-1", &backup)
+            })
+            .await;
+        shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        (shard, lease)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn apply_swaps_the_staged_backup_in_and_holds_it_until_commit() {
         let (shard, backup, cut) = backed_up().await;
@@ -824,6 +901,15 @@ mod tests {
             shard.restore_apply("rs-1").await.state,
             RestoreState::Swapped
         );
+        // A Commit with no decision stored is refused: the shard holds.
+        let err = shard
+            .handle
+            .restore_commit("rs-1".into())
+            .await
+            .expect_err("no decision stored");
+        assert!(err.message.contains("no decision is stored"), "{err}");
+        assert!(shard.gate.is_closed());
+        decide(&shard, RestoreDecision::Commit).await;
         let applied = shard.restore_commit("rs-1").await;
         assert_eq!(applied.state, RestoreState::Applied);
         assert_eq!(applied.seq, cut);
@@ -884,26 +970,14 @@ mod tests {
             Some(RestoreDecision::Commit),
             Some(RestoreDecision::Revert),
         ] {
-            let (shard, backup, _) = backed_up().await;
-            let lease = Duration::from_secs(5);
-            shard
-                .restore_stage(RestoreRequest {
-                    lease,
-                    ..in_place("rs-1", &backup)
-                })
-                .await;
-            shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+            let (shard, lease) = staged_with_a_lease().await;
             assert_eq!(
                 shard.restore_apply("rs-1").await.state,
                 RestoreState::Swapped
             );
             let id = RestoreId::new("rs-1").expect("id");
             if let Some(decision) = stored {
-                shard
-                    .repo
-                    .decide_restore(&id, decision, "coordinator")
-                    .await
-                    .expect("decide");
+                decide(&shard, decision).await;
             }
             // The coordinator goes silent.
             tokio::time::sleep(lease + Duration::from_millis(10)).await;
@@ -950,15 +1024,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_staged_restore_nobody_asks_about_is_discarded_when_its_lease_runs_out() {
-        let (shard, backup, _) = backed_up().await;
-        let lease = Duration::from_secs(5);
-        shard
-            .restore_stage(RestoreRequest {
-                lease,
-                ..in_place("rs-1", &backup)
-            })
-            .await;
-        shard.wait_for_restore("rs-1", RestoreState::Staged).await;
+        let (shard, lease) = staged_with_a_lease().await;
         // Polled within the lease, it holds.
         tokio::time::sleep(lease / 2).await;
         assert_eq!(
