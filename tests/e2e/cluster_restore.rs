@@ -422,7 +422,11 @@ async fn a_swap_that_fails_on_one_shard_reverts_the_shards_already_swapped() {
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(kept.len(), 1, "the record is removed, the decision stays: {kept:?}");
+    assert_eq!(
+        kept.len(),
+        1,
+        "the record is removed, the decision stays: {kept:?}"
+    );
     let decision = std::fs::read_to_string(cluster.repo().join("restores").join(&kept[0]))
         .expect("read the decision");
     assert!(
