@@ -54,6 +54,9 @@ pub enum Command {
     /// Named restore points: the barrier without a backup, recording every shard's position.
     #[command(subcommand)]
     Tag(TagCommand),
+    /// The retention policy (`[retention]` in the coordinator's configuration).
+    #[command(subcommand)]
+    Retention(RetentionCommand),
     /// Restore every shard through its agent, to a backup or a point in time: all shards are
     /// downloaded, replayed and checked first, and only then swapped in.
     Restore(RestoreArgs),
@@ -230,6 +233,19 @@ pub enum TagCommand {
         /// Only the tags with this label (repeat: with all of them).
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label)]
         labels: Vec<(String, String)>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RetentionCommand {
+    /// Remove the backups and tags the policy no longer keeps, and say why for each.
+    Apply {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -453,6 +469,42 @@ struct RestoreOutput<'a> {
     #[serde(flatten)]
     job: &'a v1::RestoreJob,
     dry_run: bool,
+}
+
+fn print_retention(plan: &v1::RetentionPlan) {
+    let mut table = Table::new(&[
+        ("WHAT", Align::Left),
+        ("NAME", Align::Left),
+        ("ACTION", Align::Left),
+        ("WHY", Align::Left),
+    ]);
+    for item in &plan.items {
+        let action = match (item.remove, plan.applied) {
+            (false, _) => "keep",
+            (true, true) => "removed",
+            (true, false) => "remove",
+        };
+        table.row(vec![
+            item.what.clone(),
+            item.name.clone(),
+            action.into(),
+            item.reasons.join("; "),
+        ]);
+    }
+    print!("{table}");
+    println!("WAL archive: {}", plan.wal);
+    let count = |what: &str| {
+        plan.items
+            .iter()
+            .filter(|item| item.remove && item.what == what)
+            .count()
+    };
+    let (backups, tags) = (count("backup"), count("tag"));
+    if plan.applied {
+        println!("Removed {backups} backup(s) and {tags} tag(s); their objects are garbage now.");
+    } else {
+        println!("Dry run: would remove {backups} backup(s) and {tags} tag(s); nothing changed.");
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) {
@@ -923,6 +975,19 @@ async fn run_command(cli: Cli) -> Result<i32> {
                     tag_cut(&tag),
                     tag.max_gate_closed_us as f64 / 1000.0
                 );
+            }
+        }
+        Command::Retention(RetentionCommand::Apply { dry_run, json }) => {
+            let mut client = client(endpoint).await?;
+            let plan = client
+                .apply_retention(v1::ApplyRetentionRequest { dry_run })
+                .await
+                .map_err(|s| from_status("apply retention", &s))?
+                .into_inner();
+            if json {
+                print_json(&plan);
+            } else {
+                print_retention(&plan);
             }
         }
         Command::Tag(TagCommand::List { labels, json }) => {

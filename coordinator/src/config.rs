@@ -116,6 +116,8 @@ pub struct Config {
     pub wal_archive: Option<String>,
     #[serde(default)]
     pub tags: TagsConfig,
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
     /// Serve Prometheus metrics at http://ADDR/metrics; the coordinator then polls its
     /// agents every 15 s for `lockstep_agent_up`.
     #[serde(default)]

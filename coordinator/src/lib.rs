@@ -7,7 +7,8 @@
 //! - `ops`: `ClusterOps`, the actor that owns every operation holding the cluster;
 //! - `fleet`: every call to each agent, with per-step deadlines, and the one poll loop;
 //! - `backup`: the two-phase barrier and backup jobs;
-//! - `restore`: the two-phase restore of the whole cluster through its agents;
+//! - `restore`: the all-or-nothing restore of the whole cluster through its agents;
+//! - `retention`: which backups and tags the repository keeps;
 //! - `tag`: named restore points (the barrier without a capture);
 //! - `service`: the `Coordinator` gRPC service and `serve`;
 //! - `cli`: the `lockstep` command line.
@@ -23,5 +24,6 @@ pub mod fence;
 pub mod fleet;
 pub mod ops;
 pub mod restore;
+pub mod retention;
 pub mod service;
 pub mod tag;

@@ -109,6 +109,11 @@ enum Msg {
         backup: BackupId,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Plan the retention policy and, unless `dry_run`, apply it. Replies with the plan.
+    Retention {
+        dry_run: bool,
+        reply: oneshot::Sender<Result<crate::retention::Plan>>,
+    },
     /// Cancel the running restore, or settle the restores a stopped coordinator left.
     /// Replies with what was done.
     AbortRestore {
@@ -200,6 +205,10 @@ impl ClusterOps {
         self.ask(|reply| Msg::Delete { backup, reply }).await?
     }
 
+    pub async fn retention(&self, dry_run: bool) -> Result<crate::retention::Plan> {
+        self.ask(|reply| Msg::Retention { dry_run, reply }).await?
+    }
+
     pub async fn abort_restore(&self) -> Result<(String, Vec<RestoreId>)> {
         self.ask(|reply| Msg::AbortRestore { reply }).await?
     }
@@ -222,6 +231,10 @@ enum Ended {
     Backup(Shared, Result<()>),
     Tag(oneshot::Sender<Result<TagManifest>>, Result<TagManifest>),
     Delete(oneshot::Sender<Result<()>>, Result<()>),
+    Retention(
+        oneshot::Sender<Result<crate::retention::Plan>>,
+        Result<crate::retention::Plan>,
+    ),
     AbortRestore(
         oneshot::Sender<Result<(String, Vec<RestoreId>)>>,
         Result<(String, Vec<RestoreId>)>,
@@ -319,6 +332,9 @@ impl Actor {
             Ended::Delete(reply, outcome) => {
                 let _ = reply.send(outcome);
             }
+            Ended::Retention(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
             Ended::AbortRestore(reply, outcome) => {
                 let _ = reply.send(outcome);
             }
@@ -395,6 +411,12 @@ impl Actor {
                     let outcome =
                         backup::run_backup(&ctx, &backup_id, &cut, &labels, &view, &cancel).await;
                     backup::record_outcome(cut.kind, outcome.is_ok(), started.elapsed());
+                    if outcome.is_ok() && ctx.config.retention.after_backup {
+                        match crate::retention::apply(&ctx, false).await {
+                            Ok(plan) => tracing::info!(removed = plan.removed().count(), "retention applied after the backup"),
+                            Err(err) => tracing::warn!(error = %err.chain(), "retention after the backup failed; the backup stands"),
+                        }
+                    }
                     Ended::Backup(view, outcome)
                 });
             }
@@ -444,6 +466,23 @@ impl Actor {
                     let view = restore::run(&ctx, plan, restore_id, &updates, &cancel).await;
                     restore::record_outcome(&view, started.elapsed());
                     Ended::Restore(updates, view)
+                });
+            }
+            Msg::Retention { dry_run, reply } => {
+                // Held while planning and removing, so no backup picks a parent in between.
+                let what = if dry_run {
+                    "retention plan"
+                } else {
+                    "retention"
+                };
+                if let Err(err) = self.hold(what.into(), None) {
+                    let _ = reply.send(Err(err));
+                    return;
+                }
+                let ctx = self.ctx.clone();
+                self.ops.spawn(async move {
+                    let outcome = crate::retention::apply(&ctx, dry_run).await;
+                    Ended::Retention(reply, outcome)
                 });
             }
             Msg::Delete { backup, reply } => {

@@ -375,6 +375,28 @@ impl Coordinator for CoordinatorApi {
         Ok(Response::new(v1::DeleteBackupReply {}))
     }
 
+    async fn apply_retention(
+        &self,
+        request: Request<v1::ApplyRetentionRequest>,
+    ) -> Reply<v1::RetentionPlan> {
+        let dry_run = request.into_inner().dry_run;
+        let plan = self.ops.retention(dry_run).await.map_err(status)?;
+        Ok(Response::new(v1::RetentionPlan {
+            items: plan
+                .items
+                .into_iter()
+                .map(|item| v1::RetentionItem {
+                    what: item.what.to_string(),
+                    name: item.name,
+                    remove: item.remove,
+                    reasons: item.reasons,
+                })
+                .collect(),
+            wal: plan.wal,
+            applied: !dry_run,
+        }))
+    }
+
     async fn abort_restore(
         &self,
         _request: Request<v1::AbortRestoreRequest>,

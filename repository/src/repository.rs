@@ -995,6 +995,11 @@ impl Repository {
         }
     }
 
+    /// Removes a tag (retention); removing one that is gone already is not an error.
+    pub async fn delete_tag(&self, name: &TagName) -> Result<()> {
+        self.delete_if_present(&self.layout.tag(name)).await
+    }
+
     pub async fn tag(&self, name: &TagName) -> Result<TagManifest> {
         let key = self.layout.tag(name);
         let bytes = self.get_raw(&key).await?.ok_or_else(|| {

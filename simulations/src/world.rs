@@ -152,6 +152,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
         }],
         wal_archive: None,
         tags: TagsConfig::default(),
+        retention: Default::default(),
         metrics_listen: None,
     }
 }

@@ -1,0 +1,601 @@
+//! Retention: which backups and tags a repository keeps (`[retention]` in the configuration,
+//! `lockstep retention apply [--dry-run]`, or after every committed backup).
+//!
+//! The plan is a pure function of the catalog, the tags, the policy and the time, so each
+//! policy shape is a unit test. Rules, in the words operators know from pgBackRest and
+//! restic:
+//! - full backups are kept by count (`keep_full`), by age (`keep_full_days`: those of the last
+//!   D days and the newest one before, so the start of the window stays restorable), and by
+//!   calendar (`keep_daily`/`weekly`/`monthly`: the newest full of each of the last N UTC days,
+//!   ISO weeks or months that have one); the rules add up;
+//! - incrementals and differentials go with their full;
+//! - the recovery window (`recovery_window_hours`) keeps every backup completed in it and the
+//!   newest full before it, so every instant in the window can be restored;
+//! - never removed: the newest good backup, pinned backups and tags (`pinned`), every parent
+//!   a kept backup needs, a backup whose manifest cannot be read (an operator decides), and the
+//!   newest backup at or before each kept tag (its base);
+//! - tags go when older than `keep_tags_days` (0 keeps every tag), unless pinned or in the
+//!   recovery window.
+//!
+//! The WAL archive is not pruned yet: every plan says so. Removing a backup removes its
+//! manifests; its objects become garbage for a collector that does not exist yet.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Datelike, Duration, Utc};
+use lockstep_repository::manifest::{BackupKind, BackupManifest, TagManifest};
+use lockstep_repository::{BackupId, Error, ErrorCode, Result, TagName};
+use serde::{Deserialize, Serialize};
+
+use crate::ops::ClusterContext;
+
+/// The retention policy (`[retention]`); all zero (the default) keeps everything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Keep the newest N full backups.
+    pub keep_full: u32,
+    /// Keep the full backups of the last D days, and the newest one before them.
+    pub keep_full_days: u32,
+    /// Keep the newest full of each of the last N days, ISO weeks, months (UTC) that have one.
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+    /// Every instant of the last H hours stays restorable.
+    pub recovery_window_hours: u32,
+    /// Tags older than D days go, unless pinned or in the recovery window; 0 keeps them all.
+    pub keep_tags_days: u32,
+    /// Backup ids and tag names never removed.
+    pub pinned: Vec<String>,
+    /// Apply the policy after every committed backup.
+    pub after_backup: bool,
+}
+
+impl RetentionConfig {
+    /// True when no rule keeps any full backup: applying it is refused (it would keep only
+    /// the newest backup, which is never what an operator meant).
+    pub fn is_empty(&self) -> bool {
+        self.keep_full == 0
+            && self.keep_full_days == 0
+            && self.keep_daily == 0
+            && self.keep_weekly == 0
+            && self.keep_monthly == 0
+            && self.recovery_window_hours == 0
+    }
+}
+
+/// One backup or tag and what the plan does with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// `backup` or `tag`.
+    pub what: &'static str,
+    pub name: String,
+    pub remove: bool,
+    /// Every reason it is kept, or why it goes.
+    pub reasons: Vec<String>,
+}
+
+/// What applying the policy does.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Plan {
+    /// Every backup (oldest first in commit order), then every tag (oldest first).
+    pub items: Vec<Decision>,
+    /// What happens to the WAL archive.
+    pub wal: String,
+}
+
+impl Plan {
+    pub fn removed(&self) -> impl Iterator<Item = &Decision> {
+        self.items.iter().filter(|item| item.remove)
+    }
+}
+
+/// The WAL part of every plan, until the archive is pruned.
+const WAL_KEPT: &str = "kept: this version does not prune the WAL archive";
+
+/// Plans the policy over `backups` (commit order, oldest first, as `Repository::backups`
+/// returns them) and `tags`, at `now`.
+pub fn plan(
+    policy: &RetentionConfig,
+    backups: &[(BackupId, Result<BackupManifest>)],
+    tags: &[(TagName, Result<TagManifest>)],
+    now: DateTime<Utc>,
+) -> Result<Plan> {
+    if policy.is_empty() {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            "the retention policy keeps no full backup: set keep_full, keep_full_days, keep_daily, keep_weekly, keep_monthly or recovery_window_hours in [retention]",
+        ));
+    }
+    let good: Vec<&BackupManifest> = backups
+        .iter()
+        .filter_map(|(_, m)| m.as_ref().ok())
+        .collect();
+    let by_id: HashMap<&BackupId, &BackupManifest> =
+        good.iter().map(|&m| (&m.backup_id, m)).collect();
+    let mut reasons: BTreeMap<BackupId, Vec<String>> = BTreeMap::new();
+    fn keep(reasons: &mut BTreeMap<BackupId, Vec<String>>, id: &BackupId, why: String) {
+        reasons.entry(id.clone()).or_default().push(why);
+    }
+
+    let fulls: Vec<&BackupManifest> = good
+        .iter()
+        .copied()
+        .filter(|m| m.kind == BackupKind::Full)
+        .collect();
+    // By count.
+    for full in fulls.iter().rev().take(policy.keep_full as usize) {
+        keep(
+            &mut reasons,
+            &full.backup_id,
+            format!("one of the newest {} full backups", policy.keep_full),
+        );
+    }
+    // By age: the window, and the newest full before it.
+    if policy.keep_full_days > 0 {
+        let since = now - Duration::days(i64::from(policy.keep_full_days));
+        let why = format!("a full backup of the last {} days", policy.keep_full_days);
+        for full in fulls.iter().filter(|m| m.completed_at >= since) {
+            keep(&mut reasons, &full.backup_id, why.clone());
+        }
+        if let Some(before) = fulls.iter().rev().find(|m| m.completed_at < since) {
+            keep(
+                &mut reasons,
+                &before.backup_id,
+                format!(
+                    "the newest full before the last {} days (their start stays restorable)",
+                    policy.keep_full_days
+                ),
+            );
+        }
+    }
+    // By calendar: the newest full of each of the last N buckets that have one.
+    type Bucket = fn(&DateTime<Utc>) -> (i32, u32);
+    let calendar: [(&str, &str, u32, Bucket); 3] = [
+        ("day", "keep_daily", policy.keep_daily, |t| {
+            (t.year(), t.ordinal())
+        }),
+        ("week", "keep_weekly", policy.keep_weekly, |t| {
+            let week = t.iso_week();
+            (week.year(), week.week())
+        }),
+        ("month", "keep_monthly", policy.keep_monthly, |t| {
+            (t.year(), t.month())
+        }),
+    ];
+    for (unit, rule, n, bucket_of) in calendar {
+        let mut seen = BTreeSet::new();
+        for full in fulls.iter().rev() {
+            if seen.len() >= n as usize {
+                break;
+            }
+            let bucket = bucket_of(&full.completed_at);
+            if seen.insert(bucket) {
+                keep(
+                    &mut reasons,
+                    &full.backup_id,
+                    format!("the newest full of its {unit} ({rule} {n})"),
+                );
+            }
+        }
+    }
+    // The recovery window: every backup in it, and the newest full before it.
+    let window_start = (policy.recovery_window_hours > 0)
+        .then(|| now - Duration::hours(i64::from(policy.recovery_window_hours)));
+    if let Some(start) = window_start {
+        let why = format!(
+            "in the recovery window of {} hours",
+            policy.recovery_window_hours
+        );
+        for backup in good.iter().filter(|m| m.completed_at >= start) {
+            keep(&mut reasons, &backup.backup_id, why.clone());
+        }
+        if let Some(anchor) = fulls.iter().rev().find(|m| m.completed_at < start) {
+            keep(
+                &mut reasons,
+                &anchor.backup_id,
+                "the newest full before the recovery window: its start is restored from it".into(),
+            );
+        }
+    }
+    // The newest good backup, pins, and what each kept tag is restored from.
+    if let Some(newest) = good.last() {
+        keep(
+            &mut reasons,
+            &newest.backup_id,
+            "the newest good backup".into(),
+        );
+    }
+    let pinned: BTreeSet<&str> = policy.pinned.iter().map(String::as_str).collect();
+    for backup in good
+        .iter()
+        .filter(|m| pinned.contains(m.backup_id.as_str()))
+    {
+        keep(&mut reasons, &backup.backup_id, "pinned".into());
+    }
+    let mut items_tags = Vec::new();
+    for (name, tag) in tags {
+        let mut decision = Decision {
+            what: "tag",
+            name: name.to_string(),
+            remove: false,
+            reasons: Vec::new(),
+        };
+        match tag {
+            Err(err) => decision
+                .reasons
+                .push(format!("unreadable ({}), kept for an operator", err.code)),
+            Ok(tag) => {
+                if pinned.contains(name.as_str()) {
+                    decision.reasons.push("pinned".into());
+                }
+                if window_start.is_some_and(|start| tag.created_at >= start) {
+                    decision.reasons.push("in the recovery window".into());
+                }
+                let old = policy.keep_tags_days > 0
+                    && tag.created_at < now - Duration::days(i64::from(policy.keep_tags_days));
+                if !old {
+                    decision.reasons.push(if policy.keep_tags_days == 0 {
+                        "tags are kept (keep_tags_days 0)".into()
+                    } else {
+                        format!("younger than {} days", policy.keep_tags_days)
+                    });
+                }
+                if decision.reasons.is_empty() {
+                    decision.remove = true;
+                    decision
+                        .reasons
+                        .push(format!("older than {} days", policy.keep_tags_days));
+                } else if let Some(base) =
+                    good.iter().rev().find(|m| m.completed_at <= tag.created_at)
+                {
+                    keep(
+                        &mut reasons,
+                        &base.backup_id,
+                        format!("the newest backup before kept tag {name}"),
+                    );
+                }
+            }
+        }
+        items_tags.push(decision);
+    }
+    // Incrementals and differentials go with their full; every parent of a kept backup stays.
+    let root_of = |id: &BackupId| -> Option<BackupId> {
+        let mut m = *by_id.get(id)?;
+        for _ in 0..good.len() {
+            match &m.parent {
+                None => return Some(m.backup_id.clone()),
+                Some(parent) => m = by_id.get(parent)?,
+            }
+        }
+        None
+    };
+    for backup in good.iter().filter(|m| m.kind != BackupKind::Full) {
+        match root_of(&backup.backup_id) {
+            Some(root) if reasons.contains_key(&root) => keep(
+                &mut reasons,
+                &backup.backup_id,
+                format!("its full backup {root} is kept"),
+            ),
+            Some(_) => {}
+            None => keep(
+                &mut reasons,
+                &backup.backup_id,
+                "its chain is incomplete; kept for an operator".into(),
+            ),
+        }
+    }
+    let kept: Vec<BackupId> = reasons.keys().cloned().collect();
+    for id in kept {
+        let mut at = by_id.get(&id).and_then(|m| m.parent.clone());
+        while let Some(parent) = at {
+            keep(
+                &mut reasons,
+                &parent,
+                format!("a parent of kept backup {id}"),
+            );
+            at = by_id.get(&parent).and_then(|m| m.parent.clone());
+        }
+    }
+    let mut items: Vec<Decision> = backups
+        .iter()
+        .map(|(id, manifest)| {
+            let (remove, why) = match (manifest, reasons.remove(id)) {
+                (Err(err), _) => (
+                    false,
+                    vec![format!("unreadable ({}), kept for an operator", err.code)],
+                ),
+                (Ok(_), Some(mut why)) => {
+                    why.dedup();
+                    (false, why)
+                }
+                (Ok(_), None) => (true, vec!["no rule keeps it".into()]),
+            };
+            Decision {
+                what: "backup",
+                name: id.to_string(),
+                remove,
+                reasons: why,
+            }
+        })
+        .collect();
+    items.extend(items_tags);
+    Ok(Plan {
+        items,
+        wal: WAL_KEPT.into(),
+    })
+}
+
+/// Plans the configured policy now, and unless `dry_run` removes what it names: tags first,
+/// then backups newest first, so a parent never goes before its children. Run under
+/// `ClusterOps` (no backup picks a parent meanwhile); every removal checks the fence.
+pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
+    let backups = ctx.repo.backups().await?;
+    let tags = ctx.repo.tags().await?;
+    let plan = plan(&ctx.config.retention, &backups, &tags, Utc::now())?;
+    if dry_run {
+        return Ok(plan);
+    }
+    let removed: Vec<&Decision> = plan.removed().collect();
+    for item in removed.iter().filter(|item| item.what == "tag") {
+        let name = TagName::new(item.name.as_str())?;
+        ctx.fence.check(&format!("remove tag {name}")).await?;
+        ctx.repo.delete_tag(&name).await?;
+        tracing::info!(tag = %name, reasons = ?item.reasons, "retention: tag removed");
+    }
+    for item in removed.iter().rev().filter(|item| item.what == "backup") {
+        let backup = BackupId::new(item.name.as_str())?;
+        ctx.fence.check(&format!("remove backup {backup}")).await?;
+        ctx.repo
+            .delete_backup(&backup, &ctx.config.shard_ids())
+            .await?;
+        tracing::info!(backup = %backup, reasons = ?item.reasons, "retention: backup removed");
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_repository::manifest::{MANIFEST_FORMAT_VERSION, TOOL_VERSION};
+
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        "2026-12-06T12:00:00Z".parse().expect("time")
+    }
+
+    /// A catalog built oldest first: (id, kind, parent, hours before `now`).
+    fn catalog(
+        backups: &[(&str, BackupKind, Option<&str>, i64)],
+    ) -> Vec<(BackupId, Result<BackupManifest>)> {
+        backups
+            .iter()
+            .map(|(id, kind, parent, hours_ago)| {
+                let id = BackupId::new(*id).expect("id");
+                let at = now() - Duration::hours(*hours_ago);
+                let mut manifest = BackupManifest::commit(
+                    id.clone(),
+                    *kind,
+                    parent.map(|p| BackupId::new(p).expect("parent")),
+                    at,
+                    &[],
+                );
+                manifest.completed_at = at;
+                (id, Ok(manifest))
+            })
+            .collect()
+    }
+
+    fn tag(name: &str, hours_ago: i64) -> (TagName, Result<TagManifest>) {
+        let name = TagName::new(name).expect("tag");
+        let manifest = TagManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            name: name.clone(),
+            created_at: now() - Duration::hours(hours_ago),
+            points: BTreeMap::new(),
+            max_gate_closed_us: 0,
+            automatic: false,
+            labels: Default::default(),
+            tool_version: TOOL_VERSION.to_string(),
+        };
+        (name, Ok(manifest))
+    }
+
+    /// The names the plan removes.
+    fn removed(plan: &Plan) -> Vec<&str> {
+        plan.removed().map(|item| item.name.as_str()).collect()
+    }
+
+    fn reasons<'p>(plan: &'p Plan, name: &str) -> &'p [String] {
+        &plan
+            .items
+            .iter()
+            .find(|item| item.name == name)
+            .expect("in the plan")
+            .reasons
+    }
+
+    use BackupKind::{Differential as Diff, Full, Incremental as Incr};
+
+    #[test]
+    fn an_empty_policy_is_refused() {
+        let err = plan(&RetentionConfig::default(), &[], &[], now()).expect_err("empty");
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert!(err.message.contains("[retention]"), "{err}");
+    }
+
+    #[test]
+    fn by_count_the_newest_fulls_stay_with_their_chains() {
+        let backups = catalog(&[
+            ("f1", Full, None, 50),
+            ("i1", Incr, Some("f1"), 49),
+            ("f2", Full, None, 40),
+            ("d2", Diff, Some("f2"), 39),
+            ("f3", Full, None, 30),
+            ("i3", Incr, Some("f3"), 29),
+            ("i3b", Incr, Some("i3"), 28),
+        ]);
+        let policy = RetentionConfig {
+            keep_full: 2,
+            ..RetentionConfig::default()
+        };
+        let plan = plan(&policy, &backups, &[], now()).expect("plan");
+        assert_eq!(removed(&plan), vec!["f1", "i1"]);
+        assert!(reasons(&plan, "f2")[0].contains("newest 2 full"));
+        assert!(
+            reasons(&plan, "i3")
+                .iter()
+                .any(|r| r.contains("its full backup f3 is kept"))
+        );
+        assert!(
+            reasons(&plan, "i3b")
+                .iter()
+                .any(|r| r.contains("newest good"))
+        );
+        assert_eq!(plan.wal, WAL_KEPT);
+    }
+
+    #[test]
+    fn by_age_the_newest_full_before_the_window_stays() {
+        let backups = catalog(&[
+            ("f10", Full, None, 240),
+            ("f6", Full, None, 144),
+            ("f3", Full, None, 72),
+            ("f1", Full, None, 24),
+        ]);
+        let policy = RetentionConfig {
+            keep_full_days: 5,
+            ..RetentionConfig::default()
+        };
+        let plan = plan(&policy, &backups, &[], now()).expect("plan");
+        assert_eq!(removed(&plan), vec!["f10"]);
+        assert!(reasons(&plan, "f6")[0].contains("newest full before the last 5 days"));
+    }
+
+    #[test]
+    fn by_calendar_the_newest_full_of_each_bucket_stays() {
+        // now is Sunday 2026-12-06 12:00 UTC.
+        let backups = catalog(&[
+            ("nov", Full, None, 24 * 40),    // October 27
+            ("w1", Full, None, 24 * 8),      // Saturday of the week before
+            ("d2a", Full, None, 24 * 2 + 6), // Friday 06:00
+            ("d2b", Full, None, 24 * 2),     // Friday 12:00
+            ("d1", Full, None, 24),          // Saturday
+            ("d0a", Full, None, 4),          // Sunday 08:00
+            ("d0b", Full, None, 1),          // Sunday 11:00
+        ]);
+        let daily = RetentionConfig {
+            keep_daily: 2,
+            ..RetentionConfig::default()
+        };
+        let plan_daily = plan(&daily, &backups, &[], now()).expect("plan");
+        assert_eq!(removed(&plan_daily), vec!["nov", "w1", "d2a", "d2b", "d0a"]);
+        let weekly = RetentionConfig {
+            keep_weekly: 2,
+            ..RetentionConfig::default()
+        };
+        let plan_weekly = plan(&weekly, &backups, &[], now()).expect("plan");
+        assert_eq!(
+            removed(&plan_weekly),
+            vec!["nov", "d2a", "d2b", "d1", "d0a"]
+        );
+        let monthly = RetentionConfig {
+            keep_monthly: 2,
+            ..RetentionConfig::default()
+        };
+        let plan_monthly = plan(&monthly, &backups, &[], now()).expect("plan");
+        // December's newest, and November's newest (w1 is November 28).
+        assert_eq!(
+            removed(&plan_monthly),
+            vec!["nov", "d2a", "d2b", "d1", "d0a"]
+        );
+        assert!(reasons(&plan_monthly, "w1")[0].contains("keep_monthly 2"));
+    }
+
+    #[test]
+    fn the_recovery_window_keeps_every_instant_in_it_restorable() {
+        let backups = catalog(&[
+            ("f48", Full, None, 48),
+            ("f30", Full, None, 30),
+            ("i29", Incr, Some("f30"), 29),
+            ("f20", Full, None, 20),
+            ("i10", Incr, Some("f20"), 10),
+        ]);
+        let policy = RetentionConfig {
+            recovery_window_hours: 24,
+            ..RetentionConfig::default()
+        };
+        let plan = plan(&policy, &backups, &[], now()).expect("plan");
+        // f30 restores the window's start; i29 goes with its full.
+        assert_eq!(removed(&plan), vec!["f48"]);
+        assert!(reasons(&plan, "f30")[0].contains("before the recovery window"));
+    }
+
+    #[test]
+    fn pins_the_newest_backup_and_unreadable_manifests_are_never_removed() {
+        let mut backups = catalog(&[
+            ("f1", Full, None, 50),
+            ("f2", Full, None, 40),
+            ("i2", Incr, Some("f2"), 39),
+            ("f3", Full, None, 30),
+            ("f4", Full, None, 20),
+            ("i1", Incr, Some("f1"), 10),
+        ]);
+        backups.insert(
+            0,
+            (
+                BackupId::new("broken").expect("id"),
+                Err(Error::new(ErrorCode::BackupManifestCorrupt, "bad json")),
+            ),
+        );
+        let policy = RetentionConfig {
+            keep_full: 1,
+            pinned: vec!["i2".into()],
+            ..RetentionConfig::default()
+        };
+        let plan = plan(&policy, &backups, &[], now()).expect("plan");
+        // f4 by count; i1 is the newest backup, so its full f1 stays; pinned i2 keeps f2.
+        assert_eq!(removed(&plan), vec!["f3"]);
+        assert!(reasons(&plan, "broken")[0].contains("unreadable"));
+        assert!(
+            reasons(&plan, "f1")
+                .iter()
+                .any(|r| r.contains("a parent of kept backup i1"))
+        );
+        assert!(
+            reasons(&plan, "f2")
+                .iter()
+                .any(|r| r.contains("a parent of kept backup i2"))
+        );
+    }
+
+    #[test]
+    fn old_tags_go_and_kept_tags_keep_their_base_backup() {
+        let backups = catalog(&[
+            ("f300", Full, None, 300),
+            ("f200", Full, None, 200),
+            ("f100", Full, None, 100),
+            ("f1", Full, None, 1),
+        ]);
+        let tags = vec![tag("old", 250), tag("pinned", 240), tag("recent", 90)];
+        let policy = RetentionConfig {
+            keep_full: 1,
+            keep_tags_days: 7,
+            pinned: vec!["pinned".into()],
+            ..RetentionConfig::default()
+        };
+        let plan = plan(&policy, &backups, &tags, now()).expect("plan");
+        // "old" (250 h) is past 7 days; "pinned" keeps f300, "recent" keeps f100.
+        assert_eq!(removed(&plan), vec!["f200", "old"]);
+        assert!(
+            reasons(&plan, "f300")
+                .iter()
+                .any(|r| r.contains("kept tag pinned"))
+        );
+        assert!(
+            reasons(&plan, "f100")
+                .iter()
+                .any(|r| r.contains("kept tag recent"))
+        );
+    }
+}
