@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # sha2, object_store) at opt-level 2, so `make demo` after `make test` compiles nothing.
 BIN := $(CARGO_TARGET_DIR)/debug
 
-.PHONY: deps build test demo bench sim fmt
+.PHONY: deps build test demo bench sim fuzz fmt
 
 ## deps: install what a fresh Debian machine lacks (libclang for the RocksDB bindings, moto for S3 tests)
 deps:
@@ -39,6 +39,10 @@ bench: build
 sim:
 	cargo build -p lockstep-simulations --bins
 	$(BIN)/lockstep-sim $(or $(SEEDS),500)
+
+## fuzz: the decoders' property tests (objects, WAL segments, manifests, ids) with CASES each (default 200000)
+fuzz:
+	LOCKSTEP_FUZZ_CASES=$(or $(CASES),200000) cargo test -p lockstep-repository --test decoders
 
 fmt:
 	cargo fmt --all

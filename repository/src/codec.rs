@@ -228,21 +228,41 @@ fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Opt
 /// Decodes a stored object and checks that its plaintext hashes to `expected`. A stored
 /// (uncompressed) object's plaintext is a slice of `stored`, not a copy.
 pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, None)
+    decode_within(expected, stored, Limit::AtMost(MAX_PLAINTEXT))
+}
+
+/// No object's plaintext is larger (a chunk is at most a few MiB, a WAL segment 64 MiB).
+const MAX_PLAINTEXT: u64 = 1 << 31;
+
+/// [`decode`] for an object whose plaintext is at most `max` bytes (a WAL segment): a header
+/// that declares more is refused before anything is decompressed or allocated.
+pub fn decode_at_most(expected: &ObjectId, stored: bytes::Bytes, max: u64) -> Result<bytes::Bytes> {
+    decode_within(expected, stored, Limit::AtMost(max))
+}
+
+/// The most bytes an object whose plaintext is `plaintext_len` bytes can take stored: the
+/// header page and the plaintext (compression is kept only when it pays).
+pub fn max_stored_len(plaintext_len: u64) -> u64 {
+    plaintext_len.saturating_add(HEADER_ROOM as u64)
+}
+
+/// What a decoder knows of the plaintext's length before it decodes.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// A manifest records it exactly.
+    Exact(u64),
+    /// The kind of object bounds it.
+    AtMost(u64),
 }
 
 /// [`decode`] for an object whose plaintext length a manifest records: a header that
 /// declares another length is refused before anything is decompressed or allocated, so a
 /// crafted object cannot make a reader allocate more than the chunk it stands for.
 pub fn decode_sized(expected: &ObjectId, stored: bytes::Bytes, len: u64) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Some(len))
+    decode_within(expected, stored, Limit::Exact(len))
 }
 
-fn decode_within(
-    expected: &ObjectId,
-    stored: bytes::Bytes,
-    len: Option<u64>,
-) -> Result<bytes::Bytes> {
+fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Result<bytes::Bytes> {
     let corrupt = |why: &str| {
         Error::new(
             ErrorCode::BackupChecksumMismatch,
@@ -271,19 +291,28 @@ fn decode_within(
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&stored[8..16]);
     let plaintext_len = u64::from_le_bytes(len_bytes);
-    if let Some(len) = len.filter(|len| *len != plaintext_len) {
-        return Err(corrupt(&format!(
-            "its header declares {plaintext_len} bytes, the manifest {len}"
-        )));
+    if plaintext_len > MAX_PLAINTEXT {
+        return Err(corrupt("implausible plaintext length"));
+    }
+    match limit {
+        Limit::Exact(len) if len != plaintext_len => {
+            return Err(corrupt(&format!(
+                "its header declares {plaintext_len} bytes, the manifest {len}"
+            )));
+        }
+        Limit::AtMost(max) if plaintext_len > max => {
+            return Err(corrupt(&format!(
+                "its header declares {plaintext_len} bytes, more than the {max} such an object holds"
+            )));
+        }
+        _ => {}
     }
     let payload = &stored[payload_at..];
     let plaintext = match stored[5] {
         CODEC_STORED => stored.slice(payload_at..),
         CODEC_ZSTD => {
             let capacity = usize::try_from(plaintext_len)
-                .ok()
-                .filter(|len| *len <= 1 << 31)
-                .ok_or_else(|| corrupt("implausible plaintext length"))?;
+                .map_err(|_| corrupt("implausible plaintext length"))?;
             // Stored bytes that do not decompress were damaged after they were written: the
             // operator's problem is corruption, so it is reported as a checksum mismatch.
             zstd::bulk::decompress(payload, capacity)

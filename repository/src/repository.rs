@@ -35,6 +35,13 @@ pub struct RepositoryIdentity {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// The largest manifest, tag, record or marker a reader accepts. A shard manifest spends
+/// about 150 bytes per chunk, so this holds a shard of about 10 TiB in 8 MiB chunks.
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+
+/// The largest WAL segment plaintext a reader accepts: the archive's largest message.
+pub const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+
 /// What the swapped-in shards of a cluster restore do: keep the restored data, or return
 /// to the data they had ([`Repository::decide_restore`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -70,15 +77,16 @@ pub async fn encode_wal_segment(
 pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<Segment> {
     let name = format!("WAL segment {}", info.file_name());
     let id = info.id;
-    let plaintext = crate::blocking::run(move || codec::decode(&id, stored.into()))
-        .await
-        .map_err(|err| {
-            Error::with_source(
-                ErrorCode::BackupDecompressionFailed,
-                "decode task failed",
-                err,
-            )
-        })??;
+    let plaintext =
+        crate::blocking::run(move || codec::decode_at_most(&id, stored.into(), MAX_SEGMENT_BYTES))
+            .await
+            .map_err(|err| {
+                Error::with_source(
+                    ErrorCode::BackupDecompressionFailed,
+                    "decode task failed",
+                    err,
+                )
+            })??;
     let segment = Segment::decode(&name, &plaintext)?;
     if segment.info(info.id).as_ref() != Some(info) {
         return Err(Error::new(
@@ -486,7 +494,17 @@ impl Repository {
         Ok(())
     }
 
-    async fn get_raw(&self, key: &Path) -> Result<Option<Bytes>> {
+    /// The bytes at `key`, if any; an object larger than `max` bytes is refused before it
+    /// is read (a crafted or damaged object never makes a reader allocate without bound).
+    async fn get_raw(&self, key: &Path, max: u64) -> Result<Option<Bytes>> {
+        let too_large = |len: u64| {
+            Error::new(
+                ErrorCode::BackupManifestCorrupt,
+                format!(
+                    "{key} holds {len} bytes, more than the {max} it can hold; it is refused unread"
+                ),
+            )
+        };
         if let Some(root) = &self.local_root {
             // A local repository is read directly, into reused buffers: object_store's local
             // reader zero-fills a fresh buffer before reading into it, a memset as large as
@@ -495,6 +513,12 @@ impl Repository {
             let read = move || -> std::io::Result<Bytes> {
                 let file = std::fs::File::open(file)?;
                 let len = file.metadata()?.len();
+                if len > max {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::FileTooLarge,
+                        len.to_string(),
+                    ));
+                }
                 let mut buffer = pool.take(len as usize);
                 buffer.read_from(file, u64::MAX)?;
                 Ok(Bytes::from_owner(buffer))
@@ -502,6 +526,9 @@ impl Repository {
             return match crate::blocking::run(read).await {
                 Ok(Ok(bytes)) => Ok(Some(bytes)),
                 Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Ok(Err(err)) if err.kind() == std::io::ErrorKind::FileTooLarge => {
+                    Err(too_large(err.to_string().parse().unwrap_or(u64::MAX)))
+                }
                 Ok(Err(err)) => Err(Error::io(
                     ErrorCode::StorageUnavailable,
                     format!("download {key}"),
@@ -515,6 +542,7 @@ impl Repository {
             };
         }
         match self.store.get(key).await {
+            Ok(result) if result.meta.size > max => Err(too_large(result.meta.size)),
             Ok(result) => result
                 .bytes()
                 .await
@@ -530,7 +558,7 @@ impl Repository {
     pub async fn get_object(&self, chunk: &Chunk) -> Result<Bytes> {
         let id = chunk.id;
         let stored = self
-            .get_raw(&self.layout.object(&id))
+            .get_raw(&self.layout.object(&id), codec::max_stored_len(chunk.len))
             .await?
             .ok_or_else(|| {
                 Error::new(
@@ -594,23 +622,29 @@ impl Repository {
         backup: &BackupId,
     ) -> Result<ShardManifest> {
         let key = self.layout.shard_manifest(shard, backup);
-        let bytes = self.get_raw(&key).await?.ok_or_else(|| {
-            Error::new(
-                ErrorCode::BackupIncomplete,
-                format!("shard manifest of {shard} in backup {backup} is missing"),
-            )
-        })?;
+        let bytes = self
+            .get_raw(&key, MAX_MANIFEST_BYTES)
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupIncomplete,
+                    format!("shard manifest of {shard} in backup {backup} is missing"),
+                )
+            })?;
         ShardManifest::parse(&format!("shard manifest {key}"), &bytes)
     }
 
     pub async fn backup_manifest(&self, backup: &BackupId) -> Result<BackupManifest> {
         let key = self.layout.backup_manifest(backup);
-        let bytes = self.get_raw(&key).await?.ok_or_else(|| {
-            Error::new(
-                ErrorCode::BackupNotFound,
-                format!("backup {backup} does not exist"),
-            )
-        })?;
+        let bytes = self
+            .get_raw(&key, MAX_MANIFEST_BYTES)
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupNotFound,
+                    format!("backup {backup} does not exist"),
+                )
+            })?;
         BackupManifest::parse(&format!("backup manifest {key}"), &bytes)
     }
 
@@ -822,12 +856,15 @@ impl Repository {
         {
             return Ok(mine);
         }
-        let stored = self.get_raw(&key).await?.ok_or_else(|| {
-            Error::new(
-                ErrorCode::StorageUnavailable,
-                "the repository marker vanished while it was read",
-            )
-        })?;
+        let stored = self
+            .get_raw(&key, MAX_MANIFEST_BYTES)
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::StorageUnavailable,
+                    "the repository marker vanished while it was read",
+                )
+            })?;
         let stored: RepositoryIdentity = serde_json::from_slice(&stored).map_err(|err| {
             Error::new(
                 ErrorCode::BackupManifestCorrupt,
@@ -870,7 +907,7 @@ impl Repository {
     /// The record of a restore under way, as written; `None` once it ended.
     pub async fn running_restore(&self, restore: &RestoreId) -> Result<Option<Vec<u8>>> {
         Ok(self
-            .get_raw(&self.layout.running_restore(restore))
+            .get_raw(&self.layout.running_restore(restore), MAX_MANIFEST_BYTES)
             .await?
             .map(|bytes| bytes.to_vec()))
     }
@@ -915,7 +952,10 @@ impl Repository {
 
     /// The decision stored for a restore, if any.
     pub async fn restore_decision(&self, restore: &RestoreId) -> Result<Option<RestoreDecision>> {
-        let Some(bytes) = self.get_raw(&self.layout.restore_decision(restore)).await? else {
+        let Some(bytes) = self
+            .get_raw(&self.layout.restore_decision(restore), MAX_MANIFEST_BYTES)
+            .await?
+        else {
             return Ok(None);
         };
         #[derive(serde::Deserialize)]
@@ -1002,12 +1042,15 @@ impl Repository {
 
     pub async fn tag(&self, name: &TagName) -> Result<TagManifest> {
         let key = self.layout.tag(name);
-        let bytes = self.get_raw(&key).await?.ok_or_else(|| {
-            Error::new(
-                ErrorCode::BackupNotFound,
-                format!("tag {name} does not exist"),
-            )
-        })?;
+        let bytes = self
+            .get_raw(&key, MAX_MANIFEST_BYTES)
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupNotFound,
+                    format!("tag {name} does not exist"),
+                )
+            })?;
         TagManifest::parse(&format!("tag {key}"), &bytes)
     }
 
@@ -1058,12 +1101,15 @@ impl Repository {
     /// The stored bytes of a segment, unchecked (`decode_wal_segment` checks them).
     pub async fn get_wal_stored(&self, info: &SegmentInfo) -> Result<Vec<u8>> {
         let key = self.layout.wal_segment(info);
-        let stored = self.get_raw(&key).await?.ok_or_else(|| {
-            Error::new(
-                ErrorCode::BackupWalGap,
-                format!("WAL segment {key} is missing"),
-            )
-        })?;
+        let stored = self
+            .get_raw(&key, codec::max_stored_len(MAX_SEGMENT_BYTES))
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupWalGap,
+                    format!("WAL segment {key} is missing"),
+                )
+            })?;
         Ok(stored.to_vec())
     }
 
