@@ -598,10 +598,19 @@ where
         fence: fence.clone(),
     };
     // Restores first: their agents' leases run while backups' leftovers are waited for.
-    crate::restore::settle_interrupted(&ctx).await?;
-    let cleaned = clean_leftovers(&ctx).await?;
-    if !cleaned.is_empty() {
-        tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups");
+    // Neither stops the coordinator from serving (its WAL archive service included): what
+    // is left is tried again at the next start, or by `lockstep restore --abort`.
+    if let Err(err) = crate::restore::settle_interrupted(&ctx).await {
+        tracing::error!(error = %err.chain(), "could not settle the restores a stopped coordinator left; serving anyway, the next start tries again");
+    }
+    match clean_leftovers(&ctx).await {
+        Ok(cleaned) if !cleaned.is_empty() => {
+            tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups")
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::error!(error = %err.chain(), "could not remove the leftovers of uncommitted backups; serving anyway, the next start tries again")
+        }
     }
     let mut tasks = JoinSet::new();
     let watching = shutdown.child_token();

@@ -278,6 +278,14 @@ impl Error {
         Error::with_source(code, what, err)
     }
 
+    /// The kind of the I/O error this error wraps, if it wraps one.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        let source = self.source.as_ref()?;
+        source
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+    }
+
     pub fn severity(&self) -> Severity {
         self.code.severity()
     }

@@ -336,19 +336,26 @@ impl Repository {
         &self.layout
     }
 
-    /// The stored size of an object, or `None` if it is absent.
+    /// The stored size of an object, or `None` if it is absent (a look-up: nothing relies
+    /// on the object afterwards; see [`Repository::reuse_object`]).
     pub async fn object_size(&self, id: &ObjectId) -> Result<Option<u64>> {
         let key = self.layout.object(id);
         match self.store.head(&key).await {
-            Ok(meta) => {
-                // Another writer may have stored it without syncing it yet: whoever names it
-                // in a manifest makes sure it is durable.
-                self.defer_sync(key);
-                Ok(Some(meta.size))
-            }
+            Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(err) => Err(storage_error(format!("look up object {id}"), err)),
         }
+    }
+
+    /// [`Repository::object_size`] for an object a manifest about to be published will name
+    /// instead of storing it again: another writer may have stored it without syncing it yet,
+    /// so the next [`Repository::sync_objects`] makes it durable.
+    pub async fn reuse_object(&self, id: &ObjectId) -> Result<Option<u64>> {
+        let size = self.object_size(id).await?;
+        if size.is_some() {
+            self.defer_sync(self.layout.object(id));
+        }
+        Ok(size)
     }
 
     /// Writes `payload` at `key` unless something is there already: returns false (and
@@ -408,7 +415,7 @@ impl Repository {
             if self.put_once_unsynced(&key, payload, "object").await? {
                 return Ok(stored_len);
             }
-            return self.object_size(&encoded.id).await?.ok_or_else(|| {
+            return self.reuse_object(&encoded.id).await?.ok_or_else(|| {
                 Error::new(
                     ErrorCode::StorageUnavailable,
                     format!("object {key} was there, then gone"),
@@ -473,25 +480,62 @@ impl Repository {
             .collect();
         dirs.sort();
         dirs.dedup();
-        let synced = async {
-            for batch in [found.iter().map(|k| root.join(k.as_ref())).collect(), dirs] {
-                futures::stream::iter(batch.into_iter().map(fsync))
-                    .buffer_unordered(SYNC_PARALLELISM)
-                    .try_collect::<Vec<()>>()
-                    .await?;
+        // Each key on its own: one that fails stays queued for the next publish, one that
+        // is gone (deleted since it was found) fails this publish, which named it, and no
+        // later one; the others are durable.
+        let present: Vec<Path> = written.iter().chain(&found).cloned().collect();
+        let synced: Vec<(Path, Result<()>)> = futures::stream::iter(found.into_iter().map(|key| {
+            let file = root.join(key.as_ref());
+            async move { (key, fsync(file).await) }
+        }))
+        .buffer_unordered(SYNC_PARALLELISM)
+        .collect()
+        .await;
+        let mut first_error = None;
+        let mut retry = Vec::new();
+        for (key, result) in synced {
+            if let Err(err) = result {
+                let gone = err.io_kind() == Some(std::io::ErrorKind::NotFound);
+                if !gone {
+                    retry.push(key.clone());
+                }
+                first_error.get_or_insert(if gone {
+                    Error::new(
+                        ErrorCode::BackupIncomplete,
+                        format!("object {key} was removed after this backup found it; nothing names it yet, retry the backup"),
+                    )
+                } else {
+                    err
+                });
             }
-            Ok::<_, Error>(())
-        };
-        if let Err(err) = synced.await {
-            // Not known to be durable: the next publish tries them all again.
-            self.unsynced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .found
-                .extend(written.into_iter().chain(found));
-            return Err(err);
         }
-        Ok(())
+        let dirs_synced = futures::stream::iter(dirs.into_iter().map(fsync))
+            .buffer_unordered(SYNC_PARALLELISM)
+            .try_collect::<Vec<()>>()
+            .await;
+        if let Err(err) = dirs_synced {
+            // The directories of every key: all of them are retried, but the ones gone.
+            let gone_or_queued: std::collections::HashSet<&Path> = retry.iter().collect();
+            let more: Vec<Path> = present
+                .iter()
+                .filter(|key| !gone_or_queued.contains(key))
+                .filter(|key| root.join(key.as_ref()).exists())
+                .cloned()
+                .collect();
+            retry.extend(more);
+            first_error.get_or_insert(err);
+        }
+        match first_error {
+            None => Ok(()),
+            Some(err) => {
+                self.unsynced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .found
+                    .extend(retry);
+                Err(err)
+            }
+        }
     }
 
     /// The bytes at `key`, if any; an object larger than `max` bytes is refused before it
@@ -1218,6 +1262,53 @@ mod tests {
         );
         manifest.started_at = Utc::now() - started_ago;
         repo.commit_backup(manifest).await.expect("commit")
+    }
+
+    #[tokio::test]
+    async fn an_object_removed_after_a_backup_found_it_fails_that_publish_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let writer = Repository::open(&url).await.expect("repo");
+        let (reused, looked_up) = (b"reused".as_slice(), b"looked up".as_slice());
+        for plaintext in [reused, looked_up] {
+            let encoded = codec::encode(plaintext, codec::Compression::default()).expect("encode");
+            writer.put_object(encoded).await.expect("put");
+        }
+        writer.sync_objects().await.expect("sync");
+        let file = |plaintext: &[u8]| {
+            dir.path()
+                .join(writer.layout.object(&ObjectId::of(plaintext)).as_ref())
+        };
+
+        let backup = Repository::open(&url).await.expect("repo");
+        // A verify's look-up queues nothing; a backup's reuse does.
+        assert!(
+            backup
+                .object_size(&ObjectId::of(looked_up))
+                .await
+                .expect("head")
+                .is_some()
+        );
+        assert!(
+            backup
+                .reuse_object(&ObjectId::of(reused))
+                .await
+                .expect("head")
+                .is_some()
+        );
+        std::fs::remove_file(file(looked_up)).expect("remove");
+        std::fs::remove_file(file(reused)).expect("remove");
+        let err = backup
+            .sync_objects()
+            .await
+            .expect_err("the reused object is gone");
+        assert_eq!(err.code, ErrorCode::BackupIncomplete, "{err}");
+        assert!(
+            err.message.contains("removed after this backup found it"),
+            "{err}"
+        );
+        // The next publish is not held hostage by it.
+        backup.sync_objects().await.expect("nothing left to sync");
     }
 
     #[tokio::test]

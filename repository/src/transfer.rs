@@ -275,7 +275,7 @@ async fn upload_chunk(
             .await
             .map_err(spawn_blocking_err)??;
 
-    let stored_len = match repo.object_size(&id).await? {
+    let stored_len = match repo.reuse_object(&id).await? {
         Some(size) => {
             delta.objects_already_present += 1;
             size
