@@ -23,8 +23,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Datelike, Duration, Utc};
+use lockstep_repository::lineage::ancestry;
 use lockstep_repository::manifest::{BackupKind, BackupManifest, TagManifest};
-use lockstep_repository::{BackupId, Error, ErrorCode, Result, TagName};
+use lockstep_repository::{
+    BackupId, Error, ErrorCode, Lineage, LineageId, Result, Seq, ShardId, TagName,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::ClusterContext;
@@ -90,6 +93,46 @@ impl Plan {
     }
 }
 
+/// `now - span`, or the earliest time there is for a span longer than history.
+fn before(now: DateTime<Utc>, span: Duration) -> DateTime<Utc> {
+    now.checked_sub_signed(span)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// A point of the cluster's history: each shard's lineage and sequence number.
+type Point = BTreeMap<ShardId, (Lineage, Seq)>;
+
+fn backup_point(backup: &BackupManifest) -> Point {
+    backup
+        .shards
+        .iter()
+        .map(|r| (r.shard_id.clone(), (r.lineage, r.seq)))
+        .collect()
+}
+
+fn tag_point(tag: &TagManifest) -> Point {
+    tag.points
+        .iter()
+        .map(|(shard, p)| (shard.clone(), (p.lineage, p.seq)))
+        .collect()
+}
+
+/// Whether `backup` lies on the history that leads to `point` on every shard (a restore can
+/// start from it and replay to the point), as the restore planner decides it.
+fn on_history(backup: &BackupManifest, point: &Point, known: &HashMap<LineageId, Lineage>) -> bool {
+    point.iter().all(|(shard, (lineage, seq))| {
+        backup
+            .shards
+            .iter()
+            .find(|r| &r.shard_id == shard)
+            .is_some_and(|r| {
+                ancestry(lineage, *seq, known)
+                    .iter()
+                    .any(|leg| leg.lineage.id == r.lineage.id && r.seq <= leg.to)
+            })
+    })
+}
+
 /// The WAL part of every plan, until the archive is pruned.
 const WAL_KEPT: &str = "kept: this version does not prune the WAL archive";
 
@@ -118,6 +161,20 @@ pub fn plan(
         reasons.entry(id.clone()).or_default().push(why);
     }
 
+    // Every lineage the catalog and the tags name, to follow a history back through the
+    // restores that started it.
+    let mut known: HashMap<LineageId, Lineage> = HashMap::new();
+    for lineage in good
+        .iter()
+        .flat_map(|m| m.shards.iter().map(|r| r.lineage))
+        .chain(
+            tags.iter()
+                .filter_map(|(_, tag)| tag.as_ref().ok())
+                .flat_map(|tag| tag.points.values().map(|p| p.lineage)),
+        )
+    {
+        known.insert(lineage.id, lineage);
+    }
     let fulls: Vec<&BackupManifest> = good
         .iter()
         .copied()
@@ -133,7 +190,7 @@ pub fn plan(
     }
     // By age: the window, and the newest full before it.
     if policy.keep_full_days > 0 {
-        let since = now - Duration::days(i64::from(policy.keep_full_days));
+        let since = before(now, Duration::days(i64::from(policy.keep_full_days)));
         let why = format!("a full backup of the last {} days", policy.keep_full_days);
         for full in fulls.iter().filter(|m| m.completed_at >= since) {
             keep(&mut reasons, &full.backup_id, why.clone());
@@ -180,8 +237,12 @@ pub fn plan(
         }
     }
     // The recovery window: every backup in it, and the newest full before it.
-    let window_start = (policy.recovery_window_hours > 0)
-        .then(|| now - Duration::hours(i64::from(policy.recovery_window_hours)));
+    let window_start = (policy.recovery_window_hours > 0).then(|| {
+        before(
+            now,
+            Duration::hours(i64::from(policy.recovery_window_hours)),
+        )
+    });
     if let Some(start) = window_start {
         let why = format!(
             "in the recovery window of {} hours",
@@ -190,12 +251,34 @@ pub fn plan(
         for backup in good.iter().filter(|m| m.completed_at >= start) {
             keep(&mut reasons, &backup.backup_id, why.clone());
         }
-        if let Some(anchor) = fulls.iter().rev().find(|m| m.completed_at < start) {
-            keep(
-                &mut reasons,
-                &anchor.backup_id,
-                "the newest full before the recovery window: its start is restored from it".into(),
-            );
+        // Each history the window holds (a restore starts a new one) is restored, from the
+        // window's start to its first backup, from the newest full before the window on it.
+        let mut histories: Vec<Point> = good
+            .iter()
+            .filter(|m| m.completed_at >= start)
+            .map(|m| backup_point(m))
+            .collect();
+        histories.extend(
+            tags.iter()
+                .filter_map(|(_, tag)| tag.as_ref().ok())
+                .filter(|tag| tag.created_at >= start)
+                .map(tag_point),
+        );
+        if histories.is_empty() {
+            histories.extend(good.last().map(|m| backup_point(m)));
+        }
+        for history in &histories {
+            if let Some(anchor) = fulls
+                .iter()
+                .rev()
+                .find(|m| m.completed_at < start && on_history(m, history, &known))
+            {
+                keep(
+                    &mut reasons,
+                    &anchor.backup_id,
+                    "the newest full before the recovery window on a history in it: the window's start is restored from it".into(),
+                );
+            }
         }
     }
     // The newest good backup, pins, and what each kept tag is restored from.
@@ -233,7 +316,8 @@ pub fn plan(
                     decision.reasons.push("in the recovery window".into());
                 }
                 let old = policy.keep_tags_days > 0
-                    && tag.created_at < now - Duration::days(i64::from(policy.keep_tags_days));
+                    && tag.created_at
+                        < before(now, Duration::days(i64::from(policy.keep_tags_days)));
                 if !old {
                     decision.reasons.push(if policy.keep_tags_days == 0 {
                         "tags are kept (keep_tags_days 0)".into()
@@ -246,9 +330,9 @@ pub fn plan(
                     decision
                         .reasons
                         .push(format!("older than {} days", policy.keep_tags_days));
-                } else if let Some(base) =
-                    good.iter().rev().find(|m| m.completed_at <= tag.created_at)
-                {
+                } else if let Some(base) = good.iter().rev().find(|m| {
+                    m.completed_at <= tag.created_at && on_history(m, &tag_point(tag), &known)
+                }) {
                     keep(
                         &mut reasons,
                         &base.backup_id,
@@ -336,6 +420,25 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
     if dry_run {
         return Ok(plan);
     }
+    // A manifest that could not be read for now (not a corrupt one) might be a child, a pin
+    // or a tag whose base the plan would then remove: nothing is removed until it reads.
+    let unread = backups
+        .iter()
+        .filter_map(|(id, m)| m.as_ref().err().map(|err| (id.to_string(), err)))
+        .chain(
+            tags.iter()
+                .filter_map(|(name, t)| t.as_ref().err().map(|err| (name.to_string(), err))),
+        )
+        .find(|(_, err)| err.code != ErrorCode::BackupManifestCorrupt);
+    if let Some((name, err)) = unread {
+        return Err(Error::new(
+            err.code,
+            format!(
+                "{name} could not be read ({}); nothing was removed: retry once it reads",
+                err.message
+            ),
+        ));
+    }
     let removed: Vec<&Decision> = plan.removed().collect();
     for item in removed.iter().filter(|item| item.what == "tag") {
         let name = TagName::new(item.name.as_str())?;
@@ -356,7 +459,7 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
 
 #[cfg(test)]
 mod tests {
-    use lockstep_repository::manifest::{MANIFEST_FORMAT_VERSION, TOOL_VERSION};
+    use lockstep_repository::manifest::{MANIFEST_FORMAT_VERSION, ShardRef, TOOL_VERSION};
 
     use super::*;
 
@@ -529,6 +632,40 @@ mod tests {
         // f30 restores the window's start; i29 goes with its full.
         assert_eq!(removed(&plan), vec!["f48"]);
         assert!(reasons(&plan, "f30")[0].contains("before the recovery window"));
+    }
+
+    #[test]
+    fn the_window_keeps_the_full_its_restored_history_starts_from() {
+        // F1 and F2 on the first history; at -26 h the cluster is restored to F1, which starts
+        // a new history from F1's cut; F3 is taken on it inside the window.
+        let mut backups = catalog(&[
+            ("f1", Full, None, 30),
+            ("f2", Full, None, 27),
+            ("f3", Full, None, 10),
+        ]);
+        let first = Lineage::root();
+        let restored = first.child(Seq(100), lockstep_repository::Timeline(2));
+        for ((_, manifest), (lineage, seq)) in
+            backups
+                .iter_mut()
+                .zip([(first, 100), (first, 200), (restored, 150)])
+        {
+            manifest.as_mut().expect("manifest").shards.push(ShardRef {
+                shard_id: ShardId::new("shard-0").expect("shard"),
+                seq: Seq(seq),
+                lineage,
+                n_files: 1,
+                bytes: 1,
+            });
+        }
+        let policy = RetentionConfig {
+            recovery_window_hours: 24,
+            ..RetentionConfig::default()
+        };
+        let plan = plan(&policy, &backups, &[], now()).expect("plan");
+        // F2 is past the branch: no instant of the window's history is restored from it.
+        assert_eq!(removed(&plan), vec!["f2"]);
+        assert!(reasons(&plan, "f1")[0].contains("on a history in it"));
     }
 
     #[test]

@@ -292,7 +292,9 @@ fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Res
     len_bytes.copy_from_slice(&stored[8..16]);
     let plaintext_len = u64::from_le_bytes(len_bytes);
     if plaintext_len > MAX_PLAINTEXT {
-        return Err(corrupt("implausible plaintext length"));
+        return Err(corrupt(&format!(
+            "its header declares {plaintext_len} bytes, more than any object holds"
+        )));
     }
     match limit {
         Limit::Exact(len) if len != plaintext_len => {

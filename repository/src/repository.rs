@@ -39,8 +39,16 @@ pub struct RepositoryIdentity {
 /// about 150 bytes per chunk, so this holds a shard of about 10 TiB in 8 MiB chunks.
 pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 
-/// The largest WAL segment plaintext a reader accepts: the archive's largest message.
-pub const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+/// What a read of one kind of object may hold, and the error when it holds more.
+type Bound = (u64, ErrorCode);
+
+/// The bound of a manifest, tag, record or marker.
+const MANIFEST: Bound = (MAX_MANIFEST_BYTES, ErrorCode::BackupManifestCorrupt);
+
+/// The largest WAL segment plaintext a reader accepts. A segment holds whole write batches,
+/// so one batch larger than `--wal-segment-mib` makes a larger segment; no batch comes near
+/// this.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 /// What the swapped-in shards of a cluster restore do: keep the restored data, or return
 /// to the data they had ([`Repository::decide_restore`]).
@@ -538,12 +546,14 @@ impl Repository {
         }
     }
 
-    /// The bytes at `key`, if any; an object larger than `max` bytes is refused before it
-    /// is read (a crafted or damaged object never makes a reader allocate without bound).
-    async fn get_raw(&self, key: &Path, max: u64) -> Result<Option<Bytes>> {
+    /// The bytes at `key`, if any; an object larger than its kind's bound is refused before
+    /// it is read (a crafted or damaged object never makes a reader allocate without bound).
+    /// `max` and the code of the error for a larger object come from its kind
+    /// ([`Bound`]).
+    async fn get_raw(&self, key: &Path, (max, code): Bound) -> Result<Option<Bytes>> {
         let too_large = |len: u64| {
             Error::new(
-                ErrorCode::BackupManifestCorrupt,
+                code,
                 format!(
                     "{key} holds {len} bytes, more than the {max} it can hold; it is refused unread"
                 ),
@@ -602,7 +612,13 @@ impl Repository {
     pub async fn get_object(&self, chunk: &Chunk) -> Result<Bytes> {
         let id = chunk.id;
         let stored = self
-            .get_raw(&self.layout.object(&id), codec::max_stored_len(chunk.len))
+            .get_raw(
+                &self.layout.object(&id),
+                (
+                    codec::max_stored_len(chunk.len),
+                    ErrorCode::BackupChecksumMismatch,
+                ),
+            )
             .await?
             .ok_or_else(|| {
                 Error::new(
@@ -637,7 +653,19 @@ impl Repository {
         let key = self
             .layout
             .shard_manifest(&manifest.shard_id, &manifest.backup_id);
-        self.put_manifest(&key, manifest.to_json()).await
+        let json = manifest.to_json();
+        // What no reader would accept is never published.
+        if json.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(Error::new(
+                ErrorCode::BackupCreationFailed,
+                format!(
+                    "the manifest of shard {} is {} bytes, more than the {MAX_MANIFEST_BYTES} a reader accepts: use larger chunks (--chunk-mib)",
+                    manifest.shard_id,
+                    json.len()
+                ),
+            ));
+        }
+        self.put_manifest(&key, json).await
     }
 
     /// Publishes a backup manifest, the commit point of a backup. Call only after every
@@ -666,29 +694,23 @@ impl Repository {
         backup: &BackupId,
     ) -> Result<ShardManifest> {
         let key = self.layout.shard_manifest(shard, backup);
-        let bytes = self
-            .get_raw(&key, MAX_MANIFEST_BYTES)
-            .await?
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorCode::BackupIncomplete,
-                    format!("shard manifest of {shard} in backup {backup} is missing"),
-                )
-            })?;
+        let bytes = self.get_raw(&key, MANIFEST).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupIncomplete,
+                format!("shard manifest of {shard} in backup {backup} is missing"),
+            )
+        })?;
         ShardManifest::parse(&format!("shard manifest {key}"), &bytes)
     }
 
     pub async fn backup_manifest(&self, backup: &BackupId) -> Result<BackupManifest> {
         let key = self.layout.backup_manifest(backup);
-        let bytes = self
-            .get_raw(&key, MAX_MANIFEST_BYTES)
-            .await?
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorCode::BackupNotFound,
-                    format!("backup {backup} does not exist"),
-                )
-            })?;
+        let bytes = self.get_raw(&key, MANIFEST).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupNotFound,
+                format!("backup {backup} does not exist"),
+            )
+        })?;
         BackupManifest::parse(&format!("backup manifest {key}"), &bytes)
     }
 
@@ -900,15 +922,12 @@ impl Repository {
         {
             return Ok(mine);
         }
-        let stored = self
-            .get_raw(&key, MAX_MANIFEST_BYTES)
-            .await?
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorCode::StorageUnavailable,
-                    "the repository marker vanished while it was read",
-                )
-            })?;
+        let stored = self.get_raw(&key, MANIFEST).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::StorageUnavailable,
+                "the repository marker vanished while it was read",
+            )
+        })?;
         let stored: RepositoryIdentity = serde_json::from_slice(&stored).map_err(|err| {
             Error::new(
                 ErrorCode::BackupManifestCorrupt,
@@ -951,7 +970,7 @@ impl Repository {
     /// The record of a restore under way, as written; `None` once it ended.
     pub async fn running_restore(&self, restore: &RestoreId) -> Result<Option<Vec<u8>>> {
         Ok(self
-            .get_raw(&self.layout.running_restore(restore), MAX_MANIFEST_BYTES)
+            .get_raw(&self.layout.running_restore(restore), MANIFEST)
             .await?
             .map(|bytes| bytes.to_vec()))
     }
@@ -997,7 +1016,7 @@ impl Repository {
     /// The decision stored for a restore, if any.
     pub async fn restore_decision(&self, restore: &RestoreId) -> Result<Option<RestoreDecision>> {
         let Some(bytes) = self
-            .get_raw(&self.layout.restore_decision(restore), MAX_MANIFEST_BYTES)
+            .get_raw(&self.layout.restore_decision(restore), MANIFEST)
             .await?
         else {
             return Ok(None);
@@ -1086,15 +1105,12 @@ impl Repository {
 
     pub async fn tag(&self, name: &TagName) -> Result<TagManifest> {
         let key = self.layout.tag(name);
-        let bytes = self
-            .get_raw(&key, MAX_MANIFEST_BYTES)
-            .await?
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorCode::BackupNotFound,
-                    format!("tag {name} does not exist"),
-                )
-            })?;
+        let bytes = self.get_raw(&key, MANIFEST).await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupNotFound,
+                format!("tag {name} does not exist"),
+            )
+        })?;
         TagManifest::parse(&format!("tag {key}"), &bytes)
     }
 
@@ -1146,7 +1162,13 @@ impl Repository {
     pub async fn get_wal_stored(&self, info: &SegmentInfo) -> Result<Vec<u8>> {
         let key = self.layout.wal_segment(info);
         let stored = self
-            .get_raw(&key, codec::max_stored_len(MAX_SEGMENT_BYTES))
+            .get_raw(
+                &key,
+                (
+                    codec::max_stored_len(MAX_SEGMENT_BYTES),
+                    ErrorCode::BackupWalArchiveFailed,
+                ),
+            )
             .await?
             .ok_or_else(|| {
                 Error::new(
@@ -1280,23 +1302,19 @@ mod tests {
                 .join(writer.layout.object(&ObjectId::of(plaintext)).as_ref())
         };
 
-        let backup = Repository::open(&url).await.expect("repo");
-        // A verify's look-up queues nothing; a backup's reuse does.
-        assert!(
-            backup
-                .object_size(&ObjectId::of(looked_up))
-                .await
-                .expect("head")
-                .is_some()
-        );
-        assert!(
-            backup
-                .reuse_object(&ObjectId::of(reused))
-                .await
-                .expect("head")
-                .is_some()
-        );
+        // A verify's look-up queues nothing: the object going afterwards fails no publish.
+        let verify = Repository::open(&url).await.expect("repo");
+        let found = verify.object_size(&ObjectId::of(looked_up)).await;
+        assert!(found.expect("head").is_some());
         std::fs::remove_file(file(looked_up)).expect("remove");
+        verify
+            .sync_objects()
+            .await
+            .expect("nothing queued by a look-up");
+        // A backup's reuse does.
+        let backup = Repository::open(&url).await.expect("repo");
+        let found = backup.reuse_object(&ObjectId::of(reused)).await;
+        assert!(found.expect("head").is_some());
         std::fs::remove_file(file(reused)).expect("remove");
         let err = backup
             .sync_objects()
