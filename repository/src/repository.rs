@@ -39,6 +39,14 @@ pub struct RepositoryIdentity {
 /// about 150 bytes per chunk, so this holds a shard of about 10 TiB in 8 MiB chunks.
 pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 
+fn decode_task_failed(err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::with_source(
+        ErrorCode::BackupDecompressionFailed,
+        "decode task failed",
+        err,
+    )
+}
+
 /// What a read of one kind of object may hold, and the error when it holds more.
 type Bound = (u64, ErrorCode);
 
@@ -88,13 +96,7 @@ pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<S
     let plaintext =
         crate::blocking::run(move || codec::decode_at_most(&id, stored.into(), MAX_SEGMENT_BYTES))
             .await
-            .map_err(|err| {
-                Error::with_source(
-                    ErrorCode::BackupDecompressionFailed,
-                    "decode task failed",
-                    err,
-                )
-            })??;
+            .map_err(decode_task_failed)??;
     let segment = Segment::decode(&name, &plaintext)?;
     if segment.info(info.id).as_ref() != Some(info) {
         return Err(Error::new(
@@ -629,13 +631,7 @@ impl Repository {
         let len = chunk.len;
         crate::blocking::run_bulk(move || codec::decode_sized(&id, stored, len))
             .await
-            .map_err(|err| {
-                Error::with_source(
-                    ErrorCode::BackupDecompressionFailed,
-                    "decode task failed",
-                    err,
-                )
-            })?
+            .map_err(decode_task_failed)?
     }
 
     async fn put_manifest(&self, key: &Path, json: Vec<u8>) -> Result<()> {

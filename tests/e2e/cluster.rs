@@ -242,6 +242,16 @@ impl Cluster {
         );
     }
 
+    /// Takes a backup of `kind` and returns its id.
+    pub fn backup(&self, kind: &str) -> String {
+        let output = self.lockstep(&["backup", "create", "--kind", kind, "--wait", "--json"]);
+        assert!(output.status.success(), "{kind}: {}", text(&output));
+        json(&output)["backup_id"]
+            .as_str()
+            .expect("backup id")
+            .to_string()
+    }
+
     /// Runs `lockstep ARGS` against this cluster's coordinator.
     pub fn lockstep(&self, args: &[&str]) -> std::process::Output {
         std::process::Command::new(binary("lockstep"))

@@ -6,15 +6,6 @@ use lockstep_tests::text;
 
 use crate::cluster::{Cluster, json};
 
-fn backup(cluster: &Cluster, kind: &str) -> String {
-    let output = cluster.lockstep(&["backup", "create", "--kind", kind, "--wait", "--json"]);
-    assert!(output.status.success(), "{kind}: {}", text(&output));
-    json(&output)["backup_id"]
-        .as_str()
-        .expect("backup id")
-        .to_string()
-}
-
 fn listed(cluster: &Cluster) -> Vec<String> {
     json(&cluster.lockstep(&["backup", "list", "--json"]))
         .as_array()
@@ -45,10 +36,10 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert!(text(&refused).contains("[retention]"), "{}", text(&refused));
 
-    let f1 = backup(&cluster, "full");
-    let i1 = backup(&cluster, "incremental");
-    let f2 = backup(&cluster, "full");
-    let d2 = backup(&cluster, "differential");
+    let f1 = cluster.backup("full");
+    let i1 = cluster.backup("incremental");
+    let f2 = cluster.backup("full");
+    let d2 = cluster.backup("differential");
     with_retention(&mut cluster, "keep_full = 1");
 
     let dry = cluster.lockstep(&["retention", "apply", "--dry-run", "--json"]);
@@ -80,6 +71,6 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
 
     // Applied after every backup: the next full takes the place of the last one's chain.
     with_retention(&mut cluster, "after_backup = true");
-    let f3 = backup(&cluster, "full");
+    let f3 = cluster.backup("full");
     assert_eq!(listed(&cluster), vec![f3]);
 }

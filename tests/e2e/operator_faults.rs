@@ -78,16 +78,8 @@ fn serving_with_a_capture_dir_that_holds_the_shard_is_refused_and_deletes_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_is_refused_while_a_possible_child_of_the_backup_cannot_be_read() {
     let cluster = Cluster::start(10_000, None);
-    let create = |kind: &str| {
-        let output = cluster.lockstep(&["backup", "create", "--kind", kind, "--wait", "--json"]);
-        assert!(output.status.success(), "{kind}: {}", text(&output));
-        json(&output)["backup_id"]
-            .as_str()
-            .expect("backup id")
-            .to_string()
-    };
-    let full = create("full");
-    let incremental = create("incremental");
+    let full = cluster.backup("full");
+    let incremental = cluster.backup("incremental");
     // The child's manifest cannot be read: a damaged byte here stands for a read that fails.
     let manifest = cluster
         .repo()
