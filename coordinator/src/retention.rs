@@ -417,6 +417,11 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
     let backups = ctx.repo.backups().await?;
     let tags = ctx.repo.tags().await?;
     let plan = plan(&ctx.config.retention, &backups, &tags, Utc::now())?;
+    for pin in &ctx.config.retention.pinned {
+        if !plan.items.iter().any(|item| &item.name == pin) {
+            tracing::warn!(pin = %pin, "a retention pin names no backup or tag");
+        }
+    }
     if dry_run {
         return Ok(plan);
     }

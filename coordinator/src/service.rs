@@ -613,6 +613,18 @@ where
         }
     }
     let mut tasks = JoinSet::new();
+    // Staging files of writers that crashed mid-write (a local repository only).
+    let sweeping = repo.clone();
+    tasks.spawn(async move {
+        match sweeping
+            .remove_staging_leftovers(std::time::Duration::from_secs(3600))
+            .await
+        {
+            Ok((0, _)) => {}
+            Ok((files, bytes)) => tracing::warn!(files, bytes, "removed staging files that crashed writers left"),
+            Err(err) => tracing::warn!(error = %err.chain(), "could not remove staging files crashed writers left"),
+        }
+    });
     let watching = shutdown.child_token();
     tasks.spawn(async move { fence.watch(watching).await });
     if config.metrics_listen.is_some() && !ctx.agents.is_empty() {

@@ -845,6 +845,58 @@ impl Repository {
         self.delete_if_present(&self.layout.pending(backup)).await
     }
 
+    /// Removes the staging files (`<key>#<n>`) that writers which crashed mid-write left in
+    /// a local repository, once older than `older_than` (a write in flight renames its own
+    /// within seconds); returns how many and their bytes. Nothing to do on object stores.
+    pub async fn remove_staging_leftovers(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<(usize, u64)> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok((0, 0));
+        };
+        let sweep = move || -> std::io::Result<(usize, u64)> {
+            let (mut removed, mut bytes) = (0, 0);
+            let mut dirs = vec![root];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+                    let Ok(kind) = entry.file_type() else {
+                        continue;
+                    };
+                    if kind.is_dir() {
+                        dirs.push(entry.path());
+                        continue;
+                    }
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let staging = name.rsplit_once('#').is_some_and(|(key, n)| {
+                        !key.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                    });
+                    let Ok(meta) = entry.metadata() else { continue };
+                    let old = meta
+                        .modified()
+                        .ok()
+                        .and_then(|at| at.elapsed().ok())
+                        .is_some_and(|age| age >= older_than);
+                    if staging && old && std::fs::remove_file(entry.path()).is_ok() {
+                        removed += 1;
+                        bytes += meta.len();
+                    }
+                }
+            }
+            Ok((removed, bytes))
+        };
+        crate::blocking::run(sweep)
+            .await
+            .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "sweep task", err))?
+            .map_err(|err| {
+                Error::io(
+                    ErrorCode::StorageUnavailable,
+                    "remove staging leftovers",
+                    err,
+                )
+            })
+    }
+
     /// Takes the next coordinator epoch: the coordinator that holds the highest one acts on
     /// the repository, and every older one is fenced out ([`Repository::epoch_superseded`]).
     /// Each epoch is its own object, created with a create-only put, so two coordinators
@@ -1323,6 +1375,42 @@ mod tests {
         );
         // The next publish is not held hostage by it.
         backup.sync_objects().await.expect("nothing left to sync");
+    }
+
+    #[tokio::test]
+    async fn staging_files_a_crash_left_are_removed_once_old() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = Repository::open(&format!("file://{}", dir.path().display()))
+            .await
+            .expect("repo");
+        let objects = dir.path().join("objects").join("ab");
+        std::fs::create_dir_all(&objects).expect("mkdir");
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for (name, old) in [
+            ("abcd#1", true),
+            ("abcd#2", false),
+            ("abcd", true),
+            ("x#y", true),
+        ] {
+            let file = std::fs::File::create(objects.join(name)).expect("create");
+            if old {
+                file.set_modified(hour_ago).expect("age it");
+            }
+        }
+        let swept = repo
+            .remove_staging_leftovers(std::time::Duration::from_secs(1800))
+            .await
+            .expect("sweep");
+        assert_eq!(swept.0, 1);
+        let left: std::collections::BTreeSet<String> = std::fs::read_dir(&objects)
+            .expect("list")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        let expected: std::collections::BTreeSet<String> = ["abcd#2", "abcd", "x#y"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(left, expected, "a fresh staging file and real keys stay");
     }
 
     #[tokio::test]
