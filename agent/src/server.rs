@@ -632,7 +632,7 @@ where
         lockstep_proto::reflection_services().map_err(|err| {
             Error::with_source(ErrorCode::InvalidArgument, "build gRPC reflection", err)
         })?;
-    let result = tonic::transport::Server::builder()
+    let result = lockstep_proto::server()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -646,7 +646,7 @@ where
     let archive_repo = repo.clone();
     let api = CoordinatorApi { ctx, ops };
     on_ready();
-    let result = tonic::transport::Server::builder()
+    let result = lockstep_proto::server()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -69,6 +69,19 @@ pub fn long_lived(endpoint: tonic::transport::Endpoint) -> tonic::transport::End
         .keep_alive_while_idle(true)
 }
 
+/// The most requests one client connection has in progress on a server at once; more wait.
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 256;
+
+/// The server every Lockstep binary serves with: at most [`MAX_REQUESTS_PER_CONNECTION`]
+/// requests in progress per connection and as many HTTP/2 streams, and each service's
+/// messages bounded (tonic's 4 MiB unless the service says otherwise, as the WAL archive
+/// does), so no client can make a server hold unbounded work or memory.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(MAX_REQUESTS_PER_CONNECTION)
+        .max_concurrent_streams(Some(MAX_REQUESTS_PER_CONNECTION as u32))
+}
+
 /// The metadata key that carries the seed error code on a failed call.
 pub const ERROR_CODE_KEY: &str = "x-lockstep-error";
 

@@ -140,3 +140,41 @@ fn grpcurl_lists_services_by_reflection_and_health_says_serving() {
         .expect("grpcurl call");
     assert!(text(&describe).contains("shard-2"), "{}", text(&describe));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_is_refused_and_many_at_once_wait_their_turn() {
+    let cluster = Cluster::start(5000, None);
+    let mut client = cluster.shard_client(0).await;
+    let put = |key: &str, size: usize| lockstep_proto::v1::PutRequest {
+        column_family: String::new(),
+        key: key.as_bytes().to_vec(),
+        value: vec![7u8; size],
+    };
+    // Past the 4 MiB a message may hold: refused, nothing written, the agent serves on.
+    let refused = client
+        .put(put("too-big", 5 << 20))
+        .await
+        .expect_err("a 5 MiB message is refused");
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{refused:?}"
+    );
+    // More requests on one connection than a server runs at once: they queue, all succeed.
+    let puts = (0..600).map(|i| {
+        let mut client = client.clone();
+        let request = put(&format!("k{i:04}"), 64);
+        async move { client.put(request).await }
+    });
+    for reply in futures::future::join_all(puts).await {
+        reply.expect("put");
+    }
+    let keys = crate::cluster_restore::live_keys(&cluster, 0).await;
+    assert_eq!(
+        keys.len(),
+        600,
+        "every queued write, and not the refused one"
+    );
+}
