@@ -48,10 +48,6 @@ impl Fence {
         })
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
     /// Fails fast once this coordinator knows it was taken over.
     pub fn still_held(&self) -> Result<()> {
         if self.lost.load(Ordering::Relaxed) {
