@@ -179,7 +179,12 @@ pub struct CapturedShard {
     pub hlc: HlcTime,
     /// The shard's lineage at the capture.
     pub lineage: Lineage,
+    /// What a running GC sweep may delete, which the upload must not rely on.
+    pub condemned: Condemned,
 }
+
+/// The objects a GC sweep condemned, if one runs (`lockstep_repository::gc`).
+pub type Condemned = Option<Arc<lockstep_repository::gc::Condemned>>;
 
 /// Checks, before the gate closes, that the WAL an incremental or differential backup needs
 /// is still on the shard: a shard on another history (restored, or rolled back), a parent
@@ -284,6 +289,7 @@ pub async fn stage_capture<E: ShardEngine>(
         capture_us: started.elapsed().as_micros() as u64,
         hlc: engine.clock().last(),
         lineage,
+        condemned: None,
     })
 }
 
@@ -538,6 +544,8 @@ pub async fn backup_offline<E: ShardEngine>(
     progress: &Progress,
 ) -> Result<BackupManifest> {
     check_free_space(options)?;
+    // No coordinator tells this backup what a GC sweep condemns: it avoids every candidate.
+    let repo = &repo.avoiding_gc_candidates().await?;
     let backup_id = BackupId::generate();
     let started_at = Utc::now();
     let gate = WriteGate::new();

@@ -51,7 +51,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{
-    BackupOptions, CaptureMode, CapturedShard, check_free_space, close_gate, stage_capture,
+    BackupOptions, CaptureMode, CapturedShard, Condemned, check_free_space, close_gate, stage_capture,
     upload_capture,
 };
 use crate::engine::ShardEngine;
@@ -121,6 +121,7 @@ enum Msg {
     Stage {
         backup: BackupId,
         mode: CaptureMode,
+        condemned: Condemned,
         deadline: Instant,
         reply: oneshot::Sender<BarrierStatus>,
     },
@@ -129,6 +130,7 @@ enum Msg {
     Prepare {
         backup: BackupId,
         mode: CaptureMode,
+        condemned: Condemned,
         deadline: Instant,
         reply: oneshot::Sender<BarrierStatus>,
     },
@@ -301,12 +303,14 @@ impl ParticipantHandle {
         &self,
         backup: BackupId,
         mode: CaptureMode,
+        condemned: Condemned,
         hold: Duration,
     ) -> Result<BarrierStatus> {
         let deadline = Instant::now() + hold;
         self.ask(|reply| Msg::Stage {
             backup,
             mode,
+            condemned,
             deadline,
             reply,
         })
@@ -321,6 +325,7 @@ impl ParticipantHandle {
         &self,
         backup: BackupId,
         mode: CaptureMode,
+        condemned: Condemned,
         lease: Duration,
         close_at: Option<SystemTime>,
     ) -> Result<BarrierStatus> {
@@ -338,6 +343,7 @@ impl ParticipantHandle {
         self.ask(|reply| Msg::Prepare {
             backup,
             mode,
+            condemned,
             deadline,
             reply,
         })
@@ -484,19 +490,21 @@ impl<E: ShardEngine> Participant<E> {
             Msg::Stage {
                 backup,
                 mode,
+                condemned,
                 deadline,
                 reply,
             } => {
-                let status = self.stage(backup, mode, deadline).await;
+                let status = self.stage(backup, mode, condemned, deadline).await;
                 let _ = reply.send(status);
             }
             Msg::Prepare {
                 backup,
                 mode,
+                condemned,
                 deadline,
                 reply,
             } => {
-                let status = self.prepare(backup, mode, deadline).await;
+                let status = self.prepare(backup, mode, condemned, deadline).await;
                 let _ = reply.send(status);
             }
             Msg::Commit { backup, reply } => {
@@ -559,6 +567,7 @@ impl<E: ShardEngine> Participant<E> {
         &mut self,
         backup: BackupId,
         mode: CaptureMode,
+        condemned: Condemned,
         deadline: Instant,
     ) -> BarrierStatus {
         if self.knows(&backup) {
@@ -577,7 +586,10 @@ impl<E: ShardEngine> Participant<E> {
                 Err(err) => Err(err),
             };
         let captured = match captured {
-            Ok(captured) => captured,
+            Ok(captured) => CapturedShard {
+                condemned,
+                ..captured
+            },
             Err(err) => {
                 let status = self.failed(&backup, err.code, err.chain());
                 self.outcomes.insert(backup, status.clone());
@@ -621,11 +633,12 @@ impl<E: ShardEngine> Participant<E> {
         &mut self,
         backup: BackupId,
         mode: CaptureMode,
+        condemned: Condemned,
         deadline: Instant,
     ) -> BarrierStatus {
         if !self.knows(&backup) {
             // No Stage came for this barrier: stage now, with the gate still open.
-            let staged = self.stage(backup.clone(), mode, deadline).await;
+            let staged = self.stage(backup.clone(), mode, condemned, deadline).await;
             if staged.state != BarrierState::Staged {
                 return staged;
             }
@@ -732,8 +745,13 @@ impl<E: ShardEngine> Participant<E> {
         }
         let progress = Arc::new(Progress::default());
         tracing::info!(backup = %backup, shard = %self.shard.shard_id, gate_closed_us, "committed: gate open, uploading");
+        // A GC sweep may delete what it condemned: the upload writes such objects again.
+        let repo = match &captured.condemned {
+            Some(condemned) => self.shard.repo.avoiding(condemned.clone()),
+            None => self.shard.repo.clone(),
+        };
         let (repo, shard, transfer, id) = (
-            self.shard.repo.clone(),
+            repo,
             self.shard.shard_id.clone(),
             self.shard.options.transfer,
             backup.clone(),
@@ -1115,7 +1133,7 @@ mod tests {
         let id = backup_id("bk-tag");
         let prepared = shard
             .handle
-            .prepare(id.clone(), CaptureMode::Point, LEASE, None)
+            .prepare(id.clone(), CaptureMode::Point, None, LEASE, None)
             .await
             .expect("prepare");
         assert_eq!(prepared.state, BarrierState::Prepared);

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::backup::{BackupOptions, CaptureMode};
+use crate::backup::{BackupOptions, CaptureMode, Condemned};
 use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
 use crate::gate::WriteGate;
 use crate::participant::{
@@ -302,8 +302,11 @@ pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
     }
 }
 
-/// The backup id, capture mode and lease of a Stage or Prepare request, checked.
-fn barrier_request(r: v1::PrepareRequest) -> Result<(BackupId, CaptureMode, Duration), Status> {
+/// The backup id, capture mode, condemned objects and lease of a Stage or Prepare request,
+/// checked.
+fn barrier_request(
+    r: v1::PrepareRequest,
+) -> Result<(BackupId, CaptureMode, Condemned, Duration), Status> {
     let lease = Duration::from_millis(r.lease_ms);
     if lease.is_zero() || lease > MAX_LEASE {
         return Err(to_status(&Error::new(
@@ -330,7 +333,14 @@ fn barrier_request(r: v1::PrepareRequest) -> Result<(BackupId, CaptureMode, Dura
             )));
         }
     };
-    Ok((backup_id(&r.backup_id)?, mode, lease))
+    let condemned = match &r.condemned {
+        Some(f) => Some(Arc::new(
+            lockstep_repository::gc::Condemned::from_wire(&f.bits, f.hashes, f.count)
+                .map_err(|e| to_status(&e))?,
+        )),
+        None => None,
+    };
+    Ok((backup_id(&r.backup_id)?, mode, condemned, lease))
 }
 
 #[tonic::async_trait]
@@ -339,9 +349,9 @@ impl Agent for AgentApi {
         &self,
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::BarrierStatus>, Status> {
-        let (backup, mode, lease) = barrier_request(request.into_inner())?;
+        let (backup, mode, condemned, lease) = barrier_request(request.into_inner())?;
         reply(
-            self.participant.stage(backup, mode, lease).await,
+            self.participant.stage(backup, mode, condemned, lease).await,
             status_to_wire,
         )
     }
@@ -353,10 +363,10 @@ impl Agent for AgentApi {
         let request = request.into_inner();
         let close_at = (request.close_at_unix_us > 0)
             .then(|| std::time::UNIX_EPOCH + Duration::from_micros(request.close_at_unix_us));
-        let (backup, mode, lease) = barrier_request(request)?;
+        let (backup, mode, condemned, lease) = barrier_request(request)?;
         reply(
             self.participant
-                .prepare(backup, mode, lease, close_at)
+                .prepare(backup, mode, condemned, lease, close_at)
                 .await,
             status_to_wire,
         )

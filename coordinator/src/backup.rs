@@ -134,6 +134,8 @@ pub struct Cut {
     /// Incremental and differential backups: the backup they continue from, with each
     /// shard's sequence number and lineage there.
     pub parent: Option<(BackupId, ParentPoints)>,
+    /// What a running GC sweep may delete: the agents must not rely on it (`gc.rs`).
+    pub condemned: Option<Arc<v1::ObjectFilter>>,
 }
 
 /// Each shard's sequence number and lineage in a parent backup.
@@ -145,7 +147,11 @@ impl Cut {
     /// topology cannot be continued: take a full backup.
     pub async fn for_kind(ctx: &ClusterContext, kind: BackupKind) -> Result<Cut> {
         if kind == BackupKind::Full {
-            return Ok(Cut { kind, parent: None });
+            return Ok(Cut {
+                kind,
+                parent: None,
+                condemned: None,
+            });
         }
         let backups = ctx.repo.backups().await?;
         let parent = backups
@@ -179,6 +185,7 @@ impl Cut {
         Ok(Cut {
             kind,
             parent: Some((parent.backup_id, points)),
+            condemned: None,
         })
     }
 
@@ -191,6 +198,7 @@ impl Cut {
         let mut request = v1::PrepareRequest {
             backup_id: backup.to_string(),
             lease_ms,
+            condemned: self.condemned.as_deref().cloned(),
             ..Default::default()
         };
         if let Some((_, points)) = &self.parent

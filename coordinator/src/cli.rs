@@ -57,6 +57,17 @@ pub enum Command {
     /// The retention policy (`[retention]` in the coordinator's configuration).
     #[command(subcommand)]
     Retention(RetentionCommand),
+    /// Garbage collection: delete the objects no backup names any more, in two passes at
+    /// least `[gc] grace_s` apart (the first records candidates, a later one deletes them),
+    /// beside running backups, restores and WAL shipping.
+    Gc {
+        /// Report what the pass would record and delete; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Restore every shard through its agent, to a backup or a point in time: all shards are
     /// downloaded, replayed and checked first, and only then swapped in.
     Restore(RestoreArgs),
@@ -469,6 +480,47 @@ struct RestoreOutput<'a> {
     #[serde(flatten)]
     job: &'a v1::RestoreJob,
     dry_run: bool,
+}
+
+fn print_garbage(report: &v1::GarbageReport) {
+    let deleted = if report.dry_run { "would delete" } else { "deleted" };
+    println!(
+        "objects:     {} listed, {} referenced ({} bytes)",
+        report.objects_listed, report.objects_referenced, report.bytes_referenced
+    );
+    println!(
+        "{deleted}: {} objects, {} bytes reclaimed{}",
+        report.objects_deleted,
+        report.bytes_reclaimed,
+        if report.objects_rescued > 0 {
+            format!(" ({} kept: a backup named them again)", report.objects_rescued)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "candidates:  {} objects, {} bytes, unreferenced; deleted by a pass after their grace of {} s{}",
+        report.candidates,
+        report.candidate_bytes,
+        report.grace_s,
+        if report.next_due_at.is_empty() {
+            String::new()
+        } else {
+            format!(" (first due {})", report.next_due_at)
+        }
+    );
+    println!(
+        "young:       {} unreferenced objects younger than the grace, left alone",
+        report.objects_young
+    );
+    if report.orphan_manifests > 0 {
+        println!(
+            "orphans:     {} shard manifests of no backup {}",
+            report.orphan_manifests,
+            if report.dry_run { "would be removed" } else { "removed" }
+        );
+    }
+    println!("took {} ms", report.duration_ms);
 }
 
 fn print_retention(plan: &v1::RetentionPlan) {
@@ -975,6 +1027,19 @@ async fn run_command(cli: Cli) -> Result<i32> {
                     tag_cut(&tag),
                     tag.max_gate_closed_us as f64 / 1000.0
                 );
+            }
+        }
+        Command::Gc { dry_run, json } => {
+            let mut client = client(endpoint).await?;
+            let report = client
+                .collect_garbage(v1::CollectGarbageRequest { dry_run })
+                .await
+                .map_err(|s| from_status("collect garbage", &s))?
+                .into_inner();
+            if json {
+                print_json(&report);
+            } else {
+                print_garbage(&report);
             }
         }
         Command::Retention(RetentionCommand::Apply { dry_run, json }) => {

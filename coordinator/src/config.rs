@@ -118,6 +118,8 @@ pub struct Config {
     pub tags: TagsConfig,
     #[serde(default)]
     pub retention: crate::retention::RetentionConfig,
+    #[serde(default)]
+    pub gc: crate::gc::GcConfig,
     /// Serve Prometheus metrics at http://ADDR/metrics; the coordinator then polls its
     /// agents every 15 s for `lockstep_agent_up`.
     #[serde(default)]

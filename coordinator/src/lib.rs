@@ -9,6 +9,7 @@
 //! - `backup`: the two-phase barrier and backup jobs;
 //! - `restore`: the all-or-nothing restore of the whole cluster through its agents;
 //! - `retention`: which backups and tags the repository keeps;
+//! - `gc`: garbage-collection passes beside backups (mark, condemn, sweep);
 //! - `tag`: named restore points (the barrier without a capture);
 //! - `service`: the `Coordinator` gRPC service and `serve`;
 //! - `cli`: the `lockstep` command line.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod fence;
 pub mod fleet;
+pub mod gc;
 pub mod ops;
 pub mod restore;
 pub mod retention;

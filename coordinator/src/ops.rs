@@ -48,6 +48,8 @@ pub struct ClusterContext {
     pub agents: Arc<[AgentLink]>,
     /// This coordinator's epoch: checked before every step that changes the repository.
     pub fence: Arc<crate::fence::Fence>,
+    /// What backups and GC sweeps share (`gc.rs`).
+    pub sweep: Arc<crate::gc::Sweep>,
 }
 
 impl ClusterContext {
@@ -396,9 +398,15 @@ impl Actor {
                 let ctx = self.ctx.clone();
                 self.ops.spawn(async move {
                     let started = tokio::time::Instant::now();
+                    // Before the parent is read, so a GC sweep that condemns objects waits
+                    // for this backup or tells it.
+                    let sweep = ctx.sweep.enter_backup().await;
                     // The parent is picked while the cluster is held: no delete in between.
                     let cut = match Cut::for_kind(&ctx, kind).await {
-                        Ok(cut) => cut,
+                        Ok(cut) => Cut {
+                            condemned: sweep.condemned.clone(),
+                            ..cut
+                        },
                         Err(err) => {
                             backup::record_outcome(kind, false, started.elapsed());
                             let _ = reply.send(Err(err));
@@ -411,6 +419,7 @@ impl Actor {
                     let outcome =
                         backup::run_backup(&ctx, &backup_id, &cut, &labels, &view, &cancel).await;
                     backup::record_outcome(cut.kind, outcome.is_ok(), started.elapsed());
+                    drop(sweep);
                     if outcome.is_ok() && ctx.config.retention.after_backup {
                         match crate::retention::apply(&ctx, false).await {
                             Ok(plan) => tracing::info!(removed = plan.removed().count(), "retention applied after the backup"),

@@ -397,6 +397,21 @@ impl Coordinator for CoordinatorApi {
         }))
     }
 
+    async fn collect_garbage(
+        &self,
+        request: Request<v1::CollectGarbageRequest>,
+    ) -> Reply<v1::GarbageReport> {
+        let dry_run = request.into_inner().dry_run;
+        // Runs to its end even if the client goes away (a pass dropped halfway is safe, but
+        // wasted).
+        let ctx = self.ctx.clone();
+        let report = tokio::spawn(async move { crate::gc::collect(&ctx, dry_run).await })
+            .await
+            .map_err(|err| Status::internal(format!("GC pass failed: {err}")))?
+            .map_err(status)?;
+        Ok(Response::new(report))
+    }
+
     async fn abort_restore(
         &self,
         _request: Request<v1::AbortRestoreRequest>,
@@ -596,6 +611,7 @@ where
         repo: repo.clone(),
         agents: agents.into(),
         fence: fence.clone(),
+        sweep: Default::default(),
     };
     // Restores first: their agents' leases run while backups' leftovers are waited for.
     // Neither stops the coordinator from serving (its WAL archive service included): what

@@ -13,7 +13,8 @@ use lockstep_repository::{Error, ErrorCode};
 /// last upload and the backup manifest), `before-apply` (between the last shard staged and a
 /// restore's Apply), `applying` (between the record saying `applying` and the first Apply
 /// sent), `swapped` (between every shard swapped and the restore's decision), `decided`
-/// (between the decision stored and sent). The agent's: `restore-swap` (an in-place Apply,
+/// (between the decision stored and sent), `gc-sweep` and `gc-swept` (before and after each batch a GC pass deletes).
+/// The agent's: `restore-swap` (an in-place Apply,
 /// with the gate closed, before the swap). Never set in production.
 pub const FAULT_PAUSE: &str = "LOCKSTEP_FAULT_PAUSE";
 

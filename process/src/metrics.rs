@@ -26,6 +26,10 @@ pub const RESTORE_DURATION: &str = "lockstep_restore_duration_seconds";
 pub const AGENT_UP: &str = "lockstep_agent_up";
 pub const COORDINATOR_EPOCH: &str = "lockstep_coordinator_epoch";
 pub const COORDINATOR_FENCED: &str = "lockstep_coordinator_fenced";
+pub const GC_LAST_SUCCESS: &str = "lockstep_gc_last_success_timestamp_seconds";
+pub const GC_RECLAIMED_BYTES: &str = "lockstep_gc_reclaimed_bytes_total";
+pub const GC_DELETED_OBJECTS: &str = "lockstep_gc_deleted_objects_total";
+pub const GC_CANDIDATE_BYTES: &str = "lockstep_gc_candidate_bytes";
 // Each agent's series, labelled with its `shard`; the WAL ones also with `destination`.
 pub const SHARD_SEQ: &str = "lockstep_shard_seq";
 pub const SHARD_GATE_CLOSED: &str = "lockstep_shard_gate_closed";
@@ -50,7 +54,7 @@ pub enum Kind {
 
 /// Every series: its name, kind and help text (exported as `# HELP`). This table is the
 /// reference; README.md lists the same.
-pub const SERIES: [(&str, Kind, &str); 24] = [
+pub const SERIES: [(&str, Kind, &str); 28] = [
     (
         BACKUP_LAST_STATUS,
         Kind::Gauge,
@@ -115,6 +119,26 @@ pub const SERIES: [(&str, Kind, &str); 24] = [
         COORDINATOR_FENCED,
         Kind::Gauge,
         "1 once a newer coordinator took the repository over from this one",
+    ),
+    (
+        GC_LAST_SUCCESS,
+        Kind::Gauge,
+        "when a garbage-collection pass last completed (Unix seconds)",
+    ),
+    (
+        GC_RECLAIMED_BYTES,
+        Kind::Counter,
+        "stored bytes of the objects garbage collection deleted",
+    ),
+    (
+        GC_DELETED_OBJECTS,
+        Kind::Counter,
+        "objects garbage collection deleted",
+    ),
+    (
+        GC_CANDIDATE_BYTES,
+        Kind::Gauge,
+        "stored bytes of unreferenced objects waiting out the grace period",
     ),
     (SHARD_SEQ, Kind::Gauge, "the shard's latest sequence number"),
     (

@@ -242,6 +242,10 @@ impl ObjectId {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
 }
 
 impl fmt::Debug for ObjectId {

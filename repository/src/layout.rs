@@ -5,7 +5,11 @@
 //!                                               the cluster it belongs to; written once
 //! <prefix>/coordinators/<epoch:020>.json        fencing: one per coordinator start, written
 //!                                               create-only; the highest epoch acts
-//! <prefix>/objects/<aa>/<sha256-hex>            content-addressed data objects (codec.rs framing)
+//! <prefix>/objects/<aa>/<sha256-hex>[.<copy>]   content-addressed data objects (codec.rs framing);
+//!                                               copy n > 0 is written while copy n-1 is
+//!                                               condemned by a GC sweep (gc.rs)
+//! <prefix>/gc/candidates.bin                    the unreferenced objects the last GC pass saw,
+//!                                               with when each was first seen (gc.rs)
 //! <prefix>/shards/<shard-id>/<backup-id>.json   shard manifests
 //! <prefix>/backups/<backup-id>.json             backup manifests, written last
 //! <prefix>/pending/<backup-id>.json             intent of a running backup; removed at commit
@@ -43,6 +47,7 @@ const RESTORES: &str = "restores";
 const COORDINATORS: &str = "coordinators";
 const TAGS: &str = "tags";
 const WAL: &str = "wal";
+const GC: &str = "gc";
 
 /// Builds every key of one repository under its prefix.
 #[derive(Debug, Clone)]
@@ -67,9 +72,18 @@ impl Layout {
         self.join(&[REPOSITORY_MARKER])
     }
 
-    pub fn object(&self, id: &ObjectId) -> Path {
+    /// Copy `copy` of object `id`: copy 0 is named by the hash alone.
+    pub fn object(&self, id: &ObjectId, copy: u32) -> Path {
         let hex = id.to_hex();
-        self.join(&[OBJECTS, &hex[..2], &hex])
+        if copy == 0 {
+            self.join(&[OBJECTS, &hex[..2], &hex])
+        } else {
+            self.join(&[OBJECTS, &hex[..2], &format!("{hex}.{copy}")])
+        }
+    }
+
+    pub fn gc_candidates(&self) -> Path {
+        self.join(&[GC, "candidates.bin"])
     }
 
     pub fn objects_dir(&self) -> Path {
@@ -172,9 +186,14 @@ impl Layout {
             .and_then(|id| RestoreId::new(id).ok())
     }
 
-    /// The object id named by a key under `objects/`, if it is one.
-    pub fn object_id_of(&self, key: &Path) -> Option<ObjectId> {
-        key.filename()?.parse().ok()
+    /// The object and copy named by a key under `objects/`, if it is one.
+    pub fn object_key_of(&self, key: &Path) -> Option<(ObjectId, u32)> {
+        let name = key.filename()?;
+        let (hex, copy) = match name.split_once('.') {
+            Some((hex, copy)) => (hex, copy.parse().ok().filter(|c| *c > 0)?),
+            None => (name, 0),
+        };
+        Some((hex.parse().ok()?, copy))
     }
 }
 
@@ -188,8 +207,12 @@ mod tests {
         let id = ObjectId::of(b"x");
         let hex = id.to_hex();
         assert_eq!(
-            layout.object(&id).as_ref(),
+            layout.object(&id, 0).as_ref(),
             format!("repo/objects/{}/{hex}", &hex[..2])
+        );
+        assert_eq!(
+            layout.object(&id, 2).as_ref(),
+            format!("repo/objects/{}/{hex}.2", &hex[..2])
         );
         let shard = ShardId::new("shard-0").ok();
         let backup = BackupId::new("bk-1").ok();
@@ -209,6 +232,20 @@ mod tests {
         } else {
             panic!("valid ids refused");
         }
-        assert_eq!(layout.object_id_of(&layout.object(&id)), Some(id));
+        for copy in [0, 1, 7] {
+            assert_eq!(
+                layout.object_key_of(&layout.object(&id, copy)),
+                Some((id, copy))
+            );
+        }
+        assert_eq!(
+            layout.object_key_of(&Path::from(format!("repo/objects/aa/{hex}#1"))),
+            None,
+            "a staging file is no object"
+        );
+        assert_eq!(
+            layout.object_key_of(&Path::from(format!("repo/objects/aa/{hex}.0"))),
+            None
+        );
     }
 }

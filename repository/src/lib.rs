@@ -19,6 +19,7 @@ pub mod buffers;
 pub mod codec;
 pub mod direct;
 pub mod error;
+pub mod gc;
 pub mod ids;
 pub mod layout;
 pub mod lineage;

@@ -28,10 +28,24 @@ pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     pub id: ObjectId,
+    /// Which stored copy of the object (`layout.rs`); 0, the usual one, is not written out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copy: u32,
     /// Plaintext length.
     pub len: u64,
     /// Length of the stored (framed, maybe compressed) object.
     pub stored_len: u64,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Chunk {
+    /// The stored object this chunk names.
+    pub fn key(&self) -> crate::gc::ObjectKey {
+        (self.id, self.copy)
+    }
 }
 
 /// What a captured file is, which decides how it may be reused.
@@ -593,6 +607,7 @@ mod tests {
                 identity: Some("db/000007.sst/3".into()),
                 chunks: vec![Chunk {
                     id: ObjectId::of(b"abc"),
+                    copy: 0,
                     len: 3,
                     stored_len: 19,
                 }],
@@ -663,6 +678,7 @@ mod tests {
             hlc_max: HlcTime::new(2, 0),
             chunk: Chunk {
                 id: ObjectId::of(b"w"),
+                copy: 0,
                 len: 1,
                 stored_len: 17,
             },

@@ -125,6 +125,9 @@ pub struct Repository {
     /// known to be durable: `sync_objects` finishes their fsyncs, and every manifest publish
     /// calls it first, so no manifest ever names an object a crash could lose.
     unsynced: Arc<Mutex<Unsynced>>,
+    /// Objects a running GC sweep may delete (`gc.rs`): through this handle a writer never
+    /// relies on one of them being there, it writes the object's next copy instead.
+    condemned: Option<Arc<crate::gc::Condemned>>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -330,7 +333,20 @@ impl Repository {
             local_root: None,
             buffers: Default::default(),
             unsynced: Default::default(),
+            condemned: None,
         }
+    }
+
+    /// This repository, for a backup that must not rely on the objects of `condemned`.
+    pub fn avoiding(&self, condemned: Arc<crate::gc::Condemned>) -> Repository {
+        Repository {
+            condemned: Some(condemned),
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
     }
 
     /// The buffers this repository's transfers reuse.
@@ -346,10 +362,10 @@ impl Repository {
         &self.layout
     }
 
-    /// The stored size of an object, or `None` if it is absent (a look-up: nothing relies
-    /// on the object afterwards; see [`Repository::reuse_object`]).
-    pub async fn object_size(&self, id: &ObjectId) -> Result<Option<u64>> {
-        let key = self.layout.object(id);
+    /// The stored size of an object's copy, or `None` if it is absent (a look-up: nothing
+    /// relies on the object afterwards; see [`Repository::reuse_object`]).
+    pub async fn object_size(&self, id: &ObjectId, copy: u32) -> Result<Option<u64>> {
+        let key = self.layout.object(id, copy);
         match self.store.head(&key).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -357,15 +373,26 @@ impl Repository {
         }
     }
 
+    /// The copy of object `id` a writer through this handle uses: the first one no running
+    /// GC sweep may delete.
+    fn writable_copy(&self, id: &ObjectId) -> u32 {
+        let condemned = self.condemned.as_deref();
+        (0..)
+            .find(|copy| !condemned.is_some_and(|c| c.contains(&(*id, *copy))))
+            .unwrap_or(0)
+    }
+
     /// [`Repository::object_size`] for an object a manifest about to be published will name
-    /// instead of storing it again: another writer may have stored it without syncing it yet,
-    /// so the next [`Repository::sync_objects`] makes it durable.
-    pub async fn reuse_object(&self, id: &ObjectId) -> Result<Option<u64>> {
-        let size = self.object_size(id).await?;
+    /// instead of storing it again: returns the copy to name (or to write, when absent) and
+    /// its size if stored. Another writer may have stored it without syncing it yet, so the
+    /// next [`Repository::sync_objects`] makes it durable.
+    pub async fn reuse_object(&self, id: &ObjectId) -> Result<(u32, Option<u64>)> {
+        let copy = self.writable_copy(id);
+        let size = self.object_size(id, copy).await?;
         if size.is_some() {
-            self.defer_sync(self.layout.object(id));
+            self.defer_sync(self.layout.object(id, copy));
         }
-        Ok(size)
+        Ok((copy, size))
     }
 
     /// Writes `payload` at `key` unless something is there already: returns false (and
@@ -411,8 +438,9 @@ impl Repository {
     /// there for a later backup to reuse; its directory entry is made durable by
     /// `sync_objects`, which every manifest publish runs first, once per directory. Elsewhere
     /// the object goes in format 1: there the padding page buys nothing.
-    pub async fn put_object(&self, encoded: Encoded) -> Result<u64> {
-        let key = self.layout.object(&encoded.id);
+    pub async fn put_object(&self, encoded: Encoded) -> Result<(u32, u64)> {
+        let copy = self.writable_copy(&encoded.id);
+        let key = self.layout.object(&encoded.id, copy);
         let Some(root) = &self.local_root else {
             let encoded = encoded.unpaged();
             let stored_len = encoded.stored_len();
@@ -423,9 +451,10 @@ impl Repository {
                 }
             };
             if self.put_once_unsynced(&key, payload, "object").await? {
-                return Ok(stored_len);
+                return Ok((copy, stored_len));
             }
-            return self.reuse_object(&encoded.id).await?.ok_or_else(|| {
+            let (copy, size) = self.reuse_object(&encoded.id).await?;
+            return size.map(|size| (copy, size)).ok_or_else(|| {
                 Error::new(
                     ErrorCode::StorageUnavailable,
                     format!("object {key} was there, then gone"),
@@ -458,7 +487,7 @@ impl Repository {
         } else {
             unsynced.found.push(key);
         }
-        Ok(stored_len)
+        Ok((copy, stored_len))
     }
 
     fn defer_sync(&self, key: Path) {
@@ -552,7 +581,7 @@ impl Repository {
     /// it is read (a crafted or damaged object never makes a reader allocate without bound).
     /// `max` and the code of the error for a larger object come from its kind
     /// ([`Bound`]).
-    async fn get_raw(&self, key: &Path, (max, code): Bound) -> Result<Option<Bytes>> {
+    pub(crate) async fn get_raw(&self, key: &Path, (max, code): Bound) -> Result<Option<Bytes>> {
         let too_large = |len: u64| {
             Error::new(
                 code,
@@ -615,7 +644,7 @@ impl Repository {
         let id = chunk.id;
         let stored = self
             .get_raw(
-                &self.layout.object(&id),
+                &self.layout.object(&id, chunk.copy),
                 (
                     codec::max_stored_len(chunk.len),
                     ErrorCode::BackupChecksumMismatch,
@@ -632,6 +661,15 @@ impl Repository {
         crate::blocking::run_bulk(move || codec::decode_sized(&id, stored, len))
             .await
             .map_err(decode_task_failed)?
+    }
+
+    /// Writes (or overwrites) a record that names no object, durably.
+    pub(crate) async fn put_durable(&self, key: &Path, bytes: Vec<u8>, what: &str) -> Result<()> {
+        self.store
+            .put(key, PutPayload::from(bytes))
+            .await
+            .map_err(|err| storage_error(format!("write {what} {key}"), err))?;
+        self.make_durable(key).await
     }
 
     async fn put_manifest(&self, key: &Path, json: Vec<u8>) -> Result<()> {
@@ -834,7 +872,7 @@ impl Repository {
             .await
     }
 
-    async fn delete_if_present(&self, key: &Path) -> Result<()> {
+    pub(crate) async fn delete_if_present(&self, key: &Path) -> Result<()> {
         match self.store.delete(key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(err) => Err(storage_error(format!("delete {key}"), err)),
@@ -1236,10 +1274,12 @@ impl Repository {
     ) -> Result<WalPiece> {
         let (info, encoded) = encode_wal_segment(segment, compression).await?;
         let (id, len) = (encoded.id, encoded.plaintext_len);
+        let (copy, stored_len) = self.put_object(encoded).await?;
         let chunk = Chunk {
             id,
+            copy,
             len,
-            stored_len: self.put_object(encoded).await?,
+            stored_len,
         };
         Ok(WalPiece {
             first: info.first,
@@ -1347,12 +1387,12 @@ mod tests {
         writer.sync_objects().await.expect("sync");
         let file = |plaintext: &[u8]| {
             dir.path()
-                .join(writer.layout.object(&ObjectId::of(plaintext)).as_ref())
+                .join(writer.layout.object(&ObjectId::of(plaintext), 0).as_ref())
         };
 
         // A verify's look-up queues nothing: the object going afterwards fails no publish.
         let verify = Repository::open(&url).await.expect("repo");
-        let found = verify.object_size(&ObjectId::of(looked_up)).await;
+        let found = verify.object_size(&ObjectId::of(looked_up), 0).await;
         assert!(found.expect("head").is_some());
         std::fs::remove_file(file(looked_up)).expect("remove");
         verify
@@ -1362,7 +1402,7 @@ mod tests {
         // A backup's reuse does.
         let backup = Repository::open(&url).await.expect("repo");
         let found = backup.reuse_object(&ObjectId::of(reused)).await;
-        assert!(found.expect("head").is_some());
+        assert!(found.expect("head").1.is_some());
         std::fs::remove_file(file(reused)).expect("remove");
         let err = backup
             .sync_objects()

@@ -275,23 +275,23 @@ async fn upload_chunk(
             .await
             .map_err(spawn_blocking_err)??;
 
-    let stored_len = match repo.reuse_object(&id).await? {
-        Some(size) => {
+    let (copy, stored_len) = match repo.reuse_object(&id).await? {
+        (copy, Some(size)) => {
             delta.objects_already_present += 1;
-            size
+            (copy, size)
         }
-        None => {
+        (_, None) => {
             let encoded = crate::blocking::run_bulk(move || {
                 codec::encode_in_place(id, plaintext, options.compression)
             })
             .await
             .map_err(spawn_blocking_err)??;
             drop(slot);
-            let stored_len = repo.put_object(encoded).await?;
+            let (copy, stored_len) = repo.put_object(encoded).await?;
             delta.objects_uploaded += 1;
             delta.bytes_uploaded += job.len as u64;
             delta.stored_bytes_uploaded += stored_len;
-            stored_len
+            (copy, stored_len)
         }
     };
     progress
@@ -302,6 +302,7 @@ async fn upload_chunk(
         job.index,
         Chunk {
             id,
+            copy,
             len: job.len as u64,
             stored_len,
         },

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::error::{ErrorCode, Result};
-use crate::ids::{BackupId, ObjectId, Seq, ShardId};
+use crate::ids::{BackupId, Seq, ShardId};
 use crate::lineage::Lineage;
 use crate::manifest::Chunk;
 use crate::repository::Repository;
@@ -201,7 +201,7 @@ pub async fn verify(
     };
 
     // The first use of every object, to name it in a problem.
-    let mut objects: BTreeMap<ObjectId, (Chunk, Use)> = BTreeMap::new();
+    let mut objects: BTreeMap<crate::gc::ObjectKey, (Chunk, Use)> = BTreeMap::new();
     for backup in backups {
         let manifest = match repo.backup_manifest(backup).await {
             Ok(manifest) => manifest,
@@ -242,7 +242,7 @@ pub async fn verify(
             for file in &shard.files {
                 report.files_checked += 1;
                 for chunk in &file.chunks {
-                    objects.entry(chunk.id).or_insert_with(|| {
+                    objects.entry(chunk.key()).or_insert_with(|| {
                         (
                             chunk.clone(),
                             Use {
@@ -255,7 +255,7 @@ pub async fn verify(
                 }
             }
             for piece in &shard.wal {
-                objects.entry(piece.chunk.id).or_insert_with(|| {
+                objects.entry(piece.chunk.key()).or_insert_with(|| {
                     (
                         piece.chunk.clone(),
                         Use {
@@ -305,9 +305,9 @@ pub async fn verify(
         Ordering::Relaxed,
     );
     let checks = futures::stream::iter(objects)
-        .map(|(id, (chunk, usage))| async move {
+        .map(|((id, copy), (chunk, usage))| async move {
             let outcome: std::result::Result<(), (ErrorCode, String)> = match level {
-                VerifyLevel::Quick => match repo.object_size(&id).await {
+                VerifyLevel::Quick => match repo.object_size(&id, copy).await {
                     Ok(Some(size)) if size == chunk.stored_len => Ok(()),
                     Ok(Some(size)) => Err((
                         ErrorCode::BackupChecksumMismatch,

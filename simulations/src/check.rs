@@ -8,7 +8,9 @@
 //! - **restore**: every committed backup (a full one, or an incremental or differential
 //!   through its chain) restores to exactly the model at its cut: every
 //!   acknowledged write at or below the shard's cut is there, none above it, and nothing else
-//!   but writes that were never acknowledged;
+//!   but writes that were never acknowledged. Retention and GC passes run beside the backups
+//!   in every scenario, so this is also the proof that GC never deleted an object a retained
+//!   or running backup needs;
 //! - **causal**: a backup or tag that holds a write holds every write acknowledged before it
 //!   was sent;
 //! - **tags**: every tag, restored by replaying the archive's WAL along each point's lineage,

@@ -103,6 +103,9 @@ pub struct Scenario {
     pub backup_every: Duration,
     /// The checkers' proof: an agent that ignores its lease.
     pub planted_bug: bool,
+    /// The checkers' proof for GC: a coordinator that deletes every unreferenced object at
+    /// once (no grace period, no condemnation).
+    pub planted_gc_bug: bool,
 }
 
 pub fn agent(i: usize) -> String {
@@ -216,7 +219,19 @@ impl Scenario {
             faults,
             backup_every: Duration::from_millis(rng.random_range(150..=600)),
             planted_bug: false,
+            planted_gc_bug: false,
         }
+    }
+
+    /// The same scenario with the planted GC bug switched on.
+    pub fn with_planted_gc_bug(mut self) -> Scenario {
+        self.planted_gc_bug = true;
+        self
+    }
+
+    /// Time between the workload's retention and GC passes.
+    pub fn maintenance_every(&self) -> Duration {
+        self.backup_every * 2
     }
 
     /// The same scenario with the planted bug switched on.

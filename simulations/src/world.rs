@@ -1,7 +1,8 @@
 //! One simulated run: the production coordinator and N production agents (on `MemEngine`)
 //! as turmoil hosts, one shared `memory://` repository, a second region (a coordinator with
 //! no agents) that the agents ship their WAL to over the simulated network, a client that
-//! writes causally chained data and asks for backups and tags, and the fault schedule of the
+//! writes causally chained data and asks for backups and tags, a maintainer that applies
+//! retention and runs GC passes beside them, and the fault schedule of the
 //! scenario applied between simulation steps. Every acknowledged write is recorded as the
 //! model; every agent's gate is watched from outside after every step, in simulated time.
 
@@ -20,6 +21,8 @@ use lockstep_agent::server::{AgentParts, serve_incoming};
 use lockstep_agent::shipper::ShipperOptions;
 use lockstep_agent::startup::{BackgroundPriority, ShardSource, Startup, prepare_serving};
 use lockstep_coordinator::config::{AgentConfig, BarrierConfig, Config, TagsConfig};
+use lockstep_coordinator::gc::GcConfig;
+use lockstep_coordinator::retention::RetentionConfig;
 use lockstep_coordinator::fleet::AgentLink;
 use lockstep_proto::v1;
 use lockstep_proto::v1::agent_client::AgentClient;
@@ -152,7 +155,17 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
         }],
         wal_archive: None,
         tags: TagsConfig::default(),
-        retention: Default::default(),
+        // Backups go while others run, so GC has garbage to collect beside them.
+        retention: RetentionConfig {
+            keep_full: 2,
+            ..Default::default()
+        },
+        // Real time does not pass in a simulation (objects' times come from the host's
+        // clock): no grace period, so only condemnation protects the running backups.
+        gc: GcConfig {
+            grace_s: 0,
+            planted_bug: scenario.planted_gc_bug,
+        },
         metrics_listen: None,
     }
 }
@@ -579,7 +592,7 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
         }
     };
     let backups = {
-        let (record, scenario) = (record.clone(), scenario.clone());
+        let (record, scenario, done) = (record.clone(), scenario.clone(), done.clone());
         async move {
             let mut coordinator = CoordinatorClient::new(channel(COORDINATOR, COORDINATOR_PORT));
             let mut rng = StdRng::seed_from_u64(scenario.seed ^ 0x00ba_c0c0);
@@ -610,7 +623,56 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
             deadline
         }
     };
-    let ((), deadline) = futures::join!(writer, backups);
+    let maintenance = {
+        let (record, scenario, done) = (record.clone(), scenario.clone(), done.clone());
+        async move {
+            let mut coordinator = CoordinatorClient::new(channel(COORDINATOR, COORDINATOR_PORT));
+            let mut round = 0u64;
+            while !done.get() {
+                tokio::time::sleep(scenario.maintenance_every()).await;
+                round += 1;
+                let outcome = if round % 2 == 1 {
+                    let request = v1::ApplyRetentionRequest { dry_run: false };
+                    match tokio::time::timeout(
+                        Duration::from_secs(5),
+                        coordinator.apply_retention(request),
+                    )
+                    .await
+                    {
+                        Ok(Ok(plan)) => format!(
+                            "retention removed {}",
+                            plan.into_inner().items.iter().filter(|i| i.remove).count()
+                        ),
+                        Ok(Err(status)) => format!("retention refused {}", status.code()),
+                        Err(_) => "retention unanswered".into(),
+                    }
+                } else {
+                    let request = v1::CollectGarbageRequest { dry_run: false };
+                    match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        coordinator.collect_garbage(request),
+                    )
+                    .await
+                    {
+                        Ok(Ok(report)) => {
+                            let report = report.into_inner();
+                            format!(
+                                "gc deleted {} rescued {}",
+                                report.objects_deleted, report.objects_rescued
+                            )
+                        }
+                        Ok(Err(status)) => format!("gc refused {}", status.code()),
+                        Err(_) => "gc unanswered".into(),
+                    }
+                };
+                record
+                    .borrow_mut()
+                    .trace
+                    .push(format!("{} {outcome}", now_ms()));
+            }
+        }
+    };
+    let ((), deadline, ()) = futures::join!(writer, backups, maintenance);
     // With the writer stopped (no write in flight), every shard's WAL must reach the archive.
     let shipped = shipped_everything(&scenario, deadline + 10_000).await;
     record.borrow_mut().shipped = shipped;

@@ -107,6 +107,27 @@ fn a_shipper_appending_across_a_fork_is_caught() {
     );
 }
 
+/// The checkers bite on GC: a coordinator that deletes every unreferenced object at once (no
+/// grace period, no condemnation) deletes what a running backup uploaded before its manifest
+/// named it, that backup commits, and the restore checker finds it cannot be restored.
+#[test]
+fn a_gc_without_grace_or_condemnation_is_caught() {
+    let caught = (1..=CI_SEEDS).find_map(|seed| {
+        let outcome = run_scenario(&Scenario::new(seed, Kind::Delays).with_planted_gc_bug());
+        outcome
+            .violations
+            .iter()
+            .any(|v| v.property == "restore")
+            .then(|| outcome.to_string())
+    });
+    let report = caught.expect("no seed caught a GC that deletes what a backup is uploading");
+    println!("{report}");
+    assert!(
+        report.contains("VIOLATION restore") && report.contains("(seed "),
+        "{report}"
+    );
+}
+
 /// Seeds that once found a bug, kept as regression tests. Only seeds outside the CI sweep
 /// are pinned here (the sweep already runs the others): seeds 1-3 of `partitions` found
 /// that a partition left the coordinator's HTTP/2 connection to an agent dead but open

@@ -9,6 +9,7 @@ mod cluster_restore;
 mod corruption;
 mod disk_full;
 mod faults;
+mod gc;
 mod lifecycle;
 mod lineage;
 mod metrics;

@@ -153,6 +153,8 @@ async fn a_cluster_serves_its_metrics_and_promtool_accepts_them() {
     cluster.restart_agent_with(0, &[("LOCKSTEP_METRICS_LISTEN", agent.as_str())]);
     let backup = cluster.lockstep(&["backup", "create", "--wait"]);
     assert!(backup.status.success(), "{}", text(&backup));
+    let gc = cluster.lockstep(&["gc"]);
+    assert!(gc.status.success(), "{}", text(&gc));
 
     let scraped = scraped_with(
         &coordinator,
@@ -164,6 +166,8 @@ async fn a_cluster_serves_its_metrics_and_promtool_accepts_them() {
             "lockstep_agent_up{shard=\"shard-0\"} 1",
             "lockstep_agent_up{shard=\"shard-2\"} 1",
             "lockstep_coordinator_fenced 0",
+            "lockstep_gc_last_success_timestamp_seconds",
+            "lockstep_gc_candidate_bytes 0",
             "lockstep_build_info{binary=\"lockstep\"",
         ],
     )

@@ -39,7 +39,15 @@ pub fn state(history: &[Acked], keep: impl Fn(&Acked) -> bool) -> BTreeSet<Strin
 }
 
 pub async fn write(cluster: &Cluster, shard: usize, key: String, deleted: bool) -> Acked {
-    let mut client = cluster.shard_client(shard).await;
+    write_with(&mut cluster.shard_client(shard).await, key, deleted).await
+}
+
+/// `write` on a connected client.
+pub async fn write_with(
+    client: &mut lockstep_proto::v1::shard_client::ShardClient<tonic::transport::Channel>,
+    key: String,
+    deleted: bool,
+) -> Acked {
     let reply = if deleted {
         client
             .delete(v1::DeleteRequest {

@@ -118,7 +118,7 @@ impl TestShard {
     /// A full backup's Stage, held for [`HOLD`].
     pub(super) async fn stage(&self, id: &BackupId) -> BarrierStatus {
         self.handle
-            .stage(id.clone(), CaptureMode::Files, HOLD)
+            .stage(id.clone(), CaptureMode::Files, None, HOLD)
             .await
             .expect("stage")
     }
@@ -126,7 +126,7 @@ impl TestShard {
     /// A full backup's Prepare, closing at once.
     pub(super) async fn prepare(&self, id: &BackupId, lease: Duration) -> BarrierStatus {
         self.handle
-            .prepare(id.clone(), CaptureMode::Files, lease, None)
+            .prepare(id.clone(), CaptureMode::Files, None, lease, None)
             .await
             .expect("prepare")
     }
