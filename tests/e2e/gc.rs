@@ -298,8 +298,21 @@ async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
     let (retained, removed_only) = backups_then_retention(&cluster);
     let history = writers.stop().await;
     let repo = cluster.repo();
-    gc(&cluster, false);
-    // Due once the grace period has passed since the first pass recorded them.
+    // One pass records them all once they are older than the grace period...
+    let old = wait_until(Duration::from_secs(30), || {
+        let old = removed_only.keys().all(|o| {
+            let path = repo.join("objects").join(&o[..2]).join(o);
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_millis(1500))
+        });
+        async move { old }
+    })
+    .await;
+    assert!(old.is_some(), "the objects never aged");
+    let first = gc(&cluster, false);
+    assert!(number(&first, "candidates") >= removed_only.len() as u64, "{first:#}");
+    // ...and they are due once the grace period has passed since.
     let due = wait_until(Duration::from_secs(30), || {
         let due = number(&gc(&cluster, true), "objects_deleted") >= removed_only.len() as u64;
         async move { due }
@@ -313,6 +326,7 @@ async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
     assert!(removed_only.keys().all(|o| stored.contains_key(o)));
     // Killed after the first batch was deleted, before the record was rewritten.
     kill_inside_a_pass(&mut cluster, "gc-swept:60000").await;
+    assert_eq!(pauses(&cluster), 2, "one pause at each fault point");
     // The next pass finishes: whatever is left of them goes, the rest stays.
     let report = gc(&cluster, false);
     let after = object_files(&repo);
