@@ -51,8 +51,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{
-    BackupOptions, CaptureMode, CapturedShard, Condemned, check_free_space, close_gate, stage_capture,
-    upload_capture,
+    BackupOptions, CaptureMode, CapturedShard, Condemned, check_free_space, close_gate,
+    stage_capture, upload_capture,
 };
 use crate::engine::ShardEngine;
 use crate::gate::{GateClosed, WriteGate};

@@ -483,7 +483,11 @@ struct RestoreOutput<'a> {
 }
 
 fn print_garbage(report: &v1::GarbageReport) {
-    let deleted = if report.dry_run { "would delete" } else { "deleted" };
+    let deleted = if report.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
     println!(
         "objects:     {} listed, {} referenced ({} bytes)",
         report.objects_listed, report.objects_referenced, report.bytes_referenced
@@ -493,7 +497,10 @@ fn print_garbage(report: &v1::GarbageReport) {
         report.objects_deleted,
         report.bytes_reclaimed,
         if report.objects_rescued > 0 {
-            format!(" ({} kept: a backup named them again)", report.objects_rescued)
+            format!(
+                " ({} kept: a backup named them again)",
+                report.objects_rescued
+            )
         } else {
             String::new()
         }
@@ -517,7 +524,11 @@ fn print_garbage(report: &v1::GarbageReport) {
         println!(
             "orphans:     {} shard manifests of no backup {}",
             report.orphan_manifests,
-            if report.dry_run { "would be removed" } else { "removed" }
+            if report.dry_run {
+                "would be removed"
+            } else {
+                "removed"
+            }
         );
     }
     println!("took {} ms", report.duration_ms);

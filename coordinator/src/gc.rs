@@ -39,8 +39,8 @@ pub struct GcConfig {
     /// before it is even recorded: longer than any upload takes (an offline
     /// `lockstep-agent backup` is not told what a sweep condemns).
     pub grace_s: u64,
-    /// Simulations only: delete every unreferenced object at once, with no grace period and
-    /// no condemnation, the bug their checkers must catch.
+    /// Simulations only: count only committed backups as live and delete everything else at
+    /// once, with no grace period and no condemnation: the bug their checkers must catch.
     #[serde(skip)]
     pub planted_bug: bool,
 }
@@ -119,6 +119,32 @@ impl Sweep {
     }
 }
 
+/// The simulations' planted bug: only committed backups count, and everything else is
+/// deleted at once, with no grace period and no condemnation.
+async fn planted_bug(
+    ctx: &ClusterContext,
+    mut report: v1::GarbageReport,
+) -> Result<v1::GarbageReport> {
+    let mut live = gc::LiveSet::default();
+    for (backup, manifest) in ctx.repo.backups().await? {
+        for shard in manifest?.shards {
+            let manifest = ctx.repo.shard_manifest(&shard.shard_id, &backup).await?;
+            live.insert_manifest(&manifest);
+        }
+    }
+    let live = live.finish();
+    let doomed: Vec<ObjectKey> = ctx
+        .repo
+        .stored_objects()
+        .map_ok(|o| o.key)
+        .try_filter(|key| std::future::ready(!live.contains(key)))
+        .try_collect()
+        .await?;
+    ctx.repo.delete_objects(&doomed).await?;
+    report.objects_deleted = doomed.len() as u64;
+    Ok(report)
+}
+
 /// Runs one pass; `dry_run` reports what it would record and delete and changes nothing.
 pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageReport> {
     let sweep = &ctx.sweep;
@@ -163,11 +189,7 @@ pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageR
     }
     drop(live);
     if ctx.config.gc.planted_bug {
-        ctx.repo
-            .delete_objects(&unreferenced.iter().map(|o| o.key).collect::<Vec<_>>())
-            .await?;
-        report.objects_deleted = unreferenced.len() as u64;
-        return Ok(report);
+        return planted_bug(ctx, report).await;
     }
     let plan = gc::plan(unreferenced, &previous, now, grace_chrono);
     drop(previous);
@@ -261,15 +283,20 @@ mod tests {
             "condemned while a backup that started before it runs"
         );
         drop(before);
-        condemned_rx.await.expect("condemned once that backup ended");
+        condemned_rx
+            .await
+            .expect("condemned once that backup ended");
         let after = sweep.enter_backup().await;
         let filter = after.condemned.clone().expect("a backup after it is told");
-        let condemned = Condemned::from_wire(&filter.bits, filter.hashes, filter.count)
-            .expect("filter");
+        let condemned =
+            Condemned::from_wire(&filter.bits, filter.hashes, filter.count).expect("filter");
         assert!(condemned.contains(&(ObjectId::of(b"garbage"), 0)));
         let _ = end_tx.send(());
         condemning.await.expect("sweep");
         drop(after);
-        assert!(sweep.enter_backup().await.condemned.is_none(), "the sweep ended");
+        assert!(
+            sweep.enter_backup().await.condemned.is_none(),
+            "the sweep ended"
+        );
     }
 }

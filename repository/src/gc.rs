@@ -333,9 +333,7 @@ impl Repository {
     pub fn stored_objects(&self) -> impl Stream<Item = Result<StoredObject>> + '_ {
         self.store()
             .list(Some(&self.layout().objects_dir()))
-            .map_err(|err| {
-                Error::with_source(ErrorCode::StorageUnavailable, "list objects", err)
-            })
+            .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "list objects", err))
             .try_filter_map(move |meta| async move {
                 Ok(self
                     .layout()
@@ -436,9 +434,7 @@ impl Repository {
         let record = match self.gc_candidates().await {
             Ok(record) => record,
             // No sweep deletes from a record it cannot read either.
-            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
-                CandidateRecord::default()
-            }
+            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => CandidateRecord::default(),
             Err(err) => return Err(err),
         };
         if record.marked.is_empty() {
@@ -531,10 +527,16 @@ mod tests {
         let repo = Repository::open("memory://gc").await?;
         let plaintext = b"an object a sweep condemned";
         let id = ObjectId::of(plaintext);
-        let (copy, _) = repo.put_object(encode(plaintext, Compression::default())?).await?;
+        let (copy, _) = repo
+            .put_object(encode(plaintext, Compression::default())?)
+            .await?;
         assert_eq!(copy, 0);
         let writer = repo.avoiding(std::sync::Arc::new(Condemned::new([(id, 0)].iter())));
-        assert_eq!(writer.reuse_object(&id).await?, (1, None), "copy 0 is not relied on");
+        assert_eq!(
+            writer.reuse_object(&id).await?,
+            (1, None),
+            "copy 0 is not relied on"
+        );
         let (copy, stored_len) = writer
             .put_object(encode(plaintext, Compression::default())?)
             .await?;
@@ -548,7 +550,11 @@ mod tests {
             stored_len,
         };
         assert_eq!(&repo.get_object(&chunk).await?[..], plaintext);
-        let listed: Vec<ObjectKey> = repo.stored_objects().map_ok(|o| o.key).try_collect().await?;
+        let listed: Vec<ObjectKey> = repo
+            .stored_objects()
+            .map_ok(|o| o.key)
+            .try_collect()
+            .await?;
         assert_eq!(listed, vec![(id, 1)]);
         // An offline writer avoids every recorded candidate.
         let mut record = CandidateRecord::default();

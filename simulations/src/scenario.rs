@@ -103,8 +103,8 @@ pub struct Scenario {
     pub backup_every: Duration,
     /// The checkers' proof: an agent that ignores its lease.
     pub planted_bug: bool,
-    /// The checkers' proof for GC: a coordinator that deletes every unreferenced object at
-    /// once (no grace period, no condemnation).
+    /// The checkers' proof for GC: a coordinator that counts only committed backups as live
+    /// and deletes everything else at once (no grace period, no condemnation).
     pub planted_gc_bug: bool,
 }
 

@@ -107,9 +107,10 @@ fn a_shipper_appending_across_a_fork_is_caught() {
     );
 }
 
-/// The checkers bite on GC: a coordinator that deletes every unreferenced object at once (no
-/// grace period, no condemnation) deletes what a running backup uploaded before its manifest
-/// named it, that backup commits, and the restore checker finds it cannot be restored.
+/// The checkers bite on GC: a coordinator that counts only committed backups as live and
+/// deletes everything else at once (no grace period, no condemnation) deletes what a running
+/// backup uploaded before it committed; that backup commits anyway, and the restore checker
+/// finds an object missing and names the seed.
 #[test]
 fn a_gc_without_grace_or_condemnation_is_caught() {
     let caught = (1..=CI_SEEDS).find_map(|seed| {

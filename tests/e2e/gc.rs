@@ -29,7 +29,11 @@ fn object_files(repo: &Path) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     let root = repo.join("objects");
     for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = file.file_name().to_string_lossy().to_string();
             if !name.contains('#') {
                 let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -196,7 +200,10 @@ fn backups_then_retention(cluster: &Cluster) -> (Vec<String>, BTreeMap<String, u
         .filter(|o| !kept.contains(*o))
         .map(|o| (o.clone(), stored[o]))
         .collect();
-    assert!(!removed_only.is_empty(), "f1 and i1 have objects of their own");
+    assert!(
+        !removed_only.is_empty(),
+        "f1 and i1 have objects of their own"
+    );
     let applied = cluster.lockstep(&["retention", "apply", "--json"]);
     assert!(applied.status.success(), "{}", text(&applied));
     (vec![f2, i2], removed_only)
@@ -205,7 +212,10 @@ fn backups_then_retention(cluster: &Cluster) -> (Vec<String>, BTreeMap<String, u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_reclaims_what_retention_removed_while_clients_write_and_a_backup_runs() {
     let mut cluster = Cluster::start(5_000, None);
-    configure(&mut cluster, "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n");
+    configure(
+        &mut cluster,
+        "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n",
+    );
     let writers = Writers::start(&cluster, 20_000);
     let (retained, removed_only) = backups_then_retention(&cluster);
     let repo = cluster.repo();
@@ -216,10 +226,15 @@ async fn gc_reclaims_what_retention_removed_while_clients_write_and_a_backup_run
     assert_eq!(number(&first, "objects_deleted"), 0, "{first:#}");
     let dry = gc(&cluster, true);
     assert_eq!(dry["dry_run"], true);
-    assert_eq!(object_files(&repo).len(), before.len(), "a dry run deletes nothing");
+    assert_eq!(
+        object_files(&repo).len(),
+        before.len(),
+        "a dry run deletes nothing"
+    );
 
     // Passes beside a full backup, until the removed backups' objects are gone.
-    let mut backup = cluster.spawn_lockstep(&["backup", "create", "--kind", "full", "--wait", "--json"]);
+    let mut backup =
+        cluster.spawn_lockstep(&["backup", "create", "--kind", "full", "--wait", "--json"]);
     let (mut deleted, mut reclaimed) = (0, 0);
     let gone = wait_until(Duration::from_secs(60), || {
         let report = gc(&cluster, false);
@@ -230,12 +245,14 @@ async fn gc_reclaims_what_retention_removed_while_clients_write_and_a_backup_run
         async move { done }
     })
     .await;
-    assert!(gone.is_some(), "GC never deleted the removed backups' objects");
+    assert!(
+        gone.is_some(),
+        "GC never deleted the removed backups' objects"
+    );
     let status = backup.wait().expect("backup");
     assert!(status.success(), "the backup beside GC failed");
     let mut out = String::new();
-    std::io::Read::read_to_string(backup.stdout.as_mut().expect("stdout"), &mut out)
-        .expect("read");
+    std::io::Read::read_to_string(backup.stdout.as_mut().expect("stdout"), &mut out).expect("read");
     let concurrent = serde_json::from_str::<serde_json::Value>(&out).expect("json")["backup_id"]
         .as_str()
         .expect("id")
@@ -260,7 +277,10 @@ async fn gc_reclaims_what_retention_removed_while_clients_write_and_a_backup_run
         let dir = restore(&cluster, &[backup], &format!("restored-{backup}"));
         assert_restores_to(&dir, &history, &cut_of(&repo, backup), backup);
     }
-    let ends: Vec<u64> = history.iter().map(|h| h.last().map_or(0, |w| w.seq)).collect();
+    let ends: Vec<u64> = history
+        .iter()
+        .map(|h| h.last().map_or(0, |w| w.seq))
+        .collect();
     let dir = restore(&cluster, &["--to-seq", &seq_vector(&ends)], "restored-pitr");
     assert_restores_to(&dir, &history, &ends, "point in time");
 }
@@ -293,7 +313,10 @@ async fn kill_inside_a_pass(cluster: &mut Cluster, fault: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
     let mut cluster = Cluster::start(5_000, None);
-    configure(&mut cluster, "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n");
+    configure(
+        &mut cluster,
+        "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n",
+    );
     let writers = Writers::start(&cluster, 3_000);
     let (retained, removed_only) = backups_then_retention(&cluster);
     let history = writers.stop().await;
@@ -311,7 +334,10 @@ async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
     .await;
     assert!(old.is_some(), "the objects never aged");
     let first = gc(&cluster, false);
-    assert!(number(&first, "candidates") >= removed_only.len() as u64, "{first:#}");
+    assert!(
+        number(&first, "candidates") >= removed_only.len() as u64,
+        "{first:#}"
+    );
     // ...and they are due once the grace period has passed since.
     let due = wait_until(Duration::from_secs(30), || {
         let due = number(&gc(&cluster, true), "objects_deleted") >= removed_only.len() as u64;
@@ -334,7 +360,10 @@ async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
         removed_only.keys().all(|o| !after.contains_key(o)),
         "{report:#}"
     );
-    let expected: BTreeSet<&String> = stored.keys().filter(|o| !removed_only.contains_key(*o)).collect();
+    let expected: BTreeSet<&String> = stored
+        .keys()
+        .filter(|o| !removed_only.contains_key(*o))
+        .collect();
     assert_eq!(after.keys().collect::<BTreeSet<_>>(), expected);
     let verify = cluster.lockstep(&["backup", "verify", "--full"]);
     assert!(verify.status.success(), "{}", text(&verify));
