@@ -100,7 +100,7 @@ impl Condemned {
 
     pub fn from_wire(bytes: &[u8], hashes: u32, count: u64) -> Result<Condemned> {
         if bytes.is_empty()
-            || bytes.len() % 8 != 0
+            || !bytes.len().is_multiple_of(8)
             || bytes.len() > MAX_FILTER_BYTES
             || !(1..=32).contains(&hashes)
         {
@@ -415,7 +415,7 @@ impl Repository {
             .get_raw(&key, (MAX_RECORD_BYTES, ErrorCode::BackupManifestCorrupt))
             .await?
         {
-            Some(bytes) => CandidateRecord::decode(&key.to_string(), &bytes),
+            Some(bytes) => CandidateRecord::decode(key.as_ref(), &bytes),
             None => Ok(CandidateRecord::default()),
         }
     }
