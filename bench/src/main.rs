@@ -10,10 +10,12 @@
 //! - `contenders.rs`: one backup, restore or verify of either contender, timed;
 //! - `barrier.rs`: the write pause of the two-phase barrier with N agents under write load;
 //! - `wal.rs`: WAL shipping lag under steady writes, incremental bytes, PITR replay rate;
+//! - `gc.rs`: a garbage-collection pass over synthetic repositories of two sizes;
 //! - `report.rs`: medians, the JSON file and the Markdown table.
 
 mod barrier;
 mod contenders;
+mod gc;
 mod generate;
 mod report;
 mod wal;
@@ -55,6 +57,21 @@ enum Command {
         agents: Vec<usize>,
         #[arg(long, default_value_t = 30)]
         backups: usize,
+    },
+    /// Only the GC pass at each size, as JSON.
+    Gc {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
+        objects: Vec<u64>,
+    },
+    /// One GC scan and record over a repository (run as its own process, so it is timed alone).
+    #[command(hide = true)]
+    GcPass {
+        #[arg(long)]
+        repo: PathBuf,
     },
     /// Generate a benchmark shard (for profiling one contender by hand).
     #[command(hide = true)]
@@ -121,6 +138,9 @@ pub struct RunArgs {
     /// Seconds of steady writes while the WAL ships (3 agents), before the PITR replay.
     #[arg(long, default_value_t = 15)]
     pub wal_secs: u64,
+    /// Repository sizes (objects) for the GC pass.
+    #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
+    pub gc_objects: Vec<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -132,6 +152,12 @@ fn main() -> std::process::ExitCode {
             work,
             secs,
         } => report::wal_only(&bin_dir, &work, secs),
+        Command::Gc {
+            bin_dir,
+            work,
+            objects,
+        } => report::gc_only(&bin_dir, &work, &objects),
+        Command::GcPass { repo } => gc::pass(&repo),
         Command::Generate {
             db,
             mib,

@@ -25,7 +25,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::TryStreamExt;
 use lockstep_proto::v1;
-use lockstep_repository::gc::{self, CandidateRecord, Condemned, ObjectKey};
+use lockstep_repository::gc::{self, Condemned, ObjectKey};
 use lockstep_repository::{Error, ErrorCode, Result};
 use serde::Deserialize;
 
@@ -166,33 +166,19 @@ pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageR
         ..Default::default()
     };
 
-    let (live, orphans) = ctx.repo.referenced_objects(orphaned_before).await?;
-    let previous = match ctx.repo.gc_candidates().await {
-        Ok(record) => record,
-        // Starting over only delays deletions.
-        Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
-            tracing::warn!(error = %err.chain(), "GC candidate record unreadable; recording candidates afresh");
-            CandidateRecord::default()
-        }
-        Err(err) => return Err(err),
-    };
-    let mut unreferenced = Vec::new();
-    let mut listing = std::pin::pin!(ctx.repo.stored_objects());
-    while let Some(object) = listing.try_next().await? {
-        report.objects_listed += 1;
-        if live.contains(&object.key) {
-            report.objects_referenced += 1;
-            report.bytes_referenced += object.size;
-        } else {
-            unreferenced.push(object);
-        }
-    }
-    drop(live);
     if ctx.config.gc.planted_bug {
         return planted_bug(ctx, report).await;
     }
-    let plan = gc::plan(unreferenced, &previous, now, grace_chrono);
-    drop(previous);
+    let gc::Scan {
+        plan,
+        orphans,
+        listed,
+        referenced,
+        referenced_bytes,
+    } = ctx.repo.gc_scan(now, grace_chrono).await?;
+    report.objects_listed = listed;
+    report.objects_referenced = referenced;
+    report.bytes_referenced = referenced_bytes;
     report.objects_young = plan.young.len() as u64;
     report.candidates = plan.record.marked.len() as u64;
     report.candidate_bytes = plan.candidate_bytes;

@@ -315,6 +315,17 @@ pub fn plan(
     out
 }
 
+/// What the first half of a pass found: the plan, the orphaned shard manifests, and the
+/// referenced objects' count and bytes.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub plan: Plan,
+    pub orphans: Vec<Path>,
+    pub listed: u64,
+    pub referenced: u64,
+    pub referenced_bytes: u64,
+}
+
 /// The shard and backup a key under `shards/` names.
 fn shard_manifest_of(repo: &Repository, key: &Path) -> Option<(ShardId, BackupId)> {
     let backup = repo.layout().backup_id_of(key)?;
@@ -406,6 +417,38 @@ impl Repository {
             }
         }
         Ok((live.finish(), orphans))
+    }
+
+    /// The first half of a GC pass at `now`: marks, reads the last record (an unreadable one
+    /// is dropped: starting over only delays deletions), lists every object and plans.
+    pub async fn gc_scan(&self, now: DateTime<Utc>, grace: chrono::Duration) -> Result<Scan> {
+        let (live, orphans) = self.referenced_objects(now - grace).await?;
+        let previous = match self.gc_candidates().await {
+            Ok(record) => record,
+            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
+                tracing::warn!(error = %err.chain(), "GC candidate record unreadable; recording candidates afresh");
+                CandidateRecord::default()
+            }
+            Err(err) => return Err(err),
+        };
+        let mut scan = Scan {
+            orphans,
+            ..Default::default()
+        };
+        let mut unreferenced = Vec::new();
+        let mut listing = std::pin::pin!(self.stored_objects());
+        while let Some(object) = listing.try_next().await? {
+            scan.listed += 1;
+            if live.contains(&object.key) {
+                scan.referenced += 1;
+                scan.referenced_bytes += object.size;
+            } else {
+                unreferenced.push(object);
+            }
+        }
+        drop(live);
+        scan.plan = plan(unreferenced, &previous, now, grace);
+        Ok(scan)
     }
 
     /// The candidate record of the last pass, or an empty one.
