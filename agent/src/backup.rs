@@ -180,11 +180,11 @@ pub struct CapturedShard {
     /// The shard's lineage at the capture.
     pub lineage: Lineage,
     /// What a running GC sweep may delete, which the upload must not rely on.
-    pub condemned: Condemned,
+    pub condemned: CondemnedSet,
 }
 
 /// The objects a GC sweep condemned, if one runs (`lockstep_repository::gc`).
-pub type Condemned = Option<Arc<lockstep_repository::gc::Condemned>>;
+pub type CondemnedSet = Option<Arc<lockstep_repository::gc::Condemned>>;
 
 /// Checks, before the gate closes, that the WAL an incremental or differential backup needs
 /// is still on the shard: a shard on another history (restored, or rolled back), a parent

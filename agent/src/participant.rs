@@ -51,7 +51,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{
-    BackupOptions, CaptureMode, CapturedShard, Condemned, check_free_space, close_gate,
+    BackupOptions, CaptureMode, CapturedShard, CondemnedSet, check_free_space, close_gate,
     stage_capture, upload_capture,
 };
 use crate::engine::ShardEngine;
@@ -103,6 +103,8 @@ pub struct BarrierStatus {
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub error: Option<(ErrorCode, String)>,
+    /// How many objects a GC sweep condemned for this backup's upload.
+    pub condemned_objects: u64,
 }
 
 /// The agent itself, for `Describe` and `cluster status`.
@@ -121,7 +123,7 @@ enum Msg {
     Stage {
         backup: BackupId,
         mode: CaptureMode,
-        condemned: Condemned,
+        condemned: CondemnedSet,
         deadline: Instant,
         reply: oneshot::Sender<BarrierStatus>,
     },
@@ -130,7 +132,7 @@ enum Msg {
     Prepare {
         backup: BackupId,
         mode: CaptureMode,
-        condemned: Condemned,
+        condemned: CondemnedSet,
         deadline: Instant,
         reply: oneshot::Sender<BarrierStatus>,
     },
@@ -303,7 +305,7 @@ impl ParticipantHandle {
         &self,
         backup: BackupId,
         mode: CaptureMode,
-        condemned: Condemned,
+        condemned: CondemnedSet,
         hold: Duration,
     ) -> Result<BarrierStatus> {
         let deadline = Instant::now() + hold;
@@ -325,7 +327,7 @@ impl ParticipantHandle {
         &self,
         backup: BackupId,
         mode: CaptureMode,
-        condemned: Condemned,
+        condemned: CondemnedSet,
         lease: Duration,
         close_at: Option<SystemTime>,
     ) -> Result<BarrierStatus> {
@@ -439,6 +441,7 @@ impl<E: ShardEngine> Participant<E> {
             lineage: None,
             captured_at: None,
             files: Vec::new(),
+            condemned_objects: 0,
             gate_closed: Duration::ZERO,
             bytes_done: 0,
             bytes_total: 0,
@@ -554,6 +557,7 @@ impl<E: ShardEngine> Participant<E> {
                     kind: f.kind,
                 })
                 .collect(),
+            condemned_objects: captured.condemned.as_ref().map_or(0, |c| c.count()),
             gate_closed: Duration::ZERO,
             bytes_done: 0,
             bytes_total: captured.capture.files.iter().map(|f| f.size).sum(),
@@ -567,7 +571,7 @@ impl<E: ShardEngine> Participant<E> {
         &mut self,
         backup: BackupId,
         mode: CaptureMode,
-        condemned: Condemned,
+        condemned: CondemnedSet,
         deadline: Instant,
     ) -> BarrierStatus {
         if self.knows(&backup) {
@@ -633,7 +637,7 @@ impl<E: ShardEngine> Participant<E> {
         &mut self,
         backup: BackupId,
         mode: CaptureMode,
-        condemned: Condemned,
+        condemned: CondemnedSet,
         deadline: Instant,
     ) -> BarrierStatus {
         if !self.knows(&backup) {
@@ -905,6 +909,53 @@ mod tests {
             .await
             .expect("the shard manifest is published");
         assert_eq!(manifest.seq, prepared.seq);
+        shard.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_never_names_a_condemned_object_and_writes_its_next_copy() {
+        use lockstep_repository::gc::{Condemned, ObjectKey};
+        let shard = TestShard::start().await;
+        shard.write("a");
+        let named = |manifest: &lockstep_repository::manifest::ShardManifest| -> Vec<ObjectKey> {
+            let files = manifest.files.iter().flat_map(|f| f.chunks.iter());
+            files
+                .chain(manifest.wal.iter().map(|p| &p.chunk))
+                .map(|c| c.key())
+                .collect()
+        };
+        let first = backup_id("bk-1");
+        shard.backup_avoiding(&first, None).await;
+        let first = shard.repo.shard_manifest(&shard.shard_id, &first).await;
+        let first = named(&first.expect("manifest"));
+        // A sweep condemns everything bk-1 named; nothing was written since, so bk-2 holds
+        // the same content.
+        let condemned = Arc::new(Condemned::new(first.iter()));
+        let second = backup_id("bk-2");
+        let prepared = shard
+            .backup_avoiding(&second, Some(condemned.clone()))
+            .await;
+        assert_eq!(
+            prepared.condemned_objects,
+            first.len() as u64,
+            "the agent echoes the filter it took"
+        );
+        let manifest = shard.repo.shard_manifest(&shard.shard_id, &second).await;
+        let manifest = manifest.expect("manifest");
+        let second = named(&manifest);
+        assert!(second.iter().all(|key| !condemned.contains(key)));
+        assert!(
+            second
+                .iter()
+                .any(|(id, copy)| *copy == 1 && first.contains(&(*id, 0))),
+            "the same content is written again as copy 1: {second:?}"
+        );
+        // The sweep deletes what it condemned; bk-2 is whole.
+        shard.repo.delete_objects(&first).await.expect("sweep");
+        let chunks = manifest.files.iter().flat_map(|f| f.chunks.iter());
+        for chunk in chunks.chain(manifest.wal.iter().map(|p| &p.chunk)) {
+            shard.repo.get_object(chunk).await.expect("bk-2's object");
+        }
         shard.stop().await;
     }
 

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::backup::{BackupOptions, CaptureMode, Condemned};
+use crate::backup::{BackupOptions, CaptureMode, CondemnedSet};
 use crate::engine::{DEFAULT_CF, ShardEngine, WriteBatch};
 use crate::gate::WriteGate;
 use crate::participant::{
@@ -274,6 +274,7 @@ pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
     v1::BarrierStatus {
         backup_id: status.backup_id.to_string(),
         shard_id: status.shard_id.to_string(),
+        condemned_objects: status.condemned_objects,
         state: state as i32,
         seq: status.seq.0,
         hlc: status.hlc.0,
@@ -306,7 +307,7 @@ pub fn status_to_wire(status: BarrierStatus) -> v1::BarrierStatus {
 /// checked.
 fn barrier_request(
     r: v1::PrepareRequest,
-) -> Result<(BackupId, CaptureMode, Condemned, Duration), Status> {
+) -> Result<(BackupId, CaptureMode, CondemnedSet, Duration), Status> {
     let lease = Duration::from_millis(r.lease_ms);
     if lease.is_zero() || lease > MAX_LEASE {
         return Err(to_status(&Error::new(

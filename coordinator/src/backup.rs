@@ -534,6 +534,19 @@ pub async fn barrier(
     )
     .await?;
     tracing::info!(barrier = %backup, prepared_ms = sent.elapsed().as_millis() as u64, "every shard prepared; committing");
+    // An agent too old to know the filter drops it: its upload could name what a sweep deletes.
+    for (agent, status) in ctx.agents.iter().zip(&prepared) {
+        let sent = request(agent).condemned.map_or(0, |f| f.count);
+        if status.condemned_objects != sent {
+            return Err(Error::new(
+                ErrorCode::BarrierAborted,
+                format!(
+                    "the agent of shard {} did not take the {sent} objects a GC sweep condemned (is it older than the coordinator?); upgrade it, or retry once the sweep ends",
+                    agent.shard_id
+                ),
+            ));
+        }
+    }
 
     fault_pause("before-commit", backup).await;
     if Instant::now() > sent + barrier.lease() {

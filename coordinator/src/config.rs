@@ -184,6 +184,12 @@ impl Config {
                 self.cluster
             )));
         }
+        if !(1..=10 * 365 * 86_400).contains(&self.gc.grace_s) {
+            return Err(invalid(format!(
+                "[gc] grace_s ({}) must be 1..=315360000: longer than any upload takes, at most ten years",
+                self.gc.grace_s
+            )));
+        }
         let b = &self.barrier;
         if b.lease_ms == 0 || b.prepare_timeout_ms == 0 || b.prepare_timeout_ms >= b.lease_ms {
             return Err(invalid(format!(
@@ -312,6 +318,7 @@ parity = ["shard-2"]
         assert!(config.wal_archive.is_some());
         // Its values are the defaults.
         assert_eq!(config.tags.auto_every_s, TagsConfig::default().auto_every_s);
+        assert_eq!(config.gc.grace_s, crate::gc::GcConfig::default().grace_s);
         let (shown, default) = (&config.barrier, BarrierConfig::default());
         assert_eq!(
             (
@@ -383,5 +390,11 @@ parity = ["shard-2"]
             message(&GOOD.replace("shard = \"shard-0\"", "shard = \"../x\""))
                 .contains("invalid shard id")
         );
+        for grace in ["0", "400000000"] {
+            assert!(
+                message(&format!("{GOOD}\n[gc]\ngrace_s = {grace}")).contains("[gc] grace_s"),
+                "{grace}"
+            );
+        }
     }
 }

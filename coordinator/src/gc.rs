@@ -29,6 +29,8 @@ use lockstep_repository::gc::{self, Condemned, ObjectKey};
 use lockstep_repository::{Error, ErrorCode, Result};
 use serde::Deserialize;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::ops::ClusterContext;
 
 /// `[gc]` in the configuration.
@@ -61,7 +63,7 @@ impl GcConfig {
 }
 
 /// Objects deleted between two checks that this coordinator still holds the repository.
-const DELETE_BATCH: usize = 256;
+const DELETE_BATCH: usize = 64;
 
 /// What the backups and the sweep of one coordinator share.
 #[derive(Default)]
@@ -146,7 +148,12 @@ async fn planted_bug(
 }
 
 /// Runs one pass; `dry_run` reports what it would record and delete and changes nothing.
-pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageReport> {
+/// `stop` (the coordinator stopping) ends the sweep between two batches.
+pub async fn collect(
+    ctx: &ClusterContext,
+    dry_run: bool,
+    stop: &CancellationToken,
+) -> Result<v1::GarbageReport> {
     let sweep = &ctx.sweep;
     let Ok(_one_pass) = sweep.pass.try_lock() else {
         return Err(Error::new(
@@ -166,7 +173,7 @@ pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageR
         ..Default::default()
     };
 
-    if ctx.config.gc.planted_bug {
+    if ctx.config.gc.planted_bug && !dry_run {
         return planted_bug(ctx, report).await;
     }
     let gc::Scan {
@@ -179,7 +186,7 @@ pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageR
     report.objects_listed = listed;
     report.objects_referenced = referenced;
     report.bytes_referenced = referenced_bytes;
-    report.objects_young = plan.young.len() as u64;
+    report.objects_young = plan.young;
     report.candidates = plan.record.marked.len() as u64;
     report.candidate_bytes = plan.candidate_bytes;
     report.orphan_manifests = orphans.len() as u64;
@@ -194,17 +201,28 @@ pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageR
         return Ok(report);
     }
 
+    let mut orphans = orphans;
     if !plan.due.is_empty() {
         let keys: Vec<ObjectKey> = plan.due.iter().map(|o| o.key).collect();
         let _condemned = sweep.condemn(&keys).await;
         tracing::info!(objects = keys.len(), "GC: objects condemned; marking again");
-        let (live, _) = ctx.repo.referenced_objects(orphaned_before).await?;
+        let (live, still_orphaned) = ctx.repo.referenced_objects(orphaned_before).await?;
+        // Only what both marks found orphaned goes.
+        orphans.retain(|key| still_orphaned.contains(key));
         let (rescued, doomed): (Vec<&gc::StoredObject>, Vec<&gc::StoredObject>) =
             plan.due.iter().partition(|o| live.contains(&o.key));
         drop(live);
         report.objects_rescued = rescued.len() as u64;
         for batch in doomed.chunks(DELETE_BATCH) {
-            ctx.fence.still_held()?;
+            if stop.is_cancelled() {
+                return Err(Error::new(
+                    ErrorCode::BarrierAborted,
+                    "the coordinator is stopping; the next GC pass finishes the sweep",
+                ));
+            }
+            // In the repository, not the cached flag: a coordinator taken over stops within
+            // one batch.
+            ctx.fence.check("delete unreferenced objects").await?;
             lockstep_process::fault_pause("gc-sweep", &"garbage collection").await;
             let keys: Vec<ObjectKey> = batch.iter().map(|o| o.key).collect();
             ctx.repo.delete_objects(&keys).await?;
@@ -218,11 +236,15 @@ pub async fn collect(ctx: &ClusterContext, dry_run: bool) -> Result<v1::GarbageR
         }
     }
     if !orphans.is_empty() {
-        ctx.fence.still_held()?;
+        ctx.fence.check("delete orphaned shard manifests").await?;
         ctx.repo.delete_keys(&orphans).await?;
     }
-    ctx.fence.still_held()?;
-    ctx.repo.put_gc_candidates(&plan.record).await?;
+    ctx.fence.check("record GC candidates").await?;
+    // New candidates count from when writers can see them: an offline backup reads the
+    // record when it starts.
+    let mut record = plan.record;
+    record.restamp(now.timestamp_millis(), Utc::now().timestamp_millis());
+    ctx.repo.put_gc_candidates(&record).await?;
     report.duration_ms = started.elapsed().as_millis() as u64;
     metrics::gauge!(lockstep_process::metrics::GC_CANDIDATE_BYTES).set(plan.candidate_bytes as f64);
     metrics::gauge!(lockstep_process::metrics::GC_LAST_SUCCESS).set(Utc::now().timestamp() as f64);

@@ -29,6 +29,8 @@ use crate::restore::RestoreTarget;
 struct CoordinatorApi {
     ctx: ClusterContext,
     ops: ClusterOps,
+    /// Fires when the coordinator stops: a GC pass ends between two batches.
+    stop: CancellationToken,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -404,8 +406,8 @@ impl Coordinator for CoordinatorApi {
         let dry_run = request.into_inner().dry_run;
         // Runs to its end even if the client goes away (a pass dropped halfway is safe, but
         // wasted).
-        let ctx = self.ctx.clone();
-        let report = tokio::spawn(async move { crate::gc::collect(&ctx, dry_run).await })
+        let (ctx, stop) = (self.ctx.clone(), self.stop.clone());
+        let report = tokio::spawn(async move { crate::gc::collect(&ctx, dry_run, &stop).await })
             .await
             .map_err(|err| Status::internal(format!("GC pass failed: {err}")))?
             .map_err(status)?;
@@ -606,6 +608,10 @@ where
     let identity = repo.claim(&config.cluster).await?;
     tracing::info!(cluster = %identity.cluster, repository_id = %identity.repository_id, "repository identity checked");
     let fence = Arc::new(Fence::take(&repo).await?);
+    // The last GC pass survives a restart in the repository: the stale-GC alert still fires.
+    if let Ok(Some(at)) = repo.gc_last_pass().await {
+        metrics::gauge!(lockstep_process::metrics::GC_LAST_SUCCESS).set(at.timestamp() as f64);
+    }
     let ctx = ClusterContext {
         config: config.clone(),
         repo: repo.clone(),
@@ -660,7 +666,11 @@ where
             Error::with_source(ErrorCode::InvalidArgument, "build gRPC reflection", err)
         })?;
     let archive_repo = repo.clone();
-    let api = CoordinatorApi { ctx, ops };
+    let api = CoordinatorApi {
+        ctx,
+        ops,
+        stop: shutdown.child_token(),
+    };
     on_ready();
     let result = lockstep_proto::server()
         .add_service(health)

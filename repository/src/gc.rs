@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use sha2::{Digest, Sha256};
 
@@ -112,10 +113,18 @@ impl Condemned {
                 ),
             ));
         }
-        let bits = bytes
+        let bits: Vec<u64> = bytes
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
             .collect();
+        // One built by `new` is about half full; a fuller one would condemn nearly everything.
+        let set: u64 = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+        if set * 4 > bits.len() as u64 * 64 * 3 {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "condemned-object filter is more than three quarters full",
+            ));
+        }
         Ok(Condemned {
             bits,
             hashes,
@@ -124,8 +133,8 @@ impl Condemned {
     }
 }
 
-/// The objects shard manifests name, as a sorted list: about 36 bytes per distinct object
-/// however many manifests name it (duplicates are folded away as the list grows).
+/// The objects shard manifests name, as a sorted list of 36-byte keys: duplicates are folded
+/// away whenever the list doubles, so it holds at most about twice the distinct objects.
 #[derive(Debug, Default)]
 pub struct LiveSet {
     keys: Vec<ObjectKey>,
@@ -204,6 +213,13 @@ const RECORD_ENTRY: usize = 32 + 4 + 8;
 pub const MAX_RECORD_BYTES: u64 = (16 + RECORD_ENTRY * MAX_CANDIDATES + 32) as u64;
 
 impl CandidateRecord {
+    /// Moves the candidates marked at `from` (this pass's new ones) to `to`.
+    pub fn restamp(&mut self, from: i64, to: i64) {
+        for at in self.marked.values_mut().filter(|at| **at == from) {
+            *at = to;
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut entries: Vec<_> = self.marked.iter().collect();
         entries.sort_unstable();
@@ -268,8 +284,9 @@ pub struct Plan {
     pub record: CandidateRecord,
     /// Stored bytes of the candidates in `record`.
     pub candidate_bytes: u64,
-    /// Unreferenced but younger than the grace period: an upload may be about to name them.
-    pub young: Vec<StoredObject>,
+    /// Unreferenced objects younger than the grace period (an upload may be about to name
+    /// them): left alone.
+    pub young: u64,
 }
 
 /// Sorts the unreferenced objects of a pass that started at `now`: objects younger than
@@ -287,7 +304,7 @@ pub fn plan(
     unreferenced.sort_by_key(|o| (o.last_modified, o.key));
     for object in unreferenced {
         if object.last_modified > cutoff {
-            out.young.push(object);
+            out.young += 1;
             continue;
         }
         let marked = previous.marked.get(&object.key).copied();
@@ -423,14 +440,7 @@ impl Repository {
     /// is dropped: starting over only delays deletions), lists every object and plans.
     pub async fn gc_scan(&self, now: DateTime<Utc>, grace: chrono::Duration) -> Result<Scan> {
         let (live, orphans) = self.referenced_objects(now - grace).await?;
-        let previous = match self.gc_candidates().await {
-            Ok(record) => record,
-            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
-                tracing::warn!(error = %err.chain(), "GC candidate record unreadable; recording candidates afresh");
-                CandidateRecord::default()
-            }
-            Err(err) => return Err(err),
-        };
+        let previous = self.gc_candidates_or_none().await?;
         let mut scan = Scan {
             orphans,
             ..Default::default()
@@ -463,6 +473,31 @@ impl Repository {
         }
     }
 
+    /// [`Repository::gc_candidates`], with an unreadable record taken as empty: no pass
+    /// deletes from a record it cannot read, and starting over only delays deletions.
+    async fn gc_candidates_or_none(&self) -> Result<CandidateRecord> {
+        match self.gc_candidates().await {
+            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
+                tracing::warn!(error = %err.chain(), "GC candidate record unreadable; recording candidates afresh");
+                Ok(CandidateRecord::default())
+            }
+            other => other,
+        }
+    }
+
+    /// When the last GC pass recorded its candidates (it does so last), if one did.
+    pub async fn gc_last_pass(&self) -> Result<Option<DateTime<Utc>>> {
+        match self.store().head(&self.layout().gc_candidates()).await {
+            Ok(meta) => Ok(Some(meta.last_modified)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(err) => Err(Error::with_source(
+                ErrorCode::StorageUnavailable,
+                "look up the GC candidate record",
+                err,
+            )),
+        }
+    }
+
     pub async fn put_gc_candidates(&self, record: &CandidateRecord) -> Result<()> {
         let key = self.layout().gc_candidates();
         self.put_durable(&key, record.encode(), "GC candidate record")
@@ -474,12 +509,7 @@ impl Repository {
     /// sweep may delete. Only a writer running longer than the grace period could meet the
     /// sweep after that.
     pub async fn avoiding_gc_candidates(&self) -> Result<Repository> {
-        let record = match self.gc_candidates().await {
-            Ok(record) => record,
-            // No sweep deletes from a record it cannot read either.
-            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => CandidateRecord::default(),
-            Err(err) => return Err(err),
-        };
+        let record = self.gc_candidates_or_none().await?;
         if record.marked.is_empty() {
             return Ok(self.clone());
         }
@@ -531,6 +561,10 @@ mod tests {
         assert!(other_copies < 100, "{other_copies}");
         assert!(Condemned::from_wire(&[0; 7], 8, 0).is_err());
         assert!(Condemned::from_wire(&[0; 8], 0, 0).is_err());
+        assert!(
+            Condemned::from_wire(&[0xff; 64], 8, 1).is_err(),
+            "saturated"
+        );
         Ok(())
     }
 
@@ -641,7 +675,7 @@ mod tests {
         let plan = plan(unreferenced, &previous, now, grace);
         let due: Vec<_> = plan.due.iter().map(|o| o.key).collect();
         assert_eq!(due, vec![key(1, 0)]);
-        assert_eq!(plan.young.len(), 1);
+        assert_eq!(plan.young, 1);
         let mut expected = HashMap::new();
         expected.insert(key(2, 0), ms(30));
         expected.insert(key(3, 0), now.timestamp_millis());

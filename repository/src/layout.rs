@@ -190,10 +190,16 @@ impl Layout {
     pub fn object_key_of(&self, key: &Path) -> Option<(ObjectId, u32)> {
         let name = key.filename()?;
         let (hex, copy) = match name.split_once('.') {
-            Some((hex, copy)) => (hex, copy.parse().ok().filter(|c| *c > 0)?),
+            Some((hex, suffix)) => {
+                let copy: u32 = suffix.parse().ok().filter(|c| *c > 0)?;
+                // Only the name `object` builds: another spelling is another file.
+                (copy.to_string() == suffix).then_some((hex, copy))?
+            }
             None => (name, 0),
         };
-        Some((hex.parse().ok()?, copy))
+        let canonical =
+            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        Some((canonical.then(|| hex.parse().ok())??, copy))
     }
 }
 
@@ -243,9 +249,17 @@ mod tests {
             None,
             "a staging file is no object"
         );
-        assert_eq!(
-            layout.object_key_of(&Path::from(format!("repo/objects/aa/{hex}.0"))),
-            None
-        );
+        for other in [
+            format!("{hex}.0"),
+            format!("{hex}.01"),
+            format!("{hex}.+1"),
+            format!("{}.1", hex.to_uppercase()),
+        ] {
+            assert_eq!(
+                layout.object_key_of(&Path::from(format!("repo/objects/aa/{other}"))),
+                None,
+                "{other}"
+            );
+        }
     }
 }

@@ -50,6 +50,9 @@ fn decode_task_failed(err: impl std::error::Error + Send + Sync + 'static) -> Er
 /// What a read of one kind of object may hold, and the error when it holds more.
 type Bound = (u64, ErrorCode);
 
+/// How many copies of one object a writer tries before giving up (`writable_copy`).
+const MAX_COPIES: u32 = 16;
+
 /// The bound of a manifest, tag, record or marker.
 const MANIFEST: Bound = (MAX_MANIFEST_BYTES, ErrorCode::BackupManifestCorrupt);
 
@@ -374,12 +377,17 @@ impl Repository {
     }
 
     /// The copy of object `id` a writer through this handle uses: the first one no running
-    /// GC sweep may delete.
-    fn writable_copy(&self, id: &ObjectId) -> u32 {
+    /// GC sweep may delete (of at most [`MAX_COPIES`]).
+    fn writable_copy(&self, id: &ObjectId) -> Result<u32> {
         let condemned = self.condemned.as_deref();
-        (0..)
+        (0..MAX_COPIES)
             .find(|copy| !condemned.is_some_and(|c| c.contains(&(*id, *copy))))
-            .unwrap_or(0)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupCreationFailed,
+                    format!("every copy of object {id} is condemned by a GC sweep; retry the backup once the sweep ends"),
+                )
+            })
     }
 
     /// [`Repository::object_size`] for an object a manifest about to be published will name
@@ -387,7 +395,7 @@ impl Repository {
     /// its size if stored. Another writer may have stored it without syncing it yet, so the
     /// next [`Repository::sync_objects`] makes it durable.
     pub async fn reuse_object(&self, id: &ObjectId) -> Result<(u32, Option<u64>)> {
-        let copy = self.writable_copy(id);
+        let copy = self.writable_copy(id)?;
         let size = self.object_size(id, copy).await?;
         if size.is_some() {
             self.defer_sync(self.layout.object(id, copy));
@@ -439,7 +447,7 @@ impl Repository {
     /// `sync_objects`, which every manifest publish runs first, once per directory. Elsewhere
     /// the object goes in format 1: there the padding page buys nothing.
     pub async fn put_object(&self, encoded: Encoded) -> Result<(u32, u64)> {
-        let copy = self.writable_copy(&encoded.id);
+        let copy = self.writable_copy(&encoded.id)?;
         let key = self.layout.object(&encoded.id, copy);
         let Some(root) = &self.local_root else {
             let encoded = encoded.unpaged();

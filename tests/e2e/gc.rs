@@ -182,11 +182,17 @@ fn number(report: &serde_json::Value, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Takes f1, i1, f2, i2 under writes and removes f1 and i1 by retention (`keep_full = 1`);
-/// returns the retained backups and the object files only the removed ones named.
-fn backups_then_retention(cluster: &Cluster) -> (Vec<String>, BTreeMap<String, u64>) {
-    let f1 = cluster.backup("full");
-    let i1 = cluster.backup("incremental");
+/// Takes f1, `incrementals` incrementals, f2 and i2 under writes and removes f1 and its
+/// incrementals by retention (`keep_full = 1`); returns the retained backups and the object
+/// files only the removed ones named.
+fn backups_then_retention(
+    cluster: &Cluster,
+    incrementals: usize,
+) -> (Vec<String>, BTreeMap<String, u64>) {
+    let mut removed = vec![cluster.backup("full")];
+    for _ in 0..incrementals {
+        removed.push(cluster.backup("incremental"));
+    }
     let f2 = cluster.backup("full");
     let i2 = cluster.backup("incremental");
     let repo = cluster.repo();
@@ -195,14 +201,15 @@ fn backups_then_retention(cluster: &Cluster) -> (Vec<String>, BTreeMap<String, u
         .cloned()
         .collect();
     let stored = object_files(&repo);
-    let removed_only: BTreeMap<String, u64> = objects_of(&repo, &f1)
-        .union(&objects_of(&repo, &i1))
-        .filter(|o| !kept.contains(*o))
-        .map(|o| (o.clone(), stored[o]))
+    let removed_only: BTreeMap<String, u64> = removed
+        .iter()
+        .flat_map(|b| objects_of(&repo, b))
+        .filter(|o| !kept.contains(o))
+        .map(|o| (o.clone(), stored[&o]))
         .collect();
     assert!(
         !removed_only.is_empty(),
-        "f1 and i1 have objects of their own"
+        "f1 and its chain have objects of their own"
     );
     let applied = cluster.lockstep(&["retention", "apply", "--json"]);
     assert!(applied.status.success(), "{}", text(&applied));
@@ -217,7 +224,7 @@ async fn gc_reclaims_what_retention_removed_while_clients_write_and_a_backup_run
         "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n",
     );
     let writers = Writers::start(&cluster, 20_000);
-    let (retained, removed_only) = backups_then_retention(&cluster);
+    let (retained, removed_only) = backups_then_retention(&cluster, 1);
     let repo = cluster.repo();
     let before = object_files(&repo);
 
@@ -317,8 +324,10 @@ async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
         &mut cluster,
         "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n",
     );
-    let writers = Writers::start(&cluster, 3_000);
-    let (retained, removed_only) = backups_then_retention(&cluster);
+    let writers = Writers::start(&cluster, 50_000);
+    // More objects of their own than one delete batch (64), so a kill can split the sweep.
+    let (retained, removed_only) = backups_then_retention(&cluster, 25);
+    assert!(removed_only.len() > 64, "{} objects", removed_only.len());
     let history = writers.stop().await;
     let repo = cluster.repo();
     // One pass records them all once they are older than the grace period...
@@ -352,6 +361,16 @@ async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
     assert!(removed_only.keys().all(|o| stored.contains_key(o)));
     // Killed after the first batch was deleted, before the record was rewritten.
     kill_inside_a_pass(&mut cluster, "gc-swept:60000").await;
+    let left = object_files(&repo);
+    let gone = removed_only
+        .keys()
+        .filter(|o| !left.contains_key(*o))
+        .count();
+    assert!(
+        gone > 0 && gone < removed_only.len(),
+        "{gone} of {} gone",
+        removed_only.len()
+    );
     assert_eq!(pauses(&cluster), 2, "one pause at each fault point");
     // The next pass finishes: whatever is left of them goes, the rest stays.
     let report = gc(&cluster, false);

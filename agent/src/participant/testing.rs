@@ -131,6 +131,26 @@ impl TestShard {
             .expect("prepare")
     }
 
+    /// A whole full backup whose upload must not rely on `condemned`; the Prepared status.
+    pub(super) async fn backup_avoiding(
+        &self,
+        id: &BackupId,
+        condemned: Option<Arc<lockstep_repository::gc::Condemned>>,
+    ) -> BarrierStatus {
+        self.handle
+            .stage(id.clone(), CaptureMode::Files, condemned.clone(), HOLD)
+            .await
+            .expect("stage");
+        let prepared = self
+            .handle
+            .prepare(id.clone(), CaptureMode::Files, condemned, HOLD, None)
+            .await
+            .expect("prepare");
+        self.commit(id).await;
+        self.wait_for(id, BarrierState::Uploaded).await;
+        prepared
+    }
+
     pub(super) async fn status(&self, id: &BackupId) -> BarrierStatus {
         self.handle.status(id.clone()).await.expect("status")
     }
