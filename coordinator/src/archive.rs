@@ -34,12 +34,42 @@ impl WalArchiveApi {
         }
     }
 
-    fn writer(&self, info: &SegmentInfo) -> Writer {
-        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
-        writers
-            .entry((info.shard_id.clone(), info.lineage.id))
-            .or_default()
-            .clone()
+    /// The lock of `info`'s shard and lineage, held until the returned guard drops; the
+    /// map forgets a lock nobody holds, so it never outgrows the puts in flight.
+    async fn writer(&self, info: &SegmentInfo) -> WriterGuard<'_> {
+        let key = (info.shard_id.clone(), info.lineage.id);
+        let writer = {
+            let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+            writers.entry(key.clone()).or_default().clone()
+        };
+        let held = writer.clone().lock_owned().await;
+        WriterGuard {
+            api: self,
+            key,
+            writer: Some((writer, held)),
+        }
+    }
+}
+
+/// A held writer lock; dropping it releases the lock and, when no other put waits for it,
+/// its entry.
+struct WriterGuard<'a> {
+    api: &'a WalArchiveApi,
+    key: (ShardId, LineageId),
+    writer: Option<(Writer, tokio::sync::OwnedMutexGuard<()>)>,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        let mut writers = self.api.writers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((writer, held)) = self.writer.take() {
+            drop(held);
+            // Ours, the held guard's (just dropped) and the map's: nobody else has a clone,
+            // and clones are taken only under this lock.
+            if Arc::strong_count(&writer) == 2 {
+                writers.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -113,8 +143,7 @@ impl WalArchive for WalArchiveApi {
         // A segment overlapping one already here (a put that arrived after the agent gave up
         // on it and resumed from the listing) is refused: the archive stays free of
         // duplicates, and the agent reads the listing again.
-        let writer = self.writer(&info);
-        let _one_at_a_time = writer.lock().await;
+        let _one_at_a_time = self.writer(&info).await;
         let held = self
             .repo
             .wal_segments(&info.shard_id, &info.lineage)
@@ -154,5 +183,49 @@ impl WalArchive for WalArchiveApi {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(v1::GetWalSegmentReply { stored }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lockstep_repository::Seq;
+
+    use super::*;
+
+    fn info(shard: &str, lineage: Lineage) -> SegmentInfo {
+        SegmentInfo {
+            shard_id: ShardId::new(shard).expect("shard"),
+            lineage,
+            first: Seq(1),
+            last: Seq(1),
+            hlc_min: Default::default(),
+            hlc_max: Default::default(),
+            id: lockstep_repository::ObjectId::of(b"segment"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_map_forgets_locks_nobody_holds() {
+        let repo = Repository::open("memory://archive-writers")
+            .await
+            .expect("repo");
+        let api = WalArchiveApi::new(repo);
+        let entries = |api: &WalArchiveApi| api.writers.lock().map(|w| w.len()).unwrap_or(99);
+        let lineage = Lineage::root();
+        let first = api.writer(&info("shard-0", lineage)).await;
+        let other = api.writer(&info("shard-1", lineage)).await;
+        assert_eq!(entries(&api), 2);
+        drop(first);
+        assert_eq!(entries(&api), 1, "shard-0's lock went with its last holder");
+        // A put waiting for the lock keeps it.
+        let shard_1 = info("shard-1", lineage);
+        let waiting = api.writer(&shard_1);
+        let mut waiting = std::pin::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        drop(other);
+        assert_eq!(entries(&api), 1, "the waiting put still needs it");
+        let held = waiting.await;
+        drop(held);
+        assert_eq!(entries(&api), 0);
     }
 }
