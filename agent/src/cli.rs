@@ -200,6 +200,9 @@ pub struct VerifyArgs {
     /// Download, decompress and re-hash every object.
     #[arg(long)]
     pub full: bool,
+    /// Check a random PCT% of the objects (a new sample each run); manifests are checked whole.
+    #[arg(long, value_name = "PCT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub sample: u8,
     #[arg(long, default_value_t = 8)]
     pub parallelism: usize,
     #[arg(long)]
@@ -526,7 +529,15 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
     };
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "verify");
-    let report = verify(&repo, &backups, level, args.parallelism, &progress).await;
+    let report = verify(
+        &repo,
+        &backups,
+        level,
+        args.sample,
+        args.parallelism,
+        &progress,
+    )
+    .await;
     ticker.abort();
     bar.finish_and_clear();
     let report = report?;

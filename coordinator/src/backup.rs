@@ -412,6 +412,44 @@ pub async fn run_backup(
     outcome
 }
 
+/// `[verify] after_backup`: checks the backup just committed. A failure is logged and
+/// exported (`lockstep_verify_last_status` 0); the backup stands, for an operator to judge.
+pub async fn verify_after(ctx: &ClusterContext, backup: &BackupId) {
+    use lockstep_repository::verify::{VerifyLevel, verify};
+    let level = match ctx.config.verify.after_backup {
+        crate::config::AfterBackup::Off => return,
+        crate::config::AfterBackup::Quick => VerifyLevel::Quick,
+        crate::config::AfterBackup::Full => VerifyLevel::Full,
+    };
+    let progress = lockstep_repository::transfer::Progress::default();
+    let verified = verify(
+        &ctx.repo,
+        std::slice::from_ref(backup),
+        level,
+        100,
+        8,
+        &progress,
+    )
+    .await;
+    let passed = matches!(&verified, Ok(report) if report.passed);
+    metrics::gauge!(lockstep_process::metrics::VERIFY_LAST_STATUS).set(if passed {
+        1.0
+    } else {
+        0.0
+    });
+    match verified {
+        Ok(report) if report.passed => {
+            tracing::info!(backup = %backup, objects = report.objects_checked, "verified after the backup: passed")
+        }
+        Ok(report) => {
+            tracing::error!(backup = %backup, report = %report, "verified after the backup: FAILED")
+        }
+        Err(err) => {
+            tracing::error!(backup = %backup, error = %err.chain(), "verify after the backup could not run")
+        }
+    }
+}
+
 /// An agent that answers for another shard than the one configured at its endpoint: its
 /// cut would be recorded under the wrong shard.
 pub(crate) fn wrong_shard(agent: &AgentLink, reported: &str) -> Error {

@@ -219,6 +219,10 @@ pub enum BackupCommand {
         backup: Option<String>,
         #[arg(long)]
         full: bool,
+        /// Check a random PCT% of the objects (a new sample each run); manifests and the WAL
+        /// archive's continuity are checked whole.
+        #[arg(long, value_name = "PCT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
+        sample: u8,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -921,12 +925,18 @@ async fn run_command(cli: Cli) -> Result<i32> {
                 print_backup(&info);
             }
         }
-        Command::Backup(BackupCommand::Verify { backup, full, json }) => {
+        Command::Backup(BackupCommand::Verify {
+            backup,
+            full,
+            sample,
+            json,
+        }) => {
             let mut client = client(endpoint).await?;
             let mut stream = client
                 .verify_backup_stream(v1::VerifyBackupRequest {
                     backup_id: backup.unwrap_or_default(),
                     full,
+                    sample_percent: u32::from(sample),
                 })
                 .await
                 .map_err(|s| from_status("verify backup", &s))?

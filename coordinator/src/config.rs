@@ -90,6 +90,24 @@ pub struct TagsConfig {
     pub auto_every_s: u64,
 }
 
+/// `[verify]`: checks the repository makes by itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Verify every committed backup right after its commit: `off`, `quick` (every object
+    /// there with its size) or `full` (every object downloaded and re-hashed).
+    pub after_backup: AfterBackup,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterBackup {
+    #[default]
+    Off,
+    Quick,
+    Full,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +138,8 @@ pub struct Config {
     pub retention: crate::retention::RetentionConfig,
     #[serde(default)]
     pub gc: crate::gc::GcConfig,
+    #[serde(default)]
+    pub verify: VerifyConfig,
     /// Serve Prometheus metrics at http://ADDR/metrics; the coordinator then polls its
     /// agents every 15 s for `lockstep_agent_up`.
     #[serde(default)]
@@ -319,6 +339,7 @@ parity = ["shard-2"]
         // Its values are the defaults.
         assert_eq!(config.tags.auto_every_s, TagsConfig::default().auto_every_s);
         assert_eq!(config.gc.grace_s, crate::gc::GcConfig::default().grace_s);
+        assert_eq!(config.verify.after_backup, AfterBackup::default());
         let (shown, default) = (&config.barrier, BarrierConfig::default());
         assert_eq!(
             (

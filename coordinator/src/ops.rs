@@ -420,6 +420,9 @@ impl Actor {
                         backup::run_backup(&ctx, &backup_id, &cut, &labels, &view, &cancel).await;
                     backup::record_outcome(cut.kind, outcome.is_ok(), started.elapsed());
                     drop(sweep);
+                    if outcome.is_ok() {
+                        backup::verify_after(&ctx, &backup_id).await;
+                    }
                     if outcome.is_ok() && ctx.config.retention.after_backup {
                         match crate::retention::apply(&ctx, false).await {
                             Ok(plan) => tracing::info!(removed = plan.removed().count(), "retention applied after the backup"),

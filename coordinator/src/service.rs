@@ -11,7 +11,7 @@ use lockstep_proto::{to_status, v1};
 use lockstep_repository::manifest::{BackupKind, BackupManifest, Labels, check_labels, has_labels};
 use lockstep_repository::transfer::Progress;
 use lockstep_repository::verify::{VerifyLevel, verify, verify_wal};
-use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result};
+use lockstep_repository::{BackupId, Error, ErrorCode, Repository, Result, Seq, ShardId};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,7 @@ type Reply<T> = std::result::Result<Response<T>, Status>;
 struct VerifyOrder {
     backups: Vec<BackupId>,
     level: VerifyLevel,
+    sample_percent: u8,
     /// Verifying everything includes the WAL archive's continuity (the PITR window).
     with_wal: bool,
 }
@@ -63,6 +64,10 @@ impl VerifyOrder {
             } else {
                 VerifyLevel::Quick
             },
+            sample_percent: match request.sample_percent {
+                0 => 100,
+                pct => u8::try_from(pct).unwrap_or(u8::MAX),
+            },
             with_wal: request.backup_id.is_empty(),
         })
     }
@@ -72,19 +77,55 @@ impl VerifyOrder {
         ctx: &ClusterContext,
         progress: &Progress,
     ) -> Result<v1::VerifyBackupReply> {
-        let mut report = verify(&ctx.repo, &self.backups, self.level, 8, progress).await?;
+        let mut report = verify(
+            &ctx.repo,
+            &self.backups,
+            self.level,
+            self.sample_percent,
+            8,
+            progress,
+        )
+        .await?;
         if self.with_wal
             && let Some(url) = &ctx.config.wal_archive
         {
             let archive = lockstep_proto::archive::open_archive(url).await?;
-            verify_wal(&mut report, &archive, &ctx.config.shard_ids(), self.level).await?;
+            let reach_back = oldest_backup_points(&ctx.repo).await?;
+            verify_wal(
+                &mut report,
+                &archive,
+                &ctx.config.shard_ids(),
+                self.level,
+                &reach_back,
+            )
+            .await?;
         }
+        let passed = if report.passed { 1.0 } else { 0.0 };
+        metrics::gauge!(lockstep_process::metrics::VERIFY_LAST_STATUS).set(passed);
         Ok(v1::VerifyBackupReply {
             passed: report.passed,
             report: report.to_string(),
             report_json: serde_json::to_string(&report).unwrap_or_default(),
         })
     }
+}
+
+/// Where the WAL archive must reach back to on each shard's lineage: the oldest committed
+/// backup's sequence number there.
+async fn oldest_backup_points(
+    repo: &Repository,
+) -> Result<std::collections::HashMap<(ShardId, lockstep_repository::LineageId), Seq>> {
+    let mut out = std::collections::HashMap::new();
+    for (_, manifest) in repo.backups().await? {
+        let Ok(manifest) = manifest else { continue };
+        for shard in manifest.shards {
+            let seq = out
+                .entry((shard.shard_id, shard.lineage.id))
+                .or_insert(shard.seq);
+            *seq = (*seq).min(shard.seq);
+        }
+    }
+    Ok(out)
 }
 
 /// How often a running verify reports its progress.

@@ -26,6 +26,7 @@ pub const RESTORE_DURATION: &str = "lockstep_restore_duration_seconds";
 pub const AGENT_UP: &str = "lockstep_agent_up";
 pub const COORDINATOR_EPOCH: &str = "lockstep_coordinator_epoch";
 pub const COORDINATOR_FENCED: &str = "lockstep_coordinator_fenced";
+pub const VERIFY_LAST_STATUS: &str = "lockstep_verify_last_status";
 pub const GC_LAST_SUCCESS: &str = "lockstep_gc_last_success_timestamp_seconds";
 pub const GC_RECLAIMED_BYTES: &str = "lockstep_gc_reclaimed_bytes_total";
 pub const GC_DELETED_OBJECTS: &str = "lockstep_gc_deleted_objects_total";
@@ -54,7 +55,7 @@ pub enum Kind {
 
 /// Every series: its name, kind and help text (exported as `# HELP`). This table is the
 /// reference; README.md lists the same.
-pub const SERIES: [(&str, Kind, &str); 28] = [
+pub const SERIES: [(&str, Kind, &str); 29] = [
     (
         BACKUP_LAST_STATUS,
         Kind::Gauge,
@@ -119,6 +120,11 @@ pub const SERIES: [(&str, Kind, &str); 28] = [
         COORDINATOR_FENCED,
         Kind::Gauge,
         "1 once a newer coordinator took the repository over from this one",
+    ),
+    (
+        VERIFY_LAST_STATUS,
+        Kind::Gauge,
+        "1 if the last verify (on demand or after a backup) passed, 0 if it found a problem",
     ),
     (
         GC_LAST_SUCCESS,

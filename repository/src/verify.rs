@@ -54,6 +54,10 @@ pub struct VerifyReport {
     pub objects_checked: u64,
     pub bytes_checked: u64,
     pub problems: Vec<Problem>,
+    /// The share of the backups' objects checked (`--sample`), in percent.
+    pub sample_percent: u8,
+    /// The backups' distinct objects, sampled or not.
+    pub objects_named: u64,
     /// WAL archive ranges checked, one per shard and lineage.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub wal: Vec<WalRange>,
@@ -139,9 +143,17 @@ impl fmt::Display for VerifyReport {
                     .collect::<String>()
             )?;
         }
+        let sample = if self.sample_percent < 100 {
+            format!(
+                ", a {}% sample of {} objects",
+                self.sample_percent, self.objects_named
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "Checked {} backup(s), {} shard(s), {} file(s), {} object(s), {} bytes ({level}).",
+            "Checked {} backup(s), {} shard(s), {} file(s), {} object(s), {} bytes ({level}{sample}).",
             self.backups.len(),
             self.shards_checked,
             self.files_checked,
@@ -167,17 +179,28 @@ struct Use {
     file: String,
 }
 
-/// Verifies the given backups at `level`, checking up to `parallelism` objects at once.
+/// Verifies the given backups at `level`, checking up to `parallelism` objects at once, and
+/// of their objects a random `sample_percent` (1..=100; 100 checks every one). Manifests are
+/// always checked whole.
 pub async fn verify(
     repo: &Repository,
     backups: &[BackupId],
     level: VerifyLevel,
+    sample_percent: u8,
     parallelism: usize,
     progress: &Progress,
 ) -> Result<VerifyReport> {
+    if !(1..=100).contains(&sample_percent) {
+        return Err(crate::error::Error::new(
+            ErrorCode::InvalidArgument,
+            format!("a sample of {sample_percent}% is not 1..=100"),
+        ));
+    }
     let mut problems = Vec::new();
     let mut report = VerifyReport {
         level,
+        sample_percent,
+        objects_named: 0,
         backups: backups.to_vec(),
         shards_checked: 0,
         files_checked: 0,
@@ -296,6 +319,14 @@ pub async fn verify(
         }
     }
 
+    report.objects_named = objects.len() as u64;
+    if sample_percent < 100 {
+        // A new random sample every run: repeated sampled verifies cover everything.
+        let seed = std::collections::hash_map::RandomState::new();
+        objects.retain(|key, _| {
+            std::hash::BuildHasher::hash_one(&seed, key) % 100 < u64::from(sample_percent)
+        });
+    }
     let size = |chunk: &Chunk| match level {
         VerifyLevel::Quick => chunk.stored_len,
         VerifyLevel::Full => chunk.len,
@@ -355,13 +386,15 @@ pub async fn verify(
 }
 
 /// Checks the WAL archive at `archive` for `shards` (every lineage it holds) and adds what it
-/// found to `report`: contiguous segments on each lineage, and at the full level every
-/// segment downloaded and checked.
+/// found to `report`: contiguous segments on each lineage, reaching back on each to the
+/// sequence number `reach_back` names for it (the oldest backup there: every point after it
+/// must be restorable), and at the full level every segment downloaded and checked.
 pub async fn verify_wal(
     report: &mut VerifyReport,
     archive: &crate::archive::WalArchive,
     shards: &[ShardId],
     level: VerifyLevel,
+    reach_back: &std::collections::HashMap<(ShardId, crate::lineage::LineageId), Seq>,
 ) -> Result<()> {
     for shard in shards {
         for lineage in archive.wal_lineages(shard).await? {
@@ -376,6 +409,20 @@ pub async fn verify_wal(
                 error: None,
             };
             let mut outcome = crate::wal::check_segments(&segments);
+            if let (Some(oldest), Some(first)) = (
+                reach_back.get(&(shard.clone(), lineage.id)),
+                segments.first(),
+            ) && first.first.0 > oldest.0 + 1
+                && outcome.is_ok()
+            {
+                outcome = Err(crate::error::Error::new(
+                    ErrorCode::BackupWalGap,
+                    format!(
+                        "the archive starts at {} but the oldest backup on this lineage is at {oldest}: points between cannot be restored",
+                        first.first
+                    ),
+                ));
+            }
             if level == VerifyLevel::Full && outcome.is_ok() {
                 for info in &segments {
                     match archive.get_wal_segment(info).await {

@@ -166,6 +166,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
             grace_s: 0,
             planted_bug: scenario.planted_gc_bug,
         },
+        verify: Default::default(),
         metrics_listen: None,
     }
 }

@@ -153,6 +153,15 @@ impl Cluster {
         cluster
     }
 
+    /// Restarts the coordinator with `tables` appended to its configuration.
+    pub fn reconfigure(&mut self, tables: &str) {
+        let mut config = std::fs::read_to_string(self.config_path()).expect("config");
+        config.push_str(tables);
+        std::fs::write(self.config_path(), config).expect("write config");
+        self.kill_coordinator();
+        self.start_coordinator(None);
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("lockstep.toml")
     }

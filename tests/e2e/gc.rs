@@ -15,15 +15,6 @@ use lockstep_tests::text;
 use crate::cluster::{Cluster, N_AGENTS, json, wait_until};
 use crate::pitr::{Acked, keys_in, seq_vector, state, wait_shipped};
 
-/// Restarts the coordinator with `tables` appended to its configuration.
-fn configure(cluster: &mut Cluster, tables: &str) {
-    let mut config = std::fs::read_to_string(cluster.config_path()).expect("config");
-    config.push_str(tables);
-    std::fs::write(cluster.config_path(), config).expect("write config");
-    cluster.kill_coordinator();
-    cluster.start_coordinator(None);
-}
-
 /// Every stored object file: its path under `objects/` and its size.
 fn object_files(repo: &Path) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
@@ -219,10 +210,7 @@ fn backups_then_retention(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_reclaims_what_retention_removed_while_clients_write_and_a_backup_runs() {
     let mut cluster = Cluster::start(5_000, None);
-    configure(
-        &mut cluster,
-        "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n",
-    );
+    cluster.reconfigure("[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n");
     let writers = Writers::start(&cluster, 20_000);
     let (retained, removed_only) = backups_then_retention(&cluster, 1);
     let repo = cluster.repo();
@@ -320,10 +308,7 @@ async fn kill_inside_a_pass(cluster: &mut Cluster, fault: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gc_pass_killed_anywhere_loses_nothing_and_the_next_one_finishes() {
     let mut cluster = Cluster::start(5_000, None);
-    configure(
-        &mut cluster,
-        "[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n",
-    );
+    cluster.reconfigure("[gc]\ngrace_s = 1\n[retention]\nkeep_full = 1\n");
     let writers = Writers::start(&cluster, 50_000);
     // More objects of their own than one delete batch (64), so a kill can split the sweep.
     let (retained, removed_only) = backups_then_retention(&cluster, 25);

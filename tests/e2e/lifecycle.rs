@@ -5,6 +5,7 @@
 use lockstep_tests::text;
 
 use crate::cluster::{Cluster, json};
+use crate::pitr::{wait_shipped, write};
 
 fn listed(cluster: &Cluster) -> Vec<String> {
     json(&cluster.lockstep(&["backup", "list", "--json"]))
@@ -73,4 +74,91 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
     with_retention(&mut cluster, "after_backup = true");
     let f3 = cluster.backup("full");
     assert_eq!(listed(&cluster), vec![f3]);
+}
+
+/// Every WAL segment file of shard-0 in the archive, with its first sequence number.
+fn shard_0_segments(archive: &std::path::Path) -> Vec<(u64, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![archive.join("wal").join(Cluster::shard(0))];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Some(first) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| n.ends_with(".seg"))
+                .and_then(|n| n.split('-').next())
+                .and_then(|n| n.parse().ok())
+            {
+                out.push((first, path));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_samples_checks_each_backup_and_finds_an_archive_that_does_not_reach_back() {
+    let mut cluster = Cluster::start(5000, None);
+    cluster.reconfigure("[verify]\nafter_backup = \"full\"\n");
+    for i in 0..3 {
+        for k in 0..30 {
+            write(&cluster, i, format!("before-{k:03}"), false).await;
+        }
+    }
+    let backup = cluster.backup("full");
+    let log = std::fs::read_to_string(cluster.log("coordinator")).expect("log");
+    assert!(log.contains("verified after the backup: passed"), "{log}");
+    // Two rounds, each shipped before the next: segments start right after the cut and later.
+    for round in 0..2 {
+        for i in 0..3 {
+            for k in 0..30 {
+                write(&cluster, i, format!("after-{round}-{k:03}"), false).await;
+            }
+        }
+        wait_shipped(&cluster).await;
+    }
+
+    let sampled = cluster.lockstep(&["backup", "verify", "--full", "--sample", "50", "--json"]);
+    assert!(sampled.status.success(), "{}", text(&sampled));
+    let report = json(&sampled);
+    assert_eq!(report["sample_percent"], 50, "{report}");
+    assert!(report["objects_checked"].as_u64() <= report["objects_named"].as_u64());
+    let refused = cluster.lockstep(&["backup", "verify", "--sample", "0"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+
+    // The archive loses the WAL right after the backup's cut on shard-0: the segments left
+    // are contiguous, but the points between the backup and them cannot be restored.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            cluster
+                .repo()
+                .join("backups")
+                .join(format!("{backup}.json")),
+        )
+        .expect("manifest"),
+    )
+    .expect("json");
+    let cut = manifest["cut"][Cluster::shard(0)].as_u64().expect("cut");
+    let segments = shard_0_segments(&cluster.archive());
+    assert!(
+        segments.iter().any(|(first, _)| *first > cut + 1),
+        "{segments:?}"
+    );
+    for (first, path) in &segments {
+        if *first <= cut + 1 {
+            std::fs::remove_file(path).expect("remove segment");
+        }
+    }
+    let verify = cluster.lockstep(&["backup", "verify"]);
+    let out = text(&verify);
+    assert!(!verify.status.success(), "{out}");
+    assert!(
+        out.contains("ERR_BACKUP_WAL_GAP") && out.contains("oldest backup on this lineage"),
+        "cut {cut}, segments {segments:?}, left {:?}: {out}",
+        shard_0_segments(&cluster.archive())
+    );
 }

@@ -120,6 +120,7 @@ async fn verify_streams_its_progress_then_the_report() {
         .verify_backup_stream(v1::VerifyBackupRequest {
             backup_id: "latest".into(),
             full: true,
+            ..Default::default()
         })
         .await
         .expect("verify")

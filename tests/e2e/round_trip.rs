@@ -115,6 +115,7 @@ async fn round_trip(repo: Repository) {
         &repo,
         &[first.backup_id.clone(), second.backup_id.clone()],
         VerifyLevel::Full,
+        100,
         4,
         &Progress::default(),
     )
