@@ -40,6 +40,8 @@ impl WalArchiveApi {
         let key = (info.shard_id.clone(), info.lineage.id);
         let writer = {
             let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+            // A put cancelled while it waited leaves its lock behind: forget those too.
+            writers.retain(|_, w| Arc::strong_count(w) > 1);
             writers.entry(key.clone()).or_default().clone()
         };
         let held = writer.clone().lock_owned().await;

@@ -538,7 +538,7 @@ pub async fn barrier(
     // at most the stage timeout plus the Prepare deadline, with a lease of margin.
     let staging = Instant::now();
     let hold_ms = barrier.stage_timeout_ms + barrier.prepare_timeout_ms + barrier.lease_ms;
-    fan_out(
+    let staged = fan_out(
         ctx,
         view,
         Step::Stage,
@@ -550,6 +550,20 @@ pub async fn barrier(
         },
     )
     .await?;
+    // An agent too old to know the filter drops it: its upload could name what a sweep
+    // deletes. Checked before any gate closes.
+    for (agent, status) in ctx.agents.iter().zip(&staged) {
+        let sent = request(agent).condemned.map_or(0, |f| f.count);
+        if status.condemned_objects != sent {
+            return Err(Error::new(
+                ErrorCode::BarrierAborted,
+                format!(
+                    "the agent of shard {} did not take the {sent} objects a GC sweep condemned (is it older than the coordinator?); upgrade it, or retry once the sweep ends",
+                    agent.shard_id
+                ),
+            ));
+        }
+    }
     tracing::info!(barrier = %backup, staged_ms = staging.elapsed().as_millis() as u64, "every shard staged; closing the gates");
 
     // Phase 1: Prepare everywhere in parallel; the deadline runs from sending. Every gate
@@ -572,19 +586,6 @@ pub async fn barrier(
     )
     .await?;
     tracing::info!(barrier = %backup, prepared_ms = sent.elapsed().as_millis() as u64, "every shard prepared; committing");
-    // An agent too old to know the filter drops it: its upload could name what a sweep deletes.
-    for (agent, status) in ctx.agents.iter().zip(&prepared) {
-        let sent = request(agent).condemned.map_or(0, |f| f.count);
-        if status.condemned_objects != sent {
-            return Err(Error::new(
-                ErrorCode::BarrierAborted,
-                format!(
-                    "the agent of shard {} did not take the {sent} objects a GC sweep condemned (is it older than the coordinator?); upgrade it, or retry once the sweep ends",
-                    agent.shard_id
-                ),
-            ));
-        }
-    }
 
     fault_pause("before-commit", backup).await;
     if Instant::now() > sent + barrier.lease() {

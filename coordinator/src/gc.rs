@@ -190,11 +190,13 @@ pub async fn collect(
     report.candidates = plan.record.marked.len() as u64;
     report.candidate_bytes = plan.candidate_bytes;
     report.orphan_manifests = orphans.len() as u64;
-    if let Some(first) = plan.record.marked.values().min() {
-        let due = chrono::DateTime::from_timestamp_millis(*first).map(|at| at + grace_chrono);
-        report.next_due_at = due.map(|at| at.to_rfc3339()).unwrap_or_default();
-    }
+    let next_due = |record: &gc::CandidateRecord| {
+        let first = record.marked.values().min()?;
+        let due = chrono::DateTime::from_timestamp_millis(*first)? + grace_chrono;
+        Some(due.to_rfc3339())
+    };
     if dry_run {
+        report.next_due_at = next_due(&plan.record).unwrap_or_default();
         report.objects_deleted = plan.due.len() as u64;
         report.bytes_reclaimed = plan.due.iter().map(|o| o.size).sum();
         report.duration_ms = started.elapsed().as_millis() as u64;
@@ -235,9 +237,9 @@ pub async fn collect(
             lockstep_process::fault_pause("gc-swept", &"garbage collection").await;
         }
     }
-    if !orphans.is_empty() {
+    for batch in orphans.chunks(DELETE_BATCH) {
         ctx.fence.check("delete orphaned shard manifests").await?;
-        ctx.repo.delete_keys(&orphans).await?;
+        ctx.repo.delete_keys(batch).await?;
     }
     ctx.fence.check("record GC candidates").await?;
     // New candidates count from when writers can see them: an offline backup reads the
@@ -245,6 +247,7 @@ pub async fn collect(
     let mut record = plan.record;
     record.restamp(now.timestamp_millis(), Utc::now().timestamp_millis());
     ctx.repo.put_gc_candidates(&record).await?;
+    report.next_due_at = next_due(&record).unwrap_or_default();
     report.duration_ms = started.elapsed().as_millis() as u64;
     metrics::gauge!(lockstep_process::metrics::GC_CANDIDATE_BYTES).set(plan.candidate_bytes as f64);
     metrics::gauge!(lockstep_process::metrics::GC_LAST_SUCCESS).set(Utc::now().timestamp() as f64);

@@ -161,6 +161,7 @@ impl ClusterOps {
             finished: Remembered::new(REMEMBERED_JOBS),
             ops: JoinSet::new(),
             deliveries: JoinSet::new(),
+            checks: JoinSet::new(),
         };
         tasks.spawn(actor.run(rx));
         ClusterOps { tx }
@@ -263,6 +264,9 @@ struct Actor {
     ops: JoinSet<Ended>,
     /// Final restore views still on their way to slow clients (the cluster is free meanwhile).
     deliveries: JoinSet<()>,
+    /// The verify of the backup committed last (`[verify] after_backup`), beside the cluster
+    /// operations: at most one at a time.
+    checks: JoinSet<()>,
 }
 
 impl Actor {
@@ -281,6 +285,7 @@ impl Actor {
                 _ = self.cancel.cancelled() => break,
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => self.finish(done),
                 Some(_) = self.deliveries.join_next(), if !self.deliveries.is_empty() => {}
+                Some(_) = self.checks.join_next(), if !self.checks.is_empty() => {}
                 _ = async {
                     match auto_tags.as_mut() {
                         Some(ticks) => ticks.tick().await,
@@ -300,6 +305,7 @@ impl Actor {
             self.finish(done);
         }
         while self.deliveries.join_next().await.is_some() {}
+        while self.checks.join_next().await.is_some() {}
     }
 
     /// Releases the cluster, then delivers what the ended operation hands back.
@@ -326,6 +332,9 @@ impl Actor {
                     }
                 });
                 let view = read(&view);
+                if view.state == v1::JobState::Committed {
+                    self.verify_after(view.backup_id.clone());
+                }
                 self.finished.insert(view.backup_id.clone(), view);
             }
             Ended::Tag(reply, outcome) => {
@@ -347,6 +356,25 @@ impl Actor {
                 });
             }
         }
+    }
+
+    /// Starts `[verify] after_backup` on `backup`, once the cluster is free: skipped (and
+    /// said) while the verify of an earlier backup still runs; a stopping coordinator ends it.
+    fn verify_after(&mut self, backup: BackupId) {
+        if self.ctx.config.verify.after_backup == crate::config::AfterBackup::Off {
+            return;
+        }
+        if !self.checks.is_empty() {
+            tracing::warn!(backup = %backup, "verify after the backup skipped: the verify of an earlier backup still runs");
+            return;
+        }
+        let (ctx, cancel) = (self.ctx.clone(), self.cancel.clone());
+        self.checks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                () = backup::verify_after(&ctx, &backup) => {}
+            }
+        });
     }
 
     /// Holds the cluster for `what`, or names who holds it.
@@ -420,9 +448,6 @@ impl Actor {
                         backup::run_backup(&ctx, &backup_id, &cut, &labels, &view, &cancel).await;
                     backup::record_outcome(cut.kind, outcome.is_ok(), started.elapsed());
                     drop(sweep);
-                    if outcome.is_ok() {
-                        backup::verify_after(&ctx, &backup_id).await;
-                    }
                     if outcome.is_ok() && ctx.config.retention.after_backup {
                         match crate::retention::apply(&ctx, false).await {
                             Ok(plan) => tracing::info!(removed = plan.removed().count(), "retention applied after the backup"),

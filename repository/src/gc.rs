@@ -363,9 +363,11 @@ impl Repository {
             .list(Some(&self.layout().objects_dir()))
             .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "list objects", err))
             .try_filter_map(move |meta| async move {
-                Ok(self
-                    .layout()
+                let layout = self.layout();
+                // Only where `object` puts it: a stray copy elsewhere is not ours to count.
+                Ok(layout
                     .object_key_of(&meta.location)
+                    .filter(|(id, copy)| layout.object(id, *copy) == meta.location)
                     .map(|key| StoredObject {
                         key,
                         size: meta.size,

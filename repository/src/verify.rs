@@ -321,11 +321,17 @@ pub async fn verify(
 
     report.objects_named = objects.len() as u64;
     if sample_percent < 100 {
-        // A new random sample every run: repeated sampled verifies cover everything.
+        // The share, at least one object, drawn anew every run.
         let seed = std::collections::hash_map::RandomState::new();
-        objects.retain(|key, _| {
-            std::hash::BuildHasher::hash_one(&seed, key) % 100 < u64::from(sample_percent)
-        });
+        let keep = (objects.len() * usize::from(sample_percent)).div_ceil(100);
+        let mut drawn: Vec<(u64, crate::gc::ObjectKey)> = objects
+            .keys()
+            .map(|key| (std::hash::BuildHasher::hash_one(&seed, key), *key))
+            .collect();
+        drawn.sort_unstable();
+        let kept: HashSet<crate::gc::ObjectKey> =
+            drawn.into_iter().take(keep).map(|(_, key)| key).collect();
+        objects.retain(|key, _| kept.contains(key));
     }
     let size = |chunk: &Chunk| match level {
         VerifyLevel::Quick => chunk.stored_len,
