@@ -574,6 +574,9 @@ fn print_retention(plan: &v1::RetentionPlan) {
     }
 }
 
+/// Backups per `ListBackups` page the CLI asks for.
+const LIST_PAGE: u32 = 500;
+
 fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
@@ -863,13 +866,25 @@ async fn run_command(cli: Cli) -> Result<i32> {
         }) => create(endpoint, kind, labels, wait, json).await?,
         Command::Backup(BackupCommand::List { labels, json }) => {
             let mut client = client(endpoint).await?;
-            let reply = client
-                .list_backups(v1::ListBackupsRequest {
-                    labels: labels_given(labels)?,
-                })
-                .await
-                .map_err(|s| from_status("list backups", &s))?
-                .into_inner();
+            let labels = labels_given(labels)?;
+            // Page by page: one reply for every backup outgrows the message limit.
+            let mut reply = v1::ListBackupsReply::default();
+            loop {
+                let page = client
+                    .list_backups(v1::ListBackupsRequest {
+                        labels: labels.clone(),
+                        page_size: LIST_PAGE,
+                        page_token: reply.next_page_token.clone(),
+                    })
+                    .await
+                    .map_err(|s| from_status("list backups", &s))?
+                    .into_inner();
+                reply.backups.extend(page.backups);
+                reply.next_page_token = page.next_page_token;
+                if reply.next_page_token.is_empty() {
+                    break;
+                }
+            }
             if json {
                 print_json(&reply.backups.iter().map(info_json).collect::<Vec<_>>());
             } else if reply.backups.is_empty() {

@@ -128,6 +128,38 @@ async fn oldest_backup_points(
     Ok(out)
 }
 
+/// One page of `listed` (oldest first): at most `size` (0: all) after the backup `token`
+/// names, and the token of the next page if more follow.
+fn page(
+    listed: Vec<v1::BackupInfo>,
+    size: u32,
+    token: &str,
+) -> Result<(Vec<v1::BackupInfo>, String)> {
+    let start = if token.is_empty() {
+        0
+    } else {
+        1 + listed
+            .iter()
+            .position(|b| b.backup_id == token)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!("page token {token:?} names no backup (removed since?); list again from the start"),
+                )
+            })?
+    };
+    let end = match size {
+        0 => listed.len(),
+        size => listed.len().min(start + size as usize),
+    };
+    let next = if end < listed.len() && end > start {
+        listed[end - 1].backup_id.clone()
+    } else {
+        String::new()
+    };
+    Ok((listed.into_iter().take(end).skip(start).collect(), next))
+}
+
 /// How often a running verify reports its progress.
 const VERIFY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -320,9 +352,10 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<v1::ListBackupsRequest>,
     ) -> Reply<v1::ListBackupsReply> {
-        let wanted = labels_from_wire(request.into_inner().labels).map_err(status)?;
+        let request = request.into_inner();
+        let wanted = labels_from_wire(request.labels).map_err(status)?;
         let backups = self.ctx.repo.backups().await.map_err(status)?;
-        let backups = backups
+        let backups: Vec<v1::BackupInfo> = backups
             .into_iter()
             .filter_map(|(id, manifest)| match manifest {
                 Ok(manifest) => {
@@ -336,7 +369,12 @@ impl Coordinator for CoordinatorApi {
                 }),
             })
             .collect();
-        Ok(Response::new(v1::ListBackupsReply { backups }))
+        let (backups, next_page_token) =
+            page(backups, request.page_size, &request.page_token).map_err(status)?;
+        Ok(Response::new(v1::ListBackupsReply {
+            backups,
+            next_page_token,
+        }))
     }
 
     async fn get_backup(&self, request: Request<v1::GetBackupRequest>) -> Reply<v1::BackupInfo> {
@@ -728,4 +766,45 @@ where
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     result.map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "serve gRPC", err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(n: usize) -> Vec<v1::BackupInfo> {
+        (0..n)
+            .map(|i| v1::BackupInfo {
+                backup_id: format!("bk-{i}"),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn ids(page: &[v1::BackupInfo]) -> Vec<&str> {
+        page.iter().map(|b| b.backup_id.as_str()).collect()
+    }
+
+    #[test]
+    fn backups_page_after_the_token_until_none_follow() -> Result<()> {
+        let (first, token) = page(listed(5), 2, "")?;
+        assert_eq!(
+            (ids(&first), token.as_str()),
+            (vec!["bk-0", "bk-1"], "bk-1")
+        );
+        let (second, token) = page(listed(5), 2, &token)?;
+        assert_eq!(
+            (ids(&second), token.as_str()),
+            (vec!["bk-2", "bk-3"], "bk-3")
+        );
+        let (last, token) = page(listed(5), 2, &token)?;
+        assert_eq!((ids(&last), token.as_str()), (vec!["bk-4"], ""));
+        let (all, token) = page(listed(5), 0, "")?;
+        assert_eq!((all.len(), token.as_str()), (5, ""));
+        let (exact, token) = page(listed(4), 2, "bk-1")?;
+        assert_eq!((ids(&exact), token.as_str()), (vec!["bk-2", "bk-3"], ""));
+        let gone = page(listed(5), 2, "bk-9").expect_err("a token of no backup");
+        assert_eq!(gone.code, ErrorCode::InvalidArgument);
+        Ok(())
+    }
 }

@@ -43,6 +43,33 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
     let i1 = cluster.backup("incremental");
     let f2 = cluster.backup("full");
     let d2 = cluster.backup("differential");
+    // Listed page by page, oldest first, as the CLI does.
+    let mut client = lockstep_proto::v1::coordinator_client::CoordinatorClient::connect(
+        cluster.coordinator_address.clone(),
+    )
+    .await
+    .expect("connect");
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let reply = client
+            .list_backups(lockstep_proto::v1::ListBackupsRequest {
+                page_size: 3,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(reply.backups.len() <= 3);
+        paged.extend(reply.backups.into_iter().map(|b| b.backup_id));
+        token = reply.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(paged, vec![f1.clone(), i1.clone(), f2.clone(), d2.clone()]);
+    assert_eq!(listed(&cluster), paged);
     with_retention(&mut cluster, "keep_full = 1");
 
     let dry = cluster.lockstep(&["retention", "apply", "--dry-run", "--json"]);
