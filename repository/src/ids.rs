@@ -15,7 +15,7 @@ fn validate_component(kind: &str, value: &str) -> Result<(), Error> {
     let ok = !value.is_empty()
         && value.len() <= 128
         && value != "."
-        && value != ".."
+        && !value.contains("..")
         && !value.starts_with('.')
         && value
             .bytes()
@@ -26,7 +26,7 @@ fn validate_component(kind: &str, value: &str) -> Result<(), Error> {
         Err(Error::new(
             ErrorCode::InvalidArgument,
             format!(
-                "invalid {kind} {value:?}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.'"
+                "invalid {kind} {value:?}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.' and without '..'"
             ),
         ))
     }
@@ -294,7 +294,7 @@ mod tests {
 
     #[test]
     fn ids_that_could_escape_a_key_prefix_are_refused() {
-        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a b", "é"] {
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a b", "é", "a..", "a..b"] {
             assert!(ShardId::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(ShardId::new("shard-0").is_ok());
