@@ -294,7 +294,9 @@ mod tests {
 
     #[test]
     fn ids_that_could_escape_a_key_prefix_are_refused() {
-        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a b", "é", "a..", "a..b"] {
+        for bad in [
+            "", ".", "..", "../x", "a/b", ".hidden", "a b", "é", "a..", "a..b",
+        ] {
             assert!(ShardId::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(ShardId::new("shard-0").is_ok());
