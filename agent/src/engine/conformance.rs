@@ -276,6 +276,7 @@ pub fn capture_under_writes_is_exact_and_keeps_its_wal<E: ShardEngine>(dir: &Pat
         apply(&mut model, &batch);
         engine.write(&batch).expect("write");
     }
+    let before_writer = engine.latest_seq();
     let (writing, captured) = (AtomicBool::new(false), AtomicBool::new(false));
     // The writer goes on until 20 batches after the capture returned.
     let (capture, written) = std::thread::scope(|scope| {
@@ -305,7 +306,7 @@ pub fn capture_under_writes_is_exact_and_keeps_its_wal<E: ShardEngine>(dir: &Pat
         capture.seq < engine.latest_seq(),
         "writes went on after the capture"
     );
-    let mut at_capture = (capture.seq.0 == 100 * 8).then(|| model.clone());
+    let mut at_capture = (capture.seq == before_writer).then(|| model.clone());
     for (batch, range) in &written {
         assert!(
             range.last <= capture.seq || range.first > capture.seq,
@@ -338,6 +339,49 @@ pub fn capture_under_writes_is_exact_and_keeps_its_wal<E: ShardEngine>(dir: &Pat
     }
     assert_eq!(restored.latest_seq(), engine.latest_seq());
     assert_matches(&restored, &model);
+}
+
+/// An empty range delete deletes nothing and consumes no sequence number: a capture taken
+/// right after a batch holding one (its WAL copy ending with that batch) opens at the
+/// shard's own sequence number, and the next write continues from it.
+pub fn an_empty_range_delete_consumes_no_sequence_number<E: ShardEngine>(dir: &Path) {
+    let engine = E::open(&dir.join("live"), &cfs()).expect("open");
+    let mut model = Model::new();
+    let mut first = WriteBatch::new();
+    first.put("events", "a", "1").put("events", "b", "2");
+    apply(&mut model, &first);
+    engine.write(&first).expect("write");
+    engine.prepare_capture().expect("prepare");
+    let mut batch = WriteBatch::new();
+    batch
+        .put("events", "c", "3")
+        .delete_range("events", "a", "a")
+        .put("meta", "d", "4");
+    apply(&mut model, &batch);
+    let range = engine.write(&batch).expect("write");
+    assert_eq!(
+        range.last.0 - range.first.0 + 1,
+        2,
+        "two puts consume two sequence numbers, the empty range none"
+    );
+    assert_eq!(engine.latest_seq(), range.last);
+    let capture = engine.capture(&dir.join("capture")).expect("capture");
+    assert_eq!(
+        capture.seq, range.last,
+        "the capture opens at the shard's sequence number"
+    );
+    materialize(&capture, &dir.join("restored"));
+    drop(capture);
+    let restored = E::open(&dir.join("restored"), &cfs()).expect("open restored");
+    assert_eq!(restored.latest_seq(), range.last);
+    assert_matches(&restored, &model);
+    let mut next = WriteBatch::new();
+    next.put("events", "e", "5");
+    assert_eq!(
+        restored.write(&next).expect("write").first,
+        Seq(range.last.0 + 1),
+        "the next write continues the sequence"
+    );
 }
 
 pub fn reopen_keeps_data_and_sequence<E: ShardEngine>(dir: &Path) {
@@ -520,6 +564,10 @@ macro_rules! conformance_suite {
             #[test]
             fn capture_under_writes_is_exact_and_keeps_its_wal() {
                 run(super::capture_under_writes_is_exact_and_keeps_its_wal::<$engine>);
+            }
+            #[test]
+            fn an_empty_range_delete_consumes_no_sequence_number() {
+                run(super::an_empty_range_delete_consumes_no_sequence_number::<$engine>);
             }
             #[test]
             fn reopen_keeps_data_and_sequence() {

@@ -340,7 +340,7 @@ impl ShardEngine for MemEngine {
     }
 
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange> {
-        batch.validate()?;
+        let batch = batch.checked()?;
         let mut state = self.state();
         // Check every family first, so a failing batch applies nothing.
         state.check_families(&batch.ops)?;

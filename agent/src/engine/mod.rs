@@ -16,6 +16,7 @@ mod rocks;
 #[cfg(test)]
 mod conformance;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 pub use lockstep_repository::manifest::FileKind;
@@ -87,7 +88,9 @@ pub enum Op {
     },
 }
 
-/// An ordered group of mutations applied atomically; each consumes one sequence number.
+/// An ordered group of mutations applied atomically; each consumes one sequence number,
+/// except an empty range delete (`start == end`), which engines leave out (see
+/// [`WriteBatch::checked`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteBatch {
     pub ops: Vec<Op>,
@@ -138,20 +141,35 @@ impl WriteBatch {
         self.ops.len()
     }
 
-    /// Refuses a batch that no engine applies the same way: a range delete whose start is
-    /// after its end. (An empty range, `start == end`, is a valid no-op.)
-    pub fn validate(&self) -> Result<()> {
+    /// The batch as engines write it. Refuses what no engine applies the same way, a range
+    /// delete whose start is after its end, and leaves out empty range deletes
+    /// (`start == end`), which delete nothing: RocksDB counts one in the sequence numbers a
+    /// live write consumes but not when it replays its WAL at open, so a shard reopened (or
+    /// a capture opened) right after one would stand one sequence number short of its own
+    /// WAL, and its next write would reuse a number already shipped.
+    pub fn checked(&self) -> Result<Cow<'_, WriteBatch>> {
+        let mut empty_ranges = 0;
         for op in &self.ops {
-            if let Op::DeleteRange { cf, start, end } = op
-                && start > end
-            {
-                return Err(Error::new(
-                    ErrorCode::InvalidArgument,
-                    format!("range delete in {cf:?} has its start after its end"),
-                ));
+            if let Op::DeleteRange { cf, start, end } = op {
+                if start > end {
+                    return Err(Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!("range delete in {cf:?} has its start after its end"),
+                    ));
+                }
+                empty_ranges += usize::from(start == end);
             }
         }
-        Ok(())
+        if empty_ranges == 0 {
+            return Ok(Cow::Borrowed(self));
+        }
+        let ops = self
+            .ops
+            .iter()
+            .filter(|op| !matches!(op, Op::DeleteRange { start, end, .. } if start == end))
+            .cloned()
+            .collect();
+        Ok(Cow::Owned(WriteBatch { ops }))
     }
 
     pub fn is_empty(&self) -> bool {

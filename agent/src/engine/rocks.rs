@@ -273,7 +273,7 @@ impl ShardEngine for RocksEngine {
     }
 
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange> {
-        batch.validate()?;
+        let batch = batch.checked()?;
         let mut rocks_batch = rocksdb::WriteBatch::default();
         // The HLC record goes first and is stamped under the write lock below; reserve it.
         rocks_batch.put_log_data(hlc_blob(HlcTime(0)));
