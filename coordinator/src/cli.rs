@@ -566,11 +566,15 @@ fn print_retention(plan: &v1::RetentionPlan) {
             .filter(|item| item.remove && item.what == what)
             .count()
     };
-    let (backups, tags) = (count("backup"), count("tag"));
+    let (backups, tags, runs) = (count("backup"), count("tag"), count("wal"));
     if plan.applied {
-        println!("Removed {backups} backup(s) and {tags} tag(s); their objects are garbage now.");
+        println!(
+            "Removed {backups} backup(s), {tags} tag(s) and {runs} run(s) of WAL segments; the backups' objects are garbage now."
+        );
     } else {
-        println!("Dry run: would remove {backups} backup(s) and {tags} tag(s); nothing changed.");
+        println!(
+            "Dry run: would remove {backups} backup(s), {tags} tag(s) and {runs} run(s) of WAL segments; nothing changed."
+        );
     }
 }
 

@@ -17,16 +17,25 @@
 //! - tags go when older than `keep_tags_days` (0 keeps every tag), unless pinned or in the
 //!   recovery window.
 //!
-//! The WAL archive is not pruned yet: every plan says so. Removing a backup removes its
-//! manifests; its objects become garbage for a collector that does not exist yet.
+//! The catalog's WAL archives, the repository's own `wal/` and `wal_archive` (when it is an
+//! object store), lose, per shard, the segments no kept backup can replay: those before the
+//! oldest kept backup on each history, and forks no kept backup reaches. Kept always: a lineage no kept backup is on or descends from (the archive may
+//! serve another repository's backups), the last segment of every lineage (where shipping
+//! resumes, and what keeps the lineage and its timeline listed), every segment younger than
+//! `[gc] grace_s`, and everything while any backup manifest cannot be read. A `lockstep://`
+//! archive is not pruned from here (the archive service has no delete).
+//!
+//! Removing a backup removes its manifests; its objects become garbage for `lockstep gc`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Datelike, Duration, Utc};
+use lockstep_repository::archive::WalArchive;
 use lockstep_repository::lineage::ancestry;
 use lockstep_repository::manifest::{BackupKind, BackupManifest, TagManifest};
+use lockstep_repository::wal::SegmentInfo;
 use lockstep_repository::{
-    BackupId, Error, ErrorCode, Lineage, LineageId, Result, Seq, ShardId, TagName,
+    BackupId, Error, ErrorCode, Lineage, LineageId, Repository, Result, Seq, ShardId, TagName,
 };
 use serde::{Deserialize, Serialize};
 
@@ -70,7 +79,7 @@ impl RetentionConfig {
 /// One backup or tag and what the plan does with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
-    /// `backup` or `tag`.
+    /// `backup`, `tag`, or `wal` (a run of one shard's segments on one lineage).
     pub what: &'static str,
     pub name: String,
     pub remove: bool,
@@ -81,10 +90,14 @@ pub struct Decision {
 /// What applying the policy does.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Plan {
-    /// Every backup (oldest first in commit order), then every tag (oldest first).
+    /// Every backup (oldest first in commit order), then every tag (oldest first), then the
+    /// WAL archive's runs of segments by shard, lineage and sequence.
     pub items: Vec<Decision>,
-    /// What happens to the WAL archive.
+    /// What happens to the WAL archive, in one line.
     pub wal: String,
+    /// The segments the plan removes, by archive.
+    #[serde(skip)]
+    pub wal_doomed: Vec<(Repository, Vec<SegmentInfo>)>,
 }
 
 impl Plan {
@@ -133,8 +146,142 @@ fn on_history(backup: &BackupManifest, point: &Point, known: &HashMap<LineageId,
     })
 }
 
-/// The WAL part of every plan, until the archive is pruned.
-const WAL_KEPT: &str = "kept: this version does not prune the WAL archive";
+/// The WAL part of a plan before the archive is read.
+const WAL_UNREAD: &str = "not planned: the archive was not read";
+
+/// One shard's WAL archive: each lineage with its segments in sequence order.
+pub type ShardArchive = Vec<(Lineage, Vec<SegmentInfo>)>;
+
+/// Why a segment stays or goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WalFate {
+    Unrelated,
+    Needed(BackupId),
+    Young,
+    Last,
+    Removed,
+}
+
+impl WalFate {
+    fn reason(&self, grace: Duration) -> String {
+        match self {
+            WalFate::Unrelated => {
+                "no kept backup is on this history or before it (another repository's?)".into()
+            }
+            WalFate::Needed(id) => format!("replayed from kept backup {id}"),
+            WalFate::Young => format!("younger than [gc] grace_s ({} s)", grace.num_seconds()),
+            WalFate::Last => "the lineage's last segment: shipping resumes after it".into(),
+            WalFate::Removed => "no kept backup replays it".into(),
+        }
+    }
+}
+
+/// Plans the WAL archive against the backups the plan keeps: per shard and lineage, which
+/// segments no kept backup can replay (module docs). Returns the runs of segments with their
+/// fate, and the segments to remove.
+pub fn plan_wal(
+    kept: &[&BackupManifest],
+    archive: &BTreeMap<ShardId, ShardArchive>,
+    now: DateTime<Utc>,
+    grace: Duration,
+) -> (Vec<Decision>, Vec<SegmentInfo>) {
+    let young_after = before(now, grace);
+    let (mut items, mut doomed) = (Vec::new(), Vec::new());
+    for (shard, lineages) in archive {
+        let starts: Vec<(Lineage, Seq, &BackupId)> = kept
+            .iter()
+            .flat_map(|m| {
+                m.shards
+                    .iter()
+                    .filter(|r| &r.shard_id == shard)
+                    .map(|r| (r.lineage, r.seq, &m.backup_id))
+            })
+            .collect();
+        let known: HashMap<LineageId, Lineage> = lineages
+            .iter()
+            .map(|(l, _)| *l)
+            .chain(starts.iter().map(|(l, _, _)| *l))
+            .map(|l| (l.id, l))
+            .collect();
+        // Each lineage and its ancestors, with the last sequence number of each the lineage's
+        // own writes build on (itself: all of them).
+        let chain = |lineage: &Lineage| -> Vec<(LineageId, Seq)> {
+            let mut chain = vec![(lineage.id, Seq(u64::MAX))];
+            let (mut current, mut to) = (*lineage, Seq(u64::MAX));
+            while let Some(parent) = current.parent.and_then(|id| known.get(&id)) {
+                if chain.len() > known.len() {
+                    break; // a loop in a damaged listing
+                }
+                to = to.min(current.branch);
+                chain.push((parent.id, to));
+                current = *parent;
+            }
+            chain
+        };
+        let start_chains: Vec<Vec<(LineageId, Seq)>> =
+            starts.iter().map(|(l, _, _)| chain(l)).collect();
+        for (lineage, segments) in lineages {
+            let own = chain(lineage);
+            // A lineage is related when a kept backup is on it, before it, or after it.
+            let related = starts.iter().zip(&start_chains).any(|((l, _, _), c)| {
+                own.iter().any(|(id, _)| *id == l.id) || c.iter().any(|(id, _)| *id == lineage.id)
+            });
+            // The kept backup that needs the most of this lineage: segments ending after its
+            // sequence number are replayed from it (from one on an ancestor: all of them).
+            let needed_after: Option<(Seq, &BackupId)> = starts
+                .iter()
+                .filter_map(|(l, seq, id)| {
+                    if l.id == lineage.id {
+                        return Some((*seq, *id));
+                    }
+                    own.iter()
+                        .skip(1)
+                        .find(|(ancestor, to)| *ancestor == l.id && seq <= to)
+                        .map(|_| (Seq(0), *id))
+                })
+                .min_by_key(|(seq, _)| *seq);
+            let mut run: Option<(WalFate, &SegmentInfo, &SegmentInfo)> = None;
+            let flush = |run: Option<(WalFate, &SegmentInfo, &SegmentInfo)>,
+                         items: &mut Vec<Decision>| {
+                if let Some((fate, first, last)) = run {
+                    items.push(Decision {
+                        what: "wal",
+                        name: format!("{shard} {} {}..={}", lineage.id, first.first, last.last),
+                        remove: fate == WalFate::Removed,
+                        reasons: vec![fate.reason(grace)],
+                    });
+                }
+            };
+            for (i, segment) in segments.iter().enumerate() {
+                let fate = if !related {
+                    WalFate::Unrelated
+                } else if let Some((_, id)) =
+                    needed_after.filter(|(after, _)| segment.last > *after)
+                {
+                    WalFate::Needed(id.clone())
+                } else if segment.hlc_max.to_datetime() > young_after {
+                    WalFate::Young
+                } else if i + 1 == segments.len() {
+                    WalFate::Last
+                } else {
+                    WalFate::Removed
+                };
+                if fate == WalFate::Removed {
+                    doomed.push(segment.clone());
+                }
+                run = match run {
+                    Some((current, first, _)) if current == fate => Some((current, first, segment)),
+                    other => {
+                        flush(other, &mut items);
+                        Some((fate, segment, segment))
+                    }
+                };
+            }
+            flush(run, &mut items);
+        }
+    }
+    (items, doomed)
+}
 
 /// Plans the policy over `backups` (commit order, oldest first, as `Repository::backups`
 /// returns them) and `tags`, at `now`.
@@ -406,7 +553,8 @@ pub fn plan(
     items.extend(items_tags);
     Ok(Plan {
         items,
-        wal: WAL_KEPT.into(),
+        wal: WAL_UNREAD.into(),
+        wal_doomed: Vec::new(),
     })
 }
 
@@ -416,7 +564,9 @@ pub fn plan(
 pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
     let backups = ctx.repo.backups().await?;
     let tags = ctx.repo.tags().await?;
-    let plan = plan(&ctx.config.retention, &backups, &tags, Utc::now())?;
+    let now = Utc::now();
+    let mut plan = plan(&ctx.config.retention, &backups, &tags, now)?;
+    plan_archive(ctx, &mut plan, &backups, now).await?;
     for pin in &ctx.config.retention.pinned {
         if !plan.items.iter().any(|item| &item.name == pin) {
             tracing::warn!(pin = %pin, "a retention pin names no backup or tag");
@@ -459,7 +609,90 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
             .await?;
         tracing::info!(backup = %backup, reasons = ?item.reasons, "retention: backup removed");
     }
+    for (archive, doomed) in &plan.wal_doomed {
+        for batch in doomed.chunks(WAL_DELETE_BATCH) {
+            ctx.fence.check("remove WAL segments").await?;
+            archive.delete_wal_segments(batch).await?;
+        }
+        tracing::info!(archive = %archive.url(), segments = doomed.len(), "retention: WAL segments removed");
+    }
     Ok(plan)
+}
+
+/// Segments deleted between two fence checks.
+const WAL_DELETE_BATCH: usize = 64;
+
+/// Reads the catalog's WAL archives for every shard the catalog names and adds their part to
+/// `plan`; with any backup manifest unreadable nothing of them is removed.
+async fn plan_archive(
+    ctx: &ClusterContext,
+    plan: &mut Plan,
+    backups: &[(BackupId, Result<BackupManifest>)],
+    now: DateTime<Utc>,
+) -> Result<()> {
+    if let Some((id, _)) = backups.iter().find(|(_, m)| m.is_err()) {
+        plan.wal = format!("kept whole: backup {id} cannot be read, so what it needs is unknown");
+        return Ok(());
+    }
+    let removed: BTreeSet<&str> = plan
+        .removed()
+        .filter(|item| item.what == "backup")
+        .map(|item| item.name.as_str())
+        .collect();
+    let kept: Vec<&BackupManifest> = backups
+        .iter()
+        .filter_map(|(id, m)| m.as_ref().ok().filter(|_| !removed.contains(id.as_str())))
+        .collect();
+    let shards: BTreeSet<ShardId> = backups
+        .iter()
+        .filter_map(|(_, m)| m.as_ref().ok())
+        .flat_map(|m| m.shards.iter().map(|r| r.shard_id.clone()))
+        .chain(ctx.config.shard_ids())
+        .collect();
+    let mut archives = vec![ctx.repo.clone()];
+    let mut remote = None;
+    if let Some(url) = ctx.config.wal_archive.as_deref() {
+        match lockstep_proto::archive::open_archive(url).await? {
+            WalArchive::Store(repo) if repo.url() != ctx.repo.url() => archives.push(repo),
+            WalArchive::Store(_) => {}
+            WalArchive::Remote { .. } => remote = Some(url),
+        }
+    }
+    let grace = Duration::seconds(i64::try_from(ctx.config.gc.grace_s).unwrap_or(i64::MAX));
+    let mut summary = Vec::new();
+    for repo in archives {
+        let mut archive = BTreeMap::new();
+        for shard in &shards {
+            let mut lineages = Vec::new();
+            for lineage in repo.wal_lineages(shard).await? {
+                let segments = repo.wal_segments(shard, &lineage).await?;
+                lineages.push((lineage, segments));
+            }
+            archive.insert(shard.clone(), lineages);
+        }
+        let (items, doomed) = plan_wal(&kept, &archive, now, grace);
+        let of_shards = doomed.iter().map(|s| &s.shard_id).collect::<BTreeSet<_>>();
+        summary.push(format!(
+            "{} segment(s) of {} shard(s) in {} that no kept backup replays",
+            doomed.len(),
+            of_shards.len(),
+            repo.url()
+        ));
+        plan.items.extend(items.into_iter().map(|mut item| {
+            item.name = format!("{} in {}", item.name, repo.url());
+            item
+        }));
+        if !doomed.is_empty() {
+            plan.wal_doomed.push((repo, doomed));
+        }
+    }
+    if let Some(url) = remote {
+        summary.push(format!(
+            "{url} kept whole (pruned by the coordinator that holds it)"
+        ));
+    }
+    plan.wal = summary.join("; ");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -560,7 +793,7 @@ mod tests {
                 .iter()
                 .any(|r| r.contains("newest good"))
         );
-        assert_eq!(plan.wal, WAL_KEPT);
+        assert_eq!(plan.wal, WAL_UNREAD);
     }
 
     #[test]
@@ -738,6 +971,174 @@ mod tests {
             reasons(&plan, "f100")
                 .iter()
                 .any(|r| r.contains("kept tag recent"))
+        );
+    }
+
+    /// A backup of shard-0 at `seq` on `lineage`.
+    fn at(id: &str, lineage: Lineage, seq: u64) -> BackupManifest {
+        let (_, manifest) = catalog(&[(id, Full, None, 1)]).remove(0);
+        let mut manifest = manifest.expect("manifest");
+        manifest.shards.push(ShardRef {
+            shard_id: ShardId::new("shard-0").expect("shard"),
+            seq: Seq(seq),
+            lineage,
+            n_files: 1,
+            bytes: 1,
+        });
+        manifest
+    }
+
+    /// Segments of shard-0 on `lineage`, each `(first, last, hours ago)`.
+    fn segments(lineage: Lineage, spans: &[(u64, u64, i64)]) -> Vec<SegmentInfo> {
+        spans
+            .iter()
+            .map(|&(first, last, hours_ago)| {
+                let time =
+                    lockstep_repository::HlcTime::at_or_before(now() - Duration::hours(hours_ago));
+                SegmentInfo {
+                    shard_id: ShardId::new("shard-0").expect("shard"),
+                    lineage,
+                    first: Seq(first),
+                    last: Seq(last),
+                    hlc_min: time,
+                    hlc_max: time,
+                    id: lockstep_repository::ObjectId::of(&first.to_le_bytes()),
+                }
+            })
+            .collect()
+    }
+
+    fn doomed_spans(doomed: &[SegmentInfo]) -> Vec<(LineageId, u64, u64)> {
+        doomed
+            .iter()
+            .map(|s| (s.lineage.id, s.first.0, s.last.0))
+            .collect()
+    }
+
+    #[test]
+    fn the_wal_before_the_oldest_kept_backup_goes_and_the_rest_stays() {
+        let root = Lineage::root();
+        let archive = BTreeMap::from([(
+            ShardId::new("shard-0").expect("shard"),
+            vec![(
+                root,
+                segments(
+                    root,
+                    &[
+                        (1, 100, 90),
+                        (101, 200, 80),
+                        (201, 300, 70),
+                        (301, 400, 60),
+                        (401, 500, 0),
+                    ],
+                ),
+            )],
+        )]);
+        let (old, newer) = (at("b-old", root, 250), at("b-new", root, 350));
+        let grace = Duration::hours(6);
+        let (items, doomed) = plan_wal(&[&old, &newer], &archive, now(), grace);
+        assert_eq!(
+            doomed_spans(&doomed),
+            vec![(root.id, 1, 100), (root.id, 101, 200)],
+            "only what ends at or before the oldest kept backup goes"
+        );
+        let removed: Vec<&Decision> = items.iter().filter(|i| i.remove).collect();
+        assert_eq!(removed.len(), 1, "one run: {items:?}");
+        assert!(removed[0].name.ends_with(" 1..=200"), "{}", removed[0].name);
+        assert!(items.iter().any(|i| !i.remove
+            && i.name.ends_with(" 201..=500")
+            && i.reasons[0].contains("b-old")));
+        // Nothing kept before the archive: nothing related, nothing removed.
+        let (_, none) = plan_wal(&[], &archive, now(), grace);
+        assert!(
+            none.is_empty(),
+            "no kept backup: the archive is not ours to judge"
+        );
+    }
+
+    #[test]
+    fn young_segments_and_each_lineages_last_stay() {
+        let root = Lineage::root();
+        let archive = BTreeMap::from([(
+            ShardId::new("shard-0").expect("shard"),
+            vec![(
+                root,
+                segments(root, &[(1, 100, 90), (101, 200, 2), (201, 300, 1)]),
+            )],
+        )]);
+        let backup = at("b", root, 300);
+        let (items, doomed) = plan_wal(&[&backup], &archive, now(), Duration::hours(6));
+        assert_eq!(doomed_spans(&doomed), vec![(root.id, 1, 100)]);
+        assert!(
+            items.iter().any(|i| i.reasons[0].contains("grace")),
+            "{items:?}"
+        );
+        // All old: the last segment still stays, where shipping resumes.
+        let archive = BTreeMap::from([(
+            ShardId::new("shard-0").expect("shard"),
+            vec![(root, segments(root, &[(1, 100, 90), (101, 200, 80)]))],
+        )]);
+        let (items, doomed) = plan_wal(&[&backup], &archive, now(), Duration::hours(6));
+        assert_eq!(doomed_spans(&doomed), vec![(root.id, 1, 100)]);
+        assert!(
+            items
+                .iter()
+                .any(|i| !i.remove && i.reasons[0].contains("last segment"))
+        );
+    }
+
+    #[test]
+    fn lineages_are_followed_through_restores_and_unrelated_ones_are_kept() {
+        let root = Lineage::root();
+        // Restored at 150 (a child of root), later a fork of the child at 260.
+        let child = root.child(Seq(150), lockstep_repository::Timeline(2));
+        let fork = child.child(Seq(260), lockstep_repository::Timeline(3));
+        let stranger = Lineage::root();
+        let archive = BTreeMap::from([(
+            ShardId::new("shard-0").expect("shard"),
+            vec![
+                (
+                    root,
+                    segments(root, &[(1, 100, 90), (101, 200, 80), (201, 300, 70)]),
+                ),
+                (
+                    child,
+                    segments(child, &[(151, 250, 60), (251, 350, 50), (351, 450, 40)]),
+                ),
+                (fork, segments(fork, &[(261, 270, 30), (271, 280, 20)])),
+                (stranger, segments(stranger, &[(1, 10, 90), (11, 20, 80)])),
+            ],
+        )]);
+        // Kept: one backup on the root before the restore point, one on the child after the
+        // fork.
+        let (on_root, on_child) = (at("r", root, 120), at("c", child, 300));
+        let (_, doomed) = plan_wal(&[&on_root, &on_child], &archive, now(), Duration::hours(6));
+        assert_eq!(
+            doomed_spans(&doomed),
+            vec![
+                (root.id, 1, 100),
+                // The fork branched at 260, before "c" at 300, and after "r" at 120:
+                // "r" replays through the child into it, so it stays.
+            ],
+        );
+        // Without "r", the root's history before the child and the fork are unreachable.
+        let (items, doomed) = plan_wal(&[&on_child], &archive, now(), Duration::hours(6));
+        assert_eq!(
+            doomed_spans(&doomed),
+            vec![
+                (root.id, 1, 100),
+                (root.id, 101, 200),
+                (child.id, 151, 250),
+                (fork.id, 261, 270),
+            ],
+            "the root's last segment and the fork's last stay; the stranger is untouched"
+        );
+        assert!(
+            items
+                .iter()
+                .any(|i| i.name.contains(&stranger.id.to_string())
+                    && !i.remove
+                    && i.reasons[0].contains("another repository"))
         );
     }
 }

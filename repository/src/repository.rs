@@ -1356,6 +1356,15 @@ impl Repository {
         Ok(segments)
     }
 
+    /// Deletes WAL segments (any already gone counts as deleted).
+    pub async fn delete_wal_segments(&self, segments: &[SegmentInfo]) -> Result<()> {
+        let keys: Vec<Path> = segments
+            .iter()
+            .map(|s| self.layout.wal_segment(s))
+            .collect();
+        self.delete_keys(&keys).await
+    }
+
     /// Downloads a WAL segment, checks its SHA-256 and that it holds what its key says.
     pub async fn get_wal_segment(&self, info: &SegmentInfo) -> Result<Segment> {
         let stored = self.get_wal_stored(info).await?;

@@ -91,7 +91,7 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
     let printed = text(&applied);
     assert!(printed.contains("Removed 2 backup(s)"), "{printed}");
     assert!(printed.contains("no rule keeps it"), "{printed}");
-    assert!(printed.contains("WAL archive: kept"), "{printed}");
+    assert!(printed.contains("WAL archive: 0 segment(s)"), "{printed}");
     assert_eq!(listed(&cluster), vec![f2.clone(), d2.clone()]);
     let verify = cluster.lockstep(&["backup", "verify", "--full"]);
     assert!(verify.status.success(), "{}", text(&verify));
@@ -198,4 +198,133 @@ async fn verify_samples_checks_each_backup_and_finds_an_archive_that_does_not_re
         "cut {cut}, segments {segments:?}, left {:?}: {out}",
         shard_0_segments(&cluster.archive())
     );
+}
+
+/// Writes 20 keys to shard-0 (and one to each other shard), each shipped before the next,
+/// so the shipper cuts several segments.
+async fn round(cluster: &Cluster, history: &mut Vec<crate::pitr::Acked>, name: &str) {
+    for k in 0..20 {
+        history.push(write(cluster, 0, format!("{name}-{k:03}"), k % 7 == 3).await);
+        wait_shipped(cluster).await;
+    }
+    for shard in 1..crate::cluster::N_AGENTS {
+        write(cluster, shard, format!("{name}-other"), false).await;
+    }
+    wait_shipped(cluster).await;
+}
+
+/// Each WAL segment of shard-0 in `archive`: `(first, last)`.
+fn shard_0_spans(archive: &std::path::Path) -> Vec<(u64, u64)> {
+    shard_0_segments(archive)
+        .iter()
+        .filter_map(|(first, path)| {
+            let name = path.file_name()?.to_str()?;
+            Some((*first, name.split('-').nth(1)?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores() {
+    let mut cluster = Cluster::start(5000, None);
+    cluster.reconfigure("[gc]\ngrace_s = 1\n");
+    with_retention(&mut cluster, "keep_full = 1");
+    let mut history = Vec::new();
+    round(&cluster, &mut history, "before-f1").await;
+    let f1 = cluster.backup("full");
+    round(&cluster, &mut history, "before-f2").await;
+    let f2 = cluster.backup("full");
+    round(&cluster, &mut history, "after-f2").await;
+    let shown = json(&cluster.lockstep(&["backup", "show", &f2, "--json"]));
+    let f2_seq = shown["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .find(|s| s["shard_id"] == Cluster::shard(0))
+        .and_then(|s| s["seq"].as_u64())
+        .expect("shard-0's sequence number in f2");
+    let before = shard_0_spans(&cluster.archive());
+    let (first, last_before_f2) = (
+        before[0].0,
+        before
+            .iter()
+            .map(|(_, last)| *last)
+            .filter(|last| *last <= f2_seq)
+            .max()
+            .expect("segments before f2"),
+    );
+    assert!(
+        before.iter().filter(|(_, last)| *last <= f2_seq).count() >= 2,
+        "segments before f2 to prune: {before:?}"
+    );
+
+    // Once they are older than the grace, the plan removes every segment before f2.
+    let run = format!(" {first}..={last_before_f2} in ");
+    let mut plan = serde_json::Value::Null;
+    let planned = crate::cluster::wait_until(Duration::from_secs(20), || {
+        plan = json(&cluster.lockstep(&["retention", "apply", "--dry-run", "--json"]));
+        let planned = plan["items"].as_array().is_some_and(|items| {
+            items.iter().any(|item| {
+                item["what"] == "wal"
+                    && item["remove"] == true
+                    && item["name"].as_str().is_some_and(|name| {
+                        name.starts_with(&Cluster::shard(0)) && name.contains(&run)
+                    })
+            })
+        });
+        async move { planned }
+    })
+    .await;
+    assert!(planned.is_some(), "{run} not planned for removal: {plan:#}");
+    assert_eq!(
+        shard_0_spans(&cluster.archive()),
+        before,
+        "a dry run changes nothing"
+    );
+    let applied = cluster.lockstep(&["retention", "apply"]);
+    assert!(applied.status.success(), "{}", text(&applied));
+    let printed = text(&applied);
+    assert!(printed.contains("Removed 1 backup(s)"), "{printed}");
+    assert!(printed.contains("no kept backup replays it"), "{printed}");
+    assert_eq!(listed(&cluster), vec![f2.clone()], "{f1} went");
+    let after = shard_0_spans(&cluster.archive());
+    let expected: Vec<(u64, u64)> = before
+        .iter()
+        .copied()
+        .filter(|(_, last)| *last > f2_seq)
+        .collect();
+    assert_eq!(
+        after, expected,
+        "exactly the segments ending at or before f2 ({f2_seq}) went"
+    );
+
+    // What stays restores: f2 and then every write after it, from the pruned archive.
+    let verify = cluster.lockstep(&["backup", "verify"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    let dir = cluster.dir.path().join("restored-end");
+    let restore = cluster.lockstep(&[
+        "restore",
+        "--to-archive-end",
+        "--to",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(restore.status.success(), "{}", text(&restore));
+    assert_eq!(
+        crate::pitr::keys_in(&dir.join(Cluster::shard(0))),
+        crate::pitr::state(&history, |_| true)
+    );
+    // A time before f2 has no backup left to start from.
+    let early = history[5].hlc;
+    let time = lockstep_repository::HlcTime(early)
+        .to_datetime()
+        .to_rfc3339();
+    let refused = cluster.lockstep(&[
+        "restore",
+        "--to-time",
+        &time,
+        "--exact-per-shard",
+        "--in-place",
+        "--dry-run",
+    ]);
+    assert!(!refused.status.success(), "{}", text(&refused));
 }
