@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::codec::Compression;
-use lockstep_repository::wal::{Segment, WalBatch, check_segments};
+use lockstep_repository::wal::{Segment, WalBatch, chain};
 use lockstep_repository::{Error, ErrorCode, HlcTime, Lineage, LineageId, Result, Seq, ShardId};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -411,10 +411,19 @@ impl<E: ShardEngine> Shipper<E> {
     /// lineage whose parent's archive there stops short of the branch point (the shard moved
     /// to a new lineage before it shipped all of the old one) first finishes the parent: those
     /// writes are the shard's own, and the parent's history up to the branch point.
+    /// The cursor goes after the archive's end whatever lies before it: a hole is history the
+    /// archive lost (`verify` and restores through it report it), and an overlap is a late
+    /// put's leftover; neither may stop the shard's new writes from shipping.
     async fn resume(&self, repo: &WalArchive, lineage: &Lineage) -> Result<Cursor> {
         let segments = repo.wal_segments(&self.shard_id, lineage).await?;
-        check_segments(&segments)?;
-        if let Some(last) = segments.last() {
+        let end = segments.iter().max_by_key(|s| s.last).cloned();
+        if let Err(err) = chain(segments) {
+            tracing::warn!(
+                shard = %self.shard_id, destination = %repo.url(), lineage = %lineage,
+                error = %err.chain(), "the archive of this lineage has a hole; shipping goes on after its end"
+            );
+        }
+        if let Some(last) = end {
             return Ok(Cursor {
                 serves: lineage.id,
                 lineage: *lineage,
@@ -434,11 +443,12 @@ impl<E: ShardEngine> Shipper<E> {
         };
         if let Some(parent) = parent {
             let held = repo.wal_segments(&self.shard_id, &parent).await?;
-            if let Some(last) = held.last().filter(|last| last.last < lineage.branch) {
+            let end = held.iter().max_by_key(|s| s.last).cloned();
+            if let Some(last) = end.filter(|last| last.last < lineage.branch) {
                 // Finishing appends to the parent: only onto a contiguous archive of it. A
                 // damaged one stays as it is (a restore through it says where), and the
                 // shard's own lineage ships.
-                if let Err(err) = check_segments(&held) {
+                if let Err(err) = chain(held.clone()) {
                     tracing::warn!(
                         shard = %self.shard_id, destination = %repo.url(), parent = %parent,
                         error = %err.chain(), "the parent lineage's archive is damaged; it is not finished"
@@ -693,6 +703,7 @@ impl<E: ShardEngine> Shipper<E> {
 
 #[cfg(test)]
 mod tests {
+    use lockstep_repository::wal::check_segments;
     use lockstep_repository::{Repository, Timeline};
 
     use super::*;
@@ -849,6 +860,35 @@ mod tests {
         assert!(ranges.contains(&(root, Seq(1), Seq(50))), "{ranges:?}");
         assert!(ranges.contains(&(orphan, Seq(21), Seq(25))), "{ranges:?}");
         assert_eq!(ranges.len(), 2, "{ranges:?}");
+    }
+
+    #[tokio::test]
+    async fn a_late_puts_leftover_overlapping_the_archive_does_not_stop_shipping() {
+        let root = Lineage::root();
+        let rig = Rig::new(root).await;
+        rig.write(30);
+        // Shipped as 1..=10 and 11..=20, and a put of 1..=15 that the store applied late.
+        rig.ship_as_another(&root, 1, 10).await;
+        rig.ship_as_another(&root, 11, 20).await;
+        rig.ship_as_another(&root, 1, 15).await;
+
+        let (mut tasks, cancel) = (JoinSet::new(), CancellationToken::new());
+        let handle = rig.spawn(&mut tasks, &cancel);
+        wait_for(&handle, |d| {
+            d.shipped_seq == Seq(30) && d.last_error.is_none()
+        })
+        .await;
+        cancel.cancel();
+        let segments = rig
+            .archive
+            .wal_segments(&rig.shard, &root)
+            .await
+            .expect("segments");
+        let chosen = chain(segments).expect("no hole");
+        assert_eq!(
+            chosen.iter().map(|s| (s.first, s.last)).collect::<Vec<_>>(),
+            vec![(Seq(1), Seq(15)), (Seq(11), Seq(20)), (Seq(21), Seq(30))]
+        );
     }
 
     #[tokio::test]

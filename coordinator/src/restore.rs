@@ -31,7 +31,7 @@ use lockstep_repository::archive::WalArchive;
 use lockstep_repository::lineage::{Leg, ancestry};
 use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
 use lockstep_repository::repository::RestoreDecision;
-use lockstep_repository::wal::{check_segments, segments_covering};
+use lockstep_repository::wal::{chain, segments_covering};
 use lockstep_repository::{
     BackupId, Error, ErrorCode, HlcTime, Lineage, LineageId, Repository, RestoreId, Result, Seq,
     ShardId,
@@ -416,8 +416,7 @@ async fn last_write_at_or_before(
     at: HlcTime,
 ) -> Result<Option<(Seq, HlcTime)>> {
     for leg in legs {
-        let mut segments = archive.wal_segments(shard, &leg.lineage).await?;
-        check_segments(&segments)?;
+        let mut segments = chain(archive.wal_segments(shard, &leg.lineage).await?)?;
         segments.retain(|s| s.first <= leg.to);
         for info in segments.iter().rev().filter(|s| s.hlc_min <= at) {
             let segment = archive.get_wal_segment(info).await?;

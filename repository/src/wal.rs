@@ -298,8 +298,45 @@ pub fn check_segments(segments: &[SegmentInfo]) -> Result<()> {
     Ok(())
 }
 
+/// Of `segments` (one shard and lineage, in sequence order), the fewest that cover what they
+/// cover, in order, or the first gap. Segments may overlap: a put an object store applied
+/// after the shipper had given up on it and shipped the range again (with other bounds)
+/// leaves the same writes twice. On one lineage a sequence number is one write, so a
+/// segment the others cover is left out, and a replay skips the writes it already applied
+/// where two chosen segments overlap.
+pub fn chain(segments: Vec<SegmentInfo>) -> Result<Vec<SegmentInfo>> {
+    let mut chosen: Vec<SegmentInfo> = Vec::with_capacity(segments.len());
+    for segment in segments {
+        if let Some(prev) = chosen.last() {
+            if segment.last <= prev.last {
+                continue; // covered
+            }
+            let expected = Seq(prev.last.0 + 1);
+            if segment.first > expected {
+                return Err(gap(
+                    format_args!("shard {} {}", prev.shard_id, prev.lineage),
+                    expected,
+                    segment.first,
+                ));
+            }
+        }
+        // Drop the chosen segments this one makes redundant.
+        loop {
+            let n = chosen.len();
+            let redundant = (n >= 1 && segment.first <= chosen[n - 1].first)
+                || (n >= 2 && segment.first.0 <= chosen[n - 2].last.0 + 1);
+            if !redundant {
+                break;
+            }
+            chosen.pop();
+        }
+        chosen.push(segment);
+    }
+    Ok(chosen)
+}
+
 /// Of `segments` (one shard and lineage, in sequence order), the ones that carry the writes
-/// after `after` through `to`, checked to follow each other and to cover that whole range.
+/// after `after` through `to` (as [`chain`] picks them), checked to cover that whole range.
 /// A hole at the start or between segments is a gap (those writes are gone); an archive that
 /// stops short of `to` says how far it reaches. `what` names the archive in messages.
 pub fn segments_covering(
@@ -309,7 +346,13 @@ pub fn segments_covering(
     what: impl std::fmt::Display,
 ) -> Result<Vec<SegmentInfo>> {
     segments.retain(|s| s.last > after && s.first <= to);
-    check_segments(&segments)?;
+    let mut segments = chain(segments)?;
+    // A segment the next one makes redundant from `after` on.
+    let skip = segments
+        .windows(2)
+        .take_while(|pair| pair[1].first.0 <= after.0 + 1)
+        .count();
+    segments.drain(..skip);
     if let Some(first) = segments.first().filter(|s| s.first.0 > after.0 + 1) {
         return Err(gap(what, Seq(after.0 + 1), first.first));
     }
@@ -447,5 +490,41 @@ mod tests {
         assert_eq!(hole.code, ErrorCode::BackupWalGap);
         let overlap = check_segments(&[info(1, 4), info(4, 9)]).expect_err("overlap");
         assert_eq!(overlap.code, ErrorCode::BackupWalArchiveFailed);
+    }
+
+    #[test]
+    fn a_chain_leaves_out_the_segments_a_late_put_left_twice_and_stops_at_a_gap() {
+        let lineage = Lineage::root();
+        let info = |first, last| SegmentInfo {
+            shard_id: shard(),
+            lineage,
+            first: Seq(first),
+            last: Seq(last),
+            hlc_min: HlcTime(0),
+            hlc_max: HlcTime(0),
+            id: ObjectId::of(&[first as u8, last as u8]),
+        };
+        // 1..=10 landed after the shipper shipped 1..=6 and 7..=12 again: of two segments
+        // starting together the longer one stays, and 1..=6 goes.
+        let late = vec![info(1, 6), info(1, 10), info(7, 12), info(13, 20)];
+        assert_eq!(
+            chain(late.clone()).ok(),
+            Some(vec![info(1, 10), info(7, 12), info(13, 20)])
+        );
+        // The other way round: the late put is the longer one and covers two.
+        let long = vec![info(1, 3), info(1, 12), info(4, 12), info(13, 20)];
+        assert_eq!(chain(long).ok(), Some(vec![info(1, 12), info(13, 20)]));
+        // A partial overlap stays (the replay skips what it applied).
+        let partial = vec![info(1, 6), info(5, 9), info(10, 12)];
+        assert_eq!(chain(partial.clone()).ok(), Some(partial));
+        let holed = chain(vec![info(1, 6), info(1, 8), info(10, 12)]).expect_err("gap");
+        assert_eq!(holed.code, ErrorCode::BackupWalGap);
+        assert!(
+            holed.to_string().contains("expected sequence 9, found 10"),
+            "{holed}"
+        );
+        // From 9: 7..=12 holds it, so 1..=10 is not needed either.
+        let needed = segments_covering(late, Seq(8), Seq(15), "the archive");
+        assert_eq!(needed.ok(), Some(vec![info(7, 12), info(13, 20)]));
     }
 }
