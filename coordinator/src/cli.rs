@@ -71,6 +71,20 @@ pub enum Command {
     /// Restore every shard through its agent, to a backup or a point in time: all shards are
     /// downloaded, replayed and checked first, and only then swapped in.
     Restore(RestoreArgs),
+    /// What the coordinator runs by itself (`[[schedules]]` in its configuration).
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Every schedule: its action, cron and time zone, its next run, its last firing, and
+    /// what it ran, skipped and missed since the coordinator started.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -536,6 +550,53 @@ fn print_garbage(report: &v1::GarbageReport) {
         );
     }
     println!("took {} ms", report.duration_ms);
+}
+
+fn print_schedules(schedules: &[v1::ScheduleInfo]) {
+    if schedules.is_empty() {
+        println!("No schedules: add [[schedules]] to the coordinator's configuration.");
+        return;
+    }
+    let mut table = Table::new(&[
+        ("NAME", Align::Left),
+        ("ACTION", Align::Left),
+        ("CRON", Align::Left),
+        ("TIMEZONE", Align::Left),
+        ("NEXT RUN", Align::Left),
+        ("LAST FIRED", Align::Left),
+        ("RUNS", Align::Right),
+        ("FAILED", Align::Right),
+        ("SKIPPED", Align::Right),
+        ("MISSED", Align::Right),
+        ("LAST OUTCOME", Align::Left),
+    ]);
+    let or_dash = |text: &str| {
+        if text.is_empty() {
+            "-".to_string()
+        } else {
+            text.to_string()
+        }
+    };
+    for s in schedules {
+        table.row(vec![
+            s.name.clone(),
+            s.action.clone(),
+            s.cron.clone(),
+            s.timezone.clone(),
+            or_dash(&s.next_run),
+            or_dash(&s.last_fired),
+            s.runs.to_string(),
+            s.failed.to_string(),
+            s.skipped.to_string(),
+            s.missed.to_string(),
+            if s.running {
+                "running".to_string()
+            } else {
+                or_dash(&s.last_outcome)
+            },
+        ]);
+    }
+    print!("{table}");
 }
 
 fn print_retention(plan: &v1::RetentionPlan) {
@@ -1080,6 +1141,19 @@ async fn run_command(cli: Cli) -> Result<i32> {
                 print_json(&report);
             } else {
                 print_garbage(&report);
+            }
+        }
+        Command::Schedule(ScheduleCommand::List { json }) => {
+            let mut client = client(endpoint).await?;
+            let reply = client
+                .list_schedules(v1::ListSchedulesRequest {})
+                .await
+                .map_err(|s| from_status("list schedules", &s))?
+                .into_inner();
+            if json {
+                print_json(&reply.schedules);
+            } else {
+                print_schedules(&reply.schedules);
             }
         }
         Command::Retention(RetentionCommand::Apply { dry_run, json }) => {

@@ -140,6 +140,9 @@ pub struct Config {
     pub gc: crate::gc::GcConfig,
     #[serde(default)]
     pub verify: VerifyConfig,
+    /// `[[schedules]]`: what the coordinator runs by itself, and when.
+    #[serde(default)]
+    pub schedules: Vec<crate::schedule::ScheduleConfig>,
     /// Serve Prometheus metrics at http://ADDR/metrics; the coordinator then polls its
     /// agents every 15 s for `lockstep_agent_up`.
     #[serde(default)]
@@ -204,6 +207,7 @@ impl Config {
                 self.cluster
             )));
         }
+        crate::schedule::validate(&self.schedules, !self.agents.is_empty())?;
         if !(1..=10 * 365 * 86_400).contains(&self.gc.grace_s) {
             return Err(invalid(format!(
                 "[gc] grace_s ({}) must be 1..=315360000: longer than any upload takes, at most ten years",
@@ -336,6 +340,7 @@ parity = ["shard-2"]
         assert_eq!(config.shard_ids().len(), 3);
         assert_eq!(config.raid_groups.len(), 1);
         assert!(config.wal_archive.is_some());
+        assert_eq!(config.schedules.len(), 3);
         // Its values are the defaults.
         assert_eq!(config.tags.auto_every_s, TagsConfig::default().auto_every_s);
         assert_eq!(config.gc.grace_s, crate::gc::GcConfig::default().grace_s);

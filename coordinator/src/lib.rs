@@ -27,5 +27,6 @@ pub mod gc;
 pub mod ops;
 pub mod restore;
 pub mod retention;
+pub mod schedule;
 pub mod service;
 pub mod tag;

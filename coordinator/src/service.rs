@@ -23,6 +23,7 @@ use crate::fence::Fence;
 use crate::fleet::{AgentLink, Step, agent_links, call_each};
 use crate::ops::{ClusterContext, ClusterOps, RestoreOrder};
 use crate::restore::RestoreTarget;
+use crate::schedule::{Schedule, Scheduler};
 
 /// The handlers: they validate, then read the repository or hand the operation to
 /// `ClusterOps` and await its reply (cancel-safe: dropping them cancels nothing).
@@ -31,6 +32,7 @@ struct CoordinatorApi {
     ops: ClusterOps,
     /// Fires when the coordinator stops: a GC pass ends between two batches.
     stop: CancellationToken,
+    schedules: Arc<Scheduler>,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -108,6 +110,20 @@ impl VerifyOrder {
             report_json: serde_json::to_string(&report).unwrap_or_default(),
         })
     }
+}
+
+/// A quick verify of every backup and of the WAL archive, as `lockstep backup verify` does;
+/// a failed check is `ERR_BACKUP_VERIFICATION_FAILED` with the report.
+pub async fn verify_everything(ctx: &ClusterContext) -> Result<()> {
+    let order = VerifyOrder::read(ctx, v1::VerifyBackupRequest::default()).await?;
+    let reply = order.run(ctx, &Progress::default()).await?;
+    if reply.passed {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorCode::BackupVerificationFailed,
+        format!("verify found problems:\n{}", reply.report),
+    ))
 }
 
 /// Where the WAL archive must reach back to on each shard's lineage: the oldest committed
@@ -493,6 +509,15 @@ impl Coordinator for CoordinatorApi {
         Ok(Response::new(report))
     }
 
+    async fn list_schedules(
+        &self,
+        _request: Request<v1::ListSchedulesRequest>,
+    ) -> Reply<v1::ListSchedulesReply> {
+        Ok(Response::new(v1::ListSchedulesReply {
+            schedules: self.schedules.list(),
+        }))
+    }
+
     async fn abort_restore(
         &self,
         _request: Request<v1::AbortRestoreRequest>,
@@ -736,6 +761,19 @@ where
         });
     }
     let ops = ClusterOps::spawn(ctx.clone(), shutdown.child_token(), &mut tasks);
+    let schedules = config
+        .schedules
+        .iter()
+        .map(Schedule::parse)
+        .collect::<Result<Vec<_>>>()?;
+    let schedules = Arc::new(Scheduler::new(
+        schedules,
+        repo.clone(),
+        ctx.fence.clone(),
+        Arc::new(chrono::Utc::now),
+        crate::schedule::cluster_runner(ctx.clone(), ops.clone(), shutdown.child_token()),
+    ));
+    tasks.spawn(schedules.clone().run(shutdown.child_token()));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CoordinatorServer<CoordinatorApi>>()
@@ -749,6 +787,7 @@ where
         ctx,
         ops,
         stop: shutdown.child_token(),
+        schedules,
     };
     on_ready();
     let result = lockstep_proto::server()

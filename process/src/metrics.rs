@@ -31,6 +31,9 @@ pub const GC_LAST_SUCCESS: &str = "lockstep_gc_last_success_timestamp_seconds";
 pub const GC_RECLAIMED_BYTES: &str = "lockstep_gc_reclaimed_bytes_total";
 pub const GC_DELETED_OBJECTS: &str = "lockstep_gc_deleted_objects_total";
 pub const GC_CANDIDATE_BYTES: &str = "lockstep_gc_candidate_bytes";
+pub const SCHEDULE_RUNS: &str = "lockstep_schedule_runs_total";
+pub const SCHEDULE_SKIPPED: &str = "lockstep_schedule_skipped_total";
+pub const SCHEDULE_NEXT_RUN: &str = "lockstep_schedule_next_run_timestamp_seconds";
 // Each agent's series, labelled with its `shard`; the WAL ones also with `destination`.
 pub const SHARD_SEQ: &str = "lockstep_shard_seq";
 pub const SHARD_GATE_CLOSED: &str = "lockstep_shard_gate_closed";
@@ -55,7 +58,7 @@ pub enum Kind {
 
 /// Every series: its name, kind and help text (exported as `# HELP`). This table is the
 /// reference; README.md lists the same.
-pub const SERIES: [(&str, Kind, &str); 29] = [
+pub const SERIES: [(&str, Kind, &str); 32] = [
     (
         BACKUP_LAST_STATUS,
         Kind::Gauge,
@@ -145,6 +148,21 @@ pub const SERIES: [(&str, Kind, &str); 29] = [
         GC_CANDIDATE_BYTES,
         Kind::Gauge,
         "stored bytes of unreferenced objects waiting out the grace period",
+    ),
+    (
+        SCHEDULE_RUNS,
+        Kind::Counter,
+        "scheduled runs ended, by schedule and outcome (ok, failed)",
+    ),
+    (
+        SCHEDULE_SKIPPED,
+        Kind::Counter,
+        "scheduled firings not run, by schedule and reason (overlap, busy, fenced, unrecorded, missed)",
+    ),
+    (
+        SCHEDULE_NEXT_RUN,
+        Kind::Gauge,
+        "when the schedule fires next (Unix seconds)",
     ),
     (SHARD_SEQ, Kind::Gauge, "the shard's latest sequence number"),
     (

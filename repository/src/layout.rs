@@ -48,6 +48,7 @@ const COORDINATORS: &str = "coordinators";
 const TAGS: &str = "tags";
 const WAL: &str = "wal";
 const GC: &str = "gc";
+const SCHEDULES: &str = "schedules";
 
 /// Builds every key of one repository under its prefix.
 #[derive(Debug, Clone)]
@@ -80,6 +81,11 @@ impl Layout {
         } else {
             self.join(&[OBJECTS, &hex[..2], &format!("{hex}.{copy}")])
         }
+    }
+
+    /// The record of a schedule's last firing.
+    pub fn schedule(&self, name: &str) -> Path {
+        self.join(&[SCHEDULES, &format!("{name}.json")])
     }
 
     pub fn gc_candidates(&self) -> Path {

@@ -26,6 +26,12 @@ use crate::wal::{Segment, SegmentInfo};
 
 /// Who a repository belongs to: written once, when a coordinator first opens it
 /// ([`Repository::claim`]).
+/// `schedules/<name>.json`: when a schedule last fired.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ScheduleRecord {
+    last_fired: chrono::DateTime<chrono::Utc>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RepositoryIdentity {
     pub format: u32,
@@ -1354,6 +1360,38 @@ impl Repository {
             .collect();
         segments.sort_by_key(|s| (s.first, s.last));
         Ok(segments)
+    }
+
+    /// When the schedule `name` last fired, as `put_schedule_fired` recorded it.
+    pub async fn schedule_last_fired(
+        &self,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        let key = self.layout.schedule(name);
+        let Some(bytes) = self.get_raw(&key, MANIFEST).await? else {
+            return Ok(None);
+        };
+        let record: ScheduleRecord = serde_json::from_slice(&bytes).map_err(|err| {
+            Error::with_source(
+                ErrorCode::BackupManifestCorrupt,
+                format!("schedule record {key} does not parse"),
+                err,
+            )
+        })?;
+        Ok(Some(record.last_fired))
+    }
+
+    /// Records that the schedule `name` fired at `at` (its firing time), durably.
+    pub async fn put_schedule_fired(
+        &self,
+        name: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()> {
+        let json = serde_json::to_vec(&ScheduleRecord { last_fired: at }).map_err(|err| {
+            Error::with_source(ErrorCode::InvalidArgument, "encode a schedule record", err)
+        })?;
+        self.put_durable(&self.layout.schedule(name), json, "schedule record")
+            .await
     }
 
     /// Deletes WAL segments (any already gone counts as deleted).

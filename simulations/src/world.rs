@@ -167,6 +167,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
             planted_bug: scenario.planted_gc_bug,
         },
         verify: Default::default(),
+        schedules: Vec::new(),
         metrics_listen: None,
     }
 }

@@ -328,3 +328,82 @@ async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores
     ]);
     assert!(!refused.status.success(), "{}", text(&refused));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_firing_every_second_runs_backups_and_survives_a_restart() {
+    let mut cluster = Cluster::start(5000, None);
+    cluster.reconfigure(
+        "[[schedules]]\nname = \"every-second\"\ncron = \"* * * * * *\"\naction = \"incremental\"\n\
+         [[schedules]]\nname = \"nightly\"\ncron = \"0 2 * * *\"\ntimezone = \"Europe/Berlin\"\naction = \"gc\"\n",
+    );
+    // The first incremental has no full to build on and fails; the operator takes one.
+    cluster.backup("full");
+    let scheduled = |cluster: &Cluster| {
+        json(&cluster.lockstep(&["backup", "list", "--json"]))
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|b| b["labels"]["schedule"] == "every-second")
+            .count()
+    };
+    let ran = crate::cluster::wait_until(Duration::from_secs(30), || {
+        let n = scheduled(&cluster);
+        async move { n >= 3 }
+    })
+    .await;
+    assert!(ran.is_some(), "three scheduled backups");
+    let listed = json(&cluster.lockstep(&["schedule", "list", "--json"]));
+    let schedules = listed.as_array().expect("schedules");
+    assert_eq!(schedules.len(), 2, "{listed:#}");
+    let every = &schedules[0];
+    assert_eq!(every["name"], "every-second");
+    assert_eq!(every["action"], "incremental");
+    // The third may still be running (its commit seen at the next poll).
+    assert!(every["runs"].as_u64().is_some_and(|n| n >= 2), "{every:#}");
+    assert!(every["next_run"].as_str().is_some_and(|t| !t.is_empty()));
+    let nightly = &schedules[1];
+    assert_eq!(nightly["timezone"], "Europe/Berlin");
+    let next = nightly["next_run"].as_str().expect("next run");
+    let next = chrono::DateTime::parse_from_rfc3339(next).expect("RFC 3339");
+    let berlin = next.with_timezone(&chrono_tz::Europe::Berlin);
+    assert_eq!(
+        (
+            chrono::Timelike::hour(&berlin),
+            chrono::Timelike::minute(&berlin)
+        ),
+        (2, 0),
+        "02:00 in Berlin: {next}"
+    );
+    assert!(
+        cluster
+            .repo()
+            .join("schedules")
+            .join("every-second.json")
+            .exists(),
+        "the last firing is in the repository"
+    );
+    let text_list = cluster.lockstep(&["schedule", "list"]);
+    assert!(
+        text(&text_list).contains("NEXT RUN"),
+        "{}",
+        text(&text_list)
+    );
+
+    // A restarted coordinator knows the last firing and goes on.
+    cluster.kill_coordinator();
+    cluster.start_coordinator(None);
+    let listed = json(&cluster.lockstep(&["schedule", "list", "--json"]));
+    assert!(
+        listed[0]["last_fired"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{listed:#}"
+    );
+    let before = scheduled(&cluster);
+    let more = crate::cluster::wait_until(Duration::from_secs(30), || {
+        let n = scheduled(&cluster);
+        async move { n > before }
+    })
+    .await;
+    assert!(more.is_some(), "the restarted coordinator fires again");
+}
