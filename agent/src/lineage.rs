@@ -114,11 +114,9 @@ async fn holds(
                 .max()
                 .unwrap_or(NONE_KNOWN);
             let end = match lineage {
-                Some(lineage) if lineages.iter().any(|l| l.id == lineage.id) => archive
-                    .wal_segments(shard, lineage)
-                    .await?
-                    .last()
-                    .map(|s| s.last),
+                Some(lineage) if lineages.iter().any(|l| l.id == lineage.id) => {
+                    archive.wal_end(shard, lineage).await?.map(|s| s.last)
+                }
                 _ => None,
             };
             Ok((end, top))
@@ -353,6 +351,19 @@ mod tests {
             _: &'a ShardId,
             _: &'a Lineage,
         ) -> BoxFuture<'a, Result<Vec<String>>> {
+            async {
+                Err(Error::new(
+                    ErrorCode::StorageUnavailable,
+                    "connection refused",
+                ))
+            }
+            .boxed()
+        }
+        fn last_segment_name<'a>(
+            &'a self,
+            _: &'a ShardId,
+            _: &'a Lineage,
+        ) -> BoxFuture<'a, Result<Option<String>>> {
             async {
                 Err(Error::new(
                     ErrorCode::StorageUnavailable,

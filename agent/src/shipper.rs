@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::codec::Compression;
-use lockstep_repository::wal::{Segment, WalBatch, chain};
+use lockstep_repository::wal::{Segment, WalBatch};
 use lockstep_repository::{Error, ErrorCode, HlcTime, Lineage, LineageId, Result, Seq, ShardId};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -415,15 +415,7 @@ impl<E: ShardEngine> Shipper<E> {
     /// archive lost (`verify` and restores through it report it), and an overlap is a late
     /// put's leftover; neither may stop the shard's new writes from shipping.
     async fn resume(&self, repo: &WalArchive, lineage: &Lineage) -> Result<Cursor> {
-        let segments = repo.wal_segments(&self.shard_id, lineage).await?;
-        let end = segments.iter().max_by_key(|s| s.last).cloned();
-        if let Err(err) = chain(segments) {
-            tracing::warn!(
-                shard = %self.shard_id, destination = %repo.url(), lineage = %lineage,
-                error = %err.chain(), "the archive of this lineage has a hole; shipping goes on after its end"
-            );
-        }
-        if let Some(last) = end {
+        if let Some(last) = repo.wal_end(&self.shard_id, lineage).await? {
             return Ok(Cursor {
                 serves: lineage.id,
                 lineage: *lineage,
@@ -442,19 +434,11 @@ impl<E: ShardEngine> Shipper<E> {
             None => None,
         };
         if let Some(parent) = parent {
-            let held = repo.wal_segments(&self.shard_id, &parent).await?;
-            let end = held.iter().max_by_key(|s| s.last).cloned();
+            let end = repo.wal_end(&self.shard_id, &parent).await?;
             if let Some(last) = end.filter(|last| last.last < lineage.branch) {
-                // Finishing appends to the parent: only onto a contiguous archive of it. A
-                // damaged one stays as it is (a restore through it says where), and the
-                // shard's own lineage ships.
-                if let Err(err) = chain(held.clone()) {
-                    tracing::warn!(
-                        shard = %self.shard_id, destination = %repo.url(), parent = %parent,
-                        error = %err.chain(), "the parent lineage's archive is damaged; it is not finished"
-                    );
-                    return Ok(Cursor::start_of(lineage));
-                }
+                // The parent's writes up to the branch are the shard's own: appended after
+                // its archive's end (a hole before it stays one, and a restore through it says
+                // where).
                 return Ok(Cursor {
                     serves: lineage.id,
                     lineage: parent,
@@ -703,7 +687,7 @@ impl<E: ShardEngine> Shipper<E> {
 
 #[cfg(test)]
 mod tests {
-    use lockstep_repository::wal::check_segments;
+    use lockstep_repository::wal::{chain, check_segments};
     use lockstep_repository::{Repository, Timeline};
 
     use super::*;

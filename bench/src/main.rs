@@ -13,6 +13,7 @@
 //! - `gc.rs`: a garbage-collection pass over synthetic repositories of two sizes;
 //! - `report.rs`: medians, the JSON file and the Markdown table.
 
+mod archive;
 mod barrier;
 mod contenders;
 mod gc;
@@ -66,6 +67,15 @@ enum Command {
         work: PathBuf,
         #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
         objects: Vec<u64>,
+    },
+    /// Only the WAL archive's put and resume at each archive size, as JSON.
+    Archive {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value = "10000,1000000", value_delimiter = ',')]
+        segments: Vec<u64>,
     },
     /// One GC scan and record over a repository (run as its own process, so it is timed alone).
     #[command(hide = true)]
@@ -141,6 +151,9 @@ pub struct RunArgs {
     /// Repository sizes (objects) for the GC pass.
     #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
     pub gc_objects: Vec<u64>,
+    /// Archive sizes (segments of one lineage) for the WAL archive's put and resume.
+    #[arg(long, default_value = "10000,1000000", value_delimiter = ',')]
+    pub archive_segments: Vec<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -158,6 +171,11 @@ fn main() -> std::process::ExitCode {
             objects,
         } => report::gc_only(&bin_dir, &work, &objects),
         Command::GcPass { repo } => gc::pass(&repo),
+        Command::Archive {
+            bin_dir,
+            work,
+            segments,
+        } => report::archive_only(&bin_dir, &work, &segments),
         Command::Generate {
             db,
             mib,

@@ -4,13 +4,18 @@
 //! Architecture invariant: a segment is stored only after its bytes decoded against the
 //! SHA-256 in its name and turned out to hold the shard, lineage and range the name says;
 //! storing is create-if-absent, so a retried put is a no-op success.
+//!
+//! A put costs the same however long the lineage's archive is: the service remembers where
+//! each lineage's archive ends (listing it once, at its first put or `last_only` listing
+//! since the start), and a put either continues after that end or is the exact segment
+//! already there; anything else overlaps and is refused.
 
 use lockstep_proto::to_status;
 use lockstep_proto::v1::{self, wal_archive_server::WalArchive};
 use lockstep_proto::wire::{lineage_from_wire, lineage_to_wire};
 use lockstep_repository::repository::decode_wal_segment;
 use lockstep_repository::wal::SegmentInfo;
-use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Repository, ShardId};
+use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Repository, Result, ShardId};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -21,7 +26,13 @@ pub struct WalArchiveApi {
     /// One writer at a time per shard and lineage, so the overlap check and the store
     /// happen as one step (a late put and its retry cannot both pass the check).
     writers: std::sync::Mutex<HashMap<(ShardId, LineageId), Writer>>,
+    /// Where each lineage's archive ends (its segment that reaches furthest), once known.
+    ends: std::sync::Mutex<HashMap<(ShardId, LineageId), SegmentInfo>>,
 }
+
+/// Lineages whose end is remembered at most; past it the memory starts over (each lineage
+/// is listed again once).
+const MAX_ENDS: usize = 4096;
 
 /// The lock of one shard's lineage in the archive.
 type Writer = Arc<tokio::sync::Mutex<()>>;
@@ -31,6 +42,45 @@ impl WalArchiveApi {
         WalArchiveApi {
             repo,
             writers: std::sync::Mutex::default(),
+            ends: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The segment of `shard`'s `lineage` that reaches furthest: remembered, or listed once.
+    async fn end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
+        let key = (shard.clone(), lineage.id);
+        if let Some(end) = self
+            .ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(Some(end.clone()));
+        }
+        let end = self
+            .repo
+            .wal_segments(shard, lineage)
+            .await?
+            .into_iter()
+            .max_by_key(|s| s.last);
+        if let Some(end) = &end {
+            self.remember_end(end);
+        }
+        Ok(end)
+    }
+
+    /// Remembers `segment` as its lineage's end if it reaches further than the one known.
+    fn remember_end(&self, segment: &SegmentInfo) {
+        let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+        if ends.len() >= MAX_ENDS {
+            ends.clear();
+        }
+        let key = (segment.shard_id.clone(), segment.lineage.id);
+        match ends.get(&key) {
+            Some(known) if known.last >= segment.last => {}
+            _ => {
+                ends.insert(key, segment.clone());
+            }
         }
     }
 
@@ -122,11 +172,13 @@ impl WalArchive for WalArchiveApi {
     ) -> Reply<v1::ListWalSegmentsReply> {
         let request = request.into_inner();
         let shard = shard_id(&request.shard_id)?;
-        let segments = self
-            .repo
-            .wal_segments(&shard, &lineage(request.lineage.as_ref())?)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let lineage = lineage(request.lineage.as_ref())?;
+        let segments = if request.last_only {
+            self.end(&shard, &lineage).await.map(Vec::from_iter)
+        } else {
+            self.repo.wal_segments(&shard, &lineage).await
+        }
+        .map_err(|e| to_status(&e))?;
         Ok(Response::new(v1::ListWalSegmentsReply {
             names: segments.iter().map(SegmentInfo::file_name).collect(),
         }))
@@ -146,23 +198,24 @@ impl WalArchive for WalArchiveApi {
         // on it and resumed from the listing) is refused: the archive stays free of
         // duplicates, and the agent reads the listing again.
         let _one_at_a_time = self.writer(&info).await;
-        let held = self
-            .repo
-            .wal_segments(&info.shard_id, &info.lineage)
+        let end = self
+            .end(&info.shard_id, &info.lineage)
             .await
             .map_err(|e| to_status(&e))?;
-        if held.contains(&info) {
-            return Ok(Response::new(v1::PutWalSegmentReply {}));
-        }
-        if let Some(other) = held
-            .iter()
-            .find(|s| s.first <= info.last && info.first <= s.last)
-        {
+        if let Some(end) = end.filter(|end| info.first <= end.last) {
+            let there = self
+                .repo
+                .has_wal_segment(&info)
+                .await
+                .map_err(|e| to_status(&e))?;
+            if there {
+                return Ok(Response::new(v1::PutWalSegmentReply {}));
+            }
             return Err(to_status(&Error::new(
                 ErrorCode::BackupWalArchiveFailed,
                 format!(
-                    "segment {}..={} of shard {} overlaps {}..={} already in the archive; resume after {}",
-                    info.first, info.last, info.shard_id, other.first, other.last, other.last
+                    "segment {}..={} of shard {} overlaps the archive, which reaches {} ({}..={}); resume after {}",
+                    info.first, info.last, info.shard_id, end.last, end.first, end.last, end.last
                 ),
             )));
         }
@@ -170,6 +223,7 @@ impl WalArchive for WalArchiveApi {
             .put_wal_stored(&info, request.stored)
             .await
             .map_err(|e| to_status(&e))?;
+        self.remember_end(&info);
         Ok(Response::new(v1::PutWalSegmentReply {}))
     }
 
@@ -229,5 +283,98 @@ mod tests {
         let held = waiting.await;
         drop(held);
         assert_eq!(entries(&api), 0);
+    }
+
+    /// A put request of the segment holding one batch per sequence number `first..=last`.
+    async fn put_request(
+        shard: &str,
+        lineage: Lineage,
+        first: u64,
+        last: u64,
+    ) -> (SegmentInfo, v1::PutWalSegmentRequest) {
+        let segment = lockstep_repository::wal::Segment {
+            shard_id: ShardId::new(shard).expect("shard"),
+            lineage,
+            batches: (first..=last)
+                .map(|seq| lockstep_repository::wal::WalBatch {
+                    first: Seq(seq),
+                    count: 1,
+                    hlc: lockstep_repository::HlcTime::new(seq, 0),
+                    data: seq.to_le_bytes().to_vec(),
+                })
+                .collect(),
+        };
+        let (info, encoded) = lockstep_repository::repository::encode_wal_segment(
+            &segment,
+            lockstep_repository::codec::Compression::default(),
+        )
+        .await
+        .expect("encode");
+        let request = v1::PutWalSegmentRequest {
+            shard_id: shard.to_string(),
+            lineage: Some(lineage_to_wire(&lineage)),
+            name: info.file_name(),
+            stored: encoded.to_vec(),
+        };
+        (info, request)
+    }
+
+    /// The names `last_only` lists.
+    async fn last(api: &WalArchiveApi, lineage: &Lineage) -> Vec<String> {
+        let request = v1::ListWalSegmentsRequest {
+            shard_id: "shard-0".into(),
+            lineage: Some(lineage_to_wire(lineage)),
+            last_only: true,
+        };
+        api.list_segments(Request::new(request))
+            .await
+            .expect("list")
+            .into_inner()
+            .names
+    }
+
+    #[tokio::test]
+    async fn puts_continue_after_the_end_a_retry_is_a_no_op_and_an_overlap_is_refused() {
+        let repo = Repository::open("memory://archive-ends")
+            .await
+            .expect("repo");
+        let api = WalArchiveApi::new(repo.clone());
+        let lineage = Lineage::root();
+        async fn api_put(
+            api: &WalArchiveApi,
+            request: v1::PutWalSegmentRequest,
+        ) -> std::result::Result<(), Status> {
+            api.put_segment(Request::new(request)).await.map(|_| ())
+        }
+        let (first, request) = put_request("shard-0", lineage, 1, 10).await;
+        api_put(&api, request.clone()).await.expect("1..=10");
+        api_put(&api, request)
+            .await
+            .expect("a retry of the same segment");
+        let (_, request) = put_request("shard-0", lineage, 11, 20).await;
+        api_put(&api, request).await.expect("11..=20");
+        let (_, overlap) = put_request("shard-0", lineage, 5, 15).await;
+        let refused = api_put(&api, overlap).await.expect_err("overlap");
+        assert!(
+            refused.message().contains("reaches 20")
+                && refused.message().contains("resume after 20"),
+            "{}",
+            refused.message()
+        );
+        assert_eq!(last(&api, &lineage).await.len(), 1);
+        assert!(
+            last(&api, &lineage).await[0].starts_with("00000000000000000011-00000000000000000020-")
+        );
+        // A fresh service (a restarted coordinator) lists the lineage once and agrees.
+        let restarted = WalArchiveApi::new(repo.clone());
+        assert_eq!(last(&restarted, &lineage).await, last(&api, &lineage).await);
+        let (_, request) = put_request("shard-0", lineage, 21, 30).await;
+        api_put(&restarted, request).await.expect("21..=30");
+        let all = repo
+            .wal_segments(&ShardId::new("shard-0").expect("shard"), &lineage)
+            .await
+            .expect("segments");
+        lockstep_repository::wal::check_segments(&all).expect("no gap, no overlap");
+        assert_eq!((all.len(), all[0].clone()), (3, first));
     }
 }

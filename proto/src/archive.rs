@@ -112,10 +112,31 @@ impl RemoteWal for Remote {
                 .list_segments(v1::ListWalSegmentsRequest {
                     shard_id: shard.to_string(),
                     lineage: Some(lineage_to_wire(lineage)),
+                    last_only: false,
                 })
                 .await
                 .map_err(|s| self.failed("list WAL segments", &s))?;
             Ok(reply.into_inner().names)
+        })
+    }
+
+    fn last_segment_name<'a>(
+        &'a self,
+        shard: &'a ShardId,
+        lineage: &'a Lineage,
+    ) -> BoxFuture<'a, Result<Option<String>>> {
+        Box::pin(async move {
+            let reply = self
+                .client
+                .clone()
+                .list_segments(v1::ListWalSegmentsRequest {
+                    shard_id: shard.to_string(),
+                    lineage: Some(lineage_to_wire(lineage)),
+                    last_only: true,
+                })
+                .await
+                .map_err(|s| self.failed("find the end of the WAL archive", &s))?;
+            Ok(reply.into_inner().names.pop())
         })
     }
 

@@ -28,6 +28,12 @@ pub trait RemoteWal: Send + Sync {
         shard: &'a ShardId,
         lineage: &'a Lineage,
     ) -> BoxFuture<'a, Result<Vec<String>>>;
+    /// The name of the segment of `shard` on `lineage` that reaches furthest, if any.
+    fn last_segment_name<'a>(
+        &'a self,
+        shard: &'a ShardId,
+        lineage: &'a Lineage,
+    ) -> BoxFuture<'a, Result<Option<String>>>;
     fn put<'a>(&'a self, info: &'a SegmentInfo, stored: Vec<u8>) -> BoxFuture<'a, Result<()>>;
     fn get<'a>(&'a self, info: &'a SegmentInfo) -> BoxFuture<'a, Result<Vec<u8>>>;
 }
@@ -87,6 +93,22 @@ impl WalArchive {
                 segments.sort_by_key(|s| (s.first, s.last));
                 Ok(segments)
             }
+        }
+    }
+
+    /// The segment of `shard` on `lineage` that reaches furthest (where shipping resumes),
+    /// if any; a remote archive sends only that one.
+    pub async fn wal_end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
+        match self {
+            WalArchive::Store(repo) => Ok(repo
+                .wal_segments(shard, lineage)
+                .await?
+                .into_iter()
+                .max_by_key(|s| s.last)),
+            WalArchive::Remote { remote, .. } => Ok(remote
+                .last_segment_name(shard, lineage)
+                .await?
+                .and_then(|name| SegmentInfo::parse(shard, lineage, &name))),
         }
     }
 

@@ -1394,6 +1394,16 @@ impl Repository {
             .await
     }
 
+    /// Whether exactly this segment (its name: range, times and SHA-256) is stored.
+    pub async fn has_wal_segment(&self, info: &SegmentInfo) -> Result<bool> {
+        let key = self.layout.wal_segment(info);
+        match self.store.head(&key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(err) => Err(storage_error(format!("look up WAL segment {key}"), err)),
+        }
+    }
+
     /// Deletes WAL segments (any already gone counts as deleted).
     pub async fn delete_wal_segments(&self, segments: &[SegmentInfo]) -> Result<()> {
         let keys: Vec<Path> = segments
