@@ -13,12 +13,12 @@
 //! - `gc.rs`: a garbage-collection pass over synthetic repositories of two sizes;
 //! - `report.rs`: medians, the JSON file and the Markdown table.
 
-mod archive;
 mod barrier;
 mod contenders;
 mod gc;
 mod generate;
 mod report;
+mod scale;
 mod wal;
 
 use std::path::PathBuf;
@@ -68,14 +68,16 @@ enum Command {
         #[arg(long, default_value = "100000,1000000", value_delimiter = ',')]
         objects: Vec<u64>,
     },
-    /// Only the WAL archive's put and resume at each archive size, as JSON.
-    Archive {
+    /// Only the scale section (the WAL archive's put and resume, `backup list`), as JSON.
+    Scale {
         #[arg(long)]
         bin_dir: PathBuf,
         #[arg(long)]
         work: PathBuf,
         #[arg(long, default_value = "10000,1000000", value_delimiter = ',')]
         segments: Vec<u64>,
+        #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+        backups: Vec<u64>,
     },
     /// One GC scan and record over a repository (run as its own process, so it is timed alone).
     #[command(hide = true)]
@@ -154,6 +156,9 @@ pub struct RunArgs {
     /// Archive sizes (segments of one lineage) for the WAL archive's put and resume.
     #[arg(long, default_value = "10000,1000000", value_delimiter = ',')]
     pub archive_segments: Vec<u64>,
+    /// Catalog sizes (committed backups) for `backup list`.
+    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+    pub catalog_backups: Vec<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -171,11 +176,12 @@ fn main() -> std::process::ExitCode {
             objects,
         } => report::gc_only(&bin_dir, &work, &objects),
         Command::GcPass { repo } => gc::pass(&repo),
-        Command::Archive {
+        Command::Scale {
             bin_dir,
             work,
             segments,
-        } => report::archive_only(&bin_dir, &work, &segments),
+            backups,
+        } => report::scale_only(&bin_dir, &work, &segments, &backups),
         Command::Generate {
             db,
             mib,

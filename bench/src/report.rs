@@ -107,7 +107,8 @@ pub struct Results {
     pub barrier: Vec<BarrierResult>,
     pub wal: WalResult,
     pub gc: Vec<crate::gc::GcResult>,
-    pub archive: Vec<crate::archive::ArchiveResult>,
+    pub archive: Vec<crate::scale::ArchiveResult>,
+    pub catalog: Vec<crate::scale::CatalogResult>,
 }
 
 /// Regular files of a shard by name, with sizes.
@@ -338,14 +339,23 @@ pub fn gc_only(bin_dir: &Path, work: &Path, objects: &[u64]) -> Result<()> {
     Ok(())
 }
 
-pub fn archive_only(bin_dir: &Path, work: &Path, segments: &[u64]) -> Result<()> {
+pub fn scale_only(bin_dir: &Path, work: &Path, segments: &[u64], backups: &[u64]) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let bins = binaries(bin_dir)?;
-    let results: Vec<_> = segments
+    let archive: Vec<_> = segments
         .iter()
-        .map(|n| crate::archive::measure(&bins, work, *n))
+        .map(|n| crate::scale::measure(&bins, work, *n))
         .collect::<Result<_>>()?;
-    println!("{}", serde_json::to_string_pretty(&results)?);
+    let catalog: Vec<_> = backups
+        .iter()
+        .map(|n| crate::scale::measure_catalog(&bins, work, *n))
+        .collect::<Result<_>>()?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "archive": archive, "catalog": catalog })
+        )?
+    );
     Ok(())
 }
 
@@ -396,7 +406,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let archive = args
         .archive_segments
         .iter()
-        .map(|n| crate::archive::measure(&bins, &args.work, *n))
+        .map(|n| crate::scale::measure(&bins, &args.work, *n))
+        .collect::<Result<Vec<_>>>()?;
+    let catalog = args
+        .catalog_backups
+        .iter()
+        .map(|n| crate::scale::measure_catalog(&bins, &args.work, *n))
         .collect::<Result<Vec<_>>>()?;
     let _ = std::fs::remove_dir_all(&args.work);
 
@@ -417,13 +432,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.backups,
             args.wal_secs
         ) + &format!(
-            " --gc-objects {} --archive-segments {}",
+            " --gc-objects {} --archive-segments {} --catalog-backups {}",
             args.gc_objects
                 .iter()
                 .map(|n| n.to_string())
                 .collect::<Vec<_>>()
                 .join(","),
             args.archive_segments
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            args.catalog_backups
                 .iter()
                 .map(|n| n.to_string())
                 .collect::<Vec<_>>()
@@ -438,6 +458,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         wal,
         gc,
         archive,
+        catalog,
     };
     std::fs::write(
         args.out.join("results.json"),
@@ -639,6 +660,17 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
         out.push_str(&format!(
             "| {} | {:.1} | {:.2} | {:.1} | {:.2} |\n",
             a.segments, a.resume_cold_ms, a.resume_ms, a.put_cold_ms, a.put_ms
+        ));
+    }
+    out.push_str(
+        "\n**Catalog at scale** (an archive-only coordinator over N committed backups of three \
+         shards; `backup list` in pages of 500; the first after a start reads every manifest, later \
+         ones only list `backups/`)\n\n| backups | first list ms | list ms |\n|---|---|---|\n",
+    );
+    for c in &r.catalog {
+        out.push_str(&format!(
+            "| {} | {:.1} | {:.1} |\n",
+            c.backups, c.list_cold_ms, c.list_ms
         ));
     }
     out

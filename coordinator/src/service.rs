@@ -146,17 +146,18 @@ async fn oldest_backup_points(
 
 /// One page of `listed` (oldest first): at most `size` (0: all) after the backup `token`
 /// names, and the token of the next page if more follow.
-fn page(
-    listed: Vec<v1::BackupInfo>,
+fn page<T>(
+    listed: Vec<T>,
     size: u32,
     token: &str,
-) -> Result<(Vec<v1::BackupInfo>, String)> {
+    id_of: impl Fn(&T) -> &str,
+) -> Result<(Vec<T>, String)> {
     let start = if token.is_empty() {
         0
     } else {
         1 + listed
             .iter()
-            .position(|b| b.backup_id == token)
+            .position(|b| id_of(b) == token)
             .ok_or_else(|| {
                 Error::new(
                     ErrorCode::InvalidArgument,
@@ -169,7 +170,7 @@ fn page(
         size => listed.len().min(start + size as usize),
     };
     let next = if end < listed.len() && end > start {
-        listed[end - 1].backup_id.clone()
+        id_of(&listed[end - 1]).to_string()
     } else {
         String::new()
     };
@@ -370,23 +371,31 @@ impl Coordinator for CoordinatorApi {
     ) -> Reply<v1::ListBackupsReply> {
         let request = request.into_inner();
         let wanted = labels_from_wire(request.labels).map_err(status)?;
-        let backups = self.ctx.repo.backups().await.map_err(status)?;
-        let backups: Vec<v1::BackupInfo> = backups
+        let mut backups = self.ctx.repo.backups().await.map_err(status)?;
+        // Unreadable: listed unless a filter asks for labels it cannot show.
+        backups.retain(|(_, manifest)| match manifest {
+            Ok(manifest) => has_labels(&manifest.labels, &wanted),
+            Err(_) => wanted.is_empty(),
+        });
+        // Only the page is turned into replies.
+        let (backups, next_page_token) = page(
+            backups,
+            request.page_size,
+            &request.page_token,
+            |(id, _)| id.as_str(),
+        )
+        .map_err(status)?;
+        let backups = backups
             .into_iter()
-            .filter_map(|(id, manifest)| match manifest {
-                Ok(manifest) => {
-                    has_labels(&manifest.labels, &wanted).then(|| backup_info(&manifest))
-                }
-                // Unreadable: listed unless a filter asks for labels it cannot show.
-                Err(err) => wanted.is_empty().then(|| v1::BackupInfo {
+            .map(|(id, manifest)| match manifest {
+                Ok(manifest) => backup_info(&manifest),
+                Err(err) => v1::BackupInfo {
                     backup_id: id.to_string(),
                     error_code: err.code.as_str().to_string(),
                     ..Default::default()
-                }),
+                },
             })
             .collect();
-        let (backups, next_page_token) =
-            page(backups, request.page_size, &request.page_token).map_err(status)?;
         Ok(Response::new(v1::ListBackupsReply {
             backups,
             next_page_token,
@@ -826,23 +835,24 @@ mod tests {
 
     #[test]
     fn backups_page_after_the_token_until_none_follow() -> Result<()> {
-        let (first, token) = page(listed(5), 2, "")?;
+        let (first, token) = page(listed(5), 2, "", |b| b.backup_id.as_str())?;
         assert_eq!(
             (ids(&first), token.as_str()),
             (vec!["bk-0", "bk-1"], "bk-1")
         );
-        let (second, token) = page(listed(5), 2, &token)?;
+        let (second, token) = page(listed(5), 2, &token, |b| b.backup_id.as_str())?;
         assert_eq!(
             (ids(&second), token.as_str()),
             (vec!["bk-2", "bk-3"], "bk-3")
         );
-        let (last, token) = page(listed(5), 2, &token)?;
+        let (last, token) = page(listed(5), 2, &token, |b| b.backup_id.as_str())?;
         assert_eq!((ids(&last), token.as_str()), (vec!["bk-4"], ""));
-        let (all, token) = page(listed(5), 0, "")?;
+        let (all, token) = page(listed(5), 0, "", |b| b.backup_id.as_str())?;
         assert_eq!((all.len(), token.as_str()), (5, ""));
-        let (exact, token) = page(listed(4), 2, "bk-1")?;
+        let (exact, token) = page(listed(4), 2, "bk-1", |b| b.backup_id.as_str())?;
         assert_eq!((ids(&exact), token.as_str()), (vec!["bk-2", "bk-3"], ""));
-        let gone = page(listed(5), 2, "bk-9").expect_err("a token of no backup");
+        let gone =
+            page(listed(5), 2, "bk-9", |b| b.backup_id.as_str()).expect_err("a token of no backup");
         assert_eq!(gone.code, ErrorCode::InvalidArgument);
         Ok(())
     }

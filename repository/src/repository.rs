@@ -24,14 +24,14 @@ use crate::lineage::Lineage;
 use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::wal::{Segment, SegmentInfo};
 
-/// Who a repository belongs to: written once, when a coordinator first opens it
-/// ([`Repository::claim`]).
 /// `schedules/<name>.json`: when a schedule last fired.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct ScheduleRecord {
     last_fired: chrono::DateTime<chrono::Utc>,
 }
 
+/// Who a repository belongs to: written once, when a coordinator first opens it
+/// ([`Repository::claim`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RepositoryIdentity {
     pub format: u32,
@@ -137,7 +137,14 @@ pub struct Repository {
     /// Objects a running GC sweep may delete (`gc.rs`): through this handle a writer never
     /// relies on one of them being there, it writes the object's next copy instead.
     condemned: Option<Arc<crate::gc::Condemned>>,
+    /// Committed backup manifests read so far, by id: a manifest never changes once
+    /// committed, so a listing of the catalog reads only the ones it has not seen (the
+    /// listing of `backups/` still decides which exist).
+    catalog: Arc<Mutex<HashMap<BackupId, BackupManifest>>>,
 }
+
+/// Backup manifests the catalog memory holds at most; past it, it starts over.
+const MAX_REMEMBERED_MANIFESTS: usize = 100_000;
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -343,6 +350,7 @@ impl Repository {
             buffers: Default::default(),
             unsynced: Default::default(),
             condemned: None,
+            catalog: Default::default(),
         }
     }
 
@@ -795,14 +803,36 @@ impl Repository {
     /// id, for manifests from before the order was recorded). A manifest that does not parse
     /// is returned as its error, first, so a listing still shows the rest.
     pub async fn backups(&self) -> Result<Vec<(BackupId, Result<BackupManifest>)>> {
-        let mut out: Vec<_> = futures::stream::iter(self.backup_ids().await?)
+        let ids = self.backup_ids().await?;
+        let remembered = |id: &BackupId| {
+            let catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+            catalog.get(id).cloned()
+        };
+        let mut out: Vec<_> = futures::stream::iter(ids)
             .map(|id| async move {
+                if let Some(manifest) = remembered(&id) {
+                    return (id, Ok(manifest));
+                }
                 let manifest = self.backup_manifest(&id).await;
+                if let Ok(manifest) = &manifest {
+                    let mut catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+                    if catalog.len() >= MAX_REMEMBERED_MANIFESTS {
+                        catalog.clear();
+                    }
+                    catalog.insert(id.clone(), manifest.clone());
+                }
                 (id, manifest)
             })
             .buffered(CATALOG_READS)
             .collect()
             .await;
+        // Forget the ones deleted meanwhile (by anyone).
+        {
+            let listed: std::collections::HashSet<&BackupId> =
+                out.iter().map(|(id, _)| id).collect();
+            let mut catalog = self.catalog.lock().unwrap_or_else(|p| p.into_inner());
+            catalog.retain(|id, _| listed.contains(id));
+        }
         out.sort_by_key(|(id, manifest)| {
             (
                 manifest.as_ref().ok().map(|m| (m.commit_seq, m.started_at)),
@@ -1636,5 +1666,42 @@ mod tests {
             repo.backup_ids().await.expect("ids"),
             vec![good.backup_id, next.backup_id]
         );
+    }
+
+    #[tokio::test]
+    async fn the_catalog_reads_each_committed_manifest_once_and_forgets_deleted_ones() {
+        let url = "memory://catalog-memory";
+        let repo = Repository::open(url).await.expect("repo");
+        let first = commit(&repo, "bk-1", Duration::zero()).await;
+        let second = commit(&repo, "bk-2", Duration::zero()).await;
+        assert_eq!(repo.backups().await.expect("backups").len(), 2);
+        // Later listings do not read bk-1 again: bytes changed behind the handle's back (no
+        // writer does that) go unseen by it...
+        repo.store
+            .put(
+                &repo.layout.backup_manifest(&first.backup_id),
+                PutPayload::from(b"{ not json".to_vec()),
+            )
+            .await
+            .expect("overwrite");
+        let listed = repo.backups().await.expect("backups");
+        assert!(listed.iter().all(|(_, m)| m.is_ok()), "{listed:?}");
+        // ...while a handle that has not read it yet sees them.
+        let fresh = Repository::open(url).await.expect("repo");
+        let fresh_listed = fresh.backups().await.expect("backups");
+        assert!(fresh_listed.iter().any(|(_, m)| m.is_err()));
+        // The listing still decides what exists.
+        repo.delete_backup(&second.backup_id, &[])
+            .await
+            .expect("delete");
+        let ids: Vec<BackupId> = repo
+            .backups()
+            .await
+            .expect("backups")
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, vec![first.backup_id.clone()]);
+        assert_eq!(repo.catalog.lock().map(|c| c.len()).unwrap_or(9), 1);
     }
 }

@@ -1,22 +1,26 @@
-//! The WAL archive at scale: a `file://` repository whose one shard lineage already holds N
-//! segments, served by an archive-only coordinator (`agents = []`, as another region runs
-//! it), and through its gRPC API what agents ask of it:
+//! The repository at scale, through a coordinator's gRPC API over a synthetic `file://`
+//! repository, each reported at two sizes to show how the cost grows:
 //!
-//! - a shipper's resume (`ListWalSegments` with `last_only`): the first after the
-//!   coordinator starts lists the lineage once; later ones are answered from memory;
-//! - a segment put after the end (`PutWalSegment`): the first lists the lineage once; later
-//!   ones cost the same whatever N is.
-//!
-//! Reported at two sizes, to show how the cost grows with the archive.
+//! - the WAL archive: one shard lineage already holds N segments, served by an
+//!   archive-only coordinator (`agents = []`, as another region runs it). A shipper's resume
+//!   (`ListWalSegments` with `last_only`) and a segment put after the end (`PutWalSegment`):
+//!   the first of each after a start lists the lineage once, later ones cost the same
+//!   whatever N is;
+//! - the catalog: N committed backups of three shards. `backup list` (`ListBackups`, pages
+//!   of 500 as the CLI asks): the first after a start reads every manifest, later ones only
+//!   list `backups/` (a committed manifest never changes).
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use lockstep_proto::v1::{self, wal_archive_client::WalArchiveClient};
+use lockstep_proto::v1::{
+    self, coordinator_client::CoordinatorClient, wal_archive_client::WalArchiveClient,
+};
 use lockstep_proto::wire::lineage_to_wire;
+use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardRef};
 use lockstep_repository::wal::{Segment, SegmentInfo, WalBatch};
-use lockstep_repository::{HlcTime, Lineage, ObjectId, Repository, Seq, ShardId, codec};
+use lockstep_repository::{BackupId, HlcTime, Lineage, ObjectId, Repository, Seq, ShardId, codec};
 use serde::Serialize;
 
 use crate::barrier::{Processes, start};
@@ -43,6 +47,51 @@ pub struct ArchiveResult {
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Creates the repository at `repo_dir` (its marker, as a first start writes it) and an
+/// archive-only coordinator's configuration for it; returns the configuration's path.
+fn prepare(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    repo_dir: &Path,
+) -> Result<std::path::PathBuf> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(repo_dir)?;
+    runtime.block_on(async {
+        Repository::open(&format!("file://{}", repo_dir.display()))
+            .await?
+            .claim("bench")
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let config = dir.join("lockstep.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cluster = \"bench\"\nrepository = \"file://{}\"\nlisten = \"127.0.0.1:0\"\nagents = []\n",
+            repo_dir.display()
+        ),
+    )?;
+    Ok(config)
+}
+
+/// Starts the coordinator of `config`; returns its address.
+fn serve(processes: &mut Processes, bins: &Binaries, config: &Path, log: &Path) -> Result<String> {
+    start(
+        processes,
+        &bins.coordinator,
+        &["serve", "--config", config.to_str().unwrap_or_default()],
+        log,
+        "warn",
+    )
 }
 
 /// Writes `n` segment files (names only matter to a listing; their bytes are never read).
@@ -99,41 +148,15 @@ async fn segment_put(
 
 pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
     let dir = work.join(format!("archive-{n}"));
-    let _ = std::fs::remove_dir_all(&dir);
     let repo_dir = dir.join("repo");
-    std::fs::create_dir_all(&repo_dir)?;
     let shard = ShardId::new("shard-0")?;
     let lineage = Lineage::root();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        // The repository's marker, as a first start writes it.
-        Repository::open(&format!("file://{}", repo_dir.display()))
-            .await?
-            .claim("bench")
-            .await?;
-        anyhow::Ok(())
-    })?;
-    eprintln!("archive bench: writing {n} segments");
+    let runtime = runtime()?;
+    let config = prepare(&runtime, &dir, &repo_dir)?;
+    eprintln!("scale bench: writing {n} WAL segments");
     build(&repo_dir, &shard, &lineage, n)?;
-    let config = dir.join("lockstep.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "cluster = \"bench\"\nrepository = \"file://{}\"\nlisten = \"127.0.0.1:0\"\nagents = []\n",
-            repo_dir.display()
-        ),
-    )?;
     let mut processes = Processes(Vec::new());
-    let address = start(
-        &mut processes,
-        &bins.coordinator,
-        &["serve", "--config", config.to_str().unwrap_or_default()],
-        &dir.join("coordinator.log"),
-        "warn",
-    )?;
+    let address = serve(&mut processes, bins, &config, &dir.join("coordinator.log"))?;
     runtime
         .block_on(async {
             let mut client = WalArchiveClient::connect(format!("http://{address}")).await?;
@@ -196,4 +219,86 @@ pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
                 })
             })
         })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CatalogResult {
+    pub backups: u64,
+    /// The first `backup list` after the coordinator started (every manifest read).
+    pub list_cold_ms: f64,
+    /// A later one (median).
+    pub list_ms: f64,
+}
+
+/// Writes `n` committed backup manifests of three shards.
+fn build_catalog(repo_dir: &Path, n: u64) -> Result<()> {
+    let dir = repo_dir.join("backups");
+    std::fs::create_dir_all(&dir)?;
+    let lineage = Lineage::root();
+    let started = chrono::Utc::now() - chrono::Duration::days(365);
+    for i in 0..n {
+        let id = BackupId::new(format!("bk-{i:08}"))?;
+        let mut manifest = BackupManifest::commit(id.clone(), BackupKind::Full, None, started, &[]);
+        manifest.commit_seq = i + 1;
+        for shard in 0..3 {
+            manifest.shards.push(ShardRef {
+                shard_id: ShardId::new(format!("shard-{shard}"))?,
+                seq: Seq(i * 1000),
+                lineage,
+                n_files: 40,
+                bytes: 1 << 30,
+            });
+        }
+        std::fs::write(dir.join(format!("{id}.json")), manifest.to_json())
+            .with_context(|| format!("write manifest {i}"))?;
+    }
+    Ok(())
+}
+
+pub fn measure_catalog(bins: &Binaries, work: &Path, n: u64) -> Result<CatalogResult> {
+    let dir = work.join(format!("catalog-{n}"));
+    let repo_dir = dir.join("repo");
+    let runtime = runtime()?;
+    let config = prepare(&runtime, &dir, &repo_dir)?;
+    eprintln!("scale bench: writing {n} backup manifests");
+    build_catalog(&repo_dir, n)?;
+    let mut processes = Processes(Vec::new());
+    let address = serve(&mut processes, bins, &config, &dir.join("coordinator.log"))?;
+    let result = runtime.block_on(async {
+        let client = CoordinatorClient::connect(format!("http://{address}")).await?;
+        let list = async || {
+            let mut client = client.clone();
+            let started = Instant::now();
+            let (mut token, mut listed) = (String::new(), 0u64);
+            loop {
+                let reply = client
+                    .list_backups(v1::ListBackupsRequest {
+                        page_size: 500,
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                listed += reply.backups.len() as u64;
+                token = reply.next_page_token;
+                if token.is_empty() {
+                    break;
+                }
+            }
+            anyhow::ensure!(listed == n, "listed {listed} of {n}");
+            anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
+        };
+        let list_cold_ms = list().await?;
+        let mut lists = Vec::new();
+        for _ in 0..5 {
+            lists.push(list().await?);
+        }
+        anyhow::Ok(CatalogResult {
+            backups: n,
+            list_cold_ms,
+            list_ms: median(lists),
+        })
+    });
+    drop(processes);
+    result
 }
