@@ -17,13 +17,17 @@
 //! - tags go when older than `keep_tags_days` (0 keeps every tag), unless pinned or in the
 //!   recovery window.
 //!
-//! The catalog's WAL archives, the repository's own `wal/` and `wal_archive` (when it is an
-//! object store), lose, per shard, the segments no kept backup can replay: those before the
-//! oldest kept backup on each history, and forks no kept backup reaches. Kept always: a lineage no kept backup is on or descends from (the archive may
-//! serve another repository's backups), the last segment of every lineage (where shipping
-//! resumes, and what keeps the lineage and its timeline listed), every segment younger than
-//! `[gc] grace_s`, and everything while any backup manifest cannot be read. A `lockstep://`
-//! archive is not pruned from here (the archive service has no delete).
+//! The catalog's WAL archives, the repository's own `wal/` and, with `prune_wal_archive`,
+//! `wal_archive` (when it is an object store), lose, per shard, the segments no backup of the
+//! catalog can replay: those before the oldest backup on each history, and forks none
+//! reaches. The backups a pass removes still count in that pass (a restore may be reading
+//! one): their WAL goes in the next. Kept always: a lineage no backup is on, before or after
+//! (the archive may serve another repository's backups), a lineage whose ancestry reaches one
+//! known nowhere, the segment of every lineage that reaches furthest (where shipping resumes,
+//! and what keeps the lineage and its timeline listed), every segment younger than `[gc]
+//! grace_s`, everything while any backup manifest cannot be read, and an archive that cannot
+//! be listed (the plan says so; the backups and tags go ahead). A `lockstep://` archive is not
+//! pruned from here (the archive service has no delete).
 //!
 //! Removing a backup removes its manifests; its objects become garbage for `lockstep gc`.
 
@@ -61,6 +65,9 @@ pub struct RetentionConfig {
     pub pinned: Vec<String>,
     /// Apply the policy after every committed backup.
     pub after_backup: bool,
+    /// Prune `wal_archive` too (the repository's own `wal/` always is): set it when no other
+    /// repository's backups replay that archive.
+    pub prune_wal_archive: bool,
 }
 
 impl RetentionConfig {
@@ -156,6 +163,7 @@ pub type ShardArchive = Vec<(Lineage, Vec<SegmentInfo>)>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum WalFate {
     Unrelated,
+    UnknownHistory,
     Needed(BackupId),
     Young,
     Last,
@@ -168,20 +176,26 @@ impl WalFate {
             WalFate::Unrelated => {
                 "no kept backup is on this history or before it (another repository's?)".into()
             }
+            WalFate::UnknownHistory => {
+                "a lineage before it is not known here, so what it needs is unknown".into()
+            }
             WalFate::Needed(id) => format!("replayed from kept backup {id}"),
             WalFate::Young => format!("younger than [gc] grace_s ({} s)", grace.num_seconds()),
             WalFate::Last => "the lineage's last segment: shipping resumes after it".into(),
-            WalFate::Removed => "no kept backup replays it".into(),
+            WalFate::Removed => "no backup replays it".into(),
         }
     }
 }
 
 /// Plans the WAL archive against the backups the plan keeps: per shard and lineage, which
-/// segments no kept backup can replay (module docs). Returns the runs of segments with their
-/// fate, and the segments to remove.
+/// segments no kept backup can replay (module docs). `known` holds every lineage known
+/// elsewhere (every backup's, removed ones included, every tag's, other archives'): a
+/// lineage whose ancestry reaches one known nowhere is kept whole. Returns the runs of
+/// segments with their fate, and the segments to remove.
 pub fn plan_wal(
     kept: &[&BackupManifest],
     archive: &BTreeMap<ShardId, ShardArchive>,
+    known: &HashMap<LineageId, Lineage>,
     now: DateTime<Utc>,
     grace: Duration,
 ) -> (Vec<Decision>, Vec<SegmentInfo>) {
@@ -197,31 +211,37 @@ pub fn plan_wal(
                     .map(|r| (r.lineage, r.seq, &m.backup_id))
             })
             .collect();
-        let known: HashMap<LineageId, Lineage> = lineages
-            .iter()
-            .map(|(l, _)| *l)
-            .chain(starts.iter().map(|(l, _, _)| *l))
-            .map(|l| (l.id, l))
-            .collect();
+        let mut known = known.clone();
+        known.extend(
+            lineages
+                .iter()
+                .map(|(l, _)| *l)
+                .chain(starts.iter().map(|(l, _, _)| *l))
+                .map(|l| (l.id, l)),
+        );
         // Each lineage and its ancestors, with the last sequence number of each the lineage's
-        // own writes build on (itself: all of them).
-        let chain = |lineage: &Lineage| -> Vec<(LineageId, Seq)> {
+        // own writes build on (itself: all of them); and whether it reaches a root (a lineage
+        // with no parent) rather than one known nowhere.
+        let chain = |lineage: &Lineage| -> (Vec<(LineageId, Seq)>, bool) {
             let mut chain = vec![(lineage.id, Seq(u64::MAX))];
             let (mut current, mut to) = (*lineage, Seq(u64::MAX));
-            while let Some(parent) = current.parent.and_then(|id| known.get(&id)) {
+            while let Some(parent) = current.parent {
+                let Some(parent) = known.get(&parent) else {
+                    return (chain, false);
+                };
                 if chain.len() > known.len() {
-                    break; // a loop in a damaged listing
+                    return (chain, false); // a loop in a damaged listing
                 }
                 to = to.min(current.branch);
                 chain.push((parent.id, to));
                 current = *parent;
             }
-            chain
+            (chain, true)
         };
         let start_chains: Vec<Vec<(LineageId, Seq)>> =
-            starts.iter().map(|(l, _, _)| chain(l)).collect();
+            starts.iter().map(|(l, _, _)| chain(l).0).collect();
         for (lineage, segments) in lineages {
-            let own = chain(lineage);
+            let (own, complete) = chain(lineage);
             // A lineage is related when a kept backup is on it, before it, or after it.
             let related = starts.iter().zip(&start_chains).any(|((l, _, _), c)| {
                 own.iter().any(|(id, _)| *id == l.id) || c.iter().any(|(id, _)| *id == lineage.id)
@@ -240,6 +260,8 @@ pub fn plan_wal(
                         .map(|_| (Seq(0), *id))
                 })
                 .min_by_key(|(seq, _)| *seq);
+            // The segment that reaches furthest: where shipping resumes.
+            let end = segments.iter().max_by_key(|s| s.last);
             let mut run: Option<(WalFate, &SegmentInfo, &SegmentInfo)> = None;
             let flush = |run: Option<(WalFate, &SegmentInfo, &SegmentInfo)>,
                          items: &mut Vec<Decision>| {
@@ -252,16 +274,18 @@ pub fn plan_wal(
                     });
                 }
             };
-            for (i, segment) in segments.iter().enumerate() {
+            for segment in segments {
                 let fate = if !related {
                     WalFate::Unrelated
+                } else if !complete {
+                    WalFate::UnknownHistory
                 } else if let Some((_, id)) =
                     needed_after.filter(|(after, _)| segment.last > *after)
                 {
                     WalFate::Needed(id.clone())
                 } else if segment.hlc_max.to_datetime() > young_after {
                     WalFate::Young
-                } else if i + 1 == segments.len() {
+                } else if end == Some(segment) {
                     WalFate::Last
                 } else {
                     WalFate::Removed
@@ -566,7 +590,7 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
     let tags = ctx.repo.tags().await?;
     let now = Utc::now();
     let mut plan = plan(&ctx.config.retention, &backups, &tags, now)?;
-    plan_archive(ctx, &mut plan, &backups, now).await?;
+    plan_archive(ctx, &mut plan, &backups, &tags, now).await;
     for pin in &ctx.config.retention.pinned {
         if !plan.items.iter().any(|item| &item.name == pin) {
             tracing::warn!(pin = %pin, "a retention pin names no backup or tag");
@@ -623,57 +647,81 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
 const WAL_DELETE_BATCH: usize = 64;
 
 /// Reads the catalog's WAL archives for every shard the catalog names and adds their part to
-/// `plan`; with any backup manifest unreadable nothing of them is removed.
+/// `plan`. Best effort: an archive that cannot be read is kept whole and the plan says so,
+/// and with any backup manifest unreadable nothing of them is removed.
 async fn plan_archive(
     ctx: &ClusterContext,
     plan: &mut Plan,
     backups: &[(BackupId, Result<BackupManifest>)],
+    tags: &[(TagName, Result<TagManifest>)],
     now: DateTime<Utc>,
-) -> Result<()> {
+) {
     if let Some((id, _)) = backups.iter().find(|(_, m)| m.is_err()) {
         plan.wal = format!("kept whole: backup {id} cannot be read, so what it needs is unknown");
-        return Ok(());
+        return;
     }
-    let removed: BTreeSet<&str> = plan
-        .removed()
-        .filter(|item| item.what == "backup")
-        .map(|item| item.name.as_str())
-        .collect();
+    // Every backup counts, the ones this pass removes included: a restore already reading
+    // one keeps its WAL, and the next pass prunes it.
     let kept: Vec<&BackupManifest> = backups
         .iter()
-        .filter_map(|(id, m)| m.as_ref().ok().filter(|_| !removed.contains(id.as_str())))
-        .collect();
-    let shards: BTreeSet<ShardId> = backups
-        .iter()
         .filter_map(|(_, m)| m.as_ref().ok())
+        .collect();
+    let mut known: HashMap<LineageId, Lineage> = kept
+        .iter()
+        .flat_map(|m| m.shards.iter().map(|r| r.lineage))
+        .chain(
+            tags.iter()
+                .filter_map(|(_, t)| t.as_ref().ok())
+                .flat_map(|t| t.points.values().map(|p| p.lineage)),
+        )
+        .map(|l| (l.id, l))
+        .collect();
+    let shards: BTreeSet<ShardId> = kept
+        .iter()
         .flat_map(|m| m.shards.iter().map(|r| r.shard_id.clone()))
         .chain(ctx.config.shard_ids())
         .collect();
     let mut archives = vec![ctx.repo.clone()];
-    let mut remote = None;
+    let mut summary = Vec::new();
     if let Some(url) = ctx.config.wal_archive.as_deref() {
-        match lockstep_proto::archive::open_archive(url).await? {
-            WalArchive::Store(repo) if repo.url() != ctx.repo.url() => archives.push(repo),
-            WalArchive::Store(_) => {}
-            WalArchive::Remote { .. } => remote = Some(url),
+        match lockstep_proto::archive::open_archive(url).await {
+            Ok(WalArchive::Store(repo)) if repo.url() == ctx.repo.url() => {}
+            Ok(WalArchive::Store(repo)) if ctx.config.retention.prune_wal_archive => {
+                archives.push(repo)
+            }
+            Ok(WalArchive::Store(_)) => summary.push(format!(
+                "{url} kept whole: set prune_wal_archive = true in [retention] when only this repository's backups replay it"
+            )),
+            Ok(WalArchive::Remote { .. }) => summary.push(format!(
+                "{url} kept whole (a lockstep:// archive is pruned by the coordinator that holds it)"
+            )),
+            Err(err) => summary.push(format!("{url} kept whole: {}", err.chain())),
+        }
+    }
+    // Every archive is read before any is planned: each one's lineages are known to all.
+    let mut listed = Vec::new();
+    for repo in archives {
+        match list_archive(&repo, &shards).await {
+            Ok(archive) => {
+                known.extend(
+                    archive
+                        .values()
+                        .flat_map(|lineages| lineages.iter().map(|(l, _)| (l.id, *l))),
+                );
+                listed.push((repo, archive));
+            }
+            Err(err) => {
+                tracing::warn!(archive = %repo.url(), error = %err.chain(), "retention: the WAL archive could not be read; it is kept whole");
+                summary.push(format!("{} kept whole: {}", repo.url(), err.chain()));
+            }
         }
     }
     let grace = Duration::seconds(i64::try_from(ctx.config.gc.grace_s).unwrap_or(i64::MAX));
-    let mut summary = Vec::new();
-    for repo in archives {
-        let mut archive = BTreeMap::new();
-        for shard in &shards {
-            let mut lineages = Vec::new();
-            for lineage in repo.wal_lineages(shard).await? {
-                let segments = repo.wal_segments(shard, &lineage).await?;
-                lineages.push((lineage, segments));
-            }
-            archive.insert(shard.clone(), lineages);
-        }
-        let (items, doomed) = plan_wal(&kept, &archive, now, grace);
+    for (repo, archive) in listed {
+        let (items, doomed) = plan_wal(&kept, &archive, &known, now, grace);
         let of_shards = doomed.iter().map(|s| &s.shard_id).collect::<BTreeSet<_>>();
         summary.push(format!(
-            "{} segment(s) of {} shard(s) in {} that no kept backup replays",
+            "{} segment(s) of {} shard(s) in {} that no backup replays",
             doomed.len(),
             of_shards.len(),
             repo.url()
@@ -686,13 +734,24 @@ async fn plan_archive(
             plan.wal_doomed.push((repo, doomed));
         }
     }
-    if let Some(url) = remote {
-        summary.push(format!(
-            "{url} kept whole (pruned by the coordinator that holds it)"
-        ));
-    }
     plan.wal = summary.join("; ");
-    Ok(())
+}
+
+/// Every lineage of every one of `shards` in `repo`'s WAL archive, with its segments.
+async fn list_archive(
+    repo: &Repository,
+    shards: &BTreeSet<ShardId>,
+) -> Result<BTreeMap<ShardId, ShardArchive>> {
+    let mut archive = BTreeMap::new();
+    for shard in shards {
+        let mut lineages = Vec::new();
+        for lineage in repo.wal_lineages(shard).await? {
+            let segments = repo.wal_segments(shard, &lineage).await?;
+            lineages.push((lineage, segments));
+        }
+        archive.insert(shard.clone(), lineages);
+    }
+    Ok(archive)
 }
 
 #[cfg(test)]
@@ -1036,7 +1095,7 @@ mod tests {
         )]);
         let (old, newer) = (at("b-old", root, 250), at("b-new", root, 350));
         let grace = Duration::hours(6);
-        let (items, doomed) = plan_wal(&[&old, &newer], &archive, now(), grace);
+        let (items, doomed) = plan_wal(&[&old, &newer], &archive, &HashMap::new(), now(), grace);
         assert_eq!(
             doomed_spans(&doomed),
             vec![(root.id, 1, 100), (root.id, 101, 200)],
@@ -1049,7 +1108,7 @@ mod tests {
             && i.name.ends_with(" 201..=500")
             && i.reasons[0].contains("b-old")));
         // Nothing kept before the archive: nothing related, nothing removed.
-        let (_, none) = plan_wal(&[], &archive, now(), grace);
+        let (_, none) = plan_wal(&[], &archive, &HashMap::new(), now(), grace);
         assert!(
             none.is_empty(),
             "no kept backup: the archive is not ours to judge"
@@ -1067,7 +1126,13 @@ mod tests {
             )],
         )]);
         let backup = at("b", root, 300);
-        let (items, doomed) = plan_wal(&[&backup], &archive, now(), Duration::hours(6));
+        let (items, doomed) = plan_wal(
+            &[&backup],
+            &archive,
+            &HashMap::new(),
+            now(),
+            Duration::hours(6),
+        );
         assert_eq!(doomed_spans(&doomed), vec![(root.id, 1, 100)]);
         assert!(
             items.iter().any(|i| i.reasons[0].contains("grace")),
@@ -1078,7 +1143,13 @@ mod tests {
             ShardId::new("shard-0").expect("shard"),
             vec![(root, segments(root, &[(1, 100, 90), (101, 200, 80)]))],
         )]);
-        let (items, doomed) = plan_wal(&[&backup], &archive, now(), Duration::hours(6));
+        let (items, doomed) = plan_wal(
+            &[&backup],
+            &archive,
+            &HashMap::new(),
+            now(),
+            Duration::hours(6),
+        );
         assert_eq!(doomed_spans(&doomed), vec![(root.id, 1, 100)]);
         assert!(
             items
@@ -1112,7 +1183,13 @@ mod tests {
         // Kept: one backup on the root before the restore point, one on the child after the
         // fork.
         let (on_root, on_child) = (at("r", root, 120), at("c", child, 300));
-        let (_, doomed) = plan_wal(&[&on_root, &on_child], &archive, now(), Duration::hours(6));
+        let (_, doomed) = plan_wal(
+            &[&on_root, &on_child],
+            &archive,
+            &HashMap::new(),
+            now(),
+            Duration::hours(6),
+        );
         assert_eq!(
             doomed_spans(&doomed),
             vec![
@@ -1122,7 +1199,13 @@ mod tests {
             ],
         );
         // Without "r", the root's history before the child and the fork are unreachable.
-        let (items, doomed) = plan_wal(&[&on_child], &archive, now(), Duration::hours(6));
+        let (items, doomed) = plan_wal(
+            &[&on_child],
+            &archive,
+            &HashMap::new(),
+            now(),
+            Duration::hours(6),
+        );
         assert_eq!(
             doomed_spans(&doomed),
             vec![

@@ -91,7 +91,10 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
     let printed = text(&applied);
     assert!(printed.contains("Removed 2 backup(s)"), "{printed}");
     assert!(printed.contains("no rule keeps it"), "{printed}");
-    assert!(printed.contains("WAL archive: 0 segment(s)"), "{printed}");
+    assert!(
+        printed.contains("kept whole: set prune_wal_archive = true"),
+        "{printed}"
+    );
     assert_eq!(listed(&cluster), vec![f2.clone(), d2.clone()]);
     let verify = cluster.lockstep(&["backup", "verify", "--full"]);
     assert!(verify.status.success(), "{}", text(&verify));
@@ -213,6 +216,17 @@ async fn round(cluster: &Cluster, history: &mut Vec<crate::pitr::Acked>, name: &
     wait_shipped(cluster).await;
 }
 
+/// Shard-0's sequence number in `backup`.
+fn shard_0_seq(cluster: &Cluster, backup: &str) -> u64 {
+    json(&cluster.lockstep(&["backup", "show", backup, "--json"]))["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .find(|s| s["shard_id"] == Cluster::shard(0))
+        .and_then(|s| s["seq"].as_u64())
+        .expect("shard-0's sequence number")
+}
+
 /// Each WAL segment of shard-0 in `archive`: `(first, last)`.
 fn shard_0_spans(archive: &std::path::Path) -> Vec<(u64, u64)> {
     shard_0_segments(archive)
@@ -228,37 +242,49 @@ fn shard_0_spans(archive: &std::path::Path) -> Vec<(u64, u64)> {
 async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores() {
     let mut cluster = Cluster::start(5000, None);
     cluster.reconfigure("[gc]\ngrace_s = 1\n");
-    with_retention(&mut cluster, "keep_full = 1");
+    with_retention(&mut cluster, "keep_full = 1\nprune_wal_archive = true");
     let mut history = Vec::new();
     round(&cluster, &mut history, "before-f1").await;
     let f1 = cluster.backup("full");
     round(&cluster, &mut history, "before-f2").await;
     let f2 = cluster.backup("full");
     round(&cluster, &mut history, "after-f2").await;
-    let shown = json(&cluster.lockstep(&["backup", "show", &f2, "--json"]));
-    let f2_seq = shown["shards"]
-        .as_array()
-        .expect("shards")
-        .iter()
-        .find(|s| s["shard_id"] == Cluster::shard(0))
-        .and_then(|s| s["seq"].as_u64())
-        .expect("shard-0's sequence number in f2");
+    let (f1_seq, f2_seq) = (shard_0_seq(&cluster, &f1), shard_0_seq(&cluster, &f2));
     let before = shard_0_spans(&cluster.archive());
-    let (first, last_before_f2) = (
-        before[0].0,
+    let last_before_f2 = before
+        .iter()
+        .map(|(_, last)| *last)
+        .filter(|last| *last <= f2_seq)
+        .max()
+        .expect("segments before f2");
+    assert!(
         before
             .iter()
-            .map(|(_, last)| *last)
-            .filter(|last| *last <= f2_seq)
-            .max()
-            .expect("segments before f2"),
-    );
-    assert!(
-        before.iter().filter(|(_, last)| *last <= f2_seq).count() >= 2,
-        "segments before f2 to prune: {before:?}"
+            .filter(|(_, last)| *last > f1_seq && *last <= f2_seq)
+            .count()
+            >= 2,
+        "segments between f1 and f2 to prune: {before:?}"
     );
 
-    // Once they are older than the grace, the plan removes every segment before f2.
+    // The pass that removes f1 still keeps what f1 replays (a restore may be reading it).
+    let applied = cluster.lockstep(&["retention", "apply"]);
+    assert!(applied.status.success(), "{}", text(&applied));
+    assert!(
+        text(&applied).contains("Removed 1 backup(s)"),
+        "{}",
+        text(&applied)
+    );
+    assert_eq!(listed(&cluster), vec![f2.clone()], "{f1} went");
+    let before = shard_0_spans(&cluster.archive());
+    assert!(
+        before
+            .iter()
+            .any(|(first, last)| *first <= f1_seq + 1 && *last > f1_seq),
+        "the WAL after f1 stays in the pass that removes f1: {before:?}"
+    );
+    let first = before[0].0;
+
+    // Once they are older than the grace, the next pass removes every segment before f2.
     let run = format!(" {first}..={last_before_f2} in ");
     let mut plan = serde_json::Value::Null;
     let planned = crate::cluster::wait_until(Duration::from_secs(20), || {
@@ -284,9 +310,8 @@ async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores
     let applied = cluster.lockstep(&["retention", "apply"]);
     assert!(applied.status.success(), "{}", text(&applied));
     let printed = text(&applied);
-    assert!(printed.contains("Removed 1 backup(s)"), "{printed}");
-    assert!(printed.contains("no kept backup replays it"), "{printed}");
-    assert_eq!(listed(&cluster), vec![f2.clone()], "{f1} went");
+    assert!(printed.contains("Removed 0 backup(s)"), "{printed}");
+    assert!(printed.contains("no backup replays it"), "{printed}");
     let after = shard_0_spans(&cluster.archive());
     let expected: Vec<(u64, u64)> = before
         .iter()
