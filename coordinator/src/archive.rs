@@ -47,15 +47,26 @@ impl WalArchiveApi {
     }
 
     /// The segment of `shard`'s `lineage` that reaches furthest: remembered, or listed once.
-    async fn end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
+    /// With `checked`, a remembered end is first looked up (an operator may have removed it):
+    /// a shipper resuming after an end that is gone would leave a hole.
+    async fn end(
+        &self,
+        shard: &ShardId,
+        lineage: &Lineage,
+        checked: bool,
+    ) -> Result<Option<SegmentInfo>> {
         let key = (shard.clone(), lineage.id);
-        if let Some(end) = self
+        let remembered = self
             .ends
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-        {
-            return Ok(Some(end.clone()));
+            .cloned();
+        if let Some(end) = remembered {
+            if !checked || self.repo.has_wal_segment(&end).await? {
+                return Ok(Some(end));
+            }
+            self.forget_end(&key);
         }
         let end = self
             .repo
@@ -67,6 +78,13 @@ impl WalArchiveApi {
             self.remember_end(end);
         }
         Ok(end)
+    }
+
+    fn forget_end(&self, key: &(ShardId, LineageId)) {
+        self.ends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     /// Remembers `segment` as its lineage's end if it reaches further than the one known.
@@ -174,7 +192,7 @@ impl WalArchive for WalArchiveApi {
         let shard = shard_id(&request.shard_id)?;
         let lineage = lineage(request.lineage.as_ref())?;
         let segments = if request.last_only {
-            self.end(&shard, &lineage).await.map(Vec::from_iter)
+            self.end(&shard, &lineage, true).await.map(Vec::from_iter)
         } else {
             self.repo.wal_segments(&shard, &lineage).await
         }
@@ -199,7 +217,7 @@ impl WalArchive for WalArchiveApi {
         // duplicates, and the agent reads the listing again.
         let _one_at_a_time = self.writer(&info).await;
         let end = self
-            .end(&info.shard_id, &info.lineage)
+            .end(&info.shard_id, &info.lineage, false)
             .await
             .map_err(|e| to_status(&e))?;
         if let Some(end) = end.filter(|end| info.first <= end.last) {
@@ -211,6 +229,9 @@ impl WalArchive for WalArchiveApi {
             if there {
                 return Ok(Response::new(v1::PutWalSegmentReply {}));
             }
+            // Refused on what this service remembers: the next request lists again, in case
+            // the archive changed behind it.
+            self.forget_end(&(info.shard_id.clone(), info.lineage.id));
             return Err(to_status(&Error::new(
                 ErrorCode::BackupWalArchiveFailed,
                 format!(
@@ -376,5 +397,12 @@ mod tests {
             .expect("segments");
         lockstep_repository::wal::check_segments(&all).expect("no gap, no overlap");
         assert_eq!((all.len(), all[0].clone()), (3, first));
+        // An end removed behind the service's back is not handed to a resuming shipper.
+        repo.delete_wal_segments(&all[2..]).await.expect("delete");
+        let end = last(&restarted, &lineage).await;
+        assert!(
+            end.len() == 1 && end[0].starts_with("00000000000000000011-00000000000000000020-"),
+            "{end:?}"
+        );
     }
 }

@@ -207,7 +207,7 @@ impl Config {
                 self.cluster
             )));
         }
-        crate::schedule::validate(&self.schedules, !self.agents.is_empty())?;
+        crate::schedule::validate(&self.schedules, !self.agents.is_empty(), &self.retention)?;
         if !(1..=10 * 365 * 86_400).contains(&self.gc.grace_s) {
             return Err(invalid(format!(
                 "[gc] grace_s ({}) must be 1..=315360000: longer than any upload takes, at most ten years",

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use croner::Cron;
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use lockstep_process::metrics as names;
 use lockstep_proto::v1;
@@ -133,6 +134,15 @@ impl Schedule {
         })
     }
 
+    /// The last firing at or before `until` (on a whole second).
+    pub fn last_at_or_before(&self, until: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let until = until.trunc_subsecs(0);
+        self.cron
+            .find_previous_occurrence(&until.with_timezone(&self.timezone), true)
+            .ok()
+            .map(|at| at.with_timezone(&Utc))
+    }
+
     /// The first firing strictly after `after` (on a whole second).
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // croner keeps the fraction of a second it is given.
@@ -146,7 +156,11 @@ impl Schedule {
 
 /// Checks every schedule of a configuration: each parses, names are unique, and the ones
 /// that hold the cluster have agents to hold.
-pub fn validate(schedules: &[ScheduleConfig], has_agents: bool) -> Result<()> {
+pub fn validate(
+    schedules: &[ScheduleConfig],
+    has_agents: bool,
+    retention: &crate::retention::RetentionConfig,
+) -> Result<()> {
     let mut names = HashSet::new();
     for config in schedules {
         let schedule = Schedule::parse(config)?;
@@ -154,6 +168,15 @@ pub fn validate(schedules: &[ScheduleConfig], has_agents: bool) -> Result<()> {
             return Err(Error::new(
                 ErrorCode::InvalidArgument,
                 format!("schedule {:?} is defined twice", config.name),
+            ));
+        }
+        if schedule.action == Action::Retention && retention.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "schedule {:?}: action retention needs a policy: set keep_full, keep_full_days, keep_daily, keep_weekly, keep_monthly or recovery_window_hours in [retention]",
+                    config.name
+                ),
             ));
         }
         if schedule.action.needs_agents() && !has_agents {
@@ -173,8 +196,9 @@ pub fn validate(schedules: &[ScheduleConfig], has_agents: bool) -> Result<()> {
 /// The wall clock the scheduler reads (a test's follows tokio's paused time).
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
-/// Runs one action of a schedule (its name given) to its end.
-pub type Runner = Arc<dyn Fn(Action, String) -> BoxFuture<'static, Result<()>> + Send + Sync>;
+/// Runs one action of a schedule (its name and firing time given) to its end.
+pub type Runner =
+    Arc<dyn Fn(Action, String, DateTime<Utc>) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// A schedule and what happened to it.
 struct Entry {
@@ -199,19 +223,23 @@ struct State {
 const MAX_NAP: Duration = Duration::from_secs(60);
 
 /// The last firing of `schedule` from `due` through `until`, and how many came before it
-/// (looked at up to `cap`).
+/// (counted up to `cap`).
 fn latest_due(
     schedule: &Schedule,
     due: DateTime<Utc>,
     until: DateTime<Utc>,
     cap: u64,
 ) -> (DateTime<Utc>, u64) {
-    let (mut latest, mut before) = (due, 0);
-    while before < cap {
-        match schedule.next_after(latest) {
-            Some(next) if next <= until => {
+    let latest = schedule
+        .last_at_or_before(until)
+        .filter(|latest| *latest >= due)
+        .unwrap_or(due);
+    let (mut at, mut before) = (due, 0);
+    while before < cap && at < latest {
+        match schedule.next_after(at) {
+            Some(next) if next <= latest => {
                 before += 1;
-                latest = next;
+                at = next;
             }
             _ => break,
         }
@@ -376,6 +404,21 @@ impl Scheduler {
             Scheduler::skip(&entry, "overlap", at);
             return;
         }
+        // Another coordinator (the one before this, or a clock ahead of this one's) may have
+        // fired it already.
+        match self.repo.schedule_last_fired(&name).await {
+            Ok(Some(last)) if last >= at => {
+                Scheduler::update(&entry, |s| s.last_fired = Some(last));
+                Scheduler::skip(&entry, "fired already", at);
+                return;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(schedule = %name, error = %err.chain(), "could not read the last firing");
+                Scheduler::skip(&entry, "unrecorded", at);
+                return;
+            }
+        }
         // Recorded first: a coordinator that restarts mid-run does not fire it again.
         if let Err(err) = self.repo.put_schedule_fired(&name, at).await {
             tracing::error!(schedule = %name, error = %err.chain(), "could not record the firing");
@@ -387,9 +430,18 @@ impl Scheduler {
             s.running = true;
         });
         tracing::info!(schedule = %name, action = entry.schedule.action.as_str(), "scheduled run starts");
-        let run = (self.runner)(entry.schedule.action, name.clone());
+        let run = (self.runner)(entry.schedule.action, name.clone(), at);
         runs.spawn(async move {
-            let outcome = run.await;
+            // A run that panics ends as failed; its schedule goes on.
+            let outcome = std::panic::AssertUnwindSafe(run)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorCode::BarrierAborted,
+                        "the scheduled run panicked",
+                    ))
+                });
             let (label, text) = match &outcome {
                 Ok(()) => ("ok", "ok".to_string()),
                 Err(err) if err.code == ErrorCode::BarrierBusy => ("busy", err.message.clone()),
@@ -422,7 +474,7 @@ const JOB_POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// The runner of a coordinator: each action through the same paths as the CLI's.
 pub fn cluster_runner(ctx: ClusterContext, ops: ClusterOps, stop: CancellationToken) -> Runner {
-    Arc::new(move |action, schedule| {
+    Arc::new(move |action, schedule, at| {
         let (ctx, ops, stop) = (ctx.clone(), ops.clone(), stop.clone());
         Box::pin(async move {
             let labels: Labels = [("schedule".to_string(), schedule.clone())].into();
@@ -431,7 +483,7 @@ pub fn cluster_runner(ctx: ClusterContext, ops: ClusterOps, stop: CancellationTo
                 Action::Incremental => BackupKind::Incremental,
                 Action::Differential => BackupKind::Differential,
                 Action::Tag => {
-                    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+                    let stamp = at.format("%Y%m%dT%H%M%SZ");
                     let name = TagName::new(format!("{schedule}-{stamp}"))?;
                     return ops.tag(name, labels).await.map(|_| ());
                 }
@@ -441,7 +493,10 @@ pub fn cluster_runner(ctx: ClusterContext, ops: ClusterOps, stop: CancellationTo
             };
             let id = ops.backup(kind, labels).await?.backup_id;
             loop {
-                tokio::time::sleep(JOB_POLL_EVERY).await;
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(JOB_POLL_EVERY) => {}
+                }
                 let state = ops.job(id.clone()).await?.map(|j| j.state);
                 match state {
                     Some(v1::JobState::Committed) => return Ok(()),
@@ -486,7 +541,7 @@ mod tests {
     fn counting(takes: Duration) -> (Runner, Arc<AtomicU64>) {
         let count = Arc::new(AtomicU64::new(0));
         let counted = count.clone();
-        let runner: Runner = Arc::new(move |_, _| {
+        let runner: Runner = Arc::new(move |_, _, _| {
             let counted = counted.clone();
             Box::pin(async move {
                 counted.fetch_add(1, Ordering::SeqCst);
@@ -517,10 +572,15 @@ mod tests {
             timezone: tz.into(),
             action,
         };
+        let policy = crate::retention::RetentionConfig::default();
         let cases = [
             (
                 config("a", "61 * * * *", "UTC", Action::Full),
                 "five fields",
+            ),
+            (
+                config("a", "0 2 * * *", "UTC", Action::Retention),
+                "[retention]",
             ),
             (
                 config("a", "0 2 * * *", "Mars/Olympus", Action::Full),
@@ -529,7 +589,7 @@ mod tests {
             (config("../x", "0 2 * * *", "UTC", Action::Full), "name"),
         ];
         for (bad, hint) in cases {
-            let err = validate(&[bad], true).expect_err("refused");
+            let err = validate(&[bad], true, &policy).expect_err("refused");
             assert_eq!(err.code, ErrorCode::InvalidArgument);
             assert!(err.message.contains(hint), "{err}");
         }
@@ -538,14 +598,21 @@ mod tests {
             config("a", "0 3 * * *", "UTC", Action::Gc),
         ];
         assert!(
-            validate(&twice, true)
+            validate(&twice, true, &policy)
                 .expect_err("twice")
                 .message
                 .contains("twice")
         );
         let no_agents = [config("a", "0 2 * * *", "UTC", Action::Tag)];
-        assert!(validate(&no_agents, false).is_err());
-        assert!(validate(&[config("a", "0 2 * * *", "UTC", Action::Gc)], false).is_ok());
+        assert!(validate(&no_agents, false, &policy).is_err());
+        assert!(
+            validate(
+                &[config("a", "0 2 * * *", "UTC", Action::Gc)],
+                false,
+                &policy
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -713,7 +780,7 @@ mod tests {
             None
         );
 
-        let busy: Runner = Arc::new(|_, _| {
+        let busy: Runner = Arc::new(|_, _, _| {
             Box::pin(async {
                 Err(Error::new(
                     ErrorCode::BarrierBusy,
@@ -734,5 +801,57 @@ mod tests {
         let info = &sched.list()[0];
         assert_eq!((info.runs, info.skipped), (0, 2), "{info:?}");
         assert!(info.last_outcome.contains("busy"), "{info:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_panics_fails_and_the_schedule_goes_on() {
+        let panicking: Runner = Arc::new(|_, _, _| Box::pin(async { panic!("a bug in a run") }));
+        let (sched, _repo, _fence) = rig(
+            vec![schedule("fast", "* * * * * *", Action::Gc)],
+            panicking,
+            paused_clock(at("2026-01-01T00:00:00.500Z")),
+        )
+        .await;
+        let (stop, handle) = start(&sched);
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        stop.cancel();
+        handle.await.expect("scheduler");
+        let info = &sched.list()[0];
+        assert_eq!(
+            (info.runs, info.failed, info.skipped),
+            (2, 2, 0),
+            "{info:?}"
+        );
+        assert!(!info.running);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_outage_is_caught_up_once_at_its_latest_firing() {
+        let (runner, count) = counting(Duration::from_millis(10));
+        let every_second = || schedule("fast", "* * * * * *", Action::Gc);
+        let (sched, repo, _fence) = rig(
+            vec![every_second()],
+            runner,
+            paused_clock(at("2026-01-01T05:00:00.500Z")),
+        )
+        .await;
+        repo.put_schedule_fired("fast", at("2026-01-01T00:00:00Z"))
+            .await
+            .expect("record");
+        let (stop, handle) = start(&sched);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+        handle.await.expect("scheduler");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "one run for five hours of firings"
+        );
+        assert_eq!(
+            repo.schedule_last_fired("fast").await.expect("record"),
+            Some(at("2026-01-01T05:00:00Z")),
+            "recorded at the latest firing, not where counting stopped"
+        );
+        assert_eq!(sched.list()[0].missed, 10_000, "counted up to the cap");
     }
 }

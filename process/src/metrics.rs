@@ -157,7 +157,7 @@ pub const SERIES: [(&str, Kind, &str); 32] = [
     (
         SCHEDULE_SKIPPED,
         Kind::Counter,
-        "scheduled firings not run, by schedule and reason (overlap, busy, fenced, unrecorded, missed)",
+        "scheduled firings not run, by schedule and reason (overlap, busy, fenced, fired already, unrecorded, missed)",
     ),
     (
         SCHEDULE_NEXT_RUN,

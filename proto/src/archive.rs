@@ -136,7 +136,12 @@ impl RemoteWal for Remote {
                 })
                 .await
                 .map_err(|s| self.failed("find the end of the WAL archive", &s))?;
-            Ok(reply.into_inner().names.pop())
+            // An older archive sends every name: the end is the one reaching furthest.
+            Ok(reply
+                .into_inner()
+                .names
+                .into_iter()
+                .max_by_key(|name| name.split('-').nth(1).and_then(|l| l.parse::<u64>().ok())))
         })
     }
 

@@ -105,10 +105,19 @@ impl WalArchive {
                 .await?
                 .into_iter()
                 .max_by_key(|s| s.last)),
-            WalArchive::Remote { remote, .. } => Ok(remote
-                .last_segment_name(shard, lineage)
-                .await?
-                .and_then(|name| SegmentInfo::parse(shard, lineage, &name))),
+            WalArchive::Remote { url, remote } => {
+                match remote.last_segment_name(shard, lineage).await? {
+                    None => Ok(None),
+                    Some(name) => SegmentInfo::parse(shard, lineage, &name)
+                        .map(Some)
+                        .ok_or_else(|| {
+                            crate::error::Error::new(
+                                crate::error::ErrorCode::BackupWalArchiveFailed,
+                                format!("WAL archive {url} named {name:?} as the end of shard {shard} {lineage}, which is not a segment name"),
+                            )
+                        }),
+                }
+            }
         }
     }
 

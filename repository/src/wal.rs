@@ -17,9 +17,11 @@
 //! plaintext), under a key that names the shard, the lineage, the sequence range, the HLC
 //! range and the hash (`layout.rs`), so a listing alone plans a replay and checks continuity.
 //!
-//! Architecture invariant: within one lineage, the segments of a shard are contiguous: each
-//! starts right after the previous one ends. Anything else is `ERR_BACKUP_WAL_GAP` (a hole)
-//! or `ERR_BACKUP_WAL_ARCHIVE_FAILED` (an overlap), reported and never skipped.
+//! Architecture invariant: within one lineage, the segments of a shard cover its history with
+//! no hole: a hole is `ERR_BACKUP_WAL_GAP`, reported and never skipped. An overlap is the
+//! same writes twice (a late put's leftover on an object store: on one lineage a sequence
+//! number is one write), so readers pick a chain through it ([`chain`]); the `lockstep://`
+//! archive refuses overlaps outright ([`check_segments`] is that strict check).
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{HlcTime, ObjectId, Seq, ShardId, Timeline};

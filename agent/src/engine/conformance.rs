@@ -365,6 +365,15 @@ pub fn an_empty_range_delete_consumes_no_sequence_number<E: ShardEngine>(dir: &P
         "two puts consume two sequence numbers, the empty range none"
     );
     assert_eq!(engine.latest_seq(), range.last);
+    let mut unknown = WriteBatch::new();
+    unknown
+        .put("events", "x", "1")
+        .delete_range("nope", "a", "a");
+    assert!(
+        engine.write(&unknown).is_err(),
+        "an empty range of an unknown family still fails its batch"
+    );
+    assert_eq!(engine.latest_seq(), range.last);
     let capture = engine.capture(&dir.join("capture")).expect("capture");
     assert_eq!(
         capture.seq, range.last,

@@ -74,9 +74,8 @@ impl State {
 
     fn check_families(&self, ops: &[Op]) -> Result<()> {
         for op in ops {
-            let (Op::Put { cf, .. } | Op::Delete { cf, .. } | Op::DeleteRange { cf, .. }) = op;
-            if !self.families.contains_key(cf) {
-                return Err(unknown_cf(cf));
+            if !self.families.contains_key(op.cf()) {
+                return Err(unknown_cf(op.cf()));
             }
         }
         Ok(())
@@ -340,10 +339,12 @@ impl ShardEngine for MemEngine {
     }
 
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange> {
-        let batch = batch.checked()?;
+        let original = batch;
+        let batch = original.checked()?;
         let mut state = self.state();
-        // Check every family first, so a failing batch applies nothing.
-        state.check_families(&batch.ops)?;
+        // Check every family first (those of what `checked` left out too), so a failing
+        // batch applies nothing.
+        state.check_families(&original.ops)?;
         let first = state.seq + 1;
         if batch.is_empty() {
             return Ok(SeqRange {

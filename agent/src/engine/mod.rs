@@ -177,6 +177,14 @@ impl WriteBatch {
     }
 }
 
+impl Op {
+    /// The column family the operation writes.
+    pub fn cf(&self) -> &str {
+        let (Op::Put { cf, .. } | Op::Delete { cf, .. } | Op::DeleteRange { cf, .. }) = self;
+        cf
+    }
+}
+
 /// The sequence numbers a write batch consumed: `first..=last`; empty when `first > last`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqRange {

@@ -273,7 +273,16 @@ impl ShardEngine for RocksEngine {
     }
 
     fn write(&self, batch: &WriteBatch) -> Result<SeqRange> {
-        let batch = batch.checked()?;
+        let original = batch;
+        let batch = original.checked()?;
+        // What `checked` left out names its family too: an unknown one fails the batch.
+        if matches!(batch, std::borrow::Cow::Owned(_)) {
+            for op in &original.ops {
+                self.db
+                    .cf_handle(op.cf())
+                    .ok_or_else(|| unknown_cf(op.cf()))?;
+            }
+        }
         let mut rocks_batch = rocksdb::WriteBatch::default();
         // The HLC record goes first and is stamped under the write lock below; reserve it.
         rocks_batch.put_log_data(hlc_blob(HlcTime(0)));
