@@ -411,7 +411,7 @@ pub async fn verify_wal(
                 lineage,
                 segments: segments.len() as u64,
                 first: segments.first().map_or(Seq(0), |s| s.first),
-                last: segments.last().map_or(Seq(0), |s| s.last),
+                last: segments.iter().map(|s| s.last).max().unwrap_or(Seq(0)),
                 error: None,
             };
             // Overlaps are tolerated (a late put's leftover: the same writes twice), holes not.
