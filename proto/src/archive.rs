@@ -78,6 +78,26 @@ impl Remote {
         }
         err
     }
+
+    /// `ListWalSegments`: every segment name of `lineage`, or with `last_only` the end's.
+    async fn list_segments(
+        &self,
+        shard: &ShardId,
+        lineage: &Lineage,
+        last_only: bool,
+    ) -> Result<Vec<String>> {
+        let reply = self
+            .client
+            .clone()
+            .list_segments(v1::ListWalSegmentsRequest {
+                shard_id: shard.to_string(),
+                lineage: Some(lineage_to_wire(lineage)),
+                last_only,
+            })
+            .await
+            .map_err(|s| self.failed("list WAL segments", &s))?;
+        Ok(reply.into_inner().names)
+    }
 }
 
 impl RemoteWal for Remote {
@@ -105,19 +125,7 @@ impl RemoteWal for Remote {
         shard: &'a ShardId,
         lineage: &'a Lineage,
     ) -> BoxFuture<'a, Result<Vec<String>>> {
-        Box::pin(async move {
-            let reply = self
-                .client
-                .clone()
-                .list_segments(v1::ListWalSegmentsRequest {
-                    shard_id: shard.to_string(),
-                    lineage: Some(lineage_to_wire(lineage)),
-                    last_only: false,
-                })
-                .await
-                .map_err(|s| self.failed("list WAL segments", &s))?;
-            Ok(reply.into_inner().names)
-        })
+        Box::pin(self.list_segments(shard, lineage, false))
     }
 
     fn last_segment_name<'a>(
@@ -126,20 +134,10 @@ impl RemoteWal for Remote {
         lineage: &'a Lineage,
     ) -> BoxFuture<'a, Result<Option<String>>> {
         Box::pin(async move {
-            let reply = self
-                .client
-                .clone()
-                .list_segments(v1::ListWalSegmentsRequest {
-                    shard_id: shard.to_string(),
-                    lineage: Some(lineage_to_wire(lineage)),
-                    last_only: true,
-                })
-                .await
-                .map_err(|s| self.failed("find the end of the WAL archive", &s))?;
             // An older archive sends every name: the end is the one reaching furthest.
-            Ok(reply
-                .into_inner()
-                .names
+            Ok(self
+                .list_segments(shard, lineage, true)
+                .await?
                 .into_iter()
                 .max_by_key(|name| name.split('-').nth(1).and_then(|l| l.parse::<u64>().ok())))
         })

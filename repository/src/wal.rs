@@ -447,6 +447,19 @@ mod tests {
         assert!(SegmentInfo::parse(&shard(), &lineage, "junk.seg").is_none());
     }
 
+    /// A segment of shard-0 on `lineage` holding `first..=last`.
+    fn segment_info(lineage: Lineage, first: u64, last: u64) -> SegmentInfo {
+        SegmentInfo {
+            shard_id: shard(),
+            lineage,
+            first: Seq(first),
+            last: Seq(last),
+            hlc_min: HlcTime(0),
+            hlc_max: HlcTime(0),
+            id: ObjectId::of(&[first as u8, last as u8]),
+        }
+    }
+
     #[test]
     fn continuity_is_checked_batch_by_batch_and_segment_by_segment() {
         let batches = vec![batch(1, 3), batch(4, 1), batch(5, 2)];
@@ -457,15 +470,7 @@ mod tests {
         assert!(check_continuity("shard shard-0", Seq(1), &holed).is_err());
 
         let lineage = Lineage::root();
-        let info = |first, last| SegmentInfo {
-            shard_id: shard(),
-            lineage,
-            first: Seq(first),
-            last: Seq(last),
-            hlc_min: HlcTime(0),
-            hlc_max: HlcTime(0),
-            id: ObjectId::of(b""),
-        };
+        let info = |first, last| segment_info(lineage, first, last);
         assert!(check_segments(&[info(1, 4), info(5, 9)]).is_ok());
         let all = vec![info(1, 4), info(5, 9), info(10, 12)];
         let needed = segments_covering(all.clone(), Seq(5), Seq(10), "the archive");
@@ -497,15 +502,7 @@ mod tests {
     #[test]
     fn a_chain_leaves_out_the_segments_a_late_put_left_twice_and_stops_at_a_gap() {
         let lineage = Lineage::root();
-        let info = |first, last| SegmentInfo {
-            shard_id: shard(),
-            lineage,
-            first: Seq(first),
-            last: Seq(last),
-            hlc_min: HlcTime(0),
-            hlc_max: HlcTime(0),
-            id: ObjectId::of(&[first as u8, last as u8]),
-        };
+        let info = |first, last| segment_info(lineage, first, last);
         // 1..=10 landed after the shipper shipped 1..=6 and 7..=12 again: of two segments
         // starting together the longer one stays, and 1..=6 goes.
         let late = vec![info(1, 6), info(1, 10), info(7, 12), info(13, 20)];
