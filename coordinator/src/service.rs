@@ -33,6 +33,8 @@ struct CoordinatorApi {
     /// Fires when the coordinator stops: a GC pass ends between two batches.
     stop: CancellationToken,
     schedules: Arc<Scheduler>,
+    /// The catalog as the last first page of `ListBackups` read it.
+    listing: std::sync::Mutex<Option<Listing>>,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -146,8 +148,8 @@ async fn oldest_backup_points(
 
 /// One page of `listed` (oldest first): at most `size` (0: all) after the backup `token`
 /// names, and the token of the next page if more follow.
-fn page<T>(
-    listed: Vec<T>,
+fn page<T: Clone>(
+    listed: &[T],
     size: u32,
     token: &str,
     id_of: impl Fn(&T) -> &str,
@@ -174,8 +176,18 @@ fn page<T>(
     } else {
         String::new()
     };
-    Ok((listed.into_iter().take(end).skip(start).collect(), next))
+    Ok((listed[start..end].to_vec(), next))
 }
+
+/// A catalog listing kept for the pages after the first: a paged `backup list` reads and
+/// sorts the catalog once, not once per page.
+struct Listing {
+    at: std::time::Instant,
+    backups: Arc<Vec<(BackupId, Result<BackupManifest>)>>,
+}
+
+/// How long a listing serves the pages after its first.
+const LISTING_KEPT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How often a running verify reports its progress.
 const VERIFY_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
@@ -371,15 +383,38 @@ impl Coordinator for CoordinatorApi {
     ) -> Reply<v1::ListBackupsReply> {
         let request = request.into_inner();
         let wanted = labels_from_wire(request.labels).map_err(status)?;
-        let mut backups = self.ctx.repo.backups().await.map_err(status)?;
+        // The first page reads the catalog; the pages after it, soon after, page that read.
+        let kept = (!request.page_token.is_empty())
+            .then(|| {
+                let listing = self.listing.lock().unwrap_or_else(|p| p.into_inner());
+                listing
+                    .as_ref()
+                    .filter(|l| l.at.elapsed() < LISTING_KEPT)
+                    .map(|l| l.backups.clone())
+            })
+            .flatten();
+        let catalog = match kept {
+            Some(catalog) => catalog,
+            None => {
+                let catalog = Arc::new(self.ctx.repo.backups().await.map_err(status)?);
+                *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(Listing {
+                    at: std::time::Instant::now(),
+                    backups: catalog.clone(),
+                });
+                catalog
+            }
+        };
         // Unreadable: listed unless a filter asks for labels it cannot show.
-        backups.retain(|(_, manifest)| match manifest {
-            Ok(manifest) => has_labels(&manifest.labels, &wanted),
-            Err(_) => wanted.is_empty(),
-        });
+        let backups: Vec<&(BackupId, Result<BackupManifest>)> = catalog
+            .iter()
+            .filter(|(_, manifest)| match manifest {
+                Ok(manifest) => has_labels(&manifest.labels, &wanted),
+                Err(_) => wanted.is_empty(),
+            })
+            .collect();
         // Only the page is turned into replies.
         let (backups, next_page_token) = page(
-            backups,
+            &backups,
             request.page_size,
             &request.page_token,
             |(id, _)| id.as_str(),
@@ -797,6 +832,7 @@ where
         ops,
         stop: shutdown.child_token(),
         schedules,
+        listing: Default::default(),
     };
     on_ready();
     let result = lockstep_proto::server()
@@ -835,24 +871,24 @@ mod tests {
 
     #[test]
     fn backups_page_after_the_token_until_none_follow() -> Result<()> {
-        let (first, token) = page(listed(5), 2, "", |b| b.backup_id.as_str())?;
+        let (first, token) = page(&listed(5), 2, "", |b| b.backup_id.as_str())?;
         assert_eq!(
             (ids(&first), token.as_str()),
             (vec!["bk-0", "bk-1"], "bk-1")
         );
-        let (second, token) = page(listed(5), 2, &token, |b| b.backup_id.as_str())?;
+        let (second, token) = page(&listed(5), 2, &token, |b| b.backup_id.as_str())?;
         assert_eq!(
             (ids(&second), token.as_str()),
             (vec!["bk-2", "bk-3"], "bk-3")
         );
-        let (last, token) = page(listed(5), 2, &token, |b| b.backup_id.as_str())?;
+        let (last, token) = page(&listed(5), 2, &token, |b| b.backup_id.as_str())?;
         assert_eq!((ids(&last), token.as_str()), (vec!["bk-4"], ""));
-        let (all, token) = page(listed(5), 0, "", |b| b.backup_id.as_str())?;
+        let (all, token) = page(&listed(5), 0, "", |b| b.backup_id.as_str())?;
         assert_eq!((all.len(), token.as_str()), (5, ""));
-        let (exact, token) = page(listed(4), 2, "bk-1", |b| b.backup_id.as_str())?;
+        let (exact, token) = page(&listed(4), 2, "bk-1", |b| b.backup_id.as_str())?;
         assert_eq!((ids(&exact), token.as_str()), (vec!["bk-2", "bk-3"], ""));
-        let gone =
-            page(listed(5), 2, "bk-9", |b| b.backup_id.as_str()).expect_err("a token of no backup");
+        let gone = page(&listed(5), 2, "bk-9", |b| b.backup_id.as_str())
+            .expect_err("a token of no backup");
         assert_eq!(gone.code, ErrorCode::InvalidArgument);
         Ok(())
     }
