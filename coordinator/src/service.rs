@@ -423,7 +423,7 @@ impl Coordinator for CoordinatorApi {
         let backups = backups
             .into_iter()
             .map(|(id, manifest)| match manifest {
-                Ok(manifest) => backup_info(&manifest),
+                Ok(manifest) => backup_info(manifest),
                 Err(err) => v1::BackupInfo {
                     backup_id: id.to_string(),
                     error_code: err.code.as_str().to_string(),
