@@ -534,6 +534,7 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
         &backups,
         level,
         args.sample,
+        None,
         args.parallelism,
         &progress,
     )

@@ -427,6 +427,7 @@ pub async fn verify_after(ctx: &ClusterContext, backup: &BackupId) {
         std::slice::from_ref(backup),
         level,
         100,
+        None,
         8,
         &progress,
     )

@@ -237,6 +237,10 @@ pub enum BackupCommand {
         /// archive's continuity are checked whole.
         #[arg(long, value_name = "PCT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
         sample: u8,
+        /// With --full: leave out the objects a full verify checked within the last HOURS
+        /// (incremental verify: a daily run with 168 re-reads each object about once a week).
+        #[arg(long, value_name = "HOURS", requires = "full", value_parser = clap::value_parser!(u32).range(1..))]
+        skip_verified_within: Option<u32>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -1009,6 +1013,7 @@ async fn run_command(cli: Cli) -> Result<i32> {
             backup,
             full,
             sample,
+            skip_verified_within,
             json,
         }) => {
             let mut client = client(endpoint).await?;
@@ -1017,6 +1022,7 @@ async fn run_command(cli: Cli) -> Result<i32> {
                     backup_id: backup.unwrap_or_default(),
                     full,
                     sample_percent: u32::from(sample),
+                    skip_verified_within_hours: skip_verified_within.unwrap_or(0),
                 })
                 .await
                 .map_err(|s| from_status("verify backup", &s))?

@@ -44,6 +44,8 @@ struct VerifyOrder {
     backups: Vec<BackupId>,
     level: VerifyLevel,
     sample_percent: u8,
+    /// Leave out objects a full verify checked within this window.
+    skip_verified_within: Option<chrono::Duration>,
     /// Verifying everything includes the WAL archive's continuity (the PITR window).
     with_wal: bool,
 }
@@ -72,6 +74,8 @@ impl VerifyOrder {
                 0 => 100,
                 pct => u8::try_from(pct).unwrap_or(u8::MAX),
             },
+            skip_verified_within: (request.skip_verified_within_hours > 0)
+                .then(|| chrono::Duration::hours(i64::from(request.skip_verified_within_hours))),
             with_wal: request.backup_id.is_empty(),
         })
     }
@@ -86,6 +90,7 @@ impl VerifyOrder {
             &self.backups,
             self.level,
             self.sample_percent,
+            self.skip_verified_within,
             8,
             progress,
         )

@@ -10,6 +10,9 @@
 //!                                               condemned by a GC sweep (gc.rs)
 //! <prefix>/gc/candidates.bin                    the unreferenced objects the last GC pass saw,
 //!                                               with when each was first seen (gc.rs)
+//! <prefix>/verify/verified.bin                  when a full verify last checked each object
+//!                                               (verify.rs, incremental verify)
+//! <prefix>/schedules/<name>.json                a schedule's last firing (coordinator)
 //! <prefix>/shards/<shard-id>/<backup-id>.json   shard manifests
 //! <prefix>/backups/<backup-id>.json             backup manifests, written last
 //! <prefix>/pending/<backup-id>.json             intent of a running backup; removed at commit
@@ -49,6 +52,7 @@ const TAGS: &str = "tags";
 const WAL: &str = "wal";
 const GC: &str = "gc";
 const SCHEDULES: &str = "schedules";
+const VERIFY: &str = "verify";
 
 /// Builds every key of one repository under its prefix.
 #[derive(Debug, Clone)]
@@ -81,6 +85,11 @@ impl Layout {
         } else {
             self.join(&[OBJECTS, &hex[..2], &format!("{hex}.{copy}")])
         }
+    }
+
+    /// When a full verify last checked each object.
+    pub fn verified(&self) -> Path {
+        self.join(&[VERIFY, "verified.bin"])
     }
 
     /// The record of a schedule's last firing.

@@ -143,6 +143,9 @@ pub struct Repository {
     catalog: Arc<Mutex<HashMap<BackupId, BackupManifest>>>,
 }
 
+/// The verify record's largest size: 44 bytes an object, for 20 million objects.
+const MAX_VERIFIED_RECORD_BYTES: u64 = 1 << 30;
+
 /// Backup manifests the catalog memory holds at most; past it, it starts over.
 const MAX_REMEMBERED_MANIFESTS: usize = 100_000;
 
@@ -1390,6 +1393,22 @@ impl Repository {
             .collect();
         segments.sort_by_key(|s| (s.first, s.last));
         Ok(segments)
+    }
+
+    /// When a full verify last checked each object (empty before the first).
+    pub async fn verified_objects(&self) -> Result<crate::verify::Verified> {
+        let key = self.layout.verified();
+        let bound = (MAX_VERIFIED_RECORD_BYTES, ErrorCode::BackupManifestCorrupt);
+        match self.get_raw(&key, bound).await? {
+            None => Ok(Default::default()),
+            Some(bytes) => crate::verify::decode_verified(&format!("verify record {key}"), &bytes),
+        }
+    }
+
+    pub async fn put_verified_objects(&self, record: &crate::verify::Verified) -> Result<()> {
+        let bytes = crate::verify::encode_verified(record);
+        self.put_durable(&self.layout.verified(), bytes, "verify record")
+            .await
     }
 
     /// When the schedule `name` last fired, as `put_schedule_fired` recorded it.

@@ -58,6 +58,9 @@ pub struct VerifyReport {
     pub sample_percent: u8,
     /// The backups' distinct objects, sampled or not.
     pub objects_named: u64,
+    /// Objects left out because a full verify checked them within the window asked for.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub objects_skipped: u64,
     /// WAL archive ranges checked, one per shard and lineage.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub wal: Vec<WalRange>,
@@ -95,6 +98,10 @@ impl VerifyReport {
         codes.dedup();
         codes
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl fmt::Display for VerifyReport {
@@ -151,9 +158,17 @@ impl fmt::Display for VerifyReport {
         } else {
             String::new()
         };
+        let skipped = if self.objects_skipped > 0 {
+            format!(
+                ", {} object(s) skipped: fully verified within the window",
+                self.objects_skipped
+            )
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "Checked {} backup(s), {} shard(s), {} file(s), {} object(s), {} bytes ({level}{sample}).",
+            "Checked {} backup(s), {} shard(s), {} file(s), {} object(s), {} bytes ({level}{sample}{skipped}).",
             self.backups.len(),
             self.shards_checked,
             self.files_checked,
@@ -181,15 +196,24 @@ struct Use {
 
 /// Verifies the given backups at `level`, checking up to `parallelism` objects at once, and
 /// of their objects a random `sample_percent` (1..=100; 100 checks every one). Manifests are
-/// always checked whole.
+/// always checked whole. A full verify with `skip_verified_within` leaves out the objects a
+/// full verify checked within that window (`verify/verified.bin` records when each was last
+/// checked whole) and records the ones it checks.
 pub async fn verify(
     repo: &Repository,
     backups: &[BackupId],
     level: VerifyLevel,
     sample_percent: u8,
+    skip_verified_within: Option<chrono::Duration>,
     parallelism: usize,
     progress: &Progress,
 ) -> Result<VerifyReport> {
+    if skip_verified_within.is_some() && level != VerifyLevel::Full {
+        return Err(crate::error::Error::new(
+            ErrorCode::InvalidArgument,
+            "skipping recently verified objects needs a full verify (--full): a quick one records nothing",
+        ));
+    }
     if !(1..=100).contains(&sample_percent) {
         return Err(crate::error::Error::new(
             ErrorCode::InvalidArgument,
@@ -201,6 +225,7 @@ pub async fn verify(
         level,
         sample_percent,
         objects_named: 0,
+        objects_skipped: 0,
         backups: backups.to_vec(),
         shards_checked: 0,
         files_checked: 0,
@@ -333,6 +358,18 @@ pub async fn verify(
             drawn.into_iter().take(keep).map(|(_, key)| key).collect();
         objects.retain(|key, _| kept.contains(key));
     }
+    let now = chrono::Utc::now();
+    let mut verified = match skip_verified_within {
+        Some(window) => {
+            let record = repo.verified_objects().await?;
+            let since = now - window;
+            let before = objects.len();
+            objects.retain(|key, _| record.get(key).is_none_or(|at| *at < since));
+            report.objects_skipped = (before - objects.len()) as u64;
+            Some(record)
+        }
+        None => None,
+    };
     let size = |chunk: &Chunk| match level {
         VerifyLevel::Quick => chunk.stored_len,
         VerifyLevel::Full => chunk.len,
@@ -362,11 +399,14 @@ pub async fn verify(
                     Err(err) => Err((err.code, err.message)),
                 },
             };
-            (chunk, usage, outcome)
+            ((id, copy), chunk, usage, outcome)
         })
         .buffer_unordered(parallelism.max(1));
     futures::pin_mut!(checks);
-    while let Some((chunk, usage, outcome)) = checks.next().await {
+    while let Some((key, chunk, usage, outcome)) = checks.next().await {
+        if let (Some(record), Ok(())) = (verified.as_mut(), &outcome) {
+            record.insert(key, now);
+        }
         progress
             .done_bytes
             .fetch_add(size(&chunk), Ordering::Relaxed);
@@ -385,10 +425,78 @@ pub async fn verify(
             ));
         }
     }
+    if let Some(mut record) = verified {
+        // Entries older than any window anyone asks for go.
+        let oldest = now - chrono::Duration::days(VERIFIED_KEPT_DAYS);
+        record.retain(|_, at| *at >= oldest);
+        repo.put_verified_objects(&record).await?;
+    }
     problems.sort_by(|a, b| (&a.backup, &a.shard, &a.file).cmp(&(&b.backup, &b.shard, &b.file)));
     report.passed = problems.is_empty();
     report.problems = problems;
     Ok(report)
+}
+
+/// How long `verify/verified.bin` remembers a check.
+const VERIFIED_KEPT_DAYS: i64 = 400;
+
+/// `verify/verified.bin`: magic, count (u64 LE), then per object its id (32 bytes), copy
+/// (u32 LE) and when a full verify last checked it (Unix seconds, i64 LE), and the SHA-256 of
+/// all that.
+const VERIFIED_MAGIC: &[u8; 8] = b"LKSVER01";
+const VERIFIED_ENTRY: usize = 32 + 4 + 8;
+
+/// When a full verify last checked each object.
+pub type Verified = BTreeMap<crate::gc::ObjectKey, chrono::DateTime<chrono::Utc>>;
+
+pub fn encode_verified(record: &Verified) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + record.len() * VERIFIED_ENTRY + 32);
+    out.extend_from_slice(VERIFIED_MAGIC);
+    out.extend_from_slice(&(record.len() as u64).to_le_bytes());
+    for ((id, copy), at) in record {
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&copy.to_le_bytes());
+        out.extend_from_slice(&at.timestamp().to_le_bytes());
+    }
+    let digest = crate::ids::ObjectId::of(&out);
+    out.extend_from_slice(digest.as_bytes());
+    out
+}
+
+pub fn decode_verified(what: &str, bytes: &[u8]) -> Result<Verified> {
+    let corrupt = |why: &str| {
+        crate::error::Error::new(
+            ErrorCode::BackupManifestCorrupt,
+            format!(
+                "{what} is damaged ({why}); delete it and the next full verify checks every object"
+            ),
+        )
+    };
+    let body_len = bytes
+        .len()
+        .checked_sub(32)
+        .ok_or_else(|| corrupt("too short"))?;
+    let (body, digest) = bytes.split_at(body_len);
+    if crate::ids::ObjectId::of(body).as_bytes() != digest {
+        return Err(corrupt("checksum"));
+    }
+    if body.len() < 16 || &body[..8] != VERIFIED_MAGIC {
+        return Err(corrupt("not a verify record"));
+    }
+    let count = u64::from_le_bytes(body[8..16].try_into().map_err(|_| corrupt("count"))?);
+    let entries = &body[16..];
+    if (entries.len() as u64) != count.saturating_mul(VERIFIED_ENTRY as u64) {
+        return Err(corrupt("length"));
+    }
+    let mut record = Verified::new();
+    for entry in entries.chunks_exact(VERIFIED_ENTRY) {
+        let id: [u8; 32] = entry[..32].try_into().map_err(|_| corrupt("id"))?;
+        let copy = u32::from_le_bytes(entry[32..36].try_into().map_err(|_| corrupt("copy"))?);
+        let secs = i64::from_le_bytes(entry[36..44].try_into().map_err(|_| corrupt("time"))?);
+        let at = chrono::DateTime::from_timestamp(secs, 0).ok_or_else(|| corrupt("time"))?;
+        record.insert((crate::ids::ObjectId::from_digest(id), copy), at);
+    }
+    Ok(record)
 }
 
 /// Checks the WAL archive at `archive` for `shards` (every lineage it holds) and adds what it
@@ -455,4 +563,166 @@ pub async fn verify_wal(
     }
     report.passed = report.problems.is_empty() && report.wal.iter().all(|w| w.error.is_none());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{SubsecRound, Utc};
+
+    use object_store::ObjectStoreExt as _;
+
+    use super::*;
+    use crate::codec;
+    use crate::ids::{HlcTime, ObjectId};
+    use crate::manifest::{
+        BackupKind, BackupManifest, FileEntry, FileKind, MANIFEST_FORMAT_VERSION, ShardManifest,
+        ShardTimings, TOOL_VERSION, TransferStats,
+    };
+
+    /// A committed backup of one shard whose one file is `objects` stored objects.
+    async fn backup(repo: &Repository, objects: &[&[u8]]) -> BackupId {
+        let mut chunks = Vec::new();
+        for plaintext in objects {
+            let encoded = codec::encode(plaintext, codec::Compression::default()).expect("encode");
+            let (id, len) = (encoded.id, encoded.plaintext_len);
+            let (copy, stored_len) = repo.put_object(encoded).await.expect("put");
+            chunks.push(Chunk {
+                id,
+                copy,
+                len,
+                stored_len,
+            });
+        }
+        let backup_id = BackupId::new("bk-verified").expect("id");
+        let shard = ShardManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            backup_id: backup_id.clone(),
+            shard_id: ShardId::new("shard-0").expect("shard"),
+            engine: "memory".into(),
+            seq: Seq(1),
+            lineage: Lineage::root(),
+            hlc: HlcTime::default(),
+            captured_at: Utc::now(),
+            column_families: vec!["default".into()],
+            files: vec![FileEntry {
+                name: "data".into(),
+                size: chunks.iter().map(|c| c.len).sum(),
+                kind: FileKind::Meta,
+                identity: None,
+                chunks,
+            }],
+            files_seq: None,
+            wal_after: None,
+            wal: Vec::new(),
+            stats: TransferStats::default(),
+            timings: ShardTimings::default(),
+            tool_version: TOOL_VERSION.into(),
+        };
+        repo.put_pending(&backup_id, b"{}".to_vec())
+            .await
+            .expect("pending");
+        repo.put_shard_manifest(&shard).await.expect("shard");
+        let manifest = BackupManifest::commit(
+            backup_id.clone(),
+            BackupKind::Full,
+            None,
+            Utc::now(),
+            &[shard],
+        );
+        repo.commit_backup(manifest).await.expect("commit");
+        backup_id
+    }
+
+    async fn full(repo: &Repository, id: &BackupId, window: Option<i64>) -> VerifyReport {
+        verify(
+            repo,
+            std::slice::from_ref(id),
+            VerifyLevel::Full,
+            100,
+            window.map(chrono::Duration::hours),
+            2,
+            &Progress::default(),
+        )
+        .await
+        .expect("verify")
+    }
+
+    #[tokio::test]
+    async fn an_incremental_verify_skips_what_a_full_one_checked_within_its_window() {
+        let repo = Repository::open("memory://verify-incremental")
+            .await
+            .expect("repo");
+        let objects: [&[u8]; 3] = [b"one", b"two", b"three"];
+        let id = backup(&repo, &objects).await;
+        let first = full(&repo, &id, Some(24)).await;
+        assert!(first.passed, "{first}");
+        assert_eq!((first.objects_checked, first.objects_skipped), (3, 0));
+        assert_eq!(repo.verified_objects().await.expect("record").len(), 3);
+        let second = full(&repo, &id, Some(24)).await;
+        assert_eq!((second.objects_checked, second.objects_skipped), (0, 3));
+        assert!(
+            second.to_string().contains("3 object(s) skipped"),
+            "{second}"
+        );
+        // Damage found by a run without the window (and by one once the window passed).
+        let damaged = ObjectId::of(b"two");
+        repo.store()
+            .put(
+                &repo.layout().object(&damaged, 0),
+                object_store::PutPayload::from(b"not the object".to_vec()),
+            )
+            .await
+            .expect("damage");
+        let whole = full(&repo, &id, None).await;
+        assert!(!whole.passed, "{whole}");
+        // A damaged record is refused with what to do, never read as "all verified".
+        repo.store()
+            .put(
+                &repo.layout().verified(),
+                object_store::PutPayload::from(b"garbage".to_vec()),
+            )
+            .await
+            .expect("damage the record");
+        let err = verify(
+            &repo,
+            std::slice::from_ref(&id),
+            VerifyLevel::Full,
+            100,
+            Some(chrono::Duration::hours(24)),
+            2,
+            &Progress::default(),
+        )
+        .await
+        .expect_err("a damaged record");
+        assert!(err.message.contains("delete it"), "{err}");
+        // A quick verify records nothing, so it cannot skip.
+        assert!(
+            verify(
+                &repo,
+                std::slice::from_ref(&id),
+                VerifyLevel::Quick,
+                100,
+                Some(chrono::Duration::hours(24)),
+                2,
+                &Progress::default(),
+            )
+            .await
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_verify_record_round_trips_and_refuses_any_damage() {
+        let mut record = Verified::new();
+        record.insert((ObjectId::of(b"a"), 0), Utc::now().trunc_subsecs(0));
+        record.insert((ObjectId::of(b"b"), 3), Utc::now().trunc_subsecs(0));
+        let bytes = encode_verified(&record);
+        assert_eq!(decode_verified("test", &bytes).ok(), Some(record));
+        for at in [0, 9, 20, bytes.len() - 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1;
+            assert!(decode_verified("test", &damaged).is_err(), "byte {at}");
+        }
+        assert!(decode_verified("test", &bytes[..bytes.len() - 1]).is_err());
+    }
 }

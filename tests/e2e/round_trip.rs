@@ -116,6 +116,7 @@ async fn round_trip(repo: Repository) {
         &[first.backup_id.clone(), second.backup_id.clone()],
         VerifyLevel::Full,
         100,
+        None,
         4,
         &Progress::default(),
     )
