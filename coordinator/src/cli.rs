@@ -238,8 +238,9 @@ pub enum BackupCommand {
         #[arg(long, value_name = "PCT", default_value_t = 100, value_parser = clap::value_parser!(u8).range(1..=100))]
         sample: u8,
         /// With --full: leave out the objects a full verify checked within the last HOURS
-        /// (incremental verify: a daily run with 168 re-reads each object about once a week).
-        #[arg(long, value_name = "HOURS", requires = "full", value_parser = clap::value_parser!(u32).range(1..))]
+        /// (incremental verify: a run each day with 168 re-reads each object about once a week;
+        /// every full verify records what it checked whole and takes out what it found damaged).
+        #[arg(long, value_name = "HOURS", requires = "full", value_parser = clap::value_parser!(u32).range(1..=9600))]
         skip_verified_within: Option<u32>,
         /// Print JSON instead of text.
         #[arg(long)]

@@ -214,6 +214,19 @@ pub async fn verify(
             "skipping recently verified objects needs a full verify (--full): a quick one records nothing",
         ));
     }
+    if let Some(window) = skip_verified_within
+        && !(chrono::Duration::hours(1)..=chrono::Duration::days(VERIFIED_KEPT_DAYS))
+            .contains(&window)
+    {
+        return Err(crate::error::Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "a window of {} hours is not 1..={} hours (the verify record keeps {VERIFIED_KEPT_DAYS} days)",
+                window.num_hours(),
+                VERIFIED_KEPT_DAYS * 24
+            ),
+        ));
+    }
     if !(1..=100).contains(&sample_percent) {
         return Err(crate::error::Error::new(
             ErrorCode::InvalidArgument,
@@ -358,18 +371,30 @@ pub async fn verify(
             drawn.into_iter().take(keep).map(|(_, key)| key).collect();
         objects.retain(|key, _| kept.contains(key));
     }
+    // Every full verify keeps the record: what it checked whole goes in, what it found
+    // damaged comes out (so a later incremental run never skips known damage). Without a
+    // window a record that cannot be read is only a warning.
     let now = chrono::Utc::now();
-    let mut verified = match skip_verified_within {
-        Some(window) => {
+    let mut verified = match (skip_verified_within, level) {
+        (Some(window), _) => {
             let record = repo.verified_objects().await?;
             let since = now - window;
             let before = objects.len();
-            objects.retain(|key, _| record.get(key).is_none_or(|at| *at < since));
+            // A time ahead of now (a clock that ran ahead) is not trusted.
+            objects.retain(|key, _| record.get(key).is_none_or(|at| *at < since || *at > now));
             report.objects_skipped = (before - objects.len()) as u64;
             Some(record)
         }
-        None => None,
+        (None, VerifyLevel::Full) => match repo.verified_objects().await {
+            Ok(record) => Some(record),
+            Err(err) => {
+                tracing::warn!(error = %err.chain(), "the verify record cannot be read; this run does not update it");
+                None
+            }
+        },
+        (None, VerifyLevel::Quick) => None,
     };
+    let mut damaged: Vec<crate::gc::ObjectKey> = Vec::new();
     let size = |chunk: &Chunk| match level {
         VerifyLevel::Quick => chunk.stored_len,
         VerifyLevel::Full => chunk.len,
@@ -404,8 +429,12 @@ pub async fn verify(
         .buffer_unordered(parallelism.max(1));
     futures::pin_mut!(checks);
     while let Some((key, chunk, usage, outcome)) = checks.next().await {
-        if let (Some(record), Ok(())) = (verified.as_mut(), &outcome) {
-            record.insert(key, now);
+        match (&outcome, verified.as_mut()) {
+            (Ok(()), Some(record)) if level == VerifyLevel::Full => {
+                record.insert(key, now);
+            }
+            (Err(_), _) => damaged.push(key),
+            _ => {}
         }
         progress
             .done_bytes
@@ -425,11 +454,21 @@ pub async fn verify(
             ));
         }
     }
+    // A quick verify that found damage takes it out of the record too.
+    if verified.is_none() && !damaged.is_empty() && level == VerifyLevel::Quick {
+        verified = repo.verified_objects().await.ok();
+    }
     if let Some(mut record) = verified {
+        for key in &damaged {
+            record.remove(key);
+        }
         // Entries older than any window anyone asks for go.
         let oldest = now - chrono::Duration::days(VERIFIED_KEPT_DAYS);
         record.retain(|_, at| *at >= oldest);
-        repo.put_verified_objects(&record).await?;
+        // The report stands whether or not the record could be written.
+        if let Err(err) = repo.put_verified_objects(&record).await {
+            tracing::warn!(error = %err.chain(), "the verify record could not be written; the next incremental run checks these objects again");
+        }
     }
     problems.sort_by(|a, b| (&a.backup, &a.shard, &a.file).cmp(&(&b.backup, &b.shard, &b.file)));
     report.passed = problems.is_empty();
@@ -675,6 +714,24 @@ mod tests {
             .expect("damage");
         let whole = full(&repo, &id, None).await;
         assert!(!whole.passed, "{whole}");
+        // That run took the damaged object out of the record: the incremental run checks it
+        // again, so known damage never passes as verified.
+        let after = full(&repo, &id, Some(24)).await;
+        assert!(!after.passed, "{after}");
+        assert_eq!((after.objects_checked, after.objects_skipped), (1, 2));
+        // A window past what the record keeps is refused, not a panic.
+        let too_long = verify(
+            &repo,
+            std::slice::from_ref(&id),
+            VerifyLevel::Full,
+            100,
+            Some(chrono::Duration::hours(i64::from(u32::MAX))),
+            2,
+            &Progress::default(),
+        )
+        .await
+        .expect_err("too long");
+        assert_eq!(too_long.code, ErrorCode::InvalidArgument);
         // A damaged record is refused with what to do, never read as "all verified".
         repo.store()
             .put(
