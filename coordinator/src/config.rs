@@ -340,7 +340,7 @@ parity = ["shard-2"]
         assert_eq!(config.shard_ids().len(), 3);
         assert_eq!(config.raid_groups.len(), 1);
         assert!(config.wal_archive.is_some());
-        assert_eq!(config.schedules.len(), 3);
+        assert_eq!(config.schedules.len(), 4);
         // Its values are the defaults.
         assert_eq!(config.tags.auto_every_s, TagsConfig::default().auto_every_s);
         assert_eq!(config.gc.grace_s, crate::gc::GcConfig::default().grace_s);

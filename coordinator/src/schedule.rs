@@ -47,6 +47,10 @@ pub struct ScheduleConfig {
     #[serde(default = "utc")]
     pub timezone: String,
     pub action: Action,
+    /// `verify` only: 0 runs a quick verify; N runs a full one that leaves out the objects a
+    /// full verify checked within the last N hours (1..=9600; incremental verify).
+    #[serde(default)]
+    pub verify_window_hours: u32,
 }
 
 fn utc() -> String {
@@ -97,6 +101,8 @@ pub struct Schedule {
     pub cron: Cron,
     pub timezone: chrono_tz::Tz,
     pub action: Action,
+    /// A full verify's window (`verify_window_hours`), or a quick verify.
+    pub verify_window: Option<chrono::Duration>,
 }
 
 impl Schedule {
@@ -125,12 +131,28 @@ impl Schedule {
                 config.timezone
             ))
         })?;
+        let verify_window = match (config.action, config.verify_window_hours) {
+            (_, 0) => None,
+            (Action::Verify, hours @ 1..=9600) => Some(chrono::Duration::hours(i64::from(hours))),
+            (Action::Verify, hours) => {
+                return Err(invalid(format!(
+                    "verify_window_hours {hours} is not 0 (a quick verify) or 1..=9600"
+                )));
+            }
+            (action, _) => {
+                return Err(invalid(format!(
+                    "verify_window_hours is for action verify, not {}",
+                    action.as_str()
+                )));
+            }
+        };
         Ok(Schedule {
             name: config.name.clone(),
             pattern: config.cron.clone(),
             cron,
             timezone,
             action: config.action,
+            verify_window,
         })
     }
 
@@ -196,9 +218,9 @@ pub fn validate(
 /// The wall clock the scheduler reads (a test's follows tokio's paused time).
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
-/// Runs one action of a schedule (its name and firing time given) to its end.
+/// Runs one schedule's action (for its firing time) to its end.
 pub type Runner =
-    Arc<dyn Fn(Action, String, DateTime<Utc>) -> BoxFuture<'static, Result<()>> + Send + Sync>;
+    Arc<dyn Fn(&Schedule, DateTime<Utc>) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// A schedule and what happened to it.
 struct Entry {
@@ -430,7 +452,7 @@ impl Scheduler {
             s.running = true;
         });
         tracing::info!(schedule = %name, action = entry.schedule.action.as_str(), "scheduled run starts");
-        let run = (self.runner)(entry.schedule.action, name.clone(), at);
+        let run = (self.runner)(&entry.schedule, at);
         runs.spawn(async move {
             // A run that panics ends as failed; its schedule goes on.
             let outcome = std::panic::AssertUnwindSafe(run)
@@ -474,8 +496,13 @@ const JOB_POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// The runner of a coordinator: each action through the same paths as the CLI's.
 pub fn cluster_runner(ctx: ClusterContext, ops: ClusterOps, stop: CancellationToken) -> Runner {
-    Arc::new(move |action, schedule, at| {
+    Arc::new(move |scheduled: &Schedule, at| {
         let (ctx, ops, stop) = (ctx.clone(), ops.clone(), stop.clone());
+        let (action, schedule, window) = (
+            scheduled.action,
+            scheduled.name.clone(),
+            scheduled.verify_window,
+        );
         Box::pin(async move {
             let labels: Labels = [("schedule".to_string(), schedule.clone())].into();
             let kind = match action {
@@ -489,7 +516,7 @@ pub fn cluster_runner(ctx: ClusterContext, ops: ClusterOps, stop: CancellationTo
                 }
                 Action::Retention => return ops.retention(false).await.map(|_| ()),
                 Action::Gc => return crate::gc::collect(&ctx, false, &stop).await.map(|_| ()),
-                Action::Verify => return crate::service::verify_everything(&ctx).await,
+                Action::Verify => return crate::service::verify_everything(&ctx, window).await,
             };
             let id = ops.backup(kind, labels).await?.backup_id;
             loop {
@@ -527,6 +554,7 @@ mod tests {
             cron: cron.into(),
             timezone: "UTC".into(),
             action,
+            verify_window_hours: 0,
         })
         .expect("schedule")
     }
@@ -541,7 +569,7 @@ mod tests {
     fn counting(takes: Duration) -> (Runner, Arc<AtomicU64>) {
         let count = Arc::new(AtomicU64::new(0));
         let counted = count.clone();
-        let runner: Runner = Arc::new(move |_, _, _| {
+        let runner: Runner = Arc::new(move |_, _| {
             let counted = counted.clone();
             Box::pin(async move {
                 counted.fetch_add(1, Ordering::SeqCst);
@@ -571,6 +599,7 @@ mod tests {
             cron: cron.into(),
             timezone: tz.into(),
             action,
+            verify_window_hours: 0,
         };
         let policy = crate::retention::RetentionConfig::default();
         let cases = [
@@ -603,6 +632,19 @@ mod tests {
                 .message
                 .contains("twice")
         );
+        let window = |action, hours| ScheduleConfig {
+            verify_window_hours: hours,
+            ..config("w", "0 2 * * *", "UTC", action)
+        };
+        for (bad, hint) in [
+            (window(Action::Full, 24), "for action verify"),
+            (window(Action::Verify, 10_000), "1..=9600"),
+        ] {
+            let err = validate(&[bad], true, &policy).expect_err("refused");
+            assert!(err.message.contains(hint), "{err}");
+        }
+        let nightly = Schedule::parse(&window(Action::Verify, 168)).expect("a window");
+        assert_eq!(nightly.verify_window, Some(chrono::Duration::hours(168)));
         let no_agents = [config("a", "0 2 * * *", "UTC", Action::Tag)];
         assert!(validate(&no_agents, false, &policy).is_err());
         assert!(
@@ -622,6 +664,7 @@ mod tests {
             cron: "30 2 * * *".into(),
             timezone: "Europe/Berlin".into(),
             action: Action::Full,
+            verify_window_hours: 0,
         })
         .expect("schedule");
         // 02:30 in Berlin is 00:30 UTC in summer and 01:30 UTC in winter.
@@ -780,7 +823,7 @@ mod tests {
             None
         );
 
-        let busy: Runner = Arc::new(|_, _, _| {
+        let busy: Runner = Arc::new(|_, _| {
             Box::pin(async {
                 Err(Error::new(
                     ErrorCode::BarrierBusy,
@@ -805,7 +848,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_run_that_panics_fails_and_the_schedule_goes_on() {
-        let panicking: Runner = Arc::new(|_, _, _| Box::pin(async { panic!("a bug in a run") }));
+        let panicking: Runner = Arc::new(|_, _| Box::pin(async { panic!("a bug in a run") }));
         let (sched, _repo, _fence) = rig(
             vec![schedule("fast", "* * * * * *", Action::Gc)],
             panicking,

@@ -119,10 +119,21 @@ impl VerifyOrder {
     }
 }
 
-/// A quick verify of every backup and of the WAL archive, as `lockstep backup verify` does;
-/// a failed check is `ERR_BACKUP_VERIFICATION_FAILED` with the report.
-pub async fn verify_everything(ctx: &ClusterContext) -> Result<()> {
-    let order = VerifyOrder::read(ctx, v1::VerifyBackupRequest::default()).await?;
+/// A verify of every backup and of the WAL archive, as `lockstep backup verify` does: quick,
+/// or with `window` full, leaving out the objects a full verify checked within it; a failed
+/// check is `ERR_BACKUP_VERIFICATION_FAILED` with the report.
+pub async fn verify_everything(
+    ctx: &ClusterContext,
+    window: Option<chrono::Duration>,
+) -> Result<()> {
+    let request = v1::VerifyBackupRequest {
+        full: window.is_some(),
+        skip_verified_within_hours: window
+            .map(|w| u32::try_from(w.num_hours()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+        ..Default::default()
+    };
+    let order = VerifyOrder::read(ctx, request).await?;
     let reply = order.run(ctx, &Progress::default()).await?;
     if reply.passed {
         return Ok(());
