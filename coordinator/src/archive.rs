@@ -68,12 +68,7 @@ impl WalArchiveApi {
             }
             self.forget_end(&key);
         }
-        let end = self
-            .repo
-            .wal_segments(shard, lineage)
-            .await?
-            .into_iter()
-            .max_by_key(|s| s.last);
+        let end = self.repo.wal_end(shard, lineage).await?;
         if let Some(end) = &end {
             self.remember_end(end);
         }

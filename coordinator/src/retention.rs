@@ -261,7 +261,7 @@ pub fn plan_wal(
                 })
                 .min_by_key(|(seq, _)| *seq);
             // The segment that reaches furthest: where shipping resumes.
-            let end = segments.iter().max_by_key(|s| s.last);
+            let end = lockstep_repository::wal::furthest(segments);
             let mut run: Option<(WalFate, &SegmentInfo, &SegmentInfo)> = None;
             let flush = |run: Option<(WalFate, &SegmentInfo, &SegmentInfo)>,
                          items: &mut Vec<Decision>| {

@@ -580,6 +580,14 @@ mod tests {
         (runner, count)
     }
 
+    /// Runs `sched` for `span` of (paused) time, then stops it and waits for its runs.
+    async fn run_for(sched: &Arc<Scheduler>, span: Duration) {
+        let (stop, handle) = start(sched);
+        tokio::time::sleep(span).await;
+        stop.cancel();
+        handle.await.expect("scheduler");
+    }
+
     fn start(sched: &Arc<Scheduler>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let stop = CancellationToken::new();
         let handle = tokio::spawn(sched.clone().run(stop.clone()));
@@ -725,11 +733,8 @@ mod tests {
         let clock = paused_clock(at("2026-01-01T00:00:00.200Z"));
         let every_second = schedule("fast", "* * * * * *", Action::Incremental);
         let (sched, repo, _fence) = rig(vec![every_second], runner, clock).await;
-        let (stop, handle) = start(&sched);
         // Firings at :01, :02, ..., :10; each run takes 2.5 s, so the next two overlap it.
-        tokio::time::sleep(Duration::from_millis(10_000)).await;
-        stop.cancel();
-        handle.await.expect("scheduler");
+        run_for(&sched, Duration::from_millis(10_000)).await;
         let info = &sched.list()[0];
         assert_eq!(
             count.load(Ordering::SeqCst),
@@ -756,10 +761,7 @@ mod tests {
             paused_clock(at("2026-01-01T09:59:00Z")),
         )
         .await;
-        let (stop, handle) = start(&sched);
-        tokio::time::sleep(Duration::from_secs(120)).await;
-        stop.cancel();
-        handle.await.expect("scheduler");
+        run_for(&sched, Duration::from_secs(120)).await;
         assert_eq!(count.load(Ordering::SeqCst), 1, "10:00 fired");
 
         // Down from 10:01 to 15:20: 11:00 to 15:00 were missed; one run at start stands for
@@ -794,10 +796,7 @@ mod tests {
             paused_clock(at("2026-01-01T16:00:30Z")),
             runner,
         ));
-        let (stop, handle) = start(&sched);
-        tokio::time::sleep(Duration::from_secs(120)).await;
-        stop.cancel();
-        handle.await.expect("scheduler");
+        run_for(&sched, Duration::from_secs(120)).await;
         assert_eq!(count.load(Ordering::SeqCst), 3, "16:00 is not fired twice");
         assert_eq!(sched.list()[0].next_run, "2026-01-01T17:00:00Z");
     }
@@ -812,10 +811,7 @@ mod tests {
         )
         .await;
         let _successor = Fence::take(&repo).await.expect("successor");
-        let (stop, handle) = start(&sched);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        stop.cancel();
-        handle.await.expect("scheduler");
+        run_for(&sched, Duration::from_secs(3)).await;
         assert_eq!(count.load(Ordering::SeqCst), 0);
         assert!(sched.list()[0].skipped >= 2);
         assert_eq!(
@@ -837,10 +833,7 @@ mod tests {
             paused_clock(at("2026-01-01T00:00:00.500Z")),
         )
         .await;
-        let (stop, handle) = start(&sched);
-        tokio::time::sleep(Duration::from_millis(2200)).await;
-        stop.cancel();
-        handle.await.expect("scheduler");
+        run_for(&sched, Duration::from_millis(2200)).await;
         let info = &sched.list()[0];
         assert_eq!((info.runs, info.skipped), (0, 2), "{info:?}");
         assert!(info.last_outcome.contains("busy"), "{info:?}");
@@ -855,10 +848,7 @@ mod tests {
             paused_clock(at("2026-01-01T00:00:00.500Z")),
         )
         .await;
-        let (stop, handle) = start(&sched);
-        tokio::time::sleep(Duration::from_millis(2200)).await;
-        stop.cancel();
-        handle.await.expect("scheduler");
+        run_for(&sched, Duration::from_millis(2200)).await;
         let info = &sched.list()[0];
         assert_eq!(
             (info.runs, info.failed, info.skipped),
@@ -881,10 +871,7 @@ mod tests {
         repo.put_schedule_fired("fast", at("2026-01-01T00:00:00Z"))
             .await
             .expect("record");
-        let (stop, handle) = start(&sched);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.cancel();
-        handle.await.expect("scheduler");
+        run_for(&sched, Duration::from_millis(300)).await;
         assert_eq!(
             count.load(Ordering::SeqCst),
             1,

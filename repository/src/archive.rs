@@ -100,11 +100,7 @@ impl WalArchive {
     /// if any; a remote archive sends only that one.
     pub async fn wal_end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
         match self {
-            WalArchive::Store(repo) => Ok(repo
-                .wal_segments(shard, lineage)
-                .await?
-                .into_iter()
-                .max_by_key(|s| s.last)),
+            WalArchive::Store(repo) => repo.wal_end(shard, lineage).await,
             WalArchive::Remote { url, remote } => {
                 match remote.last_segment_name(shard, lineage).await? {
                     None => Ok(None),

@@ -1443,6 +1443,12 @@ impl Repository {
             .await
     }
 
+    /// The segment of `shard` on `lineage` that reaches furthest, if any (one listing).
+    pub async fn wal_end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
+        let segments = self.wal_segments(shard, lineage).await?;
+        Ok(crate::wal::furthest(&segments).cloned())
+    }
+
     /// Whether exactly this segment (its name: range, times and SHA-256) is stored.
     pub async fn has_wal_segment(&self, info: &SegmentInfo) -> Result<bool> {
         let key = self.layout.wal_segment(info);

@@ -300,6 +300,12 @@ pub fn check_segments(segments: &[SegmentInfo]) -> Result<()> {
     Ok(())
 }
 
+/// The segment that reaches furthest (with overlaps not always the last in order): where a
+/// shipper resumes, and what retention keeps of every lineage.
+pub fn furthest(segments: &[SegmentInfo]) -> Option<&SegmentInfo> {
+    segments.iter().max_by_key(|s| s.last)
+}
+
 /// Of `segments` (one shard and lineage, in sequence order), the fewest that cover what they
 /// cover, in order, or the first gap. Segments may overlap: a put an object store applied
 /// after the shipper had given up on it and shipped the range again (with other bounds)
