@@ -50,6 +50,10 @@ pub struct ClusterContext {
     pub fence: Arc<crate::fence::Fence>,
     /// What backups and GC sweeps share (`gc.rs`).
     pub sweep: Arc<crate::gc::Sweep>,
+    /// Set while a restore's record may stay in the repository unsettled (an agent did not
+    /// confirm a discard or a decision): the next backup, tag or restore settles it first,
+    /// so a staged restore an agent still holds does not refuse barriers until its lease.
+    pub restores_to_settle: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ClusterContext {
@@ -64,6 +68,26 @@ impl ClusterContext {
             ));
         }
         Ok(())
+    }
+
+    /// Settles the restores left unsettled (`restores_to_settle`), best effort: what an agent
+    /// still does not confirm stays for the next operation, its lease, or the next start.
+    /// Call with the cluster held and no restore running.
+    pub async fn settle_left_restores(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.restores_to_settle.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let left = match crate::restore::settle_interrupted(self).await {
+            Ok(done) => !done.unsettled.is_empty(),
+            Err(err) => {
+                tracing::warn!(error = %err.chain(), "could not settle the restores left; the next operation tries again");
+                true
+            }
+        };
+        if left {
+            self.restores_to_settle.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -425,6 +449,7 @@ impl Actor {
                 }
                 let ctx = self.ctx.clone();
                 self.ops.spawn(async move {
+                    ctx.settle_left_restores().await;
                     let started = tokio::time::Instant::now();
                     // Before the parent is read, so a GC sweep that condemns objects waits
                     // for this backup or tells it.
@@ -485,6 +510,7 @@ impl Actor {
                 }
                 let ctx = self.ctx.clone();
                 self.ops.spawn(async move {
+                    ctx.settle_left_restores().await;
                     let plan = restore::plan(&ctx, order.point, order.target, order.wal_from).await;
                     let plan = match plan {
                         Ok(plan) => plan,
@@ -617,6 +643,7 @@ impl Actor {
         };
         let ctx = self.ctx.clone();
         self.ops.spawn(async move {
+            ctx.settle_left_restores().await;
             let outcome =
                 crate::tag::create_tag(&ctx, name.clone(), automatic, labels, &cancel).await;
             let label = if outcome.is_ok() { "created" } else { "failed" };

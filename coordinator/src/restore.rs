@@ -1001,15 +1001,17 @@ pub async fn run(
             apply(ctx, &plan, &restore_id, &mut reporter).await
         }
         Err(err) => {
-            discard_everywhere(ctx, &plan, &restore_id).await;
-            (Err(err), true)
+            let discarded = discard_everywhere(ctx, &plan, &restore_id).await;
+            (Err(err), discarded)
         }
     };
     if outcome.is_ok() {
         tracing::info!(restore = %restore_id, backup = %plan.label, "restore done");
     }
     if !settled {
-        tracing::warn!(restore = %restore_id, "some shards did not confirm the restore's decision; they follow it when their lease runs out, and the record stays for the next start");
+        tracing::warn!(restore = %restore_id, "some shards did not confirm the restore's decision or discard; they follow it when their lease runs out, and the record stays for the next operation to settle");
+        ctx.restores_to_settle
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     } else if let Err(err) = ctx.repo.delete_running_restore(&restore_id).await {
         tracing::warn!(restore = %restore_id, error = %err.chain(), "could not remove the restore's record; the next start settles it again");
     }
@@ -1282,14 +1284,23 @@ fn own_shard(agent: &AgentLink, status: v1::RestoreStatus) -> Result<v1::Restore
     Ok(status)
 }
 
-/// Best effort: an agent that cannot be reached lost its staging with its process.
-async fn discard_everywhere(ctx: &ClusterContext, plan: &RestorePlan, restore_id: &RestoreId) {
+/// Discards the restore on every shard; false if some agent did not confirm (it may be cut
+/// off, not gone, and hold its staged shard, refusing barriers, until its lease runs out):
+/// the record then stays for the next operation to settle.
+async fn discard_everywhere(
+    ctx: &ClusterContext,
+    plan: &RestorePlan,
+    restore_id: &RestoreId,
+) -> bool {
     let replies = on_every_shard(ctx, plan, restore_id, Step::RestoreDiscard).await;
+    let mut confirmed = true;
     for (agent, reply) in plan_agents(plan).into_iter().zip(replies) {
         if let Err(err) = reply {
             tracing::warn!(shard = %agent.shard_id, restore = %restore_id, error = %err.chain(), "discard not acknowledged");
+            confirmed = false;
         }
     }
+    confirmed
 }
 
 /// Phase 1: every shard staged and checked.

@@ -782,13 +782,20 @@ where
         agents: agents.into(),
         fence: fence.clone(),
         sweep: Default::default(),
+        restores_to_settle: Default::default(),
     };
     // Restores first: their agents' leases run while backups' leftovers are waited for.
     // Neither stops the coordinator from serving (its WAL archive service included): what
     // is left is tried again at the next start, or by `lockstep restore --abort`.
-    if let Err(err) = crate::restore::settle_interrupted(&ctx).await {
-        tracing::error!(error = %err.chain(), "could not settle the restores a stopped coordinator left; serving anyway, the next start tries again");
-    }
+    let left = match crate::restore::settle_interrupted(&ctx).await {
+        Ok(done) => !done.unsettled.is_empty(),
+        Err(err) => {
+            tracing::error!(error = %err.chain(), "could not settle the restores a stopped coordinator left; serving anyway, the next operation tries again");
+            true
+        }
+    };
+    ctx.restores_to_settle
+        .store(left, std::sync::atomic::Ordering::SeqCst);
     match clean_leftovers(&ctx).await {
         Ok(cleaned) if !cleaned.is_empty() => {
             tracing::warn!(backups = ?cleaned, "cleaned leftovers of uncommitted backups")

@@ -19,11 +19,14 @@
 //!   is on and its ancestors, is contiguous from sequence 1 with no overlap, reaches its last
 //!   acknowledged write, and replays to exactly the model;
 //! - **converge**: once the faults stopped, a backup committed within the bound and every
-//!   shard's WAL reached the archive.
+//!   shard's WAL reached the archive; every in-place restore settled (its decision stored,
+//!   or its record gone) within its bound.
 //!
-//! The model of a shard is one history per rollback of it (`Record::rollbacks`): a backup, a
-//! tag or the archive must hold exactly the writes of the history its cut was taken on, and
-//! never one of a history the rollback abandoned.
+//! The model of a shard is one history per rollback or committed in-place restore of it
+//! (`Record::rollbacks`): a backup, a tag or the archive must hold exactly the writes of the
+//! history its cut was taken on, and never one of a history the rollback or restore
+//! abandoned. After a restore every shard is on the history of the backup's cut: the
+//! backups, tags and archive checked above cover what the restored shards hold and ship.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -73,6 +76,17 @@ pub async fn check(
             "converge",
             "no backup committed within the bound after the faults stopped".into(),
         ));
+    }
+    for (i, restore) in record.restores.iter().enumerate() {
+        if restore.outcome == "unresolved" {
+            violations.push(violation(
+                "converge",
+                format!(
+                    "restore #{i} of {} (asked at {} ms) neither stored a decision nor went away by {} ms",
+                    restore.backup_id, restore.requested_ms, restore.answered_ms
+                ),
+            ));
+        }
     }
     if record.converged && !record.shipped {
         violations.push(violation(
@@ -194,26 +208,34 @@ pub async fn check(
         let current = lockstep_agent::lineage::read_lineage(&stores.shards[i])
             .map_err(|e| e.chain())
             .and_then(|l| l.ok_or_else(|| "the shard has no lineage file".to_string()));
-        let batches = match current {
-            Ok(current) => archived_batches(&archive, i, &current, Seq::MAX).await,
+        let history = match current {
+            Ok(current) => archived_history(&archive, &repo, i, &current, Seq::MAX).await,
             Err(err) => Err(err),
         };
-        let batches = match batches {
-            Ok(batches) => batches,
+        let history = match history {
+            Ok(history) => history,
             Err(err) => {
                 violations.push(violation("wal", format!("shard-{i}: {err}")));
-                Vec::new()
+                Archived::default()
             }
         };
         let last_acked = acked_here.values().copied().max().unwrap_or(0);
-        let archived = batches.last().map_or(0, |b| b.last().0);
+        let archived = history.end();
         if record.shipped && archived < last_acked {
             violations.push(violation(
                 "wal",
                 format!("shard-{i}: the archive ends at {archived}, the last acknowledged write is {last_acked}"),
             ));
         }
-        match replayed_keys(&batches, archived, &scratch.join(format!("wal-{i}"))) {
+        match replayed_keys(
+            &repo,
+            i,
+            &history,
+            archived,
+            &scratch.join(format!("wal-{i}")),
+        )
+        .await
+        {
             Ok(keys) => violations.extend(compare(
                 &format!("the archive of shard-{i} replayed to {archived}"),
                 "wal",
@@ -272,19 +294,20 @@ pub async fn check(
             else {
                 continue;
             };
-            let batches = match archived_batches(&archive, i, &lineage, Seq(point)).await {
-                Ok(batches) => batches,
+            let history = match archived_history(&archive, &repo, i, &lineage, Seq(point)).await {
+                Ok(history) => history,
                 Err(err) => {
                     violations.push(violation("tags", format!("tag {name} shard-{i}: {err}")));
                     continue;
                 }
             };
-            if batches.last().is_none_or(|b| b.last().0 < point) {
+            if history.end() < point {
                 // The archive does not reach the tag (shipping had not caught up): nothing
                 // to replay it from; the wal checker reports a short archive.
                 continue;
             }
-            match replayed_keys(&batches, point, &scratch.join(format!("tag-{name}-{i}"))) {
+            let dir = scratch.join(format!("tag-{name}-{i}"));
+            match replayed_keys(&repo, i, &history, point, &dir).await {
                 Ok(keys) => violations.extend(compare(
                     &format!("tag {name} shard-{i} (point {point})"),
                     "tags",
@@ -352,22 +375,24 @@ fn compare(
 }
 
 /// Every history of every shard, `histories[shard][epoch]`: key -> sequence number of each
-/// acknowledged write it holds. History 0 is the shard's first; a rollback to `to_seq` starts
-/// the next, with the writes of the one before up to `to_seq` and then those sent since.
+/// acknowledged write it holds. History 0 is the shard's first; a rollback (or an in-place
+/// restore) to `to_seq` of history `from_epoch` starts the next, with the writes of that one
+/// up to `to_seq` and then those sent since.
 fn histories(record: &Record, agents: usize) -> Vec<Vec<BTreeMap<&str, u64>>> {
     (0..agents)
         .map(|shard| {
-            let rollbacks: Vec<u64> = record
+            let rollbacks: Vec<(u64, usize)> = record
                 .rollbacks
                 .iter()
                 .filter(|r| r.shard == shard)
-                .map(|r| r.to_seq)
+                .map(|r| (r.to_seq, r.from_epoch))
                 .collect();
-            let mut out = Vec::with_capacity(rollbacks.len() + 1);
+            let mut out: Vec<BTreeMap<&str, u64>> = Vec::with_capacity(rollbacks.len() + 1);
             let mut current: BTreeMap<&str, u64> = BTreeMap::new();
             for epoch in 0..=rollbacks.len() {
                 if epoch > 0 {
-                    let to = rollbacks[epoch - 1];
+                    let (to, from) = rollbacks[epoch - 1];
+                    current = out.get(from).cloned().unwrap_or_default();
                     current.retain(|_, seq| *seq <= to);
                 }
                 for write in record
@@ -387,7 +412,7 @@ fn histories(record: &Record, agents: usize) -> Vec<Vec<BTreeMap<&str, u64>>> {
 }
 
 /// The history each shard was on at `ms` (simulated).
-fn epochs_at(record: &Record, agents: usize, ms: u64) -> Vec<usize> {
+pub(crate) fn epochs_at(record: &Record, agents: usize, ms: u64) -> Vec<usize> {
     (0..agents)
         .map(|shard| {
             record
@@ -438,15 +463,39 @@ fn causal(
     out
 }
 
+/// A shard's history as the archive gives it: its batches from sequence 1, or from a backup
+/// (`base`) where the archive cannot.
+#[derive(Default)]
+struct Archived {
+    /// The backup, and the shard's sequence number in it.
+    base: Option<(BackupManifest, u64)>,
+    batches: Vec<WalBatch>,
+}
+
+impl Archived {
+    /// The last sequence number it reaches.
+    fn end(&self) -> u64 {
+        match (self.batches.last(), &self.base) {
+            (Some(batch), _) => batch.last().0,
+            (None, Some((_, seq))) => *seq,
+            (None, None) => 0,
+        }
+    }
+}
+
 /// Every batch in the archive of the history that ends at `to` of `lineage` (and the
 /// ancestors it inherited from), leg by leg, as a PITR replays it, checked for continuity
-/// from 1.
-async fn archived_batches(
+/// from 1. Where a leg starts past the end of the leg before it, at exactly their branch
+/// point, the branch came from a backup whose cut the archive never got (its shard was rolled
+/// back before shipping it, then restored from that backup): the history continues from that
+/// backup, which must exist, as a PITR's base.
+async fn archived_history(
     archive: &Repository,
+    repo: &Repository,
     shard: usize,
     lineage: &Lineage,
     to: Seq,
-) -> Result<Vec<WalBatch>, String> {
+) -> Result<Archived, String> {
     let shard_id = ShardId::new(format!("shard-{shard}")).map_err(|e| e.chain())?;
     let known = archive
         .wal_lineages(&shard_id)
@@ -457,40 +506,90 @@ async fn archived_batches(
         .collect();
     let mut legs = ancestry(lineage, to, &known);
     legs.reverse();
-    let mut batches: Vec<WalBatch> = Vec::new();
+    let mut history = Archived::default();
+    let mut branch: Option<(Lineage, Seq)> = None;
     for leg in legs {
         let segments = archive
             .wal_segments(&shard_id, &leg.lineage)
             .await
             .map_err(|e| e.chain())?;
         check_segments(&segments).map_err(|e| e.chain())?;
-        let expected = batches.last().map_or(1, |b| b.last().0 + 1);
+        let expected = history.end() + 1;
         if let Some(first) = segments.first()
             && first.first.0 != expected
         {
-            return Err(format!(
-                "{}: the archive starts at {}, not at {expected}",
-                leg.lineage, first.first
-            ));
+            let base = match &branch {
+                Some((parent, at)) if first.first.0 == at.0 + 1 && expected <= at.0 => {
+                    backup_at(repo, &shard_id, parent, *at).await?
+                }
+                _ => None,
+            };
+            let Some(base) = base else {
+                return Err(format!(
+                    "{}: the archive starts at {}, not at {expected}",
+                    leg.lineage, first.first
+                ));
+            };
+            history = Archived {
+                base: Some(base),
+                batches: Vec::new(),
+            };
         }
         for info in &segments {
             let segment = archive.get_wal_segment(info).await.map_err(|e| e.chain())?;
-            batches.extend(
+            history.batches.extend(
                 segment
                     .batches
                     .into_iter()
                     .take_while(|b| b.last() <= leg.to),
             );
         }
+        branch = Some((leg.lineage, leg.to));
     }
-    Ok(batches)
+    Ok(history)
 }
 
-/// The keys of a shard rebuilt from empty by replaying `batches` up to exactly `to`.
-fn replayed_keys(batches: &[WalBatch], to: u64, dir: &Path) -> Result<BTreeSet<String>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+/// A committed backup whose shard `shard` was taken at `seq` of `lineage`, and that seq.
+async fn backup_at(
+    repo: &Repository,
+    shard: &ShardId,
+    lineage: &Lineage,
+    seq: Seq,
+) -> Result<Option<(BackupManifest, u64)>, String> {
+    for (id, manifest) in repo.backups().await.map_err(|e| e.chain())? {
+        let Ok(manifest) = manifest else {
+            continue;
+        };
+        if manifest.cut.get(shard) != Some(&seq) {
+            continue;
+        }
+        let point = repo
+            .shard_manifest(shard, &id)
+            .await
+            .map_err(|e| e.chain())?;
+        if point.lineage.id == lineage.id {
+            return Ok(Some((manifest, seq.0)));
+        }
+    }
+    Ok(None)
+}
+
+/// The keys of a shard rebuilt from empty (or from its base backup) by replaying the
+/// history's batches up to exactly `to`.
+async fn replayed_keys(
+    repo: &Repository,
+    shard: usize,
+    history: &Archived,
+    to: u64,
+    dir: &Path,
+) -> Result<BTreeSet<String>, String> {
+    if let Some((backup, _)) = &history.base {
+        restore_into(repo, backup, shard, dir).await?;
+    } else {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
     let engine = MemEngine::open(dir, &["default".to_string()]).map_err(|e| e.chain())?;
-    for batch in batches.iter().take_while(|b| b.last().0 <= to) {
+    for batch in history.batches.iter().take_while(|b| b.last().0 <= to) {
         engine.replay(batch).map_err(|e| e.chain())?;
     }
     if engine.latest_seq().0 != to {
@@ -510,7 +609,7 @@ fn replayed_keys(batches: &[WalBatch], to: u64, dir: &Path) -> Result<BTreeSet<S
 }
 
 /// An instant in `window` when every agent's gate was closed, if there was one.
-fn fence_instant(fences: &[Vec<(u64, u64)>], (from, to): (u64, u64)) -> Option<u64> {
+pub(crate) fn fence_instant(fences: &[Vec<(u64, u64)>], (from, to): (u64, u64)) -> Option<u64> {
     let in_window = |&(a, b): &(u64, u64)| b > from && a <= to;
     fences
         .iter()
@@ -559,13 +658,36 @@ async fn restored_keys(
     shard: usize,
     scratch: &Path,
 ) -> Result<BTreeSet<String>, String> {
+    let dir = scratch.join(format!("{}-{shard}", backup.backup_id));
+    let engine = restore_into(repo, backup, shard, &dir).await?;
+    let keys = engine
+        .scan("default", b"", None, usize::MAX)
+        .map_err(|e| e.chain())?
+        .into_iter()
+        .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+        .collect();
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(keys)
+}
+
+/// Restores `shard` of `backup` into `dir` (see [`restored_keys`]), checked, and opens it.
+async fn restore_into(
+    repo: &Repository,
+    backup: &BackupManifest,
+    shard: usize,
+    dir: &Path,
+) -> Result<MemEngine, String> {
     let shard_id = ShardId::new(format!("shard-{shard}")).map_err(|e| e.chain())?;
     let manifest = repo
         .shard_manifest(&shard_id, &backup.backup_id)
         .await
         .map_err(|e| e.chain())?;
-    let dir = scratch.join(format!("{}-{shard}", backup.backup_id));
-    std::fs::create_dir_all(scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
+    let dir = dir.to_path_buf();
+    if let Some(scratch) = dir.parent() {
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| format!("create {}: {e}", scratch.display()))?;
+    }
     let (full, chain) = chain_of(repo, backup).await?;
     let seq = if chain.is_empty() {
         restore_shard(
@@ -613,12 +735,5 @@ async fn restored_keys(
             manifest.seq
         ));
     }
-    let keys = engine
-        .scan("default", b"", None, usize::MAX)
-        .map_err(|e| e.chain())?
-        .into_iter()
-        .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
-        .collect();
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(keys)
+    Ok(engine)
 }

@@ -5,7 +5,8 @@
 //! the binaries use (`net`), a client that writes causally chained data and asks for backups,
 //! and a scenario's faults (`scenario`): crashes at any point of the barrier, partitions and
 //! delays around the lease deadline, lossy links to and outages of the WAL archive region,
-//! and a shard's machine rolled back to an earlier snapshot. After every run the checkers
+//! a shard's machine rolled back to an earlier snapshot, and crashes while an in-place
+//! restore stages or holds its swapped shards. After every run the checkers
 //! (`check`) look at what the run recorded and at the repositories it left.
 //!
 //! - `world`: one run, and what it records;
@@ -14,7 +15,8 @@
 //!
 //! Determinism: turmoil's network, latencies and host order come from the seed, the
 //! workload's choices too, and blocking work runs inline on the simulation thread
-//! (`lockstep_repository::blocking`). Not yet covered: restores.
+//! (`lockstep_repository::blocking`). Not yet covered: restores into a directory (`--to`)
+//! and point-in-time restores, which change no live shard.
 
 pub mod check;
 pub mod net;

@@ -24,10 +24,14 @@ pub enum Kind {
     /// A shard's machine is rolled back to an earlier snapshot of it (a VM snapshot restored,
     /// a disk image put back): its writes since are gone, and its archive runs past it.
     Rollbacks,
+    /// In-place restores every other round, with the coordinator and agents crashing while
+    /// a restore stages, while its shards are swapped in and wait for its decision, and
+    /// mid-barrier.
+    RestoreCrashes,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::AgentCrashes,
         Kind::CoordinatorCrashes,
         Kind::Partitions,
@@ -35,6 +39,7 @@ impl Kind {
         Kind::LossyShipping,
         Kind::RegionOutages,
         Kind::Rollbacks,
+        Kind::RestoreCrashes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +51,16 @@ impl Kind {
             Kind::LossyShipping => "lossy-shipping",
             Kind::RegionOutages => "region-outages",
             Kind::Rollbacks => "rollbacks",
+            Kind::RestoreCrashes => "restore-crashes",
+        }
+    }
+
+    /// Every how many rounds the workload restores the cluster in place, instead of asking
+    /// for a backup or a tag.
+    pub fn restore_every(self) -> usize {
+        match self {
+            Kind::RestoreCrashes => 2,
+            _ => 7,
         }
     }
 }
@@ -59,6 +74,11 @@ pub enum Moment {
     MidBarrier,
     /// While a backup is pending and every gate is open: uploads (or just before Prepare).
     MidUpload,
+    /// While an in-place restore stages some shard beside the live one.
+    Staging,
+    /// While some shard of an in-place restore is swapped in, its old one aside: between
+    /// Apply and the shard carrying out the restore's decision.
+    Swapped,
 }
 
 /// One fault at one simulated instant.
@@ -148,6 +168,15 @@ impl Scenario {
                 Kind::CoordinatorCrashes => {
                     let moment = moments[rng.random_range(0..moments.len())];
                     faults.push((at, Fault::Bounce(COORDINATOR.to_string(), moment)));
+                }
+                Kind::RestoreCrashes => {
+                    let victim = match rng.random_range(0..=agents) {
+                        0 => COORDINATOR.to_string(),
+                        n => agent(n - 1),
+                    };
+                    let moment = [Moment::Staging, Moment::Swapped, Moment::MidBarrier]
+                        [rng.random_range(0..3)];
+                    faults.push((at, Fault::Bounce(victim, moment)));
                 }
                 Kind::Partitions => {
                     let victim = agent(rng.random_range(0..agents));

@@ -1,21 +1,22 @@
-//! One simulated run: the production coordinator and N production agents (on `MemEngine`)
-//! as turmoil hosts, one shared `memory://` repository, a second region (a coordinator with
-//! no agents) that the agents ship their WAL to over the simulated network, a client that
-//! writes causally chained data and asks for backups and tags, a maintainer that applies
-//! retention and runs GC passes beside them, and the fault schedule of the
-//! scenario applied between simulation steps. Every acknowledged write is recorded as the
-//! model; every agent's gate is watched from outside after every step, in simulated time.
+//! One simulated run: the production coordinator and N production agents (on `MemEngine`,
+//! whose files outlive a crash as RocksDB's do) as turmoil hosts, one shared `memory://`
+//! repository, a second region (a coordinator with no agents) that the agents ship their WAL
+//! to over the simulated network, a client that writes causally chained data and asks for
+//! backups, tags and in-place restores, a maintainer that applies retention and runs GC
+//! passes beside them, and the fault schedule of the scenario applied between simulation
+//! steps. Every acknowledged write is recorded as the model; every agent's gate is watched
+//! from outside after every step, in simulated time.
 
 use std::cell::{Cell, RefCell};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockstep_agent::WriteGate;
 use lockstep_agent::backup::BackupOptions;
-use lockstep_agent::engine::{MemEngine, ShardEngine};
-use lockstep_agent::lineage::{HistorySources, LINEAGE_FILE};
+use lockstep_agent::engine::{EngineConfig, MemEngine, ShardEngine};
+use lockstep_agent::lineage::HistorySources;
 use lockstep_agent::participant::PlantedBug;
 use lockstep_agent::server::{AgentParts, serve_incoming};
 use lockstep_agent::shipper::ShipperOptions;
@@ -29,6 +30,7 @@ use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::coordinator_client::CoordinatorClient;
 use lockstep_proto::v1::shard_client::ShardClient;
 use lockstep_repository::manifest::{RaidGroup, RaidLayout};
+use lockstep_repository::repository::RestoreDecision;
 use lockstep_repository::transfer::TransferOptions;
 use lockstep_repository::{Repository, ShardId};
 use rand::rngs::StdRng;
@@ -57,13 +59,26 @@ pub struct Write {
     pub epoch: usize,
 }
 
-/// A shard's machine put back to a snapshot: its history from then on holds the writes of
-/// the one before up to `to_seq`, and the writes sent since.
+/// A shard's machine put back to a snapshot, or its shard restored in place: its history
+/// from then on holds the writes of history `from_epoch` (the one the snapshot or the
+/// backup was taken on) up to `to_seq`, and the writes sent since.
 #[derive(Debug, Clone)]
 pub struct Rollback {
     pub shard: usize,
     pub at_ms: u64,
     pub to_seq: u64,
+    pub from_epoch: usize,
+}
+
+/// An in-place restore the client asked for.
+#[derive(Debug, Clone)]
+pub struct RestoreAttempt {
+    pub backup_id: String,
+    pub requested_ms: u64,
+    pub answered_ms: u64,
+    /// `committed`, `reverted`, `nothing` (refused, or failed before any decision), or
+    /// `unresolved` (no outcome within the bound).
+    pub outcome: String,
 }
 
 /// A tag the client asked for.
@@ -99,8 +114,13 @@ pub struct Record {
     pub shipped: bool,
     /// Tags the client asked for.
     pub tags: Vec<TagAttempt>,
-    /// Shards rolled back, in order.
+    /// Shards rolled back or restored in place, in order.
     pub rollbacks: Vec<Rollback>,
+    /// In-place restores the client asked for.
+    pub restores: Vec<RestoreAttempt>,
+    /// Odd while an in-place restore's outcome is unknown: a write sent meanwhile, or
+    /// answered after it changed, may be on either history.
+    pub restoring: u64,
     /// Every event, in order, for the determinism check.
     pub trace: Vec<String>,
     /// A host whose software failed (not a crash the scenario caused).
@@ -172,12 +192,57 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
     }
 }
 
-/// What a snapshot of an agent's machine holds of its shard (`Fault::Snapshot`).
+/// What a snapshot of an agent's machine holds of its shard (`Fault::Snapshot`): every file
+/// of its directory (the engine's snapshot and log, the lineage file), and the history it
+/// was on.
 #[derive(Clone)]
 struct MachineSnapshot {
-    engine: Arc<MemEngine>,
-    /// `LOCKSTEP-LINEAGE`, if the shard had one.
-    lineage_file: Option<Vec<u8>>,
+    files: Vec<(std::ffi::OsString, Vec<u8>)>,
+    from_epoch: usize,
+}
+
+impl MachineSnapshot {
+    fn take(dir: &Path, from_epoch: usize) -> std::io::Result<MachineSnapshot> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                files.push((entry.file_name(), std::fs::read(entry.path())?));
+            }
+        }
+        files.sort();
+        Ok(MachineSnapshot { files, from_epoch })
+    }
+
+    /// Puts the files back in place of the directory's; the shard's sequence number then.
+    fn put_back(&self, dir: &Path) -> Result<u64, String> {
+        let io = |err: std::io::Error| format!("roll back {}: {err}", dir.display());
+        std::fs::remove_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(io)?;
+        for (name, bytes) in &self.files {
+            std::fs::write(dir.join(name), bytes).map_err(io)?;
+        }
+        let engine = MemEngine::open(dir, &[]).map_err(|e| e.chain())?;
+        Ok(engine.latest_seq().0)
+    }
+}
+
+/// The step of an in-place restore a shard's directory shows: staged beside it, or swapped
+/// in with the old shard aside (`Moment::Swapped` wins).
+fn restore_step(dir: &Path, shard: usize) -> Option<Moment> {
+    let staged = format!(".shard-{shard}.lockstep-restore-");
+    let replaced = format!(".shard-{shard}.lockstep-replaced");
+    let mut step = None;
+    for entry in std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == replaced {
+            return Some(Moment::Swapped);
+        }
+        if name.starts_with(&staged) {
+            step = Some(Moment::Staging);
+        }
+    }
+    step
 }
 
 /// The repositories of a run: the cluster's and the WAL archive region's.
@@ -222,28 +287,8 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
     }));
     let gates: Arc<Mutex<Vec<WriteGate>>> =
         Arc::new(Mutex::new(vec![WriteGate::new(); scenario.agents]));
-    // The shard each agent serves when it starts: the one that outlived its last run, or a
-    // snapshot it was rolled back to.
-    let mut engines: Vec<Arc<MemEngine>> = Vec::new();
     let mut snapshots: Vec<Option<MachineSnapshot>> = vec![None; scenario.agents];
 
-    for i in 0..scenario.agents {
-        // The shard's data outlives a crash of its agent, like RocksDB's files do.
-        let shard_dir = dir.join(format!("shard-{i}"));
-        match MemEngine::open(&shard_dir, &["default".to_string()]) {
-            Ok(engine) => engines.push(Arc::new(engine)),
-            Err(err) => {
-                record.borrow_mut().host_error = Some(err.chain());
-                return (
-                    Rc::try_unwrap(record)
-                        .map(|r| r.into_inner())
-                        .unwrap_or_default(),
-                    stores,
-                );
-            }
-        }
-    }
-    let engines = Arc::new(Mutex::new(engines));
     for i in 0..scenario.agents {
         let shard_dir = stores.shards[i].clone();
         let (gates, repository) = (gates.clone(), repository.clone());
@@ -252,12 +297,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
             Kind::Rollbacks => PlantedBug::AppendAcrossFork,
             _ => PlantedBug::IgnoreLease,
         });
-        let engines = engines.clone();
         sim.host(agent(i), move || {
-            let engine = engines
-                .lock()
-                .map(|all| all[i].clone())
-                .map_err(|_| "the engines' lock is poisoned");
             let (gates, repository, shard_dir, captures) = (
                 gates.clone(),
                 repository.clone(),
@@ -265,7 +305,6 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                 captures.clone(),
             );
             async move {
-                let engine = engine?;
                 let gate = WriteGate::new();
                 if let Ok(mut all) = gates.lock() {
                     all[i] = gate.clone();
@@ -280,13 +319,16 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         REGION_PORT,
                     ),
                 );
-                // The binary's start-up, on the engine that outlived the agent's last run, at
-                // the agent's own priority (nothing process-wide changes under simulation).
-                let slot = prepare_serving(Startup {
+                // The binary's start-up, on the files the agent's last run left, at the
+                // agent's own priority (nothing process-wide changes under simulation).
+                let slot = prepare_serving::<MemEngine>(Startup {
                     dir: shard_dir,
                     capture_root: captures.clone(),
                     priority: BackgroundPriority::Normal,
-                    source: ShardSource::Running(engine),
+                    source: ShardSource::Open {
+                        column_families: vec!["default".to_string()],
+                        config: EngineConfig::default(),
+                    },
                     history: HistorySources {
                         shard: shard_id.clone(),
                         destinations: vec![region.clone()],
@@ -372,11 +414,17 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
         }
     });
 
-    sim.client("client", workload(scenario.clone(), record.clone()));
+    sim.client(
+        "client",
+        workload(scenario.clone(), record.clone(), repository.clone()),
+    );
 
     // Faults between steps, and the gates watched after every step.
     let mut faults = scenario.faults.clone().into_iter().peekable();
     let mut closed_since: Vec<Option<u64>> = vec![None; scenario.agents];
+    // Whether a restore was staged or swapped in while the gate was closed: its Apply holds
+    // the gate until the restore's decision, under the restore's lease, not the barrier's.
+    let mut closed_for_restore = vec![false; scenario.agents];
     let fault_period_ms = scenario.fault_period.as_millis() as u64;
     // The cluster's repository, read between steps to aim crashes at uploads.
     let backup_repo = match futures::executor::block_on(Repository::open(&repository)) {
@@ -406,33 +454,41 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
             Ok(all) => all.iter().map(WriteGate::is_closed).collect(),
             Err(_) => vec![false; scenario.agents],
         };
+        let restoring: Vec<Option<Moment>> =
+            (0..scenario.agents).map(|i| restore_step(dir, i)).collect();
         while let Some((at, fault)) = faults.peek() {
             if at.as_millis() as u64 > now {
                 break;
             }
-            // A crash aimed at a moment of the barrier waits for it (until the faults end).
-            if let Fault::Bounce(_, moment) = fault {
-                let mid_barrier = closed.iter().any(|c| *c);
-                let arrived = match moment {
-                    Moment::Now => true,
-                    Moment::MidBarrier => mid_barrier,
-                    Moment::MidUpload => {
-                        !mid_barrier
-                            && futures::executor::block_on(backup_repo.pending_ids())
-                                .is_ok_and(|pending| !pending.is_empty())
+            // A crash aimed at a moment of the barrier or of a restore waits for it (until
+            // the faults end); a machine's snapshot waits until no restore touches its shard.
+            let arrived = match fault {
+                Fault::Bounce(_, moment) => {
+                    let mid_barrier = closed.iter().any(|c| *c);
+                    match moment {
+                        Moment::Now => true,
+                        Moment::MidBarrier => mid_barrier,
+                        Moment::MidUpload => {
+                            !mid_barrier
+                                && futures::executor::block_on(backup_repo.pending_ids())
+                                    .is_ok_and(|pending| !pending.is_empty())
+                        }
+                        Moment::Staging | Moment::Swapped => restoring.contains(&Some(*moment)),
                     }
-                };
-                if !arrived && now < fault_period_ms {
-                    break;
                 }
-                if !arrived {
-                    record
-                        .borrow_mut()
-                        .trace
-                        .push(format!("{now} fault {fault:?} never found its moment"));
-                    faults.next();
-                    continue;
-                }
+                Fault::Snapshot(i) => restoring[*i].is_none(),
+                _ => true,
+            };
+            if !arrived && now < fault_period_ms {
+                break;
+            }
+            if !arrived {
+                record
+                    .borrow_mut()
+                    .trace
+                    .push(format!("{now} fault {fault:?} never found its moment"));
+                faults.next();
+                continue;
             }
             record
                 .borrow_mut()
@@ -447,43 +503,31 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                 }
                 Fault::Latency(max) => sim.set_max_message_latency(*max),
                 Fault::Snapshot(i) => {
-                    let engine = engines.lock().ok().map(|all| all[*i].clone());
-                    let lineage_file = std::fs::read(stores.shards[*i].join(LINEAGE_FILE)).ok();
-                    snapshots[*i] = engine.map(|e| MachineSnapshot {
-                        engine: Arc::new(e.snapshot_copy()),
-                        lineage_file,
-                    });
+                    let from_epoch = record
+                        .borrow()
+                        .rollbacks
+                        .iter()
+                        .filter(|r| r.shard == *i)
+                        .count();
+                    match MachineSnapshot::take(&stores.shards[*i], from_epoch) {
+                        Ok(snapshot) => snapshots[*i] = Some(snapshot),
+                        Err(err) => {
+                            record.borrow_mut().host_error =
+                                Some(format!("snapshot shard-{i}: {err}"))
+                        }
+                    }
                 }
                 Fault::Rollback(i) => {
-                    if let Some(MachineSnapshot {
-                        engine: snapshot,
-                        lineage_file: lineage,
-                    }) = snapshots[*i].take()
-                    {
-                        let to_seq = snapshot.latest_seq().0;
-                        let file = stores.shards[*i].join(LINEAGE_FILE);
-                        let restored = match lineage {
-                            Some(bytes) => std::fs::write(&file, bytes),
-                            None => std::fs::remove_file(&file).or_else(|err| {
-                                if err.kind() == std::io::ErrorKind::NotFound {
-                                    Ok(())
-                                } else {
-                                    Err(err)
-                                }
+                    if let Some(snapshot) = snapshots[*i].take() {
+                        match snapshot.put_back(&stores.shards[*i]) {
+                            Ok(to_seq) => record.borrow_mut().rollbacks.push(Rollback {
+                                shard: *i,
+                                at_ms: now,
+                                to_seq,
+                                from_epoch: snapshot.from_epoch,
                             }),
-                        };
-                        if let Err(err) = restored {
-                            record.borrow_mut().host_error =
-                                Some(format!("roll back {}: {err}", file.display()));
+                            Err(err) => record.borrow_mut().host_error = Some(err),
                         }
-                        if let Ok(mut all) = engines.lock() {
-                            all[*i] = snapshot;
-                        }
-                        record.borrow_mut().rollbacks.push(Rollback {
-                            shard: *i,
-                            at_ms: now,
-                            to_seq,
-                        });
                         sim.bounce(agent(*i).as_str());
                     }
                 }
@@ -492,13 +536,14 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
         }
         let mut record = record.borrow_mut();
         for (i, is_closed) in closed.into_iter().enumerate() {
+            closed_for_restore[i] = is_closed && (closed_for_restore[i] || restoring[i].is_some());
             match (closed_since[i], is_closed) {
                 (None, true) => closed_since[i] = Some(now),
                 (Some(from), false) => {
                     record.fences[i].push((from, now));
                     closed_since[i] = None;
                 }
-                (Some(from), true) if now - from > lease_ms + 5 => {
+                (Some(from), true) if now - from > lease_ms + 5 && !closed_for_restore[i] => {
                     match record
                         .overlong_fences
                         .iter_mut()
@@ -529,9 +574,13 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
     (record, stores)
 }
 
-/// The client: causally chained writes to random shards, and backups every so often; once
-/// the faults stop, backups until one commits within the bound.
-async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::Result {
+/// The client: causally chained writes to random shards, and backups, tags and in-place
+/// restores every so often; once the faults stop, backups until one commits within the bound.
+async fn workload(
+    scenario: Scenario,
+    record: Rc<RefCell<Record>>,
+    repository: String,
+) -> turmoil::Result {
     let done = Rc::new(Cell::new(false));
     let writer = {
         let (record, done, scenario) = (record.clone(), done.clone(), scenario.clone());
@@ -542,14 +591,16 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
                 .collect();
             let mut last_acked = None;
             let mut n = 0u64;
+            // The history a write to `shard` goes to, and whether a restore was in doubt.
+            let history = |shard: usize| {
+                let record = record.borrow();
+                let epoch = record.rollbacks.iter().filter(|r| r.shard == shard).count();
+                (epoch, record.restoring)
+            };
             while !done.get() {
                 let shard = rng.random_range(0..scenario.agents);
-                let epoch = record
-                    .borrow()
-                    .rollbacks
-                    .iter()
-                    .filter(|r| r.shard == shard)
-                    .count();
+                let sent_on = history(shard);
+                let epoch = sent_on.0;
                 let key = format!("w-{n:06}");
                 n += 1;
                 let mut client = shards[shard].clone();
@@ -559,17 +610,12 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
                     value: b"v".to_vec(),
                 };
                 let reply = tokio::time::timeout(Duration::from_secs(3), client.put(request)).await;
-                let rolled_back_meanwhile = record
-                    .borrow()
-                    .rollbacks
-                    .iter()
-                    .filter(|r| r.shard == shard)
-                    .count()
-                    != epoch;
+                let in_doubt = history(shard) != sent_on || sent_on.1 % 2 == 1;
                 let seq = match reply {
-                    // Acknowledged across a rollback: which history holds it cannot be told,
-                    // so the model treats it as never acknowledged.
-                    Ok(Ok(reply)) if !rolled_back_meanwhile => Some(reply.into_inner().last_seq),
+                    // Acknowledged across a rollback or a restore, or while a restore's
+                    // outcome was unknown: which history holds it cannot be told, so the
+                    // model treats it as never acknowledged.
+                    Ok(Ok(reply)) if !in_doubt => Some(reply.into_inner().last_seq),
                     _ => None,
                 };
                 {
@@ -602,7 +648,9 @@ async fn workload(scenario: Scenario, record: Rc<RefCell<Record>>) -> turmoil::R
             while now_ms() < scenario.fault_period.as_millis() as u64 {
                 tokio::time::sleep(scenario.backup_every).await;
                 round += 1;
-                if round % 3 == 0 {
+                if round % scenario.kind.restore_every() == 0 {
+                    restore(&mut coordinator, &scenario, &record, &repository, &mut rng).await;
+                } else if round % 3 == 0 {
                     tag(&mut coordinator, round, &record).await;
                 } else {
                     // Chains too: an incremental or differential continues the shard's
@@ -707,6 +755,177 @@ async fn tag(
         answered_ms: now_ms(),
         created,
     });
+}
+
+/// Restores a committed backup in place and follows it until its outcome is known. The
+/// stream's last view says how it ended; the restore's stored decision says what the shards
+/// did. When the stream breaks (its coordinator crashed), the restore is settled by the one
+/// that starts next (it discards a staging restore and reverts an applying one that has no
+/// decision) or by the agents' leases: the outcome is the decision once stored, or nothing
+/// once the restore's record is gone without one.
+async fn restore(
+    coordinator: &mut CoordinatorClient<tonic::transport::Channel>,
+    scenario: &Scenario,
+    record: &Rc<RefCell<Record>>,
+    repository: &str,
+    rng: &mut StdRng,
+) {
+    let committed: Vec<String> = record
+        .borrow()
+        .attempts
+        .iter()
+        .filter(|a| a.outcome.as_ref().is_some_and(|o| o.1 == "committed"))
+        .filter_map(|a| a.backup_id.clone())
+        .collect();
+    if committed.is_empty() {
+        return;
+    }
+    let backup_id = committed[rng.random_range(0..committed.len())].clone();
+    let requested_ms = now_ms();
+    record.borrow_mut().restoring += 1;
+    let deadline = requested_ms + 20_000;
+    let request = v1::RestoreClusterRequest {
+        backup_id: backup_id.clone(),
+        in_place: true,
+        ..Default::default()
+    };
+    let mut restore_id = String::new();
+    let mut last_phase = None;
+    let mut refused = None;
+    match tokio::time::timeout(Duration::from_secs(3), coordinator.restore(request)).await {
+        Ok(Ok(stream)) => {
+            let mut stream = stream.into_inner();
+            while now_ms() < deadline {
+                let left = Duration::from_millis(deadline.saturating_sub(now_ms()));
+                match tokio::time::timeout(left, stream.message()).await {
+                    Ok(Ok(Some(job))) => {
+                        if !job.restore_id.is_empty() {
+                            restore_id = job.restore_id.clone();
+                        }
+                        last_phase = v1::RestorePhase::try_from(job.phase).ok();
+                        if matches!(
+                            last_phase,
+                            Some(v1::RestorePhase::Done | v1::RestorePhase::Failed)
+                        ) {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok(Err(status)) => refused = Some(status.code()),
+        Err(_) => {}
+    }
+    let ended = matches!(
+        last_phase,
+        Some(v1::RestorePhase::Done | v1::RestorePhase::Failed)
+    );
+    let outcome = match lockstep_repository::RestoreId::new(restore_id) {
+        // Refused, or gone before its first view: nothing was staged or recorded.
+        Err(_) => refused.map_or("nothing".to_string(), |code| format!("nothing ({code})")),
+        // Its coordinator saw it end: the decision, if any, is stored.
+        Ok(id) if ended => settled(repository, &id, 0).await,
+        Ok(id) => settled(repository, &id, deadline + 10_000).await,
+    };
+    let cut = if outcome == "committed" {
+        let cut = async {
+            let repo = Repository::open(repository).await?;
+            let id = lockstep_repository::BackupId::new(backup_id.clone())?;
+            repo.backup_manifest(&id).await
+        };
+        Some(cut.await)
+    } else {
+        None
+    };
+    let mut record = record.borrow_mut();
+    if let Some(cut) = cut {
+        // Every shard goes back to the backup's cut of the history it was taken on.
+        let window = record
+            .attempts
+            .iter()
+            .find(|a| a.backup_id.as_deref() == Some(backup_id.as_str()))
+            .map_or((0, u64::MAX), |a| {
+                (a.requested_ms, a.outcome.as_ref().map_or(u64::MAX, |o| o.0))
+            });
+        let instant = crate::check::fence_instant(&record.fences, window).unwrap_or(window.0);
+        let from = crate::check::epochs_at(&record, scenario.agents, instant);
+        match cut {
+            Ok(manifest) => {
+                for (shard, from_epoch) in from.into_iter().enumerate() {
+                    let to_seq = ShardId::new(format!("shard-{shard}"))
+                        .ok()
+                        .and_then(|s| manifest.cut.get(&s).map(|seq| seq.0))
+                        .unwrap_or(0);
+                    record.rollbacks.push(Rollback {
+                        shard,
+                        at_ms: now_ms(),
+                        to_seq,
+                        from_epoch,
+                    });
+                }
+            }
+            Err(err) => {
+                record.host_error = Some(format!(
+                    "restore of {backup_id} committed, and its backup cannot be read: {}",
+                    err.chain()
+                ))
+            }
+        }
+    }
+    record.restoring += 1;
+    let index = record.restores.len();
+    record.trace.push(format!(
+        "{} restore #{index} {outcome} (last view {last_phase:?})",
+        now_ms()
+    ));
+    record.restores.push(RestoreAttempt {
+        backup_id,
+        requested_ms,
+        answered_ms: now_ms(),
+        outcome,
+    });
+}
+
+/// What became of restore `id`: `committed` or `reverted` once its decision is stored,
+/// `nothing` once its record is gone without one, `unresolved` if neither by `deadline_ms`.
+/// A deadline of 0 reads the decision once: the restore ended, and one that ended with no
+/// decision stored changed nothing (only the coordinator running it decides commit).
+async fn settled(
+    repository: &str,
+    id: &lockstep_repository::RestoreId,
+    deadline_ms: u64,
+) -> String {
+    let Ok(repo) = Repository::open(repository).await else {
+        return "unresolved".into();
+    };
+    let outcome = |decision: Option<RestoreDecision>| match decision {
+        Some(RestoreDecision::Commit) => "committed".to_string(),
+        Some(RestoreDecision::Revert) => "reverted".to_string(),
+        None => "nothing".to_string(),
+    };
+    if deadline_ms == 0 {
+        return match repo.restore_decision(id).await {
+            Ok(decision) => outcome(decision),
+            Err(_) => "unresolved".into(),
+        };
+    }
+    while now_ms() < deadline_ms {
+        match repo.restore_decision(id).await {
+            Ok(Some(decision)) => return outcome(Some(decision)),
+            Ok(None) => {
+                if let Ok(None) = repo.running_restore(id).await {
+                    // Gone; a decision stored just before the record was removed counts.
+                    if let Ok(decision) = repo.restore_decision(id).await {
+                        return outcome(decision);
+                    }
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    "unresolved".into()
 }
 
 /// Waits until every agent reports its WAL durable in the archive up to its latest write.

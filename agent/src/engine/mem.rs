@@ -3,6 +3,10 @@
 //! It follows the `ShardEngine` contract exactly (sequence numbers, range deletes, column
 //! families), which the conformance suite checks. Its capture is one snapshot file,
 //! `MEMSHARD`, which `open` reads back, so backup and restore run the same paths as RocksDB.
+//! Like RocksDB it outlives its process: every batch is appended to its log, `MEMWAL`,
+//! before it applies, and `open` reads the snapshot and then the log, so a shard reopened
+//! after a crash or a close holds every write and the WAL it kept (the simulations crash
+//! agents and swap shard directories under them).
 //!
 //! Snapshot format: `LKSMEM01`, seq (u64 LE), number of column families (u32 LE), then per
 //! family its name and entries, every byte string as a u32 LE length and the bytes, and a
@@ -12,6 +16,12 @@
 //! 2 delete, 3 range delete; then column family, key, and value or range end, as length and
 //! bytes), holding up to `EngineConfig::wal_retention_mb`; older batches are dropped, as
 //! RocksDB drops archived WAL. A restored shard starts with an empty WAL.
+//!
+//! Log format: records of first seq, count, HLC time (u64 LE each), the batch's length
+//! (u32 LE) and bytes, and a SHA-256 of the record; a torn last record is ignored, as
+//! RocksDB tolerates a torn WAL tail. `sync` writes the snapshot and then rewrites the log
+//! as the WAL the shard keeps; `open` applies the records after the snapshot's sequence
+//! number and keeps the earlier ones as WAL.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -28,6 +38,7 @@ use super::{
 use crate::hlc::HlcClock;
 
 const SNAPSHOT_FILE: &str = "MEMSHARD";
+const LOG_FILE: &str = "MEMWAL";
 const MAGIC: &[u8; 8] = b"LKSMEM01";
 
 #[derive(Default)]
@@ -39,6 +50,8 @@ struct State {
     /// Sequence numbers of live captures (with a count each): the WAL after the lowest is
     /// kept whatever the retention, as RocksDB keeps it while file deletions are disabled.
     pins: BTreeMap<u64, usize>,
+    /// The log, open for appending once the first batch is written.
+    log_file: Option<std::fs::File>,
 }
 
 impl State {
@@ -177,32 +190,73 @@ impl MemEngine {
         }
     }
 
-    /// The shard as it is now, WAL included, as a separate engine that later writes to
-    /// either leave alone: what a snapshot of the machine holds (the simulations roll a shard
-    /// back to one). Captures of the original are not carried over.
-    pub fn snapshot_copy(&self) -> MemEngine {
-        let state = {
-            let state = self.state();
-            State {
-                seq: state.seq,
-                families: state.families.clone(),
-                wal: state.wal.clone(),
-                wal_bytes: state.wal_bytes,
-                pins: BTreeMap::new(),
-            }
-        };
-        MemEngine {
-            state: Arc::new(Mutex::new(state)),
-            dir: self.dir.clone(),
-            clock: self.clock.clone(),
-            wal_retention_bytes: self.wal_retention_bytes,
-        }
-    }
-
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends `batch` to the log (before it applies: a batch the log lacks never applied).
+    fn append_log(&self, state: &mut State, batch: &WalBatch) -> Result<()> {
+        use std::io::Write;
+        let io = |err| {
+            Error::io(
+                ErrorCode::ShardEngineFailed,
+                format!("append to {}", self.dir.join(LOG_FILE).display()),
+                err,
+            )
+        };
+        if state.log_file.is_none() {
+            std::fs::create_dir_all(&self.dir).map_err(io)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(LOG_FILE))
+                .map_err(io)?;
+            state.log_file = Some(file);
+        }
+        let mut record = Vec::with_capacity(batch.data.len() + 60);
+        encode_log_record(&mut record, batch);
+        match state.log_file.as_mut() {
+            Some(file) => file.write_all(&record).map_err(io),
+            None => Ok(()),
+        }
+    }
+}
+
+fn encode_log_record(out: &mut Vec<u8>, batch: &WalBatch) {
+    let start = out.len();
+    out.extend_from_slice(&batch.first.0.to_le_bytes());
+    out.extend_from_slice(&batch.count.to_le_bytes());
+    out.extend_from_slice(&batch.hlc.0.to_le_bytes());
+    put_bytes(out, &batch.data);
+    let digest = Sha256::digest(&out[start..]);
+    out.extend_from_slice(&digest);
+}
+
+/// The log's records up to the first that is torn or damaged, and the length they take.
+fn decode_log(bytes: &[u8]) -> (Vec<WalBatch>, usize) {
+    let mut reader = Reader { bytes };
+    let mut batches = Vec::new();
+    loop {
+        let before = reader.bytes;
+        let Some(batch) = (|| {
+            let first = reader.u64()?;
+            let count = reader.u64()?;
+            let hlc = reader.u64()?;
+            let data = reader.bytes()?;
+            let body = &before[..before.len() - reader.bytes.len()];
+            let digest = reader.take(32)?;
+            (Sha256::digest(body).as_slice() == digest).then_some(WalBatch {
+                first: Seq(first),
+                count,
+                hlc: lockstep_repository::HlcTime(hlc),
+                data,
+            })
+        })() else {
+            return (batches, bytes.len() - before.len());
+        };
+        batches.push(batch);
     }
 }
 
@@ -322,11 +376,64 @@ impl ShardEngine for MemEngine {
         {
             state.families.entry(cf.to_string()).or_default();
         }
+        let wal_retention_bytes = config.wal_retention_mb.max(1) << 20;
+        let log = dir.join(LOG_FILE);
+        let log_io = |err| {
+            Error::io(
+                ErrorCode::ShardEngineFailed,
+                format!("read {}", log.display()),
+                err,
+            )
+        };
+        let logged = match std::fs::read(&log) {
+            Ok(bytes) => {
+                let (batches, valid) = decode_log(&bytes);
+                if valid < bytes.len() {
+                    // A torn tail: cut it off, so the next record appends after the last good one.
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&log)
+                        .and_then(|file| file.set_len(valid as u64))
+                        .map_err(log_io)?;
+                }
+                batches
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(err) => return Err(log_io(err)),
+        };
+        for batch in logged {
+            if batch.last().0 <= state.seq {
+                // In the snapshot already: WAL only, if it continues what is kept.
+                if state.wal.back().is_some_and(|b| b.next() != batch.first) {
+                    state.wal.clear();
+                    state.wal_bytes = 0;
+                }
+                state.log(batch, wal_retention_bytes);
+                continue;
+            }
+            let ops = decode_ops(&batch.data)
+                .filter(|ops| ops.len() as u64 == batch.count && batch.first.0 == state.seq + 1)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorCode::ShardEngineFailed,
+                        format!(
+                            "{}: batch {}..={} does not follow sequence number {}",
+                            log.display(),
+                            batch.first,
+                            batch.last(),
+                            state.seq
+                        ),
+                    )
+                })?;
+            state.apply(&ops);
+            config.clock.observe(batch.hlc);
+            state.log(batch, wal_retention_bytes);
+        }
         Ok(MemEngine {
             state: Arc::new(Mutex::new(state)),
             dir: dir.to_path_buf(),
             clock: config.clock.clone(),
-            wal_retention_bytes: config.wal_retention_mb.max(1) << 20,
+            wal_retention_bytes,
         })
     }
 
@@ -354,13 +461,14 @@ impl ShardEngine for MemEngine {
             });
         }
         let hlc = self.clock.now();
-        state.apply(&batch.ops);
         let record = WalBatch {
             first: Seq(first),
             count: batch.len() as u64,
             hlc,
             data: encode_ops(&batch.ops),
         };
+        self.append_log(&mut state, &record)?;
+        state.apply(&batch.ops);
         state.log(record, self.wal_retention_bytes);
         Ok(SeqRange {
             first: Seq(first),
@@ -416,6 +524,7 @@ impl ShardEngine for MemEngine {
             std::slice::from_ref(batch),
         )?;
         state.check_families(&ops)?;
+        self.append_log(&mut state, batch)?;
         state.apply(&ops);
         state.log(batch.clone(), self.wal_retention_bytes);
         self.clock.observe(batch.hlc);
@@ -430,8 +539,15 @@ impl ShardEngine for MemEngine {
         &self.clock
     }
 
+    /// Writes the snapshot, then rewrites the log as the WAL kept (a crash between the two
+    /// leaves a log whose records the snapshot holds already).
     fn sync(&self) -> Result<()> {
-        let snapshot = encode_snapshot(&self.state());
+        let mut state = self.state();
+        let snapshot = encode_snapshot(&state);
+        let mut log = Vec::new();
+        for batch in &state.wal {
+            encode_log_record(&mut log, batch);
+        }
         let io = |err| {
             Error::io(
                 ErrorCode::ShardEngineFailed,
@@ -440,9 +556,13 @@ impl ShardEngine for MemEngine {
             )
         };
         std::fs::create_dir_all(&self.dir).map_err(io)?;
-        let temp = self.dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-        std::fs::write(&temp, snapshot).map_err(io)?;
-        std::fs::rename(&temp, self.dir.join(SNAPSHOT_FILE)).map_err(io)
+        for (name, bytes) in [(SNAPSHOT_FILE, snapshot), (LOG_FILE, log)] {
+            let temp = self.dir.join(format!("{name}.tmp"));
+            std::fs::write(&temp, bytes).map_err(io)?;
+            std::fs::rename(&temp, self.dir.join(name)).map_err(io)?;
+        }
+        state.log_file = None;
+        Ok(())
     }
 
     fn wal_bytes(&self) -> Result<u64> {
@@ -512,5 +632,65 @@ impl ShardEngine for MemEngine {
             families,
             Some(Box::new(pin)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(engine: &MemEngine, key: &str) -> SeqRange {
+        let mut batch = WriteBatch::new();
+        batch.put("default", key, "v");
+        engine.write(&batch).expect("write")
+    }
+
+    #[test]
+    fn a_torn_log_tail_is_cut_off_and_the_log_goes_on_after_the_last_good_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("live");
+        {
+            let engine = MemEngine::open(&live, &[]).expect("open");
+            for key in ["a", "b", "c"] {
+                put(&engine, key);
+            }
+        }
+        let log = live.join(LOG_FILE);
+        let mut bytes = std::fs::read(&log).expect("read the log");
+        let whole = bytes.len();
+        bytes.extend_from_slice(&[7; 20]);
+        std::fs::write(&log, &bytes).expect("tear the log");
+        {
+            let engine = MemEngine::open(&live, &[]).expect("reopen a torn log");
+            assert_eq!(engine.latest_seq(), Seq(3));
+            assert_eq!(std::fs::metadata(&log).expect("log").len(), whole as u64);
+            assert_eq!(put(&engine, "d").first, Seq(4));
+        }
+        let engine = MemEngine::open(&live, &[]).expect("reopen");
+        assert_eq!(engine.latest_seq(), Seq(4));
+        assert!(engine.get("default", b"d").expect("get").is_some());
+    }
+
+    #[test]
+    fn a_damaged_log_record_in_the_middle_stops_the_replay_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = dir.path().join("live");
+        {
+            let engine = MemEngine::open(&live, &[]).expect("open");
+            for key in ["a", "b", "c"] {
+                put(&engine, key);
+            }
+        }
+        let log = live.join(LOG_FILE);
+        let mut bytes = std::fs::read(&log).expect("read the log");
+        let second = bytes.len() / 3 + 30;
+        bytes[second] ^= 1;
+        std::fs::write(&log, &bytes).expect("damage the log");
+        let engine = MemEngine::open(&live, &[]).expect("reopen");
+        assert_eq!(
+            engine.latest_seq(),
+            Seq(1),
+            "only the record before the damage"
+        );
     }
 }
