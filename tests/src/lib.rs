@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests in `e2e/`: locating the built binaries, running
-//! them, and starting an S3-compatible server (moto) on 127.0.0.1.
+//! them, and starting object store servers on 127.0.0.1: moto (S3) and Azurite (Azure
+//! Blob), each installed from its registry when missing.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -69,10 +70,7 @@ impl Moto {
                 .expect("run pip");
             assert!(status.success(), "could not install moto[server]");
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let mut child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -129,6 +127,138 @@ impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Runs a Python snippet; its output, or the failure with what it printed.
+fn python(script: &str) -> Result<String, String> {
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .map_err(|err| format!("run python3: {err}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    } else {
+        Err(text(&output))
+    }
+}
+
+/// Installs `package` from PyPI unless `import` (a Python import statement) works.
+fn pip_install_unless(import: &str, package: &str) {
+    if python(import).is_err() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", package])
+            .status()
+            .expect("run pip");
+        assert!(status.success(), "could not install {package} from PyPI");
+    }
+}
+
+/// Waits until `child` answers HTTP on `port` (any status), or fails the test after 60 s or
+/// when it exits.
+fn wait_http(child: &mut Child, what: &str, port: u16, path: &str) {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}) before it answered");
+        }
+        let answered = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)?;
+            Ok(head.starts_with(b"HTTP/"))
+        });
+        if answered.unwrap_or(false) {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not answer on port {port} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Azurite's Blob service (npm `azurite`) on 127.0.0.1, storing in a temporary directory;
+/// killed when dropped.
+pub struct Azurite {
+    child: Child,
+    pub endpoint: String,
+    _root: tempfile::TempDir,
+}
+
+/// Azurite's one account and its well-known key.
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl Azurite {
+    /// Starts the server and creates `container`.
+    pub fn start(container: &str) -> Azurite {
+        if Command::new("azurite-blob")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            let status = Command::new("npm")
+                .args(["install", "--global", "--silent", "azurite"])
+                .status()
+                .expect("run npm");
+            assert!(status.success(), "could not install azurite from npm");
+        }
+        pip_install_unless("import azure.storage.blob", "azure-storage-blob");
+        let root = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = Command::new("azurite-blob")
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(root.path())
+            .args(["--skipApiVersionCheck", "--loose", "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start azurite-blob");
+        let mut azurite = Azurite {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"),
+            _root: root,
+        };
+        wait_http(&mut azurite.child, "azurite-blob", port, "/");
+        let script = format!(
+            "from azure.storage.blob import BlobServiceClient; BlobServiceClient.from_connection_string(\
+             'DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};\
+             BlobEndpoint={};').create_container('{container}')",
+            azurite.endpoint
+        );
+        python(&script).unwrap_or_else(|err| panic!("create container {container}: {err}"));
+        azurite
+    }
+
+    /// The environment (or, lower-cased, the repository options) that points object_store's
+    /// Azure client at this server with the account's key.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AZURE_STORAGE_ACCOUNT_NAME".into(), AZURITE_ACCOUNT.into()),
+            ("AZURE_STORAGE_ACCOUNT_KEY".into(), AZURITE_KEY.into()),
+            ("AZURE_STORAGE_ENDPOINT".into(), self.endpoint.clone()),
+            ("AZURE_ALLOW_HTTP".into(), "true".into()),
+        ]
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        kill_hard(&mut self.child);
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! - `lockstep-sim N [FIRST [KIND]]` runs seeds FIRST.. (default 1) of every scenario, or of
 //!   one kind (`agent-crashes`, `coordinator-crashes`, `partitions`, `delays`, `lossy-shipping`,
-//!   `region-outages`, `rollbacks`);
+//!   `region-outages`, `rollbacks`, `restore-crashes`);
 //! - `lockstep-sim replay SEED KIND` runs one seed and prints its outcome and trace hash (how a
 //!   failing seed is reproduced; the determinism test compares two replays);
 //! - `LOCKSTEP_SIM_TRACE=1` prints every run's event trace to stderr.
