@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use lockstep_repository::bandwidth::{Bandwidth, DEFAULT_WAL_SHARE_PERCENT, Limits};
 use lockstep_repository::codec::Compression;
 use lockstep_repository::transfer::{Progress, TransferOptions};
 use lockstep_repository::verify::{VerifyLevel, verify};
@@ -108,6 +109,9 @@ pub struct BackupArgs {
     pub capture: CaptureArgs,
     #[command(flatten)]
     pub transfer: TransferArgs,
+    /// Upload limit in MiB/s (0: none).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub upload_mib_s: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -155,10 +159,37 @@ pub struct ServeArgs {
     pub transfer: TransferArgs,
     #[command(flatten)]
     pub wal: WalArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Serve Prometheus metrics at http://ADDR/metrics (the shard's sequence number, its gate,
     /// and WAL shipping per destination).
     #[arg(long, value_name = "ADDR", env = "LOCKSTEP_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+}
+
+/// Rate limits, changeable while the agent runs (`lockstep cluster limits`).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Upload limit of backups and WAL shipping together, in MiB/s (0: none).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub upload_mib_s: u64,
+    /// Download limit of restores, in MiB/s (0: none).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub download_mib_s: u64,
+    /// The share of the upload limit kept for WAL shipping, in percent: backups never take
+    /// it, so a throttled backup never delays shipping.
+    #[arg(long, default_value_t = DEFAULT_WAL_SHARE_PERCENT, value_parser = clap::value_parser!(u32).range(0..=90))]
+    pub wal_share_percent: u32,
+}
+
+impl LimitArgs {
+    fn bandwidth(&self) -> Bandwidth {
+        Bandwidth::new(Limits {
+            upload: self.upload_mib_s << 20,
+            download: self.download_mib_s << 20,
+            wal_share_percent: self.wal_share_percent,
+        })
+    }
 }
 
 /// WAL shipping.
@@ -224,6 +255,9 @@ pub struct RestoreArgs {
     pub to: PathBuf,
     #[command(flatten)]
     pub transfer: TransferArgs,
+    /// Download limit in MiB/s (0: none).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+    pub download_mib_s: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -347,9 +381,21 @@ fn backup_options(
     })
 }
 
+/// `repo` within these limits (offline: no WAL shipping, so no share is kept for it).
+fn limited(repo: Repository, upload_mib_s: u64, download_mib_s: u64) -> Repository {
+    if upload_mib_s == 0 && download_mib_s == 0 {
+        return repo;
+    }
+    repo.throttled(Arc::new(Bandwidth::new(Limits {
+        upload: upload_mib_s << 20,
+        download: download_mib_s << 20,
+        wal_share_percent: 0,
+    })))
+}
+
 async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
     let shard = ShardId::new(&args.shard)?;
-    let repo = Repository::open(&args.repo).await?;
+    let repo = limited(Repository::open(&args.repo).await?, args.upload_mib_s, 0);
     let db = args.db.clone();
     if matches!(args.engine, EngineKind::Rocksdb) && !db.join("CURRENT").exists() {
         return Err(Error::new(
@@ -466,6 +512,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         gate: crate::gate::WriteGate::new(),
         planted_bug: None,
         metrics: args.metrics_listen.is_some(),
+        bandwidth: std::sync::Arc::new(args.limits.bandwidth()),
     };
     crate::server::serve(parts, listener, shutdown).await
 }
@@ -551,7 +598,7 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
 }
 
 async fn run_restore(args: &RestoreArgs) -> Result<()> {
-    let repo = Repository::open(&args.repo).await?;
+    let repo = limited(Repository::open(&args.repo).await?, 0, args.download_mib_s);
     let backup = resolve_backup(&repo, &args.backup).await?;
     let shard = args.shard.as_deref().map(ShardId::new).transpose()?;
     let shard = select_shard(&repo, &backup, shard.as_ref()).await?;

@@ -33,6 +33,9 @@ struct AgentConfig {
     wal_segment_mib: Option<usize>,
     wal_segment_ms: Option<u64>,
     wal_retention_mib: Option<u64>,
+    upload_mib_s: Option<u64>,
+    download_mib_s: Option<u64>,
+    wal_share_percent: Option<u32>,
     metrics_listen: Option<String>,
 }
 
@@ -72,6 +75,18 @@ impl AgentConfig {
             (
                 "--wal-retention-mib",
                 one(self.wal_retention_mib.map(|v| v.to_string())),
+            ),
+            (
+                "--upload-mib-s",
+                one(self.upload_mib_s.map(|v| v.to_string())),
+            ),
+            (
+                "--download-mib-s",
+                one(self.download_mib_s.map(|v| v.to_string())),
+            ),
+            (
+                "--wal-share-percent",
+                one(self.wal_share_percent.map(|v| v.to_string())),
             ),
             ("--metrics-listen", one(self.metrics_listen)),
         ]
@@ -178,6 +193,7 @@ mod tests {
         assert_eq!(expanded.iter().filter(|a| *a == "--listen").count(), 1);
         assert_eq!(value("--shard").as_deref(), Some("shard-0"));
         assert_eq!(expanded.iter().filter(|a| *a == "--wal-to").count(), 2);
+        assert_eq!(value("--wal-share-percent").as_deref(), Some("20"));
         assert!(!expanded.iter().any(|a| a == "--config"));
         // Every key of the reference file is one the agent knows.
         let parsed = <crate::cli::Cli as clap::Parser>::try_parse_from(&expanded);

@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use lockstep_proto::v1::agent_server::{Agent, AgentServer};
 use lockstep_proto::v1::shard_server::{Shard, ShardServer};
-use lockstep_proto::wire::{legs_from_wire, lineage_from_wire, lineage_to_wire};
+use lockstep_proto::wire::{
+    legs_from_wire, limits_change_from_wire, lineage_from_wire, lineage_to_wire,
+};
 use lockstep_proto::{to_status, v1};
+use lockstep_repository::bandwidth::{Bandwidth, Limits};
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, ShardId};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -163,6 +166,21 @@ impl<E: ShardEngine> Shard for ShardApi<E> {
 struct AgentApi {
     participant: ParticipantHandle,
     shipper: ShipperHandle,
+    shard_id: ShardId,
+    bandwidth: Arc<Bandwidth>,
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The agent's limits on the wire, in MiB/s.
+fn limits_to_wire(shard: &ShardId, limits: Limits) -> v1::AgentLimits {
+    v1::AgentLimits {
+        shard_id: shard.to_string(),
+        upload_mib_s: limits.upload / MIB,
+        download_mib_s: limits.download / MIB,
+        wal_share_percent: limits.wal_share_percent,
+        ..Default::default()
+    }
 }
 
 fn destination_to_wire(d: DestinationStatus) -> v1::WalDestinationStatus {
@@ -492,6 +510,25 @@ impl Agent for AgentApi {
         reply(self.participant.restore_discard(id).await, restore_to_wire)
     }
 
+    async fn set_limits(
+        &self,
+        request: Request<v1::SetLimitsRequest>,
+    ) -> Result<Response<v1::AgentLimits>, Status> {
+        let limits = self
+            .bandwidth
+            .limits()
+            .changed(&limits_change_from_wire(request.get_ref()))
+            .map_err(|err| to_status(&err))?;
+        self.bandwidth.set(limits);
+        tracing::info!(
+            upload_mib_s = limits.upload / MIB,
+            download_mib_s = limits.download / MIB,
+            wal_share_percent = limits.wal_share_percent,
+            "rate limits changed"
+        );
+        Ok(Response::new(limits_to_wire(&self.shard_id, limits)))
+    }
+
     async fn wal_status(
         &self,
         _request: Request<v1::WalStatusRequest>,
@@ -530,6 +567,9 @@ pub struct AgentParts<E> {
     pub planted_bug: Option<PlantedBug>,
     /// Keep the Prometheus gauges up to date (`--metrics-listen`).
     pub metrics: bool,
+    /// The agent's rate limits: the repository's object transfers and WAL shipping draw on
+    /// them; `SetLimits` changes them.
+    pub bandwidth: Arc<Bandwidth>,
 }
 
 /// How often an agent exporting metrics refreshes its gauges.
@@ -607,7 +647,13 @@ where
         gate,
         planted_bug,
         metrics,
+        bandwidth,
     } = parts;
+    let repo = repo.throttled(bandwidth.clone());
+    let shipping = ShipperOptions {
+        bandwidth: Some(bandwidth.clone()),
+        ..shipping
+    };
     let mut tasks = JoinSet::new();
     let shipper = ShipperHandle::spawn(
         slot.clone(),
@@ -621,7 +667,7 @@ where
             slot: slot.clone(),
             gate: gate.clone(),
             repo,
-            shard_id,
+            shard_id: shard_id.clone(),
             options,
             shipper: shipper.clone(),
             planted_bug,
@@ -651,6 +697,8 @@ where
         .add_service(AgentServer::new(AgentApi {
             participant,
             shipper,
+            shard_id,
+            bandwidth,
         }))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep_repository::archive::WalArchive;
+use lockstep_repository::bandwidth::Bandwidth;
 use lockstep_repository::codec::Compression;
 use lockstep_repository::wal::{Segment, WalBatch};
 use lockstep_repository::{Error, ErrorCode, HlcTime, Lineage, LineageId, Result, Seq, ShardId};
@@ -62,6 +63,9 @@ pub struct ShipperOptions {
     pub wal_retention_bytes: u64,
     /// Always `None` in the binaries; see [`PlantedBug`].
     pub planted_bug: Option<PlantedBug>,
+    /// The agent's rate limits: segments take their bytes from the upload limit at once,
+    /// never waiting (`Bandwidth::wal_upload`).
+    pub bandwidth: Option<Arc<Bandwidth>>,
 }
 
 impl Default for ShipperOptions {
@@ -74,6 +78,7 @@ impl Default for ShipperOptions {
             compression: Compression::default(),
             wal_retention_bytes: 1 << 30,
             planted_bug: None,
+            bandwidth: None,
         }
     }
 }
@@ -614,6 +619,9 @@ impl<E: ShardEngine> Shipper<E> {
             lineage: writes_to,
             batches,
         };
+        if let Some(bandwidth) = &self.options.bandwidth {
+            bandwidth.wal_upload(bytes as u64);
+        }
         let repo = self.dests[index].repo.clone();
         let info = repo
             .put_wal_segment(&segment, self.options.compression)

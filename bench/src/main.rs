@@ -11,12 +11,14 @@
 //! - `barrier.rs`: the write pause of the two-phase barrier with N agents under write load;
 //! - `wal.rs`: WAL shipping lag under steady writes, incremental bytes, PITR replay rate;
 //! - `gc.rs`: a garbage-collection pass over synthetic repositories of two sizes;
+//! - `limits.rs`: a rate-limited backup and restore against their limit;
 //! - `report.rs`: medians, the JSON file and the Markdown table.
 
 mod barrier;
 mod contenders;
 mod gc;
 mod generate;
+mod limits;
 mod report;
 mod scale;
 mod wal;
@@ -58,6 +60,17 @@ enum Command {
         agents: Vec<usize>,
         #[arg(long, default_value_t = 30)]
         backups: usize,
+    },
+    /// Only the rate-limited backup and restore, as JSON.
+    Limits {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        mib: u64,
+        #[arg(long, default_value_t = 64)]
+        limit_mib_s: u64,
     },
     /// Only the GC pass at each size, as JSON.
     Gc {
@@ -159,6 +172,12 @@ pub struct RunArgs {
     /// Catalog sizes (committed backups) for `backup list`.
     #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
     pub catalog_backups: Vec<u64>,
+    /// The rate limit of the rate-limited backup and restore, in MiB/s...
+    #[arg(long, default_value_t = 64)]
+    pub limit_mib_s: u64,
+    /// ...of a shard of this many MiB of random values.
+    #[arg(long, default_value_t = 512)]
+    pub limit_shard_mib: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -176,6 +195,12 @@ fn main() -> std::process::ExitCode {
             objects,
         } => report::gc_only(&bin_dir, &work, &objects),
         Command::GcPass { repo } => gc::pass(&repo),
+        Command::Limits {
+            bin_dir,
+            work,
+            mib,
+            limit_mib_s,
+        } => report::limits_only(&bin_dir, &work, mib, limit_mib_s),
         Command::Scale {
             bin_dir,
             work,

@@ -109,6 +109,7 @@ pub struct Results {
     pub gc: Vec<crate::gc::GcResult>,
     pub archive: Vec<crate::scale::ArchiveResult>,
     pub catalog: Vec<crate::scale::CatalogResult>,
+    pub limits: crate::limits::LimitResult,
 }
 
 /// Regular files of a shard by name, with sizes.
@@ -328,6 +329,14 @@ pub fn barrier_only(bin_dir: &Path, work: &Path, agents: &[usize], backups: usiz
     Ok(())
 }
 
+/// Only the rate-limited backup and restore, as JSON.
+pub fn limits_only(bin_dir: &Path, work: &Path, mib: u64, limit_mib_s: u64) -> Result<()> {
+    std::fs::create_dir_all(work)?;
+    let result = crate::limits::measure(&binaries(bin_dir)?, work, mib, limit_mib_s)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
 pub fn gc_only(bin_dir: &Path, work: &Path, objects: &[u64]) -> Result<()> {
     std::fs::create_dir_all(work)?;
     let bins = binaries(bin_dir)?;
@@ -413,6 +422,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .iter()
         .map(|n| crate::scale::measure_catalog(&bins, &args.work, *n))
         .collect::<Result<Vec<_>>>()?;
+    let limits = crate::limits::measure(&bins, &args.work, args.limit_shard_mib, args.limit_mib_s)?;
     let _ = std::fs::remove_dir_all(&args.work);
 
     let results = Results {
@@ -432,7 +442,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.backups,
             args.wal_secs
         ) + &format!(
-            " --gc-objects {} --archive-segments {} --catalog-backups {}",
+            " --gc-objects {} --archive-segments {} --catalog-backups {} --limit-mib-s {} --limit-shard-mib {}",
             args.gc_objects
                 .iter()
                 .map(|n| n.to_string())
@@ -447,7 +457,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .iter()
                 .map(|n| n.to_string())
                 .collect::<Vec<_>>()
-                .join(",")
+                .join(","),
+            args.limit_mib_s,
+            args.limit_shard_mib
         ),
         threads: args.threads,
         runs: args.runs,
@@ -459,6 +471,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         gc,
         archive,
         catalog,
+        limits,
     };
     std::fs::write(
         args.out.join("results.json"),
@@ -673,5 +686,25 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
             c.backups, c.list_cold_ms, c.list_ms
         ));
     }
+    let l = &r.limits;
+    let within = |rate: f64| {
+        let ratio = rate / l.limit_mib_s as f64;
+        format!("{ratio:.2}x {}", met((0.9..=1.0).contains(&ratio)))
+    };
+    out.push_str(&format!(
+        "\n**Rate limits** (an offline backup with `--upload-mib-s {0}` and a restore with \
+         `--download-mib-s {0}` of {1:.0} MiB of random values; bytes stored over the command's \
+         wall time, fixed costs included; target: within 10% of the limit, never over)\n\n\
+         | | s | MiB/s | of the limit |\n|---|---|---|---|\n\
+         | backup | {2:.2} | {3:.1} | {4} |\n| restore | {5:.2} | {6:.1} | {7} |\n",
+        l.limit_mib_s,
+        l.stored_mib,
+        l.backup_secs,
+        l.backup_mib_s,
+        within(l.backup_mib_s),
+        l.restore_secs,
+        l.restore_mib_s,
+        within(l.restore_mib_s),
+    ));
     out
 }

@@ -337,6 +337,22 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every agent's rate limits in MiB/s (0: none), changed where given; until an agent
+    /// restarts (its flags or configuration file set them at start).
+    Limits {
+        /// Upload limit of backups and WAL shipping together.
+        #[arg(long, value_name = "MIB_S")]
+        upload: Option<u64>,
+        /// Download limit of restores.
+        #[arg(long, value_name = "MIB_S")]
+        download: Option<u64>,
+        /// The share of the upload limit kept for WAL shipping, in percent (0..=90).
+        #[arg(long, value_name = "PCT")]
+        wal_share: Option<u32>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1115,6 +1131,56 @@ async fn run_command(cli: Cli) -> Result<i32> {
                 }
             }
             return Ok(code);
+        }
+        Command::Cluster(ClusterCommand::Limits {
+            upload,
+            download,
+            wal_share,
+            json,
+        }) => {
+            let mut client = client(endpoint).await?;
+            let reply = client
+                .set_limits(v1::SetLimitsRequest {
+                    upload_mib_s: upload,
+                    download_mib_s: download,
+                    wal_share_percent: wal_share,
+                })
+                .await
+                .map_err(|s| from_status("cluster limits", &s))?
+                .into_inner();
+            let failed = reply.agents.iter().any(|a| !a.error_code.is_empty());
+            if json {
+                print_json(&reply);
+            } else {
+                let rate = |mib: u64| {
+                    if mib == 0 {
+                        "none".to_string()
+                    } else {
+                        format!("{mib} MiB/s")
+                    }
+                };
+                println!(
+                    "{:<16} {:>12} {:>12} {:>10} ERROR",
+                    "SHARD", "UPLOAD", "DOWNLOAD", "WAL SHARE"
+                );
+                for a in &reply.agents {
+                    if a.error_code.is_empty() {
+                        println!(
+                            "{:<16} {:>12} {:>12} {:>9}%",
+                            a.shard_id,
+                            rate(a.upload_mib_s),
+                            rate(a.download_mib_s),
+                            a.wal_share_percent
+                        );
+                    } else {
+                        println!(
+                            "{:<16} {:>12} {:>12} {:>10} {}: {}",
+                            a.shard_id, "-", "-", "-", a.error_code, a.error_message
+                        );
+                    }
+                }
+            }
+            return Ok(health_code(failed, false));
         }
         Command::Tag(TagCommand::Create { name, labels, json }) => {
             let mut client = client(endpoint).await?;

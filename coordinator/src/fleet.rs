@@ -84,6 +84,7 @@ pub enum Step {
     Status,
     Describe,
     WalStatus,
+    SetLimits,
     /// Start staging a restore (the download runs after the reply).
     RestoreStage,
     RestoreStatus,
@@ -106,6 +107,7 @@ impl Step {
             Step::Status => "status",
             Step::Describe => "describe",
             Step::WalStatus => "wal status",
+            Step::SetLimits => "set limits",
             Step::RestoreStage => "restore stage",
             Step::RestoreStatus => "restore status",
             Step::RestoreApply => "restore apply",
@@ -129,6 +131,7 @@ impl Step {
             | Step::Status
             | Step::Describe
             | Step::WalStatus
+            | Step::SetLimits
             | Step::RestoreStatus => barrier.control_timeout_ms,
         };
         Duration::from_millis(ms)

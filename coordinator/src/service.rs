@@ -673,6 +673,45 @@ impl Coordinator for CoordinatorApi {
         }))
     }
 
+    async fn set_limits(&self, request: Request<v1::SetLimitsRequest>) -> Reply<v1::ClusterLimits> {
+        let request = request.into_inner();
+        // Refused here, not by every agent: the operator gets one clear error.
+        lockstep_repository::bandwidth::Limits::default()
+            .changed(&lockstep_proto::wire::limits_change_from_wire(&request))
+            .map_err(status)?;
+        let agents = &self.ctx.agents;
+        let deadline = Instant::now() + Step::SetLimits.timeout(&self.ctx.config.barrier);
+        let replies = call_each(
+            agents.iter(),
+            Step::SetLimits,
+            deadline,
+            |_, mut client| async move { client.set_limits(request).await },
+        )
+        .await;
+        let agents = agents
+            .iter()
+            .zip(replies)
+            .map(|(agent, reply)| match reply {
+                Ok(limits) if limits.shard_id == agent.shard_id.as_str() => limits,
+                Ok(limits) => v1::AgentLimits {
+                    error_code: ErrorCode::AgentUnavailable.as_str().to_string(),
+                    error_message: format!(
+                        "agent serves shard {}, configured as {}",
+                        limits.shard_id, agent.shard_id
+                    ),
+                    ..limits
+                },
+                Err(err) => v1::AgentLimits {
+                    shard_id: agent.shard_id.to_string(),
+                    error_code: err.code.as_str().to_string(),
+                    error_message: err.chain(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(v1::ClusterLimits { agents }))
+    }
+
     async fn wal_status(
         &self,
         _request: Request<v1::WalStatusRequest>,

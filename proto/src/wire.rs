@@ -7,6 +7,7 @@
 //! `--json`: state fields serialize through the functions below as their names, HLC times as
 //! RFC 3339 text.
 
+use lockstep_repository::bandwidth::Change;
 use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Seq, Timeline};
 use serde::Serializer;
 
@@ -185,6 +186,15 @@ pub fn hlc_text(hlc: u64) -> String {
 
 pub fn hlc_time<S: Serializer>(hlc: &u64, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&hlc_text(*hlc))
+}
+
+/// A `SetLimits` request as a change of an agent's limits.
+pub fn limits_change_from_wire(request: &v1::SetLimitsRequest) -> Change {
+    Change {
+        upload_mib_s: request.upload_mib_s,
+        download_mib_s: request.download_mib_s,
+        wal_share_percent: request.wal_share_percent,
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! manifest; anything not reachable from a backup manifest is garbage.
 
 pub mod archive;
+pub mod bandwidth;
 pub mod blocking;
 pub mod buffers;
 pub mod codec;

@@ -141,6 +141,9 @@ pub struct Repository {
     /// committed, so a listing of the catalog reads only the ones it has not seen (the
     /// listing of `backups/` still decides which exist).
     catalog: Arc<Mutex<HashMap<BackupId, BackupManifest>>>,
+    /// The agent's rate limits: data objects put through this handle take their stored size
+    /// from the backup's upload share, and those fetched from the download limit.
+    bandwidth: Option<Arc<crate::bandwidth::Bandwidth>>,
 }
 
 /// The verify record's largest size: 44 bytes an object, for 20 million objects.
@@ -354,6 +357,15 @@ impl Repository {
             unsynced: Default::default(),
             condemned: None,
             catalog: Default::default(),
+            bandwidth: None,
+        }
+    }
+
+    /// This repository, its object transfers within `bandwidth` (an agent's limits).
+    pub fn throttled(&self, bandwidth: Arc<crate::bandwidth::Bandwidth>) -> Repository {
+        Repository {
+            bandwidth: Some(bandwidth),
+            ..self.clone()
         }
     }
 
@@ -465,6 +477,9 @@ impl Repository {
     /// the object goes in format 1: there the padding page buys nothing.
     pub async fn put_object(&self, encoded: Encoded) -> Result<(u32, u64)> {
         let copy = self.writable_copy(&encoded.id)?;
+        if let Some(bandwidth) = &self.bandwidth {
+            bandwidth.backup_upload(encoded.stored_len()).await;
+        }
         let key = self.layout.object(&encoded.id, copy);
         let Some(root) = &self.local_root else {
             let encoded = encoded.unpaged();
@@ -667,6 +682,9 @@ impl Repository {
     /// chunk's length.
     pub async fn get_object(&self, chunk: &Chunk) -> Result<Bytes> {
         let id = chunk.id;
+        if let Some(bandwidth) = &self.bandwidth {
+            bandwidth.download(chunk.stored_len).await;
+        }
         let stored = self
             .get_raw(
                 &self.layout.object(&id, chunk.copy),

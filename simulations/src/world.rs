@@ -366,6 +366,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                     gate,
                     planted_bug,
                     metrics: false,
+                    bandwidth: Default::default(),
                 };
                 serve_incoming(parts, incoming(AGENT_PORT).await?, CancellationToken::new())
                     .await?;

@@ -108,6 +108,69 @@ async fn status_commands_exit_unreachable_not_integrity_when_an_agent_is_down() 
     }
 }
 
+/// Rate limits start from the agents' flags, change on every agent at once through the
+/// coordinator (only what is given), survive nothing but a restart, and a value out of range
+/// is refused before any agent is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_change_on_every_agent_through_the_coordinator() {
+    let mut cluster = Cluster::start_with(
+        5000,
+        None,
+        vec!["--upload-mib-s".into(), "40".into()],
+        Vec::new(),
+    );
+    let limits = |cluster: &Cluster, args: &[&str]| {
+        let mut all = vec!["cluster", "limits", "--json"];
+        all.extend_from_slice(args);
+        let output = cluster.lockstep(&all);
+        assert!(output.status.success(), "{}", text(&output));
+        let reply = json(&output);
+        reply["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .map(|a| {
+                (
+                    a["shard_id"].as_str().unwrap_or_default().to_string(),
+                    a["upload_mib_s"].as_u64().unwrap_or(0),
+                    a["download_mib_s"].as_u64().unwrap_or(0),
+                    a["wal_share_percent"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let expect = |upload: u64, download: u64, share: u64| {
+        (0..3)
+            .map(|i| (Cluster::shard(i), upload, download, share))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(limits(&cluster, &[]), expect(40, 0, 20), "from the flags");
+    assert_eq!(
+        limits(&cluster, &["--download", "16"]),
+        expect(40, 16, 20),
+        "only what is given changes"
+    );
+    assert_eq!(
+        limits(&cluster, &["--upload", "0", "--wal-share", "30"]),
+        expect(0, 16, 30)
+    );
+    let refused = cluster.lockstep(&["cluster", "limits", "--wal-share", "95"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("ERR_INVALID_ARGUMENT") && text(&refused).contains("0..=90"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(limits(&cluster, &[]), expect(0, 16, 30), "nothing changed");
+    // A backup runs under the limits, and an agent restarted starts from its flags again.
+    let backup = cluster.lockstep(&["backup", "create", "--wait"]);
+    assert!(backup.status.success(), "{}", text(&backup));
+    cluster.restart_agent(1);
+    let after = limits(&cluster, &[]);
+    assert_eq!(after[1], (Cluster::shard(1), 40, 0, 20), "{after:?}");
+    assert_eq!(after[0], (Cluster::shard(0), 0, 16, 30), "{after:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_streams_its_progress_then_the_report() {
     let cluster = Cluster::start(5000, None);
