@@ -68,6 +68,10 @@ pub struct RetentionConfig {
     /// Prune `wal_archive` too (the repository's own `wal/` always is): set it when no other
     /// repository's backups replay that archive.
     pub prune_wal_archive: bool,
+    /// Simulations only: prune the WAL as if the newest backup were the only one, stranding
+    /// the older kept backups: the bug their checkers must catch.
+    #[serde(skip)]
+    pub planted_bug: bool,
 }
 
 impl RetentionConfig {
@@ -717,6 +721,11 @@ async fn plan_archive(
         }
     }
     let grace = Duration::seconds(i64::try_from(ctx.config.gc.grace_s).unwrap_or(i64::MAX));
+    let kept = if ctx.config.retention.planted_bug {
+        kept.last().copied().into_iter().collect()
+    } else {
+        kept
+    };
     for (repo, archive) in listed {
         let (items, doomed) = plan_wal(&kept, &archive, &known, now, grace);
         let of_shards = doomed.iter().map(|s| &s.shard_id).collect::<BTreeSet<_>>();

@@ -17,7 +17,9 @@
 //!   is exactly the model at its cut;
 //! - **wal**: every shard's WAL in the region's archive, followed along the lineage the shard
 //!   is on and its ancestors, is contiguous from sequence 1 with no overlap, reaches its last
-//!   acknowledged write, and replays to exactly the model;
+//!   acknowledged write, and replays to exactly the model. The same holds of the repository's
+//!   own `wal/`, which retention prunes, from the oldest committed backup whose WAL is left:
+//!   no kept backup on the shard's history may have lost the WAL after its cut;
 //! - **converge**: once the faults stopped, a backup committed within the bound and every
 //!   shard's WAL reached the archive; every in-place restore settled (its decision stored,
 //!   or its record gone) within its bound.
@@ -202,49 +204,45 @@ pub async fn check(
             return violations;
         }
     };
-    for (i, shard_histories) in histories.iter().enumerate() {
-        // The history the shard is on now, and the model of it.
-        let acked_here = shard_histories.last().expect("a shard has a history");
-        let current = lockstep_agent::lineage::read_lineage(&stores.shards[i])
-            .map_err(|e| e.chain())
-            .and_then(|l| l.ok_or_else(|| "the shard has no lineage file".to_string()));
-        let history = match current {
-            Ok(current) => archived_history(&archive, &repo, i, &current, Seq::MAX).await,
-            Err(err) => Err(err),
-        };
-        let history = match history {
-            Ok(history) => history,
-            Err(err) => {
-                violations.push(violation("wal", format!("shard-{i}: {err}")));
-                Archived::default()
+    // The region's archive is never pruned; the repository's own `wal/` is, by retention.
+    for (name, wal, pruned) in [("region", &archive, false), ("repository", &repo, true)] {
+        for (i, shard_histories) in histories.iter().enumerate() {
+            // The history the shard is on now, and the model of it.
+            let acked_here = shard_histories.last().expect("a shard has a history");
+            let current = lockstep_agent::lineage::read_lineage(&stores.shards[i])
+                .map_err(|e| e.chain())
+                .and_then(|l| l.ok_or_else(|| "the shard has no lineage file".to_string()));
+            let history = match current {
+                Ok(current) => archived_history(wal, &repo, i, &current, Seq::MAX, pruned).await,
+                Err(err) => Err(err),
+            };
+            let history = match history {
+                Ok(history) => history,
+                Err(err) => {
+                    violations.push(violation("wal", format!("{name}: shard-{i}: {err}")));
+                    Archived::default()
+                }
+            };
+            let last_acked = acked_here.values().copied().max().unwrap_or(0);
+            let archived = history.end();
+            if record.shipped && archived < last_acked {
+                violations.push(violation(
+                    "wal",
+                    format!("{name}: shard-{i}: the archive ends at {archived}, the last acknowledged write is {last_acked}"),
+                ));
             }
-        };
-        let last_acked = acked_here.values().copied().max().unwrap_or(0);
-        let archived = history.end();
-        if record.shipped && archived < last_acked {
-            violations.push(violation(
-                "wal",
-                format!("shard-{i}: the archive ends at {archived}, the last acknowledged write is {last_acked}"),
-            ));
-        }
-        match replayed_keys(
-            &repo,
-            i,
-            &history,
-            archived,
-            &scratch.join(format!("wal-{i}")),
-        )
-        .await
-        {
-            Ok(keys) => violations.extend(compare(
-                &format!("the archive of shard-{i} replayed to {archived}"),
-                "wal",
-                &keys,
-                acked_here,
-                &unacked,
-                archived,
-            )),
-            Err(err) => violations.push(violation("wal", format!("shard-{i}: {err}"))),
+            let dir = scratch.join(format!("wal-{name}-{i}"));
+            match replayed_keys(&repo, i, &history, archived, &dir).await {
+                Ok(keys) => violations.extend(compare(
+                    &format!("{name}: the archive of shard-{i} replayed to {archived}"),
+                    "wal",
+                    &keys,
+                    acked_here,
+                    &unacked,
+                    archived,
+                )),
+                Err(err) => violations.push(violation("wal", format!("{name}: shard-{i}: {err}"))),
+            }
         }
     }
     let tags = match repo.tags().await {
@@ -294,13 +292,14 @@ pub async fn check(
             else {
                 continue;
             };
-            let history = match archived_history(&archive, &repo, i, &lineage, Seq(point)).await {
-                Ok(history) => history,
-                Err(err) => {
-                    violations.push(violation("tags", format!("tag {name} shard-{i}: {err}")));
-                    continue;
-                }
-            };
+            let history =
+                match archived_history(&archive, &repo, i, &lineage, Seq(point), false).await {
+                    Ok(history) => history,
+                    Err(err) => {
+                        violations.push(violation("tags", format!("tag {name} shard-{i}: {err}")));
+                        continue;
+                    }
+                };
             if history.end() < point {
                 // The archive does not reach the tag (shipping had not caught up): nothing
                 // to replay it from; the wal checker reports a short archive.
@@ -484,17 +483,20 @@ impl Archived {
 }
 
 /// Every batch in the archive of the history that ends at `to` of `lineage` (and the
-/// ancestors it inherited from), leg by leg, as a PITR replays it, checked for continuity
-/// from 1. Where a leg starts past the end of the leg before it, at exactly their branch
-/// point, the branch came from a backup whose cut the archive never got (its shard was rolled
-/// back before shipping it, then restored from that backup): the history continues from that
-/// backup, which must exist, as a PITR's base.
+/// ancestors it inherited from), leg by leg, as a PITR replays it, checked for continuity.
+/// An archive retention `pruned` must hold the history from the cut of the oldest committed
+/// backup on it (it is the base), contiguous to its end: anything retention removed after
+/// that cut strands that backup. An archive never pruned must hold it from sequence 1, but
+/// where a leg starts past the end of the one before, at their branch point (a shard rolled
+/// back before it shipped its last writes, then restored from a backup that holds them), the
+/// history continues from a committed backup at or past that point.
 async fn archived_history(
     archive: &Repository,
     repo: &Repository,
     shard: usize,
     lineage: &Lineage,
     to: Seq,
+    pruned: bool,
 ) -> Result<Archived, String> {
     let shard_id = ShardId::new(format!("shard-{shard}")).map_err(|e| e.chain())?;
     let known = archive
@@ -506,72 +508,96 @@ async fn archived_history(
         .collect();
     let mut legs = ancestry(lineage, to, &known);
     legs.reverse();
+    let whole: Vec<(Lineage, Seq)> = legs.iter().map(|l| (l.lineage, l.to)).collect();
     let mut history = Archived::default();
-    let mut branch: Option<(Lineage, Seq)> = None;
+    if pruned {
+        history.base = backup_within(repo, &shard_id, &whole, 0, u64::MAX).await?;
+    }
+    let mut branch: Option<Seq> = None;
     for leg in legs {
         let segments = archive
             .wal_segments(&shard_id, &leg.lineage)
             .await
             .map_err(|e| e.chain())?;
         check_segments(&segments).map_err(|e| e.chain())?;
-        let expected = history.end() + 1;
-        if let Some(first) = segments.first()
-            && first.first.0 != expected
-        {
-            let base = match &branch {
-                Some((parent, at)) if first.first.0 == at.0 + 1 && expected <= at.0 => {
-                    backup_at(repo, &shard_id, parent, *at).await?
-                }
-                _ => None,
-            };
-            let Some(base) = base else {
-                return Err(format!(
-                    "{}: the archive starts at {}, not at {expected}",
-                    leg.lineage, first.first
-                ));
-            };
-            history = Archived {
-                base: Some(base),
-                batches: Vec::new(),
-            };
-        }
-        for info in &segments {
+        for (n, info) in segments.iter().enumerate() {
+            let expected = history.end() + 1;
+            if info.first > leg.to || info.last.0 < expected {
+                // Past the point this leg ends at, or wholly before the base.
+                continue;
+            }
+            if info.first.0 > expected {
+                let at_branch = n == 0 && branch.is_some_and(|at| info.first.0 == at.0 + 1);
+                let base = if at_branch && !pruned {
+                    let lo = info.first.0 - 1;
+                    backup_within(repo, &shard_id, &whole, lo, leg.to.0).await?
+                } else {
+                    None
+                };
+                let Some(base) = base else {
+                    return Err(match &history.base {
+                        Some((backup, cut)) if history.batches.is_empty() => format!(
+                            "{}: the WAL after backup {}'s cut {cut} is gone (the archive resumes at {})",
+                            leg.lineage, backup.backup_id, info.first
+                        ),
+                        _ => format!(
+                            "{}: the archive starts at {}, not at {expected}",
+                            leg.lineage, info.first
+                        ),
+                    });
+                };
+                history = Archived {
+                    base: Some(base),
+                    batches: Vec::new(),
+                };
+            }
+            let after = history.end();
             let segment = archive.get_wal_segment(info).await.map_err(|e| e.chain())?;
             history.batches.extend(
                 segment
                     .batches
                     .into_iter()
+                    .filter(|b| b.first.0 > after)
                     .take_while(|b| b.last() <= leg.to),
             );
         }
-        branch = Some((leg.lineage, leg.to));
+        branch = Some(leg.to);
     }
     Ok(history)
 }
 
-/// A committed backup whose shard `shard` was taken at `seq` of `lineage`, and that seq.
-async fn backup_at(
+/// The committed backup whose cut of `shard` is lowest in `lo..=hi` and lies on `history`
+/// (lineages, each up to its end), and that cut.
+async fn backup_within(
     repo: &Repository,
     shard: &ShardId,
-    lineage: &Lineage,
-    seq: Seq,
+    history: &[(Lineage, Seq)],
+    lo: u64,
+    hi: u64,
 ) -> Result<Option<(BackupManifest, u64)>, String> {
+    let mut best: Option<(BackupManifest, u64)> = None;
     for (id, manifest) in repo.backups().await.map_err(|e| e.chain())? {
         let Ok(manifest) = manifest else {
             continue;
         };
-        if manifest.cut.get(shard) != Some(&seq) {
+        let Some(cut) = manifest.cut.get(shard).map(|seq| seq.0) else {
+            continue;
+        };
+        if cut < lo || cut > hi || best.as_ref().is_some_and(|(_, at)| *at <= cut) {
             continue;
         }
         let point = repo
             .shard_manifest(shard, &id)
             .await
             .map_err(|e| e.chain())?;
-        if point.lineage.id == lineage.id {
-            return Ok(Some((manifest, seq.0)));
+        if history
+            .iter()
+            .any(|(lineage, to)| lineage.id == point.lineage.id && cut <= to.0)
+        {
+            best = Some((manifest, cut));
         }
     }
-    Ok(None)
+    Ok(best)
 }
 
 /// The keys of a shard rebuilt from empty (or from its base backup) by replaying the

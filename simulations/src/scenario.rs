@@ -126,6 +126,9 @@ pub struct Scenario {
     /// The checkers' proof for GC: a coordinator that counts only committed backups as live
     /// and deletes everything else at once (no grace period, no condemnation).
     pub planted_gc_bug: bool,
+    /// The checkers' proof for WAL pruning: retention that prunes the WAL every backup but
+    /// the newest replays.
+    pub planted_prune_bug: bool,
 }
 
 pub fn agent(i: usize) -> String {
@@ -249,7 +252,14 @@ impl Scenario {
             backup_every: Duration::from_millis(rng.random_range(150..=600)),
             planted_bug: false,
             planted_gc_bug: false,
+            planted_prune_bug: false,
         }
+    }
+
+    /// The same scenario with the planted WAL-pruning bug switched on.
+    pub fn with_planted_prune_bug(mut self) -> Scenario {
+        self.planted_prune_bug = true;
+        self
     }
 
     /// The same scenario with the planted GC bug switched on.

@@ -29,6 +29,7 @@ use lockstep_proto::v1;
 use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::coordinator_client::CoordinatorClient;
 use lockstep_proto::v1::shard_client::ShardClient;
+use lockstep_repository::archive::WalArchive;
 use lockstep_repository::manifest::{RaidGroup, RaidLayout};
 use lockstep_repository::repository::RestoreDecision;
 use lockstep_repository::transfer::TransferOptions;
@@ -178,6 +179,7 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
         // Backups go while others run, so GC has garbage to collect beside them.
         retention: RetentionConfig {
             keep_full: 2,
+            planted_bug: scenario.planted_prune_bug,
             ..Default::default()
         },
         // Real time does not pass in a simulation (objects' times come from the host's
@@ -328,6 +330,9 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         REGION_PORT,
                     ),
                 );
+                // The cluster's repository is a WAL destination too: retention prunes its
+                // `wal/`, and the checkers replay what is left from the backups.
+                let own_wal = WalArchive::Store(repo.clone());
                 // The binary's start-up, on the files the agent's last run left, at the
                 // agent's own priority (nothing process-wide changes under simulation).
                 let slot = prepare_serving::<MemEngine>(Startup {
@@ -340,7 +345,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                     },
                     history: HistorySources {
                         shard: shard_id.clone(),
-                        destinations: vec![region.clone()],
+                        destinations: vec![region.clone(), own_wal.clone()],
                         repo: Some(repo.clone()),
                     },
                     planted_bug,
@@ -359,7 +364,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         min_free_bytes: 0,
                     },
                     shipping: ShipperOptions {
-                        destinations: vec![region],
+                        destinations: vec![region, own_wal],
                         planted_bug,
                         ..ShipperOptions::default()
                     },

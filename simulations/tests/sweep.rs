@@ -129,6 +129,28 @@ fn a_gc_without_grace_or_condemnation_is_caught() {
     );
 }
 
+/// The checkers bite on WAL pruning: retention that prunes the WAL as if the newest backup
+/// were the only one strands the older kept backups (a point in time between them can no
+/// longer be reached), and the wal checker names the backup whose WAL is gone.
+#[test]
+fn a_retention_that_prunes_the_wal_older_kept_backups_replay_is_caught() {
+    let caught = (1..=CI_SEEDS).find_map(|seed| {
+        let outcome =
+            run_scenario(&Scenario::new(seed, Kind::AgentCrashes).with_planted_prune_bug());
+        outcome
+            .violations
+            .iter()
+            .any(|v| v.property == "wal" && v.detail.contains("is gone"))
+            .then(|| outcome.to_string())
+    });
+    let report = caught.expect("no seed caught a retention that strands kept backups");
+    println!("{report}");
+    assert!(
+        report.contains("VIOLATION wal") && report.contains("(seed "),
+        "{report}"
+    );
+}
+
 /// Seeds that once found a bug, kept as regression tests. Only seeds outside the CI sweep
 /// are pinned here (the sweep already runs the others): seeds 1-3 of `partitions` found
 /// that a partition left the coordinator's HTTP/2 connection to an agent dead but open
