@@ -22,6 +22,10 @@ use crate::error::{Error, ErrorCode, Result};
 /// How long a bucket may save up for.
 const BURST: Duration = Duration::from_millis(250);
 
+/// The longest a waiting transfer sleeps before it looks at its bucket again: a limit raised
+/// (or removed) meanwhile applies within this long.
+const RECHECK: Duration = Duration::from_millis(100);
+
 /// The share of the upload limit kept for WAL shipping by default, in percent.
 pub const DEFAULT_WAL_SHARE_PERCENT: u32 = 20;
 
@@ -77,7 +81,7 @@ impl Bucket {
                 }
                 wait
             };
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(wait.min(RECHECK)).await;
         }
     }
 
@@ -176,8 +180,11 @@ impl Bandwidth {
     pub fn set(&self, limits: Limits) {
         let share = limits.wal_share_percent.min(90);
         self.upload.set_rate(limits.upload);
+        // Backups' part, never 0 (no limit) when the whole is limited.
+        let backup = u128::from(limits.upload) * u128::from(100 - share) / 100;
+        let backup = u64::try_from(backup).unwrap_or(u64::MAX);
         self.backup_upload
-            .set_rate(limits.upload / 100 * u64::from(100 - share));
+            .set_rate(if limits.upload > 0 { backup.max(1) } else { 0 });
         self.download.set_rate(limits.download);
         self.wal_share_percent.store(share, Ordering::Relaxed);
     }
@@ -209,6 +216,8 @@ impl Bandwidth {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn limits(upload: u64, download: u64) -> Limits {
@@ -291,6 +300,30 @@ mod tests {
             let refused = before.changed(&change).expect_err("out of range");
             assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_limit_wakes_a_transfer_waiting_out_a_long_debt() {
+        let bandwidth = Arc::new(Bandwidth::new(limits(0, 1)));
+        bandwidth.download(8 * MIB).await;
+        let started = Instant::now();
+        let waiting = {
+            let bandwidth = bandwidth.clone();
+            tokio::spawn(async move { bandwidth.download(MIB).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        bandwidth.set(limits(0, 0));
+        waiting.await.expect("the transfer ends");
+        // At 1 byte/s the debt alone is 97 days; lifted, the limit lets it go at once.
+        assert!(started.elapsed() < Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn a_tiny_upload_limit_still_limits_backups() {
+        let bandwidth = Bandwidth::new(limits(50, 0));
+        assert_eq!(bandwidth.backup_upload.rate.load(Ordering::Relaxed), 40);
+        let bandwidth = Bandwidth::new(limits(1, 0));
+        assert_eq!(bandwidth.backup_upload.rate.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
