@@ -70,18 +70,29 @@ impl ClusterContext {
         Ok(())
     }
 
-    /// Settles the restores left unsettled (`restores_to_settle`), best effort: what an agent
-    /// still does not confirm stays for the next operation, its lease, or the next start.
+    /// Settles the restores left unsettled (`restores_to_settle`), best effort and within
+    /// one control timeout (an agent still cut off would otherwise hold every operation for
+    /// a swap's timeout): what is not confirmed stays for the next operation, the agent's
+    /// lease, or the next start. Settling is idempotent, so one cut short is taken up again.
     /// Call with the cluster held and no restore running.
     pub async fn settle_left_restores(&self) {
         use std::sync::atomic::Ordering;
         if !self.restores_to_settle.swap(false, Ordering::SeqCst) {
             return;
         }
-        let left = match crate::restore::settle_interrupted(self).await {
-            Ok(done) => !done.unsettled.is_empty(),
-            Err(err) => {
+        let within = std::time::Duration::from_millis(self.config.barrier.control_timeout_ms);
+        let left = match tokio::time::timeout(within, crate::restore::settle_interrupted(self))
+            .await
+        {
+            Ok(Ok(done)) => !done.unsettled.is_empty(),
+            Ok(Err(err)) => {
                 tracing::warn!(error = %err.chain(), "could not settle the restores left; the next operation tries again");
+                true
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "settling the restores left took longer than a control timeout; the next operation tries again"
+                );
                 true
             }
         };

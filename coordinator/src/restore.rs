@@ -1175,10 +1175,7 @@ async fn carry_out(
             RestoreDecision::Commit => {
                 matches!(state, RestoreState::Applied | RestoreState::Unknown)
             }
-            RestoreDecision::Revert => matches!(
-                state,
-                RestoreState::Discarded | RestoreState::Failed | RestoreState::Unknown
-            ),
+            RestoreDecision::Revert => discarded(state),
         };
         match reply {
             Ok(status) if confirmed(status.state()) => statuses.push(status),
@@ -1295,12 +1292,28 @@ async fn discard_everywhere(
     let replies = on_every_shard(ctx, plan, restore_id, Step::RestoreDiscard).await;
     let mut confirmed = true;
     for (agent, reply) in plan_agents(plan).into_iter().zip(replies) {
-        if let Err(err) = reply {
-            tracing::warn!(shard = %agent.shard_id, restore = %restore_id, error = %err.chain(), "discard not acknowledged");
-            confirmed = false;
+        match reply {
+            Ok(status) if discarded(status.state()) => {}
+            Ok(status) => {
+                tracing::warn!(shard = %agent.shard_id, restore = %restore_id, state = status.state().label(), "discard not carried out");
+                confirmed = false;
+            }
+            Err(err) => {
+                tracing::warn!(shard = %agent.shard_id, restore = %restore_id, error = %err.chain(), "discard not acknowledged");
+                confirmed = false;
+            }
         }
     }
     confirmed
+}
+
+/// A shard's restore state once a discard (or a revert) is carried out: dropped, failed, or
+/// unknown (its agent restarted, and its start-up followed the decision).
+fn discarded(state: RestoreState) -> bool {
+    matches!(
+        state,
+        RestoreState::Discarded | RestoreState::Failed | RestoreState::Unknown
+    )
 }
 
 /// Phase 1: every shard staged and checked.

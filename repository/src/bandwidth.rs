@@ -8,8 +8,11 @@
 //!
 //! WAL shipping keeps a reserved share of the upload limit: segments take their bytes at
 //! once, never waiting (the debt falls on backups), and backups draw at most the rest of the
-//! limit. So a throttled backup never delays shipping, and what both send stays within the
-//! limit.
+//! limit. So a throttled backup never delays shipping, and while shipping stays within its
+//! share what both send stays within the limit. Shipping is never throttled: while it
+//! catches up a backlog faster than the limit, the total exceeds the limit, and the debt it
+//! leaves backups is capped at one second of the limit, so they keep their share rather
+//! than wait out the backlog.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -85,12 +88,13 @@ impl Bucket {
         }
     }
 
-    /// Takes `bytes` at once, going into debt if the bucket lacks them.
+    /// Takes `bytes` at once, going into debt if the bucket lacks them, at most one second
+    /// of the rate deep.
     fn take_now(&self, bytes: u64) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (rate, _) = self.refill(&mut state);
         if rate > 0.0 {
-            state.0 -= bytes as f64;
+            state.0 = (state.0 - bytes as f64).max(state.0.min(-rate));
         }
     }
 }
@@ -263,18 +267,18 @@ mod tests {
     async fn wal_shipping_never_waits_and_backups_pay_for_it() {
         let bandwidth = Bandwidth::new(limits(10 * MIB, 0));
         let started = Instant::now();
-        // Shipping sends 20 MiB at once while a backup sends 40 MiB: shipping is not held,
-        // and both together stay within the limit (60 MiB at 10 MiB/s is 6 s at least; the
-        // backup alone, at its 8 MiB/s, would take 5).
-        for _ in 0..20 {
+        // Shipping sends 10 MiB at once while a backup sends 20 MiB: shipping is not held,
+        // and both together stay within the limit (30 MiB at 10 MiB/s is 3 s at least; the
+        // backup alone, at its 8 MiB/s, would take 2.5).
+        for _ in 0..10 {
             bandwidth.wal_upload(MIB);
         }
         assert_eq!(started.elapsed(), Duration::ZERO);
-        for _ in 0..40 {
+        for _ in 0..20 {
             bandwidth.backup_upload(MIB).await;
         }
         let took = started.elapsed().as_secs_f64();
-        assert!((5.9..=7.0).contains(&took), "{took} s");
+        assert!((2.9..=3.5).contains(&took), "{took} s");
     }
 
     #[test]
@@ -316,6 +320,17 @@ mod tests {
         waiting.await.expect("the transfer ends");
         // At 1 byte/s the debt alone is 97 days; lifted, the limit lets it go at once.
         assert!(started.elapsed() < Duration::from_millis(1200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shipping_backlog_leaves_backups_at_most_a_second_of_debt() {
+        let bandwidth = Bandwidth::new(limits(10 * MIB, 0));
+        // A 1 GiB backlog shipped at once: backups wait a second, not 100.
+        bandwidth.wal_upload(1024 * MIB);
+        let started = Instant::now();
+        bandwidth.backup_upload(MIB).await;
+        let took = started.elapsed().as_secs_f64();
+        assert!((0.9..=1.1).contains(&took), "{took} s");
     }
 
     #[test]

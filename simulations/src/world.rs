@@ -151,6 +151,8 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
             // host's clock would make a seed's run depend on the host.
             close_lead_ms: 0,
             upload_timeout_ms: 30_000,
+            // A swap here is instant; the client follows a restore for 30 s at most.
+            apply_timeout_ms: 5_000,
             // One coordinator runs at a time here: the grace for a fenced-out one still
             // publishing only slows the workload down.
             takeover_grace_ms: 1_000,
@@ -475,7 +477,9 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                 at.as_millis() as u64 <= now
                     && matches!(
                         fault,
-                        Fault::Snapshot(_) | Fault::Bounce(_, Moment::Staging | Moment::Swapped)
+                        Fault::Snapshot(_)
+                            | Fault::Rollback(_)
+                            | Fault::Bounce(_, Moment::Staging | Moment::Swapped)
                     )
             });
         let restoring = if restore_matters {
@@ -488,7 +492,8 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                 break;
             }
             // A crash aimed at a moment of the barrier or of a restore waits for it (until
-            // the faults end); a machine's snapshot waits until no restore touches its shard.
+            // the faults end); a machine's snapshot, and its rollback, wait until no restore
+            // touches its shard.
             let arrived = match fault {
                 Fault::Bounce(_, moment) => {
                     let mid_barrier = closed.iter().any(|c| *c);
@@ -503,7 +508,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         Moment::Staging | Moment::Swapped => restoring.contains(&Some(*moment)),
                     }
                 }
-                Fault::Snapshot(i) => restoring[*i].is_none(),
+                Fault::Snapshot(i) | Fault::Rollback(i) => restoring[*i].is_none(),
                 _ => true,
             };
             if !arrived && now < fault_period_ms {
@@ -808,6 +813,13 @@ async fn restore(
         return;
     }
     let backup_id = committed[rng.random_range(0..committed.len())].clone();
+    // Read before the restore: retention may remove the backup once it ends.
+    let cut = async {
+        let repo = Repository::open(repository).await?;
+        let id = lockstep_repository::BackupId::new(backup_id.clone())?;
+        repo.backup_manifest(&id).await
+    }
+    .await;
     let requested_ms = now_ms();
     record.borrow_mut().restoring += 1;
     let deadline = requested_ms + 20_000;
@@ -819,7 +831,9 @@ async fn restore(
     let mut restore_id = String::new();
     let mut last_phase = None;
     let mut refused = None;
-    match tokio::time::timeout(Duration::from_secs(3), coordinator.restore(request)).await {
+    // Long enough for any planning: without an id, the call failed because its coordinator
+    // went away, and a restarted one never commits what it did not start.
+    match tokio::time::timeout(Duration::from_secs(15), coordinator.restore(request)).await {
         Ok(Ok(stream)) => {
             let mut stream = stream.into_inner();
             while now_ms() < deadline {
@@ -855,18 +869,8 @@ async fn restore(
         Ok(id) if ended => settled(repository, &id, 0).await,
         Ok(id) => settled(repository, &id, deadline + 10_000).await,
     };
-    let cut = if outcome == "committed" {
-        let cut = async {
-            let repo = Repository::open(repository).await?;
-            let id = lockstep_repository::BackupId::new(backup_id.clone())?;
-            repo.backup_manifest(&id).await
-        };
-        Some(cut.await)
-    } else {
-        None
-    };
     let mut record = record.borrow_mut();
-    if let Some(cut) = cut {
+    if outcome == "committed" {
         // Every shard goes back to the backup's cut of the history it was taken on.
         let window = record
             .attempts
@@ -894,7 +898,7 @@ async fn restore(
             }
             Err(err) => {
                 record.host_error = Some(format!(
-                    "restore of {backup_id} committed, and its backup cannot be read: {}",
+                    "restore of {backup_id} committed, and its backup could not be read before: {}",
                     err.chain()
                 ))
             }

@@ -523,8 +523,14 @@ pub fn hlc_times_never_go_back_across_reopen<E: ShardEngine>(dir: &Path) {
     assert_eq!(last.millis(), 50_000);
     let engine = E::open_with(&dir.join("live"), &cfs(), &at(10_000)).expect("reopen");
     let next = engine.write(&batch).expect("write").hlc;
-    // Both engines read their last HLC time back from the WAL.
+    // Both engines read their last HLC time back from the WAL...
     assert!(next > last, "{next} is not after {last}");
+    // ...also once the shard was synced (flushed) before it closed.
+    engine.sync().expect("sync");
+    drop(engine);
+    let engine = E::open_with(&dir.join("live"), &cfs(), &at(10_000)).expect("reopen");
+    let after_sync = engine.write(&batch).expect("write").hlc;
+    assert!(after_sync > next, "{after_sync} is not after {next}");
 }
 
 /// A shard closed without a sync (a crashed process) reopens with every write it

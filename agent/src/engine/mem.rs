@@ -15,7 +15,9 @@
 //! Its WAL is a queue of batches in memory, each encoded as its operations (tag 1 put,
 //! 2 delete, 3 range delete; then column family, key, and value or range end, as length and
 //! bytes), holding up to `EngineConfig::wal_retention_mb`; older batches are dropped, as
-//! RocksDB drops archived WAL. A restored shard starts with an empty WAL.
+//! RocksDB drops archived WAL. A shard restored from a capture starts with an empty WAL (one
+//! that replayed WAL onto it keeps the replayed batches, as RocksDB does). The log grows
+//! with every write until the next `sync` rewrites it as the WAL kept.
 //!
 //! Log format: records of first seq, count, HLC time (u64 LE each), the batch's length
 //! (u32 LE) and bytes, and a SHA-256 of the record; a torn last record is ignored, as
@@ -52,6 +54,8 @@ struct State {
     pins: BTreeMap<u64, usize>,
     /// The log, open for appending once the first batch is written.
     log_file: Option<std::fs::File>,
+    /// A failed append left a part of a record the log could not cut off.
+    log_damaged: bool,
 }
 
 impl State {
@@ -206,6 +210,15 @@ impl MemEngine {
                 err,
             )
         };
+        if state.log_damaged {
+            return Err(Error::new(
+                ErrorCode::ShardEngineFailed,
+                format!(
+                    "{} holds a part of a failed write; reopen the shard",
+                    self.dir.join(LOG_FILE).display()
+                ),
+            ));
+        }
         if state.log_file.is_none() {
             std::fs::create_dir_all(&self.dir).map_err(io)?;
             let file = std::fs::OpenOptions::new()
@@ -217,10 +230,21 @@ impl MemEngine {
         }
         let mut record = Vec::with_capacity(batch.data.len() + 60);
         encode_log_record(&mut record, batch);
-        match state.log_file.as_mut() {
-            Some(file) => file.write_all(&record).map_err(io),
-            None => Ok(()),
+        let Some(file) = state.log_file.as_mut() else {
+            return Ok(());
+        };
+        let before = file.metadata().map_err(io)?.len();
+        if let Err(err) = file.write_all(&record) {
+            // A part of the record may be there: cut it off, or later records would follow
+            // a damaged one and be lost at the next open. If that fails too, the log is
+            // not appended to again (`open` reopens it).
+            if file.set_len(before).is_err() {
+                state.log_file = None;
+                state.log_damaged = true;
+            }
+            return Err(io(err));
         }
+        Ok(())
     }
 }
 
@@ -389,7 +413,14 @@ impl ShardEngine for MemEngine {
             Ok(bytes) => {
                 let (batches, valid) = decode_log(&bytes);
                 if valid < bytes.len() {
-                    // A torn tail: cut it off, so the next record appends after the last good one.
+                    // A torn or damaged record: cut it off with what follows, so the next
+                    // record appends after the last good one.
+                    tracing::warn!(
+                        log = %log.display(),
+                        kept = valid,
+                        dropped = bytes.len() - valid,
+                        "the in-memory shard's log ends in a torn or damaged record; cutting it off"
+                    );
                     std::fs::OpenOptions::new()
                         .write(true)
                         .open(&log)
@@ -408,6 +439,7 @@ impl ShardEngine for MemEngine {
                     state.wal.clear();
                     state.wal_bytes = 0;
                 }
+                config.clock.observe(batch.hlc);
                 state.log(batch, wal_retention_bytes);
                 continue;
             }
