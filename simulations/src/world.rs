@@ -508,7 +508,11 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         Moment::Staging | Moment::Swapped => restoring.contains(&Some(*moment)),
                     }
                 }
-                Fault::Snapshot(i) | Fault::Rollback(i) => restoring[*i].is_none(),
+                // Not while a restore's outcome is open either: the model orders a rollback and
+                // a restore by when each was seen, which must be the order they happened in.
+                Fault::Snapshot(i) | Fault::Rollback(i) => {
+                    restoring[*i].is_none() && record.borrow().restoring.is_multiple_of(2)
+                }
                 _ => true,
             };
             if !arrived && now < fault_period_ms {

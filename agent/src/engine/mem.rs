@@ -677,18 +677,23 @@ mod tests {
         engine.write(&batch).expect("write")
     }
 
+    /// A shard in `dir` with three single-put batches, closed unsynced: its directory, its
+    /// log's path and the log's bytes.
+    fn three_puts(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+        let live = dir.join("live");
+        let engine = MemEngine::open(&live, &[]).expect("open");
+        for key in ["a", "b", "c"] {
+            put(&engine, key);
+        }
+        let log = live.join(LOG_FILE);
+        let bytes = std::fs::read(&log).expect("read the log");
+        (live, log, bytes)
+    }
+
     #[test]
     fn a_torn_log_tail_is_cut_off_and_the_log_goes_on_after_the_last_good_record() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("live");
-        {
-            let engine = MemEngine::open(&live, &[]).expect("open");
-            for key in ["a", "b", "c"] {
-                put(&engine, key);
-            }
-        }
-        let log = live.join(LOG_FILE);
-        let mut bytes = std::fs::read(&log).expect("read the log");
+        let (live, log, mut bytes) = three_puts(dir.path());
         let whole = bytes.len();
         bytes.extend_from_slice(&[7; 20]);
         std::fs::write(&log, &bytes).expect("tear the log");
@@ -706,15 +711,7 @@ mod tests {
     #[test]
     fn a_damaged_log_record_in_the_middle_stops_the_replay_there() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let live = dir.path().join("live");
-        {
-            let engine = MemEngine::open(&live, &[]).expect("open");
-            for key in ["a", "b", "c"] {
-                put(&engine, key);
-            }
-        }
-        let log = live.join(LOG_FILE);
-        let mut bytes = std::fs::read(&log).expect("read the log");
+        let (live, log, mut bytes) = three_puts(dir.path());
         let second = bytes.len() / 3 + 30;
         bytes[second] ^= 1;
         std::fs::write(&log, &bytes).expect("damage the log");
