@@ -29,7 +29,7 @@ test: deps
 
 ## demo: a RAID5 cluster of 3 agents and a coordinator, backups under writes, a disaster, a verified restore
 demo: build
-	@LOCKSTEP_BIN_DIR=$(BIN) bash scripts/demo.sh
+	@$(BIN)/lockstep demo
 
 ## bench: Lockstep against RocksDB's BackupEngine on the same data, disk and threads (under 20 minutes on 2 cores)
 bench: build

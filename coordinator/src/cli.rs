@@ -74,6 +74,10 @@ pub enum Command {
     /// What the coordinator runs by itself (`[[schedules]]` in its configuration).
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// The main job end to end on this machine: a RAID5 cluster of three agents and a
+    /// coordinator, backups under writes, a tag and a restore to it, a disaster, and a
+    /// verified restore of the whole cluster (`make demo`).
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -1215,6 +1219,13 @@ async fn run_command(cli: Cli) -> Result<i32> {
             } else {
                 print_garbage(&report);
             }
+        }
+        Command::Demo(args) => {
+            return tokio::task::spawn_blocking(move || crate::demo::run(&args))
+                .await
+                .map_err(|err| {
+                    Error::with_source(ErrorCode::InvalidArgument, "run the demo", err)
+                })?;
         }
         Command::Schedule(ScheduleCommand::List { json }) => {
             let mut client = client(endpoint).await?;

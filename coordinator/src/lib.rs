@@ -12,7 +12,7 @@
 //! - `gc`: garbage-collection passes beside backups (mark, condemn, sweep);
 //! - `tag`: named restore points (the barrier without a capture);
 //! - `service`: the `Coordinator` gRPC service and `serve`;
-//! - `cli`: the `lockstep` command line.
+//! - `cli`: the `lockstep` command line; `demo`: `lockstep demo`, the main job end to end.
 //!
 //! Architecture invariant: this crate never links RocksDB; it reads the repository through
 //! `lockstep-repository` and reaches shards only through agents.
@@ -21,6 +21,7 @@ pub mod archive;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod fence;
 pub mod fleet;
 pub mod gc;

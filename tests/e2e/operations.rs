@@ -171,6 +171,42 @@ async fn rate_limits_change_on_every_agent_through_the_coordinator() {
     assert_eq!(after[0], (Cluster::shard(0), 0, 16, 30), "{after:?}");
 }
 
+/// `lockstep demo` (what `make demo` runs) goes through the main job to its end: every
+/// shard restored after the disaster equals its backup, and nothing it started is left.
+#[test]
+fn the_demo_runs_the_main_job_to_a_verified_restore() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(lockstep_tests::binary("lockstep"))
+        .args(["demo", "--dir"])
+        .arg(dir.path())
+        .arg("--agent-bin")
+        .arg(lockstep_tests::binary("lockstep-agent"))
+        .output()
+        .expect("run lockstep demo");
+    let printed = text(&output);
+    assert!(output.status.success(), "{printed}");
+    for expected in [
+        "OK: every shard is exactly at the tag again",
+        "OK: the cluster is back at backup",
+    ] {
+        assert!(
+            printed.contains(expected),
+            "{expected:?} missing:\n{printed}"
+        );
+    }
+    assert_eq!(printed.matches("OK   shard-").count(), 3, "{printed}");
+    // No process still names the demo's directory on its command line.
+    let needle = dir.path().display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("list /proc")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(&needle) && !cmdline.contains("lockstep demo"))
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_streams_its_progress_then_the_report() {
     let cluster = Cluster::start(5000, None);
