@@ -1221,11 +1221,17 @@ async fn run_command(cli: Cli) -> Result<i32> {
             }
         }
         Command::Demo(args) => {
-            return tokio::task::spawn_blocking(move || crate::demo::run(&args))
-                .await
-                .map_err(|err| {
+            let demo = tokio::task::spawn_blocking(move || crate::demo::run(&args));
+            let stopping = lockstep_process::shutdown_on_signal();
+            return tokio::select! {
+                ran = demo => ran.map_err(|err| {
                     Error::with_source(ErrorCode::InvalidArgument, "run the demo", err)
-                })?;
+                })?,
+                () = stopping.cancelled() => {
+                    crate::demo::stop_everything();
+                    Err(Error::new(ErrorCode::InvalidArgument, "the demo was stopped; its processes are told to stop"))
+                }
+            };
         }
         Command::Schedule(ScheduleCommand::List { json }) => {
             let mut client = client(endpoint).await?;

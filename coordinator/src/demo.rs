@@ -8,18 +8,55 @@
 //! (`lockstep-agent digest`: sequence number, keys and values).
 //!
 //! The agents are `lockstep-agent` beside this binary (or `--agent-bin`); every process the
-//! demo starts is stopped when it ends, however it ends.
+//! demo starts is stopped when it ends, with an error too, and on SIGINT or SIGTERM
+//! ([`stop_everything`]); each command it runs has five minutes.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lockstep_repository::{Error, ErrorCode, Result};
 
 const SHARDS: [&str; 3] = ["shard-0", "shard-1", "shard-2"];
 const CFS: &str = "default,users,events";
+/// The longest one command of the demo may take.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Every process the demo started and has not stopped yet, for [`stop_everything`].
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn running() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    RUNNING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Spawns `command`, remembered until [`reap`].
+fn spawn(command: &mut Command, what: &str) -> Result<Child> {
+    let child = command.spawn().map_err(io(format!("start {what}")))?;
+    running().push(child.id());
+    Ok(child)
+}
+
+/// Waits for `child` (already told to stop, or done) and forgets it.
+fn reap(child: &mut Child) {
+    let _ = child.wait();
+    running().retain(|pid| *pid != child.id());
+}
+
+fn terminate(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
+/// Sends SIGTERM to every process the demo started (the demo itself is being stopped).
+pub fn stop_everything() {
+    for pid in running().iter() {
+        terminate(*pid);
+    }
+}
 
 /// `lockstep demo`'s options.
 #[derive(Debug, clap::Args)]
@@ -57,31 +94,61 @@ struct Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        for mut child in self.writers.drain(..) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.stop_coordinator();
-        for (_, (mut child, _)) in std::mem::take(&mut self.agents) {
-            stop(&mut child);
-        }
+        let mut children: Vec<Child> = self.writers.drain(..).collect();
+        children.extend(self.coordinator.take().map(|(child, _)| child));
+        children.extend(
+            std::mem::take(&mut self.agents)
+                .into_values()
+                .map(|(c, _)| c),
+        );
+        stop_all(children);
     }
 }
 
-/// Stops a server cleanly (SIGTERM, as `kill` does) and waits for it; SIGKILL after 30 s.
-fn stop(child: &mut Child) {
-    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+/// Stops servers cleanly (SIGTERM to all, as `kill` does) and waits for them; SIGKILL to
+/// any still running 30 s later.
+fn stop_all(mut children: Vec<Child>) {
+    for child in &children {
+        terminate(child.id());
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
+    while Instant::now() < deadline
+        && children
+            .iter_mut()
+            .any(|c| !matches!(c.try_wait(), Ok(Some(_))))
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    for child in &mut children {
+        let _ = child.kill();
+        reap(child);
+    }
+}
+
+fn stop(child: Child) {
+    stop_all(vec![child]);
+}
+
+/// Waits up to [`COMMAND_DEADLINE`] for `child`; kills it after that.
+fn finish(mut child: Child, what: &str) -> Result<ExitStatus> {
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                reap(&mut child);
+                return Ok(status);
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                reap(&mut child);
+                return Err(failed(format!(
+                    "`{what}` did not finish within {} s",
+                    COMMAND_DEADLINE.as_secs()
+                )));
+            }
+        }
+    }
 }
 
 fn step(title: &str) {
@@ -96,12 +163,10 @@ impl Demo {
         let err = file
             .try_clone()
             .map_err(io(format!("open {}", log.display())))?;
-        let mut child = Command::new(program)
-            .args(args)
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .map_err(io(format!("start {}", program.display())))?;
+        let mut child = spawn(
+            Command::new(program).args(args).stdout(file).stderr(err),
+            &program.display().to_string(),
+        )?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             let mut text = String::new();
@@ -116,6 +181,7 @@ impl Demo {
                 return Ok((child, address.to_string()));
             }
             if let Ok(Some(status)) = child.try_wait() {
+                reap(&mut child);
                 return Err(failed(format!(
                     "{} exited ({status}) before it listened; its log:\n{text}",
                     program.display()
@@ -124,6 +190,7 @@ impl Demo {
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = child.kill();
+        reap(&mut child);
         Err(failed(format!(
             "{} did not start listening within 60 s; see {}",
             program.display(),
@@ -171,9 +238,35 @@ impl Demo {
     }
 
     fn stop_coordinator(&mut self) {
-        if let Some((mut child, _)) = self.coordinator.take() {
-            stop(&mut child);
+        if let Some((child, _)) = self.coordinator.take() {
+            stop(child);
         }
+    }
+
+    /// Stops every agent cleanly; their addresses.
+    fn stop_agents(&mut self) -> Vec<String> {
+        let agents = std::mem::take(&mut self.agents);
+        let addresses = agents.values().map(|(_, a)| a.clone()).collect();
+        stop_all(agents.into_values().map(|(c, _)| c).collect());
+        addresses
+    }
+
+    /// Writes the coordinator's configuration for the agents running now.
+    fn write_config(&self) -> Result<()> {
+        let mut config = format!(
+            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
+            self.repo, self.region
+        );
+        for (shard, (_, address)) in &self.agents {
+            config.push_str(&format!(
+                "[[agents]]\nshard = \"{shard}\"\nendpoint = \"http://{address}\"\n"
+            ));
+        }
+        config.push_str(
+            "[[raid_groups]]\nname = \"group-0\"\nlayout = \"raid5\"\ndata = [\"shard-0\", \"shard-1\"]\nparity = [\"shard-2\"]\n",
+        );
+        let path = self.work.join("lockstep.toml");
+        std::fs::write(&path, config).map_err(io(format!("write {}", path.display())))
     }
 
     fn address(&self, shard: &str) -> String {
@@ -185,42 +278,53 @@ impl Demo {
 
     /// Runs `lockstep ARGS` against the coordinator, its output shown; fails if it does.
     fn lockstep(&self, args: &[&str]) -> Result<()> {
+        self.shown(&self.lockstep, args)
+    }
+
+    /// Runs `PROGRAM ARGS` against the coordinator, its output shown; fails if it does.
+    fn shown(&self, program: &Path, args: &[&str]) -> Result<()> {
+        let what = format!("{} {}", program.display(), args.join(" "));
         let endpoint = self.coordinator.as_ref().map(|(_, e)| e.as_str());
-        let status = Command::new(&self.lockstep)
-            .args(args)
-            .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default())
-            .status()
-            .map_err(io(format!("run lockstep {}", args.join(" "))))?;
-        if !status.success() {
-            return Err(failed(format!("`lockstep {}` failed", args.join(" "))));
+        let child = spawn(
+            Command::new(program)
+                .args(args)
+                .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default()),
+            &what,
+        )?;
+        if !finish(child, &what)?.success() {
+            return Err(failed(format!("`{what}` failed")));
         }
         Ok(())
     }
 
-    /// Runs `PROGRAM ARGS` and returns what it printed; fails if it does.
+    /// Runs `PROGRAM ARGS` and returns what it printed; fails if it does. Its output goes
+    /// through a file (a pipe nobody reads while waiting could fill).
     fn output(&self, program: &Path, args: &[&str]) -> Result<String> {
+        let what = format!("{} {}", program.display(), args.join(" "));
         let endpoint = self.coordinator.as_ref().map(|(_, e)| e.as_str());
-        let output = Command::new(program)
-            .args(args)
-            .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default())
-            .output()
-            .map_err(io(format!("run {}", program.display())))?;
-        if !output.status.success() {
-            return Err(failed(format!(
-                "`{} {}` failed:\n{}{}",
-                program.display(),
-                args.join(" "),
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )));
+        let path = self.work.join("command.out");
+        let file =
+            std::fs::File::create(&path).map_err(io(format!("create {}", path.display())))?;
+        let child = spawn(
+            Command::new(program)
+                .args(args)
+                .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default())
+                .stdout(file),
+            &what,
+        )?;
+        let status = finish(child, &what)?;
+        let printed = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        if !status.success() {
+            return Err(failed(format!("`{what}` failed:\n{printed}")));
         }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+        Ok(printed.trim().to_string())
     }
 
     /// Writes `keys` keys of 200-byte values in every column family through an agent.
     fn load(&self, shard: &str, keys: &str, seed: &str) -> Result<()> {
         let endpoint = format!("http://{}", self.address(shard));
-        self.output(
+        self.shown(
             &self.agent,
             &[
                 "load",
@@ -236,7 +340,6 @@ impl Demo {
                 seed,
             ],
         )
-        .map(|_| ())
     }
 
     /// The digest of the shard directory `dir` (its agent stopped).
@@ -247,16 +350,16 @@ impl Demo {
     /// Stops every agent cleanly, prints and returns each shard's digest, and restarts them
     /// on their addresses.
     fn digest_agents(&mut self) -> Result<Vec<String>> {
+        let addresses: Vec<String> = SHARDS.iter().map(|s| self.address(s)).collect();
+        self.stop_agents();
         let mut digests = Vec::new();
         for shard in SHARDS {
-            let address = self.address(shard);
-            if let Some((mut child, _)) = self.agents.remove(shard) {
-                stop(&mut child);
-            }
             let digest = self.digest(&self.work.join(shard))?;
             println!("{shard}: {digest}");
             digests.push(digest);
-            self.start_agent(shard, &address)?;
+        }
+        for (shard, address) in SHARDS.into_iter().zip(&addresses) {
+            self.start_agent(shard, address)?;
         }
         Ok(digests)
     }
@@ -280,6 +383,11 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
         None => std::env::temp_dir().join(format!("lockstep-demo.{}", uuid::Uuid::new_v4())),
     };
     std::fs::create_dir_all(&work).map_err(io(format!("create {}", work.display())))?;
+    // Absolute: it goes into file:// URLs.
+    let work = work
+        .canonicalize()
+        .map_err(io(format!("resolve {}", work.display())))?;
+    println!("Demo files go to {}", work.display());
     let mut demo = Demo {
         repo: format!("file://{}", work.join("repository").display()),
         region: format!("file://{}", work.join("region-2/wal").display()),
@@ -290,31 +398,20 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
         coordinator: None,
         writers: Vec::new(),
     };
-    let code = steps(&mut demo)?;
+    let code = steps(&mut demo);
     println!("Demo files are in {}", demo.work.display());
-    Ok(code)
+    code
 }
 
 fn steps(demo: &mut Demo) -> Result<i32> {
     step(
         "1. Start three agents (RAID5: shard-0 and shard-1 data, shard-2 parity) shipping their WAL to region 2, and a coordinator",
     );
-    let mut config = format!(
-        "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
-        demo.repo, demo.region
-    );
     for shard in SHARDS {
         let address = demo.start_agent(shard, "127.0.0.1:0")?;
         println!("agent {shard} on {address}");
-        config.push_str(&format!(
-            "[[agents]]\nshard = \"{shard}\"\nendpoint = \"http://{address}\"\n"
-        ));
     }
-    config.push_str(
-        "[[raid_groups]]\nname = \"group-0\"\nlayout = \"raid5\"\ndata = [\"shard-0\", \"shard-1\"]\nparity = [\"shard-2\"]\n",
-    );
-    let config_path = demo.work.join("lockstep.toml");
-    std::fs::write(&config_path, config).map_err(io(format!("write {}", config_path.display())))?;
+    demo.write_config()?;
     demo.start_coordinator()?;
     demo.lockstep(&["cluster", "status"])?;
 
@@ -330,13 +427,17 @@ fn steps(demo: &mut Demo) -> Result<i32> {
         let log = demo.work.join(format!("writer-{shard}.log"));
         let file = std::fs::File::create(&log).map_err(io(format!("create {}", log.display())))?;
         let endpoint = format!("http://{}", demo.address(shard));
-        let writer = Command::new(&demo.agent)
-            .args(["load", "--endpoint", &endpoint, "--keys", "400000"])
-            .args(["--value-size", "200", "--prefix", "live", "--seed", "7"])
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .map_err(io("start a writer".into()))?;
+        let err = file
+            .try_clone()
+            .map_err(io(format!("open {}", log.display())))?;
+        let writer = spawn(
+            Command::new(&demo.agent)
+                .args(["load", "--endpoint", &endpoint, "--keys", "400000"])
+                .args(["--value-size", "200", "--prefix", "live", "--seed", "7"])
+                .stdout(file)
+                .stderr(err),
+            "a writer",
+        )?;
         demo.writers.push(writer);
     }
     std::thread::sleep(Duration::from_secs(1));
@@ -345,7 +446,7 @@ fn steps(demo: &mut Demo) -> Result<i32> {
     demo.lockstep(&["backup", "create", "--kind", "incremental", "--wait"])?;
     for mut writer in demo.writers.drain(..) {
         let _ = writer.kill();
-        let _ = writer.wait();
+        reap(&mut writer);
     }
     demo.lockstep(&["backup", "list"])?;
     let latest = demo.output(&demo.lockstep, &["backup", "show", "latest", "--json"])?;
@@ -405,12 +506,8 @@ fn steps(demo: &mut Demo) -> Result<i32> {
     );
 
     step("8. Disaster: every agent is killed and every shard directory destroyed");
-    let addresses: Vec<String> = SHARDS.iter().map(|s| demo.address(s)).collect();
     demo.stop_coordinator();
-    for (_, (mut child, _)) in std::mem::take(&mut demo.agents) {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    demo.stop_agents();
     for shard in SHARDS {
         for dir in [
             demo.work.join(shard),
@@ -431,9 +528,10 @@ fn steps(demo: &mut Demo) -> Result<i32> {
     step(
         "9. Fresh agents on empty shards, the same coordinator configuration; full verify of the backup",
     );
-    for (shard, address) in SHARDS.into_iter().zip(&addresses) {
-        demo.start_agent(shard, address)?;
+    for shard in SHARDS {
+        demo.start_agent(shard, "127.0.0.1:0")?;
     }
+    demo.write_config()?;
     demo.start_coordinator()?;
     demo.lockstep(&["cluster", "status"])?;
     demo.lockstep(&["backup", "verify", &backup, "--full"])?;
@@ -446,9 +544,7 @@ fn steps(demo: &mut Demo) -> Result<i32> {
 
     step("11. Check: every restored shard equals the drill copy of the backup");
     demo.stop_coordinator();
-    for (_, (mut child, _)) in std::mem::take(&mut demo.agents) {
-        stop(&mut child);
-    }
+    demo.stop_agents();
     let mut code = 0;
     for (shard, expected) in SHARDS.iter().zip(&drill) {
         let restored = demo.digest(&demo.work.join(shard))?;
