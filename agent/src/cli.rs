@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use lockstep_proto::auth::Identity;
+use lockstep_proto::tls::{Security, Tls, TlsFiles};
 use lockstep_repository::bandwidth::{Bandwidth, DEFAULT_WAL_SHARE_PERCENT, Limits};
 use lockstep_repository::codec::Compression;
 use lockstep_repository::transfer::{Progress, TransferOptions};
@@ -165,6 +167,71 @@ pub struct ServeArgs {
     /// and WAL shipping per destination).
     #[arg(long, value_name = "ADDR", env = "LOCKSTEP_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: ServeTlsArgs,
+}
+
+/// How the agent's server and its calls (to `lockstep://` archives) are secured.
+#[derive(Debug, Args)]
+pub struct ServeTlsArgs {
+    /// The cluster's CA certificate (PEM): serve and call with mutual TLS.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM), naming lockstep://agent/<shard> (`lockstep cert issue`).
+    #[arg(long, value_name = "PEM", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+    /// Bearer tokens accepted from Shard API clients without certificates (`lockstep cert
+    /// token`).
+    #[arg(long, value_name = "FILE", requires = "tls_ca")]
+    pub tls_tokens: Option<PathBuf>,
+    /// Serve and call without TLS: anyone who reaches the port may read, write, freeze or
+    /// replace the shard. Chosen explicitly, never a default.
+    #[arg(long, conflicts_with = "tls_ca")]
+    pub plaintext: bool,
+}
+
+impl ServeTlsArgs {
+    /// The security these flags choose for the agent of `shard`.
+    pub fn security(&self, shard: &ShardId) -> Result<Security> {
+        if self.plaintext {
+            return Ok(Security::Plaintext);
+        }
+        let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key)
+        else {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "no TLS: give --tls-ca, --tls-cert and --tls-key (`lockstep cert` makes them), or --plaintext to let anyone who reaches the port act on the shard",
+            ));
+        };
+        let tls = Tls::load(TlsFiles {
+            ca: ca.clone(),
+            cert: Some(cert.clone()),
+            key: Some(key.clone()),
+            tokens: self.tls_tokens.clone(),
+        })?;
+        tls.check_serves_as(&Identity::Agent(shard.clone()))?;
+        Ok(Security::Tls(tls))
+    }
+}
+
+/// How a client command (`load --endpoint`) reaches an `https://` agent.
+#[derive(Debug, Clone, Args)]
+pub struct ClientTlsArgs {
+    /// The cluster's CA certificate (PEM): needed for an https:// endpoint.
+    #[arg(long, env = "LOCKSTEP_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), naming lockstep://client/NAME.
+    #[arg(long, env = "LOCKSTEP_CERT", value_name = "PEM")]
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "LOCKSTEP_KEY", value_name = "PEM")]
+    pub key: Option<PathBuf>,
+    /// A file holding a bearer token, for a client without a certificate.
+    #[arg(long, env = "LOCKSTEP_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Rate limits, changeable while the agent runs (`lockstep cluster limits`).
@@ -268,9 +335,11 @@ pub struct LoadArgs {
     /// Write into this shard directory (the shard must not be open elsewhere)...
     #[arg(long)]
     pub db: Option<PathBuf>,
-    /// ...or through a serving agent's Shard API (for example http://127.0.0.1:7401).
+    /// ...or through a serving agent's Shard API (for example https://127.0.0.1:7401).
     #[arg(long)]
     pub endpoint: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Keys to write per column family.
     #[arg(long, default_value_t = 100_000)]
     pub keys: u64,
@@ -460,9 +529,10 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
 async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     let shard = ShardId::new(&args.shard)?;
     let repo = Repository::open(&args.repo).await?;
+    let security = args.tls.security(&shard)?;
     let mut destinations = Vec::new();
     for url in &args.wal.destinations {
-        destinations.push(lockstep_proto::archive::open_archive(url).await?);
+        destinations.push(lockstep_proto::archive::open_archive(url, &security).await?);
     }
     let shipping = ShipperOptions {
         destinations,
@@ -513,6 +583,7 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
         planted_bug: None,
         metrics: args.metrics_listen.is_some(),
         bandwidth: std::sync::Arc::new(args.limits.bandwidth()),
+        security,
     };
     crate::server::serve(parts, listener, shutdown).await
 }
@@ -739,15 +810,28 @@ async fn run_load_remote_on_one_thread(args: &LoadArgs, endpoint: &str) -> Resul
 /// the next is sent (so it can run while backups are taken).
 async fn run_load_remote(args: &LoadArgs, endpoint: &str) -> Result<()> {
     use lockstep_proto::v1;
-    let mut client = v1::shard_client::ShardClient::connect(endpoint.to_string())
-        .await
-        .map_err(|err| {
-            Error::with_source(
-                ErrorCode::AgentUnavailable,
-                format!("connect to the agent at {endpoint}"),
-                err,
-            )
-        })?;
+    let tls = &args.tls;
+    let security = lockstep_proto::tls::client_security(
+        tls.ca.as_deref(),
+        tls.cert.as_deref(),
+        tls.key.as_deref(),
+    )?;
+    let bearer = lockstep_proto::tls::Bearer::from_file(tls.token_file.as_deref())?;
+    let channel = lockstep_proto::tls::endpoint(
+        endpoint,
+        &security,
+        lockstep_proto::tls::Expected::AnyAgent,
+    )?
+    .connect()
+    .await
+    .map_err(|err| {
+        Error::with_source(
+            ErrorCode::AgentUnavailable,
+            format!("connect to the agent at {endpoint}"),
+            err,
+        )
+    })?;
+    let mut client = v1::shard_client::ShardClient::with_interceptor(channel, bearer);
     let started = Instant::now();
     let mut generator = Generator::new(args);
     let mut seq = 0;

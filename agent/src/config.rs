@@ -37,6 +37,11 @@ struct AgentConfig {
     download_mib_s: Option<u64>,
     wal_share_percent: Option<u32>,
     metrics_listen: Option<String>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_tokens: Option<PathBuf>,
+    plaintext: Option<bool>,
 }
 
 impl AgentConfig {
@@ -89,6 +94,15 @@ impl AgentConfig {
                 one(self.wal_share_percent.map(|v| v.to_string())),
             ),
             ("--metrics-listen", one(self.metrics_listen)),
+            ("--tls-ca", path(self.tls_ca)),
+            ("--tls-cert", path(self.tls_cert)),
+            ("--tls-key", path(self.tls_key)),
+            ("--tls-tokens", path(self.tls_tokens)),
+            // A switch: present, without a value, when true.
+            (
+                "--plaintext",
+                self.plaintext.filter(|on| *on).map(|_| Vec::new()),
+            ),
         ]
         .into_iter()
         .filter_map(|(flag, values)| values.map(|values| (flag, values)))
@@ -140,6 +154,9 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     for (flag, values) in config.flags() {
         if given(flag) {
             continue;
+        }
+        if values.is_empty() {
+            added.push(OsString::from(flag));
         }
         for value in values {
             added.push(OsString::from(flag));

@@ -178,6 +178,8 @@ pub struct ShardParts<E> {
     pub options: BackupOptions,
     pub shipper: ShipperHandle,
     pub planted_bug: Option<PlantedBug>,
+    /// How `lockstep://` archives a restore replays from are reached.
+    pub security: lockstep_proto::tls::Security,
 }
 
 /// Cloneable handle on the participant task.

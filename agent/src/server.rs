@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lockstep_proto::tls::Security;
 use lockstep_proto::v1::agent_server::{Agent, AgentServer};
 use lockstep_proto::v1::shard_server::{Shard, ShardServer};
 use lockstep_proto::wire::{
@@ -570,6 +571,8 @@ pub struct AgentParts<E> {
     /// The agent's rate limits: the repository's object transfers and WAL shipping draw on
     /// them; `SetLimits` changes them.
     pub bandwidth: Arc<Bandwidth>,
+    /// How the server and the agent's calls to `lockstep://` archives are secured.
+    pub security: Security,
 }
 
 /// How often an agent exporting metrics refreshes its gauges.
@@ -622,7 +625,9 @@ pub async fn serve<E: ShardEngine>(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    serve_incoming(parts, lockstep_proto::incoming(listener), shutdown).await
+    parts.security.reload_on_hangup(shutdown.clone());
+    let incoming = lockstep_proto::tls::incoming(listener, &parts.security);
+    serve_incoming(parts, incoming, shutdown).await
 }
 
 /// Runs the agent on any stream of connections (TCP, or the simulated network of the
@@ -648,6 +653,7 @@ where
         planted_bug,
         metrics,
         bandwidth,
+        security,
     } = parts;
     let repo = repo.throttled(bandwidth.clone());
     let shipping = ShipperOptions {
@@ -671,6 +677,7 @@ where
             options,
             shipper: shipper.clone(),
             planted_bug,
+            security: security.clone(),
         },
         shutdown.child_token(),
         &mut tasks,
@@ -689,7 +696,7 @@ where
         lockstep_proto::reflection_services().map_err(|err| {
             Error::with_source(ErrorCode::InvalidArgument, "build gRPC reflection", err)
         })?;
-    let result = lockstep_proto::server()
+    let result = lockstep_proto::server(&security)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -126,7 +126,7 @@ impl BenchCluster {
         let repo = dir.join("repo");
         let mut processes = Processes(Vec::new());
         let mut config = format!(
-            "repository = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
+            "repository = \"{}\"\nlisten = \"127.0.0.1:0\"\nplaintext = true\n",
             repo.display()
         );
         if let Some(archive) = wal_to {
@@ -147,6 +147,7 @@ impl BenchCluster {
                 "127.0.0.1:0",
                 "--repo",
                 repo.to_str().unwrap_or_default(),
+                "--plaintext",
             ];
             if let Some(archive) = wal_to {
                 args.extend(["--wal-to", archive.to_str().unwrap_or_default()]);

@@ -76,7 +76,7 @@ fn prepare(
     std::fs::write(
         &config,
         format!(
-            "cluster = \"bench\"\nrepository = \"file://{}\"\nlisten = \"127.0.0.1:0\"\nagents = []\n",
+            "cluster = \"bench\"\nrepository = \"file://{}\"\nlisten = \"127.0.0.1:0\"\nplaintext = true\nagents = []\n",
             repo_dir.display()
         ),
     )?;

@@ -10,6 +10,7 @@
 //! since the start), and a put either continues after that end or is the exact segment
 //! already there; anything else overlaps and is refused.
 
+use lockstep_proto::auth::Identity;
 use lockstep_proto::to_status;
 use lockstep_proto::v1::{self, wal_archive_server::WalArchive};
 use lockstep_proto::wire::{lineage_from_wire, lineage_to_wire};
@@ -201,7 +202,22 @@ impl WalArchive for WalArchiveApi {
         &self,
         request: Request<v1::PutWalSegmentRequest>,
     ) -> Reply<v1::PutWalSegmentReply> {
+        // Only a shard's own agent puts its WAL: another could make the real WAL never
+        // reach the archive (a forged segment running ahead of the shard).
+        let caller = lockstep_proto::tls::caller(&request).cloned();
         let request = request.into_inner();
+        if let Some(caller) = caller
+            && ShardId::new(request.shard_id.clone())
+                .map_or(true, |shard| caller != Identity::Agent(shard))
+        {
+            return Err(to_status(&Error::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "{caller} may not put WAL segments of shard {:?}",
+                    request.shard_id
+                ),
+            )));
+        }
         let info = segment(&request.shard_id, request.lineage.as_ref(), &request.name)?;
         // Checked before it is stored: a damaged transfer is refused and shipped again.
         decode_wal_segment(&info, request.stored.clone())

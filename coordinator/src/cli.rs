@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use lockstep_proto::auth::Identity;
 use lockstep_proto::v1::coordinator_client::CoordinatorClient;
 use lockstep_proto::wire::Label;
 use lockstep_proto::{from_status, v1};
 use lockstep_repository::{Error, ErrorCode, Result};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::config::Config;
@@ -28,8 +30,51 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7400"
     )]
     pub coordinator: String,
+    #[command(flatten)]
+    pub auth: ClientAuth,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How a client command proves who it is to an `https://` coordinator.
+#[derive(Debug, clap::Args)]
+pub struct ClientAuth {
+    /// The cluster's CA certificate (PEM): needed for an https:// coordinator.
+    #[arg(long, global = true, env = "LOCKSTEP_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (PEM), naming lockstep://operator/NAME or
+    /// lockstep://reader/NAME (`lockstep cert issue`).
+    #[arg(long, global = true, env = "LOCKSTEP_CERT", value_name = "PEM")]
+    pub cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, global = true, env = "LOCKSTEP_KEY", value_name = "PEM")]
+    pub key: Option<PathBuf>,
+    /// A file holding a bearer token, for a client without a certificate (`lockstep cert
+    /// token`); never the token itself on the command line.
+    #[arg(long, global = true, env = "LOCKSTEP_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The coordinator a client command talks to, and how.
+#[derive(Debug)]
+pub struct Remote {
+    url: String,
+    security: lockstep_proto::tls::Security,
+    bearer: lockstep_proto::tls::Bearer,
+}
+
+impl Remote {
+    fn new(url: &str, auth: &ClientAuth) -> Result<Remote> {
+        Ok(Remote {
+            url: url.to_string(),
+            security: lockstep_proto::tls::client_security(
+                auth.ca.as_deref(),
+                auth.cert.as_deref(),
+                auth.key.as_deref(),
+            )?,
+            bearer: lockstep_proto::tls::Bearer::from_file(auth.token_file.as_deref())?,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +123,9 @@ pub enum Command {
     /// coordinator, backups under writes, a tag and a restore to it, a disaster, and a
     /// verified restore of the whole cluster (`make demo`).
     Demo(crate::demo::DemoArgs),
+    /// Make the cluster's CA, certificates and bearer tokens (mutual TLS, DESIGN §15).
+    #[command(subcommand)]
+    Cert(crate::cert::CertCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -495,26 +543,31 @@ impl std::fmt::Display for Table {
     }
 }
 
-async fn client(endpoint: &str) -> Result<CoordinatorClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|err| {
-            Error::with_source(
-                ErrorCode::InvalidArgument,
-                format!("coordinator address {endpoint}"),
-                err,
-            )
-        })?
-        .connect_timeout(Duration::from_secs(3))
+type Client = CoordinatorClient<InterceptedService<Channel, lockstep_proto::tls::Bearer>>;
+
+async fn client(remote: &Remote) -> Result<Client> {
+    let url = &remote.url;
+    let channel = lockstep_proto::tls::endpoint(url, &remote.security, Identity::Coordinator)
+        .map_err(|err| err.context("the coordinator (--coordinator, LOCKSTEP_COORDINATOR)"))?
+        .with(|e| e.connect_timeout(Duration::from_secs(3)))
         .connect()
         .await
         .map_err(|err| {
+            let hint = if url.starts_with("http://") {
+                " (a coordinator with TLS is reached at https://, with --ca)"
+            } else {
+                ""
+            };
             Error::with_source(
                 ErrorCode::AgentUnavailable,
-                format!("connect to the coordinator at {endpoint}"),
+                format!("connect to the coordinator at {url}{hint}"),
                 err,
             )
         })?;
-    Ok(CoordinatorClient::new(channel))
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        remote.bearer.clone(),
+    ))
 }
 
 /// A restore's outcome as `--json` prints it.
@@ -687,7 +740,7 @@ fn job_error(job: &v1::BackupJob) -> Error {
 }
 
 async fn create(
-    endpoint: &str,
+    endpoint: &Remote,
     kind: String,
     labels: Vec<(String, String)>,
     wait: bool,
@@ -770,7 +823,7 @@ fn show_progress(bar: &indicatif::ProgressBar, shards: &[v1::ShardProgress]) {
     bar.set_position(shards.iter().map(|s| s.bytes_done).sum());
 }
 
-async fn restore(endpoint: &str, args: RestoreArgs) -> Result<()> {
+async fn restore(endpoint: &Remote, args: RestoreArgs) -> Result<()> {
     let (in_place, json) = (args.in_place, args.json);
     let mut client = client(endpoint).await?;
     if args.abort {
@@ -919,8 +972,18 @@ fn health_code(unreachable: bool, failing: bool) -> i32 {
 /// Runs one command; returns its exit code when it ran (a failed verify or an unhealthy
 /// cluster is not 0).
 async fn run_command(cli: Cli) -> Result<i32> {
-    let endpoint = cli.coordinator.as_str();
+    let remote = Remote::new(&cli.coordinator, &cli.auth);
+    // Commands that talk to no coordinator run without its TLS files.
+    let endpoint = &match (&cli.command, remote) {
+        (Command::Serve { .. } | Command::Demo(_) | Command::Cert(_), _) => Remote {
+            url: cli.coordinator.clone(),
+            security: lockstep_proto::tls::Security::Plaintext,
+            bearer: Default::default(),
+        },
+        (_, remote) => remote?,
+    };
     match cli.command {
+        Command::Cert(command) => crate::cert::run(command)?,
         Command::Serve {
             config,
             metrics_listen,

@@ -6,6 +6,8 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
+use lockstep_proto::auth::Identity;
+use lockstep_proto::tls::{Security, Tls};
 use lockstep_repository::manifest::{RaidGroup, RaidLayout};
 use lockstep_repository::{Error, ErrorCode, Result, ShardId};
 use serde::Deserialize;
@@ -15,7 +17,8 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub shard: ShardId,
-    /// gRPC endpoint, e.g. `http://10.0.0.5:7401`.
+    /// gRPC endpoint: `https://10.0.0.5:7401` (its certificate must name
+    /// `lockstep://agent/<shard>`), or `http://` with `plaintext = true`.
     pub endpoint: String,
 }
 
@@ -147,6 +150,14 @@ pub struct Config {
     /// agents every 15 s for `lockstep_agent_up`.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// `[tls]`: mutual TLS for the coordinator's server and its calls to agents and to
+    /// `lockstep://` archives (`lockstep cert` makes the files).
+    #[serde(default)]
+    pub tls: Option<lockstep_proto::tls::TlsFiles>,
+    /// Serve and call without TLS: anyone who reaches the port may act on the cluster. Chosen
+    /// explicitly, never a default.
+    #[serde(default)]
+    pub plaintext: bool,
 }
 
 fn default_cluster() -> String {
@@ -188,13 +199,43 @@ impl Config {
                     agent.shard
                 )));
             }
-            // TLS is not built yet: an https:// endpoint would pass here and fail to connect.
-            if !agent.endpoint.starts_with("http://") {
+            let scheme_ok = if self.plaintext {
+                agent.endpoint.starts_with("http://")
+            } else {
+                agent.endpoint.starts_with("https://")
+            };
+            if !scheme_ok {
                 return Err(invalid(format!(
-                    "agent {}: endpoint {:?} must start with http:// (TLS to agents is not supported yet)",
-                    agent.shard, agent.endpoint
+                    "agent {}: endpoint {:?} must start with {}",
+                    agent.shard,
+                    agent.endpoint,
+                    if self.plaintext {
+                        "http:// (plaintext = true)"
+                    } else {
+                        "https:// ([tls] is configured)"
+                    }
                 )));
             }
+        }
+        match (&self.tls, self.plaintext) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "[tls] and plaintext = true contradict each other: keep one".to_string(),
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "no [tls] section: configure mutual TLS (`lockstep cert` makes the files), or set plaintext = true to let anyone who reaches the ports act on the cluster"
+                        .to_string(),
+                ));
+            }
+            (Some(tls), false) if tls.cert.is_none() || tls.key.is_none() => {
+                return Err(invalid(
+                    "[tls] needs cert and key: the coordinator's certificate (lockstep://coordinator) and its key"
+                        .to_string(),
+                ));
+            }
+            _ => {}
         }
         if self.cluster.is_empty()
             || !self
@@ -289,6 +330,19 @@ impl Config {
         Ok(())
     }
 
+    /// The transport security the configuration chose: its `[tls]` files loaded (the
+    /// certificate must name `lockstep://coordinator`), or plaintext.
+    pub fn security(&self) -> Result<Security> {
+        match &self.tls {
+            None => Ok(Security::Plaintext),
+            Some(files) => {
+                let tls = Tls::load(files.clone()).map_err(|err| err.context("[tls]"))?;
+                tls.check_serves_as(&Identity::Coordinator)?;
+                Ok(Security::Tls(tls))
+            }
+        }
+    }
+
     /// Every shard id, in configuration order.
     pub fn shard_ids(&self) -> Vec<ShardId> {
         self.agents.iter().map(|a| a.shard.clone()).collect()
@@ -310,6 +364,7 @@ mod tests {
 
     const GOOD: &str = r#"
 repository = "memory://x"
+plaintext = true
 [[agents]]
 shard = "shard-0"
 endpoint = "http://127.0.0.1:1"
@@ -393,8 +448,23 @@ parity = ["shard-2"]
         assert!(message(&GOOD.replace("http://127.0.0.1:2", "127.0.0.1:2")).contains("http://"));
         assert!(
             message(&GOOD.replace("http://127.0.0.1:2", "https://127.0.0.1:2"))
-                .contains("TLS to agents is not supported")
+                .contains("must start with http://")
         );
+        assert!(message(&GOOD.replace("plaintext = true", "")).contains("no [tls] section"));
+        let tls = GOOD
+            .replace("plaintext = true", "")
+            .replace("http://", "https://")
+            .replace(
+                "[[raid_groups]]",
+                "[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n[[raid_groups]]",
+            );
+        assert!(Config::parse(&tls).is_ok(), "{}", message(&tls));
+        assert!(
+            message(&tls.replace("https://127.0.0.1:2", "http://127.0.0.1:2"))
+                .contains("must start with https://")
+        );
+        assert!(message(&format!("plaintext = true\n{tls}")).contains("contradict"));
+        assert!(message(&tls.replace("key = \"c.key\"\n", "")).contains("needs cert and key"));
         assert!(
             message(&format!("{GOOD}\n[barrier]\ncontrol_timeout_ms = 0")).contains("positive")
         );

@@ -219,6 +219,7 @@ impl Demo {
                 CFS,
                 "--wal-to",
                 &self.region,
+                "--plaintext",
             ],
         )?;
         self.agents.insert(shard, (child, address.clone()));
@@ -254,7 +255,7 @@ impl Demo {
     /// Writes the coordinator's configuration for the agents running now.
     fn write_config(&self) -> Result<()> {
         let mut config = format!(
-            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
+            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\nplaintext = true\n",
             self.repo, self.region
         );
         for (shard, (_, address)) in &self.agents {

@@ -17,7 +17,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::future::join_all;
+use lockstep_proto::auth::Identity;
 use lockstep_proto::from_status;
+use lockstep_proto::tls::Security;
 use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_repository::{Error, ErrorCode, Result, ShardId};
 use tokio::time::Instant;
@@ -46,25 +48,24 @@ pub struct AgentLink {
     pub client: AgentClient<Channel>,
 }
 
-/// Builds lazily-connecting clients for every agent of the configuration.
-pub fn agent_links(config: &Config) -> Result<Vec<AgentLink>> {
+/// Builds lazily-connecting clients for every agent of the configuration; with TLS, each
+/// agent's certificate must name its shard (`lockstep://agent/<shard>`).
+pub fn agent_links(config: &Config, security: &Security) -> Result<Vec<AgentLink>> {
     config
         .agents
         .iter()
         .map(|agent| {
-            let endpoint = lockstep_proto::long_lived(
-                tonic::transport::Endpoint::from_shared(agent.endpoint.clone()).map_err(|err| {
-                    Error::with_source(
-                        ErrorCode::InvalidArgument,
-                        format!("agent endpoint {}", agent.endpoint),
-                        err,
-                    )
-                })?,
-            );
+            let target = lockstep_proto::tls::endpoint(
+                &agent.endpoint,
+                security,
+                Identity::Agent(agent.shard.clone()),
+            )
+            .map_err(|err| err.context(format!("agent {}", agent.shard)))?
+            .with(lockstep_proto::long_lived);
             Ok(AgentLink {
                 shard_id: agent.shard.clone(),
                 endpoint: agent.endpoint.clone(),
-                client: AgentClient::new(endpoint.connect_lazy()),
+                client: AgentClient::new(target.lazy()),
             })
         })
         .collect()

@@ -19,6 +19,7 @@
 
 pub mod archive;
 pub mod backup;
+pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod demo;

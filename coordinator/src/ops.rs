@@ -54,6 +54,8 @@ pub struct ClusterContext {
     /// confirm a discard or a decision): the next backup, tag or restore settles it first,
     /// so a staged restore an agent still holds does not refuse barriers until its lease.
     pub restores_to_settle: Arc<std::sync::atomic::AtomicBool>,
+    /// How this coordinator reaches agents and `lockstep://` archives.
+    pub security: lockstep_proto::tls::Security,
 }
 
 impl ClusterContext {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use lockstep_proto::tls::Security;
 use lockstep_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use lockstep_proto::v1::wal_archive_server::WalArchiveServer;
 use lockstep_proto::{to_status, v1};
@@ -98,7 +99,7 @@ impl VerifyOrder {
         if self.with_wal
             && let Some(url) = &ctx.config.wal_archive
         {
-            let archive = lockstep_proto::archive::open_archive(url).await?;
+            let archive = lockstep_proto::archive::open_archive(url, &ctx.security).await?;
             let reach_back = oldest_backup_points(&ctx.repo).await?;
             verify_wal(
                 &mut report,
@@ -754,15 +755,11 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
 ) -> Result<()> {
-    let agents = agent_links(&config)?;
-    serve_incoming(
-        config,
-        agents,
-        lockstep_proto::incoming(listener),
-        shutdown,
-        on_ready,
-    )
-    .await
+    let security = config.security()?;
+    let agents = agent_links(&config, &security)?;
+    security.reload_on_hangup(shutdown.clone());
+    let incoming = lockstep_proto::tls::incoming(listener, &security);
+    serve_incoming(config, agents, security, incoming, shutdown, on_ready).await
 }
 
 /// How often the coordinator asks every agent whether it is up, for `lockstep_agent_up`.
@@ -797,6 +794,7 @@ async fn poll_agents_up(ctx: &ClusterContext, stop: CancellationToken) {
 pub async fn serve_incoming<I, IO, IE>(
     config: Config,
     agents: Vec<AgentLink>,
+    security: Security,
     incoming: I,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(),
@@ -822,6 +820,7 @@ where
         fence: fence.clone(),
         sweep: Default::default(),
         restores_to_settle: Default::default(),
+        security: security.clone(),
     };
     // Restores first: their agents' leases run while backups' leftovers are waited for.
     // Neither stops the coordinator from serving (its WAL archive service included): what
@@ -897,7 +896,7 @@ where
         listing: Default::default(),
     };
     on_ready();
-    let result = lockstep_proto::server()
+    let result = lockstep_proto::server(&security)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

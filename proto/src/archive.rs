@@ -9,7 +9,9 @@ use lockstep_repository::wal::SegmentInfo;
 use lockstep_repository::{Error, ErrorCode, Lineage, Repository, Result, ShardId};
 use tonic::transport::Channel;
 
+use crate::auth::Identity;
 use crate::from_status;
+use crate::tls::{Security, endpoint};
 use crate::v1::{self, wal_archive_client::WalArchiveClient};
 use crate::wire::{lineage_from_wire, lineage_to_wire};
 
@@ -21,20 +23,23 @@ pub const SCHEME: &str = "lockstep://";
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Opens a WAL archive: `lockstep://HOST:PORT` for a coordinator's archive endpoint, any
-/// repository URL or path otherwise.
-pub async fn open_archive(url: &str) -> Result<WalArchive> {
+/// repository URL or path otherwise. The coordinator is reached over TLS when `security` is
+/// TLS (and its certificate must name `lockstep://coordinator`), in plaintext otherwise.
+pub async fn open_archive(url: &str, security: &Security) -> Result<WalArchive> {
     let Some(address) = url.strip_prefix(SCHEME) else {
         return Ok(WalArchive::Store(Repository::open(url).await?));
     };
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("http://{address}")).map_err(|err| {
-            Error::with_source(
-                ErrorCode::InvalidArgument,
-                format!("WAL archive {url}: write lockstep://HOST:PORT"),
-                err,
-            )
-        })?;
-    Ok(remote(url, channel_settings(endpoint).connect_lazy()))
+    let scheme = match security {
+        Security::Plaintext => "http",
+        Security::Tls(_) => "https",
+    };
+    let target = endpoint(
+        &format!("{scheme}://{address}"),
+        security,
+        Identity::Coordinator,
+    )
+    .map_err(|err| err.context(format!("WAL archive {url}: write lockstep://HOST:PORT")))?;
+    Ok(remote(url, target.with(channel_settings).lazy()))
 }
 
 /// The longest one archive call (a segment put or get of up to `MAX_MESSAGE_BYTES`) may take.

@@ -9,6 +9,8 @@ use lockstep_repository::{Error, ErrorCode};
 use tonic::{Code, Status};
 
 pub mod archive;
+pub mod auth;
+pub mod tls;
 pub mod wire;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -42,14 +44,6 @@ impl<T> Connection for T where
 {
 }
 
-/// A server's stream of TCP connections, with Nagle's algorithm off: a barrier's replies are
-/// small writes (headers, message, trailers), and with Nagle on, one waiting for the ACK of
-/// the previous reply meets the peer's delayed ACK (40 ms on Linux) while every gate is
-/// closed. Measured: the barrier pause went from 44 ms to a few ms at p50.
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 /// How Lockstep's long-lived channels (coordinator to agents, agents to remote archives)
 /// behave: a bounded connect time, and HTTP/2 keepalive, so a connection that died
 /// silently (a partition that dropped its packets, a host that vanished) is noticed within
@@ -72,14 +66,20 @@ pub fn long_lived(endpoint: tonic::transport::Endpoint) -> tonic::transport::End
 /// The most requests one client connection has in progress on a server at once; more wait.
 pub const MAX_REQUESTS_PER_CONNECTION: usize = 256;
 
-/// The server every Lockstep binary serves with: at most [`MAX_REQUESTS_PER_CONNECTION`]
+/// The server every Lockstep binary serves with: every call authorized by `security`
+/// ([`tls::Authorize`]) before a service sees it; at most [`MAX_REQUESTS_PER_CONNECTION`]
 /// requests in progress per connection and as many HTTP/2 streams, and each service's
 /// messages bounded (tonic's 4 MiB unless the service says otherwise, as the WAL archive
 /// does), so no client can make a server hold unbounded work or memory.
-pub fn server() -> tonic::transport::Server {
+pub fn server(
+    security: &tls::Security,
+) -> tonic::transport::Server<
+    tower::layer::util::Stack<tls::AuthorizeLayer, tower::layer::util::Identity>,
+> {
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(MAX_REQUESTS_PER_CONNECTION)
         .max_concurrent_streams(Some(MAX_REQUESTS_PER_CONNECTION as u32))
+        .layer(tls::AuthorizeLayer(security.clone()))
 }
 
 /// The metadata key that carries the seed error code on a failed call.
@@ -94,6 +94,8 @@ fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::StorageUnavailable => Code::Unavailable,
         ErrorCode::StorageDiskFull => Code::ResourceExhausted,
         ErrorCode::BarrierBusy | ErrorCode::CoordinatorFenced => Code::FailedPrecondition,
+        ErrorCode::Unauthenticated => Code::Unauthenticated,
+        ErrorCode::PermissionDenied => Code::PermissionDenied,
         ErrorCode::BackupChecksumMismatch
         | ErrorCode::BackupManifestCorrupt
         | ErrorCode::BackupIncomplete
@@ -123,6 +125,8 @@ pub fn from_status(what: &str, status: &Status) -> Error {
             Code::NotFound => ErrorCode::BackupNotFound,
             Code::InvalidArgument => ErrorCode::InvalidArgument,
             Code::DeadlineExceeded => ErrorCode::BarrierLeaseExpired,
+            Code::Unauthenticated => ErrorCode::Unauthenticated,
+            Code::PermissionDenied => ErrorCode::PermissionDenied,
             Code::Unavailable | Code::Cancelled | Code::Unknown => ErrorCode::AgentUnavailable,
             _ => ErrorCode::BackupCreationFailed,
         });

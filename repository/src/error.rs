@@ -41,6 +41,10 @@ pub enum ErrorCode {
     BarrierAborted,
     /// Lockstep: another coordinator took the repository over; this one no longer acts.
     CoordinatorFenced,
+    /// Lockstep: the caller proved no identity (no valid certificate, no known token).
+    Unauthenticated,
+    /// Lockstep: the caller's role may not make this call.
+    PermissionDenied,
 }
 
 /// How bad an error is, in the seed's three levels.
@@ -88,11 +92,13 @@ impl ErrorCode {
             ErrorCode::AgentUnavailable => "ERR_AGENT_UNAVAILABLE",
             ErrorCode::BarrierAborted => "ERR_BARRIER_ABORTED",
             ErrorCode::CoordinatorFenced => "ERR_COORDINATOR_FENCED",
+            ErrorCode::Unauthenticated => "ERR_AUTH_UNAUTHENTICATED",
+            ErrorCode::PermissionDenied => "ERR_AUTH_PERMISSION_DENIED",
         }
     }
 
     /// Every code, for parsing and documentation.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::BackupCreationFailed,
         ErrorCode::BackupRestorationFailed,
         ErrorCode::BackupVerificationFailed,
@@ -115,6 +121,8 @@ impl ErrorCode {
         ErrorCode::AgentUnavailable,
         ErrorCode::BarrierAborted,
         ErrorCode::CoordinatorFenced,
+        ErrorCode::Unauthenticated,
+        ErrorCode::PermissionDenied,
     ];
 
     /// The code named `ERR_...`, if it is one of ours.
@@ -194,6 +202,12 @@ impl ErrorCode {
             ErrorCode::BarrierAborted => "the backup was aborted; retry it",
             ErrorCode::CoordinatorFenced => {
                 "a newer coordinator acts on this repository; use it, and stop this one (restarting it takes the repository back)"
+            }
+            ErrorCode::Unauthenticated => {
+                "give the client a certificate issued by the cluster's CA (`lockstep cert issue`) or a bearer token (`--token-file`)"
+            }
+            ErrorCode::PermissionDenied => {
+                "this identity's role may not make the call: changes need an operator (lockstep://operator/NAME), reads a reader"
             }
         }
     }

@@ -25,6 +25,7 @@ use lockstep_coordinator::config::{AgentConfig, BarrierConfig, Config, TagsConfi
 use lockstep_coordinator::fleet::AgentLink;
 use lockstep_coordinator::gc::GcConfig;
 use lockstep_coordinator::retention::RetentionConfig;
+use lockstep_proto::tls::Security;
 use lockstep_proto::v1;
 use lockstep_proto::v1::agent_client::AgentClient;
 use lockstep_proto::v1::coordinator_client::CoordinatorClient;
@@ -193,6 +194,9 @@ fn config(scenario: &Scenario, repository: &str) -> Config {
         verify: Default::default(),
         schedules: Vec::new(),
         metrics_listen: None,
+        // The simulated network: its faults are what is tested, not TLS.
+        tls: None,
+        plaintext: true,
     }
 }
 
@@ -374,6 +378,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                     planted_bug,
                     metrics: false,
                     bandwidth: Default::default(),
+                    security: Security::Plaintext,
                 };
                 serve_incoming(parts, incoming(AGENT_PORT).await?, CancellationToken::new())
                     .await?;
@@ -391,6 +396,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
             lockstep_coordinator::service::serve_incoming(
                 config,
                 Vec::new(),
+                Security::Plaintext,
                 incoming(REGION_PORT).await?,
                 CancellationToken::new(),
                 || {},
@@ -422,6 +428,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
             lockstep_coordinator::service::serve_incoming(
                 config,
                 agents,
+                Security::Plaintext,
                 incoming(COORDINATOR_PORT).await?,
                 CancellationToken::new(),
                 || {},

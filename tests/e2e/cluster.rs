@@ -25,6 +25,9 @@ pub struct Cluster {
     /// More arguments for every agent (another `--wal-to`, say), and its environment.
     pub agent_extra: Vec<String>,
     pub agent_env: Vec<(String, String)>,
+    /// With mutual TLS: the directory of the CA and every identity's certificate and key
+    /// (`coordinator`, `agent-shard-N`, `operator-alice`, `reader-grafana`, `client-app`).
+    pub pki: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -43,6 +46,20 @@ impl Cluster {
 
     fn agent_args(&self, i: usize, listen: &str) -> Vec<String> {
         let db = self.dir.path().join(format!("db-{i}"));
+        let security: Vec<String> = match &self.pki {
+            None => vec!["--plaintext".into()],
+            Some(pki) => {
+                let file = |name: &str| pki.join(name).display().to_string();
+                vec![
+                    "--tls-ca".into(),
+                    file("ca.pem"),
+                    "--tls-cert".into(),
+                    file(&format!("agent-shard-{i}.pem")),
+                    "--tls-key".into(),
+                    file(&format!("agent-shard-{i}.key")),
+                ]
+            }
+        };
         [
             "serve",
             "--db",
@@ -58,6 +75,7 @@ impl Cluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(security)
         .chain(self.agent_extra.iter().cloned())
         .collect()
     }
@@ -80,7 +98,60 @@ impl Cluster {
             fault,
             agent_extra,
             agent_env,
+            false,
         )
+    }
+
+    /// `start` with mutual TLS on every server and client: a CA, and a certificate for the
+    /// coordinator, each agent, an operator (the CLI's), a reader and a Shard API client.
+    pub fn start_secure(lease_ms: u64) -> Cluster {
+        Cluster::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            lease_ms,
+            None,
+            Vec::new(),
+            Vec::new(),
+            true,
+        )
+    }
+
+    /// The `[tls]` files of `name` (`operator-alice`, ...): CA, certificate, key.
+    pub fn tls_files(&self, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let pki = self.pki.as_ref().expect("a cluster with TLS");
+        (
+            pki.join("ca.pem"),
+            pki.join(format!("{name}.pem")),
+            pki.join(format!("{name}.key")),
+        )
+    }
+
+    /// A channel to agent `i` as `name` (a certificate in the PKI), or plaintext.
+    pub async fn agent_channel(&self, i: usize, name: &str) -> Channel {
+        use lockstep_proto::tls::{Security, Tls, TlsFiles, endpoint};
+        let (security, scheme) = match &self.pki {
+            None => (Security::Plaintext, "http"),
+            Some(_) => {
+                let (ca, cert, key) = self.tls_files(name);
+                let tls = Tls::load(TlsFiles {
+                    ca,
+                    cert: Some(cert),
+                    key: Some(key),
+                    tokens: None,
+                })
+                .expect("load TLS files");
+                (Security::Tls(tls), "https")
+            }
+        };
+        let shard = lockstep_repository::ShardId::new(Cluster::shard(i)).expect("shard");
+        endpoint(
+            &format!("{scheme}://{}", self.addresses[i]),
+            &security,
+            lockstep_proto::auth::Identity::Agent(shard),
+        )
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect agent")
     }
 
     /// `start`, every shard first loaded with `mib` MiB of incompressible values (so a
@@ -101,7 +172,7 @@ impl Cluster {
                 "1.0",
             ]);
         }
-        Cluster::start_in(dir, lease_ms, None, Vec::new(), Vec::new())
+        Cluster::start_in(dir, lease_ms, None, Vec::new(), Vec::new(), false)
     }
 
     fn start_in(
@@ -110,7 +181,29 @@ impl Cluster {
         fault: Option<&str>,
         agent_extra: Vec<String>,
         agent_env: Vec<(String, String)>,
+        tls: bool,
     ) -> Cluster {
+        let pki = tls.then(|| {
+            use lockstep_coordinator::cert::{create_ca, file_name, issue};
+            use lockstep_proto::auth::Identity;
+            let pki = dir.path().join("tls");
+            create_ca(&pki, 1).expect("create the CA");
+            let names = [
+                "lockstep://coordinator",
+                "lockstep://operator/alice",
+                "lockstep://reader/grafana",
+                "lockstep://client/app",
+            ]
+            .map(String::from)
+            .into_iter()
+            .chain((0..N_AGENTS).map(|i| format!("lockstep://agent/shard-{i}")));
+            for uri in names {
+                let identity = Identity::parse(&uri).expect("identity");
+                issue(&pki, &identity, &[], 1, Some(&file_name(&identity))).expect("issue");
+            }
+            std::fs::write(pki.join("tokens"), "").expect("write the token file");
+            pki
+        });
         let mut cluster = Cluster {
             dir,
             agents: Vec::new(),
@@ -120,6 +213,7 @@ impl Cluster {
             lease_ms,
             agent_extra,
             agent_env,
+            pki,
         };
         for i in 0..N_AGENTS {
             let args = cluster.agent_args(i, "127.0.0.1:0");
@@ -132,17 +226,29 @@ impl Cluster {
             cluster.agents.push(Some(child));
             cluster.addresses.push(address);
         }
+        let scheme = if cluster.pki.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let agents: String = (0..N_AGENTS)
             .map(|i| {
                 format!(
-                    "[[agents]]\nshard = \"{}\"\nendpoint = \"http://{}\"\n",
+                    "[[agents]]\nshard = \"{}\"\nendpoint = \"{scheme}://{}\"\n",
                     Cluster::shard(i),
                     cluster.addresses[i]
                 )
             })
             .collect();
+        let security = match &cluster.pki {
+            None => "plaintext = true\n".to_string(),
+            Some(pki) => format!(
+                "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/coordinator.pem\"\nkey = \"{0}/coordinator.key\"\ntokens = \"{0}/tokens\"\n",
+                pki.display()
+            ),
+        };
         let config = format!(
-            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\n[barrier]\nlease_ms = {lease_ms}\nprepare_timeout_ms = {}\n{agents}\
+            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\n{security}[barrier]\nlease_ms = {lease_ms}\nprepare_timeout_ms = {}\n{agents}\
              [[raid_groups]]\nname = \"group-0\"\nlayout = \"raid5\"\ndata = [\"shard-0\", \"shard-1\"]\nparity = [\"shard-2\"]\n",
             cluster.repo().display(),
             cluster.archive().display(),
@@ -186,7 +292,8 @@ impl Cluster {
         ];
         let (child, address) = start_server("lockstep", &args, env, &self.log("coordinator"));
         self.coordinator = Some(child);
-        self.coordinator_address = format!("http://{address}");
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        self.coordinator_address = format!("{scheme}://{address}");
     }
 
     pub fn kill_coordinator(&mut self) {
@@ -227,9 +334,7 @@ impl Cluster {
 
     /// Starts `lockstep ARGS` against this cluster's coordinator, in the background.
     pub fn spawn_lockstep(&self, args: &[&str]) -> Child {
-        std::process::Command::new(binary("lockstep"))
-            .args(args)
-            .env("LOCKSTEP_COORDINATOR", &self.coordinator_address)
+        self.command(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -263,23 +368,31 @@ impl Cluster {
 
     /// Runs `lockstep ARGS` against this cluster's coordinator.
     pub fn lockstep(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(binary("lockstep"))
+        self.command(args).output().expect("run lockstep")
+    }
+
+    /// `lockstep ARGS` against this cluster's coordinator; with TLS, as its operator.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(binary("lockstep"));
+        command
             .args(args)
-            .env("LOCKSTEP_COORDINATOR", &self.coordinator_address)
-            .output()
-            .expect("run lockstep")
+            .env("LOCKSTEP_COORDINATOR", &self.coordinator_address);
+        if self.pki.is_some() {
+            let (ca, cert, key) = self.tls_files("operator-alice");
+            command
+                .env("LOCKSTEP_CA", ca)
+                .env("LOCKSTEP_CERT", cert)
+                .env("LOCKSTEP_KEY", key);
+        }
+        command
     }
 
     pub async fn shard_client(&self, i: usize) -> ShardClient<Channel> {
-        ShardClient::connect(format!("http://{}", self.addresses[i]))
-            .await
-            .expect("connect shard")
+        ShardClient::new(self.agent_channel(i, "client-app").await)
     }
 
     pub async fn agent_client(&self, i: usize) -> AgentClient<Channel> {
-        AgentClient::connect(format!("http://{}", self.addresses[i]))
-            .await
-            .expect("connect agent")
+        AgentClient::new(self.agent_channel(i, "coordinator").await)
     }
 
     /// Whether agent `i` reports its gate closed; `None` if it does not answer.

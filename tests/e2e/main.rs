@@ -19,4 +19,5 @@ mod operator_faults;
 mod pitr;
 mod proxy;
 mod round_trip;
+mod security;
 mod shipping;

@@ -331,7 +331,7 @@ async fn an_agent_serves_from_its_configuration_file_and_the_command_line_wins()
     std::fs::write(
         &config,
         format!(
-            "db = \"{}\"\nshard = \"shard-7\"\nlisten = \"127.0.0.1:1\"\nrepo = \"{}\"\nwal_to = [\"{}\"]\n",
+            "db = \"{}\"\nshard = \"shard-7\"\nlisten = \"127.0.0.1:1\"\nrepo = \"{}\"\nwal_to = [\"{}\"]\nplaintext = true\n",
             dir.path().join("db").display(),
             dir.path().join("repo").display(),
             dir.path().join("archive").display(),

@@ -27,7 +27,15 @@ fn serving_with_a_capture_dir_that_holds_the_shard_is_refused_and_deletes_nothin
 
     for capture_dir in [data.clone(), db.clone(), db.join("captures")] {
         let mut child = Command::new(binary("lockstep-agent"))
-            .args(["serve", "--db", db_arg, "--shard", "shard-0", "--listen"])
+            .args([
+                "serve",
+                "--plaintext",
+                "--db",
+                db_arg,
+                "--shard",
+                "shard-0",
+                "--listen",
+            ])
             .arg("127.0.0.1:0")
             .args(["--repo", repo_arg, "--capture-dir"])
             .arg(&capture_dir)
@@ -440,7 +448,7 @@ fn a_coordinator_of_another_cluster_is_refused_on_the_repository() {
         std::fs::write(
             &path,
             format!(
-                "cluster = \"{cluster}\"\nrepository = \"{}\"\nlisten = \"127.0.0.1:0\"\nagents = []\n",
+                "cluster = \"{cluster}\"\nrepository = \"{}\"\nlisten = \"127.0.0.1:0\"\nplaintext = true\nagents = []\n",
                 repo.display()
             ),
         )

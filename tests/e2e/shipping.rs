@@ -211,9 +211,12 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
         "errors after healing: {status:#}"
     );
 
-    let local = open_archive(cluster.archive().to_str().expect("utf-8"))
-        .await
-        .expect("open local archive");
+    let local = open_archive(
+        cluster.archive().to_str().expect("utf-8"),
+        &lockstep_proto::tls::Security::Plaintext,
+    )
+    .await
+    .expect("open local archive");
     check_archive(&local, &history).await;
     let remote = Repository::open_with(s3, &moto.env())
         .await
@@ -316,7 +319,7 @@ fn start_region(dir: &std::path::Path, listen: &str) -> (Region, String) {
     std::fs::write(
         &config,
         format!(
-            "repository = \"{}\"\nlisten = \"{listen}\"\n",
+            "repository = \"{}\"\nlisten = \"{listen}\"\nplaintext = true\n",
             dir.join("repo").display()
         ),
     )
@@ -372,7 +375,9 @@ async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_wi
         n += 1;
     }
     wait_shipped(&cluster).await;
-    let archive = open_archive(&url).await.expect("open the region's archive");
+    let archive = open_archive(&url, &lockstep_proto::tls::Security::Plaintext)
+        .await
+        .expect("open the region's archive");
     check_archive(&archive, &history).await;
 
     // The primary repository is lost. A coordinator on a new, empty repository restores

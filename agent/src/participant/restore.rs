@@ -447,6 +447,7 @@ impl<E: ShardEngine> Restores<E> {
             repo: Some(shard.repo.clone()),
         };
         let (point, current) = (request.point, shard.slot.lineage().timeline);
+        let security = shard.security.clone();
         let task = self.stagings.spawn(async move {
             let shard = shard_id_task;
             // In place, or when replaying, the backup must come from this agent's engine.
@@ -474,7 +475,7 @@ impl<E: ShardEngine> Restores<E> {
                 if let Some((chain, archive, to)) = replay {
                     let (archive, legs) = match archive {
                         Some((url, legs)) => {
-                            (Some(lockstep_proto::archive::open_archive(&url).await?), legs)
+                            (Some(lockstep_proto::archive::open_archive(&url, &security).await?), legs)
                         }
                         None => (None, Vec::new()),
                     };

@@ -79,6 +79,7 @@ impl TestShard {
                 },
                 shipper,
                 planted_bug,
+                security: lockstep_proto::tls::Security::Plaintext,
             },
             cancel.child_token(),
             &mut tasks,
