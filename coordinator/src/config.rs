@@ -191,6 +191,26 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        match (&self.tls, self.plaintext) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "[tls] and plaintext = true contradict each other: keep one".to_string(),
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "no [tls] section: configure mutual TLS (`lockstep cert` makes the files), or set plaintext = true to let anyone who reaches the ports act on the cluster"
+                        .to_string(),
+                ));
+            }
+            (Some(tls), false) if tls.cert.is_none() || tls.key.is_none() => {
+                return Err(invalid(
+                    "[tls] needs cert and key: the coordinator's certificate (lockstep://coordinator) and its key"
+                        .to_string(),
+                ));
+            }
+            _ => {}
+        }
         let mut shards = HashSet::new();
         for agent in &self.agents {
             if !shards.insert(agent.shard.clone()) {
@@ -216,26 +236,6 @@ impl Config {
                     }
                 )));
             }
-        }
-        match (&self.tls, self.plaintext) {
-            (Some(_), true) => {
-                return Err(invalid(
-                    "[tls] and plaintext = true contradict each other: keep one".to_string(),
-                ));
-            }
-            (None, false) => {
-                return Err(invalid(
-                    "no [tls] section: configure mutual TLS (`lockstep cert` makes the files), or set plaintext = true to let anyone who reaches the ports act on the cluster"
-                        .to_string(),
-                ));
-            }
-            (Some(tls), false) if tls.cert.is_none() || tls.key.is_none() => {
-                return Err(invalid(
-                    "[tls] needs cert and key: the coordinator's certificate (lockstep://coordinator) and its key"
-                        .to_string(),
-                ));
-            }
-            _ => {}
         }
         if self.cluster.is_empty()
             || !self
