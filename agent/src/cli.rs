@@ -811,12 +811,12 @@ async fn run_load_remote_on_one_thread(args: &LoadArgs, endpoint: &str) -> Resul
 async fn run_load_remote(args: &LoadArgs, endpoint: &str) -> Result<()> {
     use lockstep_proto::v1;
     let tls = &args.tls;
-    let security = lockstep_proto::tls::client_security(
+    let (security, bearer) = lockstep_proto::tls::client_credentials(
         tls.ca.as_deref(),
         tls.cert.as_deref(),
         tls.key.as_deref(),
+        tls.token_file.as_deref(),
     )?;
-    let bearer = lockstep_proto::tls::Bearer::from_file(tls.token_file.as_deref())?;
     let channel = lockstep_proto::tls::endpoint(
         endpoint,
         &security,

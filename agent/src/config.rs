@@ -110,6 +110,9 @@ impl AgentConfig {
     }
 }
 
+/// The flags that take no value: present when the file sets them true.
+const SWITCHES: [&str; 1] = ["--plaintext"];
+
 /// `argv` with `serve --config FILE` replaced by the flags the file sets and the command line
 /// does not; any other command line is returned as it is.
 pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
@@ -144,19 +147,26 @@ pub fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
     })?;
     let config: AgentConfig = toml::from_str(&text)
         .map_err(|err| invalid(&format!("agent configuration {}: {err}", file.display())))?;
-    let given = |flag: &str| {
+    let on_command_line = |flag: &str| {
         out.iter().any(|arg| {
             arg.to_str()
                 .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
         })
+    };
+    // TLS and plaintext exclude each other: the command line's choice wins as a whole.
+    let given = |flag: &str| {
+        on_command_line(flag)
+            || (flag.starts_with("--tls-") && on_command_line("--plaintext"))
+            || (flag == "--plaintext" && on_command_line("--tls-ca"))
     };
     let mut added = Vec::new();
     for (flag, values) in config.flags() {
         if given(flag) {
             continue;
         }
-        if values.is_empty() {
+        if SWITCHES.contains(&flag) {
             added.push(OsString::from(flag));
+            continue;
         }
         for value in values {
             added.push(OsString::from(flag));
@@ -215,6 +225,38 @@ mod tests {
         // Every key of the reference file is one the agent knows.
         let parsed = <crate::cli::Cli as clap::Parser>::try_parse_from(&expanded);
         assert!(parsed.is_ok(), "{parsed:?}");
+    }
+
+    #[test]
+    fn plaintext_is_a_switch_and_the_command_line_chooses_tls_or_plaintext_as_a_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let path_arg = path.display().to_string();
+        let expanded = |file: &str, extra: &[&str]| {
+            std::fs::write(&path, file).expect("write");
+            let mut args = vec!["lockstep-agent", "serve", "--config", &path_arg];
+            args.extend(extra);
+            strings(expand(argv(&args)).expect("expand"))
+        };
+        let file = "plaintext = true\nwal_to = []\n";
+        let out = expanded(file, &[]);
+        assert!(out.iter().any(|a| a == "--plaintext"), "{out:?}");
+        assert!(
+            !out.iter().any(|a| a == "--wal-to"),
+            "an empty list is no flag: {out:?}"
+        );
+        // TLS on the command line replaces the file's plaintext...
+        let out = expanded(file, &["--tls-ca", "ca.pem"]);
+        assert!(!out.iter().any(|a| a == "--plaintext"), "{out:?}");
+        // ...and plaintext on the command line the file's TLS files.
+        let tls = "tls_ca = \"ca.pem\"\ntls_cert = \"a.pem\"\ntls_key = \"a.key\"\n";
+        let out = expanded(tls, &["--plaintext"]);
+        assert!(!out.iter().any(|a| a.starts_with("--tls-")), "{out:?}");
+        assert!(
+            !expanded("plaintext = false\n", &[])
+                .iter()
+                .any(|a| a == "--plaintext")
+        );
     }
 
     #[test]

@@ -229,6 +229,13 @@ pub fn issue_valid(
         dir.join(format!("{name}.pem")),
         dir.join(format!("{name}.key")),
     );
+    // Neither is written when either exists: no key is left without its certificate.
+    if let Some(there) = [&cert_path, &key_path].into_iter().find(|p| p.exists()) {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("{} exists; remove it first to replace it", there.display()),
+        ));
+    }
     create(&key_path, key.serialize_pem().as_bytes(), true)?;
     create(&cert_path, cert.pem().as_bytes(), false)?;
     Ok((cert_path, key_path))
@@ -236,6 +243,14 @@ pub fn issue_valid(
 
 /// Writes a new random token for `identity` to `out` and appends its hash to `tokens`.
 pub fn token(identity: &Identity, tokens: &Path, out: &Path) -> Result<()> {
+    if !identity.may_hold_a_token() {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{identity} proves itself with its certificate; tokens are for lockstep://operator/, reader/ and client/ identities"
+            ),
+        ));
+    }
     let secret: [u8; 32] = rand::random();
     let token = hex::encode(secret);
     create(out, format!("{token}\n").as_bytes(), true)?;

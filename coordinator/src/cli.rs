@@ -65,14 +65,16 @@ pub struct Remote {
 
 impl Remote {
     fn new(url: &str, auth: &ClientAuth) -> Result<Remote> {
+        let (security, bearer) = lockstep_proto::tls::client_credentials(
+            auth.ca.as_deref(),
+            auth.cert.as_deref(),
+            auth.key.as_deref(),
+            auth.token_file.as_deref(),
+        )?;
         Ok(Remote {
             url: url.to_string(),
-            security: lockstep_proto::tls::client_security(
-                auth.ca.as_deref(),
-                auth.cert.as_deref(),
-                auth.key.as_deref(),
-            )?,
-            bearer: lockstep_proto::tls::Bearer::from_file(auth.token_file.as_deref())?,
+            security,
+            bearer,
         })
     }
 }

@@ -85,6 +85,9 @@ struct Demo {
     agent: PathBuf,
     repo: String,
     region: String,
+    /// The cluster's CA, and the certificates and keys of every process and client
+    /// (`lockstep cert`): every server and client of the demo speaks mutual TLS.
+    tls: PathBuf,
     /// Each agent's process and address.
     agents: BTreeMap<&'static str, (Child, String)>,
     coordinator: Option<(Child, String)>,
@@ -167,6 +170,7 @@ impl Demo {
             Command::new(program).args(args).stdout(file).stderr(err),
             &program.display().to_string(),
         )?;
+        // (Servers get their TLS files as flags or configuration, not from the environment.)
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             let mut text = String::new();
@@ -202,6 +206,14 @@ impl Demo {
     /// its WAL to the second region.
     fn start_agent(&mut self, shard: &'static str, listen: &str) -> Result<String> {
         let db = self.work.join(shard);
+        let file = |ext: &str| {
+            self.tls
+                .join(format!("agent-{shard}.{ext}"))
+                .display()
+                .to_string()
+        };
+        let (cert, key) = (file("pem"), file("key"));
+        let ca = self.tls.join("ca.pem").display().to_string();
         let (child, address) = self.start(
             &format!("agent-{shard}.log"),
             &self.agent,
@@ -219,7 +231,12 @@ impl Demo {
                 CFS,
                 "--wal-to",
                 &self.region,
-                "--plaintext",
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
             ],
         )?;
         self.agents.insert(shard, (child, address.clone()));
@@ -233,8 +250,8 @@ impl Demo {
             &self.lockstep,
             &["serve", "--config", &config.display().to_string()],
         )?;
-        println!("coordinator on http://{address}");
-        self.coordinator = Some((child, format!("http://{address}")));
+        println!("coordinator on https://{address}");
+        self.coordinator = Some((child, format!("https://{address}")));
         Ok(())
     }
 
@@ -255,12 +272,16 @@ impl Demo {
     /// Writes the coordinator's configuration for the agents running now.
     fn write_config(&self) -> Result<()> {
         let mut config = format!(
-            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\nplaintext = true\n",
+            "repository = \"{}\"\nwal_archive = \"{}\"\nlisten = \"127.0.0.1:0\"\n",
             self.repo, self.region
         );
+        config.push_str(&format!(
+            "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/coordinator.pem\"\nkey = \"{0}/coordinator.key\"\ntokens = \"{0}/tokens\"\n",
+            self.tls.display()
+        ));
         for (shard, (_, address)) in &self.agents {
             config.push_str(&format!(
-                "[[agents]]\nshard = \"{shard}\"\nendpoint = \"http://{address}\"\n"
+                "[[agents]]\nshard = \"{shard}\"\nendpoint = \"https://{address}\"\n"
             ));
         }
         config.push_str(
@@ -282,16 +303,29 @@ impl Demo {
         self.shown(&self.lockstep, args)
     }
 
+    /// `PROGRAM ARGS` as a client of the cluster: the coordinator's address, and the TLS
+    /// files of the operator (`lockstep`) or of an application (`lockstep-agent load`).
+    fn client(&self, program: &Path, args: &[&str]) -> Command {
+        let endpoint = self.coordinator.as_ref().map(|(_, e)| e.as_str());
+        let name = if program == self.agent {
+            "client-demo"
+        } else {
+            "operator-demo"
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default())
+            .env("LOCKSTEP_CA", self.tls.join("ca.pem"))
+            .env("LOCKSTEP_CERT", self.tls.join(format!("{name}.pem")))
+            .env("LOCKSTEP_KEY", self.tls.join(format!("{name}.key")));
+        command
+    }
+
     /// Runs `PROGRAM ARGS` against the coordinator, its output shown; fails if it does.
     fn shown(&self, program: &Path, args: &[&str]) -> Result<()> {
         let what = format!("{} {}", program.display(), args.join(" "));
-        let endpoint = self.coordinator.as_ref().map(|(_, e)| e.as_str());
-        let child = spawn(
-            Command::new(program)
-                .args(args)
-                .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default()),
-            &what,
-        )?;
+        let child = spawn(&mut self.client(program, args), &what)?;
         if !finish(child, &what)?.success() {
             return Err(failed(format!("`{what}` failed")));
         }
@@ -302,17 +336,10 @@ impl Demo {
     /// through a file (a pipe nobody reads while waiting could fill).
     fn output(&self, program: &Path, args: &[&str]) -> Result<String> {
         let what = format!("{} {}", program.display(), args.join(" "));
-        let endpoint = self.coordinator.as_ref().map(|(_, e)| e.as_str());
         let path = self.work.join("command.out");
         let file =
             std::fs::File::create(&path).map_err(io(format!("create {}", path.display())))?;
-        let child = spawn(
-            Command::new(program)
-                .args(args)
-                .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default())
-                .stdout(file),
-            &what,
-        )?;
+        let child = spawn(self.client(program, args).stdout(file), &what)?;
         let status = finish(child, &what)?;
         let printed = std::fs::read_to_string(&path).unwrap_or_default();
         let _ = std::fs::remove_file(&path);
@@ -324,7 +351,7 @@ impl Demo {
 
     /// Writes `keys` keys of 200-byte values in every column family through an agent.
     fn load(&self, shard: &str, keys: &str, seed: &str) -> Result<()> {
-        let endpoint = format!("http://{}", self.address(shard));
+        let endpoint = format!("https://{}", self.address(shard));
         self.shown(
             &self.agent,
             &[
@@ -392,6 +419,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
     let mut demo = Demo {
         repo: format!("file://{}", work.join("repository").display()),
         region: format!("file://{}", work.join("region-2/wal").display()),
+        tls: work.join("tls"),
         work,
         lockstep,
         agent,
@@ -404,7 +432,38 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
     code
 }
 
+/// The identities the demo issues certificates for, beside the coordinator and the agents.
+const PEOPLE: [&str; 2] = ["lockstep://operator/demo", "lockstep://client/demo"];
+
 fn steps(demo: &mut Demo) -> Result<i32> {
+    step("0. The cluster's CA and a certificate for every process and client (mutual TLS)");
+    let dir = demo.tls.display().to_string();
+    if demo.tls.join("ca.pem").exists() {
+        println!("reusing the CA and certificates in {dir}");
+    } else {
+        demo.lockstep(&["cert", "ca", "--dir", &dir])?;
+        let agents = SHARDS.map(|shard| format!("lockstep://agent/{shard}"));
+        for identity in ["lockstep://coordinator"]
+            .into_iter()
+            .chain(agents.iter().map(String::as_str))
+            .chain(PEOPLE)
+        {
+            demo.lockstep(&["cert", "issue", "--dir", &dir, "--identity", identity])?;
+        }
+        // A reader without a certificate: a bearer token, stored hashed by the coordinator.
+        let (tokens, token) = (demo.tls.join("tokens"), demo.tls.join("reader-demo.token"));
+        demo.lockstep(&[
+            "cert",
+            "token",
+            "--identity",
+            "lockstep://reader/demo",
+            "--tokens",
+            &tokens.display().to_string(),
+            "--out",
+            &token.display().to_string(),
+        ])?;
+    }
+
     step(
         "1. Start three agents (RAID5: shard-0 and shard-1 data, shard-2 parity) shipping their WAL to region 2, and a coordinator",
     );
@@ -427,16 +486,18 @@ fn steps(demo: &mut Demo) -> Result<i32> {
     for shard in SHARDS {
         let log = demo.work.join(format!("writer-{shard}.log"));
         let file = std::fs::File::create(&log).map_err(io(format!("create {}", log.display())))?;
-        let endpoint = format!("http://{}", demo.address(shard));
+        let endpoint = format!("https://{}", demo.address(shard));
         let err = file
             .try_clone()
             .map_err(io(format!("open {}", log.display())))?;
         let writer = spawn(
-            Command::new(&demo.agent)
-                .args(["load", "--endpoint", &endpoint, "--keys", "400000"])
-                .args(["--value-size", "200", "--prefix", "live", "--seed", "7"])
-                .stdout(file)
-                .stderr(err),
+            demo.client(
+                &demo.agent,
+                &["load", "--endpoint", &endpoint, "--keys", "400000"],
+            )
+            .args(["--value-size", "200", "--prefix", "live", "--seed", "7"])
+            .stdout(file)
+            .stderr(err),
             "a writer",
         )?;
         demo.writers.push(writer);
@@ -449,7 +510,15 @@ fn steps(demo: &mut Demo) -> Result<i32> {
         let _ = writer.kill();
         reap(&mut writer);
     }
-    demo.lockstep(&["backup", "list"])?;
+    println!("(listed by a reader with a bearer token, which may not change anything)");
+    let mut list = demo.client(&demo.lockstep, &["backup", "list"]);
+    list.env_remove("LOCKSTEP_CERT")
+        .env_remove("LOCKSTEP_KEY")
+        .env("LOCKSTEP_TOKEN_FILE", demo.tls.join("reader-demo.token"));
+    let what = "lockstep backup list (as the reader)";
+    if !finish(spawn(&mut list, what)?, what)?.success() {
+        return Err(failed(format!("`{what}` failed")));
+    }
     let latest = demo.output(&demo.lockstep, &["backup", "show", "latest", "--json"])?;
     let backup = serde_json::from_str::<serde_json::Value>(&latest)
         .ok()

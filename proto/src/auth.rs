@@ -9,7 +9,7 @@
 //! | `lockstep://coordinator` | every `Agent` RPC; the `WalArchive` reads (restores from another region) |
 //! | `lockstep://agent/<shard>` | `WalArchive.PutSegment` for its own shard only (the service checks the shard), the `WalArchive` reads |
 //! | `lockstep://operator/<name>` | every `Coordinator` RPC; the `WalArchive` reads |
-//! | `lockstep://reader/<name>` | the `Coordinator` RPCs that change nothing: lists, gets, status, verify, watch |
+//! | `lockstep://reader/<name>` | the `Coordinator` RPCs that change nothing: lists, gets, status, watch (not verify: it downloads everything and records what it checked) |
 //! | `lockstep://client/<name>` | the `Shard` API (an application's reads and writes) |
 //!
 //! Anyone authenticated may use health checks and reflection; every other call is refused. A
@@ -72,6 +72,16 @@ impl Identity {
         }
     }
 
+    /// Whether a bearer token may stand for this identity: people and applications without
+    /// certificates; never the coordinator or an agent, whose rights (the barrier, restores,
+    /// WAL puts) need mutual TLS.
+    pub fn may_hold_a_token(&self) -> bool {
+        matches!(
+            self,
+            Identity::Operator(_) | Identity::Reader(_) | Identity::Client(_)
+        )
+    }
+
     /// May this identity make the call at `path` (`/package.Service/Method`)?
     pub fn may_call(&self, path: &str) -> bool {
         let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
@@ -98,8 +108,6 @@ impl Identity {
                     "GetBackupJob"
                         | "ListBackups"
                         | "GetBackup"
-                        | "VerifyBackup"
-                        | "VerifyBackupStream"
                         | "ClusterStatus"
                         | "WalStatus"
                         | "ListSchedules"
@@ -264,6 +272,11 @@ impl Tokens {
                 .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
                 .ok_or_else(|| invalid("the hash is not sha256: and 64 hex digits".into()))?;
             let identity = Identity::parse(identity.trim()).map_err(|err| invalid(err.message))?;
+            if !identity.may_hold_a_token() {
+                return Err(invalid(format!(
+                    "{identity} proves itself with its certificate; tokens are for operators, readers and clients"
+                )));
+            }
             hashed.push((hash, identity));
         }
         Ok(Tokens { hashed })
@@ -406,6 +419,8 @@ mod tests {
             "sha256:abcd lockstep://operator/x",
             "md5:00 lockstep://operator/x",
             &format!("sha256:{} lockstep://root", "00".repeat(32)),
+            &format!("sha256:{} lockstep://coordinator", "00".repeat(32)),
+            &format!("sha256:{} lockstep://agent/shard-0", "00".repeat(32)),
             "justonefield",
         ] {
             let err = Tokens::parse(bad).expect_err(bad);

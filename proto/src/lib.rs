@@ -116,6 +116,17 @@ pub fn to_status(err: &Error) -> Status {
 /// The domain error behind a failed call: its seed code when the peer sent one, else a code
 /// derived from the gRPC status.
 pub fn from_status(what: &str, status: &Status) -> Error {
+    // A connection broken below gRPC (HTTP/2 framing): most often a TLS server reached with
+    // http://, whose handshake garbles the plaintext preface.
+    if status.code() == Code::Internal && status.message().contains("h2 protocol error") {
+        return Error::new(
+            ErrorCode::AgentUnavailable,
+            format!(
+                "{what}: {} (is the server TLS, reached with http://? use https:// and the cluster's CA)",
+                status.message()
+            ),
+        );
+    }
     let code = status
         .metadata()
         .get(ERROR_CODE_KEY)

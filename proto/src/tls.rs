@@ -60,10 +60,23 @@ pub struct TlsFiles {
 }
 
 /// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The most TLS handshakes a server runs at once; more connections wait to be accepted.
+/// The most TLS handshakes a server runs at once; a connection arriving while as many are
+/// running is closed at once (its client retries), so stalled handshakes cannot stop the
+/// server from accepting.
 const MAX_HANDSHAKES: usize = 256;
+
+/// How often a connection's client certificate is verified again (against the CA loaded
+/// then, at that time): an open connection keeps its role at most this long after its
+/// certificate expired or its CA was replaced.
+const RECHECK_EVERY_S: u64 = 60;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// One process's TLS: as a server (when it has a certificate) and as a client.
 #[derive(Debug)]
@@ -389,6 +402,10 @@ pub enum PeerCertificate {
 pub struct Peer {
     pub remote: Option<SocketAddr>,
     pub certificate: PeerCertificate,
+    /// The certificate chain the client sent, verified again every [`RECHECK_EVERY_S`].
+    chain: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// When it was last verified (Unix seconds).
+    checked: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A server's connection: plaintext TCP, or TLS with the peer it proved.
@@ -405,6 +422,8 @@ impl tonic::transport::server::Connected for Connection {
             Connection::Plain(tcp) => Peer {
                 remote: tcp.peer_addr().ok(),
                 certificate: PeerCertificate::None,
+                chain: None,
+                checked: Default::default(),
             },
             Connection::Tls(_, peer) => peer.clone(),
         }
@@ -492,11 +511,6 @@ pub fn incoming(
     tokio::spawn(async move {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
-            let permit = tokio::select! {
-                _ = tx.closed() => return,
-                permit = handshakes.clone().acquire_owned() => permit,
-            };
-            let Ok(permit) = permit else { return };
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
                 accepted = listener.accept() => match accepted {
@@ -509,9 +523,14 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%remote, "{MAX_HANDSHAKES} TLS handshakes running: connection closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let loaded = tls.current();
             let Some(config) = loaded.server.clone() else {
+                tracing::error!("TLS without a server certificate: no connection is accepted");
                 return;
             };
             let tx = tx.clone();
@@ -529,10 +548,14 @@ pub fn incoming(
                     }
                 };
                 drop(permit);
-                let certificate = loaded.verify(stream.get_ref().1.peer_certificates());
+                let chain = stream.get_ref().1.peer_certificates();
+                let certificate = loaded.verify(chain);
                 let peer = Peer {
                     remote: Some(remote),
                     certificate,
+                    chain: chain
+                        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
+                    checked: Arc::new(unix_now().into()),
                 };
                 let _ = tx.send(Ok(Connection::Tls(Box::new(stream), peer))).await;
             });
@@ -544,25 +567,32 @@ pub fn incoming(
 /// The metadata key of a bearer token.
 pub const AUTHORIZATION: &str = "authorization";
 
-/// A command-line client's TLS: the CA (for `https://` servers), and its certificate and key
-/// when it has them; plaintext without a CA.
-pub fn client_security(
+/// What a command-line client proves: with a CA (for `https://` servers) its certificate
+/// and key, or a token read from a file; plaintext without a CA. A token is never sent
+/// without TLS.
+pub fn client_credentials(
     ca: Option<&Path>,
     cert: Option<&Path>,
     key: Option<&Path>,
-) -> Result<Security> {
-    match ca {
-        None if cert.is_some() || key.is_some() => Err(invalid(
-            "--cert and --key need --ca, the cluster's CA certificate".to_string(),
-        )),
-        None => Ok(Security::Plaintext),
-        Some(ca) => Ok(Security::Tls(Tls::load(TlsFiles {
+    token_file: Option<&Path>,
+) -> Result<(Security, Bearer)> {
+    let bearer = Bearer::from_file(token_file)?;
+    let security = match ca {
+        None if cert.is_some() || key.is_some() || bearer.0.is_some() => {
+            return Err(invalid(
+                "a certificate or a token needs --ca (LOCKSTEP_CA), the cluster's CA certificate: without TLS it would travel in the clear"
+                    .to_string(),
+            ));
+        }
+        None => Security::Plaintext,
+        Some(ca) => Security::Tls(Tls::load(TlsFiles {
             ca: ca.to_path_buf(),
             cert: cert.map(Path::to_path_buf),
             key: key.map(Path::to_path_buf),
             tokens: None,
-        })?)),
-    }
+        })?),
+    };
+    Ok((security, bearer))
 }
 
 /// Sends `authorization: Bearer TOKEN` with every call, when there is a token.
@@ -648,8 +678,13 @@ impl Security {
             return Ok(());
         };
         let path = request.uri().path().to_string();
-        let who = match request.extensions().get::<Peer>().map(|p| &p.certificate) {
-            Some(PeerCertificate::Valid(identity)) => identity.clone(),
+        let peer = request.extensions().get::<Peer>();
+        let who = match peer.map(|p| &p.certificate) {
+            Some(PeerCertificate::Valid(identity)) => {
+                let peer = peer.expect("matched Some");
+                recheck(tls, peer, identity)?;
+                identity.clone()
+            }
             Some(PeerCertificate::Refused(why)) => {
                 return Err(refused(ErrorCode::Unauthenticated, why.clone()));
             }
@@ -693,6 +728,30 @@ impl Security {
         }
         request.extensions_mut().insert(who);
         Ok(())
+    }
+}
+
+/// Verifies `peer`'s certificate again when [`RECHECK_EVERY_S`] passed since the last time:
+/// expired since, or no longer the CA's (a reload replaced it), its calls are refused.
+fn recheck(tls: &Tls, peer: &Peer, identity: &Identity) -> std::result::Result<(), Status> {
+    use std::sync::atomic::Ordering;
+    let now = unix_now();
+    if now.saturating_sub(peer.checked.load(Ordering::Relaxed)) < RECHECK_EVERY_S {
+        return Ok(());
+    }
+    match tls
+        .current()
+        .verify(peer.chain.as_deref().map(Vec::as_slice))
+    {
+        PeerCertificate::Valid(again) if again == *identity => {
+            peer.checked.store(now, Ordering::Relaxed);
+            Ok(())
+        }
+        PeerCertificate::Refused(why) => Err(refused(ErrorCode::Unauthenticated, why)),
+        _ => Err(refused(
+            ErrorCode::Unauthenticated,
+            "the client certificate no longer proves this identity".to_string(),
+        )),
     }
 }
 
@@ -781,7 +840,13 @@ pub fn endpoint(url: &str, security: &Security, expected: impl Into<Expected>) -
         ));
     };
     let connector = match (uri.scheme_str(), security) {
-        (Some("http"), _) => None,
+        (Some("http"), Security::Plaintext) => None,
+        (Some("http"), Security::Tls(_)) => {
+            return Err(bad(
+                "TLS is configured here: write https:// (http:// would send this client's calls, and any token, in the clear)"
+                    .to_string(),
+            ));
+        }
         (Some("https"), Security::Tls(tls)) => Some(Connector {
             tls: tls.clone(),
             expected,
@@ -895,5 +960,142 @@ impl tower::Service<http::Uri> for Connector {
                 )),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA in `dir`, and a certificate for `uri` named `name`, issued by it.
+    fn issue(dir: &Path, ca: &rcgen::Issuer<'_, rcgen::KeyPair>, uri: &str, name: &str) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.try_into().expect("uri")));
+        let cert = params.signed_by(&key, ca).expect("sign");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
+    }
+
+    fn pki() -> (tempfile::TempDir, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("ca");
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).expect("write");
+        (dir, rcgen::Issuer::new(params, key))
+    }
+
+    fn files(dir: &Path, name: &str) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: Some(dir.join(format!("{name}.pem"))),
+            key: Some(dir.join(format!("{name}.key"))),
+            tokens: None,
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_the_identity_and_refuses_another() -> Result<()> {
+        let (dir, ca) = pki();
+        issue(dir.path(), &ca, "lockstep://agent/shard-0", "agent");
+        let tls = Tls::load(files(dir.path(), "agent"))?;
+        let shard0 = Identity::parse("lockstep://agent/shard-0")?;
+        tls.check_serves_as(&shard0)?;
+        // A renewed certificate of the same identity is taken.
+        std::fs::remove_file(dir.path().join("agent.pem")).expect("rm");
+        issue(dir.path(), &ca, "lockstep://agent/shard-0", "agent");
+        tls.reload()?;
+        // One naming another shard is refused, and the loaded one stays.
+        issue(dir.path(), &ca, "lockstep://agent/shard-1", "agent");
+        let err = tls.reload().expect_err("another identity");
+        assert!(err.message.contains("shard-1"), "{err}");
+        assert_eq!(tls.identity(), Some(shard0));
+        // Files that do not load leave the loaded ones in place too.
+        std::fs::write(dir.path().join("agent.key"), "not a key").expect("write");
+        assert!(tls.reload().is_err());
+        assert!(tls.identity().is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn a_tls_server_refuses_a_call_that_proved_nothing() -> Result<()> {
+        let (dir, ca) = pki();
+        issue(dir.path(), &ca, "lockstep://coordinator", "coordinator");
+        let security = Security::Tls(Tls::load(files(dir.path(), "coordinator"))?);
+        let path = "/lockstep.v1.Coordinator/ListBackups";
+        // Not a connection of `incoming`: refused (fail closed).
+        let mut bare = http::Request::builder()
+            .uri(path)
+            .body(())
+            .expect("request");
+        let status = security.admit(&mut bare).expect_err("no peer");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        // A refused certificate never falls back to a token.
+        let mut refused_cert = http::Request::builder()
+            .uri(path)
+            .header(AUTHORIZATION, "Bearer x")
+            .body(())
+            .expect("request");
+        refused_cert.extensions_mut().insert(Peer {
+            remote: None,
+            certificate: PeerCertificate::Refused("the client certificate has expired".into()),
+            chain: None,
+            checked: Default::default(),
+        });
+        let status = security.admit(&mut refused_cert).expect_err("expired");
+        assert!(status.message().contains("expired"), "{status:?}");
+        // A valid identity whose role may not make the call.
+        let mut client = http::Request::builder()
+            .uri(path)
+            .body(())
+            .expect("request");
+        client.extensions_mut().insert(Peer {
+            remote: None,
+            certificate: PeerCertificate::Valid(Identity::parse("lockstep://client/app")?),
+            chain: None,
+            checked: Arc::new(unix_now().into()),
+        });
+        let status = security.admit(&mut client).expect_err("a client");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        // Plaintext, chosen explicitly, admits everything.
+        let mut plain = http::Request::builder()
+            .uri(path)
+            .body(())
+            .expect("request");
+        assert!(Security::Plaintext.admit(&mut plain).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn a_connection_past_its_recheck_is_verified_again() -> Result<()> {
+        let (dir, ca) = pki();
+        issue(dir.path(), &ca, "lockstep://coordinator", "coordinator");
+        let tls = Tls::load(files(dir.path(), "coordinator"))?;
+        // A chain the CA no longer (or never) issued, last checked long ago.
+        let (other, other_ca) = pki();
+        issue(other.path(), &other_ca, "lockstep://operator/old", "old");
+        let pem = std::fs::read(other.path().join("old.pem")).expect("read");
+        let chain = CertificateDer::pem_slice_iter(&pem)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .expect("pem");
+        let operator = Identity::parse("lockstep://operator/old")?;
+        let peer = Peer {
+            remote: None,
+            certificate: PeerCertificate::Valid(operator.clone()),
+            chain: Some(Arc::new(chain)),
+            checked: Arc::new((unix_now() - RECHECK_EVERY_S - 1).into()),
+        };
+        let status = recheck(&tls, &peer, &operator).expect_err("no longer valid");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        // Checked recently: not verified again.
+        peer.checked
+            .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
+        assert!(recheck(&tls, &peer, &operator).is_ok());
+        Ok(())
     }
 }

@@ -198,6 +198,49 @@ fn the_demo_runs_the_main_job_to_a_verified_restore() {
         );
     }
     assert_eq!(printed.matches("OK   shard-").count(), 3, "{printed}");
+    // It ran with mutual TLS, and no secret (a private key, the reader's token) is in its
+    // output, its logs, its configuration or the repository's small files (manifests).
+    assert!(printed.contains("coordinator on https://"), "{printed}");
+    let tls = dir.path().join("tls");
+    let mut secrets: Vec<String> = std::fs::read_dir(&tls)
+        .expect("list tls")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|pem| {
+            pem.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() > 20)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let token = std::fs::read_to_string(tls.join("reader-demo.token")).expect("token");
+    secrets.push(token.trim().to_string());
+    assert!(secrets.len() >= 8, "{secrets:?}");
+    let mut seen = vec![("output".to_string(), printed.clone())];
+    let mut dirs = vec![dir.path().to_path_buf()];
+    while let Some(at) = dirs.pop() {
+        for entry in std::fs::read_dir(&at).expect("list").filter_map(|e| e.ok()) {
+            let path = entry.path();
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() && path != tls {
+                dirs.push(path);
+            } else if meta.is_file()
+                && (meta.len() < 1 << 20 || path.extension().is_some_and(|e| e == "log"))
+            {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                seen.push((
+                    path.display().to_string(),
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                ));
+            }
+        }
+    }
+    for (what, text) in &seen {
+        for secret in &secrets {
+            assert!(!text.contains(secret.as_str()), "a secret is in {what}");
+        }
+    }
     // No process the demo started is left.
     let left: Vec<String> = std::fs::read_dir("/proc")
         .expect("list /proc")

@@ -42,7 +42,7 @@ fn backups(cluster: &Cluster) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_is_authenticated_and_authorized_by_role() {
-    let cluster = Cluster::start_secure(10_000);
+    let mut cluster = Cluster::start_secure(10_000);
     let pki = cluster.pki.clone().expect("pki");
     let ca = pki.join("ca.pem");
 
@@ -60,6 +60,23 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
         })
         .await
         .expect("a client writes through the Shard API");
+
+    // WAL shipping over TLS: agent 0 also ships to the coordinator's own archive
+    // (lockstep://), as the agent of shard-0, and catches up.
+    let archive = cluster
+        .coordinator_address
+        .replace("https://", "lockstep://");
+    cluster.agent_extra = vec!["--wal-to".into(), archive];
+    cluster.restart_agent(0);
+    let mut shard = cluster.shard_client(0).await;
+    for k in 0..20 {
+        crate::pitr::write_with(&mut shard, format!("shipped-{k}"), false).await;
+    }
+    let status = crate::pitr::wait_shipped(&cluster).await;
+    assert!(
+        status.to_string().contains("lockstep://"),
+        "the TLS archive is not among shard-0's destinations: {status:#}"
+    );
 
     // Runs `lockstep ARGS` with these TLS environment variables instead of the operator's.
     let as_ = |env: &[(&str, std::path::PathBuf)], args: &[&str]| {
@@ -224,7 +241,62 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
         )
         .output()
         .expect("run lockstep");
-    assert!(!plain.status.success(), "{}", text(&plain));
+    refused(&plain, "ERR_AGENT_UNAVAILABLE", "list backups");
+    // A token is never sent without TLS.
+    std::fs::write(pki.join("any.token"), "0123456789abcdef\n").expect("write");
+    let no_ca = std::process::Command::new(lockstep_tests::binary("lockstep"))
+        .args(["backup", "list"])
+        .env("LOCKSTEP_COORDINATOR", &coordinator_url)
+        .env("LOCKSTEP_TOKEN_FILE", pki.join("any.token"))
+        .output()
+        .expect("run lockstep");
+    refused(&no_ca, "ERR_INVALID_ARGUMENT", "needs --ca");
+
+    // Each role outside its part: a reader asking an agent, the coordinator writing to a
+    // shard, an application listing backups.
+    let (_, reader_cert, reader_key) = cluster.tls_files("reader-grafana");
+    let mut reader_to_agent = AgentClient::new(
+        channel(
+            &agent_url,
+            &ca,
+            Some((reader_cert, reader_key)),
+            shard0.clone(),
+        )
+        .await,
+    );
+    let err = reader_to_agent
+        .describe(v1::DescribeRequest {})
+        .await
+        .expect_err("a reader may not call an agent");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let (_, cert, key) = cluster.tls_files("coordinator");
+    let mut coordinator_to_shard = lockstep_proto::v1::shard_client::ShardClient::new(
+        channel(&agent_url, &ca, Some((cert, key)), shard0.clone()).await,
+    );
+    let err = coordinator_to_shard
+        .put(v1::PutRequest {
+            column_family: String::new(),
+            key: b"forged".to_vec(),
+            value: b"x".to_vec(),
+        })
+        .await
+        .expect_err("the coordinator may not write to a shard");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let (_, cert, key) = cluster.tls_files("client-app");
+    let mut client_to_coordinator = lockstep_proto::v1::coordinator_client::CoordinatorClient::new(
+        channel(
+            &coordinator_url,
+            &ca,
+            Some((cert, key)),
+            Identity::Coordinator,
+        )
+        .await,
+    );
+    let err = client_to_coordinator
+        .list_backups(v1::ListBackupsRequest::default())
+        .await
+        .expect_err("an application may not list backups");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     // Bearer tokens: added to the coordinator's token file and loaded on SIGHUP; a reader's
     // token lists and may not delete; an unknown token is refused.
