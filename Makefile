@@ -40,9 +40,10 @@ sim:
 	cargo build -p lockstep-simulations --bins
 	$(BIN)/lockstep-sim $(or $(SEEDS),500)
 
-## fuzz: the decoders' property tests (objects, WAL segments, manifests, ids) with CASES each (default 200000)
+## fuzz: the decoders' property tests (objects, WAL segments, manifests, ids, certificates' identities, token files) with CASES each (default 200000)
 fuzz:
 	LOCKSTEP_FUZZ_CASES=$(or $(CASES),200000) cargo test -p lockstep-repository --test decoders
+	LOCKSTEP_FUZZ_CASES=$(or $(CASES),200000) cargo test -p lockstep-proto --test identities
 
 fmt:
 	cargo fmt --all
