@@ -12,18 +12,19 @@ use tonic::Code;
 
 use crate::cluster::{Cluster, json};
 
-/// A channel to `url` holding `cert` (or none), trusting `ca`.
+/// A channel to `url` as `name` (a certificate of the cluster's PKI), where `expected`
+/// must answer.
 async fn channel(
+    cluster: &Cluster,
+    name: &str,
     url: &str,
-    ca: &std::path::Path,
-    cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
     expected: Identity,
 ) -> tonic::transport::Channel {
-    let (cert, key) = cert.unzip();
+    let (ca, cert, key) = cluster.tls_files(name);
     let tls = Tls::load(TlsFiles {
-        ca: ca.to_path_buf(),
-        cert,
-        key,
+        ca,
+        cert: Some(cert),
+        key: Some(key),
         tokens: None,
     })
     .expect("load TLS files");
@@ -170,16 +171,8 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
     // A Shard API client calling the agent's restore.
     let agent_url = format!("https://{}", cluster.addresses[0]);
     let shard0 = Identity::parse("lockstep://agent/shard-0").expect("identity");
-    let (_, client_cert, client_key) = cluster.tls_files("client-app");
-    let mut as_client = AgentClient::new(
-        channel(
-            &agent_url,
-            &ca,
-            Some((client_cert, client_key)),
-            shard0.clone(),
-        )
-        .await,
-    );
+    let mut as_client =
+        AgentClient::new(channel(&cluster, "client-app", &agent_url, shard0.clone()).await);
     let apply = as_client
         .restore_apply(v1::RestoreRequest {
             restore_id: "rs-forged".into(),
@@ -201,15 +194,8 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
         ("operator-alice", Code::PermissionDenied),
         ("agent-shard-1", Code::PermissionDenied),
     ] {
-        let (_, cert, key) = cluster.tls_files(name);
         let mut archive = WalArchiveClient::new(
-            channel(
-                &coordinator_url,
-                &ca,
-                Some((cert, key)),
-                Identity::Coordinator,
-            )
-            .await,
+            channel(&cluster, name, &coordinator_url, Identity::Coordinator).await,
         );
         let err = archive
             .put_segment(put.clone())
@@ -218,12 +204,11 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
         assert_eq!(err.code(), code, "{name}: {err:?}");
     }
     // shard-0's own agent gets past authorization (and is refused for the bad segment).
-    let (_, cert, key) = cluster.tls_files("agent-shard-0");
     let mut own = WalArchiveClient::new(
         channel(
+            &cluster,
+            "agent-shard-0",
             &coordinator_url,
-            &ca,
-            Some((cert, key)),
             Identity::Coordinator,
         )
         .await,
@@ -254,24 +239,15 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
 
     // Each role outside its part: a reader asking an agent, the coordinator writing to a
     // shard, an application listing backups.
-    let (_, reader_cert, reader_key) = cluster.tls_files("reader-grafana");
-    let mut reader_to_agent = AgentClient::new(
-        channel(
-            &agent_url,
-            &ca,
-            Some((reader_cert, reader_key)),
-            shard0.clone(),
-        )
-        .await,
-    );
+    let mut reader_to_agent =
+        AgentClient::new(channel(&cluster, "reader-grafana", &agent_url, shard0.clone()).await);
     let err = reader_to_agent
         .describe(v1::DescribeRequest {})
         .await
         .expect_err("a reader may not call an agent");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    let (_, cert, key) = cluster.tls_files("coordinator");
     let mut coordinator_to_shard = lockstep_proto::v1::shard_client::ShardClient::new(
-        channel(&agent_url, &ca, Some((cert, key)), shard0.clone()).await,
+        channel(&cluster, "coordinator", &agent_url, shard0.clone()).await,
     );
     let err = coordinator_to_shard
         .put(v1::PutRequest {
@@ -282,12 +258,11 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
         .await
         .expect_err("the coordinator may not write to a shard");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    let (_, cert, key) = cluster.tls_files("client-app");
     let mut client_to_coordinator = lockstep_proto::v1::coordinator_client::CoordinatorClient::new(
         channel(
+            &cluster,
+            "client-app",
             &coordinator_url,
-            &ca,
-            Some((cert, key)),
             Identity::Coordinator,
         )
         .await,
