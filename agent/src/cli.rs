@@ -532,7 +532,8 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     let security = args.tls.security(&shard)?;
     let mut destinations = Vec::new();
     for url in &args.wal.destinations {
-        destinations.push(lockstep_proto::archive::open_archive(url, &security).await?);
+        destinations
+            .push(lockstep_proto::archive::open_archive(url, &security, repo.seal()).await?);
     }
     let shipping = ShipperOptions {
         destinations,

@@ -396,6 +396,7 @@ mod tests {
         WalArchive::Remote {
             url: "lockstep://127.0.0.1:9".into(),
             remote: Arc::new(Unreachable),
+            seal: Default::default(),
         }
     }
 

@@ -136,6 +136,7 @@ async fn segment_put(
     let (info, encoded) = lockstep_repository::repository::encode_wal_segment(
         &segment,
         codec::Compression::default(),
+        &lockstep_repository::seal::Seal::Plain,
     )
     .await?;
     Ok(v1::PutWalSegmentRequest {

@@ -15,6 +15,7 @@ use lockstep_proto::to_status;
 use lockstep_proto::v1::{self, wal_archive_server::WalArchive};
 use lockstep_proto::wire::{lineage_from_wire, lineage_to_wire};
 use lockstep_repository::repository::decode_wal_segment;
+use lockstep_repository::seal::Seal;
 use lockstep_repository::wal::SegmentInfo;
 use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Repository, Result, ShardId};
 use std::collections::HashMap;
@@ -219,10 +220,14 @@ impl WalArchive for WalArchiveApi {
             )));
         }
         let info = segment(&request.shard_id, request.lineage.as_ref(), &request.name)?;
-        // Checked before it is stored: a damaged transfer is refused and shipped again.
-        decode_wal_segment(&info, request.stored.clone())
-            .await
-            .map_err(|e| to_status(&e))?;
+        // Checked before it is stored: a damaged transfer is refused and shipped again. A
+        // sealed segment (an encrypted repository's) is stored as it came: the archive holds
+        // no keys, and whoever restores from it opens and checks it.
+        if !lockstep_repository::codec::is_sealed(&request.stored) {
+            decode_wal_segment(&info, request.stored.clone(), &Seal::Plain)
+                .await
+                .map_err(|e| to_status(&e))?;
+        }
         // A segment overlapping one already here (a put that arrived after the agent gave up
         // on it and resumed from the listing) is refused: the archive stays free of
         // duplicates, and the agent reads the listing again.
@@ -339,6 +344,7 @@ mod tests {
         let (info, encoded) = lockstep_repository::repository::encode_wal_segment(
             &segment,
             lockstep_repository::codec::Compression::default(),
+            &Seal::Plain,
         )
         .await
         .expect("encode");

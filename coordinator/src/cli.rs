@@ -128,6 +128,9 @@ pub enum Command {
     /// Make the cluster's CA, certificates and bearer tokens (mutual TLS, DESIGN §15).
     #[command(subcommand)]
     Cert(crate::cert::CertCommand),
+    /// The key slots of an encrypted repository: list, add, remove, change a passphrase.
+    #[command(subcommand)]
+    Key(crate::key::KeyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -722,7 +725,7 @@ fn print_retention(plan: &v1::RetentionPlan) {
 /// Backups per `ListBackups` page the CLI asks for.
 const LIST_PAGE: u32 = 500;
 
-fn print_json(value: &impl serde::Serialize) {
+pub(crate) fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -977,15 +980,18 @@ async fn run_command(cli: Cli) -> Result<i32> {
     let remote = Remote::new(&cli.coordinator, &cli.auth);
     // Commands that talk to no coordinator run without its TLS files.
     let endpoint = &match (&cli.command, remote) {
-        (Command::Serve { .. } | Command::Demo(_) | Command::Cert(_), _) => Remote {
-            url: cli.coordinator.clone(),
-            security: lockstep_proto::tls::Security::Plaintext,
-            bearer: Default::default(),
-        },
+        (Command::Serve { .. } | Command::Demo(_) | Command::Cert(_) | Command::Key(_), _) => {
+            Remote {
+                url: cli.coordinator.clone(),
+                security: lockstep_proto::tls::Security::Plaintext,
+                bearer: Default::default(),
+            }
+        }
         (_, remote) => remote?,
     };
     match cli.command {
         Command::Cert(command) => crate::cert::run(command)?,
+        Command::Key(command) => crate::key::run(command).await?,
         Command::Serve {
             config,
             metrics_listen,

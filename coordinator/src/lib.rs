@@ -26,6 +26,7 @@ pub mod demo;
 pub mod fence;
 pub mod fleet;
 pub mod gc;
+pub mod key;
 pub mod ops;
 pub mod restore;
 pub mod retention;

@@ -450,7 +450,7 @@ async fn exact_targets(
             "a restore to a time or to the archive's end needs a WAL archive: set wal_archive in the configuration or pass --wal-from".into(),
         ));
     }
-    let archive = open_archive(wal_from, &ctx.security).await?;
+    let archive = open_archive(wal_from, &ctx.security, ctx.repo.seal()).await?;
     let mut notes = Vec::new();
     for agent in ctx.agents.iter() {
         let lineage = live_lineage(ctx, agent).await?;
@@ -504,7 +504,7 @@ async fn consistent_points(
     let archive = if wal_from.is_empty() {
         None
     } else {
-        Some(open_archive(wal_from, &ctx.security).await?)
+        Some(open_archive(wal_from, &ctx.security, ctx.repo.seal()).await?)
     };
     // Each shard's live history, every lineage to where the shard inherited it.
     let mut live: BTreeMap<ShardId, Vec<Leg>> = BTreeMap::new();
@@ -741,7 +741,7 @@ pub async fn plan(
     let archive = if wal_from.is_empty() {
         None
     } else {
-        Some(open_archive(&wal_from, &ctx.security).await?)
+        Some(open_archive(&wal_from, &ctx.security, ctx.repo.seal()).await?)
     };
     let mut plans = Vec::new();
     let mut empty_bases = Vec::new();

@@ -688,7 +688,7 @@ async fn plan_archive(
     let mut archives = vec![ctx.repo.clone()];
     let mut summary = Vec::new();
     if let Some(url) = ctx.config.wal_archive.as_deref() {
-        match lockstep_proto::archive::open_archive(url, &ctx.security).await {
+        match lockstep_proto::archive::open_archive(url, &ctx.security, ctx.repo.seal()).await {
             Ok(WalArchive::Store(repo)) if repo.url() == ctx.repo.url() => {}
             Ok(WalArchive::Store(repo)) if ctx.config.retention.prune_wal_archive => {
                 archives.push(repo)

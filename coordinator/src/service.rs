@@ -99,7 +99,8 @@ impl VerifyOrder {
         if self.with_wal
             && let Some(url) = &ctx.config.wal_archive
         {
-            let archive = lockstep_proto::archive::open_archive(url, &ctx.security).await?;
+            let archive =
+                lockstep_proto::archive::open_archive(url, &ctx.security, ctx.repo.seal()).await?;
             let reach_back = oldest_backup_points(&ctx.repo).await?;
             verify_wal(
                 &mut report,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use lockstep_repository::archive::{RemoteWal, WalArchive};
+use lockstep_repository::seal::Seal;
 use lockstep_repository::wal::SegmentInfo;
 use lockstep_repository::{Error, ErrorCode, Lineage, Repository, Result, ShardId};
 use tonic::transport::Channel;
@@ -25,9 +26,13 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Opens a WAL archive: `lockstep://HOST:PORT` for a coordinator's archive endpoint, any
 /// repository URL or path otherwise. The coordinator is reached over TLS when `security` is
 /// TLS (and its certificate must name `lockstep://coordinator`), in plaintext otherwise.
-pub async fn open_archive(url: &str, security: &Security) -> Result<WalArchive> {
+/// Segments are sealed and opened with `seal`, the keys of the repository the archive serves
+/// (`Repository::seal`); no archive holds keys of its own.
+pub async fn open_archive(url: &str, security: &Security, seal: &Seal) -> Result<WalArchive> {
     let Some(address) = url.strip_prefix(SCHEME) else {
-        return Ok(WalArchive::Store(Repository::open(url).await?));
+        return Ok(WalArchive::Store(
+            Repository::open_archive(url, seal).await?,
+        ));
     };
     let scheme = match security {
         Security::Plaintext => "http",
@@ -39,7 +44,7 @@ pub async fn open_archive(url: &str, security: &Security) -> Result<WalArchive> 
         Identity::Coordinator,
     )
     .map_err(|err| err.context(format!("WAL archive {url}: write lockstep://HOST:PORT")))?;
-    Ok(remote(url, target.with(channel_settings).lazy()))
+    Ok(remote(url, target.with(channel_settings).lazy(), seal))
 }
 
 /// The longest one archive call (a segment put or get of up to `MAX_MESSAGE_BYTES`) may take.
@@ -52,8 +57,8 @@ pub fn channel_settings(endpoint: tonic::transport::Endpoint) -> tonic::transpor
 }
 
 /// The remote archive `url` reached through `channel` (the simulations pass one over their
-/// network).
-pub fn remote(url: &str, channel: Channel) -> WalArchive {
+/// network), its segments sealed with `seal`.
+pub fn remote(url: &str, channel: Channel, seal: &Seal) -> WalArchive {
     let client = WalArchiveClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -63,6 +68,7 @@ pub fn remote(url: &str, channel: Channel) -> WalArchive {
             url: url.to_string(),
             client,
         }),
+        seal: seal.clone(),
     }
 }
 

@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::ids::ShardId;
 use crate::lineage::Lineage;
 use crate::repository::{Repository, decode_wal_segment, encode_wal_segment};
+use crate::seal::Seal;
 use crate::wal::{Segment, SegmentInfo};
 
 /// A remote archive's four operations, on stored (encoded) segments.
@@ -45,6 +46,9 @@ pub enum WalArchive {
     Remote {
         url: String,
         remote: Arc<dyn RemoteWal>,
+        /// The keys of the repository this archive serves: segments are sealed by the
+        /// agents, never by the remote end.
+        seal: Seal,
     },
 }
 
@@ -101,7 +105,7 @@ impl WalArchive {
     pub async fn wal_end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
         match self {
             WalArchive::Store(repo) => repo.wal_end(shard, lineage).await,
-            WalArchive::Remote { url, remote } => {
+            WalArchive::Remote { url, remote, .. } => {
                 match remote.last_segment_name(shard, lineage).await? {
                     None => Ok(None),
                     Some(name) => SegmentInfo::parse(shard, lineage, &name)
@@ -121,8 +125,8 @@ impl WalArchive {
     pub async fn get_wal_segment(&self, info: &SegmentInfo) -> Result<Segment> {
         match self {
             WalArchive::Store(repo) => repo.get_wal_segment(info).await,
-            WalArchive::Remote { remote, .. } => {
-                decode_wal_segment(info, remote.get(info).await?).await
+            WalArchive::Remote { remote, seal, .. } => {
+                decode_wal_segment(info, remote.get(info).await?, seal).await
             }
         }
     }
@@ -135,8 +139,8 @@ impl WalArchive {
     ) -> Result<SegmentInfo> {
         match self {
             WalArchive::Store(repo) => repo.put_wal_segment(segment, compression).await,
-            WalArchive::Remote { remote, .. } => {
-                let (info, encoded) = encode_wal_segment(segment, compression).await?;
+            WalArchive::Remote { remote, seal, .. } => {
+                let (info, encoded) = encode_wal_segment(segment, compression, seal).await?;
                 remote.put(&info, encoded.to_vec()).await?;
                 Ok(info)
             }

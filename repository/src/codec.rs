@@ -1,13 +1,18 @@
-//! The data-object codec: plaintext → framed, possibly compressed bytes, and back.
+//! The data-object codec: plaintext → framed, possibly compressed, possibly sealed bytes,
+//! and back.
 //!
 //! ```text
 //! offset 0  magic  "LKSO"
-//!        4  format version (1 or 2)
+//!        4  format version (1 or 2: plaintext; 3 or 4: sealed)
 //!        5  codec: 0 = stored, 1 = zstd
 //!        6  reserved (0, 0)
 //!        8  plaintext length, u64 little endian
 //!       16  payload (version 1)
-//!     4096  payload (version 2; bytes 16..4096 are zero)
+//!       16  key epoch, u32 little endian; 4 zero bytes; the seal's 24 random bytes; its
+//!           16-byte tag (versions 3 and 4)
+//!       64  sealed payload (version 3)
+//!     4096  payload (version 2; bytes 16..4096 are zero), sealed payload (version 4; bytes
+//!           64..4096 are zero)
 //! ```
 //!
 //! Version 2 frames a stored (uncompressed) chunk in the buffer it was read into: the chunk
@@ -16,32 +21,41 @@
 //! restore, its payload is page-aligned and goes to the restored file the same way. Compressed
 //! objects, WAL segments, chunks under a page and every object on a remote store use version
 //! 1 ([`Encoded::unpaged`]). Readers accept both; binaries from before version 2 reject it
-//! as an unknown format.
+//! as an unknown format. Versions 3 and 4 are 1 and 2 in an encrypted repository: the
+//! payload (compressed or not) sealed in place (`seal.rs`), the seal authenticating the
+//! object's name, codec and plaintext length too.
 //!
-//! An object's name is the SHA-256 of its plaintext. Compression is used only when it pays:
-//! a zstd-1 probe of the first 64 KiB must save at least 10% for the chunk to be compressed,
-//! and the result is kept only when it saves at least 3%, so incompressible data
+//! An object's name is the SHA-256 of its plaintext, or in an encrypted repository its
+//! HMAC-SHA256 under the repository's id key ([`Seal::object_id`]). Compression is used only
+//! when it pays: a zstd-1 probe of the first 64 KiB must save at least 10% for the chunk to be
+//! compressed, and the result is kept only when it saves at least 3%, so incompressible data
 //! (already-compressed SST blocks) costs one probe.
 //!
-//! Architecture invariant: `decode` returns plaintext only after re-hashing it against the
-//! expected id; a reader never sees unverified bytes.
-
-use sha2::{Digest, Sha256};
+//! Architecture invariant: `decode` returns plaintext only after opening its seal (when
+//! sealed) and re-hashing it against the expected id; a reader never sees unverified bytes.
 
 use crate::buffers::PooledBuffer;
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::ObjectId;
+use crate::seal::{NONCE_LEN, Seal, SealInfo, TAG_LEN, array};
 
 const MAGIC: &[u8; 4] = b"LKSO";
 /// Version 1: the payload follows the header.
 const FORMAT_VERSION: u8 = 1;
 /// Version 2: the payload starts one page in ([`HEADER_ROOM`]).
 const FORMAT_VERSION_PAGED: u8 = 2;
+/// Version 3: version 1 sealed; the payload follows the sealed header.
+const FORMAT_SEALED: u8 = 3;
+/// Version 4: version 2 sealed.
+const FORMAT_SEALED_PAGED: u8 = 4;
 pub const HEADER_LEN: usize = 16;
+/// The header of a sealed object: the plain header, the epoch and the seal.
+pub const SEALED_HEADER_LEN: usize = HEADER_LEN + 8 + NONCE_LEN + TAG_LEN;
 /// Room a chunk buffer keeps in front of the chunk for a version-2 header: where a version-2
 /// payload starts (a format constant: never derive it from the I/O page size).
 pub const HEADER_ROOM: usize = 4096;
 const _: () = assert!(HEADER_ROOM.is_multiple_of(crate::buffers::PAGE));
+const _: () = assert!(SEALED_HEADER_LEN <= HEADER_ROOM);
 const CODEC_STORED: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const PROBE_LEN: usize = 64 * 1024;
@@ -68,14 +82,27 @@ pub struct Encoded {
     pub compressed: bool,
 }
 
+/// A version-1 or version-3 header.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    bytes: [u8; SEALED_HEADER_LEN],
+    len: usize,
+}
+
+impl Header {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// The bytes of a stored object.
 #[derive(Debug)]
 pub enum Frame {
-    /// The whole object in one buffer (version 2, stored: the chunk's own buffer), starting
-    /// page-aligned.
+    /// The whole object in one buffer (version 2 or 4, stored: the chunk's own buffer),
+    /// starting page-aligned.
     Whole(bytes::Bytes),
-    /// A version-1 header and the payload apart, so a payload is never copied behind it.
-    Split([u8; HEADER_LEN], bytes::Bytes),
+    /// A version-1 or 3 header and the payload apart, so a payload is never copied behind it.
+    Split(Header, bytes::Bytes),
 }
 
 impl Encoded {
@@ -88,21 +115,30 @@ impl Encoded {
     pub fn parts(&self) -> [&[u8]; 2] {
         match &self.frame {
             Frame::Whole(whole) => [whole, &[]],
-            Frame::Split(header, payload) => [header, payload],
+            Frame::Split(header, payload) => [header.as_slice(), payload],
         }
     }
 
-    /// The object in format 1: a stored chunk's padding page dropped, without a copy (for
-    /// stores and sizes where a page-aligned payload buys nothing).
+    /// The object in format 1 (or 3): a stored chunk's padding page dropped, without a copy
+    /// (for stores and sizes where a page-aligned payload buys nothing).
     pub fn unpaged(self) -> Encoded {
         match self.frame {
-            Frame::Whole(whole) if whole.len() >= HEADER_ROOM => Encoded {
-                frame: Frame::Split(
-                    header(FORMAT_VERSION, CODEC_STORED, self.plaintext_len),
-                    whole.slice(HEADER_ROOM..),
-                ),
-                ..self
-            },
+            Frame::Whole(whole) if whole.len() >= HEADER_ROOM => {
+                let header = if whole[4] == FORMAT_SEALED_PAGED {
+                    let mut header = Header {
+                        bytes: array(&whole[..SEALED_HEADER_LEN]),
+                        len: SEALED_HEADER_LEN,
+                    };
+                    header.bytes[4] = FORMAT_SEALED;
+                    header
+                } else {
+                    header(FORMAT_VERSION, CODEC_STORED, self.plaintext_len)
+                };
+                Encoded {
+                    frame: Frame::Split(header, whole.slice(HEADER_ROOM..)),
+                    ..self
+                }
+            }
             frame => Encoded { frame, ..self },
         }
     }
@@ -113,13 +149,37 @@ impl Encoded {
     }
 }
 
-fn header(version: u8, codec: u8, plaintext_len: u64) -> [u8; HEADER_LEN] {
-    let mut out = [0u8; HEADER_LEN];
-    out[..4].copy_from_slice(MAGIC);
-    out[4] = version;
-    out[5] = codec;
-    out[8..].copy_from_slice(&plaintext_len.to_le_bytes());
-    out
+fn header(version: u8, codec: u8, plaintext_len: u64) -> Header {
+    let mut bytes = [0u8; SEALED_HEADER_LEN];
+    bytes[..4].copy_from_slice(MAGIC);
+    bytes[4] = version;
+    bytes[5] = codec;
+    bytes[8..16].copy_from_slice(&plaintext_len.to_le_bytes());
+    Header {
+        bytes,
+        len: HEADER_LEN,
+    }
+}
+
+/// The header of a sealed object (`version` 3 or 4).
+fn sealed_header(version: u8, codec: u8, plaintext_len: u64, seal: &SealInfo) -> Header {
+    let mut header = header(version, codec, plaintext_len);
+    header.bytes[16..20].copy_from_slice(&seal.epoch.to_le_bytes());
+    header.bytes[24..24 + NONCE_LEN].copy_from_slice(&seal.nonce);
+    header.bytes[24 + NONCE_LEN..SEALED_HEADER_LEN].copy_from_slice(&seal.tag);
+    header.len = SEALED_HEADER_LEN;
+    header
+}
+
+/// What an object's seal authenticates beside its payload.
+fn object_aad(id: &ObjectId, codec: u8, plaintext_len: u64) -> Vec<u8> {
+    [
+        &MAGIC[..],
+        &[codec],
+        &plaintext_len.to_le_bytes(),
+        id.as_bytes(),
+    ]
+    .concat()
 }
 
 /// True when a probe compressed well enough to be worth compressing the whole chunk: at
@@ -134,32 +194,50 @@ fn pays(plain: usize, compressed: usize) -> bool {
     compressed + plain / 32 < plain
 }
 
-/// Hashes and encodes one plaintext (a small object: a stored one is copied behind its
+/// Names and encodes one plaintext (a small object: a stored one is copied behind its
 /// header). CPU-bound: call it off the async workers.
-pub fn encode(plaintext: &[u8], compression: Compression) -> Result<Encoded> {
-    let id = ObjectId::of(plaintext);
-    match compress(&id, plaintext, compression)? {
-        Some(encoded) => Ok(encoded),
-        None => Ok(Encoded {
-            id,
-            plaintext_len: plaintext.len() as u64,
-            frame: Frame::Split(
-                header(FORMAT_VERSION, CODEC_STORED, plaintext.len() as u64),
-                bytes::Bytes::copy_from_slice(plaintext),
-            ),
-            compressed: false,
-        }),
-    }
+pub fn encode(plaintext: &[u8], compression: Compression, seal: &Seal) -> Result<Encoded> {
+    let id = seal.object_id(plaintext);
+    let (codec, payload) = match compress(&id, plaintext, compression)? {
+        Some(compressed) => (CODEC_ZSTD, compressed),
+        None => (CODEC_STORED, plaintext.to_vec()),
+    };
+    split(id, plaintext.len() as u64, codec, payload, seal)
 }
 
-/// Encodes a chunk whose id the caller has computed with [`ObjectId::of`] over
-/// `buffer[HEADER_ROOM..]`; the first [`HEADER_ROOM`] bytes of `buffer` are free for the
-/// header. A chunk of a page or more stored uncompressed becomes the object in place
-/// (version 2), without a copy; a smaller one goes in version 1, also without a copy.
+/// A version-1 object, or version 3 when `seal` seals (the payload in place).
+fn split(
+    id: ObjectId,
+    plaintext_len: u64,
+    codec: u8,
+    mut payload: Vec<u8>,
+    seal: &Seal,
+) -> Result<Encoded> {
+    let header = match seal.keys() {
+        None => header(FORMAT_VERSION, codec, plaintext_len),
+        Some(keys) => {
+            let info = keys.seal(&object_aad(&id, codec, plaintext_len), &mut payload)?;
+            sealed_header(FORMAT_SEALED, codec, plaintext_len, &info)
+        }
+    };
+    Ok(Encoded {
+        id,
+        plaintext_len,
+        frame: Frame::Split(header, payload.into()),
+        compressed: codec == CODEC_ZSTD,
+    })
+}
+
+/// Encodes a chunk whose id the caller has computed with [`Seal::object_id`] (or its
+/// hasher) over `buffer[HEADER_ROOM..]`; the first [`HEADER_ROOM`] bytes of `buffer` are
+/// free for the header. A chunk of a page or more stored uncompressed becomes the object in
+/// place (version 2, or 4 sealed in place), without a copy; a smaller one goes in version 1
+/// (or 3), also without a copy.
 pub fn encode_in_place(
     id: ObjectId,
     mut buffer: PooledBuffer,
     compression: Compression,
+    seal: &Seal,
 ) -> Result<Encoded> {
     let plaintext = buffer.contents().get(HEADER_ROOM..).ok_or_else(|| {
         Error::new(
@@ -168,14 +246,18 @@ pub fn encode_in_place(
         )
     })?;
     let plaintext_len = plaintext.len() as u64;
-    if let Some(encoded) = compress(&id, plaintext, compression)? {
-        return Ok(encoded);
+    if let Some(compressed) = compress(&id, plaintext, compression)? {
+        return split(id, plaintext_len, CODEC_ZSTD, compressed, seal);
     }
-    buffer.as_mut_slice()[..HEADER_LEN].copy_from_slice(&header(
-        FORMAT_VERSION_PAGED,
-        CODEC_STORED,
-        plaintext_len,
-    ));
+    let header = match seal.keys() {
+        None => header(FORMAT_VERSION_PAGED, CODEC_STORED, plaintext_len),
+        Some(keys) => {
+            let aad = object_aad(&id, CODEC_STORED, plaintext_len);
+            let info = keys.seal(&aad, &mut buffer.as_mut_slice()[HEADER_ROOM..])?;
+            sealed_header(FORMAT_SEALED_PAGED, CODEC_STORED, plaintext_len, &info)
+        }
+    };
+    buffer.as_mut_slice()[..header.len].copy_from_slice(header.as_slice());
     let encoded = Encoded {
         id,
         plaintext_len,
@@ -190,8 +272,8 @@ pub fn encode_in_place(
     })
 }
 
-/// The object compressed (version 1), or `None` when compression does not pay.
-fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Option<Encoded>> {
+/// The chunk compressed, or `None` when compression does not pay.
+fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Option<Vec<u8>>> {
     if compression.zstd_level <= 0 || bytes.len() < 512 {
         return Ok(None);
     }
@@ -210,25 +292,13 @@ fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Opt
             err,
         )
     })?;
-    if !pays(bytes.len(), payload.len()) {
-        return Ok(None);
-    }
-    let plaintext_len = bytes.len() as u64;
-    Ok(Some(Encoded {
-        id: *id,
-        plaintext_len,
-        frame: Frame::Split(
-            header(FORMAT_VERSION, CODEC_ZSTD, plaintext_len),
-            payload.into(),
-        ),
-        compressed: true,
-    }))
+    Ok(pays(bytes.len(), payload.len()).then_some(payload))
 }
 
 /// Decodes a stored object and checks that its plaintext hashes to `expected`. A stored
-/// (uncompressed) object's plaintext is a slice of `stored`, not a copy.
-pub fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Limit::AtMost(MAX_PLAINTEXT))
+/// (uncompressed, unsealed) object's plaintext is a slice of `stored`, not a copy.
+pub fn decode(expected: &ObjectId, stored: bytes::Bytes, seal: &Seal) -> Result<bytes::Bytes> {
+    decode_within(expected, stored, Limit::AtMost(MAX_PLAINTEXT), seal)
 }
 
 /// No object's plaintext is larger (a chunk is at most a few MiB, a WAL segment 64 MiB).
@@ -236,14 +306,26 @@ const MAX_PLAINTEXT: u64 = 1 << 31;
 
 /// [`decode`] for an object whose plaintext is at most `max` bytes (a WAL segment): a header
 /// that declares more is refused before anything is decompressed or allocated.
-pub fn decode_at_most(expected: &ObjectId, stored: bytes::Bytes, max: u64) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Limit::AtMost(max))
+pub fn decode_at_most(
+    expected: &ObjectId,
+    stored: bytes::Bytes,
+    max: u64,
+    seal: &Seal,
+) -> Result<bytes::Bytes> {
+    decode_within(expected, stored, Limit::AtMost(max), seal)
 }
 
 /// The most bytes an object whose plaintext is `plaintext_len` bytes can take stored: the
 /// header page and the plaintext (compression is kept only when it pays).
 pub fn max_stored_len(plaintext_len: u64) -> u64 {
     plaintext_len.saturating_add(HEADER_ROOM as u64)
+}
+
+/// Whether `stored` is a sealed object (by its header alone: nothing is checked).
+pub fn is_sealed(stored: &[u8]) -> bool {
+    stored.len() > 4
+        && &stored[..4] == MAGIC
+        && matches!(stored[4], FORMAT_SEALED | FORMAT_SEALED_PAGED)
 }
 
 /// What a decoder knows of the plaintext's length before it decodes.
@@ -258,11 +340,21 @@ enum Limit {
 /// [`decode`] for an object whose plaintext length a manifest records: a header that
 /// declares another length is refused before anything is decompressed or allocated, so a
 /// crafted object cannot make a reader allocate more than the chunk it stands for.
-pub fn decode_sized(expected: &ObjectId, stored: bytes::Bytes, len: u64) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Limit::Exact(len))
+pub fn decode_sized(
+    expected: &ObjectId,
+    stored: bytes::Bytes,
+    len: u64,
+    seal: &Seal,
+) -> Result<bytes::Bytes> {
+    decode_within(expected, stored, Limit::Exact(len), seal)
 }
 
-fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Result<bytes::Bytes> {
+fn decode_within(
+    expected: &ObjectId,
+    stored: bytes::Bytes,
+    limit: Limit,
+    seal: &Seal,
+) -> Result<bytes::Bytes> {
     let corrupt = |why: &str| {
         Error::new(
             ErrorCode::BackupChecksumMismatch,
@@ -275,22 +367,29 @@ fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Res
     if stored[6..8] != [0, 0] {
         return Err(corrupt("reserved header bytes are not zero"));
     }
-    let payload_at = match stored[4] {
-        FORMAT_VERSION => HEADER_LEN,
-        FORMAT_VERSION_PAGED if stored.len() >= HEADER_ROOM => {
-            if stored[HEADER_LEN..HEADER_ROOM].iter().any(|b| *b != 0) {
+    let (payload_at, sealed) = match stored[4] {
+        FORMAT_VERSION => (HEADER_LEN, false),
+        FORMAT_SEALED if stored.len() >= SEALED_HEADER_LEN => (SEALED_HEADER_LEN, true),
+        FORMAT_VERSION_PAGED | FORMAT_SEALED_PAGED if stored.len() >= HEADER_ROOM => {
+            let sealed = stored[4] == FORMAT_SEALED_PAGED;
+            let padding_from = if sealed {
+                SEALED_HEADER_LEN
+            } else {
+                HEADER_LEN
+            };
+            if stored[padding_from..HEADER_ROOM].iter().any(|b| *b != 0) {
                 return Err(corrupt("the header page's padding is not zero"));
             }
-            HEADER_ROOM
+            (HEADER_ROOM, sealed)
         }
-        FORMAT_VERSION_PAGED => return Err(corrupt("truncated object header")),
+        FORMAT_SEALED | FORMAT_VERSION_PAGED | FORMAT_SEALED_PAGED => {
+            return Err(corrupt("truncated object header"));
+        }
         other => {
             return Err(corrupt(&format!("unknown object format version {other}")));
         }
     };
-    let mut len_bytes = [0u8; 8];
-    len_bytes.copy_from_slice(&stored[8..16]);
-    let plaintext_len = u64::from_le_bytes(len_bytes);
+    let plaintext_len = u64::from_le_bytes(array(&stored[8..16]));
     if plaintext_len > MAX_PLAINTEXT {
         return Err(corrupt(&format!(
             "its header declares {plaintext_len} bytes, more than any object holds"
@@ -309,15 +408,58 @@ fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Res
         }
         _ => {}
     }
-    let payload = &stored[payload_at..];
-    let plaintext = match stored[5] {
-        CODEC_STORED => stored.slice(payload_at..),
+    let codec = stored[5];
+    if codec != CODEC_STORED && codec != CODEC_ZSTD {
+        return Err(corrupt(&format!("unknown codec {codec}")));
+    }
+    let payload = match (sealed, seal) {
+        (false, Seal::Plain) => stored.slice(payload_at..),
+        (false, Seal::Sealed { .. }) => {
+            return Err(corrupt(
+                "it is not encrypted, and every object of an encrypted repository is",
+            ));
+        }
+        (true, Seal::Plain) => {
+            return Err(Error::new(
+                ErrorCode::EncryptionKey,
+                format!(
+                    "object {expected} is encrypted, and this repository was opened without its key"
+                ),
+            ));
+        }
+        (true, Seal::Sealed { keys, buffers }) => {
+            if stored[20..24] != [0; 4] {
+                return Err(corrupt("reserved header bytes are not zero"));
+            }
+            let info = SealInfo {
+                epoch: u32::from_le_bytes(array(&stored[16..20])),
+                nonce: array(&stored[24..24 + NONCE_LEN]),
+                tag: array(&stored[24 + NONCE_LEN..SEALED_HEADER_LEN]),
+            };
+            // Opened in a page-aligned buffer of its own (the stored bytes are shared).
+            let sealed_payload = &stored[payload_at..];
+            let mut opened = buffers.take(sealed_payload.len());
+            opened
+                .read_from(sealed_payload, sealed_payload.len() as u64)
+                .map_err(|err| {
+                    Error::with_source(ErrorCode::BackupChecksumMismatch, "copy payload", err)
+                })?;
+            let aad = object_aad(expected, codec, plaintext_len);
+            if !keys.open(&info, &aad, opened.as_mut_slice()) {
+                return Err(corrupt(
+                    "it does not authenticate (altered, renamed, or not written with this repository's key)",
+                ));
+            }
+            bytes::Bytes::from_owner(opened)
+        }
+    };
+    let plaintext = match codec {
         CODEC_ZSTD => {
             let capacity = usize::try_from(plaintext_len)
                 .map_err(|_| corrupt("implausible plaintext length"))?;
             // Stored bytes that do not decompress were damaged after they were written: the
             // operator's problem is corruption, so it is reported as a checksum mismatch.
-            zstd::bulk::decompress(payload, capacity)
+            zstd::bulk::decompress(&payload, capacity)
                 .map_err(|err| {
                     Error::with_source(
                         ErrorCode::BackupChecksumMismatch,
@@ -327,7 +469,7 @@ fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Res
                 })?
                 .into()
         }
-        other => return Err(corrupt(&format!("unknown codec {other}"))),
+        _ => payload,
     };
     if plaintext.len() as u64 != plaintext_len {
         return Err(corrupt(&format!(
@@ -335,7 +477,7 @@ fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Res
             plaintext.len()
         )));
     }
-    let actual = ObjectId::from_digest(Sha256::digest(&plaintext).into());
+    let actual = seal.object_id(&plaintext);
     if &actual != expected {
         return Err(corrupt(&format!("content hashes to {actual}")));
     }
@@ -345,6 +487,88 @@ fn decode_within(expected: &ObjectId, stored: bytes::Bytes, limit: Limit) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The plaintext repository's codec; the sealed one is tested below.
+    fn encode(plaintext: &[u8], compression: Compression) -> Result<Encoded> {
+        super::encode(plaintext, compression, &Seal::Plain)
+    }
+
+    fn decode(expected: &ObjectId, stored: bytes::Bytes) -> Result<bytes::Bytes> {
+        super::decode(expected, stored, &Seal::Plain)
+    }
+
+    fn decode_sized(expected: &ObjectId, stored: bytes::Bytes, len: u64) -> Result<bytes::Bytes> {
+        super::decode_sized(expected, stored, len, &Seal::Plain)
+    }
+
+    fn sealing() -> Seal {
+        let passphrase = crate::seal::Passphrase::new("codec test").expect("passphrase");
+        let (keys, ..) = crate::seal::create(&passphrase).expect("keys");
+        Seal::sealed(keys)
+    }
+
+    #[test]
+    fn sealed_objects_round_trip_in_every_shape_and_hide_their_plaintext() -> Result<()> {
+        let seal = sealing();
+        let marker = b"plaintext marker 0123456789";
+        let mut stored_chunk = incompressible(300_000);
+        stored_chunk[1000..1000 + marker.len()].copy_from_slice(marker);
+        let compressible = marker.repeat(4000);
+        for (plain, in_place) in [
+            (stored_chunk.clone(), true),
+            (stored_chunk[..100].to_vec(), true),
+            (compressible.clone(), true),
+            (stored_chunk.clone(), false),
+            (compressible, false),
+        ] {
+            let encoded = if in_place {
+                encode_chunk_with(&plain, &seal)?
+            } else {
+                super::encode(&plain, Compression::default(), &seal)?
+            };
+            assert_eq!(encoded.id, seal.object_id(&plain));
+            let bytes = encoded.to_vec();
+            assert!(is_sealed(&bytes));
+            assert!(!bytes.windows(marker.len()).any(|w| w == marker));
+            let id = encoded.id;
+            let opened = super::decode_sized(&id, bytes.clone().into(), plain.len() as u64, &seal)?;
+            assert_eq!(opened, plain);
+            let unpaged = encoded.unpaged().to_vec();
+            assert_eq!(super::decode(&id, unpaged.into(), &seal)?, plain);
+        }
+        // A paged stored chunk opens page-aligned, for direct writes.
+        let encoded = encode_chunk_with(&stored_chunk, &seal)?;
+        assert!(matches!(encoded.frame, Frame::Whole(_)));
+        let opened = super::decode(&encoded.id, encoded.to_vec().into(), &seal)?;
+        assert_eq!(opened.as_ptr() as usize % crate::buffers::PAGE, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_sealed_object_altered_renamed_or_read_with_the_wrong_keys_is_refused() -> Result<()> {
+        let seal = sealing();
+        let plain = incompressible(10_000);
+        let encoded = super::encode(&plain, Compression::default(), &seal)?;
+        let (id, bytes) = (encoded.id, encoded.to_vec());
+        for at in [5, 9, 16, 30, 50, SEALED_HEADER_LEN, bytes.len() - 1] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 1;
+            let err = super::decode(&id, flipped.into(), &seal).expect_err("flipped");
+            assert_eq!(err.code, ErrorCode::BackupChecksumMismatch, "byte {at}");
+        }
+        let other = seal.object_id(b"another chunk");
+        let renamed = super::decode(&other, bytes.clone().into(), &seal).expect_err("renamed");
+        assert_eq!(renamed.code, ErrorCode::BackupChecksumMismatch);
+        let foreign = super::decode(&id, bytes.clone().into(), &sealing()).expect_err("other key");
+        assert_eq!(foreign.code, ErrorCode::BackupChecksumMismatch);
+        let locked = decode(&id, bytes.into()).expect_err("no key");
+        assert_eq!(locked.code, ErrorCode::EncryptionKey);
+        // A plaintext object planted in an encrypted repository is refused too.
+        let planted = encode(&plain, Compression::default())?;
+        let err = super::decode(&id, planted.to_vec().into(), &seal).expect_err("planted");
+        assert_eq!(err.code, ErrorCode::BackupChecksumMismatch);
+        Ok(())
+    }
 
     #[test]
     fn a_header_declaring_another_length_than_the_manifest_is_refused_before_decompression()
@@ -393,11 +617,15 @@ mod tests {
     /// A chunk encoded as the upload does it: read into a buffer after its header room,
     /// then encoded in place.
     fn encode_chunk(plain: &[u8]) -> Result<Encoded> {
+        encode_chunk_with(plain, &Seal::Plain)
+    }
+
+    fn encode_chunk_with(plain: &[u8], seal: &Seal) -> Result<Encoded> {
         let mut buffer = crate::buffers::BufferPool::default().take(HEADER_ROOM + plain.len());
         buffer.extend_zeroed(HEADER_ROOM);
         let read = buffer.read_from(plain, plain.len() as u64);
         assert_eq!(read.ok(), Some(plain.len()));
-        encode_in_place(ObjectId::of(plain), buffer, Compression::default())
+        encode_in_place(seal.object_id(plain), buffer, Compression::default(), seal)
     }
 
     #[test]

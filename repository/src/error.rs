@@ -45,6 +45,9 @@ pub enum ErrorCode {
     Unauthenticated,
     /// Lockstep: the caller's role may not make this call.
     PermissionDenied,
+    /// Lockstep: an encrypted repository's passphrase is missing or opens none of its key
+    /// slots, or a passphrase was given for a repository that is not encrypted.
+    EncryptionKey,
 }
 
 /// How bad an error is, in the seed's three levels.
@@ -94,11 +97,12 @@ impl ErrorCode {
             ErrorCode::CoordinatorFenced => "ERR_COORDINATOR_FENCED",
             ErrorCode::Unauthenticated => "ERR_AUTH_UNAUTHENTICATED",
             ErrorCode::PermissionDenied => "ERR_AUTH_PERMISSION_DENIED",
+            ErrorCode::EncryptionKey => "ERR_ENCRYPTION_KEY",
         }
     }
 
     /// Every code, for parsing and documentation.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::BackupCreationFailed,
         ErrorCode::BackupRestorationFailed,
         ErrorCode::BackupVerificationFailed,
@@ -123,6 +127,7 @@ impl ErrorCode {
         ErrorCode::CoordinatorFenced,
         ErrorCode::Unauthenticated,
         ErrorCode::PermissionDenied,
+        ErrorCode::EncryptionKey,
     ];
 
     /// The code named `ERR_...`, if it is one of ours.
@@ -208,6 +213,9 @@ impl ErrorCode {
             }
             ErrorCode::PermissionDenied => {
                 "this identity's role may not make the call: changes need an operator (lockstep://operator/NAME), reads a reader"
+            }
+            ErrorCode::EncryptionKey => {
+                "give the repository's passphrase in a file named by LOCKSTEP_PASSPHRASE_FILE (or in LOCKSTEP_PASSPHRASE); `lockstep key list` shows its key slots"
             }
         }
     }

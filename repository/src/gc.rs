@@ -467,7 +467,7 @@ impl Repository {
     pub async fn gc_candidates(&self) -> Result<CandidateRecord> {
         let key = self.layout().gc_candidates();
         match self
-            .get_raw(&key, (MAX_RECORD_BYTES, ErrorCode::BackupManifestCorrupt))
+            .get_record(&key, (MAX_RECORD_BYTES, ErrorCode::BackupManifestCorrupt))
             .await?
         {
             Some(bytes) => CandidateRecord::decode(key.as_ref(), &bytes),
@@ -479,7 +479,12 @@ impl Repository {
     /// deletes from a record it cannot read, and starting over only delays deletions.
     async fn gc_candidates_or_none(&self) -> Result<CandidateRecord> {
         match self.gc_candidates().await {
-            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
+            Err(err)
+                if matches!(
+                    err.code,
+                    ErrorCode::BackupManifestCorrupt | ErrorCode::BackupChecksumMismatch
+                ) =>
+            {
                 tracing::warn!(error = %err.chain(), "GC candidate record unreadable; recording candidates afresh");
                 Ok(CandidateRecord::default())
             }
@@ -607,7 +612,11 @@ mod tests {
         let plaintext = b"an object a sweep condemned";
         let id = ObjectId::of(plaintext);
         let (copy, _) = repo
-            .put_object(encode(plaintext, Compression::default())?)
+            .put_object(encode(
+                plaintext,
+                Compression::default(),
+                &crate::seal::Seal::Plain,
+            )?)
             .await?;
         assert_eq!(copy, 0);
         let writer = repo.avoiding(std::sync::Arc::new(Condemned::new([(id, 0)].iter())));
@@ -617,7 +626,11 @@ mod tests {
             "copy 0 is not relied on"
         );
         let (copy, stored_len) = writer
-            .put_object(encode(plaintext, Compression::default())?)
+            .put_object(encode(
+                plaintext,
+                Compression::default(),
+                &crate::seal::Seal::Plain,
+            )?)
             .await?;
         assert_eq!(copy, 1);
         // The sweep deletes copy 0; the writer's copy stays readable.

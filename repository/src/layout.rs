@@ -3,6 +3,10 @@
 //! ```text
 //! <prefix>/lockstep-repository.json             identity marker: format, repository id and
 //!                                               the cluster it belongs to; written once
+//! <prefix>/lockstep-encryption.json           the repository is encrypted, and how (seal.rs);
+//!                                               written once, when it is created
+//! <prefix>/keys/<slot>.json                     key slots: the master key sealed under one
+//!                                               passphrase each
 //! <prefix>/coordinators/<epoch:020>.json        fencing: one per coordinator start, written
 //!                                               create-only; the highest epoch acts
 //! <prefix>/objects/<aa>/<sha256-hex>[.<copy>]   content-addressed data objects (codec.rs framing);
@@ -42,6 +46,8 @@ use crate::lineage::Lineage;
 use crate::wal::SegmentInfo;
 
 pub const REPOSITORY_MARKER: &str = "lockstep-repository.json";
+pub const ENCRYPTION_MARKER: &str = "lockstep-encryption.json";
+const KEYS: &str = "keys";
 const OBJECTS: &str = "objects";
 const SHARDS: &str = "shards";
 const BACKUPS: &str = "backups";
@@ -60,6 +66,11 @@ pub struct Layout {
     prefix: Path,
 }
 
+/// Whether `slot` can name a key slot: 1 to 64 lower-case hex digits.
+pub fn is_slot_name(slot: &str) -> bool {
+    (1..=64).contains(&slot.len()) && slot.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 impl Layout {
     pub fn new(prefix: Path) -> Layout {
         Layout { prefix }
@@ -75,6 +86,42 @@ impl Layout {
 
     pub fn marker(&self) -> Path {
         self.join(&[REPOSITORY_MARKER])
+    }
+
+    pub fn encryption_marker(&self) -> Path {
+        self.join(&[ENCRYPTION_MARKER])
+    }
+
+    pub fn keys_dir(&self) -> Path {
+        self.join(&[KEYS])
+    }
+
+    /// Key slot `slot` (a name [`Layout::slot_of`] accepts: lower-case hex).
+    pub fn key_slot(&self, slot: &str) -> Path {
+        self.join(&[KEYS, &format!("{slot}.json")])
+    }
+
+    /// The key slot named by a key under `keys/`, if it is one.
+    pub fn slot_of(&self, key: &Path) -> Option<String> {
+        let slot = key.filename()?.strip_suffix(".json")?;
+        is_slot_name(slot).then(|| slot.to_string())
+    }
+
+    /// The repository's prefix (empty for a repository at the root of its store).
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    /// `key` relative to the prefix: what a sealed record's seal names, so a repository
+    /// copied to another prefix still opens.
+    pub fn name_of(&self, key: &Path) -> String {
+        match key.prefix_match(&self.prefix) {
+            Some(parts) => parts
+                .map(|part| part.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => key.to_string(),
+        }
     }
 
     /// Copy `copy` of object `id`: copy 0 is named by the hash alone.

@@ -27,6 +27,7 @@ pub mod lineage;
 pub mod manifest;
 pub mod remembered;
 pub mod repository;
+pub mod seal;
 pub mod transfer;
 pub mod verify;
 pub mod wal;

@@ -22,6 +22,7 @@ use crate::ids::{BackupId, ObjectId, RestoreId, Seq, ShardId, TagName};
 use crate::layout::Layout;
 use crate::lineage::Lineage;
 use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
+use crate::seal::{EncryptionMarker, KeySlot, Passphrase, Seal};
 use crate::wal::{Segment, SegmentInfo};
 
 /// `schedules/<name>.json`: when a schedule last fired.
@@ -76,14 +77,16 @@ pub enum RestoreDecision {
     Revert,
 }
 
-/// Encodes a segment for storage (zstd when it pays, named by the SHA-256 of its plaintext);
-/// returns its description and the encoded object.
+/// Encodes a segment for storage (zstd when it pays, named by its plaintext's SHA-256, or
+/// sealed and named by its keyed hash); returns its description and the encoded object.
 pub async fn encode_wal_segment(
     segment: &Segment,
     compression: codec::Compression,
+    seal: &Seal,
 ) -> Result<(SegmentInfo, Encoded)> {
     let plaintext = segment.encode();
-    let encoded = crate::blocking::run(move || codec::encode(&plaintext, compression))
+    let seal = seal.clone();
+    let encoded = crate::blocking::run(move || codec::encode(&plaintext, compression, &seal))
         .await
         .map_err(|err| {
             Error::with_source(ErrorCode::BackupWalArchiveFailed, "encode task failed", err)
@@ -97,15 +100,21 @@ pub async fn encode_wal_segment(
     Ok((info, encoded))
 }
 
-/// Decodes a stored segment: checks its SHA-256 against the one in `info` and that it holds
-/// the shard, lineage and range `info` names.
-pub async fn decode_wal_segment(info: &SegmentInfo, stored: Vec<u8>) -> Result<Segment> {
+/// Decodes a stored segment: opens its seal, checks its hash against the one in `info` and
+/// that it holds the shard, lineage and range `info` names.
+pub async fn decode_wal_segment(
+    info: &SegmentInfo,
+    stored: Vec<u8>,
+    seal: &Seal,
+) -> Result<Segment> {
     let name = format!("WAL segment {}", info.file_name());
     let id = info.id;
-    let plaintext =
-        crate::blocking::run(move || codec::decode_at_most(&id, stored.into(), MAX_SEGMENT_BYTES))
-            .await
-            .map_err(decode_task_failed)??;
+    let seal = seal.clone();
+    let plaintext = crate::blocking::run(move || {
+        codec::decode_at_most(&id, stored.into(), MAX_SEGMENT_BYTES, &seal)
+    })
+    .await
+    .map_err(decode_task_failed)??;
     let segment = Segment::decode(&name, &plaintext)?;
     if segment.info(info.id).as_ref() != Some(info) {
         return Err(Error::new(
@@ -144,6 +153,8 @@ pub struct Repository {
     /// The agent's rate limits: data objects put through this handle take their stored size
     /// from the backup's upload share, and those fetched from the download limit.
     bandwidth: Option<Arc<crate::bandwidth::Bandwidth>>,
+    /// How objects are named and stored: in plaintext, or sealed with the repository's keys.
+    seal: Seal,
 }
 
 /// The verify record's largest size: 44 bytes an object, for 20 million objects.
@@ -189,8 +200,17 @@ struct Unsynced {
 /// store.
 const CATALOG_READS: usize = 16;
 
+/// Whether a record that failed to read is damaged (it does not parse, or its seal does not
+/// open), as opposed to unknown (the store did not answer).
+fn damaged(err: &Error) -> bool {
+    matches!(
+        err.code,
+        ErrorCode::BackupManifestCorrupt | ErrorCode::BackupChecksumMismatch
+    )
+}
+
 fn skip_corrupt(id: &BackupId, err: Error) -> Result<()> {
-    if err.code != ErrorCode::BackupManifestCorrupt {
+    if !damaged(&err) {
         return Err(err.context(format!("read the manifest of backup {id}")));
     }
     tracing::warn!(backup = %id, error = %err.chain(), "skipping a corrupt backup manifest");
@@ -240,7 +260,36 @@ impl Repository {
 
     /// `open` with explicit store options that override the environment, named like the
     /// environment variables (`("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")`).
+    ///
+    /// An encrypted repository is unlocked with the passphrase in the file named by the
+    /// option or environment variable `LOCKSTEP_PASSPHRASE_FILE` (or in `LOCKSTEP_PASSPHRASE`);
+    /// a new (empty) repository opened with a passphrase is created encrypted
+    /// (`seal.rs`).
     pub async fn open_with(location: &str, options: &[(String, String)]) -> Result<Repository> {
+        let (passphrase_file, options): (Vec<_>, Vec<_>) = options
+            .iter()
+            .cloned()
+            .partition(|(key, _)| key == crate::seal::PASSPHRASE_FILE_ENV);
+        let passphrase = match passphrase_file.last() {
+            Some((_, path)) => Some(Passphrase::from_file(std::path::Path::new(path))?),
+            None => Passphrase::from_env()?,
+        };
+        Repository::open_store(location, &options)
+            .await?
+            .unlock(passphrase)
+            .await
+    }
+
+    /// A WAL archive on an object store (or a repository's own `wal/`), whose segments are
+    /// sealed with `seal`, the keys of the repository it archives for: an archive holds no
+    /// keys of its own.
+    pub async fn open_archive(location: &str, seal: &Seal) -> Result<Repository> {
+        let mut archive = Repository::open_store(location, &[]).await?;
+        archive.seal = seal.clone();
+        Ok(archive)
+    }
+
+    async fn open_store(location: &str, options: &[(String, String)]) -> Result<Repository> {
         let url = parse_location(location)?;
         let unknown_option = |key: &str| {
             Error::new(
@@ -358,7 +407,258 @@ impl Repository {
             condemned: None,
             catalog: Default::default(),
             bandwidth: None,
+            seal: Seal::Plain,
         }
+    }
+
+    /// How this handle names and stores objects: plaintext, or sealed.
+    pub fn seal(&self) -> &Seal {
+        &self.seal
+    }
+
+    /// This repository with its seal opened: plaintext when it is not encrypted and no
+    /// passphrase is given; unlocked by `passphrase` when it is; created encrypted when it
+    /// is new and a passphrase is given. Any other combination is refused, so nothing is
+    /// ever written in plaintext to an encrypted repository, or the other way round.
+    async fn unlock(mut self, passphrase: Option<Passphrase>) -> Result<Repository> {
+        self.seal = match (self.encryption_marker().await?, passphrase) {
+            (None, None) => Seal::Plain,
+            (Some(_), None) => {
+                return Err(Error::new(
+                    ErrorCode::EncryptionKey,
+                    format!(
+                        "repository {} is encrypted, and no passphrase was given",
+                        self.url
+                    ),
+                ));
+            }
+            (Some(marker), Some(passphrase)) => {
+                Seal::sealed(self.unlock_with(&marker, &passphrase).await?)
+            }
+            (None, Some(passphrase)) => self.create_encrypted(&passphrase).await?,
+        };
+        Ok(self)
+    }
+
+    /// The encryption marker, if the repository is encrypted.
+    pub async fn encryption_marker(&self) -> Result<Option<EncryptionMarker>> {
+        let key = self.layout.encryption_marker();
+        let Some(bytes) = self.get_raw(&key, MANIFEST).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|err| {
+            Error::new(
+                ErrorCode::BackupManifestCorrupt,
+                format!("the encryption marker {key} is unreadable: {err}"),
+            )
+        })
+    }
+
+    /// Every key slot of an encrypted repository, oldest first.
+    pub async fn key_slots(&self) -> Result<Vec<KeySlot>> {
+        let keys = self
+            .keys_under(&self.layout.keys_dir(), "key slots", |key| {
+                self.layout.slot_of(key).map(|slot| (slot, key.clone()))
+            })
+            .await?;
+        let mut slots = Vec::with_capacity(keys.len());
+        for (name, key) in keys {
+            let Some(bytes) = self.get_raw(&key, MANIFEST).await? else {
+                continue; // removed since the listing
+            };
+            let slot: KeySlot = serde_json::from_slice(&bytes).map_err(|err| {
+                Error::new(
+                    ErrorCode::BackupManifestCorrupt,
+                    format!("key slot {key} is unreadable: {err}"),
+                )
+            })?;
+            if slot.slot != name {
+                return Err(Error::new(
+                    ErrorCode::BackupManifestCorrupt,
+                    format!("key slot {key} calls itself {:?}", slot.slot),
+                ));
+            }
+            slots.push(slot);
+        }
+        slots.sort_by(|a, b| (a.created_at, &a.slot).cmp(&(b.created_at, &b.slot)));
+        Ok(slots)
+    }
+
+    /// The keys `passphrase` unlocks through one of the key slots.
+    async fn unlock_with(
+        &self,
+        marker: &EncryptionMarker,
+        passphrase: &Passphrase,
+    ) -> Result<crate::seal::Keys> {
+        let slots = self.key_slots().await?;
+        let tried = slots.len();
+        for slot in slots {
+            let (marker, passphrase) = (marker.clone(), passphrase.clone());
+            let unlocked =
+                crate::blocking::run(move || crate::seal::unlock(&marker, &slot, &passphrase))
+                    .await
+                    .map_err(|err| {
+                        Error::with_source(ErrorCode::StorageUnavailable, "unlock task", err)
+                    })??;
+            if let Some(keys) = unlocked {
+                return Ok(keys);
+            }
+        }
+        Err(Error::new(
+            ErrorCode::EncryptionKey,
+            format!(
+                "the passphrase given opens none of the {tried} key slots of repository {}: it is the wrong passphrase",
+                self.url
+            ),
+        ))
+    }
+
+    /// Creates the encryption of a new repository: its first key slot, then its marker
+    /// (create-only; when another opener created it first, this one unlocks theirs).
+    async fn create_encrypted(&self, passphrase: &Passphrase) -> Result<Seal> {
+        if !self.holds_nothing().await? {
+            return Err(Error::new(
+                ErrorCode::EncryptionKey,
+                format!(
+                    "repository {} is not encrypted and already holds data, and a passphrase was given: open it without LOCKSTEP_PASSPHRASE_FILE and LOCKSTEP_PASSPHRASE, or create an encrypted repository at a new location",
+                    self.url
+                ),
+            ));
+        }
+        let given = passphrase.clone();
+        let (keys, marker, slot) = crate::blocking::run(move || crate::seal::create(&given))
+            .await
+            .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "key task", err))??;
+        self.put_key_slot(&slot).await?;
+        let json = serde_json::to_vec_pretty(&marker).map_err(|err| {
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                "encode the encryption marker",
+                err,
+            )
+        })?;
+        let key = self.layout.encryption_marker();
+        if self
+            .put_once(&key, PutPayload::from(json), "encryption marker")
+            .await?
+        {
+            tracing::info!(repository = %self.url, slot = %slot.slot, "created an encrypted repository");
+            return Ok(Seal::sealed(keys));
+        }
+        self.delete_if_present(&self.layout.key_slot(&slot.slot))
+            .await?;
+        let theirs = self.encryption_marker().await?.ok_or_else(|| {
+            Error::new(
+                ErrorCode::StorageUnavailable,
+                "the encryption marker vanished while it was read",
+            )
+        })?;
+        Ok(Seal::sealed(self.unlock_with(&theirs, passphrase).await?))
+    }
+
+    /// Whether the repository holds nothing but key slots and encryption markers (it is
+    /// new).
+    async fn holds_nothing(&self) -> Result<bool> {
+        let prefix = self.layout.prefix();
+        let mut listing = self
+            .store
+            .list((!prefix.as_ref().is_empty()).then_some(prefix));
+        let keys_dir = self.layout.keys_dir();
+        let marker = self.layout.encryption_marker();
+        while let Some(meta) = listing
+            .try_next()
+            .await
+            .map_err(|err| storage_error("list the repository", err))?
+        {
+            if !meta.location.prefix_matches(&keys_dir) && meta.location != marker {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn put_key_slot(&self, slot: &KeySlot) -> Result<()> {
+        let json = serde_json::to_vec_pretty(slot).map_err(|err| {
+            Error::with_source(ErrorCode::InvalidArgument, "encode a key slot", err)
+        })?;
+        let key = self.layout.key_slot(&slot.slot);
+        if !self
+            .put_once(&key, PutPayload::from(json), "key slot")
+            .await?
+        {
+            return Err(Error::new(
+                ErrorCode::StorageUnavailable,
+                format!("key slot {key} exists already"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn unlocked_keys(&self) -> Result<Arc<crate::seal::Keys>> {
+        match &self.seal {
+            Seal::Sealed { keys, .. } => Ok(keys.clone()),
+            Seal::Plain => Err(Error::new(
+                ErrorCode::EncryptionKey,
+                format!("repository {} is not encrypted: it has no keys", self.url),
+            )),
+        }
+    }
+
+    /// Adds a key slot holding the master key under `passphrase` (the repository must be
+    /// unlocked); every backup stays readable with either passphrase.
+    pub async fn add_key(&self, passphrase: &Passphrase) -> Result<KeySlot> {
+        let keys = self.unlocked_keys()?;
+        let given = passphrase.clone();
+        let slot = crate::blocking::run(move || crate::seal::new_slot(&keys, &given))
+            .await
+            .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "key task", err))??;
+        self.put_key_slot(&slot).await?;
+        Ok(slot)
+    }
+
+    /// Removes key slot `slot`: its passphrase no longer opens the repository. The last
+    /// slot is never removed (the data would be lost with it).
+    pub async fn remove_key(&self, slot: &str) -> Result<()> {
+        self.unlocked_keys()?;
+        let slots = self.key_slots().await?;
+        if !slots.iter().any(|s| s.slot == slot) {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "repository {} has no key slot {slot:?} (`lockstep key list`)",
+                    self.url
+                ),
+            ));
+        }
+        if slots.len() == 1 {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "key slot {slot} is the repository's last: add another first (`lockstep key add`), or every backup would be lost"
+                ),
+            ));
+        }
+        self.store
+            .delete(&self.layout.key_slot(slot))
+            .await
+            .map_err(|err| storage_error(format!("delete key slot {slot}"), err))
+    }
+
+    /// The plaintext of the record at `key` (a manifest, tag or other record), its seal
+    /// opened in an encrypted repository; `None` when there is none.
+    pub(crate) async fn get_record(&self, key: &Path, bound: Bound) -> Result<Option<Bytes>> {
+        match self.get_raw(key, bound).await? {
+            None => Ok(None),
+            Some(stored) => self
+                .seal
+                .open_record(&self.layout.name_of(key), stored)
+                .map(Some),
+        }
+    }
+
+    /// A record as stored at `key`: sealed in an encrypted repository.
+    fn sealed_record(&self, key: &Path, plaintext: Vec<u8>) -> Result<Vec<u8>> {
+        self.seal.seal_record(&self.layout.name_of(key), plaintext)
     }
 
     /// This repository, its object transfers within `bandwidth` (an agent's limits).
@@ -487,7 +787,7 @@ impl Repository {
             let payload = match encoded.frame {
                 Frame::Whole(whole) => PutPayload::from(whole),
                 Frame::Split(header, payload) => {
-                    PutPayload::from_iter([Bytes::copy_from_slice(&header), payload])
+                    PutPayload::from_iter([Bytes::copy_from_slice(header.as_slice()), payload])
                 }
             };
             if self.put_once_unsynced(&key, payload, "object").await? {
@@ -700,14 +1000,16 @@ impl Repository {
                     format!("object {id} is missing"),
                 )
             })?;
-        let len = chunk.len;
-        crate::blocking::run_bulk(move || codec::decode_sized(&id, stored, len))
+        let (len, seal) = (chunk.len, self.seal.clone());
+        crate::blocking::run_bulk(move || codec::decode_sized(&id, stored, len, &seal))
             .await
             .map_err(decode_task_failed)?
     }
 
-    /// Writes (or overwrites) a record that names no object, durably.
+    /// Writes (or overwrites) a record that names no object, durably (sealed in an
+    /// encrypted repository).
     pub(crate) async fn put_durable(&self, key: &Path, bytes: Vec<u8>, what: &str) -> Result<()> {
+        let bytes = self.sealed_record(key, bytes)?;
         self.store
             .put(key, PutPayload::from(bytes))
             .await
@@ -716,6 +1018,7 @@ impl Repository {
     }
 
     async fn put_manifest(&self, key: &Path, json: Vec<u8>) -> Result<()> {
+        let json = self.sealed_record(key, json)?;
         // Whatever the manifest names must be durable before it is.
         self.sync_objects().await?;
         self.store
@@ -771,7 +1074,7 @@ impl Repository {
         backup: &BackupId,
     ) -> Result<ShardManifest> {
         let key = self.layout.shard_manifest(shard, backup);
-        let bytes = self.get_raw(&key, MANIFEST).await?.ok_or_else(|| {
+        let bytes = self.get_record(&key, MANIFEST).await?.ok_or_else(|| {
             Error::new(
                 ErrorCode::BackupIncomplete,
                 format!("shard manifest of {shard} in backup {backup} is missing"),
@@ -782,7 +1085,7 @@ impl Repository {
 
     pub async fn backup_manifest(&self, backup: &BackupId) -> Result<BackupManifest> {
         let key = self.layout.backup_manifest(backup);
-        let bytes = self.get_raw(&key, MANIFEST).await?.ok_or_else(|| {
+        let bytes = self.get_record(&key, MANIFEST).await?.ok_or_else(|| {
             Error::new(
                 ErrorCode::BackupNotFound,
                 format!("backup {backup} does not exist"),
@@ -917,7 +1220,7 @@ impl Repository {
         for (name, tag) in self.tags().await? {
             match tag {
                 Ok(tag) => out.extend(tag.points.get(shard).map(|p| (p.lineage, p.seq))),
-                Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
+                Err(err) if damaged(&err) => {
                     tracing::warn!(tag = %name, error = %err.chain(), "skipping a corrupt tag");
                 }
                 Err(err) => return Err(err.context(format!("read tag {name}"))),
@@ -1121,7 +1424,7 @@ impl Repository {
     /// The record of a restore under way, as written; `None` once it ended.
     pub async fn running_restore(&self, restore: &RestoreId) -> Result<Option<Vec<u8>>> {
         Ok(self
-            .get_raw(&self.layout.running_restore(restore), MANIFEST)
+            .get_record(&self.layout.running_restore(restore), MANIFEST)
             .await?
             .map(|bytes| bytes.to_vec()))
     }
@@ -1152,7 +1455,7 @@ impl Repository {
             "by": by,
             "at": chrono::Utc::now(),
         });
-        let payload = PutPayload::from(record.to_string().into_bytes());
+        let payload = PutPayload::from(self.sealed_record(&key, record.to_string().into_bytes())?);
         if self.put_once(&key, payload, "restore decision").await? {
             return Ok(decision);
         }
@@ -1167,7 +1470,7 @@ impl Repository {
     /// The decision stored for a restore, if any.
     pub async fn restore_decision(&self, restore: &RestoreId) -> Result<Option<RestoreDecision>> {
         let Some(bytes) = self
-            .get_raw(&self.layout.restore_decision(restore), MANIFEST)
+            .get_record(&self.layout.restore_decision(restore), MANIFEST)
             .await?
         else {
             return Ok(None);
@@ -1237,7 +1540,11 @@ impl Repository {
     pub async fn put_tag(&self, tag: &TagManifest) -> Result<()> {
         let key = self.layout.tag(&tag.name);
         if self
-            .put_once(&key, PutPayload::from(tag.to_json()), "tag")
+            .put_once(
+                &key,
+                PutPayload::from(self.sealed_record(&key, tag.to_json())?),
+                "tag",
+            )
             .await?
         {
             Ok(())
@@ -1256,7 +1563,7 @@ impl Repository {
 
     pub async fn tag(&self, name: &TagName) -> Result<TagManifest> {
         let key = self.layout.tag(name);
-        let bytes = self.get_raw(&key, MANIFEST).await?.ok_or_else(|| {
+        let bytes = self.get_record(&key, MANIFEST).await?.ok_or_else(|| {
             Error::new(
                 ErrorCode::BackupNotFound,
                 format!("tag {name} does not exist"),
@@ -1295,7 +1602,7 @@ impl Repository {
         segment: &Segment,
         compression: codec::Compression,
     ) -> Result<SegmentInfo> {
-        let (info, encoded) = encode_wal_segment(segment, compression).await?;
+        let (info, encoded) = encode_wal_segment(segment, compression, &self.seal).await?;
         self.put_wal_stored(&info, encoded.to_vec()).await?;
         Ok(info)
     }
@@ -1337,7 +1644,7 @@ impl Repository {
         segment: &Segment,
         compression: codec::Compression,
     ) -> Result<WalPiece> {
-        let (info, encoded) = encode_wal_segment(segment, compression).await?;
+        let (info, encoded) = encode_wal_segment(segment, compression, &self.seal).await?;
         let (id, len) = (encoded.id, encoded.plaintext_len);
         let (copy, stored_len) = self.put_object(encoded).await?;
         let chunk = Chunk {
@@ -1417,7 +1724,7 @@ impl Repository {
     pub async fn verified_objects(&self) -> Result<crate::verify::Verified> {
         let key = self.layout.verified();
         let bound = (MAX_VERIFIED_RECORD_BYTES, ErrorCode::BackupManifestCorrupt);
-        match self.get_raw(&key, bound).await? {
+        match self.get_record(&key, bound).await? {
             None => Ok(Default::default()),
             Some(bytes) => crate::verify::decode_verified(&format!("verify record {key}"), &bytes),
         }
@@ -1435,7 +1742,7 @@ impl Repository {
         name: &str,
     ) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
         let key = self.layout.schedule(name);
-        let Some(bytes) = self.get_raw(&key, MANIFEST).await? else {
+        let Some(bytes) = self.get_record(&key, MANIFEST).await? else {
             return Ok(None);
         };
         let record: ScheduleRecord = serde_json::from_slice(&bytes).map_err(|err| {
@@ -1489,7 +1796,7 @@ impl Repository {
     /// Downloads a WAL segment, checks its SHA-256 and that it holds what its key says.
     pub async fn get_wal_segment(&self, info: &SegmentInfo) -> Result<Segment> {
         let stored = self.get_wal_stored(info).await?;
-        decode_wal_segment(info, stored).await
+        decode_wal_segment(info, stored, &self.seal).await
     }
 }
 
@@ -1519,7 +1826,12 @@ mod tests {
         let writer = Repository::open(&url).await.expect("repo");
         let (reused, looked_up) = (b"reused".as_slice(), b"looked up".as_slice());
         for plaintext in [reused, looked_up] {
-            let encoded = codec::encode(plaintext, codec::Compression::default()).expect("encode");
+            let encoded = codec::encode(
+                plaintext,
+                codec::Compression::default(),
+                &crate::seal::Seal::Plain,
+            )
+            .expect("encode");
             writer.put_object(encoded).await.expect("put");
         }
         writer.sync_objects().await.expect("sync");
@@ -1746,5 +2058,186 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![first.backup_id.clone()]);
         assert_eq!(repo.catalog.lock().map(|c| c.len()).unwrap_or(9), 1);
+    }
+}
+
+#[cfg(test)]
+mod encrypted {
+    use super::*;
+    use crate::manifest::BackupKind;
+    use crate::seal::PASSPHRASE_FILE_ENV;
+    use crate::wal::WalBatch;
+
+    const SECRET: &[u8] = b"SECRET-VALUE-never-stored-in-plaintext";
+
+    fn passphrase_file(
+        dir: &std::path::Path,
+        name: &str,
+        passphrase: &str,
+    ) -> Vec<(String, String)> {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{passphrase}\n")).expect("write passphrase");
+        vec![(PASSPHRASE_FILE_ENV.to_string(), path.display().to_string())]
+    }
+
+    fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut dirs = vec![dir.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+                if entry.path().is_dir() {
+                    dirs.push(entry.path());
+                } else {
+                    out.push(entry.path());
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_repository_opens_only_with_a_slot_passphrase_and_holds_no_plaintext() {
+        let secrets = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let first = passphrase_file(secrets.path(), "first", "first passphrase");
+        let second = passphrase_file(secrets.path(), "second", "second passphrase");
+
+        let repo = Repository::open_with(&url, &first).await.expect("create");
+        assert!(repo.seal().is_sealed());
+        let plaintext = SECRET.repeat(100);
+        let encoded =
+            codec::encode(&plaintext, codec::Compression::default(), repo.seal()).expect("encode");
+        let chunk = Chunk {
+            id: encoded.id,
+            copy: 0,
+            len: plaintext.len() as u64,
+            stored_len: encoded.stored_len(),
+        };
+        repo.put_object(encoded).await.expect("put");
+        let segment = Segment {
+            shard_id: ShardId::new("shard-0").expect("shard"),
+            lineage: Lineage::root(),
+            batches: vec![WalBatch {
+                first: Seq(1),
+                count: 1,
+                hlc: crate::HlcTime(5),
+                data: SECRET.to_vec(),
+            }],
+        };
+        let info = repo
+            .put_wal_segment(&segment, codec::Compression::default())
+            .await
+            .expect("segment");
+        let backup = BackupId::new("b-secret").expect("id");
+        let mut manifest = BackupManifest::commit(
+            backup.clone(),
+            BackupKind::Full,
+            None,
+            chrono::Utc::now(),
+            &[],
+        );
+        manifest.tool_version = String::from_utf8(SECRET.to_vec()).expect("utf-8");
+        repo.commit_backup(manifest).await.expect("commit");
+        for file in files(dir.path()) {
+            let bytes = std::fs::read(&file).expect("read");
+            assert!(
+                !bytes.windows(SECRET.len()).any(|w| w == SECRET),
+                "{} holds plaintext",
+                file.display()
+            );
+        }
+
+        // Reopened with the passphrase, everything reads back.
+        let reopened = Repository::open_with(&url, &first).await.expect("reopen");
+        assert_eq!(
+            reopened.get_object(&chunk).await.expect("object"),
+            plaintext
+        );
+        assert_eq!(
+            reopened.get_wal_segment(&info).await.expect("segment"),
+            segment
+        );
+        let read = reopened.backup_manifest(&backup).await.expect("manifest");
+        assert_eq!(read.tool_version.as_bytes(), SECRET);
+
+        // Without it, or with another, nothing opens.
+        let locked = Repository::open(&url).await.expect_err("no passphrase");
+        assert_eq!(locked.code, ErrorCode::EncryptionKey, "{locked}");
+        let wrong = Repository::open_with(&url, &second)
+            .await
+            .expect_err("wrong");
+        assert_eq!(wrong.code, ErrorCode::EncryptionKey, "{wrong}");
+        assert!(wrong.message.contains("wrong passphrase"), "{wrong}");
+
+        // Key slots: add the second, remove the first; the data stays readable.
+        let first_slot = reopened.unlocked_keys().expect("keys").slot().to_string();
+        let added = reopened
+            .add_key(&Passphrase::new("second passphrase").expect("passphrase"))
+            .await
+            .expect("add");
+        assert_eq!(reopened.key_slots().await.expect("slots").len(), 2);
+        reopened.remove_key(&first_slot).await.expect("remove");
+        let by_second = Repository::open_with(&url, &second).await.expect("second");
+        assert_eq!(by_second.unlocked_keys().expect("keys").slot(), added.slot);
+        assert_eq!(
+            by_second.get_object(&chunk).await.expect("object"),
+            plaintext
+        );
+        let gone = Repository::open_with(&url, &first)
+            .await
+            .expect_err("removed");
+        assert_eq!(gone.code, ErrorCode::EncryptionKey);
+        let last = by_second
+            .remove_key(&added.slot)
+            .await
+            .expect_err("last slot");
+        assert!(last.message.contains("last"), "{last}");
+
+        // A flipped byte in the sealed manifest: refused as a checksum mismatch, and a
+        // listing skips it.
+        let manifest_file = dir
+            .path()
+            .join(by_second.layout.backup_manifest(&backup).as_ref());
+        let mut bytes = std::fs::read(&manifest_file).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&manifest_file, bytes).expect("write");
+        let fresh = Repository::open_with(&url, &second).await.expect("open");
+        let err = fresh.backup_manifest(&backup).await.expect_err("tampered");
+        assert_eq!(err.code, ErrorCode::BackupChecksumMismatch, "{err}");
+        let listed = fresh.backups().await.expect("list");
+        assert!(listed.iter().all(|(_, m)| m.is_err()));
+    }
+
+    #[tokio::test]
+    async fn a_passphrase_never_encrypts_a_repository_that_holds_plaintext_data() {
+        let secrets = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let plain = Repository::open(&url).await.expect("plain");
+        let manifest = BackupManifest::commit(
+            BackupId::new("b-plain").expect("id"),
+            BackupKind::Full,
+            None,
+            chrono::Utc::now(),
+            &[],
+        );
+        plain.commit_backup(manifest).await.expect("commit");
+        let given = passphrase_file(secrets.path(), "p", "a passphrase");
+        let err = Repository::open_with(&url, &given)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code, ErrorCode::EncryptionKey, "{err}");
+        assert!(err.message.contains("not encrypted"), "{err}");
+        assert!(
+            Repository::open(&url)
+                .await
+                .expect("still plain")
+                .encryption_marker()
+                .await
+                .expect("marker")
+                .is_none()
+        );
     }
 }

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use futures::{StreamExt, TryStreamExt};
-use sha2::{Digest, Sha256};
 
 use crate::buffers::{BufferPool, PooledBuffer};
 use crate::codec::{self, Compression};
@@ -142,6 +141,7 @@ fn read_and_hash(
     offset: u64,
     len: usize,
     pool: &BufferPool,
+    seal: &crate::seal::Seal,
 ) -> Result<(PooledBuffer, ObjectId)> {
     let io = |what: &str, err| {
         Error::io(
@@ -153,7 +153,7 @@ fn read_and_hash(
     let mut file = File::open(path).map_err(|err| io("open", err))?;
     file.seek(SeekFrom::Start(offset))
         .map_err(|err| io("seek", err))?;
-    let mut hasher = Sha256::new();
+    let mut hasher = seal.hasher();
     let mut buffer = pool.take(codec::HEADER_ROOM + len);
     buffer.extend_zeroed(codec::HEADER_ROOM);
     let mut read = 0;
@@ -175,7 +175,7 @@ fn read_and_hash(
         hasher.update(&buffer.contents()[start..start + got]);
         read += got;
     }
-    Ok((buffer, ObjectId::from_digest(hasher.finalize().into())))
+    Ok((buffer, hasher.finish()))
 }
 
 /// Uploads `files`, reusing the chunks of any immutable file whose identity appears in
@@ -270,8 +270,9 @@ async fn upload_chunk(
     };
     let slot = reading_slot(reading, ErrorCode::BackupCreationFailed).await?;
     let (path, offset, len) = (job.path.clone(), job.offset, job.len);
+    let (seal, hashing) = (repo.seal().clone(), repo.seal().clone());
     let (plaintext, id) =
-        crate::blocking::run_bulk(move || read_and_hash(&path, offset, len, &pool))
+        crate::blocking::run_bulk(move || read_and_hash(&path, offset, len, &pool, &hashing))
             .await
             .map_err(spawn_blocking_err)??;
 
@@ -282,7 +283,7 @@ async fn upload_chunk(
         }
         (_, None) => {
             let encoded = crate::blocking::run_bulk(move || {
-                codec::encode_in_place(id, plaintext, options.compression)
+                codec::encode_in_place(id, plaintext, options.compression, &seal)
             })
             .await
             .map_err(spawn_blocking_err)??;

@@ -622,7 +622,12 @@ mod tests {
     async fn backup(repo: &Repository, objects: &[&[u8]]) -> BackupId {
         let mut chunks = Vec::new();
         for plaintext in objects {
-            let encoded = codec::encode(plaintext, codec::Compression::default()).expect("encode");
+            let encoded = codec::encode(
+                plaintext,
+                codec::Compression::default(),
+                &crate::seal::Seal::Plain,
+            )
+            .expect("encode");
             let (id, len) = (encoded.id, encoded.plaintext_len);
             let (copy, stored_len) = repo.put_object(encoded).await.expect("put");
             chunks.push(Chunk {

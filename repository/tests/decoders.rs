@@ -10,6 +10,7 @@
 use lockstep_repository::codec::{self, Compression};
 use lockstep_repository::lineage::Lineage;
 use lockstep_repository::manifest::{BackupManifest, ShardManifest, TagManifest};
+use lockstep_repository::seal::{Passphrase, Seal};
 use lockstep_repository::wal::{Segment, SegmentInfo, WalBatch};
 use lockstep_repository::{
     BackupId, HlcTime, LineageId, ObjectId, RestoreId, Seq, ShardId, TagName,
@@ -27,8 +28,18 @@ fn config() -> ProptestConfig {
 
 /// A stored object for `plaintext` (zstd when it pays), as one buffer.
 fn stored(plaintext: &[u8]) -> Vec<u8> {
-    let encoded = codec::encode(plaintext, Compression::default()).expect("encode");
+    let encoded = codec::encode(plaintext, Compression::default(), &Seal::Plain).expect("encode");
     encoded.parts().concat()
+}
+
+/// One encrypted repository's keys for every case (Argon2id runs once).
+fn sealing() -> &'static Seal {
+    static SEAL: std::sync::OnceLock<Seal> = std::sync::OnceLock::new();
+    SEAL.get_or_init(|| {
+        let passphrase = Passphrase::new("fuzz").expect("passphrase");
+        let (keys, ..) = lockstep_repository::seal::create(&passphrase).expect("keys");
+        Seal::sealed(keys)
+    })
 }
 
 fn shard() -> ShardId {
@@ -68,9 +79,9 @@ proptest! {
         len in any::<u64>(),
     ) {
         let id = ObjectId::of(b"the plaintext this name stands for");
-        prop_assert!(codec::decode(&id, bytes.clone().into()).is_err());
-        prop_assert!(codec::decode_sized(&id, bytes.clone().into(), len).is_err());
-        prop_assert!(codec::decode_at_most(&id, bytes.into(), len).is_err());
+        prop_assert!(codec::decode(&id, bytes.clone().into(), &Seal::Plain).is_err());
+        prop_assert!(codec::decode_sized(&id, bytes.clone().into(), len, &Seal::Plain).is_err());
+        prop_assert!(codec::decode_at_most(&id, bytes.into(), len, &Seal::Plain).is_err());
     }
 
     #[test]
@@ -88,13 +99,44 @@ proptest! {
         }
         let len = plaintext.len() as u64;
         let decoded = [
-            codec::decode(&id, object.clone().into()),
-            codec::decode_sized(&id, object.clone().into(), len),
-            codec::decode_at_most(&id, object.clone().into(), len),
+            codec::decode(&id, object.clone().into(), &Seal::Plain),
+            codec::decode_sized(&id, object.clone().into(), len, &Seal::Plain),
+            codec::decode_at_most(&id, object.clone().into(), len, &Seal::Plain),
         ];
         for decoded in decoded.into_iter().flatten() {
             prop_assert_eq!(decoded.as_ref(), plaintext.as_slice());
         }
+    }
+
+    #[test]
+    fn a_damaged_sealed_object_or_record_is_refused_and_any_bytes_never_open(
+        plaintext in vec(any::<u8>(), 0..20_000),
+        repetitive in any::<bool>(),
+        flips in vec((any::<prop::sample::Index>(), 1..=255u8), 1..8),
+        noise in vec(any::<u8>(), 0..2048),
+    ) {
+        let seal = sealing();
+        let plaintext = if repetitive { plaintext.repeat(4) } else { plaintext };
+        let encoded = codec::encode(&plaintext, Compression::default(), seal).expect("encode");
+        let id = encoded.id;
+        let object = encoded.to_vec();
+        let intact = codec::decode(&id, object.clone().into(), seal).expect("intact");
+        prop_assert_eq!(intact.as_ref(), plaintext.as_slice());
+        let record = seal.seal_record("tags/t.json", plaintext.clone()).expect("seal");
+        for (mut damaged, is_object) in [(object, true), (record, false)] {
+            for (at, xor) in &flips {
+                let at = at.index(damaged.len());
+                damaged[at] ^= xor;
+            }
+            // Every flip changes a byte the seal covers: nothing damaged opens.
+            if is_object {
+                prop_assert!(codec::decode(&id, damaged.into(), seal).is_err());
+            } else {
+                prop_assert!(seal.open_record("tags/t.json", damaged.into()).is_err());
+            }
+        }
+        prop_assert!(codec::decode(&id, noise.clone().into(), seal).is_err());
+        prop_assert!(seal.open_record("tags/t.json", noise.into()).is_err());
     }
 
     #[test]
@@ -107,8 +149,8 @@ proptest! {
         // The declared plaintext length is bytes 8..16 of the header.
         object[8..16].copy_from_slice(&declared.to_le_bytes());
         for refused in [
-            codec::decode_at_most(&id, object.clone().into(), 64 << 20),
-            codec::decode_sized(&id, object.into(), 100_000),
+            codec::decode_at_most(&id, object.clone().into(), 64 << 20, &Seal::Plain),
+            codec::decode_sized(&id, object.into(), 100_000, &Seal::Plain),
         ] {
             let err = refused.expect_err("refused");
             prop_assert!(err.message.contains("header declares"), "{}", err);

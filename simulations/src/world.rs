@@ -335,6 +335,7 @@ pub fn run(scenario: &Scenario, dir: &std::path::Path) -> (Record, Stores) {
                         REGION,
                         REGION_PORT,
                     ),
+                    repo.seal(),
                 );
                 // The cluster's repository is a WAL destination too: retention prunes its
                 // `wal/`, and the checkers replay what is left from the backups.

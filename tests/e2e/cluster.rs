@@ -28,6 +28,9 @@ pub struct Cluster {
     /// With mutual TLS: the directory of the CA and every identity's certificate and key
     /// (`coordinator`, `agent-shard-N`, `operator-alice`, `reader-grafana`, `client-app`).
     pub pki: Option<PathBuf>,
+    /// Environment of every process that opens the repository (agents, the coordinator and
+    /// the CLI): an encrypted repository's passphrase file.
+    pub repo_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -99,6 +102,7 @@ impl Cluster {
             agent_extra,
             agent_env,
             false,
+            Vec::new(),
         )
     }
 
@@ -112,7 +116,21 @@ impl Cluster {
             Vec::new(),
             Vec::new(),
             true,
+            Vec::new(),
         )
+    }
+
+    /// `start` on an encrypted repository, created by the first agent with `passphrase`
+    /// (which every process gets in a file named by `LOCKSTEP_PASSPHRASE_FILE`).
+    pub fn start_encrypted(lease_ms: u64, passphrase: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("passphrase");
+        std::fs::write(&file, passphrase).expect("write the passphrase");
+        let repo_env = vec![(
+            "LOCKSTEP_PASSPHRASE_FILE".to_string(),
+            file.display().to_string(),
+        )];
+        Cluster::start_in(dir, lease_ms, None, Vec::new(), Vec::new(), false, repo_env)
     }
 
     /// The `[tls]` files of `name` (`operator-alice`, ...): CA, certificate, key.
@@ -172,7 +190,15 @@ impl Cluster {
                 "1.0",
             ]);
         }
-        Cluster::start_in(dir, lease_ms, None, Vec::new(), Vec::new(), false)
+        Cluster::start_in(
+            dir,
+            lease_ms,
+            None,
+            Vec::new(),
+            Vec::new(),
+            false,
+            Vec::new(),
+        )
     }
 
     fn start_in(
@@ -182,6 +208,7 @@ impl Cluster {
         agent_extra: Vec<String>,
         agent_env: Vec<(String, String)>,
         tls: bool,
+        repo_env: Vec<(String, String)>,
     ) -> Cluster {
         let pki = tls.then(|| {
             use lockstep_coordinator::cert::{create_ca, file_name, issue};
@@ -212,8 +239,9 @@ impl Cluster {
             coordinator_address: String::new(),
             lease_ms,
             agent_extra,
-            agent_env,
+            agent_env: agent_env.into_iter().chain(repo_env.clone()).collect(),
             pki,
+            repo_env,
         };
         for i in 0..N_AGENTS {
             let args = cluster.agent_args(i, "127.0.0.1:0");
@@ -290,7 +318,8 @@ impl Cluster {
             "--config".to_string(),
             self.config_path().display().to_string(),
         ];
-        let (child, address) = start_server("lockstep", &args, env, &self.log("coordinator"));
+        let env: Vec<(String, String)> = env.iter().chain(&self.repo_env).cloned().collect();
+        let (child, address) = start_server("lockstep", &args, &env, &self.log("coordinator"));
         self.coordinator = Some(child);
         let scheme = if self.pki.is_some() { "https" } else { "http" };
         self.coordinator_address = format!("{scheme}://{address}");
@@ -376,7 +405,8 @@ impl Cluster {
         let mut command = std::process::Command::new(binary("lockstep"));
         command
             .args(args)
-            .env("LOCKSTEP_COORDINATOR", &self.coordinator_address);
+            .env("LOCKSTEP_COORDINATOR", &self.coordinator_address)
+            .envs(self.repo_env.iter().cloned());
         if self.pki.is_some() {
             let (ca, cert, key) = self.tls_files("operator-alice");
             command

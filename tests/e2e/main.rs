@@ -8,6 +8,7 @@ mod cluster;
 mod cluster_restore;
 mod corruption;
 mod disk_full;
+mod encryption;
 mod faults;
 mod gc;
 mod lifecycle;

@@ -15,7 +15,8 @@ use lockstep_tests::{Azurite, Moto};
 
 use crate::model::{Shard, restore_exactly};
 
-async fn round_trip(repo: Repository) {
+/// Returns the directory of the shard it backed up.
+pub async fn round_trip(repo: Repository) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let shard_id = ShardId::new("shard-0").expect("shard id");
     let mut shard = Shard::open(&dir.path().join("db"), 42);
@@ -124,6 +125,7 @@ async fn round_trip(repo: Repository) {
     .await
     .expect("verify");
     assert!(report.passed, "{report}");
+    dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@
 use lockstep_proto::archive::open_archive;
 use lockstep_proto::v1;
 use lockstep_repository::archive::WalArchive;
+use lockstep_repository::seal::Seal;
 use lockstep_repository::wal::check_segments;
 use lockstep_repository::{Repository, ShardId};
 use lockstep_tests::{Azurite, Moto, kill_hard, start_server, text};
@@ -214,6 +215,7 @@ async fn shipping_survives_a_killed_agent_and_a_cut_link_with_no_gap_and_no_dupl
     let local = open_archive(
         cluster.archive().to_str().expect("utf-8"),
         &lockstep_proto::tls::Security::Plaintext,
+        &Seal::Plain,
     )
     .await
     .expect("open local archive");
@@ -375,9 +377,13 @@ async fn a_remote_region_archive_survives_its_outage_and_restores_the_cluster_wi
         n += 1;
     }
     wait_shipped(&cluster).await;
-    let archive = open_archive(&url, &lockstep_proto::tls::Security::Plaintext)
-        .await
-        .expect("open the region's archive");
+    let archive = open_archive(
+        &url,
+        &lockstep_proto::tls::Security::Plaintext,
+        &Seal::Plain,
+    )
+    .await
+    .expect("open the region's archive");
     check_archive(&archive, &history).await;
 
     // The primary repository is lost. A coordinator on a new, empty repository restores

@@ -475,7 +475,17 @@ impl<E: ShardEngine> Restores<E> {
                 if let Some((chain, archive, to)) = replay {
                     let (archive, legs) = match archive {
                         Some((url, legs)) => {
-                            (Some(lockstep_proto::archive::open_archive(&url, &security).await?), legs)
+                            (
+                                Some(
+                                    lockstep_proto::archive::open_archive(
+                                        &url,
+                                        &security,
+                                        repo.seal(),
+                                    )
+                                    .await?,
+                                ),
+                                legs,
+                            )
                         }
                         None => (None, Vec::new()),
                     };
