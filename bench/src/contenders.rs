@@ -40,6 +40,11 @@ pub fn every_run_cold() -> bool {
 
 /// Runs `program args` under `/usr/bin/time`, from a cold page cache.
 pub fn timed(program: &Path, args: &[&str]) -> Result<Timed> {
+    timed_with(program, args, &[])
+}
+
+/// [`timed`] with more environment.
+pub fn timed_with(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<Timed> {
     start_cold();
     let report = std::env::temp_dir().join(format!("lockstep-bench-time-{}", std::process::id()));
     let output = Command::new("/usr/bin/time")
@@ -49,6 +54,10 @@ pub fn timed(program: &Path, args: &[&str]) -> Result<Timed> {
         .arg(&report)
         .arg(program)
         .args(args)
+        // Only the runs that are given a passphrase open an encrypted repository.
+        .env_remove("LOCKSTEP_PASSPHRASE_FILE")
+        .env_remove("LOCKSTEP_PASSPHRASE")
+        .envs(env.iter().copied())
         .output()
         .with_context(|| format!("run {} under /usr/bin/time", program.display()))?;
     if !output.status.success() {
@@ -120,8 +129,19 @@ pub fn lockstep_backup(
     repo: &Path,
     threads: usize,
 ) -> Result<LockstepBackup> {
+    lockstep_backup_with(bins, db, repo, threads, &[])
+}
+
+/// [`lockstep_backup`] with more environment (an encrypted repository's passphrase file).
+pub fn lockstep_backup_with(
+    bins: &Binaries,
+    db: &Path,
+    repo: &Path,
+    threads: usize,
+    env: &[(&str, &Path)],
+) -> Result<LockstepBackup> {
     let threads = threads.to_string();
-    let timed = timed(
+    let timed = timed_with(
         &bins.agent,
         &[
             "backup",
@@ -133,6 +153,7 @@ pub fn lockstep_backup(
             &threads,
             "--json",
         ],
+        env,
     )?;
     let manifest: serde_json::Value =
         serde_json::from_str(&timed.stdout).context("parse the backup manifest")?;
@@ -150,8 +171,19 @@ pub fn lockstep_backup(
 }
 
 pub fn lockstep_restore(bins: &Binaries, repo: &Path, to: &Path, threads: usize) -> Result<Timed> {
+    lockstep_restore_with(bins, repo, to, threads, &[])
+}
+
+/// [`lockstep_restore`] with more environment (an encrypted repository's passphrase file).
+pub fn lockstep_restore_with(
+    bins: &Binaries,
+    repo: &Path,
+    to: &Path,
+    threads: usize,
+    env: &[(&str, &Path)],
+) -> Result<Timed> {
     remove(to);
-    timed(
+    timed_with(
         &bins.agent,
         &[
             "restore",
@@ -164,6 +196,7 @@ pub fn lockstep_restore(bins: &Binaries, repo: &Path, to: &Path, threads: usize)
             "--parallelism",
             &threads.to_string(),
         ],
+        env,
     )
 }
 

@@ -12,10 +12,13 @@
 //! - `wal.rs`: WAL shipping lag under steady writes, incremental bytes, PITR replay rate;
 //! - `gc.rs`: a garbage-collection pass over synthetic repositories of two sizes;
 //! - `limits.rs`: a rate-limited backup and restore against their limit;
+//! - `encryption.rs`: backups and restores into an encrypted repository against plaintext
+//!   ones and BackupEngine, in alternated runs;
 //! - `report.rs`: medians, the JSON file and the Markdown table.
 
 mod barrier;
 mod contenders;
+mod encryption;
 mod gc;
 mod generate;
 mod limits;
@@ -71,6 +74,20 @@ enum Command {
         mib: u64,
         #[arg(long, default_value_t = 64)]
         limit_mib_s: u64,
+    },
+    /// Only encryption at rest (alternated plaintext, encrypted and BackupEngine runs), as
+    /// JSON.
+    Encryption {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value_t = 1536)]
+        mib: u64,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
     },
     /// Only the GC pass at each size, as JSON.
     Gc {
@@ -178,6 +195,12 @@ pub struct RunArgs {
     /// ...of a shard of this many MiB of random values.
     #[arg(long, default_value_t = 512)]
     pub limit_shard_mib: u64,
+    /// Logical size of the LZ4 shard of the encryption-at-rest runs...
+    #[arg(long, default_value_t = 1536)]
+    pub encryption_mib: u64,
+    /// ...and how many alternated runs of each contender.
+    #[arg(long, default_value_t = 5)]
+    pub encryption_pairs: usize,
 }
 
 fn main() -> std::process::ExitCode {
@@ -207,6 +230,13 @@ fn main() -> std::process::ExitCode {
             segments,
             backups,
         } => report::scale_only(&bin_dir, &work, &segments, &backups),
+        Command::Encryption {
+            bin_dir,
+            work,
+            mib,
+            pairs,
+            threads,
+        } => report::encryption_only(&bin_dir, &work, mib, pairs, threads),
         Command::Generate {
             db,
             mib,

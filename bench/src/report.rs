@@ -110,6 +110,7 @@ pub struct Results {
     pub archive: Vec<crate::scale::ArchiveResult>,
     pub catalog: Vec<crate::scale::CatalogResult>,
     pub limits: crate::limits::LimitResult,
+    pub encryption: crate::encryption::EncryptionResult,
 }
 
 /// Regular files of a shard by name, with sizes.
@@ -329,6 +330,20 @@ pub fn barrier_only(bin_dir: &Path, work: &Path, agents: &[usize], backups: usiz
     Ok(())
 }
 
+/// Only encryption at rest, as JSON.
+pub fn encryption_only(
+    bin_dir: &Path,
+    work: &Path,
+    mib: u64,
+    pairs: usize,
+    threads: usize,
+) -> Result<()> {
+    std::fs::create_dir_all(work)?;
+    let result = crate::encryption::measure(&binaries(bin_dir)?, work, mib, pairs, threads)?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
 /// Only the rate-limited backup and restore, as JSON.
 pub fn limits_only(bin_dir: &Path, work: &Path, mib: u64, limit_mib_s: u64) -> Result<()> {
     std::fs::create_dir_all(work)?;
@@ -423,6 +438,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .map(|n| crate::scale::measure_catalog(&bins, &args.work, *n))
         .collect::<Result<Vec<_>>>()?;
     let limits = crate::limits::measure(&bins, &args.work, args.limit_shard_mib, args.limit_mib_s)?;
+    let encryption = crate::encryption::measure(
+        &bins,
+        &args.work,
+        args.encryption_mib,
+        args.encryption_pairs,
+        args.threads,
+    )?;
     let _ = std::fs::remove_dir_all(&args.work);
 
     let results = Results {
@@ -442,7 +464,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.backups,
             args.wal_secs
         ) + &format!(
-            " --gc-objects {} --archive-segments {} --catalog-backups {} --limit-mib-s {} --limit-shard-mib {}",
+            " --gc-objects {} --archive-segments {} --catalog-backups {} --limit-mib-s {} --limit-shard-mib {} --encryption-mib {} --encryption-pairs {}",
             args.gc_objects
                 .iter()
                 .map(|n| n.to_string())
@@ -459,7 +481,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(","),
             args.limit_mib_s,
-            args.limit_shard_mib
+            args.limit_shard_mib,
+            args.encryption_mib,
+            args.encryption_pairs
         ),
         threads: args.threads,
         runs: args.runs,
@@ -472,6 +496,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         archive,
         catalog,
         limits,
+        encryption,
     };
     std::fs::write(
         args.out.join("results.json"),
@@ -705,6 +730,34 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
         l.restore_secs,
         l.restore_mib_s,
         within(l.restore_mib_s),
+    ));
+    let e = &r.encryption;
+    let shown = |ratio: &crate::encryption::Ratio| {
+        format!("{:.2}x ({:.2}-{:.2})", ratio.median, ratio.min, ratio.max)
+    };
+    out.push_str(&format!(
+        "
+**Encryption at rest** (a {:.0} MiB LZ4 shard into a plaintext and an encrypted          repository, and by BackupEngine, alternated {} times from a cold page cache; ratios          pair by pair, median (min-max); the encrypted runs include unlocking the repository;          target: encrypted ≤ 1.10x plaintext)
+
+         | | plaintext s | encrypted s | BackupEngine s | encrypted / plaintext | encrypted / BackupEngine |
+         |---|---|---|---|---|---|
+         | full backup | {:.2} | {:.2} | {:.2} | {} {} | {} |
+         | restore | {:.2} | {:.2} | {:.2} | {} {} | {} |
+",
+        e.shard_disk_mib,
+        e.pairs,
+        e.backup_plain_secs,
+        e.backup_encrypted_secs,
+        e.backup_engine_backup_secs,
+        shown(&e.backup_encrypted_vs_plain),
+        met(e.backup_encrypted_vs_plain.median <= 1.10),
+        shown(&e.backup_encrypted_vs_backup_engine),
+        e.restore_plain_secs,
+        e.restore_encrypted_secs,
+        e.backup_engine_restore_secs,
+        shown(&e.restore_encrypted_vs_plain),
+        met(e.restore_encrypted_vs_plain.median <= 1.10),
+        shown(&e.restore_encrypted_vs_backup_engine),
     ));
     out
 }

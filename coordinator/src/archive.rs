@@ -221,10 +221,31 @@ impl WalArchive for WalArchiveApi {
         }
         let info = segment(&request.shard_id, request.lineage.as_ref(), &request.name)?;
         // Checked before it is stored: a damaged transfer is refused and shipped again. A
-        // sealed segment (an encrypted repository's) is stored as it came: the archive holds
-        // no keys, and whoever restores from it opens and checks it.
-        if !lockstep_repository::codec::is_sealed(&request.stored) {
-            decode_wal_segment(&info, request.stored.clone(), &Seal::Plain)
+        // sealed segment (an encrypted repository's) is stored as it came, its frame checked:
+        // the archive holds no keys, and whoever restores from it opens and checks it. An
+        // encrypted archive takes no plaintext segment.
+        let stored = &request.stored;
+        if lockstep_repository::codec::is_sealed(stored) {
+            lockstep_repository::codec::check_sealed_frame(
+                stored,
+                lockstep_repository::repository::MAX_SEGMENT_BYTES,
+            )
+            .map_err(|why| {
+                to_status(&Error::new(
+                    ErrorCode::BackupChecksumMismatch,
+                    format!("sealed WAL segment {}: {why}", request.name),
+                ))
+            })?;
+        } else if self.repo.seal().is_sealed() {
+            return Err(to_status(&Error::new(
+                ErrorCode::EncryptionKey,
+                format!(
+                    "this archive's repository is encrypted, and WAL segment {} is not: ship from an encrypted repository",
+                    request.name
+                ),
+            )));
+        } else {
+            decode_wal_segment(&info, stored.clone(), &Seal::Plain)
                 .await
                 .map_err(|e| to_status(&e))?;
         }
@@ -329,6 +350,17 @@ mod tests {
         first: u64,
         last: u64,
     ) -> (SegmentInfo, v1::PutWalSegmentRequest) {
+        put_sealed_request(shard, lineage, first, last, &Seal::Plain).await
+    }
+
+    /// `put_request` of a segment sealed with `seal`.
+    async fn put_sealed_request(
+        shard: &str,
+        lineage: Lineage,
+        first: u64,
+        last: u64,
+        seal: &Seal,
+    ) -> (SegmentInfo, v1::PutWalSegmentRequest) {
         let segment = lockstep_repository::wal::Segment {
             shard_id: ShardId::new(shard).expect("shard"),
             lineage,
@@ -344,7 +376,7 @@ mod tests {
         let (info, encoded) = lockstep_repository::repository::encode_wal_segment(
             &segment,
             lockstep_repository::codec::Compression::default(),
-            &Seal::Plain,
+            seal,
         )
         .await
         .expect("encode");
@@ -369,6 +401,48 @@ mod tests {
             .expect("list")
             .into_inner()
             .names
+    }
+
+    #[tokio::test]
+    async fn sealed_segments_are_stored_without_keys_checked_by_frame_and_never_mixed() {
+        let passphrase = lockstep_repository::seal::Passphrase::new("archive test").expect("p");
+        let (keys, ..) = lockstep_repository::seal::create(&passphrase).expect("keys");
+        let seal = Seal::sealed(keys);
+        let lineage = Lineage::root();
+        let keyless = Repository::open("memory://archive-keyless")
+            .await
+            .expect("repo");
+        let api = WalArchiveApi::new(keyless.clone());
+        let put = |request| api.put_segment(Request::new(request));
+        let (info, request) = put_sealed_request("shard-0", lineage, 1, 10, &seal).await;
+        let mut truncated = request.clone();
+        truncated.stored.truncate(truncated.stored.len() - 1);
+        let refused = put(truncated).await.expect_err("truncated");
+        assert!(refused.message().contains("does not fit"), "{refused:?}");
+        put(request)
+            .await
+            .expect("a sealed segment, stored without keys");
+        let stored = keyless.get_wal_stored(&info).await.expect("stored");
+        let opened = decode_wal_segment(&info, stored.clone(), &seal)
+            .await
+            .expect("opened by the key holder");
+        assert_eq!(opened.batches.len(), 10);
+        let locked = decode_wal_segment(&info, stored, &Seal::Plain)
+            .await
+            .expect_err("not without the keys");
+        assert_eq!(locked.code, ErrorCode::EncryptionKey);
+        // An archive whose repository is encrypted takes no plaintext segment.
+        let encrypted = WalArchiveApi::new(
+            Repository::open_archive("memory://archive-encrypted", &seal)
+                .await
+                .expect("repo"),
+        );
+        let (_, plain) = put_request("shard-0", lineage, 1, 10).await;
+        let refused = encrypted
+            .put_segment(Request::new(plain))
+            .await
+            .expect_err("plaintext into an encrypted archive");
+        assert!(refused.message().contains("not:"), "{refused:?}");
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! `lockstep demo`: the main job on the embedded default (a `file://` repository, everything
-//! on 127.0.0.1), run by the binary as an operator would by hand. A coordinator and three
+//! `lockstep demo`: the main job on the embedded default (a `file://` repository, encrypted
+//! at rest; everything on 127.0.0.1, on mutual TLS), run by the binary as an operator would
+//! by hand. A coordinator and three
 //! agents in one RAID5 group (two data shards, one parity shard) ship their WAL to a second
 //! "region"; data, a full and an incremental backup taken while clients keep writing, a
 //! restore drill into directories, a tag before a bad migration and a restore to that tag,
@@ -12,12 +13,14 @@
 //! ([`stop_everything`]); each command it runs has five minutes.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use lockstep_repository::seal::PASSPHRASE_FILE_ENV;
 use lockstep_repository::{Error, ErrorCode, Result};
 
 const SHARDS: [&str; 3] = ["shard-0", "shard-1", "shard-2"];
@@ -167,10 +170,15 @@ impl Demo {
             .try_clone()
             .map_err(io(format!("open {}", log.display())))?;
         let mut child = spawn(
-            Command::new(program).args(args).stdout(file).stderr(err),
+            Command::new(program)
+                .args(args)
+                .env(PASSPHRASE_FILE_ENV, self.passphrase())
+                .stdout(file)
+                .stderr(err),
             &program.display().to_string(),
         )?;
-        // (Servers get their TLS files as flags or configuration, not from the environment.)
+        // (Servers get their TLS files as flags or configuration, not from the environment;
+        // the repository's passphrase, like cloud credentials, from it.)
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             let mut text = String::new();
@@ -318,8 +326,14 @@ impl Demo {
             .env("LOCKSTEP_COORDINATOR", endpoint.unwrap_or_default())
             .env("LOCKSTEP_CA", self.tls.join("ca.pem"))
             .env("LOCKSTEP_CERT", self.tls.join(format!("{name}.pem")))
-            .env("LOCKSTEP_KEY", self.tls.join(format!("{name}.key")));
+            .env("LOCKSTEP_KEY", self.tls.join(format!("{name}.key")))
+            .env(PASSPHRASE_FILE_ENV, self.passphrase());
         command
+    }
+
+    /// The file of the encrypted repository's passphrase, beside the TLS files.
+    fn passphrase(&self) -> PathBuf {
+        self.tls.join("repository.passphrase")
     }
 
     /// Runs `PROGRAM ARGS` against the coordinator, its output shown; fails if it does.
@@ -462,6 +476,28 @@ fn steps(demo: &mut Demo) -> Result<i32> {
             "--out",
             &token.display().to_string(),
         ])?;
+    }
+    // The repository is encrypted at rest: the first agent creates it with this passphrase,
+    // which every process reads from the file its environment names.
+    let passphrase = demo.passphrase();
+    if !passphrase.exists() {
+        let random = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&passphrase)
+            .map_err(io(format!("create {}", passphrase.display())))?;
+        file.write_all(random.as_bytes())
+            .map_err(io(format!("write {}", passphrase.display())))?;
+        println!(
+            "repository passphrase in {} (the repository is encrypted at rest)",
+            passphrase.display()
+        );
     }
 
     step(

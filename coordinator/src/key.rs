@@ -68,13 +68,9 @@ struct ShownSlot<'a> {
 
 impl KeyRepo {
     async fn open(&self) -> Result<Repository> {
-        let options: Vec<(String, String)> = self
-            .passphrase_file
-            .iter()
-            .map(|path| (PASSPHRASE_FILE_ENV.to_string(), path.display().to_string()))
-            .collect();
-        let repo = Repository::open_with(&self.repo, &options).await?;
-        if !repo.seal().is_sealed() {
+        // Never creates a repository (a mistyped URL is not made an encrypted one).
+        let unopened = Repository::open_archive(&self.repo, &Default::default()).await?;
+        if unopened.encryption_marker().await?.is_none() {
             return Err(Error::new(
                 ErrorCode::EncryptionKey,
                 format!(
@@ -83,7 +79,12 @@ impl KeyRepo {
                 ),
             ));
         }
-        Ok(repo)
+        let options: Vec<(String, String)> = self
+            .passphrase_file
+            .iter()
+            .map(|path| (PASSPHRASE_FILE_ENV.to_string(), path.display().to_string()))
+            .collect();
+        Repository::open_with(&self.repo, &options).await
     }
 }
 

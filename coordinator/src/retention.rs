@@ -612,7 +612,7 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
             tags.iter()
                 .filter_map(|(name, t)| t.as_ref().err().map(|err| (name.to_string(), err))),
         )
-        .find(|(_, err)| err.code != ErrorCode::BackupManifestCorrupt);
+        .find(|(_, err)| !err.is_damaged_record());
     if let Some((name, err)) = unread {
         return Err(Error::new(
             err.code,

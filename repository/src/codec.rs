@@ -328,6 +328,41 @@ pub fn is_sealed(stored: &[u8]) -> bool {
         && matches!(stored[4], FORMAT_SEALED | FORMAT_SEALED_PAGED)
 }
 
+/// Checks what a keyless holder (a remote archive) can check of a sealed object: its header,
+/// a plaintext of at most `max` bytes, and a payload that fits it (a truncated transfer is
+/// refused). The seal itself is checked by whoever opens it.
+pub fn check_sealed_frame(stored: &[u8], max: u64) -> std::result::Result<(), String> {
+    if !is_sealed(stored) || stored.len() < SEALED_HEADER_LEN {
+        return Err("not a sealed object".into());
+    }
+    if stored[6..8] != [0, 0] || stored[20..24] != [0; 4] {
+        return Err("reserved header bytes are not zero".into());
+    }
+    let codec = stored[5];
+    if codec != CODEC_STORED && codec != CODEC_ZSTD {
+        return Err(format!("unknown codec {codec}"));
+    }
+    let plaintext_len = u64::from_le_bytes(array(&stored[8..16]));
+    if plaintext_len > max {
+        return Err(format!(
+            "its header declares {plaintext_len} bytes, more than the {max} it may hold"
+        ));
+    }
+    let payload_at = if stored[4] == FORMAT_SEALED_PAGED {
+        HEADER_ROOM
+    } else {
+        SEALED_HEADER_LEN
+    };
+    let payload = (stored.len() as u64).checked_sub(payload_at as u64);
+    match payload {
+        Some(len) if codec == CODEC_STORED && len == plaintext_len => Ok(()),
+        Some(len) if codec == CODEC_ZSTD && len > 0 && len < plaintext_len => Ok(()),
+        _ => Err(format!(
+            "its payload does not fit the {plaintext_len} bytes its header declares (truncated?)"
+        )),
+    }
+}
+
 /// What a decoder knows of the plaintext's length before it decodes.
 #[derive(Debug, Clone, Copy)]
 enum Limit {

@@ -270,6 +270,16 @@ pub struct Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether a manifest or record that failed to read is damaged (it does not parse, or its
+    /// seal does not open), as opposed to unknown (the store did not answer): a damaged one
+    /// can be skipped and deleted, an unknown one must be read again.
+    pub fn is_damaged_record(&self) -> bool {
+        matches!(
+            self.code,
+            ErrorCode::BackupManifestCorrupt | ErrorCode::BackupChecksumMismatch
+        )
+    }
+
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Error {
             code,

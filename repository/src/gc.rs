@@ -479,12 +479,7 @@ impl Repository {
     /// deletes from a record it cannot read, and starting over only delays deletions.
     async fn gc_candidates_or_none(&self) -> Result<CandidateRecord> {
         match self.gc_candidates().await {
-            Err(err)
-                if matches!(
-                    err.code,
-                    ErrorCode::BackupManifestCorrupt | ErrorCode::BackupChecksumMismatch
-                ) =>
-            {
+            Err(err) if err.is_damaged_record() => {
                 tracing::warn!(error = %err.chain(), "GC candidate record unreadable; recording candidates afresh");
                 Ok(CandidateRecord::default())
             }

@@ -200,17 +200,8 @@ struct Unsynced {
 /// store.
 const CATALOG_READS: usize = 16;
 
-/// Whether a record that failed to read is damaged (it does not parse, or its seal does not
-/// open), as opposed to unknown (the store did not answer).
-fn damaged(err: &Error) -> bool {
-    matches!(
-        err.code,
-        ErrorCode::BackupManifestCorrupt | ErrorCode::BackupChecksumMismatch
-    )
-}
-
 fn skip_corrupt(id: &BackupId, err: Error) -> Result<()> {
-    if !damaged(&err) {
+    if !err.is_damaged_record() {
         return Err(err.context(format!("read the manifest of backup {id}")));
     }
     tracing::warn!(backup = %id, error = %err.chain(), "skipping a corrupt backup manifest");
@@ -466,19 +457,16 @@ impl Repository {
             let Some(bytes) = self.get_raw(&key, MANIFEST).await? else {
                 continue; // removed since the listing
             };
-            let slot: KeySlot = serde_json::from_slice(&bytes).map_err(|err| {
-                Error::new(
-                    ErrorCode::BackupManifestCorrupt,
-                    format!("key slot {key} is unreadable: {err}"),
-                )
-            })?;
-            if slot.slot != name {
-                return Err(Error::new(
-                    ErrorCode::BackupManifestCorrupt,
-                    format!("key slot {key} calls itself {:?}", slot.slot),
-                ));
+            // An unreadable slot is left out (and said): the others still open the repository.
+            match serde_json::from_slice::<KeySlot>(&bytes) {
+                Ok(slot) if slot.slot == name => slots.push(slot),
+                Ok(slot) => {
+                    tracing::warn!(key = %key, named = %slot.slot, "skipping a key slot that names another slot");
+                }
+                Err(err) => {
+                    tracing::warn!(key = %key, error = %err, "skipping an unreadable key slot");
+                }
             }
-            slots.push(slot);
         }
         slots.sort_by(|a, b| (a.created_at, &a.slot).cmp(&(b.created_at, &b.slot)));
         Ok(slots)
@@ -490,18 +478,24 @@ impl Repository {
         marker: &EncryptionMarker,
         passphrase: &Passphrase,
     ) -> Result<crate::seal::Keys> {
+        crate::seal::check_marker(marker)?;
         let slots = self.key_slots().await?;
         let tried = slots.len();
         for slot in slots {
             let (marker, passphrase) = (marker.clone(), passphrase.clone());
+            let name = slot.slot.clone();
             let unlocked =
                 crate::blocking::run(move || crate::seal::unlock(&marker, &slot, &passphrase))
                     .await
                     .map_err(|err| {
                         Error::with_source(ErrorCode::StorageUnavailable, "unlock task", err)
-                    })??;
-            if let Some(keys) = unlocked {
-                return Ok(keys);
+                    })?;
+            match unlocked {
+                Ok(Some(keys)) => return Ok(keys),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(slot = %name, error = %err.chain(), "skipping a key slot that cannot be used");
+                }
             }
         }
         Err(Error::new(
@@ -638,15 +632,32 @@ impl Repository {
                 ),
             ));
         }
+        let removed = slots.into_iter().find(|s| s.slot == slot);
         self.store
             .delete(&self.layout.key_slot(slot))
             .await
-            .map_err(|err| storage_error(format!("delete key slot {slot}"), err))
+            .map_err(|err| storage_error(format!("delete key slot {slot}"), err))?;
+        // Two removals at once could each take one of the last two slots: whoever finds none
+        // left puts its own back.
+        if self.key_slots().await?.is_empty()
+            && let Some(removed) = removed
+        {
+            self.put_key_slot(&removed).await?;
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "key slot {slot} was the last one left (another was removed meanwhile); it was put back"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The plaintext of the record at `key` (a manifest, tag or other record), its seal
     /// opened in an encrypted repository; `None` when there is none.
-    pub(crate) async fn get_record(&self, key: &Path, bound: Bound) -> Result<Option<Bytes>> {
+    pub(crate) async fn get_record(&self, key: &Path, (max, code): Bound) -> Result<Option<Bytes>> {
+        // The bound is the plaintext's: a seal adds its header.
+        let bound = (max.saturating_add(crate::seal::RECORD_OVERHEAD), code);
         match self.get_raw(key, bound).await? {
             None => Ok(None),
             Some(stored) => self
@@ -1220,7 +1231,7 @@ impl Repository {
         for (name, tag) in self.tags().await? {
             match tag {
                 Ok(tag) => out.extend(tag.points.get(shard).map(|p| (p.lineage, p.seq))),
-                Err(err) if damaged(&err) => {
+                Err(err) if err.is_damaged_record() => {
                     tracing::warn!(tag = %name, error = %err.chain(), "skipping a corrupt tag");
                 }
                 Err(err) => return Err(err.context(format!("read tag {name}"))),
@@ -1521,7 +1532,7 @@ impl Repository {
         let mut shards = shards.to_vec();
         match self.backup_manifest(backup).await {
             Ok(manifest) => shards.extend(manifest.shards.into_iter().map(|s| s.shard_id)),
-            Err(err) if err.code == ErrorCode::BackupManifestCorrupt => {
+            Err(err) if err.is_damaged_record() => {
                 tracing::warn!(backup = %backup, error = %err.chain(), "deleting a backup whose manifest is corrupt");
             }
             Err(err) => return Err(err),

@@ -379,6 +379,8 @@ const RECORD_MAGIC: &[u8; 4] = b"LKSR";
 const RECORD_VERSION: u8 = 1;
 /// magic, version and 3 zero bytes, epoch, 4 zero bytes, nonce, tag.
 const RECORD_HEADER_LEN: usize = 16 + NONCE_LEN + TAG_LEN;
+/// What a seal adds to a record.
+pub const RECORD_OVERHEAD: u64 = RECORD_HEADER_LEN as u64;
 
 fn record_aad(name: &str) -> Vec<u8> {
     [&RECORD_MAGIC[..], name.as_bytes()].concat()
@@ -558,12 +560,8 @@ pub fn new_slot(keys: &Keys, passphrase: &Passphrase) -> Result<KeySlot> {
     })
 }
 
-/// The keys `passphrase` unlocks through `slot`, if it is that slot's passphrase.
-pub fn unlock(
-    marker: &EncryptionMarker,
-    slot: &KeySlot,
-    passphrase: &Passphrase,
-) -> Result<Option<Keys>> {
+/// Refuses a marker this version cannot open (or a crafted one).
+pub fn check_marker(marker: &EncryptionMarker) -> Result<()> {
     if marker.epochs == 0 || marker.epochs > MAX_EPOCHS {
         return Err(Error::new(
             ErrorCode::BackupManifestCorrupt,
@@ -579,6 +577,16 @@ pub fn unlock(
             ),
         ));
     }
+    Ok(())
+}
+
+/// The keys `passphrase` unlocks through `slot`, if it is that slot's passphrase.
+pub fn unlock(
+    marker: &EncryptionMarker,
+    slot: &KeySlot,
+    passphrase: &Passphrase,
+) -> Result<Option<Keys>> {
+    check_marker(marker)?;
     let sealed = Zeroizing::new(hex::decode(&slot.sealed_key).unwrap_or_default());
     if sealed.len() != NONCE_LEN + TAG_LEN + KEY_LEN {
         return Err(Error::new(

@@ -216,6 +216,17 @@ fn the_demo_runs_the_main_job_to_a_verified_restore() {
         .collect();
     let token = std::fs::read_to_string(tls.join("reader-demo.token")).expect("token");
     secrets.push(token.trim().to_string());
+    // The repository is encrypted: its passphrase is a secret too.
+    let passphrase =
+        std::fs::read_to_string(tls.join("repository.passphrase")).expect("passphrase");
+    assert!(passphrase.len() >= 32);
+    secrets.push(passphrase);
+    assert!(
+        dir.path()
+            .join("repository/lockstep-encryption.json")
+            .exists(),
+        "the demo's repository is encrypted"
+    );
     assert!(secrets.len() >= 8, "{secrets:?}");
     let mut seen = vec![("output".to_string(), printed.clone())];
     let mut dirs = vec![dir.path().to_path_buf()];
