@@ -532,8 +532,15 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     let security = args.tls.security(&shard)?;
     let mut destinations = Vec::new();
     for url in &args.wal.destinations {
-        destinations
-            .push(lockstep_proto::archive::open_archive(url, &security, repo.seal()).await?);
+        let archive = lockstep_proto::archive::open_archive(url, &security, repo.seal()).await?;
+        // An encrypted repository's (sealed) keys go with its WAL, so the archive can be
+        // restored from when the repository is gone (`lockstep key import`).
+        if let lockstep_repository::archive::WalArchive::Store(store) = &archive
+            && let Err(err) = repo.copy_keys_to(store).await
+        {
+            tracing::warn!(archive = %url, error = %err.chain(), "could not copy the repository's keys to a WAL archive");
+        }
+        destinations.push(archive);
     }
     let shipping = ShipperOptions {
         destinations,

@@ -30,6 +30,9 @@ pub struct WalArchiveApi {
     writers: std::sync::Mutex<HashMap<(ShardId, LineageId), Writer>>,
     /// Where each lineage's archive ends (its segment that reaches furthest), once known.
     ends: std::sync::Mutex<HashMap<(ShardId, LineageId), SegmentInfo>>,
+    /// One put's segment decoded at a time: a decode holds the segment's whole plaintext (up
+    /// to `MAX_SEGMENT_BYTES`), so puts at once, crafted or not, never hold more than one.
+    decoding: tokio::sync::Semaphore,
 }
 
 /// Lineages whose end is remembered at most; past it the memory starts over (each lineage
@@ -45,6 +48,7 @@ impl WalArchiveApi {
             repo,
             writers: std::sync::Mutex::default(),
             ends: std::sync::Mutex::default(),
+            decoding: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -245,6 +249,12 @@ impl WalArchive for WalArchiveApi {
                 ),
             )));
         } else {
+            let _decoding = self.decoding.acquire().await.map_err(|_| {
+                to_status(&Error::new(
+                    ErrorCode::StorageUnavailable,
+                    "the archive is shutting down",
+                ))
+            })?;
             decode_wal_segment(&info, stored.clone(), &Seal::Plain)
                 .await
                 .map_err(|e| to_status(&e))?;

@@ -43,6 +43,17 @@ pub enum KeyCommand {
         repo: KeyRepo,
         slot: String,
     },
+    /// Give a new, empty repository the keys of FROM (a WAL archive the agents copied them
+    /// to, or a repository of the same cluster): after a disaster took the repository, a new
+    /// one opens with the old passphrases and restores from the archive's WAL.
+    Import {
+        /// The new repository.
+        #[arg(long, value_name = "URL")]
+        repo: String,
+        /// Where the keys are.
+        #[arg(long, value_name = "URL")]
+        from: String,
+    },
     /// Change the passphrase: add a slot for the new one, then remove the slot the current
     /// one opened.
     Passwd {
@@ -70,7 +81,11 @@ impl KeyRepo {
     async fn open(&self) -> Result<Repository> {
         // Never creates a repository (a mistyped URL is not made an encrypted one).
         let unopened = Repository::open_archive(&self.repo, &Default::default()).await?;
-        if unopened.encryption_marker().await?.is_none() {
+        if !unopened
+            .encryption_marker()
+            .await?
+            .is_some_and(|m| m.is_encrypted())
+        {
             return Err(Error::new(
                 ErrorCode::EncryptionKey,
                 format!(
@@ -156,6 +171,13 @@ pub async fn run(command: KeyCommand) -> Result<()> {
             }
             repo.open().await?.remove_key(&slot).await?;
             println!("Key slot {slot} removed");
+        }
+        KeyCommand::Import { repo, from } => {
+            let source = Repository::open_archive(&from, &Default::default()).await?;
+            let slots = Repository::adopt_keys(&repo, &source).await?;
+            println!(
+                "Repository {repo} has the keys of {from} ({slots} key slots): open it with one of their passphrases"
+            );
         }
         KeyCommand::Passwd {
             repo,

@@ -3,7 +3,7 @@
 //! ```text
 //! <prefix>/lockstep-repository.json             identity marker: format, repository id and
 //!                                               the cluster it belongs to; written once
-//! <prefix>/lockstep-encryption.json           the repository is encrypted, and how (seal.rs);
+//! <prefix>/lockstep-encryption.json           whether the repository is encrypted (seal.rs);
 //!                                               written once, when it is created
 //! <prefix>/keys/<slot>.json                     key slots: the master key sealed under one
 //!                                               passphrase each

@@ -412,7 +412,39 @@ impl Repository {
     /// is new and a passphrase is given. Any other combination is refused, so nothing is
     /// ever written in plaintext to an encrypted repository, or the other way round.
     async fn unlock(mut self, passphrase: Option<Passphrase>) -> Result<Repository> {
-        self.seal = match (self.encryption_marker().await?, passphrase) {
+        let mut marker = self.encryption_marker().await?;
+        if marker.is_none() && passphrase.is_none() && self.holds_nothing().await? {
+            // A new plaintext repository claims its mode as an encrypted one does, so an
+            // encrypting opener racing this one cannot make it encrypted under its feet.
+            let plaintext = crate::seal::EncryptionMarker::plaintext();
+            let json = serde_json::to_vec_pretty(&plaintext).map_err(|err| {
+                Error::with_source(
+                    ErrorCode::InvalidArgument,
+                    "encode the encryption marker",
+                    err,
+                )
+            })?;
+            self.put_once(
+                &self.layout.encryption_marker(),
+                PutPayload::from(json),
+                "encryption marker",
+            )
+            .await?;
+            marker = self.encryption_marker().await?;
+        }
+        let not_encrypted = |url: &str| {
+            Error::new(
+                ErrorCode::EncryptionKey,
+                format!(
+                    "repository {url} is not encrypted, and a passphrase was given: open it without LOCKSTEP_PASSPHRASE_FILE and LOCKSTEP_PASSPHRASE, or create an encrypted repository at a new location"
+                ),
+            )
+        };
+        self.seal = match (marker, passphrase) {
+            (Some(marker), None) if !marker.is_encrypted() => Seal::Plain,
+            (Some(marker), Some(_)) if !marker.is_encrypted() => {
+                return Err(not_encrypted(&self.url));
+            }
             (None, None) => Seal::Plain,
             (Some(_), None) => {
                 return Err(Error::new(
@@ -547,6 +579,16 @@ impl Repository {
                 "the encryption marker vanished while it was read",
             )
         })?;
+        if !theirs.is_encrypted() {
+            // A plaintext opener created it first.
+            return Err(Error::new(
+                ErrorCode::EncryptionKey,
+                format!(
+                    "repository {} was just created unencrypted by another process, and a passphrase was given",
+                    self.url
+                ),
+            ));
+        }
         Ok(Seal::sealed(self.unlock_with(&theirs, passphrase).await?))
     }
 
@@ -586,6 +628,89 @@ impl Repository {
             ));
         }
         Ok(())
+    }
+
+    /// Copies this encrypted repository's encryption marker and key slots to `target` (a WAL
+    /// archive, or a new repository), create-only: whoever holds a passphrase can then open
+    /// what `target` holds without this repository, and a new repository given them by
+    /// [`Repository::adopt_keys`] opens with the same keys. Both are safe to copy: the
+    /// master key in them is sealed by the passphrases. A target with another repository's
+    /// marker is refused.
+    pub async fn copy_keys_to(&self, target: &Repository) -> Result<usize> {
+        let Some(marker) = self.encryption_marker().await?.filter(|m| m.is_encrypted()) else {
+            return Ok(0);
+        };
+        match target.encryption_marker().await? {
+            Some(theirs) if theirs.key_id != marker.key_id => {
+                return Err(Error::new(
+                    ErrorCode::EncryptionKey,
+                    format!(
+                        "{} holds the keys of another encrypted repository (key id {}, not {})",
+                        target.url, theirs.key_id, marker.key_id
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let mut copied = 0;
+        for slot in self.key_slots().await? {
+            let json = serde_json::to_vec_pretty(&slot).map_err(|err| {
+                Error::with_source(ErrorCode::InvalidArgument, "encode a key slot", err)
+            })?;
+            let key = target.layout.key_slot(&slot.slot);
+            copied += usize::from(
+                target
+                    .put_once(&key, PutPayload::from(json), "key slot")
+                    .await?,
+            );
+        }
+        let json = serde_json::to_vec_pretty(&marker).map_err(|err| {
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                "encode the encryption marker",
+                err,
+            )
+        })?;
+        target
+            .put_once(
+                &target.layout.encryption_marker(),
+                PutPayload::from(json),
+                "encryption marker",
+            )
+            .await?;
+        Ok(copied)
+    }
+
+    /// Gives the new, empty repository at `location` the keys `source` holds (a WAL archive
+    /// an agent copied them to, or another repository of the same cluster): after a disaster
+    /// took the repository, a new one opens with the old passphrases and restores from the
+    /// archive's WAL.
+    pub async fn adopt_keys(location: &str, source: &Repository) -> Result<usize> {
+        let target = Repository::open_store(location, &[]).await?;
+        if target
+            .encryption_marker()
+            .await?
+            .is_some_and(|m| m.is_encrypted())
+            || !target.holds_nothing().await?
+        {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "repository {location} is not new: keys are adopted only by an empty repository"
+                ),
+            ));
+        }
+        if !source
+            .encryption_marker()
+            .await?
+            .is_some_and(|m| m.is_encrypted())
+        {
+            return Err(Error::new(
+                ErrorCode::EncryptionKey,
+                format!("{} holds no encryption keys to adopt", source.url),
+            ));
+        }
+        source.copy_keys_to(&target).await
     }
 
     fn unlocked_keys(&self) -> Result<Arc<crate::seal::Keys>> {
@@ -2241,14 +2366,13 @@ mod encrypted {
             .expect_err("refused");
         assert_eq!(err.code, ErrorCode::EncryptionKey, "{err}");
         assert!(err.message.contains("not encrypted"), "{err}");
-        assert!(
-            Repository::open(&url)
-                .await
-                .expect("still plain")
-                .encryption_marker()
-                .await
-                .expect("marker")
-                .is_none()
-        );
+        let marker = Repository::open(&url)
+            .await
+            .expect("still plain")
+            .encryption_marker()
+            .await
+            .expect("marker")
+            .expect("a new plaintext repository claims its mode");
+        assert!(!marker.is_encrypted());
     }
 }

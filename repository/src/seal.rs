@@ -415,7 +415,8 @@ impl IdHasher {
     }
 }
 
-/// `lockstep-encryption.json`: the repository is encrypted, and how.
+/// `lockstep-encryption.json`: whether the repository is encrypted, and how; written once,
+/// when it is created (repositories created before it existed have none: plaintext).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionMarker {
@@ -429,6 +430,25 @@ pub struct EncryptionMarker {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+impl EncryptionMarker {
+    /// The marker of a new plaintext repository: it claims its mode at creation too.
+    pub fn plaintext() -> EncryptionMarker {
+        EncryptionMarker {
+            format: 1,
+            key_id: String::new(),
+            cipher: PLAINTEXT.into(),
+            object_ids: "sha256".into(),
+            epochs: 0,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher != PLAINTEXT
+    }
+}
+
+const PLAINTEXT: &str = "none";
 const CIPHER: &str = "aes-256-gcm";
 /// The most key epochs a marker may name (each is one derived key in memory).
 const MAX_EPOCHS: u32 = 1 << 16;

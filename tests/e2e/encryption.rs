@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use lockstep_repository::Repository;
 use lockstep_repository::seal::PASSPHRASE_FILE_ENV;
-use lockstep_tests::{Moto, binary, text};
+use lockstep_tests::{Moto, binary, files_under, text};
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::cluster::{Cluster, N_AGENTS};
@@ -22,21 +22,6 @@ fn holds_workload_key(bytes: &[u8]) -> bool {
     bytes
         .windows(9)
         .any(|w| w[0] == b'k' && w[1..].iter().all(u8::is_ascii_digit))
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if entry.path().is_dir() {
-                dirs.push(entry.path());
-            } else {
-                out.push(entry.path());
-            }
-        }
-    }
-    out
 }
 
 fn passphrase_option(dir: &Path, passphrase: &str) -> (String, String) {
@@ -181,6 +166,39 @@ async fn an_encrypted_cluster_ships_sealed_wal_restores_in_time_and_survives_a_p
         );
     }
 
+    // The archive carries the repository's sealed keys: after a disaster a new repository
+    // adopts them and opens the archive's WAL with the passphrase.
+    let archive = cluster.archive().display().to_string();
+    assert!(cluster.archive().join("lockstep-encryption.json").exists());
+    let fresh = cluster
+        .dir
+        .path()
+        .join("new-repository")
+        .display()
+        .to_string();
+    let imported = cluster.lockstep(&["key", "import", "--repo", &fresh, "--from", &archive]);
+    assert!(imported.status.success(), "{}", text(&imported));
+    let passphrase = cluster.repo_env[0].clone();
+    let adopted = Repository::open_with(&fresh, &[passphrase])
+        .await
+        .expect("the new repository opens with the passphrase");
+    let shipped = Repository::open_archive(&archive, adopted.seal())
+        .await
+        .expect("archive");
+    for i in 0..N_AGENTS {
+        let shard = lockstep_repository::ShardId::new(Cluster::shard(i)).expect("shard");
+        let mut batches = 0;
+        for lineage in shipped.wal_lineages(&shard).await.expect("lineages") {
+            for info in shipped.wal_segments(&shard, &lineage).await.expect("list") {
+                let segment = shipped.get_wal_segment(&info).await.expect("opens");
+                batches += segment.batches.len();
+            }
+        }
+        assert!(batches >= 60, "shard {i}: {batches} batches");
+    }
+    let again = cluster.lockstep(&["key", "import", "--repo", &repo, "--from", &archive]);
+    assert!(!again.status.success(), "only a new repository adopts keys");
+
     // The passphrase changes: the old one opens nothing, the new one every backup.
     let new_file = cluster.dir.path().join("new-passphrase");
     std::fs::write(&new_file, "the second passphrase\n").expect("write");
@@ -258,4 +276,108 @@ async fn an_encrypted_cluster_ships_sealed_wal_restores_in_time_and_survives_a_p
         "{}",
         text(&verify)
     );
+}
+
+/// Runs `lockstep-agent ARGS` with `env` (debug logging on) and returns its exit status and
+/// everything it printed.
+fn agent_printing(args: &[&str], env: &[(String, String)]) -> (bool, String) {
+    let output = std::process::Command::new(binary("lockstep-agent"))
+        .args(args)
+        .env_remove(PASSPHRASE_FILE_ENV)
+        .env("LOCKSTEP_LOG", "debug")
+        .envs(env.iter().cloned())
+        .output()
+        .expect("run lockstep-agent");
+    (output.status.success(), text(&output))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_passphrase_or_s3_key_reaches_output_logs_errors_or_the_bucket() {
+    let moto = Moto::start("lockstep-secrets");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("db");
+    let db = db.to_str().expect("utf-8");
+    lockstep_tests::agent_ok(&["load", "--db", db, "--keys", "2000"]);
+    let (s3_secret, passphrase) = ("s3-secret-4f1c2b7e9d0a6c3b", "passphrase-8e2d4a6f1b3c5d7e");
+    // Moto takes any credentials: the secret key is ours, so a grep finds it wherever it went.
+    let env: Vec<(String, String)> = moto
+        .env()
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "AWS_SECRET_ACCESS_KEY" => (k, s3_secret.to_string()),
+            _ => (k, v),
+        })
+        .chain([("LOCKSTEP_PASSPHRASE".to_string(), passphrase.to_string())])
+        .collect();
+    let repo = "s3://lockstep-secrets/repo";
+    let restored = dir.path().join("restored");
+    let mut printed = Vec::new();
+    for (args, succeeds) in [
+        (vec!["backup", "--db", db, "--repo", repo, "--json"], true),
+        (vec!["list", "--repo", repo, "--json"], true),
+        (vec!["verify", "--repo", repo, "--full", "--json"], true),
+        (
+            vec![
+                "restore",
+                "--repo",
+                repo,
+                "--backup",
+                "latest",
+                "--to",
+                restored.to_str().expect("utf-8"),
+            ],
+            true,
+        ),
+        // Errors: a bucket that does not exist, and a backup that does not.
+        (vec!["list", "--repo", "s3://no-such-bucket/repo"], false),
+        (
+            vec![
+                "restore", "--repo", repo, "--backup", "b-none", "--to", "/nowhere",
+            ],
+            false,
+        ),
+    ] {
+        let (ok, output) = agent_printing(&args, &env);
+        assert_eq!(ok, succeeds, "{args:?}: {output}");
+        printed.push((format!("{args:?}"), output));
+    }
+    // A wrong passphrase is an error that names no passphrase.
+    let wrong: Vec<(String, String)> = env
+        .iter()
+        .cloned()
+        .map(|(k, v)| match k.as_str() {
+            "LOCKSTEP_PASSPHRASE" => (k, "another-passphrase-1a2b3c".to_string()),
+            _ => (k, v),
+        })
+        .collect();
+    let (ok, output) = agent_printing(&["list", "--repo", repo], &wrong);
+    assert!(!ok && output.contains("ERR_ENCRYPTION_KEY"), "{output}");
+    assert!(!output.contains("another-passphrase"), "{output}");
+    printed.push(("wrong passphrase".into(), output));
+    // The bucket as its owner sees it.
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_url(repo);
+    for (key, value) in moto.env() {
+        builder = builder.with_config(key.to_ascii_lowercase().parse().expect("option"), value);
+    }
+    let store = builder.build().expect("s3 client");
+    let objects: Vec<_> = store.list(None).try_collect().await.expect("list");
+    assert!(!objects.is_empty());
+    for meta in objects {
+        let bytes = store
+            .get(&meta.location)
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes");
+        printed.push((
+            meta.location.to_string(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ));
+    }
+    for (what, text) in &printed {
+        for secret in [s3_secret, passphrase] {
+            assert!(!text.contains(secret), "{what} shows a secret:\n{text}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ mod disk_full;
 mod encryption;
 mod faults;
 mod gc;
+mod hostile;
 mod lifecycle;
 mod lineage;
 mod metrics;

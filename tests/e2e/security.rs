@@ -10,7 +10,7 @@ use lockstep_proto::v1::wal_archive_client::WalArchiveClient;
 use lockstep_tests::text;
 use tonic::Code;
 
-use crate::cluster::{Cluster, json};
+use crate::cluster::{Cluster, N_AGENTS, json};
 
 /// A channel to `url` as `name` (a certificate of the cluster's PKI), where `expected`
 /// must answer.
@@ -69,14 +69,34 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
         .replace("https://", "lockstep://");
     cluster.agent_extra = vec!["--wal-to".into(), archive];
     cluster.restart_agent(0);
+    // A backup on the restored timeline, that the point-in-time restore below starts from.
+    cluster.backup("full");
     let mut shard = cluster.shard_client(0).await;
     for k in 0..20 {
         crate::pitr::write_with(&mut shard, format!("shipped-{k}"), false).await;
+    }
+    // Every shard has written since the restore, so each has WAL to replay on its timeline.
+    for i in 1..N_AGENTS {
+        crate::pitr::write(&cluster, i, "shipped-elsewhere".into(), false).await;
     }
     let status = crate::pitr::wait_shipped(&cluster).await;
     assert!(
         status.to_string().contains("lockstep://"),
         "the TLS archive is not among shard-0's destinations: {status:#}"
+    );
+    // A point-in-time restore over TLS: the shipped writes replayed onto the backup.
+    let pitr = cluster.dir.path().join("pitr-over-tls");
+    let restored = cluster.lockstep(&[
+        "restore",
+        "--to-archive-end",
+        "--to",
+        pitr.to_str().expect("utf-8"),
+    ]);
+    assert!(restored.status.success(), "{}", text(&restored));
+    let keys = crate::pitr::keys_in(&pitr.join(Cluster::shard(0)));
+    assert!(
+        (0..20).all(|k| keys.contains(&format!("shipped-{k}"))),
+        "{keys:?}"
     );
 
     // Runs `lockstep ARGS` with these TLS environment variables instead of the operator's.
@@ -313,6 +333,6 @@ async fn every_call_is_authenticated_and_authorized_by_role() {
     );
     refused(&wrong, "ERR_AUTH_UNAUTHENTICATED", "bearer token");
 
-    // Nothing any refused call asked for happened.
-    assert_eq!(backups(&cluster), 1);
+    // Nothing any refused call asked for happened (the two backups are the operator's).
+    assert_eq!(backups(&cluster), 2);
 }
