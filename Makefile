@@ -40,10 +40,12 @@ sim:
 	cargo build -p lockstep-simulations --bins
 	$(BIN)/lockstep-sim $(or $(SEEDS),500)
 
-## fuzz: the decoders' property tests (objects, WAL segments, manifests, ids, certificates' identities, token files) with CASES each (default 200000)
+## fuzz: the decoders' property tests (objects, sealed objects and records, WAL segments, manifests, ids, certificates' identities, token files, wire requests, the configuration) with CASES each (default 200000)
 fuzz:
 	LOCKSTEP_FUZZ_CASES=$(or $(CASES),200000) cargo test -p lockstep-repository --test decoders
 	LOCKSTEP_FUZZ_CASES=$(or $(CASES),200000) cargo test -p lockstep-proto --test identities
+	LOCKSTEP_FUZZ_CASES=$(or $(CASES),200000) cargo test -p lockstep-proto --test wire
+	LOCKSTEP_FUZZ_CASES=$(or $(CASES),200000) cargo test -p lockstep-coordinator --test config
 
 fmt:
 	cargo fmt --all

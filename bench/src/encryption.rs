@@ -50,6 +50,12 @@ pub struct EncryptionResult {
     /// Encrypted over BackupEngine, pair by pair.
     pub backup_encrypted_vs_backup_engine: Ratio,
     pub restore_encrypted_vs_backup_engine: Ratio,
+    /// What unlocking costs a process (Argon2id): `list` of the encrypted repository less
+    /// `list` of the plaintext one, median. A serving agent pays it once, at start.
+    pub unlock_secs: f64,
+    /// Encrypted over plaintext with the unlock taken out: the cost on the data path.
+    pub backup_data_path_ratio: Ratio,
+    pub restore_data_path_ratio: Ratio,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -80,6 +86,7 @@ pub fn measure(
         (dir.join("plain"), dir.join("sealed"), dir.join("engine"));
     let restored = dir.join("restored");
     let mut secs: [Vec<f64>; 6] = Default::default();
+    let mut unlock = Vec::new();
     for pair in 0..pairs.max(1) {
         for repo in [&plain_repo, &sealed_repo, &engine_dir] {
             remove(repo);
@@ -92,6 +99,14 @@ pub fn measure(
         let sealed_restore =
             lockstep_restore_with(bins, &sealed_repo, &restored, threads, &sealed_env)?;
         let engine_restore = backup_engine_restore_timed(bins, &engine_dir, &restored, threads)?;
+        let list = |repo: &Path, env: &[(&str, &Path)]| {
+            crate::contenders::timed_with(
+                &bins.agent,
+                &["list", "--repo", repo.to_str().unwrap_or_default()],
+                env,
+            )
+        };
+        unlock.push(list(&sealed_repo, &sealed_env)?.secs - list(&plain_repo, &[])?.secs);
         for (i, timed) in [
             plain.timed.secs,
             sealed.timed.secs,
@@ -107,6 +122,16 @@ pub fn measure(
         }
     }
     remove(&dir);
+    let unlock_secs = median(unlock).max(0.0);
+    let less_unlock = |a: usize, b: usize| {
+        Ratio::of(
+            secs[a]
+                .iter()
+                .zip(&secs[b])
+                .map(|(x, y)| (x - unlock_secs) / y.max(1e-9))
+                .collect(),
+        )
+    };
     let ratio = |a: usize, b: usize| {
         Ratio::of(
             secs[a]
@@ -123,6 +148,9 @@ pub fn measure(
         restore_encrypted_vs_plain: ratio(4, 3),
         backup_encrypted_vs_backup_engine: ratio(1, 2),
         restore_encrypted_vs_backup_engine: ratio(4, 5),
+        unlock_secs,
+        backup_data_path_ratio: less_unlock(1, 0),
+        restore_data_path_ratio: less_unlock(4, 3),
         backup_plain_secs: median(secs[0].clone()),
         backup_encrypted_secs: median(secs[1].clone()),
         backup_engine_backup_secs: median(secs[2].clone()),
