@@ -384,35 +384,76 @@ pub fn decode_sized(
     decode_within(expected, stored, Limit::Exact(len), seal)
 }
 
+/// An object's stored bytes as a reader got them: shared, or in a buffer of its own, where a
+/// sealed object is opened in place (no copy; its payload stays page-aligned).
+pub enum Stored {
+    Shared(bytes::Bytes),
+    Owned(PooledBuffer),
+}
+
+impl Stored {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Stored::Shared(bytes) => bytes,
+            Stored::Owned(buffer) => buffer.contents(),
+        }
+    }
+
+    pub fn into_bytes(self) -> bytes::Bytes {
+        match self {
+            Stored::Shared(bytes) => bytes,
+            Stored::Owned(buffer) => bytes::Bytes::from_owner(buffer),
+        }
+    }
+}
+
+impl From<bytes::Bytes> for Stored {
+    fn from(bytes: bytes::Bytes) -> Stored {
+        Stored::Shared(bytes)
+    }
+}
+
+/// [`decode_sized`] of an object in a buffer of its own: a sealed one is opened in place.
+pub fn decode_sized_owned(
+    expected: &ObjectId,
+    stored: Stored,
+    len: u64,
+    seal: &Seal,
+) -> Result<bytes::Bytes> {
+    decode_within(expected, stored, Limit::Exact(len), seal)
+}
+
 fn decode_within(
     expected: &ObjectId,
-    stored: bytes::Bytes,
+    stored: impl Into<Stored>,
     limit: Limit,
     seal: &Seal,
 ) -> Result<bytes::Bytes> {
+    let stored: Stored = stored.into();
+    let whole = stored.as_slice();
     let corrupt = |why: &str| {
         Error::new(
             ErrorCode::BackupChecksumMismatch,
             format!("object {expected}: {why}"),
         )
     };
-    if stored.len() < HEADER_LEN || &stored[..4] != MAGIC {
+    if whole.len() < HEADER_LEN || &whole[..4] != MAGIC {
         return Err(corrupt("bad object header"));
     }
-    if stored[6..8] != [0, 0] {
+    if whole[6..8] != [0, 0] {
         return Err(corrupt("reserved header bytes are not zero"));
     }
-    let (payload_at, sealed) = match stored[4] {
+    let (payload_at, sealed) = match whole[4] {
         FORMAT_VERSION => (HEADER_LEN, false),
-        FORMAT_SEALED if stored.len() >= SEALED_HEADER_LEN => (SEALED_HEADER_LEN, true),
-        FORMAT_VERSION_PAGED | FORMAT_SEALED_PAGED if stored.len() >= HEADER_ROOM => {
-            let sealed = stored[4] == FORMAT_SEALED_PAGED;
+        FORMAT_SEALED if whole.len() >= SEALED_HEADER_LEN => (SEALED_HEADER_LEN, true),
+        FORMAT_VERSION_PAGED | FORMAT_SEALED_PAGED if whole.len() >= HEADER_ROOM => {
+            let sealed = whole[4] == FORMAT_SEALED_PAGED;
             let padding_from = if sealed {
                 SEALED_HEADER_LEN
             } else {
                 HEADER_LEN
             };
-            if stored[padding_from..HEADER_ROOM].iter().any(|b| *b != 0) {
+            if whole[padding_from..HEADER_ROOM].iter().any(|b| *b != 0) {
                 return Err(corrupt("the header page's padding is not zero"));
             }
             (HEADER_ROOM, sealed)
@@ -424,7 +465,7 @@ fn decode_within(
             return Err(corrupt(&format!("unknown object format version {other}")));
         }
     };
-    let plaintext_len = u64::from_le_bytes(array(&stored[8..16]));
+    let plaintext_len = u64::from_le_bytes(array(&whole[8..16]));
     if plaintext_len > MAX_PLAINTEXT {
         return Err(corrupt(&format!(
             "its header declares {plaintext_len} bytes, more than any object holds"
@@ -443,18 +484,26 @@ fn decode_within(
         }
         _ => {}
     }
-    let codec = stored[5];
+    let codec = whole[5];
     if codec != CODEC_STORED && codec != CODEC_ZSTD {
         return Err(corrupt(&format!("unknown codec {codec}")));
     }
-    let payload = match (sealed, seal) {
-        (false, Seal::Plain) => stored.slice(payload_at..),
-        (false, Seal::Sealed { .. }) => {
+    let seal_info = sealed.then(|| SealInfo {
+        epoch: u32::from_le_bytes(array(&whole[16..20])),
+        nonce: array(&whole[24..24 + NONCE_LEN]),
+        tag: array(&whole[24 + NONCE_LEN..SEALED_HEADER_LEN]),
+    });
+    if sealed && whole[20..24] != [0; 4] {
+        return Err(corrupt("reserved header bytes are not zero"));
+    }
+    let payload = match (seal_info, seal) {
+        (None, Seal::Plain) => stored.into_bytes().slice(payload_at..),
+        (None, Seal::Sealed { .. }) => {
             return Err(corrupt(
                 "it is not encrypted, and every object of an encrypted repository is",
             ));
         }
-        (true, Seal::Plain) => {
+        (Some(_), Seal::Plain) => {
             return Err(Error::new(
                 ErrorCode::EncryptionKey,
                 format!(
@@ -462,30 +511,32 @@ fn decode_within(
                 ),
             ));
         }
-        (true, Seal::Sealed { keys, buffers }) => {
-            if stored[20..24] != [0; 4] {
-                return Err(corrupt("reserved header bytes are not zero"));
-            }
-            let info = SealInfo {
-                epoch: u32::from_le_bytes(array(&stored[16..20])),
-                nonce: array(&stored[24..24 + NONCE_LEN]),
-                tag: array(&stored[24 + NONCE_LEN..SEALED_HEADER_LEN]),
+        (Some(info), Seal::Sealed { keys, buffers }) => {
+            let (mut opened, from) = match stored {
+                Stored::Owned(buffer) => (buffer, payload_at),
+                Stored::Shared(bytes) => {
+                    // Copied into a page-aligned buffer of its own: shared bytes stay as
+                    // they are.
+                    let sealed_payload = &bytes[payload_at..];
+                    let mut copy = buffers.take(sealed_payload.len());
+                    copy.read_from(sealed_payload, sealed_payload.len() as u64)
+                        .map_err(|err| {
+                            Error::with_source(
+                                ErrorCode::BackupChecksumMismatch,
+                                "copy payload",
+                                err,
+                            )
+                        })?;
+                    (copy, 0)
+                }
             };
-            // Opened in a page-aligned buffer of its own (the stored bytes are shared).
-            let sealed_payload = &stored[payload_at..];
-            let mut opened = buffers.take(sealed_payload.len());
-            opened
-                .read_from(sealed_payload, sealed_payload.len() as u64)
-                .map_err(|err| {
-                    Error::with_source(ErrorCode::BackupChecksumMismatch, "copy payload", err)
-                })?;
             let aad = object_aad(expected, codec, plaintext_len);
-            if !keys.open(&info, &aad, opened.as_mut_slice()) {
+            if !keys.open(&info, &aad, &mut opened.as_mut_slice()[from..]) {
                 return Err(corrupt(
                     "it does not authenticate (altered, renamed, or not written with this repository's key)",
                 ));
             }
-            bytes::Bytes::from_owner(opened)
+            bytes::Bytes::from_owner(opened).slice(from..)
         }
     };
     let plaintext = match codec {
@@ -571,11 +622,24 @@ mod tests {
             let unpaged = encoded.unpaged().to_vec();
             assert_eq!(super::decode(&id, unpaged.into(), &seal)?, plain);
         }
-        // A paged stored chunk opens page-aligned, for direct writes.
+        // A paged stored chunk opens page-aligned, for direct writes, from shared bytes (a
+        // copy) and in the reader's own buffer (in place) alike.
         let encoded = encode_chunk_with(&stored_chunk, &seal)?;
         assert!(matches!(encoded.frame, Frame::Whole(_)));
-        let opened = super::decode(&encoded.id, encoded.to_vec().into(), &seal)?;
+        let bytes = encoded.to_vec();
+        let opened = super::decode(&encoded.id, bytes.clone().into(), &seal)?;
         assert_eq!(opened.as_ptr() as usize % crate::buffers::PAGE, 0);
+        let mut own = crate::buffers::BufferPool::default().take(bytes.len());
+        own.read_from(bytes.as_slice(), bytes.len() as u64)
+            .expect("fill");
+        let in_place = decode_sized_owned(
+            &encoded.id,
+            Stored::Owned(own),
+            stored_chunk.len() as u64,
+            &seal,
+        )?;
+        assert_eq!(in_place, stored_chunk);
+        assert_eq!(in_place.as_ptr() as usize % crate::buffers::PAGE, 0);
         Ok(())
     }
 

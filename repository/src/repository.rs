@@ -1057,7 +1057,15 @@ impl Repository {
     /// it is read (a crafted or damaged object never makes a reader allocate without bound).
     /// `max` and the code of the error for a larger object come from its kind
     /// ([`Bound`]).
-    pub(crate) async fn get_raw(&self, key: &Path, (max, code): Bound) -> Result<Option<Bytes>> {
+    pub(crate) async fn get_raw(&self, key: &Path, bound: Bound) -> Result<Option<Bytes>> {
+        Ok(self
+            .get_stored(key, bound)
+            .await?
+            .map(codec::Stored::into_bytes))
+    }
+
+    /// [`Repository::get_raw`], a local repository's object in a reused buffer of its own.
+    async fn get_stored(&self, key: &Path, (max, code): Bound) -> Result<Option<codec::Stored>> {
         let too_large = |len: u64| {
             Error::new(
                 code,
@@ -1071,7 +1079,7 @@ impl Repository {
             // reader zero-fills a fresh buffer before reading into it, a memset as large as
             // the object plus its page faults (a quarter of a restore's CPU, measured with perf).
             let (file, pool) = (root.join(key.as_ref()), self.buffers.clone());
-            let read = move || -> std::io::Result<Bytes> {
+            let read = move || -> std::io::Result<crate::buffers::PooledBuffer> {
                 let file = std::fs::File::open(file)?;
                 let len = file.metadata()?.len();
                 if len > max {
@@ -1082,10 +1090,10 @@ impl Repository {
                 }
                 let mut buffer = pool.take(len as usize);
                 buffer.read_from(file, u64::MAX)?;
-                Ok(Bytes::from_owner(buffer))
+                Ok(buffer)
             };
             return match crate::blocking::run(read).await {
-                Ok(Ok(bytes)) => Ok(Some(bytes)),
+                Ok(Ok(buffer)) => Ok(Some(codec::Stored::Owned(buffer))),
                 Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Ok(Err(err)) if err.kind() == std::io::ErrorKind::FileTooLarge => {
                     Err(too_large(err.to_string().parse().unwrap_or(u64::MAX)))
@@ -1107,7 +1115,7 @@ impl Repository {
             Ok(result) => result
                 .bytes()
                 .await
-                .map(Some)
+                .map(|bytes| Some(codec::Stored::Shared(bytes)))
                 .map_err(|err| storage_error(format!("download {key}"), err)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(err) => Err(storage_error(format!("download {key}"), err)),
@@ -1122,7 +1130,7 @@ impl Repository {
             bandwidth.download(chunk.stored_len).await;
         }
         let stored = self
-            .get_raw(
+            .get_stored(
                 &self.layout.object(&id, chunk.copy),
                 (
                     codec::max_stored_len(chunk.len),
@@ -1137,7 +1145,7 @@ impl Repository {
                 )
             })?;
         let (len, seal) = (chunk.len, self.seal.clone());
-        crate::blocking::run_bulk(move || codec::decode_sized(&id, stored, len, &seal))
+        crate::blocking::run_bulk(move || codec::decode_sized_owned(&id, stored, len, &seal))
             .await
             .map_err(decode_task_failed)?
     }
