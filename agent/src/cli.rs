@@ -464,7 +464,6 @@ fn limited(repo: Repository, upload_mib_s: u64, download_mib_s: u64) -> Reposito
 
 async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
     let shard = ShardId::new(&args.shard)?;
-    let repo = limited(Repository::open(&args.repo).await?, args.upload_mib_s, 0);
     let db = args.db.clone();
     if matches!(args.engine, EngineKind::Rocksdb) && !db.join("CURRENT").exists() {
         return Err(Error::new(
@@ -475,11 +474,16 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
             ),
         ));
     }
-    let engine = Arc::new(
+    // The shard opens while the repository does (an encrypted one's unlock takes a while).
+    let (repo, engine) = tokio::join!(
+        Repository::open(&args.repo),
         lockstep_repository::blocking::run(move || E::open(&db, &[]))
-            .await
-            .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
+    let repo = limited(repo?, args.upload_mib_s, 0);
+    let engine =
+        Arc::new(engine.map_err(|err| {
+            Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err)
+        })??);
     let options = backup_options(&args.db, &args.capture, &args.transfer)?;
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "backup");

@@ -195,8 +195,8 @@ pub struct RunArgs {
     /// ...of a shard of this many MiB of random values.
     #[arg(long, default_value_t = 512)]
     pub limit_shard_mib: u64,
-    /// Logical size of the LZ4 shard of the encryption-at-rest runs...
-    #[arg(long, default_value_t = 1536)]
+    /// Logical size of the LZ4 shard of the encryption-at-rest runs (the main shards' size)...
+    #[arg(long, default_value_t = 3072)]
     pub encryption_mib: u64,
     /// ...and how many alternated runs of each contender.
     #[arg(long, default_value_t = 5)]
