@@ -224,6 +224,35 @@ async fn verify_samples_checks_each_backup_and_finds_an_archive_that_does_not_re
         "cut {cut}, segments {segments:?}, left {:?}: {out}",
         shard_0_segments(&cluster.archive())
     );
+
+    // A damaged object that the next backup names again (its SST did not change): the
+    // verify after that backup fails and says so; the backup stands, for an operator.
+    let largest = lockstep_tests::files_under(&cluster.repo().join("objects"))
+        .into_iter()
+        .max_by_key(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .expect("an object");
+    let mut bytes = std::fs::read(&largest).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x20;
+    std::fs::write(&largest, bytes).expect("damage");
+    let failed = |cluster: &Cluster| {
+        std::fs::read_to_string(cluster.log("coordinator"))
+            .unwrap_or_default()
+            .matches("verified after the backup: FAILED")
+            .count()
+    };
+    assert_eq!(failed(&cluster), 0);
+    let second = cluster.backup("full");
+    let noticed = crate::cluster::wait_until(Duration::from_secs(30), || {
+        let count = failed(&cluster);
+        async move { count == 1 }
+    })
+    .await;
+    let log = std::fs::read_to_string(cluster.log("coordinator")).unwrap_or_default();
+    assert!(noticed.is_some(), "the damage went unnoticed:\n{log}");
+    assert!(log.contains(&second), "{log}");
+    let listed = cluster.lockstep(&["backup", "show", &second]);
+    assert!(listed.status.success(), "{}", text(&listed));
 }
 
 /// Writes 20 keys to shard-0 (and one to each other shard), each shipped before the next,
