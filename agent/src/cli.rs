@@ -474,16 +474,14 @@ async fn run_backup<E: ShardEngine>(args: &BackupArgs) -> Result<()> {
             ),
         ));
     }
-    // The shard opens while the repository does (an encrypted one's unlock takes a while).
-    let (repo, engine) = tokio::join!(
-        Repository::open(&args.repo),
+    // The repository first: one that does not open (a wrong passphrase) leaves the shard
+    // unopened.
+    let repo = limited(Repository::open(&args.repo).await?, args.upload_mib_s, 0);
+    let engine = Arc::new(
         lockstep_repository::blocking::run(move || E::open(&db, &[]))
+            .await
+            .map_err(|err| Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err))??,
     );
-    let repo = limited(repo?, args.upload_mib_s, 0);
-    let engine =
-        Arc::new(engine.map_err(|err| {
-            Error::with_source(ErrorCode::ShardEngineFailed, "open shard", err)
-        })??);
     let options = backup_options(&args.db, &args.capture, &args.transfer)?;
     let progress = Arc::new(Progress::default());
     let (bar, ticker) = progress_bar(progress.clone(), "backup");
@@ -538,11 +536,17 @@ async fn run_serve<E: ShardEngine>(args: &ServeArgs) -> Result<()> {
     for url in &args.wal.destinations {
         let archive = lockstep_proto::archive::open_archive(url, &security, repo.seal()).await?;
         // An encrypted repository's (sealed) keys go with its WAL, so the archive can be
-        // restored from when the repository is gone (`lockstep key import`).
+        // restored from when the repository is gone (`lockstep key import`); in the
+        // background, so an unreachable archive does not hold the shard back.
         if let lockstep_repository::archive::WalArchive::Store(store) = &archive
-            && let Err(err) = repo.copy_keys_to(store).await
+            && repo.seal().is_sealed()
         {
-            tracing::warn!(archive = %url, error = %err.chain(), "could not copy the repository's keys to a WAL archive");
+            let (repo, store, url) = (repo.clone(), store.clone(), url.clone());
+            tokio::spawn(async move {
+                if let Err(err) = repo.copy_keys_to(&store).await {
+                    tracing::warn!(archive = %url, error = %err.chain(), "could not copy the repository's keys to a WAL archive");
+                }
+            });
         }
         destinations.push(archive);
     }

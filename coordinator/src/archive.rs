@@ -32,7 +32,7 @@ pub struct WalArchiveApi {
     ends: std::sync::Mutex<HashMap<(ShardId, LineageId), SegmentInfo>>,
     /// One put's segment decoded at a time: a decode holds the segment's whole plaintext (up
     /// to `MAX_SEGMENT_BYTES`), so puts at once, crafted or not, never hold more than one.
-    decoding: tokio::sync::Semaphore,
+    decoding: Arc<tokio::sync::Semaphore>,
 }
 
 /// Lineages whose end is remembered at most; past it the memory starts over (each lineage
@@ -48,7 +48,7 @@ impl WalArchiveApi {
             repo,
             writers: std::sync::Mutex::default(),
             ends: std::sync::Mutex::default(),
-            decoding: tokio::sync::Semaphore::new(1),
+            decoding: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -249,15 +249,28 @@ impl WalArchive for WalArchiveApi {
                 ),
             )));
         } else {
-            let _decoding = self.decoding.acquire().await.map_err(|_| {
+            let decoding = self.decoding.clone().acquire_owned().await.map_err(|_| {
                 to_status(&Error::new(
                     ErrorCode::StorageUnavailable,
                     "the archive is shutting down",
                 ))
             })?;
-            decode_wal_segment(&info, stored.clone(), &Seal::Plain)
-                .await
-                .map_err(|e| to_status(&e))?;
+            // The decode holds the permit in a task of its own: a caller that gives up (a
+            // short deadline, a reset stream) does not free it while the decode runs on.
+            let (checked, stored) = (info.clone(), stored.clone());
+            tokio::spawn(async move {
+                let _decoding = decoding;
+                decode_wal_segment(&checked, stored, &Seal::Plain).await
+            })
+            .await
+            .map_err(|err| {
+                to_status(&Error::with_source(
+                    ErrorCode::BackupWalArchiveFailed,
+                    "the decode task failed",
+                    err,
+                ))
+            })?
+            .map_err(|e| to_status(&e))?;
         }
         // A segment overlapping one already here (a put that arrived after the agent gave up
         // on it and resumed from the listing) is refused: the archive stays free of

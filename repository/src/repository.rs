@@ -413,9 +413,11 @@ impl Repository {
     /// ever written in plaintext to an encrypted repository, or the other way round.
     async fn unlock(mut self, passphrase: Option<Passphrase>) -> Result<Repository> {
         let mut marker = self.encryption_marker().await?;
-        if marker.is_none() && passphrase.is_none() && self.holds_nothing().await? {
-            // A new plaintext repository claims its mode as an encrypted one does, so an
-            // encrypting opener racing this one cannot make it encrypted under its feet.
+        if marker.is_none() && passphrase.is_none() {
+            // A plaintext repository claims its mode as an encrypted one does (once; one with
+            // data from before the marker is plaintext too), so an encrypting opener racing
+            // a new one cannot make it encrypted under its feet. A store that takes no write
+            // (read-only credentials) leaves it unclaimed, and plaintext.
             let plaintext = crate::seal::EncryptionMarker::plaintext();
             let json = serde_json::to_vec_pretty(&plaintext).map_err(|err| {
                 Error::with_source(
@@ -424,13 +426,17 @@ impl Repository {
                     err,
                 )
             })?;
-            self.put_once(
-                &self.layout.encryption_marker(),
-                PutPayload::from(json),
-                "encryption marker",
-            )
-            .await?;
-            marker = self.encryption_marker().await?;
+            let key = self.layout.encryption_marker();
+            match self
+                .put_once(&key, PutPayload::from(json), "encryption marker")
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => marker = self.encryption_marker().await?,
+                Err(err) => {
+                    tracing::warn!(repository = %self.url, error = %err.chain(), "could not record that the repository is not encrypted");
+                }
+            }
         }
         let not_encrypted = |url: &str| {
             Error::new(
@@ -640,20 +646,54 @@ impl Repository {
         let Some(marker) = self.encryption_marker().await?.filter(|m| m.is_encrypted()) else {
             return Ok(0);
         };
-        match target.encryption_marker().await? {
-            Some(theirs) if theirs.key_id != marker.key_id => {
+        // The marker first, create-only: if the target's is another, nothing is copied.
+        let json = serde_json::to_vec_pretty(&marker).map_err(|err| {
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                "encode the encryption marker",
+                err,
+            )
+        })?;
+        let written = target
+            .put_once(
+                &target.layout.encryption_marker(),
+                PutPayload::from(json),
+                "encryption marker",
+            )
+            .await?;
+        if !written {
+            let theirs = target.encryption_marker().await?;
+            if theirs.as_ref().map(|m| &m.key_id) != Some(&marker.key_id) {
+                let what = match theirs {
+                    Some(m) if !m.is_encrypted() => {
+                        "is claimed by a plaintext repository".to_string()
+                    }
+                    Some(m) => format!(
+                        "holds the keys of another encrypted repository (key id {})",
+                        m.key_id
+                    ),
+                    None => "lost its encryption marker while it was written".to_string(),
+                };
                 return Err(Error::new(
                     ErrorCode::EncryptionKey,
                     format!(
-                        "{} holds the keys of another encrypted repository (key id {}, not {})",
-                        target.url, theirs.key_id, marker.key_id
+                        "{} {what}: no keys of key id {} were copied",
+                        target.url, marker.key_id
                     ),
                 ));
             }
-            _ => {}
+        }
+        let slots = self.key_slots().await?;
+        // A slot removed here is removed there too, so a revoked passphrase opens no copy.
+        for stale in target.key_slots().await? {
+            if !slots.iter().any(|s| s.slot == stale.slot) {
+                target
+                    .delete_if_present(&target.layout.key_slot(&stale.slot))
+                    .await?;
+            }
         }
         let mut copied = 0;
-        for slot in self.key_slots().await? {
+        for slot in slots {
             let json = serde_json::to_vec_pretty(&slot).map_err(|err| {
                 Error::with_source(ErrorCode::InvalidArgument, "encode a key slot", err)
             })?;
@@ -664,20 +704,6 @@ impl Repository {
                     .await?,
             );
         }
-        let json = serde_json::to_vec_pretty(&marker).map_err(|err| {
-            Error::with_source(
-                ErrorCode::InvalidArgument,
-                "encode the encryption marker",
-                err,
-            )
-        })?;
-        target
-            .put_once(
-                &target.layout.encryption_marker(),
-                PutPayload::from(json),
-                "encryption marker",
-            )
-            .await?;
         Ok(copied)
     }
 
@@ -687,16 +713,11 @@ impl Repository {
     /// archive's WAL.
     pub async fn adopt_keys(location: &str, source: &Repository) -> Result<usize> {
         let target = Repository::open_store(location, &[]).await?;
-        if target
-            .encryption_marker()
-            .await?
-            .is_some_and(|m| m.is_encrypted())
-            || !target.holds_nothing().await?
-        {
+        if target.encryption_marker().await?.is_some() || !target.holds_nothing().await? {
             return Err(Error::new(
                 ErrorCode::InvalidArgument,
                 format!(
-                    "repository {location} is not new: keys are adopted only by an empty repository"
+                    "repository {location} is not new (something opened, and so created, it already): keys are adopted only by a repository nothing has opened; import into a new location first, then start anything on it"
                 ),
             ));
         }
