@@ -2335,6 +2335,14 @@ mod encrypted {
         assert_eq!(wrong.code, ErrorCode::EncryptionKey, "{wrong}");
         assert!(wrong.message.contains("wrong passphrase"), "{wrong}");
 
+        // A copy of the keys (a WAL archive's), made while the first slot exists.
+        let archive_dir = tempfile::tempdir().expect("tempdir");
+        let archive_url = format!("file://{}", archive_dir.path().display());
+        let archive = Repository::open_archive(&archive_url, reopened.seal())
+            .await
+            .expect("archive");
+        assert_eq!(reopened.copy_keys_to(&archive).await.expect("copy"), 1);
+
         // Key slots: add the second, remove the first; the data stays readable.
         let first_slot = reopened.unlocked_keys().expect("keys").slot().to_string();
         let added = reopened
@@ -2358,6 +2366,27 @@ mod encrypted {
             .await
             .expect_err("last slot");
         assert!(last.message.contains("last"), "{last}");
+        // The copy follows: the removed slot leaves it, the added one joins it; a copy into
+        // another repository's keys is refused.
+        assert_eq!(by_second.copy_keys_to(&archive).await.expect("copy"), 1);
+        let copied: Vec<String> = archive
+            .key_slots()
+            .await
+            .expect("slots")
+            .into_iter()
+            .map(|s| s.slot)
+            .collect();
+        assert_eq!(copied, vec![added.slot.clone()]);
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other_url = format!("file://{}", other_dir.path().display());
+        let other = Repository::open_with(&other_url, &first)
+            .await
+            .expect("other");
+        let refused = by_second
+            .copy_keys_to(&other)
+            .await
+            .expect_err("other keys");
+        assert_eq!(refused.code, ErrorCode::EncryptionKey, "{refused}");
 
         // A flipped byte in the sealed manifest: refused as a checksum mismatch, and a
         // listing skips it.
