@@ -9,11 +9,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("LOCKSTEP_FUZZ_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2_000);
-    ProptestConfig::with_cases(cases)
+    ProptestConfig::with_cases(lockstep_tests::fuzz_cases())
 }
 
 const REFERENCE: &str = include_str!("../../deploy/lockstep.example.toml");

@@ -11,11 +11,7 @@ use proptest::prelude::*;
 use prost::Message;
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("LOCKSTEP_FUZZ_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(2_000);
-    ProptestConfig::with_cases(cases)
+    ProptestConfig::with_cases(lockstep_tests::fuzz_cases())
 }
 
 /// Decodes `bytes` as `M`; a message that decodes encodes back to what decodes the same.

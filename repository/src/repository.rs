@@ -418,17 +418,8 @@ impl Repository {
             // data from before the marker is plaintext too), so an encrypting opener racing
             // a new one cannot make it encrypted under its feet. A store that takes no write
             // (read-only credentials) leaves it unclaimed, and plaintext.
-            let plaintext = crate::seal::EncryptionMarker::plaintext();
-            let json = serde_json::to_vec_pretty(&plaintext).map_err(|err| {
-                Error::with_source(
-                    ErrorCode::InvalidArgument,
-                    "encode the encryption marker",
-                    err,
-                )
-            })?;
-            let key = self.layout.encryption_marker();
             match self
-                .put_once(&key, PutPayload::from(json), "encryption marker")
+                .put_marker(&crate::seal::EncryptionMarker::plaintext())
                 .await
             {
                 Ok(true) => {}
@@ -562,18 +553,7 @@ impl Repository {
             .await
             .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "key task", err))??;
         self.put_key_slot(&slot).await?;
-        let json = serde_json::to_vec_pretty(&marker).map_err(|err| {
-            Error::with_source(
-                ErrorCode::InvalidArgument,
-                "encode the encryption marker",
-                err,
-            )
-        })?;
-        let key = self.layout.encryption_marker();
-        if self
-            .put_once(&key, PutPayload::from(json), "encryption marker")
-            .await?
-        {
+        if self.put_marker(&marker).await? {
             tracing::info!(repository = %self.url, slot = %slot.slot, "created an encrypted repository");
             return Ok(Seal::sealed(keys));
         }
@@ -619,15 +599,36 @@ impl Repository {
         Ok(true)
     }
 
-    async fn put_key_slot(&self, slot: &KeySlot) -> Result<()> {
-        let json = serde_json::to_vec_pretty(slot).map_err(|err| {
-            Error::with_source(ErrorCode::InvalidArgument, "encode a key slot", err)
+    /// Writes `value` as JSON at `key` unless something is there (false then).
+    async fn put_json_once(
+        &self,
+        key: &Path,
+        value: &impl serde::Serialize,
+        what: &str,
+    ) -> Result<bool> {
+        let json = serde_json::to_vec_pretty(value).map_err(|err| {
+            Error::with_source(
+                ErrorCode::InvalidArgument,
+                format!("encode the {what}"),
+                err,
+            )
         })?;
+        self.put_once(key, PutPayload::from(json), what).await
+    }
+
+    /// Writes the encryption marker unless one is there (false then).
+    async fn put_marker(&self, marker: &EncryptionMarker) -> Result<bool> {
+        self.put_json_once(
+            &self.layout.encryption_marker(),
+            marker,
+            "encryption marker",
+        )
+        .await
+    }
+
+    async fn put_key_slot(&self, slot: &KeySlot) -> Result<()> {
         let key = self.layout.key_slot(&slot.slot);
-        if !self
-            .put_once(&key, PutPayload::from(json), "key slot")
-            .await?
-        {
+        if !self.put_json_once(&key, slot, "key slot").await? {
             return Err(Error::new(
                 ErrorCode::StorageUnavailable,
                 format!("key slot {key} exists already"),
@@ -647,20 +648,7 @@ impl Repository {
             return Ok(0);
         };
         // The marker first, create-only: if the target's is another, nothing is copied.
-        let json = serde_json::to_vec_pretty(&marker).map_err(|err| {
-            Error::with_source(
-                ErrorCode::InvalidArgument,
-                "encode the encryption marker",
-                err,
-            )
-        })?;
-        let written = target
-            .put_once(
-                &target.layout.encryption_marker(),
-                PutPayload::from(json),
-                "encryption marker",
-            )
-            .await?;
+        let written = target.put_marker(&marker).await?;
         if !written {
             let theirs = target.encryption_marker().await?;
             if theirs.as_ref().map(|m| &m.key_id) != Some(&marker.key_id) {
@@ -694,15 +682,8 @@ impl Repository {
         }
         let mut copied = 0;
         for slot in slots {
-            let json = serde_json::to_vec_pretty(&slot).map_err(|err| {
-                Error::with_source(ErrorCode::InvalidArgument, "encode a key slot", err)
-            })?;
             let key = target.layout.key_slot(&slot.slot);
-            copied += usize::from(
-                target
-                    .put_once(&key, PutPayload::from(json), "key slot")
-                    .await?,
-            );
+            copied += usize::from(target.put_json_once(&key, &slot, "key slot").await?);
         }
         Ok(copied)
     }

@@ -69,22 +69,10 @@ async fn an_encrypted_round_trip_on_s3_holds_no_plaintext() {
     assert!(repo.seal().is_sealed());
     crate::round_trip::round_trip(repo).await;
     // Every object in the bucket, read with the store's own client.
-    let mut builder = object_store::aws::AmazonS3Builder::new().with_url(url);
-    for (key, value) in moto.env() {
-        builder = builder.with_config(key.to_ascii_lowercase().parse().expect("option"), value);
-    }
-    let store = builder.build().expect("s3 client");
-    let objects: Vec<_> = store.list(None).try_collect().await.expect("list");
+    let objects = bucket(&moto, url).await;
     assert!(objects.len() > 10, "{} objects", objects.len());
-    for meta in objects {
-        let bytes = store
-            .get(&meta.location)
-            .await
-            .expect("get")
-            .bytes()
-            .await
-            .expect("bytes");
-        assert!(!holds_workload_key(&bytes), "{} holds a key", meta.location);
+    for (name, bytes) in objects {
+        assert!(!holds_workload_key(&bytes), "{name} holds a key");
     }
     // Opened without the passphrase, or with another, the repository is refused.
     let locked = Repository::open_with(url, &moto.env())
@@ -95,6 +83,22 @@ async fn an_encrypted_round_trip_on_s3_holds_no_plaintext() {
     wrong.push(passphrase_option(dir.path(), "not the s3 passphrase"));
     let wrong = Repository::open_with(url, &wrong).await.expect_err("wrong");
     assert_eq!(wrong.code.as_str(), "ERR_ENCRYPTION_KEY", "{wrong}");
+}
+
+/// Every object under `url` on `moto`, read with the store's own client: name and bytes.
+async fn bucket(moto: &Moto, url: &str) -> Vec<(String, Vec<u8>)> {
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_url(url);
+    for (key, value) in moto.env() {
+        builder = builder.with_config(key.to_ascii_lowercase().parse().expect("option"), value);
+    }
+    let store = builder.build().expect("s3 client");
+    let metas: Vec<_> = store.list(None).try_collect().await.expect("list");
+    let mut out = Vec::new();
+    for meta in metas {
+        let bytes = store.get(&meta.location).await.expect("get").bytes().await;
+        out.push((meta.location.to_string(), bytes.expect("bytes").to_vec()));
+    }
+    out
 }
 
 /// `lockstep-agent ARGS` with the passphrase in `passphrase_file` (none: without any).
@@ -359,25 +363,10 @@ async fn no_passphrase_or_s3_key_reaches_output_logs_errors_or_the_bucket() {
     assert!(!output.contains("another-passphrase"), "{output}");
     printed.push(("wrong passphrase".into(), output));
     // The bucket as its owner sees it.
-    let mut builder = object_store::aws::AmazonS3Builder::new().with_url(repo);
-    for (key, value) in moto.env() {
-        builder = builder.with_config(key.to_ascii_lowercase().parse().expect("option"), value);
-    }
-    let store = builder.build().expect("s3 client");
-    let objects: Vec<_> = store.list(None).try_collect().await.expect("list");
+    let objects = bucket(&moto, repo).await;
     assert!(!objects.is_empty());
-    for meta in objects {
-        let bytes = store
-            .get(&meta.location)
-            .await
-            .expect("get")
-            .bytes()
-            .await
-            .expect("bytes");
-        printed.push((
-            meta.location.to_string(),
-            String::from_utf8_lossy(&bytes).into_owned(),
-        ));
+    for (name, bytes) in objects {
+        printed.push((name, String::from_utf8_lossy(&bytes).into_owned()));
     }
     for (what, text) in &printed {
         for secret in [s3_secret, passphrase] {

@@ -327,3 +327,12 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Cases per property of the property-based fuzz tests: 2,000 (`make test`), or
+/// `LOCKSTEP_FUZZ_CASES` (`make fuzz`).
+pub fn fuzz_cases() -> u32 {
+    std::env::var("LOCKSTEP_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000)
+}
