@@ -115,8 +115,10 @@ async fn compression_bombs_and_oversized_messages_are_refused_in_bounded_memory(
     for result in futures::future::join_all(impatient).await {
         assert!(result.is_err());
     }
-    // Long enough for four decodes one after another (each well under a second here).
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    // One more, waited for: its decode comes after every decode those started (the slot is
+    // handed out in order).
+    let last = put(bomb.clone()).await.expect_err("a bomb");
+    assert!(last.message().contains("hashes to"), "{last:?}");
     let after_bombs = status_kib(pid, "VmHWM:");
 
     println!(
