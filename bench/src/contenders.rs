@@ -216,6 +216,25 @@ pub fn lockstep_verify(bins: &Binaries, repo: &Path, threads: usize) -> Result<T
     )
 }
 
+/// The disk's copy floor (`floor.rs`): the files of `db` copied into `to`, in its own process.
+pub fn copy_floor(bins: &Binaries, db: &Path, to: &Path, threads: usize) -> Result<Timed> {
+    remove(to);
+    let timed = timed(
+        &bins.bench,
+        &[
+            "copy-floor",
+            "--from",
+            s(db),
+            "--to",
+            s(to),
+            "--threads",
+            &threads.to_string(),
+        ],
+    );
+    remove(to);
+    timed
+}
+
 pub fn backup_engine(bins: &Binaries, db: &Path, dir: &Path, threads: usize) -> Result<Timed> {
     timed(
         &bins.bench,

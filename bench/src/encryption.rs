@@ -13,25 +13,7 @@ use crate::contenders::{
     Binaries, backup_engine, backup_engine_restore_timed, disk_bytes, lockstep_backup_with,
     lockstep_restore_with, remove,
 };
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Ratio {
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-}
-
-impl Ratio {
-    fn of(mut ratios: Vec<f64>) -> Ratio {
-        ratios.sort_by(f64::total_cmp);
-        let n = ratios.len().max(1);
-        Ratio {
-            median: ratios.get(n / 2).copied().unwrap_or(f64::NAN),
-            min: ratios.first().copied().unwrap_or(f64::NAN),
-            max: ratios.last().copied().unwrap_or(f64::NAN),
-        }
-    }
-}
+use crate::stats::{Ratio, median};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EncryptionResult {
@@ -56,11 +38,6 @@ pub struct EncryptionResult {
     /// Encrypted over plaintext with the unlock taken out: the cost on the data path.
     pub backup_data_path_ratio: Ratio,
     pub restore_data_path_ratio: Ratio,
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub fn measure(
@@ -122,25 +99,12 @@ pub fn measure(
         }
     }
     remove(&dir);
-    let unlock_secs = median(unlock).max(0.0);
+    let unlock_secs = median(&unlock).max(0.0);
     let less_unlock = |a: usize, b: usize| {
-        Ratio::of(
-            secs[a]
-                .iter()
-                .zip(&secs[b])
-                .map(|(x, y)| (x - unlock_secs) / y.max(1e-9))
-                .collect(),
-        )
+        let unlocked: Vec<f64> = secs[a].iter().map(|x| x - unlock_secs).collect();
+        Ratio::pairwise(&unlocked, &secs[b])
     };
-    let ratio = |a: usize, b: usize| {
-        Ratio::of(
-            secs[a]
-                .iter()
-                .zip(&secs[b])
-                .map(|(x, y)| x / y.max(1e-9))
-                .collect(),
-        )
-    };
+    let ratio = |a: usize, b: usize| Ratio::pairwise(&secs[a], &secs[b]);
     Ok(EncryptionResult {
         shard_disk_mib,
         pairs: pairs.max(1),
@@ -151,11 +115,11 @@ pub fn measure(
         unlock_secs,
         backup_data_path_ratio: less_unlock(1, 0),
         restore_data_path_ratio: less_unlock(4, 3),
-        backup_plain_secs: median(secs[0].clone()),
-        backup_encrypted_secs: median(secs[1].clone()),
-        backup_engine_backup_secs: median(secs[2].clone()),
-        restore_plain_secs: median(secs[3].clone()),
-        restore_encrypted_secs: median(secs[4].clone()),
-        backup_engine_restore_secs: median(secs[5].clone()),
+        backup_plain_secs: median(&secs[0]),
+        backup_encrypted_secs: median(&secs[1]),
+        backup_engine_backup_secs: median(&secs[2]),
+        restore_plain_secs: median(&secs[3]),
+        restore_encrypted_secs: median(&secs[4]),
+        backup_engine_restore_secs: median(&secs[5]),
     })
 }

@@ -2,28 +2,34 @@
 //!
 //! Lockstep and RocksDB's BackupEngine (through the `rocksdb` crate, the same RocksDB build)
 //! back up and restore the same generated shards, on the same disk, with the same number of
-//! threads, alternating which goes first, as separate processes timed by GNU time (wall time
-//! and peak RSS). Medians of several runs are reported. Numbers are reported, never asserted.
+//! threads, as separate processes timed by GNU time (wall time and peak RSS), in pairs of
+//! runs one after the other (alternating which goes first), each pair with the disk's own
+//! copy floor measured beside it; ratios are taken pair by pair (`stats.rs`). Numbers are
+//! reported, never asserted.
 //!
 //! - `generate.rs`: deterministic shards (compressible, half-random and random values), with
 //!   RocksDB block compression on (LZ4, as in production) or off;
 //! - `contenders.rs`: one backup, restore or verify of either contender, timed;
+//! - `floor.rs`: the disk's copy floor, a direct-I/O copy of the same files;
+//! - `stats.rs`: medians, quantiles, ratios pair by pair;
 //! - `barrier.rs`: the write pause of the two-phase barrier with N agents under write load;
 //! - `wal.rs`: WAL shipping lag under steady writes, incremental bytes, PITR replay rate;
 //! - `gc.rs`: a garbage-collection pass over synthetic repositories of two sizes;
 //! - `limits.rs`: a rate-limited backup and restore against their limit;
 //! - `encryption.rs`: backups and restores into an encrypted repository against plaintext
 //!   ones and BackupEngine, in alternated runs;
-//! - `report.rs`: medians, the JSON file and the Markdown table.
+//! - `report.rs`: the whole run, the JSON file and the Markdown tables.
 
 mod barrier;
 mod contenders;
 mod encryption;
+mod floor;
 mod gc;
 mod generate;
 mod limits;
 mod report;
 mod scale;
+mod stats;
 mod wal;
 
 use std::path::PathBuf;
@@ -44,6 +50,9 @@ struct Cli {
 enum Command {
     /// Run every measurement and write results.json and results.md into --out.
     Run(RunArgs),
+    /// Only the full backups and restores in pairs against BackupEngine and the copy floor,
+    /// at both sizes and both block compressions (the first table of `run`), as Markdown.
+    Pairs(RunArgs),
     /// Only the WAL measurement (shipping lag, incremental bytes, PITR replay), as JSON.
     Wal {
         #[arg(long)]
@@ -135,6 +144,16 @@ enum Command {
         #[arg(long)]
         threads: i32,
     },
+    /// The disk's copy floor: copy the files of --from into --to with direct I/O.
+    #[command(hide = true)]
+    CopyFloor {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        threads: usize,
+    },
     /// Restore the latest BackupEngine backup.
     #[command(hide = true)]
     BackupEngineRestore {
@@ -161,12 +180,14 @@ pub struct RunArgs {
     /// Logical size of the main shards (values before RocksDB compression).
     #[arg(long, default_value_t = 3072)]
     pub size_mib: u64,
-    /// Logical size of the small shard, for the RSS comparison.
+    /// Logical size of the small shards: both sizes show how cost grows with size (fixed
+    /// costs weigh more on small shards) and that memory does not.
     #[arg(long, default_value_t = 768)]
     pub small_mib: u64,
-    /// Runs per measurement; medians are reported.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    /// Pairs of runs (Lockstep and BackupEngine one after the other, with the copy floor)
+    /// per operation and shard.
+    #[arg(long, default_value_t = 5)]
+    pub pairs: usize,
     /// Threads for both contenders (Lockstep's transfer parallelism, BackupEngine's
     /// max_background_operations).
     #[arg(long, default_value_t = 4)]
@@ -207,6 +228,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => report::run(&args),
+        Command::Pairs(args) => report::pairs_only(&args),
         Command::Wal {
             bin_dir,
             work,
@@ -251,6 +273,7 @@ fn main() -> std::process::ExitCode {
         Command::BackupEngineBackup { db, dir, threads } => {
             contenders::backup_engine_backup(&db, &dir, threads)
         }
+        Command::CopyFloor { from, to, threads } => floor::copy(&from, &to, threads),
         Command::BackupEngineRestore { dir, to, threads } => {
             contenders::backup_engine_restore(&dir, &to, threads)
         }

@@ -10,32 +10,12 @@ use crate::RunArgs;
 use crate::barrier;
 use crate::contenders::{self, Binaries, Timed, disk_bytes, remove};
 use crate::generate;
+use crate::stats::{Ratio, median, quantile};
 use crate::wal::{self, WalResult};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-/// The value at quantile `q` (nearest rank).
-fn quantile(values: &[u64], q: f64) -> u64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// Medians of one operation, for one contender.
+/// The runs of one operation, for one contender.
 #[derive(Debug, Clone, Serialize)]
 pub struct Op {
     pub runs_secs: Vec<f64>,
@@ -54,20 +34,36 @@ impl Op {
     }
 }
 
-/// One shard variant (block compression on or off).
+/// One operation of both contenders in pairs of runs, against the copy floor of the same
+/// pairs.
 #[derive(Debug, Clone, Serialize)]
-pub struct Variant {
-    pub compression: &'static str,
-    pub logical_mib: u64,
-    pub data_bytes: u64,
-    pub generated: generate::Generated,
-    pub lockstep_backup: Op,
-    pub engine_backup: Op,
-    pub lockstep_repo_bytes: u64,
-    pub engine_repo_bytes: u64,
-    pub lockstep_gate_closed_us: u64,
-    pub lockstep_restore: Op,
-    pub engine_restore: Op,
+pub struct Paired {
+    pub lockstep: Op,
+    pub engine: Op,
+    /// Lockstep over BackupEngine, pair by pair.
+    pub vs_engine: Ratio,
+    /// Lockstep over the copy floor measured in the same pair.
+    pub vs_floor: Ratio,
+    pub engine_vs_floor: Ratio,
+}
+
+impl Paired {
+    fn of(lockstep: &[Timed], engine: &[Timed], floor: &[Timed]) -> Paired {
+        let secs = |runs: &[Timed]| runs.iter().map(|t| t.secs).collect::<Vec<_>>();
+        let (ls, be, fl) = (secs(lockstep), secs(engine), secs(floor));
+        Paired {
+            lockstep: Op::of(lockstep),
+            engine: Op::of(engine),
+            vs_engine: Ratio::pairwise(&ls, &be),
+            vs_floor: Ratio::pairwise(&ls, &fl),
+            engine_vs_floor: Ratio::pairwise(&be, &fl),
+        }
+    }
+}
+
+/// What only the main size measures: verify, a re-backup with no changes, an incremental.
+#[derive(Debug, Clone, Serialize)]
+pub struct Extras {
     pub lockstep_verify: Op,
     pub lockstep_rebackup_secs: f64,
     pub lockstep_rebackup_uploaded: u64,
@@ -78,6 +74,24 @@ pub struct Variant {
     pub lockstep_incremental_secs: f64,
     pub engine_incremental_bytes: u64,
     pub engine_incremental_secs: f64,
+}
+
+/// One shard: a size and a block compression.
+#[derive(Debug, Clone, Serialize)]
+pub struct Variant {
+    pub compression: &'static str,
+    pub logical_mib: u64,
+    pub data_bytes: u64,
+    pub generated: generate::Generated,
+    pub pairs: usize,
+    /// The disk's copy floor (`floor.rs`), one run per pair.
+    pub floor: Op,
+    pub backup: Paired,
+    pub restore: Paired,
+    pub lockstep_repo_bytes: u64,
+    pub engine_repo_bytes: u64,
+    pub lockstep_gate_closed_us: u64,
+    pub extras: Option<Extras>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,11 +112,12 @@ pub struct Results {
     pub machine: String,
     pub command: String,
     pub threads: usize,
-    pub runs: usize,
+    pub pairs: usize,
     /// Whether every timed run started from a cold page cache.
     pub cold_page_cache: bool,
+    /// Each block compression at the main size (with the extras), then at the small size.
     pub variants: Vec<Variant>,
-    /// Peak RSS of a Lockstep backup by logical shard size in MiB.
+    /// Peak RSS of a Lockstep backup of the LZ4 shard by logical shard size in MiB.
     pub rss_mib_by_shard_mib: BTreeMap<u64, f64>,
     pub barrier: Vec<BarrierResult>,
     pub wal: WalResult,
@@ -129,22 +144,34 @@ fn files(db: &Path) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
-fn variant(bins: &Binaries, args: &RunArgs, compressed: bool) -> Result<Variant> {
+/// One shard of `size_mib` MiB of values: backups and restores in pairs with the copy floor,
+/// and with `extras`, verify, a re-backup and an incremental.
+fn variant(
+    bins: &Binaries,
+    args: &RunArgs,
+    compressed: bool,
+    size_mib: u64,
+    extras: bool,
+) -> Result<Variant> {
     let name = if compressed { "lz4" } else { "none" };
+    let label = format!("{name} {size_mib} MiB");
     let db = args.work.join(format!("db-{name}"));
     let repo = args.work.join(format!("repo-{name}"));
     let engine_dir = args.work.join(format!("backupengine-{name}"));
     let restored = args.work.join("restored");
     remove(&db);
-    eprintln!("[bench] {name}: generating a {} MiB shard", args.size_mib);
-    let generated = generate::shard(&db, compressed, args.size_mib)?;
+    eprintln!("[bench] {label}: generating the shard");
+    let generated = generate::shard(&db, compressed, size_mib)?;
     let data_bytes = disk_bytes(&db);
 
-    let (mut ls, mut be) = (Vec::new(), Vec::new());
+    let pairs = args.pairs.max(1);
+    let (mut ls, mut be, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ls_restore, mut be_restore) = (Vec::new(), Vec::new());
     let mut gate_closed_us = 0;
-    for run in 0..args.runs {
-        eprintln!("[bench] {name}: full backup, run {}", run + 1);
-        let lockstep_first = run % 2 == 0;
+    for pair in 0..pairs {
+        eprintln!("[bench] {label}: pair {}/{pairs}", pair + 1);
+        // A B, B A, A B...: neither contender always runs on the disk the other just used.
+        let lockstep_first = pair % 2 == 0;
         for lockstep in [lockstep_first, !lockstep_first] {
             if lockstep {
                 remove(&repo);
@@ -161,13 +188,7 @@ fn variant(bins: &Binaries, args: &RunArgs, compressed: bool) -> Result<Variant>
                 )?);
             }
         }
-    }
-    let (lockstep_repo_bytes, engine_repo_bytes) = (disk_bytes(&repo), disk_bytes(&engine_dir));
-
-    let (mut ls_restore, mut be_restore) = (Vec::new(), Vec::new());
-    for run in 0..args.runs {
-        eprintln!("[bench] {name}: restore, run {}", run + 1);
-        let lockstep_first = run % 2 == 0;
+        floor.push(contenders::copy_floor(bins, &db, &restored, args.threads)?);
         for lockstep in [lockstep_first, !lockstep_first] {
             if lockstep {
                 ls_restore.push(contenders::lockstep_restore(
@@ -187,48 +208,79 @@ fn variant(bins: &Binaries, args: &RunArgs, compressed: bool) -> Result<Variant>
             remove(&restored);
         }
     }
-
-    eprintln!("[bench] {name}: full verify");
-    let mut verify = Vec::new();
-    for _ in 0..args.runs {
-        verify.push(contenders::lockstep_verify(bins, &repo, args.threads)?);
-    }
-
-    eprintln!("[bench] {name}: re-backup with no changes");
-    let rebackup = contenders::lockstep_backup(bins, &db, &repo, args.threads)?;
-    let engine_before = disk_bytes(&engine_dir);
-    let engine_rebackup = contenders::backup_engine(bins, &db, &engine_dir, args.threads)?;
-    let engine_rebackup_bytes = disk_bytes(&engine_dir).saturating_sub(engine_before);
-
-    eprintln!("[bench] {name}: incremental (5% new data)");
-    let before = files(&db);
-    let keys = args.size_mib * 1024 * 1024 / generate::VALUE_SIZE as u64;
-    generate::write(&db, compressed, keys, keys / 20, 2)?;
-    let changed_bytes: u64 = files(&db)
-        .into_iter()
-        .filter(|(name, size)| before.get(name) != Some(size))
-        .map(|(_, size)| size)
-        .sum();
-    let incremental = contenders::lockstep_backup(bins, &db, &repo, args.threads)?;
-    let engine_before = disk_bytes(&engine_dir);
-    let engine_incremental = contenders::backup_engine(bins, &db, &engine_dir, args.threads)?;
-    let engine_incremental_bytes = disk_bytes(&engine_dir).saturating_sub(engine_before);
-
+    let (lockstep_repo_bytes, engine_repo_bytes) = (disk_bytes(&repo), disk_bytes(&engine_dir));
+    let extras = if extras {
+        Some(more(
+            bins,
+            args,
+            &label,
+            compressed,
+            size_mib,
+            &db,
+            &repo,
+            &engine_dir,
+        )?)
+    } else {
+        None
+    };
     remove(&db);
     remove(&repo);
     remove(&engine_dir);
     Ok(Variant {
         compression: name,
-        logical_mib: args.size_mib,
+        logical_mib: size_mib,
         data_bytes,
         generated,
-        lockstep_backup: Op::of(&ls),
-        engine_backup: Op::of(&be),
+        pairs,
+        floor: Op::of(&floor),
+        backup: Paired::of(&ls, &be, &floor),
+        restore: Paired::of(&ls_restore, &be_restore, &floor),
         lockstep_repo_bytes,
         engine_repo_bytes,
         lockstep_gate_closed_us: gate_closed_us,
-        lockstep_restore: Op::of(&ls_restore),
-        engine_restore: Op::of(&be_restore),
+        extras,
+    })
+}
+
+/// Verify, a re-backup with no changes and an incremental after 5% new data, of the shard
+/// `variant` backed up.
+#[allow(clippy::too_many_arguments)]
+fn more(
+    bins: &Binaries,
+    args: &RunArgs,
+    label: &str,
+    compressed: bool,
+    size_mib: u64,
+    db: &Path,
+    repo: &Path,
+    engine_dir: &Path,
+) -> Result<Extras> {
+    eprintln!("[bench] {label}: full verify");
+    let mut verify = Vec::new();
+    for _ in 0..args.pairs.clamp(1, 3) {
+        verify.push(contenders::lockstep_verify(bins, repo, args.threads)?);
+    }
+
+    eprintln!("[bench] {label}: re-backup with no changes");
+    let rebackup = contenders::lockstep_backup(bins, db, repo, args.threads)?;
+    let engine_before = disk_bytes(engine_dir);
+    let engine_rebackup = contenders::backup_engine(bins, db, engine_dir, args.threads)?;
+    let engine_rebackup_bytes = disk_bytes(engine_dir).saturating_sub(engine_before);
+
+    eprintln!("[bench] {label}: incremental (5% new data)");
+    let before = files(db);
+    let keys = size_mib * 1024 * 1024 / generate::VALUE_SIZE as u64;
+    generate::write(db, compressed, keys, keys / 20, 2)?;
+    let changed_bytes: u64 = files(db)
+        .into_iter()
+        .filter(|(name, size)| before.get(name) != Some(size))
+        .map(|(_, size)| size)
+        .sum();
+    let incremental = contenders::lockstep_backup(bins, db, repo, args.threads)?;
+    let engine_before = disk_bytes(engine_dir);
+    let engine_incremental = contenders::backup_engine(bins, db, engine_dir, args.threads)?;
+    let engine_incremental_bytes = disk_bytes(engine_dir).saturating_sub(engine_before);
+    Ok(Extras {
         lockstep_verify: Op::of(&verify),
         lockstep_rebackup_secs: rebackup.timed.secs,
         lockstep_rebackup_uploaded: rebackup.bytes_uploaded,
@@ -240,20 +292,6 @@ fn variant(bins: &Binaries, args: &RunArgs, compressed: bool) -> Result<Variant>
         engine_incremental_bytes,
         engine_incremental_secs: engine_incremental.secs,
     })
-}
-
-/// Peak RSS of one Lockstep backup of a fresh shard of `mib` MiB.
-fn rss_at(bins: &Binaries, args: &RunArgs, mib: u64) -> Result<f64> {
-    let db = args.work.join(format!("db-rss-{mib}"));
-    let repo = args.work.join(format!("repo-rss-{mib}"));
-    remove(&db);
-    remove(&repo);
-    eprintln!("[bench] RSS: a {mib} MiB shard");
-    generate::shard(&db, true, mib)?;
-    let backup = contenders::lockstep_backup(bins, &db, &repo, args.threads)?;
-    remove(&db);
-    remove(&repo);
-    Ok(backup.timed.max_rss_kib as f64 / 1024.0)
 }
 
 fn machine() -> String {
@@ -390,6 +428,37 @@ pub fn wal_only(bin_dir: &Path, work: &Path, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// Every shard variant: each block compression at the main size (with the extras if asked),
+/// then at the small size.
+fn variants(bins: &Binaries, args: &RunArgs, extras: bool) -> Result<Vec<Variant>> {
+    let mut variants = Vec::new();
+    for (size_mib, main) in [(args.size_mib, true), (args.small_mib, false)] {
+        for compressed in [true, false] {
+            variants.push(variant(bins, args, compressed, size_mib, extras && main)?);
+        }
+    }
+    Ok(variants)
+}
+
+/// `lockstep-bench pairs`: the backup and restore pairs alone, as Markdown on stdout.
+pub fn pairs_only(args: &RunArgs) -> Result<()> {
+    let bins = binaries(&args.bin_dir)?;
+    std::fs::create_dir_all(&args.work)?;
+    let started = std::time::Instant::now();
+    let variants = variants(&bins, args, false)?;
+    let _ = std::fs::remove_dir_all(&args.work);
+    println!(
+        "Machine: {}; {} pairs, threads {}, cold page cache: {}; {:.0} s.\n{}",
+        machine(),
+        args.pairs,
+        args.threads,
+        contenders::every_run_cold(),
+        started.elapsed().as_secs_f64(),
+        pairs_table(&variants)
+    );
+    Ok(())
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
     let bins = binaries(&args.bin_dir)?;
     for bin in [&bins.agent, &bins.coordinator] {
@@ -407,15 +476,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let started = std::time::Instant::now();
 
-    let mut variants = Vec::new();
-    for compressed in [true, false] {
-        variants.push(variant(&bins, args, compressed)?);
-    }
-    let mut rss = BTreeMap::new();
-    rss.insert(args.small_mib, rss_at(&bins, args, args.small_mib)?);
-    if let Some(main) = variants.first() {
-        rss.insert(args.size_mib, main.lockstep_backup.max_rss_mib);
-    }
+    let variants = variants(&bins, args, true)?;
+    let rss = variants
+        .iter()
+        .filter(|v| v.compression == "lz4")
+        .map(|v| (v.logical_mib, v.backup.lockstep.max_rss_mib))
+        .collect();
     let barrier_results = barriers(&bins, &args.work, &args.agents, args.backups)?;
     eprintln!(
         "[bench] WAL: 3 agents shipping under steady writes for {} s, then an incremental and a PITR restore",
@@ -451,10 +517,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
         machine: machine(),
         command: format!(
-            "make bench (lockstep-bench run --size-mib {} --small-mib {} --runs {} --threads {} --agents {} --backups {} --wal-secs {})",
+            "make bench (lockstep-bench run --size-mib {} --small-mib {} --pairs {} --threads {} --agents {} --backups {} --wal-secs {}",
             args.size_mib,
             args.small_mib,
-            args.runs,
+            args.pairs,
             args.threads,
             args.agents
                 .iter()
@@ -464,7 +530,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.backups,
             args.wal_secs
         ) + &format!(
-            " --gc-objects {} --archive-segments {} --catalog-backups {} --limit-mib-s {} --limit-shard-mib {} --encryption-mib {} --encryption-pairs {}",
+            " --gc-objects {} --archive-segments {} --catalog-backups {} --limit-mib-s {} --limit-shard-mib {} --encryption-mib {} --encryption-pairs {})",
             args.gc_objects
                 .iter()
                 .map(|n| n.to_string())
@@ -486,7 +552,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.encryption_pairs
         ),
         threads: args.threads,
-        runs: args.runs,
+        pairs: args.pairs,
         cold_page_cache: contenders::every_run_cold(),
         variants,
         rss_mib_by_shard_mib: rss,
@@ -524,16 +590,51 @@ fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "missed" }
 }
 
+/// The backup and restore pairs of every shard, against BackupEngine and the copy floor.
+fn pairs_table(variants: &[Variant]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "\n**Full backup and restore against BackupEngine and the disk** (seconds are medians; \
+         targets: ≤ 0.90x BackupEngine and ≤ 1.30x the copy floor, every byte still SHA-256-hashed \
+         and zstd tried)\n\n\
+         | shard (values, block compression, on disk) | operation | Lockstep s (MiB/s) | BackupEngine s | copy floor s | Lockstep / BackupEngine | Lockstep / floor | BackupEngine / floor | |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for v in variants {
+        let data = v.data_bytes as f64 / MIB;
+        for (operation, paired) in [("full backup", &v.backup), ("restore", &v.restore)] {
+            out.push_str(&format!(
+                "| {} MiB, {}, {} MiB | {} | {:.2} ({:.0}) | {:.2} | {:.2} | {} | {} | {} | {} |\n",
+                v.logical_mib,
+                v.compression,
+                mib(v.data_bytes),
+                operation,
+                paired.lockstep.median_secs,
+                data / paired.lockstep.median_secs.max(1e-9),
+                paired.engine.median_secs,
+                v.floor.median_secs,
+                paired.vs_engine.shown(),
+                paired.vs_floor.shown(),
+                paired.engine_vs_floor.shown(),
+                met(paired.vs_engine.median <= 0.90 && paired.vs_floor.median <= 1.30)
+            ));
+        }
+    }
+    out
+}
+
 /// The Markdown report: one table per variant, then memory and the barrier.
 pub fn markdown(r: &Results, total_secs: f64) -> String {
     let mut out = format!(
-        "Machine: {}; {}; threads {} for both contenders; medians of {} runs, each from {}; \
-         whole run {:.0} s.\n\
+        "Machine: {}; {}; threads {} for both contenders; {} pairs of runs per shard and \
+         operation (Lockstep and BackupEngine one after the other, alternating which goes first, \
+         then the disk's copy floor: the same files copied with direct I/O), each run from {}; \
+         ratios taken pair by pair, median (min-max); whole run {:.0} s.\n\
          Command: `{}`\n",
         r.machine,
         r.date,
         r.threads,
-        r.runs,
+        r.pairs,
         if r.cold_page_cache {
             "a cold page cache (synced and dropped before every timed run)"
         } else {
@@ -542,9 +643,12 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
         total_secs,
         r.command
     );
+    out.push_str(&pairs_table(&r.variants));
     for v in &r.variants {
+        let Some(x) = &v.extras else {
+            continue;
+        };
         let data = v.data_bytes as f64 / MIB;
-        let rate = |secs: f64| format!("{:.0}", data / secs.max(1e-9));
         out.push_str(&format!(
             "\n**Shard: {} MiB of values, RocksDB block compression {}, {} MiB on disk** \
              (generated at {:.0} batches/s of 1000 keys)\n\n",
@@ -555,60 +659,42 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
         ));
         out.push_str("| measure | Lockstep | BackupEngine | Lockstep / BackupEngine | target | |\n|---|---|---|---|---|---|\n");
         out.push_str(&format!(
-            "| full backup s (MiB/s) | {:.2} ({}) | {:.2} ({}) | {} | ≤ 1.00x | {} |\n",
-            v.lockstep_backup.median_secs,
-            rate(v.lockstep_backup.median_secs),
-            v.engine_backup.median_secs,
-            rate(v.engine_backup.median_secs),
-            ratio(v.lockstep_backup.median_secs, v.engine_backup.median_secs),
-            met(v.lockstep_backup.median_secs <= v.engine_backup.median_secs)
-        ));
-        out.push_str(&format!(
             "| repository MiB | {} | {} | {} | reported | |\n",
             mib(v.lockstep_repo_bytes),
             mib(v.engine_repo_bytes),
             ratio(v.lockstep_repo_bytes as f64, v.engine_repo_bytes as f64)
         ));
         out.push_str(&format!(
-            "| restore s (MiB/s) | {:.2} ({}) | {:.2} ({}) | {} | ≤ 1.00x | {} |\n",
-            v.lockstep_restore.median_secs,
-            rate(v.lockstep_restore.median_secs),
-            v.engine_restore.median_secs,
-            rate(v.engine_restore.median_secs),
-            ratio(v.lockstep_restore.median_secs, v.engine_restore.median_secs),
-            met(v.lockstep_restore.median_secs <= v.engine_restore.median_secs)
-        ));
-        out.push_str(&format!(
             "| re-backup, no changes: s / bytes | {:.2} / {} B | {:.2} / {} B | | near zero | {} |\n",
-            v.lockstep_rebackup_secs,
-            v.lockstep_rebackup_uploaded,
-            v.engine_rebackup_secs,
-            v.engine_rebackup_bytes,
-            met(v.lockstep_rebackup_uploaded < 1024 * 1024)
+            x.lockstep_rebackup_secs,
+            x.lockstep_rebackup_uploaded,
+            x.engine_rebackup_secs,
+            x.engine_rebackup_bytes,
+            met(x.lockstep_rebackup_uploaded < 1024 * 1024)
         ));
         let incremental_ratio =
-            v.lockstep_incremental_uploaded as f64 / (v.changed_bytes as f64).max(1.0);
+            x.lockstep_incremental_uploaded as f64 / (x.changed_bytes as f64).max(1.0);
         out.push_str(&format!(
             "| after 5% new data: s / MiB stored (changed files: {} MiB) | {:.2} / {} ({:.2}x changed) | {:.2} / {} | | ≤ 1.1x changed | {} |\n",
-            mib(v.changed_bytes),
-            v.lockstep_incremental_secs,
-            mib(v.lockstep_incremental_uploaded),
+            mib(x.changed_bytes),
+            x.lockstep_incremental_secs,
+            mib(x.lockstep_incremental_uploaded),
             incremental_ratio,
-            v.engine_incremental_secs,
-            mib(v.engine_incremental_bytes),
+            x.engine_incremental_secs,
+            mib(x.engine_incremental_bytes),
             met(incremental_ratio <= 1.1)
         ));
         out.push_str(&format!(
-            "| full verify s (MiB/s) | {:.2} ({}) | - | | reported | |\n",
-            v.lockstep_verify.median_secs,
-            rate(v.lockstep_verify.median_secs)
+            "| full verify s (MiB/s) | {:.2} ({:.0}) | - | | reported | |\n",
+            x.lockstep_verify.median_secs,
+            data / x.lockstep_verify.median_secs.max(1e-9)
         ));
         out.push_str(&format!(
             "| peak RSS MiB, backup / restore | {:.0} / {:.0} | {:.0} / {:.0} | | bounded | |\n",
-            v.lockstep_backup.max_rss_mib,
-            v.lockstep_restore.max_rss_mib,
-            v.engine_backup.max_rss_mib,
-            v.engine_restore.max_rss_mib
+            v.backup.lockstep.max_rss_mib,
+            v.restore.lockstep.max_rss_mib,
+            v.backup.engine.max_rss_mib,
+            v.restore.engine.max_rss_mib
         ));
         out.push_str(&format!(
             "| write pause of the offline backup ms (max of runs) | {:.3} | - | | | |\n",
@@ -732,9 +818,7 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
         within(l.restore_mib_s),
     ));
     let e = &r.encryption;
-    let shown = |ratio: &crate::encryption::Ratio| {
-        format!("{:.2}x ({:.2}-{:.2})", ratio.median, ratio.min, ratio.max)
-    };
+    let shown = Ratio::shown;
     out.push_str(&format!(
         "\n**Encryption at rest** (a {:.0} MiB LZ4 shard into a plaintext and an encrypted \
          repository, and by BackupEngine, alternated {} times from a cold page cache; ratios \

@@ -34,7 +34,7 @@
 //! Architecture invariant: `decode` returns plaintext only after opening its seal (when
 //! sealed) and re-hashing it against the expected id; a reader never sees unverified bytes.
 
-use crate::buffers::PooledBuffer;
+use crate::buffers::{BufferPool, PooledBuffer};
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::ObjectId;
 use crate::seal::{NONCE_LEN, Seal, SealInfo, TAG_LEN, array};
@@ -298,7 +298,7 @@ fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Opt
 /// Decodes a stored object and checks that its plaintext hashes to `expected`. A stored
 /// (uncompressed, unsealed) object's plaintext is a slice of `stored`, not a copy.
 pub fn decode(expected: &ObjectId, stored: bytes::Bytes, seal: &Seal) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Limit::AtMost(MAX_PLAINTEXT), seal)
+    decode_within(expected, stored, Limit::AtMost(MAX_PLAINTEXT), seal, None)
 }
 
 /// No object's plaintext is larger (a chunk is at most a few MiB, a WAL segment 64 MiB).
@@ -312,7 +312,7 @@ pub fn decode_at_most(
     max: u64,
     seal: &Seal,
 ) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Limit::AtMost(max), seal)
+    decode_within(expected, stored, Limit::AtMost(max), seal, None)
 }
 
 /// The most bytes an object whose plaintext is `plaintext_len` bytes can take stored: the
@@ -381,7 +381,7 @@ pub fn decode_sized(
     len: u64,
     seal: &Seal,
 ) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Limit::Exact(len), seal)
+    decode_within(expected, stored, Limit::Exact(len), seal, None)
 }
 
 /// An object's stored bytes as a reader got them: shared, or in a buffer of its own, where a
@@ -413,14 +413,17 @@ impl From<bytes::Bytes> for Stored {
     }
 }
 
-/// [`decode_sized`] of an object in a buffer of its own: a sealed one is opened in place.
+/// [`decode_sized`] of an object in a buffer of its own: a sealed one is opened in place, and
+/// a compressed one decompressed into a page-aligned buffer from `pool`, so a restore writes
+/// every chunk around the page cache (`direct.rs`).
 pub fn decode_sized_owned(
     expected: &ObjectId,
     stored: Stored,
     len: u64,
     seal: &Seal,
+    pool: &BufferPool,
 ) -> Result<bytes::Bytes> {
-    decode_within(expected, stored, Limit::Exact(len), seal)
+    decode_within(expected, stored, Limit::Exact(len), seal, Some(pool))
 }
 
 fn decode_within(
@@ -428,6 +431,7 @@ fn decode_within(
     stored: impl Into<Stored>,
     limit: Limit,
     seal: &Seal,
+    pool: Option<&BufferPool>,
 ) -> Result<bytes::Bytes> {
     let stored: Stored = stored.into();
     let whole = stored.as_slice();
@@ -545,15 +549,28 @@ fn decode_within(
                 .map_err(|_| corrupt("implausible plaintext length"))?;
             // Stored bytes that do not decompress were damaged after they were written: the
             // operator's problem is corruption, so it is reported as a checksum mismatch.
-            zstd::bulk::decompress(&payload, capacity)
-                .map_err(|err| {
-                    Error::with_source(
-                        ErrorCode::BackupChecksumMismatch,
-                        format!("object {expected}: stored payload does not decompress"),
-                        err,
+            let undecodable = |err| {
+                Error::with_source(
+                    ErrorCode::BackupChecksumMismatch,
+                    format!("object {expected}: stored payload does not decompress"),
+                    err,
+                )
+            };
+            match pool {
+                Some(pool) => {
+                    let mut plaintext = pool.take(capacity);
+                    let written = zstd::bulk::decompress_to_buffer(
+                        &payload,
+                        plaintext.extend_unfilled(capacity),
                     )
-                })?
-                .into()
+                    .map_err(undecodable)?;
+                    plaintext.truncate(written);
+                    bytes::Bytes::from_owner(plaintext)
+                }
+                None => zstd::bulk::decompress(&payload, capacity)
+                    .map_err(undecodable)?
+                    .into(),
+            }
         }
         _ => payload,
     };
@@ -637,6 +654,7 @@ mod tests {
             Stored::Owned(own),
             stored_chunk.len() as u64,
             &seal,
+            &crate::buffers::BufferPool::default(),
         )?;
         assert_eq!(in_place, stored_chunk);
         assert_eq!(in_place.as_ptr() as usize % crate::buffers::PAGE, 0);
@@ -698,6 +716,23 @@ mod tests {
         assert!(encoded.compressed);
         assert!(encoded.stored_len() < 1000);
         assert_eq!(decode(&encoded.id, encoded.to_vec().into())?, plain);
+        // A restore's read decompresses into a reused page-aligned buffer, for direct writes;
+        // what the buffer held before never shows.
+        let pool = BufferPool::default();
+        let mut stale = pool.take(plain.len());
+        stale.extend_unfilled(plain.len()).fill(0xEE);
+        drop(stale);
+        for _ in 0..2 {
+            let restored = decode_sized_owned(
+                &encoded.id,
+                Stored::Shared(encoded.to_vec().into()),
+                plain.len() as u64,
+                &Seal::Plain,
+                &pool,
+            )?;
+            assert_eq!(restored, plain);
+            assert_eq!(restored.as_ptr() as usize % crate::buffers::PAGE, 0);
+        }
         Ok(())
     }
 

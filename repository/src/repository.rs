@@ -1079,11 +1079,11 @@ impl Repository {
         if let Some(root) = &self.local_root {
             // A local repository is read directly, into reused buffers: object_store's local
             // reader zero-fills a fresh buffer before reading into it, a memset as large as
-            // the object plus its page faults (a quarter of a restore's CPU, measured with perf).
+            // the object plus its page faults (a quarter of a restore's CPU, measured with perf),
+            // and reads through the page cache (`direct.rs`).
             let (file, pool) = (root.join(key.as_ref()), self.buffers.clone());
             let read = move || -> std::io::Result<crate::buffers::PooledBuffer> {
-                let file = std::fs::File::open(file)?;
-                let len = file.metadata()?.len();
+                let len = std::fs::metadata(&file)?.len();
                 if len > max {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::FileTooLarge,
@@ -1091,7 +1091,7 @@ impl Repository {
                     ));
                 }
                 let mut buffer = pool.take(len as usize);
-                buffer.read_from(file, u64::MAX)?;
+                crate::direct::read_exact_at(&file, 0, len as usize, &mut buffer)?;
                 Ok(buffer)
             };
             return match crate::blocking::run(read).await {
@@ -1146,8 +1146,8 @@ impl Repository {
                     format!("object {id} is missing"),
                 )
             })?;
-        let (len, seal) = (chunk.len, self.seal.clone());
-        crate::blocking::run_bulk(move || codec::decode_sized_owned(&id, stored, len, &seal))
+        let (len, seal, pool) = (chunk.len, self.seal.clone(), self.buffers.clone());
+        crate::blocking::run_bulk(move || codec::decode_sized_owned(&id, stored, len, &seal, &pool))
             .await
             .map_err(decode_task_failed)?
     }

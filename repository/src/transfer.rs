@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -130,12 +129,8 @@ fn spawn_blocking_err(err: crate::blocking::TaskFailed) -> Error {
     Error::with_source(ErrorCode::BackupCreationFailed, "worker task failed", err)
 }
 
-/// Bytes read and hashed at a time: small enough to stay in the CPU cache between the read
-/// and the hash, so each byte comes from memory once.
-const HASH_PIECE: u64 = 1 << 20;
-
-/// Reads `len` bytes at `offset` and hashes them as they arrive, piece by piece, into a
-/// buffer that keeps [`codec::HEADER_ROOM`] bytes in front of them (see `encode_in_place`).
+/// Reads `len` bytes at `offset` (around the page cache, `direct.rs`) into a buffer that keeps
+/// [`codec::HEADER_ROOM`] bytes in front of them (see `encode_in_place`), and hashes them.
 fn read_and_hash(
     path: &Path,
     offset: u64,
@@ -150,31 +145,20 @@ fn read_and_hash(
             err,
         )
     };
-    let mut file = File::open(path).map_err(|err| io("open", err))?;
-    file.seek(SeekFrom::Start(offset))
-        .map_err(|err| io("seek", err))?;
-    let mut hasher = seal.hasher();
     let mut buffer = pool.take(codec::HEADER_ROOM + len);
     buffer.extend_zeroed(codec::HEADER_ROOM);
-    let mut read = 0;
-    while read < len {
-        let want = (len - read).min(HASH_PIECE as usize) as u64;
-        let got = buffer
-            .read_from(&mut file, want)
-            .map_err(|err| io("read", err))?;
-        if got == 0 {
-            return Err(io(
+    crate::direct::read_exact_at(path, offset, len, &mut buffer).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::UnexpectedEof {
+            io(
                 "read",
-                std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("{read} of {len} bytes at offset {offset}: the file shrank"),
-                ),
-            ));
+                std::io::Error::new(err.kind(), format!("{err}: the file shrank")),
+            )
+        } else {
+            io("read", err)
         }
-        let start = codec::HEADER_ROOM + read;
-        hasher.update(&buffer.contents()[start..start + got]);
-        read += got;
-    }
+    })?;
+    let mut hasher = seal.hasher();
+    hasher.update(&buffer.contents()[codec::HEADER_ROOM..]);
     Ok((buffer, hasher.finish()))
 }
 
