@@ -58,7 +58,9 @@ pub fn copy(from: &Path, to: &Path, threads: usize) -> Result<()> {
                         jobs.get(next.fetch_add(1, Ordering::Relaxed))
                     {
                         let mut buffer = pool.take(*len);
-                        read_exact_at(&target.source, *offset, *len, &mut buffer)
+                        let source = std::fs::File::open(&target.source)
+                            .with_context(|| format!("open {}", target.source.display()))?;
+                        read_exact_at(&source, *offset, *len, &mut buffer)
                             .with_context(|| format!("read {}", target.source.display()))?;
                         target.writer.write_all_at(buffer.contents(), *offset)?;
                         if target.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {

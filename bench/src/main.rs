@@ -51,7 +51,8 @@ enum Command {
     /// Run every measurement and write results.json and results.md into --out.
     Run(RunArgs),
     /// Only the full backups and restores in pairs against BackupEngine and the copy floor,
-    /// at both sizes and both block compressions (the first table of `run`), as Markdown.
+    /// at both sizes and both block compressions (the first table of `run`), as Markdown on
+    /// stdout (the arguments of `run`'s other sections, and --out, are not used).
     Pairs(RunArgs),
     /// Only the WAL measurement (shipping lag, incremental bytes, PITR replay), as JSON.
     Wal {

@@ -8,7 +8,9 @@
 //!   whatever N is;
 //! - the catalog: N committed backups of three shards. `backup list` (`ListBackups`, pages
 //!   of 500 as the CLI asks): the first after a start reads every manifest, later ones only
-//!   list `backups/` (a committed manifest never changes).
+//!   list `backups/` (a committed manifest never changes); and the plan of a restore of the
+//!   newest backup (`Restore` with `dry_run`, what `lockstep restore --dry-run` asks: the
+//!   catalog for its chain, its shard manifests), first after a start and later.
 
 use std::path::Path;
 use std::time::Instant;
@@ -18,13 +20,16 @@ use lockstep_proto::v1::{
     self, coordinator_client::CoordinatorClient, wal_archive_client::WalArchiveClient,
 };
 use lockstep_proto::wire::lineage_to_wire;
-use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardRef};
+use lockstep_repository::manifest::{
+    BackupKind, BackupManifest, ShardManifest, ShardRef, ShardTimings, TransferStats,
+};
 use lockstep_repository::wal::{Segment, SegmentInfo, WalBatch};
 use lockstep_repository::{BackupId, HlcTime, Lineage, ObjectId, Repository, Seq, ShardId, codec};
 use serde::Serialize;
 
 use crate::barrier::{Processes, start};
 use crate::contenders::Binaries;
+use crate::stats::median;
 
 /// Sequence numbers per synthetic segment.
 const SPAN: u64 = 100;
@@ -44,11 +49,6 @@ pub struct ArchiveResult {
     pub put_ms: f64,
 }
 
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -58,10 +58,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Creates the repository at `repo_dir` (its marker, as a first start writes it) and an
 /// archive-only coordinator's configuration for it; returns the configuration's path.
+/// Creates the repository at `repo_dir` and a coordinator's configuration for it, with an
+/// agent entry for each of `shards` shards (none: archive-only); returns the configuration's
+/// path. The agents' endpoints are never reached: only plans are asked of them.
 fn prepare(
     runtime: &tokio::runtime::Runtime,
     dir: &Path,
     repo_dir: &Path,
+    shards: u32,
 ) -> Result<std::path::PathBuf> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(repo_dir)?;
@@ -73,10 +77,21 @@ fn prepare(
         anyhow::Ok(())
     })?;
     let config = dir.join("lockstep.toml");
+    let agents = if shards == 0 {
+        "agents = []\n".to_string()
+    } else {
+        (0..shards)
+            .map(|shard| {
+                format!(
+                    "[[agents]]\nshard = \"shard-{shard}\"\nendpoint = \"http://127.0.0.1:9\"\n"
+                )
+            })
+            .collect()
+    };
     std::fs::write(
         &config,
         format!(
-            "cluster = \"bench\"\nrepository = \"file://{}\"\nlisten = \"127.0.0.1:0\"\nplaintext = true\nagents = []\n",
+            "cluster = \"bench\"\nrepository = \"file://{}\"\nlisten = \"127.0.0.1:0\"\nplaintext = true\n{agents}",
             repo_dir.display()
         ),
     )?;
@@ -153,7 +168,7 @@ pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
     let shard = ShardId::new("shard-0")?;
     let lineage = Lineage::root();
     let runtime = runtime()?;
-    let config = prepare(&runtime, &dir, &repo_dir)?;
+    let config = prepare(&runtime, &dir, &repo_dir, 0)?;
     eprintln!("scale bench: writing {n} WAL segments");
     build(&repo_dir, &shard, &lineage, n)?;
     let mut processes = Processes(Vec::new());
@@ -182,7 +197,7 @@ pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
             }
             // The coordinator again, so the first put is the one that lists.
             drop(client);
-            anyhow::Ok((resume_cold_ms, median(resumes)))
+            anyhow::Ok((resume_cold_ms, median(&resumes)))
         })
         .and_then(|(resume_cold_ms, resume_ms)| {
             drop(processes);
@@ -216,7 +231,7 @@ pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
                     resume_cold_ms,
                     resume_ms,
                     put_cold_ms,
-                    put_ms: median(puts),
+                    put_ms: median(&puts),
                 })
             })
         })
@@ -229,21 +244,32 @@ pub struct CatalogResult {
     pub list_cold_ms: f64,
     /// A later one (median).
     pub list_ms: f64,
+    /// The plan of a restore of the newest backup, first after a start (every manifest
+    /// read) and later (median).
+    pub plan_cold_ms: f64,
+    pub plan_ms: f64,
 }
 
-/// Writes `n` committed backup manifests of three shards.
-fn build_catalog(repo_dir: &Path, n: u64) -> Result<()> {
+/// Shards of each synthetic backup.
+const CATALOG_SHARDS: u32 = 3;
+
+/// Writes `n` committed backup manifests of three shards, and the shard manifests of the
+/// newest (what a plan of its restore reads); returns the newest's id.
+fn build_catalog(runtime: &tokio::runtime::Runtime, repo_dir: &Path, n: u64) -> Result<BackupId> {
     let dir = repo_dir.join("backups");
     std::fs::create_dir_all(&dir)?;
     let lineage = Lineage::root();
     let started = chrono::Utc::now() - chrono::Duration::days(365);
+    let mut newest = None;
     for i in 0..n {
         let id = BackupId::new(format!("bk-{i:08}"))?;
         let mut manifest = BackupManifest::commit(id.clone(), BackupKind::Full, None, started, &[]);
         manifest.commit_seq = i + 1;
-        for shard in 0..3 {
+        for shard in 0..CATALOG_SHARDS {
+            let shard_id = ShardId::new(format!("shard-{shard}"))?;
+            manifest.cut.insert(shard_id.clone(), Seq(i * 1000));
             manifest.shards.push(ShardRef {
-                shard_id: ShardId::new(format!("shard-{shard}"))?,
+                shard_id,
                 seq: Seq(i * 1000),
                 lineage,
                 n_files: 40,
@@ -252,17 +278,44 @@ fn build_catalog(repo_dir: &Path, n: u64) -> Result<()> {
         }
         std::fs::write(dir.join(format!("{id}.json")), manifest.to_json())
             .with_context(|| format!("write manifest {i}"))?;
+        newest = Some((id, i));
     }
-    Ok(())
+    let (id, i) = newest.context("an empty catalog")?;
+    runtime.block_on(async {
+        let repo = Repository::open(&format!("file://{}", repo_dir.display())).await?;
+        for shard in 0..CATALOG_SHARDS {
+            repo.put_shard_manifest(&ShardManifest {
+                format_version: 1,
+                backup_id: id.clone(),
+                shard_id: ShardId::new(format!("shard-{shard}"))?,
+                engine: "rocksdb".into(),
+                seq: Seq(i * 1000),
+                lineage,
+                hlc: HlcTime::default(),
+                captured_at: started,
+                column_families: vec!["default".into()],
+                files: Vec::new(),
+                files_seq: None,
+                wal_after: None,
+                wal: Vec::new(),
+                stats: TransferStats::default(),
+                timings: ShardTimings::default(),
+                tool_version: "bench".into(),
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(id)
 }
 
 pub fn measure_catalog(bins: &Binaries, work: &Path, n: u64) -> Result<CatalogResult> {
     let dir = work.join(format!("catalog-{n}"));
     let repo_dir = dir.join("repo");
     let runtime = runtime()?;
-    let config = prepare(&runtime, &dir, &repo_dir)?;
+    let config = prepare(&runtime, &dir, &repo_dir, CATALOG_SHARDS)?;
     eprintln!("scale bench: writing {n} backup manifests");
-    build_catalog(&repo_dir, n)?;
+    let newest = build_catalog(&runtime, &repo_dir, n)?;
     let mut processes = Processes(Vec::new());
     let address = serve(&mut processes, bins, &config, &dir.join("coordinator.log"))?;
     let result = runtime.block_on(async {
@@ -294,10 +347,50 @@ pub fn measure_catalog(bins: &Binaries, work: &Path, n: u64) -> Result<CatalogRe
         for _ in 0..5 {
             lists.push(list().await?);
         }
+        anyhow::Ok((list_cold_ms, median(&lists)))
+    });
+    drop(processes);
+    let (list_cold_ms, list_ms) = result?;
+    // A coordinator of its own, so its first plan is the first read of the catalog.
+    let mut processes = Processes(Vec::new());
+    let address = serve(
+        &mut processes,
+        bins,
+        &config,
+        &dir.join("coordinator-plan.log"),
+    )?;
+    let result = runtime.block_on(async {
+        let client = CoordinatorClient::connect(format!("http://{address}")).await?;
+        let plan = async || {
+            let mut client = client.clone();
+            let started = Instant::now();
+            let mut jobs = client
+                .restore(v1::RestoreClusterRequest {
+                    backup_id: newest.to_string(),
+                    target_dir: "/nonexistent/{shard}".into(),
+                    dry_run: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let job = jobs.message().await?.context("no plan")?;
+            anyhow::ensure!(
+                job.error_message.is_empty() && job.plan.len() == CATALOG_SHARDS as usize,
+                "the plan of {newest}: {job:?}"
+            );
+            anyhow::Ok(started.elapsed().as_secs_f64() * 1000.0)
+        };
+        let plan_cold_ms = plan().await?;
+        let mut plans = Vec::new();
+        for _ in 0..5 {
+            plans.push(plan().await?);
+        }
         anyhow::Ok(CatalogResult {
             backups: n,
             list_cold_ms,
-            list_ms: median(lists),
+            list_ms,
+            plan_cold_ms,
+            plan_ms: median(&plans),
         })
     });
     drop(processes);

@@ -18,6 +18,9 @@ const KEPT: usize = 32;
 /// 512-byte and 4 KiB logical blocks.
 pub const PAGE: usize = 4096;
 
+/// Large buffers are allocated in multiples of this.
+const SIZE_CLASS: usize = 1 << 20;
+
 /// A pool of byte buffers. Cheap to clone; clones share the pool.
 #[derive(Debug, Clone, Default)]
 pub struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
@@ -41,10 +44,20 @@ impl BufferPool {
     pub fn take(&self, len: usize) -> PooledBuffer {
         let reused = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut buf = reused.unwrap_or_default();
-        if buf.capacity() < len + PAGE {
-            // A new allocation: nothing of the old one is worth copying.
-            buf.clear();
-            buf.reserve(len + PAGE);
+        // Room for the alignment and for `len` rounded up to whole pages (what a direct read
+        // fills), so the buffer never grows, and never moves off its alignment, while in use;
+        // a large one in whole MiB, so a chunk's read buffer and its compression buffer (a
+        // few KiB more) are one size and each can reuse the other.
+        let capacity = len.next_multiple_of(PAGE) + PAGE;
+        let capacity = if capacity >= SIZE_CLASS {
+            capacity.next_multiple_of(SIZE_CLASS)
+        } else {
+            capacity
+        };
+        if buf.capacity() < capacity {
+            // A new allocation of exactly that size: nothing of the old one is worth copying,
+            // and growing it would double it.
+            buf = Vec::with_capacity(capacity);
         }
         // Always below PAGE for a byte pointer; anything else only costs the alignment.
         let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
@@ -90,6 +103,11 @@ impl PooledBuffer {
         let read = reader.take(max).read_to_end(&mut self.buf);
         self.end = self.buf.len();
         read
+    }
+
+    /// The pool the buffer returns to, for more buffers like it.
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
     }
 
     /// The number of bytes of contents.
@@ -172,6 +190,18 @@ mod tests {
         assert_eq!(second.len(), 7);
         second.truncate(100);
         assert_eq!(second.len(), 7, "truncate never grows");
+    }
+
+    #[test]
+    fn a_chunk_buffer_and_its_compression_buffer_reuse_one_allocation() {
+        let pool = BufferPool::default();
+        let chunk = 8 << 20;
+        let read = pool.take(4096 + chunk);
+        let address = read.contents().as_ptr();
+        drop(read);
+        // zstd's bound for 8 MiB, plus a header page: a few KiB more than the read buffer.
+        let compressed = pool.take(4096 + chunk + chunk / 256 + 64);
+        assert_eq!(compressed.contents().as_ptr(), address);
     }
 
     #[test]

@@ -18,9 +18,10 @@
 //! Version 2 frames a stored (uncompressed) chunk in the buffer it was read into: the chunk
 //! is read one page after the buffer's start, the header goes in front of it, and the whole
 //! object is written without a copy, with direct I/O on a local repository (`direct.rs`); on
-//! restore, its payload is page-aligned and goes to the restored file the same way. Compressed
-//! objects, WAL segments, chunks under a page and every object on a remote store use version
-//! 1 ([`Encoded::unpaged`]). Readers accept both; binaries from before version 2 reject it
+//! restore, its payload is page-aligned and goes to the restored file the same way. A chunk
+//! that compresses is compressed one page into a buffer of its own and framed the same way.
+//! WAL segments, payloads under a page and every object on a remote store use version 1
+//! ([`Encoded::unpaged`]). Readers accept both; binaries from before version 2 reject it
 //! as an unknown format. Versions 3 and 4 are 1 and 2 in an encrypted repository: the
 //! payload (compressed or not) sealed in place (`seal.rs`), the seal authenticating the
 //! object's name, codec and plaintext length too.
@@ -119,7 +120,7 @@ impl Encoded {
         }
     }
 
-    /// The object in format 1 (or 3): a stored chunk's padding page dropped, without a copy
+    /// The object in format 1 (or 3): a paged object's padding page dropped, without a copy
     /// (for stores and sizes where a page-aligned payload buys nothing).
     pub fn unpaged(self) -> Encoded {
         match self.frame {
@@ -132,7 +133,7 @@ impl Encoded {
                     header.bytes[4] = FORMAT_SEALED;
                     header
                 } else {
-                    header(FORMAT_VERSION, CODEC_STORED, self.plaintext_len)
+                    header(FORMAT_VERSION, whole[5], self.plaintext_len)
                 };
                 Encoded {
                     frame: Frame::Split(header, whole.slice(HEADER_ROOM..)),
@@ -235,7 +236,7 @@ fn split(
 /// (or 3), also without a copy.
 pub fn encode_in_place(
     id: ObjectId,
-    mut buffer: PooledBuffer,
+    buffer: PooledBuffer,
     compression: Compression,
     seal: &Seal,
 ) -> Result<Encoded> {
@@ -246,53 +247,98 @@ pub fn encode_in_place(
         )
     })?;
     let plaintext_len = plaintext.len() as u64;
-    if let Some(compressed) = compress(&id, plaintext, compression)? {
-        return split(id, plaintext_len, CODEC_ZSTD, compressed, seal);
+    // Compressed into a buffer of the same pool, after a header page of its own: the
+    // object is that buffer, written around the page cache like a stored chunk.
+    if let Some(compressed) = compress_paged(&id, plaintext, compression, buffer.pool())? {
+        drop(buffer);
+        return paged(id, plaintext_len, CODEC_ZSTD, compressed, seal);
     }
+    paged(id, plaintext_len, CODEC_STORED, buffer, seal)
+}
+
+/// The object whose payload is `buffer[HEADER_ROOM..]`, in place: the payload sealed when
+/// `seal` seals, the header written into the first page (version 2, or 4 sealed). Under a
+/// page of payload, version 1 (or 3): nothing would be written directly, and the padding
+/// would double the object.
+fn paged(
+    id: ObjectId,
+    plaintext_len: u64,
+    codec: u8,
+    mut buffer: PooledBuffer,
+    seal: &Seal,
+) -> Result<Encoded> {
     let header = match seal.keys() {
-        None => header(FORMAT_VERSION_PAGED, CODEC_STORED, plaintext_len),
+        None => header(FORMAT_VERSION_PAGED, codec, plaintext_len),
         Some(keys) => {
-            let aad = object_aad(&id, CODEC_STORED, plaintext_len);
+            let aad = object_aad(&id, codec, plaintext_len);
             let info = keys.seal(&aad, &mut buffer.as_mut_slice()[HEADER_ROOM..])?;
-            sealed_header(FORMAT_SEALED_PAGED, CODEC_STORED, plaintext_len, &info)
+            sealed_header(FORMAT_SEALED_PAGED, codec, plaintext_len, &info)
         }
     };
     buffer.as_mut_slice()[..header.len].copy_from_slice(header.as_slice());
+    let payload_len = buffer.len() - HEADER_ROOM;
     let encoded = Encoded {
         id,
         plaintext_len,
         frame: Frame::Whole(bytes::Bytes::from_owner(buffer)),
-        compressed: false,
+        compressed: codec == CODEC_ZSTD,
     };
-    // Under a page nothing is written directly, and the padding would double the object.
-    Ok(if plaintext_len < crate::buffers::PAGE as u64 {
+    Ok(if payload_len < crate::buffers::PAGE {
         encoded.unpaged()
     } else {
         encoded
     })
 }
 
-/// The chunk compressed, or `None` when compression does not pay.
-fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Option<Vec<u8>>> {
+/// True when compressing `bytes` is worth trying: compression is on, and a probe of their
+/// start compresses well enough.
+fn worth_compressing(bytes: &[u8], compression: Compression) -> bool {
     if compression.zstd_level <= 0 || bytes.len() < 512 {
-        return Ok(None);
+        return false;
     }
     let probe = &bytes[..bytes.len().min(PROBE_LEN)];
-    let probe_pays = bytes.len() <= PROBE_LEN
+    bytes.len() <= PROBE_LEN
         || zstd::bulk::compress(probe, 1)
             .map(|c| probe_pays(probe.len(), c.len()))
-            .unwrap_or(true);
-    if !probe_pays {
+            .unwrap_or(true)
+}
+
+fn compression_failed(id: &ObjectId, err: std::io::Error) -> Error {
+    Error::with_source(
+        ErrorCode::BackupCompressionFailed,
+        format!("compress object {id}"),
+        err,
+    )
+}
+
+/// The chunk compressed, or `None` when compression does not pay.
+fn compress(id: &ObjectId, bytes: &[u8], compression: Compression) -> Result<Option<Vec<u8>>> {
+    if !worth_compressing(bytes, compression) {
         return Ok(None);
     }
-    let payload = zstd::bulk::compress(bytes, compression.zstd_level).map_err(|err| {
-        Error::with_source(
-            ErrorCode::BackupCompressionFailed,
-            format!("compress object {id}"),
-            err,
-        )
-    })?;
+    let payload = zstd::bulk::compress(bytes, compression.zstd_level)
+        .map_err(|err| compression_failed(id, err))?;
     Ok(pays(bytes.len(), payload.len()).then_some(payload))
+}
+
+/// [`compress`] into a buffer from `pool`, after [`HEADER_ROOM`] zero bytes.
+fn compress_paged(
+    id: &ObjectId,
+    bytes: &[u8],
+    compression: Compression,
+    pool: &BufferPool,
+) -> Result<Option<PooledBuffer>> {
+    if !worth_compressing(bytes, compression) {
+        return Ok(None);
+    }
+    let bound = zstd::zstd_safe::compress_bound(bytes.len());
+    let mut out = pool.take(HEADER_ROOM + bound);
+    out.extend_zeroed(HEADER_ROOM);
+    let written =
+        zstd::bulk::compress_to_buffer(bytes, out.extend_unfilled(bound), compression.zstd_level)
+            .map_err(|err| compression_failed(id, err))?;
+    out.truncate(HEADER_ROOM + written);
+    Ok(pays(bytes.len(), written).then_some(out))
 }
 
 /// Decodes a stored object and checks that its plaintext hashes to `expected`. A stored
@@ -760,6 +806,43 @@ mod tests {
         let read = buffer.read_from(plain, plain.len() as u64);
         assert_eq!(read.ok(), Some(plain.len()));
         encode_in_place(seal.object_id(plain), buffer, Compression::default(), seal)
+    }
+
+    #[test]
+    fn a_compressed_chunk_is_paged_for_direct_writes_and_unpages_with_its_codec() -> Result<()> {
+        let mut plain = vec![b'x'; 800_000];
+        plain.extend(incompressible(200_000));
+        for seal in [Seal::Plain, sealing()] {
+            let encoded = encode_chunk_with(&plain, &seal)?;
+            assert!(encoded.compressed);
+            let Frame::Whole(whole) = &encoded.frame else {
+                panic!("a compressed chunk of more than a page is one buffer");
+            };
+            assert_eq!(whole.as_ptr() as usize % crate::buffers::PAGE, 0);
+            assert!(matches!(
+                whole[4],
+                FORMAT_VERSION_PAGED | FORMAT_SEALED_PAGED
+            ));
+            assert_eq!(whole[5], CODEC_ZSTD);
+            assert!(encoded.stored_len() < plain.len() as u64 / 2);
+            assert_eq!(super::decode(&encoded.id, whole.clone(), &seal)?, plain);
+            // Where pages buy nothing (a remote store), the same object in format 1 or 3.
+            let unpaged = encoded.unpaged();
+            assert!(matches!(unpaged.frame, Frame::Split(..)));
+            assert_eq!(
+                super::decode(&unpaged.id, unpaged.to_vec().into(), &seal)?,
+                plain
+            );
+        }
+        // Under a page once compressed: format 1 from the start.
+        let small = encode_chunk(&vec![b'y'; 100_000])?;
+        assert!(small.compressed);
+        assert!(matches!(small.frame, Frame::Split(..)));
+        assert_eq!(
+            decode(&small.id, small.to_vec().into())?,
+            vec![b'y'; 100_000]
+        );
+        Ok(())
     }
 
     #[test]

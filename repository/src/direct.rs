@@ -30,13 +30,17 @@ use crate::buffers::{PAGE, PooledBuffer};
 /// its dirty pages out to the device.
 pub const DIRECT_READ_MIN: usize = 256 * 1024;
 
-/// Appends the `len` bytes at `offset` of the file at `path` to `buffer`: around the page
-/// cache when `len` is at least [`DIRECT_READ_MIN`], `offset` and the end of `buffer`'s
-/// contents are page-aligned and the filesystem takes `O_DIRECT`, through it otherwise. A
-/// file that ends before is an `UnexpectedEof` error, and `buffer` is left as it was on
-/// any error.
+/// Appends the `len` bytes at `offset` of `file` to `buffer`: around the page cache when
+/// `len` is at least [`DIRECT_READ_MIN`], `offset` and the end of `buffer`'s contents are
+/// page-aligned and the filesystem takes `O_DIRECT`, through it otherwise. `O_DIRECT` is set
+/// on `file`'s open file description for the read and cleared after, so `file` is one the
+/// caller opened for its own reads. A file that ends before is an `UnexpectedEof` error, and
+/// `buffer` is left as it was on any error.
+///
+/// One open file is read from its length to its bytes: a record replaced by a rename while
+/// it is read is read whole, old or new, never the start of one cut to the other's length.
 pub fn read_exact_at(
-    path: &Path,
+    file: &File,
     offset: u64,
     len: usize,
     buffer: &mut PooledBuffer,
@@ -45,53 +49,72 @@ pub fn read_exact_at(
     let aligned = offset.is_multiple_of(PAGE as u64)
         && at.is_multiple_of(PAGE)
         && buffer.contents().as_ptr().align_offset(PAGE) == 0;
-    if len >= DIRECT_READ_MIN && aligned {
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path);
-        if let Ok(direct) = direct {
-            match read_direct(&direct, offset, len, buffer) {
-                Ok(()) => return Ok(()),
-                // The device wants a larger alignment than a page: read it buffered.
-                Err(err) if err.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                    buffer.truncate(at);
+    let flags = rustix::fs::fcntl_getfl(file)?;
+    let direct = len >= DIRECT_READ_MIN
+        && aligned
+        // Refused (EINVAL) where the filesystem has no `O_DIRECT`.
+        && rustix::fs::fcntl_setfl(file, flags | rustix::fs::OFlags::DIRECT).is_ok();
+    if direct {
+        let read = read_pages(file, offset, len, buffer, true);
+        if let Err(err) = rustix::fs::fcntl_setfl(file, flags) {
+            buffer.truncate(at);
+            return Err(err.into());
+        }
+        match read {
+            Ok(()) => return Ok(()),
+            // The device wants a larger alignment than a page: read it buffered.
+            Err(err) if err.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    read_pages(file, offset, len, buffer, false)
+}
+
+/// Reads until `len` bytes are in or the file ends; a direct read asks for whole pages (a
+/// short one is the end of the file) and drops what it read past `len`.
+fn read_pages(
+    file: &File,
+    offset: u64,
+    len: usize,
+    buffer: &mut PooledBuffer,
+    direct: bool,
+) -> io::Result<()> {
+    let at = buffer.len();
+    let target = buffer.extend_unfilled(if direct {
+        len.next_multiple_of(PAGE)
+    } else {
+        len
+    });
+    let mut filled = 0;
+    let mut failed = None;
+    while filled < len {
+        match file.read_at(&mut target[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(got) => {
+                filled += got;
+                if direct && !got.is_multiple_of(PAGE) {
+                    break;
                 }
-                Err(err) => {
-                    buffer.truncate(at);
-                    return Err(err);
-                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                failed = Some(err);
+                break;
             }
         }
     }
-    let read =
-        File::open(path).and_then(|file| file.read_exact_at(buffer.extend_unfilled(len), offset));
-    if read.is_err() {
+    if let Some(err) = failed {
         buffer.truncate(at);
+        return Err(err);
     }
-    read
-}
-
-/// Reads whole pages into `buffer` until `len` bytes are in or the file ends.
-fn read_direct(file: &File, offset: u64, len: usize, buffer: &mut PooledBuffer) -> io::Result<()> {
-    let at = buffer.len();
-    let target = buffer.extend_unfilled(len.next_multiple_of(PAGE));
-    let mut filled = 0;
-    while filled < len {
-        let got = file.read_at(&mut target[filled..], offset + filled as u64)?;
-        filled += got;
-        // A short read of a direct handle is the end of the file.
-        if got == 0 || !got.is_multiple_of(PAGE) {
-            break;
-        }
-    }
-    buffer.truncate(at + filled.min(len));
     if filled < len {
+        buffer.truncate(at);
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             format!("{filled} of {len} bytes at offset {offset}: the file ends before"),
         ));
     }
+    buffer.truncate(at + len);
     Ok(())
 }
 
@@ -238,6 +261,12 @@ mod tests {
         let len = 3 * DIRECT_READ_MIN + 1000;
         let data = pattern(len);
         std::fs::write(&path, &data)?;
+        let probe = File::open(&path)?;
+        let flags = rustix::fs::fcntl_getfl(&probe)?;
+        assert!(
+            rustix::fs::fcntl_setfl(&probe, flags | rustix::fs::OFlags::DIRECT).is_ok(),
+            "the test directory's filesystem takes O_DIRECT, so the direct path is tested"
+        );
         let pool = BufferPool::default();
         // (what the buffer holds first, offset, length): direct whole pages and a tail,
         // unaligned offsets and buffers, and reads too small to go direct.
@@ -251,18 +280,48 @@ mod tests {
         ] {
             let mut buffer = pool.take(prefix + want);
             buffer.extend_unfilled(prefix).fill(9);
-            read_exact_at(&path, offset as u64, want, &mut buffer)?;
+            let file = File::open(&path)?;
+            read_exact_at(&file, offset as u64, want, &mut buffer)?;
+            let flags = rustix::fs::fcntl_getfl(&file)?;
+            assert!(
+                !flags.contains(rustix::fs::OFlags::DIRECT),
+                "the file is left as it was"
+            );
             assert_eq!(buffer.len(), prefix + want);
             assert!(buffer.contents()[..prefix].iter().all(|b| *b == 9));
             assert_eq!(&buffer.contents()[prefix..], &data[offset..offset + want]);
         }
         for (offset, want) in [(0, len + 1), (PAGE, len), (len, 1)] {
             let mut buffer = pool.take(want);
-            let err = read_exact_at(&path, offset as u64, want, &mut buffer)
+            let err = read_exact_at(&File::open(&path)?, offset as u64, want, &mut buffer)
                 .err()
                 .map(|err| err.kind());
             assert_eq!(err, Some(io::ErrorKind::UnexpectedEof), "{offset} {want}");
             assert!(buffer.is_empty(), "nothing of a failed read stays");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_replaced_by_a_rename_is_read_whole_from_the_open_file() -> io::Result<()> {
+        // A record is replaced by writing a new file and renaming it over the old one: a
+        // reader that took the old one's length must get the old one's bytes, not the start
+        // of the new one (a torn record reads as damaged, and a GC candidate record read as
+        // damaged counts as empty).
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("record");
+        let (old, new) = (pattern(DIRECT_READ_MIN), vec![1u8; 2 * DIRECT_READ_MIN]);
+        std::fs::write(&path, &old)?;
+        let file = File::open(&path)?;
+        let len = file.metadata()?.len() as usize;
+        let replacement = dir.path().join("record.new");
+        std::fs::write(&replacement, &new)?;
+        std::fs::rename(&replacement, &path)?;
+        let pool = BufferPool::default();
+        for len in [len, 100] {
+            let mut buffer = pool.take(len);
+            read_exact_at(&file, 0, len, &mut buffer)?;
+            assert_eq!(buffer.contents(), &old[..len]);
         }
         Ok(())
     }

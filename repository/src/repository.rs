@@ -912,15 +912,21 @@ impl Repository {
     /// object's payload around the page cache) and is durable before it appears under its key, so a crash never leaves a partial object
     /// there for a later backup to reuse; its directory entry is made durable by
     /// `sync_objects`, which every manifest publish runs first, once per directory. Elsewhere
-    /// the object goes in format 1: there the padding page buys nothing.
+    /// the object goes in format 1 (3 sealed): there the padding page buys nothing.
     pub async fn put_object(&self, encoded: Encoded) -> Result<(u32, u64)> {
         let copy = self.writable_copy(&encoded.id)?;
+        // Pages buy nothing on a remote store: the object goes in format 1 (or 3), and the
+        // limit is charged what is sent.
+        let encoded = if self.local_root.is_some() {
+            encoded
+        } else {
+            encoded.unpaged()
+        };
         if let Some(bandwidth) = &self.bandwidth {
             bandwidth.backup_upload(encoded.stored_len()).await;
         }
         let key = self.layout.object(&encoded.id, copy);
         let Some(root) = &self.local_root else {
-            let encoded = encoded.unpaged();
             let stored_len = encoded.stored_len();
             let payload = match encoded.frame {
                 Frame::Whole(whole) => PutPayload::from(whole),
@@ -1083,7 +1089,10 @@ impl Repository {
             // and reads through the page cache (`direct.rs`).
             let (file, pool) = (root.join(key.as_ref()), self.buffers.clone());
             let read = move || -> std::io::Result<crate::buffers::PooledBuffer> {
-                let len = std::fs::metadata(&file)?.len();
+                // One open file, its length and its bytes: a record replaced meanwhile is
+                // read whole, old or new.
+                let file = std::fs::File::open(file)?;
+                let len = file.metadata()?.len();
                 if len > max {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::FileTooLarge,

@@ -145,18 +145,10 @@ fn read_and_hash(
             err,
         )
     };
+    let file = File::open(path).map_err(|err| io("open", err))?;
     let mut buffer = pool.take(codec::HEADER_ROOM + len);
     buffer.extend_zeroed(codec::HEADER_ROOM);
-    crate::direct::read_exact_at(path, offset, len, &mut buffer).map_err(|err| {
-        if err.kind() == std::io::ErrorKind::UnexpectedEof {
-            io(
-                "read",
-                std::io::Error::new(err.kind(), format!("{err}: the file shrank")),
-            )
-        } else {
-            io("read", err)
-        }
-    })?;
+    crate::direct::read_exact_at(&file, offset, len, &mut buffer).map_err(|err| io("read", err))?;
     let mut hasher = seal.hasher();
     hasher.update(&buffer.contents()[codec::HEADER_ROOM..]);
     Ok((buffer, hasher.finish()))
