@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backup::{BackupOptions, backup_offline};
 use crate::engine::{EngineConfig, ShardEngine, WriteBatch, with_engine};
-use crate::restore::{restore_shard, select_shard};
+use crate::restore::{restore_planned, restore_shard, select_shard, unpack_export};
 use crate::shipper::ShipperOptions;
 use crate::splitmix::SplitMix;
 use crate::startup::{BackgroundPriority, ShardSource, Startup, prepare_serving};
@@ -309,17 +309,31 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    #[arg(long, env = "LOCKSTEP_REPO")]
-    pub repo: String,
+    #[arg(long, env = "LOCKSTEP_REPO", required_unless_present = "from_file")]
+    pub repo: Option<String>,
     /// Backup id, or `latest`.
-    #[arg(long)]
-    pub backup: String,
+    #[arg(
+        long,
+        required_unless_present = "from_file",
+        conflicts_with = "from_file"
+    )]
+    pub backup: Option<String>,
+    /// Restore from an export file (`lockstep backup export`) instead of a repository: the
+    /// file is checked and unpacked beside the target (it needs about the file's size there)
+    /// and removed afterwards; the shard comes back to the backup or tag the file holds.
+    #[arg(long, value_name = "FILE.tar.zst")]
+    pub from_file: Option<PathBuf>,
     /// Shard to restore; may be omitted when the backup has one shard.
     #[arg(long)]
     pub shard: Option<String>,
     /// New or empty directory to restore into.
     #[arg(long)]
     pub to: PathBuf,
+    /// Restore only this column family (repeat for several, or comma separated): the others
+    /// are absent from the result (the default one, which RocksDB always has, is empty unless
+    /// named). The shard starts a new history of its own (an orphan lineage).
+    #[arg(long = "cf", value_name = "NAME", value_delimiter = ',')]
+    pub column_families: Vec<String>,
     #[command(flatten)]
     pub transfer: TransferArgs,
     /// Download limit in MiB/s (0: none).
@@ -685,25 +699,57 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
 }
 
 async fn run_restore(args: &RestoreArgs) -> Result<()> {
-    let repo = limited(Repository::open(&args.repo).await?, 0, args.download_mib_s);
-    let backup = resolve_backup(&repo, &args.backup).await?;
     let shard = args.shard.as_deref().map(ShardId::new).transpose()?;
-    let shard = select_shard(&repo, &backup, shard.as_ref()).await?;
-    let progress = Arc::new(Progress::default());
-    let (bar, ticker) = progress_bar(progress.clone(), "restore");
     let started = Instant::now();
-    let result = restore_shard(
-        &repo,
-        &backup,
-        &shard,
-        &args.to,
-        args.transfer.options(),
-        &progress,
-    )
-    .await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let outcome = result?;
+    let (outcome, backup, what) = if let Some(file) = &args.from_file {
+        let progress = Arc::new(Progress::default());
+        let (bar, ticker) = progress_bar(progress.clone(), "unpack");
+        let unpacked = unpack_export(file, &args.to, progress).await;
+        ticker.abort();
+        bar.finish_and_clear();
+        let unpacked = unpacked?;
+        let plan = unpacked.shard(shard.as_ref())?;
+        let what = match &unpacked.manifest.tag {
+            Some(tag) => format!("tag {tag}"),
+            None => format!("backup {}", unpacked.manifest.backup_id),
+        };
+        let progress = Arc::new(Progress::default());
+        let (bar, ticker) = progress_bar(progress.clone(), "restore");
+        let result = restore_planned(
+            &unpacked.repo,
+            plan,
+            &args.to,
+            &args.column_families,
+            args.transfer.options(),
+            &progress,
+        )
+        .await;
+        ticker.abort();
+        bar.finish_and_clear();
+        let backup = unpacked.manifest.backup_id.clone();
+        (result?, backup, what)
+    } else {
+        let location = args.repo.as_deref().unwrap_or_default();
+        let repo = limited(Repository::open(location).await?, 0, args.download_mib_s);
+        let backup = resolve_backup(&repo, args.backup.as_deref().unwrap_or("latest")).await?;
+        let shard = select_shard(&repo, &backup, shard.as_ref()).await?;
+        let progress = Arc::new(Progress::default());
+        let (bar, ticker) = progress_bar(progress.clone(), "restore");
+        let result = restore_shard(
+            &repo,
+            &backup,
+            &shard,
+            &args.to,
+            &args.column_families,
+            args.transfer.options(),
+            &progress,
+        )
+        .await;
+        ticker.abort();
+        bar.finish_and_clear();
+        let what = format!("backup {backup}");
+        (result?, backup, what)
+    };
     let elapsed = started.elapsed();
     if args.json {
         print_json(&serde_json::json!({
@@ -713,9 +759,9 @@ async fn run_restore(args: &RestoreArgs) -> Result<()> {
         }));
     } else {
         println!(
-            "Restored shard {} of backup {} to {}: seq {} verified, {} in {} files, {:.2}s ({})",
+            "Restored shard {} of {} to {}: seq {} verified, {} in {} files, {:.2}s ({})",
             outcome.shard,
-            backup,
+            what,
             outcome.target.display(),
             outcome.seq,
             human_bytes(outcome.bytes),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
+use lockstep_repository::export::{ExportManifest, ExportedShard};
 use lockstep_repository::lineage::Leg;
 use lockstep_repository::manifest::ShardManifest;
 use lockstep_repository::transfer::{Progress, TransferOptions, download_files};
@@ -306,6 +307,18 @@ async fn replay_with_engine(
     with_engine!(engine, |E| replay_staged::<E>(staged, shard, replay).await)
 }
 
+/// Drops `drop` from the closed shard in `dir`, empties its default column family if
+/// `clear_default`, and returns its sequence number, synced.
+fn keep_only<E: ShardEngine>(dir: &Path, drop: &[String], clear_default: bool) -> Result<Seq> {
+    E::drop_column_families(dir, drop)?;
+    let engine = E::open(dir, &[])?;
+    if clear_default {
+        engine.clear_column_family(crate::engine::DEFAULT_CF)?;
+    }
+    engine.sync()?;
+    Ok(engine.latest_seq())
+}
+
 /// Opens the restored files with the engine that wrote them and returns its sequence number.
 fn open_and_read_seq(manifest: &ShardManifest, dir: &Path) -> Result<Seq> {
     with_engine!(manifest.engine.as_str(), |E| E::open(
@@ -355,6 +368,11 @@ pub struct StagedShard {
     /// swap refuses a staged shard without one.
     pub lineage: Option<Lineage>,
     pub column_families: Vec<String>,
+    /// Column families were left out (a selective restore): the shard is no point of any
+    /// history, so it starts an orphan lineage.
+    pub partial: bool,
+    /// The engine whose files these are (`rocksdb`, `memory`).
+    pub engine: String,
     pub n_files: usize,
     pub bytes: u64,
     /// The cluster restore whose decision the shard waits for once in place
@@ -365,11 +383,59 @@ pub struct StagedShard {
 impl StagedShard {
     /// Starts the staged shard on a new history that continues `point` after the staged
     /// sequence number.
+    /// (An orphan for a selective restore: no archive replays into it.)
     pub fn start_lineage(&mut self, point: &Lineage, timeline: Timeline) -> Result<Lineage> {
-        let lineage = point.child(self.seq, timeline);
+        let lineage = if self.partial {
+            Lineage::orphan(self.seq, timeline)
+        } else {
+            point.child(self.seq, timeline)
+        };
         write_lineage(self.staging.path(), &lineage)?;
         self.lineage = Some(lineage);
         Ok(lineage)
+    }
+
+    /// Keeps only the column families `keep` (a selective restore): the others are dropped
+    /// and the default one, which cannot be, is emptied unless kept. Run after every replay:
+    /// what the WAL wrote to the others goes with them. A name the shard lacks is refused.
+    pub async fn keep_column_families(&mut self, keep: &[String]) -> Result<()> {
+        if keep.is_empty() {
+            return Ok(());
+        }
+        if let Some(missing) = keep.iter().find(|cf| !self.column_families.contains(cf)) {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the backup's shard has no column family {missing:?}; it has {}",
+                    self.column_families.join(", ")
+                ),
+            ));
+        }
+        let drop: Vec<String> = self
+            .column_families
+            .iter()
+            .filter(|cf| !keep.contains(cf))
+            .cloned()
+            .collect();
+        let (dir, engine, clear_default) = (
+            self.staging.clone(),
+            self.engine.clone(),
+            !keep.iter().any(|cf| cf == crate::engine::DEFAULT_CF),
+        );
+        let seq = lockstep_repository::blocking::run(move || {
+            with_engine!(engine.as_str(), |E| keep_only::<E>(
+                dir.path(),
+                &drop,
+                clear_default
+            ))
+        })
+        .await
+        .map_err(replay_task_failed)??;
+        self.column_families
+            .retain(|cf| keep.contains(cf) || cf == crate::engine::DEFAULT_CF);
+        self.seq = seq;
+        self.partial = true;
+        Ok(())
     }
 
     /// Marks the staged shard complete ([`COMPLETE_FILE`], and [`UNDECIDED_FILE`] when it
@@ -576,6 +642,8 @@ pub async fn stage_shard(
         seq,
         lineage: None,
         undecided: None,
+        partial: false,
+        engine: manifest.engine.clone(),
         n_files: manifest.files.len(),
         bytes: manifest.total_bytes(),
         column_families: manifest.column_families.clone(),
@@ -642,10 +710,10 @@ pub async fn stage_empty<E: ShardEngine>(
 ) -> Result<StagedShard> {
     let staging = staging_beside(target)?;
     let (dir, columns) = (staging.clone(), column_families.clone());
-    let seq = lockstep_repository::blocking::run(move || {
+    let (seq, engine) = lockstep_repository::blocking::run(move || {
         let engine = E::open(dir.path(), &columns)?;
         engine.sync()?;
-        Ok::<_, Error>(engine.latest_seq())
+        Ok::<_, Error>((engine.latest_seq(), engine.kind().to_string()))
     })
     .await
     .map_err(replay_task_failed)??;
@@ -654,6 +722,8 @@ pub async fn stage_empty<E: ShardEngine>(
         seq,
         lineage: None,
         undecided: None,
+        partial: false,
+        engine,
         n_files: 0,
         bytes: 0,
         column_families,
@@ -661,27 +731,71 @@ pub async fn stage_empty<E: ShardEngine>(
 }
 
 /// Restores `shard` of `backup` into `target`, which must be absent or empty, on a new
-/// lineage that continues the backup's.
+/// lineage that continues the backup's; an incremental or differential backup through its
+/// chain (its full base staged, the chain's WAL replayed). `column_families`, unless empty,
+/// are the only ones kept (`StagedShard::keep_column_families`).
 pub async fn restore_shard(
     repo: &Repository,
     backup: &BackupId,
     shard: &ShardId,
     target: &Path,
+    column_families: &[String],
+    transfer: TransferOptions,
+    progress: &Progress,
+) -> Result<RestoreOutcome> {
+    let manifest = repo.shard_manifest(shard, backup).await?;
+    let chain = lockstep_repository::export::chain_of(repo, backup).await?;
+    let plan = ExportedShard {
+        shard_id: shard.clone(),
+        base: chain[0].clone(),
+        chain: chain[1..].to_vec(),
+        lineage: manifest.lineage,
+        legs: Vec::new(),
+        target: manifest.seq,
+    };
+    restore_planned(repo, &plan, target, column_families, transfer, progress).await
+}
+
+/// Restores one shard as `plan` says, into `target` (absent or empty): its full base
+/// staged, then the chain's WAL and the legs' segments (from `repo`'s own `wal/`) replayed
+/// up to the target, on a new lineage that continues the plan's (an orphan when
+/// `column_families`, unless empty, leaves some out).
+pub async fn restore_planned(
+    repo: &Repository,
+    plan: &ExportedShard,
+    target: &Path,
+    column_families: &[String],
     transfer: TransferOptions,
     progress: &Progress,
 ) -> Result<RestoreOutcome> {
     check_target(target)?;
     let target = absolute(target)?;
-    let point = repo.shard_manifest(shard, backup).await?.lineage;
+    let shard = &plan.shard_id;
     let sources = crate::lineage::HistorySources {
         shard: shard.clone(),
         destinations: Vec::new(),
         repo: Some(repo.clone()),
     };
-    let timeline = crate::lineage::next_timeline(point.timeline, &sources).await?;
-    let mut staged = stage_shard(repo, backup, shard, &target, None, transfer, progress).await?;
-    let lineage = staged.start_lineage(&point, timeline)?;
-    tracing::info!(shard = %shard, from = %point, to = %lineage, "restore: the shard starts a new history");
+    let timeline = crate::lineage::next_timeline(plan.lineage.timeline, &sources).await?;
+    let mut staged =
+        stage_shard(repo, &plan.base, shard, &target, None, transfer, progress).await?;
+    let engine = repo.shard_manifest(shard, &plan.base).await?.engine;
+    if !plan.chain.is_empty() || plan.target > staged.seq {
+        let replay = Replay {
+            repo: repo.clone(),
+            chain: plan.chain.clone(),
+            archive: (!plan.legs.is_empty())
+                .then(|| lockstep_repository::archive::WalArchive::Store(repo.clone())),
+            legs: plan.legs.clone(),
+            to: plan.target,
+        };
+        replay_with_engine(&engine, &mut staged, shard, &replay)
+            .await
+            .map_err(restoration_error)?;
+    }
+    staged.keep_column_families(column_families).await?;
+    let lineage = staged.start_lineage(&plan.lineage, timeline)?;
+    tracing::info!(shard = %shard, from = %plan.lineage, to = %lineage, "restore: the shard starts a new history");
     let (seq, n_files, bytes) = (staged.seq, staged.n_files, staged.bytes);
     staged.move_to(&target)?;
     Ok(RestoreOutcome {
@@ -691,4 +805,144 @@ pub async fn restore_shard(
         bytes,
         target,
     })
+}
+
+/// An export file unpacked into a directory beside a restore target: a repository of its
+/// own, removed when this drops.
+pub struct Unpacked {
+    dir: Staging,
+    pub manifest: ExportManifest,
+    pub repo: Repository,
+}
+
+/// Unpacks `file` (`lockstep backup export`) beside `target`, every entry checked
+/// (`export::read_export`: its place in the listing, its size and its SHA-256), and opens
+/// the result as a repository (an encrypted one with the passphrase a repository would
+/// need). `progress` counts the file's bytes.
+pub async fn unpack_export(
+    file: &Path,
+    target: &Path,
+    progress: Arc<Progress>,
+) -> Result<Unpacked> {
+    let dir = staging_beside(target)?;
+    let input = std::fs::File::open(file).map_err(|err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            format!("open {}", file.display()),
+            err,
+        )
+    })?;
+    if let Ok(meta) = input.metadata() {
+        progress.total_bytes.store(meta.len(), Ordering::Relaxed);
+    }
+    let root = dir.path().to_path_buf();
+    let manifest = lockstep_repository::blocking::run(move || {
+        let counted = Counted {
+            inner: std::io::BufReader::with_capacity(1 << 20, input),
+            progress,
+        };
+        let mut sealed_as_stored = false;
+        let manifest = lockstep_repository::export::read_export(
+            counted,
+            |_| Ok(()),
+            |entry, bytes| {
+                sealed_as_stored |= matches!(
+                    entry,
+                    lockstep_repository::export::Entry::EncryptionMarker { .. }
+                );
+                let path = root.join(entry.name()?);
+                let write = || {
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::write(&path, &bytes)
+                };
+                write().map_err(|err| {
+                    Error::io(
+                        ErrorCode::StorageUnavailable,
+                        format!("unpack into {}", path.display()),
+                        err,
+                    )
+                })
+            },
+        )?;
+        if !sealed_as_stored && manifest.key_id.is_empty() {
+            // A file from a repository older than its encryption marker: plaintext, and
+            // opened so even with a passphrase set.
+            let marker =
+                serde_json::to_vec(&lockstep_repository::seal::EncryptionMarker::plaintext())
+                    .map_err(|err| {
+                        Error::with_source(ErrorCode::InvalidArgument, "encode marker", err)
+                    })?;
+            std::fs::write(
+                root.join(lockstep_repository::layout::ENCRYPTION_MARKER),
+                marker,
+            )
+            .map_err(|err| Error::io(ErrorCode::StorageUnavailable, "unpack the marker", err))?;
+        }
+        Ok::<_, Error>(manifest)
+    })
+    .await
+    .map_err(replay_task_failed)??;
+    // `staging_beside` made the directory's path absolute.
+    let repo = Repository::open(&format!("file://{}", dir.path().display())).await?;
+    Ok(Unpacked {
+        dir,
+        manifest,
+        repo,
+    })
+}
+
+impl Unpacked {
+    /// The plan of the shard to restore: the one named, or the file's only one.
+    pub fn shard(&self, shard: Option<&ShardId>) -> Result<&ExportedShard> {
+        let shards = &self.manifest.shards;
+        let found = match shard {
+            Some(shard) => shards.iter().find(|s| &s.shard_id == shard),
+            None if shards.len() == 1 => shards.first(),
+            None => {
+                return Err(Error::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "the file holds shards {}; pick one with --shard",
+                        shards
+                            .iter()
+                            .map(|s| s.shard_id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        };
+        found.ok_or_else(|| {
+            Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the file holds no shard {}",
+                    shard.map(|s| s.as_str()).unwrap_or_default()
+                ),
+            )
+        })
+    }
+
+    /// Where the file was unpacked (removed when this drops).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A reader that counts what it read into a progress.
+struct Counted<R> {
+    inner: R,
+    progress: Arc<Progress>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress
+            .done_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
 }

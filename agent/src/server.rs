@@ -472,6 +472,7 @@ impl Agent for AgentApi {
                 0 => DEFAULT_RESTORE_LEASE,
                 ms => Duration::from_millis(ms).min(MAX_LEASE),
             },
+            column_families: r.column_families,
         };
         reply(
             self.participant.restore_stage(request).await,

@@ -183,6 +183,16 @@ pub struct RestoreArgs {
     /// shard (or where `{shard}` says); the live shards are untouched.
     #[arg(long, value_name = "DIR")]
     to: Option<String>,
+    /// With --to: restore only this column family (repeat, or comma separated); the others
+    /// are absent from the result (the default one is empty unless named), and each shard
+    /// starts a history of its own.
+    #[arg(
+        long = "cf",
+        value_name = "NAME",
+        value_delimiter = ',',
+        requires = "to"
+    )]
+    column_families: Vec<String>,
     /// Stop the running restore (shards still staging are discarded), or settle the restores
     /// a stopped coordinator left: discarded, or applied everywhere if some shard has it.
     #[arg(long, conflicts_with_all = ["backup", "tag", "to_seq", "to_time", "to_archive_end", "dry_run", "wal_from"])]
@@ -305,6 +315,30 @@ pub enum BackupCommand {
     },
     /// Delete a backup's manifests; its objects become garbage.
     Delete { backup: String },
+    /// Write a backup with its chain, or a tag with its backups and the WAL its restore
+    /// replays, to one .tar.zst file (checked on import and by `lockstep-agent restore
+    /// --from-file`); an encrypted repository's file stays encrypted.
+    Export {
+        /// Backup id (`latest` works).
+        #[arg(required_unless_present = "tag", conflicts_with = "tag")]
+        backup: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+        /// The file to write; it must not exist (written beside it, renamed when complete).
+        #[arg(short = 'o', long = "output", value_name = "FILE.tar.zst")]
+        output: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load an export file into the coordinator's repository: every entry is checked, and
+    /// the backups (and tag) appear only once the whole file checked.
+    Import {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -810,6 +844,159 @@ async fn create(
 }
 
 /// A progress bar over bytes, on stderr (hidden when stderr is not a terminal).
+/// `backup export`: the stream written to `<output>.partial`, synced, then renamed, so the
+/// file never exists incomplete under its name.
+async fn export_to_file(
+    client: &mut Client,
+    request: v1::ExportBackupRequest,
+    output: &std::path::Path,
+    json: bool,
+) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let file_error = |what: &str, err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            format!("{what} {}", output.display()),
+            err,
+        )
+    };
+    if output.exists() {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("{} exists; export to a new file", output.display()),
+        ));
+    }
+    let partial = output.with_extension("partial");
+    let started = std::time::Instant::now();
+    let mut stream = client
+        .export_backup(request)
+        .await
+        .map_err(|s| from_status("export backup", &s))?
+        .into_inner();
+    let mut file = tokio::fs::File::create(&partial)
+        .await
+        .map_err(|err| file_error("create", err))?;
+    let bar = byte_bar();
+    bar.set_message("export");
+    let mut written = 0u64;
+    let outcome = async {
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| from_status("export backup", &s))?
+        {
+            file.write_all(&chunk.data)
+                .await
+                .map_err(|err| file_error("write", err))?;
+            written += chunk.data.len() as u64;
+            bar.set_length(chunk.entry_bytes_total);
+            bar.set_position(chunk.entry_bytes_done);
+        }
+        file.sync_all()
+            .await
+            .map_err(|err| file_error("sync", err))?;
+        tokio::fs::rename(&partial, output)
+            .await
+            .map_err(|err| file_error("rename into", err))
+    }
+    .await;
+    bar.finish_and_clear();
+    if let Err(err) = outcome {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(err);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"file": output, "bytes": written, "seconds": seconds})
+        );
+    } else {
+        println!(
+            "Exported to {}: {} in {seconds:.2}s. Check it with `lockstep backup import` into a repository, or restore a shard from it with `lockstep-agent restore --from-file`.",
+            output.display(),
+            indicatif::HumanBytes(written),
+        );
+    }
+    Ok(())
+}
+
+/// `backup import`: the file streamed to the coordinator in 1 MiB messages.
+async fn import_file(client: &mut Client, path: &std::path::Path, json: bool) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut file = tokio::fs::File::open(path).await.map_err(|err| {
+        Error::io(
+            ErrorCode::InvalidArgument,
+            format!("open {}", path.display()),
+            err,
+        )
+    })?;
+    let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let bar = byte_bar();
+    bar.set_message("import");
+    bar.set_length(size);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (ticker, shown) = (bar.clone(), path.display().to_string());
+    let reading = tokio::spawn(async move {
+        loop {
+            let mut data = vec![0u8; 1 << 20];
+            let n = file.read(&mut data).await.map_err(|err| {
+                Error::io(ErrorCode::InvalidArgument, format!("read {shown}"), err)
+            })?;
+            if n == 0 {
+                return Ok::<_, Error>(());
+            }
+            data.truncate(n);
+            ticker.inc(n as u64);
+            if tx.send(v1::ImportChunk { data }).await.is_err() {
+                return Ok(()); // the coordinator answered early and says why
+            }
+        }
+    });
+    let reply = client
+        .import_backup(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    bar.finish_and_clear();
+    if let Ok(Err(err)) = reading.await {
+        return Err(err);
+    }
+    let reply = reply
+        .map_err(|s| from_status("import backup", &s))?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reply).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let mut text = format!(
+        "Imported {}: {} objects ({}), {} WAL segments",
+        if reply.backup_ids.is_empty() {
+            "no new backup".to_string()
+        } else {
+            format!("backups {}", reply.backup_ids.join(", "))
+        },
+        reply.objects,
+        indicatif::HumanBytes(reply.stored_bytes),
+        reply.wal_segments
+    );
+    if !reply.already_present.is_empty() {
+        text.push_str(&format!(
+            "; already here: {}",
+            reply.already_present.join(", ")
+        ));
+    }
+    if !reply.tag.is_empty() {
+        text.push_str(&format!(
+            ". Tag {} restores with `lockstep restore --tag {} --wal-from <this repository's URL>`",
+            reply.tag, reply.tag
+        ));
+    }
+    println!("{text}.");
+    Ok(())
+}
+
 fn byte_bar() -> indicatif::ProgressBar {
     let bar =
         indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
@@ -859,6 +1046,7 @@ async fn restore(endpoint: &Remote, args: RestoreArgs) -> Result<()> {
             dry_run: args.dry_run,
             tag: args.tag.unwrap_or_default(),
             to_archive_end: args.to_archive_end,
+            column_families: args.column_families,
         })
         .await
         .map_err(|s| from_status("restore", &s))?
@@ -1149,6 +1337,21 @@ async fn run_command(cli: Cli) -> Result<i32> {
             } else {
                 ErrorCode::BackupVerificationFailed.exit_code()
             });
+        }
+        Command::Backup(BackupCommand::Export {
+            backup,
+            tag,
+            output,
+            json,
+        }) => {
+            let request = v1::ExportBackupRequest {
+                backup_id: backup.unwrap_or_default(),
+                tag: tag.unwrap_or_default(),
+            };
+            export_to_file(&mut client(endpoint).await?, request, &output, json).await?;
+        }
+        Command::Backup(BackupCommand::Import { file, json }) => {
+            import_file(&mut client(endpoint).await?, &file, json).await?;
         }
         Command::Backup(BackupCommand::Delete { backup }) => {
             let mut client = client(endpoint).await?;

@@ -23,6 +23,7 @@ pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod export;
 pub mod fence;
 pub mod fleet;
 pub mod gc;

@@ -31,7 +31,7 @@ use lockstep_repository::archive::WalArchive;
 use lockstep_repository::lineage::{Leg, ancestry};
 use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
 use lockstep_repository::repository::RestoreDecision;
-use lockstep_repository::wal::{chain, segments_covering};
+use lockstep_repository::wal::{SegmentInfo, chain, segments_covering};
 use lockstep_repository::{
     BackupId, Error, ErrorCode, HlcTime, Lineage, LineageId, Repository, RestoreId, Result, Seq,
     ShardId,
@@ -49,22 +49,36 @@ use crate::ops::ClusterContext;
 pub enum RestoreTarget {
     /// Replace every agent's live shard.
     InPlace,
-    /// A directory on each agent's machine; `{shard}` is replaced by the shard id.
-    Directory(String),
+    /// A directory on each agent's machine; `{shard}` in `template` is replaced by the shard
+    /// id. `column_families`, unless empty, are the only ones restored (a selective restore).
+    Directory {
+        template: String,
+        column_families: Vec<String>,
+    },
 }
 
 impl RestoreTarget {
-    /// From the request: exactly one of `in_place` and a directory.
-    pub fn from_request(in_place: bool, target_dir: &str) -> Result<RestoreTarget> {
+    /// From the request: exactly one of `in_place` and a directory; a selective restore only
+    /// into a directory (in place it would drop the live shard's other column families).
+    pub fn from_request(request: &v1::RestoreClusterRequest) -> Result<RestoreTarget> {
+        let (in_place, target_dir) = (request.in_place, request.target_dir.as_str());
+        let column_families = request.column_families.clone();
+        if in_place && !column_families.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "a selective restore (--cf) goes into a directory (--to DIR): in place it would drop the live shards' other column families",
+            ));
+        }
         match (in_place, target_dir.is_empty()) {
             (true, true) => Ok(RestoreTarget::InPlace),
-            (false, false) if target_dir.contains("{shard}") => {
-                Ok(RestoreTarget::Directory(target_dir.to_string()))
-            }
-            (false, false) => Ok(RestoreTarget::Directory(format!(
-                "{}/{{shard}}",
-                target_dir.trim_end_matches('/')
-            ))),
+            (false, false) if target_dir.contains("{shard}") => Ok(RestoreTarget::Directory {
+                template: target_dir.to_string(),
+                column_families,
+            }),
+            (false, false) => Ok(RestoreTarget::Directory {
+                template: format!("{}/{{shard}}", target_dir.trim_end_matches('/')),
+                column_families,
+            }),
             _ => Err(Error::new(
                 ErrorCode::InvalidArgument,
                 "say where to restore: in place (replacing every live shard) or into a directory on each agent's machine, not both",
@@ -75,7 +89,18 @@ impl RestoreTarget {
     fn dir_for(&self, shard: &ShardId) -> String {
         match self {
             RestoreTarget::InPlace => String::new(),
-            RestoreTarget::Directory(template) => template.replace("{shard}", shard.as_str()),
+            RestoreTarget::Directory { template, .. } => {
+                template.replace("{shard}", shard.as_str())
+            }
+        }
+    }
+
+    fn column_families(&self) -> Vec<String> {
+        match self {
+            RestoreTarget::InPlace => Vec::new(),
+            RestoreTarget::Directory {
+                column_families, ..
+            } => column_families.clone(),
         }
     }
 }
@@ -175,7 +200,8 @@ pub struct ShardPlan {
     pub legs: Vec<Leg>,
     pub target: Seq,
     pub target_hlc: HlcTime,
-    pub wal_segments: u64,
+    /// The archive's segments the replay reads, in order.
+    pub wal: Vec<SegmentInfo>,
 }
 
 impl ShardPlan {
@@ -192,7 +218,7 @@ impl ShardPlan {
             lineage: Some(lineage_to_wire(&self.lineage)),
             wal_legs: legs_to_wire(&self.legs),
             target_seq: self.target.0,
-            wal_segments: self.wal_segments,
+            wal_segments: self.wal.len() as u64,
             replay_seqs: self.target.0 - self.base_seq.0,
             target_hlc: self.target_hlc.0,
             chain: self.chain.iter().map(|b| b.to_string()).collect(),
@@ -627,7 +653,7 @@ pub async fn plan(
                     legs: Vec::new(),
                     target: shard.seq,
                     target_hlc: shard.hlc,
-                    wal_segments: 0,
+                    wal: Vec::new(),
                 });
             }
             return Ok(RestorePlan {
@@ -795,7 +821,7 @@ pub async fn plan(
             }
         };
         legs.reverse();
-        let mut wal_segments = 0;
+        let mut wal = Vec::new();
         if seq > chain_seq {
             let from = latest.as_ref().map_or("an empty shard".to_string(), |l| {
                 format!("backup {}", l.backup_id)
@@ -819,7 +845,7 @@ pub async fn plan(
                         archive.url()
                     ),
                 )?;
-                wal_segments += needed.len() as u64;
+                wal.extend(needed);
                 cursor = leg.to;
             }
         }
@@ -834,7 +860,7 @@ pub async fn plan(
             legs,
             target: seq,
             target_hlc: hlc,
-            wal_segments,
+            wal,
         });
     }
     let label = plans
@@ -951,7 +977,7 @@ pub async fn run(
             "backup": plan.label,
             "target": match &plan.target {
                 RestoreTarget::InPlace => "in place",
-                RestoreTarget::Directory(template) => template.as_str(),
+                RestoreTarget::Directory { template, .. } => template.as_str(),
             },
             "shards": plan.shards.iter().map(|s| s.agent.shard_id.to_string()).collect::<Vec<_>>(),
             "started_at": Utc::now(),
@@ -1222,6 +1248,7 @@ fn request(plan: &RestorePlan, shard: &ShardPlan, restore_id: &RestoreId) -> v1:
         chain: shard.chain.iter().map(|b| b.to_string()).collect(),
         // The agent's default, 30 s: the restore is polled every 100 ms while it runs.
         lease_ms: 0,
+        column_families: plan.target.column_families(),
     }
 }
 

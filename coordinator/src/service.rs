@@ -321,8 +321,7 @@ impl Coordinator for CoordinatorApi {
         request: Request<v1::RestoreClusterRequest>,
     ) -> Reply<Self::RestoreStream> {
         let request = request.into_inner();
-        let target =
-            RestoreTarget::from_request(request.in_place, &request.target_dir).map_err(status)?;
+        let target = RestoreTarget::from_request(&request).map_err(status)?;
         let point = point_in_time(&self.ctx.repo, &request)
             .await
             .map_err(status)?;
@@ -523,6 +522,43 @@ impl Coordinator for CoordinatorApi {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+
+    type ExportBackupStream =
+        tokio_stream::wrappers::ReceiverStream<std::result::Result<v1::ExportChunk, Status>>;
+
+    async fn export_backup(
+        &self,
+        request: Request<v1::ExportBackupRequest>,
+    ) -> Reply<Self::ExportBackupStream> {
+        let export = crate::export::Export::plan(&self.ctx, &request.into_inner())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            export.stream(&self.ctx),
+        )))
+    }
+
+    async fn import_backup(
+        &self,
+        request: Request<tonic::Streaming<v1::ImportChunk>>,
+    ) -> Reply<v1::ImportReply> {
+        use futures::StreamExt;
+        let input = request
+            .into_inner()
+            .map(|chunk| chunk.map(|chunk| bytes::Bytes::from(chunk.data)));
+        let report = crate::export::import(&self.ctx, input)
+            .await
+            .map_err(status)?;
+        let names = |ids: &[BackupId]| ids.iter().map(|id| id.to_string()).collect();
+        Ok(Response::new(v1::ImportReply {
+            backup_ids: names(&report.backups),
+            already_present: names(&report.already_present),
+            tag: report.tag.map(|t| t.to_string()).unwrap_or_default(),
+            objects: report.objects,
+            stored_bytes: report.stored_bytes,
+            wal_segments: report.wal_segments,
+        }))
     }
 
     async fn delete_backup(

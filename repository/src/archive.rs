@@ -131,6 +131,15 @@ impl WalArchive {
         }
     }
 
+    /// A segment as stored (sealed in an encrypted repository's archives), unchecked: an
+    /// export copies it, and its reader checks it (`decode_wal_segment`).
+    pub async fn get_wal_stored(&self, info: &SegmentInfo) -> Result<Vec<u8>> {
+        match self {
+            WalArchive::Store(repo) => repo.get_wal_stored(info).await,
+            WalArchive::Remote { remote, .. } => remote.get(info).await,
+        }
+    }
+
     /// Stores a segment; storing it again leaves the first copy.
     pub async fn put_wal_segment(
         &self,

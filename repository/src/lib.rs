@@ -20,6 +20,7 @@ pub mod buffers;
 pub mod codec;
 pub mod direct;
 pub mod error;
+pub mod export;
 pub mod gc;
 pub mod ids;
 pub mod layout;

@@ -204,7 +204,8 @@ impl fmt::Display for Lineage {
 }
 
 /// One lineage's part of a history: its writes up to and including `to`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Leg {
     pub lineage: Lineage,
     pub to: Seq,

@@ -475,6 +475,48 @@ impl Repository {
     }
 
     /// Every key slot of an encrypted repository, oldest first.
+    /// What an export file carries so that, unpacked, it opens as this repository does: the
+    /// encryption marker and the key slots, as stored (`export.rs`).
+    pub async fn seal_entries(&self) -> Result<Vec<crate::export::Entry>> {
+        use crate::export::Entry;
+        let mut entries = Vec::new();
+        if let Some(marker) = self
+            .get_raw(&self.layout.encryption_marker(), MANIFEST)
+            .await?
+        {
+            entries.push(Entry::EncryptionMarker {
+                size: marker.len() as u64,
+            });
+        }
+        let slots = self
+            .keys_under(&self.layout.keys_dir(), "key slots", |key| {
+                self.layout.slot_of(key)
+            })
+            .await?;
+        for slot in slots {
+            if let Some(bytes) = self.get_raw(&self.layout.key_slot(&slot), MANIFEST).await? {
+                entries.push(Entry::KeySlot {
+                    slot,
+                    size: bytes.len() as u64,
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// An export entry's bytes as stored here, unchecked (`export.rs`).
+    pub async fn export_entry(&self, entry: &crate::export::Entry) -> Result<Bytes> {
+        let key = entry.key(&self.layout)?;
+        self.get_raw(&key, (entry.bound(), ErrorCode::BackupChecksumMismatch))
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::BackupIncomplete,
+                    format!("{key} is missing; the backup cannot be exported"),
+                )
+            })
+    }
+
     pub async fn key_slots(&self) -> Result<Vec<KeySlot>> {
         let keys = self
             .keys_under(&self.layout.keys_dir(), "key slots", |key| {

@@ -721,6 +721,7 @@ async fn restore_into(
             &full,
             &shard_id,
             &dir,
+            &[],
             TransferOptions::default(),
             &Progress::default(),
         )

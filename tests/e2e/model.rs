@@ -121,6 +121,7 @@ pub async fn restore_exactly(
         backup,
         shard,
         target,
+        &[],
         TransferOptions::default(),
         &Progress::default(),
     )

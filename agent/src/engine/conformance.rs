@@ -581,6 +581,72 @@ pub fn a_reopened_shard_keeps_its_writes_and_wal<E: ShardEngine>(dir: &Path) {
     );
 }
 
+/// A selective restore's edits: dropped families are gone after a reopen, with their keys;
+/// the default one, which cannot be dropped, is emptied without a write (the shard stays at
+/// its sequence number); the kept one is intact.
+pub fn dropped_column_families_are_gone_and_the_default_one_empties<E: ShardEngine>(dir: &Path) {
+    let mut model = Model::new();
+    {
+        let engine = E::open(dir, &cfs()).expect("open");
+        let mut batch = WriteBatch::new();
+        for i in 0..50u8 {
+            for cf in cfs() {
+                batch.put(&cf, vec![b'k', i], vec![i]);
+            }
+        }
+        batch.put("default", vec![0xff; 3], b"last".to_vec());
+        batch.put("default", Vec::new(), b"empty key".to_vec());
+        engine.write(&batch).expect("write");
+        apply(&mut model, &batch);
+        engine.sync().expect("sync");
+    }
+    E::drop_column_families(dir, &["events".to_string(), "default".to_string()]).expect("drop");
+    let engine = E::open(dir, &[]).expect("reopen");
+    let families = engine.column_families();
+    assert!(!families.contains(&"events".to_string()), "{families:?}");
+    assert!(families.contains(&"meta".to_string()), "{families:?}");
+    assert!(families.contains(&"default".to_string()), "{families:?}");
+    let before = engine.latest_seq();
+    engine.clear_column_family("default").expect("clear");
+    engine.clear_column_family("default").expect("clear again");
+    assert_eq!(
+        engine.latest_seq(),
+        before,
+        "clearing consumes no sequence number"
+    );
+    assert!(
+        engine.clear_column_family("events").is_err(),
+        "a dropped family is unknown"
+    );
+    assert!(
+        engine
+            .scan("default", b"", None, usize::MAX)
+            .expect("scan")
+            .is_empty()
+    );
+    let meta: BTreeMap<Vec<u8>, Vec<u8>> = engine
+        .scan("meta", b"", None, usize::MAX)
+        .expect("scan")
+        .into_iter()
+        .collect();
+    assert!(meta == model["meta"], "the kept family changed");
+    engine.sync().expect("sync");
+    drop(engine);
+    let engine = E::open(dir, &[]).expect("reopen");
+    assert!(
+        engine
+            .scan("default", b"", None, usize::MAX)
+            .expect("scan")
+            .is_empty()
+    );
+    assert!(!engine.column_families().contains(&"events".to_string()));
+    assert_eq!(
+        engine.latest_seq(),
+        before,
+        "a reopened shard is where it was"
+    );
+}
+
 macro_rules! conformance_suite {
     ($module:ident, $engine:ty) => {
         mod $module {
@@ -630,6 +696,10 @@ macro_rules! conformance_suite {
             #[test]
             fn a_reopened_shard_keeps_its_writes_and_wal() {
                 run(super::a_reopened_shard_keeps_its_writes_and_wal::<$engine>);
+            }
+            #[test]
+            fn dropped_column_families_are_gone_and_the_default_one_empties() {
+                run(super::dropped_column_families_are_gone_and_the_default_one_empties::<$engine>);
             }
             #[test]
             fn reopen_keeps_data_and_sequence() {

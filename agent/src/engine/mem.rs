@@ -601,6 +601,26 @@ impl ShardEngine for MemEngine {
         Ok(self.state().wal_bytes)
     }
 
+    fn drop_column_families(dir: &Path, drop: &[String]) -> Result<()> {
+        let engine = MemEngine::open(dir, &[])?;
+        {
+            let mut state = engine.state();
+            for cf in drop.iter().filter(|cf| cf.as_str() != super::DEFAULT_CF) {
+                state.families.remove(cf);
+            }
+        }
+        engine.sync()
+    }
+
+    fn clear_column_family(&self, cf: &str) -> Result<()> {
+        self.state()
+            .families
+            .get_mut(cf)
+            .ok_or_else(|| unknown_cf(cf))?
+            .clear();
+        self.sync()
+    }
+
     fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let state = self.state();
         let family = state.families.get(cf).ok_or_else(|| unknown_cf(cf))?;

@@ -346,6 +346,18 @@ pub trait ShardEngine: Send + Sync + 'static {
     /// still flow: the capture holds exactly the writes up to its `seq`, and the WAL after
     /// `seq` stays readable by `wal_since` until the capture is dropped.
     fn capture(&self, dir: &Path) -> Result<Capture>;
+
+    /// Removes the column families `drop`, with everything in them, from the shard in `dir`,
+    /// which no engine has open (a selective restore's staged shard). The default family
+    /// cannot be dropped: see `clear_column_family`.
+    fn drop_column_families(dir: &Path, drop: &[String]) -> Result<()>
+    where
+        Self: Sized;
+
+    /// Deletes every key of `cf` without a write: no sequence number is consumed, so a
+    /// restored shard stays at its target (the default family of a selective restore, which
+    /// cannot be dropped).
+    fn clear_column_family(&self, cf: &str) -> Result<()>;
 }
 
 pub(crate) fn unknown_cf(cf: &str) -> Error {

@@ -500,4 +500,77 @@ impl ShardEngine for RocksEngine {
             Some(Box::new(freeze)),
         ))
     }
+
+    fn drop_column_families(dir: &Path, drop: &[String]) -> Result<()> {
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let options = db_options(&cache);
+        let names = DB::list_cf(&options, dir).map_err(|err| {
+            engine_error(format!("list column families in {}", dir.display()), err)
+        })?;
+        let descriptors = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, db_options(&cache)));
+        let mut db = DB::open_cf_descriptors(&options, dir, descriptors)
+            .map_err(|err| engine_error(format!("open RocksDB at {}", dir.display()), err))?;
+        for cf in drop {
+            if cf != super::DEFAULT_CF && names.contains(cf) {
+                db.drop_cf(cf)
+                    .map_err(|err| engine_error(format!("drop column family {cf}"), err))?;
+            }
+        }
+        db.flush_wal(true)
+            .map_err(|err| engine_error("sync the WAL", err))
+    }
+
+    fn clear_column_family(&self, cf: &str) -> Result<()> {
+        let handle = self.db.cf_handle(cf).ok_or_else(|| unknown_cf(cf))?;
+        let empty = || -> Result<bool> {
+            Ok(self
+                .db
+                .iterator_cf(&handle, IteratorMode::Start)
+                .next()
+                .transpose()
+                .map_err(|err| engine_error("scan", err))?
+                .is_none())
+        };
+        if empty()? {
+            return Ok(());
+        }
+        // Every key into table files below level 0 (flushes and compactions consume no
+        // sequence number; level 0 files are never deleted by range), then every file of
+        // the family dropped: the range is the union of theirs, tombstones included.
+        self.db
+            .flush_cf(&handle)
+            .map_err(|err| engine_error(format!("flush {cf}"), err))?;
+        let mut compact = rocksdb::CompactOptions::default();
+        compact.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(&handle, None::<&[u8]>, None::<&[u8]>, &compact);
+        let files = self
+            .db
+            .live_files()
+            .map_err(|err| engine_error("list the table files", err))?;
+        let mut range: Option<(Vec<u8>, Vec<u8>)> = None;
+        for file in files.into_iter().filter(|f| f.column_family_name == cf) {
+            let (Some(start), Some(end)) = (file.start_key, file.end_key) else {
+                continue;
+            };
+            range = Some(match range {
+                None => (start, end),
+                Some((low, high)) => (low.min(start), high.max(end)),
+            });
+        }
+        if let Some((low, high)) = range {
+            self.db
+                .delete_file_in_range_cf(&handle, &low, &high)
+                .map_err(|err| engine_error(format!("delete the files of {cf}"), err))?;
+        }
+        if !empty()? {
+            return Err(Error::new(
+                ErrorCode::ShardEngineFailed,
+                format!("column family {cf} still holds keys after its files were deleted"),
+            ));
+        }
+        Ok(())
+    }
 }

@@ -71,6 +71,8 @@ pub struct RestoreRequest {
     pub to: Seq,
     /// Discard the restore by itself when no message about it came for this long.
     pub lease: Duration,
+    /// Keep only these column families (never in place); empty: all.
+    pub column_families: Vec<String>,
 }
 
 /// The lease of a restore whose request names none.
@@ -108,7 +110,7 @@ pub struct RestoreStatus {
 pub(super) enum Msg {
     /// Phase 1: download and check, in the background.
     Stage {
-        request: RestoreRequest,
+        request: Box<RestoreRequest>,
         reply: oneshot::Sender<Result<RestoreStatus>>,
     },
     /// The status of one restore.
@@ -135,8 +137,13 @@ pub(super) enum Msg {
 
 impl ParticipantHandle {
     pub async fn restore_stage(&self, request: RestoreRequest) -> Result<RestoreStatus> {
-        self.ask(|reply| ParticipantMsg::Restore(Msg::Stage { request, reply }))
-            .await?
+        self.ask(|reply| {
+            ParticipantMsg::Restore(Msg::Stage {
+                request: Box::new(request),
+                reply,
+            })
+        })
+        .await?
     }
 
     pub async fn restore_status(&self, restore_id: String) -> Result<RestoreStatus> {
@@ -366,7 +373,7 @@ impl<E: ShardEngine> Restores<E> {
         match msg {
             Msg::Stage { request, reply } => {
                 self.renew(&request.restore_id);
-                let _ = reply.send(self.stage(shard, barrier, request));
+                let _ = reply.send(self.stage(shard, barrier, *request));
             }
             Msg::Status { restore_id, reply } => {
                 self.renew(&restore_id);
@@ -404,6 +411,12 @@ impl<E: ShardEngine> Restores<E> {
             return Err(Error::new(
                 ErrorCode::BarrierBusy,
                 format!("shard {shard_id} is busy with restore {restore}"),
+            ));
+        }
+        if request.target.is_none() && !request.column_families.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                "a selective restore goes into a directory: in place it would drop the live shard's other column families",
             ));
         }
         if let Some(target) = &request.target {
@@ -447,6 +460,7 @@ impl<E: ShardEngine> Restores<E> {
             repo: Some(shard.repo.clone()),
         };
         let (point, current) = (request.point, shard.slot.lineage().timeline);
+        let keep = request.column_families.clone();
         let security = shard.security.clone();
         let task = self.stagings.spawn(async move {
             let shard = shard_id_task;
@@ -501,6 +515,7 @@ impl<E: ShardEngine> Restores<E> {
                     let replay_ms = started.elapsed().as_millis() as u64;
                     tracing::info!(shard = %shard, batches = n, seq = %staged.seq, replay_ms, "restore: WAL replayed");
                 }
+                staged.keep_column_families(&keep).await?;
                 let lineage = staged.start_lineage(&point, timeline)?;
                 tracing::info!(shard = %shard, from = %point, to = %lineage, "restore: the shard starts a new history");
                 Ok(staged)
@@ -823,6 +838,7 @@ mod tests {
             point: Lineage::root(),
             to: Seq(0),
             lease: DEFAULT_RESTORE_LEASE,
+            column_families: Vec::new(),
         }
     }
 
