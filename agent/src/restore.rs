@@ -884,8 +884,17 @@ pub async fn unpack_export(
     })
     .await
     .map_err(replay_task_failed)??;
-    // `staging_beside` made the directory's path absolute.
-    let repo = Repository::open(&format!("file://{}", dir.path().display())).await?;
+    // A plain path (`staging_beside` made it absolute): no URL parsing of its characters.
+    let location = dir.path().to_str().ok_or_else(|| {
+        Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{} is not UTF-8; restore into another directory",
+                dir.path().display()
+            ),
+        )
+    })?;
+    let repo = Repository::open(location).await?;
     Ok(Unpacked {
         dir,
         manifest,

@@ -18,11 +18,13 @@
 //! - `limits.rs`: a rate-limited backup and restore against their limit;
 //! - `encryption.rs`: backups and restores into an encrypted repository against plaintext
 //!   ones and BackupEngine, in alternated runs;
+//! - `export.rs`: export through a coordinator, import into another, restore from the file;
 //! - `report.rs`: the whole run, the JSON file and the Markdown tables.
 
 mod barrier;
 mod contenders;
 mod encryption;
+mod export;
 mod floor;
 mod gc;
 mod generate;
@@ -73,6 +75,15 @@ enum Command {
         agents: Vec<usize>,
         #[arg(long, default_value_t = 30)]
         backups: usize,
+    },
+    /// Only export, import and restore from the file at each size, as JSON.
+    Export {
+        #[arg(long)]
+        bin_dir: PathBuf,
+        #[arg(long)]
+        work: PathBuf,
+        #[arg(long, default_value = "256,1024", value_delimiter = ',')]
+        mib: Vec<u64>,
     },
     /// Only the rate-limited backup and restore, as JSON.
     Limits {
@@ -223,6 +234,9 @@ pub struct RunArgs {
     /// ...and how many alternated runs of each contender.
     #[arg(long, default_value_t = 5)]
     pub encryption_pairs: usize,
+    /// Shard sizes (MiB of values) for export, import and restore from the file.
+    #[arg(long, default_value = "256,1024", value_delimiter = ',')]
+    pub export_mib: Vec<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -247,6 +261,7 @@ fn main() -> std::process::ExitCode {
             mib,
             limit_mib_s,
         } => report::limits_only(&bin_dir, &work, mib, limit_mib_s),
+        Command::Export { bin_dir, work, mib } => report::export_only(&bin_dir, &work, &mib),
         Command::Scale {
             bin_dir,
             work,

@@ -126,6 +126,7 @@ pub struct Results {
     pub catalog: Vec<crate::scale::CatalogResult>,
     pub limits: crate::limits::LimitResult,
     pub encryption: crate::encryption::EncryptionResult,
+    pub export: Vec<crate::export::ExportResult>,
 }
 
 /// Regular files of a shard by name, with sizes.
@@ -382,6 +383,18 @@ pub fn encryption_only(
     Ok(())
 }
 
+/// Only export, import and restore from the file, as JSON.
+pub fn export_only(bin_dir: &Path, work: &Path, sizes: &[u64]) -> Result<()> {
+    std::fs::create_dir_all(work)?;
+    let bins = binaries(bin_dir)?;
+    let results = sizes
+        .iter()
+        .map(|mib| crate::export::measure(&bins, work, *mib))
+        .collect::<Result<Vec<_>>>()?;
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    Ok(())
+}
+
 /// Only the rate-limited backup and restore, as JSON.
 pub fn limits_only(bin_dir: &Path, work: &Path, mib: u64, limit_mib_s: u64) -> Result<()> {
     std::fs::create_dir_all(work)?;
@@ -511,6 +524,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         args.encryption_pairs,
         args.threads,
     )?;
+    let export = args
+        .export_mib
+        .iter()
+        .map(|mib| crate::export::measure(&bins, &args.work, *mib))
+        .collect::<Result<Vec<_>>>()?;
     let _ = std::fs::remove_dir_all(&args.work);
 
     let results = Results {
@@ -530,7 +548,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.backups,
             args.wal_secs
         ) + &format!(
-            " --gc-objects {} --archive-segments {} --catalog-backups {} --limit-mib-s {} --limit-shard-mib {} --encryption-mib {} --encryption-pairs {})",
+            " --gc-objects {} --archive-segments {} --catalog-backups {} --limit-mib-s {} --limit-shard-mib {} --encryption-mib {} --encryption-pairs {} --export-mib {})",
             args.gc_objects
                 .iter()
                 .map(|n| n.to_string())
@@ -549,7 +567,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
             args.limit_mib_s,
             args.limit_shard_mib,
             args.encryption_mib,
-            args.encryption_pairs
+            args.encryption_pairs,
+            args.export_mib
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         ),
         threads: args.threads,
         pairs: args.pairs,
@@ -563,6 +586,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         catalog,
         limits,
         encryption,
+        export,
     };
     std::fs::write(
         args.out.join("results.json"),
@@ -819,6 +843,26 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
         l.restore_mib_s,
         within(l.restore_mib_s),
     ));
+    out.push_str(
+        "\n**Export and import** (a shard of half-random values backed up offline, exported \
+         through a coordinator to one file, imported into another coordinator's repository, \
+         and restored from the file with no repository, beside a restore from the repository; \
+         each command timed whole from a cold page cache)\n\n\
+         | stored MiB | file MiB | backup s | export s | import s | restore s | restore --from-file s |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for x in &r.export {
+        out.push_str(&format!(
+            "| {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            x.stored_mib,
+            x.file_mib,
+            x.backup_secs,
+            x.export_secs,
+            x.import_secs,
+            x.restore_secs,
+            x.from_file_secs
+        ));
+    }
     let e = &r.encryption;
     let shown = Ratio::shown;
     out.push_str(&format!(

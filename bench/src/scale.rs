@@ -49,19 +49,17 @@ pub struct ArchiveResult {
     pub put_ms: f64,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?)
 }
 
-/// Creates the repository at `repo_dir` (its marker, as a first start writes it) and an
-/// archive-only coordinator's configuration for it; returns the configuration's path.
 /// Creates the repository at `repo_dir` and a coordinator's configuration for it, with an
 /// agent entry for each of `shards` shards (none: archive-only); returns the configuration's
 /// path. The agents' endpoints are never reached: only plans are asked of them.
-fn prepare(
+pub(crate) fn prepare(
     runtime: &tokio::runtime::Runtime,
     dir: &Path,
     repo_dir: &Path,
@@ -99,7 +97,12 @@ fn prepare(
 }
 
 /// Starts the coordinator of `config`; returns its address.
-fn serve(processes: &mut Processes, bins: &Binaries, config: &Path, log: &Path) -> Result<String> {
+pub(crate) fn serve(
+    processes: &mut Processes,
+    bins: &Binaries,
+    config: &Path,
+    log: &Path,
+) -> Result<String> {
     start(
         processes,
         &bins.coordinator,

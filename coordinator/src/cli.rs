@@ -335,6 +335,11 @@ pub enum BackupCommand {
     /// the backups (and tag) appear only once the whole file checked.
     Import {
         file: PathBuf,
+        /// Import even into a repository holding backups the file does not: the imported
+        /// ones become its newest (`latest`, the next incremental's parent, retention's keep
+        /// counts see them first).
+        #[arg(long)]
+        force: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -844,8 +849,9 @@ async fn create(
 }
 
 /// A progress bar over bytes, on stderr (hidden when stderr is not a terminal).
-/// `backup export`: the stream written to `<output>.partial`, synced, then renamed, so the
-/// file never exists incomplete under its name.
+/// `backup export`: the stream written to `<output>.partial` (a new file), synced, and linked
+/// to its name only once the coordinator said it is complete (never over an existing file),
+/// so the file never exists incomplete under its name.
 async fn export_to_file(
     client: &mut Client,
     request: v1::ExportBackupRequest,
@@ -855,7 +861,7 @@ async fn export_to_file(
     use tokio::io::AsyncWriteExt;
     let file_error = |what: &str, err| {
         Error::io(
-            ErrorCode::InvalidArgument,
+            ErrorCode::StorageUnavailable,
             format!("{what} {}", output.display()),
             err,
         )
@@ -866,20 +872,36 @@ async fn export_to_file(
             format!("{} exists; export to a new file", output.display()),
         ));
     }
-    let partial = output.with_extension("partial");
+    let mut partial = output.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     let started = std::time::Instant::now();
     let mut stream = client
         .export_backup(request)
         .await
         .map_err(|s| from_status("export backup", &s))?
         .into_inner();
-    let mut file = tokio::fs::File::create(&partial)
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
         .await
-        .map_err(|err| file_error("create", err))?;
+        .map_err(|err| {
+            Error::io(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "create {} (an export to {} may be running, or one stopped: remove it)",
+                    partial.display(),
+                    output.display()
+                ),
+                err,
+            )
+        })?;
     let bar = byte_bar();
     bar.set_message("export");
     let mut written = 0u64;
     let outcome = async {
+        let mut complete = false;
         while let Some(chunk) = stream
             .message()
             .await
@@ -891,20 +913,30 @@ async fn export_to_file(
             written += chunk.data.len() as u64;
             bar.set_length(chunk.entry_bytes_total);
             bar.set_position(chunk.entry_bytes_done);
+            complete = chunk.complete;
+        }
+        if !complete {
+            return Err(Error::new(
+                ErrorCode::AgentUnavailable,
+                "the coordinator ended the export before the file was complete; export again",
+            ));
         }
         file.sync_all()
             .await
             .map_err(|err| file_error("sync", err))?;
-        tokio::fs::rename(&partial, output)
+        // A link fails if the name exists (a file made meanwhile is never replaced).
+        tokio::fs::hard_link(&partial, output)
             .await
-            .map_err(|err| file_error("rename into", err))
+            .map_err(|err| file_error("link the export to", err))?;
+        if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
     }
     .await;
     bar.finish_and_clear();
-    if let Err(err) = outcome {
-        let _ = tokio::fs::remove_file(&partial).await;
-        return Err(err);
-    }
+    let _ = tokio::fs::remove_file(&partial).await;
+    outcome?;
     let seconds = started.elapsed().as_secs_f64();
     if json {
         println!(
@@ -922,7 +954,12 @@ async fn export_to_file(
 }
 
 /// `backup import`: the file streamed to the coordinator in 1 MiB messages.
-async fn import_file(client: &mut Client, path: &std::path::Path, json: bool) -> Result<()> {
+async fn import_file(
+    client: &mut Client,
+    path: &std::path::Path,
+    force: bool,
+    json: bool,
+) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let mut file = tokio::fs::File::open(path).await.map_err(|err| {
         Error::io(
@@ -938,6 +975,7 @@ async fn import_file(client: &mut Client, path: &std::path::Path, json: bool) ->
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let (ticker, shown) = (bar.clone(), path.display().to_string());
     let reading = tokio::spawn(async move {
+        let mut first = true;
         loop {
             let mut data = vec![0u8; 1 << 20];
             let n = file.read(&mut data).await.map_err(|err| {
@@ -948,7 +986,11 @@ async fn import_file(client: &mut Client, path: &std::path::Path, json: bool) ->
             }
             data.truncate(n);
             ticker.inc(n as u64);
-            if tx.send(v1::ImportChunk { data }).await.is_err() {
+            let chunk = v1::ImportChunk {
+                data,
+                force: std::mem::take(&mut first) && force,
+            };
+            if tx.send(chunk).await.is_err() {
                 return Ok(()); // the coordinator answered early and says why
             }
         }
@@ -1350,8 +1392,8 @@ async fn run_command(cli: Cli) -> Result<i32> {
             };
             export_to_file(&mut client(endpoint).await?, request, &output, json).await?;
         }
-        Command::Backup(BackupCommand::Import { file, json }) => {
-            import_file(&mut client(endpoint).await?, &file, json).await?;
+        Command::Backup(BackupCommand::Import { file, force, json }) => {
+            import_file(&mut client(endpoint).await?, &file, force, json).await?;
         }
         Command::Backup(BackupCommand::Delete { backup }) => {
             let mut client = client(endpoint).await?;

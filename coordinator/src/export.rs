@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -35,6 +35,8 @@ use crate::restore::{PointInTime, RestoreTarget};
 const CHUNK: usize = 1 << 20;
 /// Entries read ahead of the writer.
 const READ_AHEAD: usize = 2;
+/// How long an import waits for the client's next message.
+const IMPORT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What one export writes: its manifest, and where a tag's WAL is read from.
 pub struct Export {
@@ -78,6 +80,7 @@ impl Export {
             }
             manifest.entries = backup_entries(&ctx.repo, &chain).await?;
             manifest.backup_id = backup;
+            manifest.encode()?;
             return Ok(Export {
                 manifest,
                 archive: None,
@@ -161,14 +164,21 @@ impl Export {
                 .len() as u64,
         };
         manifest.entries.push(tag);
-        manifest.backup_id = backups[0].clone();
+        manifest.backup_id = backups.first().cloned().ok_or_else(|| {
+            Error::new(
+                ErrorCode::BackupNotFound,
+                format!("tag {name} names no backup"),
+            )
+        })?;
         manifest.tag = Some(name);
+        manifest.encode()?;
         Ok(Export { manifest, archive })
     }
 
-    /// Streams the file: each entry read and handed to the writer in order. The stream ends
-    /// with an error status if anything fails (the file is then cut short, and any reader
-    /// refuses it).
+    /// Streams the file: each entry read and handed to the writer in order; the last message
+    /// says the file is complete. The stream ends with an error status if anything fails, or
+    /// without that message if the export stopped (the file is then cut short, and any
+    /// reader refuses it).
     pub fn stream(
         self,
         ctx: &ClusterContext,
@@ -185,6 +195,7 @@ impl Export {
                     buffer: Vec::with_capacity(CHUNK),
                     done,
                     total,
+                    complete: false,
                 };
                 if let Err(err) = write_file(sink, &manifest, entries) {
                     let _ = out.blocking_send(Err(to_status(&err)));
@@ -232,13 +243,16 @@ fn write_file(
     let mut writer = ExportWriter::new(sink, manifest)?;
     for _ in 0..manifest.entries.len() {
         let Some((entry, bytes)) = entries.blocking_recv() else {
-            return Ok(()); // the reader failed and says why
+            // The reader failed and says why; the file never says it is complete.
+            return Ok(());
         };
         writer.append(&entry, &bytes)?;
     }
     let mut sink = writer.finish()?;
-    sink.flush()
-        .map_err(|err| Error::io(ErrorCode::StorageUnavailable, "stream the export", err))
+    let sent = |err| Error::io(ErrorCode::StorageUnavailable, "stream the export", err);
+    sink.flush().map_err(sent)?;
+    sink.complete = true;
+    sink.send().map_err(sent)
 }
 
 /// The file's bytes, in messages of [`CHUNK`].
@@ -247,6 +261,8 @@ struct ChunkSink {
     buffer: Vec<u8>,
     done: Arc<AtomicU64>,
     total: u64,
+    /// Set for the last message.
+    complete: bool,
 }
 
 impl ChunkSink {
@@ -255,6 +271,7 @@ impl ChunkSink {
             data: std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK)),
             entry_bytes_done: self.done.load(Ordering::Relaxed),
             entry_bytes_total: self.total,
+            complete: self.complete,
         };
         self.out.blocking_send(Ok(chunk)).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
@@ -305,29 +322,48 @@ enum Received {
     Entry(Entry, Vec<u8>),
 }
 
-/// Imports the file streamed in `input` into this coordinator's repository.
+/// Imports the file streamed in `input` into this coordinator's repository. The first
+/// message's `force` lets it into a repository holding other backups.
 pub async fn import(
     ctx: &ClusterContext,
-    mut input: impl futures::Stream<Item = std::result::Result<Bytes, Status>> + Unpin + Send + 'static,
+    mut input: impl futures::Stream<Item = std::result::Result<v1::ImportChunk, Status>>
+    + Unpin
+    + Send
+    + 'static,
 ) -> Result<ImportReport> {
     use futures::StreamExt;
     let (bytes_tx, bytes_rx) = mpsc::channel::<Bytes>(4);
-    let client_error = Arc::new(std::sync::Mutex::new(None::<Status>));
+    let client_error = Arc::new(std::sync::Mutex::new(None::<Error>));
+    let force = Arc::new(AtomicBool::new(false));
     let forward = {
-        let client_error = client_error.clone();
+        let (client_error, force) = (client_error.clone(), force.clone());
         tokio::spawn(async move {
-            while let Some(message) = input.next().await {
-                match message {
-                    Ok(bytes) => {
-                        if bytes_tx.send(bytes).await.is_err() {
+            let mut first = true;
+            loop {
+                let failed = match tokio::time::timeout(IMPORT_IDLE, input.next()).await {
+                    Ok(None) => return,
+                    Ok(Some(Ok(chunk))) => {
+                        if std::mem::take(&mut first) {
+                            force.store(chunk.force, Ordering::Relaxed);
+                        }
+                        if bytes_tx.send(Bytes::from(chunk.data)).await.is_err() {
                             return;
                         }
+                        continue;
                     }
-                    Err(status) => {
-                        *client_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
-                        return;
+                    Ok(Some(Err(status))) => {
+                        lockstep_proto::from_status("the client's stream", &status)
                     }
-                }
+                    Err(_) => Error::new(
+                        ErrorCode::AgentUnavailable,
+                        format!(
+                            "the client sent nothing for {} s; the import stopped",
+                            IMPORT_IDLE.as_secs()
+                        ),
+                    ),
+                };
+                *client_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(failed);
+                return;
             }
         })
     };
@@ -367,9 +403,11 @@ pub async fn import(
     let mut failed = None;
     while let Some(item) = items.recv().await {
         let step = match item {
-            Received::Manifest(manifest) => Importer::new(repo.clone(), &manifest)
-                .await
-                .map(|new| importer = Some(new)),
+            Received::Manifest(manifest) => {
+                Importer::new(repo.clone(), &manifest, force.load(Ordering::Relaxed))
+                    .await
+                    .map(|new| importer = Some(new))
+            }
             Received::Entry(entry, bytes) => match importer.as_mut() {
                 Some(importer) => importer.entry(&entry, bytes).await,
                 None => Ok(()),
@@ -380,31 +418,40 @@ pub async fn import(
             break;
         }
     }
+    // The reader ends once nothing more comes from the client or nobody takes its entries.
     drop(items);
+    forward.abort();
     let read = reader
         .await
         .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "import task", err))?;
-    forward.abort();
-    if let Some(err) = failed {
-        return Err(err);
-    }
-    if let Some(status) = client_error
+    let client_error = client_error
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .take()
-    {
-        return Err(lockstep_proto::from_status("the client's stream", &status));
-    }
-    let manifest = read?;
+        .take();
+    let manifest = match (read, failed, client_error) {
+        // Damage the reader found explains whatever else failed.
+        (Err(err), _, _) if err.code == ErrorCode::BackupChecksumMismatch => return Err(err),
+        (_, Some(err), _) | (_, None, Some(err)) | (Err(err), None, None) => return Err(err),
+        (Ok(manifest), None, None) => manifest,
+    };
     let importer = importer.ok_or_else(|| {
         Error::new(
             ErrorCode::InvalidArgument,
             "the export file holds no manifest",
         )
     })?;
-    ctx.fence.check("publish an imported backup").await?;
-    let report = importer.publish().await?;
-    drop(hold);
+    // Published by a task of its own, so a client gone now does not stop it half-way; the
+    // GC hold lasts until it ends.
+    let fence = ctx.fence.clone();
+    let publish = tokio::spawn(async move {
+        fence.check("publish an imported backup").await?;
+        let report = importer.publish().await;
+        drop(hold);
+        report
+    });
+    let report = publish
+        .await
+        .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "import task", err))??;
     tracing::info!(
         backups = ?report.backups,
         tag = ?manifest.tag,

@@ -543,11 +543,7 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<tonic::Streaming<v1::ImportChunk>>,
     ) -> Reply<v1::ImportReply> {
-        use futures::StreamExt;
-        let input = request
-            .into_inner()
-            .map(|chunk| chunk.map(|chunk| bytes::Bytes::from(chunk.data)));
-        let report = crate::export::import(&self.ctx, input)
+        let report = crate::export::import(&self.ctx, request.into_inner())
             .await
             .map_err(status)?;
         let names = |ids: &[BackupId]| ids.iter().map(|id| id.to_string()).collect();

@@ -137,7 +137,15 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
     assert_eq!(again.status.code(), Some(2), "{}", text(&again));
     assert!(text(&again).contains("exists"), "{}", text(&again));
     assert!(
-        !files.path().join("chain.partial").exists(),
+        !files.path().join("chain.tar.zst.partial").exists(),
+        "no partial file is left"
+    );
+    assert!(
+        std::fs::read_dir(files.path()).expect("list").all(|e| !e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".partial")),
         "no partial file is left"
     );
 
@@ -200,6 +208,19 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
     );
     let verify = target.lockstep(&["backup", "verify", "--full"]);
     assert!(verify.status.success(), "{}", text(&verify));
+
+    // A repository holding backups of its own takes a file only when told to: the file's
+    // would become its newest.
+    let own = target.backup("full");
+    let refused = target.lockstep(&["backup", "import", path(&tag_file)]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(text(&refused).contains("--force"), "{}", text(&refused));
+    let forced = target.lockstep(&["backup", "import", path(&tag_file), "--force"]);
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert_eq!(
+        listed(&target),
+        vec![full.clone(), incremental.clone(), own]
+    );
 
     let restores = tempfile::tempdir().expect("tempdir");
     assert_eq!(
@@ -291,4 +312,20 @@ async fn an_encrypted_repository_exports_an_encrypted_file() {
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert!(text(&refused).contains("key import"), "{}", text(&refused));
     assert!(listed(&plaintext).is_empty());
+
+    // The other way, a plaintext file goes into the encrypted repository: every object
+    // sealed again under another name (a keyed hash), the manifests renamed to match.
+    let mut plain_history = vec![Vec::new(); N_AGENTS];
+    round(&plaintext, &mut plain_history, "plain", 20).await;
+    let plain_full = plaintext.backup("full");
+    let plain_file = files.path().join("plain.tar.zst");
+    export(&plaintext, &[&plain_full], &plain_file);
+    let imported = source.lockstep(&["backup", "import", path(&plain_file), "--force"]);
+    assert!(imported.status.success(), "{}", text(&imported));
+    let verify = source.lockstep(&["backup", "verify", &plain_full, "--full"]);
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert_eq!(
+        restored(&source, &[&plain_full], &bare.path().join("plain")),
+        states(&plain_history)
+    );
 }

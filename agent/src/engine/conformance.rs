@@ -586,7 +586,7 @@ pub fn a_reopened_shard_keeps_its_writes_and_wal<E: ShardEngine>(dir: &Path) {
 /// its sequence number); the kept one is intact.
 pub fn dropped_column_families_are_gone_and_the_default_one_empties<E: ShardEngine>(dir: &Path) {
     let mut model = Model::new();
-    {
+    let before = {
         let engine = E::open(dir, &cfs()).expect("open");
         let mut batch = WriteBatch::new();
         for i in 0..50u8 {
@@ -599,14 +599,19 @@ pub fn dropped_column_families_are_gone_and_the_default_one_empties<E: ShardEngi
         engine.write(&batch).expect("write");
         apply(&mut model, &batch);
         engine.sync().expect("sync");
-    }
+        engine.latest_seq()
+    };
     E::drop_column_families(dir, &["events".to_string(), "default".to_string()]).expect("drop");
     let engine = E::open(dir, &[]).expect("reopen");
     let families = engine.column_families();
     assert!(!families.contains(&"events".to_string()), "{families:?}");
     assert!(families.contains(&"meta".to_string()), "{families:?}");
     assert!(families.contains(&"default".to_string()), "{families:?}");
-    let before = engine.latest_seq();
+    assert_eq!(
+        engine.latest_seq(),
+        before,
+        "dropping consumes no sequence number"
+    );
     engine.clear_column_family("default").expect("clear");
     engine.clear_column_family("default").expect("clear again");
     assert_eq!(
