@@ -29,7 +29,8 @@ pub fn measure(bins: &Binaries, work: &Path, mib: u64) -> Result<ExportResult> {
     let dir = work.join(format!("export-{mib}"));
     remove(&dir);
     let runtime = crate::scale::runtime()?;
-    let (source_repo, target_repo) = (dir.join("source-repo"), dir.join("target-repo"));
+    // `prepare` makes each coordinator's directory afresh, with its repository inside.
+    let (source_repo, target_repo) = (dir.join("source/repo"), dir.join("target/repo"));
     let source = crate::scale::prepare(&runtime, &dir.join("source"), &source_repo, 0)?;
     let target = crate::scale::prepare(&runtime, &dir.join("target"), &target_repo, 0)?;
     let (db, file) = (dir.join("db"), dir.join("backup.tar.zst"));
