@@ -876,24 +876,25 @@ async fn export_to_file(
     partial.push(".partial");
     let partial = PathBuf::from(partial);
     let started = std::time::Instant::now();
-    let mut stream = client
-        .export_backup(request)
-        .await
-        .map_err(|s| from_status("export backup", &s))?
-        .into_inner();
+    // Made before anything is asked of the coordinator: a name taken or a directory that
+    // cannot be written fails at once.
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&partial)
         .await
         .map_err(|err| {
+            let why = if err.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    " (an export to {} is running, or one stopped: remove it)",
+                    output.display()
+                )
+            } else {
+                String::new()
+            };
             Error::io(
                 ErrorCode::InvalidArgument,
-                format!(
-                    "create {} (an export to {} may be running, or one stopped: remove it)",
-                    partial.display(),
-                    output.display()
-                ),
+                format!("create {}{why}", partial.display()),
                 err,
             )
         })?;
@@ -901,6 +902,11 @@ async fn export_to_file(
     bar.set_message("export");
     let mut written = 0u64;
     let outcome = async {
+        let mut stream = client
+            .export_backup(request)
+            .await
+            .map_err(|s| from_status("export backup", &s))?
+            .into_inner();
         let mut complete = false;
         while let Some(chunk) = stream
             .message()
@@ -924,14 +930,7 @@ async fn export_to_file(
         file.sync_all()
             .await
             .map_err(|err| file_error("sync", err))?;
-        // A link fails if the name exists (a file made meanwhile is never replaced).
-        tokio::fs::hard_link(&partial, output)
-            .await
-            .map_err(|err| file_error("link the export to", err))?;
-        if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-        }
-        Ok(())
+        publish_file(&partial, output).await
     }
     .await;
     bar.finish_and_clear();
@@ -950,6 +949,42 @@ async fn export_to_file(
             indicatif::HumanBytes(written),
         );
     }
+    Ok(())
+}
+
+/// Gives the complete `partial` its name `output`, never over an existing file: a hard link
+/// (which fails if the name exists), or on filesystems without links (FAT, exFAT, some
+/// network shares) a rename after checking the name is free; then syncs the directory.
+async fn publish_file(partial: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    let named = |what: &str, err| {
+        Error::io(
+            ErrorCode::StorageUnavailable,
+            format!("{what} {}", output.display()),
+            err,
+        )
+    };
+    match tokio::fs::hard_link(partial, output).await {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::io(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{} appeared while the export ran; it is left as it was",
+                    output.display()
+                ),
+                err,
+            ));
+        }
+        Err(_) if !output.exists() => tokio::fs::rename(partial, output)
+            .await
+            .map_err(|err| named("rename the export to", err))?,
+        Err(err) => return Err(named("link the export to", err)),
+    }
+    let dir = match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     Ok(())
 }
 

@@ -322,15 +322,34 @@ enum Received {
     Entry(Entry, Vec<u8>),
 }
 
-/// Imports the file streamed in `input` into this coordinator's repository. The first
-/// message's `force` lets it into a repository holding other backups.
-pub async fn import(
+/// An import received whole and checked, its objects and WAL stored, its manifests held for
+/// [`publish`]; it holds GC off like a running backup until it is published or dropped.
+pub struct Staged {
+    importer: Importer,
+    manifest: ExportManifest,
+    _hold: crate::gc::BackupHold,
+}
+
+impl Staged {
+    /// What `cluster status` shows while it is published.
+    pub fn what(&self) -> String {
+        match &self.manifest.tag {
+            Some(tag) => format!("import of tag {tag}"),
+            None => format!("import of backup {}", self.manifest.backup_id),
+        }
+    }
+}
+
+/// Receives the file streamed in `input` into this coordinator's repository: everything but
+/// the manifests, which [`publish`] writes. The first message's `force` lets it into a
+/// repository holding other backups.
+pub async fn receive(
     ctx: &ClusterContext,
     mut input: impl futures::Stream<Item = std::result::Result<v1::ImportChunk, Status>>
     + Unpin
     + Send
     + 'static,
-) -> Result<ImportReport> {
+) -> Result<Staged> {
     use futures::StreamExt;
     let (bytes_tx, bytes_rx) = mpsc::channel::<Bytes>(4);
     let client_error = Arc::new(std::sync::Mutex::new(None::<Error>));
@@ -428,11 +447,11 @@ pub async fn import(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    let manifest = match (read, failed, client_error) {
-        // Damage the reader found explains whatever else failed.
-        (Err(err), _, _) if err.code == ErrorCode::BackupChecksumMismatch => return Err(err),
-        (_, Some(err), _) | (_, None, Some(err)) | (Err(err), None, None) => return Err(err),
-        (Ok(manifest), None, None) => manifest,
+    // The first cause: the importer's own failure (the reader then stops for want of a
+    // taker, or meets the end of a stream cut short), else the client's, else the reader's.
+    let manifest = match (failed, client_error, read) {
+        (Some(err), _, _) | (None, Some(err), _) | (None, None, Err(err)) => return Err(err),
+        (None, None, Ok(manifest)) => manifest,
     };
     let importer = importer.ok_or_else(|| {
         Error::new(
@@ -440,24 +459,34 @@ pub async fn import(
             "the export file holds no manifest",
         )
     })?;
-    // Published by a task of its own, so a client gone now does not stop it half-way; the
-    // GC hold lasts until it ends.
-    let fence = ctx.fence.clone();
-    let publish = tokio::spawn(async move {
-        fence.check("publish an imported backup").await?;
-        let report = importer.publish().await;
-        drop(hold);
-        report
-    });
-    let report = publish
-        .await
-        .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "import task", err))??;
-    tracing::info!(
-        backups = ?report.backups,
-        tag = ?manifest.tag,
-        objects = report.objects,
-        "imported an export file from {}",
-        manifest.source
-    );
-    Ok(report)
+    Ok(Staged {
+        importer,
+        manifest,
+        _hold: hold,
+    })
+}
+
+/// Publishes a received import: under `ClusterOps` (no backup commits, delete or retention
+/// runs meanwhile, and it runs to its end whatever its client does), after a fence check.
+pub async fn publish(ctx: &ClusterContext, staged: Staged) -> Result<ImportReport> {
+    ctx.fence.check("publish an imported backup").await?;
+    let Staged {
+        importer,
+        manifest,
+        _hold,
+    } = staged;
+    let report = importer.publish().await;
+    match &report {
+        Ok(report) => tracing::info!(
+            backups = ?report.backups,
+            tag = ?manifest.tag,
+            objects = report.objects,
+            "imported an export file from {}",
+            manifest.source
+        ),
+        Err(err) => {
+            tracing::warn!(error = %err.chain(), "an import from {} failed", manifest.source)
+        }
+    }
+    report
 }

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use lockstep_proto::v1;
+use lockstep_repository::export::ImportReport;
 use lockstep_repository::manifest::{BackupKind, Labels, TagManifest};
 use lockstep_repository::remembered::Remembered;
 use lockstep_repository::{BackupId, Error, ErrorCode, Repository, RestoreId, Result, TagName};
@@ -153,6 +154,12 @@ enum Msg {
         dry_run: bool,
         reply: oneshot::Sender<Result<crate::retention::Plan>>,
     },
+    /// Publish an import whose file was received and checked. Replies when done, or hands
+    /// the import back with the refusal when the cluster is held by another operation.
+    Import {
+        staged: Box<crate::export::Staged>,
+        reply: oneshot::Sender<ImportAnswer>,
+    },
     /// Cancel the running restore, or settle the restores a stopped coordinator left.
     /// Replies with what was done.
     AbortRestore {
@@ -168,6 +175,12 @@ enum Msg {
         reply: oneshot::Sender<Option<Running>>,
     },
 }
+
+/// An import's answer: its report, or why not (with the import, when it may be tried again).
+type ImportAnswer = std::result::Result<ImportReport, (Error, Option<Box<crate::export::Staged>>)>;
+
+/// How long an import's publish waits for the operation holding the cluster.
+const IMPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// Cloneable handle on the operations actor.
 #[derive(Clone)]
@@ -245,6 +258,26 @@ impl ClusterOps {
         self.ask(|reply| Msg::Delete { backup, reply }).await?
     }
 
+    /// Publishes a received import holding the cluster like a delete, so no backup commit,
+    /// delete or retention runs in between; waits while another operation holds it.
+    pub async fn import(&self, staged: crate::export::Staged) -> Result<ImportReport> {
+        let mut staged = Box::new(staged);
+        let deadline = tokio::time::Instant::now() + IMPORT_WAIT;
+        loop {
+            match self.ask(|reply| Msg::Import { staged, reply }).await? {
+                Ok(report) => return Ok(report),
+                Err((err, Some(again)))
+                    if err.code == ErrorCode::BarrierBusy
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    staged = again;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err((err, _)) => return Err(err),
+            }
+        }
+    }
+
     pub async fn retention(&self, dry_run: bool) -> Result<crate::retention::Plan> {
         self.ask(|reply| Msg::Retention { dry_run, reply }).await?
     }
@@ -271,6 +304,7 @@ enum Ended {
     Backup(Shared, Result<()>),
     Tag(oneshot::Sender<Result<TagManifest>>, Result<TagManifest>),
     Delete(oneshot::Sender<Result<()>>, Result<()>),
+    Import(oneshot::Sender<ImportAnswer>, ImportAnswer),
     Retention(
         oneshot::Sender<Result<crate::retention::Plan>>,
         Result<crate::retention::Plan>,
@@ -378,6 +412,9 @@ impl Actor {
                 let _ = reply.send(outcome);
             }
             Ended::Delete(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Ended::Import(reply, outcome) => {
                 let _ = reply.send(outcome);
             }
             Ended::Retention(reply, outcome) => {
@@ -572,6 +609,19 @@ impl Actor {
                 self.ops.spawn(async move {
                     let outcome = backup::delete(&ctx, &backup).await;
                     Ended::Delete(reply, outcome)
+                });
+            }
+            Msg::Import { staged, reply } => {
+                if let Err(err) = self.hold(staged.what(), None) {
+                    let _ = reply.send(Err((err, Some(staged))));
+                    return;
+                }
+                let ctx = self.ctx.clone();
+                self.ops.spawn(async move {
+                    let outcome = crate::export::publish(&ctx, *staged)
+                        .await
+                        .map_err(|err| (err, None));
+                    Ended::Import(reply, outcome)
                 });
             }
             Msg::AbortRestore { reply } => {

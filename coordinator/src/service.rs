@@ -543,9 +543,10 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<tonic::Streaming<v1::ImportChunk>>,
     ) -> Reply<v1::ImportReply> {
-        let report = crate::export::import(&self.ctx, request.into_inner())
+        let staged = crate::export::receive(&self.ctx, request.into_inner())
             .await
             .map_err(status)?;
+        let report = self.ops.import(staged).await.map_err(status)?;
         let names = |ids: &[BackupId]| ids.iter().map(|id| id.to_string()).collect();
         Ok(Response::new(v1::ImportReply {
             backup_ids: names(&report.backups),

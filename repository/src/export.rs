@@ -50,6 +50,10 @@ const ZSTD_LEVEL: i32 = 1;
 pub const MAX_EXPORT_MANIFEST_BYTES: u64 = 512 << 20;
 /// The most a GNU long name may hold.
 const MAX_NAME_BYTES: u64 = 4096;
+/// What may follow the last entry: tar's end blocks and padding to its record size.
+const MAX_TRAILER_BYTES: u64 = 64 << 10;
+/// The largest zstd window a reader accepts (the writer's level 1 uses far less).
+const MAX_WINDOW_LOG: u32 = 24;
 
 /// `EXPORT.json`: what the file holds and restores to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -312,14 +316,28 @@ pub fn read_export<R: Read>(
     on_manifest: impl FnOnce(&ExportManifest) -> Result<()>,
     mut on_entry: impl FnMut(&Entry, Vec<u8>) -> Result<()>,
 ) -> Result<ExportManifest> {
-    // One frame, as the writer makes it: the stream ends with it, whatever follows.
-    let decoder = zstd::Decoder::new(input)
+    // One frame, as the writer makes it: the stream ends with it, whatever follows; and no
+    // more decoder memory than the writer's level needs.
+    let mut decoder = zstd::Decoder::new(input)
         .map_err(io_error("read the export file"))?
         .single_frame();
+    decoder
+        .window_log_max(MAX_WINDOW_LOG)
+        .map_err(io_error("read the export file"))?;
     let mut archive = tar::Archive::new(decoder);
     let manifest = read_entries(&mut archive, on_manifest, &mut on_entry)?;
-    // The rest of the frame (tar's end blocks, zstd's checksum) must check too.
-    std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(damaged)?;
+    // The rest of the frame (tar's end blocks and padding, zstd's checksum) must check too,
+    // and be no more than padding.
+    let rest = std::io::copy(
+        &mut archive.into_inner().take(MAX_TRAILER_BYTES + 1),
+        &mut std::io::sink(),
+    )
+    .map_err(damaged)?;
+    if rest > MAX_TRAILER_BYTES {
+        return Err(invalid_file(format!(
+            "the export file holds more than padding after {SUMS_NAME}"
+        )));
+    }
     Ok(manifest)
 }
 
@@ -432,7 +450,12 @@ fn read_entries<R: Read>(
         on_entry(entry, bytes)?;
     }
     let computed = std::mem::take(&mut entries.sums);
-    let text = entries.take(SUMS_NAME, 2 * MAX_EXPORT_MANIFEST_BYTES)?;
+    // Exactly one line per entry before it: "<64 hex>  <name>\n".
+    let sums_len: u64 = computed
+        .iter()
+        .map(|(name, _)| 67 + name.len() as u64)
+        .sum();
+    let text = entries.take(SUMS_NAME, sums_len)?;
     check_sums(&computed, &text)?;
     if let Some(entry) = entries.entries.next() {
         let name = entry
@@ -611,7 +634,7 @@ impl Importer {
                         ErrorCode::InvalidArgument,
                         format!(
                             "the file is encrypted under master key {} and repository {} is not; \
-                             give this repository that key first (`lockstep key import`), or import into the exporting repository",
+                             give this repository that key first (`lockstep key import`)",
                             manifest.key_id,
                             target.url()
                         ),
@@ -628,13 +651,11 @@ impl Importer {
                     _ => None,
                 })
                 .collect();
-            let others: Vec<BackupId> = target
-                .backup_ids()
-                .await?
-                .into_iter()
-                .filter(|id| !in_file.contains(id))
-                .collect();
-            if let Some(newest) = others.last() {
+            let present: Vec<BackupId> = target.backup_ids().await?;
+            let adds = in_file.iter().any(|id| !present.contains(id));
+            let others: Vec<&BackupId> =
+                present.iter().filter(|id| !in_file.contains(id)).collect();
+            if let Some(newest) = others.last().filter(|_| adds) {
                 return Err(Error::new(
                     ErrorCode::InvalidArgument,
                     format!(
@@ -721,10 +742,13 @@ impl Importer {
                 && !present.contains(parent)
                 && !published.contains(parent)
             {
-                return Err(invalid_file(format!(
-                    "backup {id} needs its parent {parent}, which neither the file nor repository {} holds",
-                    self.target.url()
-                )));
+                return Err(Error::new(
+                    ErrorCode::BackupIncomplete,
+                    format!(
+                        "backup {id} needs its parent {parent}, which neither the file nor repository {} holds",
+                        self.target.url()
+                    ),
+                ));
             }
             published.insert(id.clone());
             plan.push((backup, shards));
@@ -764,8 +788,12 @@ impl Importer {
             self.report.backups.push(id);
         }
         if let Some(tag) = tag {
-            if self.target.tag(&tag.name).await.is_err() {
-                self.target.put_tag(&tag).await?;
+            if let Err(err) = self.target.put_tag(&tag).await {
+                // Taken meanwhile under that name: the same points are this import's tag.
+                match self.target.tag(&tag.name).await {
+                    Ok(existing) if existing.points == tag.points => {}
+                    _ => return Err(err),
+                }
             }
             self.report.tag = Some(tag.name);
         }
@@ -796,6 +824,16 @@ impl Importer {
                         )));
                     }
                     self.rename_chunks(&name, &mut manifest)?;
+                    // Renamed ids can be longer (a keyed hash's copy numbers, sizes): a
+                    // manifest that no longer fits is refused before anything is written.
+                    if manifest.to_json().len() as u64 > MAX_MANIFEST_BYTES {
+                        return Err(Error::new(
+                            ErrorCode::InvalidArgument,
+                            format!(
+                                "{name} grows past {MAX_MANIFEST_BYTES} bytes in this repository"
+                            ),
+                        ));
+                    }
                     shards.push(manifest);
                 }
                 Entry::BackupManifest { backup_id, .. } => {

@@ -209,17 +209,26 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
     let verify = target.lockstep(&["backup", "verify", "--full"]);
     assert!(verify.status.success(), "{}", text(&verify));
 
-    // A repository holding backups of its own takes a file only when told to: the file's
-    // would become its newest.
+    // A repository holding backups of its own takes a file that adds backups only when told
+    // to: the file's would become its newest. One it holds whole comes in as before.
     let own = target.backup("full");
-    let refused = target.lockstep(&["backup", "import", path(&tag_file)]);
+    let later = source.backup("full");
+    let later_file = files.path().join("later.tar.zst");
+    export(&source, &[&later], &later_file);
+    let refused = target.lockstep(&["backup", "import", path(&later_file)]);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert!(text(&refused).contains("--force"), "{}", text(&refused));
-    let forced = target.lockstep(&["backup", "import", path(&tag_file), "--force"]);
+    assert_eq!(
+        listed(&target),
+        vec![full.clone(), incremental.clone(), own.clone()]
+    );
+    let again = target.lockstep(&["backup", "import", path(&chain_file)]);
+    assert!(again.status.success(), "{}", text(&again));
+    let forced = target.lockstep(&["backup", "import", path(&later_file), "--force"]);
     assert!(forced.status.success(), "{}", text(&forced));
     assert_eq!(
         listed(&target),
-        vec![full.clone(), incremental.clone(), own]
+        vec![full.clone(), incremental.clone(), own, later]
     );
 
     let restores = tempfile::tempdir().expect("tempdir");

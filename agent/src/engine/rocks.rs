@@ -552,6 +552,15 @@ impl ShardEngine for RocksEngine {
             .map_err(|err| engine_error("list the table files", err))?;
         let mut range: Option<(Vec<u8>, Vec<u8>)> = None;
         for file in files.into_iter().filter(|f| f.column_family_name == cf) {
+            if file.level == 0 {
+                // The compaction reports no error of its own: this is how one shows.
+                return Err(Error::new(
+                    ErrorCode::ShardEngineFailed,
+                    format!(
+                        "the compaction of column family {cf} did not finish (is the disk full?)"
+                    ),
+                ));
+            }
             let (Some(start), Some(end)) = (file.start_key, file.end_key) else {
                 continue;
             };
