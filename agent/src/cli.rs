@@ -420,6 +420,19 @@ fn progress_bar(
     (bar, task)
 }
 
+/// `work`, with a progress bar of `progress` named `what` on stderr while it runs.
+async fn with_progress<T>(
+    what: &'static str,
+    progress: &Arc<Progress>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let (bar, ticker) = progress_bar(progress.clone(), what);
+    let outcome = work.await;
+    ticker.abort();
+    bar.finish_and_clear();
+    outcome
+}
+
 fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
@@ -676,20 +689,20 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
         VerifyLevel::Quick
     };
     let progress = Arc::new(Progress::default());
-    let (bar, ticker) = progress_bar(progress.clone(), "verify");
-    let report = verify(
-        &repo,
-        &backups,
-        level,
-        args.sample,
-        None,
-        args.parallelism,
+    let report = with_progress(
+        "verify",
         &progress,
+        verify(
+            &repo,
+            &backups,
+            level,
+            args.sample,
+            None,
+            args.parallelism,
+            &progress,
+        ),
     )
-    .await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let report = report?;
+    .await?;
     if args.json {
         print_json(&report);
     } else {
@@ -701,54 +714,55 @@ async fn run_verify(args: &VerifyArgs) -> Result<bool> {
 async fn run_restore(args: &RestoreArgs) -> Result<()> {
     let shard = args.shard.as_deref().map(ShardId::new).transpose()?;
     let started = Instant::now();
+    let progress = Arc::new(Progress::default());
     let (outcome, backup, what) = if let Some(file) = &args.from_file {
-        let progress = Arc::new(Progress::default());
-        let (bar, ticker) = progress_bar(progress.clone(), "unpack");
-        let unpacked = unpack_export(file, &args.to, progress).await;
-        ticker.abort();
-        bar.finish_and_clear();
-        let unpacked = unpacked?;
+        let unpacked = with_progress(
+            "unpack",
+            &progress,
+            unpack_export(file, &args.to, progress.clone()),
+        )
+        .await?;
         let plan = unpacked.shard(shard.as_ref())?;
         let what = match &unpacked.manifest.tag {
             Some(tag) => format!("tag {tag}"),
             None => format!("backup {}", unpacked.manifest.backup_id),
         };
         let progress = Arc::new(Progress::default());
-        let (bar, ticker) = progress_bar(progress.clone(), "restore");
-        let result = restore_planned(
-            &unpacked.repo,
-            plan,
-            &args.to,
-            &args.column_families,
-            args.transfer.options(),
+        let outcome = with_progress(
+            "restore",
             &progress,
+            restore_planned(
+                &unpacked.repo,
+                plan,
+                &args.to,
+                &args.column_families,
+                args.transfer.options(),
+                &progress,
+            ),
         )
-        .await;
-        ticker.abort();
-        bar.finish_and_clear();
-        let backup = unpacked.manifest.backup_id.clone();
-        (result?, backup, what)
+        .await?;
+        (outcome, unpacked.manifest.backup_id.clone(), what)
     } else {
         let location = args.repo.as_deref().unwrap_or_default();
         let repo = limited(Repository::open(location).await?, 0, args.download_mib_s);
         let backup = resolve_backup(&repo, args.backup.as_deref().unwrap_or("latest")).await?;
         let shard = select_shard(&repo, &backup, shard.as_ref()).await?;
-        let progress = Arc::new(Progress::default());
-        let (bar, ticker) = progress_bar(progress.clone(), "restore");
-        let result = restore_shard(
-            &repo,
-            &backup,
-            &shard,
-            &args.to,
-            &args.column_families,
-            args.transfer.options(),
+        let outcome = with_progress(
+            "restore",
             &progress,
+            restore_shard(
+                &repo,
+                &backup,
+                &shard,
+                &args.to,
+                &args.column_families,
+                args.transfer.options(),
+                &progress,
+            ),
         )
-        .await;
-        ticker.abort();
-        bar.finish_and_clear();
+        .await?;
         let what = format!("backup {backup}");
-        (result?, backup, what)
+        (outcome, backup, what)
     };
     let elapsed = started.elapsed();
     if args.json {

@@ -39,6 +39,27 @@ pub fn every_run_cold() -> bool {
 }
 
 /// Runs `program args` under `/usr/bin/time`, from a cold page cache.
+/// Writes a shard of `mib` MiB of 1 KiB values (`random_fraction` of each value random) with
+/// `lockstep-agent load`.
+pub fn load(bins: &Binaries, db: &Path, mib: u64, random_fraction: f64) -> Result<()> {
+    timed(
+        &bins.agent,
+        &[
+            "load",
+            "--db",
+            s(db),
+            "--keys",
+            &(mib * 1024).to_string(),
+            "--value-size",
+            "1024",
+            "--random-fraction",
+            &random_fraction.to_string(),
+        ],
+    )
+    .context("load the shard")?;
+    Ok(())
+}
+
 pub fn timed(program: &Path, args: &[&str]) -> Result<Timed> {
     timed_with(program, args, &[])
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 use crate::barrier::Processes;
@@ -35,21 +35,7 @@ pub fn measure(bins: &Binaries, work: &Path, mib: u64) -> Result<ExportResult> {
     let target = crate::scale::prepare(&runtime, &dir.join("target"), &target_repo, 0)?;
     let (db, file) = (dir.join("db"), dir.join("backup.tar.zst"));
     let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
-    timed(
-        &bins.agent,
-        &[
-            "load",
-            "--db",
-            &s(&db),
-            "--keys",
-            &(mib * 1024).to_string(),
-            "--value-size",
-            "1024",
-            "--random-fraction",
-            "0.5",
-        ],
-    )
-    .context("load the shard")?;
+    crate::contenders::load(bins, &db, mib, 0.5)?;
     let backup = timed(
         &bins.agent,
         &["backup", "--db", &s(&db), "--repo", &s(&source_repo)],

@@ -29,21 +29,7 @@ pub fn measure(bins: &Binaries, work: &Path, mib: u64, limit_mib_s: u64) -> Resu
     std::fs::create_dir_all(&dir)?;
     let (db, repo, restored) = (dir.join("db"), dir.join("repo"), dir.join("restored"));
     let s = |p: &Path| p.to_str().unwrap_or_default().to_string();
-    crate::contenders::timed(
-        &bins.agent,
-        &[
-            "load",
-            "--db",
-            &s(&db),
-            "--keys",
-            &(mib * 1024).to_string(),
-            "--value-size",
-            "1024",
-            "--random-fraction",
-            "1.0",
-        ],
-    )
-    .context("load the shard")?;
+    crate::contenders::load(bins, &db, mib, 1.0)?;
     let limit = limit_mib_s.to_string();
     let backup = timed(
         &bins.agent,

@@ -20,7 +20,7 @@ use lockstep_proto::{to_status, v1};
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::export::{
     Entry, ExportManifest, ExportWriter, ExportedShard, FORMAT, FORMAT_VERSION, ImportReport,
-    Importer, backup_entries, chain_of, read_export,
+    Importer, backup_entries, chain_of, read_export, sized,
 };
 use lockstep_repository::gc::Condemned;
 use lockstep_repository::manifest::TOOL_VERSION;
@@ -154,16 +154,9 @@ impl Export {
         }
         let tag = Entry::Tag {
             name: name.clone(),
-            size: ctx
-                .repo
-                .export_entry(&Entry::Tag {
-                    name: name.clone(),
-                    size: 0,
-                })
-                .await?
-                .len() as u64,
+            size: 0,
         };
-        manifest.entries.push(tag);
+        manifest.entries.push(sized(&ctx.repo, tag).await?);
         manifest.backup_id = backups.first().cloned().ok_or_else(|| {
             Error::new(
                 ErrorCode::BackupNotFound,

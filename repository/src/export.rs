@@ -155,7 +155,13 @@ fn invalid_file(message: impl Into<String>) -> Error {
 }
 
 impl Entry {
+    /// Bytes the entry holds.
     pub fn size(&self) -> u64 {
+        *self.clone().size_mut()
+    }
+
+    /// The size, to set once a record is read.
+    pub fn size_mut(&mut self) -> &mut u64 {
         match self {
             Entry::EncryptionMarker { size }
             | Entry::KeySlot { size, .. }
@@ -163,7 +169,7 @@ impl Entry {
             | Entry::WalSegment { size, .. }
             | Entry::ShardManifest { size, .. }
             | Entry::BackupManifest { size, .. }
-            | Entry::Tag { size, .. } => *size,
+            | Entry::Tag { size, .. } => size,
         }
     }
 
@@ -535,25 +541,16 @@ pub async fn backup_entries(repo: &Repository, chain: &[BackupId]) -> Result<Vec
         });
     }
     entries.extend(objects);
-    for mut entry in manifests {
-        let stored = repo.export_entry(&entry).await?;
-        set_size(&mut entry, stored.len() as u64);
-        entries.push(entry);
+    for entry in manifests {
+        entries.push(sized(repo, entry).await?);
     }
     Ok(entries)
 }
 
-/// Sets the size of a record entry, once read.
-pub fn set_size(entry: &mut Entry, stored: u64) {
-    match entry {
-        Entry::EncryptionMarker { size }
-        | Entry::KeySlot { size, .. }
-        | Entry::Object { size, .. }
-        | Entry::WalSegment { size, .. }
-        | Entry::ShardManifest { size, .. }
-        | Entry::BackupManifest { size, .. }
-        | Entry::Tag { size, .. } => *size = stored,
-    }
+/// A record's entry with its size as stored in `repo`.
+pub async fn sized(repo: &Repository, mut entry: Entry) -> Result<Entry> {
+    *entry.size_mut() = repo.export_entry(&entry).await?.len() as u64;
+    Ok(entry)
 }
 
 /// The chain of `backup` in `repo`: its full base first, the backup last.

@@ -385,6 +385,16 @@ impl Cluster {
         );
     }
 
+    /// The committed backups' ids, as `backup list` gives them (oldest first).
+    pub fn listed(&self) -> Vec<String> {
+        json(&self.lockstep(&["backup", "list", "--json"]))
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|b| b["backup_id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
     /// Takes a backup of `kind` and returns its id.
     pub fn backup(&self, kind: &str) -> String {
         let output = self.lockstep(&["backup", "create", "--kind", kind, "--wait", "--json"]);

@@ -91,15 +91,6 @@ fn restored(cluster: &Cluster, args: &[&str], dir: &Path) -> Vec<BTreeSet<String
         .collect()
 }
 
-fn listed(cluster: &Cluster) -> Vec<String> {
-    json(&cluster.lockstep(&["backup", "list", "--json"]))
-        .as_array()
-        .expect("a list")
-        .iter()
-        .map(|b| b["backup_id"].as_str().expect("id").to_string())
-        .collect()
-}
-
 /// Leftovers of unpacking or staging beside a restore target.
 fn leftovers(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
@@ -172,7 +163,7 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
         "{}",
         text(&refused)
     );
-    assert!(listed(&target).is_empty(), "a damaged import published");
+    assert!(target.listed().is_empty(), "a damaged import published");
     let bare_damaged = std::process::Command::new(binary("lockstep-agent"))
         .args([
             "restore",
@@ -198,7 +189,7 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
     assert!(imported.status.success(), "{}", text(&imported));
     let report = json(&imported);
     assert_eq!(report["backup_ids"], serde_json::json!([full, incremental]));
-    assert_eq!(listed(&target), vec![full.clone(), incremental.clone()]);
+    assert_eq!(target.listed(), vec![full.clone(), incremental.clone()]);
     let imported = target.lockstep(&["backup", "import", path(&tag_file)]);
     assert!(imported.status.success(), "{}", text(&imported));
     assert!(
@@ -219,7 +210,7 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert!(text(&refused).contains("--force"), "{}", text(&refused));
     assert_eq!(
-        listed(&target),
+        target.listed(),
         vec![full.clone(), incremental.clone(), own.clone()]
     );
     let again = target.lockstep(&["backup", "import", path(&chain_file)]);
@@ -227,7 +218,7 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
     let forced = target.lockstep(&["backup", "import", path(&later_file), "--force"]);
     assert!(forced.status.success(), "{}", text(&forced));
     assert_eq!(
-        listed(&target),
+        target.listed(),
         vec![full.clone(), incremental.clone(), own, later]
     );
 
@@ -320,7 +311,7 @@ async fn an_encrypted_repository_exports_an_encrypted_file() {
     let refused = plaintext.lockstep(&["backup", "import", path(&file)]);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
     assert!(text(&refused).contains("key import"), "{}", text(&refused));
-    assert!(listed(&plaintext).is_empty());
+    assert!(plaintext.listed().is_empty());
 
     // The other way, a plaintext file goes into the encrypted repository: every object
     // sealed again under another name (a keyed hash), the manifests renamed to match.

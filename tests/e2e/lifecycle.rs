@@ -9,15 +9,6 @@ use lockstep_tests::text;
 use crate::cluster::{Cluster, json};
 use crate::pitr::{wait_shipped, write};
 
-fn listed(cluster: &Cluster) -> Vec<String> {
-    json(&cluster.lockstep(&["backup", "list", "--json"]))
-        .as_array()
-        .expect("a list")
-        .iter()
-        .map(|b| b["backup_id"].as_str().expect("id").to_string())
-        .collect()
-}
-
 /// Restarts the coordinator with `policy` added to `[retention]` (the configuration's last
 /// table).
 fn with_retention(cluster: &mut Cluster, policy: &str) {
@@ -69,7 +60,7 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
         }
     }
     assert_eq!(paged, vec![f1.clone(), i1.clone(), f2.clone(), d2.clone()]);
-    assert_eq!(listed(&cluster), paged);
+    assert_eq!(cluster.listed(), paged);
     with_retention(&mut cluster, "keep_full = 1");
 
     let dry = cluster.lockstep(&["retention", "apply", "--dry-run", "--json"]);
@@ -84,7 +75,7 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
         .map(|item| item["name"].as_str().expect("name"))
         .collect();
     assert_eq!(removed, vec![f1.as_str(), i1.as_str()], "{plan}");
-    assert_eq!(listed(&cluster).len(), 4, "a dry run changes nothing");
+    assert_eq!(cluster.listed().len(), 4, "a dry run changes nothing");
 
     let applied = cluster.lockstep(&["retention", "apply"]);
     assert!(applied.status.success(), "{}", text(&applied));
@@ -95,7 +86,7 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
         printed.contains("kept whole: set prune_wal_archive = true"),
         "{printed}"
     );
-    assert_eq!(listed(&cluster), vec![f2.clone(), d2.clone()]);
+    assert_eq!(cluster.listed(), vec![f2.clone(), d2.clone()]);
     let verify = cluster.lockstep(&["backup", "verify", "--full"]);
     assert!(verify.status.success(), "{}", text(&verify));
     let target = cluster.dir.path().join("restored");
@@ -105,7 +96,7 @@ async fn retention_removes_what_the_policy_no_longer_keeps_and_what_stays_restor
     // Applied after every backup: the next full takes the place of the last one's chain.
     with_retention(&mut cluster, "after_backup = true");
     let f3 = cluster.backup("full");
-    assert_eq!(listed(&cluster), vec![f3]);
+    assert_eq!(cluster.listed(), vec![f3]);
 }
 
 /// Every WAL segment file of shard-0 in the archive, with its first sequence number.
@@ -326,7 +317,7 @@ async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores
         "{}",
         text(&applied)
     );
-    assert_eq!(listed(&cluster), vec![f2.clone()], "{f1} went");
+    assert_eq!(cluster.listed(), vec![f2.clone()], "{f1} went");
     let before = shard_0_spans(&cluster.archive());
     assert!(
         before
