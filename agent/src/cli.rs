@@ -719,7 +719,7 @@ async fn run_restore(args: &RestoreArgs) -> Result<()> {
         let unpacked = with_progress(
             "unpack",
             &progress,
-            unpack_export(file, &args.to, progress.clone()),
+            unpack_export(file, &args.to, shard.clone(), progress.clone()),
         )
         .await?;
         let plan = unpacked.shard(shard.as_ref())?;

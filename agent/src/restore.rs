@@ -822,6 +822,7 @@ pub struct Unpacked {
 pub async fn unpack_export(
     file: &Path,
     target: &Path,
+    shard: Option<ShardId>,
     progress: Arc<Progress>,
 ) -> Result<Unpacked> {
     let dir = staging_beside(target)?;
@@ -844,7 +845,8 @@ pub async fn unpack_export(
         let mut sealed_as_stored = false;
         let manifest = lockstep_repository::export::read_export(
             counted,
-            |_| Ok(()),
+            // A shard the file lacks is refused before anything is unpacked.
+            |manifest| plan_of(manifest, shard.as_ref()).map(|_| ()),
             |entry, bytes| {
                 sealed_as_stored |= matches!(
                     entry,
@@ -905,39 +907,44 @@ pub async fn unpack_export(
 impl Unpacked {
     /// The plan of the shard to restore: the one named, or the file's only one.
     pub fn shard(&self, shard: Option<&ShardId>) -> Result<&ExportedShard> {
-        let shards = &self.manifest.shards;
-        let found = match shard {
-            Some(shard) => shards.iter().find(|s| &s.shard_id == shard),
-            None if shards.len() == 1 => shards.first(),
-            None => {
-                return Err(Error::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "the file holds shards {}; pick one with --shard",
-                        shards
-                            .iter()
-                            .map(|s| s.shard_id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
-            }
-        };
-        found.ok_or_else(|| {
-            Error::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "the file holds no shard {}",
-                    shard.map(|s| s.as_str()).unwrap_or_default()
-                ),
-            )
-        })
+        plan_of(&self.manifest, shard)
     }
 
     /// Where the file was unpacked (removed when this drops).
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// The plan in `manifest` of the shard named, or of its only shard.
+fn plan_of<'a>(manifest: &'a ExportManifest, shard: Option<&ShardId>) -> Result<&'a ExportedShard> {
+    let shards = &manifest.shards;
+    let found = match shard {
+        Some(shard) => shards.iter().find(|s| &s.shard_id == shard),
+        None if shards.len() == 1 => shards.first(),
+        None => {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the file holds shards {}; pick one with --shard",
+                    shards
+                        .iter()
+                        .map(|s| s.shard_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    };
+    found.ok_or_else(|| {
+        Error::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "the file holds no shard {}",
+                shard.map(|s| s.as_str()).unwrap_or_default()
+            ),
+        )
+    })
 }
 
 /// A reader that counts what it read into a progress.

@@ -148,6 +148,29 @@ async fn an_exported_chain_and_tag_restore_exactly_in_a_new_repository_and_from_
     );
     assert_eq!(from_file(&tag_file, &bare.path().join("tag"), &[]), at_tag);
     assert!(leftovers(&bare.path().join("chain")).is_empty());
+    let unknown = std::process::Command::new(binary("lockstep-agent"))
+        .args([
+            "restore",
+            "--from-file",
+            path(&chain_file),
+            "--shard",
+            "shard-9",
+            "--to",
+            path(&bare.path().join("unknown")),
+        ])
+        .output()
+        .expect("run lockstep-agent");
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
+    assert!(
+        text(&unknown).contains("no shard shard-9"),
+        "{}",
+        text(&unknown)
+    );
+    assert!(
+        leftovers(bare.path()).is_empty(),
+        "{:?}",
+        leftovers(bare.path())
+    );
 
     // A damaged file, imported into a new repository: refused, nothing published.
     let target = Cluster::start(5000, None);
