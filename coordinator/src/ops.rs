@@ -154,11 +154,11 @@ enum Msg {
         dry_run: bool,
         reply: oneshot::Sender<Result<crate::retention::Plan>>,
     },
-    /// Publish an import whose file was received and checked. Replies when done, or hands
-    /// the import back with the refusal when the cluster is held by another operation.
+    /// Publish an import whose file was received and checked, as soon as the cluster is free
+    /// (before any later request). Replies when done.
     Import {
         staged: Box<crate::export::Staged>,
-        reply: oneshot::Sender<ImportAnswer>,
+        reply: oneshot::Sender<Result<ImportReport>>,
     },
     /// Cancel the running restore, or settle the restores a stopped coordinator left.
     /// Replies with what was done.
@@ -175,12 +175,6 @@ enum Msg {
         reply: oneshot::Sender<Option<Running>>,
     },
 }
-
-/// An import's answer: its report, or why not (with the import, when it may be tried again).
-type ImportAnswer = std::result::Result<ImportReport, (Error, Option<Box<crate::export::Staged>>)>;
-
-/// How long an import's publish waits for the operation holding the cluster.
-const IMPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// Cloneable handle on the operations actor.
 #[derive(Clone)]
@@ -210,6 +204,7 @@ impl ClusterOps {
             running: None,
             finished: Remembered::new(REMEMBERED_JOBS),
             ops: JoinSet::new(),
+            imports: std::collections::VecDeque::new(),
             deliveries: JoinSet::new(),
             checks: JoinSet::new(),
         };
@@ -259,23 +254,13 @@ impl ClusterOps {
     }
 
     /// Publishes a received import holding the cluster like a delete, so no backup commit,
-    /// delete or retention runs in between; waits while another operation holds it.
+    /// delete or retention runs in between; it waits for the operation holding the cluster.
     pub async fn import(&self, staged: crate::export::Staged) -> Result<ImportReport> {
-        let mut staged = Box::new(staged);
-        let deadline = tokio::time::Instant::now() + IMPORT_WAIT;
-        loop {
-            match self.ask(|reply| Msg::Import { staged, reply }).await? {
-                Ok(report) => return Ok(report),
-                Err((err, Some(again)))
-                    if err.code == ErrorCode::BarrierBusy
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    staged = again;
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
-                Err((err, _)) => return Err(err),
-            }
-        }
+        self.ask(|reply| Msg::Import {
+            staged: Box::new(staged),
+            reply,
+        })
+        .await?
     }
 
     pub async fn retention(&self, dry_run: bool) -> Result<crate::retention::Plan> {
@@ -304,7 +289,7 @@ enum Ended {
     Backup(Shared, Result<()>),
     Tag(oneshot::Sender<Result<TagManifest>>, Result<TagManifest>),
     Delete(oneshot::Sender<Result<()>>, Result<()>),
-    Import(oneshot::Sender<ImportAnswer>, ImportAnswer),
+    Import(oneshot::Sender<Result<ImportReport>>, Result<ImportReport>),
     Retention(
         oneshot::Sender<Result<crate::retention::Plan>>,
         Result<crate::retention::Plan>,
@@ -333,6 +318,11 @@ struct Actor {
     finished: Remembered<BackupId, JobView>,
     /// The running operation's task (at most one).
     ops: JoinSet<Ended>,
+    /// Imports waiting for the cluster, in arrival order; each starts as the cluster frees.
+    imports: std::collections::VecDeque<(
+        Box<crate::export::Staged>,
+        oneshot::Sender<Result<ImportReport>>,
+    )>,
     /// Final restore views still on their way to slow clients (the cluster is free meanwhile).
     deliveries: JoinSet<()>,
     /// The verify of the backup committed last (`[verify] after_backup`), beside the cluster
@@ -354,7 +344,12 @@ impl Actor {
                 // Fixed polling order: the simulations replay a seed exactly.
                 biased;
                 _ = self.cancel.cancelled() => break,
-                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => self.finish(done),
+                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => {
+                    self.finish(done);
+                    if let Some((staged, reply)) = self.imports.pop_front() {
+                        self.import(staged, reply);
+                    }
+                }
                 Some(_) = self.deliveries.join_next(), if !self.deliveries.is_empty() => {}
                 Some(_) = self.checks.join_next(), if !self.checks.is_empty() => {}
                 _ = async {
@@ -471,6 +466,23 @@ impl Actor {
             restore: false,
         });
         Ok(cancel)
+    }
+
+    /// Publishes an import, holding the cluster.
+    fn import(
+        &mut self,
+        staged: Box<crate::export::Staged>,
+        reply: oneshot::Sender<Result<ImportReport>>,
+    ) {
+        if let Err(err) = self.hold(staged.what(), None) {
+            let _ = reply.send(Err(err));
+            return;
+        }
+        let ctx = self.ctx.clone();
+        self.ops.spawn(async move {
+            let outcome = crate::export::publish(&ctx, *staged).await;
+            Ended::Import(reply, outcome)
+        });
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -612,17 +624,11 @@ impl Actor {
                 });
             }
             Msg::Import { staged, reply } => {
-                if let Err(err) = self.hold(staged.what(), None) {
-                    let _ = reply.send(Err((err, Some(staged))));
-                    return;
+                if self.running.is_some() {
+                    self.imports.push_back((staged, reply));
+                } else {
+                    self.import(staged, reply);
                 }
-                let ctx = self.ctx.clone();
-                self.ops.spawn(async move {
-                    let outcome = crate::export::publish(&ctx, *staged)
-                        .await
-                        .map_err(|err| (err, None));
-                    Ended::Import(reply, outcome)
-                });
             }
             Msg::AbortRestore { reply } => {
                 if let Some(current) = self.running.as_ref().filter(|c| c.restore) {
