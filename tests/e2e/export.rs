@@ -352,3 +352,34 @@ async fn an_encrypted_repository_exports_an_encrypted_file() {
         states(&plain_history)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_waits_for_the_backup_holding_the_cluster_then_publishes() {
+    let source = Cluster::start(5000, None);
+    let mut history = vec![Vec::new(); N_AGENTS];
+    round(&source, &mut history, "moved", 10).await;
+    let full = source.backup("full");
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = files.path().join("full.tar.zst");
+    export(&source, &[&full], &file);
+
+    // The target's backup holds the cluster, paused before it publishes.
+    let target = Cluster::start(10_000, Some("before-publish:3000"));
+    let backup = target.spawn_lockstep(&["backup", "create", "--wait", "--json"]);
+    target.wait_for_fault_pause().await;
+    let imported = target.lockstep(&["backup", "import", path(&file)]);
+    assert!(imported.status.success(), "{}", text(&imported));
+    let backup = backup.wait_with_output().expect("backup");
+    assert!(backup.status.success(), "{}", text(&backup));
+    let own = json(&backup)["backup_id"]
+        .as_str()
+        .expect("backup id")
+        .to_string();
+    // The import was published after the backup it waited for.
+    assert_eq!(target.listed(), vec![own, full.clone()]);
+    let restores = tempfile::tempdir().expect("tempdir");
+    assert_eq!(
+        restored(&target, &[&full], &restores.path().join("moved")),
+        states(&history)
+    );
+}
