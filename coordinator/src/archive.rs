@@ -6,9 +6,10 @@
 //! storing is create-if-absent, so a retried put is a no-op success.
 //!
 //! A put costs the same however long the lineage's archive is: the service remembers where
-//! each lineage's archive ends (listing it once, at its first put or `last_only` listing
-//! since the start), and a put either continues after that end or is the exact segment
-//! already there; anything else overlaps and is refused.
+//! each lineage's archive ends (found once, at its first put or `last_only` listing since the
+//! start, by listing what follows the lineage's end hint: `Repository::wal_end`), and a put
+//! either continues after that end or is the exact segment already there; anything else
+//! overlaps and is refused.
 
 use lockstep_proto::auth::Identity;
 use lockstep_proto::to_status;

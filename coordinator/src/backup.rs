@@ -153,12 +153,22 @@ impl Cut {
                 condemned: None,
             });
         }
-        let backups = ctx.repo.backups().await?;
-        let parent = backups
-            .into_iter()
+        let mut catalog = ctx.repo.catalog().await?;
+        // The parent is looked up: one deleted by another writer that did not record it
+        // would make an incremental nothing can restore once GC took its objects.
+        let wanted = |m: &&Arc<BackupManifest>| {
+            kind == BackupKind::Incremental || m.kind == BackupKind::Full
+        };
+        if let Some(parent) = catalog.backups().iter().rev().find(wanted)
+            && !ctx.repo.backup_exists(&parent.backup_id).await?
+        {
+            catalog = ctx.repo.reconciled_catalog().await?;
+        }
+        let parent = catalog
+            .backups()
+            .iter()
             .rev()
-            .filter_map(|(_, manifest)| manifest.ok())
-            .find(|m| kind == BackupKind::Incremental || m.kind == BackupKind::Full)
+            .find(wanted)
             .ok_or_else(|| {
                 Error::new(
                     ErrorCode::BackupInvalidType,
@@ -184,7 +194,7 @@ impl Cut {
         }
         Ok(Cut {
             kind,
-            parent: Some((parent.backup_id, points)),
+            parent: Some((parent.backup_id.clone(), points)),
             condemned: None,
         })
     }
@@ -274,6 +284,9 @@ pub async fn clean_leftovers(ctx: &ClusterContext) -> Result<Vec<BackupId>> {
             waited = true;
         }
         if ctx.repo.backup_exists(&backup).await? {
+            // Committed by a coordinator that stopped before it recorded it in the catalog,
+            // maybe: the catalog looks again.
+            ctx.repo.reconciled_catalog().await?;
             ctx.repo.delete_pending(&backup).await?;
             continue;
         }
@@ -723,6 +736,8 @@ async fn publish(
 /// restores through its parent). Fails closed: a backup whose manifest cannot be read might
 /// be a child, so nothing is deleted until it can be (or is deleted itself).
 pub async fn delete(ctx: &ClusterContext, backup: &BackupId) -> Result<()> {
+    // A child another writer committed without recording it in the catalog counts too.
+    ctx.repo.reconciled_catalog().await?;
     let mut children = Vec::new();
     for (id, manifest) in ctx.repo.backups().await? {
         match manifest {
@@ -745,7 +760,7 @@ pub async fn delete(ctx: &ClusterContext, backup: &BackupId) -> Result<()> {
         return Err(Error::new(
             ErrorCode::InvalidArgument,
             format!(
-                "backup {backup} is the parent of {}; delete those first",
+                "backup {backup} is the parent of {}; nothing was deleted: delete those first",
                 children.join(", ")
             ),
         ));

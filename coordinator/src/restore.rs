@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use lockstep_proto::archive::open_archive;
@@ -29,7 +30,7 @@ use lockstep_proto::v1::{self, RestorePhase, RestoreState};
 use lockstep_proto::wire::{Label, legs_to_wire, lineage_from_wire, lineage_to_wire};
 use lockstep_repository::archive::WalArchive;
 use lockstep_repository::lineage::{Leg, ancestry};
-use lockstep_repository::manifest::{BackupKind, BackupManifest, ShardManifest};
+use lockstep_repository::manifest::{BackupKind, BackupManifest};
 use lockstep_repository::repository::RestoreDecision;
 use lockstep_repository::wal::{SegmentInfo, chain, segments_covering};
 use lockstep_repository::{
@@ -292,18 +293,52 @@ fn agents_for(
     Ok(agents)
 }
 
+/// Where a committed backup left one shard.
+#[derive(Debug, Clone)]
+struct BackupPoint {
+    backup_id: BackupId,
+    lineage: Lineage,
+    seq: Seq,
+    hlc: HlcTime,
+}
+
+impl BackupPoint {
+    /// From `backup`'s manifest when it records the shard's HLC time (every backup since it
+    /// does), else from its shard manifest.
+    async fn read(repo: &Repository, backup: &BackupManifest, shard: &ShardId) -> Result<Self> {
+        let recorded = backup.shards.iter().find(|s| &s.shard_id == shard);
+        if let Some(s) = recorded
+            && let Some(hlc) = s.hlc
+        {
+            return Ok(BackupPoint {
+                backup_id: backup.backup_id.clone(),
+                lineage: s.lineage,
+                seq: s.seq,
+                hlc,
+            });
+        }
+        let manifest = repo.shard_manifest(shard, &backup.backup_id).await?;
+        Ok(BackupPoint {
+            backup_id: manifest.backup_id,
+            lineage: manifest.lineage,
+            seq: manifest.seq,
+            hlc: manifest.hlc,
+        })
+    }
+}
+
 /// What the repository and the archive know of one shard's histories: every lineage named by
-/// a backup or an archive listing, and the backups' shard manifests at or before a target.
+/// a backup or an archive listing, and where the backups at or before a target left it.
 struct History {
     known: HashMap<LineageId, Lineage>,
-    /// Shard manifests of committed backups whose cut of the shard is at or before the target.
-    manifests: Vec<ShardManifest>,
+    /// Committed backups whose cut of the shard is at or before the target.
+    points: Vec<BackupPoint>,
 }
 
 impl History {
     async fn read(
         repo: &Repository,
-        backups: &[BackupManifest],
+        backups: &[Arc<BackupManifest>],
         archive: Option<&WalArchive>,
         shard: &ShardId,
         at_most: Seq,
@@ -314,16 +349,16 @@ impl History {
                 known.insert(lineage.id, lineage);
             }
         }
-        let mut manifests = Vec::new();
+        let mut points = Vec::new();
         for backup in backups {
             if backup.cut.get(shard).is_none_or(|s| *s > at_most) {
                 continue;
             }
-            let manifest = repo.shard_manifest(shard, &backup.backup_id).await?;
-            known.insert(manifest.lineage.id, manifest.lineage);
-            manifests.push(manifest);
+            let point = BackupPoint::read(repo, backup, shard).await?;
+            known.insert(point.lineage.id, point.lineage);
+            points.push(point);
         }
-        Ok(History { known, manifests })
+        Ok(History { known, points })
     }
 
     /// The history ending at `seq` of `lineage`, newest leg first (`lineage::ancestry`).
@@ -338,8 +373,8 @@ impl History {
     fn on_history<'a, 'l>(
         &'a self,
         legs: &'l [Leg],
-    ) -> impl Iterator<Item = &'a ShardManifest> + use<'a, 'l> {
-        self.manifests.iter().filter(|m| {
+    ) -> impl Iterator<Item = &'a BackupPoint> + use<'a, 'l> {
+        self.points.iter().filter(|m| {
             legs.iter()
                 .any(|leg| leg.lineage.id == m.lineage.id && m.seq <= leg.to)
         })
@@ -347,7 +382,7 @@ impl History {
 
     /// The latest committed backup on the history `legs`; of those at the same sequence
     /// number, the last committed.
-    fn base(&self, legs: &[Leg]) -> Option<&ShardManifest> {
+    fn base(&self, legs: &[Leg]) -> Option<&BackupPoint> {
         self.on_history(legs).max_by_key(|m| m.seq)
     }
 }
@@ -356,7 +391,7 @@ impl History {
 /// the incremental and differential backups from there to `id` (ending with `id` unless it
 /// is full). A parent that is gone makes the chain unrestorable: `ERR_BACKUP_INCOMPLETE`.
 fn chain_of(
-    backups: &[BackupManifest],
+    backups: &[Arc<BackupManifest>],
     id: &BackupId,
     shard: &ShardId,
 ) -> Result<(BackupId, Seq, Vec<BackupId>, u64)> {
@@ -465,7 +500,7 @@ async fn last_write_at_or_before(
 /// per shard.
 async fn exact_targets(
     ctx: &ClusterContext,
-    backups: &[BackupManifest],
+    backups: &[Arc<BackupManifest>],
     wal_from: &str,
     at: HlcTime,
     when: &str,
@@ -523,7 +558,7 @@ async fn exact_targets(
 /// a history a restore abandoned since is never one: its writes are not the cluster's.
 async fn consistent_points(
     ctx: &ClusterContext,
-    backups: &[BackupManifest],
+    backups: &[Arc<BackupManifest>],
     wal_from: &str,
     at: HlcTime,
 ) -> Result<Vec<PointInTime>> {
@@ -563,9 +598,9 @@ async fn consistent_points(
         let mut latest = HlcTime::default();
         let mut usable = true;
         for shard in backup.cut.keys() {
-            let manifest = ctx.repo.shard_manifest(shard, &backup.backup_id).await?;
-            usable &= on_live(shard, &manifest.lineage, manifest.seq, manifest.hlc);
-            latest = latest.max(manifest.hlc);
+            let point = BackupPoint::read(&ctx.repo, backup, shard).await?;
+            usable &= on_live(shard, &point.lineage, point.seq, point.hlc);
+            latest = latest.max(point.hlc);
             if !usable {
                 break;
             }
@@ -610,13 +645,9 @@ pub async fn plan(
         .filter(|url| !url.is_empty())
         .or_else(|| ctx.config.wal_archive.clone())
         .unwrap_or_default();
-    let backups: Vec<BackupManifest> = ctx
-        .repo
-        .backups()
-        .await?
-        .into_iter()
-        .filter_map(|(_, manifest)| manifest.ok())
-        .collect();
+    // The catalog as indexed: shared, not copied (a plan reads what it needs from it).
+    let catalog = ctx.repo.catalog().await?;
+    let backups = catalog.backups();
     let mut note = String::new();
     // Each shard's target, with its lineage (None: the live one) and HLC time if known.
     let mut targets: BTreeMap<ShardId, (Seq, Option<Lineage>, HlcTime)> = BTreeMap::new();
@@ -630,7 +661,7 @@ pub async fn plan(
             let mut plans = Vec::new();
             for agent in agents {
                 let shard = ctx.repo.shard_manifest(&agent.shard_id, &id).await?;
-                let (base, base_seq, chain, base_bytes) = chain_of(&backups, &id, &agent.shard_id)?;
+                let (base, base_seq, chain, base_bytes) = chain_of(backups, &id, &agent.shard_id)?;
                 if !chain.is_empty() {
                     note = format!(
                         "{} backup {id}: full backup {base}, then the WAL of {}",
@@ -692,7 +723,7 @@ pub async fn plan(
                 // The newest point that plans: one whose WAL the archive lacks is skipped,
                 // and the note says so.
                 let mut skipped = Vec::new();
-                for snapped in consistent_points(ctx, &backups, &wal_from, at)
+                for snapped in consistent_points(ctx, backups, &wal_from, at)
                     .await?
                     .into_iter()
                     .take(SNAP_ATTEMPTS)
@@ -736,7 +767,7 @@ pub async fn plan(
             }
             let notes = exact_targets(
                 ctx,
-                &backups,
+                backups,
                 &wal_from,
                 at,
                 &time.to_rfc3339(),
@@ -749,7 +780,7 @@ pub async fn plan(
             what = "the end of every shard's archive".to_string();
             let notes = exact_targets(
                 ctx,
-                &backups,
+                backups,
                 &wal_from,
                 HlcTime(u64::MAX),
                 "the end of its archive",
@@ -778,7 +809,7 @@ pub async fn plan(
             None => live_lineage(ctx, &agent).await?,
         };
         let history =
-            History::read(&ctx.repo, &backups, archive.as_ref(), &agent.shard_id, seq).await?;
+            History::read(&ctx.repo, backups, archive.as_ref(), &agent.shard_id, seq).await?;
         // Newest first: legs[0] holds the target itself.
         let mut legs = history.legs(&lineage, seq);
         let point = legs[0].lineage;
@@ -789,7 +820,7 @@ pub async fn plan(
         let (base, base_seq, chain, base_bytes, chain_seq) = match &latest {
             Some(latest) => {
                 let (base, base_seq, chain, bytes) =
-                    chain_of(&backups, &latest.backup_id, &agent.shard_id)?;
+                    chain_of(backups, &latest.backup_id, &agent.shard_id)?;
                 // The replay starts on the base's lineage: older legs are not needed.
                 if let Some(at) = legs.iter().position(|l| l.lineage.id == latest.lineage.id) {
                     legs.truncate(at + 1);
@@ -1550,30 +1581,15 @@ fn check_cut(plan: &RestorePlan, view: &RestoreView) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use lockstep_repository::Timeline;
-    use lockstep_repository::manifest::{
-        MANIFEST_FORMAT_VERSION, ShardTimings, TOOL_VERSION, TransferStats,
-    };
 
     use super::*;
 
-    fn manifest(id: &str, lineage: Lineage, seq: u64) -> ShardManifest {
-        ShardManifest {
-            format_version: MANIFEST_FORMAT_VERSION,
+    fn manifest(id: &str, lineage: Lineage, seq: u64) -> BackupPoint {
+        BackupPoint {
             backup_id: BackupId::new(id).expect("backup id"),
-            shard_id: ShardId::new("shard-0").expect("shard id"),
-            engine: "memory".into(),
             seq: Seq(seq),
             lineage,
             hlc: HlcTime::default(),
-            captured_at: Utc::now(),
-            column_families: vec!["default".into()],
-            files: Vec::new(),
-            files_seq: None,
-            wal_after: None,
-            wal: Vec::new(),
-            stats: TransferStats::default(),
-            timings: ShardTimings::default(),
-            tool_version: TOOL_VERSION.into(),
         }
     }
 
@@ -1589,7 +1605,7 @@ mod tests {
                 .into_iter()
                 .map(|l| (l.id, l))
                 .collect(),
-            manifests: vec![
+            points: vec![
                 manifest("bk-root-1000", root, 1_000),
                 // Taken on the abandoned part of the root: never a base for the branches.
                 manifest("bk-root-3000", root, 3_000),

@@ -590,6 +590,8 @@ pub fn plan(
 /// then backups newest first, so a parent never goes before its children. Run under
 /// `ClusterOps` (no backup picks a parent meanwhile); every removal checks the fence.
 pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
+    // Every committed backup, whatever this coordinator saw so far: what no rule keeps goes.
+    ctx.repo.reconciled_catalog().await?;
     let backups = ctx.repo.backups().await?;
     let tags = ctx.repo.tags().await?;
     let now = Utc::now();
@@ -960,6 +962,7 @@ mod tests {
                 shard_id: ShardId::new("shard-0").expect("shard"),
                 seq: Seq(seq),
                 lineage,
+                hlc: None,
                 n_files: 1,
                 bytes: 1,
             });
@@ -1050,6 +1053,7 @@ mod tests {
             shard_id: ShardId::new("shard-0").expect("shard"),
             seq: Seq(seq),
             lineage,
+            hlc: None,
             n_files: 1,
             bytes: 1,
         });

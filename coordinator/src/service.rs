@@ -197,11 +197,11 @@ fn page<T: Clone>(
     Ok((listed[start..end].to_vec(), next))
 }
 
-/// A catalog listing kept for the pages after the first: a paged `backup list` reads and
-/// sorts the catalog once, not once per page.
+/// The catalog the first page of a paged `backup list` read, kept for the pages after it:
+/// they page one consistent listing.
 struct Listing {
     at: std::time::Instant,
-    backups: Arc<Vec<(BackupId, Result<BackupManifest>)>>,
+    backups: Arc<lockstep_repository::catalog::Catalog>,
 }
 
 /// How long a listing serves the pages after its first.
@@ -413,7 +413,7 @@ impl Coordinator for CoordinatorApi {
         let catalog = match kept {
             Some(catalog) => catalog,
             None => {
-                let catalog = Arc::new(self.ctx.repo.backups().await.map_err(status)?);
+                let catalog = self.ctx.repo.catalog().await.map_err(status)?;
                 *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some(Listing {
                     at: std::time::Instant::now(),
                     backups: catalog.clone(),
@@ -421,14 +421,21 @@ impl Coordinator for CoordinatorApi {
                 catalog
             }
         };
-        // Unreadable: listed unless a filter asks for labels it cannot show.
-        let backups: Vec<&(BackupId, Result<BackupManifest>)> = catalog
+        // Unreadable ones first: listed unless a filter asks for labels they cannot show.
+        let damaged = catalog
+            .damaged()
             .iter()
-            .filter(|(_, manifest)| match manifest {
-                Ok(manifest) => has_labels(&manifest.labels, &wanted),
-                Err(_) => wanted.is_empty(),
-            })
-            .collect();
+            .filter(|_| wanted.is_empty())
+            .map(|d| (&d.backup_id, Err(d.code)));
+        let indexed = catalog
+            .backups()
+            .iter()
+            .filter(|manifest| has_labels(&manifest.labels, &wanted))
+            .map(|manifest| (&manifest.backup_id, Ok(manifest)));
+        let backups: Vec<(
+            &BackupId,
+            std::result::Result<&Arc<BackupManifest>, ErrorCode>,
+        )> = damaged.chain(indexed).collect();
         // Only the page is turned into replies.
         let (backups, next_page_token) = page(
             &backups,
@@ -441,9 +448,9 @@ impl Coordinator for CoordinatorApi {
             .into_iter()
             .map(|(id, manifest)| match manifest {
                 Ok(manifest) => backup_info(manifest),
-                Err(err) => v1::BackupInfo {
+                Err(code) => v1::BackupInfo {
                     backup_id: id.to_string(),
-                    error_code: err.code.as_str().to_string(),
+                    error_code: code.as_str().to_string(),
                     ..Default::default()
                 },
             })

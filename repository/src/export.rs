@@ -891,7 +891,10 @@ fn check_backup(backup: &BackupManifest, shards: &[ShardManifest]) -> Result<()>
     for shard in &backup.shards {
         let found = shards.iter().find(|s| s.shard_id == shard.shard_id);
         match found {
-            Some(manifest) if manifest.seq == shard.seq && manifest.lineage == shard.lineage => {}
+            Some(manifest)
+                if manifest.seq == shard.seq
+                    && manifest.lineage == shard.lineage
+                    && shard.hlc.is_none_or(|hlc| hlc == manifest.hlc) => {}
             _ => {
                 return Err(invalid_file(format!(
                     "backup {id}'s shard {} does not match its shard manifest in the file",

@@ -19,6 +19,10 @@
 //! <prefix>/schedules/<name>.json                a schedule's last firing (coordinator)
 //! <prefix>/shards/<shard-id>/<backup-id>.json   shard manifests
 //! <prefix>/backups/<backup-id>.json             backup manifests, written last
+//! <prefix>/catalog/log/<n:020>.json             the catalog index's entries, create-only:
+//!                                               manifests added or backup ids removed
+//!                                               (catalog.rs)
+//! <prefix>/catalog/snapshot/<n:020>.json        every indexed manifest after entry n
 //! <prefix>/pending/<backup-id>.json             intent of a running backup; removed at commit
 //!                                               or cleanup, so one left behind marks leftovers
 //! <prefix>/restores/<restore-id>.json          a cluster restore under way; removed when it
@@ -33,6 +37,8 @@
 //!                                               which writes a segment holds and its hash;
 //!                                               <lineage> is `Lineage::dir_name`:
 //!                                               <timeline:010>-<id>-<parent>-<branch:020>
+//! <prefix>/wal-ends/<shard-id>/<lineage>.json   a segment at or near the end of a lineage:
+//!                                               where finding its end starts listing
 //! ```
 //!
 //! Architecture invariant: a key is derived only from validated ids (`ids.rs`) and object
@@ -56,9 +62,13 @@ const RESTORES: &str = "restores";
 const COORDINATORS: &str = "coordinators";
 const TAGS: &str = "tags";
 const WAL: &str = "wal";
+const WAL_ENDS: &str = "wal-ends";
 const GC: &str = "gc";
 const SCHEDULES: &str = "schedules";
 const VERIFY: &str = "verify";
+const CATALOG: &str = "catalog";
+const CATALOG_LOG: &str = "log";
+const CATALOG_SNAPSHOTS: &str = "snapshot";
 
 /// Builds every key of one repository under its prefix.
 #[derive(Debug, Clone)]
@@ -168,6 +178,32 @@ impl Layout {
         self.join(&[BACKUPS])
     }
 
+    /// Entry `n` of the catalog index's log.
+    pub fn catalog_entry(&self, n: u64) -> Path {
+        self.join(&[CATALOG, CATALOG_LOG, &format!("{n:020}.json")])
+    }
+
+    pub fn catalog_log_dir(&self) -> Path {
+        self.join(&[CATALOG, CATALOG_LOG])
+    }
+
+    /// The catalog index as it stood after entry `n`.
+    pub fn catalog_snapshot(&self, n: u64) -> Path {
+        self.join(&[CATALOG, CATALOG_SNAPSHOTS, &format!("{n:020}.json")])
+    }
+
+    pub fn catalog_snapshots_dir(&self) -> Path {
+        self.join(&[CATALOG, CATALOG_SNAPSHOTS])
+    }
+
+    /// The position named by a key under `catalog/log/` or `catalog/snapshot/`.
+    pub fn catalog_position_of(&self, key: &Path) -> Option<u64> {
+        let digits = key.filename()?.strip_suffix(".json")?;
+        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse().ok())
+            .flatten()
+    }
+
     pub fn pending(&self, backup: &BackupId) -> Path {
         self.join(&[PENDING, &format!("{backup}.json")])
     }
@@ -222,6 +258,15 @@ impl Layout {
 
     pub fn wal_lineage_dir(&self, shard: &ShardId, lineage: &Lineage) -> Path {
         self.join(&[WAL, shard.as_str(), &lineage.dir_name()])
+    }
+
+    /// The record of a segment at or near the end of `shard`'s `lineage` (`wal_end`).
+    pub fn wal_end_hint(&self, shard: &ShardId, lineage: &Lineage) -> Path {
+        self.join(&[
+            WAL_ENDS,
+            shard.as_str(),
+            &format!("{}.json", lineage.dir_name()),
+        ])
     }
 
     pub fn wal_segment(&self, info: &SegmentInfo) -> Path {

@@ -17,6 +17,7 @@ pub mod archive;
 pub mod bandwidth;
 pub mod blocking;
 pub mod buffers;
+pub mod catalog;
 pub mod codec;
 pub mod direct;
 pub mod error;

@@ -369,6 +369,11 @@ pub struct ShardRef {
     pub seq: Seq,
     /// The shard's history at `seq` (as its shard manifest says).
     pub lineage: Lineage,
+    /// The HLC time of the shard's last write in the backup (as its shard manifest says), so
+    /// a plan finds points in time from the catalog alone; absent in manifests written
+    /// before it was recorded, whose shard manifests say it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hlc: Option<HlcTime>,
     pub n_files: u64,
     pub bytes: u64,
 }
@@ -536,9 +541,15 @@ impl BackupManifest {
     pub fn parse(what: &str, bytes: &[u8]) -> Result<BackupManifest> {
         let manifest: BackupManifest =
             serde_json::from_slice(bytes).map_err(|err| corrupt(what, err))?;
-        check_version(what, manifest.format_version)?;
-        check_labels(&manifest.labels).map_err(|err| corrupt(what, err))?;
+        manifest.check(what)?;
         Ok(manifest)
+    }
+
+    /// What `parse` checks beyond the JSON's shape: for a manifest read inside another
+    /// record (the catalog index).
+    pub(crate) fn check(&self, what: &str) -> Result<()> {
+        check_version(what, self.format_version)?;
+        check_labels(&self.labels).map_err(|err| corrupt(what, err))
     }
 
     /// Builds the backup manifest that commits the given shard manifests.
@@ -566,6 +577,7 @@ impl BackupManifest {
                     shard_id: s.shard_id.clone(),
                     seq: s.seq,
                     lineage: s.lineage,
+                    hlc: Some(s.hlc),
                     n_files: s.files.len() as u64,
                     bytes: s.total_bytes(),
                 })

@@ -288,15 +288,26 @@ pub async fn verify(
                 }
             };
             report.shards_checked += 1;
-            if shard.seq != shard_ref.seq || &shard.backup_id != backup {
+            if shard.seq != shard_ref.seq
+                || shard.lineage != shard_ref.lineage
+                || shard_ref.hlc.is_some_and(|hlc| hlc != shard.hlc)
+                || &shard.backup_id != backup
+            {
                 problems.push(problem(
                     backup,
                     Some(&shard.shard_id),
                     None,
                     ErrorCode::BackupManifestCorrupt,
                     format!(
-                        "shard manifest says backup {} at seq {}, backup manifest says {} at seq {}",
-                        shard.backup_id, shard.seq, backup, shard_ref.seq
+                        "shard manifest says backup {} at seq {} ({}, {}), backup manifest says {} at seq {} ({}, {})",
+                        shard.backup_id,
+                        shard.seq,
+                        shard.lineage,
+                        shard.hlc,
+                        backup,
+                        shard_ref.seq,
+                        shard_ref.lineage,
+                        shard_ref.hlc.map_or("no time".to_string(), |hlc| hlc.to_string())
                     ),
                 ));
             }
