@@ -668,15 +668,29 @@ mod tests {
     use super::*;
     use crate::manifest::BackupKind;
 
-    async fn commit(repo: &Repository, id: &str) -> BackupManifest {
-        let manifest = BackupManifest::commit(
+    fn manifest(id: &str) -> BackupManifest {
+        BackupManifest::commit(
             BackupId::new(id).expect("id"),
             BackupKind::Full,
             None,
             Utc::now(),
             &[],
-        );
-        repo.commit_backup(manifest).await.expect("commit")
+        )
+    }
+
+    async fn commit(repo: &Repository, id: &str) -> BackupManifest {
+        repo.commit_backup(manifest(id)).await.expect("commit")
+    }
+
+    /// A commit that stopped after its manifest, before its entry: the manifest alone.
+    async fn unrecorded(repo: &Repository, id: &str, commit_seq: u64) -> BackupManifest {
+        let mut manifest = manifest(id);
+        manifest.commit_seq = commit_seq;
+        let key = repo.layout().backup_manifest(&manifest.backup_id);
+        repo.put_manifest(&key, manifest.to_json())
+            .await
+            .expect("put");
+        manifest
     }
 
     async fn listed(repo: &Repository) -> Vec<String> {
@@ -741,18 +755,7 @@ mod tests {
         commit(&repo, "bk-1").await;
         commit(&repo, "bk-2").await;
         // A commit that stopped after its manifest, and a delete after removing one.
-        let mut unindexed = BackupManifest::commit(
-            BackupId::new("bk-3").expect("id"),
-            BackupKind::Full,
-            None,
-            Utc::now(),
-            &[],
-        );
-        unindexed.commit_seq = 3;
-        let key = repo.layout().backup_manifest(&unindexed.backup_id);
-        repo.put_manifest(&key, unindexed.to_json())
-            .await
-            .expect("put");
+        unrecorded(&repo, "bk-3", 3).await;
         repo.delete_if_present(
             &repo
                 .layout()
@@ -878,16 +881,7 @@ mod tests {
         let stale = Catalog::clone(&b.catalog().await.expect("catalog"));
         // Another writer takes the position b would take next.
         commit(&a, "bk-2").await;
-        let mut manifest = BackupManifest::commit(
-            BackupId::new("bk-3").expect("id"),
-            BackupKind::Full,
-            None,
-            Utc::now(),
-            &[],
-        );
-        manifest.commit_seq = 3;
-        let key = b.layout().backup_manifest(&manifest.backup_id);
-        b.put_manifest(&key, manifest.to_json()).await.expect("put");
+        let manifest = unrecorded(&b, "bk-3", 3).await;
         let mut catalog = stale.clone();
         b.append(&mut catalog, &Entry::Added(vec![manifest]))
             .await
@@ -911,18 +905,7 @@ mod tests {
         let repo = Repository::open(url).await.expect("repo");
         commit(&repo, "bk-1").await;
         // Another writer's commit that stopped before its entry.
-        let mut manifest = BackupManifest::commit(
-            BackupId::new("bk-2").expect("id"),
-            BackupKind::Full,
-            None,
-            Utc::now(),
-            &[],
-        );
-        manifest.commit_seq = 2;
-        let key = repo.layout().backup_manifest(&manifest.backup_id);
-        repo.put_manifest(&key, manifest.to_json())
-            .await
-            .expect("put");
+        unrecorded(&repo, "bk-2", 2).await;
         assert_eq!(listed(&repo).await, ["bk-1"]);
         let reconciled = repo.reconciled_catalog().await.expect("catalog");
         let ids: Vec<&str> = reconciled

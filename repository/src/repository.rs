@@ -1885,18 +1885,34 @@ impl Repository {
         shard: &ShardId,
         lineage: &Lineage,
     ) -> Result<Vec<SegmentInfo>> {
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&self.layout.wal_lineage_dir(shard, lineage)))
+        let mut segments = self.wal_segments_after(shard, lineage, None).await?;
+        segments.sort_by_key(|s| (s.first, s.last));
+        Ok(segments)
+    }
+
+    /// The segments of `shard`'s `lineage` whose names sort after `after`'s (all without
+    /// it), in no order.
+    async fn wal_segments_after(
+        &self,
+        shard: &ShardId,
+        lineage: &Lineage,
+        after: Option<&SegmentInfo>,
+    ) -> Result<Vec<SegmentInfo>> {
+        let dir = self.layout.wal_lineage_dir(shard, lineage);
+        let listing = match after {
+            Some(after) => self
+                .store
+                .list_with_offset(Some(&dir), &self.layout.wal_segment(after)),
+            None => self.store.list(Some(&dir)),
+        };
+        let metas: Vec<_> = listing
             .try_collect()
             .await
             .map_err(|err| storage_error(format!("list WAL segments of {shard}"), err))?;
-        let mut segments: Vec<SegmentInfo> = metas
+        Ok(metas
             .iter()
             .filter_map(|m| SegmentInfo::parse(shard, lineage, m.location.filename()?))
-            .collect();
-        segments.sort_by_key(|s| (s.first, s.last));
-        Ok(segments)
+            .collect())
     }
 
     /// When a full verify last checked each object (empty before the first).
@@ -1960,21 +1976,9 @@ impl Repository {
             Some(hint) if self.has_wal_segment(&hint).await? => Some(hint),
             _ => None,
         };
-        let dir = self.layout.wal_lineage_dir(shard, lineage);
-        let listing = match &hint {
-            Some(hint) => self
-                .store
-                .list_with_offset(Some(&dir), &self.layout.wal_segment(hint)),
-            None => self.store.list(Some(&dir)),
-        };
-        let metas: Vec<_> = listing
-            .try_collect()
-            .await
-            .map_err(|err| storage_error(format!("list WAL segments of {shard}"), err))?;
-        let mut segments: Vec<SegmentInfo> = metas
-            .iter()
-            .filter_map(|m| SegmentInfo::parse(shard, lineage, m.location.filename()?))
-            .collect();
+        let mut segments = self
+            .wal_segments_after(shard, lineage, hint.as_ref())
+            .await?;
         let listed = segments.len();
         segments.extend(hint);
         let end = crate::wal::furthest(&segments).cloned();
