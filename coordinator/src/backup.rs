@@ -275,7 +275,7 @@ pub async fn remove_leftovers(ctx: &ClusterContext, backup: &BackupId) -> Result
 /// manifests; safe to repeat.
 pub async fn clean_leftovers(ctx: &ClusterContext) -> Result<Vec<BackupId>> {
     let mut cleaned = Vec::new();
-    let mut waited = false;
+    let (mut waited, mut reconciled) = (false, false);
     for backup in ctx.repo.pending_ids().await? {
         if !waited && !ctx.repo.backup_exists(&backup).await? {
             // The coordinator this one took over may have checked its epoch just before the
@@ -285,8 +285,10 @@ pub async fn clean_leftovers(ctx: &ClusterContext) -> Result<Vec<BackupId>> {
         }
         if ctx.repo.backup_exists(&backup).await? {
             // Committed by a coordinator that stopped before it recorded it in the catalog,
-            // maybe: the catalog looks again.
-            ctx.repo.reconciled_catalog().await?;
+            // maybe: the catalog looks again (once for all of them).
+            if !std::mem::replace(&mut reconciled, true) {
+                ctx.repo.reconciled_catalog().await?;
+            }
             ctx.repo.delete_pending(&backup).await?;
             continue;
         }

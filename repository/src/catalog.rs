@@ -179,17 +179,43 @@ pub struct Damaged {
 
 /// A handle's view of the index, shared by its clones.
 #[derive(Debug, Default)]
-pub(crate) struct CatalogState {
+pub(crate) struct CatalogShared {
+    state: tokio::sync::Mutex<CatalogState>,
+    /// Set, outside the lock, when what the handle holds may lag `backups/`: a write whose
+    /// outcome is unknown, or a recording its caller dropped midway (set by the recording's
+    /// guard unless it finished). The next look reconciles.
+    suspect: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct CatalogState {
     current: Option<Arc<Catalog>>,
     /// Whether this handle has reconciled the index with `backups/` (its first look, and
     /// again after it could not record a change).
     reconciled: bool,
-    /// A change is being recorded: still set at the next look, its recording was dropped
-    /// midway (a cancelled caller), so that look reconciles.
-    recording: bool,
 }
 
-pub(crate) type SharedCatalog = Arc<tokio::sync::Mutex<CatalogState>>;
+pub(crate) type SharedCatalog = Arc<CatalogShared>;
+
+/// Marks the catalog suspect when dropped before `done`: a recording cancelled midway.
+struct Recording<'a>(&'a CatalogShared);
+
+impl Recording<'_> {
+    fn done(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        self.0
+            .suspect
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How many times a look reconciles while the index keeps turning out damaged.
+const RECONCILE_ATTEMPTS: usize = 3;
 
 fn damaged_entry(what: &str, why: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::BackupManifestCorrupt, format!("{what}: {why}"))
@@ -199,7 +225,7 @@ impl Repository {
     /// The catalog, up to date: reconciled with `backups/` at this handle's first look,
     /// afterwards the entries appended since its last.
     pub async fn catalog(&self) -> Result<Arc<Catalog>> {
-        let mut state = self.catalog_state().lock().await;
+        let mut state = self.catalog_state().state.lock().await;
         self.up_to_date(&mut state).await
     }
 
@@ -207,15 +233,17 @@ impl Repository {
     /// decision that removes something (retention, a delete, leftovers), so a backup another
     /// writer committed without recording it cannot go unseen.
     pub async fn reconciled_catalog(&self) -> Result<Arc<Catalog>> {
-        let mut state = self.catalog_state().lock().await;
+        let mut state = self.catalog_state().state.lock().await;
         state.reconciled = false;
         self.up_to_date(&mut state).await
     }
 
     /// What this handle holds may lag `backups/` (a write whose outcome is unknown): its next
     /// look reconciles.
-    pub(crate) async fn suspect_catalog(&self) {
-        self.catalog_state().lock().await.reconciled = false;
+    pub(crate) fn suspect_catalog(&self) {
+        self.catalog_state()
+            .suspect
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Records a committed backup in the index; call after its manifest is published. A
@@ -231,18 +259,19 @@ impl Repository {
     }
 
     async fn record(&self, entry: Entry) {
-        let mut state = self.catalog_state().lock().await;
+        let shared = self.catalog_state();
+        let recording = Recording(shared);
+        let mut state = shared.state.lock().await;
         let recorded = match self.up_to_date(&mut state).await {
             Ok(current) => {
                 let mut catalog = Catalog::clone(&current);
-                state.recording = true;
                 let appended = self.append(&mut catalog, &entry).await;
-                state.recording = false;
                 state.current = Some(Arc::new(catalog));
                 appended
             }
             Err(err) => Err(err),
         };
+        recording.done();
         if let Err(err) = recorded {
             tracing::warn!(error = %err.chain(), "could not record a change in the catalog index; the next look reconciles it with backups/");
             state.reconciled = false;
@@ -250,7 +279,11 @@ impl Repository {
     }
 
     async fn up_to_date(&self, state: &mut CatalogState) -> Result<Arc<Catalog>> {
-        if std::mem::take(&mut state.recording) {
+        if self
+            .catalog_state()
+            .suspect
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
             state.reconciled = false;
         }
         let mut catalog = match &state.current {
@@ -264,7 +297,16 @@ impl Repository {
             None => self.load_catalog().await?,
         };
         self.catch_up(&mut catalog).await?;
-        if !state.reconciled || catalog.stale {
+        let mut attempts = 0;
+        while !state.reconciled || catalog.stale {
+            if attempts == RECONCILE_ATTEMPTS {
+                // Never planned or committed from: a stale catalog may lack backups.
+                return Err(Error::new(
+                    ErrorCode::BackupManifestCorrupt,
+                    "the catalog index keeps turning out damaged while it is repaired; check the repository's catalog/ (removing it makes the next look rebuild it from backups/)",
+                ));
+            }
+            attempts += 1;
             self.reconcile(&mut catalog).await?;
             state.reconciled = true;
         }
@@ -343,12 +385,15 @@ impl Repository {
     }
 
     /// Applies the entries appended after `catalog`'s position. One pruned past it starts
-    /// again from the newest snapshot.
-    async fn catch_up(&self, catalog: &mut Catalog) -> Result<()> {
+    /// again from the newest snapshot. Returns whether it met a damaged snapshot or entry, or
+    /// a hole (then `catalog` is stale: it must be reconciled before anything is recorded on
+    /// top of it).
+    async fn catch_up(&self, catalog: &mut Catalog) -> Result<bool> {
+        let mut met_damage = false;
         for _ in 0..3 {
             let positions = self.positions_after(catalog.position).await?;
             let Some(&first) = positions.first() else {
-                return Ok(());
+                return Ok(met_damage);
             };
             if first != catalog.position + 1 {
                 let reloaded = self.load_catalog().await?;
@@ -360,11 +405,17 @@ impl Repository {
                         "the catalog index's log has a hole; rebuilding it from backups/"
                     );
                     *catalog = Catalog::empty_at(positions[positions.len() - 1]);
-                    return Ok(());
+                    return Ok(true);
                 }
+                met_damage |= reloaded.stale;
+                // What this handle found damaged stays so, and out of the catalog.
                 let damaged = std::mem::take(&mut catalog.damaged);
                 *catalog = reloaded;
+                for d in &damaged {
+                    catalog.by_id.remove(&d.backup_id);
+                }
                 catalog.damaged = damaged;
+                catalog.reorder();
                 continue;
             }
             let contiguous = positions
@@ -386,6 +437,7 @@ impl Repository {
                     Err(err) if err.is_damaged_record() => {
                         tracing::warn!(error = %err.chain(), "a catalog index entry is damaged; reconciling with backups/");
                         catalog.stale = true;
+                        met_damage = true;
                     }
                     Err(err) => return Err(err),
                 }
@@ -393,10 +445,10 @@ impl Repository {
             }
             catalog.reorder();
             if catalog.position == positions[contiguous - 1] {
-                return Ok(());
+                return Ok(met_damage);
             }
         }
-        Ok(())
+        Ok(met_damage)
     }
 
     async fn read_entry(&self, n: u64) -> Result<Option<Entry>> {
@@ -440,8 +492,7 @@ impl Repository {
                 }
                 return Ok(());
             }
-            self.catch_up(catalog).await?;
-            if catalog.stale {
+            if self.catch_up(catalog).await? {
                 // What this handle holds is no longer what the log says: record nothing on
                 // top of it until it reconciles.
                 return Err(Error::new(
@@ -531,7 +582,7 @@ impl Repository {
             .map_err(|err| {
                 Error::with_source(ErrorCode::StorageUnavailable, "list backups", err)
             })?;
-        self.catch_up(catalog).await?;
+        let mut clean = !self.catch_up(catalog).await?;
         let listed_set: HashSet<&BackupId> = listed.iter().map(|(id, _)| id).collect();
         let to_read: Vec<BackupId> = listed
             .iter()
@@ -581,7 +632,6 @@ impl Repository {
         if !gone.is_empty() {
             repairs.push(Entry::Removed(gone));
         }
-        let mut clean = true;
         for entry in repairs {
             if let Err(err) = self.append(catalog, &entry).await {
                 // A handle that may not write (a reader's credentials) still lists right.
@@ -897,6 +947,33 @@ mod tests {
         let fresh = Repository::open(url).await.expect("repo");
         assert_eq!(listed(&fresh).await, ["bk-1", "bk-2", "bk-3"]);
         assert_eq!(log_len(&fresh).await, 3, "no repair was needed");
+    }
+
+    #[tokio::test]
+    async fn a_recording_dropped_midway_makes_the_next_look_reconcile() {
+        let url = "memory://catalog-cancelled";
+        let repo = Repository::open(url).await.expect("repo");
+        commit(&repo, "bk-1").await;
+        unrecorded(&repo, "bk-2", 2).await;
+        assert_eq!(listed(&repo).await, ["bk-1"]);
+        // What a caller cancelled inside `record` leaves behind.
+        drop(Recording(repo.catalog_state()));
+        assert_eq!(listed(&repo).await, ["bk-1", "bk-2"]);
+    }
+
+    #[test]
+    fn a_manifest_from_before_the_commit_order_keeps_its_stored_size() {
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&manifest("bk-old").to_json()).expect("json");
+        old.as_object_mut().expect("object").remove("commit_seq");
+        let stored = serde_json::to_vec_pretty(&old).expect("json");
+        let parsed = BackupManifest::parse("old", &stored).expect("parse");
+        assert_eq!(parsed.commit_seq, 0);
+        assert_eq!(
+            parsed.to_json().len(),
+            stored.len(),
+            "re-read at every look otherwise"
+        );
     }
 
     #[tokio::test]

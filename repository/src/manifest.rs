@@ -37,8 +37,8 @@ pub struct Chunk {
     pub stored_len: u64,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 impl Chunk {
@@ -401,8 +401,10 @@ pub struct BackupManifest {
     pub tool_version: String,
     /// The backup's place in the repository's commit order (1, 2, ...), set when it is
     /// committed; 0 in manifests written before the order was recorded. The catalog and
-    /// `latest` follow it, not the clocks in ids and times, which can step back.
-    #[serde(default)]
+    /// `latest` follow it, not the clocks in ids and times, which can step back. Left out
+    /// when 0, so such a manifest keeps the size it was stored with (the catalog index
+    /// compares sizes).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub commit_seq: u64,
     /// What the operator labelled it with (`--label key=value`).
     #[serde(default, skip_serializing_if = "Labels::is_empty")]

@@ -1259,7 +1259,7 @@ impl Repository {
         let key = self.layout.backup_manifest(&manifest.backup_id);
         if let Err(err) = self.put_manifest(&key, manifest.to_json()).await {
             // Written or not, unknown: the next look finds out.
-            self.suspect_catalog().await;
+            self.suspect_catalog();
             return Err(err);
         }
         self.index_added(&manifest).await;
@@ -1704,7 +1704,7 @@ impl Repository {
             .delete_if_present(&self.layout.backup_manifest(backup))
             .await
         {
-            self.suspect_catalog().await;
+            self.suspect_catalog();
             return Err(err.context(format!("delete backup {backup}")));
         }
         // Recorded before anything else can fail: no parent choice or plan names it again.
