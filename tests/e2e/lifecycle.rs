@@ -475,3 +475,44 @@ async fn a_schedule_firing_every_second_runs_backups_and_survives_a_restart() {
     .await;
     assert!(more.is_some(), "the restarted coordinator fires again");
 }
+
+/// The catalog index (decision 041) lost or damaged behind the coordinator's back: a
+/// repository without one (from before it, or removed by hand), and one whose newest entry is
+/// damaged, are indexed again from `backups/` at the next start; listing, parent choice and
+/// verify then see every committed backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_damaged_catalog_index_is_rebuilt_from_the_manifests() {
+    let mut cluster = Cluster::start(10_000, None);
+    let full = cluster.backup("full");
+    let incremental = cluster.backup("incremental");
+    let index = cluster.repo().join("catalog");
+    let entries = |index: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut entries: Vec<_> = std::fs::read_dir(index.join("log"))
+            .expect("the index's log")
+            .map(|entry| entry.expect("entry").path())
+            .collect();
+        entries.sort();
+        entries
+    };
+    assert!(entries(&index).len() >= 2, "each commit is recorded");
+
+    cluster.kill_coordinator();
+    std::fs::remove_dir_all(&index).expect("remove the index");
+    cluster.start_coordinator(None);
+    assert_eq!(cluster.listed(), [full.clone(), incremental.clone()]);
+    let next = cluster.backup("incremental");
+    let list = json(&cluster.lockstep(&["backup", "list", "--json"]));
+    assert_eq!(list[2]["parent"], incremental.as_str(), "{list:#}");
+    assert!(
+        index.join("snapshot").read_dir().is_ok(),
+        "the index exists again"
+    );
+
+    cluster.kill_coordinator();
+    let newest = entries(&index).pop().expect("an entry");
+    std::fs::write(&newest, b"{ damaged").expect("damage the newest entry");
+    cluster.start_coordinator(None);
+    assert_eq!(cluster.listed(), [full, incremental, next.clone()]);
+    let verify = cluster.lockstep(&["backup", "verify", &next]);
+    assert!(verify.status.success(), "{}", text(&verify));
+}
