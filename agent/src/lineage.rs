@@ -336,59 +336,48 @@ mod tests {
     /// An archive that never answers with anything but an error: a destination down.
     struct Unreachable;
 
+    /// What every call of `Unreachable` answers.
+    fn refused<'a, T: Send + 'a>() -> BoxFuture<'a, Result<T>> {
+        async {
+            Err(Error::new(
+                ErrorCode::StorageUnavailable,
+                "connection refused",
+            ))
+        }
+        .boxed()
+    }
+
     impl RemoteWal for Unreachable {
         fn lineages<'a>(&'a self, _: &'a ShardId) -> BoxFuture<'a, Result<Vec<Lineage>>> {
-            async {
-                Err(Error::new(
-                    ErrorCode::StorageUnavailable,
-                    "connection refused",
-                ))
-            }
-            .boxed()
+            refused()
         }
         fn segment_names<'a>(
             &'a self,
             _: &'a ShardId,
             _: &'a Lineage,
         ) -> BoxFuture<'a, Result<Vec<String>>> {
-            async {
-                Err(Error::new(
-                    ErrorCode::StorageUnavailable,
-                    "connection refused",
-                ))
-            }
-            .boxed()
+            refused()
         }
         fn last_segment_name<'a>(
             &'a self,
             _: &'a ShardId,
             _: &'a Lineage,
         ) -> BoxFuture<'a, Result<Option<String>>> {
-            async {
-                Err(Error::new(
-                    ErrorCode::StorageUnavailable,
-                    "connection refused",
-                ))
-            }
-            .boxed()
+            refused()
         }
         fn put<'a>(&'a self, _: &'a SegmentInfo, _: Vec<u8>) -> BoxFuture<'a, Result<()>> {
-            async {
-                Err(Error::new(
-                    ErrorCode::StorageUnavailable,
-                    "connection refused",
-                ))
-            }
-            .boxed()
+            refused()
         }
         fn get<'a>(&'a self, _: &'a SegmentInfo) -> BoxFuture<'a, Result<Vec<u8>>> {
-            async {
-                Err(Error::new(
-                    ErrorCode::StorageUnavailable,
-                    "connection refused",
-                ))
-            }
-            .boxed()
+            refused()
+        }
+        fn delete<'a>(
+            &'a self,
+            _: &'a ShardId,
+            _: &'a Lineage,
+            _: Vec<String>,
+        ) -> BoxFuture<'a, Result<u64>> {
+            refused()
         }
     }
 

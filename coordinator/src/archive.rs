@@ -309,6 +309,47 @@ impl WalArchive for WalArchiveApi {
         Ok(Response::new(v1::PutWalSegmentReply {}))
     }
 
+    /// Retention of the cluster that ships here (the role table lets only coordinators
+    /// call it): removes the named segments of one lineage, never the one where it ends.
+    async fn delete_segments(
+        &self,
+        request: Request<v1::DeleteWalSegmentsRequest>,
+    ) -> Reply<v1::DeleteWalSegmentsReply> {
+        let request = request.into_inner();
+        let doomed = request
+            .names
+            .iter()
+            .map(|name| segment(&request.shard_id, request.lineage.as_ref(), name))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let Some(first) = doomed.first() else {
+            return Ok(Response::new(v1::DeleteWalSegmentsReply { deleted: 0 }));
+        };
+        // Under the lineage's writer lock: the end cannot move while it is checked.
+        let _one_at_a_time = self.writer(first).await;
+        let end = self
+            .end(&first.shard_id, &first.lineage, true)
+            .await
+            .map_err(|e| to_status(&e))?;
+        if let Some(end) = end.filter(|end| doomed.contains(end)) {
+            return Err(to_status(&Error::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "segment {} is where shard {} {} ends in this archive (shipping resumes after it): it is kept",
+                    end.file_name(),
+                    end.shard_id,
+                    end.lineage
+                ),
+            )));
+        }
+        self.repo
+            .delete_wal_segments(&doomed)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::DeleteWalSegmentsReply {
+            deleted: doomed.len() as u64,
+        }))
+    }
+
     async fn get_segment(
         &self,
         request: Request<v1::GetWalSegmentRequest>,
@@ -519,5 +560,56 @@ mod tests {
             end.len() == 1 && end[0].starts_with("00000000000000000011-00000000000000000020-"),
             "{end:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn retention_removes_segments_but_never_where_a_lineage_ends() {
+        let repo = Repository::open("memory://archive-delete")
+            .await
+            .expect("repo");
+        let api = WalArchiveApi::new(repo.clone());
+        let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
+        let mut names = Vec::new();
+        for first in [1, 11, 21] {
+            let (info, request) = put_request("shard-0", lineage, first, first + 9).await;
+            api.put_segment(Request::new(request)).await.expect("put");
+            names.push(info.file_name());
+        }
+        let delete = |names: Vec<String>| {
+            api.delete_segments(Request::new(v1::DeleteWalSegmentsRequest {
+                shard_id: shard.to_string(),
+                lineage: Some(lineage_to_wire(&lineage)),
+                names,
+            }))
+        };
+        let refused = delete(names.clone()).await.expect_err("the end");
+        assert!(
+            refused.message().contains("it is kept"),
+            "{}",
+            refused.message()
+        );
+        assert_eq!(
+            repo.wal_segments(&shard, &lineage)
+                .await
+                .expect("list")
+                .len(),
+            3
+        );
+        let deleted = delete(names[..2].to_vec()).await.expect("delete");
+        assert_eq!(deleted.into_inner().deleted, 2);
+        let left = repo.wal_segments(&shard, &lineage).await.expect("list");
+        assert_eq!(
+            left.iter().map(SegmentInfo::file_name).collect::<Vec<_>>(),
+            names[2..]
+        );
+        let bad = delete(vec!["not-a-segment".into()])
+            .await
+            .expect_err("a name");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        // A put still continues after the end.
+        let (_, request) = put_request("shard-0", lineage, 31, 40).await;
+        api.put_segment(Request::new(request))
+            .await
+            .expect("31..=40");
     }
 }

@@ -18,7 +18,7 @@
 //!   recovery window.
 //!
 //! The catalog's WAL archives, the repository's own `wal/` and, with `prune_wal_archive`,
-//! `wal_archive` (when it is an object store), lose, per shard, the segments no backup of the
+//! `wal_archive` (an object store or a `lockstep://` service), lose, per shard, the segments no backup of the
 //! catalog can replay: those before the oldest backup on each history, and forks none
 //! reaches. The backups a pass removes still count in that pass (a restore may be reading
 //! one): their WAL goes in the next. Kept always: a lineage no backup is on, before or after
@@ -26,8 +26,9 @@
 //! known nowhere, the segment of every lineage that reaches furthest (where shipping resumes,
 //! and what keeps the lineage and its timeline listed), every segment younger than `[gc]
 //! grace_s`, everything while any backup manifest cannot be read, and an archive that cannot
-//! be listed (the plan says so; the backups and tags go ahead). A `lockstep://` archive is not
-//! pruned from here (the archive service has no delete).
+//! be listed (the plan says so; the backups and tags go ahead). A `lockstep://` archive (with
+//! `prune_wal_archive`) is pruned through its service (`DeleteSegments`), which keeps the
+//! segment where each lineage ends whatever it is asked.
 //!
 //! Removing a backup removes its manifests; its objects become garbage for `lockstep gc`.
 
@@ -39,7 +40,7 @@ use lockstep_repository::lineage::ancestry;
 use lockstep_repository::manifest::{BackupKind, BackupManifest, TagManifest};
 use lockstep_repository::wal::SegmentInfo;
 use lockstep_repository::{
-    BackupId, Error, ErrorCode, Lineage, LineageId, Repository, Result, Seq, ShardId, TagName,
+    BackupId, Error, ErrorCode, Lineage, LineageId, Result, Seq, ShardId, TagName,
 };
 use serde::{Deserialize, Serialize};
 
@@ -108,7 +109,7 @@ pub struct Plan {
     pub wal: String,
     /// The segments the plan removes, by archive.
     #[serde(skip)]
-    pub wal_doomed: Vec<(Repository, Vec<SegmentInfo>)>,
+    pub wal_doomed: Vec<(WalArchive, Vec<SegmentInfo>)>,
 }
 
 impl Plan {
@@ -687,19 +688,14 @@ async fn plan_archive(
         .flat_map(|m| m.shards.iter().map(|r| r.shard_id.clone()))
         .chain(ctx.config.shard_ids())
         .collect();
-    let mut archives = vec![ctx.repo.clone()];
+    let mut archives = vec![WalArchive::Store(ctx.repo.clone())];
     let mut summary = Vec::new();
     if let Some(url) = ctx.config.wal_archive.as_deref() {
         match lockstep_proto::archive::open_archive(url, &ctx.security, ctx.repo.seal()).await {
             Ok(WalArchive::Store(repo)) if repo.url() == ctx.repo.url() => {}
-            Ok(WalArchive::Store(repo)) if ctx.config.retention.prune_wal_archive => {
-                archives.push(repo)
-            }
-            Ok(WalArchive::Store(_)) => summary.push(format!(
+            Ok(archive) if ctx.config.retention.prune_wal_archive => archives.push(archive),
+            Ok(_) => summary.push(format!(
                 "{url} kept whole: set prune_wal_archive = true in [retention] when only this repository's backups replay it"
-            )),
-            Ok(WalArchive::Remote { .. }) => summary.push(format!(
-                "{url} kept whole (a lockstep:// archive is pruned by the coordinator that holds it)"
             )),
             Err(err) => summary.push(format!("{url} kept whole: {}", err.chain())),
         }
@@ -748,9 +744,9 @@ async fn plan_archive(
     plan.wal = summary.join("; ");
 }
 
-/// Every lineage of every one of `shards` in `repo`'s WAL archive, with its segments.
+/// Every lineage of every one of `shards` in the WAL archive `repo`, with its segments.
 async fn list_archive(
-    repo: &Repository,
+    repo: &WalArchive,
     shards: &BTreeSet<ShardId>,
 ) -> Result<BTreeMap<ShardId, ShardArchive>> {
     let mut archive = BTreeMap::new();

@@ -185,4 +185,25 @@ impl RemoteWal for Remote {
             Ok(reply.into_inner().stored)
         })
     }
+
+    fn delete<'a>(
+        &'a self,
+        shard: &'a ShardId,
+        lineage: &'a Lineage,
+        names: Vec<String>,
+    ) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            let reply = self
+                .client
+                .clone()
+                .delete_segments(v1::DeleteWalSegmentsRequest {
+                    shard_id: shard.to_string(),
+                    lineage: Some(lineage_to_wire(lineage)),
+                    names,
+                })
+                .await
+                .map_err(|s| self.failed("remove WAL segments", &s))?;
+            Ok(reply.into_inner().deleted)
+        })
+    }
 }

@@ -6,7 +6,7 @@
 //!
 //! | identity | may call |
 //! |---|---|
-//! | `lockstep://coordinator` | every `Agent` RPC; the `WalArchive` reads (restores from another region) |
+//! | `lockstep://coordinator` | every `Agent` RPC; the `WalArchive` reads (restores from another region) and `DeleteSegments` (its retention) |
 //! | `lockstep://agent/<shard>` | `WalArchive.PutSegment` for its own shard only (the service checks the shard), the `WalArchive` reads |
 //! | `lockstep://operator/<name>` | every `Coordinator` RPC; the `WalArchive` reads |
 //! | `lockstep://reader/<name>` | the `Coordinator` RPCs that change nothing: lists, gets, status, watch (not verify: it downloads everything and records what it checked) |
@@ -95,6 +95,7 @@ impl Identity {
             "lockstep.v1.Shard" => matches!(self, Identity::Client(_)),
             "lockstep.v1.WalArchive" => match method {
                 "PutSegment" => matches!(self, Identity::Agent(_)),
+                "DeleteSegments" => matches!(self, Identity::Coordinator),
                 "ListLineages" | "ListSegments" | "GetSegment" => matches!(
                     self,
                     Identity::Agent(_) | Identity::Coordinator | Identity::Operator(_)
@@ -346,7 +347,7 @@ mod tests {
         let operator = id("lockstep://operator/alice");
         let reader = id("lockstep://reader/grafana");
         let client = id("lockstep://client/app");
-        let table: [(&str, [bool; 5]); 10] = [
+        let table: [(&str, [bool; 5]); 11] = [
             // path: coordinator, agent, operator, reader, client
             (
                 "/lockstep.v1.Agent/RestoreApply",
@@ -364,6 +365,10 @@ mod tests {
             (
                 "/lockstep.v1.WalArchive/GetSegment",
                 [true, true, true, false, false],
+            ),
+            (
+                "/lockstep.v1.WalArchive/DeleteSegments",
+                [true, false, false, false, false],
             ),
             (
                 "/lockstep.v1.Coordinator/CreateBackup",

@@ -37,6 +37,13 @@ pub trait RemoteWal: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<String>>>;
     fn put<'a>(&'a self, info: &'a SegmentInfo, stored: Vec<u8>) -> BoxFuture<'a, Result<()>>;
     fn get<'a>(&'a self, info: &'a SegmentInfo) -> BoxFuture<'a, Result<Vec<u8>>>;
+    /// Removes the named segments of `shard` on `lineage` (retention); returns how many.
+    fn delete<'a>(
+        &'a self,
+        shard: &'a ShardId,
+        lineage: &'a Lineage,
+        names: Vec<String>,
+    ) -> BoxFuture<'a, Result<u64>>;
 }
 
 /// Where WAL segments live.
@@ -117,6 +124,31 @@ impl WalArchive {
                             )
                         }),
                 }
+            }
+        }
+    }
+
+    /// Removes segments (retention); those already gone count as removed. A remote archive
+    /// refuses the segment where a lineage ends.
+    pub async fn delete_wal_segments(&self, segments: &[SegmentInfo]) -> Result<()> {
+        match self {
+            WalArchive::Store(repo) => repo.delete_wal_segments(segments).await,
+            WalArchive::Remote { remote, .. } => {
+                let mut by_lineage: std::collections::BTreeMap<
+                    (ShardId, crate::lineage::LineageId),
+                    (Lineage, Vec<String>),
+                > = Default::default();
+                for segment in segments {
+                    by_lineage
+                        .entry((segment.shard_id.clone(), segment.lineage.id))
+                        .or_insert_with(|| (segment.lineage, Vec::new()))
+                        .1
+                        .push(segment.file_name());
+                }
+                for ((shard, _), (lineage, names)) in by_lineage {
+                    remote.delete(&shard, &lineage, names).await?;
+                }
+                Ok(())
             }
         }
     }

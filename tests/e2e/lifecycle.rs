@@ -283,7 +283,35 @@ fn shard_0_spans(archive: &std::path::Path) -> Vec<(u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores() {
-    let mut cluster = Cluster::start(5000, None);
+    let cluster = Cluster::start(5000, None);
+    let archive = cluster.archive();
+    prunes_the_wal_no_kept_backup_replays(cluster, &archive).await;
+}
+
+/// The same with the archive behind another region's coordinator (`lockstep://`): retention
+/// prunes it through that coordinator's `DeleteSegments`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_a_lockstep_archive_through_its_coordinator() {
+    let region = tempfile::tempdir().expect("tempdir");
+    let (_region, address) = crate::shipping::start_region(region.path(), "127.0.0.1:0");
+    let url = format!("lockstep://{address}");
+    let cluster = Cluster::start_with(5000, None, vec!["--wal-to".into(), url.clone()], Vec::new());
+    let config = std::fs::read_to_string(cluster.config_path()).expect("config");
+    let local = format!("wal_archive = \"{}\"", cluster.archive().display());
+    assert!(config.contains(&local), "{config}");
+    std::fs::write(
+        cluster.config_path(),
+        config.replace(&local, &format!("wal_archive = \"{url}\"")),
+    )
+    .expect("write config");
+    prunes_the_wal_no_kept_backup_replays(cluster, &region.path().join("repo")).await;
+}
+
+/// Two full backups and writes around them, then retention with `keep_full = 1` and
+/// `prune_wal_archive`: the pass that removes the first keeps its WAL, the next removes every
+/// segment ending at or before the second, and what stays verifies and restores. `archive`:
+/// the directory of the repository holding the configured WAL archive.
+async fn prunes_the_wal_no_kept_backup_replays(mut cluster: Cluster, archive: &std::path::Path) {
     cluster.reconfigure("[gc]\ngrace_s = 1\n");
     with_retention(&mut cluster, "keep_full = 1\nprune_wal_archive = true");
     let mut history = Vec::new();
@@ -293,7 +321,7 @@ async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores
     let f2 = cluster.backup("full");
     round(&cluster, &mut history, "after-f2").await;
     let (f1_seq, f2_seq) = (shard_0_seq(&cluster, &f1), shard_0_seq(&cluster, &f2));
-    let before = shard_0_spans(&cluster.archive());
+    let before = shard_0_spans(archive);
     let last_before_f2 = before
         .iter()
         .map(|(_, last)| *last)
@@ -318,7 +346,7 @@ async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores
         text(&applied)
     );
     assert_eq!(cluster.listed(), vec![f2.clone()], "{f1} went");
-    let before = shard_0_spans(&cluster.archive());
+    let before = shard_0_spans(archive);
     assert!(
         before
             .iter()
@@ -345,17 +373,13 @@ async fn retention_prunes_the_wal_no_kept_backup_replays_and_what_stays_restores
     })
     .await;
     assert!(planned.is_some(), "{run} not planned for removal: {plan:#}");
-    assert_eq!(
-        shard_0_spans(&cluster.archive()),
-        before,
-        "a dry run changes nothing"
-    );
+    assert_eq!(shard_0_spans(archive), before, "a dry run changes nothing");
     let applied = cluster.lockstep(&["retention", "apply"]);
     assert!(applied.status.success(), "{}", text(&applied));
     let printed = text(&applied);
     assert!(printed.contains("Removed 0 backup(s)"), "{printed}");
     assert!(printed.contains("no backup replays it"), "{printed}");
-    let after = shard_0_spans(&cluster.archive());
+    let after = shard_0_spans(archive);
     let expected: Vec<(u64, u64)> = before
         .iter()
         .copied()

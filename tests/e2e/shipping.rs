@@ -307,7 +307,7 @@ async fn shipping_to_azure_blob_replays_to_the_model() {
 }
 
 /// A coordinator process, killed when dropped (so a failing test leaves nothing running).
-struct Region(std::process::Child);
+pub(crate) struct Region(std::process::Child);
 
 impl Drop for Region {
     fn drop(&mut self) {
@@ -316,7 +316,7 @@ impl Drop for Region {
 }
 
 /// A coordinator with no agents: another region's WAL archive, on `listen`.
-fn start_region(dir: &std::path::Path, listen: &str) -> (Region, String) {
+pub(crate) fn start_region(dir: &std::path::Path, listen: &str) -> (Region, String) {
     let config = dir.join("region.toml");
     std::fs::write(
         &config,
