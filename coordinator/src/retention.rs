@@ -27,8 +27,8 @@
 //! and what keeps the lineage and its timeline listed), every segment younger than `[gc]
 //! grace_s`, everything while any backup manifest cannot be read, and an archive that cannot
 //! be listed (the plan says so; the backups and tags go ahead). A `lockstep://` archive (with
-//! `prune_wal_archive`) is pruned through its service (`DeleteSegments`), which keeps the
-//! segment where each lineage ends whatever it is asked.
+//! `prune_wal_archive`) is pruned through its service (`DeleteSegments`), which refuses a
+//! request naming the segment where a lineage ends.
 //!
 //! Removing a backup removes its manifests; its objects become garbage for `lockstep gc`.
 
