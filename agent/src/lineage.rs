@@ -283,7 +283,7 @@ mod tests {
 
     use futures::FutureExt;
     use futures::future::BoxFuture;
-    use lockstep_repository::archive::RemoteWal;
+    use lockstep_repository::archive::{PageStart, RemoteWal, SegmentPage};
     use lockstep_repository::codec::Compression;
     use lockstep_repository::transfer::{Progress, TransferOptions};
     use lockstep_repository::wal::{Segment, SegmentInfo, WalBatch};
@@ -351,11 +351,13 @@ mod tests {
         fn lineages<'a>(&'a self, _: &'a ShardId) -> BoxFuture<'a, Result<Vec<Lineage>>> {
             refused()
         }
-        fn segment_names<'a>(
+        fn segment_page<'a>(
             &'a self,
             _: &'a ShardId,
             _: &'a Lineage,
-        ) -> BoxFuture<'a, Result<Vec<String>>> {
+            _: &'a PageStart,
+            _: Seq,
+        ) -> BoxFuture<'a, Result<SegmentPage>> {
             refused()
         }
         fn last_segment_name<'a>(

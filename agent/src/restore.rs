@@ -101,7 +101,9 @@ async fn replay_sources(shard: &ShardId, base: Seq, replay: &Replay) -> Result<V
             continue;
         }
         let segments = segments_covering(
-            archive.wal_segments(shard, &leg.lineage).await?,
+            archive
+                .segments_after(shard, &leg.lineage, cursor, to)
+                .await?,
             cursor,
             to,
             format_args!("shard {shard} {} in {}", leg.lineage, archive.url()),

@@ -38,6 +38,8 @@ use crate::stats::median;
 const SPAN: u64 = 100;
 /// Warm puts and resumes timed (the median reported).
 const WARM: usize = 50;
+/// Segments a timed replay listing needs.
+const REPLAYED: u64 = 100;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ArchiveResult {
@@ -47,6 +49,9 @@ pub struct ArchiveResult {
     pub resume_cold_ms: f64,
     /// A later resume (median).
     pub resume_ms: f64,
+    /// The listing a replay of the last `REPLAYED` segments reads (a restore to the
+    /// archive's end from a backup that recent): pages from the archive's mark (median).
+    pub replay_ms: f64,
     /// The first put after the coordinator started again (it lists what follows the hint).
     pub put_cold_ms: f64,
     /// A later put after the end (median).
@@ -123,6 +128,11 @@ fn build(repo_dir: &Path, shard: &ShardId, lineage: &Lineage, n: u64) -> Result<
         .join(shard.as_str())
         .join(lineage.dir_name());
     std::fs::create_dir_all(&layout_dir)?;
+    let marks_dir = repo_dir
+        .join("wal-marks")
+        .join(shard.as_str())
+        .join(lineage.dir_name());
+    std::fs::create_dir_all(&marks_dir)?;
     for i in 0..n {
         let info = SegmentInfo {
             shard_id: shard.clone(),
@@ -135,6 +145,10 @@ fn build(repo_dir: &Path, shard: &ShardId, lineage: &Lineage, n: u64) -> Result<
         };
         std::fs::write(layout_dir.join(info.file_name()), b"x")
             .with_context(|| format!("write segment {i}"))?;
+        if info.is_marked() {
+            std::fs::write(marks_dir.join(info.file_name()), b"")
+                .with_context(|| format!("mark segment {i}"))?;
+        }
     }
     Ok(())
 }
@@ -188,6 +202,7 @@ pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
                     shard_id: shard.to_string(),
                     lineage: Some(lineage_to_wire(&lineage)),
                     last_only: true,
+                    ..Default::default()
                 };
                 let mut client = client.clone();
                 async move {
@@ -202,11 +217,40 @@ pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
             for _ in 0..WARM {
                 resumes.push(resume(&mut client).await?);
             }
+            // What `WalArchive::segments_after` asks for a replay of the last segments.
+            let after = n.saturating_sub(REPLAYED) * SPAN;
+            let mut replays = Vec::new();
+            for _ in 0..5 {
+                let started = Instant::now();
+                let (mut listed, mut start_after) = (0, String::new());
+                loop {
+                    let request = v1::ListWalSegmentsRequest {
+                        shard_id: shard.to_string(),
+                        lineage: Some(lineage_to_wire(&lineage)),
+                        page_size: lockstep_repository::archive::MAX_PAGE as u32,
+                        mark_for: start_after.is_empty().then_some(after),
+                        start_after: start_after.clone(),
+                        up_to: n * SPAN,
+                        ..Default::default()
+                    };
+                    let page = client.list_segments(request).await?.into_inner();
+                    listed += page.names.len() as u64;
+                    match page.names.last() {
+                        Some(last) if page.more => start_after = last.clone(),
+                        _ => break,
+                    }
+                }
+                anyhow::ensure!(
+                    listed >= REPLAYED.min(n),
+                    "a replay listing found {listed} segments"
+                );
+                replays.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
             // The coordinator again, so the first put is the one that lists.
             drop(client);
-            anyhow::Ok((resume_cold_ms, median(&resumes)))
+            anyhow::Ok((resume_cold_ms, median(&resumes), median(&replays)))
         })
-        .and_then(|(resume_cold_ms, resume_ms)| {
+        .and_then(|(resume_cold_ms, resume_ms, replay_ms)| {
             drop(processes);
             let mut processes = Processes(Vec::new());
             let address = start(
@@ -237,6 +281,7 @@ pub fn measure(bins: &Binaries, work: &Path, n: u64) -> Result<ArchiveResult> {
                     segments: n,
                     resume_cold_ms,
                     resume_ms,
+                    replay_ms,
                     put_cold_ms,
                     put_ms: median(&puts),
                 })

@@ -15,10 +15,11 @@ use lockstep_proto::auth::Identity;
 use lockstep_proto::to_status;
 use lockstep_proto::v1::{self, wal_archive_server::WalArchive};
 use lockstep_proto::wire::{lineage_from_wire, lineage_to_wire};
+use lockstep_repository::archive::{MAX_PAGE, PageStart, SegmentPage};
 use lockstep_repository::repository::decode_wal_segment;
 use lockstep_repository::seal::Seal;
 use lockstep_repository::wal::SegmentInfo;
-use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Repository, Result, ShardId};
+use lockstep_repository::{Error, ErrorCode, Lineage, LineageId, Repository, Result, Seq, ShardId};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -193,14 +194,43 @@ impl WalArchive for WalArchiveApi {
         let request = request.into_inner();
         let shard = shard_id(&request.shard_id)?;
         let lineage = lineage(request.lineage.as_ref())?;
-        let segments = if request.last_only {
-            self.end(&shard, &lineage, true).await.map(Vec::from_iter)
+        let page = if request.last_only {
+            self.end(&shard, &lineage, true)
+                .await
+                .map(|end| SegmentPage {
+                    segments: Vec::from_iter(end),
+                    ..Default::default()
+                })
+        } else if request.page_size > 0 {
+            let start = match (request.start_after, request.mark_for) {
+                (name, _) if !name.is_empty() => PageStart::After(name),
+                (_, Some(seq)) => PageStart::AfterMarkFor(Seq(seq)),
+                (_, None) => PageStart::Beginning,
+            };
+            let up_to = if request.up_to == 0 {
+                Seq::MAX
+            } else {
+                Seq(request.up_to)
+            };
+            let limit = (request.page_size as usize).min(MAX_PAGE);
+            self.repo
+                .wal_segment_page(&shard, &lineage, &start, up_to, limit)
+                .await
         } else {
-            self.repo.wal_segments(&shard, &lineage).await
+            // A client from before pages.
+            self.repo
+                .wal_segments(&shard, &lineage)
+                .await
+                .map(|segments| SegmentPage {
+                    segments,
+                    ..Default::default()
+                })
         }
         .map_err(|e| to_status(&e))?;
         Ok(Response::new(v1::ListWalSegmentsReply {
-            names: segments.iter().map(SegmentInfo::file_name).collect(),
+            names: page.segments.iter().map(SegmentInfo::file_name).collect(),
+            more: page.more,
+            began_after: page.began_after.unwrap_or_default(),
         }))
     }
 
@@ -310,7 +340,9 @@ impl WalArchive for WalArchiveApi {
     }
 
     /// Retention of the cluster that ships here (the role table lets only coordinators
-    /// call it): removes the named segments of one lineage, never the one where it ends.
+    /// call it): removes the named segments of one lineage, except any reaching as far as
+    /// the lineage's end, found afresh (not what this service remembers: another
+    /// coordinator on this repository may have taken puts past it).
     async fn delete_segments(
         &self,
         request: Request<v1::DeleteWalSegmentsRequest>,
@@ -327,19 +359,18 @@ impl WalArchive for WalArchiveApi {
         // Under the lineage's writer lock: the end cannot move while it is checked.
         let _one_at_a_time = self.writer(first).await;
         let end = self
-            .end(&first.shard_id, &first.lineage, true)
+            .repo
+            .wal_end(&first.shard_id, &first.lineage)
             .await
             .map_err(|e| to_status(&e))?;
-        if let Some(end) = end.filter(|end| doomed.contains(end)) {
-            return Err(to_status(&Error::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "segment {} is where shard {} {} ends in this archive (shipping resumes after it): it is kept",
-                    end.file_name(),
-                    end.shard_id,
-                    end.lineage
-                ),
-            )));
+        let (kept, doomed): (Vec<SegmentInfo>, Vec<SegmentInfo>) = doomed
+            .into_iter()
+            .partition(|s| end.as_ref().is_some_and(|end| s.last >= end.last));
+        if let Some(end) = &end {
+            self.remember_end(end);
+        }
+        for segment in &kept {
+            tracing::warn!(shard = %segment.shard_id, lineage = %segment.lineage, segment = %segment.file_name(), "retention asked to remove the segment where a lineage ends (shipping resumes after it): it is kept");
         }
         self.repo
             .delete_wal_segments(&doomed)
@@ -347,6 +378,7 @@ impl WalArchive for WalArchiveApi {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(v1::DeleteWalSegmentsReply {
             deleted: doomed.len() as u64,
+            kept: kept.iter().map(SegmentInfo::file_name).collect(),
         }))
     }
 
@@ -460,6 +492,7 @@ mod tests {
             shard_id: "shard-0".into(),
             lineage: Some(lineage_to_wire(lineage)),
             last_only: true,
+            ..Default::default()
         };
         api.list_segments(Request::new(request))
             .await
@@ -563,6 +596,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn segments_are_listed_in_pages_of_at_most_the_size_asked() {
+        let repo = Repository::open("memory://archive-pages")
+            .await
+            .expect("repo");
+        let api = WalArchiveApi::new(repo.clone());
+        let lineage = Lineage::root();
+        let mut names = Vec::new();
+        for first in (1..=200).step_by(10) {
+            let (info, request) = put_request("shard-0", lineage, first, first + 9).await;
+            api.put_segment(Request::new(request)).await.expect("put");
+            names.push(info.file_name());
+        }
+        let list = |page_size, start_after: &str, up_to| {
+            api.list_segments(Request::new(v1::ListWalSegmentsRequest {
+                shard_id: "shard-0".into(),
+                lineage: Some(lineage_to_wire(&lineage)),
+                page_size,
+                start_after: start_after.to_string(),
+                up_to,
+                ..Default::default()
+            }))
+        };
+        let (mut listed, mut after) = (Vec::new(), String::new());
+        loop {
+            let page = list(3, &after, 0).await.expect("list").into_inner();
+            assert!(page.names.len() <= 3);
+            assert_eq!(page.began_after, after);
+            listed.extend(page.names);
+            if !page.more {
+                break;
+            }
+            after = listed.last().expect("a page").clone();
+        }
+        assert_eq!(listed, names);
+        // Only those starting at or before `up_to`, here the first five.
+        let page = list(100, "", 45).await.expect("list").into_inner();
+        assert_eq!((page.names, page.more), (names[..5].to_vec(), false));
+        // Unpaged, as a client from before pages asks: every name.
+        let mut all = list(0, "", 0).await.expect("list").into_inner().names;
+        all.sort();
+        assert_eq!(all, names);
+    }
+
+    #[tokio::test]
     async fn retention_removes_segments_but_never_where_a_lineage_ends() {
         let repo = Repository::open("memory://archive-delete")
             .await
@@ -582,34 +659,32 @@ mod tests {
                 names,
             }))
         };
-        let refused = delete(names.clone()).await.expect_err("the end");
-        assert!(
-            refused.message().contains("it is kept"),
-            "{}",
-            refused.message()
-        );
+        // The end is kept, even when another coordinator took its put: this one remembers
+        // an earlier end.
+        let (later, request) = put_request("shard-0", lineage, 31, 40).await;
+        repo.put_wal_stored(&later, request.stored)
+            .await
+            .expect("put behind the service's back");
+        let deleted = delete(names.clone()).await.expect("delete").into_inner();
+        assert_eq!((deleted.deleted, deleted.kept), (3, vec![]));
+        let deleted = delete(vec![later.file_name()])
+            .await
+            .expect("delete")
+            .into_inner();
         assert_eq!(
-            repo.wal_segments(&shard, &lineage)
-                .await
-                .expect("list")
-                .len(),
-            3
+            (deleted.deleted, deleted.kept),
+            (0, vec![later.file_name()])
         );
-        let deleted = delete(names[..2].to_vec()).await.expect("delete");
-        assert_eq!(deleted.into_inner().deleted, 2);
         let left = repo.wal_segments(&shard, &lineage).await.expect("list");
-        assert_eq!(
-            left.iter().map(SegmentInfo::file_name).collect::<Vec<_>>(),
-            names[2..]
-        );
+        assert_eq!(left, vec![later.clone()]);
         let bad = delete(vec!["not-a-segment".into()])
             .await
             .expect_err("a name");
         assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
         // A put still continues after the end.
-        let (_, request) = put_request("shard-0", lineage, 31, 40).await;
+        let (_, request) = put_request("shard-0", lineage, 41, 50).await;
         api.put_segment(Request::new(request))
             .await
-            .expect("31..=40");
+            .expect("41..=50");
     }
 }

@@ -469,16 +469,24 @@ async fn live_lineage(ctx: &ClusterContext, agent: &AgentLink) -> Result<Lineage
 }
 
 /// The last write of `shard` at or before `at` along the history `legs` (newest first) in
-/// the archive: its sequence number and time, or `None` when the archive starts after `at`.
+/// the archive, after `floor` (a backup's point at or before `at`, on one of the legs) when
+/// there is one: its sequence number and time, or `None` when the archive holds none.
 async fn last_write_at_or_before(
     archive: &WalArchive,
     shard: &ShardId,
     legs: &[Leg],
     at: HlcTime,
+    floor: Option<&BackupPoint>,
 ) -> Result<Option<(Seq, HlcTime)>> {
     for leg in legs {
-        let mut segments = chain(archive.wal_segments(shard, &leg.lineage).await?)?;
-        segments.retain(|s| s.first <= leg.to);
+        // Writes on the floor's leg up to it, and on older legs, come before the floor.
+        let on_floor = floor.filter(|p| p.lineage.id == leg.lineage.id);
+        let after = on_floor.map_or(Seq(0), |p| p.seq);
+        let segments = chain(
+            archive
+                .segments_after(shard, &leg.lineage, after, leg.to)
+                .await?,
+        )?;
         for info in segments.iter().rev().filter(|s| s.hlc_min <= at) {
             let segment = archive.get_wal_segment(info).await?;
             let found = segment
@@ -490,6 +498,9 @@ async fn last_write_at_or_before(
             if found.is_some() {
                 return Ok(found);
             }
+        }
+        if on_floor.is_some() {
+            break;
         }
     }
     Ok(None)
@@ -524,17 +535,17 @@ async fn exact_targets(
         )
         .await?;
         let legs = history.legs(&lineage, Seq::MAX);
-        let archived = last_write_at_or_before(&archive, &agent.shard_id, &legs, at).await?;
         // A backup on this history may reach further than the archive (shipping lagged or
-        // failed): the later of the two.
+        // failed): the later of the two. The archive is searched after it only.
         let backed_up = history
             .on_history(&legs)
             .filter(|m| m.hlc <= at)
-            .max_by_key(|m| m.seq)
-            .map(|m| (m.seq, m.hlc));
+            .max_by_key(|m| m.seq);
+        let archived =
+            last_write_at_or_before(&archive, &agent.shard_id, &legs, at, backed_up).await?;
         let (seq, hlc) = archived
             .into_iter()
-            .chain(backed_up)
+            .chain(backed_up.map(|m| (m.seq, m.hlc)))
             .max_by_key(|(seq, _)| *seq)
             .ok_or_else(|| {
                 Error::new(
@@ -866,7 +877,9 @@ pub async fn plan(
             let mut cursor = chain_seq;
             for leg in legs.iter().filter(|leg| leg.to > chain_seq) {
                 let needed = segments_covering(
-                    archive.wal_segments(&agent.shard_id, &leg.lineage).await?,
+                    archive
+                        .segments_after(&agent.shard_id, &leg.lineage, cursor, leg.to)
+                        .await?,
                     cursor,
                     leg.to,
                     format_args!(

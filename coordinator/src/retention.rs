@@ -27,8 +27,9 @@
 //! and what keeps the lineage and its timeline listed), every segment younger than `[gc]
 //! grace_s`, everything while any backup manifest cannot be read, and an archive that cannot
 //! be listed (the plan says so; the backups and tags go ahead). A `lockstep://` archive (with
-//! `prune_wal_archive`) is pruned through its service (`DeleteSegments`), which refuses a
-//! request naming the segment where a lineage ends.
+//! `prune_wal_archive`) is pruned through its service (`DeleteSegments`), which keeps the
+//! segment where a lineage ends whatever it is asked. An archive that cannot be pruned stops
+//! its own pruning (the plan's WAL line says so), not the apply.
 //!
 //! Removing a backup removes its manifests; its objects become garbage for `lockstep gc`.
 
@@ -640,14 +641,44 @@ pub async fn apply(ctx: &ClusterContext, dry_run: bool) -> Result<Plan> {
             .await?;
         tracing::info!(backup = %backup, reasons = ?item.reasons, "retention: backup removed");
     }
+    // The backups are gone: an archive that cannot be pruned now (unreachable, or too old to
+    // take deletes) keeps its segments, and the next pass prunes them.
+    let mut stopped = Vec::new();
     for (archive, doomed) in &plan.wal_doomed {
-        for batch in doomed.chunks(WAL_DELETE_BATCH) {
-            ctx.fence.check("remove WAL segments").await?;
-            archive.delete_wal_segments(batch).await?;
+        let (removed, failed) = prune(&ctx.fence, archive, doomed).await?;
+        tracing::info!(archive = %archive.url(), segments = removed, "retention: WAL segments removed");
+        if let Some(err) = failed {
+            tracing::warn!(archive = %archive.url(), error = %err.chain(), "retention: WAL pruning stopped; the next pass goes on");
+            stopped.push(format!(
+                "pruning {} stopped after {removed} segment(s): {} (the next pass goes on)",
+                archive.url(),
+                err.chain()
+            ));
         }
-        tracing::info!(archive = %archive.url(), segments = doomed.len(), "retention: WAL segments removed");
+    }
+    for note in stopped {
+        plan.wal = format!("{}; {note}", plan.wal);
     }
     Ok(plan)
+}
+
+/// Removes `doomed` from `archive` in batches, each after a fence check: how many went, and
+/// the error that stopped it early (the archive unreachable, or too old to take deletes).
+/// Only a lost fence is an error: nothing more may be removed by this coordinator.
+async fn prune(
+    fence: &crate::fence::Fence,
+    archive: &WalArchive,
+    doomed: &[SegmentInfo],
+) -> Result<(usize, Option<Error>)> {
+    let mut removed = 0;
+    for batch in doomed.chunks(WAL_DELETE_BATCH) {
+        fence.check("remove WAL segments").await?;
+        if let Err(err) = archive.delete_wal_segments(batch).await {
+            return Ok((removed, Some(err)));
+        }
+        removed += batch.len();
+    }
+    Ok((removed, None))
 }
 
 /// Segments deleted between two fence checks.
@@ -1232,5 +1263,44 @@ mod tests {
                     && !i.remove
                     && i.reasons[0].contains("another repository"))
         );
+    }
+
+    #[tokio::test]
+    async fn an_archive_that_cannot_be_pruned_stops_only_its_own_pruning() {
+        let repo = lockstep_repository::Repository::open("memory://prune-stops")
+            .await
+            .expect("repo");
+        let fence = crate::fence::Fence::take(&repo).await.expect("fence");
+        let segment = lockstep_repository::wal::Segment {
+            shard_id: ShardId::new("shard-0").expect("shard"),
+            lineage: Lineage::root(),
+            batches: vec![lockstep_repository::wal::WalBatch {
+                first: Seq(1),
+                count: 1,
+                hlc: lockstep_repository::HlcTime::new(1, 0),
+                data: vec![1],
+            }],
+        };
+        let info = repo
+            .put_wal_segment(&segment, Default::default())
+            .await
+            .expect("put");
+        let down = lockstep_proto::archive::open_archive(
+            "lockstep://127.0.0.1:1",
+            &lockstep_proto::tls::Security::Plaintext,
+            repo.seal(),
+        )
+        .await
+        .expect("open");
+        let doomed = std::slice::from_ref(&info);
+        let (removed, failed) = prune(&fence, &down, doomed).await.expect("fenced");
+        assert_eq!(removed, 0);
+        let failed = failed.expect("unreachable");
+        assert_eq!(failed.code, ErrorCode::StorageUnavailable, "{failed:?}");
+        let (removed, failed) = prune(&fence, &WalArchive::Store(repo.clone()), doomed)
+            .await
+            .expect("fenced");
+        assert_eq!((removed, failed.map(|e| e.code)), (1, None));
+        assert!(!repo.has_wal_segment(&info).await.expect("head"));
     }
 }

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use lockstep_repository::archive::{RemoteWal, WalArchive};
+use lockstep_repository::archive::{MAX_PAGE, PageStart, RemoteWal, SegmentPage, WalArchive};
 use lockstep_repository::seal::Seal;
 use lockstep_repository::wal::SegmentInfo;
-use lockstep_repository::{Error, ErrorCode, Lineage, Repository, Result, ShardId};
+use lockstep_repository::{Error, ErrorCode, Lineage, Repository, Result, Seq, ShardId};
 use tonic::transport::Channel;
 
 use crate::auth::Identity;
@@ -90,24 +90,24 @@ impl Remote {
         err
     }
 
-    /// `ListWalSegments`: every segment name of `lineage`, or with `last_only` the end's.
+    /// `ListWalSegments` of `shard`'s `lineage`, as `request` asks.
     async fn list_segments(
         &self,
         shard: &ShardId,
         lineage: &Lineage,
-        last_only: bool,
-    ) -> Result<Vec<String>> {
+        request: v1::ListWalSegmentsRequest,
+    ) -> Result<v1::ListWalSegmentsReply> {
         let reply = self
             .client
             .clone()
             .list_segments(v1::ListWalSegmentsRequest {
                 shard_id: shard.to_string(),
                 lineage: Some(lineage_to_wire(lineage)),
-                last_only,
+                ..request
             })
             .await
             .map_err(|s| self.failed("list WAL segments", &s))?;
-        Ok(reply.into_inner().names)
+        Ok(reply.into_inner())
     }
 }
 
@@ -131,12 +131,37 @@ impl RemoteWal for Remote {
         })
     }
 
-    fn segment_names<'a>(
+    fn segment_page<'a>(
         &'a self,
         shard: &'a ShardId,
         lineage: &'a Lineage,
-    ) -> BoxFuture<'a, Result<Vec<String>>> {
-        Box::pin(self.list_segments(shard, lineage, false))
+        start: &'a PageStart,
+        up_to: Seq,
+    ) -> BoxFuture<'a, Result<SegmentPage>> {
+        Box::pin(async move {
+            let (start_after, mark_for) = match start {
+                PageStart::Beginning => (String::new(), None),
+                PageStart::After(name) => (name.clone(), None),
+                PageStart::AfterMarkFor(seq) => (String::new(), Some(seq.0)),
+            };
+            let request = v1::ListWalSegmentsRequest {
+                page_size: MAX_PAGE as u32,
+                start_after,
+                mark_for,
+                up_to: if up_to == Seq::MAX { 0 } else { up_to.0 },
+                ..Default::default()
+            };
+            let reply = self.list_segments(shard, lineage, request).await?;
+            Ok(SegmentPage {
+                segments: reply
+                    .names
+                    .iter()
+                    .filter_map(|name| SegmentInfo::parse(shard, lineage, name))
+                    .collect(),
+                more: reply.more,
+                began_after: Some(reply.began_after).filter(|name| !name.is_empty()),
+            })
+        })
     }
 
     fn last_segment_name<'a>(
@@ -146,9 +171,14 @@ impl RemoteWal for Remote {
     ) -> BoxFuture<'a, Result<Option<String>>> {
         Box::pin(async move {
             // An older archive sends every name: the end is the one reaching furthest.
+            let request = v1::ListWalSegmentsRequest {
+                last_only: true,
+                ..Default::default()
+            };
             Ok(self
-                .list_segments(shard, lineage, true)
+                .list_segments(shard, lineage, request)
                 .await?
+                .names
                 .into_iter()
                 .max_by_key(|name| name.split('-').nth(1).and_then(|l| l.parse::<u64>().ok())))
         })

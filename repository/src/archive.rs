@@ -14,21 +14,49 @@ use futures::future::BoxFuture;
 
 use crate::codec;
 use crate::error::Result;
-use crate::ids::ShardId;
+use crate::ids::{Seq, ShardId};
 use crate::lineage::Lineage;
 use crate::repository::{Repository, decode_wal_segment, encode_wal_segment};
 use crate::seal::Seal;
 use crate::wal::{Segment, SegmentInfo};
 
-/// A remote archive's four operations, on stored (encoded) segments.
+/// Where a page of a lineage's segments starts (`WalArchive::segments_after`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageStart {
+    /// At the lineage's first segment.
+    Beginning,
+    /// After the segment of this name (the last one of the page before).
+    After(String),
+    /// After the archive's mark for this sequence number (`Repository::wal_mark_before`):
+    /// what follows holds every write after it, unless a leftover overlaps the mark.
+    AfterMarkFor(Seq),
+}
+
+/// One page of a lineage's segments, in sequence order.
+#[derive(Debug, Clone, Default)]
+pub struct SegmentPage {
+    pub segments: Vec<SegmentInfo>,
+    /// Whether more segments follow (the next page starts after the last one of this).
+    pub more: bool,
+    /// The segment name the page began after; `None`: the lineage's start.
+    pub began_after: Option<String>,
+}
+
+/// The most segment names one page of a remote archive's listing carries (about 15 MB).
+pub const MAX_PAGE: usize = 100_000;
+
+/// A remote archive's operations, on stored (encoded) segments.
 pub trait RemoteWal: Send + Sync {
     fn lineages<'a>(&'a self, shard: &'a ShardId) -> BoxFuture<'a, Result<Vec<Lineage>>>;
-    /// The names of `shard`'s segments on `lineage` (`SegmentInfo::file_name`).
-    fn segment_names<'a>(
+    /// A page of `shard`'s segments on `lineage` from `start`, those whose first write is at
+    /// most `up_to` (an archive from before pages sends them all at once).
+    fn segment_page<'a>(
         &'a self,
         shard: &'a ShardId,
         lineage: &'a Lineage,
-    ) -> BoxFuture<'a, Result<Vec<String>>>;
+        start: &'a PageStart,
+        up_to: Seq,
+    ) -> BoxFuture<'a, Result<SegmentPage>>;
     /// The name of the segment of `shard` on `lineage` that reaches furthest, if any.
     fn last_segment_name<'a>(
         &'a self,
@@ -94,17 +122,84 @@ impl WalArchive {
     ) -> Result<Vec<SegmentInfo>> {
         match self {
             WalArchive::Store(repo) => repo.wal_segments(shard, lineage).await,
-            WalArchive::Remote { remote, .. } => {
-                let mut segments: Vec<SegmentInfo> = remote
-                    .segment_names(shard, lineage)
-                    .await?
-                    .iter()
-                    .filter_map(|name| SegmentInfo::parse(shard, lineage, name))
-                    .collect();
-                segments.sort_by_key(|s| (s.first, s.last));
-                Ok(segments)
-            }
+            WalArchive::Remote { .. } => Ok(self
+                .pages(shard, lineage, PageStart::Beginning, Seq::MAX)
+                .await?
+                .segments),
         }
+    }
+
+    /// The segments of `shard` on `lineage` holding writes after `after` whose first write is
+    /// at most `up_to`, in sequence order: what a replay from `after` reads, as a listing of
+    /// the whole lineage would give it. The listing starts at the archive's mark before
+    /// `after`, so it costs what follows `after` (on an object store: what lies between the
+    /// two), not the lineage's length. Where what it found does not reach as far as the
+    /// archive does (a gap, or a leftover of a retried put overlapping the mark hid a
+    /// segment), the whole lineage is listed instead; continuity is the caller's to check.
+    pub async fn segments_after(
+        &self,
+        shard: &ShardId,
+        lineage: &Lineage,
+        after: Seq,
+        up_to: Seq,
+    ) -> Result<Vec<SegmentInfo>> {
+        let listed = self
+            .pages(shard, lineage, PageStart::AfterMarkFor(after), up_to)
+            .await?;
+        let mut segments = listed.segments;
+        segments.retain(|s| s.last > after && s.first <= up_to);
+        if listed.began_after.is_none() {
+            return Ok(segments); // the whole lineage
+        }
+        let end = self.wal_end(shard, lineage).await?;
+        if reaches(&segments, after, up_to, end.as_ref()) {
+            return Ok(segments);
+        }
+        tracing::info!(shard = %shard, lineage = %lineage, after = %after, "the WAL listing from a mark does not reach the archive's end; listing the whole lineage");
+        let mut segments = self.wal_segments(shard, lineage).await?;
+        segments.retain(|s| s.last > after && s.first <= up_to);
+        Ok(segments)
+    }
+
+    /// Every page from `start`, as one page in sequence order.
+    async fn pages(
+        &self,
+        shard: &ShardId,
+        lineage: &Lineage,
+        start: PageStart,
+        up_to: Seq,
+    ) -> Result<SegmentPage> {
+        let page = |start: PageStart| async move {
+            match self {
+                WalArchive::Store(repo) => {
+                    repo.wal_segment_page(shard, lineage, &start, up_to, usize::MAX)
+                        .await
+                }
+                WalArchive::Remote { remote, .. } => {
+                    remote.segment_page(shard, lineage, &start, up_to).await
+                }
+            }
+        };
+        let mut listed = page(start).await?;
+        let mut more = listed.more;
+        while more {
+            let Some(last) = listed.segments.last() else {
+                return Err(crate::error::Error::new(
+                    crate::error::ErrorCode::BackupWalArchiveFailed,
+                    format!(
+                        "WAL archive {} sent an empty page of shard {shard} {lineage} and said more follow",
+                        self.url()
+                    ),
+                ));
+            };
+            let next = page(PageStart::After(last.file_name())).await?;
+            more = next.more;
+            listed.segments.extend(next.segments);
+        }
+        // An archive from before pages sends its listing in no order.
+        listed.segments.sort_by_key(|s| (s.first, s.last));
+        listed.more = false;
+        Ok(listed)
     }
 
     /// The segment of `shard` on `lineage` that reaches furthest (where shipping resumes),
@@ -129,7 +224,7 @@ impl WalArchive {
     }
 
     /// Removes segments (retention); those already gone count as removed. A remote archive
-    /// refuses the segment where a lineage ends.
+    /// keeps the segment where a lineage ends.
     pub async fn delete_wal_segments(&self, segments: &[SegmentInfo]) -> Result<()> {
         match self {
             WalArchive::Store(repo) => repo.delete_wal_segments(segments).await,
@@ -186,5 +281,22 @@ impl WalArchive {
                 Ok(info)
             }
         }
+    }
+}
+
+/// Whether `segments` (in sequence order, each holding writes after `after`) carry every
+/// write after `after` up to `up_to`'s segment or the archive's end (`end`), with no gap.
+fn reaches(segments: &[SegmentInfo], after: Seq, up_to: Seq, end: Option<&SegmentInfo>) -> bool {
+    let Some(end) = end.filter(|end| end.last > after) else {
+        return true; // nothing after `after`
+    };
+    let Ok(chain) = crate::wal::chain(segments.to_vec()) else {
+        return false;
+    };
+    match (chain.first(), chain.last()) {
+        (Some(first), Some(last)) => {
+            first.first.0 <= after.0 + 1 && last.last >= end.last.min(up_to)
+        }
+        _ => false,
     }
 }

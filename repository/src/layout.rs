@@ -39,6 +39,10 @@
 //!                                               <timeline:010>-<id>-<parent>-<branch:020>
 //! <prefix>/wal-ends/<shard-id>/<lineage>.json   a segment at or near the end of a lineage:
 //!                                               where finding its end starts listing
+//! <prefix>/wal-marks/<shard-id>/<lineage>/<segment name>
+//!                                               empty: about one segment in 1,024, by its
+//!                                               hash; where listing what follows a sequence
+//!                                               number starts (`wal_mark_before`)
 //! ```
 //!
 //! Architecture invariant: a key is derived only from validated ids (`ids.rs`) and object
@@ -63,6 +67,7 @@ const COORDINATORS: &str = "coordinators";
 const TAGS: &str = "tags";
 const WAL: &str = "wal";
 const WAL_ENDS: &str = "wal-ends";
+const WAL_MARKS: &str = "wal-marks";
 const GC: &str = "gc";
 const SCHEDULES: &str = "schedules";
 const VERIFY: &str = "verify";
@@ -267,6 +272,17 @@ impl Layout {
             shard.as_str(),
             &format!("{}.json", lineage.dir_name()),
         ])
+    }
+
+    /// The marks of `shard`'s `lineage`: empty objects named like about one segment in 1,024
+    /// (`Repository::wal_mark_before`), where a listing of part of the lineage starts.
+    pub fn wal_marks_dir(&self, shard: &ShardId, lineage: &Lineage) -> Path {
+        self.join(&[WAL_MARKS, shard.as_str(), &lineage.dir_name()])
+    }
+
+    pub fn wal_mark(&self, info: &SegmentInfo) -> Path {
+        self.wal_marks_dir(&info.shard_id, &info.lineage)
+            .join(info.file_name())
     }
 
     pub fn wal_segment(&self, info: &SegmentInfo) -> Path {

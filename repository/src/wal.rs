@@ -248,6 +248,13 @@ impl SegmentInfo {
         )
     }
 
+    /// Whether the segment is marked (`Repository::wal_mark_before`): one in 1,024, by the
+    /// first ten bits of its SHA-256, so a put of the same segment again marks it again.
+    pub fn is_marked(&self) -> bool {
+        let id = self.id.as_bytes();
+        id[0] == 0 && id[1] < 0x40
+    }
+
     /// Parses a file name written by [`SegmentInfo::file_name`].
     pub fn parse(shard_id: &ShardId, lineage: &Lineage, file_name: &str) -> Option<SegmentInfo> {
         let stem = file_name.strip_suffix(SEGMENT_SUFFIX)?;
