@@ -354,7 +354,7 @@ impl WalArchive for WalArchiveApi {
             .map(|name| segment(&request.shard_id, request.lineage.as_ref(), name))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let Some(first) = doomed.first() else {
-            return Ok(Response::new(v1::DeleteWalSegmentsReply { deleted: 0 }));
+            return Ok(Response::new(v1::DeleteWalSegmentsReply::default()));
         };
         // Under the lineage's writer lock: the end cannot move while it is checked.
         let _one_at_a_time = self.writer(first).await;

@@ -1941,13 +1941,13 @@ impl Repository {
         let mut listing = match &began_after {
             Some(name) => self
                 .store
-                .list_with_offset(Some(&dir), &dir.child(name.as_str())),
+                .list_with_offset(Some(&dir), &dir.clone().join(name.as_str())),
             None => self.store.list(Some(&dir)),
         };
         let in_order = self.local_root.is_none();
-        let limit = limit.max(1);
+        let limit = limit.clamp(1, usize::MAX - 1);
         // The `limit + 1` first names seen so far: the last one only says that more follow.
-        let mut page = std::collections::BinaryHeap::with_capacity(limit + 1);
+        let mut page = std::collections::BinaryHeap::with_capacity(limit.min(1024) + 1);
         while let Some(meta) = listing
             .try_next()
             .await
@@ -2488,6 +2488,197 @@ mod tests {
         let all = fresh.wal_segments(&shard, &lineage).await.expect("list");
         assert_eq!(crate::wal::furthest(&all), Some(&straddling));
     }
+
+    /// Puts the segment of write `n` (and, with `count`, the writes after it) on `lineage`,
+    /// marked or not as asked (its payload varies until its SHA-256 says so).
+    async fn put_segment(
+        repo: &Repository,
+        shard: &ShardId,
+        lineage: Lineage,
+        n: u64,
+        count: u64,
+        marked: bool,
+    ) -> SegmentInfo {
+        for nonce in 0u32.. {
+            let segment = crate::wal::Segment {
+                shard_id: shard.clone(),
+                lineage,
+                batches: vec![crate::wal::WalBatch {
+                    first: Seq(n),
+                    count,
+                    hlc: crate::HlcTime(n),
+                    data: nonce.to_le_bytes().to_vec(),
+                }],
+            };
+            let (info, _) = encode_wal_segment(&segment, codec::Compression::default(), &repo.seal)
+                .await
+                .expect("encode");
+            if info.is_marked() == marked {
+                return repo
+                    .put_wal_segment(&segment, codec::Compression::default())
+                    .await
+                    .expect("segment");
+            }
+        }
+        unreachable!()
+    }
+
+    #[tokio::test]
+    async fn a_listing_from_a_mark_reads_what_follows_it_and_a_hidden_segment_makes_it_list_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for url in [
+            "memory://wal-marks".to_string(),
+            format!("file://{}", dir.path().display()),
+        ] {
+            let repo = Repository::open(&url).await.expect("repo");
+            let archive = crate::archive::WalArchive::Store(repo.clone());
+            let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
+            let mut infos = Vec::new();
+            for n in 1..=300 {
+                infos.push(put_segment(&repo, &shard, lineage, n, 1, n == 100 || n == 200).await);
+            }
+            let mark = |seq| repo.wal_mark_before(&shard, &lineage, Seq(seq));
+            assert_eq!(mark(250).await.expect("mark").as_ref(), Some(&infos[199]));
+            assert_eq!(mark(199).await.expect("mark").as_ref(), Some(&infos[99]));
+            assert_eq!(mark(99).await.expect("mark"), None, "{url}");
+
+            // A page from the mark holds what follows it, in order, up to `up_to`.
+            let page = |start: PageStart, up_to, limit| {
+                let (repo, shard) = (&repo, &shard);
+                async move {
+                    repo.wal_segment_page(shard, &lineage, &start, Seq(up_to), limit)
+                        .await
+                }
+            };
+            let from_mark = page(PageStart::AfterMarkFor(Seq(250)), 280, usize::MAX)
+                .await
+                .expect("page");
+            assert_eq!(from_mark.began_after, Some(infos[199].file_name()));
+            assert_eq!(from_mark.segments, infos[200..280].to_vec(), "{url}");
+            assert!(!from_mark.more);
+            // Pages of 7 from the start, each after the last one of the one before.
+            let (mut all, mut start) = (Vec::new(), PageStart::Beginning);
+            loop {
+                let next = page(start, u64::MAX, 7).await.expect("page");
+                assert!(next.segments.len() <= 7);
+                all.extend(next.segments);
+                if !next.more {
+                    break;
+                }
+                start = PageStart::After(all.last().expect("a page").file_name());
+            }
+            assert_eq!(all, infos, "{url}");
+
+            // A replay from 250 reads only what follows the mark.
+            let after = |seq, up_to| archive.segments_after(&shard, &lineage, Seq(seq), Seq(up_to));
+            assert_eq!(after(250, 300).await.expect("list"), infos[250..].to_vec());
+            assert_eq!(after(0, 20).await.expect("list"), infos[..20].to_vec());
+
+            // A leftover of a retried put starting before the mark, and the segments after
+            // the mark it overlaps gone: only a whole listing finds what 251..=260 are in.
+            let leftover = put_segment(&repo, &shard, lineage, 150, 111, false).await;
+            repo.delete_wal_segments(&infos[200..260])
+                .await
+                .expect("delete");
+            let found = after(250, 300).await.expect("list");
+            assert_eq!(found.first(), Some(&leftover), "{url}");
+            crate::wal::segments_covering(found, Seq(250), Seq(300), "the test")
+                .expect("covered by the leftover and what follows");
+
+            // A mark goes with its segment.
+            repo.delete_wal_segments(&infos[199..200])
+                .await
+                .expect("delete");
+            assert_eq!(mark(250).await.expect("mark").as_ref(), Some(&infos[99]));
+            assert!(
+                repo.store
+                    .head(&repo.layout.wal_mark(&infos[199]))
+                    .await
+                    .is_err()
+            );
+        }
+    }
+
+    /// A remote archive whose pages hold at most 7 names: `WalArchive` asks for the rest.
+    struct SmallPages(Repository);
+
+    impl crate::archive::RemoteWal for SmallPages {
+        fn lineages<'a>(
+            &'a self,
+            shard: &'a ShardId,
+        ) -> futures::future::BoxFuture<'a, Result<Vec<Lineage>>> {
+            Box::pin(self.0.wal_lineages(shard))
+        }
+        fn segment_page<'a>(
+            &'a self,
+            shard: &'a ShardId,
+            lineage: &'a Lineage,
+            start: &'a PageStart,
+            up_to: Seq,
+        ) -> futures::future::BoxFuture<'a, Result<SegmentPage>> {
+            Box::pin(self.0.wal_segment_page(shard, lineage, start, up_to, 7))
+        }
+        fn last_segment_name<'a>(
+            &'a self,
+            shard: &'a ShardId,
+            lineage: &'a Lineage,
+        ) -> futures::future::BoxFuture<'a, Result<Option<String>>> {
+            Box::pin(async move {
+                Ok(self
+                    .0
+                    .wal_end(shard, lineage)
+                    .await?
+                    .map(|end| end.file_name()))
+            })
+        }
+        fn put<'a>(
+            &'a self,
+            info: &'a SegmentInfo,
+            stored: Vec<u8>,
+        ) -> futures::future::BoxFuture<'a, Result<()>> {
+            Box::pin(self.0.put_wal_stored(info, stored))
+        }
+        fn get<'a>(
+            &'a self,
+            info: &'a SegmentInfo,
+        ) -> futures::future::BoxFuture<'a, Result<Vec<u8>>> {
+            Box::pin(self.0.get_wal_stored(info))
+        }
+        fn delete<'a>(
+            &'a self,
+            _: &'a ShardId,
+            _: &'a Lineage,
+            _: Vec<String>,
+        ) -> futures::future::BoxFuture<'a, Result<u64>> {
+            unimplemented!("not listed")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_archive_is_listed_page_by_page() {
+        let repo = Repository::open("memory://wal-pages").await.expect("repo");
+        let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
+        let mut infos = Vec::new();
+        for n in 1..=60 {
+            infos.push(put_segment(&repo, &shard, lineage, n, 1, n == 20).await);
+        }
+        let remote = crate::archive::WalArchive::Remote {
+            url: "lockstep://small-pages".into(),
+            remote: Arc::new(SmallPages(repo.clone())),
+            seal: Default::default(),
+        };
+        assert_eq!(
+            remote.wal_segments(&shard, &lineage).await.expect("list"),
+            infos
+        );
+        assert_eq!(
+            remote
+                .segments_after(&shard, &lineage, Seq(30), Seq(50))
+                .await
+                .expect("list"),
+            infos[30..50].to_vec()
+        );
+    }
 }
 
 #[cfg(test)]
@@ -2697,191 +2888,5 @@ mod encrypted {
             .expect("marker")
             .expect("a new plaintext repository claims its mode");
         assert!(!marker.is_encrypted());
-    }
-
-    /// Puts the segment of write `n` (and, with `count`, the writes after it) on `lineage`,
-    /// marked or not as asked (its payload varies until its SHA-256 says so).
-    async fn put_segment(
-        repo: &Repository,
-        shard: &ShardId,
-        n: u64,
-        count: u64,
-        marked: bool,
-    ) -> SegmentInfo {
-        for nonce in 0u32.. {
-            let segment = crate::wal::Segment {
-                shard_id: shard.clone(),
-                lineage: Lineage::root(),
-                batches: vec![crate::wal::WalBatch {
-                    first: Seq(n),
-                    count,
-                    hlc: crate::HlcTime(n),
-                    data: nonce.to_le_bytes().to_vec(),
-                }],
-            };
-            let (info, _) = encode_wal_segment(&segment, codec::Compression::default(), &repo.seal)
-                .await
-                .expect("encode");
-            if info.is_marked() == marked {
-                return repo
-                    .put_wal_segment(&segment, codec::Compression::default())
-                    .await
-                    .expect("segment");
-            }
-        }
-        unreachable!()
-    }
-
-    #[tokio::test]
-    async fn a_listing_from_a_mark_reads_what_follows_it_and_a_hidden_segment_makes_it_list_all() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        for url in [
-            "memory://wal-marks".to_string(),
-            format!("file://{}", dir.path().display()),
-        ] {
-            let repo = Repository::open(&url).await.expect("repo");
-            let archive = crate::archive::WalArchive::Store(repo.clone());
-            let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
-            let mut infos = Vec::new();
-            for n in 1..=300 {
-                infos.push(put_segment(&repo, &shard, n, 1, n == 100 || n == 200).await);
-            }
-            let mark = |seq| repo.wal_mark_before(&shard, &lineage, Seq(seq));
-            assert_eq!(mark(250).await.expect("mark").as_ref(), Some(&infos[199]));
-            assert_eq!(mark(199).await.expect("mark").as_ref(), Some(&infos[99]));
-            assert_eq!(mark(99).await.expect("mark"), None, "{url}");
-
-            // A page from the mark holds what follows it, in order, up to `up_to`.
-            let page = |start, up_to, limit| {
-                repo.wal_segment_page(&shard, &lineage, &start, Seq(up_to), limit)
-            };
-            let from_mark = page(PageStart::AfterMarkFor(Seq(250)), 280, usize::MAX)
-                .await
-                .expect("page");
-            assert_eq!(from_mark.began_after, Some(infos[199].file_name()));
-            assert_eq!(from_mark.segments, infos[200..280].to_vec(), "{url}");
-            assert!(!from_mark.more);
-            // Pages of 7 from the start, each after the last one of the one before.
-            let (mut all, mut start) = (Vec::new(), PageStart::Beginning);
-            loop {
-                let next = page(start, u64::MAX, 7).await.expect("page");
-                assert!(next.segments.len() <= 7);
-                all.extend(next.segments);
-                if !next.more {
-                    break;
-                }
-                start = PageStart::After(all.last().expect("a page").file_name());
-            }
-            assert_eq!(all, infos, "{url}");
-
-            // A replay from 250 reads only what follows the mark.
-            let after = |seq, up_to| archive.segments_after(&shard, &lineage, Seq(seq), Seq(up_to));
-            assert_eq!(after(250, 300).await.expect("list"), infos[250..].to_vec());
-            assert_eq!(after(0, 20).await.expect("list"), infos[..20].to_vec());
-
-            // A leftover of a retried put starting before the mark, and the segments after
-            // the mark it overlaps gone: only a whole listing finds what 251..=260 are in.
-            let leftover = put_segment(&repo, &shard, 150, 111, false).await;
-            repo.delete_wal_segments(&infos[200..260])
-                .await
-                .expect("delete");
-            let found = after(250, 300).await.expect("list");
-            assert_eq!(found.first(), Some(&leftover), "{url}");
-            crate::wal::segments_covering(found, Seq(250), Seq(300), "the test")
-                .expect("covered by the leftover and what follows");
-
-            // A mark goes with its segment.
-            repo.delete_wal_segments(&infos[199..200])
-                .await
-                .expect("delete");
-            assert_eq!(mark(250).await.expect("mark").as_ref(), Some(&infos[99]));
-            assert!(
-                repo.store
-                    .head(&repo.layout.wal_mark(&infos[199]))
-                    .await
-                    .is_err()
-            );
-        }
-    }
-
-    /// A remote archive whose pages hold at most 7 names: `WalArchive` asks for the rest.
-    struct SmallPages(Repository);
-
-    impl crate::archive::RemoteWal for SmallPages {
-        fn lineages<'a>(
-            &'a self,
-            shard: &'a ShardId,
-        ) -> futures::future::BoxFuture<'a, Result<Vec<Lineage>>> {
-            Box::pin(self.0.wal_lineages(shard))
-        }
-        fn segment_page<'a>(
-            &'a self,
-            shard: &'a ShardId,
-            lineage: &'a Lineage,
-            start: &'a PageStart,
-            up_to: Seq,
-        ) -> futures::future::BoxFuture<'a, Result<SegmentPage>> {
-            Box::pin(self.0.wal_segment_page(shard, lineage, start, up_to, 7))
-        }
-        fn last_segment_name<'a>(
-            &'a self,
-            shard: &'a ShardId,
-            lineage: &'a Lineage,
-        ) -> futures::future::BoxFuture<'a, Result<Option<String>>> {
-            Box::pin(async move {
-                Ok(self
-                    .0
-                    .wal_end(shard, lineage)
-                    .await?
-                    .map(|end| end.file_name()))
-            })
-        }
-        fn put<'a>(
-            &'a self,
-            info: &'a SegmentInfo,
-            stored: Vec<u8>,
-        ) -> futures::future::BoxFuture<'a, Result<()>> {
-            Box::pin(self.0.put_wal_stored(info, stored))
-        }
-        fn get<'a>(
-            &'a self,
-            info: &'a SegmentInfo,
-        ) -> futures::future::BoxFuture<'a, Result<Vec<u8>>> {
-            Box::pin(self.0.get_wal_stored(info))
-        }
-        fn delete<'a>(
-            &'a self,
-            _: &'a ShardId,
-            _: &'a Lineage,
-            _: Vec<String>,
-        ) -> futures::future::BoxFuture<'a, Result<u64>> {
-            unimplemented!("not listed")
-        }
-    }
-
-    #[tokio::test]
-    async fn a_remote_archive_is_listed_page_by_page() {
-        let repo = Repository::open("memory://wal-pages").await.expect("repo");
-        let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
-        let mut infos = Vec::new();
-        for n in 1..=60 {
-            infos.push(put_segment(&repo, &shard, n, 1, n == 20).await);
-        }
-        let remote = crate::archive::WalArchive::Remote {
-            url: "lockstep://small-pages".into(),
-            remote: Arc::new(SmallPages(repo.clone())),
-            seal: Default::default(),
-        };
-        assert_eq!(
-            remote.wal_segments(&shard, &lineage).await.expect("list"),
-            infos
-        );
-        assert_eq!(
-            remote
-                .segments_after(&shard, &lineage, Seq(30), Seq(50))
-                .await
-                .expect("list"),
-            infos[30..50].to_vec()
-        );
     }
 }
