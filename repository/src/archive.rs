@@ -133,9 +133,17 @@ impl WalArchive {
     /// at most `up_to`, in sequence order: what a replay from `after` reads, as a listing of
     /// the whole lineage would give it. The listing starts at the archive's mark before
     /// `after`, so it costs what follows `after` (on an object store: what lies between the
-    /// two), not the lineage's length. Where what it found does not reach as far as the
-    /// archive does (a gap, or a leftover of a retried put overlapping the mark hid a
-    /// segment), the whole lineage is listed instead; continuity is the caller's to check.
+    /// two), not the lineage's length. Where what it found does not carry every write from
+    /// `after` on with no gap up to `up_to` (open-ended: up to where the archive ended before
+    /// the listing), the whole lineage is listed instead: a gap, or a leftover of a retried put
+    /// overlapping the mark, which a listing from the mark does not see. Continuity is the
+    /// caller's to check.
+    ///
+    /// Open-ended, the archive's end comes from its end hint (`Repository::wal_end`) or, on a
+    /// remote archive, from what its service remembers; both can miss a leftover that starts
+    /// before them. Such a leftover reaching past every other segment (its shipper stopped
+    /// before shipping that range again) is not seen here: a restore to a time then stops at
+    /// the last write the other segments hold.
     pub async fn segments_after(
         &self,
         shard: &ShardId,
@@ -143,6 +151,12 @@ impl WalArchive {
         after: Seq,
         up_to: Seq,
     ) -> Result<Vec<SegmentInfo>> {
+        // Read before the listing: what is shipped meanwhile is named after the mark anyway.
+        let end = if up_to == Seq::MAX {
+            self.wal_end(shard, lineage).await?
+        } else {
+            None
+        };
         let listed = self
             .pages(shard, lineage, PageStart::AfterMarkFor(after), up_to)
             .await?;
@@ -151,8 +165,12 @@ impl WalArchive {
         if listed.began_after.is_none() {
             return Ok(segments); // the whole lineage
         }
-        let end = self.wal_end(shard, lineage).await?;
-        if reaches(&segments, after, up_to, end.as_ref()) {
+        let wanted = match end {
+            _ if up_to < Seq::MAX => up_to,
+            Some(end) => end.last,
+            None => after,
+        };
+        if reaches(&segments, after, wanted) {
             return Ok(segments);
         }
         tracing::info!(shard = %shard, lineage = %lineage, after = %after, "the WAL listing from a mark does not reach the archive's end; listing the whole lineage");
@@ -183,16 +201,25 @@ impl WalArchive {
         let mut listed = page(start).await?;
         let mut more = listed.more;
         while more {
-            let Some(last) = listed.segments.last() else {
+            let last = listed.segments.last().map(SegmentInfo::file_name);
+            let next = match &last {
+                Some(last) => page(PageStart::After(last.clone())).await?,
+                None => SegmentPage::default(),
+            };
+            // Each page must move on, or the listing would never end.
+            let moved = next
+                .segments
+                .first()
+                .is_some_and(|first| Some(first.file_name()) > last);
+            if !moved {
                 return Err(crate::error::Error::new(
                     crate::error::ErrorCode::BackupWalArchiveFailed,
                     format!(
-                        "WAL archive {} sent an empty page of shard {shard} {lineage} and said more follow",
+                        "WAL archive {} sent a page of shard {shard} {lineage} that does not follow the one before, and said more follow",
                         self.url()
                     ),
                 ));
-            };
-            let next = page(PageStart::After(last.file_name())).await?;
+            }
             more = next.more;
             listed.segments.extend(next.segments);
         }
@@ -285,18 +312,16 @@ impl WalArchive {
 }
 
 /// Whether `segments` (in sequence order, each holding writes after `after`) carry every
-/// write after `after` up to `up_to`'s segment or the archive's end (`end`), with no gap.
-fn reaches(segments: &[SegmentInfo], after: Seq, up_to: Seq, end: Option<&SegmentInfo>) -> bool {
-    let Some(end) = end.filter(|end| end.last > after) else {
-        return true; // nothing after `after`
-    };
+/// write after `after` through `wanted`, with no gap.
+fn reaches(segments: &[SegmentInfo], after: Seq, wanted: Seq) -> bool {
+    if wanted <= after {
+        return true;
+    }
     let Ok(chain) = crate::wal::chain(segments.to_vec()) else {
         return false;
     };
     match (chain.first(), chain.last()) {
-        (Some(first), Some(last)) => {
-            first.first.0 <= after.0 + 1 && last.last >= end.last.min(up_to)
-        }
+        (Some(first), Some(last)) => first.first.0 <= after.0 + 1 && last.last >= wanted,
         _ => false,
     }
 }

@@ -138,6 +138,9 @@ pub struct Repository {
     /// For file:// repositories: the directory, so writes can be made durable (object
     /// stores are durable when a put returns; a local filesystem is not until fsync).
     local_root: Option<std::path::PathBuf>,
+    /// Whether the store lists keys in name order (`Repository::open` knows it by scheme; a
+    /// store handed to `from_store` is assumed not to), so a listing may stop early.
+    lists_in_order: bool,
     /// Chunk and object buffers, reused from one to the next (`buffers`).
     buffers: crate::buffers::BufferPool,
     /// Local data objects this handle (and its clones) wrote or relied on that are not yet
@@ -283,6 +286,20 @@ impl Repository {
             )
         };
         let mut local_root = None;
+        // Object stores list keys in name order; a local directory (walked) and S3 Express
+        // directory buckets (named `...--x-s3`) do not.
+        let lists_in_order = match url.scheme() {
+            "memory" | "gs" | "az" | "azure" | "abfs" | "abfss" => true,
+            "s3" | "s3a" => {
+                !url.host_str()
+                    .is_some_and(|bucket| bucket.ends_with("--x-s3"))
+                    && !options
+                        .iter()
+                        .any(|(key, _)| key.to_ascii_lowercase().contains("express"))
+                    && std::env::var_os("AWS_S3_EXPRESS").is_none()
+            }
+            _ => false,
+        };
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match url.scheme() {
             "file" => {
                 let dir = url
@@ -356,6 +373,7 @@ impl Repository {
         };
         let mut repo = Repository::from_store(store, prefix, url.to_string());
         repo.local_root = local_root;
+        repo.lists_in_order = lists_in_order;
         Ok(repo)
     }
 
@@ -381,6 +399,7 @@ impl Repository {
             layout: Layout::new(prefix),
             url,
             local_root: None,
+            lists_in_order: false,
             buffers: Default::default(),
             unsynced: Default::default(),
             condemned: None,
@@ -1944,7 +1963,7 @@ impl Repository {
                 .list_with_offset(Some(&dir), &dir.clone().join(name.as_str())),
             None => self.store.list(Some(&dir)),
         };
-        let in_order = self.local_root.is_none();
+        let in_order = self.lists_in_order;
         let limit = limit.clamp(1, usize::MAX - 1);
         // The `limit + 1` first names seen so far: the last one only says that more follow.
         let mut page = std::collections::BinaryHeap::with_capacity(limit.min(1024) + 1);
@@ -2599,8 +2618,9 @@ mod tests {
         }
     }
 
-    /// A remote archive whose pages hold at most 7 names: `WalArchive` asks for the rest.
-    struct SmallPages(Repository);
+    /// A remote archive whose pages hold at most 7 names (`WalArchive` asks for the rest),
+    /// recording where each page it was asked for starts.
+    struct SmallPages(Repository, std::sync::Mutex<Vec<PageStart>>);
 
     impl crate::archive::RemoteWal for SmallPages {
         fn lineages<'a>(
@@ -2616,6 +2636,7 @@ mod tests {
             start: &'a PageStart,
             up_to: Seq,
         ) -> futures::future::BoxFuture<'a, Result<SegmentPage>> {
+            self.1.lock().expect("starts").push(start.clone());
             Box::pin(self.0.wal_segment_page(shard, lineage, start, up_to, 7))
         }
         fn last_segment_name<'a>(
@@ -2662,15 +2683,18 @@ mod tests {
         for n in 1..=60 {
             infos.push(put_segment(&repo, &shard, lineage, n, 1, n == 20).await);
         }
+        let pages = Arc::new(SmallPages(repo.clone(), Default::default()));
         let remote = crate::archive::WalArchive::Remote {
             url: "lockstep://small-pages".into(),
-            remote: Arc::new(SmallPages(repo.clone())),
+            remote: pages.clone(),
             seal: Default::default(),
         };
+        let starts = || std::mem::take(&mut *pages.1.lock().expect("starts"));
         assert_eq!(
             remote.wal_segments(&shard, &lineage).await.expect("list"),
             infos
         );
+        assert_eq!(starts().len(), 9, "60 names in pages of 7");
         assert_eq!(
             remote
                 .segments_after(&shard, &lineage, Seq(30), Seq(50))
@@ -2678,6 +2702,11 @@ mod tests {
                 .expect("list"),
             infos[30..50].to_vec()
         );
+        // From the mark (segment 20) on, page after page; never the whole lineage.
+        let asked = starts();
+        assert_eq!(asked[0], PageStart::AfterMarkFor(Seq(30)));
+        assert_eq!(asked[1], PageStart::After(infos[26].file_name()));
+        assert!(!asked.contains(&PageStart::Beginning), "{asked:?}");
     }
 }
 

@@ -267,7 +267,7 @@ impl SegmentInfo {
         if parts.next().is_some() || first > last || !Seq(last).is_valid() {
             return None;
         }
-        Some(SegmentInfo {
+        let info = SegmentInfo {
             shard_id: shard_id.clone(),
             lineage: *lineage,
             first: Seq(first),
@@ -275,7 +275,10 @@ impl SegmentInfo {
             hlc_min: HlcTime(hlc_min),
             hlc_max: HlcTime(hlc_max),
             id,
-        })
+        };
+        // Only the name `file_name` writes: keys sort as their segments do, and a listing
+        // continues after the very key it last saw.
+        (info.file_name() == file_name).then_some(info)
     }
 }
 
@@ -455,9 +458,22 @@ mod tests {
         let info = segment.info(ObjectId::of(&bytes)).expect("info");
         assert_eq!((info.first, info.last), (Seq(5), Seq(7)));
         let parsed = SegmentInfo::parse(&shard(), &lineage, &info.file_name());
-        assert_eq!(parsed, Some(info));
+        assert_eq!(parsed.as_ref(), Some(&info));
         assert!(Segment::decode("test", &bytes[..bytes.len() - 1]).is_err());
         assert!(SegmentInfo::parse(&shard(), &lineage, "junk.seg").is_none());
+        // Only the canonical name: another spelling of the same numbers would sort elsewhere.
+        let name = info.file_name();
+        for other in [
+            name.replacen("00000000000000000005", "5", 1),
+            name.replacen("00000000000000000005", "+0000000000000000005", 1),
+            name.to_uppercase().replace(".SEG", ".seg"),
+        ] {
+            assert_ne!(other, name);
+            assert!(
+                SegmentInfo::parse(&shard(), &lineage, &other).is_none(),
+                "{other}"
+            );
+        }
     }
 
     /// A segment of shard-0 on `lineage` holding `first..=last`.
