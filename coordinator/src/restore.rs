@@ -482,11 +482,18 @@ async fn last_write_at_or_before(
         // Writes on the floor's leg up to it, and on older legs, come before the floor.
         let on_floor = floor.filter(|p| p.lineage.id == leg.lineage.id);
         let after = on_floor.map_or(Seq(0), |p| p.seq);
-        let segments = chain(
-            archive
-                .segments_after(shard, &leg.lineage, after, leg.to)
-                .await?,
-        )?;
+        let mut segments = archive
+            .segments_after(shard, &leg.lineage, after, leg.to)
+            .await?;
+        // On an open-ended leg, a listing from a mark can miss a leftover reaching past
+        // every other segment (decision 042). Writes past a found one later than `at` are
+        // later too; only when every write found is at or before `at` can the answer lie
+        // past them, and then the whole lineage is listed.
+        if leg.to == Seq::MAX && segments.iter().all(|s| s.hlc_max <= at) {
+            segments = archive.wal_segments(shard, &leg.lineage).await?;
+            segments.retain(|s| s.last > after);
+        }
+        let segments = chain(segments)?;
         for info in segments.iter().rev().filter(|s| s.hlc_min <= at) {
             let segment = archive.get_wal_segment(info).await?;
             let found = segment
@@ -1596,6 +1603,86 @@ mod tests {
     use lockstep_repository::Timeline;
 
     use super::*;
+
+    /// Puts the segment of writes `first..=last` (each at HLC time = its sequence number),
+    /// marked or not as asked.
+    async fn put_segment(
+        repo: &Repository,
+        lineage: Lineage,
+        first: u64,
+        last: u64,
+        marked: bool,
+    ) -> SegmentInfo {
+        for nonce in 0u32.. {
+            let segment = lockstep_repository::wal::Segment {
+                shard_id: ShardId::new("shard-0").expect("shard"),
+                lineage,
+                batches: (first..=last)
+                    .map(|seq| lockstep_repository::wal::WalBatch {
+                        first: Seq(seq),
+                        count: 1,
+                        hlc: HlcTime::new(seq, 0),
+                        data: nonce.to_le_bytes().to_vec(),
+                    })
+                    .collect(),
+            };
+            let compression = lockstep_repository::codec::Compression::default();
+            let (info, _) = lockstep_repository::repository::encode_wal_segment(
+                &segment,
+                compression,
+                repo.seal(),
+            )
+            .await
+            .expect("encode");
+            if info.is_marked() == marked {
+                return repo
+                    .put_wal_segment(&segment, compression)
+                    .await
+                    .expect("put");
+            }
+        }
+        unreachable!()
+    }
+
+    #[tokio::test]
+    async fn a_restore_to_a_time_finds_a_leftover_that_the_mark_and_the_end_hint_miss() {
+        let repo = Repository::open("memory://time-leftover")
+            .await
+            .expect("repo");
+        let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
+        for n in 1..=1100 {
+            put_segment(&repo, lineage, n, n, n == 1000).await;
+        }
+        // A long listing leaves the end hint at 1100; then a put of 990..=1200 applied late,
+        // starting before the mark (1000) and the hint, reaching past everything else.
+        let end = repo.wal_end(&shard, &lineage).await.expect("end");
+        assert_eq!(end.map(|e| e.last), Some(Seq(1100)));
+        put_segment(&repo, lineage, 990, 1200, false).await;
+        let archive = WalArchive::Store(repo.clone());
+        let legs = [Leg {
+            lineage,
+            to: Seq::MAX,
+        }];
+        let floor = BackupPoint {
+            lineage,
+            ..manifest("bk-1", lineage, 1050)
+        };
+        let at = |t| HlcTime::new(t, 0);
+        assert_eq!(
+            last_write_at_or_before(&archive, &shard, &legs, at(5000), Some(&floor))
+                .await
+                .expect("search"),
+            Some((Seq(1200), at(1200))),
+            "the leftover's writes after 1100 are the latest"
+        );
+        // A time inside what the listing from the mark found needs nothing past it.
+        assert_eq!(
+            last_write_at_or_before(&archive, &shard, &legs, at(1070), Some(&floor))
+                .await
+                .expect("search"),
+            Some((Seq(1070), at(1070)))
+        );
+    }
 
     fn manifest(id: &str, lineage: Lineage, seq: u64) -> BackupPoint {
         BackupPoint {

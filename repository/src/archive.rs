@@ -142,8 +142,8 @@ impl WalArchive {
     /// Open-ended, the archive's end comes from its end hint (`Repository::wal_end`) or, on a
     /// remote archive, from what its service remembers; both can miss a leftover that starts
     /// before them. Such a leftover reaching past every other segment (its shipper stopped
-    /// before shipping that range again) is not seen here: a restore to a time then stops at
-    /// the last write the other segments hold.
+    /// before shipping that range again) is not seen here; a restore to a time lists the
+    /// whole lineage when nothing found is later than its target.
     pub async fn segments_after(
         &self,
         shard: &ShardId,
