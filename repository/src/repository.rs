@@ -2667,11 +2667,18 @@ mod tests {
         }
         fn delete<'a>(
             &'a self,
-            _: &'a ShardId,
-            _: &'a Lineage,
-            _: Vec<String>,
+            shard: &'a ShardId,
+            lineage: &'a Lineage,
+            names: Vec<String>,
         ) -> futures::future::BoxFuture<'a, Result<u64>> {
-            unimplemented!("not listed")
+            Box::pin(async move {
+                let doomed: Vec<SegmentInfo> = names
+                    .iter()
+                    .filter_map(|name| SegmentInfo::parse(shard, lineage, name))
+                    .collect();
+                self.0.delete_wal_segments(&doomed).await?;
+                Ok(doomed.len() as u64)
+            })
         }
     }
 
@@ -2707,6 +2714,15 @@ mod tests {
         assert_eq!(asked[0], PageStart::AfterMarkFor(Seq(30)));
         assert_eq!(asked[1], PageStart::After(infos[26].file_name()));
         assert!(!asked.contains(&PageStart::Beginning), "{asked:?}");
+        // Pruned through the remote, what is left lists the same.
+        remote
+            .delete_wal_segments(&infos[..5])
+            .await
+            .expect("delete");
+        assert_eq!(
+            remote.wal_segments(&shard, &lineage).await.expect("list"),
+            infos[5..].to_vec()
+        );
     }
 }
 
