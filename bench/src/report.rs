@@ -799,13 +799,12 @@ pub fn markdown(r: &Results, total_secs: f64) -> String {
     }
     out.push_str(
         "\n**WAL archive at scale** (an archive-only coordinator over a `file://` repository whose \
-         one lineage holds N segments; what a shipper asks of it over gRPC; the first resume ever \
-         lists the whole lineage and leaves its end hint, the first put after a restart lists what \
-         follows the hint, later ones list nothing; a replay of the last 100 segments lists from the \
-         archive's mark before them (on `file://` the directory is still walked: `object_store` \
-         lists it in no order; an object store lists from the mark to the last segment needed); \
-         target: ten times more segments cost at most twice the time)\n\n\
-         | segments | first resume ms (no hint) | resume ms | first put after a restart ms | put ms | replay listing ms |\n|---|---|---|---|---|---|\n",
+         one lineage holds N segments; what a shipper asks of it over gRPC; the first resume and \
+         the first put after a restart find the lineage's end in its last directories, later ones \
+         list nothing; a replay of the last 100 segments lists from the archive's mark before them, \
+         reading only the directories from there; target: ten times more segments cost at most \
+         twice the time)\n\n\
+         | segments | first resume ms | resume ms | first put after a restart ms | put ms | replay listing ms |\n|---|---|---|---|---|---|\n",
     );
     for a in &r.archive {
         out.push_str(&format!(

@@ -4,9 +4,8 @@
 //! - the WAL archive: one shard lineage already holds N segments, served by an
 //!   archive-only coordinator (`agents = []`, as another region runs it). A shipper's resume
 //!   (`ListWalSegments` with `last_only`) and a segment put after the end (`PutWalSegment`):
-//!   the first resume lists the whole lineage once (the archive was never looked at) and
-//!   leaves the lineage's end hint, the first put after a restart lists only what follows
-//!   the hint, and later ones cost the same whatever N is;
+//!   the first resume and the first put after a restart find the lineage's end by reading
+//!   its last directories (`layout::WAL_DIRS`), later ones cost the same whatever N is;
 //! - the catalog: N committed backups of three shards, written as manifests only (a
 //!   repository from before the catalog index, so the first look after a start indexes
 //!   them). `backup list` (`ListBackups`, pages of 500 as the CLI asks), whole and its first
@@ -23,6 +22,7 @@ use lockstep_proto::v1::{
     self, coordinator_client::CoordinatorClient, wal_archive_client::WalArchiveClient,
 };
 use lockstep_proto::wire::lineage_to_wire;
+use lockstep_repository::layout::Layout;
 use lockstep_repository::manifest::{
     BackupKind, BackupManifest, ShardManifest, ShardRef, ShardTimings, TransferStats,
 };
@@ -45,14 +45,14 @@ const REPLAYED: u64 = 100;
 pub struct ArchiveResult {
     pub segments: u64,
     /// The first resume after the coordinator started, on an archive never looked at before
-    /// (one listing of the whole lineage, which leaves the end hint).
+    /// (it reads the lineage's last directories).
     pub resume_cold_ms: f64,
     /// A later resume (median).
     pub resume_ms: f64,
     /// The listing a replay of the last `REPLAYED` segments reads (a restore to the
     /// archive's end from a backup that recent): pages from the archive's mark (median).
     pub replay_ms: f64,
-    /// The first put after the coordinator started again (it lists what follows the hint).
+    /// The first put after the coordinator started again (it finds the end again).
     pub put_cold_ms: f64,
     /// A later put after the end (median).
     pub put_ms: f64,
@@ -121,18 +121,19 @@ pub(crate) fn serve(
     )
 }
 
-/// Writes `n` segment files (names only matter to a listing; their bytes are never read).
+/// Writes `n` segment files where the layout puts them (names only matter to a listing;
+/// their bytes are never read), and their marks.
 fn build(repo_dir: &Path, shard: &ShardId, lineage: &Lineage, n: u64) -> Result<()> {
-    let layout_dir = repo_dir
-        .join("wal")
-        .join(shard.as_str())
-        .join(lineage.dir_name());
-    std::fs::create_dir_all(&layout_dir)?;
-    let marks_dir = repo_dir
-        .join("wal-marks")
-        .join(shard.as_str())
-        .join(lineage.dir_name());
-    std::fs::create_dir_all(&marks_dir)?;
+    let layout = Layout::new(object_store::path::Path::default());
+    let write = |key: object_store::path::Path, bytes: &[u8]| -> Result<()> {
+        let path = repo_dir.join(key.as_ref());
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, bytes).with_context(|| format!("write {}", path.display()))
+    };
     for i in 0..n {
         let info = SegmentInfo {
             shard_id: shard.clone(),
@@ -143,11 +144,9 @@ fn build(repo_dir: &Path, shard: &ShardId, lineage: &Lineage, n: u64) -> Result<
             hlc_max: HlcTime::new(i, 0),
             id: ObjectId::of(&i.to_le_bytes()),
         };
-        std::fs::write(layout_dir.join(info.file_name()), b"x")
-            .with_context(|| format!("write segment {i}"))?;
+        write(layout.wal_segment(&info), b"x")?;
         if info.is_marked() {
-            std::fs::write(marks_dir.join(info.file_name()), b"")
-                .with_context(|| format!("mark segment {i}"))?;
+            write(layout.wal_mark(&info), b"")?;
         }
     }
     Ok(())

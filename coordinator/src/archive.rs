@@ -7,7 +7,7 @@
 //!
 //! A put costs the same however long the lineage's archive is: the service remembers where
 //! each lineage's archive ends (found once, at its first put or `last_only` listing since the
-//! start, by listing what follows the lineage's end hint: `Repository::wal_end`), and a put
+//! start, by reading the lineage's last directories: `Repository::wal_end`), and a put
 //! either continues after that end or is the exact segment already there; anything else
 //! overlaps and is refused.
 

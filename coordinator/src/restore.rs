@@ -1645,7 +1645,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_restore_to_a_time_finds_a_leftover_that_the_mark_and_the_end_hint_miss() {
+    async fn a_restore_to_a_time_finds_a_leftover_that_the_mark_and_the_end_miss() {
         let repo = Repository::open("memory://time-leftover")
             .await
             .expect("repo");
@@ -1653,8 +1653,8 @@ mod tests {
         for n in 1..=1100 {
             put_segment(&repo, lineage, n, n, n == 1000).await;
         }
-        // A long listing leaves the end hint at 1100; then a put of 990..=1200 applied late,
-        // starting before the mark (1000) and the hint, reaching past everything else.
+        // The end is 1100; then a put of 990..=1200 applied late, starting before the mark
+        // (1000) and in an earlier directory than the end, reaching past everything else.
         let end = repo.wal_end(&shard, &lineage).await.expect("end");
         assert_eq!(end.map(|e| e.last), Some(Seq(1100)));
         put_segment(&repo, lineage, 990, 1200, false).await;

@@ -139,9 +139,9 @@ impl WalArchive {
     /// overlapping the mark, which a listing from the mark does not see. Continuity is the
     /// caller's to check.
     ///
-    /// Open-ended, the archive's end comes from its end hint (`Repository::wal_end`) or, on a
-    /// remote archive, from what its service remembers; both can miss a leftover that starts
-    /// before them. Such a leftover reaching past every other segment (its shipper stopped
+    /// Open-ended, the archive's end comes from its last directories (`Repository::wal_end`)
+    /// or, on a remote archive, from what its service remembers; both can miss a leftover
+    /// that starts before them. Such a leftover reaching past every other segment (its shipper stopped
     /// before shipping that range again) is not seen here; a restore to a time lists the
     /// whole lineage when nothing found is later than its target.
     pub async fn segments_after(

@@ -32,17 +32,22 @@
 //!                                               written once, by whoever decides first;
 //!                                               kept after the restore ends
 //! <prefix>/tags/<tag-name>.json                 tags: named cut vectors (restore points)
-//! <prefix>/wal/<shard-id>/<lineage>/<first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg
-//!                                               WAL segments (wal.rs); the key alone says
-//!                                               which writes a segment holds and its hash;
+//! <prefix>/wal/<shard-id>/<lineage>/<f[0..11]>/<f[11..14]>/<f[14..17]>/<segment name>
+//!                                               WAL segments (wal.rs), named
+//!                                               <first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg:
+//!                                               the name alone says which writes a segment
+//!                                               holds and its hash; f is the name's first 17
+//!                                               digits, so a directory holds at most 1,000
+//!                                               entries and key order is name order;
 //!                                               <lineage> is `Lineage::dir_name`:
 //!                                               <timeline:010>-<id>-<parent>-<branch:020>
-//! <prefix>/wal-ends/<shard-id>/<lineage>.json   a segment at or near the end of a lineage:
-//!                                               where finding its end starts listing
-//! <prefix>/wal-marks/<shard-id>/<lineage>/<segment name>
+//!                                               (segments written before the directories
+//!                                               sit right under <lineage> and are still read)
+//! <prefix>/wal-marks/<shard-id>/<lineage>/<f[0..11]>/<f[11..14]>/<f[14..17]>/<segment name>
 //!                                               empty: about one segment in 1,024, by its
 //!                                               hash; where listing what follows a sequence
-//!                                               number starts (`wal_mark_before`)
+//!                                               number starts (`wal_mark_before`); flat
+//!                                               under <lineage> before the directories
 //! ```
 //!
 //! Architecture invariant: a key is derived only from validated ids (`ids.rs`) and object
@@ -66,7 +71,6 @@ const RESTORES: &str = "restores";
 const COORDINATORS: &str = "coordinators";
 const TAGS: &str = "tags";
 const WAL: &str = "wal";
-const WAL_ENDS: &str = "wal-ends";
 const WAL_MARKS: &str = "wal-marks";
 const GC: &str = "gc";
 const SCHEDULES: &str = "schedules";
@@ -74,6 +78,35 @@ const VERIFY: &str = "verify";
 const CATALOG: &str = "catalog";
 const CATALOG_LOG: &str = "log";
 const CATALOG_SNAPSHOTS: &str = "snapshot";
+
+/// The digits of a segment's name (its first sequence number, zero-padded to 20) that name
+/// the directories it is stored under, one range per level: each directory holds at most
+/// 1,000 entries whatever the lineage's length (the first level, a billion writes apiece,
+/// a thousand at a trillion writes), and a key sorts where its name does, so an object store
+/// lists segments in sequence order and a local directory tree is walked in it, from
+/// anywhere, reading only the directories it needs.
+pub const WAL_DIRS: [std::ops::Range<usize>; 3] = [0..11, 11..14, 14..17];
+
+/// `info`'s name under `dir`, in the directories the name's first digits make.
+fn wal_placed(dir: Path, info: &SegmentInfo) -> Path {
+    let name = info.file_name();
+    let mut key = dir;
+    for digits in WAL_DIRS {
+        key = key.join(&name[digits]);
+    }
+    key.join(name)
+}
+
+/// Where a key under a lineage's WAL (or marks) directory sits (`Layout::wal_place_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalPlace<'k> {
+    /// A segment in the directories its name makes; the name.
+    InDirectory(&'k str),
+    /// Right under the lineage's directory, as segments were stored before directories.
+    Flat(&'k str),
+    /// Not where a segment goes.
+    Other,
+}
 
 /// Builds every key of one repository under its prefix.
 #[derive(Debug, Clone)]
@@ -265,29 +298,61 @@ impl Layout {
         self.join(&[WAL, shard.as_str(), &lineage.dir_name()])
     }
 
-    /// The record of a segment at or near the end of `shard`'s `lineage` (`wal_end`).
-    pub fn wal_end_hint(&self, shard: &ShardId, lineage: &Lineage) -> Path {
-        self.join(&[
-            WAL_ENDS,
-            shard.as_str(),
-            &format!("{}.json", lineage.dir_name()),
-        ])
-    }
-
     /// The marks of `shard`'s `lineage`: empty objects named like about one segment in 1,024
     /// (`Repository::wal_mark_before`), where a listing of part of the lineage starts.
     pub fn wal_marks_dir(&self, shard: &ShardId, lineage: &Lineage) -> Path {
         self.join(&[WAL_MARKS, shard.as_str(), &lineage.dir_name()])
     }
 
+    /// The mark of segment `info`, in the directories its name makes (`WAL_DIRS`).
     pub fn wal_mark(&self, info: &SegmentInfo) -> Path {
+        wal_placed(self.wal_marks_dir(&info.shard_id, &info.lineage), info)
+    }
+
+    /// Where the mark of segment `info` was stored before marks had directories.
+    pub fn wal_flat_mark(&self, info: &SegmentInfo) -> Path {
         self.wal_marks_dir(&info.shard_id, &info.lineage)
             .join(info.file_name())
     }
 
+    /// Where segment `info` is stored: under the directories its name's first digits make
+    /// (`WAL_DIRS`).
     pub fn wal_segment(&self, info: &SegmentInfo) -> Path {
+        wal_placed(self.wal_lineage_dir(&info.shard_id, &info.lineage), info)
+    }
+
+    /// Where segment `info` was stored before segments had directories: right under its
+    /// lineage's directory. Still read, never written.
+    pub fn wal_flat_segment(&self, info: &SegmentInfo) -> Path {
         self.wal_lineage_dir(&info.shard_id, &info.lineage)
             .join(info.file_name())
+    }
+
+    /// Where a key under a lineage's directory sits: a segment in its directories (with
+    /// the name), one stored flat (written before them), or neither.
+    pub fn wal_place_of<'k>(&self, lineage_dir: &Path, key: &'k Path) -> WalPlace<'k> {
+        let Some(parts) = key.prefix_match(lineage_dir) else {
+            return WalPlace::Other;
+        };
+        let parts: Vec<_> = parts.collect();
+        let Some(name) = key.filename() else {
+            return WalPlace::Other;
+        };
+        match parts.len() {
+            1 => WalPlace::Flat(name),
+            n if n == WAL_DIRS.len() + 1 => {
+                let placed = WAL_DIRS
+                    .iter()
+                    .zip(&parts)
+                    .all(|(digits, part)| name.get(digits.clone()) == Some(part.as_ref()));
+                if placed {
+                    WalPlace::InDirectory(name)
+                } else {
+                    WalPlace::Other
+                }
+            }
+            _ => WalPlace::Other,
+        }
     }
 
     /// The lineage named by a directory under `wal/<shard>/`, if it is one.

@@ -20,7 +20,7 @@ use crate::codec::{self, Encoded, Frame};
 use crate::direct;
 use crate::error::{Error, ErrorCode, Result};
 use crate::ids::{BackupId, ObjectId, RestoreId, Seq, ShardId, TagName};
-use crate::layout::Layout;
+use crate::layout::{Layout, WAL_DIRS, WalPlace};
 use crate::lineage::Lineage;
 use crate::manifest::{BackupKind, BackupManifest, Chunk, ShardManifest, TagManifest, WalPiece};
 use crate::seal::{EncryptionMarker, KeySlot, Passphrase, Seal};
@@ -191,9 +191,6 @@ struct Unsynced {
     /// next publish.
     found: Vec<Path>,
 }
-
-/// A search for a lineage's end that listed this many segments leaves a hint where it ended.
-const WAL_END_HINT_AFTER: usize = 1024;
 
 /// How many manifests (or catalog entries) are read at once: each is a round trip on an
 /// object store.
@@ -377,19 +374,27 @@ impl Repository {
         Ok(repo)
     }
 
-    /// On a file:// repository, fsyncs the file at `key` and its directory, so what a put
-    /// wrote survives a power loss before anything that refers to it is published.
+    /// On a file:// repository, fsyncs the file at `key` and every directory from its own up
+    /// to the repository's, so what a put wrote, and the directories it created on the way (a
+    /// WAL segment's: `layout::WAL_DIRS`), survive a power loss before anything that refers
+    /// to it is published.
     async fn make_durable(&self, key: &Path) -> Result<()> {
         let Some(root) = &self.local_root else {
             return Ok(());
         };
         let file = root.join(key.as_ref());
-        if let Some(dir) = file.parent().map(|d| d.to_path_buf()) {
-            fsync(file).await?;
-            fsync(dir).await
-        } else {
-            fsync(file).await
+        let dirs = file
+            .ancestors()
+            .skip(1)
+            .take_while(|dir| dir.starts_with(root));
+        let paths: Vec<std::path::PathBuf> = std::iter::once(file.as_path())
+            .chain(dirs)
+            .map(|path| path.to_path_buf())
+            .collect();
+        for path in paths {
+            fsync(path).await?;
         }
+        Ok(())
     }
 
     /// Wraps an already-built store, e.g. a fault-injecting one in tests.
@@ -1824,15 +1829,16 @@ impl Repository {
 
     /// The stored bytes of a segment, unchecked (`decode_wal_segment` checks them).
     pub async fn get_wal_stored(&self, info: &SegmentInfo) -> Result<Vec<u8>> {
+        let bound = (
+            codec::max_stored_len(MAX_SEGMENT_BYTES),
+            ErrorCode::BackupWalArchiveFailed,
+        );
         let key = self.layout.wal_segment(info);
+        if let Some(stored) = self.get_raw(&key, bound).await? {
+            return Ok(stored.to_vec());
+        }
         let stored = self
-            .get_raw(
-                &key,
-                (
-                    codec::max_stored_len(MAX_SEGMENT_BYTES),
-                    ErrorCode::BackupWalArchiveFailed,
-                ),
-            )
+            .get_raw(&self.layout.wal_flat_segment(info), bound)
             .await?
             .ok_or_else(|| {
                 Error::new(
@@ -1912,16 +1918,16 @@ impl Repository {
         shard: &ShardId,
         lineage: &Lineage,
     ) -> Result<Vec<SegmentInfo>> {
-        let mut segments = self.wal_segments_after(shard, lineage, None).await?;
+        let mut segments = self
+            .wal_listing(shard, lineage, None, Seq::MAX, usize::MAX)
+            .await?;
         segments.sort_by_key(|s| (s.first, s.last));
         Ok(segments)
     }
 
     /// A page of `shard`'s `lineage`: the segments named after where `start` says whose
     /// first write is at most `up_to`, in name order (which is sequence order), at most
-    /// `limit` of them. An object store lists in name order, so the listing stops where the
-    /// page or the range does; a local directory is walked to its end (`object_store` lists
-    /// it in no order), keeping only the page's segments in memory.
+    /// `limit` of them; the listing stops where the page or the range does.
     pub async fn wal_segment_page(
         &self,
         shard: &ShardId,
@@ -1930,76 +1936,29 @@ impl Repository {
         up_to: Seq,
         limit: usize,
     ) -> Result<SegmentPage> {
-        /// Orders segments by name, as a page holds them.
-        struct ByName(String, SegmentInfo);
-        impl PartialEq for ByName {
-            fn eq(&self, other: &Self) -> bool {
-                self.0 == other.0
-            }
-        }
-        impl Eq for ByName {}
-        impl PartialOrd for ByName {
-            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-                Some(self.cmp(other))
-            }
-        }
-        impl Ord for ByName {
-            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-                self.0.cmp(&other.0)
-            }
-        }
-        let began_after = match start {
+        let after = match start {
             PageStart::Beginning => None,
-            PageStart::After(name) => Some(name.clone()),
-            PageStart::AfterMarkFor(seq) => self
-                .wal_mark_before(shard, lineage, *seq)
-                .await?
-                .map(|mark| mark.file_name()),
+            PageStart::After(name) => Some(SegmentInfo::parse(shard, lineage, name).ok_or_else(
+                || {
+                    Error::new(
+                        ErrorCode::InvalidArgument,
+                        format!("{name:?} is not a WAL segment name: a page starts after the last name of the page before"),
+                    )
+                },
+            )?),
+            PageStart::AfterMarkFor(seq) => self.wal_mark_before(shard, lineage, *seq).await?,
         };
-        let dir = self.layout.wal_lineage_dir(shard, lineage);
-        let mut listing = match &began_after {
-            Some(name) => self
-                .store
-                .list_with_offset(Some(&dir), &dir.clone().join(name.as_str())),
-            None => self.store.list(Some(&dir)),
-        };
-        let in_order = self.lists_in_order;
         let limit = limit.clamp(1, usize::MAX - 1);
-        // The `limit + 1` first names seen so far: the last one only says that more follow.
-        let mut page = std::collections::BinaryHeap::with_capacity(limit.min(1024) + 1);
-        while let Some(meta) = listing
-            .try_next()
-            .await
-            .map_err(|err| storage_error(format!("list WAL segments of {shard}"), err))?
-        {
-            let Some(name) = meta.location.filename() else {
-                continue;
-            };
-            let Some(info) = SegmentInfo::parse(shard, lineage, name) else {
-                continue;
-            };
-            if info.first > up_to {
-                if in_order {
-                    break;
-                }
-                continue;
-            }
-            page.push(ByName(name.to_string(), info));
-            if page.len() > limit + 1 {
-                page.pop();
-            }
-            if in_order && page.len() > limit {
-                break;
-            }
-        }
-        let mut segments: Vec<SegmentInfo> =
-            page.into_sorted_vec().into_iter().map(|s| s.1).collect();
+        // One more than the page: it only says that more follow.
+        let mut segments = self
+            .wal_listing(shard, lineage, after.as_ref(), up_to, limit + 1)
+            .await?;
         let more = segments.len() > limit;
         segments.truncate(limit);
         Ok(SegmentPage {
             segments,
             more,
-            began_after,
+            began_after: after.map(|a| a.file_name()),
         })
     }
 
@@ -2007,49 +1966,189 @@ impl Repository {
     /// or before `seq`, if any: every segment that holds a write after `seq` is named after
     /// it unless it overlaps it (a leftover of a retried put), so a listing of what follows
     /// `seq` can start after it. About one segment in 1,024 is marked
-    /// (`SegmentInfo::is_marked`), so this lists a thousandth of the lineage.
+    /// (`SegmentInfo::is_marked`); the marks' directories are read back from `seq`'s to the
+    /// first that holds one.
     pub async fn wal_mark_before(
         &self,
         shard: &ShardId,
         lineage: &Lineage,
         seq: Seq,
     ) -> Result<Option<SegmentInfo>> {
-        let marks: Vec<_> = self
-            .store
-            .list(Some(&self.layout.wal_marks_dir(shard, lineage)))
-            .try_collect()
-            .await
-            .map_err(|err| storage_error(format!("list WAL marks of {shard}"), err))?;
-        Ok(marks
-            .iter()
-            .filter_map(|m| SegmentInfo::parse(shard, lineage, m.location.filename()?))
-            .filter(|m| m.last <= seq)
-            .max_by_key(|m| (m.first, m.last)))
+        let dir = self.layout.wal_marks_dir(shard, lineage);
+        self.wal_last_in(&dir, shard, lineage, seq, |marks| {
+            marks
+                .into_iter()
+                .filter(|m| m.last <= seq)
+                .max_by_key(|m| (m.first, m.last))
+        })
+        .await
     }
 
-    /// The segments of `shard`'s `lineage` whose names sort after `after`'s (all without
-    /// it), in no order.
-    async fn wal_segments_after(
+    /// What `pick` chooses among the segments (or marks) under `dir` whose first write is at
+    /// most `up_to`: read from the last directory at or before `up_to` at each level
+    /// (`layout::WAL_DIRS`) back to the first where `pick` chooses one, with those stored
+    /// flat (before directories) added. `pick` must choose the same from any set that holds
+    /// its choice, and what it chooses in a later directory must beat anything earlier.
+    async fn wal_last_in(
+        &self,
+        dir: &Path,
+        shard: &ShardId,
+        lineage: &Lineage,
+        up_to: Seq,
+        pick: impl Fn(Vec<SegmentInfo>) -> Option<SegmentInfo>,
+    ) -> Result<Option<SegmentInfo>> {
+        let failed = |err| storage_error(format!("list the WAL archive of {shard}"), err);
+        let bound = format!("{:020}", up_to.0);
+        let segments_in = |metas: &[object_store::ObjectMeta], flat: bool| {
+            metas
+                .iter()
+                .filter_map(|meta| match self.layout.wal_place_of(dir, &meta.location) {
+                    WalPlace::Flat(name) if flat => SegmentInfo::parse(shard, lineage, name),
+                    WalPlace::InDirectory(name) if !flat => {
+                        SegmentInfo::parse(shard, lineage, name)
+                    }
+                    _ => None,
+                })
+                .filter(|info| info.first <= up_to)
+                .collect::<Vec<_>>()
+        };
+        let top = self
+            .store
+            .list_with_delimiter(Some(dir))
+            .await
+            .map_err(failed)?;
+        let mut found: Vec<SegmentInfo> =
+            pick(segments_in(&top.objects, true)).into_iter().collect();
+        // The directories still to read, the last one last.
+        let mut stack = wal_subdirs(&top.common_prefixes, "");
+        stack.retain(|(_, digits)| wal_dir_in_range(digits, None, &bound));
+        while let Some((path, digits)) = stack.pop() {
+            let listing = self
+                .store
+                .list_with_delimiter(Some(&path))
+                .await
+                .map_err(failed)?;
+            if let Some(last) = pick(segments_in(&listing.objects, false)) {
+                found.push(last);
+                break;
+            }
+            let mut children = wal_subdirs(&listing.common_prefixes, &digits);
+            children.retain(|(_, digits)| wal_dir_in_range(digits, None, &bound));
+            stack.extend(children);
+        }
+        Ok(pick(found))
+    }
+
+    /// The first `keep` segments of `shard`'s `lineage`, in name order and each once, of
+    /// those named after `after` (all without it) whose first write is at most `up_to`.
+    ///
+    /// Keys sort as names do (`layout::WAL_DIRS`), so an object store that lists in name
+    /// order lists from `after`'s key and stops at the first segment past the range or the
+    /// page; anywhere else (a local directory is read in no order) the directories are
+    /// walked in name order, skipping those wholly before `after` or past `up_to`, until the
+    /// page is full. Segments stored flat, before directories, are read from the lineage's
+    /// own directory (one listing that also names the first level) and merged in.
+    async fn wal_listing(
         &self,
         shard: &ShardId,
         lineage: &Lineage,
         after: Option<&SegmentInfo>,
+        up_to: Seq,
+        keep: usize,
     ) -> Result<Vec<SegmentInfo>> {
+        let failed = |err| storage_error(format!("list WAL segments of {shard}"), err);
         let dir = self.layout.wal_lineage_dir(shard, lineage);
-        let listing = match after {
-            Some(after) => self
-                .store
-                .list_with_offset(Some(&dir), &self.layout.wal_segment(after)),
-            None => self.store.list(Some(&dir)),
+        let after_name = after.map(SegmentInfo::file_name);
+        let wanted = |name: &str| {
+            SegmentInfo::parse(shard, lineage, name).filter(|info| {
+                info.first <= up_to && after_name.as_deref().is_none_or(|after| name > after)
+            })
         };
-        let metas: Vec<_> = listing
-            .try_collect()
+        let top = self
+            .store
+            .list_with_delimiter(Some(&dir))
             .await
-            .map_err(|err| storage_error(format!("list WAL segments of {shard}"), err))?;
-        Ok(metas
+            .map_err(failed)?;
+        let mut found: Vec<SegmentInfo> = top
+            .objects
             .iter()
-            .filter_map(|m| SegmentInfo::parse(shard, lineage, m.location.filename()?))
-            .collect())
+            .filter_map(|m| match self.layout.wal_place_of(&dir, &m.location) {
+                WalPlace::Flat(name) => wanted(name),
+                _ => None,
+            })
+            .collect();
+        let mut placed = Vec::new();
+        if self.lists_in_order {
+            let mut listing = match after {
+                Some(after) => self
+                    .store
+                    .list_with_offset(Some(&dir), &self.layout.wal_segment(after)),
+                None => self.store.list(Some(&dir)),
+            };
+            while placed.len() < keep
+                && let Some(meta) = listing.try_next().await.map_err(failed)?
+            {
+                let WalPlace::InDirectory(name) = self.layout.wal_place_of(&dir, &meta.location)
+                else {
+                    continue;
+                };
+                match SegmentInfo::parse(shard, lineage, name) {
+                    Some(info) if info.first > up_to => break,
+                    Some(_) => placed.extend(wanted(name)),
+                    None => {}
+                }
+            }
+        } else {
+            let bound = format!("{:020}", up_to.0);
+            // The directories still to read, the next one last.
+            let mut stack = wal_subdirs(&top.common_prefixes, "");
+            stack.retain(|(_, digits)| wal_dir_in_range(digits, after_name.as_deref(), &bound));
+            stack.reverse();
+            while placed.len() < keep
+                && let Some((path, digits)) = stack.pop()
+            {
+                let listing = self
+                    .store
+                    .list_with_delimiter(Some(&path))
+                    .await
+                    .map_err(failed)?;
+                let mut children = wal_subdirs(&listing.common_prefixes, &digits);
+                children
+                    .retain(|(_, digits)| wal_dir_in_range(digits, after_name.as_deref(), &bound));
+                stack.extend(children.into_iter().rev());
+                let mut leaf: Vec<SegmentInfo> = listing
+                    .objects
+                    .iter()
+                    .filter_map(|m| match self.layout.wal_place_of(&dir, &m.location) {
+                        WalPlace::InDirectory(name) => wanted(name),
+                        _ => None,
+                    })
+                    .collect();
+                leaf.sort_by_cached_key(SegmentInfo::file_name);
+                placed.extend(leaf);
+            }
+        }
+        found.extend(placed);
+        found.sort_by_cached_key(SegmentInfo::file_name);
+        found.dedup();
+        found.truncate(keep);
+        Ok(found)
+    }
+
+    /// The segment of `shard` on `lineage` that reaches furthest, if any.
+    ///
+    /// It reads the last directory at each level (`layout::WAL_DIRS`) down to the last that
+    /// holds a segment, so finding the end costs the same at a million segments as at ten.
+    /// A segment that starts in an earlier directory and reaches past all of these (a
+    /// leftover of a retried put that an object store applied late) is missed: the end found
+    /// is behind the furthest write, never past it, so a resume from it re-ships writes and
+    /// never leaves a hole.
+    pub async fn wal_end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
+        let dir = self.layout.wal_lineage_dir(shard, lineage);
+        self.wal_last_in(&dir, shard, lineage, Seq::MAX, |segments| {
+            crate::wal::furthest(&segments).cloned()
+        })
+        .await
     }
 
     /// When a full verify last checked each object (empty before the first).
@@ -2100,87 +2199,35 @@ impl Repository {
             .await
     }
 
-    /// The segment of `shard` on `lineage` that reaches furthest, if any (one listing).
-    ///
-    /// It lists only the segments named after the lineage's end hint (`wal-ends/`) when that
-    /// segment is still stored, and leaves a new hint when it had to list many, so finding the
-    /// end costs what was written since the last time, not the lineage's length. The hint
-    /// can only be behind the end (a segment put later continues after it), and a segment an
-    /// object store applied late with a lower start is missed only where it overlaps what
-    /// follows the hint: a resume from there re-ships writes, it never leaves a hole.
-    pub async fn wal_end(&self, shard: &ShardId, lineage: &Lineage) -> Result<Option<SegmentInfo>> {
-        let hint = match self.wal_end_hint(shard, lineage).await? {
-            Some(hint) if self.has_wal_segment(&hint).await? => Some(hint),
-            _ => None,
-        };
-        let mut segments = self
-            .wal_segments_after(shard, lineage, hint.as_ref())
-            .await?;
-        let listed = segments.len();
-        segments.extend(hint);
-        let end = crate::wal::furthest(&segments).cloned();
-        if let Some(end) = &end
-            && listed >= WAL_END_HINT_AFTER
-        {
-            let record = serde_json::json!({ "segment": end.file_name() }).to_string();
-            let key = self.layout.wal_end_hint(shard, lineage);
-            if let Err(err) = self
-                .put_durable(&key, record.into_bytes(), "WAL end hint")
-                .await
-            {
-                tracing::warn!(shard = %shard, error = %err.chain(), "could not record where the WAL archive ends");
-            }
-        }
-        Ok(end)
-    }
-
-    /// The segment the lineage's end hint names; none when there is no hint or it does not
-    /// read (a damaged hint only costs a longer listing).
-    async fn wal_end_hint(
-        &self,
-        shard: &ShardId,
-        lineage: &Lineage,
-    ) -> Result<Option<SegmentInfo>> {
-        #[derive(serde::Deserialize)]
-        struct Hint {
-            segment: String,
-        }
-        let key = self.layout.wal_end_hint(shard, lineage);
-        let bytes = match self.get_record(&key, MANIFEST).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Ok(None),
-            Err(err) if err.is_damaged_record() => {
-                tracing::warn!(key = %key, error = %err.chain(), "ignoring a damaged WAL end hint");
-                return Ok(None);
-            }
-            Err(err) => return Err(err),
-        };
-        Ok(serde_json::from_slice::<Hint>(&bytes)
-            .ok()
-            .and_then(|hint| SegmentInfo::parse(shard, lineage, &hint.segment)))
-    }
-
     /// Whether exactly this segment (its name: range, times and SHA-256) is stored.
     pub async fn has_wal_segment(&self, info: &SegmentInfo) -> Result<bool> {
-        let key = self.layout.wal_segment(info);
-        match self.store.head(&key).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(err) => Err(storage_error(format!("look up WAL segment {key}"), err)),
+        for key in [
+            self.layout.wal_segment(info),
+            self.layout.wal_flat_segment(info),
+        ] {
+            match self.store.head(&key).await {
+                Ok(_) => return Ok(true),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(err) => {
+                    return Err(storage_error(format!("look up WAL segment {key}"), err));
+                }
+            }
         }
+        Ok(false)
     }
 
-    /// Deletes WAL segments and their marks (any already gone counts as deleted).
+    /// Deletes WAL segments and their marks (any already gone counts as deleted), wherever
+    /// they are stored (`Layout::wal_flat_segment`).
     pub async fn delete_wal_segments(&self, segments: &[SegmentInfo]) -> Result<()> {
         let keys: Vec<Path> = segments
             .iter()
-            .map(|s| self.layout.wal_segment(s))
+            .flat_map(|s| [self.layout.wal_segment(s), self.layout.wal_flat_segment(s)])
             .collect();
         self.delete_keys(&keys).await?;
         let marks: Vec<Path> = segments
             .iter()
             .filter(|s| s.is_marked())
-            .map(|s| self.layout.wal_mark(s))
+            .flat_map(|s| [self.layout.wal_mark(s), self.layout.wal_flat_mark(s)])
             .collect();
         self.delete_keys(&marks).await
     }
@@ -2190,6 +2237,33 @@ impl Repository {
         let stored = self.get_wal_stored(info).await?;
         decode_wal_segment(info, stored, &self.seal).await
     }
+}
+
+/// The segment directories among `prefixes`, one level under the directory of the name
+/// digits `digits` (`layout::WAL_DIRS`), each with its digits, in name order; none under a
+/// last level.
+fn wal_subdirs(prefixes: &[Path], digits: &str) -> Vec<(Path, String)> {
+    let Some(level) = WAL_DIRS.iter().find(|d| d.start == digits.len()) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<(Path, String)> = prefixes
+        .iter()
+        .filter_map(|dir| {
+            let part = dir.filename()?;
+            (part.len() == level.len() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| (dir.clone(), format!("{digits}{part}")))
+        })
+        .collect();
+    dirs.sort_by(|a, b| a.1.cmp(&b.1));
+    dirs
+}
+
+/// Whether the directory of the name digits `digits` can hold a segment named after
+/// `after` whose first write is at most `bound` (zero-padded as names are).
+fn wal_dir_in_range(digits: &str, after: Option<&str>, bound: &str) -> bool {
+    let n = digits.len();
+    let before = after.is_some_and(|after| digits < &after[..n.min(after.len())]);
+    !before && digits <= &bound[..n.min(bound.len())]
 }
 
 #[cfg(test)]
@@ -2416,96 +2490,167 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_wal_end_lists_only_after_its_hint_and_survives_the_hint_going_stale() {
-        let url = "memory://wal-end-hint";
-        let repo = Repository::open(url).await.expect("repo");
-        let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
-        let put = |n: u64| {
-            let repo = repo.clone();
-            let (shard, lineage) = (shard.clone(), lineage);
-            async move {
-                let segment = crate::wal::Segment {
-                    shard_id: shard,
-                    lineage,
-                    batches: vec![crate::wal::WalBatch {
-                        first: Seq(n),
-                        count: 1,
-                        hlc: crate::HlcTime(n),
-                        data: vec![n as u8],
-                    }],
-                };
-                repo.put_wal_segment(&segment, codec::Compression::default())
-                    .await
-                    .expect("segment")
+    async fn segments_in_directories_list_in_order_from_anywhere_and_the_end_is_the_last_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Both ways of listing: an object store's (in name order) and a directory walk.
+        for url in [
+            "memory://wal-dirs".to_string(),
+            format!("file://{}", dir.path().display()),
+        ] {
+            let repo = Repository::open(&url).await.expect("repo");
+            let (shard, lineage) = (ShardId::new("shard-0").expect("shard"), Lineage::root());
+            // Firsts in every level's directories, several sharing one.
+            let firsts = [
+                1,
+                2,
+                999,
+                1_000,
+                1_000_000,
+                999_999_999,
+                1_000_000_000,
+                1_000_000_500,
+                5_000_000_000_123,
+            ];
+            let mut infos = Vec::new();
+            for n in firsts {
+                infos.push(put_segment(&repo, &shard, lineage, n, 1, false).await);
             }
-        };
-        let mut infos = Vec::new();
-        for n in 1..=(WAL_END_HINT_AFTER as u64 + 10) {
-            infos.push(put(n).await);
-        }
-        let hint_key = repo.layout.wal_end_hint(&shard, &lineage);
-        assert!(repo.store.head(&hint_key).await.is_err(), "no hint yet");
-        let end = repo.wal_end(&shard, &lineage).await.expect("end");
-        assert_eq!(end.as_ref(), infos.last());
-        assert_eq!(
-            repo.wal_end_hint(&shard, &lineage)
+            let key = repo.layout.wal_segment(&infos[6]);
+            assert!(
+                key.as_ref()
+                    .ends_with(&format!("/00000000001/000/000/{}", infos[6].file_name())),
+                "{key}"
+            );
+            assert_eq!(
+                repo.wal_segments(&shard, &lineage).await.expect("list"),
+                infos
+            );
+            assert_eq!(
+                repo.wal_end(&shard, &lineage).await.expect("end").as_ref(),
+                infos.last()
+            );
+            // Pages of two, each after the last name of the one before, within a range.
+            let up_to = Seq(1_000_000_000);
+            let (mut paged, mut start) = (Vec::new(), PageStart::Beginning);
+            loop {
+                let page = repo
+                    .wal_segment_page(&shard, &lineage, &start, up_to, 2)
+                    .await
+                    .expect("page");
+                assert!(page.segments.len() <= 2);
+                paged.extend(page.segments);
+                if !page.more {
+                    break;
+                }
+                start = PageStart::After(paged.last().expect("a page").file_name());
+            }
+            assert_eq!(paged, infos[..7], "{url}");
+            let bad = PageStart::After("00000000000000000001".to_string());
+            let err = repo
+                .wal_segment_page(&shard, &lineage, &bad, Seq::MAX, 2)
                 .await
-                .expect("hint")
-                .as_ref(),
-            infos.last(),
-            "a long listing leaves a hint"
-        );
-        // Segments after the hint are found; the hint only says where listing starts.
-        let later = put(WAL_END_HINT_AFTER as u64 + 11).await;
-        let fresh = Repository::open(url).await.expect("repo");
-        assert_eq!(
-            fresh.wal_end(&shard, &lineage).await.expect("end"),
-            Some(later.clone())
-        );
-        // Its segment gone (pruned, or removed by an operator): the whole lineage is listed.
-        repo.delete_wal_segments(std::slice::from_ref(&later))
-            .await
-            .expect("delete");
-        repo.delete_wal_segments(&infos[infos.len() - 1..])
-            .await
-            .expect("delete");
-        assert_eq!(
-            fresh.wal_end(&shard, &lineage).await.expect("end").as_ref(),
-            infos.get(infos.len() - 2)
-        );
-        // A damaged hint costs a listing, nothing else.
-        repo.store
-            .put(&hint_key, PutPayload::from(b"{ not json".to_vec()))
-            .await
-            .expect("damage");
-        assert_eq!(
-            fresh.wal_end(&shard, &lineage).await.expect("end").as_ref(),
-            infos.get(infos.len() - 2)
-        );
-        // That listing left a new hint. A segment an object store applied late, starting
-        // before the hinted one and ending past it, sorts before it and goes unseen: the end
-        // found is behind the furthest write, never past it (a resume re-ships, no hole).
-        let hinted = infos[infos.len() - 2].clone();
-        let straddling = crate::wal::Segment {
-            shard_id: shard.clone(),
-            lineage,
-            batches: vec![crate::wal::WalBatch {
-                first: Seq(hinted.first.0 - 3),
-                count: 10,
-                hlc: crate::HlcTime(1),
-                data: vec![0],
-            }],
-        };
-        let straddling = repo
-            .put_wal_segment(&straddling, codec::Compression::default())
-            .await
-            .expect("segment");
-        assert_eq!(
-            fresh.wal_end(&shard, &lineage).await.expect("end"),
-            Some(hinted)
-        );
-        let all = fresh.wal_segments(&shard, &lineage).await.expect("list");
-        assert_eq!(crate::wal::furthest(&all), Some(&straddling));
+                .expect_err("not a name");
+            assert_eq!(err.code, ErrorCode::InvalidArgument);
+
+            // A segment stored flat, as before directories: listed, read, found, deleted.
+            let flat = put_segment(&repo, &shard, lineage, 1_000_001, 1, false).await;
+            let bytes = repo.get_wal_stored(&flat).await.expect("stored");
+            repo.store
+                .put(&repo.layout.wal_flat_segment(&flat), bytes.into())
+                .await
+                .expect("plant");
+            repo.store
+                .delete(&repo.layout.wal_segment(&flat))
+                .await
+                .expect("move");
+            let mut with_flat = infos.clone();
+            with_flat.insert(5, flat.clone());
+            assert_eq!(
+                repo.wal_segments(&shard, &lineage).await.expect("list"),
+                with_flat
+            );
+            let page = repo
+                .wal_segment_page(
+                    &shard,
+                    &lineage,
+                    &PageStart::After(infos[4].file_name()),
+                    Seq::MAX,
+                    2,
+                )
+                .await
+                .expect("page");
+            assert_eq!(page.segments, [flat.clone(), infos[5].clone()]);
+            assert!(repo.has_wal_segment(&flat).await.expect("head"));
+            repo.get_wal_segment(&flat).await.expect("read");
+            repo.delete_wal_segments(std::slice::from_ref(&flat))
+                .await
+                .expect("delete");
+            assert!(!repo.has_wal_segment(&flat).await.expect("head"));
+            assert_eq!(
+                repo.wal_segments(&shard, &lineage).await.expect("list"),
+                infos
+            );
+
+            // The last directories emptied (a local one goes with its last segment): the end
+            // moves back.
+            repo.delete_wal_segments(&infos[7..]).await.expect("delete");
+            assert_eq!(
+                repo.wal_end(&shard, &lineage).await.expect("end").as_ref(),
+                infos.get(6)
+            );
+            if url.starts_with("file://") {
+                // Later directories with nothing that is a segment are passed over.
+                let lineage_dir = dir
+                    .path()
+                    .join(repo.layout.wal_lineage_dir(&shard, &lineage).as_ref());
+                std::fs::create_dir_all(lineage_dir.join("99999999999/999/999")).expect("mkdir");
+                let junk = lineage_dir.join("99999999998/000/000");
+                std::fs::create_dir_all(&junk).expect("mkdir");
+                std::fs::write(junk.join("notes.txt"), b"x").expect("junk");
+                assert_eq!(
+                    repo.wal_end(&shard, &lineage).await.expect("end").as_ref(),
+                    infos.get(6)
+                );
+                assert_eq!(
+                    repo.wal_segments(&shard, &lineage).await.expect("list"),
+                    infos[..7]
+                );
+            }
+            // A leftover starting in an earlier directory and reaching past the end is not
+            // seen there: the end found is behind the furthest write, never past it.
+            let straddling = put_segment(&repo, &shard, lineage, 999_999_990, 100, false).await;
+            assert_eq!(
+                repo.wal_end(&shard, &lineage).await.expect("end").as_ref(),
+                infos.get(6)
+            );
+            let all = repo.wal_segments(&shard, &lineage).await.expect("list");
+            assert_eq!(crate::wal::furthest(&all), Some(&straddling));
+
+            // Marks: in directories, and flat as before them; deleted with their segment.
+            let marked = put_segment(&repo, &shard, lineage, 3_000_000_000, 1, true).await;
+            let mark_before = |seq| repo.wal_mark_before(&shard, &lineage, Seq(seq));
+            assert_eq!(
+                mark_before(3_000_000_000).await.expect("mark"),
+                Some(marked.clone())
+            );
+            assert_eq!(mark_before(2_999_999_999).await.expect("mark"), None);
+            repo.store
+                .put(&repo.layout.wal_flat_mark(&marked), PutPayload::new())
+                .await
+                .expect("plant");
+            repo.store
+                .delete(&repo.layout.wal_mark(&marked))
+                .await
+                .expect("move");
+            assert_eq!(
+                mark_before(u64::MAX >> 1).await.expect("mark"),
+                Some(marked.clone())
+            );
+            repo.delete_wal_segments(std::slice::from_ref(&marked))
+                .await
+                .expect("delete");
+            assert_eq!(mark_before(u64::MAX >> 1).await.expect("mark"), None);
+        }
     }
 
     /// Puts the segment of write `n` (and, with `count`, the writes after it) on `lineage`,
