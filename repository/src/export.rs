@@ -215,7 +215,17 @@ impl Entry {
 
     /// The name of the entry in the file: its key relative to the repository.
     pub fn name(&self) -> Result<String> {
-        Ok(self.key(&Layout::new(Path::default()))?.to_string())
+        let layout = Layout::new(Path::default());
+        let name = match self {
+            // As a repository stored segments before their directories (decision 043), so
+            // files written before and since read alike.
+            Entry::WalSegment { .. } => match self.segment()? {
+                Some(info) => layout.wal_flat_segment(&info),
+                None => unreachable_segment()?,
+            },
+            _ => self.key(&layout)?,
+        };
+        Ok(name.to_string())
     }
 
     /// The most an entry of this kind can hold, refused unread beyond.
@@ -1075,6 +1085,17 @@ mod tests {
         assert!(
             segment.name().expect("name").len() > 100,
             "needs a GNU long name"
+        );
+        let Entry::WalSegment {
+            file_name, lineage, ..
+        } = &segment
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            segment.name().expect("name"),
+            format!("wal/shard-0/{}/{file_name}", lineage.dir_name()),
+            "named as before segment directories, so older files still read"
         );
         let bytes = file(&[(&segment, &b"segment"[..])]);
         assert_eq!(

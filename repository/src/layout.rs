@@ -37,8 +37,8 @@
 //!                                               <first:020>-<last:020>-<hlc-min:016x>-<hlc-max:016x>-<sha256>.seg:
 //!                                               the name alone says which writes a segment
 //!                                               holds and its hash; f is the name's first 17
-//!                                               digits, so a directory holds at most 1,000
-//!                                               entries and key order is name order;
+//!                                               digits, so a directory holds about 1,000
+//!                                               entries at most and key order is name order;
 //!                                               <lineage> is `Lineage::dir_name`:
 //!                                               <timeline:010>-<id>-<parent>-<branch:020>
 //!                                               (segments written before the directories

@@ -374,25 +374,55 @@ impl Repository {
         Ok(repo)
     }
 
-    /// On a file:// repository, fsyncs the file at `key` and every directory from its own up
-    /// to the repository's, so what a put wrote, and the directories it created on the way (a
-    /// WAL segment's: `layout::WAL_DIRS`), survive a power loss before anything that refers
-    /// to it is published.
+    /// On a file:// repository, fsyncs the file at `key` and its directory, so what a put
+    /// wrote survives a power loss before anything that refers to it is published.
     async fn make_durable(&self, key: &Path) -> Result<()> {
         let Some(root) = &self.local_root else {
             return Ok(());
         };
         let file = root.join(key.as_ref());
-        let dirs = file
-            .ancestors()
-            .skip(1)
-            .take_while(|dir| dir.starts_with(root));
-        let paths: Vec<std::path::PathBuf> = std::iter::once(file.as_path())
-            .chain(dirs)
-            .map(|path| path.to_path_buf())
-            .collect();
-        for path in paths {
-            fsync(path).await?;
+        if let Some(dir) = file.parent().map(|d| d.to_path_buf()) {
+            fsync(file).await?;
+            fsync(dir).await
+        } else {
+            fsync(file).await
+        }
+    }
+
+    /// On a file:// repository, creates the directories `key` goes in that are missing (a WAL
+    /// segment's: `layout::WAL_DIRS`) and makes each durable in its parent, so a put's
+    /// `make_durable` leaves a path that survives a power loss. One `stat` when they exist.
+    async fn create_dirs_durably(&self, key: &Path) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let Some(dir) = root.join(key.as_ref()).parent().map(|d| d.to_path_buf()) else {
+            return Ok(());
+        };
+        let created = crate::blocking::run(move || {
+            let missing: Vec<std::path::PathBuf> = dir
+                .ancestors()
+                .take_while(|d| d.starts_with(&root) && !d.exists())
+                .map(|d| d.to_path_buf())
+                .collect();
+            if !missing.is_empty() {
+                std::fs::create_dir_all(&dir)?;
+            }
+            std::io::Result::Ok(missing)
+        })
+        .await
+        .map_err(|err| Error::with_source(ErrorCode::StorageUnavailable, "mkdir task", err))?
+        .map_err(|err| {
+            Error::io(
+                ErrorCode::StorageUnavailable,
+                format!("create the directories of {key}"),
+                err,
+            )
+        })?;
+        for dir in created {
+            if let Some(parent) = dir.parent() {
+                fsync(parent.to_path_buf()).await?;
+            }
         }
         Ok(())
     }
@@ -1815,6 +1845,7 @@ impl Repository {
     /// an existing copy is left as it is.
     pub async fn put_wal_stored(&self, info: &SegmentInfo, stored: Vec<u8>) -> Result<()> {
         let key = self.layout.wal_segment(info);
+        self.create_dirs_durably(&key).await?;
         let payload = PutPayload::from(Bytes::from(stored));
         self.put_once(&key, payload, "WAL segment").await?;
         if info.is_marked() {
@@ -2603,8 +2634,8 @@ mod tests {
                 let lineage_dir = dir
                     .path()
                     .join(repo.layout.wal_lineage_dir(&shard, &lineage).as_ref());
-                std::fs::create_dir_all(lineage_dir.join("99999999999/999/999")).expect("mkdir");
-                let junk = lineage_dir.join("99999999998/000/000");
+                std::fs::create_dir_all(lineage_dir.join("00000000003/000/000")).expect("mkdir");
+                let junk = lineage_dir.join("00000000002/000/000");
                 std::fs::create_dir_all(&junk).expect("mkdir");
                 std::fs::write(junk.join("notes.txt"), b"x").expect("junk");
                 assert_eq!(
