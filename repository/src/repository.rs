@@ -2031,15 +2031,8 @@ impl Repository {
         let failed = |err| storage_error(format!("list the WAL archive of {shard}"), err);
         let bound = format!("{:020}", up_to.0);
         let segments_in = |metas: &[object_store::ObjectMeta], flat: bool| {
-            metas
-                .iter()
-                .filter_map(|meta| match self.layout.wal_place_of(dir, &meta.location) {
-                    WalPlace::Flat(name) if flat => SegmentInfo::parse(shard, lineage, name),
-                    WalPlace::InDirectory(name) if !flat => {
-                        SegmentInfo::parse(shard, lineage, name)
-                    }
-                    _ => None,
-                })
+            wal_names(&self.layout, dir, metas, flat)
+                .filter_map(|name| SegmentInfo::parse(shard, lineage, name))
                 .filter(|info| info.first <= up_to)
                 .collect::<Vec<_>>()
         };
@@ -2100,13 +2093,8 @@ impl Repository {
             .list_with_delimiter(Some(&dir))
             .await
             .map_err(failed)?;
-        let mut found: Vec<SegmentInfo> = top
-            .objects
-            .iter()
-            .filter_map(|m| match self.layout.wal_place_of(&dir, &m.location) {
-                WalPlace::Flat(name) => wanted(name),
-                _ => None,
-            })
+        let mut found: Vec<SegmentInfo> = wal_names(&self.layout, &dir, &top.objects, true)
+            .filter_map(wanted)
             .collect();
         let mut placed = Vec::new();
         if self.lists_in_order {
@@ -2147,14 +2135,10 @@ impl Repository {
                 children
                     .retain(|(_, digits)| wal_dir_in_range(digits, after_name.as_deref(), &bound));
                 stack.extend(children.into_iter().rev());
-                let mut leaf: Vec<SegmentInfo> = listing
-                    .objects
-                    .iter()
-                    .filter_map(|m| match self.layout.wal_place_of(&dir, &m.location) {
-                        WalPlace::InDirectory(name) => wanted(name),
-                        _ => None,
-                    })
-                    .collect();
+                let mut leaf: Vec<SegmentInfo> =
+                    wal_names(&self.layout, &dir, &listing.objects, false)
+                        .filter_map(wanted)
+                        .collect();
                 leaf.sort_by_cached_key(SegmentInfo::file_name);
                 placed.extend(leaf);
             }
@@ -2268,6 +2252,23 @@ impl Repository {
         let stored = self.get_wal_stored(info).await?;
         decode_wal_segment(info, stored, &self.seal).await
     }
+}
+
+/// The names of the segments (or marks) among `metas`, listed under `dir`, that are stored
+/// flat (`flat`, as before directories) or in their directories (`layout::WAL_DIRS`).
+fn wal_names<'a>(
+    layout: &'a Layout,
+    dir: &'a Path,
+    metas: &'a [object_store::ObjectMeta],
+    flat: bool,
+) -> impl Iterator<Item = &'a str> {
+    metas
+        .iter()
+        .filter_map(move |meta| match layout.wal_place_of(dir, &meta.location) {
+            WalPlace::Flat(name) if flat => Some(name),
+            WalPlace::InDirectory(name) if !flat => Some(name),
+            _ => None,
+        })
 }
 
 /// The segment directories among `prefixes`, one level under the directory of the name
